@@ -1,0 +1,43 @@
+"""spectral_soup: online personalized alignment of language models by spectral souping (JAX / Flax)."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "chex>=0.1.92,<0.2",
+    "ml-collections>=1.1,<2",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "transformers>=5.0,<6",
+    "tokenizers>=0.22",
+    "jinja2>=3.1",  # chat templates
+    "safetensors>=0.5",
+    "gguf>=0.17",
+    "tensorflow-datasets>=4.9.10,<5",
+    "importlib_resources>=6",  # needed by tensorflow-datasets without TensorFlow
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    # Tests compare against the PyTorch reference implementations of transformers.
+    "test": ["pytest>=8", "scipy>=1.13", "torch==2.13.0"],
+    # TensorFlow is optional: tfds.data_source and array_record work without it.
+    "tf": ["tensorflow>=2.18"],
+}
+
+setuptools.setup(
+    name="spectral_soup",
+    version="0.1.0",
+    description="Online personalized alignment of language models by spectral souping, in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["spectral_soup", "spectral_soup.*", "experiments",
+                                               "experiments.*", "configs"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,19 @@
+"""Progress bars with rate and ETA for long host loops (tqdm; quiet when stderr is not a terminal)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, Optional, TypeVar
+
+import tqdm
+
+T = TypeVar("T")
+
+
+def track(iterable: Iterable[T], *, desc: str, unit: str = "it", total: Optional[int] = None) -> Iterable[T]:
+  """Wraps `iterable` in a progress bar. Set SPECTRAL_SOUP_PROGRESS=0 to silence, =1 to force it on."""
+  setting = os.environ.get("SPECTRAL_SOUP_PROGRESS")
+  disable = (setting == "0") or (setting is None and not sys.stderr.isatty())
+  return tqdm.tqdm(iterable, desc=desc, unit=unit, total=total, disable=disable, dynamic_ncols=True,
+                   mininterval=1.0)
