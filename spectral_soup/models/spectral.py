@@ -1,0 +1,234 @@
+"""The spectral feature map psi(s) and the K basis policies built on it (METHOD.md sections 2-4).
+
+In a softmax LM the logits are bilinear, logit(s, a) = <h(s), U_a>, so the final hidden state h(s) of the shared
+backbone is the natural feature map: `SpectralFeatureMap` returns psi(s) (h(s), optionally through a learned
+low-rank projection) together with the reference logits. Two parameterizations of the K bases:
+
+* `"heads"` (exact merging): basis k is a low-rank correction of the reference logits on psi,
+  `logits_k = logits_ref + psi A_k B_k` (`A: [K, F, r]`, `B: [K, r, V]`). Parameter and explicit souping agree
+  exactly, and the backbone runs once per token for all K bases.
+* `"lora"` (the paper's choice): basis k is a LoRA adapter on the attention / MLP projections of every layer.
+  The reference (a zero adapter) and the K adapters run as one batch of (K+1)*B rows: no Python loop over k.
+
+`SpectralPolicy` returns reference logits and all K basis logits from one forward call:
+
+    ref_logits, basis_logits, aux = policy.apply({"params": params}, tokens, mask=mask)
+    # ref_logits: f32[B, T, V]; basis_logits: f32[K, B, T, V]; aux["psi"]: [B, T, F]; aux["cache"]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spectral_soup.models import layers
+from spectral_soup.models.config import TransformerConfig
+from spectral_soup.models.transformer import Cache, Transformer, init_cache
+
+Array = jax.Array
+BASIS_KINDS = ("heads", "lora")
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+class SpectralFeatureMap(nn.Module):
+  """psi(s) from the shared backbone.
+
+  Attributes:
+    config: the backbone's architecture.
+    feature_dim: if set, psi = h(s) P with a learned P: [embed, feature_dim] (a low-rank projection).
+    freeze_backbone: stop gradients into the backbone (and into the reference logits).
+  """
+  config: TransformerConfig
+  feature_dim: Optional[int] = None
+  freeze_backbone: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, mask: Optional[Array] = None, cache: Optional[Cache] = None,
+               lora: Optional[Mapping[str, Any]] = None, return_logits: bool = True):
+    """tokens: int[B, T] -> (psi: [B, T, F], ref_logits: f32[B, T, V] or None, aux)."""
+    logits, aux = Transformer(self.config, name="backbone")(
+        tokens, mask=mask, cache=cache, lora=lora, return_logits=return_logits)
+    hidden = aux["hidden"]
+    if self.freeze_backbone:
+      hidden = jax.lax.stop_gradient(hidden)
+      logits = None if logits is None else jax.lax.stop_gradient(logits)
+    psi = hidden
+    if self.feature_dim is not None:
+      psi = layers.Projection((self.config.embed_dim,), (self.feature_dim,), ("embed",), ("features",),
+                              dtype=self.config.dtype, weight_dtype=self.config.weight_dtype,
+                              kernel_init=nn.initializers.normal(self.config.embed_dim ** -0.5),
+                              name="projection")(hidden)
+    psi = layers.constrain(psi, ("batch", "length", "features"))
+    return psi, logits, aux
+
+
+def _fan_in_normal(key, shape, dtype):
+  return jax.random.normal(key, shape, dtype) * shape[-2] ** -0.5
+
+
+class BasisHeads(nn.Module):
+  """K basis policies as low-rank logit corrections on psi, stacked on a leading `basis` axis.
+
+  Parameters {"a": [K, F, r], "b": [K, r, V]}; logits_k = ref_logits + (psi A_k) B_k. B starts at zero, so every
+  basis starts as the reference policy. Called with ref_logits=None it returns the corrections alone.
+  """
+  num_bases: int
+  rank: int
+  vocab_size: int
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, psi: Array, ref_logits: Optional[Array]) -> Array:
+    """psi: [B, T, F], ref_logits: [B, T, V] -> basis_logits: f32[K, B, T, V]."""
+    features = psi.shape[-1]
+    a = layers.param_with_axes(self, "a", _fan_in_normal, (self.num_bases, features, self.rank),
+                               ("basis", "features", "head_rank"), self.weight_dtype)
+    b = layers.param_with_axes(self, "b", nn.initializers.zeros, (self.num_bases, self.rank, self.vocab_size),
+                               ("basis", "head_rank", "vocab"), self.weight_dtype)
+    delta = head_delta_logits({"a": a, "b": b}, psi, self.dtype)
+    if ref_logits is None:
+      return delta
+    return layers.constrain(ref_logits.astype(jnp.float32)[None] + delta, ("basis", "batch", "length", "vocab"))
+
+
+def head_delta_logits(heads: Mapping[str, Array], psi: Array, dtype: Any = jnp.float32) -> Array:
+  """Basis corrections psi A_k B_k. heads: {"a": [K, F, r], "b": [K, r, V]}; psi: [..., F] -> f32[K, ..., V]."""
+  h = jnp.einsum("...f,kfr->k...r", psi.astype(dtype), heads["a"].astype(dtype))
+  return jnp.einsum("k...r,krv->k...v", h, heads["b"].astype(dtype), preferred_element_type=jnp.float32)
+
+
+def lora_shapes(config: TransformerConfig, targets: Sequence[str]) -> dict:
+  """{name: (in, out)}: flattened input/output sizes of each LoRA target projection."""
+  d, h, kv, hd, m = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim
+  sizes = {"q_proj": (d, h * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (h * hd, d),
+           "gate_proj": (d, m), "up_proj": (d, m), "down_proj": (m, d)}
+  for name in targets:
+    if name not in sizes or (name == "gate_proj" and not config.gated_mlp):
+      raise ValueError(f"Unknown LoRA target {name!r} for a {config.family} model; "
+                       f"expected some of {sorted(sizes)}.")
+  return {name: sizes[name] for name in targets}
+
+
+class LoraBases(nn.Module):
+  """K LoRA adapters per target projection and layer, stacked on leading `basis` and `layers` axes.
+
+  Parameters {f"{name}_a": [K, L, in, r], f"{name}_b": [K, L, r, out]} (`split_lora_params` nests them);
+  Delta W_k = a_k b_k (any scale folded into b).
+  `a` ~ N(0, 1/in) and `b` = 0, so every basis starts as the reference policy.
+  """
+  config: TransformerConfig
+  num_bases: int
+  rank: int
+  targets: Tuple[str, ...]
+
+  @nn.compact
+  def __call__(self) -> dict:
+    k, num_layers, wd = self.num_bases, self.config.num_layers, self.config.weight_dtype
+    out = {}
+    for name, (n_in, n_out) in lora_shapes(self.config, self.targets).items():
+      out[f"{name}_a"] = layers.param_with_axes(self, f"{name}_a", _fan_in_normal, (k, num_layers, n_in, self.rank),
+                                                ("basis", "layers", None, "lora_rank"), wd)
+      out[f"{name}_b"] = layers.param_with_axes(self, f"{name}_b", nn.initializers.zeros,
+                                                (k, num_layers, self.rank, n_out),
+                                                ("basis", "layers", "lora_rank", None), wd)
+    return out
+
+
+def split_lora_params(lora_params: Mapping[str, Array]) -> dict:
+  """LoraBases params {"q_proj_a": x, "q_proj_b": y} -> {"q_proj": {"a": x, "b": y}}."""
+  out: dict = {}
+  for name, value in lora_params.items():
+    target, part = name.rsplit("_", 1)
+    out.setdefault(target, {})[part] = value
+  return out
+
+
+def group_targets(adapters: Mapping[str, Any]) -> dict:
+  """{name: adapter} -> {"attn": {...}, "mlp": {...}}, the layout Transformer(lora=...) takes."""
+  grouped: dict = {}
+  for name, adapter in adapters.items():
+    grouped.setdefault("attn" if name in ATTN_TARGETS else "mlp", {})[name] = adapter
+  return grouped
+
+
+def lora_for_scan(stacked: Mapping[str, Any], with_reference: bool = True) -> dict:
+  """{name: {"a": [K, L, ...], "b": ...}} -> {"attn"|"mlp": {name: {"a": [L, K(+1), ...]}}} for the scanned layers.
+
+  With `with_reference`, group 0 is a zero adapter (the reference policy) and group k+1 is basis k.
+  """
+  def one(x):
+    if with_reference:
+      x = jnp.concatenate([jnp.zeros_like(x[:1]), x], axis=0)
+    return jnp.swapaxes(x, 0, 1)
+  return group_targets({name: jax.tree.map(one, dict(adapter)) for name, adapter in stacked.items()})
+
+
+class SpectralPolicy(nn.Module):
+  """Reference policy + K basis policies on one shared backbone.
+
+  Attributes:
+    config: the backbone architecture.
+    num_bases: K.
+    basis_kind: "heads" or "lora" (see module docstring).
+    head_rank: rank r of each basis head (heads).
+    feature_dim: optional learned projection width of psi (heads).
+    lora_rank, lora_targets: adapter rank and the projections adapted (lora).
+    freeze_backbone: the backbone is the frozen reference (the method's setting).
+  """
+  config: TransformerConfig
+  num_bases: int
+  basis_kind: str = "heads"
+  head_rank: int = 8
+  feature_dim: Optional[int] = None
+  lora_rank: int = 4
+  lora_targets: Tuple[str, ...] = ("q_proj", "v_proj")
+  freeze_backbone: bool = True
+
+  def setup(self):
+    if self.basis_kind not in BASIS_KINDS:
+      raise ValueError(f"basis_kind={self.basis_kind!r}: expected one of {BASIS_KINDS}.")
+    if self.num_bases < 1:
+      raise ValueError(f"num_bases={self.num_bases}: expected >= 1.")
+    self.features = SpectralFeatureMap(self.config, self.feature_dim, self.freeze_backbone)
+    if self.basis_kind == "heads":
+      self.heads = BasisHeads(self.num_bases, self.head_rank, self.config.vocab_size, self.config.dtype,
+                              self.config.weight_dtype)
+    else:
+      self.lora = LoraBases(self.config, self.num_bases, self.lora_rank, tuple(self.lora_targets))
+
+  def __call__(self, tokens: Array, *, mask: Optional[Array] = None, cache: Optional[Cache] = None):
+    """tokens: int[B, T]; cache from `init_policy_cache`.
+
+    Returns (ref_logits: f32[B, T, V], basis_logits: f32[K, B, T, V], aux) with aux["psi"] ([B, T, F], heads
+    only) and aux["cache"].
+    """
+    batch = tokens.shape[0]
+    if self.basis_kind == "heads":
+      psi, ref_logits, aux = self.features(tokens, mask=mask, cache=cache)
+      return ref_logits, self.heads(psi, ref_logits), {"psi": psi, "cache": aux["cache"]}
+    groups = self.num_bases + 1
+    tiled = lambda x: None if x is None else jnp.tile(x, (groups,) + (1,) * (x.ndim - 1))
+    _, logits, aux = self.features(tiled(tokens), mask=tiled(mask), cache=cache,
+                                   lora=lora_for_scan(split_lora_params(self.lora())))
+    logits = logits.reshape(groups, batch, *logits.shape[1:])
+    return logits[0], logits[1:], {"cache": aux["cache"]}
+
+
+def init_policy_cache(policy: SpectralPolicy, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
+  """A KV cache for `policy`: B rows for head bases, (K+1)*B rows (reference first) for LoRA bases."""
+  rows = batch_size if policy.basis_kind == "heads" else (policy.num_bases + 1) * batch_size
+  return init_cache(policy.config, rows, max_len, dtype)
+
+
+def with_backbone(params: Mapping[str, Any], backbone_params: Mapping[str, Any]) -> dict:
+  """Returns a copy of SpectralPolicy `params` whose backbone is `backbone_params` (e.g. from from_pretrained)."""
+  params = dict(params)
+  features = dict(params["features"])
+  features["backbone"] = backbone_params
+  params["features"] = features
+  return params

@@ -1,0 +1,137 @@
+"""SpectralFeatureMap / BasisHeads / LoRA bases: shapes, logical axes, identities, cache consistency."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spectral_soup.models import layers
+from spectral_soup.models.spectral import SpectralPolicy, init_policy_cache, lora_shapes, with_backbone
+from spectral_soup.models.transformer import Transformer
+from tests import tiny
+
+KINDS = ("heads", "lora")
+
+
+def _tokens(batch=2, length=7, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, tiny.VOCAB)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_bases_equal_reference(kind):
+  cfg = tiny.tiny_config()
+  policy = SpectralPolicy(cfg, num_bases=3, basis_kind=kind, head_rank=4, lora_rank=2)
+  params = nn.meta.unbox(policy.init(jax.random.key(0), _tokens()))["params"]
+  ref, basis, _ = policy.apply({"params": params}, _tokens())
+  chex.assert_shape(ref, (2, 7, tiny.VOCAB))
+  chex.assert_shape(basis, (3, 2, 7, tiny.VOCAB))
+  # B factors start at zero: every basis is the reference, and the reference is the plain backbone.
+  np.testing.assert_allclose(basis, jnp.broadcast_to(ref, basis.shape), atol=1e-5)
+  logits, _ = Transformer(cfg).apply({"params": params["features"]["backbone"]}, _tokens())
+  np.testing.assert_allclose(ref, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_parameter_has_logical_axes(kind):
+  cfg = tiny.tiny_config("gemma3")
+  policy = SpectralPolicy(cfg, num_bases=2, basis_kind=kind, feature_dim=8 if kind == "heads" else None)
+  boxed = jax.eval_shape(policy.init, jax.random.key(0), _tokens())["params"]
+  specs = nn.get_partition_spec(boxed)
+  shapes = nn.meta.unbox(boxed)
+  for (path, spec), shape in zip(jax.tree_util.tree_leaves_with_path(specs), jax.tree.leaves(shapes)):
+    assert len(spec) == len(shape.shape), (jax.tree_util.keystr(path), spec, shape.shape)
+  flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(specs)}
+  q_kernel = flat["['features']['backbone']['layers']['attn']['q_proj']['kernel']"]
+  assert tuple(q_kernel) == ("layers", "embed", "heads", "kv")
+  if kind == "heads":
+    assert tuple(flat["['heads']['b']"]) == ("basis", "head_rank", "vocab")
+  else:
+    assert tuple(flat["['lora']['q_proj_a']"])[:2] == ("basis", "layers")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decoding_matches_full_forward(kind):
+  policy, params = tiny.tiny_policy(kind)
+  tokens = _tokens(length=9)
+  ref, basis, _ = policy.apply({"params": params}, tokens)
+  cache = init_policy_cache(policy, 2, 12)
+  r1, b1, aux = policy.apply({"params": params}, tokens[:, :5], cache=cache)
+  refs, bases = [r1], [b1]
+  cache = aux["cache"]
+  for t in range(5, 9):
+    r, b, aux = policy.apply({"params": params}, tokens[:, t:t + 1], cache=cache)
+    cache = aux["cache"]
+    refs.append(r)
+    bases.append(b)
+  np.testing.assert_allclose(jnp.concatenate(refs, 1), ref, atol=2e-5)
+  np.testing.assert_allclose(jnp.concatenate(bases, 2), basis, atol=2e-5)
+
+
+def test_lora_bases_equal_separate_adapters():
+  """The (K+1)*B-row grouped batch equals K separate forward passes with one adapter each."""
+  policy, params = tiny.tiny_policy("lora")
+  tokens = _tokens()
+  _, basis, _ = policy.apply({"params": params}, tokens)
+  from spectral_soup.models.spectral import group_targets, split_lora_params
+  model = Transformer(policy.config)
+  stacked = split_lora_params(params["lora"])
+  for k in range(policy.num_bases):
+    adapter = group_targets({n: {"a": ad["a"][k], "b": ad["b"][k]} for n, ad in stacked.items()})
+    logits, _ = model.apply({"params": params["features"]["backbone"]}, tokens, lora=adapter)
+    np.testing.assert_allclose(basis[k], logits, atol=2e-5)
+
+
+def test_heads_are_low_rank_corrections_on_psi():
+  policy, params = tiny.tiny_policy("heads")
+  tokens = _tokens()
+  ref, basis, aux = policy.apply({"params": params}, tokens)
+  psi = aux["psi"]
+  for k in range(policy.num_bases):
+    expected = ref + psi @ params["heads"]["a"][k] @ params["heads"]["b"][k]
+    np.testing.assert_allclose(basis[k], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_frozen_backbone_gets_no_gradient():
+  policy, params = tiny.tiny_policy("heads")
+  tokens = _tokens()
+  loss = lambda p: policy.apply({"params": p}, tokens)[1].mean()
+  grads = jax.grad(loss)(params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["features"]["backbone"]))
+  assert float(jnp.abs(grads["heads"]["b"]).max()) > 0.0
+
+
+def test_with_backbone_swaps_only_the_backbone():
+  policy, params = tiny.tiny_policy("heads")
+  new_bb = jax.tree.map(jnp.zeros_like, params["features"]["backbone"])
+  swapped = with_backbone(params, new_bb)
+  assert swapped["heads"] is params["heads"]
+  assert float(jnp.abs(jax.tree.leaves(swapped["features"]["backbone"])[0]).max()) == 0.0
+
+
+def test_lora_update_row_scale_is_a_weighted_sum():
+  """Concatenated adapters with a per-row scale equal sum_k lam_k a_k b_k for each row."""
+  k, n_in, r, n_out, rows = 3, 5, 2, 4, 4
+  keys = jax.random.split(jax.random.key(0), 4)
+  a = jax.random.normal(keys[0], (k, n_in, r))
+  b = jax.random.normal(keys[1], (k, r, n_out))
+  lam = jax.random.normal(keys[2], (rows, k))
+  x = jax.random.normal(keys[3], (rows, 3, n_in))
+  adapter = {"a": jnp.transpose(a, (1, 0, 2)).reshape(n_in, k * r), "b": b.reshape(k * r, n_out),
+             "row_scale": jnp.repeat(lam, r, axis=-1)}
+  got = layers.lora_update(x, adapter, 1, (n_out,))
+  delta = jnp.einsum("uk,kio->uio", lam, jnp.einsum("kir,kro->kio", a, b))
+  np.testing.assert_allclose(got, jnp.einsum("uti,uio->uto", x, delta), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_lora_target_is_named():
+  with pytest.raises(ValueError, match="gate_projection"):
+    lora_shapes(tiny.tiny_config(), ("gate_projection",))
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    tiny.tiny_config(num_kv_heads=3)
+  with pytest.raises(ValueError, match="layer_is_local"):
+    tiny.tiny_config("gemma3", layer_is_local=(True, False))
