@@ -1,0 +1,124 @@
+"""Implicit souping: sample the explicit soup by rejection sampling from the reference (METHOD.md section 4).
+
+Target (at temperature T): pi_soup(a) proportional to exp(s(a) / T) with
+s = (1 - sum_k lam_k) log pi_ref + sum_k lam_k log pi_k. Proposal: pi_ref at the same temperature,
+q(a) proportional to exp(log pi_ref(a) / T). Their log-ratio is, up to a constant,
+
+  g(a) = sum_k lam_k (log pi_k(a) - log pi_ref(a)) / T,
+
+and a proposal a ~ q is accepted with probability exp(g(a) - M), M = max_a g(a) (so it is <= 1). An accepted token
+is distributed exactly as pi_soup. All `max_proposals` proposals of a row are drawn at once and the first accepted
+one is kept; a row with no accepted proposal falls back to sampling pi_soup directly, so the returned tokens are
+*exactly* pi_soup-distributed whatever `max_proposals` is (the fallback only changes the cost accounting).
+
+Restriction: rejection from pi_ref can only produce tokens in pi_ref's support. Tokens with pi_ref = 0 (-inf
+logits) are excluded from g and M; if the soup puts mass there (possible only when the reference coefficient
+1 - sum(lam) is 0), the accepted samples follow the soup restricted to pi_ref's support, whereas the fallback does not.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_soup.soup.explicit import _log_normalize
+from spectral_soup.soup.explicit import weighted_logp_sum
+from spectral_soup.soup.validation import check_lam
+
+
+def _inverse_cdf_sample(logp: jax.Array, uniforms: jax.Array) -> jax.Array:
+  """Inverse-CDF sampling: `logp: [B, V]` normalized, `uniforms: [B, N]` in [0, 1) -> `int32[B, N]` tokens.
+
+  Token a is returned iff cdf[a-1] <= u * cdf[-1] < cdf[a], so zero-probability tokens are never returned (also
+  when float32 rounding leaves cdf[-1] slightly off 1).
+  """
+  cdf = jnp.cumsum(jnp.exp(logp), axis=-1)  # [B, V]
+  targets = uniforms * cdf[:, -1:]
+  tokens = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(cdf, targets)
+  return jnp.minimum(tokens, logp.shape[-1] - 1).astype(jnp.int32)
+
+
+def rejection_sample(key: jax.Array,
+                     ref_logits: jax.Array,
+                     basis_logits: jax.Array,
+                     lam: jax.Array,
+                     *,
+                     max_proposals: int = 64,
+                     temperature: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
+  """Draws one token per row from the explicit soup by rejection sampling from pi_ref.
+
+  jit it with `static_argnames=("max_proposals",)`; `lam` and `temperature` may be traced.
+
+  Args:
+    key: PRNG key.
+    ref_logits: `[B, V]` reference logits (any float dtype; computed in float32).
+    basis_logits: `[K, B, V]` basis logits.
+    lam: `[B, K]` per-row mixing weights, or `[K]` shared by all rows.
+    max_proposals: P, proposals drawn per row (static).
+    temperature: T > 0, applied to both target and proposal.
+
+  Returns:
+    tokens: `int32[B]`, distributed as softmax(soup / T) per row.
+    aux: dict with
+      accepted: `bool[B]`, False where no proposal was accepted and the row fell back to the explicit soup.
+      num_proposals: `int32[B]`, proposals a sequential sampler would have used (index of the first accepted
+        proposal + 1, or P on fallback).
+      acceptance_rate: `float32[B]`, exact per-proposal acceptance probability E_q[exp(g - M)] in [0, 1]
+        (expected proposals per token = 1 / acceptance_rate).
+      empirical_acceptance_rate: `float32[B]`, fraction of the P drawn proposals that passed the test.
+  """
+  if isinstance(max_proposals, bool) or not isinstance(max_proposals, (int, np.integer)) or max_proposals < 1:
+    raise ValueError(f"max_proposals must be a positive Python int, got {max_proposals!r}.")
+  if not isinstance(temperature, jax.core.Tracer) and not np.all(np.asarray(temperature) > 0):
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  ref_shape, basis_shape = np.shape(ref_logits), np.shape(basis_logits)
+  if len(ref_shape) != 2 or len(basis_shape) != 3 or tuple(basis_shape[1:]) != tuple(ref_shape):
+    raise ValueError(f"Expected ref_logits [B, V] and basis_logits [K, B, V], got {tuple(ref_shape)} and "
+                     f"{tuple(basis_shape)}.")
+  num_bases, batch = basis_shape[0], ref_shape[0]
+  check_lam(lam, num_bases, allow_batch=True)
+  lam = jnp.asarray(lam, jnp.float32)
+  if lam.ndim == 1:
+    lam = jnp.broadcast_to(lam, (batch, num_bases))
+  elif lam.shape[0] != batch:
+    raise ValueError(f"lam has {lam.shape[0]} rows but the batch has {batch} rows (lam shape {lam.shape}).")
+  inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
+
+  ref_logp = _log_normalize(ref_logits)  # [B, V]
+  basis_logp = _log_normalize(basis_logits)  # [K, B, V]
+  # Log-ratio target / proposal up to a per-row constant, restricted to the proposal's support.
+  ref_support = ~jnp.isneginf(ref_logp)
+  diffs = basis_logp - jnp.where(ref_support, ref_logp, 0.0)[None]  # [K, B, V]
+  g = weighted_logp_sum(diffs, lam.T) * inv_temp  # [B, V]
+  g = jnp.where(ref_support, g, -jnp.inf)
+  log_accept = g - jnp.max(g, axis=-1, keepdims=True)  # [B, V], <= 0, 0 at the argmax.
+  proposal_logp = jax.nn.log_softmax(ref_logp * inv_temp, axis=-1)  # [B, V]
+
+  coeffs = jnp.concatenate([1.0 - jnp.sum(lam, axis=-1, keepdims=True), lam], axis=-1).T  # [K + 1, B]
+  soup_logp = jax.nn.log_softmax(
+      weighted_logp_sum(jnp.concatenate([ref_logp[None], basis_logp], axis=0), coeffs) * inv_temp, axis=-1)
+
+  # One uniform draw per row: P proposals, P acceptance tests and one fallback draw. Sampling by inverse CDF costs
+  # O(P log V) per row instead of the O(P V) Gumbel noise of jax.random.categorical (V can be 256k).
+  uniforms = jax.random.uniform(key, (batch, 2 * max_proposals + 1), jnp.float32)
+  proposals = _inverse_cdf_sample(proposal_logp, uniforms[:, :max_proposals])  # [B, P]
+  proposal_log_accept = jnp.take_along_axis(log_accept, proposals, axis=-1)  # [B, P]
+  # u < exp(log_accept) <=> log(u) < log_accept; log(0) = -inf never passes a -inf threshold.
+  passed = jnp.log(uniforms[:, max_proposals:2 * max_proposals]) < proposal_log_accept  # [B, P]
+  accepted = jnp.any(passed, axis=-1)  # [B]
+  first = jnp.argmax(passed, axis=-1)  # [B], index of the first True (0 when none).
+  accepted_token = jnp.take_along_axis(proposals, first[:, None], axis=-1)[:, 0]
+  fallback_token = _inverse_cdf_sample(soup_logp, uniforms[:, -1:])[:, 0]  # [B]
+
+  tokens = jnp.where(accepted, accepted_token, fallback_token).astype(jnp.int32)
+  aux = {
+      "accepted": accepted,
+      "num_proposals": jnp.where(accepted, first + 1, max_proposals).astype(jnp.int32),
+      "acceptance_rate": jnp.clip(jnp.sum(jnp.exp(proposal_logp + log_accept), axis=-1), 0.0, 1.0),
+      "empirical_acceptance_rate": jnp.mean(passed.astype(jnp.float32), axis=-1),
+  }
+  return tokens, aux

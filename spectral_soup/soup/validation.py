@@ -1,0 +1,62 @@
+"""Host-side validation of user mixing vectors (lambda).
+
+`check_lam` is called by every public souping entry point. Its shape checks use only static shape information, so
+they also run (at trace time) inside `jax.jit` / `jax.vmap`. Its value checks (NaN / Inf) need the concrete numbers:
+they run when `lam` is a concrete array and are skipped silently when `lam` is a tracer, so the check never breaks
+a jitted function and never forces a device-to-host copy inside one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _is_tracer(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _format_index(index: tuple[int, ...]) -> str:
+  return "[" + ", ".join(str(int(i)) for i in index) + "]"
+
+
+def check_lam(lam: Any, num_bases: int, *, name: str = "lam", allow_batch: bool = True) -> None:
+  """Validates a mixing vector (or a batch of them) against the number of bases.
+
+  Args:
+    lam: `[K]`, or `[B, K]` (one row per user / batch row) when `allow_batch`. Any real array-like; a jax tracer
+      gets only the shape checks.
+    num_bases: K, the number of basis policies (size of the leading `basis` axis).
+    name: how `lam` is called in error messages.
+    allow_batch: whether a leading batch axis is allowed.
+
+  Raises:
+    ValueError: wrong rank, last dimension != K, non-real dtype, or a NaN / Inf entry (concrete arrays only), with a
+      message naming the offending entry, e.g. "lam has 3 weights but there are 4 bases" or "lam[2, 1] is NaN".
+  """
+  shape = np.shape(lam)
+  expected = "[K] or [B, K]" if allow_batch else "[K]"
+  max_ndim = 2 if allow_batch else 1
+  if not 1 <= len(shape) <= max_ndim:
+    raise ValueError(
+        f"{name} must have shape {expected} with K={num_bases} (the number of bases), got shape {tuple(shape)}.")
+  if shape[-1] != num_bases:
+    raise ValueError(f"{name} has {shape[-1]} weights but there are {num_bases} bases "
+                     f"({name} shape {tuple(shape)}, expected {expected} with K={num_bases}).")
+  if _is_tracer(lam):
+    return
+  values = np.asarray(lam)
+  if values.dtype == np.bool_ or not (np.issubdtype(values.dtype, np.integer) or
+                                      np.issubdtype(values.dtype, np.floating) or values.dtype.kind == "V"):
+    # kind "V" covers ml_dtypes such as bfloat16, which numpy does not class as floating.
+    raise ValueError(f"{name} must hold real numbers, got dtype {values.dtype}.")
+  values = values.astype(np.float64)
+  bad = np.argwhere(~np.isfinite(values))
+  if bad.size:
+    index = tuple(bad[0])
+    value = values[index]
+    what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    raise ValueError(f"{name}{_format_index(index)} is {what}; mixing weights must be finite "
+                     f"({len(bad)} non-finite entr{'y' if len(bad) == 1 else 'ies'} in total).")
