@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from spectral_soup.models import layers
-from spectral_soup.models.spectral import SpectralPolicy, init_policy_cache, lora_shapes, with_backbone
+from spectral_soup.models.spectral import (SpectralPolicy, group_targets, init_policy_cache, lora_shapes,
+                                           split_lora_params, with_backbone)
 from spectral_soup.models.transformer import Transformer
 from tests import tiny
 
@@ -23,13 +24,13 @@ def _tokens(batch=2, length=7, seed=0):
 def test_fresh_bases_equal_reference(kind):
   cfg = tiny.tiny_config()
   policy = SpectralPolicy(cfg, num_bases=3, basis_kind=kind, head_rank=4, lora_rank=2)
-  params = nn.meta.unbox(policy.init(jax.random.key(0), _tokens()))["params"]
-  ref, basis, _ = policy.apply({"params": params}, _tokens())
+  params = nn.meta.unbox(jax.jit(policy.init)(jax.random.key(0), _tokens()))["params"]
+  ref, basis, _ = jax.jit(policy.apply)({"params": params}, _tokens())
   chex.assert_shape(ref, (2, 7, tiny.VOCAB))
   chex.assert_shape(basis, (3, 2, 7, tiny.VOCAB))
   # B factors start at zero: every basis is the reference, and the reference is the plain backbone.
   np.testing.assert_allclose(basis, jnp.broadcast_to(ref, basis.shape), atol=1e-5)
-  logits, _ = Transformer(cfg).apply({"params": params["features"]["backbone"]}, _tokens())
+  logits, _ = jax.jit(Transformer(cfg).apply)({"params": params["features"]["backbone"]}, _tokens())
   np.testing.assert_allclose(ref, logits, atol=1e-5)
 
 
@@ -54,39 +55,39 @@ def test_every_parameter_has_logical_axes(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_decoding_matches_full_forward(kind):
   policy, params = tiny.tiny_policy(kind)
+  apply = jax.jit(lambda p, t, c: policy.apply({"params": p}, t, cache=c))
   tokens = _tokens(length=9)
-  ref, basis, _ = policy.apply({"params": params}, tokens)
+  ref, basis, _ = apply(params, tokens, None)
   cache = init_policy_cache(policy, 2, 12)
-  r1, b1, aux = policy.apply({"params": params}, tokens[:, :5], cache=cache)
+  r1, b1, aux = apply(params, tokens[:, :5], cache)
   refs, bases = [r1], [b1]
   cache = aux["cache"]
   for t in range(5, 9):
-    r, b, aux = policy.apply({"params": params}, tokens[:, t:t + 1], cache=cache)
+    r, b, aux = apply(params, tokens[:, t:t + 1], cache)
     cache = aux["cache"]
     refs.append(r)
     bases.append(b)
-  np.testing.assert_allclose(jnp.concatenate(refs, 1), ref, atol=2e-5)
-  np.testing.assert_allclose(jnp.concatenate(bases, 2), basis, atol=2e-5)
+  np.testing.assert_allclose(jnp.concatenate(refs, 1), ref, rtol=1e-4, atol=5e-4)
+  np.testing.assert_allclose(jnp.concatenate(bases, 2), basis, rtol=1e-4, atol=5e-4)
 
 
 def test_lora_bases_equal_separate_adapters():
   """The (K+1)*B-row grouped batch equals K separate forward passes with one adapter each."""
   policy, params = tiny.tiny_policy("lora")
   tokens = _tokens()
-  _, basis, _ = policy.apply({"params": params}, tokens)
-  from spectral_soup.models.spectral import group_targets, split_lora_params
-  model = Transformer(policy.config)
+  _, basis, _ = jax.jit(policy.apply)({"params": params}, tokens)
+  model_apply = jax.jit(lambda p, t, lora: Transformer(policy.config).apply({"params": p}, t, lora=lora))
   stacked = split_lora_params(params["lora"])
   for k in range(policy.num_bases):
     adapter = group_targets({n: {"a": ad["a"][k], "b": ad["b"][k]} for n, ad in stacked.items()})
-    logits, _ = model.apply({"params": params["features"]["backbone"]}, tokens, lora=adapter)
-    np.testing.assert_allclose(basis[k], logits, atol=2e-5)
+    logits, _ = model_apply(params["features"]["backbone"], tokens, adapter)
+    np.testing.assert_allclose(basis[k], logits, rtol=1e-5, atol=1e-4)
 
 
 def test_heads_are_low_rank_corrections_on_psi():
   policy, params = tiny.tiny_policy("heads")
   tokens = _tokens()
-  ref, basis, aux = policy.apply({"params": params}, tokens)
+  ref, basis, aux = jax.jit(policy.apply)({"params": params}, tokens)
   psi = aux["psi"]
   for k in range(policy.num_bases):
     expected = ref + psi @ params["heads"]["a"][k] @ params["heads"]["b"][k]
@@ -97,7 +98,7 @@ def test_frozen_backbone_gets_no_gradient():
   policy, params = tiny.tiny_policy("heads")
   tokens = _tokens()
   loss = lambda p: policy.apply({"params": p}, tokens)[1].mean()
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["features"]["backbone"]))
   assert float(jnp.abs(grads["heads"]["b"]).max()) > 0.0
 

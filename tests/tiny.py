@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spectral_soup.models import config as config_lib
 from spectral_soup.models.spectral import SpectralPolicy
@@ -23,24 +24,36 @@ def tiny_config(family: str = "llama", **overrides) -> config_lib.TransformerCon
   return getattr(config_lib, family)(**base)
 
 
-def tiny_policy(kind: str = "heads", num_bases: int = 3, family: str = "llama", seed: int = 0, scale: float = 1.0,
-                **kw):
-  """A SpectralPolicy whose bases differ visibly from the reference (random, non-zero B factors)."""
+def tiny_policy(kind: str = "heads", num_bases: int = 3, family: str = "llama", seed: int = 0, **kw):
+  """A SpectralPolicy and parameters whose bases differ visibly from the reference.
+
+  Parameters are drawn with numpy into the shapes from `jax.eval_shape(policy.init)`: compiling a threefry
+  initializer per parameter costs seconds on CPU, and tests only need well-conditioned random weights.
+  """
   cfg = tiny_config(family)
   policy = SpectralPolicy(cfg, num_bases=num_bases, basis_kind=kind, head_rank=4, lora_rank=2,
                           lora_targets=("q_proj", "v_proj", "down_proj"), **kw)
-  params = nn.meta.unbox(policy.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32)))["params"]
-  keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
-  # Sharpen the backbone so greedy decoding is far from ties, and give every basis a non-zero update.
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: _perturb(path, x, next(keys), scale), params)
-  return policy, params
+  shapes = nn.meta.unbox(jax.eval_shape(policy.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  return policy, random_params(shapes, seed, plus_one=cfg.norm_scale_plus_one)
 
 
-def _perturb(path, x, key, scale):
-  name = jax.tree_util.keystr(path)
-  if name.endswith("_b']") or name.endswith("['b']"):
-    return 0.5 * scale * jax.random.normal(key, x.shape, x.dtype)
-  if "backbone" in name and x.ndim >= 2:
-    return x * 3.0
-  return x
+def random_params(shapes, seed: int = 0, plus_one: bool = False):
+  """Random parameters for a tree of ShapeDtypeStructs: sharp attention, non-trivial norms and basis factors."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      return jnp.asarray((0.0 if plus_one else 1.0) + 0.1 * rng.normal(size=s.shape), s.dtype)
+    if name.endswith("['bias']"):
+      return jnp.asarray(0.1 * rng.normal(size=s.shape), s.dtype)
+    if name.endswith("_b']") or name.endswith("['b']"):  # Basis factors: every basis differs from the reference.
+      return jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype)
+    if name.endswith("['embedding']"):
+      return jnp.asarray(rng.normal(size=s.shape), s.dtype)
+    fan_in = s.shape[-2] if len(s.shape) >= 2 else 1
+    if "['o_proj']" in name:
+      fan_in = s.shape[-3] * s.shape[-2]
+    return jnp.asarray(2.0 * rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -1,0 +1,166 @@
+"""Batched autoregressive decoding with a KV cache, in one compiled loop.
+
+The loop is model-agnostic: it calls a `logits_fn(params, tokens, mask, cache) -> (logprobs, cache)` callback
+(the `tokens_ids_to_logits` seam of flax's lm1b example), which is where a soup mixes its bases. Everything that
+changes between users or requests (params, the users' lam inside them, prompts, PRNG keys) is a runtime array;
+only shapes and the sampling *kind* are static, so a new set of users never recompiles.
+
+Prompts are left-padded inside the loop (right-padded input is accepted and moved), so every row's last prompt
+token sits in the last column and all rows write the same cache slot at each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# logits_fn(params, tokens: int32[B, T], mask: bool[B, T], cache) -> (out, cache), where `out` is the normalized
+# log-probs f32[B, T, V], or a dict holding them under "logprobs" beside whatever a custom sampler needs
+# (every leaf with the [..., T, V] trailing axes).
+LogitsFn = Callable[[Any, Array, Array, Any], Tuple[Any, Any]]
+# sample_fn(key, last, params, sampling) -> (tokens int32[B], token_logprobs f32[B], stats {name: f32[B]}), where
+# `last` is `out` at the last position ([..., V] leaves).
+SampleFn = Callable[[Array, Any, Any, "SamplingConfig"], Tuple[Array, Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick the next token. temperature == 0 means greedy."""
+  temperature: float = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temperature).
+  top_k: int = 0  # Keep only the k most likely tokens (0: off).
+  top_p: float = 1.0  # Nucleus sampling: the smallest set with probability >= top_p (1.0: off).
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature={self.temperature}: expected >= 0.")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k}: expected >= 0.")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1].")
+
+
+def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
+  """Applies temperature, top-k and top-p to logits [B, V]; removed tokens get -inf."""
+  logits = logits.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p (the most likely token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def sample_tokens(key: Array, logprobs: Array, sampling: SamplingConfig) -> Array:
+  """logprobs: [B, V] -> int32[B]."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logprobs, sampling), axis=-1).astype(jnp.int32)
+
+
+def left_pad(tokens: Array, mask: Array, pad_id: int = 0) -> Tuple[Array, Array]:
+  """Moves every row's real tokens to the right end. tokens: int[B, T], mask: bool[B, T] (any padding side)."""
+  mask = mask.astype(jnp.bool_)
+  length = tokens.shape[1]
+  # Stable order: padding first, then real tokens in their original order.
+  order = jnp.argsort(mask.astype(jnp.int32) * length + jnp.arange(length)[None, :], axis=1)
+  tokens = jnp.take_along_axis(tokens, order, axis=1)
+  mask = jnp.take_along_axis(mask, order, axis=1)
+  return jnp.where(mask, tokens, pad_id), mask
+
+
+def standard_sample_fn(key: Array, last: Any, params: Any, sampling: SamplingConfig):
+  """The default sampler: greedy / temperature / top-k / top-p on `last` log-probs."""
+  del params
+  logprobs = last["logprobs"] if isinstance(last, dict) else last
+  token = sample_tokens(key, logprobs, sampling)
+  return token, jnp.take_along_axis(logprobs.astype(jnp.float32), token[:, None], axis=-1)[:, 0], {}
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "max_new_tokens", "sampling", "eos_id", "pad_id",
+                                             "sample_fn"))
+def decode(logits_fn: LogitsFn, params: Any, prompt: Array, prompt_mask: Array, cache: Any, key: Array, *,
+           max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), eos_id: Optional[int] = None,
+           pad_id: int = 0, sample_fn: Optional[SampleFn] = None) -> Tuple[Array, dict]:
+  """Decodes `max_new_tokens` tokens for B rows at once.
+
+  Args:
+    logits_fn: the model callback (static: pass the same function object to reuse the compiled loop).
+    params: anything `logits_fn` needs at run time (model params, users' lam, ...).
+    prompt: int32[B, T] prompts (left or right padded); prompt_mask: bool[B, T].
+    cache: an empty cache with room for T + max_new_tokens slots (model-specific layout).
+    key: PRNG key (unused when greedy).
+    max_new_tokens: N.
+    sampling: greedy / temperature / top-k / top-p.
+    eos_id: a row stops after emitting it (it is kept in the output); None: never stop early.
+    pad_id: emitted after a row stops.
+    sample_fn: a custom sampler (static), e.g. implicit souping's rejection sampler; default `standard_sample_fn`.
+
+  Returns:
+    tokens: int32[B, N] new tokens (pad_id after a row's EOS), and aux with `lengths: int32[B]` (tokens up to and
+    including EOS), `done: bool[B]`, `logprobs: f32[B, N]` (log-prob of each emitted token under logits_fn) and
+    `stats` (the sampler's per-row statistics summed over the emitted tokens).
+  """
+  sample_fn = sample_fn or standard_sample_fn
+  prompt, prompt_mask = left_pad(prompt, prompt_mask, pad_id)
+  batch = prompt.shape[0]
+  out_, cache = logits_fn(params, prompt, prompt_mask, cache)
+  last = jax.tree.map(lambda x: x[..., -1, :], out_)
+  _, _, stats_shape = jax.eval_shape(lambda k, l: sample_fn(k, l, params, sampling), key, last)
+  stats = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), stats_shape)
+
+  def body(state):
+    step, last, cache, key, out, out_logp, done, stats = state
+    key, sub = jax.random.split(key)
+    token, token_logp, step_stats = sample_fn(sub, last, params, sampling)
+    stats = jax.tree.map(lambda acc, s: acc + jnp.where(done, 0.0, s), stats, step_stats)
+    token = jnp.where(done, pad_id, token)
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+    out_logp = jax.lax.dynamic_update_slice(out_logp, jnp.where(done, 0.0, token_logp)[:, None], (0, step))
+    active = ~done
+    if eos_id is not None:
+      done = done | (token == eos_id)
+    step_out, cache = logits_fn(params, token[:, None], active[:, None], cache)
+    last = jax.tree.map(lambda x: x[..., -1, :], step_out)
+    return step + 1, last, cache, key, out, out_logp, done, stats
+
+  def cond(state):
+    step, done = state[0], state[6]
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  state = (jnp.zeros((), jnp.int32), last, cache, key, jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), jnp.bool_), stats)
+  _, _, _, _, out, out_logp, done, stats = jax.lax.while_loop(cond, body, state)
+  if eos_id is None:
+    lengths = jnp.full((batch,), max_new_tokens, jnp.int32)
+  else:
+    is_eos = out == eos_id
+    first_eos = jnp.argmax(is_eos, axis=1)
+    lengths = jnp.where(jnp.any(is_eos, axis=1), first_eos + 1, max_new_tokens).astype(jnp.int32)
+  return out, {"lengths": lengths, "done": done, "logprobs": out_logp, "stats": stats}
+
+
+def model_logits_fn(model) -> LogitsFn:
+  """A LogitsFn for a plain `Transformer`: params are its parameter dict; returns normalized log-probs."""
+  def logits_fn(params, tokens, mask, cache):
+    logits, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache)
+    return jax.nn.log_softmax(logits, axis=-1), aux["cache"]
+  return _cached_fn(model, logits_fn)
+
+
+_FN_CACHE: dict = {}
+
+
+def _cached_fn(owner, fn):
+  """Returns one function object per (hashable) owner, so jit's static-argument cache is reused."""
+  return _FN_CACHE.setdefault((type(fn).__name__, fn.__code__, owner), fn)

@@ -1,0 +1,243 @@
+"""Serving U users at once: souped decoding and sequence log-probabilities on a `SpectralPolicy`.
+
+Every row of a batch is one user with its own prompt and its own `lam: [K]`; `lam: [U, K]` is a runtime array,
+so changing users or their weights never recompiles. Modes (`MODES`):
+
+* `explicit`: log-softmax every policy, mix with `lam`, renormalize. Head bases run the backbone once per token
+  (only the K small heads are extra); LoRA bases run the reference and the K adapters as one (K+1)*U-row batch
+  with a stacked cache.
+* `params`: per-user merged parameters. Heads: `theta_ref + sum_k lam_k Delta theta_k` in the exact
+  concatenated low-rank form (one log-softmax instead of K+1). LoRA: per-user concatenated adapters
+  (`Delta W = sum_k lam_k A_k B_k`, rank K*r), so the backbone runs once per user row.
+* `implicit`: rejection sampling from the reference (METHOD.md section 4) with a bounded number of proposals per
+  token and a fallback to the explicit soup; acceptance statistics are returned.
+* `naive`: the multi-objective-decoding (MOD) reference: K+1 separate full model passes per token, each with its
+  own KV cache. The correctness reference and the speed baseline.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_soup.models.spectral import SpectralPolicy, group_targets, split_lora_params
+from spectral_soup.models.transformer import Cache, Transformer, init_cache
+from spectral_soup.soup import decoding
+from spectral_soup.soup.explicit import soup_logits_batched
+from spectral_soup.soup.implicit import rejection_sample
+from spectral_soup.soup.validation import check_lam
+
+Array = jax.Array
+MODES = ("explicit", "params", "implicit", "naive")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-mode step functions: (params = {"policy": ..., "lam": [U, K]}, tokens, mask, cache) -> (out, cache).
+
+
+def _policy_step(policy: SpectralPolicy, params, tokens, mask, cache):
+  ref, basis, aux = policy.apply({"params": params["policy"]}, tokens, mask=mask, cache=cache)
+  return ref, basis, aux["cache"]
+
+
+def _explicit_step(policy, params, tokens, mask, cache):
+  ref, basis, cache = _policy_step(policy, params, tokens, mask, cache)
+  return soup_logits_batched(ref, basis, params["lam"]), cache
+
+
+def _implicit_step(policy, params, tokens, mask, cache):
+  ref, basis, cache = _policy_step(policy, params, tokens, mask, cache)
+  return {"logprobs": soup_logits_batched(ref, basis, params["lam"]), "ref": ref, "basis": basis}, cache
+
+
+def _params_step(policy, params, tokens, mask, cache):
+  """Per-user merged parameters, applied in exact factored form (nothing materialized per user)."""
+  p = params["policy"]
+  lam = params["lam"].astype(jnp.float32)  # [U, K]
+  if policy.basis_kind == "heads":
+    psi, ref_logits, aux = policy.apply({"params": p}, tokens, mask=mask, cache=cache,
+                                        method=lambda m, *a, **kw: m.features(*a, **kw))
+    heads = p["heads"]  # a: [K, F, r], b: [K, r, V]
+    # Merged head: Delta W_user = sum_k lam_k a_k b_k = A_cat diag(lam (x) 1_r) B_cat.
+    h = jnp.einsum("btf,kfr->btkr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
+    h = h * lam[:, None, :, None]
+    delta = jnp.einsum("btkr,krv->btv", h, heads["b"].astype(jnp.float32))
+    return jax.nn.log_softmax(ref_logits + delta, axis=-1), aux["cache"]
+  # LoRA: concatenate the K adapters (rank K*r) and scale the rank dimensions by each row's lam.
+  stacked = split_lora_params(p["lora"])
+  num_layers = policy.config.num_layers
+  row_scale = jnp.broadcast_to(jnp.repeat(lam, policy.lora_rank, axis=-1)[None],
+                               (num_layers, *lam.shape[:-1], lam.shape[-1] * policy.lora_rank))
+  merged = {}
+  for name, adapter in stacked.items():
+    k, layers_, n_in, r = adapter["a"].shape
+    a_cat = jnp.transpose(adapter["a"], (1, 2, 0, 3)).reshape(layers_, n_in, k * r)  # [L, in, K*r]
+    b_cat = adapter["b"].transpose(1, 0, 2, 3).reshape(layers_, k * r, -1)  # [L, K*r, out]
+    merged[name] = {"a": a_cat, "b": b_cat, "row_scale": row_scale}
+  backbone = Transformer(policy.config)
+  logits, aux = backbone.apply({"params": p["features"]["backbone"]}, tokens, mask=mask, cache=cache,
+                               lora=group_targets(merged))
+  return jax.nn.log_softmax(logits, axis=-1), aux["cache"]
+
+
+def _naive_step(policy, params, tokens, mask, cache):
+  """K+1 full passes, each with its own cache: cache = {"ref": Cache, "bases": [Cache] * K}."""
+  p = params["policy"]
+  backbone = Transformer(policy.config)
+  bb = p["features"]["backbone"]
+  ref_logits, aux = backbone.apply({"params": bb}, tokens, mask=mask, cache=cache["ref"])
+  new_cache = {"ref": aux["cache"], "bases": []}
+  basis_logits = []
+  for k in range(policy.num_bases):  # Deliberately K separate models: this is the baseline.
+    if policy.basis_kind == "heads":
+      logits_k, aux_k = backbone.apply({"params": bb}, tokens, mask=mask, cache=cache["bases"][k])
+      psi = aux_k["hidden"].astype(jnp.float32)
+      a_k, b_k = p["heads"]["a"][k].astype(jnp.float32), p["heads"]["b"][k].astype(jnp.float32)
+      logits_k = logits_k + (psi @ a_k) @ b_k
+    else:
+      lora_k = {name: {"a": ad["a"][k], "b": ad["b"][k]} for name, ad in split_lora_params(p["lora"]).items()}
+      logits_k, aux_k = backbone.apply({"params": bb}, tokens, mask=mask, cache=cache["bases"][k],
+                                       lora=group_targets(lora_k))
+    basis_logits.append(logits_k)
+    new_cache["bases"].append(aux_k["cache"])
+  return soup_logits_batched(ref_logits, jnp.stack(basis_logits), params["lam"]), new_cache
+
+
+_STEPS = {"explicit": _explicit_step, "params": _params_step, "implicit": _implicit_step, "naive": _naive_step}
+
+
+@functools.lru_cache(maxsize=None)
+def souped_logits_fn(policy: SpectralPolicy, mode: str) -> decoding.LogitsFn:
+  """The decoding callback of `mode` for `policy` (one function object per (policy, mode): jit reuses it)."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
+  return functools.partial(_STEPS[mode], policy)
+
+
+@functools.lru_cache(maxsize=None)
+def implicit_sample_fn(max_proposals: int) -> decoding.SampleFn:
+  """A decoding sampler that draws each token by rejection sampling from the reference."""
+  def sample(key, last, params, sampling):
+    del sampling  # Rejection sampling targets the soup itself (temperature 1).
+    tokens, aux = rejection_sample(key, last["ref"], last["basis"], params["lam"], max_proposals=max_proposals)
+    logp = jnp.take_along_axis(last["logprobs"], tokens[:, None], axis=-1)[:, 0]
+    stats = {"accepted": aux["accepted"].astype(jnp.float32), "proposals": aux["num_proposals"].astype(jnp.float32)}
+    return tokens, logp, stats
+  return sample
+
+
+def init_serving_cache(policy: SpectralPolicy, mode: str, batch_size: int, max_len: int) -> Any:
+  """An empty cache for `mode` (`naive` keeps K+1 separate caches)."""
+  if mode == "naive":
+    one = lambda: init_cache(policy.config, batch_size, max_len)
+    return {"ref": one(), "bases": [one() for _ in range(policy.num_bases)]}
+  if mode == "params" or policy.basis_kind == "heads":
+    return init_cache(policy.config, batch_size, max_len)
+  return init_cache(policy.config, (policy.num_bases + 1) * batch_size, max_len)
+
+
+def check_prompts(prompt: Any, prompt_mask: Any) -> None:
+  """Host-side checks on concrete prompts; raises ValueError naming the row."""
+  prompt, prompt_mask = np.asarray(prompt), np.asarray(prompt_mask)
+  if prompt.ndim != 2 or prompt_mask.shape != prompt.shape:
+    raise ValueError(f"prompt must be int[U, T] with a mask of the same shape; got {prompt.shape} and "
+                     f"{prompt_mask.shape}.")
+  empty = np.flatnonzero(~prompt_mask.astype(bool).any(axis=1))
+  if empty.size:
+    raise ValueError(f"prompt row {int(empty[0])} is empty (its mask has no True entry); every user needs a prompt.")
+
+
+def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, prompt_mask: Any, *,
+             mode: str = "explicit", max_new_tokens: int = 32,
+             sampling: decoding.SamplingConfig = decoding.SamplingConfig(), key: Optional[Array] = None,
+             eos_id: Optional[int] = None, pad_id: int = 0, max_proposals: int = 32) -> Tuple[Array, dict]:
+  """Decodes U users' souped responses in one compiled loop.
+
+  Args:
+    policy, policy_params: a SpectralPolicy and its parameters.
+    lam: [U, K] (or [K], shared by every row) mixing weights.
+    prompt: int32[U, T]; prompt_mask: bool[U, T] (left or right padding).
+    mode: one of MODES.
+    max_new_tokens, sampling, key, eos_id, pad_id: see `decoding.decode`.
+    max_proposals: proposals per token in `implicit` mode before falling back to the explicit soup.
+
+  Returns:
+    tokens: int32[U, N] and aux (`lengths`, `done`, `logprobs` under the soup, and for `implicit` the per-row
+    `acceptance_rate` and `fallback_rate`).
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
+  check_lam(lam, policy.num_bases)
+  check_prompts(prompt, prompt_mask)
+  prompt = jnp.asarray(prompt, jnp.int32)
+  users = prompt.shape[0]
+  lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (users, policy.num_bases))
+  cache = init_serving_cache(policy, mode, users, prompt.shape[1] + max_new_tokens)
+  key = jax.random.key(0) if key is None else key
+  sample_fn = implicit_sample_fn(max_proposals) if mode == "implicit" else None
+  tokens, aux = decoding.decode(souped_logits_fn(policy, mode), {"policy": policy_params, "lam": lam}, prompt,
+                                jnp.asarray(prompt_mask, jnp.bool_), cache, key, max_new_tokens=max_new_tokens,
+                                sampling=sampling, eos_id=eos_id, pad_id=pad_id, sample_fn=sample_fn)
+  if mode == "implicit":
+    steps = jnp.maximum(aux["lengths"], 1).astype(jnp.float32)
+    aux["acceptance_rate"] = aux["stats"]["accepted"] / jnp.maximum(aux["stats"]["proposals"], 1.0)
+    aux["fallback_rate"] = 1.0 - aux["stats"]["accepted"] / steps
+  return tokens, aux
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence log-probabilities (the online phase's features).
+
+
+@functools.partial(jax.jit, static_argnames=("policy",))
+def sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array, prompt_mask: Array,
+                      response: Array, response_mask: Array, lam: Optional[Array] = None) -> dict:
+  """Log-probabilities of given responses under the reference, every basis and (with `lam`) the soup.
+
+  One forward pass over [prompt; response]. prompt: int32[B, P], response: int32[B, R] (any padding, bool masks),
+  lam: [B, K] or None.
+  Returns {"ref": f32[B], "basis": f32[K, B], "ref_tokens": f32[B, R], "basis_tokens": f32[K, B, R]} and, with lam,
+  "soup": f32[B], "soup_tokens": f32[B, R] (explicit soup). Per-token arrays are zero on padding.
+  """
+  prompt, prompt_mask = decoding.left_pad(prompt, prompt_mask)
+  response_mask = response_mask.astype(jnp.bool_)
+  tokens = jnp.concatenate([prompt, response], axis=1)
+  mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+  ref, basis, _ = policy.apply({"params": policy_params}, tokens, mask=mask)
+  p, r = prompt.shape[1], response.shape[1]
+  # The token at column p + j is predicted at the last real column before it.
+  prev = _previous_real_index(mask)[:, p:p + r]  # [B, R]
+
+  gather = lambda logits: jnp.take_along_axis(logits, prev[:, :, None], axis=1).astype(jnp.float32)  # [B, R, V]
+  ref, basis = gather(ref), jax.vmap(gather)(basis)
+
+  def score(logits):  # [B, R, V] -> [B, R]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    out = jnp.take_along_axis(logp, response[:, :, None], axis=-1)[..., 0]
+    return jnp.where(response_mask, out, 0.0)
+
+  out = {"ref_tokens": score(ref), "basis_tokens": jax.vmap(score)(basis)}
+  if lam is not None:
+    out["soup_tokens"] = score(soup_logits_batched(ref, basis, lam))
+  for name in list(out):
+    out[name[:-len("_tokens")]] = out[name].sum(-1)
+  return out
+
+
+def _previous_real_index(mask: Array) -> Array:
+  """For each column t, the index of the last real token strictly before t (0 if none). mask: bool[B, T]."""
+  t = mask.shape[1]
+  idx = jnp.where(mask, jnp.arange(t)[None, :], -1)
+  running = jax.lax.cummax(idx, axis=1)
+  prev = jnp.concatenate([jnp.full_like(running[:, :1], -1), running[:, :-1]], axis=1)
+  return jnp.maximum(prev, 0)
+
+
+def implicit_rewards(seq_logprobs: Mapping[str, Array], beta: float) -> Array:
+  """f_k(x, y) = beta * (log pi_k(y|x) - log pi_ref(y|x)): [K, B] -> [B, K] features for the online phase."""
+  return (beta * (seq_logprobs["basis"] - seq_logprobs["ref"][None])).T
