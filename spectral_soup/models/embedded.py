@@ -40,3 +40,7 @@ def smollm2_gguf_path() -> str:
   raise FileNotFoundError(
       f"`{SMOLLM2_GGUF}` was not found in the installed `{SMOLLM2_PACKAGE}` package (searched: {locations}). "
       f"Reinstall it with: {_INSTALL_HINT}")
+
+
+# Models that ship inside installed packages, by the name used as "embedded:NAME".
+EMBEDDED_MODELS = {"smollm2": smollm2_gguf_path}

@@ -1,0 +1,552 @@
+"""Import Hugging Face (transformers) checkpoints and GGUF files into `Transformer` parameters.
+
+Supported families: GPT-2 (`gpt2`), Llama (`llama`, and `mistral`, which is Llama with a sliding window on every
+layer) and Gemma 3 (`gemma3_text`, and the text half of the multimodal `gemma3`).
+
+    model, params = from_pretrained("/path/to/hf_dir")       # config.json + *.safetensors (sharded or not)
+    model, params = from_pretrained("/path/to/model.gguf")   # through spectral_soup.models.gguf_import
+    logits, aux = model.apply({"params": params}, tokens)
+
+The conversion is one table per family, `_table(config)`, mapping each of our parameter paths to an HF tensor name
+(relative to the checkpoint's prefix, `{i}` = layer index), the HF shape it must have, and a small transform to our
+layout (transpose a `[out, in]` Linear, split heads, slice GPT-2's fused `c_attn`). Per-layer tensors are stacked
+on a leading `layers` axis (the stack is an `nn.scan`). Nothing is ever unpickled: checkpoints must be safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so safetensors can return bf16 numpy arrays.
+import numpy as np
+
+from spectral_soup.models.config import TransformerConfig
+from spectral_soup.models.transformer import Transformer
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "gemma3_text", "gemma3")
+
+# HF activation name -> ours (only names whose formula is exactly one of ours).
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
+
+# Prefixes under which a checkpoint may store the base model (tried in order; "" = bare base model).
+_BODY_PREFIXES = ("", "model.", "transformer.", "model.language_model.", "language_model.model.",
+                  "language_model.")
+_LM_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config.
+
+
+def _unsupported(model_type: str, field: str, value: Any, why: str) -> ValueError:
+  return ValueError(f"{model_type} config field {field}={value!r} is not supported: {why}.")
+
+
+def _activation(model_type: str, field: str, value: Any) -> str:
+  if value not in _ACTIVATIONS:
+    raise _unsupported(model_type, field, value, f"supported activations are {sorted(_ACTIVATIONS)}")
+  return _ACTIVATIONS[value]
+
+
+def _rope(model_type: str, field: str, params: Optional[Mapping[str, Any]], default_theta: float,
+          allow_linear: bool = True) -> Tuple[float, float]:
+  """(theta, linear scale) from one HF rope-parameter dict; raises on rope types we do not implement."""
+  params = dict(params or {})
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  theta = float(params.get("rope_theta") or default_theta)
+  partial = params.get("partial_rotary_factor", 1.0)
+  if partial not in (None, 1, 1.0):
+    raise _unsupported(model_type, f"{field}.partial_rotary_factor", partial, "only full rotary embeddings")
+  if rope_type == "default":
+    return theta, 1.0
+  if rope_type == "linear":
+    factor = float(params.get("factor", 1.0))
+    if factor != 1.0 and not allow_linear:
+      raise _unsupported(model_type, f"{field}.factor", factor,
+                         "linear rope scaling is only implemented for global (full-attention) layers")
+    return theta, factor
+  raise _unsupported(model_type, f"{field}.rope_type", rope_type, "supported rope types are 'default' and 'linear'")
+
+
+def _flat_rope_params(hf: Any) -> Dict[str, Any]:
+  """A single (not per-layer-type) rope dict from transformers 5 `rope_parameters` or legacy fields."""
+  params = dict(getattr(hf, "rope_parameters", None) or {})
+  legacy = getattr(hf, "rope_scaling", None)
+  if legacy:
+    params = {**dict(legacy), **params}
+  if "rope_theta" not in params and getattr(hf, "rope_theta", None) is not None:
+    params["rope_theta"] = hf.rope_theta
+  return params
+
+
+def _require_false(model_type: str, hf: Any, fields: Mapping[str, str]) -> None:
+  """Raises for the first of `fields` (name -> why unsupported) that is set in the HF config."""
+  for field, why in fields.items():
+    value = getattr(hf, field, None)
+    if value:
+      raise _unsupported(model_type, field, value, why)
+
+
+_NO_BIAS = "our projections have biases on all of attention and MLP or on none, and this family has none"
+
+
+def _gpt2_fields(hf: Any) -> Dict[str, Any]:
+  mt = "gpt2"
+  _require_false(mt, hf, {"scale_attn_by_inverse_layer_idx": "per-layer attention scaling is not implemented",
+                         "add_cross_attention": "decoder-only models only"})
+  d, h = hf.n_embd, hf.n_head
+  if d % h:
+    raise _unsupported(mt, "n_head", h, f"n_embd={d} must be a multiple of it")
+  return dict(
+      family="gpt2", vocab_size=hf.vocab_size, num_layers=hf.n_layer, embed_dim=d, num_heads=h, num_kv_heads=h,
+      head_dim=d // h, mlp_dim=hf.n_inner or 4 * d, max_len=hf.n_positions, norm="layer",
+      norm_eps=hf.layer_norm_epsilon, activation=_activation(mt, "activation_function", hf.activation_function),
+      gated_mlp=False, use_bias=True, learned_positions=True,
+      query_scale=None if getattr(hf, "scale_attn_weights", True) else 1.0,
+      tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)))
+
+
+def _llama_fields(hf: Any) -> Dict[str, Any]:
+  mt = hf.model_type
+  _require_false(mt, hf, {"attention_bias": _NO_BIAS, "mlp_bias": _NO_BIAS})
+  if getattr(hf, "layer_types", None) and any(t != "full_attention" for t in hf.layer_types):
+    raise _unsupported(mt, "layer_types", hf.layer_types, "only 'full_attention' layers")
+  heads = hf.num_attention_heads
+  theta, scale = _rope(mt, "rope_parameters", _flat_rope_params(hf), 10_000.0)
+  fields = dict(
+      family="llama", vocab_size=hf.vocab_size, num_layers=hf.num_hidden_layers, embed_dim=hf.hidden_size,
+      num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+      head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads, mlp_dim=hf.intermediate_size,
+      max_len=hf.max_position_embeddings, norm="rms", norm_eps=hf.rms_norm_eps,
+      activation=_activation(mt, "hidden_act", hf.hidden_act), gated_mlp=True, use_bias=False,
+      rope_base=theta, rope_local_base=theta, rope_scale=scale,
+      tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)))
+  window = getattr(hf, "sliding_window", None) if mt == "mistral" else None
+  if window:  # Mistral: every layer is a sliding-window layer (our local layers never scale positions).
+    if scale != 1.0:
+      raise _unsupported(mt, "rope_parameters.factor", scale, "linear rope scaling with a sliding window")
+    fields.update(sliding_window=int(window), layer_is_local=(True,) * hf.num_hidden_layers)
+  return fields
+
+
+def _gemma3_fields(hf: Any, tie: Optional[bool] = None, multimodal: bool = False) -> Dict[str, Any]:
+  """Gemma 3 text fields; `multimodal`: hf is the text_config of a `gemma3` (Gemma3ForConditionalGeneration)."""
+  mt = hf.model_type
+  _require_false(mt, hf, {"attention_bias": _NO_BIAS,
+                         "use_bidirectional_attention": "only causal attention is implemented"})
+  layer_types = list(hf.layer_types)
+  unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+  if unknown:
+    raise _unsupported(mt, "layer_types", unknown, "only 'sliding_attention' and 'full_attention'")
+  rope = dict(getattr(hf, "rope_parameters", None) or {})
+  if rope and not {"sliding_attention", "full_attention"} & set(rope):  # One dict for every layer type.
+    rope = {"sliding_attention": rope, "full_attention": rope}
+  local_theta, _ = _rope(mt, "rope_parameters['sliding_attention']", rope.get("sliding_attention"),
+                         getattr(hf, "rope_local_base_freq", None) or 10_000.0, allow_linear=False)
+  global_theta, scale = _rope(mt, "rope_parameters['full_attention']", rope.get("full_attention"),
+                              getattr(hf, "rope_theta", None) or 1_000_000.0)
+  is_local = tuple(t == "sliding_attention" for t in layer_types)
+  if len(is_local) != hf.num_hidden_layers:
+    raise _unsupported(mt, "layer_types", layer_types, f"expected {hf.num_hidden_layers} entries")
+  if hf.attn_logit_softcapping is not None:
+    # transformers' Gemma 3 attention never passes `softcap` to its attention kernels, so the field has no
+    # effect there (real Gemma 3 configs leave it None); match the reference implementation, but say so.
+    logger.warning("%s config field attn_logit_softcapping=%r is ignored, as in transformers' Gemma 3 "
+                   "(only Gemma 2 applies it).", mt, hf.attn_logit_softcapping)
+  final_softcap = None if hf.final_logit_softcapping is None else float(hf.final_logit_softcapping)
+  if multimodal and final_softcap is not None:
+    # Gemma3ForConditionalGeneration applies no final softcap (Gemma3ForCausalLM does); match the architecture
+    # the checkpoint was saved as. Real Gemma 3 configs leave the field None.
+    logger.warning("gemma3 text_config.final_logit_softcapping=%r is ignored, as in transformers' "
+                   "Gemma3ForConditionalGeneration.", final_softcap)
+    final_softcap = None
+  return dict(
+      family="gemma3", vocab_size=hf.vocab_size, num_layers=hf.num_hidden_layers, embed_dim=hf.hidden_size,
+      num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim,
+      mlp_dim=hf.intermediate_size, max_len=hf.max_position_embeddings, norm="rms", norm_eps=hf.rms_norm_eps,
+      norm_scale_plus_one=True, sandwich_norm=True, qk_norm=True,
+      activation=_activation(mt, "hidden_activation", hf.hidden_activation), gated_mlp=True, use_bias=False,
+      rope_base=global_theta, rope_local_base=local_theta, rope_scale=scale,
+      sliding_window=int(hf.sliding_window) if any(is_local) else None, layer_is_local=is_local,
+      query_scale=float(hf.query_pre_attn_scalar) ** -0.5, attn_logit_softcap=None,
+      final_logit_softcap=final_softcap, embed_scale=float(hf.hidden_size) ** 0.5,
+      tie_embeddings=bool(hf.tie_word_embeddings if tie is None else tie))
+
+
+def config_from_hf(hf_config: Any, **overrides) -> TransformerConfig:
+  """TransformerConfig of a transformers config (a `PretrainedConfig`, or its dict with a `model_type` key).
+
+  `overrides` replace fields of the result (e.g. `dtype="bfloat16"`, `max_len=2048`). Raises ValueError for an
+  unsupported model type and for any feature we do not implement (never a silently different model).
+  """
+  if isinstance(hf_config, Mapping):
+    import transformers  # Lazy: only needed to interpret a raw dict.
+    d = dict(hf_config)
+    if "model_type" not in d:
+      raise ValueError(f"HF config dict has no 'model_type'; supported model types: {SUPPORTED_MODEL_TYPES}.")
+    hf_config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+  model_type = getattr(hf_config, "model_type", None)
+  if model_type == "gpt2":
+    fields = _gpt2_fields(hf_config)
+  elif model_type in ("llama", "mistral"):
+    fields = _llama_fields(hf_config)
+  elif model_type == "gemma3_text":
+    fields = _gemma3_fields(hf_config)
+  elif model_type == "gemma3":
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config.text_config
+    fields = _gemma3_fields(text, tie=getattr(hf_config, "tie_word_embeddings", None), multimodal=True)
+  else:
+    raise ValueError(f"Unsupported model_type {model_type!r}; supported model types: {SUPPORTED_MODEL_TYPES}.")
+  fields.update(overrides)
+  return TransformerConfig.from_dict(fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State dict conversion.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One of our parameters: path (per-layer ones without the `layers` axis), HF name, HF shape, transform."""
+  path: Tuple[str, ...]
+  hf_name: str  # Relative to the body prefix ("{i}" = layer index); "lm_head.weight" is looked up separately.
+  hf_shape: Tuple[int, ...]
+  transform: Callable[[np.ndarray], np.ndarray]
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.hf_name
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+  return w
+
+
+def _linear(in_shape: Sequence[int], out_shape: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+  """torch nn.Linear weight [prod(out), prod(in)] -> our kernel [*in, *out]."""
+  return lambda w: w.T.reshape(*in_shape, *out_shape)
+
+
+def _conv1d(in_shape: Sequence[int], out_shape: Sequence[int],
+            cols: Optional[slice] = None) -> Callable[[np.ndarray], np.ndarray]:
+  """GPT-2 Conv1D weight [prod(in), n_out] (optionally a column slice) -> our kernel [*in, *out]."""
+  return lambda w: w[:, cols or slice(None)].reshape(*in_shape, *out_shape)
+
+
+def _bias(out_shape: Sequence[int], part: Optional[slice] = None) -> Callable[[np.ndarray], np.ndarray]:
+  return lambda b: b[part or slice(None)].reshape(*out_shape)
+
+
+def _table(cfg: TransformerConfig) -> List[_Entry]:
+  """Our parameter path -> HF name, HF shape and transform, for cfg.family."""
+  d, h, kv, hd, m, v = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  e = lambda path, name, shape, fn=_same: _Entry(tuple(path.split("/")), name, tuple(shape), fn)
+  if cfg.family == "gpt2":
+    qkv = lambda j: slice(j * d, (j + 1) * d)
+    table = [e("embed/embedding", "wte.weight", (v, d)), e("pos_embed/embedding", "wpe.weight", (cfg.max_len, d))]
+    for ours, theirs in (("pre_attn_norm", "ln_1"), ("pre_mlp_norm", "ln_2")):
+      table += [e(f"layers/{ours}/scale", f"h.{{i}}.{theirs}.weight", (d,)),
+                e(f"layers/{ours}/bias", f"h.{{i}}.{theirs}.bias", (d,))]
+    for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+      table += [e(f"layers/attn/{name}/kernel", "h.{i}.attn.c_attn.weight", (d, 3 * d), _conv1d((d,), (h, hd), qkv(j))),
+                e(f"layers/attn/{name}/bias", "h.{i}.attn.c_attn.bias", (3 * d,), _bias((h, hd), qkv(j)))]
+    table += [
+        e("layers/attn/o_proj/kernel", "h.{i}.attn.c_proj.weight", (d, d), _conv1d((h, hd), (d,))),
+        e("layers/attn/o_proj/bias", "h.{i}.attn.c_proj.bias", (d,)),
+        e("layers/mlp/up_proj/kernel", "h.{i}.mlp.c_fc.weight", (d, m)),
+        e("layers/mlp/up_proj/bias", "h.{i}.mlp.c_fc.bias", (m,)),
+        e("layers/mlp/down_proj/kernel", "h.{i}.mlp.c_proj.weight", (m, d)),
+        e("layers/mlp/down_proj/bias", "h.{i}.mlp.c_proj.bias", (d,)),
+        e("final_norm/scale", "ln_f.weight", (d,)),
+        e("final_norm/bias", "ln_f.bias", (d,)),
+    ]
+  elif cfg.family in ("llama", "gemma3"):
+    table = [
+        e("embed/embedding", "embed_tokens.weight", (v, d)),
+        e("layers/pre_attn_norm/scale", "layers.{i}.input_layernorm.weight", (d,)),
+        e("layers/attn/q_proj/kernel", "layers.{i}.self_attn.q_proj.weight", (h * hd, d), _linear((d,), (h, hd))),
+        e("layers/attn/k_proj/kernel", "layers.{i}.self_attn.k_proj.weight", (kv * hd, d), _linear((d,), (kv, hd))),
+        e("layers/attn/v_proj/kernel", "layers.{i}.self_attn.v_proj.weight", (kv * hd, d), _linear((d,), (kv, hd))),
+        e("layers/attn/o_proj/kernel", "layers.{i}.self_attn.o_proj.weight", (d, h * hd), _linear((h, hd), (d,))),
+        e("layers/mlp/gate_proj/kernel", "layers.{i}.mlp.gate_proj.weight", (m, d), _linear((d,), (m,))),
+        e("layers/mlp/up_proj/kernel", "layers.{i}.mlp.up_proj.weight", (m, d), _linear((d,), (m,))),
+        e("layers/mlp/down_proj/kernel", "layers.{i}.mlp.down_proj.weight", (d, m), _linear((m,), (d,))),
+        e("final_norm/scale", "norm.weight", (d,)),
+    ]
+    if cfg.family == "llama":
+      table.append(e("layers/pre_mlp_norm/scale", "layers.{i}.post_attention_layernorm.weight", (d,)))
+    else:
+      table += [
+          e("layers/attn/q_norm/scale", "layers.{i}.self_attn.q_norm.weight", (hd,)),
+          e("layers/attn/k_norm/scale", "layers.{i}.self_attn.k_norm.weight", (hd,)),
+          e("layers/post_attn_norm/scale", "layers.{i}.post_attention_layernorm.weight", (d,)),
+          e("layers/pre_mlp_norm/scale", "layers.{i}.pre_feedforward_layernorm.weight", (d,)),
+          e("layers/post_mlp_norm/scale", "layers.{i}.post_feedforward_layernorm.weight", (d,)),
+      ]
+  else:
+    raise ValueError(f"No HF import table for family {cfg.family!r}.")
+  if not cfg.tie_embeddings:
+    table.append(e("lm_head/kernel", "lm_head.weight", (v, d), _linear((d,), (v,))))
+  return table
+
+
+def _ignorable(cfg: TransformerConfig, name: str) -> bool:
+  """Tensors that carry no parameters of ours and are dropped silently."""
+  if name.endswith("inv_freq"):  # Rotary caches.
+    return True
+  if cfg.family == "gpt2" and re.search(r"\.attn\.(bias|masked_bias)$", name):  # Causal-mask buffers.
+    return True
+  if cfg.family == "gemma3" and re.match(r"^(model\.)?(vision_tower|multi_modal_projector)\.", name):
+    return True
+  return False
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+  """numpy view of a numpy / jax / torch array (torch bf16 goes through float32) without importing torch."""
+  if hasattr(x, "detach"):  # torch.Tensor
+    x = x.detach().cpu()
+    if str(x.dtype) == "torch.bfloat16":
+      x = x.float()
+    return x.numpy()
+  return np.asarray(x)
+
+
+def _path_str(path: Tuple[str, ...], layer: Optional[int] = None) -> str:
+  s = "/".join(path)
+  return s if layer is None else f"{s} (layer {layer})"
+
+
+def _find_prefix(keys: Sequence[str], anchor: str, source: str) -> str:
+  key_set = set(keys)
+  for prefix in _BODY_PREFIXES:
+    if prefix + anchor in key_set:
+      return prefix
+  raise ValueError(
+      f"{source}: missing tensor {anchor!r} (tried prefixes {[p for p in _BODY_PREFIXES if p]} and none); "
+      f"the checkpoint has {len(key_set)} tensors, e.g. {sorted(key_set)[:5]}.")
+
+
+def params_from_state_dict(config: TransformerConfig, state_dict: Mapping[str, Any], *,
+                           source: str = "<state dict>") -> Dict[str, Any]:
+  """Our parameter tree (plain nested dict of jax arrays in config.weight_dtype) from an HF state dict.
+
+  state_dict: HF PyTorch names and layouts -> arrays (numpy, jax or torch; any float dtype), optionally under a
+  `model.` / `transformer.` / `model.language_model.` / `language_model.model.` prefix. `source` names the file in
+  error messages (a shape error from a sharded checkpoint names the shard). Missing tensors and shape mismatches
+  raise ValueError; unexpected tensors are logged as a warning.
+  """
+  keys = list(state_dict.keys())
+  table = _table(config)
+  prefix = _find_prefix(keys, table[0].hf_name, source)
+  key_set = set(keys)
+  lm_head = next((n for n in _LM_HEAD_NAMES if n in key_set), "lm_head.weight")
+  wdtype = jnp.dtype(config.weight_dtype)
+  used = set()
+
+  def full_name(entry: _Entry, layer: Optional[int]) -> str:
+    if entry.hf_name == "lm_head.weight":
+      return lm_head
+    return prefix + (entry.hf_name.format(i=layer) if layer is not None else entry.hf_name)
+
+  def fetch(entry: _Entry, layer: Optional[int]) -> np.ndarray:
+    name = full_name(entry, layer)
+    if name not in key_set:
+      raise ValueError(f"{source}: missing tensor {name!r} (needed for parameter {_path_str(entry.path, layer)}).")
+    w = _to_numpy(state_dict[name])
+    used.add(name)
+    if tuple(w.shape) != entry.hf_shape:
+      file = state_dict.file_of(name) if isinstance(state_dict, _SafetensorsStateDict) else source
+      raise ValueError(
+          f"{file}: tensor {name!r} has shape {tuple(w.shape)}, expected {entry.hf_shape} for parameter "
+          f"{_path_str(entry.path, layer)} of this {config.family} config.")
+    return np.asarray(entry.transform(w)).astype(wdtype, copy=False)
+
+  flat = {}
+  for entry in table:
+    if entry.per_layer:
+      flat[entry.path] = np.stack([fetch(entry, i) for i in range(config.num_layers)], axis=0)
+    else:
+      flat[entry.path] = fetch(entry, None)
+
+  # Sanity check of the table against the model definition (an error here is a bug in this module).
+  expected = {tuple(k.key for k in p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(
+      nn.unbox(_abstract_params(config)))[0]}
+  got = {k: tuple(x.shape) for k, x in flat.items()}
+  if expected != got:
+    raise AssertionError(f"hf_import table for {config.family} disagrees with the model: expected {expected}, "
+                         f"built {got}.")
+
+  unused = [n for n in keys if n not in used and not _ignorable(config, n)]
+  if config.tie_embeddings and lm_head in unused:
+    unused.remove(lm_head)
+    if not np.array_equal(_to_numpy(state_dict[lm_head]).astype(wdtype), flat[("embed", "embedding")]):
+      logger.warning("%s: the config ties the output projection to the embedding, but tensor %r differs from "
+                     "it; it is ignored (as transformers does).", source, lm_head)
+  if unused:
+    shown = ", ".join(unused[:20]) + (f", ... ({len(unused) - 20} more)" if len(unused) > 20 else "")
+    logger.warning("%s: %d tensors were not used by the %s model: %s", source, len(unused), config.family, shown)
+
+  params: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = params
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = jnp.asarray(value)
+  return params
+
+
+def _abstract_params(config: TransformerConfig) -> Any:
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda t: Transformer(config).init(jax.random.key(0), t), tokens)["params"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint files.
+
+
+class _SafetensorsStateDict(Mapping):
+  """Read-only, lazy {tensor name: numpy array} over one or more safetensors files."""
+
+  def __init__(self, files: Mapping[str, Path]):  # tensor name -> file holding it
+    self._files = dict(files)
+    self._handles: Dict[Path, Any] = {}
+
+  @classmethod
+  def from_files(cls, paths: Sequence[Path]) -> "_SafetensorsStateDict":
+    from safetensors import safe_open
+    files = {}
+    for path in paths:
+      with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+          files[name] = path
+    return cls(files)
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    from safetensors import safe_open
+    path = self._files[name]
+    if path not in self._handles:
+      self._handles[path] = safe_open(str(path), framework="numpy")
+    return self._handles[path].get_tensor(name)
+
+  def file_of(self, name: str) -> str:
+    return str(self._files[name])
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._files)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+
+def _safetensors_files(path: Path) -> List[Path]:
+  """The safetensors weight files of an HF checkpoint directory; clear errors for anything else."""
+  single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+  if index.is_file():
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index}: no 'weight_map' in the safetensors index.")
+    shards = [path / name for name in sorted(set(weight_map.values()))]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+      raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}.")
+    return shards
+  if single.is_file():
+    return [single]
+  others = sorted(path.glob("*.safetensors"))
+  if others:
+    return others
+  pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+  if pickled:
+    raise ValueError(
+        f"{path}: found only pickled PyTorch weights {pickled}; safetensors is required (model.safetensors or "
+        f"model.safetensors.index.json). Pickled checkpoints are never loaded; convert them with "
+        f"`model.save_pretrained(dir, safe_serialization=True)` in a trusted environment.")
+  raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json in this directory.")
+
+
+def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[TransformerConfig, Dict[str, Any]]:
+  """(config, params) of a local HF checkpoint directory: config.json + (sharded) safetensors weights."""
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"HF checkpoint directory {str(path)!r} does not exist.")
+  files = _safetensors_files(path)
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"{path}: no config.json in this checkpoint directory.")
+  import transformers  # Lazy: heavy import.
+  hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+  config = config_from_hf(hf_config, **config_overrides)
+  state_dict = _SafetensorsStateDict.from_files(files)
+  source = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")
+  return config, params_from_state_dict(config, state_dict, source=source)
+
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def _resolve(path: str | os.PathLike, what: str) -> Path:
+  if isinstance(path, str) and path.startswith(EMBEDDED_PREFIX):
+    from spectral_soup.models import embedded
+    name = path[len(EMBEDDED_PREFIX):]
+    if name not in embedded.EMBEDDED_MODELS:
+      raise ValueError(f"{what}: unknown embedded model {path!r}; known: "
+                       f"{[EMBEDDED_PREFIX + n for n in sorted(embedded.EMBEDDED_MODELS)]}.")
+    path = embedded.EMBEDDED_MODELS[name]()
+  p = Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{what}: {str(p)!r} does not exist.")
+  if not p.is_dir() and p.suffix.lower() != ".gguf":
+    raise ValueError(f"{what}: {str(p)!r} is neither a Hugging Face checkpoint directory (config.json + "
+                     f"*.safetensors) nor a .gguf file.")
+  return p
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, weight_dtype: Any = None,
+                    **config_overrides) -> Tuple[Transformer, Dict[str, Any]]:
+  """(Transformer, params) from an HF checkpoint directory, a .gguf file or "embedded:smollm2".
+
+  dtype / weight_dtype: compute and storage dtypes (default: the TransformerConfig defaults, float32);
+  config_overrides: any other TransformerConfig field (e.g. max_len=2048).
+  """
+  p = _resolve(path, "from_pretrained")
+  overrides = dict(config_overrides)
+  if dtype is not None:
+    overrides["dtype"] = dtype
+  if weight_dtype is not None:
+    overrides["weight_dtype"] = weight_dtype
+  if p.is_dir():
+    config, params = load_hf_checkpoint(p, **overrides)
+  else:
+    from spectral_soup.models import gguf_import  # Lazy: optional dependency path.
+    hf_config, state_dict = gguf_import.read_gguf(str(p))
+    config = config_from_hf(hf_config, **overrides)
+    params = params_from_state_dict(config, state_dict, source=str(p))
+  return Transformer(config), params
+
+
+def tokenizer_from_pretrained(path: str | os.PathLike):
+  """The tokenizer of an HF checkpoint directory (local files only) or of a .gguf file."""
+  p = _resolve(path, "tokenizer_from_pretrained")
+  if p.is_dir():
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+  from spectral_soup.models import gguf_import
+  return gguf_import.tokenizer_from_gguf(str(p))
