@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "gguf>=0.17",
     "tensorflow-datasets>=4.9.10,<5",
     "importlib_resources>=6",  # needed by tensorflow-datasets without TensorFlow
+    "array_record>=0.5",  # TFDS's TF-free file format (only pulled in implicitly on Linux)
     "tqdm>=4.66",
 ]
 

@@ -1,0 +1,126 @@
+"""The embedded preference dataset of this project, as a TFDS builder (array_record, no TensorFlow).
+
+Source (written by the project's generation command) in the manual directory, or `source_path` (the directory, or
+the `pairs.jsonl` file itself, with `metadata.json` next to it):
+
+* `pairs.jsonl` (or `pairs.jsonl.gz`): one preference pair per line,
+  `{"prompt": str, "response_a": str, "response_b": str, "scores_a": [float] * A, "scores_b": [float] * A,
+  "attributes": [str] * A}`; other keys are ignored.
+* `metadata.json`: `{"attributes": [str] * A, "seed": int, ...}`; every row's `attributes` must equal these.
+
+Features: `prompt`, `response_a`, `response_b` (Text), `scores_a`, `scores_b` (float32 [A]), `label` (int8 [A]:
+1 a preferred under attribute k, 0 b preferred, -1 tie, i.e. |a - b| <= tie_epsilon) and `mask` (bool [A], all
+True: every score is required). A is only known from the source, so the feature shapes are `(None,)`; the
+attribute names are in `info.metadata["attributes"]` and `metadata.json` in `info.metadata["source_metadata"]`.
+
+Splits: train / validation / test by a hash of the prompt (`HashSplitConfig`), so the pairs of one prompt never
+straddle splits. Empty splits are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Tuple
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from spectral_soup.data.builders import common
+
+PAIRS_FILE = "pairs.jsonl"
+METADATA_FILE = "metadata.json"
+
+
+@dataclasses.dataclass(eq=False)
+class EmbeddedPrefsConfig(common.HashSplitConfig):
+  """Config of `EmbeddedPrefs` (see `common.HashSplitConfig` for the fields)."""
+
+
+class EmbeddedPrefs(common.ManualSourceBuilder):
+  """Pairwise multi-attribute preferences produced by the project's generation command."""
+
+  name = "spectral_soup_embedded_prefs"
+  BUILDER_CONFIGS = [EmbeddedPrefsConfig(name="default", description="All pairs; 90/5/5 prompt-hash splits.")]
+  DEFAULT_CONFIG_NAME = "default"
+  UPSTREAM = "the project's preference generation command (it writes pairs.jsonl and metadata.json)"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Run the project's preference generation command and pass its output directory (holding pairs.jsonl and "
+      "metadata.json) as the manual directory, or set `source_path` in the builder config.")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self._make_info(common.pair_features(None), description=__doc__)
+
+  def _source_files(self, dl_manager: tfds.download.DownloadManager) -> Tuple[epath.Path, epath.Path]:
+    expected = f"{PAIRS_FILE} and {METADATA_FILE}"
+    root = self._source_root(dl_manager, expected)
+    if root.is_dir():
+      pairs = next((root / n for n in (PAIRS_FILE, PAIRS_FILE + ".gz") if (root / n).exists()), None)
+      if pairs is None:
+        raise self._missing(f"{PAIRS_FILE} (or {PAIRS_FILE}.gz)", root)
+    else:
+      pairs = root
+    metadata = pairs.parent / METADATA_FILE
+    if not metadata.exists():
+      raise self._missing(METADATA_FILE, pairs.parent)
+    return pairs, metadata
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config
+    pairs_path, metadata_path = self._source_files(dl_manager)
+    source_metadata, attributes = _read_metadata(metadata_path)
+    errors = common.RowErrors(config.skip_malformed)
+    per_split: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {s: [] for s in common.SPLITS}
+    for ref, row in common.iter_json_rows(pairs_path, errors):
+      try:
+        example = _parse_row(row, ref, attributes, config.tie_epsilon)
+      except common.MalformedRowError as e:
+        errors.handle(e)
+        continue
+      split = common.split_for_prompt(example["prompt"], config.validation_fraction, config.test_fraction,
+                                      config.split_salt)
+      per_split[split].append((ref.number, example))
+    self.info.metadata.update({
+        "attributes": list(attributes),
+        "source_metadata": source_metadata,
+        "source_file": str(pairs_path),
+        "num_source_rows": errors.rows_read,
+        "malformed_rows": errors.as_metadata(),
+    })
+    return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
+
+  def _generate_examples(self, items):
+    yield from items
+
+
+def _read_metadata(path: epath.Path) -> Tuple[Dict[str, Any], List[str]]:
+  try:
+    metadata = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+  attributes = metadata.get("attributes")
+  if (not isinstance(attributes, list) or not attributes
+      or not all(isinstance(a, str) and a.strip() for a in attributes)):
+    raise ValueError(f"{path}: field 'attributes': expected a non-empty list of non-empty strings, got "
+                     f"{attributes!r}")
+  if len(set(attributes)) != len(attributes):
+    raise ValueError(f"{path}: field 'attributes': names repeat: {attributes!r}")
+  return metadata, attributes
+
+
+def _parse_row(row: Dict[str, Any], ref: common.RowRef, attributes: List[str],
+               tie_epsilon: float) -> Dict[str, Any]:
+  """One pair example, or `MalformedRowError`."""
+  prompt = common.text(row, "prompt", ref)
+  response_a = common.text(row, "response_a", ref)
+  response_b = common.text(row, "response_b", ref)
+  row_attributes = common.require(row, "attributes", ref)
+  if row_attributes != attributes:
+    raise ref.error("attributes", f"{row_attributes!r} differs from metadata.json's {attributes!r}")
+  scores_a = common.number_list(row, "scores_a", ref, len(attributes))
+  scores_b = common.number_list(row, "scores_b", ref, len(attributes))
+  label, mask = common.pair_labels(scores_a, scores_b, tie_epsilon=tie_epsilon)
+  return {"prompt": prompt, "response_a": response_a, "response_b": response_b, "scores_a": scores_a,
+          "scores_b": scores_b, "label": label, "mask": mask}
