@@ -185,7 +185,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, ctx: Mapping[str, Array], layer: Mapping[str, Any],
-               lora: Optional[Mapping[str, Any]]):
+               lora: Optional[Mapping[str, Any]], kv: Optional[Mapping[str, Array]] = None):
+    """x: [B, T, D]; kv: the whole stacked cache {"k", "v": [L, B, S, Hkv, Dh]} or None. Returns (out, kv)."""
     cfg = self.config
     lora = lora or {}
     d, h, hkv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -205,19 +206,20 @@ class Attention(nn.Module):
       k = apply_rope(k, ctx["positions"], base, scale)
     q = constrain(q, ("batch", "length", "heads", "kv"))
 
-    new_cache = None
-    if "cache_k" in layer:  # Decoding: write this chunk into the cache, attend over the whole cache.
-      index = ctx["write_index"]
-      cache_k = jax.lax.dynamic_update_slice(layer["cache_k"], k.astype(layer["cache_k"].dtype), (0, index, 0, 0))
-      cache_v = jax.lax.dynamic_update_slice(layer["cache_v"], v.astype(layer["cache_v"].dtype), (0, index, 0, 0))
-      new_cache = {"cache_k": cache_k, "cache_v": cache_v}
-      k, v = cache_k.astype(cfg.dtype), cache_v.astype(cfg.dtype)
+    if kv is not None:
+      # Decoding: write this chunk into layer `i` of the stacked cache (an in-place update of the scan carry;
+      # only T new slots are written), then attend over this layer's whole cache.
+      i, index = layer["index"], ctx["write_index"]
+      kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype)[None], (i, 0, index, 0, 0)),
+            "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype)[None], (i, 0, index, 0, 0))}
+      k = jax.lax.dynamic_index_in_dim(kv["k"], i, keepdims=False).astype(cfg.dtype)
+      v = jax.lax.dynamic_index_in_dim(kv["v"], i, keepdims=False).astype(cfg.dtype)
     window = jnp.where(layer["is_local"], cfg.sliding_window or 0, 0)
     mask = attention_mask(ctx["q_slot"], ctx["positions"], ctx["k_slot"], ctx["k_pos"], ctx["k_valid"], window)
     out = dot_product_attention(q, k, v, mask, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
     out = Projection((h, hd), (d,), ("heads", "kv"), ("embed",), use_bias=cfg.use_bias, dtype=cfg.dtype,
                      weight_dtype=cfg.weight_dtype, name="o_proj")(out, lora.get("o_proj"))
-    return out, new_cache
+    return out, kv
 
 
 class Mlp(nn.Module):

@@ -63,11 +63,13 @@ class DecoderBlock(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, layer: Mapping[str, Any], ctx: Mapping[str, Array]):
+  def __call__(self, carry, layer: Mapping[str, Any], ctx: Mapping[str, Array]):
+    """carry: (x [B, T, D], kv cache or None); layer: this layer's slice of the stacked per-layer inputs."""
     cfg = self.config
+    x, kv = carry
     lora = layer.get("lora") or {}
     h = layers.make_norm(cfg, "pre_attn_norm")(x)
-    h, new_cache = layers.Attention(cfg, name="attn")(h, ctx, layer, lora.get("attn"))
+    h, kv = layers.Attention(cfg, name="attn")(h, ctx, layer, lora.get("attn"), kv)
     if cfg.sandwich_norm:
       h = layers.make_norm(cfg, "post_attn_norm")(h)
     x = x + h
@@ -76,7 +78,7 @@ class DecoderBlock(nn.Module):
     if cfg.sandwich_norm:
       h = layers.make_norm(cfg, "post_mlp_norm")(h)
     x = layers.constrain(x + h, ("batch", "length", "embed"))
-    return x, new_cache
+    return (x, kv), None
 
 
 class Transformer(nn.Module):
@@ -129,9 +131,10 @@ class Transformer(nn.Module):
                        next_pos=cache["next_pos"] + jnp.sum(mask, axis=1, dtype=jnp.int32))
 
     # ---- The layer stack: one scanned block, per-layer inputs stacked on the leading axis.
-    per_layer = {"is_local": jnp.asarray(cfg.local_layers, jnp.bool_)}
-    if cache is not None:
-      per_layer["cache_k"], per_layer["cache_v"] = cache["k"], cache["v"]
+    # The KV cache is part of the scan carry, so each layer updates T slots of it in place.
+    per_layer = {"is_local": jnp.asarray(cfg.local_layers, jnp.bool_),
+                 "index": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
+    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
     if lora is not None:
       per_layer["lora"] = lora
     block = DecoderBlock
@@ -140,9 +143,9 @@ class Transformer(nn.Module):
     stack = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, layer_caches = stack(cfg, name="layers")(x, per_layer, ctx)
+    (x, kv), _ = stack(cfg, name="layers")((x, kv), per_layer, ctx)
     if cache is not None:
-      new_cache["k"], new_cache["v"] = layer_caches["cache_k"], layer_caches["cache_v"]
+      new_cache["k"], new_cache["v"] = kv["k"], kv["v"]
 
     # ---- Output head.
     hidden = layers.make_norm(cfg, "final_norm")(x)
