@@ -95,12 +95,7 @@ def main(argv) -> None:
   t0 = time.time()
   for start in progress.track(range(0, len(encoded), batch_size), desc="decoding", unit="batch"):
     chunk = encoded[start:start + batch_size]
-    tokens = np.full((batch_size, prompt_len), pad_id, np.int32)
-    mask = np.zeros((batch_size, prompt_len), bool)
-    for i, ids in enumerate(chunk):
-      tokens[i, prompt_len - len(ids):] = ids
-      mask[i, prompt_len - len(ids):] = True
-    mask[len(chunk):, -1] = True  # Filler rows (last batch) decode a pad token; their output is dropped.
+    tokens, mask = decoding.pad_prompts(chunk, batch_size, prompt_len, pad_id)
     cache = models.init_cache(model.config, batch_size, prompt_len + max_new)
     key, sub = jax.random.split(key)
     out, aux = decoding.decode(logits_fn, params, tokens, mask, cache, sub, max_new_tokens=max_new,

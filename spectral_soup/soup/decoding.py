@@ -68,6 +68,25 @@ def sample_tokens(key: Array, logprobs: Array, sampling: SamplingConfig) -> Arra
   return jax.random.categorical(key, filter_logits(logprobs, sampling), axis=-1).astype(jnp.int32)
 
 
+def pad_prompts(encoded, batch_size: int, length: int, pad_id: int = 0):
+  """Token-id lists -> left-padded numpy (tokens int32[batch_size, length], mask bool[batch_size, length]).
+
+  Rows past len(encoded) are fillers holding one pad token (so no row is empty); drop their outputs.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if len(encoded) > batch_size:
+    raise ValueError(f"{len(encoded)} prompts do not fit a batch of {batch_size}.")
+  tokens = np.full((batch_size, length), pad_id, np.int32)
+  mask = np.zeros((batch_size, length), bool)
+  for i, ids in enumerate(encoded):
+    if not 0 < len(ids) <= length:
+      raise ValueError(f"prompt {i} has {len(ids)} tokens: expected 1 to {length}.")
+    tokens[i, length - len(ids):] = ids
+    mask[i, length - len(ids):] = True
+  mask[len(encoded):, -1] = True
+  return tokens, mask
+
+
 def left_pad(tokens: Array, mask: Array, pad_id: int = 0) -> Tuple[Array, Array]:
   """Moves every row's real tokens to the right end. tokens: int[B, T], mask: bool[B, T] (any padding side)."""
   mask = mask.astype(jnp.bool_)

@@ -1,0 +1,222 @@
+"""The embedded preference dataset: real prompts, responses sampled from the embedded LM, attribute-scored pairs.
+
+Prompts are real short questions from the `chitchat-dataset` package. For each prompt, two responses are sampled
+from the model with the batched KV-cache decoder; each response is generated under a randomly drawn style hint
+(a system message such as "Answer in one short sentence." or none), so that the attributes actually vary between
+the two responses. The pair keeps the *plain* prompt: a basis trained on these pairs learns to produce the attribute
+without being told (context distillation). Every response is scored by every attribute reward and the pair gets
+per-attribute Bradley-Terry labels (see `spectral_soup.data.builders.embedded_prefs`).
+
+The output directory holds `pairs.jsonl` and `metadata.json`; it is written atomically (temporary directory, then
+rename) and keyed by a hash of every setting that changes its content, so a second call with the same settings
+returns the cached copy. Deterministic for a seed on a given machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+STYLE_HINTS = (
+    "",
+    "Answer in one short sentence.",
+    "Give a detailed, informative answer.",
+    "Be warm, cheerful and encouraging.",
+    "Be blunt and critical.",
+    "Answer like a university professor, using technical terms.",
+    "Explain it simply, as you would to a young child.",
+    "Use a formal tone.",
+    "Answer casually, like texting a friend.",
+    "Answer with a short bulleted list.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  """Everything that determines the dataset's content."""
+  model: str = "embedded:smollm2"  # Model that writes the responses.
+  num_prompts: int = 128  # Prompts; each gives one pair (two responses).
+  seed: int = 0  # Prompt choice, style hints and sampling.
+  max_new_tokens: int = 40  # Length cap of a response.
+  temperature: float = 0.8  # Sampling temperature.
+  top_p: float = 0.95  # Nucleus sampling.
+  batch_size: int = 64  # Rows (responses) decoded together.
+  attributes: Tuple[str, ...] = ("readability", "verbosity", "sentiment", "relevance", "formality")
+  style_hints: Tuple[str, ...] = STYLE_HINTS  # System messages drawn per response ("" = none).
+
+  def key(self) -> str:
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def chitchat_questions(num: int, seed: int, min_words: int = 4, max_chars: int = 120) -> list:
+  """`num` distinct real questions from chitchat-dataset, chosen by `seed`."""
+  import chitchat_dataset  # pylint: disable=g-import-not-at-top
+
+  questions = set()
+  for convo in chitchat_dataset.Dataset().values():
+    for turn in convo["messages"]:
+      for message in turn:
+        text = " ".join(message["text"].split())
+        if text.endswith("?") and len(text.split()) >= min_words and len(text) <= max_chars:
+          questions.add(text[0].upper() + text[1:])
+  pool = sorted(questions)
+  if num > len(pool):
+    raise ValueError(f"num_prompts={num} exceeds the {len(pool)} usable questions in chitchat-dataset.")
+  order = np.random.default_rng(seed).permutation(len(pool))[:num]
+  return [pool[i] for i in order]
+
+
+def generate(settings: GenerationSettings, cache_root: str, *, force: bool = False) -> str:
+  """Generates (or reuses) the dataset; returns the directory holding pairs.jsonl and metadata.json."""
+  out_dir = os.path.join(cache_root, f"embedded_prefs-{settings.key()}")
+  if not force and os.path.exists(os.path.join(out_dir, "metadata.json")):
+    logging.info("Reusing the embedded preference data in %s", out_dir)
+    return out_dir
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.data import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import progress  # pylint: disable=g-import-not-at-top
+
+  suite = rewards_lib.RewardSuite(list(settings.attributes))  # Fails fast on an unknown attribute.
+  start = time.time()
+  model, params = models.from_pretrained(settings.model)
+  tokenizer = models.tokenizer_from_pretrained(settings.model)
+  prompts = chitchat_questions(settings.num_prompts, settings.seed)
+  rng = np.random.default_rng(settings.seed + 1)
+  # Row 2i and 2i+1 are the two responses to prompt i.
+  rows = [(p, settings.style_hints[rng.integers(len(settings.style_hints))]) for p in prompts for _ in range(2)]
+  encoded = [_encode_chat(tokenizer, prompt, hint) for prompt, hint in rows]
+  prompt_len = max(len(e) for e in encoded)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  sampling = decoding.SamplingConfig(settings.temperature, 0, settings.top_p)
+  logits_fn = decoding.model_logits_fn(model)
+  key = jax.random.key(settings.seed)
+  responses, ended = [], []
+  batch = settings.batch_size
+  for lo in progress.track(range(0, len(rows), batch), desc="sampling responses", unit="batch",
+                           total=-(-len(rows) // batch)):
+    chunk = encoded[lo:lo + batch]
+    tokens, mask = decoding.pad_prompts(chunk, batch, prompt_len, pad_id)
+    key, sub = jax.random.split(key)
+    out, aux = decoding.decode(logits_fn, params, tokens, mask,
+                               models.init_cache(model.config, batch, prompt_len + settings.max_new_tokens), sub,
+                               max_new_tokens=settings.max_new_tokens, sampling=sampling,
+                               eos_id=tokenizer.eos_token_id, pad_id=pad_id)
+    out, lengths = np.asarray(out), np.asarray(aux["lengths"])
+    for i in range(len(chunk)):
+      ids = out[i, :lengths[i]].tolist()
+      responses.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+      ended.append(bool(ids) and ids[-1] == tokenizer.eos_token_id)
+  sample_s = time.time() - start
+
+  plain = [p for p, _ in rows]
+  scores = suite(plain, responses)  # [2N, A], raw scale.
+  tmp = tempfile.mkdtemp(prefix=".embedded_prefs-", dir=_ensure_dir(cache_root))
+  with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
+    for i, prompt in enumerate(prompts):
+      a, b = 2 * i, 2 * i + 1
+      f.write(json.dumps({
+          "prompt": prompt, "response_a": responses[a], "response_b": responses[b],
+          "scores_a": [float(x) for x in scores[a]], "scores_b": [float(x) for x in scores[b]],
+          "attributes": list(settings.attributes), "hint_a": rows[a][1], "hint_b": rows[b][1],
+          "ended_a": ended[a], "ended_b": ended[b]}) + "\n")
+  metadata = dict(dataclasses.asdict(settings), attributes=list(settings.attributes),
+                  style_hints=list(settings.style_hints), num_pairs=len(prompts), sampling_seconds=sample_s,
+                  ended_fraction=float(np.mean(ended)), score_mean=scores.mean(0).tolist(), score_std=scores.std(0).tolist())
+  with open(os.path.join(tmp, "metadata.json"), "w") as f:
+    json.dump(metadata, f, indent=2)
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.replace(tmp, out_dir)
+  logging.info("Wrote %d pairs to %s in %.1f s", len(prompts), out_dir, time.time() - start)
+  return out_dir
+
+
+def _encode_chat(tokenizer, prompt: str, hint: str) -> list:
+  messages = ([{"role": "system", "content": hint}] if hint else []) + [{"role": "user", "content": prompt}]
+  text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _ensure_dir(path: str) -> str:
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def load_pairs(directory: str) -> Tuple[list, dict]:
+  """Reads pairs.jsonl and metadata.json back (plain Python; the TFDS builder is the indexed path)."""
+  with open(os.path.join(directory, "metadata.json")) as f:
+    metadata = json.load(f)
+  with open(os.path.join(directory, "pairs.jsonl")) as f:
+    pairs = [json.loads(line) for line in f if line.strip()]
+  return pairs, metadata
+
+
+def default_cache_root() -> str:
+  return os.environ.get("SPECTRAL_SOUP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "spectral_soup"))
+
+
+def summarize(pairs: Sequence[dict], attributes: Sequence[str]) -> dict:
+  """Per attribute: fraction of pairs where the two responses differ by more than a tie margin."""
+  a = np.asarray([p["scores_a"] for p in pairs], np.float32)
+  b = np.asarray([p["scores_b"] for p in pairs], np.float32)
+  std = np.concatenate([a, b]).std(0) + 1e-8
+  decisive = np.mean(np.abs(a - b) / std > 0.1, axis=0)
+  return {name: float(x) for name, x in zip(attributes, decisive)}
+
+
+def split_of(prompt: str, eval_fraction: float, salt: str = "embedded") -> str:
+  """'train' or 'eval', from a hash of the prompt (so one prompt's pairs never straddle splits)."""
+  h = int(hashlib.sha256((salt + prompt).encode()).hexdigest()[:8], 16) / 16 ** 8
+  return "eval" if h < eval_fraction else "train"
+
+
+def pair_labels(scores_a: np.ndarray, scores_b: np.ndarray, tie_margin: float) -> np.ndarray:
+  """int8[N, A]: 1 if a beats b under attribute k by more than tie_margin standard deviations, 0 if b beats a,
+  -1 (tie, masked in the loss) otherwise. Standard deviations are over all responses of the given pairs."""
+  std = np.concatenate([scores_a, scores_b]).std(0) + 1e-8
+  diff = (scores_a - scores_b) / std
+  return np.where(diff > tie_margin, 1, np.where(diff < -tie_margin, 0, -1)).astype(np.int8)
+
+
+def tokenize_pairs(pairs: Sequence[dict], tokenizer, *, prompt_len: int, response_len: int,
+                   tie_margin: float = 0.1) -> Dict[str, np.ndarray]:
+  """Pair arrays in the `spectral_soup.offline.input_pipeline` format.
+
+  The prompt is the chat-formatted plain question (left-padded, truncated from the left); each response is its
+  tokens followed by the end-of-turn token when the sampled response ended (right-padded, truncated).
+  """
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  n = len(pairs)
+  out = {name: np.full((n, length), pad, np.int32) for name, length in
+         (("prompt", prompt_len), ("response_a", response_len), ("response_b", response_len))}
+  for name in list(out):
+    out[f"{name}_mask"] = np.zeros_like(out[name], bool)
+  for i, pair in enumerate(pairs):
+    ids = _encode_chat(tokenizer, pair["prompt"], "")[-prompt_len:]
+    out["prompt"][i, prompt_len - len(ids):] = ids
+    out["prompt_mask"][i, prompt_len - len(ids):] = True
+    for side in ("a", "b"):
+      ids = tokenizer(pair[f"response_{side}"], add_special_tokens=False)["input_ids"]
+      if pair.get(f"ended_{side}", False):
+        ids = ids + [tokenizer.eos_token_id]
+      ids = ids[:response_len]
+      out[f"response_{side}"][i, :len(ids)] = ids
+      out[f"response_{side}_mask"][i, :len(ids)] = True
+  scores_a = np.asarray([p["scores_a"] for p in pairs], np.float32)
+  scores_b = np.asarray([p["scores_b"] for p in pairs], np.float32)
+  out["labels"] = pair_labels(scores_a, scores_b, tie_margin)
+  out["scores_a"], out["scores_b"] = scores_a, scores_b
+  return out
