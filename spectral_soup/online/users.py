@@ -1,0 +1,251 @@
+"""Simulated users for online evaluation (METHOD.md section 6).
+
+A user scores a response by a true reward of its A attribute scores s in R^A (standardized: zero mean, unit
+variance per attribute over a reference pool, see `standardize_scores`), and chooses between two responses by
+Bradley-Terry with a temperature:
+
+  P(a > b) = sigmoid((r(s_a) - r(s_b)) / temperature).
+
+Kinds of users (`USER_KINDS`):
+  * "dirichlet": r = w . s with w ~ Dirichlet(concentration * 1) (non-negative, sums to 1): in the span of the
+    attribute rewards.
+  * "signed": r = w . s with w = (Dirichlet draw) * (random signs): in the span, but needs negative weights (which
+    the theory penalizes, METHOD.md section 2).
+  * "threshold": r = 1[s_j > t] for one attribute j and a threshold t ~ U(-1, 1): outside the span (a step
+    function), e.g. "any answer that is helpful enough".
+  * "product": r = s_i * s_j for two distinct attributes: outside the span (an interaction).
+For the out-of-span kinds, `weights` holds the one-hot (threshold) or half-half (product) attribute weights, only
+as a label of which attributes matter; `true_reward` does not use them.
+
+Training and held-out evaluation users come from separate random streams: `make_users(..., seed, split)` seeds
+numpy with the entropy (seed, split id, kind id), so the train and eval users of any seeds never coincide.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ArrayLike = Union[jax.Array, np.ndarray, float, Sequence[float]]
+
+USER_KINDS = ("dirichlet", "signed", "threshold", "product")
+SPLITS = ("train", "eval")
+_SPLIT_IDS = {"train": 0, "eval": 1}
+_KIND_IDS = {kind: i for i, kind in enumerate(USER_KINDS)}
+
+
+@struct.dataclass
+class SimulatedUsers:
+  """U simulated users over A attributes (a pytree; `kind` is static).
+
+  Attributes:
+    weights: `[U, A]` linear weights ("dirichlet", "signed"); attribute labels for the other kinds.
+    temperature: `[U]` Bradley-Terry temperatures (> 0; 0 = deterministic choice, ties -> 0.5).
+    attributes: `[U, 2]` int32 attribute indices (threshold: [j, j]; product: [i, j]; linear kinds: [0, 0]).
+    threshold: `[U]` thresholds of "threshold" users (0 otherwise).
+    kind: one of USER_KINDS.
+  """
+  weights: Array
+  temperature: Array
+  attributes: Array
+  threshold: Array
+  kind: str = struct.field(pytree_node=False, default="dirichlet")
+
+  @property
+  def num_users(self) -> int:
+    return self.weights.shape[0]
+
+  @property
+  def num_attributes(self) -> int:
+    return self.weights.shape[1]
+
+
+def _rng(seed: int, split: str, kind: str) -> np.random.Generator:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+  return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_IDS[split], _KIND_IDS[kind]]))
+
+
+def make_users(kind: str,
+               num_users: int,
+               seed: int,
+               *,
+               split: str = "train",
+               num_attributes: int = 4,
+               temperature: float = 1.0,
+               concentration: float = 1.0) -> SimulatedUsers:
+  """Draws U users of one kind.
+
+  Args:
+    kind: one of USER_KINDS.
+    num_users: U.
+    seed: non-negative int.
+    split: "train" or "eval": folded into the seed, so the two splits' users differ for every pair of seeds.
+    num_attributes: A (>= 2 for "product").
+    temperature: Bradley-Terry temperature (>= 0) shared by all users.
+    concentration: Dirichlet concentration of the weights (small: near one-hot users; large: near uniform).
+
+  Returns:
+    SimulatedUsers.
+  """
+  if kind not in USER_KINDS:
+    raise ValueError(f"kind must be one of {USER_KINDS}, got {kind!r}.")
+  if num_users < 1 or num_attributes < 1:
+    raise ValueError(f"need num_users >= 1 and num_attributes >= 1, got {num_users}, {num_attributes}.")
+  if kind == "product" and num_attributes < 2:
+    raise ValueError("'product' users need num_attributes >= 2.")
+  if temperature < 0 or concentration <= 0:
+    raise ValueError(f"need temperature >= 0 and concentration > 0, got {temperature}, {concentration}.")
+  rng = _rng(seed, split, kind)
+  weights = rng.dirichlet(np.full(num_attributes, concentration), size=num_users)
+  attributes = np.zeros((num_users, 2), np.int32)
+  threshold = np.zeros((num_users,))
+  if kind == "signed":
+    weights = weights * rng.choice([-1.0, 1.0], size=weights.shape)
+  elif kind == "threshold":
+    attributes[:] = rng.integers(0, num_attributes, size=(num_users, 1))
+    threshold = rng.uniform(-1.0, 1.0, size=num_users)
+    weights = np.eye(num_attributes)[attributes[:, 0]]
+  elif kind == "product":
+    for u in range(num_users):
+      attributes[u] = rng.choice(num_attributes, size=2, replace=False)
+    weights = 0.5 * (np.eye(num_attributes)[attributes[:, 0]] + np.eye(num_attributes)[attributes[:, 1]])
+  return SimulatedUsers(
+      weights=jnp.asarray(weights, jnp.float32),
+      temperature=jnp.full((num_users,), temperature, jnp.float32),
+      attributes=jnp.asarray(attributes),
+      threshold=jnp.asarray(threshold, jnp.float32),
+      kind=kind,
+  )
+
+
+def linear_users(weights: ArrayLike, temperature: ArrayLike = 1.0) -> SimulatedUsers:
+  """Users with given linear weights `[U, A]` (kind "signed" if any weight is negative, else "dirichlet")."""
+  weights = np.asarray(weights, np.float32)
+  if weights.ndim != 2:
+    raise ValueError(f"weights must have shape [U, A], got {weights.shape}.")
+  num_users = weights.shape[0]
+  kind = "signed" if np.any(weights < 0) else "dirichlet"
+  temperature = np.broadcast_to(np.asarray(temperature, np.float32), (num_users,))
+  return SimulatedUsers(weights=jnp.asarray(weights), temperature=jnp.asarray(temperature),
+                        attributes=jnp.zeros((num_users, 2), jnp.int32), threshold=jnp.zeros((num_users,)), kind=kind)
+
+
+def standardize_scores(scores: ArrayLike,
+                       mean: Optional[ArrayLike] = None,
+                       std: Optional[ArrayLike] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Z-scores attribute scores per attribute (host-side numpy).
+
+  Args:
+    scores: `[..., N, A]` raw attribute scores.
+    mean: `[A]` (None: the mean over all leading axes of `scores`).
+    std: `[A]` (None: the standard deviation over the same axes; zero-variance attributes get std 1).
+
+  Returns:
+    (standardized `[..., N, A]`, mean `[A]`, std `[A]`) float32: reuse mean / std to standardize held-out scores
+    alike.
+  """
+  scores = np.asarray(scores, np.float64)
+  flat = scores.reshape(-1, scores.shape[-1])
+  mean = flat.mean(axis=0) if mean is None else np.asarray(mean, np.float64)
+  if std is None:
+    std = flat.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+  std = np.asarray(std, np.float64)
+  return ((scores - mean) / std).astype(np.float32), mean.astype(np.float32), std.astype(np.float32)
+
+
+def _check_scores(users: SimulatedUsers, scores: ArrayLike, name: str) -> None:
+  shape = np.shape(scores)
+  ok = (len(shape) == 2 or (len(shape) == 3 and shape[0] == users.num_users)) and shape[-1] == users.num_attributes
+  if not ok:
+    raise ValueError(f"{name} must have shape [N, A] or [U, N, A] with U={users.num_users}, "
+                     f"A={users.num_attributes}, got {tuple(shape)}.")
+
+
+def _reward(users: SimulatedUsers, scores: Array) -> Array:
+  scores = jnp.asarray(scores, jnp.float32)
+  if scores.ndim == 2:
+    scores = jnp.broadcast_to(scores[None], (users.num_users,) + scores.shape)
+  first = jnp.take_along_axis(scores, users.attributes[:, None, :1], axis=-1)[..., 0]  # [U, N]
+  second = jnp.take_along_axis(scores, users.attributes[:, None, 1:], axis=-1)[..., 0]
+  if users.kind in ("dirichlet", "signed"):
+    return jnp.einsum("una,ua->un", scores, users.weights)
+  if users.kind == "threshold":
+    return (first > users.threshold[:, None]).astype(jnp.float32)
+  if users.kind == "product":
+    return first * second
+  raise ValueError(f"unknown user kind {users.kind!r}.")
+
+
+def _prob(users: SimulatedUsers, scores_a: Array, scores_b: Array) -> Array:
+  margin = _reward(users, scores_a) - _reward(users, scores_b)
+  temp = users.temperature[:, None]
+  soft = jax.nn.sigmoid(margin / jnp.where(temp > 0, temp, 1.0))
+  hard = 0.5 * (1.0 + jnp.sign(margin))
+  return jnp.where(temp > 0, soft, hard)
+
+
+_reward_jit = jax.jit(_reward)
+_prob_jit = jax.jit(_prob)
+
+
+@jax.jit
+def _choice_jit(key: Array, users: SimulatedUsers, scores_a: Array, scores_b: Array) -> Array:
+  return jax.random.bernoulli(key, _prob(users, scores_a, scores_b)).astype(jnp.float32)
+
+
+def true_reward(users: SimulatedUsers, scores: ArrayLike) -> Array:
+  """Each user's true reward of N responses.
+
+  Args:
+    users: U users over A attributes.
+    scores: `[N, A]` (the same N responses for every user) or `[U, N, A]` (per-user responses) standardized
+      attribute scores.
+
+  Returns:
+    `[U, N]` float32.
+  """
+  _check_scores(users, scores, "scores")
+  return _reward_jit(users, jnp.asarray(scores, jnp.float32))
+
+
+def choice_prob(users: SimulatedUsers, scores_a: ArrayLike, scores_b: ArrayLike) -> Array:
+  """P(a > b) = sigmoid((r(s_a) - r(s_b)) / temperature): `[U, N]` (temperature 0: 1, 0, or 0.5 for ties).
+
+  Args:
+    users: U users.
+    scores_a: `[N, A]` or `[U, N, A]` standardized scores of the first responses.
+    scores_b: the same for the second responses.
+
+  Returns:
+    `[U, N]` float32 probabilities that each user prefers a.
+  """
+  _check_scores(users, scores_a, "scores_a")
+  _check_scores(users, scores_b, "scores_b")
+  return _prob_jit(users, jnp.asarray(scores_a, jnp.float32), jnp.asarray(scores_b, jnp.float32))
+
+
+def simulate_choice(key: Array, users: SimulatedUsers, scores_a: ArrayLike, scores_b: ArrayLike) -> Array:
+  """Samples Bradley-Terry choices (one compiled call).
+
+  Args:
+    key: PRNG key.
+    users: U users.
+    scores_a: `[N, A]` or `[U, N, A]`.
+    scores_b: `[N, A]` or `[U, N, A]`.
+
+  Returns:
+    `[U, N]` float32 labels, 1 where the user prefers a, else 0 (exact ties at temperature 0 are decided by a
+    fair coin), usable as `fit_lambda` prefs.
+  """
+  _check_scores(users, scores_a, "scores_a")
+  _check_scores(users, scores_b, "scores_b")
+  return _choice_jit(key, users, jnp.asarray(scores_a, jnp.float32), jnp.asarray(scores_b, jnp.float32))

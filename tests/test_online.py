@@ -1,0 +1,465 @@
+"""Online phase (spectral_soup.online): lambda fits vs independent solvers, robustness, posterior and pair choice,
+simulated users, and the exact-MDP checks of METHOD.md section 4 (a), (b) and the online loop (c).
+
+Kept cheap for 2 CPU cores: most fits share one compiled shape (_U, _N, _K) and the MDP runs in float64 numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from scipy import optimize
+
+from spectral_soup import online
+from spectral_soup import soup
+from spectral_soup.online import exact_mdp as em
+
+_U, _N, _K = 16, 24, 6  # The shared batch shape of the robustness tests (one compilation).
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Independent references (float64).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _objective64(x, p, l2, mu=None):
+  x = np.asarray(x, np.float64)
+  p = np.asarray(p, np.float64)
+  mu = np.zeros(x.shape[1]) if mu is None else np.asarray(mu, np.float64)
+
+  def f(w):
+    z = x @ w
+    value = np.sum(np.logaddexp(0.0, z) - p * z) + 0.5 * l2 * np.sum((w - mu)**2)
+    grad = x.T @ (0.5 * (1.0 + np.tanh(0.5 * z)) - p) + l2 * (w - mu)
+    return value, grad
+
+  return f
+
+
+def _scipy_fit(x, p, l2, mu=None, *, constraint=None, box=None):
+  f = _objective64(x, p, l2, mu)
+  num = np.shape(x)[1]
+  if constraint == "simplex":
+    res = optimize.minimize(f, np.full(num, 1.0 / num), jac=True, method="SLSQP", bounds=[(0.0, None)] * num,
+                            constraints=[dict(type="eq", fun=lambda w: w.sum() - 1.0, jac=lambda w: np.ones(num))],
+                            options=dict(ftol=1e-14, maxiter=1000))
+  else:
+    res = optimize.minimize(f, np.zeros(num), jac=True, method="L-BFGS-B", bounds=None if box is None else [box] * num,
+                            options=dict(ftol=1e-15, gtol=1e-10, maxiter=10000, maxfun=100000))
+  return res.x
+
+
+def _grad64(x, p, l2, w, mask=None):
+  x = np.asarray(x, np.float64)
+  m = np.ones(x.shape[-2]) if mask is None else np.asarray(mask, np.float64)
+  x = np.where(m[..., None] > 0, x, 0.0)
+  z = np.einsum("...nk,...k->...n", x, w)
+  return np.einsum("...nk,...n->...k", x, m * (1 / (1 + np.exp(-z)) - p)) + np.asarray(l2)[..., None] * w
+
+
+def _problem(seed, num_users=_U, num_rows=_N, num=_K, *, soft=False):
+  """Random pairwise data with per-user feature scales: (x [U, N, K] f32, p [U, N] f32, true w)."""
+  rng = np.random.default_rng(seed)
+  scale = np.exp(rng.uniform(np.log(0.1), np.log(10.0), size=(num_users, 1, 1)))
+  x = (rng.standard_normal((num_users, num_rows, num)) * scale).astype(np.float32)
+  w = rng.standard_normal((num_users, num)) / scale[:, 0]
+  prob = 1.0 / (1.0 + np.exp(-np.einsum("unk,uk->un", x, w)))
+  p = prob if soft else (rng.uniform(size=prob.shape) < prob)
+  return x, p.astype(np.float32), w
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fit_lambda accuracy.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_fit_lambda_1000_users_one_vmapped_call_matches_scipy_and_sklearn():
+  num_users = 1000
+  x, p_hard, _ = _problem(0, num_users)
+  _, p_soft, _ = _problem(0, num_users, soft=True)
+  p = np.where(np.arange(num_users)[:, None] < num_users // 2, p_hard, p_soft)  # Half soft labels (ties etc.).
+  l2 = np.exp(np.random.default_rng(1).uniform(np.log(1e-2), np.log(10.0), size=num_users)).astype(np.float32)
+  # The API contract: jax.vmap(fit_lambda) over users (keyword l2 is mapped by vmap: one l2 per user).
+  lam = np.asarray(jax.jit(jax.vmap(online.fit_lambda))(x, p, l2=l2))
+  assert lam.shape == (num_users, _K) and lam.dtype == np.float32
+  # Every user: the float64 gradient of the objective vanishes (relative to the gradient at 0).
+  grad = _grad64(x, p, l2, lam.astype(np.float64))
+  grad0 = _grad64(x, p, l2, np.zeros_like(lam, np.float64))
+  assert np.max(np.linalg.norm(grad, axis=1) / np.linalg.norm(grad0, axis=1)) < 1e-4
+  # scipy L-BFGS in float64 on a spread of users (hard and soft labels).
+  for u in range(0, num_users, 32):
+    np.testing.assert_allclose(lam[u], _scipy_fit(x[u], p[u], l2[u]), rtol=1e-3, atol=1e-3, err_msg=f"user {u}")
+  # scikit-learn: C * sum log-loss + 1/2 |w|^2 with C = 1 / l2 has the same optimum (hard labels only).
+  linear_model = pytest.importorskip("sklearn.linear_model")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for u in range(1, num_users // 2, 24):
+      if p[u].min() == p[u].max():
+        continue  # sklearn needs both classes.
+      clf = linear_model.LogisticRegression(C=1.0 / float(l2[u]), fit_intercept=False, tol=1e-10, max_iter=10000)
+      clf.fit(x[u].astype(np.float64), p[u].astype(int))
+      np.testing.assert_allclose(lam[u], clf.coef_[0], rtol=1e-3, atol=1e-3, err_msg=f"user {u}")
+
+
+def test_masks_warm_start_prior_and_single_user_form():
+  x, p, _ = _problem(1)
+  rng = np.random.default_rng(2)
+  num_real = rng.integers(3, _N, size=_U)
+  mask = np.arange(_N)[None, :] < num_real[:, None]
+  x_pad = np.where(mask[..., None], x, np.nan).astype(np.float32)  # NaN padding must not leak.
+  p_pad = np.where(mask, p, 7.0).astype(np.float32)
+  fit = functools.partial(online.fit_lambda_batched, l2=0.5)
+  lam = np.asarray(fit(x_pad, p_pad, mask=mask))
+  assert np.all(np.isfinite(lam))
+  for u in range(0, _U, 3):
+    n = num_real[u]
+    np.testing.assert_allclose(lam[u], _scipy_fit(x[u, :n], p[u, :n], 0.5), rtol=1e-3, atol=1e-3)
+  # The one-user form gives the same answer.
+  np.testing.assert_allclose(online.fit_lambda(x_pad[0], p_pad[0], l2=0.5, mask=mask[0]), lam[0], atol=1e-5)
+  # Warm starts (anywhere, even far away) reach the same optimum.
+  for init in (lam + 0.3 * rng.standard_normal(lam.shape), 20.0 * rng.standard_normal(lam.shape)):
+    np.testing.assert_allclose(fit(x_pad, p_pad, mask=mask, init=init.astype(np.float32)), lam, atol=2e-5)
+  # A prior mean: the l2 penalty is centered there.
+  mu = np.full(_K, 1.0 / _K, np.float32)
+  lam_mu = np.asarray(fit(x_pad, p_pad, mask=mask, prior_mean=mu))
+  np.testing.assert_allclose(lam_mu[2], _scipy_fit(x[2, :num_real[2]], p[2, :num_real[2]], 0.5, mu),
+                             rtol=1e-3, atol=1e-3)
+
+
+def test_degenerate_feedback_is_finite_and_posterior_positive_definite():
+  x, p, _ = _problem(3)
+  mask = np.ones((_U, _N), bool)
+  mask[0] = False  # No comparisons at all.
+  p[1] = 0.5  # All ties.
+  p[2] = 1.0  # All one side.
+  p[3] = (x[3] @ np.arange(1, _K + 1) > 0).astype(np.float32)  # Perfectly separable.
+  x[4] *= 1e6  # Huge feature scale.
+  x[5] *= 1e-6  # Tiny feature scale.
+  x[6, :, 0] = 0.0  # A feature that never varies.
+  mu = np.zeros((_U, _K), np.float32)
+  mu[0] = 0.25
+  lam = np.asarray(online.fit_lambda_batched(x, p, l2=1.0, mask=mask, prior_mean=mu))
+  assert np.all(np.isfinite(lam))
+  np.testing.assert_allclose(lam[0], mu[0], atol=1e-7)  # No data: the prior.
+  np.testing.assert_allclose(lam[1], 0.0, atol=1e-6)  # Ties: the symmetric optimum 0.
+  assert lam[6, 0] == 0.0  # Unidentified direction: stays at the prior.
+  for u in (1, 2, 3, 5):
+    np.testing.assert_allclose(lam[u], _scipy_fit(x[u], p[u], 1.0), rtol=1e-3, atol=1e-3, err_msg=f"user {u}")
+  # Extreme scale: the predicted margins stay moderate (the optimum balances the data, lam ~ 1e-6).
+  assert np.max(np.abs(x[4] @ lam[4])) < 1e3
+  mean, cov = online.posterior_batched(lam, x, mask, l2=1.0)
+  cov = np.asarray(cov)
+  assert np.all(np.isfinite(cov)) and np.allclose(cov, np.swapaxes(cov, 1, 2))
+  assert np.min(np.linalg.eigvalsh(cov.astype(np.float64))) > 0
+  assert not np.any(np.isnan(np.linalg.cholesky(cov)))  # float32 Cholesky succeeds.
+  np.testing.assert_allclose(cov[0], np.eye(_K), rtol=1e-4)  # No data: the prior covariance I / l2.
+  np.testing.assert_array_equal(mean, lam)
+
+
+def test_one_nan_user_does_not_change_the_others():
+  x, p, _ = _problem(4)
+  fit = functools.partial(online.fit_lambda_batched, l2=1.0)
+  clean = np.asarray(fit(x, p))
+  x_bad = x.copy()
+  x_bad[7, 3, 2] = np.nan
+  p_bad = p.copy()
+  p_bad[9, 0] = np.nan
+  dirty = np.asarray(fit(x_bad, p_bad))
+  others = np.setdiff1d(np.arange(_U), [7, 9])
+  np.testing.assert_array_equal(dirty[others], clean[others])
+  assert np.all(np.isnan(dirty[[7, 9]]))  # The bad users are flagged by NaN, not silently fitted.
+
+
+def test_constrained_fits_match_scipy():
+  x, p, _ = _problem(5)
+  simplex = np.asarray(online.fit_lambda_batched(x, p, l2=1.0, constraint="simplex"))
+  box = np.asarray(online.fit_lambda_batched(x, p, l2=1.0, constraint="box", box=(-0.1, 0.3)))
+  np.testing.assert_allclose(simplex.sum(1), 1.0, atol=1e-5)
+  assert simplex.min() >= 0.0 and box.min() >= -0.1 and box.max() <= 0.3
+  assert np.mean(box == 0.3) > 0.05 and np.mean(simplex == 0.0) > 0.05  # Constraints are active.
+  for u in range(0, _U, 2):
+    np.testing.assert_allclose(simplex[u], _scipy_fit(x[u], p[u], 1.0, constraint="simplex"), atol=1e-3)
+    np.testing.assert_allclose(box[u], _scipy_fit(x[u], p[u], 1.0, box=(-0.1, 0.3)), atol=1e-3)
+
+
+def test_argument_validation():
+  x, p, _ = _problem(6, 1)
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="l2"):
+      online.fit_lambda(x[0], p[0], l2=bad)
+  with pytest.raises(ValueError, match="constraint"):
+    online.fit_lambda(x[0], p[0], l2=1.0, constraint="ball")
+  with pytest.raises(ValueError, match="box"):
+    online.fit_lambda(x[0], p[0], l2=1.0, constraint="box")
+  with pytest.raises(ValueError, match="prefs"):
+    online.fit_lambda(x[0], p[0, :-1], l2=1.0)
+  with pytest.raises(ValueError, match="l2"):
+    online.fit_lambda_ratings(x[0], p[0], l2=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ratings, SGD, projections.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_ratings_fit_matches_lstsq():
+  rng = np.random.default_rng(7)
+  feats = rng.standard_normal((40, _K)).astype(np.float32)
+  ratings = (feats @ rng.standard_normal(_K) + 0.3 * rng.standard_normal(40)).astype(np.float32)
+  mask = rng.uniform(size=40) < 0.7
+  l2, mu = 2.0, np.full(_K, 0.2)
+  lam = online.fit_lambda_ratings(feats, ratings, l2=l2, mask=mask, prior_mean=mu)
+  a = np.concatenate([feats[mask], np.sqrt(l2) * np.eye(_K)]).astype(np.float64)
+  b = np.concatenate([ratings[mask], np.sqrt(l2) * mu])
+  np.testing.assert_allclose(lam, np.linalg.lstsq(a, b, rcond=None)[0], atol=1e-4)
+  # An unpenalized intercept: the same as centering, and invariant to an offset of the ratings.
+  lam_c = online.fit_lambda_ratings(feats, ratings + 5.0, l2=l2, fit_intercept=True)
+  fc, rc = feats - feats.mean(0), ratings - ratings.mean()
+  ref = np.linalg.lstsq(np.concatenate([fc, np.sqrt(l2) * np.eye(_K)]), np.concatenate([rc, np.zeros(_K)]),
+                        rcond=None)[0]
+  np.testing.assert_allclose(lam_c, ref, atol=1e-4)
+
+
+def test_sgd_update_is_a_gradient_step():
+  lam, d = np.array([0.2, -0.1, 0.4]), np.array([1.0, 2.0, -1.0])
+  new = online.sgd_update(lam, d, 1.0, 0.1, 0.5)
+  grad = (1 / (1 + np.exp(-lam @ d)) - 1.0) * d + 0.5 * lam
+  np.testing.assert_allclose(new, lam - 0.1 * grad, atol=1e-6)
+  assert new @ d > lam @ d  # Moves toward preferring y_a.
+
+
+def test_simplex_and_box_projections():
+  rng = np.random.default_rng(8)
+  y = (3.0 * rng.standard_normal((200, 7))).astype(np.float32)
+  y[0] = 0.0
+  y[1] = [5.0, 5.0, 5.0, -1.0, 0.0, 0.0, 0.0]
+  x = np.asarray(online.project_simplex(y))
+  assert x.min() >= 0.0
+  np.testing.assert_allclose(x.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(x[0], 1.0 / 7, atol=1e-7)
+  np.testing.assert_allclose(x[1], [1 / 3, 1 / 3, 1 / 3, 0, 0, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(online.project_simplex(x), x, atol=1e-6)  # Idempotent.
+  # Optimality: (y - x) . (z - x) <= 0 for every z in the simplex (checked at the vertices).
+  assert np.max((y - x) @ np.eye(7) - np.sum((y - x) * x, -1, keepdims=True)) < 1e-4
+  # Matches a brute-force projection (scipy) on a few points.
+  for u in range(2, 6):
+    row = y[u].astype(np.float64)
+    res = optimize.minimize(lambda v, r=row: (np.sum((v - r)**2), 2 * (v - r)), np.full(7, 1 / 7), jac=True,
+                            method="SLSQP", bounds=[(0, None)] * 7,
+                            constraints=[dict(type="eq", fun=lambda v: v.sum() - 1)], options=dict(ftol=1e-14))
+    np.testing.assert_allclose(x[u], res.x, atol=1e-5)
+  np.testing.assert_allclose(online.project_box(y[:3], -1.0, 2.0), np.clip(y[:3], -1.0, 2.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Posterior, sampling, pair selection, batched state.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_posterior_is_inverse_hessian_and_thompson_samples_match_it():
+  x, p, _ = _problem(9, 1)
+  lam = online.fit_lambda(x[0], p[0], l2=1.0)
+  mean, cov = online.posterior(lam, x[0], l2=1.0)
+  s = 1 / (1 + np.exp(-x[0].astype(np.float64) @ np.asarray(lam, np.float64)))
+  hess = (x[0] * (s * (1 - s))[:, None]).T @ x[0] + np.eye(_K)
+  np.testing.assert_allclose(np.asarray(cov) @ hess, np.eye(_K), atol=2e-3)
+  samples = np.asarray(online.thompson_sample(jax.random.PRNGKey(0), mean, cov, num_samples=4000))
+  np.testing.assert_allclose(samples.mean(0), mean, atol=0.1 * np.sqrt(np.diag(cov)).max())
+  np.testing.assert_allclose(np.cov(samples.T), cov, atol=0.15 * np.abs(cov).max())
+
+
+def test_choose_pair_max_variance_hand_made():
+  feats = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.5, 0.5]], np.float32)
+  cov = np.diag([1.0, 0.01]).astype(np.float32)
+  # Pair variances d^T cov d: (0,1) 1, (0,2) .09, (0,3) .2525, (1,2) 1.09, (1,3) .2525, (2,3) .3125.
+  i, j = online.choose_pair(feats, np.zeros(2), cov, rule="max_variance")
+  assert (int(i), int(j)) == (1, 2)
+  # Masking candidate 2 out leaves (0, 1).
+  i, j = online.choose_pair(feats, np.zeros(2), cov, candidate_mask=np.array([1, 1, 0, 1], bool))
+  assert (int(i), int(j)) == (0, 1)
+  # max_info discounts predictable pairs: with a mean that ranks 1 far above 2, (0, 1) wins over (1, 2).
+  i, j = online.choose_pair(feats, np.array([0.0, -3.0]), cov, rule="max_info")
+  assert (int(i), int(j)) == (0, 1)
+  for seed in range(5):
+    i, j = online.choose_pair(feats, np.zeros(2), cov, rule="thompson", key=jax.random.PRNGKey(seed))
+    assert int(i) != int(j) and 0 <= int(i) < 4 and 0 <= int(j) < 4
+
+
+def test_update_users_ring_buffer_refits_in_one_call():
+  num_users, buffer_size, num, rounds = 6, 24, 3, 27  # The shape of the MDP test's state (one compilation).
+  state = online.init_user_state(num_users, num, buffer_size, l2=1.0)
+  rng = np.random.default_rng(10)
+  deltas = rng.standard_normal((rounds, num_users, num)).astype(np.float32)
+  prefs = (rng.uniform(size=(rounds, num_users)) < 0.5).astype(np.float32)
+  give = rng.uniform(size=(rounds, num_users)) < 0.9
+  give[:, 0] = True  # User 0 answers every round (its buffer wraps), user 1 never does.
+  give[:, 1] = False
+  deltas[5, 2, 0] = np.nan  # Invalid comparisons are rejected.
+  prefs[7, 3] = 1.5
+  give[[5, 7], [2, 3]] = True
+  for t in range(rounds):
+    state = online.update_users(state, deltas[t], prefs[t], give[t])
+  mean, cov = online.state_posterior(state)
+  state = jax.tree.map(np.asarray, state)
+  valid = give & np.all(np.isfinite(deltas), -1) & (prefs <= 1)
+  np.testing.assert_array_equal(state.count, valid.sum(0))
+  np.testing.assert_array_equal(state.num_invalid, [0, 0, 1, 1, 0, 0])
+  np.testing.assert_array_equal(state.lam[1], np.zeros(num))
+  for u in range(num_users):
+    rows = np.flatnonzero(valid[:, u])[-buffer_size:]  # The last N valid comparisons, in ring order.
+    slots = np.arange(valid[:, u].sum())[-buffer_size:] % buffer_size
+    np.testing.assert_array_equal(state.features[u][slots], deltas[rows, u])
+    np.testing.assert_array_equal(state.mask[u], np.isin(np.arange(buffer_size), slots))
+    if rows.size:
+      np.testing.assert_allclose(state.lam[u], _scipy_fit(deltas[rows, u], prefs[rows, u], 1.0), atol=1e-4)
+  assert mean.shape == (num_users, num) and cov.shape == (num_users, num, num)
+  np.testing.assert_allclose(cov[1], np.eye(num), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Simulated users.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_users_train_and_eval_splits_never_coincide():
+  for kind in online.USER_KINDS:
+    train = [np.asarray(online.make_users(kind, 5, s, split="train").weights) for s in range(4)]
+    evals = [np.asarray(online.make_users(kind, 5, s, split="eval").weights) for s in range(4)]
+    if kind in ("dirichlet", "signed"):
+      for a in train:
+        for b in evals:
+          assert not np.allclose(a, b)
+    again = np.asarray(online.make_users(kind, 5, 0, split="train").weights)
+    np.testing.assert_array_equal(again, train[0])  # Seeded: reproducible.
+  users = online.make_users("dirichlet", 50, 0)
+  np.testing.assert_allclose(users.weights.sum(1), 1.0, atol=1e-6)
+  assert np.all(np.asarray(users.weights) >= 0)
+  assert np.any(np.asarray(online.make_users("signed", 50, 0).weights) < 0)
+  with pytest.raises(ValueError, match="split"):
+    online.make_users("dirichlet", 5, 0, split="test")
+
+
+def test_true_reward_and_choices_per_kind():
+  scores = np.array([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5]], np.float32)  # [N=2, A=3]
+  lin = online.linear_users(np.array([[0.5, 0.25, 0.25], [1.0, -1.0, 0.0]]))
+  np.testing.assert_allclose(online.true_reward(lin, scores), [[0.375, 0.375], [2.0, -2.0]], atol=1e-6)
+  thr = online.make_users("threshold", 20, 1, num_attributes=3)
+  r = np.asarray(online.true_reward(thr, scores))
+  j = np.asarray(thr.attributes[:, 0])
+  np.testing.assert_array_equal(r, (scores[:, j].T > np.asarray(thr.threshold)[:, None]).astype(np.float32))
+  prod = online.make_users("product", 20, 1, num_attributes=3)
+  i, j = np.asarray(prod.attributes).T
+  assert np.all(i != j)
+  np.testing.assert_allclose(online.true_reward(prod, scores), scores[:, i].T * scores[:, j].T, atol=1e-6)
+  # Bradley-Terry frequencies match the probabilities; temperature 0 is deterministic.
+  rng = np.random.default_rng(2)
+  sa, sb = rng.standard_normal((4000, 3)), rng.standard_normal((4000, 3))
+  choices = np.asarray(online.simulate_choice(jax.random.PRNGKey(0), lin, sa, sb))
+  probs = np.asarray(online.choice_prob(lin, sa, sb))
+  assert set(np.unique(choices)) <= {0.0, 1.0}
+  assert np.all(np.abs(choices.mean(1) - probs.mean(1)) < 0.03)
+  hard = online.linear_users(np.asarray(lin.weights), temperature=0.0)
+  margin = np.asarray(online.true_reward(hard, sa) - online.true_reward(hard, sb))
+  np.testing.assert_array_equal(online.simulate_choice(jax.random.PRNGKey(1), hard, sa, sb), margin > 0)
+  raw = rng.normal(3.0, 2.0, size=(100, 3))
+  z, mean, std = online.standardize_scores(raw)
+  np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(z.std(0), 1.0, atol=1e-5)
+  np.testing.assert_allclose(online.standardize_scores(raw[:10], mean, std)[0], z[:10], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact MDP: METHOD.md section 4 claims and the online loop.
+# ----------------------------------------------------------------------------------------------------------------------
+
+_BETA = 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def _mdp_setup():
+  mdp = em.make_mdp(vocab_size=4, horizon=4, seed=0)
+  rewards = em.random_sequence_rewards(mdp, 3, seed=1)  # [K=3, 256] in [0, 1].
+  policy = em.optimal_policy(rewards, mdp, _BETA)
+  return mdp, rewards, policy
+
+
+def _exact_optimum(mdp, reward):
+  return em.sequence_log_probs(em.optimal_policy(reward, mdp, _BETA))
+
+
+def test_mdp_soft_value_iteration_and_implicit_features():
+  mdp, rewards, policy = _mdp_setup()
+  logp = em.sequence_log_probs(policy)
+  ref = em.sequence_log_probs(mdp.ref)
+  np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, atol=1e-12)
+  # pi*(y) = pi_ref(y) exp(R(y) / beta) / Z, and f_k(y) = R_k(y) - V_k(root) exactly.
+  _, values = em.soft_value_iteration(rewards, mdp, _BETA)
+  feats = em.implicit_features(logp, ref, _BETA)
+  np.testing.assert_allclose(feats.T, rewards - values[0], atol=1e-12)
+  # The exact optimum maximizes G = E[R] - beta KL, where G equals V(root).
+  g_opt = em.regularized_value(logp, ref, rewards, _BETA)
+  np.testing.assert_allclose(g_opt, values[0][:, 0], atol=1e-12)
+  other = em.sequence_log_probs(em.explicit_soup_policy(policy, mdp.ref, [0.5, 0.5, 0.0]))
+  assert np.all(em.regularized_value(other, ref, rewards, _BETA) < g_opt)
+
+
+def test_mdp_claim_a_sequence_level_soup_is_exact():
+  mdp, rewards, policy = _mdp_setup()
+  basis, ref = em.sequence_log_probs(policy), em.sequence_log_probs(mdp.ref)
+  rng = np.random.default_rng(0)
+  for lam in (rng.dirichlet(np.ones(3)), np.array([2.0, -1.5, 0.7]), np.array([-3.0, 0.0, 0.5])):
+    exact = _exact_optimum(mdp, lam @ rewards)
+    np.testing.assert_allclose(np.exp(em.sequence_soup(basis, ref, lam)), np.exp(exact), atol=1e-12)
+    assert em.kl(em.sequence_soup(basis, ref, lam), exact) < 1e-6
+
+
+def test_mdp_claim_b_token_level_soup_exact_cases_and_error_growth():
+  mdp, rewards, policy = _mdp_setup()
+  rng = np.random.default_rng(1)
+  simplex = [rng.dirichlet(np.ones(3)) for _ in range(5)]
+  negative = [np.array(v) for v in ([1.5, -0.5, 0.0], [0.0, 2.0, -1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, -1.0])]
+
+  def token_kl(lam, mdp=mdp, rewards=rewards, policy=policy):
+    tok = em.sequence_log_probs(em.explicit_soup_policy(policy, mdp.ref, lam))
+    exact = _exact_optimum(mdp, tuple(np.tensordot(lam, r, 1) for r in em.token_rewards(rewards, mdp)))
+    return em.kl(tok, exact)
+
+  kl_simplex = np.array([token_kl(l) for l in simplex])
+  kl_negative = np.array([token_kl(l) for l in negative])
+  bounds = np.array([em.token_soup_kl_bound(rewards, l, _BETA, mdp.horizon) for l in simplex])
+  assert np.all(kl_simplex <= bounds) and bounds.max() < 6e-3  # (H-1)/8 * (1/8)^2 for rewards in [0, 1].
+  assert kl_simplex.max() < kl_negative.min()  # Negative weights: larger error (here > 10x).
+  for l in negative:
+    assert token_kl(l) <= em.token_soup_kl_bound(rewards, l, _BETA, mdp.horizon)
+  # The error grows with extrapolation lam = e_0 + t (e_0 - e_1); exact at t = 0 (a single basis).
+  errors = [token_kl(np.array([1.0 + t, -t, 0.0])) for t in (0.0, 0.5, 1.0, 2.0)]
+  assert errors[0] < 1e-12 and np.all(np.diff(errors) > 0)
+  # Exact for every lam (any signs) when the soft values combine linearly: per-token rewards depending only on
+  # (t, a) and a prefix-independent reference.
+  mdp_cf = em.make_mdp(4, 4, seed=0, context_free=True)
+  rewards_cf = em.random_token_rewards(mdp_cf, 3, seed=2, context_free=True)
+  policy_cf = em.optimal_policy(rewards_cf, mdp_cf, _BETA)
+  for lam in simplex[:2] + negative[:2]:
+    assert token_kl(lam, mdp_cf, rewards_cf, policy_cf) < 1e-12
+  # The project's float32 soup (spectral_soup.soup) computes the same token-level mixture.
+  lam, depth = negative[0], mdp.horizon - 2
+  tok = em.explicit_soup_policy(policy, mdp.ref, lam)
+  np.testing.assert_allclose(jax.jit(soup.soup_logits)(mdp.ref[depth], policy[depth], lam), tok[depth], atol=1e-5)
+
+
+def test_mdp_claim_c_online_regret_decreases():
+  mdp, rewards, _ = _mdp_setup()
+  weights = 3.0 * np.random.default_rng(5).dirichlet(np.ones(3), size=6)  # 6 users (independent seeds).
+  out = em.run_online(mdp, rewards, _BETA, weights, num_rounds=24, l2=1.0, seed=0)
+  regret = out["regret"]  # [6, 25], regret[:, 0] = pi_ref.
+  assert np.all(regret >= -1e-9)
+  first, last = regret[:, 1:6].mean(), regret[:, -5:].mean()
+  assert last < 0.75 * first, (first, last)
+  assert out["score"][:, -5:].mean() > out["score"][:, 1:6].mean()
+  # The fitted lam moves toward the true weights.
+  err = np.abs(out["lam"] - weights[:, None]).mean(axis=(0, 2))
+  assert err[-1] < err[1]
