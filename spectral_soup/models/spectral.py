@@ -40,7 +40,9 @@ class SpectralFeatureMap(nn.Module):
   Attributes:
     config: the backbone's architecture.
     feature_dim: if set, psi = h(s) P with a learned P: [embed, feature_dim] (a low-rank projection).
-    freeze_backbone: stop gradients into the backbone (and into the reference logits).
+    freeze_backbone: stop gradients into the backbone (and into the reference logits). Not with `lora`: the
+      adapters' gradients flow through the backbone's activations, so there the trainer freezes the backbone by
+      keeping its parameters out of the optimizer.
   """
   config: TransformerConfig
   feature_dim: Optional[int] = None
@@ -53,7 +55,7 @@ class SpectralFeatureMap(nn.Module):
     logits, aux = Transformer(self.config, name="backbone")(
         tokens, mask=mask, cache=cache, lora=lora, return_logits=return_logits)
     hidden = aux["hidden"]
-    if self.freeze_backbone:
+    if self.freeze_backbone and lora is None:
       hidden = jax.lax.stop_gradient(hidden)
       logits = None if logits is None else jax.lax.stop_gradient(logits)
     psi = hidden

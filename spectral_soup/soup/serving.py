@@ -204,29 +204,44 @@ def sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array,
   Returns {"ref": f32[B], "basis": f32[K, B], "ref_tokens": f32[B, R], "basis_tokens": f32[K, B, R]} and, with lam,
   "soup": f32[B], "soup_tokens": f32[B, R] (explicit soup). Per-token arrays are zero on padding.
   """
-  prompt, prompt_mask = decoding.left_pad(prompt, prompt_mask)
-  response_mask = response_mask.astype(jnp.bool_)
-  tokens = jnp.concatenate([prompt, response], axis=1)
-  mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+  tokens, mask, prev = join_prompt_response(prompt, prompt_mask, response, response_mask)
   ref, basis, _ = policy.apply({"params": policy_params}, tokens, mask=mask)
-  p, r = prompt.shape[1], response.shape[1]
-  # The token at column p + j is predicted at the last real column before it.
-  prev = _previous_real_index(mask)[:, p:p + r]  # [B, R]
-
-  gather = lambda logits: jnp.take_along_axis(logits, prev[:, :, None], axis=1).astype(jnp.float32)  # [B, R, V]
+  gather = lambda logits: gather_positions(logits, prev).astype(jnp.float32)  # [B, R, V]
   ref, basis = gather(ref), jax.vmap(gather)(basis)
-
-  def score(logits):  # [B, R, V] -> [B, R]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    out = jnp.take_along_axis(logp, response[:, :, None], axis=-1)[..., 0]
-    return jnp.where(response_mask, out, 0.0)
-
+  score = lambda logits: token_logprobs(logits, response, response_mask)
   out = {"ref_tokens": score(ref), "basis_tokens": jax.vmap(score)(basis)}
   if lam is not None:
     out["soup_tokens"] = score(soup_logits_batched(ref, basis, lam))
   for name in list(out):
     out[name[:-len("_tokens")]] = out[name].sum(-1)
   return out
+
+
+def join_prompt_response(prompt: Array, prompt_mask: Array, response: Array,
+                         response_mask: Array) -> Tuple[Array, Array, Array]:
+  """[prompt; response] as one left-padded-prompt sequence and where each response token is predicted.
+
+  prompt: int32[B, P], response: int32[B, R] (any padding, bool masks). Returns (tokens: int32[B, P + R],
+  mask: bool[B, P + R], prev: int32[B, R]): the logits at column prev[b, j] predict response[b, j].
+  """
+  prompt, prompt_mask = decoding.left_pad(prompt, prompt_mask)
+  tokens = jnp.concatenate([prompt, response], axis=1)
+  mask = jnp.concatenate([prompt_mask, response_mask.astype(jnp.bool_)], axis=1)
+  p, r = prompt.shape[1], response.shape[1]
+  # The token at column p + j is predicted at the last real column before it.
+  return tokens, mask, _previous_real_index(mask)[:, p:p + r]
+
+
+def gather_positions(x: Array, prev: Array) -> Array:
+  """x: [B, T, ...] at the columns prev: int[B, R] -> [B, R, ...]."""
+  return jnp.take_along_axis(x, prev.reshape(prev.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def token_logprobs(logits: Array, response: Array, response_mask: Array) -> Array:
+  """log softmax(logits)[response], zero on padding. logits: [B, R, V], response: int[B, R] -> f32[B, R]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  out = jnp.take_along_axis(logp, response[:, :, None], axis=-1)[..., 0]
+  return jnp.where(response_mask.astype(jnp.bool_), out, 0.0)
 
 
 def _previous_real_index(mask: Array) -> Array:

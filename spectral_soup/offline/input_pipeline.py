@@ -1,0 +1,142 @@
+"""Host-side input for basis training: tokenized preference pairs in memory, a seekable iterator, synthetic pairs.
+
+The pair format (numpy arrays with a leading example axis N; `spectral_soup.data` builders produce it):
+
+    prompt           int32[N, P]    prompt_mask     bool[N, P]     (any padding side)
+    response_a       int32[N, R]    response_a_mask bool[N, R]
+    response_b       int32[N, R]    response_b_mask bool[N, R]
+    labels           int8[N, K]     1: a preferred under basis k, 0: b preferred, -1: tie or missing
+    scores_a/_b      f32[N, K]      optional per-attribute ratings / scores (NaN: missing), for the ratings loss
+
+`PairIterator` is deterministic and seekable: epoch e visits the examples in the order of a permutation drawn
+from (seed, e); its whole state is {"epoch", "position"} (JSON, saved with every checkpoint), so a restarted job
+sees exactly the batches the interrupted one would have seen. Each host yields its own consecutive share of every
+global batch (process_index-th of process_count). Incomplete trailing batches of an epoch are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import jax
+import numpy as np
+
+TOKEN_FIELDS = ("prompt", "prompt_mask", "response_a", "response_a_mask", "response_b", "response_b_mask")
+PAD_ID = 0
+
+
+def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: bool = False) -> int:
+  """Validates the pair format; returns N. Raises ValueError naming the field."""
+  needed = TOKEN_FIELDS + (("scores_a", "scores_b") if need_ratings else ("labels",))
+  missing = [name for name in needed if name not in arrays]
+  if missing:
+    raise ValueError(f"Preference pairs lack fields {missing}; have {sorted(arrays)}.")
+  n = len(arrays["prompt"])
+  for name, value in arrays.items():
+    if len(value) != n:
+      raise ValueError(f"Pair field {name!r} has {len(value)} rows; 'prompt' has {n}.")
+  for side in ("prompt", "response_a", "response_b"):
+    if arrays[side].shape != arrays[f"{side}_mask"].shape:
+      raise ValueError(f"Pair field {side}_mask has shape {arrays[side + '_mask'].shape}; {side} has "
+                       f"{arrays[side].shape}.")
+  for name in ("labels", "scores_a", "scores_b"):
+    if name in arrays and arrays[name].shape[1:] != (num_bases,):
+      raise ValueError(f"Pair field {name!r} has shape {arrays[name].shape}: expected [N, {num_bases}] "
+                       f"(one column per basis).")
+  return n
+
+
+class PairIterator:
+  """Global batches of pairs in a seeded order per epoch; seekable through `get_state` / `set_state`.
+
+  Yields this host's rows of each global batch: {field: array[batch_size // process_count, ...]}.
+  """
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, shuffle: bool = True,
+               process_index: Optional[int] = None, process_count: Optional[int] = None):
+    self.arrays = dict(arrays)
+    self.num_examples = len(next(iter(self.arrays.values())))
+    self.batch_size = batch_size
+    self.seed = seed
+    self.shuffle = shuffle
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % self.process_count:
+      raise ValueError(f"batch_size={batch_size} does not split over {self.process_count} hosts.")
+    if self.num_examples < batch_size:
+      raise ValueError(f"{self.num_examples} examples cannot fill one batch of {batch_size}.")
+    self.batches_per_epoch = self.num_examples // batch_size
+    self.epoch = 0
+    self.position = 0  # Index of the next global batch within the epoch.
+    self._order = None
+    self._order_epoch = None
+
+  def get_state(self) -> Dict[str, int]:
+    return {"epoch": self.epoch, "position": self.position}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    epoch, position = int(state["epoch"]), int(state["position"])
+    if not 0 <= position <= self.batches_per_epoch or epoch < 0:
+      raise ValueError(f"Iterator state {dict(state)} is out of range ({self.batches_per_epoch} batches/epoch).")
+    self.epoch, self.position = epoch, position
+
+  def _epoch_order(self) -> np.ndarray:
+    if self._order_epoch != self.epoch:
+      if self.shuffle:
+        self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
+      else:
+        self._order = np.arange(self.num_examples)
+      self._order_epoch = self.epoch
+    return self._order
+
+  def __iter__(self) -> "PairIterator":
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    if self.position >= self.batches_per_epoch:
+      self.epoch, self.position = self.epoch + 1, 0
+    per_host = self.batch_size // self.process_count
+    start = self.position * self.batch_size + self.process_index * per_host
+    rows = np.sort(self._epoch_order()[start:start + per_host])  # Sorted: contiguous reads from memmaps.
+    self.position += 1
+    return {name: value[rows] for name, value in self.arrays.items()}
+
+
+def synthetic_pairs(num_pairs: int, *, num_bases: int, vocab_size: int, prompt_len: int, response_len: int,
+                    seed: int, max_rate: float = 0.3) -> Dict[str, np.ndarray]:
+  """Pairs whose attribute k is how often the response contains marker token k + 1.
+
+  Tokens: 0 is padding, 1..K are the K markers, the rest filler. Every response draws a marker rate per attribute
+  (uniform in [0, max_rate / K]) and a length in [R/2, R]; attribute k's rating is the marker's frequency and
+  label k says which response has more markers k (-1 on a tie). Prompts are random filler, right-padded.
+  """
+  if vocab_size <= num_bases + 1:
+    raise ValueError(f"vocab_size={vocab_size} leaves no filler tokens beside {num_bases} markers.")
+  rng = np.random.default_rng(seed)
+
+  def tokens(n, length, markers):
+    lengths = rng.integers(max(1, length // 2), length + 1, size=n)
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    out = rng.integers(num_bases + 1, vocab_size, size=(n, length))
+    if markers:
+      rates = rng.uniform(0.0, max_rate / num_bases, size=(n, num_bases))
+      draw = rng.uniform(size=(n, length))
+      edges = np.cumsum(rates, axis=1)  # Marker k where draw falls in [edges[k-1], edges[k]).
+      which = np.sum(draw[:, :, None] >= edges[:, None, :], axis=-1)  # [n, length] in 0..K
+      out = np.where(which < num_bases, which + 1, out)
+    out = np.where(mask, out, PAD_ID).astype(np.int32)
+    return out, mask
+
+  prompt, prompt_mask = tokens(num_pairs, prompt_len, markers=False)
+  a, a_mask = tokens(num_pairs, response_len, markers=True)
+  b, b_mask = tokens(num_pairs, response_len, markers=True)
+  count = lambda t: np.stack([(t == k + 1).sum(axis=1) for k in range(num_bases)], axis=1)
+  count_a, count_b = count(a), count(b)
+  labels = np.where(count_a > count_b, 1, np.where(count_a < count_b, 0, -1)).astype(np.int8)
+  return {
+      "prompt": prompt, "prompt_mask": prompt_mask,
+      "response_a": a, "response_a_mask": a_mask, "response_b": b, "response_b_mask": b_mask,
+      "labels": labels,
+      "scores_a": (count_a / a_mask.sum(1, keepdims=True)).astype(np.float32),
+      "scores_b": (count_b / b_mask.sum(1, keepdims=True)).astype(np.float32),
+  }

@@ -1,0 +1,368 @@
+"""Offline basis training: losses, input, config checks, sharded == unsharded, checkpoints, kill/resume, learning."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import train_basis_tiny
+from spectral_soup.offline import checkpoint as checkpoint_lib
+from spectral_soup.offline import input_pipeline
+from spectral_soup.offline import losses
+from spectral_soup.offline import mesh as mesh_lib
+from spectral_soup.offline import metrics as metrics_lib
+from spectral_soup.offline import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _softplus_neg(x):  # -log sigmoid(x)
+  return float(np.logaddexp(0.0, -x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses.
+
+# Two pairs, two bases. Log-ratios (basis - ref): basis 0: a [1, 0], b [0, -1]; basis 1: a [-1, -1], b [2, 0].
+REF_A, REF_B = np.array([-10.0, -5.0]), np.array([-12.0, -6.0])
+BASIS_A = np.array([[-9.0, -5.0], [-11.0, -6.0]])
+BASIS_B = np.array([[-12.0, -7.0], [-10.0, -6.0]])
+LABELS = np.array([[1, 0], [-1, 1]], np.int8)  # Pair 0: a wins for basis 0, b for basis 1; pair 1: tie, a wins.
+BETA = 0.5
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dpo_loss_hand_computed(jit):
+  fn = lambda *a: losses.dpo_loss(*a, beta=BETA)
+  fn = jax.jit(fn) if jit else fn
+  loss, m = fn(REF_A, REF_B, BASIS_A, BASIS_B, LABELS)
+  # Margins (a - b): basis 0: [1, 1]; basis 1: [-3, -1]. Signed logits beta * s * margin:
+  # basis 0: pair 0 -> +0.5 (pair 1 is a tie: masked); basis 1: pair 0 (b wins) -> +1.5, pair 1 (a wins) -> -0.5.
+  loss_0 = _softplus_neg(0.5)
+  loss_1 = (_softplus_neg(1.5) + _softplus_neg(-0.5)) / 2
+  np.testing.assert_allclose(m["loss"], [loss_0, loss_1], rtol=1e-6)
+  np.testing.assert_allclose(loss, (loss_0 + loss_1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(loss, 0.5309110576307681, rtol=1e-6)
+  np.testing.assert_array_equal(m["count"], [1, 2])
+  np.testing.assert_allclose(m["accuracy"], [1.0, 0.5])
+  np.testing.assert_allclose(m["margin"], [0.5, (1.5 - 0.5) / 2])
+  # KL estimate: mean log-ratio over both responses of every pair (masked labels included).
+  np.testing.assert_allclose(m["kl"], [(1 + 0 + 0 - 1) / 4, (-1 - 1 + 2 + 0) / 4], atol=1e-7)
+
+
+def test_dpo_ties_masked_and_label_smoothing():
+  all_ties = np.full_like(LABELS, -1)
+  loss, m = losses.dpo_loss(REF_A, REF_B, BASIS_A, BASIS_B, all_ties, beta=BETA)
+  assert float(loss) == 0.0 and np.all(np.asarray(m["count"]) == 0)
+  # Changing a masked pair's log-probs changes nothing.
+  moved = BASIS_A.copy()
+  moved[0, 1] += 7.0
+  np.testing.assert_allclose(losses.dpo_loss(REF_A, REF_B, moved, BASIS_B, LABELS, beta=BETA)[1]["loss"][0],
+                             _softplus_neg(0.5), rtol=1e-6)
+  _, m = losses.dpo_loss(REF_A, REF_B, BASIS_A, BASIS_B, LABELS, beta=BETA, label_smoothing=0.1)
+  np.testing.assert_allclose(m["loss"][0], 0.9 * _softplus_neg(0.5) + 0.1 * _softplus_neg(-0.5), rtol=1e-6)
+
+
+def test_ratings_loss_hand_computed():
+  ratings_a = np.array([[3.0, np.nan], [1.0, 2.0]], np.float32)
+  ratings_b = np.array([[1.0, 0.0], [1.0, 4.0]], np.float32)
+  _, m = losses.ratings_loss(REF_A, REF_B, BASIS_A, BASIS_B, ratings_a, ratings_b, beta=BETA, rating_scale=0.25)
+  # basis 0: predictions beta * margin = [0.5, 0.5], targets 0.25 * [2, 0]; basis 1: pair 0 missing, pair 1:
+  # prediction -0.5, target 0.25 * (2 - 4) = -0.5.
+  np.testing.assert_allclose(m["loss"], [((0.5 - 0.5) ** 2 + 0.5 ** 2) / 2, 0.0], atol=1e-7)
+  np.testing.assert_array_equal(m["count"], [2, 1])
+  np.testing.assert_allclose(m["accuracy"], [1.0, 1.0])  # Over ranked pairs: basis 0's second pair is a tie.
+  np.testing.assert_allclose(m["margin"], [0.5, 0.5])
+
+
+def test_loss_sums_add_up_over_micro_batches():
+  """Accumulation is exact: micro-batch losses normalized by the whole batch's counts sum to the batch loss."""
+  rng = np.random.default_rng(0)
+  k, b = 3, 8
+  ref_a, ref_b = rng.normal(size=b), rng.normal(size=b)
+  basis_a, basis_b = rng.normal(size=(k, b)), rng.normal(size=(k, b))
+  labels = rng.integers(-1, 2, size=(b, k)).astype(np.int8)
+
+  @jax.jit
+  def both(ref_a, ref_b, basis_a, basis_b, labels):
+    full = losses.dpo_loss(ref_a, ref_b, basis_a, basis_b, labels, beta=0.3)
+    counts = jnp.sum(labels >= 0, axis=0).astype(jnp.float32)
+    halves = [losses.dpo_terms(ref_a[s], ref_b[s], basis_a[:, s], basis_b[:, s], labels[s], beta=0.3)
+              for s in (slice(0, 3), slice(3, b))]
+    summed = jax.tree.map(lambda x, y: x + y, *halves)
+    accumulated = sum(losses.loss_from_sums(h, counts) for h in halves)
+    return full, (accumulated, losses.metrics_from_sums(summed))
+
+  full, accumulated = both(ref_a, ref_b, basis_a, basis_b, labels)
+  chex.assert_trees_all_close(accumulated, full, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input.
+
+
+def test_iterator_is_deterministic_seekable_and_split_per_host():
+  pairs = input_pipeline.synthetic_pairs(40, num_bases=2, vocab_size=16, prompt_len=3, response_len=5, seed=0)
+  pairs["id"] = np.arange(40)  # Any extra field travels along.
+  it = input_pipeline.PairIterator(pairs, 8, seed=3, process_index=0, process_count=1)
+  seen = [next(it)["id"] for _ in range(7)]  # 5 batches per epoch: crosses into epoch 1.
+  resumed = input_pipeline.PairIterator(pairs, 8, seed=3, process_index=0, process_count=1)
+  it2 = input_pipeline.PairIterator(pairs, 8, seed=3, process_index=0, process_count=1)
+  for _ in range(3):
+    next(it2)
+  resumed.set_state(json.loads(json.dumps(it2.get_state())))
+  for expected in seen[3:]:
+    np.testing.assert_array_equal(next(resumed)["id"], expected)
+  # Every example once per epoch; epochs differ in order.
+  rows = lambda batch: set(batch.tolist())
+  epoch0 = set().union(*[rows(b) for b in seen[:5]])
+  assert epoch0 == set(range(40)) and not all(np.array_equal(a, b) for a, b in zip(seen[:2], seen[5:7]))
+  # Two hosts together see exactly the global batch.
+  hosts = [input_pipeline.PairIterator(pairs, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
+  for expected in seen[:3]:
+    parts = [next(h)["id"] for h in hosts]
+    assert all(len(p) == 4 for p in parts) and rows(np.concatenate(parts)) == rows(expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config checks: fail fast, naming the field.
+
+
+def _config(**flat):
+  config = train_basis_tiny.get_config()
+  config.update_from_flattened_dict(flat)
+  return config
+
+
+@pytest.mark.parametrize("flat, field", [
+    ({"optim.learning_rate": -1e-3}, "optim.learning_rate"),
+    ({"train.batch_size": 36}, "train.batch_size"),  # 36 pairs over data = 8.
+    ({"mesh.data": 3}, "mesh.data"),  # 3 does not divide 8 devices.
+    ({"mesh.data": 2, "mesh.fsdp": 1, "mesh.model": 2}, "mesh.data"),  # Uses 4 of 8 devices.
+    ({"basis.kind": "adapters"}, "basis.kind"),
+    ({"basis.kind": "lora"}, "train.cache_features"),  # Cached features need head bases.
+    ({"train.grad_accum_steps": 3}, "train.grad_accum_steps"),
+    ({"loss.kind": "hinge"}, "loss.kind"),
+    ({"model.num_kv_heads": 3}, "model.num_kv_heads"),  # Does not divide num_heads = 4.
+])
+def test_bad_config_names_the_field(flat, field):
+  assert jax.device_count() == 8
+  with pytest.raises(ValueError, match=f"config\\.{field}="):
+    train.validate_config(_config(**flat))
+
+
+def test_tiny_config_is_valid_and_mesh_fills_the_rest():
+  train.validate_config(train_basis_tiny.get_config())
+  assert mesh_lib.resolve_mesh_shape(-1, 1, 2, 8) == (4, 1, 2)
+  assert dict(mesh_lib.make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "model": 2}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded == unsharded (and cached features == full forward, accumulation == one batch).
+
+EQUALITY = {"train.tensorboard": False, "train.num_steps": 4, "train.log_every_steps": 1, "data.num_train_pairs": 128,
+            "data.num_eval_pairs": 0, "checkpoint.every_steps": 0, "checkpoint.async_save": False,
+            "optim.warmup_steps": 1, "optim.learning_rate": 1e-3}
+# Adam turns gradients into roughly +-lr updates, so a coordinate whose gradient is near zero turns float rounding
+# into an update difference of up to lr: the learning rate bounds how closely two correct runs can agree.
+
+
+def _train(workdir, **flat):
+  result = train.train_and_evaluate(_config(**{**EQUALITY, **flat}), str(workdir))
+  return result.train_metrics, jax.device_get(result.state["params"])
+
+
+@pytest.mark.parametrize("kind, reference, sharded", [
+    # LoRA: the full (K+1) * 2B-row forward, 1 device vs data x model = 4 x 2.
+    ("lora", {"train.cache_features": False},
+     {"train.cache_features": False, "mesh.data": 4, "mesh.model": 2}),
+    # Heads, ratings loss: full forward on 1 device vs cached features on data x fsdp x model = 2 x 2 x 2 with
+    # 2 micro-batches per step.
+    ("heads", {"train.cache_features": False, "loss.kind": "ratings"},
+     {"train.cache_features": True, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2, "train.grad_accum_steps": 2,
+      "loss.kind": "ratings"}),
+])
+def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
+  """Same losses and parameters after 4 steps (also: cached features == full forward, accumulation == batch)."""
+  ref_metrics, ref_params = _train(tmp_path / "one", **{"basis.kind": kind, "mesh.num_devices": 1, **reference})
+  metrics, params = _train(tmp_path / "mesh", **{"basis.kind": kind, **sharded})
+  assert ref_metrics["grad_norm"] > 0
+  np.testing.assert_allclose(metrics["total_loss"], ref_metrics["total_loss"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-5)
+  b = params["heads"]["b"] if kind == "heads" else params["lora"]["q_proj_b"]
+  assert np.abs(b).max() > 1e-3  # B starts at zero: the bases did move (by much more than the tolerance).
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: fallback past a corrupt latest step, partial saves never listed.
+
+
+@pytest.mark.parametrize("damage", ["truncate_data", "delete_manifest"])
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog, damage):
+  mesh = mesh_lib.make_mesh(4, 1, 2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+  state = lambda i: {"w": jax.device_put(jnp.full((8, 4), float(i)), sharding), "step": jnp.asarray(i)}
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=3)
+  for i in (1, 2, 3):
+    ckpt.save(i, state(i), {"iterator": {"epoch": 0, "position": i}})
+  ckpt.wait()
+  ckpt.close()
+  if damage == "truncate_data":
+    data_files = glob.glob(os.path.join(directory, "3", "state", "d", "*"))
+    assert data_files
+    for path in data_files:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(os.path.join(directory, "3", "state", "manifest.ocdbt"))
+  # A crashed save leaves only a temporary directory: it must never be listed as a step.
+  shutil.copytree(os.path.join(directory, "2"), os.path.join(directory, "4.orbax-checkpoint-tmp-123"))
+
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(0))
+  ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=3)
+  assert 4 not in ckpt.all_steps()
+  with caplog.at_level(logging.WARNING):
+    step, restored, data = ckpt.restore_latest(abstract)
+  assert step == 2 and data["iterator"]["position"] == 2
+  np.testing.assert_array_equal(restored["w"], np.full((8, 4), 2.0))
+  assert restored["w"].sharding == sharding
+  assert any("step 3" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+  # The bad step is set aside, so training can write step 3 again.
+  assert os.path.isdir(directory + ".corrupt/3") and ckpt.all_steps() == [1, 2]
+  ckpt.save(3, state(3), {"iterator": {"epoch": 0, "position": 3}}, force=True)
+  ckpt.wait()
+  assert ckpt.restore_latest(abstract)[0] == 3
+  ckpt.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry point: SIGKILL mid-run, restart, bitwise equal to an uninterrupted run; and the bases learn.
+
+COMMAND = [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
+           "--config.train.tensorboard=False"]  # Saves each start-up the tensorboardX import (~3 s).
+
+
+def _env(cache_dir):
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=os.environ["XLA_FLAGS"], JAX_PLATFORMS="cpu", SPECTRAL_SOUP_PROGRESS="0",
+             PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+             # Compiled programs are shared by the three runs (identical programs: results stay bitwise).
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def _finished_steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def _final_state(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                           data=ocp.args.JsonRestore()))
+  manager.close()
+  return step, jax.device_get(restored["state"]), restored["data"]
+
+
+def _wait_for_checkpoint(proc, workdir, after_step, timeout=300):
+  """Polls until `workdir` holds a finished checkpoint past `after_step`; True if `proc` was still running."""
+  deadline = time.time() + timeout
+  while proc.poll() is None and time.time() < deadline:
+    if any(s > after_step for s in _finished_steps(workdir)):
+      break
+    time.sleep(0.02)
+  return proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """An uninterrupted run, and a run SIGKILLed after its first checkpoint, restarted, SIGTERMed, restarted."""
+  root = tmp_path_factory.mktemp("train_basis")
+  env = _env(str(root / "jax_cache"))
+  full_dir, killed_dir = str(root / "full"), str(root / "killed")
+  start = lambda workdir, **kw: subprocess.Popen(COMMAND + [f"--workdir={workdir}"], cwd=REPO, env=env, text=True,
+                                                 **kw)
+  out = {"full_dir": full_dir, "killed_dir": killed_dir}
+
+  # SIGKILL once the first checkpoint is complete: no chance to clean up or save.
+  killed = start(killed_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  out["alive_at_kill"] = _wait_for_checkpoint(killed, killed_dir, after_step=0)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  out["steps_at_kill"] = _finished_steps(killed_dir)
+  # The uninterrupted run starts now, so that it finds the programs the first run compiled in the cache.
+  full = start(full_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+  # Restart; SIGTERM it once it has written a checkpoint of its own: it saves where it is and exits with 143.
+  resumed = start(killed_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  out["alive_at_term"] = _wait_for_checkpoint(resumed, killed_dir, after_step=max(out["steps_at_kill"] or [0]))
+  out["steps_before_term"] = _finished_steps(killed_dir)
+  resumed.send_signal(signal.SIGTERM)
+  out["resumed_out"], _ = resumed.communicate(timeout=300)
+  out["resumed_rc"] = resumed.returncode
+  out["steps_at_term"] = _finished_steps(killed_dir)
+
+  # Restart again: runs to the end.
+  final = start(killed_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  out["final_out"], _ = final.communicate(timeout=300)
+  out["final_rc"] = final.returncode
+  out["full_out"], _ = full.communicate(timeout=300)
+  out["full_rc"] = full.returncode
+  return out
+
+
+def test_killed_run_resumes_bitwise(runs):
+  num_steps = train_basis_tiny.get_config().train.num_steps
+  every = train_basis_tiny.get_config().checkpoint.every_steps
+  assert runs["full_rc"] == 0, runs["full_out"][-3000:]
+  # SIGKILL mid-run, after the first checkpoint.
+  assert runs["alive_at_kill"] and runs["steps_at_kill"] == [every], runs
+  assert f"Resumed from step {every}" in runs["resumed_out"], runs["resumed_out"][-3000:]
+  # SIGTERM: a final checkpoint at the step where it stopped, exit status 143.
+  assert runs["alive_at_term"] and runs["resumed_rc"] == 143, runs["resumed_out"][-3000:]
+  term_step = max(runs["steps_at_term"])
+  assert max(runs["steps_before_term"]) <= term_step < num_steps, runs
+  assert runs["final_rc"] == 0, runs["final_out"][-3000:]
+  assert f"Resumed from step {term_step}" in runs["final_out"], runs["final_out"][-3000:]
+  # Bitwise equal to the uninterrupted run: params, optimizer state, RNG and the iterator position.
+  step_full, full, data_full = _final_state(runs["full_dir"])
+  step_resumed, again, data_again = _final_state(runs["killed_dir"])
+  assert step_full == step_resumed == num_steps and data_full == data_again
+  jax.tree.map(np.testing.assert_array_equal, full, again)
+  # The metrics log reads as one run: each logged step once, in order.
+  steps = [r["step"] for r in metrics_lib.read_metrics(runs["killed_dir"], kind="train")]
+  assert steps == sorted(set(steps)) and steps[-1] == num_steps
+
+
+def test_bases_learn_their_attribute(runs):
+  """Basis k's implicit reward ranks held-out pairs by attribute k (marker token k + 1 counts) well above chance."""
+  assert runs["full_rc"] == 0, runs["full_out"][-3000:]
+  final = metrics_lib.read_metrics(runs["full_dir"], kind="eval")[-1]
+  assert final["step"] == train_basis_tiny.get_config().train.num_steps
+  assert min(final["accuracy"]) > 0.75, final
+  assert min(final["count"]) > 100  # Enough held-out pairs for the accuracy to mean something.
+  # Each basis follows its own attribute: by the other attributes' labels it is near chance.
+  cross = np.asarray(final["cross_accuracy"])
+  np.testing.assert_allclose(np.diag(cross), final["accuracy"], rtol=1e-6)
+  off_diagonal = cross[~np.eye(len(cross), dtype=bool)]
+  assert np.all(np.abs(off_diagonal - 0.5) < 0.15), cross
