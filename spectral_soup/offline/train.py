@@ -82,7 +82,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       raise ValueError(str(e).replace("TransformerConfig.", "config.model.")) from None
     need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
          f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
-  need(c.data.source == "synthetic", "data.source", "'synthetic' (dataset builders plug in here)")
+  need(c.data.source in ("synthetic", "embedded"), "data.source", "'synthetic' or 'embedded'")
+  if c.data.source == "embedded":
+    need(bool(c.model.path), "model.path", "a checkpoint (the embedded data is tokenized with its tokenizer)")
+    need(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)")
   need(c.data.num_train_pairs >= c.train.batch_size, "data.num_train_pairs",
        f">= train.batch_size={c.train.batch_size}")
   need(c.data.num_eval_pairs >= 0, "data.num_eval_pairs", ">= 0")
@@ -322,6 +325,8 @@ def compute_features(feature_fn, backbone: Any, arrays: Mapping[str, np.ndarray]
 def load_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
   """(train, eval) pair arrays for `config.data` (`input_pipeline` format)."""
   d = config.data
+  if d.source == "embedded":
+    return _embedded_pairs(config)
   total = d.num_train_pairs + d.num_eval_pairs
   pairs = input_pipeline.synthetic_pairs(
       total, num_bases=config.basis.num_bases, vocab_size=config.model.vocab_size, prompt_len=d.prompt_len,
@@ -329,6 +334,28 @@ def load_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.ndarray]
   train = {name: value[:d.num_train_pairs] for name, value in pairs.items()}
   held_out = {name: value[d.num_train_pairs:] for name, value in pairs.items()}
   return train, held_out
+
+
+def _embedded_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+  """Generates (or reuses) the embedded preference data and tokenizes it; split by a hash of the prompt."""
+  from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
+  d = config.data
+  settings = embedded.GenerationSettings(
+      model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
+      temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size,
+      attributes=tuple(d.attributes))
+  if len(settings.attributes) != config.basis.num_bases:
+    raise ValueError(f"config.basis.num_bases={config.basis.num_bases} but config.data.attributes has "
+                     f"{len(settings.attributes)} attributes: one basis per attribute.")
+  directory = embedded.generate(settings, d.cache_dir or embedded.default_cache_root())
+  pairs, _ = embedded.load_pairs(directory)
+  tokenizer = hf_import.tokenizer_from_pretrained(config.model.path)
+  arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
+                                   tie_margin=d.tie_margin)
+  arrays.pop("scores_a"), arrays.pop("scores_b")
+  is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
+  return ({k: v[~is_eval] for k, v in arrays.items()}, {k: v[is_eval] for k, v in arrays.items()})
 
 
 class _StopSignal:
