@@ -16,6 +16,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from spectral_soup.utils import config_check
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
@@ -24,12 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def validate_config(config) -> None:
   """Fails fast, naming the field, before anything expensive runs."""
-  def need(cond, field, expected):
-    if not cond:
-      value = config
-      for part in field.split("."):
-        value = value[part]
-      raise ValueError(f"config.{field}={value!r} is invalid: expected {expected}.")
+  need = config_check.field_checker(config)
 
   need(isinstance(config.model.path, str) and config.model.path, "model.path", "a non-empty path")
   need(config.model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'")

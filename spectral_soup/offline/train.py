@@ -41,6 +41,7 @@ from spectral_soup.models import config as config_lib
 from spectral_soup.models.spectral import ATTN_TARGETS, BASIS_KINDS, MLP_TARGETS, SpectralPolicy
 from spectral_soup.offline import checkpoint as checkpoint_lib
 from spectral_soup.offline import features
+from spectral_soup.utils import config_check
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import losses
 from spectral_soup.offline import mesh as mesh_lib
@@ -57,12 +58,7 @@ DTYPES = ("float32", "bfloat16")
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
   """Raises ValueError naming the first invalid field (`config.train.batch_size=...`)."""
-  def need(cond, field, expected):
-    if not cond:
-      value = config
-      for part in field.split("."):
-        value = value[part]
-      raise ValueError(f"config.{field}={value!r} is invalid: expected {expected}.")
+  need = config_check.field_checker(config)
 
   c = config
   need(c.model.family in config_lib.FAMILIES, "model.family", f"one of {config_lib.FAMILIES}")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.soup.validation import check_lam
+from spectral_soup.soup.validation import lam_per_row
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "alpha")
 
@@ -102,12 +103,7 @@ def soup_logits_batched(ref_logits: jax.Array, basis_logits: jax.Array, lam: jax
   if np.ndim(ref_logits) < 2:
     raise ValueError(f"ref_logits must have shape [B, ..., V], got {np.shape(ref_logits)}.")
   batch = np.shape(ref_logits)[0]
-  check_lam(lam, num_bases, allow_batch=True)
-  lam = jnp.asarray(lam, jnp.float32)
-  if lam.ndim == 1:
-    lam = jnp.broadcast_to(lam, (batch, num_bases))
-  elif lam.shape[0] != batch:
-    raise ValueError(f"lam has {lam.shape[0]} rows but the batch has {batch} rows (lam shape {lam.shape}).")
+  lam = lam_per_row(lam, num_bases, batch)
   logps = jnp.concatenate([_log_normalize(ref_logits)[None], _log_normalize(basis_logits)], axis=0)
   coeffs = jnp.concatenate([1.0 - jnp.sum(lam, axis=-1, keepdims=True), lam], axis=-1).T  # [K + 1, B]
   return jax.nn.log_softmax(weighted_logp_sum(logps, coeffs), axis=-1)

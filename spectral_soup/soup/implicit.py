@@ -27,7 +27,7 @@ import numpy as np
 
 from spectral_soup.soup.explicit import _log_normalize
 from spectral_soup.soup.explicit import weighted_logp_sum
-from spectral_soup.soup.validation import check_lam
+from spectral_soup.soup.validation import lam_per_row
 
 
 def _inverse_cdf_sample(logp: jax.Array, uniforms: jax.Array) -> jax.Array:
@@ -80,12 +80,7 @@ def rejection_sample(key: jax.Array,
     raise ValueError(f"Expected ref_logits [B, V] and basis_logits [K, B, V], got {tuple(ref_shape)} and "
                      f"{tuple(basis_shape)}.")
   num_bases, batch = basis_shape[0], ref_shape[0]
-  check_lam(lam, num_bases, allow_batch=True)
-  lam = jnp.asarray(lam, jnp.float32)
-  if lam.ndim == 1:
-    lam = jnp.broadcast_to(lam, (batch, num_bases))
-  elif lam.shape[0] != batch:
-    raise ValueError(f"lam has {lam.shape[0]} rows but the batch has {batch} rows (lam shape {lam.shape}).")
+  lam = lam_per_row(lam, num_bases, batch)
   inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
 
   ref_logp = _log_normalize(ref_logits)  # [B, V]

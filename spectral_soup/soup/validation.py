@@ -60,3 +60,15 @@ def check_lam(lam: Any, num_bases: int, *, name: str = "lam", allow_batch: bool 
     what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
     raise ValueError(f"{name}{_format_index(index)} is {what}; mixing weights must be finite "
                      f"({len(bad)} non-finite entr{'y' if len(bad) == 1 else 'ies'} in total).")
+
+
+def lam_per_row(lam: Any, num_bases: int, batch: int):
+  """Validates lam and returns it as float32 [batch, K] (a [K] lam is shared by every row)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  check_lam(lam, num_bases, allow_batch=True)
+  lam = jnp.asarray(lam, jnp.float32)
+  if lam.ndim == 1:
+    return jnp.broadcast_to(lam, (batch, num_bases))
+  if lam.shape[0] != batch:
+    raise ValueError(f"lam has {lam.shape[0]} rows but the batch has {batch} rows (lam shape {lam.shape}).")
+  return lam
