@@ -169,17 +169,13 @@ def decode(logits_fn: LogitsFn, params: Any, prompt: Array, prompt_mask: Array, 
   return out, {"lengths": lengths, "done": done, "logprobs": out_logp, "stats": stats}
 
 
+@functools.lru_cache(maxsize=None)
 def model_logits_fn(model) -> LogitsFn:
-  """A LogitsFn for a plain `Transformer`: params are its parameter dict; returns normalized log-probs."""
+  """A LogitsFn for a plain `Transformer`: params are its parameter dict; returns normalized log-probs.
+
+  One function object per model (cached), so `decode`'s compiled loop is reused across calls.
+  """
   def logits_fn(params, tokens, mask, cache):
     logits, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache)
     return jax.nn.log_softmax(logits, axis=-1), aux["cache"]
-  return _cached_fn(model, logits_fn)
-
-
-_FN_CACHE: dict = {}
-
-
-def _cached_fn(owner, fn):
-  """Returns one function object per (hashable) owner, so jit's static-argument cache is reused."""
-  return _FN_CACHE.setdefault((type(fn).__name__, fn.__code__, owner), fn)
+  return logits_fn
