@@ -186,7 +186,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, ctx: Mapping[str, Array], layer: Mapping[str, Any],
                lora: Optional[Mapping[str, Any]], kv: Optional[Mapping[str, Array]] = None):
-    """x: [B, T, D]; kv: the whole stacked cache {"k", "v": [L, B, S, Hkv, Dh]} or None. Returns (out, kv)."""
+    """x: [B, T, D]; kv: this layer's cache {"k", "v": [B, S, Hkv, Dh]} or None.
+
+    Returns (out [B, T, D], new_kv): this chunk's keys and values {"k", "v": [B, T, Hkv, Dh]} (None without a
+    cache); the caller writes them into slots `ctx["write_index"]...+T`.
+    """
     cfg = self.config
     lora = lora or {}
     d, h, hkv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -206,20 +210,19 @@ class Attention(nn.Module):
       k = apply_rope(k, ctx["positions"], base, scale)
     q = constrain(q, ("batch", "length", "heads", "kv"))
 
+    new_kv = None
     if kv is not None:
-      # Decoding: write this chunk into layer `i` of the stacked cache (an in-place update of the scan carry;
-      # only T new slots are written), then attend over this layer's whole cache.
-      i, index = layer["index"], ctx["write_index"]
-      kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype)[None], (i, 0, index, 0, 0)),
-            "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype)[None], (i, 0, index, 0, 0))}
-      k = jax.lax.dynamic_index_in_dim(kv["k"], i, keepdims=False).astype(cfg.dtype)
-      v = jax.lax.dynamic_index_in_dim(kv["v"], i, keepdims=False).astype(cfg.dtype)
+      # Decoding: attend over this layer's cache with this chunk written into slots index...index+T.
+      index = ctx["write_index"]
+      new_kv = {"k": k.astype(kv["k"].dtype), "v": v.astype(kv["v"].dtype)}
+      k = jax.lax.dynamic_update_slice(kv["k"], new_kv["k"], (0, index, 0, 0)).astype(cfg.dtype)
+      v = jax.lax.dynamic_update_slice(kv["v"], new_kv["v"], (0, index, 0, 0)).astype(cfg.dtype)
     window = jnp.where(layer["is_local"], cfg.sliding_window or 0, 0)
     mask = attention_mask(ctx["q_slot"], ctx["positions"], ctx["k_slot"], ctx["k_pos"], ctx["k_valid"], window)
     out = dot_product_attention(q, k, v, mask, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
     out = Projection((h, hd), (d,), ("heads", "kv"), ("embed",), use_bias=cfg.use_bias, dtype=cfg.dtype,
                      weight_dtype=cfg.weight_dtype, name="o_proj")(out, lora.get("o_proj"))
-    return out, kv
+    return out, new_kv
 
 
 class Mlp(nn.Module):

@@ -64,9 +64,12 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer: Mapping[str, Any], ctx: Mapping[str, Array]):
-    """carry: (x [B, T, D], kv cache or None); layer: this layer's slice of the stacked per-layer inputs."""
+    """carry: x [B, T, D]; layer: this layer's slice of the stacked per-layer inputs (its cache slice under "kv").
+
+    Returns (x, new_kv): new_kv holds this chunk's keys and values {"k", "v": [B, T, Hkv, Dh]} (None without cache).
+    """
     cfg = self.config
-    x, kv = carry
+    x, kv = carry, layer.get("kv")
     lora = layer.get("lora") or {}
     h = layers.make_norm(cfg, "pre_attn_norm")(x)
     h, kv = layers.Attention(cfg, name="attn")(h, ctx, layer, lora.get("attn"), kv)
@@ -78,7 +81,7 @@ class DecoderBlock(nn.Module):
     if cfg.sandwich_norm:
       h = layers.make_norm(cfg, "post_mlp_norm")(h)
     x = layers.constrain(x + h, ("batch", "length", "embed"))
-    return (x, kv), None
+    return x, kv
 
 
 class Transformer(nn.Module):
@@ -131,10 +134,13 @@ class Transformer(nn.Module):
                        next_pos=cache["next_pos"] + jnp.sum(mask, axis=1, dtype=jnp.int32))
 
     # ---- The layer stack: one scanned block, per-layer inputs stacked on the leading axis.
-    # The KV cache is part of the scan carry, so each layer updates T slots of it in place.
+    # Each layer reads its slice of the KV cache as a scan input and returns only the T new keys / values as a
+    # scan output; the cache is updated once, after the stack, in T slots. (A cache in the scan carry is copied
+    # whole by every layer on CPU: 30 copies of the full cache per decode step on a 30-layer model.)
     per_layer = {"is_local": jnp.asarray(cfg.local_layers, jnp.bool_),
                  "index": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
-    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    if cache is not None:
+      per_layer["kv"] = {"k": cache["k"], "v": cache["v"]}
     if lora is not None:
       per_layer["lora"] = lora
     block = DecoderBlock
@@ -143,9 +149,11 @@ class Transformer(nn.Module):
     stack = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, kv), _ = stack(cfg, name="layers")((x, kv), per_layer, ctx)
+    x, new_kv = stack(cfg, name="layers")(x, per_layer, ctx)
     if cache is not None:
-      new_cache["k"], new_cache["v"] = kv["k"], kv["v"]
+      for name in ("k", "v"):
+        new_cache[name] = jax.lax.dynamic_update_slice(
+            cache[name], new_kv[name].astype(cache[name].dtype), (0, 0, cache["index"], 0, 0))
 
     # ---- Output head.
     hidden = layers.make_norm(cfg, "final_norm")(x)
@@ -161,6 +169,25 @@ class Transformer(nn.Module):
     if cfg.final_logit_softcap is not None:
       logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return layers.constrain(logits, ("batch", "length", "vocab")), aux
+
+
+def output_logits(config: TransformerConfig, params: Any, hidden: Array) -> Array:
+  """The output layer of `Transformer` on final hidden states, outside the module: [..., D] -> f32[..., V].
+
+  params: the Transformer's parameters (the tied embedding or `lm_head` is read). Lets callers compute logits at a
+  few positions only (e.g. the last prompt token, or response tokens) after a `return_logits=False` pass.
+  """
+  dtype = config.dtype
+  if config.tie_embeddings:
+    logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), params["embed"]["embedding"].astype(dtype),
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("...d,dv->...v", hidden.astype(dtype), params["lm_head"]["kernel"].astype(dtype),
+                        preferred_element_type=jnp.float32)
+  logits = logits.astype(jnp.float32)
+  if config.final_logit_softcap is not None:
+    logits = config.final_logit_softcap * jnp.tanh(logits / config.final_logit_softcap)
+  return logits
 
 
 class Embed(nn.Module):

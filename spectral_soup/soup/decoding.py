@@ -130,19 +130,36 @@ def decode(logits_fn: LogitsFn, params: Any, prompt: Array, prompt_mask: Array, 
     including EOS), `done: bool[B]`, `logprobs: f32[B, N]` (log-prob of each emitted token under logits_fn) and
     `stats` (the sampler's per-row statistics summed over the emitted tokens).
   """
-  sample_fn = sample_fn or standard_sample_fn
   prompt, prompt_mask = left_pad(prompt, prompt_mask, pad_id)
-  batch = prompt.shape[0]
   out_, cache = logits_fn(params, prompt, prompt_mask, cache)
   last = jax.tree.map(lambda x: x[..., -1, :], out_)
+  return decode_from(logits_fn, params, last, cache, key, max_new_tokens=max_new_tokens, sampling=sampling,
+                     eos_id=eos_id, pad_id=pad_id, sample_fn=sample_fn)
+
+
+def decode_from(logits_fn: LogitsFn, params: Any, last: Any, cache: Any, key: Array, *, max_new_tokens: int,
+                sampling: SamplingConfig = SamplingConfig(), eos_id: Optional[int] = None, pad_id: int = 0,
+                sample_fn: Optional[SampleFn] = None) -> Tuple[Array, dict]:
+  """The loop of `decode` after the prompt: starts from `logits_fn`'s output at the last prompt position.
+
+  last: `out` of `logits_fn` at the last prompt column ([..., V] leaves, B rows); cache: the prompt's filled
+  cache. Lets callers prefill a prompt once and decode many rows from copies of its cache (e.g. one prompt for
+  many users and methods). Not jitted itself: call it inside a jitted function. Returns what `decode` returns.
+  Sampler statistics may have trailing axes ([B, ...]); they are summed over each row's emitted tokens.
+  """
+  sample_fn = sample_fn or standard_sample_fn
+  batch = jax.tree.leaves(last)[0].shape[-2]
   _, _, stats_shape = jax.eval_shape(lambda k, l: sample_fn(k, l, params, sampling), key, last)
   stats = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), stats_shape)
+
+  def masked(done, s):
+    return jnp.where(done.reshape(done.shape + (1,) * (s.ndim - 1)), 0.0, s)
 
   def body(state):
     step, last, cache, key, out, out_logp, done, stats = state
     key, sub = jax.random.split(key)
     token, token_logp, step_stats = sample_fn(sub, last, params, sampling)
-    stats = jax.tree.map(lambda acc, s: acc + jnp.where(done, 0.0, s), stats, step_stats)
+    stats = jax.tree.map(lambda acc, s: acc + masked(done, s), stats, step_stats)
     token = jnp.where(done, pad_id, token)
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
     out_logp = jax.lax.dynamic_update_slice(out_logp, jnp.where(done, 0.0, token_logp)[:, None], (0, step))
