@@ -1,0 +1,68 @@
+r"""Runs a config on this machine, from the repository root; optionally on N fake CPU devices, or until it finishes.
+
+  python -m launch.local --config=configs/train_basis_tiny.py --workdir=workdir/basis_tiny [--dry-run] \
+      [--fake-devices=8] [--restarts=3] [-- --config.FIELD=VALUE ...]
+
+* `--fake-devices=N` runs on N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, JAX_PLATFORMS=cpu),
+  to exercise a config's mesh (data x fsdp x model) without accelerators.
+* `--restarts=R` runs the job again, up to R times, while it exits with status 143 (stopped by SIGTERM after saving
+  a checkpoint): each run resumes from the newest checkpoint in --workdir.
+* `--nice=N` lowers the job's CPU priority (a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from typing import List, Optional, Sequence
+
+from launch import common
+
+PREEMPTED_EXIT_CODE = 143  # experiments.train_basis: stopped by SIGTERM after a checkpoint; run again to resume.
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--python", default=sys.executable, help="Interpreter of the job.")
+  parser.add_argument("--fake-devices", "--fake_devices", dest="fake_devices", type=int, default=0,
+                      help="Run on this many fake CPU devices (0: the real devices).")
+  parser.add_argument("--nice", type=int, default=0, help="CPU niceness of the job (0: unchanged).")
+  parser.add_argument("--restarts", type=int, default=0,
+                      help=f"Run again up to this many times while the job exits with {PREEMPTED_EXIT_CODE}.")
+  common.add_job_flags(parser)
+  args = parser.parse_args(argv)
+  common.check_config_path(parser, args.config)
+  if args.fake_devices < 0 or args.restarts < 0:
+    parser.error("--fake-devices and --restarts must be >= 0.")
+  return args
+
+
+def build_commands(args: argparse.Namespace) -> List[common.Step]:
+  """One step: `[env ...] [nice -n N] python -m MODULE --config=... --workdir=... [job args]`, in the repo root."""
+  argv = common.job_argv(args.python, args.module, args.config, args.workdir, args.job_args)
+  if args.nice:
+    argv = ["nice", "-n", str(args.nice), *argv]
+  if args.fake_devices:
+    argv = ["env", f"XLA_FLAGS=--xla_force_host_platform_device_count={args.fake_devices}", "JAX_PLATFORMS=cpu",
+            *argv]
+  return [common.Step("run", argv, cwd=common.REPO_ROOT)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  steps = build_commands(args)
+  if args.dry_run:
+    return common.execute(steps, dry_run=True)
+  step = steps[0]
+  for attempt in range(args.restarts + 1):
+    print(f"[run {attempt + 1}] {step.line()}", flush=True)
+    code = subprocess.run(step.argv, cwd=step.cwd, check=False).returncode
+    if code != PREEMPTED_EXIT_CODE:
+      return code
+  return code
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,378 @@
+r"""Preference pairs for basis training from the TFDS builders: UltraFeedback, HelpSteer2, P-SOUPS.
+
+    tokenizer = sources.load_tokenizer(config)              # config.data.tokenizer, else config.model.path's
+    train, held_out, metadata = sources.builder_pairs(config, tokenizer)
+
+`builder_pairs` builds `config.data.source` with `spectral_soup.data.builders.load_source` (from the upstream files
+in `config.data.manual_dir`, into `config.data.data_dir`; nothing is downloaded), reads the train and eval splits,
+tokenizes them and returns arrays in the `input_pipeline` pair format:
+
+    prompt int32[N, P], prompt_mask bool[N, P]          chat-formatted, left-truncated, left-padded
+    response_a/_b int32[N, R], response_*_mask bool[N, R]  text + end-of-sequence token, right-truncated, right-padded
+    labels int8[N, K]                                     BT label of basis k (1: a preferred, 0: b, -1: none)
+    scores_a/_b f32[N, K]                                 rating of each response under basis k (NaN: missing)
+
+**Bases on attribute weightings (METHOD.md section 3).** A source has A attributes (UltraFeedback: 4 ratings,
+HelpSteer2: 5 ratings, P-SOUPS: 6 preference poles). `config.data.attributes` selects and orders them (empty: all, in
+the builder's order); a leading "-" negates one ("-verbosity": the less verbose response wins). Basis k is defined by
+a fixed weight vector w_k in R^A (`attribute_weightings`, rows of W: [K, A]):
+
+* bases 0..A-1 are the one-hot attributes (w_k = e_k), so K = A gives one basis per attribute;
+* bases A..K-1 are Dirichlet(alpha * 1_A) draws from `numpy.random.default_rng(config.data.seed)`: fixed, seeded
+  points of the simplex (K = 30 on UltraFeedback's 4 attributes, as in the paper).
+
+Per pair and attribute, d = score_a - score_b (for sources without scores, P-SOUPS: d = +1 if a is preferred, -1 if
+b is, 0 on a tie). Basis k's label is the Bradley-Terry label of w_k . d: 1 if w_k . d > margin, 0 if
+w_k . d < -margin, -1 otherwise or when an attribute with w_k != 0 is missing for the pair (margin:
+`config.data.label_margin`, in rating units). For a one-hot w_k and margin 0 this is exactly the builder's
+per-attribute label. Basis k's ratings are s . w_k (NaN when a weighted attribute is missing, or the source has no
+scores). Pairs without a single basis label (dpo) or without a single rating difference (ratings) are dropped.
+`metadata` records the attributes, W, the builder config and the pair counts; `basis_metadata(config)` recomputes
+the data-independent part (attributes and W) from the config alone.
+
+In a multi-host job every host builds (on first use) and reads the same dataset; the build is deterministic, so keep
+`data_dir` on each host's local disk (the configs' `data/tfds`, under the code directory), never on a directory the
+hosts share, where their builds would race.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from spectral_soup.offline import input_pipeline
+
+BUILDER_SOURCES = ("ultrafeedback", "helpsteer2", "psoups")
+# Attribute order of each builder's `label` / `scores_*` columns: the builders' ATTRIBUTES / POLES, repeated here so
+# that importing this module (train.py does) does not import TFDS; tests/test_sources.py checks that they agree.
+SOURCE_ATTRIBUTES = {
+    "ultrafeedback": ("instruction_following", "honesty", "truthfulness", "helpfulness"),
+    "helpsteer2": ("helpfulness", "correctness", "coherence", "complexity", "verbosity"),
+    "psoups": ("elementary", "knowledgeable", "concise", "informative", "friendly", "unfriendly"),
+}
+HELPSTEER2_PREFERENCE_ATTRIBUTES = ("preference",)  # HelpSteer2's `preference` variant: one human label.
+LABEL_ONLY_SOURCES = ("psoups",)  # Sources whose pairs carry labels but no scores.
+_READ_CHUNK = 4_096  # Examples read from the array_record source per call.
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: the builder config, the attributes and the weightings.
+
+
+def builder_config(config: ml_collections.ConfigDict) -> Any:
+  """`config.data.builder_config` as `builders.load_source` takes it (a config name, or a BuilderConfig).
+
+  A string names a predefined config; a mapping holds `base` (a predefined config name, default: the source's
+  default) and fields to override. Overrides equal to the base's values are dropped, so they do not create a
+  separately named dataset.
+  """
+  from spectral_soup.data import builders  # pylint: disable=g-import-not-at-top
+  source, value = config.data.source, config.data.get("builder_config", None)
+  if value is None or isinstance(value, str):
+    if value and value not in builders.BUILDERS[source].builder_configs:
+      raise ValueError(f"config.data.builder_config={value!r} is invalid: expected one of "
+                       f"{sorted(builders.BUILDERS[source].builder_configs)} or a mapping of overrides.")
+    return value or None
+  overrides = dict(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+  given = dict(overrides)
+  base = overrides.pop("base", None) or builders.BUILDERS[source].DEFAULT_CONFIG_NAME
+  try:
+    template = builders.BUILDERS[source].builder_configs[base]
+  except KeyError:
+    raise ValueError(f"config.data.builder_config.base={base!r} is invalid: expected one of "
+                     f"{sorted(builders.BUILDERS[source].builder_configs)}.") from None
+  overrides = {k: v for k, v in overrides.items() if not hasattr(template, k) or getattr(template, k) != v}
+  try:
+    return builders.make_config(source, base, **overrides)
+  except ValueError as e:
+    raise ValueError(f"config.data.builder_config={given!r} is invalid: {e}") from None
+
+
+def source_attributes(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
+  """The attributes (label columns) of `config.data.source` under `config.data.builder_config`, builder order."""
+  source = config.data.source
+  if source == "helpsteer2":
+    resolved = builder_config(config)
+    if resolved is None:
+      from spectral_soup.data import builders  # pylint: disable=g-import-not-at-top
+      resolved = builders.BUILDERS[source].DEFAULT_CONFIG_NAME
+    variant = resolved if isinstance(resolved, str) else resolved.variant
+    if variant == "ratings":
+      raise ValueError("config.data.builder_config='ratings' is invalid for basis training: HelpSteer2's ratings "
+                       "variant has single responses; use 'pairs' (per-attribute labels) or 'preference'.")
+    if variant == "preference":
+      return HELPSTEER2_PREFERENCE_ATTRIBUTES
+  return SOURCE_ATTRIBUTES[source]
+
+
+def selected_attributes(config: ml_collections.ConfigDict) -> Tuple[Tuple[str, ...], np.ndarray, np.ndarray]:
+  """(names, columns int[A], signs f32[A]) of `config.data.attributes` ("-name": negated; empty: all)."""
+  available = source_attributes(config)
+  names = tuple(config.data.get("attributes", ()) or available)
+  columns, signs = [], []
+  for name in names:
+    base = name[1:] if name.startswith("-") else name
+    if base not in available:
+      raise ValueError(f"config.data.attributes={names!r} is invalid: {base!r} is not an attribute of "
+                       f"{config.data.source} (expected names from {available}, optionally prefixed by '-').")
+    columns.append(available.index(base))
+    signs.append(-1.0 if name.startswith("-") else 1.0)
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.data.attributes={names!r} is invalid: an attribute appears twice.")
+  return names, np.asarray(columns, np.int64), np.asarray(signs, np.float32)
+
+
+def attribute_weightings(num_bases: int, num_attributes: int, alpha: float, seed: int) -> np.ndarray:
+  """W: f32[K, A]. Rows 0..A-1 are the one-hot attributes; rows A..K-1 are seeded Dirichlet(alpha) draws."""
+  if num_bases < num_attributes:
+    raise ValueError(f"num_bases={num_bases} < {num_attributes} attributes: every attribute needs its basis.")
+  extra = np.random.default_rng(seed).dirichlet(np.full(num_attributes, alpha), size=num_bases - num_attributes)
+  return np.concatenate([np.eye(num_attributes), extra.reshape(-1, num_attributes)]).astype(np.float32)
+
+
+def basis_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """What basis k means: {"source", "attributes": [A names], "weightings": [K][A]} (no data is read)."""
+  names, _, _ = selected_attributes(config)
+  weights = attribute_weightings(config.basis.num_bases, len(names), config.data.weighting_alpha, config.data.seed)
+  return {"source": config.data.source, "attributes": list(names), "weightings": weights.tolist()}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the `config.data` fields of a builder source (no file is touched); raises ValueError naming a field."""
+  from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
+  need = config_check.field_checker(config)
+  d = config.data
+  need(d.source in BUILDER_SOURCES, "data.source", f"one of {BUILDER_SOURCES}")
+  for field in ("data_dir", "manual_dir", "tokenizer", "train_split", "eval_split"):
+    need(isinstance(d.get(field, None), str), f"data.{field}", "a string")
+  need(bool(d.train_split), "data.train_split", "a split name ('train')")
+  need(bool(config.model.path or d.tokenizer), "data.tokenizer",
+       "a local tokenizer (or checkpoint) directory when config.model.path is empty")
+  builder_config(config)  # Raises naming data.builder_config.
+  names, _, _ = selected_attributes(config)  # Raises naming data.attributes.
+  need(config.basis.num_bases >= len(names), "basis.num_bases",
+       f">= the {len(names)} attributes {names} (one basis per attribute, then weightings); select fewer with "
+       f"config.data.attributes")
+  need(d.weighting_alpha > 0, "data.weighting_alpha", "> 0")
+  need(d.label_margin >= 0, "data.label_margin", ">= 0")
+  need(d.prompt_len >= 1 and d.response_len >= 1, "data.response_len", "prompt_len >= 1 and response_len >= 1")
+  if config.loss.kind == "ratings":
+    need(d.source not in LABEL_ONLY_SOURCES and names != HELPSTEER2_PREFERENCE_ATTRIBUTES, "loss.kind",
+         f"'dpo' for {d.source} (its pairs have labels, no ratings)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels and ratings of the K bases.
+
+
+def attribute_differences(scores_a: Optional[np.ndarray], scores_b: Optional[np.ndarray], label: np.ndarray,
+                          mask: np.ndarray) -> np.ndarray:
+  """d: f32[N, A], score_a - score_b (or +1 / -1 / 0 from the labels when there are no scores); NaN: missing."""
+  if scores_a is not None:
+    with np.errstate(invalid="ignore"):
+      return np.where(mask, scores_a - scores_b, np.nan).astype(np.float32)
+  signs = np.where(label == 1, 1.0, np.where(label == 0, -1.0, 0.0))
+  return np.where(mask, signs, np.nan).astype(np.float32)
+
+
+def weighted(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """values f32[N, A] (NaN: missing), W f32[K, A] -> f32[N, K]: values . w_k (NaN if a weighted value is missing)."""
+  missing = (~np.isfinite(values)).astype(np.float32) @ (weights != 0).T.astype(np.float32) > 0
+  out = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0) @ weights.T
+  return np.where(missing, np.nan, out).astype(np.float32)
+
+
+def basis_labels(differences: np.ndarray, weights: np.ndarray, margin: float = 0.0) -> np.ndarray:
+  """int8[N, K]: the BT label of w_k . d (1: a preferred, 0: b preferred, -1: tie within `margin` or missing)."""
+  value = weighted(differences, weights)
+  with np.errstate(invalid="ignore"):
+    return np.where(value > margin, 1, np.where(value < -margin, 0, -1)).astype(np.int8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization.
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer of `config.data.tokenizer` (a local directory or .gguf), else of `config.model.path`."""
+  from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
+  path = config.data.get("tokenizer", "") or config.model.path
+  if not path:
+    raise ValueError("config.data.tokenizer='' is invalid: expected a local tokenizer (or checkpoint) directory "
+                     "when config.model.path is empty.")
+  return hf_import.tokenizer_from_pretrained(path)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> List[List[int]]:
+  """Token ids of each prompt as one user turn of the chat template (if asked and the tokenizer has one)."""
+  if chat_template and getattr(tokenizer, "chat_template", None):
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+  return tokenizer(list(prompts))["input_ids"]  # With the tokenizer's own special tokens (e.g. BOS).
+
+
+def tokenize(tokenizer, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], *,
+             prompt_len: int, response_len: int, chat_template: bool = True) -> Dict[str, np.ndarray]:
+  """Token fields of `input_pipeline` for N pairs of texts.
+
+  Prompts keep their last `prompt_len` tokens (left-padded); responses are their tokens followed by the
+  end-of-sequence token, cut to `response_len` (right-padded; a cut response has no end token).
+  """
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else input_pipeline.PAD_ID
+  eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+  n = len(prompts)
+  out = {}
+  for name, length in (("prompt", prompt_len), ("response_a", response_len), ("response_b", response_len)):
+    out[name] = np.full((n, length), pad, np.int32)
+    out[f"{name}_mask"] = np.zeros((n, length), bool)
+  for i, ids in enumerate(encode_prompts(tokenizer, prompts, chat_template)):
+    ids = ids[-prompt_len:]
+    out["prompt"][i, prompt_len - len(ids):] = ids
+    out["prompt_mask"][i, prompt_len - len(ids):] = True
+  for side, texts in (("a", responses_a), ("b", responses_b)):
+    for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+      ids = (list(ids) + eos)[:response_len]
+      out[f"response_{side}"][i, :len(ids)] = ids
+      out[f"response_{side}_mask"][i, :len(ids)] = True
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a builder.
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def read_split(config: ml_collections.ConfigDict, split: str, limit: int) -> Dict[str, Any]:
+  """At most `limit` examples of one split: texts (lists of str) and label / mask / scores arrays [N, A].
+
+  Builds the dataset first if `config.data.data_dir` does not hold it yet. With more than `limit` examples, a
+  subset seeded by (config.data.seed, split) is read, in the split's order.
+  """
+  from spectral_soup.data import builders  # pylint: disable=g-import-not-at-top
+  d = config.data
+  data_dir = d.data_dir or _default_data_dir()
+  resolved = builder_config(config)
+  builders.load_source(d.source, data_dir, manual_dir=d.manual_dir or None, config=resolved, split=d.train_split)
+  builder = builders.get_builder(d.source, data_dir, resolved)
+  if split not in builder.info.splits:
+    field = "data.train_split" if split == d.train_split else "data.eval_split"
+    raise ValueError(f"config.{field}={split!r} is invalid: {builder.name}/{builder.builder_config.name} has splits "
+                     f"{sorted(builder.info.splits)}.")
+  source = builder.as_data_source(split)
+  total = len(source)
+  rows = np.arange(total)
+  if total > limit:
+    rows = np.sort(np.random.default_rng([d.seed, *split.encode()]).choice(total, size=limit, replace=False))
+  examples = []
+  for start in range(0, len(rows), _READ_CHUNK):
+    examples.extend(source.__getitems__(rows[start:start + _READ_CHUNK].tolist()))
+  has_scores = bool(examples) and "scores_a" in examples[0]
+  stack = lambda key, dtype: np.stack([np.asarray(e[key], dtype) for e in examples]) if examples else None
+  return {
+      "prompt": [_text(e["prompt"]) for e in examples],
+      "response_a": [_text(e["response_a"]) for e in examples],
+      "response_b": [_text(e["response_b"]) for e in examples],
+      "label": stack("label", np.int8), "mask": stack("mask", bool),
+      "scores_a": stack("scores_a", np.float32) if has_scores else None,
+      "scores_b": stack("scores_b", np.float32) if has_scores else None,
+      "num_in_split": total, "builder_config": builder.builder_config.name,
+  }
+
+
+def _default_data_dir() -> str:
+  return os.path.join(os.path.expanduser("~"), "tensorflow_datasets")  # TFDS's own default.
+
+
+def pair_arrays(examples: Mapping[str, Any], tokenizer, config: ml_collections.ConfigDict,
+                weights: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
+  """`read_split` output -> (`input_pipeline` arrays with labels / scores of the K bases, counts)."""
+  d = config.data
+  _, columns, signs = selected_attributes(config)
+  n, k = len(examples["prompt"]), weights.shape[0]
+  if not n:
+    return {}, {"read": 0, "kept": 0}
+  label, mask = examples["label"][:, columns], examples["mask"][:, columns]
+  label = np.where(signs < 0, np.where(label == 1, 0, np.where(label == 0, 1, label)), label).astype(np.int8)
+  if examples["scores_a"] is not None:
+    scores_a = examples["scores_a"][:, columns] * signs
+    scores_b = examples["scores_b"][:, columns] * signs
+    differences = attribute_differences(scores_a, scores_b, label, mask)
+    rated_a, rated_b = weighted(scores_a, weights), weighted(scores_b, weights)
+  else:
+    differences = attribute_differences(None, None, label, mask)
+    rated_a = rated_b = np.full((n, k), np.nan, np.float32)
+  labels = basis_labels(differences, weights, d.label_margin)
+  if config.loss.kind == "dpo":
+    keep = np.any(labels >= 0, axis=1)
+  else:
+    keep = np.any(np.isfinite(rated_a - rated_b), axis=1)
+  rows = np.flatnonzero(keep)
+  pick = lambda texts: [texts[i] for i in rows]
+  arrays = tokenize(tokenizer, pick(examples["prompt"]), pick(examples["response_a"]), pick(examples["response_b"]),
+                    prompt_len=d.prompt_len, response_len=d.response_len,
+                    chat_template=d.get("chat_template", True))
+  arrays.update(labels=labels[rows], scores_a=rated_a[rows], scores_b=rated_b[rows])
+  return arrays, {"read": n, "kept": len(rows)}
+
+
+def _check_vocab(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray]) -> None:
+  if config.model.path or not arrays:
+    return
+  top = max(int(arrays[f].max(initial=0)) for f in ("prompt", "response_a", "response_b"))
+  if top >= config.model.vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is invalid: the tokenizer produced token "
+                     f"id {top}; expected a vocabulary of at least {top + 1}.")
+
+
+def builder_pairs(config: ml_collections.ConfigDict, tokenizer) -> Tuple[Dict[str, np.ndarray],
+                                                                         Dict[str, np.ndarray], Dict[str, Any]]:
+  """(train, eval, metadata) for a builder source; arrays in the `input_pipeline` format with K label columns.
+
+  train: at most `config.data.num_train_pairs` pairs of `config.data.train_split`; eval: at most
+  `config.data.num_eval_pairs` of `config.data.eval_split` ("" or 0: none). metadata: `basis_metadata` plus the
+  builder config name and per-split counts {"in_split", "read", "kept"}.
+  """
+  validate_config(config)
+  d = config.data
+  metadata = basis_metadata(config)
+  weights = np.asarray(metadata["weightings"], np.float32)
+  out = []
+  for split, limit in ((d.train_split, d.num_train_pairs), (d.eval_split, d.num_eval_pairs)):
+    if not split or limit <= 0:
+      out.append(_empty_pairs(config.basis.num_bases, d.prompt_len, d.response_len))
+      continue
+    examples = read_split(config, split, limit)
+    arrays, counts = pair_arrays(examples, tokenizer, config, weights)
+    if not arrays:
+      arrays = _empty_pairs(config.basis.num_bases, d.prompt_len, d.response_len)
+    _check_vocab(config, arrays)
+    is_train = split == d.train_split
+    batch = config.train.batch_size if is_train else config.train.eval_batch_size
+    if len(arrays["prompt"]) < batch:
+      raise ValueError(f"config.train.{'batch_size' if is_train else 'eval_batch_size'}={batch} is invalid: "
+                       f"{d.source}/{split} has only {len(arrays['prompt'])} labelled pairs (of at most "
+                       f"data.num_{'train' if is_train else 'eval'}_pairs={limit} read), fewer than one batch.")
+    metadata["builder_config"] = examples["builder_config"]
+    metadata.setdefault("splits", {})[split] = {"in_split": examples["num_in_split"], **counts}
+    logging.info("%s/%s: %d of %d pairs read, %d kept (a label or rating difference for some basis).", d.source,
+                 split, counts["read"], examples["num_in_split"], counts["kept"])
+    out.append(arrays)
+  return out[0], out[1], metadata
+
+
+def _empty_pairs(num_bases: int, prompt_len: int, response_len: int) -> Dict[str, np.ndarray]:
+  arrays = {}
+  for name, length in (("prompt", prompt_len), ("response_a", response_len), ("response_b", response_len)):
+    arrays[name] = np.zeros((0, length), np.int32)
+    arrays[f"{name}_mask"] = np.zeros((0, length), bool)
+  arrays["labels"] = np.zeros((0, num_bases), np.int8)
+  arrays["scores_a"] = arrays["scores_b"] = np.zeros((0, num_bases), np.float32)
+  return arrays
