@@ -423,6 +423,16 @@ def _abstract_params(config: TransformerConfig) -> Any:
 # Checkpoint files.
 
 
+def _safe_open(path: Path) -> Any:
+  """`safetensors.safe_open(path)`; a file it cannot parse (truncated, not safetensors) raises ValueError naming it."""
+  from safetensors import safe_open
+  try:
+    return safe_open(str(path), framework="numpy")
+  except Exception as e:  # SafetensorError("Error while deserializing header: ...") does not name the file.
+    raise ValueError(f"{path}: not a readable safetensors file ({os.path.getsize(path)} bytes); it is probably "
+                     f"truncated or corrupt ({type(e).__name__}: {e}).") from e
+
+
 class _SafetensorsStateDict(Mapping):
   """Read-only, lazy {tensor name: numpy array} over one or more safetensors files."""
 
@@ -432,20 +442,22 @@ class _SafetensorsStateDict(Mapping):
 
   @classmethod
   def from_files(cls, paths: Sequence[Path]) -> "_SafetensorsStateDict":
-    from safetensors import safe_open
     files = {}
     for path in paths:
-      with safe_open(str(path), framework="numpy") as f:
+      with _safe_open(path) as f:
         for name in f.keys():
           files[name] = path
     return cls(files)
 
   def __getitem__(self, name: str) -> np.ndarray:
-    from safetensors import safe_open
     path = self._files[name]
     if path not in self._handles:
-      self._handles[path] = safe_open(str(path), framework="numpy")
-    return self._handles[path].get_tensor(name)
+      self._handles[path] = _safe_open(path)
+    try:
+      return self._handles[path].get_tensor(name)
+    except Exception as e:  # The reader's own errors name neither the file nor the tensor.
+      raise ValueError(f"{path}: tensor {name!r} could not be read; the file is probably truncated or corrupt "
+                       f"({type(e).__name__}: {e}).") from e
 
   def file_of(self, name: str) -> str:
     return str(self._files[name])
@@ -542,11 +554,41 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, weight_dtype:
   return Transformer(config), params
 
 
+def check_vocab(tokenizer: Any, vocab_size: int, source: str) -> None:
+  """Raises ValueError if `tokenizer` can produce ids that a model with `vocab_size` embeddings does not have.
+
+  A model may have more embeddings than the tokenizer has tokens (padded vocabularies); never fewer: the extra
+  ids would index past the embedding table, which JAX clamps silently instead of failing.
+  """
+  size = len(tokenizer)
+  if size > vocab_size:
+    raise ValueError(f"{source}: the tokenizer has {size} tokens but the model's vocab_size is {vocab_size}: token "
+                     f"ids {vocab_size}..{size - 1} have no embedding. The tokenizer and the weights come from "
+                     f"different models.")
+
+
+def _config_vocab_size(directory: Path) -> Optional[int]:
+  """vocab_size from an HF checkpoint's config.json (or its text_config), None if it does not say."""
+  try:
+    raw = json.loads((directory / "config.json").read_text())
+  except (OSError, ValueError):
+    return None
+  size = raw.get("vocab_size", (raw.get("text_config") or {}).get("vocab_size"))
+  return int(size) if isinstance(size, int) else None
+
+
 def tokenizer_from_pretrained(path: str | os.PathLike):
-  """The tokenizer of an HF checkpoint directory (local files only) or of a .gguf file."""
+  """The tokenizer of an HF checkpoint directory (local files only) or of a .gguf file.
+
+  For a directory, the tokenizer is checked against the vocab_size of its config.json (`check_vocab`).
+  """
   p = _resolve(path, "tokenizer_from_pretrained")
   if p.is_dir():
     import transformers
-    return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    vocab_size = _config_vocab_size(p)
+    if vocab_size is not None:
+      check_vocab(tokenizer, vocab_size, str(p))
+    return tokenizer
   from spectral_soup.models import gguf_import
   return gguf_import.tokenizer_from_gguf(str(p))

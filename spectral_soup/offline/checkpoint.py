@@ -7,21 +7,106 @@ and `data` (JSON: the input iterator's {"epoch", "position"} and anything else t
   last `max_to_keep` steps.
 * Atomic: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a crash
   mid-save leaves a temporary directory that is never listed as a step (and is cleaned up on the next start).
+* Every save also stores a fingerprint of each array (a position-weighted wrapping sum of its bits, computed on
+  device) in the JSON item; a restore whose arrays do not match (a changed value in files that still read fine)
+  counts as a corrupt step.
 * Restores place every array directly into its target sharding (restore arguments from `jax.eval_shape` of the
   state plus the shardings), so nothing is gathered on one host.
 * `restore_latest` tries steps newest first: a step that fails to restore (a truncated or deleted file) is moved
   aside to `<directory>.corrupt/<step>` with a warning and the previous step is tried.
+* A step that reads fine but does not fit (another config: other K, other model shape) is not corrupt: before any
+  array is read, the caller's `check_data` sees the step's JSON item and the saved shapes are compared with the
+  abstract state; either raises (`CheckpointMismatchError` names the first arrays that differ) and nothing is
+  moved aside.
+* A save that fails (a full disk, a lost file system) raises `CheckpointSaveError` naming the step, the directory
+  and the cause, at the `save` or `wait` that follows it (asynchronous writes fail in the background). Older steps
+  are only deleted (`max_to_keep`) after a newer one is committed, so they are never lost to a failed save.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint step is readable but holds other shapes than the state being restored (another config)."""
+
+
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint step failed; the message names the step, the directory and the cause."""
+
+
+class FingerprintMismatchError(ValueError):
+  """A step's arrays read back differently from what was saved (a corrupt step)."""
+
+
+def _path_name(path: Tuple[Any, ...]) -> str:
+  """'params.heads.a' for a pytree key path (dict keys, sequence indices and attribute names alike)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts)
+
+
+def _shapes(tree: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+  """{path name: (shape, dtype name)} of every array leaf (jax.Array, ShapeDtypeStruct or Orbax metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(path): (tuple(leaf.shape), str(getattr(leaf, "dtype", "?"))) for path, leaf in leaves}
+
+
+FINGERPRINTS = "array_fingerprints"  # Key of the fingerprints in the JSON item.
+
+
+@jax.jit
+def _bit_sums(arrays: Tuple[jax.Array, ...]) -> Tuple[jax.Array, ...]:
+  """Arrays of any shape and dtype -> uint32 scalars: sum_i w_i * bits_i mod 2^32 over each array's elements read
+  as unsigned words, with odd weights w_i = 2 i + 1 (i: the flat index). An odd weight is invertible mod 2^32, so
+  changing any one element always changes the sum; the weights also make it depend on the order of elements."""
+  def one(x):
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.uint8)
+    width = jnp.dtype(x.dtype).itemsize
+    if width >= 4:  # 8-byte types become [..., 2] uint32.
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+      bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[width]).astype(jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)  # Flat index from per-axis iotas: no reshape of sharded data.
+    for axis, size in enumerate(bits.shape):
+      index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+  return tuple(one(x) for x in arrays)
+
+
+def fingerprints(state: Any) -> Dict[str, int]:
+  """{array path: its `_bit_sums` fingerprint}: changes if any one element changes (not a secure hash).
+
+  One compiled call per set of devices the arrays live on (a jitted call needs its arrays on the same devices).
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  groups: Dict[Any, list] = {}
+  for index, (_, leaf) in enumerate(leaves):
+    sharding = getattr(leaf, "sharding", None)
+    devices = tuple(sorted(d.id for d in sharding.device_set)) if sharding is not None else ()
+    groups.setdefault(devices, []).append(index)
+  sums = {}
+  for indices in groups.values():
+    for index, value in zip(indices, jax.device_get(_bit_sums(tuple(leaves[i][1] for i in indices)))):
+      sums[_path_name(leaves[index][0])] = int(value)
+  return sums
 
 
 class Checkpointer:
@@ -39,7 +124,12 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,  # Partial saves of a crashed run.
         create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    # Handlers given up front (not learned from the first save or restore): the metadata of a step written by
+    # another process can be read before anything is restored.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+    self._pending_step: Optional[int] = None  # The newest save started and not yet known to be committed.
 
   def all_steps(self):
     return list(self.manager.all_steps())
@@ -48,31 +138,124 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data: Mapping[str, Any], *, force: bool = False) -> bool:
-    """Starts saving `state` (a pytree of jax.Arrays) and `data` (JSON) at `step` if due (or `force`d)."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data)))
-    return self.manager.save(step, args=args, force=force)
+    """Starts saving `state` (a pytree of jax.Arrays) and `data` (JSON) at `step` if due (or `force`d).
+
+    Raises CheckpointSaveError if the previous asynchronous save failed or this one cannot start.
+    """
+    if not force and not self.manager.should_save(step):
+      return False
+    self.wait()  # What Orbax does first anyway; here a failure is reported as the previous step's.
+    data = {**data, FINGERPRINTS: fingerprints(state)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
+    try:
+      saved = self.manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except  (any write failure: name the step and the cause)
+      raise self._save_error(step, e) from e
+    if saved:
+      self._pending_step = step
+    return saved
+
+  def _save_error(self, step: Optional[int], error: BaseException) -> CheckpointSaveError:
+    cause = error
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+      cause = cause.__cause__
+    code = cause.errno if isinstance(cause, OSError) else None
+    self.manager.reload()  # Its in-memory list may already have dropped steps that the failed save would retire.
+    kept = [s for s in self.all_steps() if s != step]
+    what = f"step {step}" if step is not None else "a step"
+    return CheckpointSaveError(
+        code, f"Saving checkpoint {what} in {self.directory} failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:300] if str(error) else ''}). Earlier steps {kept} are untouched; the "
+        f"partial step is removed on the next start. Free space (or fix the file system) and run the same "
+        f"command again to resume from step {max(kept) if kept else 0}.")
 
   def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
-    """(state, data) of `step`; `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set."""
+    """(state, data) of `step`; `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set.
+
+    Raises FingerprintMismatchError (a ValueError) if the arrays do not match the fingerprints saved with them.
+    """
+    state, data = self._read(step, abstract_state)
+    self._verify(state, data)
+    return state, data
+
+  def _read(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     restored = self.manager.restore(step, args=args)
     return restored["state"], dict(restored["data"])
 
-  def restore_latest(self, abstract_state: Any) -> Optional[Tuple[int, Any, dict]]:
+  @staticmethod
+  def _verify(state: Any, data: dict) -> None:
+    """Pops the fingerprints from `data`; raises FingerprintMismatchError if `state` does not match them."""
+    expected = data.pop(FINGERPRINTS, None)
+    if expected is not None:
+      got = fingerprints(state)  # A failure to compute them is a bug, not a corrupt step: it propagates.
+      bad = sorted(name for name in expected if got.get(name) != expected[name])
+      if bad:
+        raise FingerprintMismatchError(f"the restored arrays {bad[:3]} do not match the fingerprints saved with them")
+
+  def read_data(self, step: int) -> dict:
+    """The JSON item of `step` alone (no array is read), without the fingerprints."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    return {k: v for k, v in restored["data"].items() if k != FINGERPRINTS}
+
+  def _check_fits(self, step: int, saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
+    """Raises CheckpointMismatchError naming the first arrays whose path, shape or dtype differ."""
+    problems = []
+    for name in sorted(set(saved) | set(wanted)):
+      if name not in saved:
+        problems.append(f"{name} is missing from the checkpoint (expected shape {wanted[name][0]})")
+      elif name not in wanted:
+        problems.append(f"{name} (shape {saved[name][0]}) is in the checkpoint but not in this state")
+      elif saved[name] != wanted[name]:
+        problems.append(f"{name} has shape {saved[name][0]} {saved[name][1]} in the checkpoint but "
+                        f"{wanted[name][0]} {wanted[name][1]} here")
+    if problems:
+      more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+      raise CheckpointMismatchError(
+          f"Checkpoint step {step} in {self.directory} does not fit this configuration: "
+          f"{'; '.join(problems[:3])}{more}. It was written with another config (number of bases, basis kind "
+          f"or rank, model shape); run with that config, or use a new directory.")
+
+  def restore_latest(self, abstract_state: Any, check_data: Optional[Callable[[int, dict], None]] = None
+                     ) -> Optional[Tuple[int, Any, dict]]:
     """(step, state, data) of the newest step that restores, or None if there is none.
 
-    A step that fails is moved aside (process 0) to `<directory>.corrupt/<step>` with a warning.
+    For each step, newest first: its JSON item and array metadata are read, `check_data(step, data)` is called
+    (it may raise, e.g. on a config mismatch), the saved shapes are compared with `abstract_state`
+    (CheckpointMismatchError), then the arrays are restored. Those errors propagate; a step that cannot be read is
+    moved aside (process 0) to `<directory>.corrupt/<step>` with a warning and the previous step is tried.
     """
+    wanted = _shapes(abstract_state)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state, data = self.restore(step, abstract_state)
+        data = self.read_data(step)
+        saved = _shapes(self.manager.item_metadata(step)["state"])
+        if not saved:
+          raise ValueError("the state's array metadata is missing")
       except Exception as e:  # pylint: disable=broad-except  (any read failure means "unusable step")
-        logging.warning("Checkpoint step %d in %s is corrupt or incomplete (%s: %s); falling back to the "
-                        "previous step.", step, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
-        self._set_aside(step)
+        self._corrupt(step, e)
+        continue
+      if check_data is not None:
+        check_data(step, data)
+      self._check_fits(step, saved, wanted)
+      try:
+        state, data = self._read(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        self._corrupt(step, e)
+        continue
+      try:
+        self._verify(state, data)
+      except FingerprintMismatchError as e:
+        self._corrupt(step, e)
         continue
       return step, state, data
     return None
+
+  def _corrupt(self, step: int, error: BaseException) -> None:
+    logging.warning("Checkpoint step %d in %s is corrupt or incomplete (%s: %s); falling back to the previous "
+                    "step.", step, self.directory, type(error).__name__,
+                    (str(error).splitlines() or [""])[0][:300])
+    self._set_aside(step)
 
   def _set_aside(self, step: int) -> None:
     """Moves a bad step out of the manager's directory, so later saves of the same step number succeed."""
@@ -91,8 +274,36 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are committed."""
-    self.manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are committed; CheckpointSaveError if one failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._pending_step = self._pending_step, None
+      raise self._save_error(step, e) from e
+    self._pending_step = None
 
   def close(self) -> None:
     self.manager.close()
+
+
+def save_debug_step(directory: str, state: Any, host_batch: Mapping[str, np.ndarray],
+                    metrics: Mapping[str, Any]) -> str:
+  """Writes what reproduces one training step to `directory` (all hosts call it); returns the directory.
+
+  `state/`: the state (an Orbax checkpoint of the pytree, restorable with `ocp.StandardCheckpointer`);
+  `batch_process<i>.npz`: host i's rows of the batch; `metrics.json`: the step's metrics (NaN kept as NaN).
+  """
+  directory = os.path.abspath(directory)
+  state_dir = os.path.join(directory, "state")
+  if jax.process_index() == 0 and os.path.exists(state_dir):  # A previous run stopped at the same step.
+    shutil.rmtree(state_dir)
+  os.makedirs(directory, exist_ok=True)
+  np.savez(os.path.join(directory, f"batch_process{jax.process_index()}.npz"),
+           **{name: np.asarray(value) for name, value in host_batch.items()})
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(state_dir, state)
+    checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "metrics.json"), "w") as f:
+      json.dump({name: np.asarray(value).tolist() for name, value in metrics.items()}, f, indent=1)
+  return directory

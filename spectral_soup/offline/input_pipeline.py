@@ -25,8 +25,18 @@ TOKEN_FIELDS = ("prompt", "prompt_mask", "response_a", "response_a_mask", "respo
 PAD_ID = 0
 
 
-def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: bool = False) -> int:
-  """Validates the pair format; returns N. Raises ValueError naming the field."""
+def _first_row(bad: np.ndarray) -> int:
+  return int(np.flatnonzero(bad)[0])
+
+
+def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: bool = False,
+                vocab_size: Optional[int] = None) -> int:
+  """Validates the pair format; returns N. Raises ValueError naming the field (and the first bad row).
+
+  Checks: the fields are present with N rows and matching shapes; tokens are integers (in [0, vocab_size) where
+  the mask is set, if `vocab_size` is given); no prompt or response is empty; labels are -1, 0 or 1; scores are
+  floats, NaN (missing) or finite.
+  """
   needed = TOKEN_FIELDS + (("scores_a", "scores_b") if need_ratings else ("labels",))
   missing = [name for name in needed if name not in arrays]
   if missing:
@@ -36,13 +46,46 @@ def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: 
     if len(value) != n:
       raise ValueError(f"Pair field {name!r} has {len(value)} rows; 'prompt' has {n}.")
   for side in ("prompt", "response_a", "response_b"):
-    if arrays[side].shape != arrays[f"{side}_mask"].shape:
-      raise ValueError(f"Pair field {side}_mask has shape {arrays[side + '_mask'].shape}; {side} has "
-                       f"{arrays[side].shape}.")
+    tokens, mask = np.asarray(arrays[side]), np.asarray(arrays[f"{side}_mask"]).astype(bool)
+    if tokens.shape != mask.shape or tokens.ndim != 2:
+      raise ValueError(f"Pair field {side}_mask has shape {mask.shape}; {side} has {tokens.shape} (expected [N, T] "
+                       f"both).")
+    if not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"Pair field {side!r} holds {tokens.dtype} values; token ids must be integers.")
+    empty = ~mask.any(axis=1)
+    if empty.any():
+      raise ValueError(f"Pair field {side!r} is empty in row {_first_row(empty)} ({int(empty.sum())} rows in total: "
+                       f"{side}_mask has no True entry); drop such pairs before training.")
+    too_big = (tokens >= vocab_size) if vocab_size is not None else np.zeros(tokens.shape, bool)
+    out_of_range = mask & ((tokens < 0) | too_big)
+    if out_of_range.any():
+      row = _first_row(out_of_range.any(axis=1))
+      token = int(tokens[row][out_of_range[row]][0])
+      if token < 0:
+        raise ValueError(f"Pair field {side!r} row {row} holds the negative token id {token}.")
+      raise ValueError(f"Pair field {side!r} row {row} holds token id {token}, but the model's vocab_size is "
+                       f"{vocab_size} (ids 0..{vocab_size - 1}): the data was tokenized for another model.")
   for name in ("labels", "scores_a", "scores_b"):
     if name in arrays and arrays[name].shape[1:] != (num_bases,):
       raise ValueError(f"Pair field {name!r} has shape {arrays[name].shape}: expected [N, {num_bases}] "
                        f"(one column per basis).")
+  if "labels" in arrays:
+    labels = np.asarray(arrays["labels"])
+    bad = ~np.isin(labels, (-1, 0, 1))
+    if bad.any():
+      row = _first_row(bad.any(axis=1))
+      raise ValueError(f"Pair field 'labels' row {row} holds {labels[row][bad[row]][0].item()!r}: labels are 1 (a "
+                       f"preferred), 0 (b preferred) or -1 (tie / missing).")
+  for name in ("scores_a", "scores_b"):
+    if name in arrays:
+      scores = np.asarray(arrays[name])
+      if not np.issubdtype(scores.dtype, np.floating):
+        raise ValueError(f"Pair field {name!r} holds {scores.dtype} values; scores must be floats (NaN: missing).")
+      bad = np.isinf(scores)
+      if bad.any():
+        row = _first_row(bad.any(axis=1))
+        raise ValueError(f"Pair field {name!r} row {row} holds {scores[row][bad[row]][0].item()}: scores must be "
+                         f"finite (NaN marks a missing score).")
   return n
 
 

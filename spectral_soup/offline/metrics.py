@@ -5,8 +5,8 @@ A line is {"step": int, "kind": "train" | "eval", name: float | [K floats] | [[.
 gives `cross_accuracy/basis_2/0`). TensorBoard needs
 `tensorboardX`; without it only the JSON lines are written (and that is logged once).
 
-On resume from step s, lines after s (written by the interrupted run past its last checkpoint) are dropped so
-that the file reads as one run.
+On resume from step s, lines after s (written by the interrupted run past its last checkpoint) and a line cut
+short by a crash are dropped, by an atomic rewrite, so that the file reads as one run.
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ class MetricsWriter:
     for line in lines:
       try:
         if json.loads(line)["step"] <= step:
-          keep.append(line)
+          keep.append(line if line.endswith("\n") else line + "\n")  # Cut right after its "}": complete it.
       except (ValueError, KeyError):
         continue  # A line cut short by a crash.
-    with open(self.path, "w") as f:
+    # Atomic: a crash while rewriting leaves the old file, never a truncated one.
+    tmp = f"{self.path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
       f.writelines(keep)
+    os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
     if not self.enabled:
@@ -88,7 +91,15 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str, kind: Optional[str] = None) -> list:
-  """The records of `<workdir>/metrics.jsonl` (optionally only those of one kind)."""
+  """The records of `<workdir>/metrics.jsonl` (optionally only those of one kind).
+
+  A last line without its newline (a run killed while writing it) is skipped; any other bad line raises.
+  """
   with open(os.path.join(workdir, FILENAME)) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  if lines and not lines[-1].endswith("\n"):
+    logging.warning("Skipping the unfinished last line of %s (a run was killed while writing it).",
+                    os.path.join(workdir, FILENAME))
+    lines = lines[:-1]
+  records = [json.loads(line) for line in lines if line.strip()]
   return [r for r in records if kind is None or r.get("kind") == kind]

@@ -30,7 +30,7 @@ from spectral_soup.models.transformer import Cache, Transformer, init_cache
 from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import soup_logits_batched
 from spectral_soup.soup.implicit import rejection_sample
-from spectral_soup.soup.validation import check_lam
+from spectral_soup.soup.validation import lam_per_row
 
 Array = jax.Array
 MODES = ("explicit", "params", "implicit", "naive")
@@ -172,12 +172,17 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
-  check_lam(lam, policy.num_bases)
   check_prompts(prompt, prompt_mask)
+  users, length = np.shape(prompt)
+  lam = lam_per_row(lam, policy.num_bases, users)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1.")
+  if policy.config.learned_positions and length + max_new_tokens > policy.config.max_len:
+    raise ValueError(f"prompt length {length} + max_new_tokens={max_new_tokens} = {length + max_new_tokens} tokens "
+                     f"exceed the model's max_len={policy.config.max_len} (its learned position table); shorten "
+                     f"the prompts or generate fewer tokens.")
   prompt = jnp.asarray(prompt, jnp.int32)
-  users = prompt.shape[0]
-  lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (users, policy.num_bases))
-  cache = init_serving_cache(policy, mode, users, prompt.shape[1] + max_new_tokens)
+  cache = init_serving_cache(policy, mode, users, length + max_new_tokens)
   key = jax.random.key(0) if key is None else key
   sample_fn = implicit_sample_fn(max_proposals) if mode == "implicit" else None
   tokens, aux = decoding.decode(souped_logits_fn(policy, mode), {"policy": policy_params, "lam": lam}, prompt,

@@ -1,0 +1,1 @@
+"""Reliability suite: faults injected into training, checkpoints, inputs and the online updates."""

@@ -1,0 +1,303 @@
+"""Bad input fails fast with a message that names the culprit: config fields, mixing weights, prompts, vocabularies,
+dataset rows, pair arrays and truncated checkpoint files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from configs import train_basis_tiny
+from spectral_soup.data import builders
+from spectral_soup.models import hf_import
+from spectral_soup.offline import input_pipeline
+from spectral_soup.offline import train
+from spectral_soup.soup import decoding
+from spectral_soup.soup import serving
+from tests import tiny
+from tests.reliability.harness import REPO
+
+K, U = 3, 4
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config fields.
+
+
+def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
+  """Through the real entry point; all three fail while parsing flags, before JAX is even imported."""
+  cases = {"--config.train.num_step=5": "num_step", "--config.trian.num_steps=5": "trian",
+           "--config.train.num_steps=ten": "config.train.num_steps=ten"}
+  env = dict(os.environ, PYTHONPATH=REPO)
+  procs = {flag: subprocess.Popen([sys.executable, "-m", "experiments.train_basis",
+                                   "--config=configs/train_basis_tiny.py", flag, f"--workdir={tmp_path}"],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for flag in cases}
+  for flag, name in cases.items():
+    out, _ = procs[flag].communicate(timeout=120)
+    assert procs[flag].returncode != 0 and name in out, (flag, out[-2000:])
+    assert "Mesh" not in out  # Nothing started.
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flat, field", [  # `field`: the start of the message, after "config.".
+    ({"basis.num_bases": 0}, "basis.num_bases"),
+    ({"basis.head_rank": 0}, "basis.head_rank"),
+    ({"loss.beta": 0.0}, "loss.beta"),
+    ({"loss.label_smoothing": 0.5}, "loss.label_smoothing"),
+    ({"optim.warmup_steps": 400}, "optim.warmup_steps"),  # More than train.num_steps = 300.
+    ({"optim.b2": 1.0}, "optim.b2"),
+    ({"checkpoint.max_to_keep": 0}, "checkpoint.max_to_keep"),
+    ({"checkpoint.every_steps": -1}, "checkpoint.every_steps"),
+    ({"train.eval_batch_size": 12}, "train.eval_batch_size"),  # Not a multiple of 8 devices.
+    ({"data.response_len": 125}, "data.response_len"),  # prompt 8 + 125 > model.max_len 128.
+    ({"data.num_train_pairs": 16}, "data.num_train_pairs"),  # Fewer than one batch of 32.
+    ({"data.source": "web"}, "data.source"),
+    ({"model.dtype": "float16"}, "model.dtype"),
+    ({"model.num_heads": 3}, r"model.num_kv_heads=2 is invalid: expected a divisor of num_heads=3"),
+])
+def test_out_of_range_config_values_are_named(flat, field):
+  config = train_basis_tiny.get_config()
+  config.update_from_flattened_dict(flat)
+  with pytest.raises(ValueError, match=rf"config\.{field}"):
+    train.validate_config(config)
+
+
+def test_config_field_types_are_enforced():
+  config = train_basis_tiny.get_config()
+  with pytest.raises(TypeError, match="nan_check"):  # ConfigDict keeps each field's type.
+    config.train.nan_check = "yes"
+  with pytest.raises(TypeError, match="num_bases"):
+    config.basis.num_bases = 2.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixing weights and prompts at serving time: checked before anything compiles.
+
+
+@pytest.fixture(scope="module")
+def heads_policy():
+  return tiny.tiny_policy("heads", num_bases=K)
+
+
+PROMPT = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], np.int32)
+MASK = PROMPT != 0
+
+
+@pytest.mark.parametrize("lam, message", [
+    (np.ones(K + 1), r"lam has 4 weights but there are 3 bases"),
+    (np.ones((U, K - 1)), r"lam has 2 weights but there are 3 bases"),
+    (np.ones((U + 1, K)), r"lam has 5 rows but the batch has 4 rows"),
+    (np.ones((2, U, K)), r"lam must have shape \[K\] or \[B, K\] with K=3"),
+    (np.where(np.eye(U, K) > 0, np.nan, 0.2), r"lam\[0, 0\] is NaN"),
+    (np.array([0.2, np.inf, 0.1]), r"lam\[1\] is inf"),
+    (np.array(["a", "b", "c"]), r"lam must hold real numbers"),
+])
+def test_bad_lam_is_named(heads_policy, lam, message):
+  policy, params = heads_policy
+  with pytest.raises(ValueError, match=message):
+    serving.generate(policy, params, lam, PROMPT, MASK, max_new_tokens=2)
+
+
+def test_empty_and_overlong_prompts_are_named(heads_policy):
+  policy, params = heads_policy
+  with pytest.raises(ValueError, match="prompt 1 has 0 tokens: expected 1 to 4"):
+    decoding.pad_prompts([[1, 2], []], batch_size=2, length=4)
+  with pytest.raises(ValueError, match="prompt 0 has 5 tokens: expected 1 to 4"):
+    decoding.pad_prompts([[1, 2, 3, 4, 5]], batch_size=2, length=4)
+  with pytest.raises(ValueError, match="3 prompts do not fit a batch of 2"):
+    decoding.pad_prompts([[1], [2], [3]], batch_size=2, length=4)
+  empty = MASK.copy()
+  empty[2] = False
+  with pytest.raises(ValueError, match="prompt row 2 is empty"):
+    serving.generate(policy, params, np.ones(K) / K, PROMPT, empty, max_new_tokens=2)
+  with pytest.raises(ValueError, match="max_new_tokens=0"):
+    serving.generate(policy, params, np.ones(K) / K, PROMPT, MASK, max_new_tokens=0)
+
+
+def test_prompt_longer_than_the_position_table_is_named():
+  policy, params = tiny.tiny_policy("heads", num_bases=K, family="gpt2")  # Learned positions: max_len = 128.
+  prompt = np.ones((2, 120), np.int32)
+  with pytest.raises(ValueError, match=r"prompt length 120 \+ max_new_tokens=16 = 136 tokens exceed the model's "
+                                       r"max_len=128"):
+    serving.generate(policy, params, np.ones(K) / K, prompt, prompt > 0, max_new_tokens=16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer vs model vocabulary.
+
+
+def _tokenizer_dir(path, num_tokens, vocab_size):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, num_tokens)}}
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(str(path))
+  (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": vocab_size}))
+  return path
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_named(tmp_path):
+  bad = _tokenizer_dir(tmp_path / "bad", num_tokens=40, vocab_size=32)
+  with pytest.raises(ValueError, match=r"bad: the tokenizer has 40 tokens but the model's vocab_size is 32: token "
+                                       r"ids 32\.\.39 have no embedding"):
+    hf_import.tokenizer_from_pretrained(bad)
+  padded = _tokenizer_dir(tmp_path / "padded", num_tokens=40, vocab_size=48)  # A padded embedding table is fine.
+  assert len(hf_import.tokenizer_from_pretrained(padded)) == 40
+
+
+def test_pairs_tokenized_for_another_model_are_named():
+  pairs = input_pipeline.synthetic_pairs(8, num_bases=K, vocab_size=100, prompt_len=4, response_len=6, seed=0)
+  row = int(np.flatnonzero((np.where(pairs["response_b_mask"], pairs["response_b"], 0) >= 64).any(1))[0])
+  pairs["prompt"] %= 64
+  pairs["response_a"] %= 64
+  with pytest.raises(ValueError, match=rf"'response_b' row {row} holds token id \d+, but the model's vocab_size "
+                                       rf"is 64"):
+    input_pipeline.check_pairs(pairs, K, vocab_size=64)
+  pairs["response_b"] %= 64
+  assert input_pipeline.check_pairs(pairs, K, vocab_size=64) == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Malformed pair arrays (what training reads) and malformed source rows (what the builders read).
+
+
+def _pairs():
+  return input_pipeline.synthetic_pairs(8, num_bases=K, vocab_size=64, prompt_len=4, response_len=6, seed=0)
+
+
+def _set(field, row, value):
+  def damage(pairs):
+    pairs[field] = pairs[field].copy()
+    pairs[field][row] = value
+    return pairs
+  return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: {k: v for k, v in p.items() if k != "response_b_mask"}, r"lack fields \['response_b_mask'\]"),
+    (lambda p: {**p, "labels": p["labels"][:5]}, r"'labels' has 5 rows; 'prompt' has 8"),
+    (lambda p: {**p, "labels": p["labels"][:, :2]}, r"'labels' has shape \(8, 2\): expected \[N, 3\]"),
+    (lambda p: {**p, "prompt_mask": p["prompt_mask"][:, :3]}, r"prompt_mask has shape \(8, 3\); prompt has \(8, 4\)"),
+    (lambda p: {**p, "response_a": p["response_a"].astype(np.float32)}, r"'response_a' holds float32 values"),
+    (_set("response_b_mask", 3, False), r"'response_b' is empty in row 3"),
+    (_set("prompt_mask", 6, False), r"'prompt' is empty in row 6"),
+    (_set("response_a", 2, -5), r"'response_a' row 2 holds the negative token id -5"),
+    (_set("labels", 4, 2), r"'labels' row 4 holds 2: labels are 1"),
+    (_set("scores_a", 1, np.inf), r"'scores_a' row 1 holds inf: scores must be finite"),
+])
+def test_malformed_pair_arrays_are_named(damage, message):
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.check_pairs(damage(_pairs()), K, need_ratings=True)
+  # NaN marks a missing score: accepted.
+  assert input_pipeline.check_pairs(_set("scores_a", 1, np.nan)(_pairs()), K, need_ratings=True) == 8
+
+
+def _write_jsonl(path, rows):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def _rated(prompt, response, score=3):
+  return {"prompt": prompt, "response": response, "helpfulness": score, "correctness": score, "coherence": score,
+          "complexity": score, "verbosity": score}
+
+
+def _completion(response, rating="3"):
+  return {"model": "m", "response": response,
+          "annotations": {a: {"Rating": rating} for a in ("instruction_following", "honesty", "truthfulness",
+                                                          "helpfulness")}}
+
+
+def _ultrafeedback(bad):
+  good = {"source": "s", "instruction": "Plan a trip.", "completions": [_completion("r0"), _completion("r1", "4")]}
+  return "ultrafeedback", {"ultrafeedback/part.jsonl": [good, bad]}
+
+
+BAD_ROWS = {  # (builder, files {name: rows}) with the bad row second in the first file.
+    "helpsteer2/missing_field": ("helpsteer2", {"train.jsonl": [_rated("p", "a"), {"prompt": "p", "response": "b"}],
+                                                "validation.jsonl": [_rated("v", "a")]}, "helpfulness"),
+    "helpsteer2/wrong_type": ("helpsteer2", {"train.jsonl": [_rated("p", "a"), _rated("p", "b", score="3")],
+                                             "validation.jsonl": [_rated("v", "a")]}, "helpfulness"),
+    "helpsteer2/nan_rating": ("helpsteer2", {"train.jsonl": [_rated("p", "a"), json.dumps(_rated("p", "b", 1))
+                                                             .replace('"coherence": 1', '"coherence": NaN')],
+                                             "validation.jsonl": [_rated("v", "a")]}, "coherence"),
+    "helpsteer2/empty_response": ("helpsteer2", {"train.jsonl": [_rated("p", "a"), _rated("p", " ")],
+                                                 "validation.jsonl": [_rated("v", "a")]}, "response"),
+    "psoups/empty_response": ("psoups", {"data/rm_training/P1A.jsonl": [
+        {"user_input": "q", "completion_a": "x", "completion_b": "y"},
+        {"user_input": "q", "completion_a": "", "completion_b": "y"}]}, "completion_a"),
+    "ultrafeedback/empty_response": (*_ultrafeedback(
+        {"instruction": "Say hi.", "completions": [_completion("hi"), _completion("")]}), "completions[1].response"),
+    "ultrafeedback/nan_rating": (*_ultrafeedback(
+        {"instruction": "Say hi.", "completions": [_completion("hi"), _completion("yo", "NaN")]}),
+                                 "completions[1].annotations.instruction_following.Rating"),
+    "ultrafeedback/missing_field": (*_ultrafeedback({"instruction": "Say hi."}), "completions"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_malformed_source_rows_name_file_row_and_field(tmp_path, case):
+  name, files, field = BAD_ROWS[case]
+  for file_name, rows in files.items():
+    _write_jsonl(tmp_path / "manual" / file_name, rows)
+  first = next(iter(files))
+  with pytest.raises(builders.MalformedRowError) as info:
+    builders.load_source(name, tmp_path / "tfds", manual_dir=tmp_path / "manual")
+  assert (info.value.row, info.value.field) == (2, field), str(info.value)
+  assert info.value.path.endswith(os.path.basename(first)) and f"'{field}'" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Truncated checkpoint files: a clear error naming the file, never a raw struct / numpy / Rust error.
+
+
+def _full_gguf(path):
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.arange(16 * 8, dtype=np.float32).reshape(16, 8))
+  writer.add_tensor("output_norm.weight", np.ones(8, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path.read_bytes()
+
+
+def _llama_dir(path):
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps({
+      "model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "max_position_embeddings": 32,
+      "tie_word_embeddings": False}))
+  save_file({"model.embed_tokens.weight": np.ones((16, 8), np.float32), "model.norm.weight": np.ones(8, np.float32)},
+            str(path / "model.safetensors"))
+  return (path / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("keep", [6, 0.5, -16])  # Inside the header, the middle, the last tensor's bytes.
+def test_truncated_gguf_names_the_file(tmp_path, keep):
+  data = _full_gguf(tmp_path / "full.gguf")
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
+  with pytest.raises(ValueError, match=r"cut\.gguf.*(truncated|too short|corrupt)") as info:
+    hf_import.from_pretrained(cut)
+  assert info.type is ValueError
+
+
+@pytest.mark.parametrize("keep", [4, 40, 0.5, -8])
+def test_truncated_safetensors_names_the_file(tmp_path, keep):
+  data = _llama_dir(tmp_path / "model")
+  cut = data[:int(len(data) * keep) if isinstance(keep, float) else keep]
+  (tmp_path / "model" / "model.safetensors").write_bytes(cut)
+  with pytest.raises(ValueError, match=rf"model\.safetensors: not a readable safetensors file \({len(cut)} bytes\); "
+                                       r"it is probably truncated or corrupt") as info:
+    hf_import.from_pretrained(tmp_path / "model")
+  assert info.type is ValueError

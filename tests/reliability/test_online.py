@@ -1,0 +1,153 @@
+"""Online robustness: degenerate feedback (none, one, contradictory, separable, feature scales 1e-6 and 1e6) gives a
+finite lambda at the optimum and a positive definite Laplace covariance; one user with NaN / Inf input in a batch
+changes nothing for the others, in every batched entry point."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from spectral_soup import online
+
+U, N, K = 8, 12, 4  # One shape for every batched call here (one compilation each).
+BAD = 3  # The user given NaN / Inf input.
+
+
+def _users(seed=0):
+  """Degenerate users, one per row: (features [U, N, K], prefs [U, N], mask [U, N])."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((U, N, K))
+  p = (rng.uniform(size=(U, N)) < 0.5).astype(np.float64)
+  mask = np.ones((U, N), bool)
+  mask[0] = False  # 0: no comparison at all.
+  mask[1, 1:] = False  # 1: a single comparison.
+  x[2, N // 2:] = x[2, :N // 2]  # 2: every comparison made twice with opposite answers.
+  p[2, N // 2:] = 1.0 - p[2, :N // 2]
+  p[3] = (x[3] @ np.arange(1.0, K + 1) > 0)  # 3: perfectly separable.
+  p[4] = 1.0  # 4: always the first response (separable too).
+  x[5] *= 1e6  # 5, 6: extreme feature scales.
+  x[6] *= 1e-6
+  x[7] *= 1e6  # 7: extreme scale and separable.
+  p[7] = (x[7] @ np.ones(K) > 0)
+  return x.astype(np.float32), p.astype(np.float32), mask
+
+
+def _gradient64(x, p, mask, l2, lam):
+  """The objective's gradient in float64 at lam (per user)."""
+  x, lam = np.asarray(x, np.float64), np.asarray(lam, np.float64)
+  x = np.where(mask[..., None], x, 0.0)
+  z = np.einsum("unk,uk->un", x, lam)
+  return np.einsum("unk,un->uk", x, mask * (0.5 * (1 + np.tanh(0.5 * z)) - p)) + l2 * lam
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1.0])
+def test_degenerate_users_get_finite_optimal_lambda_and_pd_covariance(l2):
+  x, p, mask = _users()
+  lam = np.asarray(online.fit_lambda_batched(x, p, l2=l2, mask=mask))
+  assert np.all(np.isfinite(lam))
+  np.testing.assert_array_equal(lam[0], 0.0)  # No data: the prior mean.
+  np.testing.assert_allclose(lam[2], 0.0, atol=1e-6)  # Contradictory answers cancel.
+  # At the optimum: the gradient vanishes relative to the scale of its terms (float32 arithmetic).
+  scale = np.einsum("unk->uk", np.abs(x) * mask[..., None]) + l2 * np.abs(lam) + 1e-30
+  relative = np.abs(_gradient64(x, p, mask, l2, lam)) / scale
+  ok = [0, 1, 2, 3, 4, 6] if l2 == 1e-3 else list(range(U))  # 1e6 features with l2 = 1e-3: ~1e15 conditioning.
+  assert np.all(relative[ok] < 1e-3), relative
+  # The single comparison: lam moves along its feature difference only.
+  d = x[1, 0] / np.linalg.norm(x[1, 0])
+  np.testing.assert_allclose(lam[1] - (lam[1] @ d) * d, 0.0, atol=1e-6)
+  mean, cov = (np.asarray(a, np.float64) for a in online.posterior_batched(lam, x, mask, l2=l2))
+  np.testing.assert_array_equal(mean, lam)
+  np.testing.assert_allclose(cov, np.swapaxes(cov, 1, 2), rtol=1e-6, atol=0)
+  assert np.all(np.isfinite(cov)) and np.all(np.linalg.eigvalsh(cov) > 0)
+  assert not np.any(np.isnan(np.linalg.cholesky(np.asarray(cov, np.float32))))  # Also in float32.
+  # The posterior feeds pair choice and Thompson sampling: both stay finite and valid.
+  candidates = np.random.default_rng(1).standard_normal((U, 5, K)).astype(np.float32)
+  i, j = (np.asarray(a) for a in online.choose_pair_batched(candidates, mean, cov, rule="max_info"))
+  assert np.all((0 <= i) & (i < j) & (j < 5))
+  draws = jax.vmap(online.thompson_sample)(jax.random.split(jax.random.key(0), U), mean, cov)
+  assert np.all(np.isfinite(np.asarray(draws)))
+
+
+def test_degenerate_users_under_the_simplex_constraint():
+  x, p, mask = _users()
+  lam = np.asarray(online.fit_lambda_batched(x, p, l2=1.0, mask=mask, constraint="simplex",
+                                             prior_mean=np.full(K, 1.0 / K)))
+  assert np.all(np.isfinite(lam)) and np.all(lam >= 0)
+  np.testing.assert_allclose(lam.sum(1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(lam[0], 1.0 / K, atol=1e-6)  # No data: the uniform soup.
+
+
+def _alone(fit, x, p, mask, users):
+  return np.stack([np.asarray(fit(x[u], p[u], mask=mask[u])) for u in users])
+
+
+@pytest.mark.parametrize("bad_input", ["nan_feature", "inf_feature", "nan_pref"])
+@pytest.mark.parametrize("options", [{}, {"constraint": "simplex"}, {"tol": 1e-4}],
+                         ids=["plain", "simplex", "early_stop"])
+def test_one_bad_user_changes_nothing_for_the_others(bad_input, options):
+  x, p, mask = _users(seed=1)
+  mask[:] = True
+  bad_x, bad_p = x.copy(), p.copy()
+  if bad_input == "nan_feature":
+    bad_x[BAD, 2, 1] = np.nan
+  elif bad_input == "inf_feature":
+    bad_x[BAD, 2, 1] = np.inf
+  else:
+    bad_p[BAD, 5] = np.nan
+  fit = functools.partial(online.fit_lambda_batched, l2=1.0, **options)
+  clean, dirty = np.asarray(fit(x, p, mask=mask)), np.asarray(fit(bad_x, bad_p, mask=mask))
+  others = [u for u in range(U) if u != BAD]
+  np.testing.assert_array_equal(dirty[others], clean[others])  # Bitwise: users never interact.
+  assert np.all(np.isnan(dirty[BAD]))  # The bad user is flagged, not silently fitted.
+  single = functools.partial(online.fit_lambda, l2=1.0, **options)
+  np.testing.assert_allclose(dirty[others], _alone(single, x, p, mask, others), rtol=1e-5, atol=1e-6)
+  # Masking the bad row out is the remedy: then that user is fitted on the rest of its data.
+  mask[BAD, 2 if bad_input != "nan_pref" else 5] = False
+  repaired = np.asarray(fit(bad_x, bad_p, mask=mask))
+  assert np.all(np.isfinite(repaired[BAD]))
+  np.testing.assert_array_equal(repaired[others], clean[others])
+
+
+def test_one_bad_user_in_the_posterior_and_pair_choice():
+  x, p, mask = _users(seed=2)
+  mask[:] = True
+  lam = np.asarray(online.fit_lambda_batched(x, p, l2=1.0))
+  bad_x, bad_lam = x.copy(), lam.copy()
+  bad_x[BAD, 0, 0], bad_lam[BAD, 1] = np.nan, np.nan
+  mean, cov = (np.asarray(a) for a in online.posterior_batched(lam, x, mask, l2=1.0))
+  bad_mean, bad_cov = (np.asarray(a) for a in online.posterior_batched(bad_lam, bad_x, mask, l2=1.0))
+  others = [u for u in range(U) if u != BAD]
+  np.testing.assert_array_equal(bad_cov[others], cov[others])
+  np.testing.assert_array_equal(bad_mean[others], mean[others])
+  candidates = np.random.default_rng(3).standard_normal((U, 6, K)).astype(np.float32)
+  bad_candidates = candidates.copy()
+  bad_candidates[BAD, 2] = np.nan
+  for rule in ("max_variance", "max_info", "thompson"):
+    choose = functools.partial(online.choose_pair_batched, rule=rule, key=jax.random.key(4))
+    clean = np.stack([np.asarray(a) for a in choose(candidates, mean, cov)])
+    dirty = np.stack([np.asarray(a) for a in choose(bad_candidates, bad_mean, bad_cov)])
+    np.testing.assert_array_equal(dirty[:, others], clean[:, others], err_msg=rule)
+
+
+def test_online_updates_reject_a_bad_comparison_and_leave_others_alone():
+  x, p, _ = _users(seed=4)
+  state = online.init_user_state(U, K, buffer_size=N, l2=1.0)
+  for t in range(3):  # A few good comparisons for everyone.
+    state = online.update_users(state, x[:, t], p[:, t])
+  delta, pref = x[:, 3].copy(), p[:, 3].copy()
+  bad_delta, bad_pref = delta.copy(), pref.copy()
+  bad_delta[BAD, 0] = np.nan
+  bad_pref[BAD + 1] = 1.5  # A label outside [0, 1] is rejected too.
+  after = online.update_users(state, bad_delta, bad_pref)
+  skipping = np.ones(U, bool)
+  skipping[[BAD, BAD + 1]] = False
+  expected = online.update_users(state, delta, pref, new_mask=skipping)  # Those two simply gave no feedback.
+  for field in ("lam", "features", "prefs", "mask", "count"):
+    np.testing.assert_array_equal(getattr(after, field), getattr(expected, field), err_msg=field)
+  np.testing.assert_array_equal(after.num_invalid, np.isin(np.arange(U), [BAD, BAD + 1]).astype(np.int32))
+  assert np.all(np.isfinite(np.asarray(after.lam)))
+  _, cov = online.state_posterior(after)
+  assert np.all(np.linalg.eigvalsh(np.asarray(cov, np.float64)) > 0)
