@@ -6,11 +6,10 @@ scored by the attribute rewards) and cached under $SPECTRAL_SOUP_CACHE (default 
 
 Launch (restarting the same command resumes from the last checkpoint):
   python -m experiments.train_basis --config=configs/train_basis_embedded.py --workdir=workdir/basis_embedded
-Measured cost on 2 CPU cores shared with other work (load ~3-5): data generation for 256 prompts 17.5 min (once,
-then cached); the frozen feature pass over 193 + 63 pairs 6.7 min. Each update then recomputes the reference logits
-psi E^T over the full 49,152-token vocabulary for every response token (the basis log-softmax needs the
-normalizer): about 0.17 TFLOP per step at 32 pairs x 48 tokens, so 400 steps take hours on 2 cores. Lower
-`train.batch_size` / `data.response_len` on CPU, or run it on an accelerator.
+Cost on 2 CPU cores: data generation (once, then cached) and the frozen feature pass dominate (see the README's
+results section for measured times); the heads are restricted to the 1,024 most frequent response tokens
+(`basis.vocab_support`), so an update costs O(K r S) per response token instead of recomputing psi E^T over the
+49,152-token vocabulary (about 0.17 TFLOP per step at 32 pairs x 48 tokens without the support).
 """
 
 from configs import train_basis_tiny
@@ -22,6 +21,7 @@ def get_config():
 
   config.basis.num_bases = 5  # One basis per attribute below.
   config.basis.head_rank = 8  # Rank of each basis's logit correction psi A_k B_k.
+  config.basis.vocab_support = 1024  # Heads correct only the 1,024 most frequent response tokens (exact, cheap steps).
 
   config.data.source = "embedded"  # Generated and cached by spectral_soup.data.embedded.
   config.data.attributes = ("readability", "verbosity", "sentiment", "relevance", "formality")  # Label columns.
@@ -37,12 +37,16 @@ def get_config():
   config.data.response_len = 48  # Response tokens (with the end-of-turn token when the response ended).
   config.data.seed = 0  # Prompt choice, style hints and sampling of the data.
 
-  config.loss.beta = 0.03  # Small beta: the heads must move the policy visibly (0.1 barely moved it).
+  config.loss.beta = 0.1  # KL strength of the implicit rewards beta * (log pi_k - log pi_ref).
+  config.loss.label_smoothing = 0.1  # Conservative DPO: a finite optimal margin, so small data cannot blow it up.
 
-  config.optim.learning_rate = 0.01  # Peak AdamW learning rate.
+  config.optim.learning_rate = 0.001  # Peak AdamW learning rate.
+  config.optim.warmup_steps = 5  # Linear warmup.
   config.optim.weight_decay = 0.01  # Heads overfit small data: decay them.
 
-  config.train.num_steps = 400  # Updates.
+  # Updates (about 7 epochs of 193 training pairs). Held-out accuracy peaks early and then drifts down as the
+  # heads memorize the training pairs (train accuracy reaches 1.0): stop early.
+  config.train.num_steps = 40
   config.train.batch_size = 32  # Pairs per update.
   config.train.feature_batch_size = 32  # Pairs per call of the frozen 30-layer feature pass.
   config.train.eval_batch_size = 8  # Pairs per evaluation call.

@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.basis.feature_dim = 0  # Learned projection width of psi (0: psi = the final hidden state).
   config.basis.lora_rank = 2  # Rank of each LoRA adapter.
   config.basis.lora_targets = ("q_proj", "v_proj")  # Projections that LoRA bases adapt.
+  config.basis.vocab_support = 0  # Heads correct only the S most frequent response tokens (0: all V; needs cached
+  #   features; makes a cached step O(K r S) per token instead of O(D V), exact for the restricted heads).
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"  # "synthetic": marker-token pairs from `input_pipeline.synthetic_pairs`.
@@ -69,10 +71,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.grad_accum_steps = 1  # Micro-batches per update (batch_size / grad_accum_steps pairs each).
   config.train.cache_features = True  # Heads: run the frozen backbone once ahead of training (see features.py).
   config.train.feature_batch_size = 256  # Pairs per call of the frozen feature pass.
+  config.train.features_dir = ""  # Where cached features are kept, keyed by a hash of their inputs ("": workdir).
   config.train.eval_batch_size = 64  # Pairs per evaluation call.
   config.train.log_every_steps = 50  # Train metrics (JSON lines, TensorBoard) every this many steps.
   config.train.eval_every_steps = 0  # Held-out evaluation every this many steps (0: only at the end).
   config.train.tensorboard = True  # Also write TensorBoard scalars (needs tensorboardX; metrics.jsonl always).
+  config.train.nan_check = True  # Stop at a non-finite loss / gradient norm (such a step never updates), saving
+  #   its batch and state under <workdir>/nonfinite/; one host sync per step (False: checked at log steps only).
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Data-parallel axis size (-1: the devices left by the other axes).

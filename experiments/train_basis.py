@@ -10,32 +10,31 @@ Writes: config.json, metrics.jsonl, tensorboard/ (with tensorboardX), checkpoint
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from spectral_soup.utils import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/train_basis_*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (resumed if it has some).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host (TPU pod slice, multi-node GPU): call jax.distributed.initialize() first, so "
+    "that every host joins one job over all global devices (launch/tpu.py sets it on multi-host slices).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped early, checkpoint saved; run me again".
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops Orbax's per-save INFO chatter (its warnings and errors still show)."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv) -> None:
   del argv
-  logging.get_absl_logger().addFilter(_QuietOrbax())
+  logs.quiet_orbax()
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()  # Coordinator and process ids from the TPU / cluster environment.
   from spectral_soup.offline import train  # Imported here so that --help and flag errors skip JAX start-up.
 
   config = _CONFIG.value

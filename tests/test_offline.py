@@ -195,6 +195,9 @@ def _train(workdir, **flat):
     ("heads", {"train.cache_features": False, "loss.kind": "ratings"},
      {"train.cache_features": True, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2, "train.grad_accum_steps": 2,
       "loss.kind": "ratings"}),
+    # Heads on a vocabulary support covering every token: the support path is exact (no [.., V] logits in a step).
+    ("heads", {"train.cache_features": False},
+     {"train.cache_features": True, "basis.vocab_support": 1_000, "mesh.data": 4, "mesh.model": 2}),
 ])
 def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
   """Same losses and parameters after 4 steps (also: cached features == full forward, accumulation == batch)."""
@@ -206,6 +209,42 @@ def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
   chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-5)
   b = params["heads"]["b"] if kind == "heads" else params["lora"]["q_proj_b"]
   assert np.abs(b).max() > 1e-3  # B starts at zero: the bases did move (by much more than the tolerance).
+
+
+def test_support_logprobs_exact_for_restricted_heads():
+  """Heads zero outside a support S: the cached [B, R, S] path equals the full-vocabulary path, and gradients
+  never reach the columns outside S (so training keeps the heads restricted)."""
+  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  policy, params = tiny.tiny_policy("heads", num_bases=3)
+  trainable, backbone = features.split_params(params)
+  rng = np.random.default_rng(0)
+  support = np.sort(rng.choice(tiny.VOCAB, 20, replace=False)).astype(np.int32)
+  outside = np.setdiff1d(np.arange(tiny.VOCAB), support)
+  trainable["heads"]["b"] = trainable["heads"]["b"].at[:, :, outside].set(0.0)
+  batch = {"prompt": rng.integers(1, tiny.VOCAB, (4, 5)), "prompt_mask": np.ones((4, 5), bool)}
+  for side in "ab":  # Responses use tokens inside and outside the support.
+    batch[f"response_{side}"] = rng.integers(1, tiny.VOCAB, (4, 6)).astype(np.int32)
+    batch[f"response_{side}_mask"] = np.arange(6)[None] < rng.integers(2, 7, (4, 1))
+  cached = {**batch, **features.pair_features(policy, backbone, batch, support=jnp.asarray(support))}
+  full = features.cached_pair_logprobs(policy, trainable, backbone, cached)
+  restricted = features.cached_pair_logprobs(policy, trainable, backbone, cached, support)
+  for name in ("basis_a", "basis_b"):
+    np.testing.assert_allclose(restricted[name], full[name], rtol=1e-5, atol=1e-5)
+  direct = features.pair_logprobs(policy, features.merge_params(trainable, backbone), batch)
+  np.testing.assert_allclose(restricted["basis_a"], direct["basis_a"], rtol=1e-5, atol=1e-4)
+  grads = jax.grad(lambda t: features.cached_pair_logprobs(policy, t, backbone, cached, support)["basis_a"].sum())(
+      trainable)
+  assert float(jnp.abs(grads["heads"]["b"][:, :, outside]).max()) == 0.0
+  assert float(jnp.abs(grads["heads"]["b"][:, :, support]).max()) > 0.0
+
+
+def test_select_support_most_frequent():
+  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
+  responses = [np.array([[5, 5, 5, 2], [2, 9, 0, 0]]), np.array([[9, 9, 1, 1]])]
+  masks = [np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool), np.array([[1, 1, 0, 0]], bool)]
+  np.testing.assert_array_equal(features.select_support(responses, masks, 2, 16), [5, 9])  # 5: 3, 9: 3, 2: 2.
+  assert len(features.select_support(responses, masks, 100, 16)) == 16
 
 
 # ----------------------------------------------------------------------------------------------------------------

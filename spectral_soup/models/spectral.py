@@ -104,6 +104,22 @@ def head_delta_logits(heads: Mapping[str, Array], psi: Array, dtype: Any = jnp.f
   return jnp.einsum("k...r,krv->k...v", h, heads["b"].astype(dtype), preferred_element_type=jnp.float32)
 
 
+def support_log_normalizer(delta_support: Array, support_probs: Array) -> Array:
+  """log Z_k(s) / Z_ref(s) for heads whose corrections are zero outside a vocabulary support S.
+
+  log( (1 - sum_{a in S} p_ref(a|s)) + sum_{a in S} p_ref(a|s) exp(delta_k(s, a)) ), computed stably.
+  delta_support: [K, ..., S] corrections on the support; support_probs: [..., S] reference probabilities there.
+  Returns f32[K, ...].
+  """
+  probs = support_probs.astype(jnp.float32)[None]
+  tiny = jnp.finfo(jnp.float32).tiny
+  # Reference mass outside the support: those logits do not move.
+  log_tail = jnp.log(jnp.maximum(1.0 - probs.sum(-1), tiny))
+  terms = jnp.log(jnp.maximum(probs, tiny)) + delta_support.astype(jnp.float32)  # log p_ref(a) + delta_k(a)
+  top = jax.lax.stop_gradient(jnp.maximum(terms.max(-1), log_tail))  # The largest term contributes exp(0) = 1.
+  return top + jnp.log(jnp.exp(log_tail - top) + jnp.sum(jnp.exp(terms - top[..., None]), -1))
+
+
 def lora_shapes(config: TransformerConfig, targets: Sequence[str]) -> dict:
   """{name: (in, out)}: flattened input/output sizes of each LoRA target projection."""
   d, h, kv, hd, m = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim

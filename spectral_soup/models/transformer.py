@@ -58,6 +58,16 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype: 
   }
 
 
+def take_cache_rows(cache: Cache, index: Array) -> Cache:
+  """The cache rows `index` (int[B']): batch is axis 1 of k / v and axis 0 of pos / valid / next_pos."""
+  out = dict(cache)
+  for name in ("k", "v"):
+    out[name] = jnp.take(cache[name], index, axis=1)
+  for name in ("pos", "valid", "next_pos"):
+    out[name] = jnp.take(cache[name], index, axis=0)
+  return out
+
+
 class DecoderBlock(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); Gemma adds post-norms on both branches."""
   config: TransformerConfig

@@ -13,24 +13,39 @@ Two ways to score a batch of pairs (both return {"ref_a", "ref_b": f32[B], "basi
   log-prob of the taken token is cached.
 
 Both give the same numbers up to float rounding (tests/test_offline.py checks it).
+
+**Vocabulary support** (`support`: int32[S], `basis.vocab_support` in the training config). Recomputing h E^T over
+a 49,152-token vocabulary for every response token dominates a cached step on a real LM. With a support S (the S
+most frequent tokens of the training responses) the heads only correct the logits of tokens in S: columns of
+B outside S stay exactly zero (they get no gradient, and decoupled weight decay keeps zero at zero). The feature pass
+then also caches the reference probabilities of S at every response position ([B, R, S]), and the basis
+log-normalizer is exact without the vocabulary:
+
+    log Z_k(s) / Z_ref(s) = log( (1 - sum_{a in S} p_ref(a|s)) + sum_{a in S} p_ref(a|s) exp(delta_k(s, a)) ),
+    log pi_k(y|s) = log pi_ref(y|s) + delta_k(s, y) [y in S] - log Z_k(s) / Z_ref(s).
+
+A step then costs O(K r S) per token instead of O(D V). The trained heads are ordinary dense heads (zeros outside
+S), served by every souping mode unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from spectral_soup.models import layers
 from spectral_soup.models.config import TransformerConfig
-from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits
-from spectral_soup.models.transformer import Transformer
+from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_log_normalizer
+from spectral_soup.models.transformer import Transformer, init_cache, output_logits, take_cache_rows
+from spectral_soup.soup import decoding
 from spectral_soup.soup import serving
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 CACHED_FIELDS = ("hidden_a", "hidden_b", "ref_a", "ref_b")
+SUPPORT_FIELDS = ("support_probs_a", "support_probs_b")
 
 
 def split_params(params: Mapping[str, Any]):
@@ -76,39 +91,72 @@ def pair_logprobs(policy: SpectralPolicy, params: Any, batch: Batch) -> dict:
 
 
 def response_features(policy: SpectralPolicy, backbone: Any, prompt: Array, prompt_mask: Array,
-                      response: Array, response_mask: Array) -> dict:
+                      response: Array, response_mask: Array, support: Optional[Array] = None) -> dict:
   """The frozen feature pass: h(s) before each response token and the reference log-prob of the response.
 
-  prompt: int32[B, P], response: int32[B, R] (bool masks). Returns {"hidden": [B, R, D] (compute dtype),
-  "ref": f32[B]}.
+  prompt: int32[B, P], response: int32[B, R] (bool masks), support: int32[S] or None. Returns {"hidden": [B, R, D]
+  (compute dtype), "ref": f32[B]} and, with a support, "support_probs": f32[B, R, S] (p_ref of each support token at
+  each response position). Logits are computed at the response positions only.
   """
   tokens, mask, prev = serving.join_prompt_response(prompt, prompt_mask, response, response_mask)
-  logits, aux = Transformer(policy.config).apply({"params": backbone}, tokens, mask=mask)
+  _, aux = Transformer(policy.config).apply({"params": backbone}, tokens, mask=mask, return_logits=False)
   hidden = serving.gather_positions(aux["hidden"], prev)
-  ref = serving.token_logprobs(serving.gather_positions(logits, prev), response, response_mask).sum(-1)
-  return {"hidden": hidden, "ref": ref}
+  logits = reference_logits(policy.config, backbone, hidden)
+  out = {"hidden": hidden, "ref": serving.token_logprobs(logits, response, response_mask).sum(-1)}
+  if support is not None:
+    out["support_probs"] = jnp.take(jax.nn.softmax(logits, axis=-1), support, axis=-1)
+  return out
 
 
-def pair_features(policy: SpectralPolicy, backbone: Any, batch: Batch) -> dict:
-  """`response_features` of both responses: {"hidden_a", "hidden_b": [B, R, D], "ref_a", "ref_b": f32[B]}."""
-  feats = response_features(policy, backbone, *_both_responses(batch))
-  hidden_a, hidden_b = _unpair(feats["hidden"])
-  ref_a, ref_b = _unpair(feats["ref"])
-  return {"hidden_a": hidden_a, "hidden_b": hidden_b, "ref_a": ref_a, "ref_b": ref_b}
+def pair_features(policy: SpectralPolicy, backbone: Any, batch: Batch, support: Optional[Array] = None) -> dict:
+  """`response_features` of both responses: {"hidden_a", "hidden_b": [B, R, D], "ref_a", "ref_b": f32[B]} (and
+  "support_probs_a", "support_probs_b": f32[B, R, S] with a support).
+
+  The two responses of a pair share their prompt: it runs once into a KV cache, which both responses then
+  continue (B x P + 2B x R tokens instead of 2B x (P + R)).
+  """
+  cfg = policy.config
+  model = Transformer(cfg)
+  prompt, prompt_mask = decoding.left_pad(batch["prompt"], batch["prompt_mask"])
+  num, length = prompt.shape
+  response, response_mask = _both_responses(batch)[2:]
+  cache = init_cache(cfg, num, length + response.shape[1])
+  _, aux = model.apply({"params": backbone}, prompt, mask=prompt_mask, cache=cache, return_logits=False)
+  last = jnp.repeat(aux["hidden"][:, -1:], 2, axis=0)  # [2B, 1, D]: predicts each response's first token.
+  cache = take_cache_rows(aux["cache"], jnp.repeat(jnp.arange(num), 2))  # Rows a_0, b_0, a_1, b_1, ...
+  response_mask = response_mask.astype(jnp.bool_)
+  _, aux = model.apply({"params": backbone}, response, mask=response_mask, cache=cache, return_logits=False)
+  # The state before response token j: the last real response token before j, else the prompt's last token
+  # (column 0 of `states`). Works for any response padding.
+  states = jnp.concatenate([last, aux["hidden"]], axis=1)  # [2B, 1 + R, D]
+  columns = jnp.arange(response.shape[1])[None]
+  before = jax.lax.cummax(jnp.where(response_mask, columns, -1), axis=1)
+  before = jnp.concatenate([jnp.full_like(before[:, :1], -1), before[:, :-1]], axis=1)
+  hidden = serving.gather_positions(states, before + 1)  # [2B, R, D]
+  logits = reference_logits(cfg, backbone, hidden)
+  feats = {"hidden": hidden, "ref": serving.token_logprobs(logits, response, response_mask).sum(-1)}
+  if support is not None:
+    feats["support_probs"] = jnp.take(jax.nn.softmax(logits, axis=-1), support, axis=-1)
+  out = {}
+  for name, value in feats.items():
+    a, b = _unpair(value)
+    out[f"{name}_a"], out[f"{name}_b"] = a, b
+  return out
 
 
 def reference_logits(config: TransformerConfig, backbone: Any, hidden: Array) -> Array:
   """The backbone's output layer on final hidden states: [..., D] -> f32[..., V] (as `Transformer` computes it)."""
-  dtype = config.dtype
-  if config.tie_embeddings:
-    logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), backbone["embed"]["embedding"].astype(dtype),
-                        preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum("...d,dv->...v", hidden.astype(dtype), backbone["lm_head"]["kernel"].astype(dtype))
-  logits = logits.astype(jnp.float32)
-  if config.final_logit_softcap is not None:
-    logits = config.final_logit_softcap * jnp.tanh(logits / config.final_logit_softcap)
-  return logits
+  return output_logits(config, backbone, hidden)
+
+
+def _psi(policy: SpectralPolicy, trainable: Any, hidden: Array) -> Array:
+  """psi(s) from cached h(s) (through the learned projection, if the policy has one)."""
+  cfg = policy.config
+  if policy.feature_dim is None:
+    return hidden
+  projection = layers.Projection((cfg.embed_dim,), (policy.feature_dim,), ("embed",), ("features",),
+                                 dtype=cfg.dtype, weight_dtype=cfg.weight_dtype)
+  return projection.apply({"params": trainable["features"]["projection"]}, hidden)
 
 
 def cached_response_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, hidden: Array,
@@ -116,28 +164,69 @@ def cached_response_logprobs(policy: SpectralPolicy, trainable: Any, backbone: A
   """Sequence log-probs under each head basis from cached h(s): hidden [B, R, D] -> f32[K, B]."""
   cfg = policy.config
   ref_logits = layers.constrain(reference_logits(cfg, backbone, hidden), ("batch", "length", "vocab"))
-  psi = hidden
-  if policy.feature_dim is not None:
-    projection = layers.Projection((cfg.embed_dim,), (policy.feature_dim,), ("embed",), ("features",),
-                                   dtype=cfg.dtype, weight_dtype=cfg.weight_dtype)
-    psi = projection.apply({"params": trainable["features"]["projection"]}, hidden)
+  psi = _psi(policy, trainable, hidden)
   basis_logits = ref_logits[None] + head_delta_logits(trainable["heads"], psi, cfg.dtype)
   basis_logits = layers.constrain(basis_logits, ("basis", "batch", "length", "vocab"))
   score = lambda logits: serving.token_logprobs(logits, response, response_mask).sum(-1)
   return jax.vmap(score)(basis_logits)
 
 
-def cached_pair_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, batch: Batch) -> dict:
+def support_response_logratios(policy: SpectralPolicy, trainable: Any, hidden: Array, support_probs: Array,
+                               response: Array, response_mask: Array, support: Array) -> Array:
+  """log pi_k(y|x) - log pi_ref(y|x) for heads restricted to `support` (see the module docstring), no [.., V] array.
+
+  hidden: [B, R, D]; support_probs: f32[B, R, S]; response: int32[B, R]; support: int32[S]. Returns f32[K, B].
+  Exact when the heads' B columns outside `support` are zero (training through this function keeps them so).
+  """
+  cfg = policy.config
+  heads = trainable["heads"]
+  psi = _psi(policy, trainable, hidden)
+  h = jnp.einsum("brf,kfq->kbrq", psi.astype(cfg.dtype), heads["a"].astype(cfg.dtype),
+                 preferred_element_type=jnp.float32)  # [K, B, R, r]
+  b = heads["b"].astype(jnp.float32)  # [K, r, V]
+  delta_support = jnp.einsum("kbrq,kqs->kbrs", h, jnp.take(b, support, axis=2))  # [K, B, R, S]
+  delta_support = layers.constrain(delta_support, ("basis", "batch", "length", None))
+  in_support = jnp.zeros((b.shape[-1],), jnp.bool_).at[support].set(True)[response]  # [B, R]
+  delta_token = jnp.einsum("kbrq,kqbr->kbr", h, jnp.take(b, response, axis=2))  # [K, B, R]
+  delta_token = jnp.where(in_support[None], delta_token, 0.0)
+  log_z = support_log_normalizer(delta_support, support_probs)  # [K, B, R]
+  mask = response_mask.astype(jnp.bool_)[None]
+  return jnp.sum(jnp.where(mask, delta_token - log_z, 0.0), axis=-1)
+
+
+def cached_pair_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, batch: Batch,
+                         support: Optional[Array] = None) -> dict:
   """Scores B pairs from cached features (batch: `pair_features` outputs + the response fields)."""
   if policy.basis_kind != "heads":
     raise ValueError(f"Cached features serve head bases only; this policy has basis_kind={policy.basis_kind!r}.")
-  logprobs = lambda side: cached_response_logprobs(policy, trainable, backbone, batch[f"hidden_{side}"],
-                                                   batch[f"response_{side}"], batch[f"response_{side}_mask"])
+  if support is not None:
+    if "support_probs_a" not in batch:
+      raise ValueError("A vocabulary support needs features cached with the same support (support_probs_a/_b).")
+    logprobs = lambda side: batch[f"ref_{side}"][None] + support_response_logratios(
+        policy, trainable, batch[f"hidden_{side}"], batch[f"support_probs_{side}"], batch[f"response_{side}"],
+        batch[f"response_{side}_mask"], support)
+  else:
+    logprobs = lambda side: cached_response_logprobs(policy, trainable, backbone, batch[f"hidden_{side}"],
+                                                     batch[f"response_{side}"], batch[f"response_{side}_mask"])
   return {"ref_a": batch["ref_a"], "ref_b": batch["ref_b"], "basis_a": logprobs("a"), "basis_b": logprobs("b")}
 
 
-def batch_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, batch: Batch) -> dict:
-  """Cached scoring when the batch carries features, else the full forward."""
+def batch_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, batch: Batch,
+                   support: Optional[Array] = None) -> dict:
+  """Cached scoring when the batch carries features (restricted to `support` if given), else the full forward."""
   if "hidden_a" in batch:
-    return cached_pair_logprobs(policy, trainable, backbone, batch)
+    return cached_pair_logprobs(policy, trainable, backbone, batch, support)
   return pair_logprobs(policy, merge_params(trainable, backbone), batch)
+
+
+def select_support(responses: Any, masks: Any, size: int, vocab_size: int) -> Any:
+  """The `size` most frequent tokens of the responses (ties broken by token id), sorted: int32[min(size, V)].
+
+  responses, masks: sequences of int[N, R] / bool[N, R] arrays (host side).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  counts = np.zeros((vocab_size,), np.int64)
+  for tokens, mask in zip(responses, masks):
+    np.add.at(counts, np.asarray(tokens)[np.asarray(mask, bool)], 1)
+  order = np.lexsort((np.arange(vocab_size), -counts))  # Most frequent first, then by id.
+  return np.sort(order[:min(size, vocab_size)]).astype(np.int32)

@@ -15,13 +15,18 @@ update step, checkpoint, loop. Entry point: `python -m experiments.train_basis -
 * Head bases can train on cached features (`config.train.cache_features`, see `features.py`): the frozen backbone
   runs once over the data before the loop and a step only runs the heads.
 * Checkpoints (Orbax, async, last N) hold the state and the data iterator's position; a restarted job resumes
-  bitwise where the last checkpoint left off; SIGTERM saves a checkpoint and stops.
+  bitwise where the last checkpoint left off; SIGTERM saves a checkpoint and stops. A checkpoint written with
+  other `resume_fields` (another K, model shape, batch size, ...) stops the run naming the field.
+* A step with a non-finite loss or gradient norm never updates the state; `config.train.nan_check` stops the run
+  there, with the step's batch and the state it started from saved under `<workdir>/nonfinite/step_<n>/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import signal
@@ -46,6 +51,7 @@ from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import losses
 from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.offline import metrics as metrics_lib
+from spectral_soup.offline import sources
 from spectral_soup.utils import progress
 
 LOSS_KINDS = ("dpo", "ratings")
@@ -78,7 +84,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       raise ValueError(str(e).replace("TransformerConfig.", "config.model.")) from None
     need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
          f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
-  need(c.data.source in ("synthetic", "embedded"), "data.source", "'synthetic' or 'embedded'")
+  need(c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES, "data.source",
+       f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES}")
+  if c.data.source in sources.BUILDER_SOURCES:
+    sources.validate_config(c)
   if c.data.source == "embedded":
     need(bool(c.model.path), "model.path", "a checkpoint (the embedded data is tokenized with its tokenizer)")
     need(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)")
@@ -103,7 +112,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
        "train.grad_accum_steps", f"a divisor of train.batch_size={c.train.batch_size}")
   need(not c.train.cache_features or c.basis.kind == "heads", "train.cache_features",
        "False for basis.kind='lora' (cached features serve head bases only)")
+  need(c.basis.get("vocab_support", 0) >= 0, "basis.vocab_support", ">= 0 (0: the whole vocabulary)")
+  need(not c.basis.get("vocab_support", 0) or c.train.cache_features, "basis.vocab_support",
+       "0 unless train.cache_features=True (the support's reference probabilities are cached features)")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", ">= 1")
+  need(isinstance(c.train.nan_check, bool), "train.nan_check", "True or False")
   need(c.train.eval_every_steps >= 0, "train.eval_every_steps", ">= 0 (0: only at the end)")
   need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0 (0: only at the end)")
   need(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1")
@@ -223,7 +236,7 @@ def label_counts(loss_cfg: Mapping[str, Any], batch: Mapping[str, jax.Array]) ->
 
 def train_step(policy: SpectralPolicy, tx: optax.GradientTransformation, schedule: optax.Schedule,
                loss_cfg: Mapping[str, Any], state: Dict[str, Any], batch: Mapping[str, jax.Array],
-               backbone: Any) -> Tuple[Dict[str, Any], dict]:
+               backbone: Any, *, support: Optional[np.ndarray] = None) -> Tuple[Dict[str, Any], dict]:
   """One optimizer update of all K bases.
 
   Args:
@@ -231,15 +244,16 @@ def train_step(policy: SpectralPolicy, tx: optax.GradientTransformation, schedul
     batch: pair fields with leading [A, M] axes (A micro-batches of M pairs), or cached features
       ({"hidden_a": [A, M, R, D], "ref_a": [A, M], ...}).
     backbone: the frozen backbone's parameters.
+    support: int32[S], the heads' vocabulary support (cached features only; see `features.py`), or None.
 
   Returns:
     (new state, metrics): per-basis "loss", "accuracy", "margin", "kl", "count" ([K]), and scalar "total_loss",
-    "grad_norm", "learning_rate".
+    "grad_norm", "learning_rate", "finite" (bool: False means the update was not applied).
   """
   counts = label_counts(loss_cfg, batch)
 
   def loss_fn(params, micro):
-    logprobs = features.batch_logprobs(policy, params, backbone, micro)
+    logprobs = features.batch_logprobs(policy, params, backbone, micro, support)
     sums = loss_terms(loss_cfg, logprobs, micro)
     return losses.loss_from_sums(sums, counts), sums
 
@@ -260,16 +274,20 @@ def train_step(policy: SpectralPolicy, tx: optax.GradientTransformation, schedul
   metrics = losses.metrics_from_sums(sums)
   metrics.update(total_loss=losses.loss_from_sums(sums), grad_norm=optax.tree.norm(grads),
                  learning_rate=schedule(state["step"]))
+  # A non-finite loss or gradient never reaches the state: the step returns its input (the loop then stops and
+  # saves it with the batch, see `train.nan_check`). Bitwise a no-op when everything is finite.
+  metrics["finite"] = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(metrics["grad_norm"])
+  new_state = jax.tree.map(lambda new, old: jnp.where(metrics["finite"], new, old), new_state, state)
   return new_state, metrics
 
 
 def eval_step(policy: SpectralPolicy, loss_cfg: Mapping[str, Any], params: Any, backbone: Any,
-              batch: Mapping[str, jax.Array]) -> dict:
+              batch: Mapping[str, jax.Array], *, support: Optional[np.ndarray] = None) -> dict:
   """Loss sums on one batch [M, ...]: {"terms": per-basis sums, "cross": `losses.cross_accuracy_terms`}.
 
   Add them up over batches, then `eval_metrics`.
   """
-  logprobs = features.batch_logprobs(policy, params, backbone, batch)
+  logprobs = features.batch_logprobs(policy, params, backbone, batch, support)
   if loss_cfg["kind"] == "dpo":
     labels = batch["labels"]
   else:  # The sign of the rating difference; ties and missing ratings are masked.
@@ -287,10 +305,11 @@ def eval_metrics(sums: Mapping[str, Any]) -> dict:
   return metrics
 
 
-def make_feature_fn(policy: SpectralPolicy, mesh, backbone_shardings: Any):
+def make_feature_fn(policy: SpectralPolicy, mesh, backbone_shardings: Any, support: Optional[np.ndarray] = None):
   """The jitted frozen feature pass `(backbone, token batch [B, ...]) -> features.pair_features(...)`."""
   batch_shardings = {f: mesh_lib.batch_sharding(mesh, 2) for f in input_pipeline.TOKEN_FIELDS}
-  return jax.jit(functools.partial(features.pair_features, policy), in_shardings=(backbone_shardings, batch_shardings))
+  return jax.jit(functools.partial(features.pair_features, policy, support=support),
+                 in_shardings=(backbone_shardings, batch_shardings))
 
 
 def compute_features(feature_fn, backbone: Any, arrays: Mapping[str, np.ndarray], mesh, batch_size: int,
@@ -323,6 +342,9 @@ def load_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.ndarray]
   d = config.data
   if d.source == "embedded":
     return _embedded_pairs(config)
+  if d.source in sources.BUILDER_SOURCES:
+    train, held_out, _ = sources.builder_pairs(config, sources.load_tokenizer(config))
+    return train, held_out
   total = d.num_train_pairs + d.num_eval_pairs
   pairs = input_pipeline.synthetic_pairs(
       total, num_bases=config.basis.num_bases, vocab_size=config.model.vocab_size, prompt_len=d.prompt_len,
@@ -352,6 +374,91 @@ def _embedded_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.nda
   arrays.pop("scores_a"), arrays.pop("scores_b")
   is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
   return ({k: v[~is_eval] for k, v in arrays.items()}, {k: v[is_eval] for k, v in arrays.items()})
+
+
+def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The config values a checkpoint must share with the run that resumes it, saved with every checkpoint.
+
+  The data order (batch size, seed) and what the state's arrays mean: the bases (kind, K, their ranks) and the
+  backbone they sit on (a checkpoint path, or the random backbone's architecture, drawn from `seed`).
+  """
+  c = config
+  names = ["train.batch_size", "seed", "basis.kind", "basis.num_bases", "model.path", "model.weight_dtype"]
+  names += (["basis.head_rank", "basis.feature_dim"] if c.basis.kind == "heads" else
+            ["basis.lora_rank", "basis.lora_targets"])
+  if not c.model.path:
+    names += [f"model.{f}" for f in ("family", "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+                                     "head_dim", "mlp_dim")]
+  fields = {}
+  for name in names:
+    value = c
+    for part in name.split("."):
+      value = value[part]
+    fields[name] = list(value) if isinstance(value, (tuple, list)) else value  # As it reads back from JSON.
+  return fields
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, saved: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the first `resume_fields` value that differs from checkpoint `step`'s data."""
+  for field, value in resume_fields(config).items():
+    if field in saved and saved[field] != value:  # Fields older checkpoints lack are not checked.
+      why = ("the data order would not continue" if field in ("train.batch_size", "seed") else
+             "the checkpoint holds other bases or another backbone")
+      raise ValueError(f"config.{field}={value!r} differs from {saved[field]!r} in the checkpoint of step {step} in "
+                       f"{workdir}: {why}. Use the same value or a new --workdir.")
+
+
+def _nonfinite_error(workdir: str, step: int, state: Any, host_batch: Mapping[str, np.ndarray],
+                     metrics: Mapping[str, Any], last_checkpoint: Optional[int]) -> FloatingPointError:
+  """Saves step `step`'s batch and the state it started from (the step did not apply its update) under
+  `<workdir>/nonfinite/step_<step>/` and returns the error that stops the run."""
+  directory = checkpoint_lib.save_debug_step(os.path.join(workdir, "nonfinite", f"step_{step}"), state, host_batch,
+                                             metrics)
+  loss = np.asarray(metrics["loss"])
+  return FloatingPointError(
+      f"Step {step}: non-finite training loss or gradient (total_loss={float(metrics['total_loss'])}, "
+      f"grad_norm={float(metrics['grad_norm'])}, per-basis loss {loss.tolist()}); the update was not applied and "
+      f"training stopped. The step's batch and the state before it are saved in {directory}; the last checkpoint is "
+      f"step {last_checkpoint}. Check the data or lower config.optim.learning_rate.")
+
+
+def _features_key(config, train_pairs, eval_pairs, support) -> str:
+  """A hash of everything the cached features depend on: the model, its dtypes, the pairs' tokens, the support."""
+  h = hashlib.sha256()
+  h.update(json.dumps([config.model.path, config.model.dtype, config.model.weight_dtype, config.seed
+                       if not config.model.path else 0]).encode())
+  for pairs in (train_pairs, eval_pairs):
+    for name in input_pipeline.TOKEN_FIELDS:
+      h.update(np.ascontiguousarray(pairs[name]).tobytes())
+  if support is not None:
+    h.update(np.asarray(support).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _save_features(path: str, train_pairs, eval_pairs) -> None:
+  """Writes the cached features atomically (temporary file, then rename)."""
+  names = set(features.CACHED_FIELDS) | set(features.SUPPORT_FIELDS)
+  arrays = {f"{split}/{k}": v for split, pairs in (("train", train_pairs), ("eval", eval_pairs))
+            for k, v in pairs.items() if k in names}
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _load_features(path: str):
+  """{"train": {...}, "eval": {...}} from `_save_features`, or None if absent or unreadable."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as data:
+      out = {"train": {}, "eval": {}}
+      for key in data.files:
+        split, name = key.split("/", 1)
+        out[split][name] = data[key]
+      return out
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning("Ignoring unreadable cached features %s (%s); recomputing.", path, e)
+    return None
 
 
 class _StopSignal:
@@ -393,8 +500,14 @@ class TrainResult:
 # The job.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains the K bases of `config` and writes checkpoints and metrics to `workdir`. Resumes if it can."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       pairs: Optional[Tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]] = None,
+                       loaded: Optional[Tuple[Any, Any]] = None) -> TrainResult:
+  """Trains the K bases of `config` and writes checkpoints and metrics to `workdir`. Resumes if it can.
+
+  pairs: (train, eval) pair arrays to use instead of `load_pairs(config)` (e.g. with extra label columns);
+  loaded: (model, backbone params) already loaded from `config.model.path`.
+  """
   validate_config(config)
   timing = {}
   t_start = time.time()
@@ -402,6 +515,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    if config.data.source in sources.BUILDER_SOURCES:  # What each basis means (attribute or weighting).
+      with open(os.path.join(workdir, "basis.json"), "w") as f:
+        json.dump(sources.basis_metadata(config), f, indent=2)
   loss_cfg = dict(config.loss)
 
   # ---- Mesh.
@@ -409,7 +525,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info("Mesh %s over %d devices (%d hosts).", dict(mesh.shape), mesh.size, jax.process_count())
 
   # ---- Model: abstract shapes first; nothing is allocated until the sharding is known.
-  if config.model.path:
+  if loaded is not None:
+    model, loaded_backbone = loaded
+    model_cfg = model.config
+  elif config.model.path:
     from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
     model, loaded_backbone = hf_import.from_pretrained(config.model.path, dtype=config.model.dtype,
                                                        weight_dtype=config.model.weight_dtype,
@@ -432,10 +551,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   backbone_shardings = mesh_lib.abstract_shardings(abstract_backbone, mesh)
 
   # ---- Input: host arrays, the frozen feature pass (cached heads), a seekable iterator per host.
-  train_pairs, eval_pairs = load_pairs(config)
-  for pairs in (train_pairs, eval_pairs):
-    if len(pairs["prompt"]):
-      input_pipeline.check_pairs(pairs, policy.num_bases, need_ratings=config.loss.kind == "ratings")
+  train_pairs, eval_pairs = load_pairs(config) if pairs is None else (dict(pairs[0]), dict(pairs[1]))
+  for split in (train_pairs, eval_pairs):
+    if len(split["prompt"]):
+      input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings",
+                                 vocab_size=model_cfg.vocab_size)
+  support = None
+  if config.basis.get("vocab_support", 0):
+    support = features.select_support([train_pairs["response_a"], train_pairs["response_b"]],
+                                      [train_pairs["response_a_mask"], train_pairs["response_b_mask"]],
+                                      config.basis.vocab_support, model_cfg.vocab_size)
 
   with mesh_lib.use_mesh(mesh):
     if loaded_backbone is not None:
@@ -446,19 +571,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     if config.train.cache_features:
       t0 = time.time()
-      feature_fn = make_feature_fn(policy, mesh, backbone_shardings)
-      train_pairs = compute_features(feature_fn, backbone, train_pairs, mesh, config.train.feature_batch_size,
-                                     desc="features (train)")
-      if len(eval_pairs["prompt"]):
-        eval_pairs = compute_features(feature_fn, backbone, eval_pairs, mesh, config.train.feature_batch_size,
-                                      desc="features (eval)")
+      feature_fn = make_feature_fn(policy, mesh, backbone_shardings, support)
+      features_dir = config.train.get("features_dir", "") or workdir
+      os.makedirs(features_dir, exist_ok=True)
+      features_file = os.path.join(features_dir,
+                                   f"features-{_features_key(config, train_pairs, eval_pairs, support)}.npz")
+      stored = _load_features(features_file)
+      if stored is not None:  # A restarted job skips the frozen pass.
+        logging.info("Reusing the cached features in %s.", features_file)
+        train_pairs = {**train_pairs, **stored["train"]}
+        eval_pairs = {**eval_pairs, **stored["eval"]}
+      else:
+        train_pairs = compute_features(feature_fn, backbone, train_pairs, mesh, config.train.feature_batch_size,
+                                       desc="features (train)")
+        if len(eval_pairs["prompt"]):
+          eval_pairs = compute_features(feature_fn, backbone, eval_pairs, mesh, config.train.feature_batch_size,
+                                        desc="features (eval)")
+        if jax.process_index() == 0:
+          _save_features(features_file, train_pairs, eval_pairs)
       timing["feature_pass_s"] = time.time() - t0
       logging.info("Cached features of %d + %d pairs in %.1f s.", len(train_pairs["response_a"]),
                    len(eval_pairs["response_a"]), timing["feature_pass_s"])
     # Only what the step reads goes to the devices.
     needed = {"labels"} if config.loss.kind == "dpo" else {"scores_a", "scores_b"}
     needed |= set(input_pipeline.TOKEN_FIELDS) if not config.train.cache_features else (
-        {"response_a", "response_a_mask", "response_b", "response_b_mask"} | set(features.CACHED_FIELDS))
+        {"response_a", "response_a_mask", "response_b", "response_b_mask"} | set(features.CACHED_FIELDS)
+        | (set(features.SUPPORT_FIELDS) if support is not None else set()))
     train_pairs = {k: v for k, v in train_pairs.items() if k in needed}
     eval_pairs = {k: v for k, v in eval_pairs.items() if k in needed}
     train_iter = input_pipeline.PairIterator(train_pairs, config.train.batch_size, seed=config.seed)
@@ -471,10 +609,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch_shardings = {k: mesh_lib.batch_sharding(mesh, v.ndim + 1, batch_dim=1) for k, v in train_pairs.items()}
 
     # ---- Update step: jitted with shardings; the state is donated.
-    step_fn = jax.jit(functools.partial(train_step, policy, tx, schedule, loss_cfg),
+    step_fn = jax.jit(functools.partial(train_step, policy, tx, schedule, loss_cfg, support=support),
                       in_shardings=(state_shardings, batch_shardings, backbone_shardings),
                       out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, policy, loss_cfg),
+    eval_fn = jax.jit(functools.partial(eval_step, policy, loss_cfg, support=support),
                       in_shardings=(params_shardings, backbone_shardings,
                                     {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in eval_pairs.items()}),
                       out_shardings=mesh_lib.replicated(mesh))
@@ -490,6 +628,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         batch = mesh_lib.shard_batch({k: v[lo:lo + per_host] for k, v in eval_pairs.items()}, mesh)
         out = eval_fn(params, backbone, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      if sums is None:  # Fewer held-out pairs than one evaluation batch.
+        logging.warning("%d held-out pairs < train.eval_batch_size=%d: no evaluation.", num_eval,
+                        config.train.eval_batch_size)
+        return {}
       return jax.device_get(eval_metrics(sums))
 
     # ---- Checkpoint: resume from the newest good step, else initialize (sharded at creation).
@@ -502,15 +644,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                            "params": abstract_trainable, "opt_state": abstract_opt_state,
                                            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}),
                                   state_shardings)
-    restored = ckpt.restore_latest(abstract_state)
+    # Another config's checkpoint (other K, other shapes) raises here, naming the field, before anything is read.
+    restored = ckpt.restore_latest(abstract_state, check_data=functools.partial(check_resume, config, workdir))
     if restored is not None:
       start_step, state, data_state = restored
-      for field, value in (("train.batch_size", config.train.batch_size), ("seed", config.seed)):
-        saved = data_state.get(field, value)
-        if saved != value:
-          raise ValueError(f"config.{field}={value!r} differs from {saved!r} in the checkpoint of step "
-                           f"{start_step} in {workdir}: the data order would not continue. Use the same value or "
-                           f"a new --workdir.")
       train_iter.set_state(data_state["iterator"])
       logging.info("Resumed from step %d (iterator %s).", start_step, data_state["iterator"])
     else:
@@ -530,13 +667,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with _StopSignal() as stop:
       for step in progress.track(range(start_step + 1, num_steps + 1), desc="train", unit="step",
                                  total=num_steps - start_step):
-        state, metrics = step_fn(state, to_micro_batches(next(train_iter)), backbone)
+        host_batch = next(train_iter)
+        state, metrics = step_fn(state, to_micro_batches(host_batch), backbone)
+        finite = metrics.pop("finite")
         if t_first is None:  # The first step pays for the compile: time the rest from here.
           jax.block_until_ready(state)
           t_first = t_log = time.time()
           timing["first_step_s"] = t_first - t_start - timing["setup_s"]
           step_log = step
-        if step % config.train.log_every_steps == 0 or step == num_steps:
+        log_now = step % config.train.log_every_steps == 0 or step == num_steps
+        if (config.train.nan_check or log_now) and not bool(jax.device_get(finite)):
+          ckpt.wait()  # The last good checkpoint is committed before the run stops.
+          error = _nonfinite_error(workdir, step, state, host_batch, jax.device_get(metrics), ckpt.latest_step())
+          ckpt.close()
+          writer.close()
+          raise error
+        if log_now:
           train_metrics = jax.device_get(metrics)
           now = time.time()
           if step > step_log:  # Throughput since the last log (the compile excluded).
@@ -547,8 +693,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 and step != num_steps:
           writer.write(step, evaluate(state["params"]), kind="eval")
         stop_now = stop.received or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
-        data_state = {"iterator": train_iter.get_state(), "train.batch_size": config.train.batch_size,
-                      "seed": config.seed}
+        data_state = {"iterator": train_iter.get_state(), **resume_fields(config)}
         ckpt.save(step, state, data_state, force=stop_now or step == num_steps)
         if stop_now:
           preempted = True
