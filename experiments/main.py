@@ -1,8 +1,21 @@
-r"""The main job: runs a config end to end and writes everything to --workdir.
+r"""The main job: the whole spectral souping pipeline on one config, everything written to --workdir.
 
   python -m experiments.main --config=configs/demo.py --workdir=workdir/demo [--config.FIELD=VALUE ...]
 
-Phases (each titled in the log): config check, model, prompts, decoding, results.
+Phases (each timed, with a progress bar where it loops):
+  1. data      the embedded preference data (generated once, then cached), tokenized and split by prompt;
+  2. users     held-out simulated users (their own seed), and their labels on the training pairs;
+  3. offline   K basis heads (one per attribute) and one bespoke head per user, trained together on cached
+               features (`offline.train.train_and_evaluate`, checkpointed: a restart resumes);
+  4. pad       PAD's token-level attribute rewards (ridge on token counts);
+  5. online    T rounds of Thompson-sampled soups shown in pairs, simulated choices, lambda refits (all users at
+               once; `online.protocol`);
+  6. eval      every method answers the held-out prompts (one decoding loop for all methods and users, common
+               random numbers), normalized scores with bootstrap intervals, KL, regret, a K ablation, a Pareto
+               sweep between two bases;
+  7. results   results.json, plots (*.png), the table.
+
+results.json: {"methods": {NAME: {"normalized_score", "mean_reward", "kl", ...}}, "users", "rounds", ...}.
 """
 
 from __future__ import annotations
@@ -16,44 +29,81 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from spectral_soup.utils import config_check
+from spectral_soup.utils import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup_implicit", "p_soups", "pad",
+                "mod_oracle", "uniform", "reference", "bespoke")
+
 
 def validate_config(config) -> None:
-  """Fails fast, naming the field, before anything expensive runs."""
-  need = config_check.field_checker(config)
+  """Fails fast, naming the field, before anything expensive runs (the training fields: `offline.train`)."""
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
 
-  need(isinstance(config.model.path, str) and config.model.path, "model.path", "a non-empty path")
-  need(config.model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'")
-  need(config.model.weight_dtype in ("float32", "bfloat16"), "model.weight_dtype", "'float32' or 'bfloat16'")
-  need(config.generate.max_new_tokens > 0, "generate.max_new_tokens", "> 0")
-  need(config.generate.temperature >= 0, "generate.temperature", ">= 0")
-  need(config.generate.top_k >= 0, "generate.top_k", ">= 0")
-  need(0 < config.generate.top_p <= 1, "generate.top_p", "in (0, 1]")
-  need(config.generate.batch_size > 0, "generate.batch_size", "> 0")
-  need(len(config.prompts) > 0, "prompts", "at least one prompt")
-  for i, prompt in enumerate(config.prompts):
-    if not isinstance(prompt, str) or not prompt.strip():
-      raise ValueError(f"config.prompts[{i}]={prompt!r} is invalid: expected a non-empty string.")
+  need = config_check.field_checker(config)
+  need(config.data.source == "embedded", "data.source", "'embedded' (the main job generates its own data)")
+  need(config.basis.kind == "heads", "basis.kind", "'heads' (bespoke and basis heads share one decoding loop)")
+  need(config.basis.num_bases == len(config.data.attributes), "basis.num_bases",
+       f"the number of data.attributes ({len(config.data.attributes)}): one basis per attribute")
+  need(config.users.kind in users_lib.USER_KINDS, "users.kind", f"one of {users_lib.USER_KINDS}")
+  need(config.users.num_users >= 1, "users.num_users", ">= 1")
+  need(config.users.seed >= 0, "users.seed", ">= 0")
+  need(config.users.temperature >= 0, "users.temperature", ">= 0")
+  need(config.users.concentration > 0, "users.concentration", "> 0")
+  need(config.online.rounds >= 1, "online.rounds", ">= 1")
+  need(config.online.prompts_per_round >= 1, "online.prompts_per_round", ">= 1")
+  need(config.online.l2 > 0, "online.l2", "> 0")
+  need(config.online.explore_scale >= 0, "online.explore_scale", ">= 0")
+  need(config.online.mode in ("explicit", "params", "implicit"), "online.mode", "'explicit', 'params' or 'implicit'")
+  need(config.eval.num_prompts >= 2, "eval.num_prompts", ">= 2")
+  need(config.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", ">= 1")
+  need(config.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")
+  need(config.eval.chunk_rows >= 1, "eval.chunk_rows", ">= 1")
+  need(config.eval.max_proposals >= 1, "eval.max_proposals", ">= 1")
+  need(config.eval.pad_l2 > 0, "eval.pad_l2", "> 0")
+  need(0 <= config.eval.pareto_bases[0] < config.basis.num_bases
+       and 0 <= config.eval.pareto_bases[1] < config.basis.num_bases
+       and config.eval.pareto_bases[0] != config.eval.pareto_bases[1], "eval.pareto_bases",
+       f"two distinct basis indices in [0, {config.basis.num_bases})")
+  train.validate_config(config)
 
 
 def main(argv) -> None:
   del argv
   # Imported here so that `--help` and config errors do not pay for JAX start-up.
   import jax
+  import ml_collections
   import numpy as np
 
   from spectral_soup import models
+  from spectral_soup.baselines import pad as pad_lib
+  from spectral_soup.data import embedded
+  from spectral_soup.data import rewards as rewards_lib
+  from spectral_soup.eval import harness as harness_lib
+  from spectral_soup.eval import metrics as metrics_lib
+  from spectral_soup.eval import plots
+  from spectral_soup.offline import features
+  from spectral_soup.offline import train
+  from spectral_soup.online import protocol
+  from spectral_soup.online import update
+  from spectral_soup.online import users as users_lib
   from spectral_soup.soup import decoding
-  from spectral_soup.utils import progress
 
+  logs.quiet_orbax()
   config = _CONFIG.value
   workdir = _WORKDIR.value
+  timing = {}
+  t_job = time.time()
+
+  def phase(name):
+    print(f"\n==== {name} ({time.time() - t_job:.0f} s)", flush=True)
+    return time.time()
 
   # ---- Config check.
   validate_config(config)
@@ -61,66 +111,225 @@ def main(argv) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   logging.info("JAX devices: %s", jax.devices())
+  attributes = tuple(config.data.attributes)
+  num_attr = num_bases = len(attributes)
+  num_users = config.users.num_users
 
-  # ---- Model.
-  t0 = time.time()
-  model, params = models.from_pretrained(config.model.path, dtype=config.model.dtype,
-                                         weight_dtype=config.model.weight_dtype)
+  # ---- 1. Data.
+  t0 = phase("data: embedded preference pairs")
+  d = config.data
+  settings = embedded.GenerationSettings(
+      model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
+      temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size, attributes=attributes)
+  data_dir = embedded.generate(settings, d.cache_dir or embedded.default_cache_root())
+  pairs, metadata = embedded.load_pairs(data_dir)
+  model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
+                                           weight_dtype=config.model.weight_dtype, remat=config.model.remat)
   tokenizer = models.tokenizer_from_pretrained(config.model.path)
-  load_s = time.time() - t0
-  print(f"Loaded {config.model.path}: {model.config.family}, {model.config.num_layers} layers, "
-        f"{model.config.num_params() / 1e6:.1f}M parameters ({load_s:.1f} s).")
+  arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
+                                   tie_margin=d.tie_margin)
+  suite = rewards_lib.RewardSuite(list(attributes))
+  suite.fit_scores(np.concatenate([arrays["scores_a"], arrays["scores_b"]]))
+  std_a, std_b = suite.standardize(arrays["scores_a"]), suite.standardize(arrays["scores_b"])
+  is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
+  print(f"{len(pairs)} pairs ({(~is_eval).sum()} train / {is_eval.sum()} held out) from {data_dir}; "
+        f"responses sampled in {metadata['sampling_seconds']:.0f} s when generated.")
+  timing["data_s"] = time.time() - t0
 
-  # ---- Prompts: chat-formatted, tokenized, left-padded into batches.
-  messages = []
-  for prompt in config.prompts:
-    chat = [{"role": "system", "content": config.generate.system_prompt}] if config.generate.system_prompt else []
-    messages.append(chat + [{"role": "user", "content": prompt}])
-  texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-  encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-  prompt_len = max(len(e) for e in encoded)
+  # ---- 2. Users: held-out simulated users, labels of their own reward on the pairs (for the bespoke heads).
+  t0 = phase("users")
+  users = users_lib.make_users(config.users.kind, num_users, config.users.seed, split="eval",
+                               num_attributes=num_attr, temperature=config.users.temperature,
+                               concentration=config.users.concentration)
+  r_a = np.asarray(users_lib.true_reward(users, std_a)).T  # [N, U]
+  r_b = np.asarray(users_lib.true_reward(users, std_b)).T
+  user_labels = embedded.pair_labels(r_a, r_b, d.tie_margin)
+  labels = np.concatenate([arrays["labels"], user_labels], axis=1)  # [N, K + U]: bases, then bespoke heads.
+  print("users (weights over " + ", ".join(attributes) + "):")
+  for u in range(num_users):
+    print(f"  user {u}: " + " ".join(f"{w:+.2f}" for w in np.asarray(users.weights[u])))
+  timing["users_s"] = time.time() - t0
+
+  # ---- 3. Offline: K bases + U bespoke heads in one training run.
+  t0 = phase(f"offline: {num_bases} basis heads + {num_users} bespoke heads")
+  fields = ("prompt", "prompt_mask", "response_a", "response_a_mask", "response_b", "response_b_mask")
+  split = lambda keep: {**{f: arrays[f][keep] for f in fields}, "labels": labels[keep]}
+  train_pairs, eval_pairs = split(~is_eval), split(is_eval)
+  train_config = ml_collections.ConfigDict(config.to_dict())
+  train_config.basis.num_bases = num_bases + num_users
+  result = train.train_and_evaluate(train_config, os.path.join(workdir, "basis"), pairs=(train_pairs, eval_pairs),
+                                    loaded=(model, backbone))
+  heads = jax.device_get(result.state["params"]["heads"])
+  accuracy = np.asarray(result.eval_metrics.get("accuracy", np.full(num_bases + num_users, np.nan)))
+  counts = np.asarray(result.eval_metrics.get("count", np.zeros(num_bases + num_users)))
+  cross = np.asarray(result.eval_metrics.get("cross_accuracy", np.full((num_bases + num_users,) * 2, np.nan)))
+  print("held-out pair accuracy of each head's implicit reward on its own labels:")
+  for h in range(num_bases + num_users):
+    name = f"basis {attributes[h]}" if h < num_bases else f"bespoke user {h - num_bases}"
+    print(f"  {name:<24} {accuracy[h]:.3f} ({int(counts[h])} pairs)")
+  timing["offline_s"] = time.time() - t0
+
+  # ---- 4. PAD's token-level rewards on the same training responses.
+  t0 = phase("pad: token-level attribute rewards")
+  support = features.select_support([train_pairs["response_a"], train_pairs["response_b"]],
+                                    [train_pairs["response_a_mask"], train_pairs["response_b_mask"]],
+                                    config.basis.vocab_support or model.config.vocab_size, model.config.vocab_size)
+  counts_train = pad_lib.token_counts([train_pairs["response_a"], train_pairs["response_b"]],
+                                      [train_pairs["response_a_mask"], train_pairs["response_b_mask"]], support)
+  pad_table = pad_lib.fit_token_rewards(counts_train, np.concatenate([std_a[~is_eval], std_b[~is_eval]]), support,
+                                        model.config.vocab_size, l2=config.eval.pad_l2)
+  timing["pad_s"] = time.time() - t0
+
+  # ---- The harness: the policy with every head, prompt pools, the scorer.
+  policy = train.build_policy(model.config, train_config.basis)
+  params = {"features": {"backbone": train.unboxed(backbone)}, "heads": heads}
+  prompt_text = [p["prompt"] for p in pairs]
+  online_pool = np.flatnonzero(~is_eval)
+  eval_pool = np.flatnonzero(is_eval)[:config.eval.num_prompts]
   eos_id = tokenizer.eos_token_id
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-  # ---- Decoding: one compiled loop per batch shape.
-  sampling = decoding.SamplingConfig(config.generate.temperature, config.generate.top_k, config.generate.top_p)
-  logits_fn = decoding.model_logits_fn(model)
-  batch_size = config.generate.batch_size
-  max_new = config.generate.max_new_tokens
-  key = jax.random.key(config.seed)
-  responses, new_tokens = [], 0
-  t0 = time.time()
-  for start in progress.track(range(0, len(encoded), batch_size), desc="decoding", unit="batch"):
-    chunk = encoded[start:start + batch_size]
-    tokens, mask = decoding.pad_prompts(chunk, batch_size, prompt_len, pad_id)
-    cache = models.init_cache(model.config, batch_size, prompt_len + max_new)
-    key, sub = jax.random.split(key)
-    out, aux = decoding.decode(logits_fn, params, tokens, mask, cache, sub, max_new_tokens=max_new,
-                               sampling=sampling, eos_id=eos_id, pad_id=pad_id)
-    out, lengths = np.asarray(out), np.asarray(aux["lengths"])
-    for i in range(len(chunk)):
-      ids = out[i, :lengths[i]].tolist()
-      new_tokens += len(ids)
-      responses.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-  decode_s = time.time() - t0
+  def score_fn(prompts, tokens, lengths):
+    texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True).strip() for row, n in zip(tokens, lengths)]
+    return suite(prompts, texts, standardize=True)
 
-  # ---- Results.
+  def make_harness(rows, max_new_tokens):
+    return harness_lib.PolicyHarness(
+        policy, params, arrays["prompt"][rows], arrays["prompt_mask"][rows], [prompt_text[i] for i in rows], score_fn,
+        num_bases=num_bases, beta=config.loss.beta, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+        pad_table=pad_table, support=support, head_support=support if config.basis.vocab_support else None,
+        chunk_rows=config.eval.chunk_rows,
+        max_proposals=config.eval.max_proposals, sampling=decoding.SamplingConfig(temperature=1.0))
+
+  # ---- 5. Online.
+  t0 = phase(f"online: {config.online.rounds} rounds x {config.online.prompts_per_round} comparisons, "
+             f"{num_users} users, {config.online.mode} soups")
+  online_cfg = protocol.OnlineConfig(rounds=config.online.rounds, prompts_per_round=config.online.prompts_per_round,
+                                     l2=config.online.l2,
+                                     prior_mean=(1.0 / num_bases if config.online.prior_mean < 0
+                                                 else config.online.prior_mean),
+                                     explore_scale=config.online.explore_scale, mode=config.online.mode)
+  harness = make_harness(online_pool, config.eval.max_new_tokens)
+  key = jax.random.key(config.seed)
+  key, k_online = jax.random.split(key)
+  history = protocol.run_online(harness, users, len(online_pool), online_cfg, k_online)
+  lam, lam_ps, pad_w = history["lam"], history["lam_p_soups"], history["pad_weights"]
+  print("fitted lambda per user (spectral):")
+  for u in range(num_users):
+    print(f"  user {u}: " + " ".join(f"{x:+.2f}" for x in lam[u]))
+  timing["online_s"] = time.time() - t0
+
+  # ---- 6. Evaluation: every method x user on the held-out prompts, one decoding loop.
+  t0 = phase(f"eval: {len(METHOD_ORDER)} methods x {num_users} users x {len(eval_pool)} held-out prompts x "
+             f"{config.eval.samples_per_prompt} samples")
+  num_heads = num_bases + num_users
+  on_bases = lambda c: np.concatenate([np.asarray(c, np.float32), np.zeros(num_users, np.float32)])
+  programs = [harness_lib.Program("reference", None, "explicit", np.zeros(num_heads, np.float32)),
+              harness_lib.Program("uniform", None, "explicit", on_bases(np.full(num_bases, 1.0 / num_bases)))]
+  weights = np.asarray(users.weights)
+  for u in range(num_users):
+    programs += [
+        harness_lib.Program("spectral_soup_explicit", u, "explicit", on_bases(lam[u])),
+        harness_lib.Program("spectral_soup_params", u, "params", on_bases(lam[u])),
+        harness_lib.Program("spectral_soup_implicit", u, "implicit", on_bases(lam[u])),
+        harness_lib.Program("p_soups", u, "params", on_bases(lam_ps[u])),
+        harness_lib.Program("pad", u, "guided", np.zeros(num_heads, np.float32), pad_w[u]),
+        harness_lib.Program("mod_oracle", u, "explicit", on_bases(weights[u])),
+        harness_lib.Program("bespoke", u, "explicit", np.eye(num_heads, dtype=np.float32)[num_bases + u]),
+    ]
+  i, j = config.eval.pareto_bases
+  alphas = np.linspace(0.0, 1.0, config.eval.pareto_points)
+  for a in alphas:
+    c = np.zeros(num_bases, np.float32)
+    c[i], c[j] = 1.0 - a, a
+    programs.append(harness_lib.Program(f"pareto_{a:.2f}", None, "explicit", on_bases(c)))
+  harness = make_harness(eval_pool, config.eval.max_new_tokens)
+  key, k_eval = jax.random.split(key)
+  out = harness.evaluate(programs, np.arange(len(eval_pool)), k_eval, config.eval.samples_per_prompt)
+  rewards, kls, shared = {}, {}, {}
+  for p, prog in enumerate(programs):
+    r = np.asarray(users_lib.true_reward(users, out["scores"][p].reshape(-1, num_attr)))  # [U, E * S]
+    r = r.reshape(num_users, len(eval_pool), -1).mean(-1)  # [U, E]
+    kl = np.broadcast_to(out["kl"][p].mean(-1), (num_users, len(eval_pool)))
+    if prog.user is None:
+      shared[prog.method] = out["scores"][p]
+      if prog.method.startswith("pareto_"):
+        continue
+      rewards[prog.method], kls[prog.method] = r, kl
+    else:
+      rewards.setdefault(prog.method, np.zeros((num_users, len(eval_pool))))[prog.user] = r[prog.user]
+      kls.setdefault(prog.method, np.zeros((num_users, len(eval_pool))))[prog.user] = kl[prog.user]
+  summary = metrics_lib.summarize(rewards, kls, num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
+  implicit = [p for p, prog in enumerate(programs) if prog.kind == "implicit"]
+  acceptance = float(out["accepted"][implicit].sum() / max(out["proposals"][implicit].sum(), 1.0))
+  timing["eval_s"] = time.time() - t0
+
+  # K ablation: held-out choice accuracy of lambda fitted on the first k bases (first 3/4 of the comparisons).
+  ablation = _k_ablation(history, num_bases, config.online.l2, update)
+
+  # Regret against each user's bespoke policy value.
+  bespoke_value = rewards["bespoke"].mean(axis=1)
+  regret = protocol.cumulative_regret(history["reward"], bespoke_value)
+
+  # ---- 7. Results.
+  t0 = phase("results")
   results = {
-      "model": config.model.path,
-      "num_params": model.config.num_params(),
-      "load_seconds": load_s,
-      "decode_seconds": decode_s,
-      "new_tokens": new_tokens,
-      "tokens_per_second": new_tokens / decode_s,
-      "generations": [{"prompt": p, "response": r} for p, r in zip(config.prompts, responses)],
+      "methods": {m: summary["methods"][m] for m in METHOD_ORDER if m in summary["methods"]},
+      "users": num_users, "rounds": config.online.rounds,
+      "comparisons_per_user": int(history["num_comparisons"][-1]),
+      "eval_prompts": int(len(eval_pool)), "samples_per_prompt": config.eval.samples_per_prompt,
+      "bespoke_gain": summary["bespoke_gain"], "bespoke_gain_ci": summary["bespoke_gain_ci"],
+      "bespoke_gain_significant": summary["bespoke_gain_significant"], "confidence": summary["confidence"],
+      "attributes": list(attributes), "user_kind": config.users.kind,
+      "user_weights": weights.tolist(), "lambda": lam.tolist(), "lambda_p_soups": lam_ps.tolist(),
+      "pad_weights": pad_w.tolist(),
+      "offline": {"heads": [f"basis:{a}" for a in attributes] + [f"bespoke:{u}" for u in range(num_users)],
+                  "heldout_accuracy": accuracy.tolist(), "heldout_pairs": counts.tolist(),
+                  "cross_accuracy": cross.tolist()},
+      "learning_curve": {"comparisons": history["num_comparisons"].tolist(), "reward": history["reward"].tolist(),
+                         "kl": history["kl"].tolist(), "regret": regret.tolist(),
+                         "choice_accuracy": history["choice_accuracy"].tolist()},
+      "k_ablation": ablation,
+      "pareto": {"bases": [attributes[i], attributes[j]], "alpha": alphas.tolist(),
+                 "scores": [shared[f"pareto_{a:.2f}"].reshape(-1, num_attr)[:, [i, j]].mean(0).tolist()
+                            for a in alphas]},
+      "implicit_acceptance_rate": acceptance,
+      "decoded_tokens": harness.decoded_tokens,
+      "timing_s": timing,
   }
-  with open(os.path.join(workdir, "generations.json"), "w") as f:
+  results["timing_s"]["total_s"] = time.time() - t_job
+  with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
+  samples = []
+  for p, prog in enumerate(programs[:2 + 7]):
+    text = tokenizer.decode(out["tokens"][p, 0, 0, :out["lengths"][p, 0, 0]].tolist(), skip_special_tokens=True)
+    samples.append({"method": prog.method, "user": prog.user, "prompt": prompt_text[eval_pool[0]], "response": text})
+  with open(os.path.join(workdir, "samples.json"), "w") as f:
+    json.dump(samples, f, indent=2)
+  plots.write_all(results, workdir)
+  timing["results_s"] = time.time() - t0
+
   print()
-  for prompt, response in zip(config.prompts, responses):
-    print(f"> {prompt}\n  {response}\n")
-  print(f"{new_tokens} tokens in {decode_s:.1f} s ({new_tokens / decode_s:.1f} tokens/s, compile included). "
-        f"Wrote {os.path.join(workdir, 'generations.json')}.")
+  print(metrics_lib.format_table(summary, METHOD_ORDER))
+  print(f"\n{num_users} held-out {config.users.kind} users, {history['num_comparisons'][-1]} comparisons each, "
+        f"{len(eval_pool)} held-out prompts x {config.eval.samples_per_prompt} samples; "
+        f"total {time.time() - t_job:.0f} s. Wrote {os.path.join(workdir, 'results.json')} and plots.")
+
+
+def _k_ablation(history, num_bases, l2, update):
+  """Held-out accuracy of the users' choices (last quarter of the comparisons) by lambda fitted on the first k
+  bases' features of the rest, k = 1..K: how many bases the users' preferences need."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  feats, prefs = history["comparison_features"], history["comparison_prefs"]
+  n = feats.shape[1]
+  split = max(1, (3 * n) // 4)
+  out = {"k": [], "heldout_choice_accuracy": []}
+  for k in range(1, num_bases + 1):
+    lam = np.asarray(update.fit_lambda_batched(feats[:, :split, :k], prefs[:, :split], l2=l2))
+    pred = np.einsum("unk,uk->un", feats[:, split:, :k], lam) > 0
+    out["k"].append(k)
+    out["heldout_choice_accuracy"].append(float(np.mean(pred == (prefs[:, split:] > 0.5))))
+  return out
 
 
 if __name__ == "__main__":

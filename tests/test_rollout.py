@@ -83,3 +83,27 @@ def test_implicit_rows_report_acceptance(policy):
 def test_bad_coefs_fail_on_host():
   with pytest.raises(ValueError, match="coefs row 1"):
     rollout.make_rows(["explicit"] * 2, np.array([[0.0, 0.0], [np.nan, 0.0]]))
+
+
+def test_support_path_equals_full_vocabulary(policy):
+  """Heads zero outside a support S: decoding with the support (no [H, B, V] arrays) gives the same tokens, head
+  log-probs and KL as the full-vocabulary path."""
+  pol, params = policy
+  support = np.arange(2, tiny.VOCAB, 3).astype(np.int32)
+  outside = np.setdiff1d(np.arange(tiny.VOCAB), support)
+  params = {**params, "heads": {**params["heads"], "b": params["heads"]["b"].at[:, :, outside].set(0.0)}}
+  restricted = (pol, params)
+  rows = rollout.make_rows(["explicit", "params", "explicit", "guided", "implicit", "implicit"],
+                           np.array([[0.5, -0.2, 0.4]] * 2 + [[0.0, 1.0, 0.0]] + [[0.0] * 3] + [[0.3, 0.3, 0.0]] * 2,
+                                    np.float32),
+                           guide=np.array([[0.0], [0.0], [0.0], [1.0], [0.0], [0.0]]), prompt_index=[0, 1, 2, 0, 1, 2])
+  table = jnp.asarray(np.random.default_rng(0).normal(size=(1, tiny.VOCAB)), jnp.float32)
+  kw = dict(sampling=decoding.SamplingConfig(temperature=1.0), guide_table=table, guide_scale=2.0, max_proposals=8)
+  prompts = rollout.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N)
+  full_tokens, full = rollout.rollout(pol, params, prompts, rows, jax.random.key(3), max_new_tokens=N, **kw)
+  sup_tokens, sup = rollout.rollout(pol, params, prompts, rows, jax.random.key(3), max_new_tokens=N,
+                                    support=jnp.asarray(support), **kw)
+  np.testing.assert_array_equal(np.asarray(sup_tokens), np.asarray(full_tokens))
+  for name in ("head_logp", "ref_logp", "kl"):
+    np.testing.assert_allclose(sup["stats"][name], full["stats"][name], rtol=1e-4, atol=1e-4, err_msg=name)
+  del restricted

@@ -31,8 +31,8 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits
-from spectral_soup.models.transformer import init_cache, output_logits
+from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_log_normalizer
+from spectral_soup.models.transformer import init_cache, output_logits, take_cache_rows
 from spectral_soup.soup import decoding
 from spectral_soup.soup.implicit import rejection_sample
 
@@ -80,20 +80,42 @@ def make_rows(kind, coefs, guide=None, prompt_index=None, seed=None, num_guides:
 
 
 def _mix(params: Any, psi: Array, ref_logits: Array, rows: Rows) -> dict:
-  """Every row's next-token log-probs from one backbone state. psi: [B, F], ref_logits: [B, V] -> dict of [.., V]."""
+  """Every row's next-token log-probs from one backbone state. psi: [B, F], ref_logits: [B, V] -> dict of [.., V].
+
+  With `params["support"]` (int32[S]: the heads are zero outside it, as `offline` trains them on a support), the
+  heads are evaluated on S tokens only and their log-normalizers come from the reference probabilities there
+  (`spectral.support_log_normalizer`): no [H, B, V] array unless implicit rows need the heads' full logits.
+  """
   heads = params["policy"]["heads"]
+  support = params.get("support")
   ref_logits = ref_logits.astype(jnp.float32)
-  delta = head_delta_logits(heads, psi)  # [H, B, V]
   ref_lp = jax.nn.log_softmax(ref_logits, axis=-1)
-  head_lp = jax.nn.log_softmax(ref_logits[None] + delta, axis=-1)  # [H, B, V]
   c = rows.coefs.astype(jnp.float32)  # [B, H]
-  explicit = jax.nn.log_softmax(
-      (1.0 - c.sum(-1, keepdims=True)) * ref_lp + jnp.einsum("bh,hbv->bv", c, head_lp), axis=-1)
-  merged = jax.nn.log_softmax(ref_logits + jnp.einsum("bh,hbv->bv", c, delta), axis=-1)
-  guided = jax.nn.log_softmax(ref_logits + params["guide_scale"] * (rows.guide @ params["guide_table"]), axis=-1)
+  guide = params["guide_scale"] * (rows.guide @ params["guide_table"])  # [B, V]
   kind = rows.kind[:, None]
-  out = jnp.where(kind == KIND_IDS["params"], merged, jnp.where(kind == KIND_IDS["guided"], guided, explicit))
-  return {"logprobs": out, "ref": ref_lp, "heads": head_lp}
+  out = {"ref": ref_lp}
+  if support is None:
+    delta = head_delta_logits(heads, psi)  # [H, B, V]
+    head_lp = jax.nn.log_softmax(ref_logits[None] + delta, axis=-1)  # [H, B, V]
+    explicit = (1.0 - c.sum(-1, keepdims=True)) * ref_lp + jnp.einsum("bh,hbv->bv", c, head_lp)
+    merged = ref_logits + jnp.einsum("bh,hbv->bv", c, delta)
+    out["heads"] = head_lp
+  else:
+    h = jnp.einsum("bf,hfr->hbr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
+    delta = jnp.einsum("hbr,hrs->hbs", h, jnp.take(heads["b"].astype(jnp.float32), support, axis=2))  # [H, B, S]
+    log_z = support_log_normalizer(delta, jnp.exp(jnp.take(ref_lp, support, axis=-1)))  # [H, B]
+    mixed = jnp.einsum("bh,hbs->bs", c, delta)
+    # Explicit: (1 - sum c) log pi_ref + sum_h c_h (log pi_ref + delta_h - log Z_h / Z_ref), renormalized.
+    explicit = ref_lp.at[:, support].add(mixed) - jnp.einsum("bh,hb->b", c, log_z)[:, None]
+    merged = ref_logits.at[:, support].add(mixed)
+    out["delta_support"], out["log_z"] = delta, log_z[..., None]  # [H, B, S], [H, B, 1]
+    if params["need_head_logits"]:
+      out["heads"] = jax.nn.log_softmax(jnp.broadcast_to(ref_logits, delta.shape[:2] + ref_logits.shape[-1:])
+                                        .at[:, :, support].add(delta), axis=-1)
+  mixed_logits = jnp.where(kind == KIND_IDS["params"], merged,
+                           jnp.where(kind == KIND_IDS["guided"], ref_logits + guide, explicit))
+  out["logprobs"] = jax.nn.log_softmax(mixed_logits, axis=-1)
+  return out
 
 
 def _step_fn(policy: SpectralPolicy):
@@ -114,8 +136,7 @@ def _sample_fn(max_proposals: int):
     token = jax.vmap(lambda k, lp: decoding.sample_tokens(k, lp[None], sampling)[0])(row_keys, last["logprobs"])
     stats = {}
     if max_proposals:
-      heads = last["heads"]
-      rs_token, aux = rejection_sample(k_rs, last["ref"], heads, rows.coefs, max_proposals=max_proposals)
+      rs_token, aux = rejection_sample(k_rs, last["ref"], last["heads"], rows.coefs, max_proposals=max_proposals)
       implicit = rows.kind == KIND_IDS["implicit"]
       token = jnp.where(implicit, rs_token, token)
       stats["accepted"] = jnp.where(implicit, aux["accepted"].astype(jnp.float32), 0.0)
@@ -123,7 +144,13 @@ def _sample_fn(max_proposals: int):
     pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
     logp = pick(last["logprobs"])
     stats["ref_logp"] = pick(last["ref"])
-    stats["head_logp"] = jax.vmap(pick)(last["heads"]).T  # [B, H]
+    if "delta_support" in last:  # log pi_h(token) = log pi_ref(token) + delta_h(token) - log Z_h / Z_ref.
+      position = params["support_position"][token]  # Index in the support, or -1.
+      delta = jnp.take_along_axis(last["delta_support"], jnp.maximum(position, 0)[None, :, None], axis=-1)[..., 0]
+      delta = jnp.where(position[None] >= 0, delta, 0.0)  # [H, B]
+      stats["head_logp"] = (stats["ref_logp"][None] + delta - last["log_z"][..., 0]).T  # [B, H]
+    else:
+      stats["head_logp"] = jax.vmap(pick)(last["heads"]).T  # [B, H]
     p = jnp.exp(last["logprobs"])
     stats["kl"] = jnp.sum(jnp.where(p > 0, p * (last["logprobs"] - last["ref"]), 0.0), axis=-1)
     return token, logp, stats
@@ -142,20 +169,11 @@ def prefill(policy: SpectralPolicy, policy_params: Any, prompt: Array, prompt_ma
   return {"psi": psi[:, -1], "ref_logits": ref_logits, "cache": aux["cache"]}
 
 
-def _take_rows(cache: Any, index: Array) -> Any:
-  """The cache rows `index` (batch is axis 1 of k / v, axis 0 of pos / valid / next_pos)."""
-  out = dict(cache)
-  for name in ("k", "v"):
-    out[name] = jnp.take(cache[name], index, axis=1)
-  for name in ("pos", "valid", "next_pos"):
-    out[name] = jnp.take(cache[name], index, axis=0)
-  return out
-
-
 @functools.partial(jax.jit, static_argnames=("policy", "max_new_tokens", "sampling", "eos_id", "pad_id",
                                              "max_proposals"))
 def rollout(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: Rows, key: Array,
-            guide_table: Optional[Array] = None, guide_scale: Any = 0.0, *, max_new_tokens: int,
+            guide_table: Optional[Array] = None, guide_scale: Any = 0.0, support: Optional[Array] = None, *,
+            max_new_tokens: int,
             sampling: decoding.SamplingConfig = decoding.SamplingConfig(temperature=1.0),
             eos_id: Optional[int] = None, pad_id: int = 0, max_proposals: int = 0) -> Tuple[Array, dict]:
   """Decodes B rows, each continuing prefilled prompt `rows.prompt_index` with its own program.
@@ -167,6 +185,8 @@ def rollout(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: Rows
     key: PRNG key.
     guide_table: f32[A, V] token-level rewards for guided rows (None: no guided rows).
     guide_scale: multiplies the guided reward (1 / beta).
+    support: int32[S] tokens outside which every head's correction is zero (heads trained on a vocabulary
+      support), or None. With it the heads cost O(H S) per row and step instead of O(H V).
     max_new_tokens, sampling, eos_id, pad_id: see `decoding.decode`.
     max_proposals: proposals per token for implicit rows (0: the batch has no implicit rows).
 
@@ -180,8 +200,13 @@ def rollout(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: Rows
   vocab = policy.config.vocab_size
   table = jnp.zeros((rows.guide.shape[-1], vocab), jnp.float32) if guide_table is None else guide_table
   params = {"policy": policy_params, "rows": rows, "guide_table": table.astype(jnp.float32),
-            "guide_scale": jnp.asarray(guide_scale, jnp.float32)}
-  cache = _take_rows(prompts["cache"], rows.prompt_index)
+            "guide_scale": jnp.asarray(guide_scale, jnp.float32), "need_head_logits": bool(max_proposals)}
+  if support is not None:
+    support = jnp.asarray(support, jnp.int32)
+    params["support"] = support
+    params["support_position"] = jnp.full((vocab,), -1, jnp.int32).at[support].set(
+        jnp.arange(support.shape[0], dtype=jnp.int32))
+  cache = take_cache_rows(prompts["cache"], rows.prompt_index)
   last = _mix(params, prompts["psi"][rows.prompt_index], prompts["ref_logits"][rows.prompt_index], rows)
   return decoding.decode_from(_step_fn(policy), params, last, cache, key, max_new_tokens=max_new_tokens,
                               sampling=sampling, eos_id=eos_id, pad_id=pad_id,

@@ -1,0 +1,1 @@
+"""Evaluation: normalized scores against bespoke policies with bootstrap intervals, and plots."""

@@ -1,0 +1,94 @@
+"""PNG plots of the main job's results.json (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def write_all(results: Mapping, workdir: str) -> list:
+  """Writes learning_curve.png, scores.png, pareto.png and k_ablation.png; returns their paths."""
+  plt = _pyplot()
+  paths = []
+
+  # Learning curves: the shown soups' true reward and the cumulative regret against bespoke.
+  curve = results["learning_curve"]
+  n = np.asarray(curve["comparisons"])
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  reward, regret = np.asarray(curve["reward"]), np.asarray(curve["regret"])
+  for u in range(reward.shape[1]):
+    axes[0].plot(n, reward[:, u], alpha=0.4, marker=".")
+    axes[1].plot(n, regret[:, u], alpha=0.4, marker=".")
+  axes[0].plot(n, reward.mean(1), color="k", lw=2, label="mean over users")
+  axes[0].axhline(results["methods"]["bespoke"]["mean_reward"], color="g", ls="--", label="bespoke")
+  axes[0].axhline(results["methods"]["reference"]["mean_reward"], color="r", ls=":", label="reference")
+  axes[0].set(xlabel="comparisons per user", ylabel="true reward of shown responses", title="online rounds")
+  axes[0].legend(fontsize=8)
+  axes[1].plot(n, regret.mean(1), color="k", lw=2)
+  axes[1].set(xlabel="comparisons per user", ylabel="cumulative regret vs bespoke", title="regret")
+  acc = np.asarray(curve["choice_accuracy"])
+  axes[2].plot(n, acc.mean(1), color="k", marker="o")
+  axes[2].axhline(0.5, color="gray", ls=":")
+  axes[2].set(xlabel="comparisons per user", ylabel="choices predicted by current lambda",
+              title="preference prediction", ylim=(0, 1))
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "learning_curve.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  # Normalized score and KL per method.
+  methods = list(results["methods"])
+  fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+  score = [results["methods"][m]["normalized_score"] for m in methods]
+  ci = np.asarray([results["methods"][m]["normalized_score_ci"] for m in methods])
+  err = np.abs(np.stack([np.asarray(score) - ci[:, 0], ci[:, 1] - np.asarray(score)]))
+  axes[0].bar(methods, score, yerr=err, capsize=3, color="tab:blue")
+  axes[0].axhline(1.0, color="g", ls="--")
+  axes[0].axhline(0.0, color="k", lw=0.8)
+  title = "normalized score (1 = bespoke)"
+  if not results["bespoke_gain_significant"]:
+    title += ": bespoke gain NOT significant"
+  axes[0].set(title=title)
+  axes[1].bar(methods, [results["methods"][m]["kl"] for m in methods], color="tab:orange")
+  axes[1].set(title="KL to the reference (nats per response)")
+  for ax in axes:
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "scores.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  # Pareto sweep between two bases.
+  pareto = results["pareto"]
+  pts = np.asarray(pareto["scores"])
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  ax.plot(pts[:, 0], pts[:, 1], marker="o")
+  for a, (x, y) in zip(pareto["alpha"], pts):
+    ax.annotate(f"{a:.2f}", (x, y), fontsize=8)
+  ax.set(xlabel=f"{pareto['bases'][0]} (standardized)", ylabel=f"{pareto['bases'][1]} (standardized)",
+         title="soups (1-a) basis i + a basis j")
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "pareto.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  # K ablation.
+  abl = results["k_ablation"]
+  fig, ax = plt.subplots(figsize=(4.5, 3.5))
+  ax.plot(abl["k"], abl["heldout_choice_accuracy"], marker="o")
+  ax.axhline(0.5, color="gray", ls=":")
+  ax.set(xlabel="bases used (first k)", ylabel="held-out choice accuracy", title="ablation over K", ylim=(0.4, 1))
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "k_ablation.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+  return paths

@@ -1,0 +1,144 @@
+"""The online protocol over generated responses (METHOD.md section 5): T rounds, all users at once.
+
+Each round, for every user at once:
+  1. draw M prompts (shared by all users, so the backbone prefills them once);
+  2. draw two mixing vectors per (user, prompt) from the user's Laplace posterior of lambda (Thompson sampling:
+     early rounds explore widely, later ones show two soups the posterior still finds plausible), and generate one
+     response from each soup (`config.online.mode`: explicit, params or implicit);
+  3. the simulated user picks one of the two by Bradley-Terry on its true reward of their attribute scores;
+  4. refit every learner on all the user's comparisons so far, warm-started (one compiled call per learner):
+       * "spectral": L2-regularized logistic regression of the choices on the difference of the bases' implicit
+         rewards f_k(x, y) = beta (log pi_k(y|x) - log pi_ref(y|x)) (read off the decoder, no extra pass),
+         shrunk toward `prior_mean`;
+       * "p_soups": the same fit constrained to the simplex (P-Soups averages experts with convex weights);
+       * "pad": the same logistic regression on PAD's predicted attribute vectors (`baselines.pad`).
+The harness (`Harness`) owns the model: it decodes row programs and scores responses; the protocol only sees
+arrays, so tests can run it on a tiny model with synthetic attributes.
+
+Recorded per round: each user's mean true reward of the two shown responses, their mean KL to the reference and
+lambda; `cumulative_regret` turns the rewards into regret against a policy's value (the bespoke one) afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_soup.online import update
+from spectral_soup.online import users as users_lib
+from spectral_soup.utils import progress
+
+LEARNERS = ("spectral", "p_soups", "pad")
+
+
+class Harness(Protocol):
+  """What the protocol needs from the model side."""
+
+  num_bases: int  # K
+  num_attributes: int  # A
+
+  def decode(self, prompt_ids: np.ndarray, kind: str, coefs: np.ndarray, key: jax.Array) -> Dict[str, np.ndarray]:
+    """Responses for R rows: row r continues prompt `prompt_ids[prompt_index[r]]` with soup `coefs[r]` ([R, K]).
+
+    `prompt_ids`: int[M] indices into the online prompt pool; rows are ordered (prompt, row) with
+    R = M * (rows per prompt). Returns {"features": [R, K] beta * (log pi_k - log pi_ref), "kl": [R],
+    "scores": [R, A] standardized attribute scores, "pad_features": [R, A]}.
+    """
+
+
+@dataclasses.dataclass
+class OnlineConfig:
+  rounds: int = 4  # T
+  prompts_per_round: int = 16  # M: comparisons per user per round.
+  l2: float = 1.0  # Penalty of the lambda fits.
+  prior_mean: float = 0.0  # lambda is shrunk toward prior_mean * 1 (0: the reference; 1/K: the uniform soup).
+  explore_scale: float = 1.0  # Thompson samples: mean + explore_scale * (posterior noise).
+  mode: str = "explicit"  # How the shown responses are generated: explicit, params or implicit.
+
+
+def _check(cfg: OnlineConfig, pool_size: int) -> None:
+  if cfg.rounds < 1:
+    raise ValueError(f"online.rounds={cfg.rounds}: expected >= 1.")
+  if not 1 <= cfg.prompts_per_round <= pool_size:
+    raise ValueError(f"online.prompts_per_round={cfg.prompts_per_round}: expected 1..{pool_size} (the prompt pool).")
+  if cfg.l2 <= 0:
+    raise ValueError(f"online.l2={cfg.l2}: expected > 0.")
+  if cfg.explore_scale < 0:
+    raise ValueError(f"online.explore_scale={cfg.explore_scale}: expected >= 0.")
+  if cfg.mode not in ("explicit", "params", "implicit"):
+    raise ValueError(f"online.mode={cfg.mode!r}: expected 'explicit', 'params' or 'implicit'.")
+
+
+def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int, cfg: OnlineConfig,
+               key: jax.Array) -> Dict[str, np.ndarray]:
+  """Runs the protocol for U users. Returns the history and every learner's final weights.
+
+  Returns:
+    {"lam": [U, K] (spectral), "lam_p_soups": [U, K], "pad_weights": [U, A], "lam_history": [T, U, K],
+     "reward": [T, U] mean true reward of the round's two responses, "kl": [T, U], "num_comparisons": [T],
+     "choice_accuracy": [T, U] fraction of the round's choices the previous lambda predicted,
+     "comparison_features": [U, T * M, K] and "comparison_prefs": [U, T * M], every comparison}.
+  """
+  _check(cfg, pool_size)
+  num_users, num_bases, num_attr = users.num_users, harness.num_bases, harness.num_attributes
+  capacity = cfg.rounds * cfg.prompts_per_round
+  feats = np.zeros((num_users, capacity, num_bases), np.float32)
+  pad_feats = np.zeros((num_users, capacity, num_attr), np.float32)
+  prefs = np.zeros((num_users, capacity), np.float32)
+  mask = np.zeros((num_users, capacity), bool)
+  prior = np.full((num_bases,), cfg.prior_mean, np.float32)
+  lam = np.broadcast_to(prior, (num_users, num_bases)).copy()
+  lam_ps = np.full((num_users, num_bases), 1.0 / num_bases, np.float32)
+  pad_w = np.zeros((num_users, num_attr), np.float32)
+  history = {"lam_history": [], "reward": [], "kl": [], "num_comparisons": [], "choice_accuracy": []}
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()[-1])
+  m = cfg.prompts_per_round
+  for t in progress.track(range(cfg.rounds), desc="online rounds", unit="round"):
+    key, k_explore, k_decode, k_choice = jax.random.split(key, 4)
+    prompt_ids = rng.choice(pool_size, size=m, replace=False)
+    mean, cov = update.posterior_batched(jnp.asarray(lam), jnp.asarray(feats), jnp.asarray(mask), l2=cfg.l2)
+    root = jax.vmap(_cov_root)(cov)  # [U, K, K]
+    eps = jax.random.normal(k_explore, (num_users, m, 2, num_bases))
+    coefs = mean[:, None, None, :] + cfg.explore_scale * jnp.einsum("umjk,ulk->umjl", eps, root)
+    # Rows ordered (prompt, user, side): row = (i * U + u) * 2 + j.
+    coefs = np.asarray(jnp.transpose(coefs, (1, 0, 2, 3))).reshape(m * num_users * 2, num_bases)
+    out = harness.decode(prompt_ids, cfg.mode, coefs, k_decode)
+    shape = (m, num_users, 2)
+    f = np.asarray(out["features"]).reshape(*shape, num_bases).transpose(1, 0, 2, 3)  # [U, M, 2, K]
+    s = np.asarray(out["scores"]).reshape(*shape, num_attr).transpose(1, 0, 2, 3)  # [U, M, 2, A]
+    g = np.asarray(out["pad_features"]).reshape(*shape, num_attr).transpose(1, 0, 2, 3)
+    kl = np.asarray(out["kl"]).reshape(shape).transpose(1, 0, 2)
+    choice = np.asarray(users_lib.simulate_choice(k_choice, users, s[:, :, 0], s[:, :, 1]))  # [U, M]
+    reward = np.asarray(users_lib.true_reward(users, s.reshape(num_users, m * 2, num_attr)))
+    delta = f[:, :, 0] - f[:, :, 1]
+    predicted = (np.einsum("umk,uk->um", delta, lam) > 0).astype(np.float32)
+    lo = t * m
+    feats[:, lo:lo + m], pad_feats[:, lo:lo + m] = delta, g[:, :, 0] - g[:, :, 1]
+    prefs[:, lo:lo + m], mask[:, lo:lo + m] = choice, True
+    lam = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam, prior_mean=prior,
+                                               tol=1e-5))
+    lam_ps = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam_ps,
+                                                  constraint="simplex"))
+    pad_w = np.asarray(update.fit_lambda_batched(pad_feats, prefs, l2=cfg.l2, mask=mask, init=pad_w, tol=1e-5))
+    history["lam_history"].append(lam.copy())
+    history["reward"].append(reward.mean(axis=1))
+    history["kl"].append(kl.mean(axis=(1, 2)))
+    history["num_comparisons"].append(lo + m)
+    history["choice_accuracy"].append((predicted == choice).mean(axis=1))
+  out = {name: np.asarray(value) for name, value in history.items()}
+  out.update(lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w, comparison_features=feats, comparison_prefs=prefs)
+  return out
+
+
+def _cov_root(cov: jax.Array) -> jax.Array:
+  evals, evecs = jnp.linalg.eigh(0.5 * (cov + cov.T))
+  return evecs * jnp.sqrt(jnp.maximum(evals, 0.0))
+
+
+def cumulative_regret(round_rewards: np.ndarray, best_value: np.ndarray) -> np.ndarray:
+  """sum_{s <= t} (best_value[u] - round_rewards[s, u]): [T, U] -> [T, U]."""
+  return np.cumsum(np.asarray(best_value)[None, :] - np.asarray(round_rewards), axis=0)

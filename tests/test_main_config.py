@@ -1,0 +1,23 @@
+"""The main job's config: the demo validates; bad values fail before anything loads, naming the field."""
+
+import pytest
+
+from configs import demo
+from experiments import main
+
+
+def test_demo_config_validates():
+  main.validate_config(demo.get_config())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("users.kind", "linear"), ("users.num_users", 0), ("online.rounds", 0), ("online.l2", 0.0),
+    ("online.mode", "naive"), ("eval.num_prompts", 1), ("eval.pareto_bases", (1, 1)), ("basis.num_bases", 3),
+    ("basis.kind", "lora"), ("optim.learning_rate", -1.0), ("basis.vocab_support", -5),
+])
+def test_bad_field_is_named(field, value):
+  config = demo.get_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    main.validate_config(config)

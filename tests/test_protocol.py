@@ -1,0 +1,147 @@
+"""The online protocol, the evaluation harness, PAD's token rewards and the normalized-score statistics."""
+
+import jax
+import numpy as np
+import pytest
+
+from spectral_soup.baselines import pad as pad_lib
+from spectral_soup.eval import harness as harness_lib
+from spectral_soup.eval import metrics
+from spectral_soup.online import protocol
+from spectral_soup.online import users as users_lib
+from tests import tiny
+
+
+class LinearHarness:
+  """Responses are random attribute vectors s ~ N(coefs @ M, I); the bases' features are f = s @ M^T (so the
+  user's reward w . s is in the span of the features: the learner should recover the user's direction)."""
+
+  def __init__(self, num_bases, num_attributes, seed=0):
+    self.num_bases, self.num_attributes = num_bases, num_attributes
+    rng = np.random.default_rng(seed)
+    self.mix = np.eye(num_bases, num_attributes) + 0.1 * rng.normal(size=(num_bases, num_attributes))
+    self.rng = rng
+
+  def decode(self, prompt_ids, kind, coefs, key):
+    del kind, key
+    assert coefs.shape == (len(prompt_ids) * (len(coefs) // len(prompt_ids)), self.num_bases)
+    scores = 0.3 * coefs @ self.mix + self.rng.normal(size=(len(coefs), self.num_attributes))
+    return {"features": scores @ np.linalg.pinv(self.mix), "kl": np.abs(coefs).sum(-1), "scores": scores,
+            "pad_features": scores}
+
+
+def test_online_protocol_recovers_user_direction():
+  users = users_lib.make_users("dirichlet", 6, seed=0, split="eval", num_attributes=3, temperature=0.2)
+  cfg = protocol.OnlineConfig(rounds=6, prompts_per_round=16, l2=1.0)
+  out = protocol.run_online(LinearHarness(3, 3), users, pool_size=50, cfg=cfg, key=jax.random.key(0))
+  assert out["lam_history"].shape == (6, 6, 3) and out["reward"].shape == (6, 6)
+  assert out["comparison_features"].shape == (6, 96, 3) and list(out["num_comparisons"]) == [16 * (t + 1)
+                                                                                              for t in range(6)]
+  w = np.asarray(users.weights)
+  cos = np.sum(out["lam"] * w, -1) / np.linalg.norm(out["lam"], axis=-1) / np.linalg.norm(w, axis=-1)
+  assert np.all(cos > 0.8), cos
+  # P-Soups weights live on the simplex; PAD's weights follow the same direction (its features are the scores).
+  np.testing.assert_allclose(out["lam_p_soups"].sum(-1), 1.0, atol=1e-4)
+  assert np.all(out["lam_p_soups"] >= -1e-6)
+  cos_pad = np.sum(out["pad_weights"] * w, -1) / np.linalg.norm(out["pad_weights"], axis=-1) / np.linalg.norm(w, axis=-1)
+  assert np.all(cos_pad > 0.8), cos_pad
+  # Later rounds predict the users' choices better than chance.
+  assert out["choice_accuracy"][-2:].mean() > 0.6
+
+
+def test_online_config_errors_name_the_field():
+  users = users_lib.make_users("dirichlet", 2, seed=0, num_attributes=3)
+  with pytest.raises(ValueError, match="online.prompts_per_round"):
+    protocol.run_online(LinearHarness(3, 3), users, 4, protocol.OnlineConfig(prompts_per_round=8),
+                        jax.random.key(0))
+  with pytest.raises(ValueError, match="online.mode"):
+    protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(mode="naive"), jax.random.key(0))
+
+
+def test_cumulative_regret():
+  np.testing.assert_allclose(protocol.cumulative_regret(np.array([[0.0, 1.0], [0.5, 1.0]]), np.array([1.0, 1.0])),
+                             [[1.0, 0.0], [1.5, 0.0]])
+
+
+def test_pad_token_rewards_recover_planted_table():
+  rng = np.random.default_rng(0)
+  vocab, support = 40, np.arange(5, 35)
+  true = np.zeros((2, vocab))
+  true[:, support] = rng.normal(size=(2, len(support)))
+  tokens = rng.choice(support, size=(400, 12)).astype(np.int32)
+  mask = np.ones_like(tokens, bool)
+  counts = pad_lib.token_counts([tokens], [mask], support)
+  np.testing.assert_array_equal(counts.sum(1), 12)
+  scores = counts @ true[:, support].T + 0.1 * rng.normal(size=(400, 2))
+  table = pad_lib.fit_token_rewards(counts, scores, support, vocab, l2=1.0)
+  assert np.all(table[:, :5] == 0)
+  for j in range(2):  # Up to a constant per attribute (counts sum to the length), the table is the planted one.
+    est, ref = table[j, support] - table[j, support].mean(), true[j, support] - true[j, support].mean()
+    assert np.corrcoef(est, ref)[0, 1] > 0.95
+  np.testing.assert_allclose(pad_lib.pad_features(counts, table, support), counts @ table[:, support].T, rtol=1e-5)
+
+
+def test_summarize_ratio_of_means_and_significance():
+  rng = np.random.default_rng(0)
+  noise = lambda: 0.05 * rng.normal(size=(3, 200))
+  rewards = {"reference": noise(), "bespoke": 1.0 + noise(), "half": 0.5 + noise()}
+  kl = {m: np.ones((3, 200)) for m in rewards}
+  out = metrics.summarize(rewards, kl, num_bootstrap=500)
+  assert out["bespoke_gain_significant"]
+  half = out["methods"]["half"]
+  assert abs(half["normalized_score"] - 0.5) < 0.02
+  assert half["normalized_score_ci"][0] < half["normalized_score"] < half["normalized_score_ci"][1]
+  assert out["methods"]["bespoke"]["normalized_score"] == pytest.approx(1.0)
+  # No real bespoke gain: flagged, and the table says so instead of printing ratios.
+  flat = {"reference": noise(), "bespoke": noise(), "half": noise()}
+  out = metrics.summarize(flat, kl, num_bootstrap=500)
+  assert not out["bespoke_gain_significant"]
+  assert "not significant" in metrics.format_table(out)
+
+
+def test_policy_harness_rows_and_common_random_numbers():
+  policy, params = tiny.tiny_policy("heads", num_bases=4)  # 3 bases + 1 extra head.
+  prompts = np.array([[1, 2, 3, 4], [0, 5, 6, 7], [0, 0, 8, 9]], np.int32)
+  texts = ["a", "b", "c"]
+  score_fn = lambda p, tokens, lengths: np.stack([(tokens == 3).sum(1), (tokens == 5).sum(1)], 1).astype(float)
+  h = harness_lib.PolicyHarness(policy, params, prompts, prompts != 0, texts, score_fn, num_bases=3, beta=0.5,
+                                max_new_tokens=5, eos_id=None, pad_id=0, pad_table=np.zeros((2, tiny.VOCAB)),
+                                support=np.arange(1, tiny.VOCAB), chunk_rows=4, max_proposals=8)
+  same = np.array([0.2, 0.1, 0.0, 0.0], np.float32)
+  programs = [harness_lib.Program("a", None, "explicit", same), harness_lib.Program("b", 0, "params", same),
+              harness_lib.Program("ref", None, "explicit", np.zeros(4, np.float32)),
+              harness_lib.Program("imp", 0, "implicit", same)]
+  out = h.evaluate(programs, np.arange(3), jax.random.key(0), samples_per_prompt=2)
+  assert out["scores"].shape == (4, 3, 2, 2) and out["tokens"].shape == (4, 3, 2, 5)
+  # The same soup in explicit and params form, with the same random numbers: the same responses.
+  np.testing.assert_array_equal(out["tokens"][0], out["tokens"][1])
+  # Two samples of one prompt differ (their own streams); the reference has zero KL.
+  assert np.any(out["tokens"][0, :, 0] != out["tokens"][0, :, 1])
+  np.testing.assert_allclose(out["kl"][2], 0.0, atol=1e-5)
+  assert out["proposals"][3].sum() > 0 and out["proposals"][:3].sum() == 0
+  # The online interface: features are beta * (log pi_k - log pi_ref) of the shown responses.
+  dec = h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (4, 1)), jax.random.key(1))
+  assert dec["features"].shape == (4, 3) and dec["scores"].shape == (4, 2) and dec["pad_features"].shape == (4, 2)
+
+
+def test_plots_and_k_ablation_from_results(tmp_path):
+  """The main job's last phase on synthetic numbers: the K ablation and every plot file."""
+  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
+  from spectral_soup.online import update  # pylint: disable=g-import-not-at-top
+  users = users_lib.make_users("dirichlet", 3, seed=0, split="eval", num_attributes=3, temperature=0.2)
+  history = protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(rounds=2, prompts_per_round=12),
+                                jax.random.key(0))
+  ablation = main_lib._k_ablation(history, 3, 1.0, update)  # pylint: disable=protected-access
+  assert ablation["k"] == [1, 2, 3] and all(0 <= a <= 1 for a in ablation["heldout_choice_accuracy"])
+  rng = np.random.default_rng(0)
+  rewards = {m: rng.normal(size=(3, 10)) + i for i, m in enumerate(main_lib.METHOD_ORDER)}
+  summary = metrics.summarize(rewards, {m: np.ones((3, 10)) for m in rewards}, num_bootstrap=100)
+  results = {**summary, "learning_curve": {
+      "comparisons": history["num_comparisons"].tolist(), "reward": history["reward"].tolist(),
+      "regret": protocol.cumulative_regret(history["reward"], np.ones(3)).tolist(),
+      "choice_accuracy": history["choice_accuracy"].tolist()},
+      "k_ablation": ablation, "pareto": {"bases": ["a", "b"], "alpha": [0.0, 1.0], "scores": [[0.0, 1.0], [1.0, 0.0]]}}
+  paths = plots.write_all(results, str(tmp_path))
+  assert [p.split("/")[-1] for p in paths] == ["learning_curve.png", "scores.png", "pareto.png", "k_ablation.png"]
+  assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
