@@ -1,0 +1,241 @@
+"""Helpers shared by the benchmarks: timing, peak memory, the machine's matmul rate and bandwidth, tables, JSON.
+
+Every benchmark writes one JSON object:
+
+    {"name": str, "config": {...}, "machine": {...}, "rows": [{"variant": str, ...}, ...],
+     "speedup": float (ours over the strongest baseline), ...}
+
+Timings are medians of repeated runs after a compile run. On a shared machine other processes steal cycles, so a
+benchmark always measures ours and its baselines in the same run, and the ratios are the numbers to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing.
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 3, min_time_s: float = 0.0, warmup: int = 1,
+              sync: Optional[Callable[[Any], Any]] = None) -> Dict[str, float]:
+  """Runs `fn` `warmup` times (compiles), then at least `repeats` times (and at least `min_time_s` in total).
+
+  `sync(out)` waits for asynchronous results (e.g. `jax.block_until_ready`). Returns {"first_s": the first warmup
+  call (compile + run), "median_s", "min_s", "runs"}.
+  """
+  sync = sync or (lambda out: out)
+  first = None
+  for _ in range(warmup):
+    t0 = time.perf_counter()
+    sync(fn())
+    first = time.perf_counter() - t0 if first is None else first
+  times: List[float] = []
+  start = time.perf_counter()
+  while len(times) < repeats or time.perf_counter() - start < min_time_s:
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t0)
+  return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+
+
+def jax_sync(out: Any) -> Any:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.block_until_ready(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory (Linux): the resident-set high-water mark, resettable so that a phase can be measured alone.
+
+
+def rss_mb() -> Tuple[float, float]:
+  """(current RSS, high-water RSS) of this process in MiB, from /proc/self/status (falls back to getrusage)."""
+  current = peak = None
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          current = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+          peak = int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  if peak is None:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return (current if current is not None else peak), peak
+
+
+def reset_peak_rss() -> bool:
+  """Resets the high-water mark to the current RSS (Linux >= 4.0: writes 5 to /proc/self/clear_refs)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def process_peak_mb() -> float:
+  """getrusage's ru_maxrss in MiB: the whole process's peak (loading and compiling included)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The machine: what is it, how loaded, and how fast can it multiply and move memory (jax, one device).
+
+
+def machine_info() -> Dict[str, Any]:
+  info: Dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+  try:
+    info["load_avg_1m_5m_15m"] = [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    pass
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    if names:
+      info["cpu_model"] = names[0]
+  except OSError:
+    pass
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    info["jax"] = jax.__version__
+    info["backend"] = jax.default_backend()
+    info["device"] = jax.devices()[0].device_kind
+    info["device_count"] = jax.device_count()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return info
+
+
+def machine_rates(matmul_size: int = 2_048, copy_mb: int = 256, repeats: int = 5) -> Dict[str, float]:
+  """The machine's achievable floor, measured with jax on the default device.
+
+  * matmul rate: a [n, n] @ [n, n] float32 matmul at default precision (2 n^3 FLOPs), best of `repeats`;
+  * memory bandwidth: x <- x * a + b over a `copy_mb` MiB float32 array (reads and writes it), best of `repeats`.
+  Returns {"matmul_flops_per_s", "bandwidth_bytes_per_s", "matmul_size", "copy_mb"}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = matmul_size
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(jnp.matmul)  # Default precision: what the models' float32 matmuls use (TF32 on recent GPUs).
+  t_mm = time_call(lambda: mm(a, b), repeats=repeats, sync=jax_sync)["min_s"]
+  # The input buffer is donated and reused for the output: a fresh output buffer would also time the kernel's
+  # page faults on first touch (several times slower than the copy itself on a VM).
+  copy = jax.jit(lambda x: x * 1.0001 + 1.0, donate_argnums=0)
+  state = {"x": jnp.ones((copy_mb * 2**20 // 4,), jnp.float32)}
+
+  def step():
+    state["x"] = copy(state["x"])
+    return state["x"]
+
+  t_copy = time_call(step, repeats=repeats, sync=jax_sync)["min_s"]
+  del a, b, state
+  return {"matmul_flops_per_s": 2 * n**3 / t_mm, "bandwidth_bytes_per_s": 2 * copy_mb * 2**20 / t_copy,
+          "matmul_size": n, "copy_mb": copy_mb}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output.
+
+
+def _fmt(value: Any, spec: str) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, str):
+    return value
+  try:
+    return format(value, spec)
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def print_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str, str]], title: str = "") -> str:
+  """Prints rows as an aligned text table. columns: (key, header, format spec). Returns the text."""
+  cells = [[header for _, header, _ in columns]]
+  for row in rows:
+    cells.append([_fmt(row.get(key), spec) for key, _, spec in columns])
+  widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+  lines = [title] if title else []
+  for i, r in enumerate(cells):
+    lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+    if i == 0:
+      lines.append("  ".join("-" * w for w in widths))
+  text = "\n".join(lines)
+  print(text, flush=True)
+  return text
+
+
+def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
+  if not path:
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2, default=_json_default)
+  print(f"Wrote {path}.", flush=True)
+
+
+def _json_default(x: Any) -> Any:
+  try:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    if isinstance(x, np.generic):
+      return x.item()
+    if isinstance(x, np.ndarray):
+      return x.tolist()
+  except ImportError:
+    pass
+  return str(x)
+
+
+def cpu_seconds() -> float:
+  """User + system CPU time of this process and of its finished children (subprocess variants included)."""
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def result(name: str, config: Dict[str, Any], rows: List[Dict[str, Any]], speedup: Optional[float],
+           **extra: Any) -> Dict[str, Any]:
+  """The JSON object every benchmark writes (see the module docstring).
+
+  `cpu_s` (CPU seconds of the whole benchmark so far, subprocesses included) tells how long the run would take
+  on an otherwise idle machine better than its wall time on a loaded one: between cpu_s / cores and cpu_s.
+  """
+  out = {"name": name, "config": config, "machine": machine_info(), "rows": rows, "speedup": speedup,
+         "cpu_s": cpu_seconds()}
+  out.update(extra)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subprocesses (one per variant: a clean address space for the peak-memory reading, or other XLA flags).
+
+
+def run_child(module: str, args: Sequence[str], *, env: Optional[Dict[str, str]] = None,
+              timeout_s: Optional[float] = None) -> Dict[str, Any]:
+  """Runs `python -m module *args` and returns the JSON object it prints on its last stdout line.
+
+  The child inherits this environment plus `env`; its stderr passes through (compile warnings, errors).
+  """
+  full_env = dict(os.environ)
+  full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+  full_env.update(env or {})
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                        text=True, timeout=timeout_s, check=False)
+  lines = [line for line in proc.stdout.splitlines() if line.strip()]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"`python -m {module} {' '.join(args)}` failed (exit {proc.returncode}):\n{proc.stdout}")
+  return json.loads(lines[-1])

@@ -1,0 +1,76 @@
+"""Smoke tests of experiments/benchmarks at tiny sizes: each writes the common JSON and its variants agree.
+
+Timings are not checked (benchmarks are not timed tests); the agreement between ours and the baselines is.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.benchmarks import decode
+from experiments.benchmarks import online
+from experiments.benchmarks import params
+from experiments.benchmarks import train
+
+KEYS = {"name", "config", "rows", "speedup"}
+
+
+def _load(path, name):
+  with open(path) as f:
+    out = json.load(f)
+  assert KEYS <= set(out), sorted(out)
+  assert out["name"] == name and out["rows"] and all("variant" in row for row in out["rows"])
+  assert out["speedup"] is None or out["speedup"] > 0
+  return out
+
+
+def test_online(tmp_path):
+  path = tmp_path / "online.json"
+  online.main(["--users=6", "--bases=3", "--comparisons=12", "--loop_users=0", "--min_time_s=0",
+               "--solvers=newton-cholesky", f"--json={path}"])
+  out = _load(path, "online")
+  assert {r["variant"] for r in out["rows"]} >= {"ours/vmap(fit_lambda)", "sklearn/newton-cholesky"}
+  assert out["max_abs_lam_diff"] < 1e-4  # The same optimum as scikit-learn.
+
+
+def test_params(tmp_path):
+  path = tmp_path / "params.json"
+  params.main(["--users=3", "--bases=2", "--layers=1", "--embed=8", "--kv_dim=4", "--rank=2", "--min_time_s=0",
+               f"--json={path}"])
+  out = _load(path, "params")
+  assert {r["workload"] for r in out["rows"]} == {"lora", "full"}
+  for row in out["rows"]:
+    assert row["max_abs_diff_vs_ours"] < 1e-5, row  # Every loop merges to our numbers.
+
+
+def test_train(tmp_path):
+  path = tmp_path / "train.json"
+  small = ["--bases=2", "--kinds=heads", "--layers=1", "--embed=16", "--heads=2", "--head_dim=8", "--mlp=32",
+           "--vocab=32", "--prompt_len=4", "--response_len=4", "--batch=8", "--steps=1"]
+  train.main(small + ["--devices=0", f"--json={path}"])
+  out = _load(path, "train")
+  assert [r["variant"] for r in out["rows"]] == ["heads/shared K=2", "heads/separate 2 x 1"]
+  assert all(r["basis_tokens_per_s"] > 0 for r in out["rows"])
+  # The sharded variant (a subprocess with fake devices in the benchmark) on this process's 8 fake devices.
+  sharded = train.main(small + ["--child=sharded"])["rows"]
+  assert len(sharded) == 1 and sharded[0]["devices"] == jax.device_count() > 1
+
+
+def test_decode_tiny_model_matches_pytorch_mod(tmp_path):
+  """Our parameter soup of head bases and PyTorch's K+1-pass MOD loop on the same weights emit the same tokens."""
+  path = tmp_path / "decode.json"
+  decode.main(["--model=tiny", "--users=2", "--bases=2", "--new_tokens=4", "--prompt_len=3", "--matmul_size=256",
+               "--copy_mb=8", "--variants=params/heads,torch-mod/heads", f"--json={path}"])
+  out = _load(path, "decode")
+  rows = {r["variant"]: r for r in out["rows"]}
+  assert rows["torch-mod/heads"]["tokens_reference"] == "params/heads"
+  assert rows["torch-mod/heads"]["tokens_match"] == 1.0
+  assert all(r["tokens_per_s"] > 0 and r["share_of_floor"] > 0 for r in rows.values())
+  assert np.isfinite(out["rates"]["matmul_flops_per_s"]) and out["rates"]["bandwidth_bytes_per_s"] > 0
+
+
+def test_decode_rejects_unknown_variant():
+  with pytest.raises(ValueError, match="unknown"):
+    decode.run(decode.parse_args(["--model=tiny", "--variants=beam/heads"]))
