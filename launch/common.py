@@ -66,6 +66,20 @@ def check_config_path(parser: argparse.ArgumentParser, config: str) -> None:
     parser.error(f"--config={config}: {path} is not a file under {REPO_ROOT}.")
 
 
+def check_plan_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, steps: Sequence[str]) -> None:
+  """Parses `--steps` into a list (a subset of `steps`) and checks `--copy LOCAL:REMOTE` and `--env KEY=VALUE`."""
+  args.steps = [s for s in args.steps.split(",") if s]
+  unknown = sorted(set(args.steps) - set(steps))
+  if unknown:
+    parser.error(f"--steps: unknown {unknown}; expected some of {tuple(steps)}.")
+  for item in args.copy:
+    if ":" not in item:
+      parser.error(f"--copy={item}: expected LOCAL:REMOTE.")
+  for item in args.env:
+    if "=" not in item:
+      parser.error(f"--env={item}: expected KEY=VALUE.")
+
+
 def job_argv(python: str, module: str, config: str, workdir: str, job_args: Sequence[str],
              extra_flags: Sequence[str] = ()) -> List[str]:
   """`python -m <module> --config=... --workdir=... [extra flags] [job args]`."""

@@ -69,16 +69,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   if not args.name:
     parser.error("--name (or SPECTRAL_SOUP_VM) is required.")
   common.check_config_path(parser, args.config)
-  args.steps = [s for s in args.steps.split(",") if s]
-  unknown = sorted(set(args.steps) - set(STEPS))
-  if unknown:
-    parser.error(f"--steps: unknown {unknown}; expected some of {STEPS}.")
-  for item in args.copy:
-    if ":" not in item:
-      parser.error(f"--copy={item}: expected LOCAL:REMOTE.")
-  for item in args.env:
-    if "=" not in item:
-      parser.error(f"--env={item}: expected KEY=VALUE.")
+  common.check_plan_flags(parser, args, STEPS)
   return args
 
 

@@ -115,16 +115,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.slice = slice_of(args.accelerator_type)
   except ValueError as e:
     parser.error(str(e))
-  args.steps = [s for s in args.steps.split(",") if s]
-  unknown = sorted(set(args.steps) - set(STEPS))
-  if unknown:
-    parser.error(f"--steps: unknown {unknown}; expected some of {STEPS}.")
-  for item in args.copy:
-    if ":" not in item:
-      parser.error(f"--copy={item}: expected LOCAL:REMOTE.")
-  for item in args.env:
-    if "=" not in item:
-      parser.error(f"--env={item}: expected KEY=VALUE.")
+  common.check_plan_flags(parser, args, STEPS)
   return args
 
 
