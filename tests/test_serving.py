@@ -171,6 +171,29 @@ def test_top_k_and_top_p_filters():
     decoding.SamplingConfig(1.0, top_p=0.0)
 
 
+def test_nucleus_by_bisection_equals_the_sorted_prefix():
+  """The bisection threshold keeps exactly the smallest most-likely prefix reaching top_p (a sort's answer)."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 3000)).astype(np.float32) * rng.uniform(0.5, 4.0, size=(64, 1)).astype(np.float32)
+  logits[:8, 100:] = -np.inf  # Rows restricted to a few tokens.
+  logits[8:16, :50] = logits[8:16, :1]  # Ties at the top.
+  for top_p in (0.3, 0.9, 0.95):
+    kept = np.isfinite(np.asarray(decoding.filter_logits(jnp.asarray(logits), decoding.SamplingConfig(1.0, top_p=top_p))))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    mass = np.cumsum(np.take_along_axis(probs, order, 1), axis=1)
+    n_keep = (mass - np.take_along_axis(probs, order, 1) < top_p).sum(1)
+    threshold = np.take_along_axis(logits, order, 1)[np.arange(64), n_keep - 1]
+    expected = logits >= threshold[:, None]
+    # Only a token whose cumulative mass sits on top_p to float32 rounding may go either way.
+    before = np.empty_like(probs)
+    np.put_along_axis(before, order, mass - np.take_along_axis(probs, order, 1), 1)
+    ambiguous = np.abs(before - top_p) < 1e-5
+    assert np.all((kept == expected) | ambiguous), f"top_p={top_p}"
+    assert np.sum(kept != expected) <= 2, f"top_p={top_p}"
+
+
 def test_left_pad_moves_real_tokens_right():
   tokens, mask = decoding.left_pad(jnp.asarray(PROMPT), jnp.asarray(MASK))
   np.testing.assert_array_equal(tokens[2], [0, 0, 9, 10, 11])
