@@ -288,7 +288,7 @@ def eval_step(policy: SpectralPolicy, loss_cfg: Mapping[str, Any], params: Any, 
   Add them up over batches, then `eval_metrics`.
   """
   logprobs = features.batch_logprobs(policy, params, backbone, batch, support)
-  if loss_cfg["kind"] == "dpo":
+  if "labels" in batch:  # The pairs' own labels (ties masked), whichever loss trained the heads.
     labels = batch["labels"]
   else:  # The sign of the rating difference; ties and missing ratings are masked.
     diff = batch["scores_a"] - batch["scores_b"]
@@ -598,7 +598,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         {"response_a", "response_a_mask", "response_b", "response_b_mask"} | set(features.CACHED_FIELDS)
         | (set(features.SUPPORT_FIELDS) if support is not None else set()))
     train_pairs = {k: v for k, v in train_pairs.items() if k in needed}
-    eval_pairs = {k: v for k, v in eval_pairs.items() if k in needed}
+    # Held-out accuracy counts the pairs' labels (ties masked) when they have them, whichever the loss.
+    eval_pairs = {k: v for k, v in eval_pairs.items() if k in needed | {"labels"}}
     train_iter = input_pipeline.PairIterator(train_pairs, config.train.batch_size, seed=config.seed)
     accum = config.train.grad_accum_steps
 
