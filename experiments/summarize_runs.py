@@ -4,9 +4,9 @@ r"""Mean and spread over several runs of the main job (e.g. seeds), from their r
 
 Runs of `experiments.main` with different `--config.seed` / `--config.users.seed` differ in the heads'
 initialization and data order, the online rounds, the evaluation samples and the held-out users. This prints, per
-method, the mean true reward and KL over runs (mean, standard deviation and range), the bespoke gain of each run
-and whether it was significant, the normalized score where every run's bespoke gain was significant, and each
-head's held-out accuracy; `--json` writes the same numbers.
+method, the mean true reward, its gain over the reference in the same run, and the KL over runs (mean, standard
+deviation and range), the bespoke gain of each run and whether it was significant, the normalized score where
+every run's bespoke gain was significant, and each head's held-out accuracy; `--json` writes the same numbers.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _stats(values: Sequence[float]) -> Dict[str, float]:
 
 
 def summarize(runs: Sequence[dict]) -> dict:
-  """{"runs", "methods": {name: {"mean_reward", "kl", "normalized_score"?}}, "bespoke", "heldout_accuracy"}."""
+  """{"runs", "methods": {name: {"mean_reward", "gain", "kl", "normalized_score"?}}, "bespoke", "heldout_accuracy"}."""
   all_significant = all(r["bespoke_gain_significant"] for r in runs)
   methods = {}
   for name in METHOD_ORDER:
@@ -56,6 +56,9 @@ def summarize(runs: Sequence[dict]) -> dict:
       continue
     entry = {"mean_reward": _stats([r["methods"][name]["mean_reward"] for r in runs]),
              "kl": _stats([r["methods"][name]["kl"] for r in runs])}
+    if all("reference" in r["methods"] for r in runs):  # Gains remove what the runs' user sets share.
+      entry["gain"] = _stats([r["methods"][name]["mean_reward"] - r["methods"]["reference"]["mean_reward"]
+                              for r in runs])
     if all_significant:
       entry["normalized_score"] = _stats([r["methods"][name]["normalized_score"] for r in runs])
     methods[name] = entry
@@ -74,11 +77,12 @@ def summarize(runs: Sequence[dict]) -> dict:
 
 def format_summary(summary: dict) -> str:
   lines = [f"{summary['runs']} runs: mean (std) [min, max] over runs", "",
-           f"{'method':<24} {'mean true reward':>34} {'KL':>24}" +
+           f"{'method':<24} {'mean true reward':>34} {'gain over the reference':>34} {'KL':>34}" +
            (f" {'normalized score':>24}" if summary["bespoke"]["all_significant"] else "")]
   fmt = lambda s: f"{s['mean']:+.3f} ({s['std']:.3f}) [{s['min']:+.3f}, {s['max']:+.3f}]"
   for name, entry in summary["methods"].items():
-    line = f"{name:<24} {fmt(entry['mean_reward']):>34} {fmt(entry['kl']):>24}"
+    gain = fmt(entry["gain"]) if "gain" in entry else "n/a"
+    line = f"{name:<24} {fmt(entry['mean_reward']):>34} {gain:>34} {fmt(entry['kl']):>34}"
     if "normalized_score" in entry:
       line += f" {fmt(entry['normalized_score']):>24}"
     lines.append(line)

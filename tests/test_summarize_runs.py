@@ -26,6 +26,7 @@ def test_means_spreads_and_significance_gate(tmp_path):
   ref = summary["methods"]["reference"]["mean_reward"]
   assert ref["mean"] == pytest.approx(0.2) and ref["std"] == pytest.approx(0.1414213, rel=1e-5)
   assert (ref["min"], ref["max"]) == (0.1, 0.3)
+  assert summary["methods"]["bespoke"]["gain"]["mean"] == pytest.approx(0.3)  # 0.4 and 0.2 over the reference.
   assert summary["methods"]["bespoke"]["normalized_score"]["mean"] == pytest.approx((0.5 / 0.4 + 0.5 / 0.2) / 2)
   assert summary["heldout_accuracy"]["basis:a"]["mean"] == pytest.approx(0.7)
   assert "normalized score" in summarize_runs.format_summary(summary)
