@@ -56,3 +56,25 @@ def test_embedded_training_config_validates_and_names_bad_fields():
   config.data.eval_fraction = 1.5
   with pytest.raises(ValueError, match="data.eval_fraction"):
     train.validate_config(config)
+
+
+def test_embedded_pairs_carry_ratings_standardized_on_the_training_split(monkeypatch):
+  """loss.kind="ratings" trains on the attribute scores: z-scored with the training responses' statistics."""
+  rng = np.random.default_rng(0)
+  pairs = [{"prompt": f"What is question number {i}?", "response_a": "Yes.", "response_b": "No, never.",
+            "scores_a": (rng.normal(size=5) * 10 + 3).tolist(), "scores_b": (rng.normal(size=5) * 10 + 3).tolist(),
+            "ended_a": True, "ended_b": False} for i in range(40)]
+  monkeypatch.setattr(embedded, "generate", lambda settings, root: "unused")
+  monkeypatch.setattr(embedded, "load_pairs", lambda directory: (pairs, {}))
+  config = train_basis_embedded.get_config()
+  config.data.eval_fraction = 0.3
+  train_split, eval_split = train._embedded_pairs(config)
+  assert len(train_split["scores_a"]) + len(eval_split["scores_a"]) == 40 and len(eval_split["scores_a"]) > 0
+  both = np.concatenate([train_split["scores_a"], train_split["scores_b"]])
+  np.testing.assert_allclose(both.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(both.std(0), 1.0, atol=1e-4)
+  raw = np.asarray([p["scores_a"] for p in pairs])
+  is_eval = np.asarray([embedded.split_of(p["prompt"], 0.3) == "eval" for p in pairs])
+  # Same order, same affine map per attribute on both splits.
+  ratio = (eval_split["scores_a"] - train_split["scores_a"][:1]) / (raw[is_eval] - raw[~is_eval][:1])
+  np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:1], ratio.shape), rtol=1e-4)

@@ -371,8 +371,12 @@ def _embedded_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.nda
   tokenizer = hf_import.tokenizer_from_pretrained(config.model.path)
   arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
                                    tie_margin=d.tie_margin)
-  arrays.pop("scores_a"), arrays.pop("scores_b")
   is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
+  # Ratings for loss.kind="ratings": each attribute standardized by the training responses' mean and std.
+  train_scores = np.concatenate([arrays["scores_a"][~is_eval], arrays["scores_b"][~is_eval]])
+  mean, std = train_scores.mean(0), train_scores.std(0) + 1e-8
+  for side in ("a", "b"):
+    arrays[f"scores_{side}"] = ((arrays[f"scores_{side}"] - mean) / std).astype(np.float32)
   return ({k: v[~is_eval] for k, v in arrays.items()}, {k: v[is_eval] for k, v in arrays.items()})
 
 
