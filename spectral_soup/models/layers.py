@@ -240,28 +240,22 @@ class Attention(nn.Module):
       k = apply_rope(k, ctx["positions"], base, scale)
     q = constrain(q, ("batch", "length", "heads", "kv"))
 
-    new_kv = None
-    if kv is not None and q.shape[1] == 1:
-      # A decoding step: attend over the cache as it is plus this token's own key, without writing the layer's
-      # cache slice (a written copy costs a full read and write of it per layer and step).
-      new_kv = {"k": k.astype(kv["k"].dtype), "v": v.astype(kv["v"].dtype)}
-      window = jnp.where(layer["is_local"], cfg.sliding_window or 0, 0)
-      mask = attention_mask(ctx["q_slot"], ctx["positions"], ctx["k_slot"], ctx["k_pos"], ctx["k_valid"], window)
-      mask = mask & (ctx["k_slot"] != ctx["write_index"])[None, None, :]  # That slot is this token (below).
-      out = _single_query_attention(q, kv["k"], kv["v"], mask, scale=cfg.attention_scale,
-                                    softcap=cfg.attn_logit_softcap, own=(k, v))
-      out = Projection((h, hd), (d,), ("heads", "kv"), ("embed",), use_bias=cfg.use_bias, dtype=cfg.dtype,
-                       weight_dtype=cfg.weight_dtype, name="o_proj")(out, lora.get("o_proj"))
-      return out, new_kv
-    if kv is not None:
-      # Decoding: attend over this layer's cache with this chunk written into slots index...index+T.
-      index = ctx["write_index"]
-      new_kv = {"k": k.astype(kv["k"].dtype), "v": v.astype(kv["v"].dtype)}
-      k = jax.lax.dynamic_update_slice(kv["k"], new_kv["k"], (0, index, 0, 0)).astype(cfg.dtype)
-      v = jax.lax.dynamic_update_slice(kv["v"], new_kv["v"], (0, index, 0, 0)).astype(cfg.dtype)
     window = jnp.where(layer["is_local"], cfg.sliding_window or 0, 0)
     mask = attention_mask(ctx["q_slot"], ctx["positions"], ctx["k_slot"], ctx["k_pos"], ctx["k_valid"], window)
-    out = dot_product_attention(q, k, v, mask, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
+    new_kv = None if kv is None else {"k": k.astype(kv["k"].dtype), "v": v.astype(kv["v"].dtype)}
+    if kv is not None and q.shape[1] == 1:
+      # A decoding step: attend over the cache as it is plus this token's own key and value, without writing the
+      # layer's cache slice (a written copy costs a full read and write of it per layer and step).
+      mask = mask & (ctx["k_slot"] != ctx["write_index"])[None, None, :]  # That slot is this token (`own`).
+      own = (new_kv["k"].astype(cfg.dtype), new_kv["v"].astype(cfg.dtype))
+      out = _single_query_attention(q, kv["k"], kv["v"], mask, scale=cfg.attention_scale,
+                                    softcap=cfg.attn_logit_softcap, own=own)
+    else:
+      if kv is not None:  # A prompt chunk: written into slots index...index+T, then attended with the cache.
+        index = ctx["write_index"]
+        k = jax.lax.dynamic_update_slice(kv["k"], new_kv["k"], (0, index, 0, 0)).astype(cfg.dtype)
+        v = jax.lax.dynamic_update_slice(kv["v"], new_kv["v"], (0, index, 0, 0)).astype(cfg.dtype)
+      out = dot_product_attention(q, k, v, mask, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
     out = Projection((h, hd), (d,), ("heads", "kv"), ("embed",), use_bias=cfg.use_bias, dtype=cfg.dtype,
                      weight_dtype=cfg.weight_dtype, name="o_proj")(out, lora.get("o_proj"))
     return out, new_kv
