@@ -211,6 +211,22 @@ def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
   assert np.abs(b).max() > 1e-3  # B starts at zero: the bases did move (by much more than the tolerance).
 
 
+def test_evaluation_counts_every_held_out_pair(tmp_path):
+  """37 held-out pairs in batches of 8: the padded last batch adds its 5 pairs and nothing else (same metrics as
+  batches of 1, which need no padding)."""
+  flat = {**EQUALITY, "mesh.num_devices": 1, "data.num_eval_pairs": 37, "train.num_steps": 2,
+          "train.eval_every_steps": 0}
+  padded = train.train_and_evaluate(_config(**flat, **{"train.eval_batch_size": 8}), str(tmp_path / "eight"))
+  exact = train.train_and_evaluate(_config(**flat, **{"train.eval_batch_size": 1}), str(tmp_path / "one"))
+  _, held_out = train.load_pairs(_config(**flat))
+  np.testing.assert_array_equal(padded.eval_metrics["count"], (held_out["labels"] >= 0).sum(0))
+  for name in ("loss", "accuracy", "margin", "kl", "count", "cross_accuracy"):
+    np.testing.assert_allclose(padded.eval_metrics[name], exact.eval_metrics[name], rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+  rows = train.pad_eval_pairs(held_out, 8)
+  assert len(rows["real"]) == 40 and rows["real"].sum() == 37 and np.all(rows["labels"][37:] == -1)
+
+
 def test_support_logprobs_exact_for_restricted_heads():
   """Heads zero outside a support S: the cached [B, R, S] path equals the full-vocabulary path, and gradients
   never reach the columns outside S (so training keeps the heads restricted)."""

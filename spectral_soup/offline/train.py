@@ -295,7 +295,34 @@ def eval_step(policy: SpectralPolicy, loss_cfg: Mapping[str, Any], params: Any, 
     labels = jnp.where(diff > 0, 1, jnp.where(diff < 0, 0, -1))
   cross = losses.cross_accuracy_terms(logprobs["ref_a"], logprobs["ref_b"], logprobs["basis_a"],
                                       logprobs["basis_b"], labels)
-  return {"terms": loss_terms(loss_cfg, logprobs, batch), "cross": cross}
+  terms = loss_terms(loss_cfg, logprobs, batch)
+  if "real" in batch:  # Padding rows of the last batch (`pad_eval_pairs`): their labels are masked already.
+    real = batch["real"].astype(jnp.float32)
+    logratios = (logprobs["basis_a"] - logprobs["ref_a"][None]) + (logprobs["basis_b"] - logprobs["ref_b"][None])
+    terms = {**terms, "kl": jnp.sum(logratios * real[None], axis=1), "responses": 2.0 * jnp.sum(real)}
+  return {"terms": terms, "cross": cross}
+
+
+def pad_eval_pairs(pairs: Mapping[str, np.ndarray], batch_size: int) -> Dict[str, np.ndarray]:
+  """Held-out pairs padded to a multiple of `batch_size`, so that evaluation sees every pair.
+
+  Padding rows repeat the first pair with every label masked (-1) and NaN scores, and `real` (bool[N]) marks the
+  pairs that count; `eval_step` leaves the padding out of every metric.
+  """
+  n = len(pairs["response_a"])
+  extra = -n % batch_size
+  out = dict(pairs)
+  out["real"] = np.concatenate([np.ones((n,), bool), np.zeros((extra,), bool)])
+  if not extra or not n:
+    return out
+  for name, value in pairs.items():
+    pad = np.repeat(value[:1], extra, axis=0)
+    if name == "labels":
+      pad = np.full_like(pad, -1)
+    elif name.startswith("scores_"):
+      pad = np.full_like(pad, np.nan)
+    out[name] = np.concatenate([value, pad])
+  return out
 
 
 def eval_metrics(sums: Mapping[str, Any]) -> dict:
@@ -604,6 +631,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_pairs = {k: v for k, v in train_pairs.items() if k in needed}
     # Held-out accuracy counts the pairs' labels (ties masked) when they have them, whichever the loss.
     eval_pairs = {k: v for k, v in eval_pairs.items() if k in needed | {"labels"}}
+    if len(eval_pairs["response_a"]):
+      eval_pairs = pad_eval_pairs(eval_pairs, config.train.eval_batch_size)
     train_iter = input_pipeline.PairIterator(train_pairs, config.train.batch_size, seed=config.seed)
     accum = config.train.grad_accum_steps
 
@@ -628,15 +657,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return {}
       size, sums = config.train.eval_batch_size, None
       per_host = size // jax.process_count()
-      for start in range(0, num_eval - size + 1, size):  # Full batches only.
+      for start in range(0, num_eval, size):  # Every pair: the last batch is padded (`pad_eval_pairs`).
         lo = start + jax.process_index() * per_host
         batch = mesh_lib.shard_batch({k: v[lo:lo + per_host] for k, v in eval_pairs.items()}, mesh)
         out = eval_fn(params, backbone, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-      if sums is None:  # Fewer held-out pairs than one evaluation batch.
-        logging.warning("%d held-out pairs < train.eval_batch_size=%d: no evaluation.", num_eval,
-                        config.train.eval_batch_size)
-        return {}
       return jax.device_get(eval_metrics(sums))
 
     # ---- Checkpoint: resume from the newest good step, else initialize (sharded at creation).
