@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.basis.kind = "heads"  # "heads" (low-rank logit heads on psi, exact merging) or "lora" (the paper's).
   config.basis.num_bases = 3  # K: one basis per label column of the data.
   config.basis.head_rank = 4  # Rank r of each head's correction psi A_k B_k.
+  config.basis.logit_bias = False  # Heads also get a context-free logit vector c_k (head_rank 0: only that).
   config.basis.feature_dim = 0  # Learned projection width of psi (0: psi = the final hidden state).
   config.basis.lora_rank = 2  # Rank of each LoRA adapter.
   config.basis.lora_targets = ("q_proj", "v_proj")  # Projections that LoRA bases adapt.

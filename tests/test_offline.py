@@ -154,6 +154,7 @@ def _config(**flat):
     ({"mesh.data": 3}, "mesh.data"),  # 3 does not divide 8 devices.
     ({"mesh.data": 2, "mesh.fsdp": 1, "mesh.model": 2}, "mesh.data"),  # Uses 4 of 8 devices.
     ({"basis.kind": "adapters"}, "basis.kind"),
+    ({"basis.head_rank": 0}, "basis.head_rank"),  # Rank 0 needs basis.logit_bias=True.
     ({"basis.kind": "lora"}, "train.cache_features"),  # Cached features need head bases.
     ({"train.grad_accum_steps": 3}, "train.grad_accum_steps"),
     ({"loss.kind": "hinge"}, "loss.kind"),
@@ -198,6 +199,10 @@ def _train(workdir, **flat):
     # Heads on a vocabulary support covering every token: the support path is exact (no [.., V] logits in a step).
     ("heads", {"train.cache_features": False},
      {"train.cache_features": True, "basis.vocab_support": 1_000, "mesh.data": 4, "mesh.model": 2}),
+    # Bias-only bases (rank 0 + logit bias), full forward on 1 device vs the support path on data x model.
+    ("heads", {"train.cache_features": False, "basis.head_rank": 0, "basis.logit_bias": True},
+     {"train.cache_features": True, "basis.vocab_support": 1_000, "mesh.data": 4, "mesh.model": 2,
+      "basis.head_rank": 0, "basis.logit_bias": True}),
 ])
 def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
   """Same losses and parameters after 4 steps (also: cached features == full forward, accumulation == batch)."""
@@ -207,7 +212,7 @@ def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
   np.testing.assert_allclose(metrics["total_loss"], ref_metrics["total_loss"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-5)
-  b = params["heads"]["b"] if kind == "heads" else params["lora"]["q_proj_b"]
+  b = (params["heads"].get("b", params["heads"].get("c")) if kind == "heads" else params["lora"]["q_proj_b"])
   assert np.abs(b).max() > 1e-3  # B starts at zero: the bases did move (by much more than the tolerance).
 
 
@@ -227,17 +232,20 @@ def test_evaluation_counts_every_held_out_pair(tmp_path):
   assert len(rows["real"]) == 40 and rows["real"].sum() == 37 and np.all(rows["labels"][37:] == -1)
 
 
-def test_support_logprobs_exact_for_restricted_heads():
+@pytest.mark.parametrize("logit_bias", [False, True])
+def test_support_logprobs_exact_for_restricted_heads(logit_bias):
   """Heads zero outside a support S: the cached [B, R, S] path equals the full-vocabulary path, and gradients
-  never reach the columns outside S (so training keeps the heads restricted)."""
+  never reach the columns outside S (so training keeps the heads restricted); with or without a logit bias."""
   from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
-  policy, params = tiny.tiny_policy("heads", num_bases=3)
+  policy, params = tiny.tiny_policy("heads", num_bases=3, logit_bias=logit_bias)
   trainable, backbone = features.split_params(params)
   rng = np.random.default_rng(0)
   support = np.sort(rng.choice(tiny.VOCAB, 20, replace=False)).astype(np.int32)
   outside = np.setdiff1d(np.arange(tiny.VOCAB), support)
   trainable["heads"]["b"] = trainable["heads"]["b"].at[:, :, outside].set(0.0)
+  if logit_bias:
+    trainable["heads"]["c"] = trainable["heads"]["c"].at[:, outside].set(0.0)
   batch = {"prompt": rng.integers(1, tiny.VOCAB, (4, 5)), "prompt_mask": np.ones((4, 5), bool)}
   for side in "ab":  # Responses use tokens inside and outside the support.
     batch[f"response_{side}"] = rng.integers(1, tiny.VOCAB, (4, 6)).astype(np.int32)
@@ -253,6 +261,9 @@ def test_support_logprobs_exact_for_restricted_heads():
       trainable)
   assert float(jnp.abs(grads["heads"]["b"][:, :, outside]).max()) == 0.0
   assert float(jnp.abs(grads["heads"]["b"][:, :, support]).max()) > 0.0
+  if logit_bias:
+    assert float(jnp.abs(grads["heads"]["c"][:, outside]).max()) == 0.0
+    assert float(jnp.abs(grads["heads"]["c"][:, support]).max()) > 0.0
 
 
 def test_select_support_most_frequent():

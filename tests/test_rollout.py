@@ -17,9 +17,9 @@ N = 6
 GREEDY = decoding.SamplingConfig(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def policy():
-  return tiny.tiny_policy("heads", num_bases=H)
+@pytest.fixture(scope="module", params=[False, True], ids=["heads", "heads+bias"])
+def policy(request):
+  return tiny.tiny_policy("heads", num_bases=H, logit_bias=request.param)
 
 
 def _rollout(policy, rows, **kw):
@@ -91,7 +91,10 @@ def test_support_path_equals_full_vocabulary(policy):
   pol, params = policy
   support = np.arange(2, tiny.VOCAB, 3).astype(np.int32)
   outside = np.setdiff1d(np.arange(tiny.VOCAB), support)
-  params = {**params, "heads": {**params["heads"], "b": params["heads"]["b"].at[:, :, outside].set(0.0)}}
+  heads = {**params["heads"], "b": params["heads"]["b"].at[:, :, outside].set(0.0)}
+  if "c" in heads:
+    heads["c"] = heads["c"].at[:, outside].set(0.0)
+  params = {**params, "heads": heads}
   restricted = (pol, params)
   rows = rollout.make_rows(["explicit", "params", "explicit", "guided", "implicit", "implicit"],
                            np.array([[0.5, -0.2, 0.4]] * 2 + [[0.0, 1.0, 0.0]] + [[0.0] * 3] + [[0.3, 0.3, 0.0]] * 2,

@@ -16,9 +16,10 @@ LAM = np.array([[0.5, 0.3, 0.4], [-0.2, 0.6, 0.1], [1.0, 0.0, 0.0], [0.2, 0.2, 0
 N = 6
 
 
-@pytest.fixture(scope="module", params=["heads", "lora"])
+@pytest.fixture(scope="module", params=["heads", "heads+bias", "lora"])
 def policy(request):
-  return tiny.tiny_policy(request.param, num_bases=K)
+  kind, _, bias = request.param.partition("+")
+  return tiny.tiny_policy(kind, num_bases=K, **({"logit_bias": True} if bias else {}))
 
 
 def _generate(policy, lam=LAM, prompt=PROMPT, mask=MASK, **kw):

@@ -94,6 +94,32 @@ def test_heads_are_low_rank_corrections_on_psi():
     np.testing.assert_allclose(basis[k], expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rank", [4, 0])
+def test_heads_with_logit_bias(rank):
+  """logits_k = ref + psi A_k B_k + c_k; rank 0 leaves the bias alone; c starts at zero and is ("basis", "vocab")."""
+  policy, params = tiny.tiny_policy("heads", logit_bias=True)
+  if rank == 0:  # No factors at all (zero-size arrays would not checkpoint).
+    policy = policy.clone(head_rank=0)
+    params = {**params, "heads": {"c": params["heads"]["c"]}}
+  tokens = _tokens()
+  ref, basis, aux = jax.jit(policy.apply)({"params": params}, tokens)
+  assert float(jnp.abs(params["heads"]["c"]).max()) > 0
+  for k in range(policy.num_bases):
+    expected = ref + psi_term(aux["psi"], params["heads"], k) + params["heads"]["c"][k]
+    np.testing.assert_allclose(basis[k], expected, rtol=1e-5, atol=1e-4)
+  boxed = jax.eval_shape(policy.init, jax.random.key(0), tokens)["params"]
+  assert tuple(nn.get_partition_spec(boxed)["heads"]["c"]) == ("basis", "vocab")
+  fresh = nn.meta.unbox(jax.jit(policy.init)(jax.random.key(0), tokens))["params"]
+  assert fresh["heads"]["c"].shape == (policy.num_bases, tiny.VOCAB) and not np.any(fresh["heads"]["c"])
+  assert set(fresh["heads"]) == ({"c"} if rank == 0 else {"a", "b", "c"})
+  with pytest.raises(ValueError, match="head_rank=0"):
+    policy.clone(logit_bias=False, head_rank=0).init(jax.random.key(0), tokens)
+
+
+def psi_term(psi, heads, k):
+  return psi @ heads["a"][k] @ heads["b"][k] if "a" in heads else 0.0
+
+
 def test_frozen_backbone_gets_no_gradient():
   policy, params = tiny.tiny_policy("heads")
   tokens = _tokens()

@@ -75,33 +75,55 @@ def _fan_in_normal(key, shape, dtype):
 class BasisHeads(nn.Module):
   """K basis policies as low-rank logit corrections on psi, stacked on a leading `basis` axis.
 
-  Parameters {"a": [K, F, r], "b": [K, r, V]}; logits_k = ref_logits + (psi A_k) B_k. B starts at zero, so every
-  basis starts as the reference policy. Called with ref_logits=None it returns the corrections alone.
+  Parameters {"a": [K, F, r], "b": [K, r, V]} (none at r = 0); logits_k = ref_logits + (psi A_k) B_k. B starts at
+  zero, so every basis starts as the reference policy. Called with ref_logits=None it returns the corrections alone.
+
+  With `logit_bias`, each basis also has a context-free logit vector {"c": [K, V]} (zero at init):
+  logits_k = ref_logits + (psi A_k) B_k + c_k. Rank 0 with a bias gives the simplest basis, pi_k ~ pi_ref exp(c_k),
+  whose implicit reward counts each response token's log-ratio against what the reference expected there; on small
+  preference data it generalizes where the context term overfits (the README's embedded-basis table).
   """
   num_bases: int
   rank: int
   vocab_size: int
   dtype: Any = jnp.float32
   weight_dtype: Any = jnp.float32
+  logit_bias: bool = False
 
   @nn.compact
   def __call__(self, psi: Array, ref_logits: Optional[Array]) -> Array:
     """psi: [B, T, F], ref_logits: [B, T, V] -> basis_logits: f32[K, B, T, V]."""
     features = psi.shape[-1]
-    a = layers.param_with_axes(self, "a", _fan_in_normal, (self.num_bases, features, self.rank),
-                               ("basis", "features", "head_rank"), self.weight_dtype)
-    b = layers.param_with_axes(self, "b", nn.initializers.zeros, (self.num_bases, self.rank, self.vocab_size),
-                               ("basis", "head_rank", "vocab"), self.weight_dtype)
-    delta = head_delta_logits({"a": a, "b": b}, psi, self.dtype)
+    heads = {}
+    if self.rank:  # Rank 0 (a bias-only basis) has no factors at all: zero-size arrays do not checkpoint.
+      heads["a"] = layers.param_with_axes(self, "a", _fan_in_normal, (self.num_bases, features, self.rank),
+                                          ("basis", "features", "head_rank"), self.weight_dtype)
+      heads["b"] = layers.param_with_axes(self, "b", nn.initializers.zeros,
+                                          (self.num_bases, self.rank, self.vocab_size), ("basis", "head_rank", "vocab"),
+                                          self.weight_dtype)
+    if self.logit_bias:
+      heads["c"] = layers.param_with_axes(self, "c", nn.initializers.zeros, (self.num_bases, self.vocab_size),
+                                          ("basis", "vocab"), self.weight_dtype)
+    delta = head_delta_logits(heads, psi, self.dtype)
     if ref_logits is None:
       return delta
     return layers.constrain(ref_logits.astype(jnp.float32)[None] + delta, ("basis", "batch", "length", "vocab"))
 
 
 def head_delta_logits(heads: Mapping[str, Array], psi: Array, dtype: Any = jnp.float32) -> Array:
-  """Basis corrections psi A_k B_k. heads: {"a": [K, F, r], "b": [K, r, V]}; psi: [..., F] -> f32[K, ..., V]."""
-  h = jnp.einsum("...f,kfr->k...r", psi.astype(dtype), heads["a"].astype(dtype))
-  return jnp.einsum("k...r,krv->k...v", h, heads["b"].astype(dtype), preferred_element_type=jnp.float32)
+  """Basis corrections psi A_k B_k (+ c_k if the heads have a logit bias).
+
+  heads: {"a": [K, F, r], "b": [K, r, V]} and/or {"c": [K, V]}; psi: [..., F] -> f32[K, ..., V].
+  """
+  delta = 0.0
+  if "a" in heads:
+    h = jnp.einsum("...f,kfr->k...r", psi.astype(dtype), heads["a"].astype(dtype))
+    delta = jnp.einsum("k...r,krv->k...v", h, heads["b"].astype(dtype), preferred_element_type=jnp.float32)
+  if "c" in heads:
+    c = heads["c"].astype(jnp.float32)
+    delta = delta + jnp.broadcast_to(c.reshape(c.shape[:1] + (1,) * (psi.ndim - 1) + c.shape[1:]),
+                                     c.shape[:1] + psi.shape[:-1] + c.shape[1:])
+  return delta
 
 
 def support_log_normalizer(delta_support: Array, support_probs: Array) -> Array:
@@ -193,7 +215,8 @@ class SpectralPolicy(nn.Module):
     config: the backbone architecture.
     num_bases: K.
     basis_kind: "heads" or "lora" (see module docstring).
-    head_rank: rank r of each basis head (heads).
+    head_rank: rank r of each basis head (heads); 0 with `logit_bias` leaves only the bias.
+    logit_bias: each head basis also has a context-free logit vector c_k (see `BasisHeads`).
     feature_dim: optional learned projection width of psi (heads).
     lora_rank, lora_targets: adapter rank and the projections adapted (lora).
     freeze_backbone: the backbone is the frozen reference (the method's setting).
@@ -206,6 +229,7 @@ class SpectralPolicy(nn.Module):
   lora_rank: int = 4
   lora_targets: Tuple[str, ...] = ("q_proj", "v_proj")
   freeze_backbone: bool = True
+  logit_bias: bool = False
 
   def setup(self):
     if self.basis_kind not in BASIS_KINDS:
@@ -214,8 +238,10 @@ class SpectralPolicy(nn.Module):
       raise ValueError(f"num_bases={self.num_bases}: expected >= 1.")
     self.features = SpectralFeatureMap(self.config, self.feature_dim, self.freeze_backbone)
     if self.basis_kind == "heads":
+      if self.head_rank < 0 or (self.head_rank == 0 and not self.logit_bias):
+        raise ValueError(f"head_rank={self.head_rank}: expected >= 1, or 0 with logit_bias=True.")
       self.heads = BasisHeads(self.num_bases, self.head_rank, self.config.vocab_size, self.config.dtype,
-                              self.config.weight_dtype)
+                              self.config.weight_dtype, self.logit_bias)
     else:
       self.lora = LoraBases(self.config, self.num_bases, self.lora_rank, tuple(self.lora_targets))
 

@@ -176,18 +176,27 @@ def support_response_logratios(policy: SpectralPolicy, trainable: Any, hidden: A
   """log pi_k(y|x) - log pi_ref(y|x) for heads restricted to `support` (see the module docstring), no [.., V] array.
 
   hidden: [B, R, D]; support_probs: f32[B, R, S]; response: int32[B, R]; support: int32[S]. Returns f32[K, B].
-  Exact when the heads' B columns outside `support` are zero (training through this function keeps them so).
+  Exact when the heads' B columns (and bias entries) outside `support` are zero (training through this function
+  keeps them so).
   """
   cfg = policy.config
   heads = trainable["heads"]
   psi = _psi(policy, trainable, hidden)
-  h = jnp.einsum("brf,kfq->kbrq", psi.astype(cfg.dtype), heads["a"].astype(cfg.dtype),
-                 preferred_element_type=jnp.float32)  # [K, B, R, r]
-  b = heads["b"].astype(jnp.float32)  # [K, r, V]
-  delta_support = jnp.einsum("kbrq,kqs->kbrs", h, jnp.take(b, support, axis=2))  # [K, B, R, S]
+  num_bases = policy.num_bases
+  delta_support = jnp.zeros((num_bases,) + response.shape + support.shape, jnp.float32)  # [K, B, R, S]
+  delta_token = jnp.zeros((num_bases,) + response.shape, jnp.float32)  # [K, B, R]
+  if "a" in heads:  # The context correction psi A_k B_k.
+    h = jnp.einsum("brf,kfq->kbrq", psi.astype(cfg.dtype), heads["a"].astype(cfg.dtype),
+                   preferred_element_type=jnp.float32)  # [K, B, R, r]
+    b = heads["b"].astype(jnp.float32)  # [K, r, V]
+    delta_support = delta_support + jnp.einsum("kbrq,kqs->kbrs", h, jnp.take(b, support, axis=2))
+    delta_token = delta_token + jnp.einsum("kbrq,kqbr->kbr", h, jnp.take(b, response, axis=2))
+  if "c" in heads:  # The context-free logit bias.
+    c = heads["c"].astype(jnp.float32)  # [K, V]
+    delta_support = delta_support + jnp.take(c, support, axis=1)[:, None, None, :]
+    delta_token = delta_token + jnp.take(c, response, axis=1)
   delta_support = layers.constrain(delta_support, ("basis", "batch", "length", None))
-  in_support = jnp.zeros((b.shape[-1],), jnp.bool_).at[support].set(True)[response]  # [B, R]
-  delta_token = jnp.einsum("kbrq,kqbr->kbr", h, jnp.take(b, response, axis=2))  # [K, B, R]
+  in_support = jnp.zeros((cfg.vocab_size,), jnp.bool_).at[support].set(True)[response]  # [B, R]
   delta_token = jnp.where(in_support[None], delta_token, 0.0)
   log_z = support_log_normalizer(delta_support, support_probs)  # [K, B, R]
   mask = response_mask.astype(jnp.bool_)[None]

@@ -72,7 +72,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(c.model.weight_dtype in DTYPES, "model.weight_dtype", f"one of {DTYPES}")
   need(c.basis.kind in BASIS_KINDS, "basis.kind", f"one of {BASIS_KINDS}")
   need(c.basis.num_bases >= 1, "basis.num_bases", ">= 1")
-  need(c.basis.head_rank >= 1, "basis.head_rank", ">= 1")
+  need(c.basis.head_rank >= 1 or (c.basis.head_rank == 0 and c.basis.get("logit_bias", False)), "basis.head_rank",
+       ">= 1 (or 0 with basis.logit_bias=True)")
   need(c.basis.feature_dim >= 0, "basis.feature_dim", ">= 0 (0: no projection)")
   need(c.basis.lora_rank >= 1, "basis.lora_rank", ">= 1")
   need(len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS),
@@ -156,7 +157,8 @@ def model_config(config: ml_collections.ConfigDict) -> config_lib.TransformerCon
 def build_policy(model_cfg: config_lib.TransformerConfig, basis: Mapping[str, Any]) -> SpectralPolicy:
   return SpectralPolicy(model_cfg, num_bases=basis["num_bases"], basis_kind=basis["kind"],
                         head_rank=basis["head_rank"], feature_dim=basis["feature_dim"] or None,
-                        lora_rank=basis["lora_rank"], lora_targets=tuple(basis["lora_targets"]))
+                        lora_rank=basis["lora_rank"], lora_targets=tuple(basis["lora_targets"]),
+                        logit_bias=bool(basis.get("logit_bias", False)))
 
 
 def random_backbone(abstract_backbone: Any, model_cfg: config_lib.TransformerConfig, seed: int) -> Any:
@@ -417,6 +419,8 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   names = ["train.batch_size", "seed", "basis.kind", "basis.num_bases", "model.path", "model.weight_dtype"]
   names += (["basis.head_rank", "basis.feature_dim"] if c.basis.kind == "heads" else
             ["basis.lora_rank", "basis.lora_targets"])
+  if c.basis.kind == "heads" and c.basis.get("logit_bias", False):
+    names.append("basis.logit_bias")
   if not c.model.path:
     names += [f"model.{f}" for f in ("family", "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
                                      "head_dim", "mlp_dim")]

@@ -62,11 +62,15 @@ def _params_step(policy, params, tokens, mask, cache):
   if policy.basis_kind == "heads":
     psi, ref_logits, aux = policy.apply({"params": p}, tokens, mask=mask, cache=cache,
                                         method=lambda m, *a, **kw: m.features(*a, **kw))
-    heads = p["heads"]  # a: [K, F, r], b: [K, r, V]
-    # Merged head: Delta W_user = sum_k lam_k a_k b_k = A_cat diag(lam (x) 1_r) B_cat.
-    h = jnp.einsum("btf,kfr->btkr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
-    h = h * lam[:, None, :, None]
-    delta = jnp.einsum("btkr,krv->btv", h, heads["b"].astype(jnp.float32))
+    heads = p["heads"]  # a: [K, F, r], b: [K, r, V]; c: [K, V]
+    delta = jnp.zeros(ref_logits.shape, jnp.float32)
+    if "a" in heads:
+      # Merged head: Delta W_user = sum_k lam_k a_k b_k = A_cat diag(lam (x) 1_r) B_cat.
+      h = jnp.einsum("btf,kfr->btkr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
+      h = h * lam[:, None, :, None]
+      delta = delta + jnp.einsum("btkr,krv->btv", h, heads["b"].astype(jnp.float32))
+    if "c" in heads:  # Logit biases mix with the same weights: sum_k lam_k c_k.
+      delta = delta + jnp.einsum("bk,kv->bv", lam, heads["c"].astype(jnp.float32))[:, None, :]
     return jax.nn.log_softmax(ref_logits + delta, axis=-1), aux["cache"]
   # LoRA: concatenate the K adapters (rank K*r) and scale the rank dimensions by each row's lam.
   stacked = split_lora_params(p["lora"])
@@ -97,8 +101,11 @@ def _naive_step(policy, params, tokens, mask, cache):
     if policy.basis_kind == "heads":
       logits_k, aux_k = backbone.apply({"params": bb}, tokens, mask=mask, cache=cache["bases"][k])
       psi = aux_k["hidden"].astype(jnp.float32)
-      a_k, b_k = p["heads"]["a"][k].astype(jnp.float32), p["heads"]["b"][k].astype(jnp.float32)
-      logits_k = logits_k + (psi @ a_k) @ b_k
+      if "a" in p["heads"]:
+        a_k, b_k = p["heads"]["a"][k].astype(jnp.float32), p["heads"]["b"][k].astype(jnp.float32)
+        logits_k = logits_k + (psi @ a_k) @ b_k
+      if "c" in p["heads"]:
+        logits_k = logits_k + p["heads"]["c"][k].astype(jnp.float32)
     else:
       lora_k = {name: {"a": ad["a"][k], "b": ad["b"][k]} for name, ad in split_lora_params(p["lora"]).items()}
       logits_k, aux_k = backbone.apply({"params": bb}, tokens, mask=mask, cache=cache["bases"][k],
