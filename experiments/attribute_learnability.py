@@ -1,0 +1,124 @@
+r"""Which attributes can a basis learn from these pairs? Linear probes next to the trained bases' accuracy.
+
+  python -m experiments.train_basis --config=configs/train_basis_embedded.py --workdir=workdir/basis_embedded
+  python -m experiments.attribute_learnability --config=configs/train_basis_embedded.py \
+      --workdir=workdir/basis_embedded [--config.FIELD=VALUE ...]
+
+Reads the config's pairs (generated and cached as training does), the cached features the training run wrote
+(`features-<hash>.npz` in `train.features_dir` or --workdir; they hold p_ref on the vocabulary support) and the run's
+last held-out evaluation (metrics.jsonl), and prints per attribute: labelled pairs, the share of the attribute's
+variance the style hints explain, the held-out accuracy of the trained basis, and two ridge probes scored like a
+basis (see `spectral_soup.offline.learnability`): on token counts (a bag-of-words reward model: what the tokens
+say) and on surprise counts (the first-order implicit reward of a context-free logit bias: what a policy can say with
+token identities alone). Probe accuracies are cross-validated on the training pairs (so an attribute set can be
+chosen without touching held-out pairs) and, separately, fitted on all training pairs and scored on the held-out
+ones. "learnable" = the cross-validated surprise probe is at least 3 standard errors above chance.
+Writes the same numbers to <workdir>/learnability.json (or --json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (configs/train_basis_*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (cached features, metrics.jsonl).")
+_L2 = flags.DEFINE_float("l2", 10.0, "Ridge penalty of both probes (token-count units).")
+_FOLDS = flags.DEFINE_integer("folds", 4, "Cross-validation folds over the training pairs.")
+_JSON = flags.DEFINE_string("json", "", "Where to write the numbers (default: <workdir>/learnability.json).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fmt(x, digits=3):
+  return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv) -> None:
+  del argv
+  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import learnability  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  train.validate_config(config)
+  if not config.basis.get("vocab_support", 0):
+    raise ValueError("config.basis.vocab_support=0: the probes live on a vocabulary support; set it (e.g. 1024) "
+                     "as the training run did.")
+  train_pairs, held_out = train.load_pairs(config)
+  # The support does not depend on the vocabulary size beyond the largest token id (unseen ids follow in id order),
+  # so this needs no model: it equals the training run's support.
+  vocab_size = max(train.model_config(config).vocab_size, config.basis.vocab_support,
+                   1 + int(max(train_pairs["response_a"].max(), train_pairs["response_b"].max())))
+  support = features.select_support([train_pairs["response_a"], train_pairs["response_b"]],
+                                    [train_pairs["response_a_mask"], train_pairs["response_b_mask"]],
+                                    config.basis.vocab_support, vocab_size)
+  features_dir = config.train.get("features_dir", "") or workdir
+  path = os.path.join(features_dir, f"features-{train._features_key(config, train_pairs, held_out, support)}.npz")  # pylint: disable=protected-access
+  stored = train._load_features(path)  # pylint: disable=protected-access
+  if stored is None:
+    print(f"No cached features at {path} (run experiments.train_basis with this config and workdir first): "
+          "the surprise probe is skipped.")
+  else:
+    for split, pairs in (("train", train_pairs), ("eval", held_out)):
+      pairs.update({k: v for k, v in stored[split].items() if k in features.SUPPORT_FIELDS})
+
+  results = learnability.report(train_pairs, held_out, support, l2=_L2.value, folds=_FOLDS.value, seed=config.seed)
+  attributes = list(config.data.get("attributes", ())) or [f"basis_{k}" for k in range(config.basis.num_bases)]
+  hints = None
+  if config.data.source == "embedded":
+    from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
+    d = config.data
+    settings = embedded.GenerationSettings(
+        model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
+        temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size, attributes=tuple(attributes))
+    records, _ = embedded.load_pairs(embedded.generate(settings, d.cache_dir or embedded.default_cache_root()))
+    hints = learnability.hint_share_of_pairs(records, len(attributes))
+  evals = metrics_lib.read_metrics(workdir, kind="eval") if os.path.exists(
+      os.path.join(workdir, metrics_lib.FILENAME)) else []
+  basis = evals[-1] if evals else None
+
+  probe_names = list(results)
+  ceiling = results.get("surprise", results["token_counts"])
+  verdicts = learnability.verdict(ceiling["cv_accuracy"], ceiling["cv_count"])
+  header = ["attribute", "pairs", "hint R2", "basis (held-out)"]
+  for name in probe_names:
+    header += [f"{name} cv", f"{name} held-out"]
+  header.append("verdict")
+  rows = []
+  for k, attribute in enumerate(attributes):
+    row = [attribute, str(int(results["token_counts"]["cv_count"][k])), _fmt(None if hints is None else hints[k]),
+           _fmt(None if basis is None else basis["accuracy"][k])]
+    for name in probe_names:
+      r = results[name]
+      row += [_fmt(r["cv_accuracy"][k]), _fmt(r["held_out_accuracy"][k] if "held_out_accuracy" in r else None)]
+    row.append(verdicts[k])
+    rows.append(row)
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+  for r in rows:
+    print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+  if basis is not None:
+    print(f"basis: step {basis['step']} of {workdir}; held-out pairs per attribute "
+          f"{[int(c) for c in basis['count']]}.")
+
+  out = {"name": "attribute_learnability", "attributes": attributes, "l2": _L2.value, "folds": _FOLDS.value,
+         "hint_share": None if hints is None else hints.tolist(),
+         "basis_held_out_accuracy": None if basis is None else list(basis["accuracy"]),
+         "basis_step": None if basis is None else basis["step"], "verdict": verdicts,
+         "probes": {name: {k: np.asarray(v).tolist() for k, v in r.items()} for name, r in results.items()}}
+  path = _JSON.value or os.path.join(workdir, "learnability.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"Wrote {path}.")
+
+
+if __name__ == "__main__":
+  app.run(main)
