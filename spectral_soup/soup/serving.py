@@ -20,13 +20,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.models.spectral import SpectralPolicy, group_targets, split_lora_params
-from spectral_soup.models.transformer import Cache, Transformer, init_cache
+from spectral_soup.models.transformer import Transformer, init_cache
 from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import soup_logits_batched
 from spectral_soup.soup.implicit import rejection_sample
