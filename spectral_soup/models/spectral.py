@@ -126,6 +126,13 @@ def head_delta_logits(heads: Mapping[str, Array], psi: Array, dtype: Any = jnp.f
   return delta
 
 
+def support_delta_logits(heads: Mapping[str, Array], psi: Array, support: Array,
+                         dtype: Any = jnp.float32) -> Array:
+  """`head_delta_logits` on the vocabulary columns `support` only: psi [..., F], support int[S] -> f32[K, ..., S]."""
+  columns = {name: jnp.take(heads[name], support, axis=-1) for name in ("b", "c") if name in heads}
+  return head_delta_logits({**heads, **columns}, psi, dtype)
+
+
 def support_log_normalizer(delta_support: Array, support_probs: Array) -> Array:
   """log Z_k(s) / Z_ref(s) for heads whose corrections are zero outside a vocabulary support S.
 

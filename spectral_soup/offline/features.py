@@ -37,7 +37,8 @@ import jax.numpy as jnp
 
 from spectral_soup.models import layers
 from spectral_soup.models.config import TransformerConfig
-from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_log_normalizer
+from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_delta_logits
+from spectral_soup.models.spectral import support_log_normalizer
 from spectral_soup.models.transformer import Transformer, init_cache, output_logits, take_cache_rows
 from spectral_soup.soup import decoding
 from spectral_soup.soup import serving
@@ -182,22 +183,12 @@ def support_response_logratios(policy: SpectralPolicy, trainable: Any, hidden: A
   cfg = policy.config
   heads = trainable["heads"]
   psi = _psi(policy, trainable, hidden)
-  num_bases = policy.num_bases
-  delta_support = jnp.zeros((num_bases,) + response.shape + support.shape, jnp.float32)  # [K, B, R, S]
-  delta_token = jnp.zeros((num_bases,) + response.shape, jnp.float32)  # [K, B, R]
-  if "a" in heads:  # The context correction psi A_k B_k.
-    h = jnp.einsum("brf,kfq->kbrq", psi.astype(cfg.dtype), heads["a"].astype(cfg.dtype),
-                   preferred_element_type=jnp.float32)  # [K, B, R, r]
-    b = heads["b"].astype(jnp.float32)  # [K, r, V]
-    delta_support = delta_support + jnp.einsum("kbrq,kqs->kbrs", h, jnp.take(b, support, axis=2))
-    delta_token = delta_token + jnp.einsum("kbrq,kqbr->kbr", h, jnp.take(b, response, axis=2))
-  if "c" in heads:  # The context-free logit bias.
-    c = heads["c"].astype(jnp.float32)  # [K, V]
-    delta_support = delta_support + jnp.take(c, support, axis=1)[:, None, None, :]
-    delta_token = delta_token + jnp.take(c, response, axis=1)
+  delta_support = support_delta_logits(heads, psi, support, cfg.dtype)  # [K, B, R, S]
   delta_support = layers.constrain(delta_support, ("basis", "batch", "length", None))
-  in_support = jnp.zeros((cfg.vocab_size,), jnp.bool_).at[support].set(True)[response]  # [B, R]
-  delta_token = jnp.where(in_support[None], delta_token, 0.0)
+  # Each response token's correction is its column of delta_support; tokens outside the support have none.
+  column = jnp.full((cfg.vocab_size,), -1, jnp.int32).at[support].set(jnp.arange(support.shape[0]))[response]
+  delta_token = jnp.take_along_axis(delta_support, jnp.maximum(column, 0)[None, ..., None], axis=-1)[..., 0]
+  delta_token = jnp.where((column >= 0)[None], delta_token, 0.0)  # [K, B, R]
   log_z = support_log_normalizer(delta_support, support_probs)  # [K, B, R]
   mask = response_mask.astype(jnp.bool_)[None]
   return jnp.sum(jnp.where(mask, delta_token - log_z, 0.0), axis=-1)

@@ -31,7 +31,8 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_log_normalizer
+from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_delta_logits
+from spectral_soup.models.spectral import support_log_normalizer
 from spectral_soup.models.transformer import init_cache, output_logits, take_cache_rows
 from spectral_soup.soup import decoding
 from spectral_soup.soup.implicit import rejection_sample
@@ -101,12 +102,7 @@ def _mix(params: Any, psi: Array, ref_logits: Array, rows: Rows) -> dict:
     merged = ref_logits + jnp.einsum("bh,hbv->bv", c, delta)
     out["heads"] = head_lp
   else:
-    delta = jnp.zeros((c.shape[1], psi.shape[0]) + support.shape, jnp.float32)  # [H, B, S]
-    if "a" in heads:
-      h = jnp.einsum("bf,hfr->hbr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
-      delta = delta + jnp.einsum("hbr,hrs->hbs", h, jnp.take(heads["b"].astype(jnp.float32), support, axis=2))
-    if "c" in heads:  # Context-free logit bias, also zero outside the support.
-      delta = delta + jnp.take(heads["c"].astype(jnp.float32), support, axis=1)[:, None, :]
+    delta = support_delta_logits(heads, psi, support)  # [H, B, S]
     log_z = support_log_normalizer(delta, jnp.exp(jnp.take(ref_lp, support, axis=-1)))  # [H, B]
     mixed = jnp.einsum("bh,hbs->bs", c, delta)
     # Explicit: (1 - sum c) log pi_ref + sum_h c_h (log pi_ref + delta_h - log Z_h / Z_ref), renormalized.

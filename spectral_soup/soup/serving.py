@@ -62,7 +62,7 @@ def _params_step(policy, params, tokens, mask, cache):
     psi, ref_logits, aux = policy.apply({"params": p}, tokens, mask=mask, cache=cache,
                                         method=lambda m, *a, **kw: m.features(*a, **kw))
     heads = p["heads"]  # a: [K, F, r], b: [K, r, V]; c: [K, V]
-    delta = jnp.zeros(ref_logits.shape, jnp.float32)
+    delta = 0.0
     if "a" in heads:
       # Merged head: Delta W_user = sum_k lam_k a_k b_k = A_cat diag(lam (x) 1_r) B_cat.
       h = jnp.einsum("btf,kfr->btkr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
