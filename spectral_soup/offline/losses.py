@@ -45,7 +45,7 @@ def _pair_margins(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array) ->
 
 
 def dpo_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, labels: Array, *, beta: float,
-              label_smoothing: float = 0.0) -> dict:
+              label_smoothing: float = 0.0, rows: Optional[Array] = None) -> dict:
   """Per-basis sums of the DPO loss and its metrics.
 
   Args:
@@ -54,6 +54,7 @@ def dpo_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, labels
     labels: int[B, K]: 1 (a preferred under basis k), 0 (b preferred), -1 (tie / missing: masked).
     beta: KL strength of the implicit reward.
     label_smoothing: probability that a label is wrong (0: plain DPO).
+    rows: optional bool[B], False for padding rows that count nowhere (their labels must be masked too).
 
   Returns:
     {"loss", "correct", "margin", "count", "ranked", "kl": f32[K], "responses": f32[]} sums over the batch
@@ -65,11 +66,11 @@ def dpo_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, labels
   sign = jnp.where(labels == 1, 1.0, -1.0)
   logits = beta * sign * margin  # [K, B]: the labelled winner's reward minus the loser's.
   loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
-  return _sums(loss, logits, valid, valid, logratio_a, logratio_b)
+  return _sums(loss, logits, valid, valid, logratio_a, logratio_b, rows)
 
 
 def ratings_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ratings_a: Array,
-                  ratings_b: Array, *, beta: float, rating_scale: float = 1.0) -> dict:
+                  ratings_b: Array, *, beta: float, rating_scale: float = 1.0, rows: Optional[Array] = None) -> dict:
   """Per-basis sums of the ratings (regression) loss and its metrics.
 
   Args:
@@ -77,6 +78,7 @@ def ratings_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ra
     ratings_a, ratings_b: f32[B, K] per-attribute ratings of each response (NaN: missing, masked).
     beta: KL strength of the implicit reward.
     rating_scale: reward units per rating unit: the target of beta * margin is scale * (rating_a - rating_b).
+    rows: as in `dpo_terms` (padding rows need NaN ratings).
 
   Returns:
     As `dpo_terms`; `count` counts pairs with both ratings, `ranked` those whose ratings differ, and `correct`
@@ -89,24 +91,25 @@ def ratings_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ra
   prediction = beta * margin
   loss = jnp.square(prediction - rating_scale * diff)
   ranked = valid * (diff != 0)
-  return _sums(loss, jnp.sign(diff) * prediction, valid, ranked, logratio_a, logratio_b)
+  return _sums(loss, jnp.sign(diff) * prediction, valid, ranked, logratio_a, logratio_b, rows)
 
 
 def _sums(loss: Array, signed_margin: Array, valid: Array, ranked: Array, logratio_a: Array,
-          logratio_b: Array) -> dict:
+          logratio_b: Array, rows: Optional[Array] = None) -> dict:
   """[K, B] per-pair terms -> per-basis sums.
 
   valid: pairs that enter the loss; ranked: pairs with a preferred response (accuracy and margin are over these);
-  signed_margin > 0 means the basis ranks the pair correctly.
+  signed_margin > 0 means the basis ranks the pair correctly; rows: bool[B], False for padding (out of `kl`).
   """
+  rows = jnp.ones(logratio_a.shape[1:], jnp.float32) if rows is None else rows.astype(jnp.float32)
   return {
       "loss": jnp.sum(loss * valid, axis=1),
       "correct": jnp.sum((signed_margin > 0) * ranked, axis=1),
       "margin": jnp.sum(signed_margin * ranked, axis=1),
       "count": jnp.sum(valid, axis=1),
       "ranked": jnp.sum(ranked, axis=1),
-      "kl": jnp.sum(logratio_a + logratio_b, axis=1),
-      "responses": jnp.asarray(2.0 * logratio_a.shape[1], jnp.float32),
+      "kl": jnp.sum((logratio_a + logratio_b) * rows[None], axis=1),
+      "responses": 2.0 * jnp.sum(rows),
   }
 
 

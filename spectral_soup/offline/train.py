@@ -220,11 +220,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> Tuple[optax.GradientTra
 def loss_terms(loss_cfg: Mapping[str, Any], logprobs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
   """Per-basis sums of `losses` for one batch of scored pairs."""
   lp = (logprobs["ref_a"], logprobs["ref_b"], logprobs["basis_a"], logprobs["basis_b"])
+  rows = batch.get("real")  # Held-out padding rows (`pad_eval_pairs`) count nowhere.
   if loss_cfg["kind"] == "dpo":
     return losses.dpo_terms(*lp, batch["labels"], beta=loss_cfg["beta"],
-                            label_smoothing=loss_cfg["label_smoothing"])
+                            label_smoothing=loss_cfg["label_smoothing"], rows=rows)
   return losses.ratings_terms(*lp, batch["scores_a"], batch["scores_b"], beta=loss_cfg["beta"],
-                              rating_scale=loss_cfg["rating_scale"])
+                              rating_scale=loss_cfg["rating_scale"], rows=rows)
 
 
 def label_counts(loss_cfg: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -297,12 +298,7 @@ def eval_step(policy: SpectralPolicy, loss_cfg: Mapping[str, Any], params: Any, 
     labels = jnp.where(diff > 0, 1, jnp.where(diff < 0, 0, -1))
   cross = losses.cross_accuracy_terms(logprobs["ref_a"], logprobs["ref_b"], logprobs["basis_a"],
                                       logprobs["basis_b"], labels)
-  terms = loss_terms(loss_cfg, logprobs, batch)
-  if "real" in batch:  # Padding rows of the last batch (`pad_eval_pairs`): their labels are masked already.
-    real = batch["real"].astype(jnp.float32)
-    logratios = (logprobs["basis_a"] - logprobs["ref_a"][None]) + (logprobs["basis_b"] - logprobs["ref_b"][None])
-    terms = {**terms, "kl": jnp.sum(logratios * real[None], axis=1), "responses": 2.0 * jnp.sum(real)}
-  return {"terms": terms, "cross": cross}
+  return {"terms": loss_terms(loss_cfg, logprobs, batch), "cross": cross}
 
 
 def pad_eval_pairs(pairs: Mapping[str, np.ndarray], batch_size: int) -> Dict[str, np.ndarray]:
