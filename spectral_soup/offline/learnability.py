@@ -26,24 +26,12 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-
-def support_positions(tokens: np.ndarray, support: np.ndarray) -> np.ndarray:
-  """Position of each token in the (sorted) support, -1 outside it: int64 of tokens' shape."""
-  support = np.asarray(support)
-  tokens = np.asarray(tokens)
-  idx = np.searchsorted(support, tokens)
-  idx = np.minimum(idx, len(support) - 1)
-  return np.where(support[idx] == tokens, idx, -1)
+from spectral_soup.baselines import pad as pad_lib
 
 
 def token_counts(tokens: np.ndarray, mask: np.ndarray, support: np.ndarray) -> np.ndarray:
-  """sum_t onehot(y_t) restricted to the support: float64[N, S]. tokens: int[N, R]; mask: bool[N, R]."""
-  pos = support_positions(tokens, support)
-  keep = np.asarray(mask, bool) & (pos >= 0)
-  out = np.zeros((tokens.shape[0], len(support)), np.float64)
-  rows = np.broadcast_to(np.arange(tokens.shape[0])[:, None], tokens.shape)
-  np.add.at(out, (rows[keep], pos[keep]), 1.0)
-  return out
+  """sum_t onehot(y_t) restricted to the support: float64[N, S] (PAD's token counts). tokens: int[N, R]."""
+  return pad_lib.token_counts([tokens], [mask], np.asarray(support)).astype(np.float64)
 
 
 def surprise(tokens: np.ndarray, mask: np.ndarray, support: np.ndarray, support_probs: np.ndarray) -> np.ndarray:
