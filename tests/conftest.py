@@ -8,3 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SPECTRAL_SOUP_PROGRESS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The package's XLA CPU settings (spectral_soup/_xla_cpu.py) go into XLA_FLAGS when it is imported: import it
+# before any test module can start a JAX backend.
+import spectral_soup  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position  # noqa: E402,F401

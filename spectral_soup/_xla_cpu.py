@@ -1,0 +1,79 @@
+"""XLA CPU settings the package needs to compute correctly, applied when `spectral_soup` is imported.
+
+jaxlib 0.10.x's CPU backend hands dots and the elementwise ops around them to YNNPACK ("YNN fusions",
+`__ynn_fusion` in the compiled HLO). On some x86-64 CPUs (seen on an AVX-512 AMD EPYC) these fusions miscompute
+parts of a souped decode step: the explicit soup's greedy tokens disagreed with the parameter soup and an
+independent PyTorch implementation on 85-98% of positions, and two LoRA identities failed at 1e-3. With the
+fusions off every variant agrees. `tests/xla_cpu_regression.py` reproduces the comparison on any machine.
+
+`XLA_FLAGS` is read once per process, when the first XLA backend starts (not when `jax` is imported), so setting
+it here works whenever `spectral_soup` is imported before the first computation, which is the case for the
+package's CLIs, notebooks and tests. A user who sets `--xla_cpu_experimental_ynn_fusion_type` themselves keeps
+their value; `SPECTRAL_SOUP_XLA_DEFAULTS=1` leaves XLA's defaults alone (to compare, as
+`tests/xla_cpu_regression.py` does). A jaxlib that does not know the flag (XLA aborts on unknown flags) is left
+alone too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import mmap
+import os
+import warnings
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# An empty list of fusion types: no YNN fusions; dots run through XLA's own CPU kernels.
+YNN_OFF = YNN_FLAG + "="
+
+
+def _jaxlib_knows(flag: str) -> bool:
+  """Whether the installed jaxlib's XLA defines `flag` (looked up in its shared library, without loading it)."""
+  spec = importlib.util.find_spec("jaxlib")
+  if spec is None or not spec.submodule_search_locations:
+    return False
+  needle = flag.lstrip("-").encode()
+  for folder in spec.submodule_search_locations:
+    for name in ("libjax_common.so", "xla_extension.so"):
+      path = os.path.join(folder, name)
+      if not os.path.isfile(path):
+        continue
+      try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+          if data.find(needle) >= 0:
+            return True
+      except (OSError, ValueError):
+        continue
+  return False
+
+
+def _backends_started() -> bool:
+  import sys  # pylint: disable=g-import-not-at-top
+  if "jax" not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return False
+
+
+def disable_ynn_fusions() -> bool:
+  """Adds `--xla_cpu_experimental_ynn_fusion_type=` to XLA_FLAGS unless the user chose a value.
+
+  Returns True when the package's setting is in effect for this process (set now or already present).
+  """
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if os.environ.get("SPECTRAL_SOUP_XLA_DEFAULTS", "0") not in ("", "0"):
+    return False
+  if any(f.split("=", 1)[0] == YNN_FLAG for f in flags):
+    return YNN_OFF in flags
+  if not _jaxlib_knows(YNN_FLAG):
+    return False
+  if _backends_started():
+    warnings.warn(
+        "spectral_soup was imported after JAX started its backends, so XLA's CPU YNN fusions stay on; they "
+        "miscompute souped decoding on some x86 CPUs. Import spectral_soup before the first JAX computation, or "
+        f"set XLA_FLAGS={YNN_OFF} yourself.", RuntimeWarning, stacklevel=3)
+    return False
+  os.environ["XLA_FLAGS"] = " ".join(flags + [YNN_OFF])
+  return True
