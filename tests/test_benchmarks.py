@@ -59,14 +59,17 @@ def test_train(tmp_path):
 
 
 def test_decode_tiny_model_matches_pytorch_mod(tmp_path):
-  """Our parameter soup of head bases and PyTorch's K+1-pass MOD loop on the same weights emit the same tokens."""
+  """Every soup variant is checked against PyTorch's K+1-pass MOD loop on the same weights (run automatically)."""
   path = tmp_path / "decode.json"
   decode.main(["--model=tiny", "--users=2", "--bases=2", "--new_tokens=4", "--prompt_len=3", "--matmul_size=256",
-               "--copy_mb=8", "--variants=params/heads,torch-mod/heads", f"--json={path}"])
+               "--copy_mb=8", "--variants=explicit/heads,params/heads", f"--json={path}"])
   out = _load(path, "decode")
   rows = {r["variant"]: r for r in out["rows"]}
-  assert rows["torch-mod/heads"]["tokens_reference"] == "params/heads"
-  assert rows["torch-mod/heads"]["tokens_match"] == 1.0
+  assert set(rows) == {"explicit/heads", "params/heads", "torch-mod/heads"}
+  for name in ("explicit/heads", "params/heads"):
+    assert rows[name]["tokens_match_torch"] == 1.0 and not rows[name]["wrong"]
+    assert np.asarray(rows[name]["tokens"]).shape == (2, 4)
+  assert out["wrong_variants"] == []
   assert all(r["tokens_per_s"] > 0 and r["share_of_floor"] > 0 for r in rows.values())
   assert np.isfinite(out["rates"]["matmul_flops_per_s"]) and out["rates"]["bandwidth_bytes_per_s"] > 0
 
