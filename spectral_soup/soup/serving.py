@@ -3,9 +3,10 @@
 Every row of a batch is one user with its own prompt and its own `lam: [K]`; `lam: [U, K]` is a runtime array,
 so changing users or their weights never recompiles. Modes (`MODES`):
 
-* `explicit`: log-softmax every policy, mix with `lam`, renormalize. Head bases run the backbone once per token
-  (only the K small heads are extra); LoRA bases run the reference and the K adapters as one (K+1)*U-row batch
-  with a stacked cache.
+* `explicit`: log-softmax every policy, mix with `lam`, renormalize. For head bases the K + 1 normalizers
+  cancel, so this is one log-softmax of logits_ref + sum_k lam_k Delta_k (the backbone once per token, no
+  [K, U, V] array); LoRA bases run the reference and the K adapters as one (K+1)*U-row batch with a stacked
+  cache and mix their log-probs (`explicit.soup_logits_batched`).
 * `params`: per-user merged parameters. Heads: `theta_ref + sum_k lam_k Delta theta_k` in the exact
   concatenated low-rank form (one log-softmax instead of K+1). LoRA: per-user concatenated adapters
   (`Delta W = sum_k lam_k A_k B_k`, rank K*r), so the backbone runs once per user row.
@@ -29,6 +30,8 @@ from spectral_soup.models.transformer import Transformer, init_cache
 from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import soup_logits_batched
 from spectral_soup.soup.implicit import rejection_sample
+from spectral_soup.soup.validation import check_length
+from spectral_soup.soup.validation import check_token_ids
 from spectral_soup.soup.validation import lam_per_row
 
 Array = jax.Array
@@ -45,6 +48,11 @@ def _policy_step(policy: SpectralPolicy, params, tokens, mask, cache):
 
 
 def _explicit_step(policy, params, tokens, mask, cache):
+  if policy.basis_kind == "heads":
+    # The K + 1 normalizations of the explicit soup cancel for head bases (log pi_k = logits_ref + Delta_k -
+    # log Z_k, and sum lam_k log Z_k is constant over the vocabulary), so the soup is one log-softmax of
+    # logits_ref + sum_k lam_k Delta_k: the merged head, without the [K, U, V] basis logits.
+    return _merged_heads_step(policy, params, tokens, mask, cache)
   ref, basis, cache = _policy_step(policy, params, tokens, mask, cache)
   return soup_logits_batched(ref, basis, params["lam"]), cache
 
@@ -54,23 +62,30 @@ def _implicit_step(policy, params, tokens, mask, cache):
   return {"logprobs": soup_logits_batched(ref, basis, params["lam"]), "ref": ref, "basis": basis}, cache
 
 
-def _params_step(policy, params, tokens, mask, cache):
-  """Per-user merged parameters, applied in exact factored form (nothing materialized per user)."""
+def _merged_heads_step(policy, params, tokens, mask, cache):
+  """log_softmax(logits_ref + sum_k lam_k Delta_k) for head bases, in factored form (nothing per user is built)."""
   p = params["policy"]
   lam = params["lam"].astype(jnp.float32)  # [U, K]
-  if policy.basis_kind == "heads":
-    psi, ref_logits, aux = policy.apply({"params": p}, tokens, mask=mask, cache=cache,
-                                        method=lambda m, *a, **kw: m.features(*a, **kw))
-    heads = p["heads"]  # a: [K, F, r], b: [K, r, V]; c: [K, V]
-    delta = 0.0
-    if "a" in heads:
-      # Merged head: Delta W_user = sum_k lam_k a_k b_k = A_cat diag(lam (x) 1_r) B_cat.
-      h = jnp.einsum("btf,kfr->btkr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
-      h = h * lam[:, None, :, None]
-      delta = delta + jnp.einsum("btkr,krv->btv", h, heads["b"].astype(jnp.float32))
-    if "c" in heads:  # Logit biases mix with the same weights: sum_k lam_k c_k.
-      delta = delta + jnp.einsum("bk,kv->bv", lam, heads["c"].astype(jnp.float32))[:, None, :]
-    return jax.nn.log_softmax(ref_logits + delta, axis=-1), aux["cache"]
+  psi, ref_logits, aux = policy.apply({"params": p}, tokens, mask=mask, cache=cache,
+                                      method=lambda m, *a, **kw: m.features(*a, **kw))
+  heads = p["heads"]  # a: [K, F, r], b: [K, r, V]; c: [K, V]
+  delta = 0.0
+  if "a" in heads:
+    # Merged head: Delta W_user = sum_k lam_k a_k b_k = A_cat diag(lam (x) 1_r) B_cat.
+    h = jnp.einsum("btf,kfr->btkr", psi.astype(jnp.float32), heads["a"].astype(jnp.float32))
+    h = h * lam[:, None, :, None]
+    delta = delta + jnp.einsum("btkr,krv->btv", h, heads["b"].astype(jnp.float32))
+  if "c" in heads:  # Logit biases mix with the same weights: sum_k lam_k c_k.
+    delta = delta + jnp.einsum("bk,kv->bv", lam, heads["c"].astype(jnp.float32))[:, None, :]
+  return jax.nn.log_softmax(ref_logits + delta, axis=-1), aux["cache"]
+
+
+def _params_step(policy, params, tokens, mask, cache):
+  """Per-user merged parameters, applied in exact factored form (nothing materialized per user)."""
+  if policy.basis_kind == "heads":  # Exact merging: the same computation as the explicit soup of head bases.
+    return _merged_heads_step(policy, params, tokens, mask, cache)
+  p = params["policy"]
+  lam = params["lam"].astype(jnp.float32)  # [U, K]
   # LoRA: concatenate the K adapters (rank K*r) and scale the rank dimensions by each row's lam.
   stacked = split_lora_params(p["lora"])
   num_layers = policy.config.num_layers
@@ -147,8 +162,8 @@ def init_serving_cache(policy: SpectralPolicy, mode: str, batch_size: int, max_l
   return init_cache(policy.config, (policy.num_bases + 1) * batch_size, max_len)
 
 
-def check_prompts(prompt: Any, prompt_mask: Any) -> None:
-  """Host-side checks on concrete prompts; raises ValueError naming the row."""
+def check_prompts(prompt: Any, prompt_mask: Any, vocab_size: Optional[int] = None) -> None:
+  """Host-side checks on concrete prompts; raises ValueError naming the row (and the token, with vocab_size)."""
   prompt, prompt_mask = np.asarray(prompt), np.asarray(prompt_mask)
   if prompt.ndim != 2 or prompt_mask.shape != prompt.shape:
     raise ValueError(f"prompt must be int[U, T] with a mask of the same shape; got {prompt.shape} and "
@@ -156,6 +171,8 @@ def check_prompts(prompt: Any, prompt_mask: Any) -> None:
   empty = np.flatnonzero(~prompt_mask.astype(bool).any(axis=1))
   if empty.size:
     raise ValueError(f"prompt row {int(empty[0])} is empty (its mask has no True entry); every user needs a prompt.")
+  if vocab_size is not None:
+    check_token_ids("prompt", prompt, prompt_mask, vocab_size)
 
 
 def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, prompt_mask: Any, *,
@@ -178,15 +195,13 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
-  check_prompts(prompt, prompt_mask)
+  check_prompts(prompt, prompt_mask, policy.config.vocab_size)
   users, length = np.shape(prompt)
   lam = lam_per_row(lam, policy.num_bases, users)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1.")
-  if policy.config.learned_positions and length + max_new_tokens > policy.config.max_len:
-    raise ValueError(f"prompt length {length} + max_new_tokens={max_new_tokens} = {length + max_new_tokens} tokens "
-                     f"exceed the model's max_len={policy.config.max_len} (its learned position table); shorten "
-                     f"the prompts or generate fewer tokens.")
+  check_length(length + max_new_tokens, policy.config.max_len,
+               f"prompt length {length} + max_new_tokens={max_new_tokens}")
   prompt = jnp.asarray(prompt, jnp.int32)
   cache = init_serving_cache(policy, mode, users, length + max_new_tokens)
   key = jax.random.key(0) if key is None else key
@@ -205,16 +220,29 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
 # Sequence log-probabilities (the online phase's features).
 
 
-@functools.partial(jax.jit, static_argnames=("policy",))
 def sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array, prompt_mask: Array,
                       response: Array, response_mask: Array, lam: Optional[Array] = None) -> dict:
   """Log-probabilities of given responses under the reference, every basis and (with `lam`) the soup.
 
   One forward pass over [prompt; response]. prompt: int32[B, P], response: int32[B, R] (any padding, bool masks),
-  lam: [B, K] or None.
+  lam: [B, K] (or [K]) or None. Concrete inputs are checked first (lam finite, token ids in the vocabulary,
+  P + R <= max_len); inside a jitted caller only the shapes are.
   Returns {"ref": f32[B], "basis": f32[K, B], "ref_tokens": f32[B, R], "basis_tokens": f32[K, B, R]} and, with lam,
   "soup": f32[B], "soup_tokens": f32[B, R] (explicit soup). Per-token arrays are zero on padding.
   """
+  vocab = policy.config.vocab_size
+  check_token_ids("prompt", prompt, prompt_mask, vocab)
+  check_token_ids("response", response, response_mask, vocab)
+  check_length(np.shape(prompt)[1] + np.shape(response)[1], policy.config.max_len,
+               f"prompt length {np.shape(prompt)[1]} + response length {np.shape(response)[1]}")
+  if lam is not None:
+    lam = lam_per_row(lam, policy.num_bases, np.shape(prompt)[0])
+  return _sequence_logprobs(policy, policy_params, prompt, prompt_mask, response, response_mask, lam)
+
+
+@functools.partial(jax.jit, static_argnames=("policy",))
+def _sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array, prompt_mask: Array,
+                       response: Array, response_mask: Array, lam: Optional[Array] = None) -> dict:
   tokens, mask, prev = join_prompt_response(prompt, prompt_mask, response, response_mask)
   ref, basis, _ = policy.apply({"params": policy_params}, tokens, mask=mask)
   gather = lambda logits: gather_positions(logits, prev).astype(jnp.float32)  # [B, R, V]

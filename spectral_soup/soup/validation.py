@@ -72,3 +72,29 @@ def lam_per_row(lam: Any, num_bases: int, batch: int):
   if lam.shape[0] != batch:
     raise ValueError(f"lam has {lam.shape[0]} rows but the batch has {batch} rows (lam shape {lam.shape}).")
   return lam
+
+
+def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
+  """Raises ValueError if a real token (mask True) of concrete `ids` is outside [0, vocab_size); tracers pass.
+
+  An id past the embedding table is silently clamped or read as garbage inside jit (NaN log-probs, token 0), so
+  it is refused here, naming the first offending position.
+  """
+  if _is_tracer(ids) or _is_tracer(mask):
+    return
+  ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}.")
+  bad = np.argwhere(mask & ((ids < 0) | (ids >= vocab_size)))
+  if bad.size:
+    index = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{name}{_format_index(index)} = {int(ids[index])} is not a token id of this model: expected "
+                     f"0 <= id < vocab_size={vocab_size} ({len(bad)} such position{'s' if len(bad) > 1 else ''}).")
+
+
+def check_length(total: int, max_len: int, what: str) -> None:
+  """Raises ValueError when a sequence of `total` positions exceeds the model's `max_len` (any position scheme:
+  a learned table has no rows past it, and rotary models are not trained past it)."""
+  if total > max_len:
+    raise ValueError(f"{what} = {total} positions exceed the model's max_len={max_len}; shorten the input or "
+                     "generate fewer tokens.")

@@ -124,9 +124,42 @@ def test_empty_and_overlong_prompts_are_named(heads_policy):
 def test_prompt_longer_than_the_position_table_is_named():
   policy, params = tiny.tiny_policy("heads", num_bases=K, family="gpt2")  # Learned positions: max_len = 128.
   prompt = np.ones((2, 120), np.int32)
-  with pytest.raises(ValueError, match=r"prompt length 120 \+ max_new_tokens=16 = 136 tokens exceed the model's "
-                                       r"max_len=128"):
+  with pytest.raises(ValueError, match=r"prompt length 120 \+ max_new_tokens=16 = 136 positions exceed the "
+                                       r"model's max_len=128"):
     serving.generate(policy, params, np.ones(K) / K, prompt, prompt > 0, max_new_tokens=16)
+
+
+def test_prompt_longer_than_a_rotary_model_is_named(heads_policy):
+  policy, params = heads_policy  # Llama (rotary): max_len = 128 too.
+  prompt = np.ones((2, 120), np.int32)
+  with pytest.raises(ValueError, match=r"prompt length 120 \+ max_new_tokens=16 = 136 positions exceed the "
+                                       r"model's max_len=128"):
+    serving.generate(policy, params, np.ones(K) / K, prompt, prompt > 0, max_new_tokens=16)
+  with pytest.raises(ValueError, match=r"prompt length 120 \+ response length 9 = 129 positions exceed"):
+    serving.sequence_logprobs(policy, params, prompt, prompt > 0, np.ones((2, 9), np.int32), np.ones((2, 9), bool))
+
+
+def test_token_ids_outside_the_vocabulary_are_named(heads_policy):
+  policy, params = heads_policy
+  bad = PROMPT.copy()
+  bad[1, 2] = tiny.VOCAB  # One past the embedding table.
+  with pytest.raises(ValueError, match=r"prompt\[1, 2\] = 64 is not a token id of this model: expected 0 <= id < "
+                                       r"vocab_size=64"):
+    serving.generate(policy, params, np.ones(K) / K, bad, MASK, max_new_tokens=2)
+  response = np.array([[1, 2], [3, -1], [4, 5], [6, 7]], np.int32)
+  with pytest.raises(ValueError, match=r"response\[1, 1\] = -1 is not a token id"):
+    serving.sequence_logprobs(policy, params, PROMPT, MASK, response, np.ones((U, 2), bool))
+  # Padding positions may hold anything: they are never read.
+  out = serving.sequence_logprobs(policy, params, PROMPT, MASK, response, response >= 0)
+  assert np.all(np.isfinite(np.asarray(out["basis"])))
+
+
+def test_sequence_logprobs_checks_lam_before_jit(heads_policy):
+  policy, params = heads_policy
+  response = np.ones((U, 2), np.int32)
+  with pytest.raises(ValueError, match=r"lam\[1, 0\] is NaN"):
+    serving.sequence_logprobs(policy, params, PROMPT, MASK, response, response > 0,
+                              lam=np.array([[0.1, 0.2, 0.1], [np.nan, 0.2, 0.1]] * 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------

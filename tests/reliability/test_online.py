@@ -151,3 +151,38 @@ def test_online_updates_reject_a_bad_comparison_and_leave_others_alone():
   assert np.all(np.isfinite(np.asarray(after.lam)))
   _, cov = online.state_posterior(after)
   assert np.all(np.linalg.eigvalsh(np.asarray(cov, np.float64)) > 0)
+
+
+@pytest.mark.parametrize("prefs, message", [
+    (np.full(N, 2.0), r"prefs\[0\] = 2.0: expected a label in \[0, 1\]"),
+    (np.where(np.arange(N) % 2, 1.0, -1.0), r"prefs\[0\] = -1.0: expected a label in \[0, 1\]"),
+    (np.where(np.arange(N) == 4, np.nan, 1.0), r"row 4 is not finite"),
+])
+def test_fit_lambda_refuses_labels_out_of_range_and_non_finite_rows(prefs, message):
+  x, _, _ = _users(seed=2)
+  with pytest.raises(ValueError, match=message):
+    online.fit_lambda(x[1], prefs.astype(np.float32), l2=1.0)
+  masked = np.ones(N, bool)
+  masked[np.flatnonzero(~((prefs >= 0) & (prefs <= 1)))] = False  # Rows the mask drops are never read.
+  assert np.all(np.isfinite(online.fit_lambda(x[1], np.nan_to_num(prefs).astype(np.float32), l2=1.0,
+                                              mask=masked)))
+
+
+def test_fit_lambda_names_a_non_finite_feature_row():
+  x, p, _ = _users(seed=2)
+  x = x[1].copy()
+  x[7, 2] = np.nan
+  with pytest.raises(ValueError, match=r"row 7 is not finite \(delta_features\[7\]"):
+    online.fit_lambda(x, p[1], l2=1.0)
+
+
+def test_batched_fit_names_the_isolated_users_and_refuses_bad_labels():
+  x, p, mask = _users(seed=1)
+  mask[:] = True
+  x[5, 0, 0] = np.nan
+  with pytest.warns(RuntimeWarning, match=r"users \[5\] have non-finite"):
+    lam = np.asarray(online.fit_lambda_batched(x, p, l2=1.0, mask=mask))
+  assert np.all(np.isnan(lam[5])) and np.all(np.isfinite(np.delete(lam, 5, axis=0)))
+  p[2, 3] = 1.5
+  with pytest.raises(ValueError, match=r"prefs\[2, 3\] = 1.5"):
+    online.fit_lambda_batched(np.nan_to_num(x), p, l2=1.0, mask=mask)
