@@ -8,6 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SPECTRAL_SOUP_PROGRESS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("SPECTRAL_SOUP_BENCH_IDLE_WAIT_S", "0")  # Benchmarks run as tests: correctness, not timing.
 
 # The package's XLA CPU settings (spectral_soup/_xla_cpu.py) go into XLA_FLAGS when it is imported: import it
 # before any test module can start a JAX backend.

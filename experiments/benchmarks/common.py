@@ -56,6 +56,47 @@ def jax_sync(out: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# An idle machine: timings taken while other processes run are not evidence.
+
+IDLE_LOAD = 0.5  # A timed run starts when the 1-minute load average is at most this ...
+IDLE_WAIT_S = float(os.environ.get("SPECTRAL_SOUP_BENCH_IDLE_WAIT_S", "120"))  # ... or after waiting this long.
+
+
+def cpu_busy_fraction(window_s: float = 2.0) -> Optional[float]:
+  """Fraction of all cores busy over the next `window_s` seconds (/proc/stat), or None where unavailable."""
+  def read():
+    with open("/proc/stat") as f:
+      values = [float(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + (values[4] if len(values) > 4 else 0.0)  # Total, idle + iowait.
+  try:
+    total0, idle0 = read()
+    time.sleep(window_s)
+    total1, idle1 = read()
+  except (OSError, ValueError, IndexError):
+    return None
+  return max(0.0, 1.0 - (idle1 - idle0) / max(total1 - total0, 1e-9))
+
+
+def wait_for_idle(threshold: float = IDLE_LOAD, max_wait_s: float = IDLE_WAIT_S,
+                  poll_s: float = 5.0) -> Dict[str, Any]:
+  """Waits until the 1-minute load average is <= `threshold` (at most `max_wait_s`), before a timed run.
+
+  Returns what a result row records: {"load_1m": the load when the run starts, "waited_s", "cpu_busy": the
+  fraction of all cores busy over 2 s just before (this process idle, so: other processes), "under_load": the
+  load was still above the threshold}. The 1-minute average decays slowly (about 80 s from 2 to 0.5 after a
+  2-core job), so a row marked under load whose cpu_busy is near 0 was waiting out the previous variant's load.
+  """
+  start = time.perf_counter()
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+  while load > threshold and time.perf_counter() - start < max_wait_s:
+    time.sleep(poll_s)
+    load = os.getloadavg()[0]
+  busy = cpu_busy_fraction()
+  return {"load_1m": round(load, 2), "waited_s": round(time.perf_counter() - start, 1),
+          "cpu_busy": None if busy is None else round(busy, 3), "under_load": load > threshold}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Memory (Linux): the resident-set high-water mark, resettable so that a phase can be measured alone.
 
 
@@ -228,14 +269,19 @@ def run_child(module: str, args: Sequence[str], *, env: Optional[Dict[str, str]]
               timeout_s: Optional[float] = None) -> Dict[str, Any]:
   """Runs `python -m module *args` and returns the JSON object it prints on its last stdout line.
 
-  The child inherits this environment plus `env`; its stderr passes through (compile warnings, errors).
+  The child inherits this environment plus `env`; its stderr passes through (compile warnings, errors). It starts
+  once the machine is idle (`wait_for_idle`), whose reading the returned row keeps as "idle_check".
   """
   full_env = dict(os.environ)
   full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
   full_env.update(env or {})
+  idle = wait_for_idle()
   proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                         text=True, timeout=timeout_s, check=False)
   lines = [line for line in proc.stdout.splitlines() if line.strip()]
   if proc.returncode != 0 or not lines:
     raise RuntimeError(f"`python -m {module} {' '.join(args)}` failed (exit {proc.returncode}):\n{proc.stdout}")
-  return json.loads(lines[-1])
+  out = json.loads(lines[-1])
+  if isinstance(out, dict):
+    out.setdefault("idle_check", idle)
+  return out
