@@ -128,10 +128,12 @@ def main(argv) -> None:
   tokenizer = models.tokenizer_from_pretrained(config.model.path)
   arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
                                    tie_margin=d.tie_margin)
-  suite = rewards_lib.RewardSuite(list(attributes))
-  suite.fit_scores(np.concatenate([arrays["scores_a"], arrays["scores_b"]]))
-  std_a, std_b = suite.standardize(arrays["scores_a"]), suite.standardize(arrays["scores_b"])
   is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
+  # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
+  # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
+  suite = rewards_lib.RewardSuite(list(attributes))
+  suite.fit_scores(np.concatenate([arrays["scores_a"][~is_eval], arrays["scores_b"][~is_eval]]))
+  std_a, std_b = suite.standardize(arrays["scores_a"]), suite.standardize(arrays["scores_b"])
   print(f"{len(pairs)} pairs ({(~is_eval).sum()} train / {is_eval.sum()} held out) from {data_dir}; "
         f"responses sampled in {metadata['sampling_seconds']:.0f} s when generated.")
   timing["data_s"] = time.time() - t0
