@@ -1,5 +1,5 @@
 """Online phase (spectral_soup.online): lambda fits vs independent solvers, robustness, posterior and pair choice,
-simulated users, and the exact-MDP checks of METHOD.md section 4 (a), (b) and the online loop (c).
+simulated users, and the exact-MDP checks of docs/METHOD.md section 4 (a), (b) and the online loop (c).
 
 Kept cheap for 2 CPU cores: most fits share one compiled shape (_U, _N, _K) and the MDP runs in float64 numpy.
 """
@@ -373,7 +373,7 @@ def test_true_reward_and_choices_per_kind():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Exact MDP: METHOD.md section 4 claims and the online loop.
+# Exact MDP: docs/METHOD.md section 4 claims and the online loop.
 # ----------------------------------------------------------------------------------------------------------------------
 
 _BETA = 1.0

@@ -1,4 +1,4 @@
-"""Normalized score against the bespoke policy, with a paired bootstrap over prompts (METHOD.md section 6).
+"""Normalized score against the bespoke policy, with a paired bootstrap over prompts (docs/METHOD.md section 6).
 
 For a user u and a method m, J_m(u) is the user's expected true reward of the method's responses (estimated over E
 evaluation prompts; every method answers the same prompts). The normalized score

@@ -1,4 +1,4 @@
-"""The spectral feature map psi(s) and the K basis policies built on it (METHOD.md sections 2-4).
+"""The spectral feature map psi(s) and the K basis policies built on it (docs/METHOD.md sections 2-4).
 
 In a softmax LM the logits are bilinear, logit(s, a) = <h(s), U_a>, so the final hidden state h(s) of the shared
 backbone is the natural feature map: `SpectralFeatureMap` returns psi(s) (h(s), optionally through a learned

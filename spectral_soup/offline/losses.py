@@ -1,4 +1,4 @@
-"""Preference losses that train all K basis policies on the same pairs at once (METHOD.md section 3).
+"""Preference losses that train all K basis policies on the same pairs at once (docs/METHOD.md section 3).
 
 Basis k's implicit reward of a response is r_k(x, y) = beta * (log pi_k(y|x) - log pi_ref(y|x)). A pair (x, a, b)
 carries one label per basis, `labels: int8[B, K]`: 1 if response a is preferred under basis k's attribute, 0 if

@@ -12,7 +12,7 @@ tokenizes them and returns arrays in the `input_pipeline` pair format:
     labels int8[N, K]                                     BT label of basis k (1: a preferred, 0: b, -1: none)
     scores_a/_b f32[N, K]                                 rating of each response under basis k (NaN: missing)
 
-**Bases on attribute weightings (METHOD.md section 3).** A source has A attributes (UltraFeedback: 4 ratings,
+**Bases on attribute weightings (docs/METHOD.md section 3).** A source has A attributes (UltraFeedback: 4 ratings,
 HelpSteer2: 5 ratings, P-SOUPS: 6 preference poles). `config.data.attributes` selects and orders them (empty: all, in
 the builder's order); a leading "-" negates one ("-verbosity": the less verbose response wins). Basis k is defined by
 a fixed weight vector w_k in R^A (`attribute_weightings`, rows of W: [K, A]):

@@ -1,4 +1,4 @@
-r"""Offline phase: trains the K basis policies together in one sharded step (METHOD.md section 3).
+r"""Offline phase: trains the K basis policies together in one sharded step (docs/METHOD.md section 3).
 
 `train_and_evaluate(config, workdir)` is the whole job, in titled sections: mesh, input, model, sharding,
 update step, checkpoint, loop. Entry point: `python -m experiments.train_basis --config=... --workdir=...`.

@@ -1,7 +1,7 @@
-"""Online phase: learning each user's mixing vector lambda from feedback (METHOD.md section 5).
+"""Online phase: learning each user's mixing vector lambda from feedback (docs/METHOD.md section 5).
 
 `update` holds the pure (jitted, vmappable) update rules, `users` the simulated users, and `exact_mdp` a small
-token-level MDP solved exactly, which checks the souping claims of METHOD.md section 4 and the online loop.
+token-level MDP solved exactly, which checks the souping claims of docs/METHOD.md section 4 and the online loop.
 """
 
 from spectral_soup.online import exact_mdp

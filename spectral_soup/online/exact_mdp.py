@@ -1,4 +1,4 @@
-"""A small exact benchmark: a token-level MDP solved by backward induction (METHOD.md sections 2, 4 and 5).
+"""A small exact benchmark: a token-level MDP solved by backward induction (docs/METHOD.md sections 2, 4 and 5).
 
 States are prefixes y_<t of length t = 0..H-1 over a vocabulary of V tokens (deterministic transitions), so there
 are V^t states at depth t and V^H complete sequences. A prefix's index at depth t is its base-V number (first token

@@ -1,4 +1,4 @@
-"""The online protocol over generated responses (METHOD.md section 5): T rounds, all users at once.
+"""The online protocol over generated responses (docs/METHOD.md section 5): T rounds, all users at once.
 
 Each round, for every user at once:
   1. draw M prompts (shared by all users, so the backbone prefills them once);

@@ -1,4 +1,4 @@
-"""Online update rules for a user's mixing vector lambda (METHOD.md section 5).
+"""Online update rules for a user's mixing vector lambda (docs/METHOD.md section 5).
 
 Pairwise feedback: a user compares two responses y_a, y_b to a prompt x; with the bases' implicit-reward features
 f(x, y) in R^K (f_k = beta * (log pi_k(y|x) - log pi_ref(y|x))) and d = f(x, y_a) - f(x, y_b), the model is
@@ -27,7 +27,7 @@ Everything here is a pure function of arrays. Each entry point has two forms:
   * a batched form (`fit_lambda_batched`, ...) on `[U, N, K]` data: one compiled call for all U users.
 Users never interact: a user whose data holds NaN gets NaN (only that user; the others are unaffected).
 
-Constraints (`constraint="simplex"` or `"box"`; negative weights are penalized by the theory, METHOD.md section 2)
+Constraints (`constraint="simplex"` or `"box"`; negative weights are penalized by the theory, docs/METHOD.md section 2)
 use a projected Newton method: each step minimizes the local quadratic model over the feasible set (accelerated
 projected gradient with restarts, `num_inner_iters` steps, step 1 / (an upper bound of the largest Hessian
 eigenvalue)) and line-searches along the feasible segment, so its fixed points are exactly the constrained optima.

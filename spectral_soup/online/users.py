@@ -1,4 +1,4 @@
-"""Simulated users for online evaluation (METHOD.md section 6).
+"""Simulated users for online evaluation (docs/METHOD.md section 6).
 
 A user scores a response by a true reward of its A attribute scores s in R^A (standardized: zero mean, unit
 variance per attribute over a reference pool, see `standardize_scores`), and chooses between two responses by
@@ -10,7 +10,7 @@ Kinds of users (`USER_KINDS`):
   * "dirichlet": r = w . s with w ~ Dirichlet(concentration * 1) (non-negative, sums to 1): in the span of the
     attribute rewards.
   * "signed": r = w . s with w = (Dirichlet draw) * (random signs): in the span, but needs negative weights (which
-    the theory penalizes, METHOD.md section 2).
+    the theory penalizes, docs/METHOD.md section 2).
   * "threshold": r = 1[s_j > t] for one attribute j and a threshold t ~ U(-1, 1): outside the span (a step
     function), e.g. "any answer that is helpful enough".
   * "product": r = s_i * s_j for two distinct attributes: outside the span (an interaction).

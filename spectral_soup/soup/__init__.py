@@ -1,4 +1,4 @@
-"""Souping math: combine K basis policies into one user's policy (METHOD.md section 4)."""
+"""Souping math: combine K basis policies into one user's policy (docs/METHOD.md section 4)."""
 
 from spectral_soup.soup.explicit import mod_combine
 from spectral_soup.soup.explicit import soup_logits

@@ -1,6 +1,6 @@
 """Explicit (output) souping: combine the next-token log-probs of K basis policies and the reference.
 
-For a user with mixing vector lam in R^K (METHOD.md section 4):
+For a user with mixing vector lam in R^K (docs/METHOD.md section 4):
 
   log pi_soup = log_softmax((1 - sum_k lam_k) * log pi_ref + sum_k lam_k * log pi_k),
 

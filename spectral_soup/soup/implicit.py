@@ -1,4 +1,4 @@
-"""Implicit souping: sample the explicit soup by rejection sampling from the reference (METHOD.md section 4).
+"""Implicit souping: sample the explicit soup by rejection sampling from the reference (docs/METHOD.md section 4).
 
 Target (at temperature T): pi_soup(a) proportional to exp(s(a) / T) with
 s = (1 - sum_k lam_k) log pi_ref + sum_k lam_k log pi_k. Proposal: pi_ref at the same temperature,

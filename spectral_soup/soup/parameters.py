@@ -1,4 +1,4 @@
-"""Parameter souping: merge K basis policies into one set of weights for a user (METHOD.md section 4).
+"""Parameter souping: merge K basis policies into one set of weights for a user (docs/METHOD.md section 4).
 
   theta_soup = theta_ref + sum_k lam_k (theta_k - theta_ref).
 

@@ -8,7 +8,7 @@ state, so one loop serves every row:
 * at every step the backbone runs once for all rows; the H heads of the policy (K bases, possibly followed by
   other heads, e.g. bespoke per-user policies) give H corrected logit vectors;
 * a row's program (`Rows`) picks what it samples from:
-    - `explicit`: (1 - sum_h c_h) log pi_ref + sum_h c_h log pi_h, renormalized (METHOD.md section 4);
+    - `explicit`: (1 - sum_h c_h) log pi_ref + sum_h c_h log pi_h, renormalized (docs/METHOD.md section 4);
     - `params`: log-softmax(logits_ref + sum_h c_h Delta_h), the merged-parameter soup of head bases;
     - `implicit`: the explicit soup, drawn by rejection sampling from pi_ref (`implicit.rejection_sample`);
     - `guided`: log-softmax(logits_ref + scale * g . table[:, a]), decoding guided by a token-level reward table

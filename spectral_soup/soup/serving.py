@@ -10,7 +10,7 @@ so changing users or their weights never recompiles. Modes (`MODES`):
 * `params`: per-user merged parameters. Heads: `theta_ref + sum_k lam_k Delta theta_k` in the exact
   concatenated low-rank form (one log-softmax instead of K+1). LoRA: per-user concatenated adapters
   (`Delta W = sum_k lam_k A_k B_k`, rank K*r), so the backbone runs once per user row.
-* `implicit`: rejection sampling from the reference (METHOD.md section 4) with a bounded number of proposals per
+* `implicit`: rejection sampling from the reference (docs/METHOD.md section 4) with a bounded number of proposals per
   token and a fallback to the explicit soup; acceptance statistics are returned.
 * `naive`: the multi-objective-decoding (MOD) reference: K+1 separate full model passes per token, each with its
   own KV cache. The correctness reference and the speed baseline.
