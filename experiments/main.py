@@ -29,6 +29,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from spectral_soup.utils import cli
 from spectral_soup.utils import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -105,8 +106,10 @@ def main(argv) -> None:
     print(f"\n==== {name} ({time.time() - t_job:.0f} s)", flush=True)
     return time.time()
 
-  # ---- Config check.
-  validate_config(config)
+  # ---- Config check: a bad field or workdir ends here in one line, exit status 2 (`--verbosity=1`: traceback).
+  with cli.input_checks():
+    validate_config(config)
+    cli.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from spectral_soup.utils import cli
 from spectral_soup.utils import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/train_basis_*.py).",
@@ -38,7 +39,9 @@ def main(argv) -> None:
   from spectral_soup.offline import train  # Imported here so that --help and flag errors skip JAX start-up.
 
   config = _CONFIG.value
-  train.validate_config(config)  # Fails fast, naming the field, before any compile.
+  with cli.input_checks():  # Fails fast, naming the field, before any compile: one line, exit status 2.
+    train.validate_config(config)
+    cli.check_workdir(_WORKDIR.value)
   result = train.train_and_evaluate(config, _WORKDIR.value)
   if result.eval_metrics:
     accuracy = " ".join(f"{a:.3f}" for a in result.eval_metrics["accuracy"])

@@ -46,6 +46,32 @@ def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_cli_input_errors_are_one_line_with_exit_status_2(tmp_path):
+  """A bad field or workdir: `error: ...` as the last line, status 2, no traceback (`--verbosity=1` keeps it)."""
+  (tmp_path / "a_file").write_text("not a directory")
+  cases = {
+      "field": (["--config.loss.beta=0.0"], "error: config.loss.beta=0.0 is invalid: expected"),
+      "workdir": ([f"--workdir={tmp_path / 'a_file'}"], "is a file: expected a directory"),
+      "verbose": (["--config.loss.beta=0.0", "--verbosity=1"], "Traceback"),
+  }
+  env = dict(os.environ, PYTHONPATH=REPO)
+  procs = {}
+  for name, (flags, _) in cases.items():
+    argv = ["--config=configs/train_basis_tiny.py", f"--workdir={tmp_path / name}", *flags]
+    procs[name] = subprocess.Popen([sys.executable, "-m", "experiments.train_basis", *argv], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for name, (_, expected) in cases.items():
+    _, err = procs[name].communicate(timeout=180)
+    if name == "verbose":
+      assert procs[name].returncode != 0 and expected in err, err[-2000:]
+      continue
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert procs[name].returncode == 2, err[-2000:]
+    assert lines[-1].startswith("error: ") and expected in lines[-1], err[-2000:]
+    assert "Traceback" not in err
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]  # Nothing was written anywhere.
+
+
 @pytest.mark.parametrize("flat, field", [  # `field`: the start of the message, after "config.".
     ({"basis.num_bases": 0}, "basis.num_bases"),
     ({"basis.head_rank": 0}, "basis.head_rank"),
