@@ -31,6 +31,7 @@ import math
 import os
 import signal
 import time
+import zipfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -65,8 +66,12 @@ DTYPES = ("float32", "bfloat16")
 def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
   """Raises ValueError naming the first invalid field (`config.train.batch_size=...`)."""
   need = config_check.field_checker(config)
+  config_check.check_finite(config)  # NaN / inf in any float field, before any relation between fields.
 
   c = config
+  # Each field's own range before the relations that use it (a negative step count is named as itself).
+  need(c.train.num_steps >= 1, "train.num_steps", ">= 1")
+  need(c.train.batch_size >= 1, "train.batch_size", ">= 1")
   need(c.model.family in config_lib.FAMILIES, "model.family", f"one of {config_lib.FAMILIES}")
   need(c.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}")
   need(c.model.weight_dtype in DTYPES, "model.weight_dtype", f"one of {DTYPES}")
@@ -487,8 +492,14 @@ def _load_features(path: str):
         split, name = key.split("/", 1)
         out[split][name] = data[key]
       return out
-  except (OSError, ValueError, KeyError) as e:
-    logging.warning("Ignoring unreadable cached features %s (%s); recomputing.", path, e)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    aside = f"{path}.unreadable"
+    try:
+      os.replace(path, aside)  # Out of the way: the recomputed features are written under the same name.
+    except OSError:
+      aside = "(could not be moved)"
+    logging.warning("Cached features %s are unreadable (%s: %s); moved to %s, recomputing.", path,
+                    type(e).__name__, e, aside)
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 
@@ -14,3 +15,14 @@ def field_checker(config: Any) -> Callable[[Any, str, str], None]:
         value = value[part]
       raise ValueError(f"config.{field}={value!r} is invalid: expected {expected}.")
   return need
+
+
+def check_finite(config: Any, prefix: str = "config") -> None:
+  """Raises ValueError naming the first float field of a (nested) ConfigDict that is NaN or infinite."""
+  items = config.items() if hasattr(config, "items") else []
+  for name, value in items:
+    field = f"{prefix}.{name}"
+    if hasattr(value, "items"):
+      check_finite(value, field)
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{field}={value!r} is invalid: expected a finite number.")

@@ -87,6 +87,10 @@ def test_cli_input_errors_are_one_line_with_exit_status_2(tmp_path):
     ({"data.source": "web"}, "data.source"),
     ({"model.dtype": "float16"}, "model.dtype"),
     ({"model.num_heads": 3}, r"model.num_kv_heads=2 is invalid: expected a divisor of num_heads=3"),
+    ({"optim.learning_rate": float("inf")}, r"optim.learning_rate=inf is invalid: expected a finite number"),
+    ({"loss.beta": float("nan")}, r"loss.beta=nan is invalid: expected a finite number"),
+    ({"train.num_steps": -5}, r"train.num_steps=-5 is invalid: expected >= 1"),  # Not optim.warmup_steps.
+    ({"train.batch_size": 0}, r"train.batch_size=0 is invalid: expected >= 1"),  # Not data.num_train_pairs.
 ])
 def test_out_of_range_config_values_are_named(flat, field):
   config = train_basis_tiny.get_config()
@@ -360,3 +364,17 @@ def test_truncated_safetensors_names_the_file(tmp_path, keep):
                                        r"it is probably truncated or corrupt") as info:
     hf_import.from_pretrained(tmp_path / "model")
   assert info.type is ValueError
+
+
+def test_unreadable_features_cache_is_moved_aside_and_recomputed(tmp_path, caplog):
+  """A truncated or garbage features-*.npz (a crash mid-write of an older version, a full disk) never crash-loops."""
+  path = tmp_path / "features-abc.npz"
+  for damage in (b"not a zip file at all", b"PK\x03\x04truncated"):
+    path.write_bytes(damage)
+    with caplog.at_level("WARNING"):
+      assert train._load_features(str(path)) is None
+    assert not path.exists() and (tmp_path / "features-abc.npz.unreadable").exists()
+    assert "features-abc.npz are unreadable" in caplog.text
+  np.savez(path, **{"train/hidden": np.ones(3), "eval/hidden": np.zeros(2)})
+  good = train._load_features(str(path))
+  np.testing.assert_array_equal(good["train"]["hidden"], np.ones(3))
