@@ -110,9 +110,6 @@ def main(argv) -> None:
   with cli.input_checks():
     validate_config(config)
     cli.check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
   logging.info("JAX devices: %s", jax.devices())
   attributes = tuple(config.data.attributes)
   num_attr = num_bases = len(attributes)
@@ -140,6 +137,12 @@ def main(argv) -> None:
   print(f"{len(pairs)} pairs ({(~is_eval).sum()} train / {is_eval.sum()} held out) from {data_dir}; "
         f"responses sampled in {metadata['sampling_seconds']:.0f} s when generated.")
   timing["data_s"] = time.time() - t0
+  # The config, the model and the data have been accepted: only now is anything written to the workdir.
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, f"config.json.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, os.path.join(workdir, "config.json"))
 
   # ---- 2. Users: held-out simulated users, labels of their own reward on the pairs (for the bespoke heads).
   t0 = phase("users")

@@ -481,6 +481,30 @@ def _save_features(path: str, train_pairs, eval_pairs) -> None:
   os.replace(tmp, path)
 
 
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Before anything is written: the newest readable checkpoint in `workdir` must have been made by a compatible
+  config (`check_resume`, which names the field). Unreadable steps are left for `restore_latest` to set aside."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return
+  ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=config.checkpoint.max_to_keep,
+                                     save_interval_steps=1, async_save=False)
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      data = ckpt.read_data(step)
+    except Exception:  # pylint: disable=broad-except  (unreadable: `restore_latest` falls back past it)
+      continue
+    check_resume(config, workdir, step, data)
+    return
+
+
 def _load_features(path: str):
   """{"train": {...}, "eval": {...}} from `_save_features`, or None if absent or unreadable."""
   if not os.path.exists(path):
@@ -553,13 +577,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config)
   timing = {}
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    if config.data.source in sources.BUILDER_SOURCES:  # What each basis means (attribute or weighting).
-      with open(os.path.join(workdir, "basis.json"), "w") as f:
-        json.dump(sources.basis_metadata(config), f, indent=2)
+  # Nothing is written to `workdir` until the model, the data and an existing checkpoint's config have been
+  # checked: a rejected run leaves a workdir as it found it. config.json is written once the run is accepted.
   loss_cfg = dict(config.loss)
 
   # ---- Mesh.
@@ -598,6 +617,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if len(split["prompt"]):
       input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings",
                                  vocab_size=model_cfg.vocab_size)
+  _check_existing_checkpoint(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
   support = None
   if config.basis.get("vocab_support", 0):
     support = features.select_support([train_pairs["response_a"], train_pairs["response_b"]],
@@ -687,6 +708,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   state_shardings)
     # Another config's checkpoint (other K, other shapes) raises here, naming the field, before anything is read.
     restored = ckpt.restore_latest(abstract_state, check_data=functools.partial(check_resume, config, workdir))
+    if jax.process_index() == 0:  # The run is accepted: record what it runs (atomically).
+      _write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+      if config.data.source in sources.BUILDER_SOURCES:  # What each basis means (attribute or weighting).
+        _write_atomic(os.path.join(workdir, "basis.json"), json.dumps(sources.basis_metadata(config), indent=2))
     if restored is not None:
       start_step, state, data_state = restored
       train_iter.set_state(data_state["iterator"])

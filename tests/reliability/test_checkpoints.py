@@ -128,15 +128,31 @@ def _config(**flat):
     ({"basis.head_rank": 2}, "config.basis.head_rank=2 differs from 4"),
     ({"basis.kind": "lora"}, "config.basis.kind='lora' differs from 'heads'"),
     ({"train.batch_size": 64}, "config.train.batch_size=64 differs from 32"),
+    ({"basis.num_bases": 4, "train.cache_features": True}, "config.basis.num_bases=4 differs from 3"),
 ])
 def test_checkpoint_of_another_config_names_the_field(reference, tmp_path, flat, message):
   workdir = copy_workdir(reference, str(tmp_path / "other"))
   before = tree_hashes(os.path.join(workdir, "checkpoints"))
+  files_before = _files(workdir)
   with pytest.raises(ValueError, match=message.replace("[", r"\[")) as info:
     train.train_and_evaluate(_config(**flat), workdir)
   assert f"step {NUM_STEPS}" in str(info.value) and "new --workdir" in str(info.value)
   assert tree_hashes(os.path.join(workdir, "checkpoints")) == before  # Nothing set aside, nothing written.
   assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
+  # Nor anywhere else in the workdir: no new config.json, no features file for the rejected config.
+  assert _files(workdir) == files_before
+
+
+def _files(root):
+  """{relative path: bytes} of every file under `root` outside checkpoints/."""
+  out = {}
+  for base, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(base, name)
+      if not os.path.relpath(path, root).startswith("checkpoints"):
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, root)] = f.read()
+  return out
 
 
 def test_shape_mismatch_without_recorded_config_names_the_arrays(good_checkpoints, tmp_path):
