@@ -1,8 +1,8 @@
 """Building blocks shared by every model family: projections, norms, rotary embeddings, attention, MLP.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and key activations are constrained
-with `nn.with_logical_constraint`; `spectral_soup.models.partitioning` maps the names to mesh axes. Outside a mesh
-both are no-ops.
+with `nn.with_logical_constraint`; `spectral_soup.offline.mesh.LOGICAL_RULES` maps the names to mesh axes.
+Outside a mesh both are no-ops.
 
 Logical names: `vocab`, `embed`, `heads` (query heads), `kv_heads`, `kv` (head width), `mlp`, `layers`, `basis`,
 `lora_rank`, and for activations `batch`, `length`.
