@@ -74,6 +74,21 @@ def test_decode_tiny_model_matches_pytorch_mod(tmp_path):
   assert np.isfinite(out["rates"]["matmul_flops_per_s"]) and out["rates"]["bandwidth_bytes_per_s"] > 0
 
 
+def test_decode_flags_a_variant_whose_tokens_disagree_with_pytorch():
+  good, bad = [[1, 2, 3, 4]] * 2, [[1, 2, 9, 9]] * 2
+  rows = [{"variant": "single", "tokens": good}, {"variant": "torch/single", "tokens": good},
+          {"variant": "explicit/heads", "tokens": bad}, {"variant": "params/heads", "tokens": good},
+          {"variant": "torch-mod/heads", "tokens": good}, {"variant": "params/lora", "tokens": bad},
+          {"variant": "explicit/lora", "tokens": good}, {"variant": "naive/lora", "tokens": good}]
+  assert decode.compare_tokens(rows) == ["explicit/heads"]
+  by_name = {r["variant"]: r for r in rows}
+  assert by_name["explicit/heads"]["tokens_match_torch"] == 0.5 and by_name["single"]["tokens_match_torch"] == 1.0
+  assert "tokens_match_torch" not in by_name["params/lora"]  # No torch-mod/lora ran: nothing to compare with.
+  assert decode.compare_tokens(rows, naive_fallback=True) == ["explicit/heads"]
+  assert by_name["params/lora"]["approximate"] and not by_name["params/lora"]["wrong"]
+  assert by_name["params/lora"]["tokens_reference"] == "naive/lora"
+
+
 def test_decode_rejects_unknown_variant():
   with pytest.raises(ValueError, match="unknown"):
     decode.run(decode.parse_args(["--model=tiny", "--variants=beam/heads"]))
