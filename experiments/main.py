@@ -30,6 +30,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from spectral_soup.utils import cli
+from spectral_soup.utils import files
 from spectral_soup.utils import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -139,10 +140,7 @@ def main(argv) -> None:
   timing["data_s"] = time.time() - t0
   # The config, the model and the data have been accepted: only now is anything written to the workdir.
   os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, f"config.json.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+  files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   # ---- 2. Users: held-out simulated users, labels of their own reward on the pairs (for the bespoke heads).
   t0 = phase("users")

@@ -91,7 +91,7 @@ def wait_for_idle(threshold: float = IDLE_LOAD, max_wait_s: float = IDLE_WAIT_S,
   while load > threshold and time.perf_counter() - start < max_wait_s:
     time.sleep(poll_s)
     load = os.getloadavg()[0]
-  busy = cpu_busy_fraction()
+  busy = cpu_busy_fraction() if max_wait_s > 0 else None  # Waiting off (tests, GPU budgets): no 2 s reading.
   return {"load_1m": round(load, 2), "waited_s": round(time.perf_counter() - start, 1),
           "cpu_busy": None if busy is None else round(busy, 3), "under_load": load > threshold}
 

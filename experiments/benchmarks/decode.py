@@ -28,9 +28,10 @@ pass, KV cache read, logits written) for the prefill and the N - 1 decode steps 
 time / measured time; and `tokens_match_torch`, the fraction of greedy tokens equal to those of the independent
 PyTorch K+1-pass loop of the same basis kind (`torch-mod/{kind}` runs on every run for that). An exact soup below
 99% is flagged `wrong` and left out of the speedups and targets (`params/lora` is an approximation by design and
-only reported). Each row keeps its `tokens`, so other implementations can be compared with them. The PyTorch variants warm up with a 2-token run (nothing to compile);
-"first_s" is that warm-up for them and the compile run for ours. `speedup` = explicit/heads over the faster of
-naive/heads and torch-mod/heads; `speedup_vs_naive` = explicit/heads over naive/heads (the issue's target).
+only reported). Each row keeps its `tokens`, so other implementations can be compared with them. The PyTorch
+variants warm up with a 2-token run (nothing to compile); "first_s" is that warm-up for them and the compile run
+for ours. `speedup` = explicit/heads over the faster of naive/heads and torch-mod/heads; `speedup_vs_naive` =
+explicit/heads over naive/heads (the issue's target).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ import numpy as np
 from experiments.benchmarks import common
 
 NAME = "decode"
-ALL_VARIANTS = ("single", "torch/single", "explicit/heads", "params/heads", "explicit/lora", "params/lora", "naive/heads",
-                "naive/lora", "torch-mod/heads", "torch-mod/lora")
-DEFAULT_VARIANTS = "single,torch/single,explicit/heads,params/heads,explicit/lora,params/lora,naive/heads,torch-mod/heads"
+ALL_VARIANTS = ("single", "torch/single", "explicit/heads", "params/heads", "explicit/lora", "params/lora",
+                "naive/heads", "naive/lora", "torch-mod/heads", "torch-mod/lora")
+DEFAULT_VARIANTS = ("single,torch/single,explicit/heads,params/heads,explicit/lora,params/lora,naive/heads,"
+                    "torch-mod/heads")
 LORA_TARGETS = ("q_proj", "v_proj")
 # Greedy tokens of an exact soup must equal the PyTorch MOD loop's at least this often (float32 near-ties aside).
 MIN_TOKENS_MATCH = 0.99

@@ -48,6 +48,7 @@ from spectral_soup.models.spectral import ATTN_TARGETS, BASIS_KINDS, MLP_TARGETS
 from spectral_soup.offline import checkpoint as checkpoint_lib
 from spectral_soup.offline import features
 from spectral_soup.utils import config_check
+from spectral_soup.utils import files
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import losses
 from spectral_soup.offline import mesh as mesh_lib
@@ -112,8 +113,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(c.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)")
   need(0 <= c.optim.b1 < 1, "optim.b1", "in [0, 1)")
   need(0 <= c.optim.b2 < 1, "optim.b2", "in [0, 1)")
-  need(c.train.num_steps >= 1, "train.num_steps", ">= 1")
-  need(c.train.batch_size >= 1, "train.batch_size", ">= 1")
   need(c.train.grad_accum_steps >= 1 and c.train.batch_size % c.train.grad_accum_steps == 0,
        "train.grad_accum_steps", f"a divisor of train.batch_size={c.train.batch_size}")
   need(not c.train.cache_features or c.basis.kind == "heads", "train.cache_features",
@@ -481,13 +480,6 @@ def _save_features(path: str, train_pairs, eval_pairs) -> None:
   os.replace(tmp, path)
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Before anything is written: the newest readable checkpoint in `workdir` must have been made by a compatible
   config (`check_resume`, which names the field). Unreadable steps are left for `restore_latest` to set aside."""
@@ -496,13 +488,16 @@ def _check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) 
     return
   ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=config.checkpoint.max_to_keep,
                                      save_interval_steps=1, async_save=False)
-  for step in sorted(ckpt.all_steps(), reverse=True):
-    try:
-      data = ckpt.read_data(step)
-    except Exception:  # pylint: disable=broad-except  (unreadable: `restore_latest` falls back past it)
-      continue
-    check_resume(config, workdir, step, data)
-    return
+  try:
+    for step in sorted(ckpt.all_steps(), reverse=True):
+      try:
+        data = ckpt.read_data(step)
+      except Exception:  # pylint: disable=broad-except  (unreadable: `restore_latest` falls back past it)
+        continue
+      check_resume(config, workdir, step, data)
+      return
+  finally:
+    ckpt.close()
 
 
 def _load_features(path: str):
@@ -709,9 +704,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Another config's checkpoint (other K, other shapes) raises here, naming the field, before anything is read.
     restored = ckpt.restore_latest(abstract_state, check_data=functools.partial(check_resume, config, workdir))
     if jax.process_index() == 0:  # The run is accepted: record what it runs (atomically).
-      _write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+      files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
       if config.data.source in sources.BUILDER_SOURCES:  # What each basis means (attribute or weighting).
-        _write_atomic(os.path.join(workdir, "basis.json"), json.dumps(sources.basis_metadata(config), indent=2))
+        files.write_text_atomic(os.path.join(workdir, "basis.json"),
+                                json.dumps(sources.basis_metadata(config), indent=2))
     if restored is not None:
       start_step, state, data_state = restored
       train_iter.set_state(data_state["iterator"])

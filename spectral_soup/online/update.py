@@ -106,25 +106,22 @@ def _check_shapes(name: str, x: Any, expected: Tuple[Optional[int], ...], what: 
     raise ValueError(f"{name} must have shape {what} = {pretty}, got {tuple(shape)}.")
 
 
-def _check_data(delta_features: Any, prefs: Any, mask: Any) -> Optional[np.ndarray]:
-  """Concrete values only, on the rows that count (mask > 0): labels in [0, 1], features and labels finite.
+def _check_labels(prefs: Any, mask: Any) -> None:
+  """Concrete values only: a finite label outside [0, 1] on a row that counts (mask > 0) raises ValueError.
 
-  delta_features: [..., N, K], prefs and mask: [..., N] (mask None: every row counts). A finite label outside
-  [0, 1] (e.g. -1 / +1 labels) raises ValueError naming it: it is a caller's convention error, not a bad data
-  point. Returns the indices ([..., N]) of counted rows with a non-finite feature or label (for the caller to
-  refuse or isolate), or None when the inputs are tracers.
+  -1 / +1 labels are a caller's convention error, not a bad data point, so they are refused, naming the first.
+  NaN labels are non-finite rows, refused (`fit_lambda`) or isolated (`fit_lambda_batched`) like NaN features.
   """
-  if any(_is_tracer(x) for x in (delta_features, prefs, mask)):
-    return None
-  x, p = np.asarray(delta_features, np.float64), np.asarray(prefs, np.float64)
-  counts = np.ones(p.shape, bool) if mask is None else np.asarray(mask, np.float64) > 0
-  bad = np.argwhere(counts & np.isfinite(p) & ~((p >= 0) & (p <= 1)))
+  if _is_tracer(prefs) or _is_tracer(mask):
+    return
+  p = np.asarray(prefs)
+  counts = np.ones(p.shape, bool) if mask is None else np.asarray(mask) > 0
+  bad = np.argwhere(counts & np.isfinite(p) & ((p < 0) | (p > 1)))
   if bad.size:
     index = tuple(int(i) for i in bad[0])
-    raise ValueError(f"prefs{list(index)} = {p[index]}: expected a label in [0, 1] (1: the first response "
+    raise ValueError(f"prefs{list(index)} = {float(p[index])}: expected a label in [0, 1] (1: the first response "
                      f"preferred, 0: the second, 0.5: a tie) on every row the mask counts; {len(bad)} such "
                      f"row{'s' if len(bad) > 1 else ''} in total.")
-  return np.argwhere(counts & ~(np.all(np.isfinite(x), axis=-1) & np.isfinite(p)))
 
 
 def _float_dtype(*xs: Any) -> Any:
@@ -394,9 +391,14 @@ def fit_lambda(delta_features: ArrayLike,
   _check_shapes("prior_mean", mu, (num,), "[K]")
   lam0 = mu if init is None else jnp.asarray(init, dtype)
   _check_shapes("init", lam0, (num,), "[K]")
-  bad = _check_data(delta_features, prefs, mask)
+  _check_labels(prefs, mask)
+  bad = None
+  if not (_is_tracer(delta_features) or _is_tracer(prefs) or _is_tracer(mask)):  # [N, K]: small, checked on host.
+    counts = np.ones(num_rows, bool) if mask is None else np.asarray(mask) > 0
+    finite = np.all(np.isfinite(np.asarray(delta_features)), axis=-1) & np.isfinite(np.asarray(prefs))
+    bad = np.flatnonzero(counts & ~finite)
   if bad is not None and len(bad):
-    row = int(bad[0][0])
+    row = int(bad[0])
     raise ValueError(f"row {row} is not finite (delta_features[{row}] = {np.asarray(delta_features)[row]}, "
                      f"prefs[{row}] = {np.asarray(prefs)[row]}); every row the mask counts must be finite (mask "
                      f"it out to skip it). {len(bad)} such row{'s' if len(bad) > 1 else ''} in total.")
@@ -446,17 +448,22 @@ def fit_lambda_batched(delta_features: ArrayLike,
   lam0 = mu if init is None else jnp.asarray(init, dtype)
   _check_shapes("init", lam0, (num_users, num), "[U, K]")
   l2 = jnp.broadcast_to(jnp.asarray(l2, dtype), (num_users,))
-  bad = _check_data(delta_features, prefs, mask)
-  if bad is not None and len(bad):
-    users = sorted({int(u) for u, _ in bad})
+  _check_labels(prefs, mask)
+  lo, hi = _box_arrays(constraint, box, num, dtype)
+  lam = _fit_batched_jit(jnp.asarray(delta_features, dtype), jnp.asarray(prefs, dtype), m, l2, mu, lam0, lo, hi,
+                         constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
+                         tol=float(tol))
+  if _is_tracer(delta_features) or _is_tracer(prefs):
+    return lam
+  # A user with a non-finite counted row gets a NaN lam (the fit isolates it): name those users from the [U, K]
+  # result instead of scanning the [U, N, K] features on the host.
+  users = np.flatnonzero(~np.all(np.isfinite(np.asarray(lam)), axis=-1)).tolist()
+  if users:
     warnings.warn(f"fit_lambda_batched: users {users[:10]}{' ...' if len(users) > 10 else ''} have non-finite "
                   "delta_features or prefs on rows the mask counts; their lam is NaN, the other users' fits are "
                   "unaffected (mask the rows out to fit those users on the rest).",
                   RuntimeWarning, stacklevel=2)
-  lo, hi = _box_arrays(constraint, box, num, dtype)
-  return _fit_batched_jit(jnp.asarray(delta_features, dtype), jnp.asarray(prefs, dtype), m, l2, mu, lam0, lo, hi,
-                          constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
-                          tol=float(tol))
+  return lam
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,13 @@
+"""Small file helpers shared by the trainer and the entry points."""
+
+from __future__ import annotations
+
+import os
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` so that a reader (or a crash) sees the old file or the new one, never half of it."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
