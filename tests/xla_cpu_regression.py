@@ -1,11 +1,33 @@
 r"""Standalone check of XLA CPU's YNN fusions on the computations of a souped decode (not collected by pytest).
 
-  python tests/xla_cpu_regression.py [--users=8,32] [--steps=4] [--model=random|smollm2]
+  python tests/xla_cpu_regression.py [--probes=minimal,mix,lora,decode] [--users=8,32] [--steps=4]
+                                     [--model=random|smollm2]
 
 Runs each probe twice, in fresh processes: with XLA's defaults (`SPECTRAL_SOUP_XLA_DEFAULTS=1`: YNN fusions on)
 and with the package's setting (`--xla_cpu_experimental_ynn_fusion_type=`: off), and compares with float64 NumPy:
 
-1. `mix`: `soup.explicit.soup_logits_batched` alone, jitted, on random [K + 1, U, 49,152] logits.
+0. `minimal` (seconds; `--probes=minimal` runs it alone): the smallest program found that shows the
+   miscompilation, plain jax.numpy (no flax, nothing from the package):
+
+     x = f32[3, 2, 16385], c = f32[3]
+     y = jax.jit(lambda x, c: (c[:, None, None] * x).sum(0))(x, c)     # f32[2, 16385]
+
+   One YNN fusion (broadcast + multiply + reduce-sum over axis 0). With the fusions on, y[1] comes back equal to
+   the true y[0] (max abs error ~13 on N(0, 1) data); with them off it is exact to float32 rounding. The same op at
+   the naive decode's prompt shape, the K + 1 log-probs [9, U, T = 8, 49,152] weighted by c: [9, U] (broadcast over
+   T and V; `explicit.weighted_logp_sum`), is the second row: every position t >= 1 gets position 0's value.
+   Observed on an AVX-512 AMD EPYC (Zen 5, 2 cores) with jaxlib 0.10.2, for x: [N, A, M] summed over N with c
+   broadcast over A and M: over N = 3, A in {1, 2, 3, 4, 6, 8, 12, 16, 32}, M in 2,048..65,536 it was wrong
+   exactly when 2 <= A <= 8 and A * M > 32,768, and at A = 2, M = 32,768 exactly when N >= 3. Right at the
+   failing shapes: a weight broadcast over the last axis only (c: [N, A, 1]), and (at [3, 2, 2, 32,768]) max
+   instead of sum, add instead of multiply, and the einsum form (a dot). Flag values that avoid it:
+   `--xla_cpu_experimental_ynn_fusion_type=` (all off, the package's setting), `=-reduce`, `=dot`,
+   `=individual_dot`; still wrong with `=-dot`, `=-eltwise`, `=-individual_dot`, `=reduce`, `=eltwise`.
+   (The LoRA test failures are a different fusion type: `-individual_dot` clears them, `-reduce` does not.)
+   jax/jaxlib 0.10.1, 0.10.0, 0.9.2 and 0.9.0 on the same machine emit no YNN fusion for either row by default
+   and are exact; forced with `=eltwise` they emit one and still compute it right: a jaxlib 0.10.2 regression.
+1. `mix`: `soup.explicit.soup_logits_batched` alone, jitted, on random [K + 1, U, 49,152] logits (no position
+   axis, so the `minimal` pattern does not arise: clean either way).
 2. `lora`: one projection with a LoRA update, x W + (x A) B, [U * 16, 576] x [576, 576], rank 8.
 3. `decode`: greedy decoding of SmolLM2-135M (30 layers, D = 576, V = 49,152; the
    embedded GGUF, the default, or 4 random layers with `--model=random`) with K = 8 head bases, in the explicit, parameter and naive modes
@@ -28,6 +50,35 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 8
+PROBES = ("minimal", "mix", "lora", "decode")
+
+
+# The minimal program, as `probe_minimal` runs it (x: [N, A, M], c: [N], summed over N).
+MINIMAL_SHAPE = (3, 2, 16385)
+# The same reduction at the naive decode's prompt step: [K + 1, U, T, V] log-probs, c: [K + 1, U].
+PROMPT_SHAPE = (K + 1, 8, 8, 49_152)
+
+
+def probe_minimal(shape=MINIMAL_SHAPE) -> dict:
+  """sum_n c[n, ...] * x[n], jitted, vs float64; c has x's leading axes but one or more fewer (broadcast)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape).astype(np.float32)
+  if len(shape) == 3:
+    c = rng.normal(size=shape[:1]).astype(np.float32)
+    fn = lambda x, c: (c[:, None, None] * x).sum(0)
+  else:  # [N, U, T, V] with per-(n, u) weights, as `explicit.weighted_logp_sum` mixes the K + 1 log-probs.
+    c = rng.normal(size=shape[:2]).astype(np.float32)
+    fn = lambda x, c: (c[:, :, None, None] * x).sum(0)
+  compiled = jax.jit(fn).lower(x, c).compile()
+  got = np.asarray(compiled(x, c), np.float64)
+  want = np.einsum("n...,n...->...", np.float64(c).reshape(c.shape + (1,) * (x.ndim - c.ndim)), np.float64(x))
+  # The failure's signature: along axis -2, every index >= 1 holds the true value at index 0.
+  rest, first = np.moveaxis(got, -2, 0)[1:], np.moveaxis(want, -2, 0)[:1]
+  copies = np.abs(rest - first).max(-1) < 1e-4
+  return {"max_abs_err": float(np.abs(got - want).max()),
+          "copies_of_index_0": float(copies.mean()),
+          "ynn_fusions": float(compiled.as_text().count('"__ynn_fusion"'))}
 
 
 def probe_mix(users: int) -> dict:
@@ -117,15 +168,23 @@ def child(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   result = {"jax": jax.__version__, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "ynn_off": spectral_soup.YNN_FUSIONS_OFF}
+  if "minimal" in args.probes:
+    result["minimal " + "x".join(map(str, MINIMAL_SHAPE))] = probe_minimal(MINIMAL_SHAPE)
+    result["minimal " + "x".join(map(str, PROMPT_SHAPE))] = probe_minimal(PROMPT_SHAPE)
   for users in args.users:
-    result[f"mix U={users}"] = probe_mix(users)
-    result[f"lora U={users}"] = probe_lora(users)
-    result[f"decode U={users}"] = probe_decode(users, args.steps, args.model)
+    if "mix" in args.probes:
+      result[f"mix U={users}"] = probe_mix(users)
+    if "lora" in args.probes:
+      result[f"lora U={users}"] = probe_lora(users)
+    if "decode" in args.probes:
+      result[f"decode U={users}"] = probe_decode(users, args.steps, args.model)
   print(json.dumps(result))
 
 
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--probes", default=",".join(PROBES),
+                 help=f"Comma-separated subset of {','.join(PROBES)}; 'minimal' alone takes seconds.")
   p.add_argument("--users", default="8,32")
   p.add_argument("--steps", type=int, default=4)
   p.add_argument("--model", default="smollm2", choices=("random", "smollm2"),
@@ -133,6 +192,10 @@ def main() -> int:
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   args.users = [int(u) for u in args.users.split(",")]
+  args.probes = [name for name in args.probes.split(",") if name]
+  unknown = sorted(set(args.probes) - set(PROBES))
+  if unknown or not args.probes:
+    p.error(f"--probes: expected a subset of {','.join(PROBES)}, got {unknown or 'nothing'}")
   if args.child:
     child(args)
     return 0
@@ -140,22 +203,22 @@ def main() -> int:
   for name, env in (("defaults", {"SPECTRAL_SOUP_XLA_DEFAULTS": "1"}), ("package", {})):
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     full_env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--users={','.join(map(str, args.users))}",
-           f"--steps={args.steps}", f"--model={args.model}"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--probes={','.join(args.probes)}",
+           f"--users={','.join(map(str, args.users))}", f"--steps={args.steps}", f"--model={args.model}"]
     proc = subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode:
       print(proc.stderr[-3000:])
       return 2
     results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"jax {results['package']['jax']}; CPU: {_cpu_name()}")
-  print(f"{'probe':<16} {'metric':<26} {'XLA defaults':>14} {'package':>14}")
+  print(f"{'probe':<24} {'metric':<26} {'XLA defaults':>14} {'package':>14}")
   failed = False
   for probe, metrics in results["package"].items():
     if not isinstance(metrics, dict):
       continue
     for metric, value in metrics.items():
       default = results["defaults"][probe][metric]
-      print(f"{probe:<16} {metric:<26} {default:>14.6g} {value:>14.6g}")
+      print(f"{probe:<24} {metric:<26} {default:>14.6g} {value:>14.6g}")
       if ("err" in metric and value > 1e-3) or (("match" in metric or "ok" in metric or "_vs_" in metric)
                                                 and value < 0.99):
         failed = True
