@@ -4,7 +4,7 @@ r"""Standalone check of XLA CPU's YNN fusions on the computations of a souped de
                                      [--model=random|smollm2]
 
 Runs each probe twice, in fresh processes: with XLA's defaults (`SPECTRAL_SOUP_XLA_DEFAULTS=1`: YNN fusions on)
-and with the package's setting (`--xla_cpu_experimental_ynn_fusion_type=`: off), and compares with float64 NumPy:
+and with the package's setting (`--xla_cpu_experimental_ynn_fusion_type=dot`: YNN for plain dots only), and compares with float64 NumPy:
 
 0. `minimal` (seconds; `--probes=minimal` runs it alone): the smallest program found that shows the
    miscompilation, plain jax.numpy (no flax, nothing from the package):
@@ -21,7 +21,7 @@ and with the package's setting (`--xla_cpu_experimental_ynn_fusion_type=`: off),
    exactly when 2 <= A <= 8 and A * M > 32,768, and at A = 2, M = 32,768 exactly when N >= 3. Right at the
    failing shapes: a weight broadcast over the last axis only (c: [N, A, 1]), and (at [3, 2, 2, 32,768]) max
    instead of sum, add instead of multiply, and the einsum form (a dot). Flag values that avoid it:
-   `--xla_cpu_experimental_ynn_fusion_type=` (all off, the package's setting), `=-reduce`, `=dot`,
+   `--xla_cpu_experimental_ynn_fusion_type=` (all off), `=-reduce`, `=dot` (the package's setting),
    `=individual_dot`; still wrong with `=-dot`, `=-eltwise`, `=-individual_dot`, `=reduce`, `=eltwise`.
    (The LoRA test failures are a different fusion type: `-individual_dot` clears them, `-reduce` does not.)
    jax/jaxlib 0.10.1, 0.10.0, 0.9.2 and 0.9.0 on the same machine emit no YNN fusion for either row by default
@@ -167,7 +167,7 @@ def child(args) -> None:
   import spectral_soup  # pylint: disable=g-import-not-at-top,unused-import
   import jax  # pylint: disable=g-import-not-at-top
   result = {"jax": jax.__version__, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "ynn_off": spectral_soup.YNN_FUSIONS_OFF}
+            "package_setting": spectral_soup.XLA_CPU_SAFE}
   if "minimal" in args.probes:
     result["minimal " + "x".join(map(str, MINIMAL_SHAPE))] = probe_minimal(MINIMAL_SHAPE)
     result["minimal " + "x".join(map(str, PROMPT_SHAPE))] = probe_minimal(PROMPT_SHAPE)
