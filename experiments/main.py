@@ -20,6 +20,7 @@ results.json: {"methods": {NAME: {"normalized_score", "mean_reward", "kl", ...}}
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,8 +31,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from spectral_soup.utils import cli
+from spectral_soup.utils import errors
 from spectral_soup.utils import files
 from spectral_soup.utils import logs
+from spectral_soup.utils import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
@@ -78,6 +81,19 @@ def validate_config(config) -> None:
 
 def main(argv) -> None:
   del argv
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  # ---- Config check: a bad field or workdir ends here in one line, exit status 2 (`--verbosity=1`: traceback).
+  with cli.input_checks():
+    validate_config(config)
+    cli.check_workdir(workdir)
+  # The run's own input checks (model, data, the basis run's resume, the workdir's lock) end the same way.
+  with cli.reporting_input_errors(), contextlib.ExitStack() as stack:
+    run(config, workdir, stack)
+
+
+def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
+  """The whole job on a checked config. `stack` holds the workdir's lock until the job ends."""
   # Imported here so that `--help` and config errors do not pay for JAX start-up.
   import jax
   import ml_collections
@@ -98,8 +114,6 @@ def main(argv) -> None:
   from spectral_soup.soup import decoding
 
   logs.quiet_orbax()
-  config = _CONFIG.value
-  workdir = _WORKDIR.value
   timing = {}
   t_job = time.time()
 
@@ -107,10 +121,6 @@ def main(argv) -> None:
     print(f"\n==== {name} ({time.time() - t_job:.0f} s)", flush=True)
     return time.time()
 
-  # ---- Config check: a bad field or workdir ends here in one line, exit status 2 (`--verbosity=1`: traceback).
-  with cli.input_checks():
-    validate_config(config)
-    cli.check_workdir(workdir)
   logging.info("JAX devices: %s", jax.devices())
   attributes = tuple(config.data.attributes)
   num_attr = num_bases = len(attributes)
@@ -118,28 +128,35 @@ def main(argv) -> None:
 
   # ---- 1. Data.
   t0 = phase("data: embedded preference pairs")
-  d = config.data
-  settings = embedded.GenerationSettings(
-      model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
-      temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size, attributes=attributes)
-  data_dir = embedded.generate(settings, d.cache_dir or embedded.default_cache_root())
-  pairs, metadata = embedded.load_pairs(data_dir)
-  model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
-                                           weight_dtype=config.model.weight_dtype, remat=config.model.remat)
-  tokenizer = models.tokenizer_from_pretrained(config.model.path)
-  arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
-                                   tie_margin=d.tie_margin)
-  is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
-  # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
-  # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
-  suite = rewards_lib.RewardSuite(list(attributes))
-  suite.fit_scores(np.concatenate([arrays["scores_a"][~is_eval], arrays["scores_b"][~is_eval]]))
-  std_a, std_b = suite.standardize(arrays["scores_a"]), suite.standardize(arrays["scores_b"])
-  print(f"{len(pairs)} pairs ({(~is_eval).sum()} train / {is_eval.sum()} held out) from {data_dir}; "
-        f"responses sampled in {metadata['sampling_seconds']:.0f} s when generated.")
+  # Model, data, the basis run's checkpoint and the workdir's lock are the user's input: a bad one is an InputError
+  # (one line), and nothing is written to the workdir before all of them have been accepted.
+  with errors.input_stage():
+    d = config.data
+    settings = embedded.GenerationSettings(
+        model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
+        temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size, attributes=attributes)
+    data_dir = embedded.generate(settings, d.cache_dir or embedded.default_cache_root())
+    pairs, metadata = embedded.load_pairs(data_dir)
+    model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
+                                             weight_dtype=config.model.weight_dtype, remat=config.model.remat)
+    tokenizer = models.tokenizer_from_pretrained(config.model.path)
+    arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
+                                     tie_margin=d.tie_margin)
+    is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
+    # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
+    # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
+    suite = rewards_lib.RewardSuite(list(attributes))
+    suite.fit_scores(np.concatenate([arrays["scores_a"][~is_eval], arrays["scores_b"][~is_eval]]))
+    std_a, std_b = suite.standardize(arrays["scores_a"]), suite.standardize(arrays["scores_b"])
+    print(f"{len(pairs)} pairs ({(~is_eval).sum()} train / {is_eval.sum()} held out) from {data_dir}; "
+          f"responses sampled in {metadata['sampling_seconds']:.0f} s when generated.")
+    train_config = ml_collections.ConfigDict(config.to_dict())
+    train_config.basis.num_bases = num_bases + num_users  # The K bases, then one bespoke head per user.
+    train.check_existing_checkpoint(train_config, os.path.join(workdir, "basis"))
+    os.makedirs(workdir, exist_ok=True)
+    stack.enter_context(workdir_lock.hold(workdir))
   timing["data_s"] = time.time() - t0
-  # The config, the model and the data have been accepted: only now is anything written to the workdir.
-  os.makedirs(workdir, exist_ok=True)
+  # The config, the model, the data and the workdir have been accepted: only now is anything written to it.
   files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   # ---- 2. Users: held-out simulated users, labels of their own reward on the pairs (for the bespoke heads).
@@ -161,8 +178,6 @@ def main(argv) -> None:
   fields = ("prompt", "prompt_mask", "response_a", "response_a_mask", "response_b", "response_b_mask")
   split = lambda keep: {**{f: arrays[f][keep] for f in fields}, "labels": labels[keep]}
   train_pairs, eval_pairs = split(~is_eval), split(is_eval)
-  train_config = ml_collections.ConfigDict(config.to_dict())
-  train_config.basis.num_bases = num_bases + num_users
   result = train.train_and_evaluate(train_config, os.path.join(workdir, "basis"), pairs=(train_pairs, eval_pairs),
                                     loaded=(model, backbone))
   heads = jax.device_get(result.state["params"]["heads"])
@@ -304,14 +319,12 @@ def main(argv) -> None:
       "timing_s": timing,
   }
   results["timing_s"]["total_s"] = time.time() - t_job
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  files.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   samples = []
   for p, prog in enumerate(programs[:2 + 7]):
     text = tokenizer.decode(out["tokens"][p, 0, 0, :out["lengths"][p, 0, 0]].tolist(), skip_special_tokens=True)
     samples.append({"method": prog.method, "user": prog.user, "prompt": prompt_text[eval_pool[0]], "response": text})
-  with open(os.path.join(workdir, "samples.json"), "w") as f:
-    json.dump(samples, f, indent=2)
+  files.write_text_atomic(os.path.join(workdir, "samples.json"), json.dumps(samples, indent=2))
   plots.write_all(results, workdir)
   timing["results_s"] = time.time() - t0
 

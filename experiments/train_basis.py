@@ -42,7 +42,8 @@ def main(argv) -> None:
   with cli.input_checks():  # Fails fast, naming the field, before any compile: one line, exit status 2.
     train.validate_config(config)
     cli.check_workdir(_WORKDIR.value)
-  result = train.train_and_evaluate(config, _WORKDIR.value)
+  with cli.reporting_input_errors():  # Model path, data, resume and workdir-lock errors: one line too.
+    result = train.train_and_evaluate(config, _WORKDIR.value)
   if result.eval_metrics:
     accuracy = " ".join(f"{a:.3f}" for a in result.eval_metrics["accuracy"])
     print(f"Step {result.step}: held-out accuracy per basis {accuracy}.")

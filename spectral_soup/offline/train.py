@@ -23,6 +23,7 @@ update step, checkpoint, loop. Entry point: `python -m experiments.train_basis -
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -48,6 +49,7 @@ from spectral_soup.models.spectral import ATTN_TARGETS, BASIS_KINDS, MLP_TARGETS
 from spectral_soup.offline import checkpoint as checkpoint_lib
 from spectral_soup.offline import features
 from spectral_soup.utils import config_check
+from spectral_soup.utils import errors
 from spectral_soup.utils import files
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import losses
@@ -55,6 +57,7 @@ from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.offline import metrics as metrics_lib
 from spectral_soup.offline import sources
 from spectral_soup.utils import progress
+from spectral_soup.utils import workdir_lock
 
 LOSS_KINDS = ("dpo", "ratings")
 DTYPES = ("float32", "bfloat16")
@@ -480,7 +483,7 @@ def _save_features(path: str, train_pairs, eval_pairs) -> None:
   os.replace(tmp, path)
 
 
-def _check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Before anything is written: the newest readable checkpoint in `workdir` must have been made by a compatible
   config (`check_resume`, which names the field). Unreadable steps are left for `restore_latest` to set aside."""
   directory = os.path.join(workdir, "checkpoints")
@@ -569,51 +572,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pairs: (train, eval) pair arrays to use instead of `load_pairs(config)` (e.g. with extra label columns);
   loaded: (model, backbone params) already loaded from `config.model.path`.
   """
-  validate_config(config)
-  timing = {}
-  t_start = time.time()
-  # Nothing is written to `workdir` until the model, the data and an existing checkpoint's config have been
-  # checked: a rejected run leaves a workdir as it found it. config.json is written once the run is accepted.
-  loss_cfg = dict(config.loss)
+  with contextlib.ExitStack() as stack:  # Holds the workdir's lock while the run lasts.
+    return _train_and_evaluate(config, workdir, stack, pairs=pairs, loaded=loaded)
 
-  # ---- Mesh.
-  mesh = mesh_lib.mesh_from_config(config.mesh)
-  logging.info("Mesh %s over %d devices (%d hosts).", dict(mesh.shape), mesh.size, jax.process_count())
 
-  # ---- Model: abstract shapes first; nothing is allocated until the sharding is known.
-  if loaded is not None:
-    model, loaded_backbone = loaded
-    model_cfg = model.config
-  elif config.model.path:
-    from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
-    model, loaded_backbone = hf_import.from_pretrained(config.model.path, dtype=config.model.dtype,
-                                                       weight_dtype=config.model.weight_dtype,
-                                                       remat=config.model.remat)
-    model_cfg = model.config
-  else:
-    model_cfg, loaded_backbone = model_config(config), None
-  policy = build_policy(model_cfg, config.basis)
-  tx, schedule = make_optimizer(config)
-  dummy = jnp.zeros((1, 4), jnp.int32)
-  abstract_params = jax.eval_shape(policy.init, jax.random.key(0), dummy)["params"]  # Boxed: logical axes.
-  abstract_trainable, abstract_backbone = features.split_params(abstract_params)
-  abstract_opt_state = jax.eval_shape(tx.init, abstract_trainable)
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack, *,
+                        pairs, loaded) -> TrainResult:
+  # Nothing is written to `workdir` until the config, the model, the data, an existing checkpoint's config and the
+  # workdir's lock have been checked: a rejected run leaves a workdir as it found it, and its errors are
+  # `InputError`s (one line from the CLIs). config.json is written once the run is accepted.
+  with errors.input_stage():
+    validate_config(config)
+    if os.path.isdir(workdir):
+      workdir_lock.check_free(workdir)  # Before the model loads: another live run holds it.
+    timing = {}
+    t_start = time.time()
+    loss_cfg = dict(config.loss)
 
-  # ---- Sharding: logical axis names -> mesh axes for the state, the backbone and the batches.
-  params_shardings = mesh_lib.abstract_shardings(abstract_trainable, mesh)
-  state_shardings = {"step": mesh_lib.replicated(mesh), "params": params_shardings,
-                     "opt_state": mesh_lib.abstract_shardings(abstract_opt_state, mesh),
-                     "rng": mesh_lib.replicated(mesh)}
-  backbone_shardings = mesh_lib.abstract_shardings(abstract_backbone, mesh)
+    # ---- Mesh.
+    mesh = mesh_lib.mesh_from_config(config.mesh)
+    logging.info("Mesh %s over %d devices (%d hosts).", dict(mesh.shape), mesh.size, jax.process_count())
 
-  # ---- Input: host arrays, the frozen feature pass (cached heads), a seekable iterator per host.
-  train_pairs, eval_pairs = load_pairs(config) if pairs is None else (dict(pairs[0]), dict(pairs[1]))
-  for split in (train_pairs, eval_pairs):
-    if len(split["prompt"]):
-      input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings",
-                                 vocab_size=model_cfg.vocab_size)
-  _check_existing_checkpoint(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+    # ---- Model: abstract shapes first; nothing is allocated until the sharding is known.
+    if loaded is not None:
+      model, loaded_backbone = loaded
+      model_cfg = model.config
+    elif config.model.path:
+      from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
+      model, loaded_backbone = hf_import.from_pretrained(config.model.path, dtype=config.model.dtype,
+                                                         weight_dtype=config.model.weight_dtype,
+                                                         remat=config.model.remat)
+      model_cfg = model.config
+    else:
+      model_cfg, loaded_backbone = model_config(config), None
+    policy = build_policy(model_cfg, config.basis)
+    tx, schedule = make_optimizer(config)
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    abstract_params = jax.eval_shape(policy.init, jax.random.key(0), dummy)["params"]  # Boxed: logical axes.
+    abstract_trainable, abstract_backbone = features.split_params(abstract_params)
+    abstract_opt_state = jax.eval_shape(tx.init, abstract_trainable)
+
+    # ---- Sharding: logical axis names -> mesh axes for the state, the backbone and the batches.
+    params_shardings = mesh_lib.abstract_shardings(abstract_trainable, mesh)
+    state_shardings = {"step": mesh_lib.replicated(mesh), "params": params_shardings,
+                       "opt_state": mesh_lib.abstract_shardings(abstract_opt_state, mesh),
+                       "rng": mesh_lib.replicated(mesh)}
+    backbone_shardings = mesh_lib.abstract_shardings(abstract_backbone, mesh)
+
+    # ---- Input: host arrays, the frozen feature pass (cached heads), a seekable iterator per host.
+    train_pairs, eval_pairs = load_pairs(config) if pairs is None else (dict(pairs[0]), dict(pairs[1]))
+    for split in (train_pairs, eval_pairs):
+      if len(split["prompt"]):
+        input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings",
+                                   vocab_size=model_cfg.vocab_size)
+    check_existing_checkpoint(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    stack.enter_context(workdir_lock.hold(workdir))  # Until this call returns (or the process ends).
   support = None
   if config.basis.get("vocab_support", 0):
     support = features.select_support([train_pairs["response_a"], train_pairs["response_b"]],

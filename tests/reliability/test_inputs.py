@@ -378,3 +378,65 @@ def test_unreadable_features_cache_is_moved_aside_and_recomputed(tmp_path, caplo
   np.savez(path, **{"train/hidden": np.ones(3), "eval/hidden": np.zeros(2)})
   good = train._load_features(str(path))
   np.testing.assert_array_equal(good["train"]["hidden"], np.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors after the config check, and a workdir that a live run holds.
+
+
+def test_cli_model_path_errors_are_one_line_with_exit_status_2(tmp_path):
+  """A model path that does not load is found inside the run (`train_and_evaluate`): still one line, status 2,
+  and the workdir is not created."""
+  (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+  cases = {"missing": (tmp_path / "nope.gguf", "nope.gguf"), "garbage": (tmp_path / "garbage.gguf", "garbage.gguf")}
+  env = dict(os.environ, PYTHONPATH=REPO)
+  procs = {name: subprocess.Popen(
+      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
+       f"--config.model.path={path}", f"--workdir={tmp_path / ('run_' + name)}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, (path, _) in cases.items()}
+  for name, (_, expected) in cases.items():
+    _, err = procs[name].communicate(timeout=180)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert procs[name].returncode == 2, err[-2000:]
+    assert lines[-1].startswith("error: ") and expected in lines[-1], err[-2000:]
+    assert "Traceback" not in err
+  assert sorted(os.listdir(tmp_path)) == ["garbage.gguf"]
+
+
+_HOLDER = """
+import sys, time
+from spectral_soup.utils import workdir_lock
+with workdir_lock.hold(sys.argv[1], primary=True):
+  print("held", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(tmp_path):
+  from spectral_soup.utils import errors  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    before = sorted(os.listdir(workdir))
+    with pytest.raises(errors.InputError, match=rf"in use by a live run \(process {holder.pid}\)"):
+      workdir_lock.check_free(str(workdir), primary=True)
+    with pytest.raises(errors.InputError, match="in use by a live run"):
+      with workdir_lock.hold(str(workdir), primary=True):
+        pass
+    # Through the CLI: refused in one line before anything loads; the workdir is as it was.
+    proc = subprocess.run([sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
+                           f"--workdir={workdir}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=180)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "in use by a live run" in lines[-1], proc.stderr[-2000:]
+    assert sorted(os.listdir(workdir)) == before
+  finally:
+    holder.kill()  # SIGKILL: the kernel drops the lock with the process.
+    holder.wait()
+  workdir_lock.check_free(str(workdir), primary=True)
+  with workdir_lock.hold(str(workdir), primary=True):
+    assert (workdir / workdir_lock.LOCK_NAME).read_text().strip() == str(os.getpid())
