@@ -200,3 +200,25 @@ def test_left_pad_moves_real_tokens_right():
   np.testing.assert_array_equal(tokens[2], [0, 0, 9, 10, 11])
   np.testing.assert_array_equal(tokens[3], [0, 0, 12, 13, 14])
   np.testing.assert_array_equal(mask.sum(1), MASK.sum(1))
+
+
+def test_inverse_cdf_sampling_draws_the_distribution_and_never_a_removed_token():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 50)).astype(np.float32) * 2.0
+  logits[:, 40:] = -np.inf  # Removed tokens at the end: the edge where rounding would land.
+  logits[1, :39] = -np.inf  # A row with one token left.
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+  u = jnp.asarray(rng.uniform(size=(3, 20_000)), jnp.float32)
+  draws = np.asarray(decoding.inverse_cdf_sample(logp, u))
+  for b in range(3):
+    freq = np.bincount(draws[b], minlength=50) / draws.shape[1]
+    np.testing.assert_allclose(freq, probs[b], atol=0.015)
+  edge = jnp.asarray(np.tile([0.0, np.nextafter(np.float32(1.0), np.float32(0.0))], (3, 1)), jnp.float32)
+  ends = np.asarray(decoding.inverse_cdf_sample(logp, edge))
+  assert (ends < 40).all() and ends[1].tolist() == [39, 39]
+  assert ends[:, 0].tolist() == [int(np.argmax(probs[b] > 0)) for b in range(3)]
+  # One uniform per row through the sampling config (temperature, top-k): the same draw as the inverse CDF.
+  same = decoding.sample_with_uniforms(jnp.asarray(logits), u[:, 0], decoding.SamplingConfig(1.0))
+  np.testing.assert_array_equal(np.asarray(same), draws[:, 0])

@@ -81,10 +81,37 @@ def nucleus_threshold(logits: Array, top_p: float, iterations: int = 40) -> Arra
 
 
 def sample_tokens(key: Array, logprobs: Array, sampling: SamplingConfig) -> Array:
-  """logprobs: [B, V] -> int32[B]."""
+  """logprobs: [B, V] -> int32[B] (one uniform per row; see `sample_with_uniforms`)."""
   if sampling.temperature == 0.0:
     return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, filter_logits(logprobs, sampling), axis=-1).astype(jnp.int32)
+  return sample_with_uniforms(logprobs, jax.random.uniform(key, logprobs.shape[:-1]), sampling)
+
+
+def sample_with_uniforms(logprobs: Array, uniforms: Array, sampling: SamplingConfig) -> Array:
+  """Greedy / temperature / top-k / top-p draw of one token per row from one uniform per row.
+
+  logprobs: [B, V]; uniforms: f32[B] in [0, 1) -> int32[B]. Sampling by inverse CDF needs one random number per
+  row, where the Gumbel trick of `jax.random.categorical` draws V (49,152 for SmolLM2), which on CPU costs more than
+  the rest of the sampling step. Rows given the same uniform are coupled monotonically (common random numbers: two close
+  distributions give the same token unless their CDFs separate at that uniform).
+  """
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+  logp = jax.nn.log_softmax(filter_logits(logprobs, sampling), axis=-1)
+  return inverse_cdf_sample(logp, uniforms[:, None])[:, 0]
+
+
+def inverse_cdf_sample(logp: Array, uniforms: Array) -> Array:
+  """Inverse-CDF sampling: `logp: [B, V]` normalized, `uniforms: [B, N]` in [0, 1) -> `int32[B, N]` tokens.
+
+  Token a is returned iff cdf[a-1] <= u * cdf[-1] < cdf[a]; the target is kept below cdf[-1] even where float32
+  rounds u * cdf[-1] up to it (u close to 1), so a zero-probability token is never returned.
+  """
+  cdf = jnp.cumsum(jnp.exp(logp.astype(jnp.float32)), axis=-1)  # [B, V]
+  total = cdf[:, -1:]
+  targets = jnp.minimum(uniforms * total, jnp.nextafter(total, jnp.zeros_like(total)))
+  tokens = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(cdf, targets)
+  return jnp.minimum(tokens, logp.shape[-1] - 1).astype(jnp.int32)
 
 
 def pad_prompts(encoded, batch_size: int, length: int, pad_id: int = 0):

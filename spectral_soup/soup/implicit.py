@@ -18,28 +18,16 @@ logits) are excluded from g and M; if the soup puts mass there (possible only wh
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import _log_normalize
 from spectral_soup.soup.explicit import weighted_logp_sum
 from spectral_soup.soup.validation import lam_per_row
-
-
-def _inverse_cdf_sample(logp: jax.Array, uniforms: jax.Array) -> jax.Array:
-  """Inverse-CDF sampling: `logp: [B, V]` normalized, `uniforms: [B, N]` in [0, 1) -> `int32[B, N]` tokens.
-
-  Token a is returned iff cdf[a-1] <= u * cdf[-1] < cdf[a], so zero-probability tokens are never returned (also
-  when float32 rounding leaves cdf[-1] slightly off 1).
-  """
-  cdf = jnp.cumsum(jnp.exp(logp), axis=-1)  # [B, V]
-  targets = uniforms * cdf[:, -1:]
-  tokens = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(cdf, targets)
-  return jnp.minimum(tokens, logp.shape[-1] - 1).astype(jnp.int32)
 
 
 def rejection_sample(key: jax.Array,
@@ -100,14 +88,14 @@ def rejection_sample(key: jax.Array,
   # One uniform draw per row: P proposals, P acceptance tests and one fallback draw. Sampling by inverse CDF costs
   # O(P log V) per row instead of the O(P V) Gumbel noise of jax.random.categorical (V can be 256k).
   uniforms = jax.random.uniform(key, (batch, 2 * max_proposals + 1), jnp.float32)
-  proposals = _inverse_cdf_sample(proposal_logp, uniforms[:, :max_proposals])  # [B, P]
+  proposals = decoding.inverse_cdf_sample(proposal_logp, uniforms[:, :max_proposals])  # [B, P]
   proposal_log_accept = jnp.take_along_axis(log_accept, proposals, axis=-1)  # [B, P]
   # u < exp(log_accept) <=> log(u) < log_accept; log(0) = -inf never passes a -inf threshold.
   passed = jnp.log(uniforms[:, max_proposals:2 * max_proposals]) < proposal_log_accept  # [B, P]
   accepted = jnp.any(passed, axis=-1)  # [B]
   first = jnp.argmax(passed, axis=-1)  # [B], index of the first True (0 when none).
   accepted_token = jnp.take_along_axis(proposals, first[:, None], axis=-1)[:, 0]
-  fallback_token = _inverse_cdf_sample(soup_logp, uniforms[:, -1:])[:, 0]  # [B]
+  fallback_token = decoding.inverse_cdf_sample(soup_logp, uniforms[:, -1:])[:, 0]  # [B]
 
   tokens = jnp.where(accepted, accepted_token, fallback_token).astype(jnp.int32)
   aux = {

@@ -132,8 +132,9 @@ def _sample_fn(max_proposals: int):
   def sample(key, last, params, sampling):
     rows = params["rows"]
     k_std, k_rs = jax.random.split(key)
-    row_keys = jax.vmap(lambda s: jax.random.fold_in(k_std, s))(rows.seed)
-    token = jax.vmap(lambda k, lp: decoding.sample_tokens(k, lp[None], sampling)[0])(row_keys, last["logprobs"])
+    # One uniform per row from the row's own stream: rows with one seed share it (common random numbers).
+    uniforms = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(k_std, s)))(rows.seed)
+    token = decoding.sample_with_uniforms(last["logprobs"], uniforms, sampling)
     stats = {}
     if max_proposals:
       rs_token, aux = rejection_sample(k_rs, last["ref"], last["heads"], rows.coefs, max_proposals=max_proposals)
