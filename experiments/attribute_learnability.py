@@ -23,6 +23,7 @@ import os
 
 from absl import app
 from absl import flags
+from spectral_soup.utils import cli
 from ml_collections import config_flags
 import numpy as np
 
@@ -121,4 +122,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -51,8 +51,13 @@ def validate_config(config) -> None:
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
 
+  from spectral_soup.data.rewards import ATTRIBUTES  # pylint: disable=g-import-not-at-top
+
   need = config_check.field_checker(config)
   need(config.data.source == "embedded", "data.source", "'embedded' (the main job generates its own data)")
+  need(len(config.data.attributes) >= 1 and set(config.data.attributes) <= set(ATTRIBUTES), "data.attributes",
+       f"names among {', '.join(sorted(ATTRIBUTES))}")
+  need(config.data.num_prompts >= 2, "data.num_prompts", ">= 2 (prompts for training and for held-out evaluation)")
   need(config.basis.kind == "heads", "basis.kind", "'heads' (bespoke and basis heads share one decoding loop)")
   need(config.basis.num_bases == len(config.data.attributes), "basis.num_bases",
        f"the number of data.attributes ({len(config.data.attributes)}): one basis per attribute")
@@ -352,4 +357,4 @@ def _k_ablation(history, num_bases, l2, update):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -87,6 +87,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(c.basis.lora_rank >= 1, "basis.lora_rank", ">= 1")
   need(len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS),
        "basis.lora_targets", f"some of {ATTN_TARGETS + MLP_TARGETS}")
+  need(c.data.prompt_len >= 1, "data.prompt_len", ">= 1")
+  need(c.data.response_len >= 1, "data.response_len", ">= 1")
   if not c.model.path:  # The random backbone's architecture (a checkpoint brings its own).
     try:
       model_config(c)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -26,6 +27,51 @@ from spectral_soup.utils import errors
 from spectral_soup.utils import workdir_lock
 
 USAGE_ERROR_EXIT_CODE = 2
+
+
+def parse_flags(argv):
+  """The flags parser for `app.run(main, flags_parser=cli.parse_flags)`.
+
+  absl's own parser turns a malformed flag value into a usage message with exit status 1, and lets the errors of a
+  config file (missing, a syntax error, no `get_config`) or of a config override (an unknown field, with its "did
+  you mean") escape as tracebacks. Here each of them is one line, `error: ...`, with exit status 2, like the config
+  errors found after parsing.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None:
+      _ = config.keys  # A config file that failed to load raises (OSError) on first use, not while parsing.
+    return rest
+  except flags.Error as e:
+    message = " ".join(str(e).split())  # One line.
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
+    message = _config_error_message(e, argv)
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_ERROR_EXIT_CODE)
+
+
+def _config_error_message(e: BaseException, argv) -> str:
+  """One line naming the override or the config file, for the errors ml_collections raises while parsing."""
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  text = " ".join(text.replace("\\n", " ").split())
+  config_args = [a for a in argv[1:] if a.startswith("--config")]
+  if isinstance(e, (AttributeError, KeyError)) and "Did you mean" in text or isinstance(e, KeyError):
+    key = re.search(r"'?([\w.]+)'?", text)
+    key = key.group(1) if key else ""
+    culprit = next((a.split("=", 1)[0] for a in config_args if a.startswith("--config.")
+                    and key in a.split("=", 1)[0].split(".")), "--config.<field>")
+    hint = re.search(r"Did you mean (.*?) instead", text)
+    return f"{culprit}: {key!r} is not a config field" + (f"; did you mean {hint.group(1)}?" if hint else ".")
+  if isinstance(e, SyntaxError) and e.filename:
+    return f"the config file {e.filename}, line {e.lineno}: {e.msg}."
+  source = next((a.split("=", 1)[1] for a in config_args if a.startswith("--config=")), "--config")
+  if isinstance(e, OSError) and "No such file or directory" in text:
+    return f"the config file {source} does not exist: expected the path of a config .py file."
+  if isinstance(e, AttributeError) and "get_config" in text:
+    return f"the config file {source} has no get_config(): expected a module defining get_config()."
+  return f"the config file {source} could not be loaded: {type(e).__name__}: {text}"
 
 
 def _exit_with(e: BaseException) -> None:
