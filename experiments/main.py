@@ -157,7 +157,14 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
           f"responses sampled in {metadata['sampling_seconds']:.0f} s when generated.")
     train_config = ml_collections.ConfigDict(config.to_dict())
     train_config.basis.num_bases = num_bases + num_users  # The K bases, then one bespoke head per user.
-    train.check_existing_checkpoint(train_config, os.path.join(workdir, "basis"))
+    try:
+      train.check_existing_checkpoint(train_config, os.path.join(workdir, "basis"))
+    except ValueError as e:
+      if "config.basis.num_bases=" not in str(e):
+        raise
+      # Inside the main job the basis run has K + U heads: name the field the user sets.
+      raise ValueError(f"config.users.num_users={num_users} differs from the run in {workdir}, whose basis checkpoint "
+                       f"holds another number of heads ({num_bases} bases + one bespoke head per user): {e}") from None
     os.makedirs(workdir, exist_ok=True)
     stack.enter_context(workdir_lock.hold(workdir))
   timing["data_s"] = time.time() - t0
