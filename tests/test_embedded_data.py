@@ -203,3 +203,19 @@ def test_generate_rescores_cached_responses_when_only_the_attributes_change(tmp_
     embedded.generate(dataclasses.replace(old, attributes=("formality",)), root, force=True)
   with pytest.raises(ValueError, match="unknown reward attribute"):
     embedded.generate(dataclasses.replace(old, attributes=("helpfulness",)), root)
+
+
+def test_an_unreadable_cached_dataset_is_moved_aside_and_generated_again(tmp_path, monkeypatch, caplog):
+  calls = _fake_lm(monkeypatch)
+  root = str(tmp_path / "cache")
+  settings = embedded.GenerationSettings(num_prompts=6, batch_size=4, max_new_tokens=12, attributes=("verbosity",))
+  out = embedded.generate(settings, root)
+  with open(os.path.join(out, "pairs.jsonl")) as f:
+    text = f.read()
+  with open(os.path.join(out, "pairs.jsonl"), "w") as f:
+    f.write(text[:len(text) // 2])  # Truncated mid-line: not JSON.
+  assert embedded.generate(settings, root) == out
+  assert len(calls) == 6  # Sampled again, not a crash at every restart.
+  assert len(embedded.load_pairs(out)[0]) == 6
+  aside = [name for name in os.listdir(root) if ".unreadable-" in name]
+  assert len(aside) == 1 and aside[0] in caplog.text

@@ -94,8 +94,16 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
   """
   out_dir = os.path.join(cache_root, f"embedded_prefs-{settings.key()}")
   if not force and os.path.exists(os.path.join(out_dir, "metadata.json")):
-    logging.info("Reusing the embedded preference data in %s", out_dir)
-    return out_dir
+    try:
+      load_pairs(out_dir)
+    except (OSError, ValueError, KeyError) as e:  # Damaged after it was written (it is written atomically).
+      aside = f"{out_dir}.unreadable-{int(time.time())}"
+      os.replace(out_dir, aside)
+      logging.warning("The cached embedded data in %s are unreadable (%s: %s); moved to %s and generated again.",
+                      out_dir, type(e).__name__, e, aside)
+    else:
+      logging.info("Reusing the embedded preference data in %s", out_dir)
+      return out_dir
 
   from spectral_soup.data import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
 
@@ -183,8 +191,8 @@ def _find_rescorable(settings: GenerationSettings, cache_root: str) -> Optional[
   found: List[Tuple[bool, str]] = []
   for path in glob.glob(os.path.join(glob.escape(cache_root), "embedded_prefs-*", "metadata.json")):
     directory = os.path.dirname(path)
-    if not os.path.exists(os.path.join(directory, "pairs.jsonl")):
-      continue
+    if ".unreadable-" in os.path.basename(directory) or not os.path.exists(os.path.join(directory, "pairs.jsonl")):
+      continue  # Set aside as damaged, or incomplete.
     try:
       with open(path) as f:
         metadata = json.load(f)
