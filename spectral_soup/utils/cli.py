@@ -46,6 +46,9 @@ def parse_flags(argv):
     return rest
   except flags.Error as e:
     message = " ".join(str(e).split())  # One line.
+    boolean = re.match(r"(flag \S+?=(.*?)): \('Non-boolean argument to boolean flag'", message)
+    if boolean:
+      message = f"{boolean.group(1)}: expected true or false, got {boolean.group(2)!r}"
   except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
     message = _config_error_message(e, argv)
   print(f"error: {message}", file=sys.stderr, flush=True)

@@ -41,6 +41,7 @@ def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
                    'did you mean "num_steps"?'),
       "trian": ([tiny, "--config.trian.num_steps=5"], 'did you mean "train"?'),
       "ten": ([tiny, "--config.train.num_steps=ten"], "flag --config.train.num_steps=ten"),
+      "maybe": ([tiny, "--config.train.nan_check=maybe"], "nan_check=maybe: expected true or false, got 'maybe'"),
       "missing": ([f"--config={tmp_path / 'nope.py'}"], "nope.py does not exist"),
       "syntax": ([f"--config={tmp_path / 'syntax.py'}"], "syntax.py, line 1"),
       "noget": ([f"--config={tmp_path / 'noget.py'}"], "has no get_config()"),
