@@ -23,9 +23,10 @@ import os
 
 from absl import app
 from absl import flags
-from spectral_soup.utils import cli
 from ml_collections import config_flags
 import numpy as np
+
+from spectral_soup.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (configs/train_basis_*.py).",
                                           lock_config=True)

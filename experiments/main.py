@@ -49,9 +49,8 @@ def validate_config(config) -> None:
   """Fails fast, naming the field, before anything expensive runs (the training fields: `offline.train`)."""
   from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
-  from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
-
   from spectral_soup.data.rewards import ATTRIBUTES  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
 
   need = config_check.field_checker(config)
   need(config.data.source == "embedded", "data.source", "'embedded' (the main job generates its own data)")

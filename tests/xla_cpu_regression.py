@@ -4,7 +4,8 @@ r"""Standalone check of XLA CPU's YNN fusions on the computations of a souped de
                                      [--model=random|smollm2]
 
 Runs each probe twice, in fresh processes: with XLA's defaults (`SPECTRAL_SOUP_XLA_DEFAULTS=1`: YNN fusions on)
-and with the package's setting (`--xla_cpu_experimental_ynn_fusion_type=dot`: YNN for plain dots only), and compares with float64 NumPy:
+and with the package's setting (`--xla_cpu_experimental_ynn_fusion_type=dot`: YNN for plain dots only), and
+compares with float64 NumPy:
 
 0. `minimal` (seconds; `--probes=minimal` runs it alone): the smallest program found that shows the
    miscompilation, plain jax.numpy (no flax, nothing from the package):

@@ -60,7 +60,7 @@ def _config_error_message(e: BaseException, argv) -> str:
   text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
   text = " ".join(text.replace("\\n", " ").split())
   config_args = [a for a in argv[1:] if a.startswith("--config")]
-  if isinstance(e, (AttributeError, KeyError)) and "Did you mean" in text or isinstance(e, KeyError):
+  if isinstance(e, KeyError) or (isinstance(e, AttributeError) and "Did you mean" in text):
     key = re.search(r"'?([\w.]+)'?", text)
     key = key.group(1) if key else ""
     culprit = next((a.split("=", 1)[0] for a in config_args if a.startswith("--config.")

@@ -406,7 +406,8 @@ def test_cli_model_path_errors_are_one_line_with_exit_status_2(tmp_path):
   procs = {name: subprocess.Popen(
       [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
        f"--config.model.path={path}", f"--workdir={tmp_path / ('run_' + name)}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, (path, _) in cases.items()}
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, (path, _) in cases.items()}
   for name, (_, expected) in cases.items():
     _, err = procs[name].communicate(timeout=180)
     lines = [line for line in err.splitlines() if line.strip()]
