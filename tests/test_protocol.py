@@ -99,6 +99,46 @@ def test_summarize_ratio_of_means_and_significance():
   assert "not significant" in metrics.format_table(out)
 
 
+def test_frontiers_compare_methods_at_the_bespoke_kl():
+  rng = np.random.default_rng(0)
+  noise = lambda: 0.01 * rng.normal(size=(4, 300))
+  reference = noise()
+  kl_of = lambda value: np.full((4, 300), value)
+  # "steep" gains 0.1 per nat, "flat" 0.05 per nat; "short" stops at KL 1 (the bespoke KL, 3, is beyond its sweep).
+  sweeps = {"steep": {s: (reference + 0.1 * 2 * s + noise(), kl_of(2 * s)) for s in (0.5, 1.0, 2.0)},
+            "flat": {s: (reference + 0.05 * 2 * s + noise(), kl_of(2 * s)) for s in (2.0, 0.5, 1.0)},
+            "short": {s: (reference + 0.2 * s + noise(), kl_of(s)) for s in (0.5, 1.0)}}
+  out = metrics.frontiers(sweeps, reference, (reference + 0.25, kl_of(3.0)), num_bootstrap=300)
+  assert out["bespoke_kl"] == pytest.approx(3.0)
+  assert [pt["scale"] for pt in out["frontier"]["flat"]] == [0.5, 1.0, 2.0]
+  assert [pt["kl"] for pt in out["frontier"]["flat"]] == pytest.approx([1.0, 2.0, 4.0])
+  at = out["at_bespoke_kl"]
+  assert at["steep"]["gain"] == pytest.approx(0.3, abs=0.01) and at["steep"]["covered"]
+  assert at["flat"]["gain"] == pytest.approx(0.15, abs=0.01)
+  assert at["steep"]["gain_ci"][0] < at["steep"]["gain"] < at["steep"]["gain_ci"][1]
+  assert at["steep"]["gain_ci"][1] - at["steep"]["gain_ci"][0] < 0.01
+  # No extrapolation beyond a sweep: the largest-KL point's gain, flagged.
+  assert at["short"]["gain"] == pytest.approx(0.2, abs=0.01) and not at["short"]["covered"]
+  # Below the sweep's first point the gain is interpolated from the reference (KL 0, gain 0).
+  low = metrics.frontiers({"steep": sweeps["steep"]}, reference, (reference, kl_of(0.5)), num_bootstrap=50)
+  assert low["at_bespoke_kl"]["steep"]["gain"] == pytest.approx(0.05, abs=0.01)
+
+
+def test_attribute_shift_is_paired_with_the_reference():
+  rng = np.random.default_rng(0)
+  prompt_effect = rng.normal(size=(200, 3))  # Large, shared by every policy on a prompt: cancels in the pairs.
+  reference = prompt_effect + 0.05 * rng.normal(size=(200, 3))
+  bases = np.stack([prompt_effect + 0.3 * np.eye(3)[k] + 0.05 * rng.normal(size=(200, 3)) for k in range(2)])
+  out = metrics.attribute_shift(bases, reference, num_bootstrap=300)
+  assert out["shift"].shape == (2, 3) and out["ci"].shape == (2, 3, 2)
+  np.testing.assert_allclose(out["shift"], 0.3 * np.eye(2, 3), atol=0.02)
+  assert out["ci"][0, 0, 0] > 0 and out["ci"][1, 1, 0] > 0
+  assert np.all(out["ci"][..., 0] < out["shift"]) and np.all(out["shift"] < out["ci"][..., 1])
+  assert np.all(out["ci"][..., 1] - out["ci"][..., 0] < 0.05)  # The prompt effects cancel in the pairs.
+  with pytest.raises(ValueError, match="does not match"):
+    metrics.attribute_shift(bases, reference[:10])
+
+
 def test_policy_harness_rows_and_common_random_numbers():
   policy, params = tiny.tiny_policy("heads", num_bases=4)  # 3 bases + 1 extra head.
   prompts = np.array([[1, 2, 3, 4], [0, 5, 6, 7], [0, 0, 8, 9]], np.int32)
@@ -141,7 +181,13 @@ def test_plots_and_k_ablation_from_results(tmp_path):
       "comparisons": history["num_comparisons"].tolist(), "reward": history["reward"].tolist(),
       "regret": protocol.cumulative_regret(history["reward"], np.ones(3)).tolist(),
       "choice_accuracy": history["choice_accuracy"].tolist()},
-      "k_ablation": ablation, "pareto": {"bases": ["a", "b"], "alpha": [0.0, 1.0], "scores": [[0.0, 1.0], [1.0, 0.0]]}}
+      "k_ablation": ablation, "pareto": {"bases": ["a", "b"], "alpha": [0.0, 1.0], "scores": [[0.0, 1.0], [1.0, 0.0]]},
+      "attributes": ["a", "b", "c"],
+      "offline": {"attribute_shift": np.eye(3).tolist(), "attribute_shift_ci": np.zeros((3, 3, 2)).tolist()}}
+  results.update(metrics.frontiers(
+      {m: {s: (rewards[m] * s, np.full((3, 10), s)) for s in (0.5, 1.0)} for m in main_lib.SWEPT},
+      rewards["reference"], (rewards["bespoke"], np.ones((3, 10))), num_bootstrap=50))
   paths = plots.write_all(results, str(tmp_path))
-  assert [p.split("/")[-1] for p in paths] == ["learning_curve.png", "scores.png", "pareto.png", "k_ablation.png"]
+  assert [p.split("/")[-1] for p in paths] == ["learning_curve.png", "scores.png", "frontier.png",
+                                               "attribute_shift.png", "pareto.png", "k_ablation.png"]
   assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)

@@ -45,3 +45,27 @@ def test_missing_or_foreign_results_are_named(tmp_path):
   (tmp_path / "other" / "results.json").write_text(json.dumps({"methods": {}}))
   with pytest.raises(ValueError, match="bespoke_gain"):
     summarize_runs.load_runs([str(tmp_path / "other")])
+
+
+def test_gains_at_the_bespoke_kl_and_attribute_shifts(tmp_path):
+  runs = []
+  for seed, (gain, shift) in enumerate([(0.2, 0.5), (0.4, 0.1)]):
+    path = _write_run(tmp_path / f"s{seed}", {"reference": 0.0, "bespoke": 0.5}, 0.5, True, [0.6, 0.7])
+    with open(os.path.join(path, "results.json")) as f:
+      results = json.load(f)
+    results["attributes"] = ["a", "b"]
+    results["offline"]["attribute_shift"] = [[shift, 0.0], [0.0, 0.3]]
+    results["offline"]["attribute_shift_ci"] = [[[shift - 0.2, shift + 0.2], [-0.1, 0.1]],
+                                                [[-0.1, 0.1], [0.1, 0.5]]]
+    results["at_bespoke_kl"] = {"spectral_soup_explicit": {"gain": gain, "gain_ci": [gain - 0.1, gain + 0.1]},
+                                "pad": {"gain": 0.1, "gain_ci": [0.0, 0.2]}}
+    with open(os.path.join(path, "results.json"), "w") as f:
+      json.dump(results, f)
+    runs.append(path)
+  summary = summarize_runs.summarize(summarize_runs.load_runs(runs))
+  assert summary["at_bespoke_kl"]["spectral_soup_explicit"]["gain"]["mean"] == pytest.approx(0.3)
+  assert summary["at_bespoke_kl"]["pad"]["gain"]["mean"] == pytest.approx(0.1)
+  assert summary["attribute_shift"]["a"]["shift"]["mean"] == pytest.approx(0.3)
+  assert summary["attribute_shift"]["b"]["shift"]["mean"] == pytest.approx(0.3)
+  text = summarize_runs.format_summary(summary)
+  assert "above 0 in 1 of 2 runs" in text and "above 0 in 2 of 2 runs" in text

@@ -32,6 +32,7 @@ class Program:
   kind: str  # explicit, params, implicit or guided.
   coefs: np.ndarray  # [H]
   guide: Optional[np.ndarray] = None  # [A]
+  scale: float = 1.0  # The strength the method runs at (a point of its sweep; 1: as fitted). A label only.
 
 
 class PolicyHarness:

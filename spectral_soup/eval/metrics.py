@@ -84,3 +84,86 @@ def format_table(summary: Mapping[str, object], order=None) -> str:
   lines.append(f"bespoke gain over the reference: {summary['bespoke_gain']:.3f} ({conf}% CI [{lo:.3f}, {hi:.3f}])"
                + ("" if significant else ": not significant, so normalized scores are not reported"))
   return "\n".join(lines)
+
+
+def attribute_shift(basis_scores: np.ndarray, reference_scores: np.ndarray, *, num_bootstrap: int = 2_000,
+                    confidence: float = 0.9, seed: int = 0) -> Dict[str, np.ndarray]:
+  """How far each basis moves each attribute: paired differences with the reference's responses.
+
+  Args:
+    basis_scores: f32[K, E, A] standardized attribute scores of basis k's responses to E prompts (mean over the
+      samples of a prompt).
+    reference_scores: f32[E, A] the reference's, on the same prompts (common random numbers).
+
+  Returns:
+    {"shift": f32[K, A] mean shift, "ci": f32[K, A, 2] bootstrap interval over the prompts}.
+  """
+  basis_scores, reference_scores = np.asarray(basis_scores), np.asarray(reference_scores)
+  if basis_scores.shape[1:] != reference_scores.shape:
+    raise ValueError(f"basis_scores {basis_scores.shape} does not match reference_scores {reference_scores.shape} "
+                     "([K, E, A] and [E, A]).")
+  diff = basis_scores - reference_scores[None]  # [K, E, A]
+  num_prompts = diff.shape[1]
+  draws = np.random.default_rng(seed).integers(0, num_prompts, size=(num_bootstrap, num_prompts))
+  boot = diff[:, draws].mean(axis=2)  # [K, num_bootstrap, A]
+  lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+  ci = np.moveaxis(np.percentile(boot, [lo_q, hi_q], axis=1), 0, -1)  # [K, A, 2]
+  return {"shift": diff.mean(axis=1), "ci": ci}
+
+
+def _gain_at_kl(kls: np.ndarray, gains: np.ndarray, target) -> np.ndarray:
+  """Gain interpolated along a sweep at KL `target`; every sweep starts at the reference (KL 0, gain 0).
+
+  kls, gains: [P] or [P, N] (N sweeps, e.g. bootstrap draws); target: scalar or [N]. Beyond the sweep's largest
+  KL the gain stays at that point's (no extrapolation). Returns f64[N] (N = 1 for a single sweep).
+  """
+  kls = np.asarray(kls, np.float64).reshape(len(kls), -1)
+  gains = np.asarray(gains, np.float64).reshape(len(gains), -1)
+  target = np.broadcast_to(np.asarray(target, np.float64).ravel(), (kls.shape[1],))
+  out = np.empty(kls.shape[1])
+  for j in range(kls.shape[1]):
+    k, g = np.concatenate([[0.0], kls[:, j]]), np.concatenate([[0.0], gains[:, j]])
+    order = np.argsort(k, kind="stable")
+    out[j] = np.interp(target[j], k[order], g[order])
+  return out
+
+
+def frontiers(sweeps: Mapping[str, Mapping[float, tuple]], reference: np.ndarray, bespoke: tuple, *,
+              num_bootstrap: int = 2_000, confidence: float = 0.9, seed: int = 0) -> Dict[str, dict]:
+  """Reward-KL trade-offs of methods swept over one strength knob, and their gains at the bespoke policy's KL.
+
+  A method with more KL can buy more reward, so methods are compared along their sweeps: each method's gain over
+  the reference is interpolated (linearly in KL, from the reference's (0, 0)) at the bespoke policy's mean KL.
+
+  Args:
+    sweeps: method -> {scale: (rewards f32[U, E], kl f32[U, E])}, one entry per point of its sweep.
+    reference: f32[U, E] the reference's rewards on the same prompts.
+    bespoke: (rewards, kl) of the bespoke policies, f32[U, E] each.
+
+  Returns:
+    {"frontier": {method: [{"scale", "kl", "mean_reward"}]}, "at_bespoke_kl": {method: {"gain", "gain_ci",
+    "covered"}}, "bespoke_kl": float}. `covered` is False when the bespoke KL lies beyond the sweep's largest KL
+    (the gain is then the largest-KL point's).
+  """
+  reference = np.asarray(reference)
+  num_prompts = reference.shape[1]
+  draws = np.random.default_rng(seed).integers(0, num_prompts, size=(num_bootstrap, num_prompts))
+  lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+  boot_mean = lambda x: np.asarray(x)[:, draws].mean(axis=(0, 2))  # [U, E] -> [num_bootstrap]
+  target, boot_target = float(np.mean(bespoke[1])), boot_mean(bespoke[1])
+  ref_mean, boot_ref = float(np.mean(reference)), boot_mean(reference)
+  out = {"frontier": {}, "at_bespoke_kl": {}, "bespoke_kl": target}
+  for method, sweep in sweeps.items():
+    scales = sorted(sweep)
+    out["frontier"][method] = [{"scale": float(s), "kl": float(np.mean(sweep[s][1])),
+                                "mean_reward": float(np.mean(sweep[s][0]))} for s in scales]
+    kls = np.asarray([np.mean(sweep[s][1]) for s in scales])
+    gains = np.asarray([np.mean(sweep[s][0]) - ref_mean for s in scales])
+    boot_kls = np.stack([boot_mean(sweep[s][1]) for s in scales])  # [P, num_bootstrap]
+    boot_gains = np.stack([boot_mean(sweep[s][0]) - boot_ref for s in scales])
+    boot = _gain_at_kl(boot_kls, boot_gains, boot_target)
+    out["at_bespoke_kl"][method] = {
+        "gain": float(_gain_at_kl(kls, gains, target)[0]),
+        "gain_ci": [float(x) for x in np.percentile(boot, [lo_q, hi_q])],
+        "covered": bool(target <= kls.max())}
+  return out

@@ -16,7 +16,8 @@ def _pyplot():
 
 
 def write_all(results: Mapping, workdir: str) -> list:
-  """Writes learning_curve.png, scores.png, pareto.png and k_ablation.png; returns their paths."""
+  """Writes learning_curve.png, scores.png, frontier.png and attribute_shift.png (when results has frontiers and
+  attribute shifts), pareto.png and k_ablation.png; returns their paths."""
   plt = _pyplot()
   paths = []
 
@@ -66,6 +67,48 @@ def write_all(results: Mapping, workdir: str) -> list:
   paths.append(os.path.join(workdir, "scores.png"))
   fig.savefig(paths[-1], dpi=110)
   plt.close(fig)
+
+  # Reward-KL frontiers: each swept method along its strength knob, the bespoke policy as a point.
+  if results.get("frontier"):
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ref = results["methods"]["reference"]["mean_reward"]
+    for method, points in results["frontier"].items():
+      kl = [0.0] + [pt["kl"] for pt in points]
+      reward = [ref] + [pt["mean_reward"] for pt in points]
+      ax.plot(kl, reward, marker="o", label=method)
+      for pt in points:
+        ax.annotate(f"x{pt['scale']:g}", (pt["kl"], pt["mean_reward"]), fontsize=7, alpha=0.7)
+    bespoke = results["methods"]["bespoke"]
+    ax.plot([bespoke["kl"]], [bespoke["mean_reward"]], marker="*", ms=14, color="g", ls="", label="bespoke")
+    ax.axvline(results["bespoke_kl"], color="g", ls=":", lw=0.8)
+    ax.set(xlabel="KL to the reference (nats per response)", ylabel="mean true reward of held-out users",
+           title="reward-KL frontiers (scale of lambda / guidance)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "frontier.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+  # Attribute shift of each basis: a specialized basis moves its own attribute (the diagonal).
+  offline = results.get("offline", {})
+  if "attribute_shift" in offline:
+    shift, ci = np.asarray(offline["attribute_shift"]), np.asarray(offline["attribute_shift_ci"])
+    attributes = results["attributes"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(attributes) + 2, 0.9 * len(shift) + 1.5))
+    bound = max(float(np.abs(shift).max()), 1e-3)
+    image = ax.imshow(shift, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    for k in range(shift.shape[0]):
+      for a in range(shift.shape[1]):
+        significant = ci[k, a, 0] > 0 or ci[k, a, 1] < 0
+        ax.text(a, k, f"{shift[k, a]:+.2f}" + ("*" if significant else ""), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(attributes)), attributes, rotation=30, fontsize=8)
+    ax.set_yticks(range(shift.shape[0]), [f"basis {a}" for a in attributes[:shift.shape[0]]], fontsize=8)
+    ax.set(title="attribute shift vs the reference (SD; * 90% CI excludes 0)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "attribute_shift.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
 
   # Pareto sweep between two bases.
   pareto = results["pareto"]
