@@ -43,7 +43,8 @@ def test_online_protocol_recovers_user_direction():
   # P-Soups weights live on the simplex; PAD's weights follow the same direction (its features are the scores).
   np.testing.assert_allclose(out["lam_p_soups"].sum(-1), 1.0, atol=1e-4)
   assert np.all(out["lam_p_soups"] >= -1e-6)
-  cos_pad = np.sum(out["pad_weights"] * w, -1) / np.linalg.norm(out["pad_weights"], axis=-1) / np.linalg.norm(w, axis=-1)
+  pad_w = out["pad_weights"]
+  cos_pad = np.sum(pad_w * w, -1) / np.linalg.norm(pad_w, axis=-1) / np.linalg.norm(w, axis=-1)
   assert np.all(cos_pad > 0.8), cos_pad
   # Later rounds predict the users' choices better than chance.
   assert out["choice_accuracy"][-2:].mean() > 0.6

@@ -100,7 +100,8 @@ def write_all(results: Mapping, workdir: str) -> list:
     for k in range(shift.shape[0]):
       for a in range(shift.shape[1]):
         significant = ci[k, a, 0] > 0 or ci[k, a, 1] < 0
-        ax.text(a, k, f"{shift[k, a]:+.2f}" + ("*" if significant else ""), ha="center", va="center", fontsize=8)
+        ax.text(a, k, f"{shift[k, a]:+.2f}" + ("*" if significant else ""), ha="center", va="center", fontsize=8,
+                color="white" if abs(shift[k, a]) > 0.6 * bound else "black")
     ax.set_xticks(range(len(attributes)), attributes, rotation=30, fontsize=8)
     ax.set_yticks(range(shift.shape[0]), [f"basis {a}" for a in attributes[:shift.shape[0]]], fontsize=8)
     ax.set(title="attribute shift vs the reference (SD; * 90% CI excludes 0)")
