@@ -11,11 +11,14 @@ Phases (each timed, with a progress bar where it loops):
   5. online    T rounds of Thompson-sampled soups shown in pairs, simulated choices, lambda refits (all users at
                once; `online.protocol`);
   6. eval      every method answers the held-out prompts (one decoding loop for all methods and users, common
-               random numbers), normalized scores with bootstrap intervals, KL, regret, a K ablation, a Pareto
-               sweep between two bases;
+               random numbers), the swept methods at each strength of `eval.frontier`, each basis alone;
+               normalized scores with bootstrap intervals, KL, gains at the bespoke policy's KL, each basis's
+               attribute shift, regret, a K ablation, a Pareto sweep between two bases;
   7. results   results.json, plots (*.png), the table.
 
-results.json: {"methods": {NAME: {"normalized_score", "mean_reward", "kl", ...}}, "users", "rounds", ...}.
+results.json: {"methods": {NAME: {"normalized_score", "mean_reward", "kl", ...}}, "frontier", "at_bespoke_kl",
+"offline": {"attribute_shift", ...}, "users", "rounds", ...}. `--config.eval.split=dev` evaluates on a split of the
+training prompts and users instead (for tuning; the held-out prompts are never read).
 """
 
 from __future__ import annotations
