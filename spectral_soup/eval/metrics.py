@@ -22,6 +22,12 @@ def _ratio(rewards: Mapping[str, np.ndarray], method: str, reference: str, bespo
   return float(np.mean(rewards[method] - rewards[reference]) / gain) if gain != 0 else float("nan")
 
 
+def _bootstrap(num_prompts: int, num_bootstrap: int, confidence: float, seed: int):
+  """Resampled prompt indices int[num_bootstrap, E] and the two-sided interval's percentiles (lo, hi)."""
+  draws = np.random.default_rng(seed).integers(0, num_prompts, size=(num_bootstrap, num_prompts))
+  return draws, (100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2)
+
+
 def summarize(rewards: Mapping[str, np.ndarray], kl: Mapping[str, np.ndarray], *, reference: str = "reference",
               bespoke: str = "bespoke", num_bootstrap: int = 2_000, confidence: float = 0.9,
               seed: int = 0) -> Dict[str, object]:
@@ -42,9 +48,7 @@ def summarize(rewards: Mapping[str, np.ndarray], kl: Mapping[str, np.ndarray], *
   if len(set(shapes.values())) != 1:
     raise ValueError(f"every method needs rewards of the same [U, E] shape, got {shapes}.")
   num_prompts = next(iter(shapes.values()))[1]
-  rng = np.random.default_rng(seed)
-  draws = rng.integers(0, num_prompts, size=(num_bootstrap, num_prompts))
-  lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+  draws, (lo_q, hi_q) = _bootstrap(num_prompts, num_bootstrap, confidence, seed)
   user_means = {m: r.mean(axis=1) for m, r in rewards.items()}
   boot = {m: r[:, draws].mean(axis=2) for m, r in rewards.items()}  # [U, num_bootstrap]
   gain = user_means[bespoke] - user_means[reference]
@@ -103,10 +107,8 @@ def attribute_shift(basis_scores: np.ndarray, reference_scores: np.ndarray, *, n
     raise ValueError(f"basis_scores {basis_scores.shape} does not match reference_scores {reference_scores.shape} "
                      "([K, E, A] and [E, A]).")
   diff = basis_scores - reference_scores[None]  # [K, E, A]
-  num_prompts = diff.shape[1]
-  draws = np.random.default_rng(seed).integers(0, num_prompts, size=(num_bootstrap, num_prompts))
+  draws, (lo_q, hi_q) = _bootstrap(diff.shape[1], num_bootstrap, confidence, seed)
   boot = diff[:, draws].mean(axis=2)  # [K, num_bootstrap, A]
-  lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
   ci = np.moveaxis(np.percentile(boot, [lo_q, hi_q], axis=1), 0, -1)  # [K, A, 2]
   return {"shift": diff.mean(axis=1), "ci": ci}
 
@@ -146,9 +148,7 @@ def frontiers(sweeps: Mapping[str, Mapping[float, tuple]], reference: np.ndarray
     (the gain is then the largest-KL point's).
   """
   reference = np.asarray(reference)
-  num_prompts = reference.shape[1]
-  draws = np.random.default_rng(seed).integers(0, num_prompts, size=(num_bootstrap, num_prompts))
-  lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+  draws, (lo_q, hi_q) = _bootstrap(reference.shape[1], num_bootstrap, confidence, seed)
   boot_mean = lambda x: np.asarray(x)[:, draws].mean(axis=(0, 2))  # [U, E] -> [num_bootstrap]
   target, boot_target = float(np.mean(bespoke[1])), boot_mean(bespoke[1])
   ref_mean, boot_ref = float(np.mean(reference)), boot_mean(reference)
