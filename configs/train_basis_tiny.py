@@ -42,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.basis.lora_targets = ("q_proj", "v_proj")  # Projections that LoRA bases adapt.
   config.basis.vocab_support = 0  # Heads correct only the S most frequent response tokens (0: all V; needs cached
   #   features; makes a cached step O(K r S) per token instead of O(D V), exact for the restricted heads).
+  # Initial logit vectors c_k: "zeros" (every basis starts as the reference) or "ridge" (needs logit_bias and
+  # ratings on every pair: c_k = rating_scale / beta x the ridge regression of basis k's rating difference on the
+  # pair's token-count difference, the linearized ratings loss solved in closed form; training refines it).
+  config.basis.init = "zeros"
+  config.basis.init_l2 = 10.0  # Ridge penalty of the "ridge" initialization.
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"  # "synthetic": marker-token pairs from `input_pipeline.synthetic_pairs`.

@@ -53,6 +53,7 @@ METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup
 def validate_config(config) -> None:
   """Fails fast, naming the field, before anything expensive runs (the training fields: `offline.train`)."""
   from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.data.rewards import ATTRIBUTES  # pylint: disable=g-import-not-at-top
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
@@ -75,6 +76,8 @@ def validate_config(config) -> None:
   need(config.online.l2 > 0, "online.l2", "> 0")
   need(config.online.explore_scale >= 0, "online.explore_scale", ">= 0")
   need(config.online.mode in ("explicit", "params", "implicit"), "online.mode", "'explicit', 'params' or 'implicit'")
+  need(config.online.get("constraint", "none") in protocol.CONSTRAINTS, "online.constraint",
+       f"one of {protocol.CONSTRAINTS}")
   need(config.eval.split in ("heldout", "dev"), "eval.split",
        "'heldout' (the held-out prompts and users) or 'dev' (a split of the training ones, for tuning)")
   need(config.eval.num_prompts >= 2, "eval.num_prompts", ">= 2")
@@ -265,7 +268,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
                                      l2=config.online.l2,
                                      prior_mean=(1.0 / num_bases if config.online.prior_mean < 0
                                                  else config.online.prior_mean),
-                                     explore_scale=config.online.explore_scale, mode=config.online.mode)
+                                     explore_scale=config.online.explore_scale, mode=config.online.mode,
+                                     constraint=config.online.get("constraint", "none"))
   harness = make_harness(online_pool, config.eval.max_new_tokens)
   key = jax.random.key(config.seed)
   key, k_online = jax.random.split(key)

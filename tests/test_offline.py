@@ -159,6 +159,9 @@ def _config(**flat):
     ({"train.grad_accum_steps": 3}, "train.grad_accum_steps"),
     ({"loss.kind": "hinge"}, "loss.kind"),
     ({"model.num_kv_heads": 3}, "model.num_kv_heads"),  # Does not divide num_heads = 4.
+    ({"basis.init": "ridge"}, "basis.init"),  # Ridge initializes logit vectors: needs basis.logit_bias=True.
+    ({"basis.init": "normal"}, "basis.init"),
+    ({"train.num_steps": 0}, "train.num_steps"),  # No update is a basis only with basis.init='ridge'.
 ])
 def test_bad_config_names_the_field(flat, field):
   assert jax.device_count() == 8
@@ -230,6 +233,58 @@ def test_evaluation_counts_every_held_out_pair(tmp_path):
                                err_msg=name)
   rows = train.pad_eval_pairs(held_out, 8)
   assert len(rows["real"]) == 40 and rows["real"].sum() == 37 and np.all(rows["labels"][37:] == -1)
+
+
+def test_ridge_logit_bias_recovers_token_rewards():
+  """Ratings that are a logit-bias policy's first-order implicit reward, sum_t w_k . (onehot(y_t) - p_ref(s_t)):
+  the closed-form initialization is rating_scale / beta * w_k on the support (ridge shrinks it a little), zero
+  outside; missing ratings are dropped per basis, and a basis with no rated pair is refused."""
+  rng = np.random.default_rng(0)
+  n, length, vocab = 400, 6, 30
+  support = np.arange(2, 22)
+  w = rng.normal(size=(2, vocab)) * np.isin(np.arange(vocab), support)  # [K, V], zero outside the support.
+  pairs = {}
+  for side in "ab":
+    tokens = rng.choice(support, (n, length)).astype(np.int32)
+    mask = np.arange(length)[None] < rng.integers(1, length + 1, (n, 1))
+    probs = rng.dirichlet(np.ones(len(support)), (n, length)) * 0.9  # 10% of the mass outside the support.
+    surprise = (w[:, tokens] - np.einsum("nrs,ks->knr", probs, w[:, support])) * mask
+    pairs[f"response_{side}"], pairs[f"response_{side}_mask"] = tokens, mask
+    pairs[f"support_probs_{side}"], pairs[f"scores_{side}"] = probs, surprise.sum(-1).T
+  pairs["scores_b"][:50, 1] = np.nan
+  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)
+  assert c.shape == (2, vocab) and c.dtype == np.float32
+  np.testing.assert_allclose(c[:, support], 4.0 * w[:, support], atol=5e-3)
+  assert np.all(c[:, np.setdiff1d(np.arange(vocab), support)] == 0)
+  pairs["scores_a"][:, 1] = np.nan
+  with pytest.raises(ValueError, match="fits basis 1 on pairs with both responses rated"):
+    train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)
+
+
+def test_ridge_initialization_with_zero_steps_is_the_basis(tmp_path):
+  """basis.init='ridge' and train.num_steps=0: the bases are `ridge_logit_bias` of the training pairs, saved as
+  step 0 (a restart restores them); with steps, training starts there."""
+  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
+  flat = {"basis.head_rank": 0, "basis.logit_bias": True, "basis.init": "ridge", "loss.kind": "ratings",
+          "train.num_steps": 0, "mesh.num_devices": 1, "data.num_eval_pairs": 64, "train.cache_features": True,
+          "basis.vocab_support": 40}
+  config = _config(**{**EQUALITY, **flat})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  params = jax.device_get(result.state["params"])
+  assert result.step == 0 and result.eval_metrics["accuracy"].shape == (config.basis.num_bases,)
+  restarted = train.train_and_evaluate(config, str(tmp_path))
+  chex.assert_trees_all_equal(jax.device_get(restarted.state["params"]), params)
+  pairs, _ = train.load_pairs(config)
+  support = features.select_support([pairs["response_a"], pairs["response_b"]],
+                                    [pairs["response_a_mask"], pairs["response_b_mask"]], 40, config.model.vocab_size)
+  pairs.update(train._load_features(glob.glob(str(tmp_path / "features-*.npz"))[0])["train"])  # The run's pass.
+  expected = train.ridge_logit_bias(pairs, support, config.model.vocab_size, beta=config.loss.beta,
+                                    rating_scale=config.loss.rating_scale, l2=config.basis.init_l2)
+  assert np.abs(expected).max() > 1e-2  # Not the zeros of the default initialization.
+  np.testing.assert_allclose(params["heads"]["c"], expected, rtol=1e-5, atol=1e-6)
+  _, stepped = _train(tmp_path / "stepped", **{**flat, "train.num_steps": 1, "optim.learning_rate": 0.0,
+                                               "optim.warmup_steps": 0})
+  np.testing.assert_allclose(stepped["heads"]["c"], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("logit_bias", [False, True])

@@ -50,6 +50,17 @@ def test_online_protocol_recovers_user_direction():
   assert out["choice_accuracy"][-2:].mean() > 0.6
 
 
+def test_nonnegative_lambda_keeps_the_direction():
+  """online.constraint='nonnegative': every fitted lambda is >= 0 (any scale) and still follows the user."""
+  users = users_lib.make_users("dirichlet", 6, seed=0, split="eval", num_attributes=3, temperature=0.2)
+  cfg = protocol.OnlineConfig(rounds=6, prompts_per_round=16, l2=1.0, constraint="nonnegative")
+  out = protocol.run_online(LinearHarness(3, 3), users, pool_size=50, cfg=cfg, key=jax.random.key(0))
+  lam, w = out["lam"], np.asarray(users.weights)
+  assert np.all(out["lam_history"] >= 0) and np.any(np.abs(lam.sum(-1) - 1.0) > 0.1)  # Not the simplex.
+  cos = np.sum(lam * w, -1) / np.linalg.norm(lam, axis=-1) / np.linalg.norm(w, axis=-1)
+  assert np.all(cos > 0.8), cos
+
+
 def test_online_config_errors_name_the_field():
   users = users_lib.make_users("dirichlet", 2, seed=0, num_attributes=3)
   with pytest.raises(ValueError, match="online.prompts_per_round"):
@@ -57,6 +68,9 @@ def test_online_config_errors_name_the_field():
                         jax.random.key(0))
   with pytest.raises(ValueError, match="online.mode"):
     protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(mode="naive"), jax.random.key(0))
+  with pytest.raises(ValueError, match="online.constraint"):
+    protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(constraint="simplex"),
+                        jax.random.key(0))
 
 
 def test_cumulative_regret():

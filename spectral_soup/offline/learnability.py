@@ -55,8 +55,11 @@ def fit_ridge(features: np.ndarray, scores: np.ndarray, l2: float) -> np.ndarray
   for k in range(scores.shape[1]):
     ok = ~np.isnan(scores[:, k])
     y = scores[ok, k] - scores[ok, k].mean()
-    g = gram if ok.all() else x[ok].T @ x[ok] + l2 * np.eye(x.shape[1])
-    weights[:, k] = np.linalg.solve(g, x[ok].T @ y)
+    if ok.all():
+      weights[:, k] = np.linalg.solve(gram, x.T @ y)
+    else:  # Centered on the rows it is fitted on, as the scores are.
+      xk = features[ok] - features[ok].mean(0, keepdims=True)
+      weights[:, k] = np.linalg.solve(xk.T @ xk + l2 * np.eye(x.shape[1]), xk.T @ y)
   return weights
 
 

@@ -52,6 +52,7 @@ from spectral_soup.utils import config_check
 from spectral_soup.utils import errors
 from spectral_soup.utils import files
 from spectral_soup.offline import input_pipeline
+from spectral_soup.offline import learnability
 from spectral_soup.offline import losses
 from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.offline import metrics as metrics_lib
@@ -60,6 +61,7 @@ from spectral_soup.utils import progress
 from spectral_soup.utils import workdir_lock
 
 LOSS_KINDS = ("dpo", "ratings")
+BASIS_INITS = ("zeros", "ridge")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -74,7 +76,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
 
   c = config
   # Each field's own range before the relations that use it (a negative step count is named as itself).
-  need(c.train.num_steps >= 1, "train.num_steps", ">= 1")
+  need(c.train.num_steps >= 0, "train.num_steps", ">= 0")
+  need(c.train.num_steps >= 1 or c.basis.get("init", "zeros") == "ridge", "train.num_steps",
+       ">= 1 (0 only with basis.init='ridge': the bases are then their closed-form initialization)")
   need(c.train.batch_size >= 1, "train.batch_size", ">= 1")
   need(c.model.family in config_lib.FAMILIES, "model.family", f"one of {config_lib.FAMILIES}")
   need(c.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}")
@@ -84,6 +88,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(c.basis.head_rank >= 1 or (c.basis.head_rank == 0 and c.basis.get("logit_bias", False)), "basis.head_rank",
        ">= 1 (or 0 with basis.logit_bias=True)")
   need(c.basis.feature_dim >= 0, "basis.feature_dim", ">= 0 (0: no projection)")
+  need(c.basis.get("init", "zeros") in BASIS_INITS, "basis.init", f"one of {BASIS_INITS}")
+  if c.basis.get("init", "zeros") == "ridge":
+    need(c.basis.kind == "heads" and c.basis.get("logit_bias", False) and c.basis.get("vocab_support", 0) > 0,
+         "basis.init", "'zeros' unless basis.kind='heads' with basis.logit_bias=True and basis.vocab_support > 0 "
+         "('ridge' fits the logit vectors on the support's cached reference probabilities)")
+    need(c.basis.get("init_l2", 0.0) > 0, "basis.init_l2", "> 0")
   need(c.basis.lora_rank >= 1, "basis.lora_rank", ">= 1")
   need(len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS),
        "basis.lora_targets", f"some of {ATTN_TARGETS + MLP_TARGETS}")
@@ -111,8 +121,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(0.0 <= c.loss.label_smoothing < 0.5, "loss.label_smoothing", "in [0, 0.5)")
   need(c.loss.rating_scale > 0, "loss.rating_scale", "> 0")
   need(c.optim.learning_rate >= 0, "optim.learning_rate", ">= 0")
-  need(0 <= c.optim.warmup_steps <= c.train.num_steps, "optim.warmup_steps",
-       f"in [0, train.num_steps={c.train.num_steps}]")
+  need(0 <= c.optim.warmup_steps and (c.optim.warmup_steps <= c.train.num_steps or c.train.num_steps == 0),
+       "optim.warmup_steps", f"in [0, train.num_steps={c.train.num_steps}]")
   need(0.0 <= c.optim.end_lr_fraction <= 1.0, "optim.end_lr_fraction", "in [0, 1]")
   need(c.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
   need(c.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)")
@@ -213,6 +223,35 @@ def init_trainable(policy: SpectralPolicy, key: jax.Array) -> Any:
   else:  # psi's projection lives inside the feature map: initialize everything, keep the trainable part.
     variables = {"params": features.split_params(policy.init(key, jnp.zeros((1, 4), jnp.int32))["params"])[0]}
   return nn.meta.unbox(variables["params"])
+
+
+def ridge_logit_bias(pairs: Mapping[str, np.ndarray], support: np.ndarray, vocab_size: int, *, beta: float,
+                     rating_scale: float, l2: float) -> np.ndarray:
+  """Closed-form logit vectors c: f32[K, V] (zero outside `support`) for bias-only bases, from rated pairs.
+
+  The ratings loss asks beta * (log-ratio(a) - log-ratio(b)) = rating_scale * (rating_a - rating_b) per basis. To
+  first order in c the log-ratio of a response y is c . sum_t (onehot(y_t) - p_ref(. | s_t)) (each token's surprise
+  under the reference), so ridge regression of each basis's rating difference on the pair's surprise difference,
+  times rating_scale / beta, solves the linearized loss in closed form. Unlike raw token counts, surprise does not
+  credit every token of a longer response: length is carried by the end-of-turn token. Training, if any, refines it.
+  pairs: response_a/b [N, R] with masks, support_probs_a/b [N, R, S] (the cached feature pass) and scores_a/b
+  [N, K] (NaN: missing, dropped per basis); support: int[S] token ids.
+  """
+  check_ridge_ratings(pairs)
+  x = [learnability.surprise(pairs[f"response_{side}"], pairs[f"response_{side}_mask"], support,
+                             pairs[f"support_probs_{side}"]) for side in ("a", "b")]
+  diff = np.asarray(pairs["scores_a"], np.float64) - np.asarray(pairs["scores_b"], np.float64)
+  c = np.zeros((diff.shape[1], vocab_size), np.float32)
+  c[:, support] = rating_scale / beta * learnability.fit_ridge(x[0] - x[1], diff, l2).T
+  return c
+
+
+def check_ridge_ratings(pairs: Mapping[str, np.ndarray]) -> None:
+  """basis.init='ridge' needs, for every basis, pairs with a rating of both responses: else a ValueError."""
+  rated = np.isfinite(np.asarray(pairs["scores_a"], np.float64) - np.asarray(pairs["scores_b"], np.float64))
+  for k in np.flatnonzero(rated.sum(0) < 2):
+    raise ValueError(f"basis.init='ridge' fits basis {k} on pairs with both responses rated, but scores_a / scores_b "
+                     f"have {rated[:, k].sum()} such pairs (>= 2 needed). Use basis.init='zeros'.")
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> Tuple[optax.GradientTransformation, optax.Schedule]:
@@ -590,6 +629,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
     timing = {}
     t_start = time.time()
     loss_cfg = dict(config.loss)
+    basis_init = config.basis.get("init", "zeros")
 
     # ---- Mesh.
     mesh = mesh_lib.mesh_from_config(config.mesh)
@@ -625,8 +665,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
     train_pairs, eval_pairs = load_pairs(config) if pairs is None else (dict(pairs[0]), dict(pairs[1]))
     for split in (train_pairs, eval_pairs):
       if len(split["prompt"]):
-        input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings",
+        input_pipeline.check_pairs(split, policy.num_bases,
+                                   need_ratings=config.loss.kind == "ratings" or basis_init == "ridge",
                                    vocab_size=model_cfg.vocab_size)
+    if basis_init == "ridge":
+      check_ridge_ratings(train_pairs)
     check_existing_checkpoint(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     stack.enter_context(workdir_lock.hold(workdir))  # Until this call returns (or the process ends).
@@ -666,6 +709,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
       timing["feature_pass_s"] = time.time() - t0
       logging.info("Cached features of %d + %d pairs in %.1f s.", len(train_pairs["response_a"]),
                    len(eval_pairs["response_a"]), timing["feature_pass_s"])
+    logit_bias = None
+    if basis_init == "ridge":  # From the cached feature pass's reference probabilities on the support.
+      logit_bias = ridge_logit_bias(train_pairs, support, model_cfg.vocab_size, beta=config.loss.beta,
+                                    rating_scale=config.loss.rating_scale, l2=config.basis.init_l2)
     # Only what the step reads goes to the devices.
     needed = {"labels"} if config.loss.kind == "dpo" else {"scores_a", "scores_b"}
     needed |= set(input_pipeline.TOKEN_FIELDS) if not config.train.cache_features else (
@@ -710,7 +757,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
     # ---- Checkpoint: resume from the newest good step, else initialize (sharded at creation).
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.checkpoint.max_to_keep,
-                                       save_interval_steps=config.checkpoint.every_steps or config.train.num_steps,
+                                       save_interval_steps=config.checkpoint.every_steps or max(config.train.num_steps, 1),
                                        async_save=config.checkpoint.async_save)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   unboxed({"step": jax.ShapeDtypeStruct((), jnp.int32),
@@ -729,11 +776,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
       train_iter.set_state(data_state["iterator"])
       logging.info("Resumed from step %d (iterator %s).", start_step, data_state["iterator"])
     else:
-      def init_state(key):
+      def init_state(key, logit_bias):
         params = init_trainable(policy, key)
+        if logit_bias is not None:
+          params["heads"]["c"] = logit_bias.astype(params["heads"]["c"].dtype)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                 "rng": jax.random.key_data(jax.random.fold_in(key, 1))}
-      state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(config.seed))
+      state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(config.seed), logit_bias)
       start_step = 0
     timing["setup_s"] = time.time() - t_start
 
@@ -777,13 +826,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
           preempted = True
           logging.warning("Stopped at step %d after a checkpoint (preemption).", step)
           break
+    if num_steps == 0 and restored is None:  # No update: the checkpoint holds the closed-form initialization.
+      ckpt.save(0, state, {"iterator": train_iter.get_state(), **resume_fields(config)}, force=True)
     jax.block_until_ready(state)
     if t_first is not None and step > start_step + 1:
       timing["loop_step_s"] = (time.time() - t_first) / (step - start_step - 1)
     final_step = int(jax.device_get(state["step"]))
     if not preempted:
       final_eval = evaluate(state["params"])
-      if final_eval and start_step < num_steps:  # A restart of a finished run does not log it twice.
+      if final_eval and (start_step < num_steps or restored is None):  # A finished run's restart: not twice.
         writer.write(final_step, final_eval, kind="eval")
     ckpt.wait()
     ckpt.close()

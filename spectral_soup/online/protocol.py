@@ -33,6 +33,7 @@ from spectral_soup.online import users as users_lib
 from spectral_soup.utils import progress
 
 LEARNERS = ("spectral", "p_soups", "pad")
+CONSTRAINTS = ("none", "nonnegative")
 
 
 class Harness(Protocol):
@@ -58,6 +59,9 @@ class OnlineConfig:
   prior_mean: float = 0.0  # lambda is shrunk toward prior_mean * 1 (0: the reference; 1/K: the uniform soup).
   explore_scale: float = 1.0  # Thompson samples: mean + explore_scale * (posterior noise).
   mode: str = "explicit"  # How the shown responses are generated: explicit, params or implicit.
+  # Spectral lambda: "none" (any sign) or "nonnegative" (lam >= 0, any scale: users who want more of each basis's
+  # attribute or do not care, as Dirichlet users do; P-Soups further fixes sum lam = 1).
+  constraint: str = "none"
 
 
 def _check(cfg: OnlineConfig, pool_size: int) -> None:
@@ -71,6 +75,8 @@ def _check(cfg: OnlineConfig, pool_size: int) -> None:
     raise ValueError(f"online.explore_scale={cfg.explore_scale}: expected >= 0.")
   if cfg.mode not in ("explicit", "params", "implicit"):
     raise ValueError(f"online.mode={cfg.mode!r}: expected 'explicit', 'params' or 'implicit'.")
+  if cfg.constraint not in CONSTRAINTS:
+    raise ValueError(f"online.constraint={cfg.constraint!r}: expected one of {CONSTRAINTS}.")
 
 
 def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int, cfg: OnlineConfig,
@@ -91,6 +97,7 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
   prefs = np.zeros((num_users, capacity), np.float32)
   mask = np.zeros((num_users, capacity), bool)
   prior = np.full((num_bases,), cfg.prior_mean, np.float32)
+  sign = {"constraint": "box", "box": (0.0, np.inf)} if cfg.constraint == "nonnegative" else {}
   lam = np.broadcast_to(prior, (num_users, num_bases)).copy()
   lam_ps = np.full((num_users, num_bases), 1.0 / num_bases, np.float32)
   pad_w = np.zeros((num_users, num_attr), np.float32)
@@ -120,7 +127,7 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     feats[:, lo:lo + m], pad_feats[:, lo:lo + m] = delta, g[:, :, 0] - g[:, :, 1]
     prefs[:, lo:lo + m], mask[:, lo:lo + m] = choice, True
     lam = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam, prior_mean=prior,
-                                               tol=1e-5))
+                                               tol=1e-5, **sign))
     lam_ps = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam_ps,
                                                   constraint="simplex"))
     pad_w = np.asarray(update.fit_lambda_batched(pad_feats, prefs, l2=cfg.l2, mask=mask, init=pad_w, tol=1e-5))
