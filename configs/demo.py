@@ -61,6 +61,8 @@ def get_config():
   # Spectral lambda: "nonnegative" (lam >= 0, any scale: Dirichlet users want more of each attribute or do not care;
   # P-Soups also fixes sum lam = 1) or "none" (any sign).
   config.online.constraint = "nonnegative"
+  # Serve lam / sum(lam) (choices do not identify the reward's scale; see online.update.unit_total_weight).
+  config.online.unit_total_weight = False
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_prompts = 64  # Held-out prompts every method answers.

@@ -78,6 +78,8 @@ def validate_config(config) -> None:
   need(config.online.mode in ("explicit", "params", "implicit"), "online.mode", "'explicit', 'params' or 'implicit'")
   need(config.online.get("constraint", "none") in protocol.CONSTRAINTS, "online.constraint",
        f"one of {protocol.CONSTRAINTS}")
+  need(not config.online.get("unit_total_weight", False) or config.online.get("constraint") == "nonnegative",
+       "online.unit_total_weight", "False unless online.constraint='nonnegative' (it rescales lambda to sum 1)")
   need(config.eval.split in ("heldout", "dev"), "eval.split",
        "'heldout' (the held-out prompts and users) or 'dev' (a split of the training ones, for tuning)")
   need(config.eval.num_prompts >= 2, "eval.num_prompts", ">= 2")
@@ -275,6 +277,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   key, k_online = jax.random.split(key)
   history = protocol.run_online(harness, users, len(online_pool), online_cfg, k_online)
   lam, lam_ps, pad_w = history["lam"], history["lam_p_soups"], history["pad_weights"]
+  if config.online.get("unit_total_weight", False):  # Served at the bases' reward scale (update.unit_total_weight).
+    lam = update.unit_total_weight(lam)
   print("fitted lambda per user (spectral):")
   for u in range(num_users):
     print(f"  user {u}: " + " ".join(f"{x:+.2f}" for x in lam[u]))

@@ -14,7 +14,7 @@ def test_demo_config_validates():
     ("users.kind", "linear"), ("users.num_users", 0), ("online.rounds", 0), ("online.l2", 0.0),
     ("online.mode", "naive"), ("eval.num_prompts", 1), ("eval.pareto_bases", (1, 1)), ("basis.num_bases", 3),
     ("basis.kind", "lora"), ("optim.learning_rate", -1.0), ("basis.vocab_support", -5), ("eval.split", "test"),
-    ("eval.soups", ("naive",)),
+    ("eval.soups", ("naive",)), ("online.constraint", "simplex"), ("basis.init", "normal"),
 ])
 def test_bad_field_is_named(field, value):
   config = demo.get_config()
@@ -29,4 +29,13 @@ def test_a_frontier_without_the_fitted_method_is_refused(scales):
   config = demo.get_config()
   config.eval.frontier.pad = scales
   with pytest.raises(ValueError, match=r"eval\.frontier\.pad"):
+    main.validate_config(config)
+
+
+def test_unit_total_weight_needs_nonnegative_lambda():
+  config = demo.get_config()
+  config.online.unit_total_weight = True
+  main.validate_config(config)  # The demo fits nonnegative lambda.
+  config.online.constraint = "none"
+  with pytest.raises(ValueError, match=r"online\.unit_total_weight"):
     main.validate_config(config)

@@ -8,6 +8,7 @@ from spectral_soup.baselines import pad as pad_lib
 from spectral_soup.eval import harness as harness_lib
 from spectral_soup.eval import metrics
 from spectral_soup.online import protocol
+from spectral_soup.online import update
 from spectral_soup.online import users as users_lib
 from tests import tiny
 
@@ -59,6 +60,13 @@ def test_nonnegative_lambda_keeps_the_direction():
   assert np.all(out["lam_history"] >= 0) and np.any(np.abs(lam.sum(-1) - 1.0) > 0.1)  # Not the simplex.
   cos = np.sum(lam * w, -1) / np.linalg.norm(lam, axis=-1) / np.linalg.norm(w, axis=-1)
   assert np.all(cos > 0.8), cos
+
+
+def test_unit_total_weight():
+  lam = np.array([[0.1, 0.3, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]])
+  np.testing.assert_allclose(update.unit_total_weight(lam), [[0.25, 0.75, 0.0], [1 / 3] * 3, [0.5, 0.0, 0.5]])
+  with pytest.raises(ValueError, match="nonnegative"):
+    update.unit_total_weight(-lam)
 
 
 def test_online_config_errors_name_the_field():

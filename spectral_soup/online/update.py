@@ -137,6 +137,21 @@ def _float_dtype(*xs: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def unit_total_weight(lam: ArrayLike) -> np.ndarray:
+  """Nonnegative lambda rescaled to sum 1 per user (rows of [..., K]); a row of zeros becomes the uniform soup.
+
+  Pairwise choices identify lambda's direction and how consistently the user chooses, not the scale of the user's
+  reward: serving lam / sum(lam) puts the soup at the bases' reward scale, the scale of a user whose weights over
+  the bases' attributes sum to 1 (as Dirichlet users' do).
+  """
+  lam = np.asarray(lam, np.float64)
+  if np.any(lam < 0):
+    raise ValueError(f"unit_total_weight needs nonnegative lambda; got a minimum of {lam.min():.3g}.")
+  total = lam.sum(-1, keepdims=True)
+  uniform = np.full_like(lam, 1.0 / lam.shape[-1])
+  return np.where(total > 1e-6, lam / np.maximum(total, 1e-6), uniform).astype(np.float32)
+
+
 @jax.jit
 def project_simplex(lam: ArrayLike, radius: float = 1.0) -> Array:
   """Euclidean projection onto the simplex {x >= 0, sum x = radius} along the last axis (sort-based, exact).
