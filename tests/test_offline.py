@@ -26,6 +26,7 @@ from spectral_soup.offline import losses
 from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.offline import metrics as metrics_lib
 from spectral_soup.offline import train
+from spectral_soup.utils import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -274,6 +275,8 @@ def test_ridge_initialization_with_zero_steps_is_the_basis(tmp_path):
   assert result.step == 0 and result.eval_metrics["accuracy"].shape == (config.basis.num_bases,)
   restarted = train.train_and_evaluate(config, str(tmp_path))
   chex.assert_trees_all_equal(jax.device_get(restarted.state["params"]), params)
+  with pytest.raises(errors.InputError, match=r"config\.basis\.init_l2=1\.0 differs"):
+    train.train_and_evaluate(_config(**{**EQUALITY, **flat, "basis.init_l2": 1.0}), str(tmp_path))
   pairs, _ = train.load_pairs(config)
   support = features.select_support([pairs["response_a"], pairs["response_b"]],
                                     [pairs["response_a_mask"], pairs["response_b_mask"]], 40, config.model.vocab_size)

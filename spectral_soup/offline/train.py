@@ -465,6 +465,8 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
             ["basis.lora_rank", "basis.lora_targets"])
   if c.basis.kind == "heads" and c.basis.get("logit_bias", False):
     names.append("basis.logit_bias")
+  if c.basis.get("init", "zeros") == "ridge":  # Where the state started (the state itself when num_steps = 0).
+    names += ["basis.init", "basis.init_l2"]
   if not c.model.path:
     names += [f"model.{f}" for f in ("family", "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
                                      "head_dim", "mlp_dim")]
@@ -755,10 +757,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
       return jax.device_get(eval_metrics(sums))
 
     # ---- Checkpoint: resume from the newest good step, else initialize (sharded at creation).
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=config.checkpoint.max_to_keep,
-                                       save_interval_steps=config.checkpoint.every_steps or max(config.train.num_steps, 1),
-                                       async_save=config.checkpoint.async_save)
+    interval = config.checkpoint.every_steps or max(config.train.num_steps, 1)  # 0: only the last step.
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+                                       save_interval_steps=interval, async_save=config.checkpoint.async_save)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   unboxed({"step": jax.ShapeDtypeStruct((), jnp.int32),
                                            "params": abstract_trainable, "opt_state": abstract_opt_state,
