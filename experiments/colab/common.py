@@ -121,7 +121,7 @@ def restore_basis(workdir: str, model: Any, backbone: Any) -> Basis:
   directory = basis_dir(workdir)
   config = run_config(workdir)
   attributes = attribute_names(config)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"))
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"), remove_partial_steps=False)
   try:
     step = checkpointer.latest_step()
     if step is None:

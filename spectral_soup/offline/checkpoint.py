@@ -113,7 +113,9 @@ class Checkpointer:
   """Train-state + iterator-state checkpoints in `directory` (see the module docstring)."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = True):
+               async_save: bool = True, remove_partial_steps: bool = True):
+    """remove_partial_steps: delete a crashed run's unfinished steps (in the background, awaited by the first
+    save). False for a Checkpointer that only reads: two of them deleting the same step race each other."""
     self.directory = os.path.abspath(directory)
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
@@ -122,7 +124,7 @@ class Checkpointer:
         save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
                                                      policies.PreemptionCheckpointingPolicy()]),
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,  # Partial saves of a crashed run.
+        cleanup_tmp_directories=remove_partial_steps,  # Partial saves of a crashed run.
         create=True)
     # Handlers given up front (not learned from the first save or restore): the metadata of a step written by
     # another process can be read before anything is restored.

@@ -532,8 +532,8 @@ def check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return
-  ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=config.checkpoint.max_to_keep,
-                                     save_interval_steps=1, async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=1,
+                                     async_save=False, remove_partial_steps=False)  # Reads only.
   try:
     for step in sorted(ckpt.all_steps(), reverse=True):
       try:

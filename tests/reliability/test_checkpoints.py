@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -141,6 +142,21 @@ def test_checkpoint_of_another_config_names_the_field(reference, tmp_path, flat,
   assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
   # Nor anywhere else in the workdir: no new config.json, no features file for the rejected config.
   assert _files(workdir) == files_before
+
+
+def test_the_config_check_reads_only(reference, tmp_path):
+  """`check_existing_checkpoint` runs before the training's own Checkpointer: it must leave a crashed run's partial
+  step to that one (two background deletions of the same directory race: a flaky FileNotFoundError)."""
+  workdir = copy_workdir(reference, str(tmp_path / "partial"))
+  partial = os.path.join(workdir, "checkpoints", f"{NUM_STEPS + 2}.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(partial, "state"))
+  train.check_existing_checkpoint(_config(), workdir)
+  time.sleep(1.0)  # Time for a background deletion, had one started.
+  assert os.path.isdir(os.path.join(partial, "state"))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))  # The training's: removes it.
+  ckpt.manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
+  ckpt.close()
+  assert not os.path.exists(partial)
 
 
 def _files(root):
