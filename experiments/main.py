@@ -279,6 +279,10 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   lam, lam_ps, pad_w = history["lam"], history["lam_p_soups"], history["pad_weights"]
   if config.online.get("unit_total_weight", False):  # Served at the bases' reward scale (update.unit_total_weight).
     lam = update.unit_total_weight(lam)
+  # The data behind every lambda, to refit it offline: features [U, N, K] (f(y_a) - f(y_b)), PAD's [U, N, A], choices.
+  files.write_npz_atomic(os.path.join(workdir, "comparisons.npz"), features=history["comparison_features"],
+                         pad_features=history["comparison_pad_features"], prefs=history["comparison_prefs"],
+                         user_weights=np.asarray(users.weights), lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w)
   print("fitted lambda per user (spectral):")
   for u in range(num_users):
     print(f"  user {u}: " + " ".join(f"{x:+.2f}" for x in lam[u]))

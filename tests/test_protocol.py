@@ -1,5 +1,7 @@
 """The online protocol, the evaluation harness, PAD's token rewards and the normalized-score statistics."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -36,6 +38,7 @@ def test_online_protocol_recovers_user_direction():
   cfg = protocol.OnlineConfig(rounds=6, prompts_per_round=16, l2=1.0)
   out = protocol.run_online(LinearHarness(3, 3), users, pool_size=50, cfg=cfg, key=jax.random.key(0))
   assert out["lam_history"].shape == (6, 6, 3) and out["reward"].shape == (6, 6)
+  assert out["comparison_pad_features"].shape == (6, 96, 3)
   assert out["comparison_features"].shape == (6, 96, 3) and list(out["num_comparisons"]) == [16 * (t + 1)
                                                                                               for t in range(6)]
   w = np.asarray(users.weights)
@@ -214,3 +217,12 @@ def test_plots_and_k_ablation_from_results(tmp_path):
   assert [p.split("/")[-1] for p in paths] == ["learning_curve.png", "scores.png", "frontier.png",
                                                "attribute_shift.png", "pareto.png", "k_ablation.png"]
   assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+def test_write_npz_atomic_round_trip(tmp_path):
+  from spectral_soup.utils import files  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "comparisons.npz")
+  files.write_npz_atomic(path, features=np.ones((2, 3, 4), np.float32), prefs=np.zeros((2, 3)))
+  with np.load(path) as data:
+    assert data["features"].shape == (2, 3, 4) and data["prefs"].shape == (2, 3)
+  assert os.listdir(tmp_path) == ["comparisons.npz"]  # No temporary file left.

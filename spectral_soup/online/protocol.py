@@ -87,7 +87,8 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     {"lam": [U, K] (spectral), "lam_p_soups": [U, K], "pad_weights": [U, A], "lam_history": [T, U, K],
      "reward": [T, U] mean true reward of the round's two responses, "kl": [T, U], "num_comparisons": [T],
      "choice_accuracy": [T, U] fraction of the round's choices the previous lambda predicted,
-     "comparison_features": [U, T * M, K] and "comparison_prefs": [U, T * M], every comparison}.
+     "comparison_features": [U, T * M, K], "comparison_pad_features": [U, T * M, A] and "comparison_prefs":
+     [U, T * M], every comparison}.
   """
   _check(cfg, pool_size)
   num_users, num_bases, num_attr = users.num_users, harness.num_bases, harness.num_attributes
@@ -137,7 +138,8 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     history["num_comparisons"].append(lo + m)
     history["choice_accuracy"].append((predicted == choice).mean(axis=1))
   out = {name: np.asarray(value) for name, value in history.items()}
-  out.update(lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w, comparison_features=feats, comparison_prefs=prefs)
+  out.update(lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w, comparison_features=feats,
+             comparison_pad_features=pad_feats, comparison_prefs=prefs)
   return out
 
 

@@ -11,3 +11,11 @@ def write_text_atomic(path: str, text: str) -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def write_npz_atomic(path: str, **arrays) -> None:
+  """`np.savez(path, **arrays)`, atomically as `write_text_atomic` (`path` should end in .npz)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
