@@ -30,8 +30,8 @@ def get_config():
   # The bases and the bespoke heads: one context-free logit vector each (pi_k ~ pi_ref exp(c_k)), in closed form:
   # ridge regression of the head's rating difference (an attribute's standardized score for a basis, the user's
   # true reward for a bespoke head) on the pair's token surprise difference, the ratings loss linearized around the
-  # reference (`offline.train.ridge_logit_bias`); no gradient step. On these ~250 pairs it moves every attribute
-  # where 40 DPO steps of rank-8 context heads moved one or two (README, "Main job").
+  # reference (`offline.train.ridge_logit_bias`); no gradient step. On these ~250 pairs every basis moves its own
+  # attribute (README, "Results of the default run").
   config.data.attributes = ("readability", "verbosity", "sentiment", "density", "formality")
   config.loss.kind = "ratings"  # Bases regress their attribute's score, bespoke heads their user's true reward.
   config.loss.rating_scale = 1.0  # Reward units per standardized score: sets how far each basis moves.
