@@ -102,7 +102,7 @@ def test_cli_input_errors_are_one_line_with_exit_status_2(tmp_path):
     ({"model.num_heads": 3}, r"model.num_kv_heads=2 is invalid: expected a divisor of num_heads=3"),
     ({"optim.learning_rate": float("inf")}, r"optim.learning_rate=inf is invalid: expected a finite number"),
     ({"loss.beta": float("nan")}, r"loss.beta=nan is invalid: expected a finite number"),
-    ({"train.num_steps": -5}, r"train.num_steps=-5 is invalid: expected >= 1"),  # Not optim.warmup_steps.
+    ({"train.num_steps": -5}, r"train.num_steps=-5 is invalid: expected >= 0"),  # Not optim.warmup_steps.
     ({"train.batch_size": 0}, r"train.batch_size=0 is invalid: expected >= 1"),  # Not data.num_train_pairs.
 ])
 def test_out_of_range_config_values_are_named(flat, field):
