@@ -42,9 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.basis.lora_targets = ("q_proj", "v_proj")  # Projections that LoRA bases adapt.
   config.basis.vocab_support = 0  # Heads correct only the S most frequent response tokens (0: all V; needs cached
   #   features; makes a cached step O(K r S) per token instead of O(D V), exact for the restricted heads).
-  # Initial logit vectors c_k: "zeros" (every basis starts as the reference) or "ridge" (needs logit_bias and
-  # ratings on every pair: c_k = rating_scale / beta x the ridge regression of basis k's rating difference on the
-  # pair's token-count difference, the linearized ratings loss solved in closed form; training refines it).
+  # Initial logit vectors c_k: "zeros" (every basis starts as the reference) or "ridge" (needs logit_bias, a
+  # vocab_support and ratings: c_k = rating_scale / beta x the ridge regression of basis k's rating difference on
+  # the pair's token-surprise difference, the linearized ratings loss solved in closed form; steps refine it).
   config.basis.init = "zeros"
   config.basis.init_l2 = 10.0  # Ridge penalty of the "ridge" initialization.
 

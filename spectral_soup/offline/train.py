@@ -519,11 +519,8 @@ def _features_key(config, train_pairs, eval_pairs, support) -> str:
 def _save_features(path: str, train_pairs, eval_pairs) -> None:
   """Writes the cached features atomically (temporary file, then rename)."""
   names = set(features.CACHED_FIELDS) | set(features.SUPPORT_FIELDS)
-  arrays = {f"{split}/{k}": v for split, pairs in (("train", train_pairs), ("eval", eval_pairs))
-            for k, v in pairs.items() if k in names}
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  files.write_npz_atomic(path, **{f"{split}/{k}": v for split, pairs in (("train", train_pairs), ("eval", eval_pairs))
+                                  for k, v in pairs.items() if k in names})
 
 
 def check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
