@@ -74,6 +74,8 @@ def validate_config(config) -> None:
   need(config.online.rounds >= 1, "online.rounds", ">= 1")
   need(config.online.prompts_per_round >= 1, "online.prompts_per_round", ">= 1")
   need(config.online.l2 > 0, "online.l2", "> 0")
+  need(config.online.get("pad_weights_l2") is None or config.online.pad_weights_l2 > 0, "online.pad_weights_l2",
+       "> 0 (or None: online.l2)")
   need(config.online.explore_scale >= 0, "online.explore_scale", ">= 0")
   need(config.online.mode in ("explicit", "params", "implicit"), "online.mode", "'explicit', 'params' or 'implicit'")
   need(config.online.get("constraint", "none") in protocol.CONSTRAINTS, "online.constraint",
@@ -267,7 +269,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   t0 = phase(f"online: {config.online.rounds} rounds x {config.online.prompts_per_round} comparisons, "
              f"{num_users} users, {config.online.mode} soups")
   online_cfg = protocol.OnlineConfig(rounds=config.online.rounds, prompts_per_round=config.online.prompts_per_round,
-                                     l2=config.online.l2,
+                                     l2=config.online.l2, pad_weights_l2=config.online.get("pad_weights_l2"),
                                      prior_mean=(1.0 / num_bases if config.online.prior_mean < 0
                                                  else config.online.prior_mean),
                                      explore_scale=config.online.explore_scale, mode=config.online.mode,

@@ -65,6 +65,19 @@ def test_nonnegative_lambda_keeps_the_direction():
   assert np.all(cos > 0.8), cos
 
 
+def test_pad_weights_have_their_own_penalty():
+  """online.pad_weights_l2 shrinks PAD's user weights only; None means online.l2."""
+  users = users_lib.make_users("dirichlet", 4, seed=0, split="eval", num_attributes=3, temperature=0.2)
+  run = lambda **kw: protocol.run_online(LinearHarness(3, 3), users, pool_size=50, key=jax.random.key(0),
+                                         cfg=protocol.OnlineConfig(rounds=2, prompts_per_round=16, l2=1.0, **kw))
+  shared, strong = run(), run(pad_weights_l2=1e4)
+  np.testing.assert_allclose(run(pad_weights_l2=1.0)["pad_weights"], shared["pad_weights"], rtol=1e-5, atol=1e-6)
+  assert np.abs(strong["pad_weights"]).max() < 0.05 < np.abs(shared["pad_weights"]).max()
+  np.testing.assert_allclose(strong["lam"], shared["lam"], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="online.pad_weights_l2"):
+    run(pad_weights_l2=0.0)
+
+
 def test_unit_total_weight():
   lam = np.array([[0.1, 0.3, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]])
   np.testing.assert_allclose(update.unit_total_weight(lam), [[0.25, 0.75, 0.0], [1 / 3] * 3, [0.5, 0.0, 0.5]])

@@ -22,7 +22,7 @@ lambda; `cumulative_regret` turns the rewards into regret against a policy's val
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Protocol
+from typing import Dict, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,8 @@ class Harness(Protocol):
 class OnlineConfig:
   rounds: int = 4  # T
   prompts_per_round: int = 16  # M: comparisons per user per round.
-  l2: float = 1.0  # Penalty of the lambda fits.
+  l2: float = 1.0  # Penalty of the lambda fits (spectral and P-Soups: the same features).
+  pad_weights_l2: Optional[float] = None  # Penalty of PAD's user-weight fit (other features: its own; None: l2).
   prior_mean: float = 0.0  # lambda is shrunk toward prior_mean * 1 (0: the reference; 1/K: the uniform soup).
   explore_scale: float = 1.0  # Thompson samples: mean + explore_scale * (posterior noise).
   mode: str = "explicit"  # How the shown responses are generated: explicit, params or implicit.
@@ -71,6 +72,8 @@ def _check(cfg: OnlineConfig, pool_size: int) -> None:
     raise ValueError(f"online.prompts_per_round={cfg.prompts_per_round}: expected 1..{pool_size} (the prompt pool).")
   if cfg.l2 <= 0:
     raise ValueError(f"online.l2={cfg.l2}: expected > 0.")
+  if cfg.pad_weights_l2 is not None and cfg.pad_weights_l2 <= 0:
+    raise ValueError(f"online.pad_weights_l2={cfg.pad_weights_l2}: expected > 0 (or None: online.l2).")
   if cfg.explore_scale < 0:
     raise ValueError(f"online.explore_scale={cfg.explore_scale}: expected >= 0.")
   if cfg.mode not in ("explicit", "params", "implicit"):
@@ -101,6 +104,7 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
   sign = {"constraint": "box", "box": (0.0, np.inf)} if cfg.constraint == "nonnegative" else {}
   lam = np.broadcast_to(prior, (num_users, num_bases)).copy()
   lam_ps = np.full((num_users, num_bases), 1.0 / num_bases, np.float32)
+  pad_l2 = cfg.l2 if cfg.pad_weights_l2 is None else cfg.pad_weights_l2
   pad_w = np.zeros((num_users, num_attr), np.float32)
   history = {"lam_history": [], "reward": [], "kl": [], "num_comparisons": [], "choice_accuracy": []}
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()[-1])
@@ -131,7 +135,7 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
                                                tol=1e-5, **sign))
     lam_ps = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam_ps,
                                                   constraint="simplex"))
-    pad_w = np.asarray(update.fit_lambda_batched(pad_feats, prefs, l2=cfg.l2, mask=mask, init=pad_w, tol=1e-5))
+    pad_w = np.asarray(update.fit_lambda_batched(pad_feats, prefs, l2=pad_l2, mask=mask, init=pad_w, tol=1e-5))
     history["lam_history"].append(lam.copy())
     history["reward"].append(reward.mean(axis=1))
     history["kl"].append(kl.mean(axis=(1, 2)))

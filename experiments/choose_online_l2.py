@@ -1,0 +1,107 @@
+r"""The online learners' penalties, chosen on a dev run's comparisons by cross-validated choice prediction.
+
+  python -m experiments.main --config=configs/demo.py --workdir=workdir/dev --config.eval.split=dev
+  python -m experiments.choose_online_l2 workdir/dev [workdir/dev_seed1 ...] [--l2s=1,3,10,30,100] [--json F]
+
+Reads each run's `comparisons.npz` (every user's comparisons: the spectral features, PAD's predicted attribute
+vectors and the choices) and `config.json`, and prints, per learner and penalty, the held-out log-likelihood and
+accuracy of the users' choices (`spectral_soup.online.selection`): spectral lambda with the run's constraint and
+prior, P-Soups on the simplex, PAD's user weights. Runs must be dev runs (`--config.eval.split=dev`): the held-out
+users and prompts choose nothing. The penalties with the best log-likelihood go to `online.l2` (spectral and P-Soups
+share it: the same features) and `online.pad_weights_l2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+# (learner, features in comparisons.npz, constraint; None: the run's online.constraint).
+LEARNERS = (("spectral", "features", None), ("p_soups", "features", "simplex"), ("pad", "pad_features", "none"))
+
+
+def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
+  """comparisons.npz and the online config of a dev run; anything else is an error naming the file."""
+  config_path, data_path = os.path.join(workdir, "config.json"), os.path.join(workdir, "comparisons.npz")
+  missing = lambda path: FileNotFoundError(f"{path}: missing (expected a finished `python -m experiments.main` "
+                                            "workdir).")
+  if not os.path.exists(config_path):
+    raise missing(config_path)
+  with open(config_path) as f:
+    config = json.load(f)
+  split = config.get("eval", {}).get("split")
+  if split != "dev":
+    raise ValueError(f"{config_path}: eval.split={split!r}; penalties are chosen on dev runs only "
+                     "(--config.eval.split=dev), never on the held-out users.")
+  if not os.path.exists(data_path):
+    raise missing(data_path)
+  with np.load(data_path) as data:
+    missing = {"features", "pad_features", "prefs"} - set(data.files)
+    if missing:
+      raise ValueError(f"{data_path}: missing {sorted(missing)}; expected the main job's comparisons.")
+    run = {name: np.asarray(data[name]) for name in ("features", "pad_features", "prefs")}
+  online = config.get("online", {})
+  num_bases = run["features"].shape[-1]
+  prior = online.get("prior_mean", 0.0)
+  run["prior_mean"] = np.full(num_bases, 1.0 / num_bases if prior < 0 else prior, np.float32)
+  run["constraint"] = online.get("constraint", "none")
+  return run
+
+
+def choose(workdirs: Sequence[str], l2s: Sequence[float], folds: int = 8) -> dict:
+  """{learner: {"l2", "log_likelihood", "accuracy": [P] pooled over runs, "best_l2"}}."""
+  from spectral_soup.online import selection  # pylint: disable=g-import-not-at-top
+  runs = [load_dev_run(w) for w in workdirs]
+  if len({r["constraint"] for r in runs}) > 1:
+    raise ValueError(f"The runs use different online.constraint values: {[r['constraint'] for r in runs]}.")
+  out = {}
+  for name, field, constraint in LEARNERS:
+    constraint = constraint or runs[0]["constraint"]
+    prior = lambda run: run["prior_mean"] if name == "spectral" else None  # PAD's weights: centered on 0.
+    results = [selection.cross_validate(run[field], run["prefs"], l2s, constraint=constraint, prior_mean=prior(run),
+                                        folds=folds) for run in runs]
+    counts = np.asarray([run["prefs"].size for run in runs], np.float64)
+    pooled = {key: np.average([r[key] for r in results], axis=0, weights=counts)
+              for key in ("log_likelihood", "accuracy")}
+    out[name] = {"constraint": constraint, "l2": [float(x) for x in l2s],
+                 "log_likelihood": pooled["log_likelihood"].tolist(), "accuracy": pooled["accuracy"].tolist(),
+                 "best_l2": float(l2s[int(np.argmax(pooled["log_likelihood"]))])}
+  return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m experiments.choose_online_l2", description=__doc__.split("\n")[0])
+  p.add_argument("workdirs", nargs="+", help="Workdirs of finished dev runs of experiments.main.")
+  p.add_argument("--l2s", default="0.3,1,3,10,30,100,300", help="Comma-separated penalties to compare.")
+  p.add_argument("--folds", type=int, default=8, help="Folds of every user's comparisons.")
+  p.add_argument("--json", default="", help="Where to write the numbers (JSON).")
+  args = p.parse_args(argv)
+  try:
+    l2s = [float(x) for x in args.l2s.split(",") if x.strip()]
+  except ValueError:
+    p.error(f"--l2s={args.l2s!r}: expected comma-separated numbers.")
+  try:
+    out = choose(args.workdirs, l2s, args.folds)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"held-out choice prediction ({args.folds}-fold per user) over {len(args.workdirs)} dev run(s)")
+  print(f"{'learner':<10} {'constraint':<12} " + " ".join(f"{f'l2={x:g}':>14}" for x in l2s) + "  best")
+  for name, r in out.items():
+    cells = " ".join(f"{ll:+.3f}/{acc:.3f}".rjust(14) for ll, acc in zip(r["log_likelihood"], r["accuracy"]))
+    print(f"{name:<10} {r['constraint']:<12} {cells}  {r['best_l2']:g}")
+  print("(each cell: mean held-out log-likelihood per comparison / accuracy)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"name": "choose_online_l2", "workdirs": list(args.workdirs), "folds": args.folds, "learners": out},
+                f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

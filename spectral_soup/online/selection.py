@@ -1,0 +1,72 @@
+"""Choosing a learner's penalty from comparisons alone: cross-validated prediction of the users' choices.
+
+The online fits shrink lambda toward a prior with an L2 penalty. Its best strength depends on how informative the
+features are about the choices (the bases' implicit rewards predict them less well than a token-count reward
+model's attribute predictions, for example), so each learner's penalty is chosen on the comparisons of a dev run
+(`experiments.choose_online_l2` reads its `comparisons.npz`), never on the held-out users: every user's comparisons
+are split into folds, each fold's choices are predicted by the fit on the other folds, and the held-out
+log-likelihood and accuracy are averaged over users and folds.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from spectral_soup.online import update
+
+CONSTRAINTS = ("none", "nonnegative", "simplex")
+
+
+def _fit_kwargs(constraint: str, prior_mean: Optional[np.ndarray]) -> dict:
+  if constraint not in CONSTRAINTS:
+    raise ValueError(f"constraint={constraint!r}: expected one of {CONSTRAINTS}.")
+  if constraint == "simplex":
+    return {"constraint": "simplex"}
+  kwargs = {"tol": 1e-5}
+  if prior_mean is not None:
+    kwargs["prior_mean"] = np.asarray(prior_mean, np.float32)
+  if constraint == "nonnegative":
+    kwargs.update(constraint="box", box=(0.0, np.inf))
+  return kwargs
+
+
+def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float], *, constraint: str = "none",
+                   prior_mean: Optional[np.ndarray] = None, folds: int = 8) -> Dict[str, np.ndarray]:
+  """Held-out choice prediction of the logistic lambda fit at each penalty.
+
+  Args:
+    features: f32[U, N, K] each comparison's feature difference (first response minus second).
+    prefs: f32[U, N] 1 where the user chose the first response, else 0.
+    l2s: the penalties to compare.
+    constraint: "none", "nonnegative" (lam >= 0) or "simplex" (P-Soups; its fit has no prior).
+    prior_mean: f32[K] the center of the penalty (None: 0); ignored for the simplex.
+    folds: comparisons of every user are assigned to folds round-robin (comparison n to fold n % folds).
+
+  Returns:
+    {"l2": [P], "log_likelihood": [P] mean held-out log-likelihood per comparison, "accuracy": [P] held-out
+    share of choices on the side of the fitted lambda's margin (a zero margin counts as wrong)}.
+  """
+  features, prefs = np.asarray(features, np.float32), np.asarray(prefs, np.float32)
+  if features.ndim != 3 or prefs.shape != features.shape[:2]:
+    raise ValueError(f"features must be [U, N, K] and prefs [U, N]; got {features.shape} and {prefs.shape}.")
+  num_users, num, _ = features.shape
+  if not 2 <= folds <= num:
+    raise ValueError(f"folds={folds}: expected 2..{num} (the comparisons per user).")
+  if not len(l2s) or min(l2s) <= 0:
+    raise ValueError(f"l2s={list(l2s)}: expected one or more positive penalties.")
+  kwargs = _fit_kwargs(constraint, prior_mean)
+  fold = np.arange(num) % folds
+  ll, acc = np.zeros(len(l2s)), np.zeros(len(l2s))
+  for i, l2 in enumerate(l2s):
+    for j in range(folds):
+      train, test = fold != j, fold == j
+      lam = np.asarray(update.fit_lambda_batched(features[:, train], prefs[:, train], l2=float(l2),
+                                                 mask=np.ones((num_users, train.sum()), bool), **kwargs))
+      margin = np.einsum("unk,uk->un", features[:, test], lam).astype(np.float64)
+      y = prefs[:, test]
+      ll[i] += np.sum(-y * np.logaddexp(0.0, -margin) - (1 - y) * np.logaddexp(0.0, margin))
+      acc[i] += np.sum(np.where(y > 0.5, margin > 0, margin < 0))
+  total = num_users * num
+  return {"l2": np.asarray(l2s, np.float64), "log_likelihood": ll / total, "accuracy": acc / total}
