@@ -54,15 +54,20 @@ def get_config():
   config.online = ml_collections.ConfigDict()
   config.online.rounds = 4  # T rounds.
   config.online.prompts_per_round = 16  # Comparisons per user per round.
-  config.online.l2 = 1.0  # L2 penalty of the lambda fits.
+  # L2 penalty of the lambda fits (spectral, P-Soups and PAD's user weights; `online.pad_weights_l2` gives PAD its
+  # own). `python -m experiments.choose_online_l2 DEV_WORKDIR` cross-validates it on a dev run's comparisons.
+  config.online.l2 = 1.0
+  config.online.pad_weights_l2 = ml_collections.FieldReference(None, field_type=float)  # None: online.l2.
   config.online.prior_mean = -1.0  # Center of the penalty, lam_k = prior_mean (-1: 1/K, the uniform soup).
   config.online.explore_scale = 1.0  # Thompson sampling: posterior noise scale of the shown soups.
   config.online.mode = "explicit"  # Soups that generate the shown responses: explicit, params or implicit.
   # Spectral lambda: "nonnegative" (lam >= 0, any scale: Dirichlet users want more of each attribute or do not care;
   # P-Soups also fixes sum lam = 1) or "none" (any sign).
   config.online.constraint = "nonnegative"
-  # Serve lam / sum(lam) (choices do not identify the reward's scale; see online.update.unit_total_weight).
-  config.online.unit_total_weight = False
+  # Serve lam / sum(lam): choices do not identify the reward's scale (noisy features attenuate the fitted lambda),
+  # and the bases are fitted at the users' reward scale (a Dirichlet user's weights sum to 1; online.update.
+  # unit_total_weight).
+  config.online.unit_total_weight = True
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_prompts = 64  # Held-out prompts every method answers.
