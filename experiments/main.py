@@ -50,6 +50,16 @@ METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup
                 "mod_oracle", "uniform", "reference", "bespoke")
 
 
+def online_config(config):
+  """The online protocol's settings from the job's config (prior_mean < 0: 1 / K, the uniform soup)."""
+  from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
+  o = config.online
+  return protocol.OnlineConfig(
+      rounds=o.rounds, prompts_per_round=o.prompts_per_round, l2=o.l2, pad_weights_l2=o.get("pad_weights_l2"),
+      prior_mean=1.0 / len(config.data.attributes) if o.prior_mean < 0 else o.prior_mean,
+      explore_scale=o.explore_scale, mode=o.mode, constraint=o.get("constraint", "none"))
+
+
 def validate_config(config) -> None:
   """Fails fast, naming the field, before anything expensive runs (the training fields: `offline.train`)."""
   from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
@@ -71,15 +81,8 @@ def validate_config(config) -> None:
   need(config.users.seed >= 0, "users.seed", ">= 0")
   need(config.users.temperature >= 0, "users.temperature", ">= 0")
   need(config.users.concentration > 0, "users.concentration", "> 0")
-  need(config.online.rounds >= 1, "online.rounds", ">= 1")
-  need(config.online.prompts_per_round >= 1, "online.prompts_per_round", ">= 1")
-  need(config.online.l2 > 0, "online.l2", "> 0")
-  need(config.online.get("pad_weights_l2") is None or config.online.pad_weights_l2 > 0, "online.pad_weights_l2",
-       "> 0 (or None: online.l2)")
-  need(config.online.explore_scale >= 0, "online.explore_scale", ">= 0")
-  need(config.online.mode in ("explicit", "params", "implicit"), "online.mode", "'explicit', 'params' or 'implicit'")
-  need(config.online.get("constraint", "none") in protocol.CONSTRAINTS, "online.constraint",
-       f"one of {protocol.CONSTRAINTS}")
+  for field, expected in protocol.config_problems(online_config(config)):
+    need(False, f"online.{field}", expected)
   need(not config.online.get("unit_total_weight", False) or config.online.get("constraint") == "nonnegative",
        "online.unit_total_weight", "False unless online.constraint='nonnegative' (it rescales lambda to sum 1)")
   need(config.eval.split in ("heldout", "dev"), "eval.split",
@@ -268,12 +271,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # ---- 5. Online.
   t0 = phase(f"online: {config.online.rounds} rounds x {config.online.prompts_per_round} comparisons, "
              f"{num_users} users, {config.online.mode} soups")
-  online_cfg = protocol.OnlineConfig(rounds=config.online.rounds, prompts_per_round=config.online.prompts_per_round,
-                                     l2=config.online.l2, pad_weights_l2=config.online.get("pad_weights_l2"),
-                                     prior_mean=(1.0 / num_bases if config.online.prior_mean < 0
-                                                 else config.online.prior_mean),
-                                     explore_scale=config.online.explore_scale, mode=config.online.mode,
-                                     constraint=config.online.get("constraint", "none"))
+  online_cfg = online_config(config)
   harness = make_harness(online_pool, config.eval.max_new_tokens)
   key = jax.random.key(config.seed)
   key, k_online = jax.random.split(key)

@@ -22,7 +22,8 @@ lambda; `cumulative_regret` turns the rewards into regret against a policy's val
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Protocol
+import math
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from spectral_soup.utils import progress
 
 LEARNERS = ("spectral", "p_soups", "pad")
 CONSTRAINTS = ("none", "nonnegative")
+MODES = ("explicit", "params", "implicit")  # How the shown responses are generated.
 
 
 class Harness(Protocol):
@@ -65,21 +67,23 @@ class OnlineConfig:
   constraint: str = "none"
 
 
-def _check(cfg: OnlineConfig, pool_size: int) -> None:
-  if cfg.rounds < 1:
-    raise ValueError(f"online.rounds={cfg.rounds}: expected >= 1.")
-  if not 1 <= cfg.prompts_per_round <= pool_size:
-    raise ValueError(f"online.prompts_per_round={cfg.prompts_per_round}: expected 1..{pool_size} (the prompt pool).")
-  if cfg.l2 <= 0:
-    raise ValueError(f"online.l2={cfg.l2}: expected > 0.")
-  if cfg.pad_weights_l2 is not None and cfg.pad_weights_l2 <= 0:
-    raise ValueError(f"online.pad_weights_l2={cfg.pad_weights_l2}: expected > 0 (or None: online.l2).")
-  if cfg.explore_scale < 0:
-    raise ValueError(f"online.explore_scale={cfg.explore_scale}: expected >= 0.")
-  if cfg.mode not in ("explicit", "params", "implicit"):
-    raise ValueError(f"online.mode={cfg.mode!r}: expected 'explicit', 'params' or 'implicit'.")
-  if cfg.constraint not in CONSTRAINTS:
-    raise ValueError(f"online.constraint={cfg.constraint!r}: expected one of {CONSTRAINTS}.")
+def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[Tuple[str, str]]:
+  """(field, what was expected) for every invalid field of `cfg`; the prompt pool bounds prompts_per_round if given.
+
+  The one list of these checks: `run_online` raises on the first, and the main job's config check names them before
+  anything loads.
+  """
+  most = pool_size if pool_size is not None else math.inf
+  checks = (
+      (cfg.rounds >= 1, "rounds", ">= 1"),
+      (1 <= cfg.prompts_per_round <= most, "prompts_per_round",
+       ">= 1" if pool_size is None else f"1..{pool_size} (the prompt pool)"),
+      (cfg.l2 > 0, "l2", "> 0"),
+      (cfg.pad_weights_l2 is None or cfg.pad_weights_l2 > 0, "pad_weights_l2", "> 0 (or None: online.l2)"),
+      (cfg.explore_scale >= 0, "explore_scale", ">= 0"),
+      (cfg.mode in MODES, "mode", " or ".join(map(repr, MODES))),
+      (cfg.constraint in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"))
+  return [(field, expected) for ok, field, expected in checks if not ok]
 
 
 def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int, cfg: OnlineConfig,
@@ -93,7 +97,8 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
      "comparison_features": [U, T * M, K], "comparison_pad_features": [U, T * M, A] and "comparison_prefs":
      [U, T * M], every comparison}.
   """
-  _check(cfg, pool_size)
+  for field, expected in config_problems(cfg, pool_size)[:1]:
+    raise ValueError(f"online.{field}={getattr(cfg, field)!r} is invalid: expected {expected}.")
   num_users, num_bases, num_attr = users.num_users, harness.num_bases, harness.num_attributes
   capacity = cfg.rounds * cfg.prompts_per_round
   feats = np.zeros((num_users, capacity, num_bases), np.float32)
