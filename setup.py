@@ -50,6 +50,8 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["spectral_soup", "spectral_soup.*", "experiments",
                                                "experiments.*", "configs"]),
+    # The shipped embedded preference data (spectral_soup/data/shipped/README.md).
+    package_data={"spectral_soup.data": ["shipped/README.md", "shipped/*/pairs.jsonl", "shipped/*/metadata.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

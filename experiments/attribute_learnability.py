@@ -76,11 +76,7 @@ def main(argv) -> None:
   hints = None
   if config.data.source == "embedded":
     from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
-    d = config.data
-    settings = embedded.GenerationSettings(
-        model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
-        temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size, attributes=tuple(attributes))
-    records, _ = embedded.load_pairs(embedded.generate(settings, d.cache_dir or embedded.default_cache_root()))
+    records, _ = embedded.load_pairs(embedded.generate_for_config(config))
     hints = learnability.hint_share_of_pairs(records, len(attributes))
   evals = metrics_lib.read_metrics(workdir, kind="eval") if os.path.exists(
       os.path.join(workdir, metrics_lib.FILENAME)) else []

@@ -159,10 +159,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # (one line), and nothing is written to the workdir before all of them have been accepted.
   with errors.input_stage():
     d = config.data
-    settings = embedded.GenerationSettings(
-        model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
-        temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size, attributes=attributes)
-    data_dir = embedded.generate(settings, d.cache_dir or embedded.default_cache_root())
+    data_dir = embedded.generate_for_config(config)
     pairs, metadata = embedded.load_pairs(data_dir)
     model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
                                              weight_dtype=config.model.weight_dtype, remat=config.model.remat)

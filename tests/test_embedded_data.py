@@ -1,6 +1,8 @@
-"""The embedded preference data: prompts, labels, splits and tokenization (generation itself runs in the jobs)."""
+"""The embedded preference data: prompts, labels, splits, tokenization, caching, and the shipped demo data (one batch
+is sampled again with the embedded model and compared byte for byte)."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -219,3 +221,59 @@ def test_an_unreadable_cached_dataset_is_moved_aside_and_generated_again(tmp_pat
   assert len(embedded.load_pairs(out)[0]) == 6
   aside = [name for name in os.listdir(root) if ".unreadable-" in name]
   assert len(aside) == 1 and aside[0] in caplog.text
+
+
+def test_one_batch_regenerates_alone_as_in_the_whole_dataset(tmp_path, monkeypatch):
+  """`regenerate_batch` samples batch j with batch j's key and the whole dataset's prompt padding."""
+  _fake_lm(monkeypatch)
+  settings = embedded.GenerationSettings(num_prompts=7, batch_size=4, max_new_tokens=12, attributes=("verbosity",))
+  pairs, _ = embedded.load_pairs(embedded.generate(settings, str(tmp_path)))
+  for index in range(4):  # 14 rows in batches of 4: the last batch holds one pair.
+    assert embedded.regenerate_batch(settings, index) == pairs[2 * index:2 * index + 2]
+  with pytest.raises(ValueError, match="index=4"):
+    embedded.regenerate_batch(settings, 4)
+  with pytest.raises(ValueError, match="even"):
+    embedded.regenerate_batch(dataclasses.replace(settings, batch_size=3), 0)
+
+
+def _demo_settings():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  return embedded.settings_from_config(demo.get_config())
+
+
+def test_the_demo_reads_its_shipped_data_without_sampling(tmp_path, monkeypatch):
+  settings = _demo_settings()
+  shipped = embedded.shipped_dataset(settings)
+  assert shipped == os.path.join(embedded.SHIPPED_ROOT, f"embedded_prefs-{settings.key()}")
+  _refuse_sampling(monkeypatch)
+  root = str(tmp_path / "cache")
+  assert embedded.generate(settings, root) == shipped and not os.path.exists(root)
+  pairs, metadata = embedded.load_pairs(shipped)
+  assert len(pairs) == settings.num_prompts == metadata["num_pairs"]
+  assert {k: metadata[k] for k in ("num_prompts", "seed", "max_new_tokens", "temperature", "top_p", "batch_size")} == {
+      k: getattr(settings, k) for k in ("num_prompts", "seed", "max_new_tokens", "temperature", "top_p",
+                                        "batch_size")}
+  # Another attribute set rescores the shipped responses into the cache, without sampling.
+  other = dataclasses.replace(settings, attributes=("verbosity", "sentiment"))
+  rescored = embedded.generate(other, root)
+  assert rescored.startswith(root)
+  again, again_metadata = embedded.load_pairs(rescored)
+  assert [p["response_b"] for p in again] == [p["response_b"] for p in pairs]
+  np.testing.assert_array_equal([p["scores_a"] for p in again], np.asarray([p["scores_a"] for p in pairs])[:, [1, 2]])
+  assert again_metadata["rescored_from"] == os.path.basename(shipped)
+  with pytest.raises(_NoSampling):  # force=True samples, shipped data or not.
+    embedded.generate(settings, root, force=True)
+
+
+def test_the_shipped_demo_data_regenerate_byte_identically():
+  """The first batch of the shipped demo data, sampled again with the package's own sampler and rewards."""
+  settings = _demo_settings()
+  records = embedded.regenerate_batch(settings, 0)
+  with open(os.path.join(embedded.shipped_dataset(settings), "pairs.jsonl")) as f:
+    lines = f.read().splitlines()
+  assert len(records) == settings.batch_size // 2 == 64
+  for i, record in enumerate(records):
+    assert json.dumps(record) == lines[i], (
+        f"pair {i} of the shipped demo data differs from the one sampled now: the sampler, the prompts, the hints or "
+        "the rewards changed (regenerate the shipped data: spectral_soup/data/shipped/README.md), or this CPU rounds "
+        "differently from the one that wrote it")

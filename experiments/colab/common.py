@@ -80,11 +80,7 @@ def embedded_data(config: ml_collections.ConfigDict, tokenizer: Any) -> Tuple[li
   as `train` tokenizes it: arrays["prompt"] are the chat-formatted prompts, arrays["scores_a"] the raw scores."""
   from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
   d = config.data
-  settings = embedded.GenerationSettings(
-      model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
-      temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size,
-      attributes=tuple(d.attributes))
-  pairs, _ = embedded.load_pairs(embedded.generate(settings, d.cache_dir or embedded.default_cache_root()))
+  pairs, _ = embedded.load_pairs(embedded.generate_for_config(config))
   arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
                                    tie_margin=d.tie_margin)
   return pairs, arrays

@@ -9,9 +9,11 @@ per-attribute Bradley-Terry labels (see `spectral_soup.data.builders.embedded_pr
 
 The output directory holds `pairs.jsonl` and `metadata.json`; it is written atomically (temporary directory, then
 rename) and keyed by a hash of every setting that changes its content, so a second call with the same settings
-returns the cached copy. Deterministic for a seed on a given machine. A request that differs from a cached dataset
-only in `attributes` reuses that dataset's responses and only scores them again (no sampling); the result is the
-dataset sampling would have written, with `rescored_from` naming the source directory in its metadata.
+returns the cached copy; a dataset shipped with the package (`shipped/`, the demo's) is returned without sampling.
+Deterministic for a seed on a given machine (`regenerate_batch` samples one batch again, alone, to check it). A
+request that differs from a cached or shipped dataset only in `attributes` reuses that dataset's responses and only
+scores them again (no sampling); the result is the dataset sampling would have written, with `rescored_from`
+naming the source directory in its metadata.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ class GenerationSettings:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Datasets this package ships (`shipped/README.md`): `generate` returns one whose settings match instead of sampling.
+SHIPPED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+
+
+def shipped_dataset(settings: GenerationSettings) -> Optional[str]:
+  """The shipped dataset directory with exactly these settings, or None."""
+  path = os.path.join(SHIPPED_ROOT, f"embedded_prefs-{settings.key()}")
+  return path if os.path.exists(os.path.join(path, "metadata.json")) else None
+
+
 def chitchat_questions(num: int, seed: int, min_words: int = 4, max_chars: int = 120) -> list:
   """`num` distinct real questions from chitchat-dataset, chosen by `seed`."""
   import chitchat_dataset  # pylint: disable=g-import-not-at-top
@@ -77,6 +89,19 @@ def chitchat_questions(num: int, seed: int, min_words: int = 4, max_chars: int =
     raise ValueError(f"num_prompts={num} exceeds the {len(pool)} usable questions in chitchat-dataset.")
   order = np.random.default_rng(seed).permutation(len(pool))[:num]
   return [pool[i] for i in order]
+
+
+def settings_from_config(config) -> GenerationSettings:
+  """The dataset that a config's `data` fields (and `model.path`) describe."""
+  d = config.data
+  return GenerationSettings(model=config.model.path, num_prompts=d.num_prompts, seed=d.seed,
+                            max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
+                            batch_size=d.generation_batch_size, attributes=tuple(d.attributes))
+
+
+def generate_for_config(config) -> str:
+  """`generate` of the config's dataset in `config.data.cache_dir` (empty: `default_cache_root()`)."""
+  return generate(settings_from_config(config), config.data.get("cache_dir") or default_cache_root())
 
 
 def generate(settings: GenerationSettings, cache_root: str, *, force: bool = False) -> str:
@@ -105,6 +130,10 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
       logging.info("Reusing the embedded preference data in %s", out_dir)
       return out_dir
 
+  if not force and shipped_dataset(settings):
+    logging.info("Using the embedded preference data shipped in %s", shipped_dataset(settings))
+    return shipped_dataset(settings)
+
   from spectral_soup.data import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
 
   suite = rewards_lib.RewardSuite(list(settings.attributes))  # Fails fast on an unknown attribute.
@@ -113,31 +142,56 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
     if source is not None:
       return _rescore(settings, suite, source, cache_root, out_dir)
 
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  model, params = models.from_pretrained(settings.model)
+  tokenizer = models.tokenizer_from_pretrained(settings.model)
+  prompts, hints, encoded = _sampling_plan(settings, tokenizer)
+  responses, ended = _sample(settings, model, params, tokenizer, encoded)
+  sample_s = time.time() - start
+
+  _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended, sample_s)
+  logging.info("Wrote %d pairs to %s in %.1f s", len(prompts), out_dir, time.time() - start)
+  return out_dir
+
+
+def _sampling_plan(settings: GenerationSettings, tokenizer) -> Tuple[list, list, list]:
+  """(prompts [N], hints [2N], chat-encoded rows [2N]): rows 2i and 2i+1 are the two responses to prompt i."""
+  prompts = chitchat_questions(settings.num_prompts, settings.seed)
+  rng = np.random.default_rng(settings.seed + 1)
+  hints = [settings.style_hints[rng.integers(len(settings.style_hints))] for _ in prompts for _ in range(2)]
+  encoded = [_encode_chat(tokenizer, prompt, hint) for prompt, hint in zip([p for p in prompts for _ in "ab"], hints)]
+  return prompts, hints, encoded
+
+
+def _sample(settings: GenerationSettings, model, params, tokenizer, encoded: Sequence[list],
+            batches: Optional[Sequence[int]] = None) -> Tuple[list, list]:
+  """(responses, ended) of the rows in `batches` (indices of `settings.batch_size` rows; None: all).
+
+  Every batch is sampled exactly as in a whole generation (its own key from the same chain, the same prompt
+  padding), so a slice can be regenerated alone (`regenerate_batch`).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from spectral_soup import models  # pylint: disable=g-import-not-at-top
   from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
   from spectral_soup.utils import progress  # pylint: disable=g-import-not-at-top
 
-  start = time.time()
-  model, params = models.from_pretrained(settings.model)
-  tokenizer = models.tokenizer_from_pretrained(settings.model)
-  prompts = chitchat_questions(settings.num_prompts, settings.seed)
-  rng = np.random.default_rng(settings.seed + 1)
-  # Row 2i and 2i+1 are the two responses to prompt i.
-  rows = [(p, settings.style_hints[rng.integers(len(settings.style_hints))]) for p in prompts for _ in range(2)]
-  encoded = [_encode_chat(tokenizer, prompt, hint) for prompt, hint in rows]
   prompt_len = max(len(e) for e in encoded)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   sampling = decoding.SamplingConfig(settings.temperature, 0, settings.top_p)
   logits_fn = decoding.model_logits_fn(model)
+  batch = settings.batch_size
+  num_batches = -(-len(encoded) // batch)
+  wanted = set(range(num_batches) if batches is None else batches)
   key = jax.random.key(settings.seed)
   responses, ended = [], []
-  batch = settings.batch_size
-  for lo in progress.track(range(0, len(rows), batch), desc="sampling responses", unit="batch",
-                           total=-(-len(rows) // batch)):
-    chunk = encoded[lo:lo + batch]
-    tokens, mask = decoding.pad_prompts(chunk, batch, prompt_len, pad_id)
+  for index in progress.track(range(num_batches), desc="sampling responses", unit="batch", total=num_batches):
     key, sub = jax.random.split(key)
+    if index not in wanted:
+      continue
+    chunk = encoded[index * batch:(index + 1) * batch]
+    tokens, mask = decoding.pad_prompts(chunk, batch, prompt_len, pad_id)
     out, aux = decoding.decode(logits_fn, params, tokens, mask,
                                models.init_cache(model.config, batch, prompt_len + settings.max_new_tokens), sub,
                                max_new_tokens=settings.max_new_tokens, sampling=sampling,
@@ -147,28 +201,55 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
       ids = out[i, :lengths[i]].tolist()
       responses.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
       ended.append(bool(ids) and ids[-1] == tokenizer.eos_token_id)
-  sample_s = time.time() - start
+  return responses, ended
 
-  _write_dataset(settings, suite, cache_root, out_dir, prompts, [h for _, h in rows], responses, ended, sample_s)
-  logging.info("Wrote %d pairs to %s in %.1f s", len(prompts), out_dir, time.time() - start)
-  return out_dir
+
+def regenerate_batch(settings: GenerationSettings, index: int = 0) -> List[dict]:
+  """Samples and scores batch `index` of the dataset `settings` describes, alone: its pairs, as pairs.jsonl holds
+  them (checks a shipped or cached dataset without sampling all of it; `settings.batch_size` must be even)."""
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.data import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+
+  if settings.batch_size % 2:
+    raise ValueError(f"batch_size={settings.batch_size}: a batch must hold whole pairs (an even number of rows).")
+  model, params = models.from_pretrained(settings.model)
+  tokenizer = models.tokenizer_from_pretrained(settings.model)
+  prompts, hints, encoded = _sampling_plan(settings, tokenizer)
+  if not 0 <= index < -(-len(encoded) // settings.batch_size):
+    raise ValueError(f"index={index}: the dataset has {-(-len(encoded) // settings.batch_size)} batches.")
+  responses, ended = _sample(settings, model, params, tokenizer, encoded, batches=[index])
+  first = index * settings.batch_size // 2
+  prompts = prompts[first:first + len(responses) // 2]
+  hints = hints[2 * first:2 * first + len(responses)]
+  return _pair_records(settings, rewards_lib.RewardSuite(list(settings.attributes)), prompts, hints, responses,
+                       ended)[0]
+
+
+def _pair_records(settings: GenerationSettings, suite, prompts: Sequence[str], hints: Sequence[str],
+                  responses: Sequence[str], ended: Sequence[bool]) -> Tuple[List[dict], np.ndarray]:
+  """The pairs.jsonl records of scored responses (rows 2i, 2i+1 answer prompts[i]), and the raw scores [2N, A]."""
+  plain = [p for p in prompts for _ in range(2)]
+  scores = suite(plain, responses)  # [2N, A], raw scale.
+  records = []
+  for i, prompt in enumerate(prompts):
+    a, b = 2 * i, 2 * i + 1
+    records.append({
+        "prompt": prompt, "response_a": responses[a], "response_b": responses[b],
+        "scores_a": [float(x) for x in scores[a]], "scores_b": [float(x) for x in scores[b]],
+        "attributes": list(settings.attributes), "hint_a": hints[a], "hint_b": hints[b],
+        "ended_a": ended[a], "ended_b": ended[b]})
+  return records, scores
 
 
 def _write_dataset(settings: GenerationSettings, suite, cache_root: str, out_dir: str, prompts: Sequence[str],
                    hints: Sequence[str], responses: Sequence[str], ended: Sequence[bool], sampling_seconds: float,
                    **extra_metadata) -> None:
   """Scores the responses (rows 2i, 2i+1 answer prompts[i]) and writes `out_dir` atomically."""
-  plain = [p for p in prompts for _ in range(2)]
-  scores = suite(plain, responses)  # [2N, A], raw scale.
+  records, scores = _pair_records(settings, suite, prompts, hints, responses, ended)
   tmp = tempfile.mkdtemp(prefix=".embedded_prefs-", dir=_ensure_dir(cache_root))
   with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
-    for i, prompt in enumerate(prompts):
-      a, b = 2 * i, 2 * i + 1
-      f.write(json.dumps({
-          "prompt": prompt, "response_a": responses[a], "response_b": responses[b],
-          "scores_a": [float(x) for x in scores[a]], "scores_b": [float(x) for x in scores[b]],
-          "attributes": list(settings.attributes), "hint_a": hints[a], "hint_b": hints[b],
-          "ended_a": ended[a], "ended_b": ended[b]}) + "\n")
+    for record in records:
+      f.write(json.dumps(record) + "\n")
   metadata = dict(dataclasses.asdict(settings), attributes=list(settings.attributes),
                   style_hints=list(settings.style_hints), num_pairs=len(prompts), sampling_seconds=sampling_seconds,
                   ended_fraction=float(np.mean(ended)), score_mean=scores.mean(0).tolist(),
@@ -189,7 +270,9 @@ def _find_rescorable(settings: GenerationSettings, cache_root: str) -> Optional[
   del wanted["attributes"]
   wanted = json.loads(json.dumps(wanted))  # Tuples -> lists, as stored in metadata.json.
   found: List[Tuple[bool, str]] = []
-  for path in glob.glob(os.path.join(glob.escape(cache_root), "embedded_prefs-*", "metadata.json")):
+  paths = [path for root in (cache_root, SHIPPED_ROOT)
+           for path in sorted(glob.glob(os.path.join(glob.escape(root), "embedded_prefs-*", "metadata.json")))]
+  for path in paths:
     directory = os.path.dirname(path)
     if ".unreadable-" in os.path.basename(directory) or not os.path.exists(os.path.join(directory, "pairs.jsonl")):
       continue  # Set aside as damaged, or incomplete.

@@ -432,14 +432,10 @@ def _embedded_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.nda
   from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
   d = config.data
-  settings = embedded.GenerationSettings(
-      model=config.model.path, num_prompts=d.num_prompts, seed=d.seed, max_new_tokens=d.max_new_tokens,
-      temperature=d.temperature, top_p=d.top_p, batch_size=d.generation_batch_size,
-      attributes=tuple(d.attributes))
-  if len(settings.attributes) != config.basis.num_bases:
+  if len(d.attributes) != config.basis.num_bases:
     raise ValueError(f"config.basis.num_bases={config.basis.num_bases} but config.data.attributes has "
-                     f"{len(settings.attributes)} attributes: one basis per attribute.")
-  directory = embedded.generate(settings, d.cache_dir or embedded.default_cache_root())
+                     f"{len(d.attributes)} attributes: one basis per attribute.")
+  directory = embedded.generate_for_config(config)
   pairs, _ = embedded.load_pairs(directory)
   tokenizer = hf_import.tokenizer_from_pretrained(config.model.path)
   arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
