@@ -114,8 +114,8 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
 
   Returns:
     The dataset directory, `cache_root/embedded_prefs-<settings.key()>`. Without `force`, an existing one is
-    returned as is, and a cached dataset whose settings differ only in `attributes` is rescored instead of
-    sampling again.
+    returned as is, then a shipped one with these settings (`shipped_dataset`, read in place), and a cached or
+    shipped dataset whose settings differ only in `attributes` is rescored instead of sampling again.
   """
   out_dir = os.path.join(cache_root, f"embedded_prefs-{settings.key()}")
   if not force and os.path.exists(os.path.join(out_dir, "metadata.json")):
@@ -130,9 +130,10 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
       logging.info("Reusing the embedded preference data in %s", out_dir)
       return out_dir
 
-  if not force and shipped_dataset(settings):
-    logging.info("Using the embedded preference data shipped in %s", shipped_dataset(settings))
-    return shipped_dataset(settings)
+  shipped = None if force else shipped_dataset(settings)
+  if shipped:
+    logging.info("Using the embedded preference data shipped in %s", shipped)
+    return shipped
 
   from spectral_soup.data import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
 
