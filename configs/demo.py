@@ -22,7 +22,7 @@ def get_config():
   config = train_basis_embedded.get_config()
   config.seed = 0  # Seed of the heads' initialization, the data order, the online rounds and the evaluation.
 
-  config.data.num_prompts = 1024  # Prompts of the embedded data, one pair each (1/4 held out by hash: 254 prompts).
+  config.data.num_prompts = 320  # Prompts of the embedded data, one pair each (about 1/4 held out: 73 prompts).
   config.data.max_new_tokens = 32  # Response length cap when sampling the data.
   config.data.response_len = 33  # Response tokens in training (with the end-of-turn token).
   config.data.generation_batch_size = 128  # Responses decoded together when generating the data.
@@ -30,8 +30,8 @@ def get_config():
   # The bases and the bespoke heads: one context-free logit vector each (pi_k ~ pi_ref exp(c_k)), in closed form:
   # ridge regression of the head's rating difference (an attribute's standardized score for a basis, the user's
   # true reward for a bespoke head) on the pair's token surprise difference, the ratings loss linearized around the
-  # reference (`offline.train.ridge_logit_bias`); no gradient step. On these ~770 training pairs every basis moves
-  # its own attribute (README, "Results of the default run").
+  # reference (`offline.train.ridge_logit_bias`); no gradient step. On these ~250 pairs every basis moves its own
+  # attribute (README, "Results of the default run").
   config.data.attributes = ("readability", "verbosity", "sentiment", "density", "formality")
   config.loss.kind = "ratings"  # Bases regress their attribute's score, bespoke heads their user's true reward.
   config.loss.rating_scale = 1.0  # Reward units per standardized score: sets how far each basis moves.
@@ -81,7 +81,7 @@ def get_config():
   config.eval.pareto_points = 3  # Soups on the sweep.
   # Each method's strength knob (its lambda or guidance weights times s), swept to trace its reward-KL frontier;
   # methods are compared at the bespoke policy's KL. Each includes 1.0 (the method as fitted); the other points
-  # bracket the bespoke policy's KL (about 3-6 nats here). The MOD oracle (true weights) equals the bespoke head
+  # bracket the bespoke policy's KL (about 2-3 nats here). The MOD oracle (true weights) equals the bespoke head
   # for these linear bases, so it is not swept.
   config.eval.frontier = ml_collections.ConfigDict({
       "spectral_soup_explicit": (0.5, 1.0, 1.5), "p_soups": (0.5, 1.0, 1.5), "pad": (0.25, 0.5, 1.0),
