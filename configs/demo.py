@@ -68,6 +68,9 @@ def get_config():
   # and the bases are fitted at the users' reward scale (a Dirichlet user's weights sum to 1; online.update.
   # unit_total_weight).
   config.online.unit_total_weight = True
+  # The lambda served: "map" (the penalized fit above, rescaled to sum 1) or "posterior_mean" (the Bayes estimate of
+  # its direction under a uniform prior on the simplex, online/direction.py; needs unit_total_weight).
+  config.online.estimate = "map"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_prompts = 64  # Held-out prompts every method answers.

@@ -45,6 +45,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the ru
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Methods evaluated along a strength knob (eval.frontier), compared at the bespoke policy's KL.
+ESTIMATES = ("map", "posterior_mean")  # The spectral lambda served: the penalized fit, or the Bayes direction.
 SWEPT = ("spectral_soup_explicit", "p_soups", "pad", "mod_oracle")
 METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup_implicit", "p_soups", "pad",
                 "mod_oracle", "uniform", "reference", "bespoke")
@@ -85,6 +86,10 @@ def validate_config(config) -> None:
     need(False, f"online.{field}", expected)
   need(not config.online.get("unit_total_weight", False) or config.online.get("constraint") == "nonnegative",
        "online.unit_total_weight", "False unless online.constraint='nonnegative' (it rescales lambda to sum 1)")
+  estimate = config.online.get("estimate", "map")
+  need(estimate in ESTIMATES, "online.estimate", " or ".join(map(repr, ESTIMATES)))
+  need(estimate != "posterior_mean" or config.online.get("unit_total_weight", False), "online.estimate",
+       "'map' unless online.unit_total_weight=True ('posterior_mean' estimates lambda's direction on the simplex)")
   need(config.eval.split in ("heldout", "dev"), "eval.split",
        "'heldout' (the held-out prompts and users) or 'dev' (a split of the training ones, for tuning)")
   need(config.eval.num_prompts >= 2, "eval.num_prompts", ">= 2")
@@ -135,6 +140,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   from spectral_soup.eval import plots
   from spectral_soup.offline import features
   from spectral_soup.offline import train
+  from spectral_soup.online import direction
   from spectral_soup.online import protocol
   from spectral_soup.online import update
   from spectral_soup.online import users as users_lib
@@ -274,7 +280,10 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   key, k_online = jax.random.split(key)
   history = protocol.run_online(harness, users, len(online_pool), online_cfg, k_online)
   lam, lam_ps, pad_w = history["lam"], history["lam_p_soups"], history["pad_weights"]
-  if config.online.get("unit_total_weight", False):  # Served at the bases' reward scale (update.unit_total_weight).
+  if config.online.get("estimate", "map") == "posterior_mean":  # The Bayes direction (online/direction.py).
+    lam = direction.posterior_mean_direction(history["comparison_features"], history["comparison_prefs"],
+                                             key=jax.random.fold_in(k_online, 1))
+  elif config.online.get("unit_total_weight", False):  # At the bases' reward scale (update.unit_total_weight).
     lam = update.unit_total_weight(lam)
   # The data behind every lambda, to refit it offline: features [U, N, K] (f(y_a) - f(y_b)), PAD's [U, N, A], choices.
   files.write_npz_atomic(os.path.join(workdir, "comparisons.npz"), features=history["comparison_features"],

@@ -15,7 +15,7 @@ def test_demo_config_validates():
     ("online.mode", "naive"), ("eval.num_prompts", 1), ("eval.pareto_bases", (1, 1)), ("basis.num_bases", 3),
     ("basis.kind", "lora"), ("optim.learning_rate", -1.0), ("basis.vocab_support", -5), ("eval.split", "test"),
     ("eval.soups", ("naive",)), ("online.constraint", "simplex"), ("basis.init", "normal"),
-    ("online.pad_weights_l2", -1.0),
+    ("online.pad_weights_l2", -1.0), ("online.estimate", "mean"),
 ])
 def test_bad_field_is_named(field, value):
   config = demo.get_config()
@@ -39,4 +39,13 @@ def test_unit_total_weight_needs_nonnegative_lambda():
   main.validate_config(config)  # The demo fits nonnegative lambda.
   config.online.constraint = "none"
   with pytest.raises(ValueError, match=r"online\.unit_total_weight"):
+    main.validate_config(config)
+
+
+def test_the_posterior_mean_direction_needs_unit_total_weight():
+  config = demo.get_config()
+  config.online.estimate = "posterior_mean"
+  main.validate_config(config)
+  config.online.unit_total_weight = False
+  with pytest.raises(ValueError, match=r"online\.estimate"):
     main.validate_config(config)

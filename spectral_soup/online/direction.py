@@ -1,0 +1,107 @@
+"""The Bayes estimate of a user's soup direction: the posterior mean of lambda / sum(lambda) on the simplex.
+
+For nonnegative lambda served at unit total weight (`update.unit_total_weight`), only lambda's direction
+d = lambda / sum(lambda) reaches the user; pairwise choices also carry a scale s > 0 (how consistently the user
+chooses, in units of the features), which serving discards. Model of one user's comparisons:
+
+  P(y_a preferred to y_b) = sigmoid(s * d . (f(y_a) - f(y_b))),   d ~ Dirichlet(concentration * 1),
+  log s ~ uniform on [log scale_min, log scale_max].
+
+The penalized fit's maximum (`update.fit_lambda`, box-constrained) sits on a face of the orthant when the choices
+are few and the features noisy: exact zeros on bases the user may well care about, and a soup concentrated on one
+or two bases, which spends more KL per unit of reward than the user's own mix. The posterior mean averages over every
+direction the choices leave plausible (it minimizes the expected squared error of d), so it never drops a basis the
+data do not rule out.
+
+Computed by Monte Carlo: M directions drawn once from the prior (shared by all users: common random numbers), each
+weighted by its likelihood integrated over a log-spaced grid of scales. Exact up to the sampling error of M draws
+(about 1 / sqrt(effective draws) per coordinate); cost O(U N M G), a few hundred milliseconds for 1,000 users on a
+CPU at the defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_soup.online import update
+
+Array = jax.Array
+DEFAULT_NUM_SAMPLES = 4096
+DEFAULT_SCALES = (0.1, 30.0)
+DEFAULT_NUM_SCALES = 25
+
+
+def prior_directions(key: Array, num_bases: int, num_samples: int = DEFAULT_NUM_SAMPLES,
+                     concentration: float = 1.0) -> Array:
+  """`num_samples` directions from Dirichlet(concentration * 1) over `num_bases` bases: f32[M, K]."""
+  if num_bases < 1 or num_samples < 1:
+    raise ValueError(f"num_bases={num_bases}, num_samples={num_samples}: expected both >= 1.")
+  if not concentration > 0:
+    raise ValueError(f"concentration={concentration}: expected > 0.")
+  return jax.random.dirichlet(key, jnp.full((num_bases,), concentration, jnp.float32), (num_samples,))
+
+
+@functools.partial(jax.jit, static_argnames=("num_scales",))
+def _posterior_mean(x: Array, p: Array, m: Array, directions: Array, lo: float, hi: float, num_scales: int) -> Array:
+  scales = jnp.exp(jnp.linspace(jnp.log(lo), jnp.log(hi), num_scales))  # [G]
+
+  def one_user(args):
+    xu, pu, mu = args  # [N, K], [N], [N]
+    margin = xu @ directions.T  # [N, M]
+    z = scales[:, None, None] * margin[None]  # [G, N, M]
+    # log P(choice) = p log sigmoid(z) + (1 - p) log sigmoid(-z); ties (p = 0.5) count half each way.
+    ll = jnp.einsum("gnm,n->gm", pu[:, None] * jax.nn.log_sigmoid(z) + (1.0 - pu[:, None]) * jax.nn.log_sigmoid(-z),
+                    mu)
+    log_w = jax.nn.logsumexp(ll, axis=0)  # [M]: the scale integrated out (uniform in log s on the grid).
+    return jax.nn.softmax(log_w) @ directions
+
+  return jax.lax.map(one_user, (x, p, m))  # One user at a time: O(N M G) memory, not O(U N M G).
+
+
+def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = None, mask=None,
+                             directions=None, num_samples: int = DEFAULT_NUM_SAMPLES, concentration: float = 1.0,
+                             scales=DEFAULT_SCALES, num_scales: int = DEFAULT_NUM_SCALES) -> np.ndarray:
+  """The posterior mean of each user's direction on the simplex (module docstring): float32[U, K], rows sum to 1.
+
+  Args:
+    delta_features: [U, N, K] f(y_a) - f(y_b) of every comparison (the bases' implicit rewards).
+    prefs: [U, N] labels in [0, 1] (1: y_a preferred; 0.5: a tie).
+    key: draws the prior directions (needed unless `directions` is given).
+    mask: [U, N] bool, the comparisons that count (None: all). A user with none gets the prior mean, 1 / K each.
+    directions: [M, K] prior draws to use instead of drawing (common random numbers across calls).
+    num_samples, concentration: M and the Dirichlet prior's concentration (1: uniform on the simplex).
+    scales: (scale_min, scale_max) > 0, the range of the log-uniform prior on s; num_scales: its grid size.
+  """
+  x = np.asarray(delta_features)
+  update._check_shapes("delta_features", x, (None, None, None), "[U, N, K]")  # pylint: disable=protected-access
+  num_users, num_rows, num_bases = x.shape
+  update._check_shapes("prefs", prefs, (num_users, num_rows), "[U, N]")  # pylint: disable=protected-access
+  m = np.ones((num_users, num_rows), bool) if mask is None else np.asarray(mask, bool)
+  update._check_shapes("mask", m, (num_users, num_rows), "[U, N]")  # pylint: disable=protected-access
+  update._check_labels(prefs, m)  # pylint: disable=protected-access
+  lo, hi = (float(s) for s in scales)
+  if not 0 < lo <= hi or num_scales < 1:
+    raise ValueError(f"scales={tuple(scales)}, num_scales={num_scales}: expected 0 < scale_min <= scale_max and "
+                     "num_scales >= 1.")
+  finite = np.all(np.isfinite(np.where(m[..., None], x, 0.0)), axis=(1, 2))
+  finite &= np.all(np.isfinite(np.where(m, np.asarray(prefs, np.float64), 0.0)), axis=1)
+  bad = np.flatnonzero(~finite)
+  if bad.size:
+    raise ValueError(f"users {bad[:10].tolist()} have non-finite delta_features or prefs on comparisons the mask "
+                     "counts (mask them out).")
+  if directions is None:
+    if key is None:
+      raise ValueError("posterior_mean_direction needs a key (or the prior draws, `directions`).")
+    directions = prior_directions(key, num_bases, num_samples, concentration)
+  directions = jnp.asarray(directions, jnp.float32)
+  if directions.ndim != 2 or directions.shape[1] != num_bases:
+    raise ValueError(f"directions has shape {directions.shape}; expected [M, {num_bases}] (one draw per row).")
+  p = np.where(m, np.asarray(prefs, np.float32), 0.0)
+  out = _posterior_mean(jnp.asarray(np.where(m[..., None], x, 0.0), jnp.float32), jnp.asarray(p),
+                        jnp.asarray(m, jnp.float32), directions, lo, hi, num_scales)
+  return np.asarray(out, np.float32)
