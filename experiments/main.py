@@ -44,8 +44,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Methods evaluated along a strength knob (eval.frontier), compared at the bespoke policy's KL.
 ESTIMATES = ("map", "posterior_mean")  # The spectral lambda served: the penalized fit, or the Bayes direction.
+# Methods evaluated along a strength knob (eval.frontier), compared at the bespoke policy's KL.
 SWEPT = ("spectral_soup_explicit", "p_soups", "pad", "mod_oracle")
 METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup_implicit", "p_soups", "pad",
                 "mod_oracle", "uniform", "reference", "bespoke")
