@@ -15,8 +15,8 @@ data do not rule out.
 
 Computed by Monte Carlo: M directions drawn once from the prior (shared by all users: common random numbers), each
 weighted by its likelihood integrated over a log-spaced grid of scales. Exact up to the sampling error of M draws
-(about 1 / sqrt(effective draws) per coordinate); cost O(U N M G), a few hundred milliseconds for 1,000 users on a
-CPU at the defaults.
+(about 1 / sqrt(effective draws) per coordinate); cost O(U N M G): at the defaults and N = 64 comparisons, 0.34 s for
+16 users and 2.5 s for 128 on an idle 2-core AMD EPYC (medians of 3), linear in the users.
 """
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ def _posterior_mean(x: Array, p: Array, m: Array, directions: Array, lo: float, 
     xu, pu, mu = args  # [N, K], [N], [N]
     margin = xu @ directions.T  # [N, M]
     z = scales[:, None, None] * margin[None]  # [G, N, M]
-    # log P(choice) = p log sigmoid(z) + (1 - p) log sigmoid(-z); ties (p = 0.5) count half each way.
-    ll = jnp.einsum("gnm,n->gm", pu[:, None] * jax.nn.log_sigmoid(z) + (1.0 - pu[:, None]) * jax.nn.log_sigmoid(-z),
-                    mu)
+    # log P(choice) = p log sigmoid(z) + (1 - p) log sigmoid(-z) = log sigmoid(z) - (1 - p) z (ties: p = 0.5).
+    ll = jnp.einsum("gnm,n->gm", jax.nn.log_sigmoid(z) - (1.0 - pu[:, None]) * z, mu)
     log_w = jax.nn.logsumexp(ll, axis=0)  # [M]: the scale integrated out (uniform in log s on the grid).
     return jax.nn.softmax(log_w) @ directions
 
@@ -88,8 +87,9 @@ def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = No
   if not 0 < lo <= hi or num_scales < 1:
     raise ValueError(f"scales={tuple(scales)}, num_scales={num_scales}: expected 0 < scale_min <= scale_max and "
                      "num_scales >= 1.")
-  finite = np.all(np.isfinite(np.where(m[..., None], x, 0.0)), axis=(1, 2))
-  finite &= np.all(np.isfinite(np.where(m, np.asarray(prefs, np.float64), 0.0)), axis=1)
+  x = np.where(m[..., None], x, 0.0)  # Rows the mask drops count for nothing, NaN or not.
+  p = np.where(m, np.asarray(prefs, np.float64), 0.0)
+  finite = np.all(np.isfinite(x), axis=(1, 2)) & np.all(np.isfinite(p), axis=1)
   bad = np.flatnonzero(~finite)
   if bad.size:
     raise ValueError(f"users {bad[:10].tolist()} have non-finite delta_features or prefs on comparisons the mask "
@@ -101,7 +101,6 @@ def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = No
   directions = jnp.asarray(directions, jnp.float32)
   if directions.ndim != 2 or directions.shape[1] != num_bases:
     raise ValueError(f"directions has shape {directions.shape}; expected [M, {num_bases}] (one draw per row).")
-  p = np.where(m, np.asarray(prefs, np.float32), 0.0)
-  out = _posterior_mean(jnp.asarray(np.where(m[..., None], x, 0.0), jnp.float32), jnp.asarray(p),
-                        jnp.asarray(m, jnp.float32), directions, lo, hi, num_scales)
+  out = _posterior_mean(jnp.asarray(x, jnp.float32), jnp.asarray(p, jnp.float32), jnp.asarray(m, jnp.float32),
+                        directions, lo, hi, num_scales)
   return np.asarray(out, np.float32)
