@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.prompt_len = 8  # Prompt tokens (padded).
   config.data.response_len = 16  # Response tokens (padded).
   config.data.seed = 1  # Seed of the synthetic data (independent of config.seed).
+  config.data.tokenizer = ""  # Local tokenizer or checkpoint directory ("": model.path's; serving text needs one).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.kind = "dpo"  # "dpo" (Bradley-Terry on labels) or "ratings" (MSE on rating differences).

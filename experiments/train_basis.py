@@ -5,7 +5,7 @@ r"""Offline phase entry point: trains the K basis policies of a config and check
 
 Running the same command again resumes from the newest good checkpoint in --workdir (bitwise: the data order and
 the RNG are part of the checkpoint). SIGTERM saves a checkpoint and exits with status 143; restart to go on.
-Writes: config.json, metrics.jsonl, tensorboard/ (with tensorboardX), checkpoints/<step>/.
+Writes: config.json, metrics.jsonl, training_curves.png, tensorboard/ (with tensorboardX), checkpoints/<step>/.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def main(argv) -> None:
     accuracy = " ".join(f"{a:.3f}" for a in result.eval_metrics["accuracy"])
     print(f"Step {result.step}: held-out accuracy per basis {accuracy}.")
   print("Timing: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timing.items()))
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
+    from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
+    print(f"Training curves: {plots.training_curves(_WORKDIR.value, basis_lib.basis_names(_WORKDIR.value, config))}")
   if result.preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
 

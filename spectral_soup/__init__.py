@@ -6,3 +6,16 @@ from spectral_soup import _xla_cpu
 # (its elementwise/reduction fusions miscompute on some x86 CPUs; see _xla_cpu.py).
 # True when the setting is in effect for this process.
 XLA_CPU_SAFE = _xla_cpu.restrict_ynn_fusions()
+
+# The public API, imported on first use (importing the package stays light and starts no XLA backend):
+#   ss.load_basis(workdir) -> ss.Basis (.generate, .features, .encode_prompts); ss.fit_lambda (one user's lambda).
+_API = {"load_basis": "spectral_soup.basis", "Basis": "spectral_soup.basis",
+        "fit_lambda": "spectral_soup.online.update"}
+__all__ = sorted(_API) + ["XLA_CPU_SAFE"]
+
+
+def __getattr__(name):
+  if name in _API:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(_API[name]), name)
+  raise AttributeError(f"module 'spectral_soup' has no attribute {name!r}")

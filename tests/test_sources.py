@@ -14,31 +14,12 @@ from configs import train_basis_tiny
 from spectral_soup.data import builders
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import sources
+import hf_fixtures
 import test_builders as fixtures
 
 tfds.disable_progress_bar()
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-SPECIALS = ("<pad>", "<eos>", "<bos>", "<|user|>", "<|assistant|>", "<|end|>")
-
-
-def byte_tokenizer(path):
-  """A byte-level tokenizer (specials, then the 256 bytes; no merges) with a chat template, saved to `path`."""
-  import transformers
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-  vocab = {s: i for i, s in enumerate(SPECIALS)}
-  for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-    vocab[ch] = len(vocab)
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(list(SPECIALS))
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                              bos_token="<bos>", chat_template=CHAT_TEMPLATE)
-  fast.save_pretrained(str(path))
-  return str(path)
+CHAT_TEMPLATE, SPECIALS, byte_tokenizer = hf_fixtures.CHAT_TEMPLATE, hf_fixtures.SPECIALS, hf_fixtures.byte_tokenizer
 
 
 @pytest.fixture(scope="module")

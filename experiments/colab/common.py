@@ -17,17 +17,14 @@ K bases are kept).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
+from spectral_soup import basis as basis_lib
 from spectral_soup import models
-from spectral_soup.offline import checkpoint as checkpoint_lib
 from spectral_soup.offline import features
 from spectral_soup.offline import train
 
@@ -86,55 +83,18 @@ def embedded_data(config: ml_collections.ConfigDict, tokenizer: Any) -> Tuple[li
   return pairs, arrays
 
 
-def attribute_names(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
-  """The data's label columns (the synthetic data's basis k prefers marker token k + 1)."""
-  if "attributes" in config.data:
-    return tuple(config.data.attributes)
-  return tuple(f"marker {k + 1}" for k in range(config.basis.num_bases))
-
-
-def basis_dir(workdir: str) -> str:
-  """The directory holding `checkpoints/` and `config.json` of the basis training inside `workdir`."""
-  for candidate in (workdir, os.path.join(workdir, "basis")):
-    if os.path.isdir(os.path.join(candidate, "checkpoints")) and os.path.isfile(os.path.join(candidate,
-                                                                                             "config.json")):
-      return candidate
-  raise FileNotFoundError(f"no trained basis in {workdir}: expected checkpoints/ and config.json there or in "
-                          f"{os.path.join(workdir, 'basis')} (a basis-training run or the main job's workdir).")
-
-
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the basis in `workdir` was trained with."""
-  with open(os.path.join(basis_dir(workdir), "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return basis_lib.run_config(workdir)
 
 
 def restore_basis(workdir: str, model: Any, backbone: Any) -> Basis:
-  """The newest checkpoint's trainable parameters in `workdir`, on `backbone` (from `load_backbone(run_config)`).
-
-  The arrays are read onto this process's first device, whatever mesh wrote them.
-  """
-  directory = basis_dir(workdir)
-  config = run_config(workdir)
-  attributes = attribute_names(config)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"), remove_partial_steps=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint step in {directory}/checkpoints.")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            checkpointer.manager.item_metadata(step)["state"])
-    state, _ = checkpointer.restore(step, abstract)
-  finally:
-    checkpointer.close()
-  trainable = jax.device_get(state["params"])
-  num_bases = len(attributes)
+  """The newest checkpoint's head bases in `workdir` (`spectral_soup.basis.restore_bases`), on `backbone` (from
+  `load_backbone(run_config)`)."""
+  trainable, names, config, step = basis_lib.restore_bases(workdir)
   if config.basis.kind != "heads":
-    raise ValueError(f"{directory} holds {config.basis.kind} bases; the notebooks serve head bases.")
-  # The main job trains the K attribute bases and then one bespoke head per user: keep the bases.
-  trainable["heads"] = {name: np.asarray(value)[:num_bases] for name, value in trainable["heads"].items()}
-  config.basis.num_bases = num_bases
+    raise ValueError(f"{basis_lib.basis_dir(workdir)} holds {config.basis.kind} bases; the notebooks serve head "
+                     "bases.")
   policy = train.build_policy(model.config, config.basis)
   params = features.merge_params(trainable, train.unboxed(backbone))
-  return Basis(policy=policy, params=params, attributes=attributes, config=config, step=int(step))
+  return Basis(policy=policy, params=params, attributes=names, config=config, step=step)

@@ -136,3 +136,42 @@ def write_all(results: Mapping, workdir: str) -> list:
   fig.savefig(paths[-1], dpi=110)
   plt.close(fig)
   return paths
+
+
+def training_curves(workdir: str, names=None) -> str:
+  """Writes `<workdir>/training_curves.png` from a basis-training run's metrics.jsonl: the loss of every basis and
+  its pair accuracy (train records as lines, held-out evaluations as markers) against the step; returns its path."""
+  from spectral_soup.offline import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
+  records = metrics_lib.read_metrics(workdir)
+  train = [r for r in records if r.get("kind") == "train"]
+  held_out = [r for r in records if r.get("kind") == "eval"]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  num = max((len(np.atleast_1d(r.get("accuracy", []))) for r in records), default=0)
+  names = list(names or [f"basis {k}" for k in range(num)])
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+  def series(rows, key, k):
+    points = [(r["step"], np.atleast_1d(np.asarray(r[key], np.float64))[k]) for r in rows if key in r]
+    return np.asarray(points, np.float64).reshape(-1, 2)
+
+  for k in range(num):
+    color = colors[k % len(colors)]
+    for ax, key in ((axes[0], "loss"), (axes[1], "accuracy")):
+      line = series(train, key, k)
+      if len(line):
+        ax.plot(line[:, 0], line[:, 1], color=color, label=names[k] if ax is axes[0] else None)
+      points = series(held_out, key, k)
+      if len(points):
+        ax.plot(points[:, 0], points[:, 1], "o", color=color, mfc="none",
+                label=f"{names[k]} (held out)" if ax is axes[1] else None)
+  axes[0].set(xlabel="step", ylabel="loss", title="training loss per basis")
+  axes[1].set(xlabel="step", ylabel="pair accuracy", title="accuracy on own labels (o: held out)")
+  for ax in axes:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(workdir, "training_curves.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,284 @@
+"""A trained basis as a researcher uses it: load it from a workdir, serve users' soups as text, read features.
+
+    import spectral_soup as ss
+    basis = ss.load_basis("workdir/demo")       # a basis-training run's workdir, or the main job's
+    texts = basis.generate(["How do I sleep better?"], lam=[[1, 0, 0, 0, 0], [0, 0, 0, 0, 1]])  # two users
+    f = basis.features(prompts, responses)      # [N, K]: beta * (log pi_k(y|x) - log pi_ref(y|x))
+    lam = ss.fit_lambda(f_a - f_b, prefs, l2=1.0, constraint="box", box=(0.0, 10.0))
+
+`load_basis` reads the run's config, loads the backbone it was trained on (its checkpoint, or the seeded random
+backbone of a config without one: nothing is initialized only to be thrown away) and the newest checkpoint of the
+bases onto this process's first device. A main job's workdir holds the K attribute bases followed by one bespoke
+head per held-out user; only the K bases are kept. The math of the soups: docs/METHOD.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+Prompts = Union[str, Sequence[str]]
+
+
+def basis_dir(workdir: str) -> str:
+  """The directory holding `checkpoints/` and `config.json` of a basis training: `workdir` or `workdir/basis`."""
+  for candidate in (workdir, os.path.join(workdir, "basis")):
+    if os.path.isdir(os.path.join(candidate, "checkpoints")) and os.path.isfile(os.path.join(candidate,
+                                                                                             "config.json")):
+      return candidate
+  raise FileNotFoundError(f"no trained basis in {workdir}: expected checkpoints/ and config.json there or in "
+                          f"{os.path.join(workdir, 'basis')} (a basis-training run or the main job's workdir).")
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the basis in `workdir` was trained with."""
+  path = os.path.join(basis_dir(workdir), "config.json")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not a readable config (JSON written by the training run): {e}") from None
+
+
+def basis_names(workdir: str, config: ml_collections.ConfigDict) -> Tuple[str, ...]:
+  """What each basis prefers, K names: `basis.json`'s attributes and weightings (builder sources), the data's
+  attribute columns (embedded data), or the synthetic data's markers (basis k prefers marker token k + 1)."""
+  meta_path = os.path.join(basis_dir(workdir), "basis.json")
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    names = []
+    for weights in meta["weightings"]:
+      weights = np.asarray(weights, np.float64)
+      if np.count_nonzero(weights) == 1:
+        names.append(meta["attributes"][int(np.flatnonzero(weights)[0])])
+      else:
+        names.append(" + ".join(f"{w:.2f} {a}" for w, a in zip(weights, meta["attributes"]) if w))
+    return tuple(names)
+  if "attributes" in config.data:
+    return tuple(config.data.attributes)
+  return tuple(f"marker {k + 1}" for k in range(config.basis.num_bases))
+
+
+def load_backbone(config: ml_collections.ConfigDict) -> Tuple[Any, Any, Optional[Any]]:
+  """(model, backbone params, tokenizer) of `config.model`: its checkpoint, or the seeded random backbone that
+  `offline.train.train_and_evaluate` draws when `config.model.path` is empty (tokenizer: `config.data.tokenizer`
+  if set, else None)."""
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  tokenizer_path = config.data.get("tokenizer", "") or config.model.path
+  tokenizer = models.tokenizer_from_pretrained(tokenizer_path) if tokenizer_path else None
+  if config.model.path:
+    model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
+                                             weight_dtype=config.model.weight_dtype)
+    return model, train.unboxed(backbone), tokenizer
+  model = models.Transformer(train.model_config(config))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  return model, train.random_backbone(train.unboxed(shapes), model.config, config.seed), tokenizer
+
+
+@dataclasses.dataclass
+class Basis:
+  """K trained bases on one backbone, ready to serve.
+
+  Attributes:
+    policy: the `SpectralPolicy` (K bases).
+    params: its parameters, a plain dict: {"features": {"backbone": ...}, "heads" or "lora": ...}.
+    tokenizer: the backbone's tokenizer (None for a random backbone without one: use token ids and
+      `soup.serving.generate` then).
+    names: K names, what each basis prefers.
+    config: the config that trained them (`basis.num_bases` = K).
+    step: the checkpoint's training step.
+  """
+  policy: Any
+  params: Any
+  tokenizer: Optional[Any]
+  names: Tuple[str, ...]
+  config: ml_collections.ConfigDict
+  step: int
+
+  @property
+  def num_bases(self) -> int:
+    return self.policy.num_bases
+
+  @property
+  def beta(self) -> float:
+    """The KL strength the bases were trained at: features are beta * log-ratios."""
+    return float(self.config.loss.beta)
+
+  def _need_tokenizer(self, what: str):
+    if self.tokenizer is None:
+      raise ValueError(f"Basis.{what} needs a tokenizer, and this basis's backbone has none (config.model.path is "
+                       "empty: a random backbone). Serve token ids with spectral_soup.soup.serving.generate.")
+    return self.tokenizer
+
+  def encode_prompts(self, prompts: Sequence[str], *, chat_template: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (tokens int32[N, P], mask bool[N, P]), left-padded to the longest; each prompt one user turn of
+    the tokenizer's chat template (if it has one and `chat_template`)."""
+    from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
+    from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
+    tokenizer = self._need_tokenizer("encode_prompts")
+    prompts = _texts("prompts", prompts)
+    encoded = sources.encode_prompts(tokenizer, prompts, chat_template)
+    for i, ids in enumerate(encoded):
+      if not ids:
+        raise ValueError(f"prompts[{i}] encodes to no tokens: expected a non-empty prompt.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return decoding.pad_prompts(encoded, len(encoded), max(len(ids) for ids in encoded), pad)
+
+  def generate(self, prompts: Prompts, lam: Any, *, mode: str = "explicit", max_new_tokens: int = 64,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               max_proposals: int = 32, chat_template: bool = True) -> List[str]:
+    """Responses of U users' soups, as text, in one compiled decoding loop.
+
+    Args:
+      prompts: one prompt (every user answers it) or U prompts (one per user row).
+      lam: [K] (one soup for every prompt) or [U, K] (user u's weights; row u answers prompts[u], or the single
+        prompt). lam = 0 is the reference; a one-hot lam is one basis.
+      mode: "explicit" (logit-space soup), "params" (parameter soup), "implicit" (rejection sampling from the
+        reference) or "naive" (K + 1 separate passes per token; the slow reference).
+      max_new_tokens: response length cap; a response ends earlier at the tokenizer's end-of-sequence token.
+      temperature, top_k, top_p: 0 is greedy; see `soup.decoding.SamplingConfig`.
+      seed: the sampling stream.
+      max_proposals: implicit mode's proposals per token before falling back to the explicit soup.
+      chat_template: wrap each prompt as a user turn of the tokenizer's chat template.
+
+    Returns:
+      U response texts (special tokens removed).
+    """
+    from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
+    from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
+    tokenizer = self._need_tokenizer("generate")
+    prompts = [prompts] if isinstance(prompts, str) else _texts("prompts", prompts)
+    lam = _lam_rows(lam, self.num_bases, len(prompts), self.names)
+    if len(prompts) == 1:
+      prompts = prompts * lam.shape[0]
+    sampling = decoding.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens, mask = self.encode_prompts(prompts, chat_template=chat_template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out, aux = serving.generate(self.policy, self.params, lam, tokens, mask, mode=mode,
+                                max_new_tokens=max_new_tokens, sampling=sampling, key=jax.random.key(seed),
+                                eos_id=tokenizer.eos_token_id, pad_id=pad, max_proposals=max_proposals)
+    out, lengths = np.asarray(out), np.asarray(aux["lengths"])
+    return [tokenizer.decode(out[u, :lengths[u]].tolist(), skip_special_tokens=True).strip()
+            for u in range(len(out))]
+
+  def features(self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 16,
+               max_response_tokens: Optional[int] = None, chat_template: bool = True) -> np.ndarray:
+    """The bases' implicit rewards of N (prompt, response) pairs: f32[N, K], f_k = beta * (log pi_k(y|x) -
+    log pi_ref(y|x)), the features `fit_lambda` consumes (as differences f(x, y_a) - f(x, y_b)).
+
+    Each response is scored with the end-of-sequence token appended, as the bases were trained; it is cut to
+    `max_response_tokens` tokens if given. Pairs are scored `batch_size` at a time (one compile).
+    """
+    from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
+    tokenizer = self._need_tokenizer("features")
+    prompts, responses = _texts("prompts", prompts), _texts("responses", responses, allow_empty=True)
+    if len(prompts) != len(responses):
+      raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses: expected one response per prompt.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"batch_size={batch_size!r}: expected a positive int.")
+    prompt, prompt_mask = self.encode_prompts(prompts, chat_template=chat_template)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids = [list(r) + eos for r in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+    if max_response_tokens is not None:
+      ids = [r[:max_response_tokens] for r in ids]
+    width = max(1, max(len(r) for r in ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    response = np.full((len(ids), width), pad, np.int32)
+    response_mask = np.zeros((len(ids), width), bool)
+    for i, r in enumerate(ids):
+      response[i, :len(r)], response_mask[i, :len(r)] = r, True
+    out = []
+    for lo in range(0, len(ids), batch_size):
+      rows = np.arange(lo, lo + batch_size) % len(ids)  # The last batch wraps around (one shape, one compile).
+      logp = serving.sequence_logprobs(self.policy, self.params, prompt[rows], prompt_mask[rows], response[rows],
+                                       response_mask[rows])
+      out.append(np.asarray(serving.implicit_rewards(logp, self.beta))[:min(batch_size, len(ids) - lo)])
+    return np.concatenate(out).astype(np.float32)
+
+
+def load_basis(workdir: str) -> Basis:
+  """The newest checkpoint of the bases trained in `workdir` (head or LoRA bases), on their backbone.
+
+  `workdir` is a basis-training run's (`experiments.train_basis`) or the main job's (`experiments.main`, whose
+  `basis/` holds the K attribute bases followed by one bespoke head per user: only the K bases are kept). The arrays
+  are read onto this process's first device, whatever mesh wrote them.
+  """
+  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  trainable, names, config, step = restore_bases(workdir)
+  model, backbone, tokenizer = load_backbone(config)
+  policy = train.build_policy(model.config, config.basis)
+  params = features.merge_params(trainable, backbone)
+  return Basis(policy=policy, params=params, tokenizer=tokenizer, names=names, config=config, step=step)
+
+
+def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.ConfigDict, int]:
+  """(trainable params of the K bases, their names, the training config with basis.num_bases = K, step): the newest
+  checkpoint in `workdir`, without the backbone (see `load_basis`)."""
+  from spectral_soup.offline import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  directory = basis_dir(workdir)
+  config = run_config(workdir)
+  names = basis_names(workdir, config)
+  num_bases = len(names)
+  if num_bases > config.basis.num_bases:
+    raise ValueError(f"{directory}: {num_bases} basis names for basis.num_bases={config.basis.num_bases}.")
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"), remove_partial_steps=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint step in {directory}/checkpoints (did the training run finish a step?).")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            checkpointer.manager.item_metadata(step)["state"])
+    state, _ = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  trainable = jax.device_get(state["params"])
+  if num_bases < config.basis.num_bases:  # The main job's bespoke heads follow the K bases: keep the bases.
+    if config.basis.kind != "heads":
+      raise ValueError(f"{directory}: {config.basis.num_bases} {config.basis.kind} bases for {num_bases} names.")
+    trainable["heads"] = {name: np.asarray(value)[:num_bases] for name, value in trainable["heads"].items()}
+    config.basis.num_bases = num_bases
+  return trainable, names, config, int(step)
+
+
+def _texts(name: str, texts: Any, allow_empty: bool = False) -> List[str]:
+  if isinstance(texts, str) or not isinstance(texts, Sequence):
+    raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__}.")
+  texts = list(texts)
+  if not texts:
+    raise ValueError(f"{name} is empty: expected at least one string.")
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"{name}[{i}] is a {type(text).__name__}: expected a string.")
+    if not allow_empty and not text.strip():
+      raise ValueError(f"{name}[{i}] is empty: expected text.")
+  return texts
+
+
+def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) -> np.ndarray:
+  """lam [K] or [U, K] -> f32[U, K] for `num_prompts` prompts (1: shared by every user row)."""
+  try:
+    lam = np.asarray(lam, np.float32)
+  except (TypeError, ValueError):
+    raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {lam!r}.") from None
+  if lam.ndim not in (1, 2) or lam.shape[-1] != num_bases:
+    raise ValueError(f"lam has shape {lam.shape}: expected [K={num_bases}] or [U, {num_bases}], one weight per "
+                     f"basis ({', '.join(names)}).")
+  if lam.ndim == 1:
+    lam = np.broadcast_to(lam, (num_prompts, num_bases))
+  if num_prompts != 1 and lam.shape[0] != num_prompts:
+    raise ValueError(f"lam has {lam.shape[0]} user rows for {num_prompts} prompts: expected one prompt, or one per "
+                     "row.")
+  if not np.all(np.isfinite(lam)):
+    raise ValueError(f"lam row {int(np.flatnonzero(~np.isfinite(lam).all(1))[0])} is not finite.")
+  return np.ascontiguousarray(lam)

@@ -1,0 +1,127 @@
+r"""Serves users' soups of a trained basis from the command line: prompts in, responses out.
+
+  python -m spectral_soup.generate --workdir=workdir/demo --lam=0.5,0.2,0.1,0.1,0.1 --prompt="How do I relax?"
+  python -m spectral_soup.generate --workdir=W --users=lams.json --prompts=prompts.txt --output=responses.jsonl
+
+--workdir is a basis-training run's or the main job's. One soup (--lam: K comma-separated weights) or many users
+at once (--users: a JSON file holding a list of U weight lists, or {"name": [K weights], ...}); one prompt
+(--prompt) or one per line of a text file (--prompts). Every user answers every prompt, all in one decoding call.
+Prints one JSON object per response ({"user", "prompt", "response"}), or writes them to --output (JSON lines,
+written atomically). Bad flags or files end in one line, `error: ...`, and exit status 2, before the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Tuple
+
+from absl import app
+from absl import flags
+
+from spectral_soup.utils import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The workdir of a basis-training run or of the main job.")
+_LAM = flags.DEFINE_string("lam", None, "One soup: K comma-separated weights, one per basis (0,...,0: the "
+                           "reference).")
+_USERS = flags.DEFINE_string("users", None, "Many soups: a JSON file, a list of weight lists or {name: weights}.")
+_PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "A text file: one prompt per non-empty line.")
+_MODE = flags.DEFINE_enum("mode", "explicit", ["explicit", "params", "implicit", "naive"], "How to soup.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Response length cap.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.", lower_bound=0.0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling (1: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUTPUT = flags.DEFINE_string("output", "", "Write JSON lines here instead of printing them.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def read_users(lam: str, users: str) -> Tuple[List[str], List[List[float]]]:
+  """(names, weights) of --lam or --users; raises ValueError naming the flag or file."""
+  if (lam is None) == (users is None):
+    raise ValueError("pass exactly one of --lam (one soup) and --users (a JSON file of soups).")
+  if lam is not None:
+    try:
+      return ["0"], [[float(x) for x in lam.split(",")]]
+    except ValueError:
+      raise ValueError(f"--lam={lam!r}: expected comma-separated numbers, one per basis.") from None
+  try:
+    with open(users) as f:
+      data = json.load(f)
+  except OSError as e:
+    raise ValueError(f"--users={users}: cannot read it ({e.strerror}).") from None
+  except ValueError as e:
+    raise ValueError(f"--users={users} is not JSON: {e}.") from None
+  if isinstance(data, dict):
+    names, weights = [str(k) for k in data], list(data.values())
+  elif isinstance(data, list):
+    names, weights = [str(u) for u in range(len(data))], data
+  else:
+    raise ValueError(f"--users={users}: expected a list of weight lists or an object {{name: weights}}.")
+  if not weights:
+    raise ValueError(f"--users={users} holds no users.")
+  for name, w in zip(names, weights):
+    if not isinstance(w, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
+      raise ValueError(f"--users={users}: user {name!r} has {w!r}: expected a list of numbers, one per basis.")
+  return names, [[float(x) for x in w] for w in weights]
+
+
+def read_prompts(prompt: str, prompts: str) -> List[str]:
+  """The prompts of --prompt or --prompts; raises ValueError naming the flag or file."""
+  if (prompt is None) == (prompts is None):
+    raise ValueError("pass exactly one of --prompt (one prompt) and --prompts (a file, one prompt per line).")
+  if prompt is not None:
+    if not prompt.strip():
+      raise ValueError("--prompt is empty: expected text.")
+    return [prompt]
+  try:
+    with open(prompts, encoding="utf-8") as f:
+      lines = [line.strip() for line in f]
+  except OSError as e:
+    raise ValueError(f"--prompts={prompts}: cannot read it ({e.strerror}).") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompts={prompts} is not UTF-8 text: {e}.") from None
+  lines = [line for line in lines if line]
+  if not lines:
+    raise ValueError(f"--prompts={prompts} holds no prompt (one per non-empty line).")
+  return lines
+
+
+def main(argv) -> None:
+  del argv
+  with cli.input_checks():  # Flags and files first: one line, exit status 2, before anything loads.
+    names, weights = read_users(_LAM.value, _USERS.value)
+    prompts = read_prompts(_PROMPT.value, _PROMPTS.value)
+    if not 0.0 < _TOP_P.value <= 1.0:
+      raise ValueError(f"--top_p={_TOP_P.value}: expected in (0, 1].")
+    if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
+      raise ValueError(f"--output={_OUTPUT.value} is a directory: expected a file path.")
+    from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
+    config = basis_lib.run_config(_WORKDIR.value)  # Raises naming the workdir.
+    num_bases = len(basis_lib.basis_names(_WORKDIR.value, config))
+    for name, w in zip(names, weights):
+      if len(w) != num_bases:
+        who = "--lam" if _LAM.value is not None else f"user {name!r} of --users"
+        raise ValueError(f"{who} has {len(w)} weights: the basis in {_WORKDIR.value} has {num_bases} "
+                         f"({', '.join(basis_lib.basis_names(_WORKDIR.value, config))}).")
+  with cli.reporting_input_errors():
+    basis = basis_lib.load_basis(_WORKDIR.value)
+    rows = [(u, p) for u in range(len(names)) for p in range(len(prompts))]
+    with cli.input_checks():
+      texts = basis.generate([prompts[p] for _, p in rows], [weights[u] for u, _ in rows], mode=_MODE.value,
+                             max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                             top_p=_TOP_P.value, seed=_SEED.value)
+  lines = [json.dumps({"user": names[u], "prompt": prompts[p], "response": text}, ensure_ascii=False)
+           for (u, p), text in zip(rows, texts)]
+  if _OUTPUT.value:
+    from spectral_soup.utils import files  # pylint: disable=g-import-not-at-top
+    files.write_text_atomic(_OUTPUT.value, "".join(line + "\n" for line in lines))
+    print(f"{len(lines)} responses written to {_OUTPUT.value}.", file=sys.stderr)
+  else:
+    for line in lines:
+      print(line)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

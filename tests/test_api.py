@@ -1,0 +1,188 @@
+"""The researcher's API (`import spectral_soup as ss`): a basis trained by the CLI is loaded, serves two users' soups
+as text in one call, yields the features lambda is fitted on, and is served by `python -m spectral_soup.generate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import spectral_soup as ss
+from spectral_soup import basis as basis_lib
+from spectral_soup.soup import decoding
+from spectral_soup.models.transformer import init_cache
+import hf_fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 60
+PROMPTS = ["hello there", "what is up?"]
+
+
+def _env():
+  env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu")
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)  # One CPU device: the CLI as a user runs it.
+  return env
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """The tiny config's K = 3 head bases (random 2-layer backbone, synthetic pairs: basis k prefers token k + 1),
+  trained by the CLI, with a byte-level tokenizer so that they serve text."""
+  root = tmp_path_factory.mktemp("api")
+  tokenizer = hf_fixtures.byte_tokenizer(root / "tokenizer")
+  workdir = str(root / "run")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
+       "--config.model.vocab_size=512", f"--config.data.tokenizer={tokenizer}", f"--config.train.num_steps={STEPS}",
+       "--config.train.tensorboard=False"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def basis(workdir):
+  return ss.load_basis(workdir)
+
+
+def test_load_basis_reads_the_trained_bases(basis, workdir):
+  assert isinstance(basis, ss.Basis)
+  assert basis.num_bases == 3 and basis.names == ("marker 1", "marker 2", "marker 3")
+  assert basis.step == STEPS and basis.beta == 1.0
+  assert basis.tokenizer is not None and basis.tokenizer.eos_token_id == 1
+  leaves = [type(x).__name__ for x in jax.tree.leaves(basis.params)]
+  assert all(name in ("ndarray", "ArrayImpl") for name in leaves), set(leaves)  # Plain arrays, no boxes.
+  assert np.abs(np.asarray(basis.params["heads"]["b"])).max() > 0  # Trained, not the zero initialization.
+  with open(os.path.join(workdir, "training_curves.png"), "rb") as f:  # The CLI plots its metrics.
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_serves_two_users_in_one_call(basis):
+  lam = np.array([[0.0, 0.0, 0.0], [0.0, 3.0, 0.0]], np.float32)
+  both = basis.generate(PROMPTS[0], lam, max_new_tokens=12)
+  assert len(both) == 2 and all(isinstance(t, str) for t in both)
+  # One call for two users equals one call per user.
+  assert both == [basis.generate([PROMPTS[0]], lam[u], max_new_tokens=12)[0] for u in range(2)]
+  # lam = 0 is the reference: the backbone's own greedy decode of the chat-formatted prompt.
+  model, backbone, tokenizer = basis_lib.load_backbone(basis.config)
+  tokens, mask = basis.encode_prompts([PROMPTS[0]])
+  assert tokenizer.decode(tokens[0][mask[0]].tolist()) == f"<|user|>{PROMPTS[0]}<|end|><|assistant|>"
+  out, aux = decoding.decode(decoding.model_logits_fn(model), backbone, tokens, mask,
+                             init_cache(model.config, 1, tokens.shape[1] + 12), jax.random.key(0), max_new_tokens=12,
+                             eos_id=tokenizer.eos_token_id)
+  ids = np.asarray(out)[0, :int(aux["lengths"][0])].tolist()
+  assert both[0] == tokenizer.decode(ids, skip_special_tokens=True).strip()
+  # The parameter soup of head bases is the explicit soup; every mode runs.
+  assert basis.generate(PROMPTS[0], lam, max_new_tokens=12, mode="params") == both
+  sampled = basis.generate(PROMPTS, [0.2, 0.5, 0.3], max_new_tokens=8, temperature=1.0, seed=3, mode="implicit")
+  assert len(sampled) == 2
+
+
+def test_features_are_the_bases_implicit_rewards(basis):
+  """Basis k prefers marker token k + 1 (token 2 is <bos>): a response of markers scores higher on its basis."""
+  f = basis.features(PROMPTS * 2, ["<bos><bos><bos><bos>", "abc", "<|user|><|user|><|user|>", "abc"])
+  assert f.shape == (4, 3) and f.dtype == np.float32 and np.isfinite(f).all()
+  assert f[0, 1] > f[1, 1] + 1.0 and f[2, 2] > f[3, 2] + 1.0
+  # Batching does not change a row; a response cut to zero tokens has zero features.
+  np.testing.assert_allclose(basis.features(PROMPTS[1:], ["abc"], batch_size=1)[0], f[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(basis.features(PROMPTS[:1], ["abc"], max_response_tokens=0), 0.0, atol=1e-6)
+
+
+def test_a_users_lambda_fitted_from_comparisons_prefers_their_basis(basis):
+  """20 comparisons by a user whose reward is basis 2's implicit reward: the fitted lambda weighs basis 2 most."""
+  rng = np.random.default_rng(0)
+  chars = ["a", "b", "c", "<|user|>", "<bos>"]
+  responses = ["".join(rng.choice(chars, size=6)) for _ in range(40)]
+  f = basis.features(["hi"] * 40, responses)
+  delta = f[:20] - f[20:]
+  prefs = (delta[:, 2] > 0).astype(np.float32)
+  assert 0 < prefs.sum() < 20
+  lam = np.asarray(ss.fit_lambda(delta, prefs, l2=1.0, constraint="box", box=(0.0, 10.0)))
+  assert lam.shape == (3,) and int(np.argmax(lam)) == 2 and lam[2] > 2 * max(lam[0], lam[1]), lam
+
+
+def test_bad_inputs_name_what_was_expected(basis, tmp_path):
+  with pytest.raises(ValueError, match=r"lam has shape \(2,\): expected \[K=3\].*marker 1, marker 2, marker 3"):
+    basis.generate(PROMPTS, [1.0, 0.0])
+  with pytest.raises(ValueError, match="lam has 3 user rows for 2 prompts"):
+    basis.generate(PROMPTS, np.eye(3))
+  with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+    basis.generate(["hi", " "], [0.0, 0.0, 0.0])
+  with pytest.raises(ValueError, match="lam row 0 is not finite"):
+    basis.generate(PROMPTS[0], [np.nan, 0.0, 0.0])
+  with pytest.raises(ValueError, match="2 prompts for 1 responses"):
+    basis.features(PROMPTS, ["x"])
+  with pytest.raises(FileNotFoundError, match="no trained basis in"):
+    ss.load_basis(str(tmp_path))
+
+
+def test_a_main_job_workdir_keeps_the_k_bases(workdir, tmp_path):
+  """The main job's `basis/` holds the K attribute bases and then one bespoke head per user: only K are served."""
+  job = tmp_path / "job"
+  shutil.copytree(workdir, job / "basis")
+  config_path = job / "basis" / "config.json"
+  config = json.loads(config_path.read_text())
+  config["data"]["attributes"] = ["first", "second"]  # K = 2 bases, then one bespoke head.
+  config_path.write_text(json.dumps(config))
+  basis = ss.load_basis(str(job))
+  assert basis.num_bases == 2 and basis.names == ("first", "second")
+  assert basis.params["heads"]["b"].shape[0] == 2
+  assert len(basis.generate("hi", [[1.0, 0.0], [0.0, 1.0]], max_new_tokens=4)) == 2
+
+
+def _cli(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "spectral_soup.generate", *args], cwd=cwd, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
+  users = tmp_path / "users.json"
+  users.write_text(json.dumps({"reference": [0, 0, 0], "marker": [0, 3, 0]}))
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("hello there\n\nwhat is up?\n")
+  out = tmp_path / "responses.jsonl"
+  result = _cli(f"--workdir={workdir}", f"--users={users}", f"--prompts={prompts}", "--max_new_tokens=12",
+                f"--output={out}", cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["user"], r["prompt"]) for r in rows] == [(u, p) for u in ("reference", "marker") for p in PROMPTS]
+  want = basis.generate(PROMPTS * 2, [[0, 0, 0]] * 2 + [[0, 3, 0]] * 2, max_new_tokens=12)
+  assert [r["response"] for r in rows] == want
+  # One soup, one prompt, printed.
+  result = _cli(f"--workdir={workdir}", "--lam=0,3,0", "--prompt=hello there", "--max_new_tokens=12", cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip())["response"] == want[2]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lam=1,0"], r"--lam has 2 weights: the basis in .* has 3 \(marker 1, marker 2, marker 3\)"),
+    (["--lam=1,x,0"], "--lam='1,x,0': expected comma-separated numbers"),
+    (["--lam=1,0,0", "--users=u.json"], "pass exactly one of --lam"),
+    (["--users=missing.json"], "--users=missing.json: cannot read it"),
+    (["--users=bad.json"], r"user 'b' of --users has 2 weights"),
+])
+def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, message):
+  (tmp_path / "bad.json").write_text(json.dumps({"a": [1, 0, 0], "b": [1, 0]}))
+  result = _cli(f"--workdir={workdir}", "--prompt=hi", *args, cwd=tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith("error: ") and re.search(message, result.stderr), result.stderr
+
+
+def test_the_readmes_serving_example_runs(workdir):
+  """The README's first API block, on the tiny basis instead of the demo's workdir."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    section = f.read().split("### Serve a trained basis", 1)[1]
+  block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  assert '"workdir/demo"' in block
+  namespace = {}
+  code = compile(block.replace('"workdir/demo"', repr(workdir)), "README.md", "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
+  assert len(namespace["texts"]) == 2 and namespace["lam"].shape == (3,)
+  assert np.isclose(namespace["lam"].sum(), 1.0) or namespace["lam"].sum() == 0.0
