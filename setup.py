@@ -51,7 +51,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["spectral_soup", "spectral_soup.*", "experiments",
                                                "experiments.*", "configs"]),
     # The shipped embedded preference data (spectral_soup/data/shipped/README.md).
-    package_data={"spectral_soup.data": ["shipped/README.md", "shipped/*/pairs.jsonl", "shipped/*/metadata.json"]},
+    package_data={"spectral_soup.data": ["shipped/README.md", "shipped/*/pairs.jsonl", "shipped/*/metadata.json",
+                                        "examples/prefs.jsonl"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

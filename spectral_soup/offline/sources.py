@@ -37,6 +37,7 @@ hosts share, where their builds would race.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -44,6 +45,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from spectral_soup.data import jsonl
 from spectral_soup.offline import input_pipeline
 
 BUILDER_SOURCES = ("ultrafeedback", "helpsteer2", "psoups")
@@ -55,6 +57,7 @@ SOURCE_ATTRIBUTES = {
     "psoups": ("elementary", "knowledgeable", "concise", "informative", "friendly", "unfriendly"),
 }
 HELPSTEER2_PREFERENCE_ATTRIBUTES = ("preference",)  # HelpSteer2's `preference` variant: one human label.
+JSONL_EVAL_FRACTION = 0.1  # Share of a JSON-lines file's prompts held out when config.data has no eval_fraction.
 LABEL_ONLY_SOURCES = ("psoups",)  # Sources whose pairs carry labels but no scores.
 _READ_CHUNK = 4_096  # Examples read from the array_record source per call.
 
@@ -95,6 +98,8 @@ def builder_config(config: ml_collections.ConfigDict) -> Any:
 def source_attributes(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
   """The attributes (label columns) of `config.data.source` under `config.data.builder_config`, builder order."""
   source = config.data.source
+  if jsonl.is_jsonl(source):
+    return read_jsonl(source)["attributes"]
   if source == "helpsteer2":
     resolved = builder_config(config)
     if resolved is None:
@@ -137,7 +142,8 @@ def attribute_weightings(num_bases: int, num_attributes: int, alpha: float, seed
 def basis_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """What basis k means: {"source", "attributes": [A names], "weightings": [K][A]} (no data is read)."""
   names, _, _ = selected_attributes(config)
-  weights = attribute_weightings(config.basis.num_bases, len(names), config.data.weighting_alpha, config.data.seed)
+  weights = attribute_weightings(config.basis.num_bases, len(names), config.data.get("weighting_alpha", 1.0),
+                                 config.data.seed)
   return {"source": config.data.source, "attributes": list(names), "weightings": weights.tolist()}
 
 
@@ -146,6 +152,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
   need = config_check.field_checker(config)
   d = config.data
+  if jsonl.is_jsonl(d.source):
+    _validate_jsonl_config(config, need)
+    return
   need(d.source in BUILDER_SOURCES, "data.source", f"one of {BUILDER_SOURCES}")
   for field in ("data_dir", "manual_dir", "tokenizer", "train_split", "eval_split"):
     need(isinstance(d.get(field, None), str), f"data.{field}", "a string")
@@ -167,6 +176,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Labels and ratings of the K bases.
+
+
+def _validate_jsonl_config(config: ml_collections.ConfigDict, need) -> None:
+  """`validate_config` for a JSON-lines source: the file is read and every row checked (`data.jsonl`)."""
+  d = config.data
+  need(bool(config.model.path or d.get("tokenizer", "")), "data.tokenizer",
+       "a local tokenizer (or checkpoint) directory when config.model.path is empty")
+  need(0.0 <= d.get("eval_fraction", JSONL_EVAL_FRACTION) < 1.0, "data.eval_fraction", "in [0, 1)")
+  examples = read_jsonl(d.source)  # Raises naming the file, line and field of the first bad row.
+  names, _, _ = selected_attributes(config)  # Raises naming data.attributes.
+  need(config.basis.num_bases >= len(names), "basis.num_bases",
+       f">= the {len(names)} attributes {names} of {d.source} (one basis per attribute, then weightings); select "
+       "fewer with config.data.attributes")
+  need(d.get("weighting_alpha", 1.0) > 0, "data.weighting_alpha", "> 0")
+  need(d.get("label_margin", 0.0) >= 0, "data.label_margin", ">= 0")
+  if config.loss.kind == "ratings":
+    need(examples["scores_a"] is not None, "loss.kind", f"'dpo' for {d.source} (its rows have labels, no scores)")
+
+
+def read_jsonl(path: str) -> Dict[str, Any]:
+  """`jsonl.read(path)`, read once per version of the file."""
+  stat = os.stat(path) if os.path.isfile(path) else None
+  return _read_jsonl_cached(path, None if stat is None else (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_jsonl_cached(path: str, version: Any) -> Dict[str, Any]:
+  del version  # Part of the cache key only.
+  return jsonl.read(path)
 
 
 def attribute_differences(scores_a: Optional[np.ndarray], scores_b: Optional[np.ndarray], label: np.ndarray,
@@ -258,6 +296,8 @@ def read_split(config: ml_collections.ConfigDict, split: str, limit: int) -> Dic
   """
   from spectral_soup.data import builders  # pylint: disable=g-import-not-at-top
   d = config.data
+  if jsonl.is_jsonl(d.source):
+    return _read_jsonl_split(config, split, limit)
   data_dir = d.data_dir or _default_data_dir()
   resolved = builder_config(config)
   builders.load_source(d.source, data_dir, manual_dir=d.manual_dir or None, config=resolved, split=d.train_split)
@@ -287,6 +327,26 @@ def read_split(config: ml_collections.ConfigDict, split: str, limit: int) -> Dic
   }
 
 
+def _read_jsonl_split(config: ml_collections.ConfigDict, split: str, limit: int) -> Dict[str, Any]:
+  """`read_split` of a JSON-lines file: a prompt is held out ("eval") by a hash of its text (`data.eval_fraction`)."""
+  from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
+  d = config.data
+  examples = read_jsonl(d.source)
+  fraction = d.get("eval_fraction", JSONL_EVAL_FRACTION)
+  rows = np.asarray([i for i, p in enumerate(examples["prompt"]) if embedded.split_of(p, fraction, "jsonl") == split],
+                    np.int64)
+  total = len(rows)
+  if total > limit:
+    rows = np.sort(np.random.default_rng([d.seed, *split.encode()]).choice(rows, size=limit, replace=False))
+  pick = lambda x: None if x is None else x[rows]
+  return {
+      "prompt": [examples["prompt"][i] for i in rows], "response_a": [examples["response_a"][i] for i in rows],
+      "response_b": [examples["response_b"][i] for i in rows], "label": examples["label"][rows],
+      "mask": examples["mask"][rows], "scores_a": pick(examples["scores_a"]), "scores_b": pick(examples["scores_b"]),
+      "num_in_split": total, "builder_config": "jsonl",
+  }
+
+
 def _default_data_dir() -> str:
   return os.path.join(os.path.expanduser("~"), "tensorflow_datasets")  # TFDS's own default.
 
@@ -309,7 +369,7 @@ def pair_arrays(examples: Mapping[str, Any], tokenizer, config: ml_collections.C
   else:
     differences = attribute_differences(None, None, label, mask)
     rated_a = rated_b = np.full((n, k), np.nan, np.float32)
-  labels = basis_labels(differences, weights, d.label_margin)
+  labels = basis_labels(differences, weights, d.get("label_margin", 0.0))
   if config.loss.kind == "dpo":
     keep = np.any(labels >= 0, axis=1)
   else:
@@ -345,7 +405,12 @@ def builder_pairs(config: ml_collections.ConfigDict, tokenizer) -> Tuple[Dict[st
   metadata = basis_metadata(config)
   weights = np.asarray(metadata["weightings"], np.float32)
   out = []
-  for split, limit in ((d.train_split, d.num_train_pairs), (d.eval_split, d.num_eval_pairs)):
+  if jsonl.is_jsonl(d.source):  # Prompts are held out by a hash (`data.eval_fraction`; 0: no held-out pairs).
+    splits = (("train", d.num_train_pairs), ("eval" if d.get("eval_fraction", JSONL_EVAL_FRACTION) else "",
+                                             d.num_eval_pairs))
+  else:
+    splits = ((d.train_split, d.num_train_pairs), (d.eval_split, d.num_eval_pairs))
+  for split, limit in splits:
     if not split or limit <= 0:
       out.append(_empty_pairs(config.basis.num_bases, d.prompt_len, d.response_len))
       continue
@@ -354,7 +419,12 @@ def builder_pairs(config: ml_collections.ConfigDict, tokenizer) -> Tuple[Dict[st
     if not arrays:
       arrays = _empty_pairs(config.basis.num_bases, d.prompt_len, d.response_len)
     _check_vocab(config, arrays)
-    is_train = split == d.train_split
+    is_train = split == splits[0][0]
+    if jsonl.is_jsonl(d.source) and not is_train and not len(arrays["prompt"]):
+      logging.warning("%s: no prompt fell in the held-out share data.eval_fraction=%s; training without held-out "
+                      "pairs.", d.source, d.get("eval_fraction", JSONL_EVAL_FRACTION))
+      out.append(arrays)
+      continue
     batch = config.train.batch_size if is_train else config.train.eval_batch_size
     if len(arrays["prompt"]) < batch:
       raise ValueError(f"config.train.{'batch_size' if is_train else 'eval_batch_size'}={batch} is invalid: "

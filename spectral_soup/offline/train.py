@@ -56,6 +56,7 @@ from spectral_soup.offline import learnability
 from spectral_soup.offline import losses
 from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.offline import metrics as metrics_lib
+from spectral_soup.data import jsonl
 from spectral_soup.offline import sources
 from spectral_soup.utils import progress
 from spectral_soup.utils import workdir_lock
@@ -106,9 +107,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       raise ValueError(str(e).replace("TransformerConfig.", "config.model.")) from None
     need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
          f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
-  need(c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES, "data.source",
-       f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES}")
-  if c.data.source in sources.BUILDER_SOURCES:
+  need(c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source),
+       "data.source", f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES} or a .jsonl file of pairs")
+  if c.data.source in sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source):
     sources.validate_config(c)
   if c.data.source == "embedded":
     need(bool(c.model.path), "model.path", "a checkpoint (the embedded data is tokenized with its tokenizer)")
@@ -415,7 +416,7 @@ def load_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.ndarray]
   d = config.data
   if d.source == "embedded":
     return _embedded_pairs(config)
-  if d.source in sources.BUILDER_SOURCES:
+  if d.source in sources.BUILDER_SOURCES or jsonl.is_jsonl(d.source):
     train, held_out, _ = sources.builder_pairs(config, sources.load_tokenizer(config))
     return train, held_out
   total = d.num_train_pairs + d.num_eval_pairs
@@ -762,7 +763,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
     restored = ckpt.restore_latest(abstract_state, check_data=functools.partial(check_resume, config, workdir))
     if jax.process_index() == 0:  # The run is accepted: record what it runs (atomically).
       files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-      if config.data.source in sources.BUILDER_SOURCES:  # What each basis means (attribute or weighting).
+      if config.data.source in sources.BUILDER_SOURCES or jsonl.is_jsonl(config.data.source):  # What basis k means.
         files.write_text_atomic(os.path.join(workdir, "basis.json"),
                                 json.dumps(sources.basis_metadata(config), indent=2))
     if restored is not None:

@@ -1,0 +1,160 @@
+r"""Your own preference pairs as JSON lines: every row checked, a bad row refused naming the file, line and field.
+
+    python -m experiments.train_basis --config=configs/train_basis_embedded.py --workdir=W \
+        --config.data.source=prefs.jsonl
+
+One JSON object per line (blank lines are skipped), in one of two layouts:
+
+* **chosen / rejected**: `{"prompt": str, "chosen": str, "rejected": str, "attribute": str}`: one preference per
+  row; `attribute` (optional, default "preference") names the dimension it judges, so rows of several attributes
+  may share a file, each labelling only its own. Response a is the chosen one.
+* **two responses, judged per attribute**: `{"prompt": str, "response_a": str, "response_b": str, "labels": {name:
+  "a" | "b" | "tie" | 1 | 0 | 0.5 | null}}` and/or `{"scores_a": {name: number}, "scores_b": {name: number}}`
+  (ratings of each response, higher is better; both or neither). An attribute absent from a row is missing for
+  that pair; with scores, a row's labels (if any) must agree with them.
+
+The attributes are the names met in the file, in order of first appearance; they become the bases' names
+(`basis.json`, `spectral_soup.load_basis(...).names`). `read` returns the pairs in the format of
+`offline.sources.read_split` (labels: 1 = response a preferred, 0 = b, -1 = tie or missing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+CHOSEN_FIELDS = ("prompt", "chosen", "rejected")
+PAIR_FIELDS = ("prompt", "response_a", "response_b")
+DEFAULT_ATTRIBUTE = "preference"
+_LABELS = {"a": 1, "b": 0, "tie": -1, 1: 1, 0: 0, 0.5: -1, None: -1}
+
+
+def is_jsonl(source: Any) -> bool:
+  """Whether `config.data.source` names a JSON-lines file (by its extension)."""
+  return isinstance(source, str) and source.endswith(".jsonl")
+
+
+def _text_field(where: str, row: Dict[str, Any], field: str, allow_empty: bool = False) -> str:
+  if field not in row:
+    raise ValueError(f"{where}: field {field!r} is missing: expected a string.")
+  value = row[field]
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {field!r} is a {type(value).__name__}: expected a string.")
+  if not allow_empty and not value.strip():
+    raise ValueError(f"{where}: field {field!r} is empty: expected text.")
+  return value
+
+
+def _name(where: str, field: str, name: Any) -> str:
+  if not isinstance(name, str) or not name.strip():
+    raise ValueError(f"{where}: field {field!r} has the attribute name {name!r}: expected a non-empty string.")
+  return name
+
+
+def _label(where: str, name: str, value: Any) -> int:
+  key = value.lower() if isinstance(value, str) else value
+  if isinstance(key, bool) or not (key is None or isinstance(key, (str, int, float))) or key not in _LABELS:
+    raise ValueError(f"{where}: labels[{name!r}] = {value!r}: expected 'a', 'b', 'tie', 1, 0, 0.5 or null.")
+  return _LABELS[key]
+
+
+def _score(where: str, field: str, name: str, value: Any) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"{where}: {field}[{name!r}] = {value!r}: expected a finite number.")
+  return float(value)
+
+
+def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dict[str, Tuple[float, float]]]:
+  """(prompt, response_a, response_b, labels {name: 1 | 0 | -1}, scores {name: (a, b)}) of one row."""
+  if not isinstance(row, dict):
+    raise ValueError(f"{where}: a {type(row).__name__}: expected a JSON object.")
+  if "chosen" in row or "rejected" in row:
+    prompt, a, b = (_text_field(where, row, f) for f in CHOSEN_FIELDS)
+    name = _name(where, "attribute", row.get("attribute", DEFAULT_ATTRIBUTE))
+    return prompt, a, b, {name: 1}, {}
+  if not ("response_a" in row or "response_b" in row):
+    raise ValueError(f"{where}: expected the fields {CHOSEN_FIELDS} (optionally 'attribute') or {PAIR_FIELDS} with "
+                     f"'labels' and/or 'scores_a' / 'scores_b'; the row has {sorted(row)}.")
+  prompt, a, b = (_text_field(where, row, f) for f in PAIR_FIELDS)
+  labels, scores = {}, {}
+  if "labels" in row:
+    if not isinstance(row["labels"], dict) or not row["labels"]:
+      raise ValueError(f"{where}: field 'labels' is {row['labels']!r}: expected an object {{attribute: 'a' | 'b' | "
+                       "'tie'}}.")
+    labels = {_name(where, "labels", k): _label(where, k, v) for k, v in row["labels"].items()}
+  if ("scores_a" in row) != ("scores_b" in row):
+    raise ValueError(f"{where}: field {'scores_b' if 'scores_a' in row else 'scores_a'!r} is missing: scores come "
+                     "in pairs (scores_a and scores_b).")
+  if "scores_a" in row:
+    sa, sb = row["scores_a"], row["scores_b"]
+    for field, value in (("scores_a", sa), ("scores_b", sb)):
+      if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where}: field {field!r} is {value!r}: expected an object {{attribute: number}}.")
+    if set(sa) != set(sb):
+      raise ValueError(f"{where}: scores_a has attributes {sorted(sa)} and scores_b {sorted(sb)}: expected the "
+                       "same.")
+    scores = {_name(where, "scores_a", k): (_score(where, "scores_a", k, sa[k]), _score(where, "scores_b", k, sb[k]))
+              for k in sa}
+    for k, label in labels.items():
+      if k in scores and label >= 0 and (scores[k][0] > scores[k][1]) != bool(label):
+        raise ValueError(f"{where}: labels[{k!r}] disagrees with scores_a / scores_b ({scores[k][0]} vs "
+                         f"{scores[k][1]}).")
+  if not labels and not scores:
+    raise ValueError(f"{where}: a response_a / response_b row needs 'labels' or 'scores_a' / 'scores_b'.")
+  return prompt, a, b, labels, scores
+
+
+def read(path: str) -> Dict[str, Any]:
+  """Every row of `path`, checked. Returns {"prompt", "response_a", "response_b": lists of str, "label": int8[N, A],
+  "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no row has scores,
+  "attributes": A names}. Raises ValueError naming the file, the line and the field of the first bad row."""
+  if not os.path.isfile(path):
+    raise ValueError(f"config.data.source={path!r}: no such file (expected a JSON-lines file of preference pairs).")
+  rows: List[Tuple[str, str, str, Dict[str, int], Dict[str, Tuple[float, float]]]] = []
+  lines: List[int] = []
+  layouts = set()
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}, line {number}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
+      rows.append(_parse_row(where, row))
+      lines.append(number)
+      layouts.add("chosen" if isinstance(row, dict) and "chosen" in row else "pair")
+      if len(layouts) > 1:
+        raise ValueError(f"{where}: mixes the chosen / rejected layout with the response_a / response_b layout of "
+                         "earlier rows: expected one layout per file.")
+  if not rows:
+    raise ValueError(f"{path} holds no rows: expected one JSON object per line.")
+  scored = [bool(r[4]) for r in rows]
+  if any(scored) and not all(scored):
+    first, without = scored.index(True), scored.index(False)
+    raise ValueError(f"{path}, line {lines[without]}: no scores, where line {lines[first]} has scores_a / scores_b: "
+                     "expected scores on every row or on none.")
+  names: Dict[str, int] = {}
+  for _, _, _, labels, scores in rows:
+    for name in list(labels) + list(scores):
+      names.setdefault(name, len(names))
+  n, a = len(rows), len(names)
+  label = np.full((n, a), -1, np.int8)
+  mask = np.zeros((n, a), bool)
+  has_scores = any(r[4] for r in rows)
+  scores_a = np.full((n, a), np.nan, np.float32) if has_scores else None
+  scores_b = np.full((n, a), np.nan, np.float32) if has_scores else None
+  for i, (_, _, _, labels, scores) in enumerate(rows):
+    for name, value in labels.items():
+      label[i, names[name]], mask[i, names[name]] = value, True
+    for name, (sa, sb) in scores.items():
+      j = names[name]
+      scores_a[i, j], scores_b[i, j], mask[i, j] = sa, sb, True
+      label[i, j] = 1 if sa > sb else (0 if sa < sb else -1)
+  return {"prompt": [r[0] for r in rows], "response_a": [r[1] for r in rows], "response_b": [r[2] for r in rows],
+          "label": label, "mask": mask, "scores_a": scores_a, "scores_b": scores_b, "attributes": tuple(names)}

@@ -1,0 +1,146 @@
+"""Your own preference pairs as JSON lines (`spectral_soup.data.jsonl`): both layouts read, every bad row refused
+naming its line and field, and a 20-row file trains bases through the CLI whose names are the file's attributes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import spectral_soup as ss
+from spectral_soup.data import jsonl
+import hf_fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return str(path)
+
+
+def test_chosen_rejected_rows_label_their_attribute(tmp_path):
+  path = _write(tmp_path / "p.jsonl", [
+      {"prompt": "p0", "chosen": "short", "rejected": "a long answer", "attribute": "concise"},
+      "",  # Blank lines are skipped.
+      {"prompt": "p1", "chosen": "thanks!", "rejected": "no", "attribute": "friendly"},
+      {"prompt": "p2", "chosen": "yes", "rejected": "maybe"},
+  ])
+  out = jsonl.read(path)
+  assert out["attributes"] == ("concise", "friendly", "preference")
+  assert out["prompt"] == ["p0", "p1", "p2"] and out["response_a"] == ["short", "thanks!", "yes"]
+  np.testing.assert_array_equal(out["label"], [[1, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+  np.testing.assert_array_equal(out["mask"], np.eye(3, dtype=bool))
+  assert out["scores_a"] is None
+
+
+def test_pair_rows_with_labels_and_scores(tmp_path):
+  path = _write(tmp_path / "p.jsonl", [
+      {"prompt": "p0", "response_a": "x", "response_b": "y", "scores_a": {"help": 3, "brief": 1},
+       "scores_b": {"help": 1, "brief": 2}, "labels": {"help": "a"}},
+      {"prompt": "p1", "response_a": "x", "response_b": "y", "scores_a": {"brief": 2.5}, "scores_b": {"brief": 2.5}},
+  ])
+  out = jsonl.read(path)
+  assert out["attributes"] == ("help", "brief")
+  np.testing.assert_array_equal(out["label"], [[1, 0], [-1, -1]])
+  np.testing.assert_array_equal(out["mask"], [[True, True], [False, True]])
+  np.testing.assert_allclose(out["scores_a"], [[3, 1], [np.nan, 2.5]])
+  labels_only = jsonl.read(_write(tmp_path / "l.jsonl", [
+      {"prompt": "p", "response_a": "x", "response_b": "y", "labels": {"help": "b", "brief": 0.5, "tone": None}}]))
+  np.testing.assert_array_equal(labels_only["label"], [[0, -1, -1]])
+  np.testing.assert_array_equal(labels_only["mask"], [[True, True, True]])
+
+
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
+PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("{not json", r"line 2: not JSON"),
+    ([1, 2], r"line 2: a list: expected a JSON object"),
+    ({"chosen": "a", "rejected": "b"}, r"line 2: field 'prompt' is missing: expected a string"),
+    ({**GOOD, "chosen": "  "}, r"line 2: field 'chosen' is empty: expected text"),
+    ({**GOOD, "rejected": 3}, r"line 2: field 'rejected' is a int: expected a string"),
+    ({**GOOD, "attribute": ""}, r"line 2: field 'attribute' has the attribute name ''"),
+    ({"prompt": "p", "answer": "a"}, r"line 2: expected the fields \('prompt', 'chosen', 'rejected'\)"),
+    ({**PAIR}, r"line 2: a response_a / response_b row needs 'labels' or 'scores_a' / 'scores_b'"),
+    ({**PAIR, "labels": {"x": 2}}, r"line 2: labels\['x'\] = 2: expected 'a', 'b', 'tie', 1, 0, 0.5 or null"),
+    ({**PAIR, "labels": {"x": True}}, r"line 2: labels\['x'\] = True"),
+    ({**PAIR, "scores_a": {"x": 1}}, r"line 2: field 'scores_b' is missing"),
+    ({**PAIR, "scores_a": {"x": 1}, "scores_b": {"y": 1}}, r"line 2: scores_a has attributes \['x'\] and scores_b"),
+    ({**PAIR, "scores_a": {"x": "high"}, "scores_b": {"x": 1}}, r"line 2: scores_a\['x'\] = 'high': expected a finite"),
+    ({**PAIR, "scores_a": {"x": 1}, "scores_b": {"x": 2}, "labels": {"x": "a"}}, r"line 2: labels\['x'\] disagrees"),
+])
+def test_a_bad_row_is_refused_naming_its_line_and_field(tmp_path, bad, message):
+  first = {**PAIR, "labels": {"x": "a"}} if isinstance(bad, dict) and "response_a" in bad else GOOD
+  path = _write(tmp_path / "bad.jsonl", [first, bad])
+  with pytest.raises(ValueError, match=message) as info:
+    jsonl.read(path)
+  assert str(path) in str(info.value)
+
+
+def test_file_level_errors(tmp_path):
+  with pytest.raises(ValueError, match="no such file"):
+    jsonl.read(str(tmp_path / "missing.jsonl"))
+  with pytest.raises(ValueError, match="holds no rows"):
+    jsonl.read(_write(tmp_path / "empty.jsonl", [""]))
+  with pytest.raises(ValueError, match="line 2: mixes the chosen / rejected layout"):
+    jsonl.read(_write(tmp_path / "mixed.jsonl", [GOOD, {**PAIR, "labels": {"x": "a"}}]))
+  with pytest.raises(ValueError, match="line 3: no scores, where line 1 has scores_a / scores_b"):
+    jsonl.read(_write(tmp_path / "partial.jsonl", [
+        {**PAIR, "scores_a": {"x": 1}, "scores_b": {"x": 0}}, "", {**PAIR, "labels": {"x": "a"}}]))
+
+
+def _rows(n):
+  """n pairs over two attributes: 'short' prefers the shorter response, 'polite' the one that says please."""
+  rows = []
+  for i in range(n):
+    prompt = f"question number {i}: how should I answer?"
+    if i % 2:
+      rows.append({"prompt": prompt, "chosen": "ok", "rejected": "a much longer answer " * 3, "attribute": "short"})
+    else:
+      rows.append({"prompt": prompt, "chosen": "please do", "rejected": "do it", "attribute": "polite"})
+  return rows
+
+
+def _train(tmp_path, data, *extra):
+  tokenizer = hf_fixtures.byte_tokenizer(tmp_path / "tokenizer")
+  env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
+       f"--config.data.source={data}", f"--config.data.tokenizer={tokenizer}", "--config.model.vocab_size=512",
+       "--config.basis.num_bases=2", "--config.train.batch_size=4", "--config.train.eval_batch_size=1",
+       "--config.train.num_steps=20", "--config.optim.warmup_steps=2", "--config.train.tensorboard=False",
+       "--config.data.prompt_len=48", "--config.data.response_len=64", *extra],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return result, str(workdir)
+
+
+def test_a_20_row_file_trains_bases_through_the_cli_and_names_them(tmp_path):
+  data = _write(tmp_path / "prefs.jsonl", _rows(20))
+  result, workdir = _train(tmp_path, data)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "basis.json")) as f:
+    assert json.load(f)["attributes"] == ["polite", "short"]
+  basis = ss.load_basis(workdir)
+  assert basis.names == ("polite", "short") and basis.num_bases == 2
+  assert len(basis.generate("hello", [[1.0, 0.0], [0.0, 1.0]], max_new_tokens=4)) == 2
+
+
+def test_a_malformed_row_is_refused_by_the_cli_naming_its_line(tmp_path):
+  rows = _rows(20)
+  rows[6] = {"prompt": "p", "chosen": "", "rejected": "x"}
+  data = _write(tmp_path / "prefs.jsonl", rows)
+  result, workdir = _train(tmp_path, data)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.startswith(f"error: {data}, line 7: field 'chosen' is empty"), result.stderr[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  result, _ = _train(tmp_path, str(tmp_path / "missing.jsonl"))
+  assert result.returncode == 2 and "no such file" in result.stderr, result.stderr[-2000:]
