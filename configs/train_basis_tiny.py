@@ -10,7 +10,13 @@ Measured cost on 2 CPU cores, one device: 17 s wall (imports ~4 s, feature pass 
 held-out accuracy per basis 0.905 / 0.869 / 0.895. With 8 fake devices (the tests' setting): ~35 s.
 """
 
+import os
+
 import ml_collections
+
+import spectral_soup.data
+
+CHAR_TOKENIZER = os.path.join(os.path.dirname(spectral_soup.data.__file__), "examples", "char_tokenizer")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -55,7 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.prompt_len = 8  # Prompt tokens (padded).
   config.data.response_len = 16  # Response tokens (padded).
   config.data.seed = 1  # Seed of the synthetic data (independent of config.seed).
-  config.data.tokenizer = ""  # Local tokenizer or checkpoint directory ("": model.path's; serving text needs one).
+  # Tokenizer for serving text (spectral_soup.load_basis(...).generate): the shipped 51-token character tokenizer
+  # (lowercase letters, digits, punctuation, chat specials); a local directory, or "": model.path's.
+  config.data.tokenizer = CHAR_TOKENIZER
 
   config.loss = ml_collections.ConfigDict()
   config.loss.kind = "dpo"  # "dpo" (Bradley-Terry on labels) or "ratings" (MSE on rating differences).

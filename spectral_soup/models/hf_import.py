@@ -236,6 +236,11 @@ class _Entry:
   def per_layer(self) -> bool:
     return "{i}" in self.hf_name
 
+  def inverse(self, w: np.ndarray) -> np.ndarray:
+    """Our array -> the HF tensor (`export_table`'s entries: identity or `_linear`'s transpose)."""
+    w = np.asarray(w)
+    return w if self.transform is _same else w.reshape(self.hf_shape[1], self.hf_shape[0]).T
+
 
 def _same(w: np.ndarray) -> np.ndarray:
   return w
@@ -307,6 +312,14 @@ def _table(cfg: TransformerConfig) -> List[_Entry]:
   if not cfg.tie_embeddings:
     table.append(e("lm_head/kernel", "lm_head.weight", (v, d), _linear((d,), (v,))))
   return table
+
+
+def export_table(cfg: TransformerConfig, *, tie_embeddings: bool) -> List[_Entry]:
+  """The import table of a Llama config (with `tie_embeddings` as given), for writing our arrays back under HF names
+  (`_Entry.inverse`): the inverse of `params_from_state_dict`. Other families are not exported."""
+  if cfg.family != "llama":
+    raise ValueError(f"No HF export table for family {cfg.family!r} (Llama only).")
+  return _table(dataclasses.replace(cfg, tie_embeddings=tie_embeddings))
 
 
 def _ignorable(cfg: TransformerConfig, name: str) -> bool:

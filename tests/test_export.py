@@ -1,0 +1,130 @@
+"""`ss.export_hf`: one user's soup of LoRA or head bases, trained by the CLI on a tiny Llama checkpoint, written as a
+Hugging Face checkpoint that transformers (PyTorch) loads, with the JAX soup's logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import spectral_soup as ss
+from spectral_soup import models
+from spectral_soup import soup
+from spectral_soup.models.transformer import Transformer
+from spectral_soup.models.spectral import group_targets, split_lora_params
+from spectral_soup.soup.parameters import soup_lora_concat
+import hf_fixtures
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENS = np.array([[7, 40, 41, 99, 5, 200, 17, 3, 250, 12]], np.int32)
+LAM = np.array([0.7, -0.3, 1.2], np.float32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """A tiny random Llama (vocabulary 512) with a byte-level tokenizer in the same directory."""
+  path = tmp_path_factory.mktemp("llama")
+  hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("llama", vocab_size=512), path)
+  hf_fixtures.byte_tokenizer(path)
+  return str(path)
+
+
+def _train(checkpoint, workdir, *overrides):
+  env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
+       f"--config.model.path={checkpoint}", "--config.train.num_steps=40", "--config.train.tensorboard=False",
+       "--config.optim.warmup_steps=5", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return ss.load_basis(str(workdir))
+
+
+def _hf_logits(directory):
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_a_lora_soup_exports_as_merged_weights(checkpoint, tmp_path):
+  basis = _train(checkpoint, tmp_path / "lora", "--config.basis.kind=lora", "--config.train.cache_features=False",
+                 "--config.optim.learning_rate=0.01")
+  assert np.abs(np.asarray(basis.params["lora"]["q_proj_b"])).max() > 1e-4  # Trained adapters, not zeros.
+  out = ss.export_hf(basis, LAM, str(tmp_path / "export"))
+  assert {"model.safetensors", "config.json", "tokenizer.json", "soup.json"} <= set(os.listdir(out))
+  got = _hf_logits(out)
+  # The JAX parameter soup: the backbone with the exact rank-K*r adapter sum_k lam_k a_k b_k.
+  assert transformers.AutoConfig.from_pretrained(out).tie_word_embeddings == basis.policy.config.tie_embeddings
+  backbone = basis.params["features"]["backbone"]
+  lora = group_targets(soup_lora_concat(split_lora_params(basis.params["lora"]), LAM))
+  want, _ = Transformer(basis.policy.config).apply({"params": backbone}, TOKENS, lora=lora)
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
+  # Not the reference: the soup moved the logits.
+  ref, _ = Transformer(basis.policy.config).apply({"params": backbone}, TOKENS)
+  assert np.abs(got - np.asarray(ref)).max() > 1e-3
+  # The checkpoint reads back through the package too, and names what it holds.
+  reloaded, params = models.from_pretrained(out)
+  again, _ = reloaded.apply({"params": params}, TOKENS)
+  np.testing.assert_allclose(np.asarray(again), np.asarray(want), atol=1e-4, rtol=1e-4)
+  with open(os.path.join(out, "soup.json")) as f:
+    assert json.load(f)["bases"] == list(basis.names)
+
+
+def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path):
+  basis = _train(checkpoint, tmp_path / "heads", "--config.basis.kind=heads", "--config.basis.head_rank=4")
+  out = ss.export_hf(basis, LAM, str(tmp_path / "export"))
+  assert transformers.AutoConfig.from_pretrained(out).tie_word_embeddings is False
+  ref_logits, basis_logits, _ = basis.policy.apply({"params": basis.params}, TOKENS)
+  want = soup.soup_logits(ref_logits, basis_logits, LAM)  # The explicit soup's normalized log-probs.
+  np.testing.assert_allclose(_log_softmax(_hf_logits(out)), np.asarray(want), atol=1e-4, rtol=1e-4)
+  assert np.abs(np.asarray(want) - _log_softmax(ref_logits)).max() > 1e-3
+
+
+def test_what_cannot_be_exported_exactly_is_refused(checkpoint, tmp_path):
+  basis = _train(checkpoint, tmp_path / "bias", "--config.basis.kind=heads", "--config.basis.head_rank=0",
+                 "--config.basis.logit_bias=True")
+  with pytest.raises(ValueError, match="cannot export logit-bias bases"):
+    ss.export_hf(basis, LAM, str(tmp_path / "export"))
+  assert not (tmp_path / "export").exists()  # Refused before anything is written.
+  with pytest.raises(ValueError, match=r"lam has shape \(2,\): expected \[K=3\]"):
+    ss.export_hf(basis, LAM[:2], str(tmp_path / "export"))
+  with pytest.raises(ValueError, match="exports one user's soup"):
+    ss.export_hf(basis, np.stack([LAM, LAM]), str(tmp_path / "export"))
+
+
+def test_the_documented_workflow_on_the_tiny_config(tmp_path):
+  """What the README documents, end to end on `configs/train_basis_tiny.py` as it ships (its character tokenizer,
+  LoRA bases): train by the CLI, load, serve two users in one call, fit a user's lam, export and reload."""
+  basis = _train("", tmp_path / "tiny", "--config.basis.kind=lora", "--config.train.cache_features=False")
+  texts = basis.generate("how are you?", [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], max_new_tokens=8)
+  assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+  prompts = ["how are you?", "tell me a story."] * 5
+  reference = np.zeros(basis.num_bases)
+  a = basis.generate(prompts, reference, temperature=1.0, seed=1, max_new_tokens=8)
+  b = basis.generate(prompts, reference, temperature=1.0, seed=2, max_new_tokens=8)
+  features = basis.features(prompts, a) - basis.features(prompts, b)
+  prefs = (features[:, 0] > 0).astype(np.float32)  # A user whose reward is basis 0's.
+  lam = np.asarray(ss.fit_lambda(features, prefs, l2=1.0, constraint="box", box=(0.0, 10.0)))
+  out = ss.export_hf(basis, lam, str(tmp_path / "export"))
+  tokens, _ = basis.encode_prompts(["how are you?"])
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    got = hf(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+  lora = group_targets(soup_lora_concat(split_lora_params(basis.params["lora"]), lam))
+  want, _ = Transformer(basis.policy.config).apply({"params": basis.params["features"]["backbone"]}, tokens,
+                                                  lora=lora)
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
+  assert transformers.AutoTokenizer.from_pretrained(out).decode(tokens[0]) == "<|user|>how are you?<|end|><|assistant|>"
