@@ -17,7 +17,7 @@ Phases (each timed, with a progress bar where it loops):
   7. results   results.json, plots (*.png), the table.
 
 results.json: {"methods": {NAME: {"normalized_score", "mean_reward", "kl", ...}}, "frontier", "at_bespoke_kl",
-"offline": {"attribute_shift", ...}, "users", "rounds", ...}. `--config.eval.split=dev` evaluates on a split of the
+"offline": {"attribute_shift", ...}, "users", "rounds", ...}; every key: docs/RESULTS.md. `--config.eval.split=dev` evaluates on a split of the
 training prompts and users instead (for tuning; the held-out prompts are never read).
 """
 
@@ -42,7 +42,9 @@ from spectral_soup.utils import workdir_lock
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
-flags.mark_flags_as_required(["config", "workdir"])
+_SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of --config with its value and comment, "
+                                 "and exit (no --workdir needed).")
+flags.mark_flags_as_required(["config"])  # --workdir is checked in main (not needed by --show_config).
 
 ESTIMATES = ("map", "posterior_mean")  # The spectral lambda served: the penalized fit, or the Bayes direction.
 # Methods evaluated along a strength knob (eval.frontier), compared at the bespoke policy's KL.
@@ -115,6 +117,9 @@ def main(argv) -> None:
   del argv
   config = _CONFIG.value
   workdir = _WORKDIR.value
+  if _SHOW_CONFIG.value:
+    print(cli.describe_config(config, config_flags.get_config_filename(flags.FLAGS["config"])))
+    return
   # ---- Config check: a bad field or workdir ends here in one line, exit status 2 (`--verbosity=1`: traceback).
   with cli.input_checks():
     validate_config(config)

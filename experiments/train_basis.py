@@ -25,13 +25,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host (TPU pod slice, multi-node GPU): call jax.distributed.initialize() first, so "
     "that every host joins one job over all global devices (launch/tpu.py sets it on multi-host slices).")
-flags.mark_flags_as_required(["config", "workdir"])
+_SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of --config with its value and comment, "
+                                 "and exit (no --workdir needed).")
+flags.mark_flags_as_required(["config"])  # --workdir is checked in main (not needed by --show_config).
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped early, checkpoint saved; run me again".
 
 
 def main(argv) -> None:
   del argv
+  if _SHOW_CONFIG.value:
+    print(cli.describe_config(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"])))
+    return
   logs.quiet_orbax()
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top

@@ -175,14 +175,18 @@ def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, 
   assert result.stderr.startswith("error: ") and re.search(message, result.stderr), result.stderr
 
 
-def test_the_readmes_serving_example_runs(workdir):
-  """The README's first API block, on the tiny basis instead of the demo's workdir."""
+def test_the_readmes_api_blocks_run(workdir):
+  """The README's API blocks, in order in one namespace, on the tiny basis instead of the demo's workdir."""
   with open(os.path.join(REPO, "README.md")) as f:
-    section = f.read().split("### Serve a trained basis", 1)[1]
-  block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-  assert '"workdir/demo"' in block
+    text = f.read()
+  blocks = [re.search(r"```python\n(.*?)```", text.split(title, 1)[1], re.S).group(1)
+            for title in ("### Serve a trained basis", "### Lower level")]
+  assert '"workdir/demo"' in blocks[0]
   namespace = {}
-  code = compile(block.replace('"workdir/demo"', repr(workdir)), "README.md", "exec")
-  exec(code, namespace)  # pylint: disable=exec-used
+  for i, block in enumerate(blocks):
+    code = compile(block.replace('"workdir/demo"', repr(workdir)), f"README.md block {i}", "exec")
+    exec(code, namespace)  # pylint: disable=exec-used
   assert len(namespace["texts"]) == 2 and namespace["lam"].shape == (3,)
   assert np.isclose(namespace["lam"].sum(), 1.0) or namespace["lam"].sum() == 0.0
+  assert namespace["features"].shape == (2, 3) and np.isfinite(namespace["features"]).all()
+  assert namespace["logits"].shape[:2] == (2, 4)

@@ -26,3 +26,30 @@ def test_every_named_repository_file_exists():
       if not (os.path.exists(os.path.join(ROOT, ref)) or os.path.exists(here)):
         missing.append(f"{name} names {ref}")
   assert not missing, "\n".join(missing)
+
+
+def test_show_config_lists_every_field_with_its_comment():
+  import sys  # pylint: disable=g-import-not-at-top
+  for module, config, field, comment in (
+      ("experiments.train_basis", "configs/train_basis_tiny.py", "basis.num_bases = 3", "K: one basis per label"),
+      ("experiments.main", "configs/demo.py", "online.rounds = 4", "T rounds.")):
+    result = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--show_config"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(l for l in result.stdout.splitlines() if l.strip().startswith(field))
+    assert comment in line, line
+    assert "data.prompt_len = " in result.stdout
+
+
+def test_every_key_of_results_json_is_documented():
+  """docs/RESULTS.md names every key that experiments/main.py writes into results.json (and its `offline` part)."""
+  with open(os.path.join(ROOT, "experiments", "main.py")) as f:
+    source = f.read()
+  literal = source[source.index("  results = {"):source.index("  results[\"timing_s\"][\"total_s\"]")]
+  keys = set(re.findall(r'"([a-z_]+)":', literal)) - {"scale", "kl", "mean_reward"}
+  assert {"methods", "frontier", "at_bespoke_kl", "attribute_shift", "timing_s"} <= keys
+  with open(os.path.join(ROOT, "docs", "RESULTS.md")) as f:
+    doc = f.read()
+  named = lambda k: any(form in doc for form in (f"`{k}`", f"`{k}.", f".{k}`", f"\"{k}\""))
+  missing = sorted(k for k in keys if not named(k))
+  assert not missing, f"docs/RESULTS.md does not document {missing}"

@@ -144,3 +144,25 @@ def test_a_malformed_row_is_refused_by_the_cli_naming_its_line(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
   result, _ = _train(tmp_path, str(tmp_path / "missing.jsonl"))
   assert result.returncode == 2 and "no such file" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_hugging_face_datasets_directory_reads_like_the_json_lines(tmp_path):
+  datasets = pytest.importorskip("datasets")
+  rows = [{"prompt": "p0", "response_a": "x", "response_b": "y", "scores_a": {"help": 3.0, "brief": None},
+           "scores_b": {"help": 1.0, "brief": None}},
+          {"prompt": "p1", "response_a": "u", "response_b": "v", "scores_a": {"help": 1.0, "brief": 2.0},
+           "scores_b": {"help": 2.0, "brief": 1.0}}]
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+  datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+  want = jsonl.read(_write(tmp_path / "same.jsonl", [
+      {**rows[0], "scores_a": {"help": 3.0}, "scores_b": {"help": 1.0}}, rows[1]]))
+  for name in ("ds", "dd"):
+    assert jsonl.is_jsonl(str(tmp_path / name))
+    got = jsonl.read(str(tmp_path / name))
+    assert got["attributes"] == want["attributes"] == ("help", "brief")
+    for key in ("label", "mask", "scores_a", "scores_b"):
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} {key}")
+  bad = [{"prompt": "p", "chosen": "a", "rejected": ""}]
+  datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match=r"bad, row 0: field 'rejected' is empty"):
+    jsonl.read(str(tmp_path / "bad"))

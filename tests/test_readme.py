@@ -1,5 +1,6 @@
 """The README's two-command quickstart is what CI runs, and its main job works on the embedded default."""
 
+import importlib
 import pathlib
 import re
 import subprocess
@@ -45,3 +46,15 @@ def test_main_job_rejects_a_bad_field_before_loading_anything(tmp_path):
       [sys.executable, "-m", "experiments.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
        "--config.online.roundz=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "roundz" in result.stderr
+
+
+def test_the_tpu_example_dry_runs_with_the_slice_its_config_is_sized_for():
+  text = (ROOT / "README.md").read_text().split("## Running on a TPU VM", 1)[1]
+  command = re.search(r"```\n(.*?)```", text, re.S).group(1).replace("\\\n", " ").split()
+  assert command[:3] == ["python", "-m", "launch.tpu"] and "--dry-run" in command
+  flags = dict(arg[2:].split("=", 1) for arg in command[3:] if "=" in arg)
+  config_module = importlib.import_module(flags["config"][:-3].replace("/", "."))
+  assert flags["accelerator-type"] == config_module.get_config().launch.accelerator_type
+  result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"--accelerator-type={flags['accelerator-type']}" in result.stdout

@@ -3,7 +3,9 @@ r"""Your own preference pairs as JSON lines: every row checked, a bad row refuse
     python -m experiments.train_basis --config=configs/train_basis_embedded.py --workdir=W \
         --config.data.source=prefs.jsonl
 
-One JSON object per line (blank lines are skipped), in one of two layouts:
+One JSON object per line (blank lines are skipped), or one row of a Hugging Face `datasets` directory (written by
+`save_to_disk`; its "train" split if it holds several; reading it needs the `datasets` package), in one of two
+layouts (a dataset's columns carry the same names; None, Arrow's missing value, is an absent field):
 
 * **chosen / rejected**: `{"prompt": str, "chosen": str, "rejected": str, "attribute": str}`: one preference per
   row; `attribute` (optional, default "preference") names the dimension it judges, so rows of several attributes
@@ -34,8 +36,35 @@ _LABELS = {"a": 1, "b": 0, "tie": -1, 1: 1, 0: 0, 0.5: -1, None: -1}
 
 
 def is_jsonl(source: Any) -> bool:
-  """Whether `config.data.source` names a JSON-lines file (by its extension)."""
-  return isinstance(source, str) and source.endswith(".jsonl")
+  """Whether `config.data.source` names your own pairs: a JSON-lines file (by its extension) or a Hugging Face
+  `datasets` directory written by `save_to_disk` (`is_dataset_dir`)."""
+  return isinstance(source, str) and (source.endswith(".jsonl") or is_dataset_dir(source))
+
+
+def is_dataset_dir(path: Any) -> bool:
+  """A directory that `datasets.save_to_disk` wrote (a Dataset, or a DatasetDict with a "train" split)."""
+  return isinstance(path, str) and any(os.path.isfile(os.path.join(path, name)) for name in
+                                       ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def _dataset_rows(path: str):
+  """(where, row) of every row of a `datasets` directory (its "train" split if it is a DatasetDict)."""
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f"config.data.source={path!r} is a Hugging Face datasets directory: reading it needs the "
+                     "`datasets` package (pip install datasets).") from None
+  data = datasets.load_from_disk(path)
+  if isinstance(data, datasets.DatasetDict):
+    if "train" not in data:
+      raise ValueError(f"{path}: a DatasetDict with splits {sorted(data)}: expected a 'train' split (held-out "
+                       "prompts are chosen by a hash, data.eval_fraction).")
+    data, path = data["train"], os.path.join(path, "train")
+  for i, row in enumerate(data):
+    # Arrow stores absent values as None (a column a row does not use, a struct field it lacks): drop them.
+    row = {k: ({a: x for a, x in v.items() if x is not None} if isinstance(v, dict) else v)
+           for k, v in row.items() if v is not None}
+    yield f"{path}, row {i}", row
 
 
 def _text_field(where: str, row: Dict[str, Any], field: str, allow_empty: bool = False) -> str:
@@ -108,37 +137,43 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
   return prompt, a, b, labels, scores
 
 
-def read(path: str) -> Dict[str, Any]:
-  """Every row of `path`, checked. Returns {"prompt", "response_a", "response_b": lists of str, "label": int8[N, A],
-  "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no row has scores,
-  "attributes": A names}. Raises ValueError naming the file, the line and the field of the first bad row."""
-  if not os.path.isfile(path):
-    raise ValueError(f"config.data.source={path!r}: no such file (expected a JSON-lines file of preference pairs).")
-  rows: List[Tuple[str, str, str, Dict[str, int], Dict[str, Tuple[float, float]]]] = []
-  lines: List[int] = []
-  layouts = set()
+def _json_lines(path: str):
+  """(where, row) of every non-blank line of a JSON-lines file."""
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
       where = f"{path}, line {number}"
       try:
-        row = json.loads(line)
+        yield where, json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
-      rows.append(_parse_row(where, row))
-      lines.append(number)
-      layouts.add("chosen" if isinstance(row, dict) and "chosen" in row else "pair")
-      if len(layouts) > 1:
-        raise ValueError(f"{where}: mixes the chosen / rejected layout with the response_a / response_b layout of "
-                         "earlier rows: expected one layout per file.")
+
+
+def read(path: str) -> Dict[str, Any]:
+  """Every row of `path`, checked. Returns {"prompt", "response_a", "response_b": lists of str, "label": int8[N, A],
+  "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no row has scores,
+  "attributes": A names}. Raises ValueError naming the file, the line and the field of the first bad row."""
+  if not (os.path.isfile(path) or is_dataset_dir(path)):
+    raise ValueError(f"config.data.source={path!r}: no such file (expected a JSON-lines file of preference pairs, "
+                     "or a directory written by datasets' save_to_disk).")
+  rows: List[Tuple[str, str, str, Dict[str, int], Dict[str, Tuple[float, float]]]] = []
+  places: List[str] = []
+  layouts = set()
+  for where, row in (_dataset_rows(path) if is_dataset_dir(path) else _json_lines(path)):
+    rows.append(_parse_row(where, row))
+    places.append(where)
+    layouts.add("chosen" if isinstance(row, dict) and "chosen" in row else "pair")
+    if len(layouts) > 1:
+      raise ValueError(f"{where}: mixes the chosen / rejected layout with the response_a / response_b layout of "
+                       "earlier rows: expected one layout per file.")
   if not rows:
     raise ValueError(f"{path} holds no rows: expected one JSON object per line.")
   scored = [bool(r[4]) for r in rows]
   if any(scored) and not all(scored):
     first, without = scored.index(True), scored.index(False)
-    raise ValueError(f"{path}, line {lines[without]}: no scores, where line {lines[first]} has scores_a / scores_b: "
-                     "expected scores on every row or on none.")
+    raise ValueError(f"{places[without]}: no scores, where {places[first].rsplit(', ', 1)[-1]} has scores_a / "
+                     "scores_b: expected scores on every row or on none.")
   names: Dict[str, int] = {}
   for _, _, _, labels, scores in rows:
     for name in list(labels) + list(scores):

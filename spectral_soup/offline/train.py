@@ -108,7 +108,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
          f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
   need(c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source),
-       "data.source", f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES} or a .jsonl file of pairs")
+       "data.source", f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES}, a .jsonl file of pairs or "
+       "a datasets directory (save_to_disk)")
   if c.data.source in sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source):
     sources.validate_config(c)
   if c.data.source == "embedded":

@@ -119,3 +119,60 @@ def check_workdir(workdir: str) -> None:
     raise ValueError(f"--workdir={workdir}: {parent} is not writable, expected a directory this user can write.")
   if os.path.isdir(path):
     workdir_lock.check_free(workdir)
+
+
+_ASSIGNMENT = re.compile(r"^\s*([A-Za-z_]\w*(?:\.\w+)+)\s*=\s*(.*?)\s*(?:#\s*(.*))?$")
+_ALIAS = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*config((?:\.\w+)+)\s*(?:#.*)?$")
+_BASE = re.compile(r"^\s*from configs import (\w+)")
+
+
+def config_comments(path: str) -> dict:
+  """{"data.attributes": "its comment"} from a config file and the configs/ files it builds on (`from configs
+  import x`), the file's own comments last (they describe its values). Reads the source; imports nothing."""
+  path = path.split(":", 1)[0]
+  comments: dict = {}
+  try:
+    with open(path) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return comments
+  for line in lines:  # The bases first: a derived config's comment wins.
+    base = _BASE.match(line)
+    if base:
+      comments.update(config_comments(os.path.join(os.path.dirname(os.path.abspath(path)), base.group(1) + ".py")))
+  aliases = {"config": ""}
+  for line in lines:
+    alias = _ALIAS.match(line)
+    if alias:
+      aliases[alias.group(1)] = alias.group(2)[1:]
+      continue
+    match = _ASSIGNMENT.match(line)
+    if not match or not match.group(3):
+      continue
+    head, _, rest = match.group(1).partition(".")
+    if head in aliases:
+      key = ".".join(p for p in (aliases[head], rest) if p)
+      comments[key] = match.group(3).strip()
+  return comments
+
+
+def describe_config(config, path: str) -> str:
+  """Every field of `config` with its value and the comment its config file gives it (`--show_config`)."""
+  comments = config_comments(path)
+  rows = []
+
+  def walk(node, prefix):
+    for name in sorted(node.keys()):
+      value, key = node[name], f"{prefix}{name}"
+      if hasattr(value, "keys") and not isinstance(value, dict):  # A nested ConfigDict.
+        walk(value, key + ".")
+      else:
+        rows.append((key, repr(value), comments.get(key, "")))
+
+  walk(config, "")
+  width = min(max(len(k) + len(v) for k, v, _ in rows) + 3, 60)
+  lines = [f"Config fields of {path} (override any with --config.FIELD=VALUE):"]
+  for key, value, comment in rows:
+    text = f"  {key} = {value}"
+    lines.append(f"{text:<{width}}  # {comment}" if comment else text)
+  return "\n".join(lines)
