@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -63,9 +64,7 @@ def merged_backbone(basis: Any, lam: Any) -> dict:
   _check_exportable(basis)
   lam = lam[0].astype(np.float64)
   cfg = basis.policy.config
-  backbone = {k: v for k, v in basis.params["features"]["backbone"].items()}
-  to_np = lambda tree: {k: (to_np(v) if isinstance(v, dict) else np.asarray(v, np.float64)) for k, v in tree.items()}
-  backbone = to_np(backbone)
+  backbone = jax.tree.map(lambda x: np.array(x, np.float64), basis.params["features"]["backbone"])  # A copy.
   if basis.policy.basis_kind == "lora":
     for name, adapter in split_lora_params(basis.params["lora"]).items():
       a, b = np.asarray(adapter["a"], np.float64), np.asarray(adapter["b"], np.float64)  # [K, L, in, r], [K, L, r, out]

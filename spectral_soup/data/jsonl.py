@@ -1,6 +1,6 @@
 r"""Your own preference pairs as JSON lines: every row checked, a bad row refused naming the file, line and field.
 
-    python -m experiments.train_basis --config=configs/train_basis_embedded.py --workdir=W \
+    python -m experiments.train_basis --config=configs/train_basis_jsonl.py --workdir=W \
         --config.data.source=prefs.jsonl
 
 One JSON object per line (blank lines are skipped), or one row of a Hugging Face `datasets` directory (written by
