@@ -55,8 +55,10 @@ def get_config():
   config.online.rounds = 4  # T rounds.
   config.online.prompts_per_round = 16  # Comparisons per user per round.
   # L2 penalty of the lambda fits (spectral, P-Soups and PAD's user weights; `online.pad_weights_l2` gives PAD its
-  # own). `python -m experiments.choose_online_l2 DEV_WORKDIR` cross-validates it on a dev run's comparisons.
-  config.online.l2 = 1.0
+  # own). `python -m experiments.choose_online_l2 DEV_WORKDIR` cross-validates it on a dev run's comparisons: on two
+  # 8-user dev runs with reward-model features it prefers 10 for P-Soups and PAD, 30 for spectral (within 0.001 of
+  # its log-likelihood at 10).
+  config.online.l2 = 10.0
   config.online.pad_weights_l2 = ml_collections.FieldReference(None, field_type=float)  # None: online.l2.
   config.online.prior_mean = -1.0  # Center of the penalty, lam_k = prior_mean (-1: 1/K, the uniform soup).
   config.online.explore_scale = 1.0  # Thompson sampling: posterior noise scale of the shown soups.
@@ -64,6 +66,11 @@ def get_config():
   # Spectral lambda: "nonnegative" (lam >= 0, any scale: Dirichlet users want more of each attribute or do not care;
   # P-Soups also fixes sum lam = 1) or "none" (any sign).
   config.online.constraint = "nonnegative"
+  # What spectral and P-Soups lambda regress the users' choices on: "implicit_reward" (the bases' beta * log pi_k /
+  # pi_ref of each response) or "reward_model" (each basis's attribute as predicted by the token-level reward model
+  # fitted on the training responses, the one PAD decodes with). The context-free bases' implicit rewards predict
+  # held-out choices at about 0.59, the reward model's predictions at about 0.65 (docs/METHOD.md, section 5).
+  config.online.features = "reward_model"
   # Serve lam / sum(lam): choices do not identify the reward's scale (noisy features attenuate the fitted lambda),
   # and the bases are fitted at the users' reward scale (a Dirichlet user's weights sum to 1; online.update.
   # unit_total_weight).

@@ -6,7 +6,9 @@ r"""The online learners' penalties, chosen on a dev run's comparisons by cross-v
 Reads each run's `comparisons.npz` (every user's comparisons: the spectral features, PAD's predicted attribute
 vectors and the choices) and `config.json`, and prints, per learner and penalty, the held-out log-likelihood and
 accuracy of the users' choices (`spectral_soup.online.selection`): spectral lambda with the run's constraint and
-prior, P-Soups on the simplex, PAD's user weights. Runs must be dev runs (`--config.eval.split=dev`): the held-out
+prior, P-Soups on the simplex, PAD's user weights. Spectral and P-Soups use the run's `online.features`; where the
+runs also saved the other kind (`implicit_features`: the bases' implicit rewards, `pad_features`: the reward
+model's predicted attributes), they are scored on it too, as `spectral@KIND` and `p_soups@KIND`. Runs must be dev runs (`--config.eval.split=dev`): the held-out
 users and prompts choose nothing. The penalties with the best log-likelihood go to `online.l2` (spectral and P-Soups
 share it: the same features) and `online.pad_weights_l2`.
 """
@@ -23,6 +25,8 @@ import numpy as np
 
 # (learner, features in comparisons.npz, constraint; None: the run's online.constraint).
 LEARNERS = (("spectral", "features", None), ("p_soups", "features", "simplex"), ("pad", "pad_features", "none"))
+# online.features -> the comparisons.npz field holding that kind of features.
+FEATURE_FIELDS = {"implicit_reward": "implicit_features", "reward_model": "pad_features"}
 
 
 def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
@@ -45,7 +49,10 @@ def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
     if missing:
       raise ValueError(f"{data_path}: missing {sorted(missing)}; expected the main job's comparisons.")
     run = {name: np.asarray(data[name]) for name in ("features", "pad_features", "prefs")}
+    if "implicit_features" in data.files:
+      run["implicit_features"] = np.asarray(data["implicit_features"])
   online = config.get("online", {})
+  run["kind"] = online.get("features", "implicit_reward")
   num_bases = run["features"].shape[-1]
   prior = online.get("prior_mean", 0.0)
   run["prior_mean"] = np.full(num_bases, 1.0 / num_bases if prior < 0 else prior, np.float32)
@@ -57,18 +64,25 @@ def choose(workdirs: Sequence[str], l2s: Sequence[float], folds: int = 8) -> dic
   """{learner: {"l2", "log_likelihood", "accuracy": [P] pooled over runs, "best_l2"}}."""
   from spectral_soup.online import selection  # pylint: disable=g-import-not-at-top
   runs = [load_dev_run(w) for w in workdirs]
-  if len({r["constraint"] for r in runs}) > 1:
-    raise ValueError(f"The runs use different online.constraint values: {[r['constraint'] for r in runs]}.")
+  for key in ("constraint", "kind"):
+    if len({r[key] for r in runs}) > 1:
+      field = "features" if key == "kind" else key
+      raise ValueError(f"The runs use different online.{field} values: {[r[key] for r in runs]}.")
+  learners = list(LEARNERS)
+  for kind, field in FEATURE_FIELDS.items():  # The other kind of features, where every run saved it.
+    if kind != runs[0]["kind"] and all(field in r for r in runs):
+      learners += [(f"spectral@{kind}", field, None), (f"p_soups@{kind}", field, "simplex")]
   out = {}
-  for name, field, constraint in LEARNERS:
+  for name, field, constraint in learners:
     constraint = constraint or runs[0]["constraint"]
-    prior = lambda run: run["prior_mean"] if name == "spectral" else None  # PAD's weights: centered on 0.
+    prior = lambda run: run["prior_mean"] if name.startswith("spectral") else None  # PAD, P-Soups: none.
     results = [selection.cross_validate(run[field], run["prefs"], l2s, constraint=constraint, prior_mean=prior(run),
                                         folds=folds) for run in runs]
     counts = np.asarray([run["prefs"].size for run in runs], np.float64)
     pooled = {key: np.average([r[key] for r in results], axis=0, weights=counts)
               for key in ("log_likelihood", "accuracy")}
-    out[name] = {"constraint": constraint, "l2": [float(x) for x in l2s],
+    kind = {"features": runs[0]["kind"], **{f: k for k, f in FEATURE_FIELDS.items()}}[field]
+    out[name] = {"constraint": constraint, "features": kind, "l2": [float(x) for x in l2s],
                  "log_likelihood": pooled["log_likelihood"].tolist(), "accuracy": pooled["accuracy"].tolist(),
                  "best_l2": float(l2s[int(np.argmax(pooled["log_likelihood"]))])}
   return out
@@ -91,10 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"held-out choice prediction ({args.folds}-fold per user) over {len(args.workdirs)} dev run(s)")
-  print(f"{'learner':<10} {'constraint':<12} " + " ".join(f"{f'l2={x:g}':>14}" for x in l2s) + "  best")
+  print(f"{'learner':<24} {'features':<16} {'constraint':<12} " + " ".join(f"{f'l2={x:g}':>14}" for x in l2s)
+        + "  best")
   for name, r in out.items():
     cells = " ".join(f"{ll:+.3f}/{acc:.3f}".rjust(14) for ll, acc in zip(r["log_likelihood"], r["accuracy"]))
-    print(f"{name:<10} {r['constraint']:<12} {cells}  {r['best_l2']:g}")
+    print(f"{name:<24} {r['features']:<16} {r['constraint']:<12} {cells}  {r['best_l2']:g}")
   print("(each cell: mean held-out log-likelihood per comparison / accuracy)")
   if args.json:
     with open(args.json, "w") as f:

@@ -60,7 +60,8 @@ def online_config(config):
   return protocol.OnlineConfig(
       rounds=o.rounds, prompts_per_round=o.prompts_per_round, l2=o.l2, pad_weights_l2=o.get("pad_weights_l2"),
       prior_mean=1.0 / len(config.data.attributes) if o.prior_mean < 0 else o.prior_mean,
-      explore_scale=o.explore_scale, mode=o.mode, constraint=o.get("constraint", "none"))
+      explore_scale=o.explore_scale, mode=o.mode, constraint=o.get("constraint", "none"),
+      features=o.get("features", "implicit_reward"))
 
 
 def validate_config(config) -> None:
@@ -293,6 +294,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # The data behind every lambda, to refit it offline: features [U, N, K] (f(y_a) - f(y_b)), PAD's [U, N, A], choices.
   files.write_npz_atomic(os.path.join(workdir, "comparisons.npz"), features=history["comparison_features"],
                          pad_features=history["comparison_pad_features"], prefs=history["comparison_prefs"],
+                         implicit_features=history["comparison_implicit_features"],
                          user_weights=np.asarray(users.weights), lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w)
   print("fitted lambda per user (spectral):")
   for u in range(num_users):

@@ -65,6 +65,37 @@ def test_nonnegative_lambda_keeps_the_direction():
   assert np.all(cos > 0.8), cos
 
 
+class NoisyBasesHarness(LinearHarness):
+  """The bases' implicit rewards carry no signal; the reward model's predicted attributes are the scores."""
+
+  def decode(self, prompt_ids, kind, coefs, key):
+    out = super().decode(prompt_ids, kind, coefs, key)
+    return {**out, "features": self.rng.normal(size=out["features"].shape)}
+
+
+def test_reward_model_features():
+  """online.features='reward_model': lambda regresses the choices on the reward model's predicted attributes of
+  each basis (pad_features), not on the bases' implicit rewards (kept as comparison_implicit_features)."""
+  users = users_lib.make_users("dirichlet", 6, seed=0, split="eval", num_attributes=3, temperature=0.2)
+  run = lambda features: protocol.run_online(
+      NoisyBasesHarness(3, 3), users, pool_size=50, key=jax.random.key(0),
+      cfg=protocol.OnlineConfig(rounds=6, prompts_per_round=16, l2=1.0, features=features))
+  w = np.asarray(users.weights)
+  cos = lambda lam: np.sum(lam * w, -1) / np.linalg.norm(lam, axis=-1) / np.linalg.norm(w, axis=-1)
+  model, implicit = run("reward_model"), run("implicit_reward")
+  assert np.all(cos(model["lam"]) > 0.8) and np.all(cos(model["lam_p_soups"]) > 0.8), cos(model["lam"])
+  assert cos(implicit["lam"]).mean() < 0.6, cos(implicit["lam"])  # Noise features: no direction.
+  np.testing.assert_array_equal(model["comparison_features"], model["comparison_pad_features"])
+  assert model["comparison_implicit_features"].shape == (6, 96, 3)
+  assert np.abs(model["comparison_implicit_features"] - model["comparison_features"]).max() > 0.1
+  np.testing.assert_array_equal(implicit["comparison_features"], implicit["comparison_implicit_features"])
+  with pytest.raises(ValueError, match="online.features"):
+    protocol.run_online(LinearHarness(4, 3), users, 50, protocol.OnlineConfig(features="reward_model"),
+                        jax.random.key(0))
+  with pytest.raises(ValueError, match="online.features"):
+    protocol.run_online(LinearHarness(3, 3), users, 50, protocol.OnlineConfig(features="logits"), jax.random.key(0))
+
+
 def test_pad_weights_have_their_own_penalty():
   """online.pad_weights_l2 shrinks PAD's user weights only; None means online.l2."""
   users = users_lib.make_users("dirichlet", 4, seed=0, split="eval", num_attributes=3, temperature=0.2)

@@ -79,10 +79,34 @@ def test_cli_chooses_every_learner(tmp_path, capsys):
                               "--json", path])
   assert rc == 0
   out = json.load(open(path))["learners"]
-  assert set(out) == {"spectral", "p_soups", "pad"}
+  # Runs on the implicit rewards are also scored on the reward model's features, which they always save.
+  assert set(out) == {"spectral", "p_soups", "pad", "spectral@reward_model", "p_soups@reward_model"}
   assert out["spectral"]["constraint"] == "nonnegative" and out["p_soups"]["constraint"] == "simplex"
   assert out["spectral"]["best_l2"] == 0.1  # The choices follow the spectral features.
   assert "spectral" in capsys.readouterr().out
+
+
+def test_cli_scores_the_other_kind_of_features(tmp_path):
+  """A run that saved the bases' implicit rewards beside the features it used (online.features='reward_model') is
+  scored on both: spectral and P-Soups, then spectral@implicit_reward and p_soups@implicit_reward."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  features, prefs = _comparisons()
+  noise, _ = _comparisons(seed=1)
+  np.savez(workdir / "comparisons.npz", features=features, pad_features=features, implicit_features=noise,
+           prefs=prefs)
+  config = {"eval": {"split": "dev"}, "online": {"constraint": "nonnegative", "prior_mean": -1.0,
+                                                 "features": "reward_model"}}
+  (workdir / "config.json").write_text(json.dumps(config))
+  path = str(tmp_path / "out.json")
+  assert choose_online_l2.main([str(workdir), "--l2s=0.1,1", "--json", path]) == 0
+  out = json.load(open(path))["learners"]
+  assert set(out) == {"spectral", "p_soups", "pad", "spectral@implicit_reward", "p_soups@implicit_reward"}
+  assert out["spectral"]["features"] == "reward_model" == out["pad"]["features"]
+  assert out["spectral@implicit_reward"]["features"] == "implicit_reward"
+  assert out["p_soups@implicit_reward"]["constraint"] == "simplex"
+  # The choices follow the features used, not the noise saved beside them.
+  assert max(out["spectral"]["log_likelihood"]) > max(out["spectral@implicit_reward"]["log_likelihood"]) + 0.05
 
 
 def test_cli_refuses_held_out_runs_and_missing_files(tmp_path, capsys):

@@ -35,6 +35,7 @@ from spectral_soup.utils import progress
 
 LEARNERS = ("spectral", "p_soups", "pad")
 CONSTRAINTS = ("none", "nonnegative")
+FEATURES = ("implicit_reward", "reward_model")  # What the soups' lambda regresses the choices on.
 MODES = ("explicit", "params", "implicit")  # How the shown responses are generated.
 
 
@@ -49,7 +50,8 @@ class Harness(Protocol):
 
     `prompt_ids`: int[M] indices into the online prompt pool; rows are ordered (prompt, row) with
     R = M * (rows per prompt). Returns {"features": [R, K] beta * (log pi_k - log pi_ref), "kl": [R],
-    "scores": [R, A] standardized attribute scores, "pad_features": [R, A]}.
+    "scores": [R, A] standardized attribute scores, "pad_features": [R, A] the attributes predicted by PAD's
+    token-level reward model}.
     """
 
 
@@ -65,6 +67,10 @@ class OnlineConfig:
   # Spectral lambda: "none" (any sign) or "nonnegative" (lam >= 0, any scale: users who want more of each basis's
   # attribute or do not care, as Dirichlet users do; P-Soups further fixes sum lam = 1).
   constraint: str = "none"
+  # What lambda regresses the choices on (spectral and P-Soups): "implicit_reward" (the bases' beta * log pi_k /
+  # pi_ref of each response) or "reward_model" (each basis's attribute as predicted by the harness's token-level
+  # reward model, `pad_features`: needs one basis per attribute, K = A, in the same order).
+  features: str = "implicit_reward"
 
 
 def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[Tuple[str, str]]:
@@ -82,7 +88,8 @@ def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[
       (cfg.pad_weights_l2 is None or cfg.pad_weights_l2 > 0, "pad_weights_l2", "> 0 (or None: online.l2)"),
       (cfg.explore_scale >= 0, "explore_scale", ">= 0"),
       (cfg.mode in MODES, "mode", " or ".join(map(repr, MODES))),
-      (cfg.constraint in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"))
+      (cfg.constraint in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"),
+      (cfg.features in FEATURES, "features", f"one of {FEATURES}"))
   return [(field, expected) for ok, field, expected in checks if not ok]
 
 
@@ -94,15 +101,20 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     {"lam": [U, K] (spectral), "lam_p_soups": [U, K], "pad_weights": [U, A], "lam_history": [T, U, K],
      "reward": [T, U] mean true reward of the round's two responses, "kl": [T, U], "num_comparisons": [T],
      "choice_accuracy": [T, U] fraction of the round's choices the previous lambda predicted,
-     "comparison_features": [U, T * M, K], "comparison_pad_features": [U, T * M, A] and "comparison_prefs":
-     [U, T * M], every comparison}.
+     "comparison_features": [U, T * M, K] (the kind `cfg.features` names), "comparison_implicit_features":
+     [U, T * M, K] (the bases' implicit rewards, whatever `cfg.features`), "comparison_pad_features": [U, T * M, A]
+     and "comparison_prefs": [U, T * M], every comparison}.
   """
   for field, expected in config_problems(cfg, pool_size)[:1]:
     raise ValueError(f"online.{field}={getattr(cfg, field)!r} is invalid: expected {expected}.")
   num_users, num_bases, num_attr = users.num_users, harness.num_bases, harness.num_attributes
+  if cfg.features == "reward_model" and num_bases != num_attr:
+    raise ValueError(f"online.features='reward_model' needs one basis per attribute: the harness has {num_bases} "
+                     f"bases and {num_attr} attributes. Use online.features='implicit_reward'.")
   capacity = cfg.rounds * cfg.prompts_per_round
   feats = np.zeros((num_users, capacity, num_bases), np.float32)
   pad_feats = np.zeros((num_users, capacity, num_attr), np.float32)
+  implicit = np.zeros((num_users, capacity, num_bases), np.float32)  # The implicit rewards' differences, always.
   prefs = np.zeros((num_users, capacity), np.float32)
   mask = np.zeros((num_users, capacity), bool)
   prior = np.full((num_bases,), cfg.prior_mean, np.float32)
@@ -125,9 +137,10 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     coefs = np.asarray(jnp.transpose(coefs, (1, 0, 2, 3))).reshape(m * num_users * 2, num_bases)
     out = harness.decode(prompt_ids, cfg.mode, coefs, k_decode)
     shape = (m, num_users, 2)
-    f = np.asarray(out["features"]).reshape(*shape, num_bases).transpose(1, 0, 2, 3)  # [U, M, 2, K]
+    f_implicit = np.asarray(out["features"]).reshape(*shape, num_bases).transpose(1, 0, 2, 3)  # [U, M, 2, K]
     s = np.asarray(out["scores"]).reshape(*shape, num_attr).transpose(1, 0, 2, 3)  # [U, M, 2, A]
     g = np.asarray(out["pad_features"]).reshape(*shape, num_attr).transpose(1, 0, 2, 3)
+    f = g if cfg.features == "reward_model" else f_implicit
     kl = np.asarray(out["kl"]).reshape(shape).transpose(1, 0, 2)
     choice = np.asarray(users_lib.simulate_choice(k_choice, users, s[:, :, 0], s[:, :, 1]))  # [U, M]
     reward = np.asarray(users_lib.true_reward(users, s.reshape(num_users, m * 2, num_attr)))
@@ -135,6 +148,7 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     predicted = (np.einsum("umk,uk->um", delta, lam) > 0).astype(np.float32)
     lo = t * m
     feats[:, lo:lo + m], pad_feats[:, lo:lo + m] = delta, g[:, :, 0] - g[:, :, 1]
+    implicit[:, lo:lo + m] = f_implicit[:, :, 0] - f_implicit[:, :, 1]
     prefs[:, lo:lo + m], mask[:, lo:lo + m] = choice, True
     lam = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam, prior_mean=prior,
                                                tol=1e-5, **sign))
@@ -148,7 +162,7 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     history["choice_accuracy"].append((predicted == choice).mean(axis=1))
   out = {name: np.asarray(value) for name, value in history.items()}
   out.update(lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w, comparison_features=feats,
-             comparison_pad_features=pad_feats, comparison_prefs=prefs)
+             comparison_pad_features=pad_feats, comparison_prefs=prefs, comparison_implicit_features=implicit)
   return out
 
 
