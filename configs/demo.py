@@ -91,10 +91,11 @@ def get_config():
   config.eval.pareto_points = 3  # Soups on the sweep.
   # Each method's strength knob (its lambda or guidance weights times s), swept to trace its reward-KL frontier;
   # methods are compared at the bespoke policy's KL. Each includes 1.0 (the method as fitted); the other points
-  # bracket the bespoke policy's KL (about 2-3 nats here). The MOD oracle (true weights) equals the bespoke head
-  # for these linear bases, so it is not swept.
+  # bracket the bespoke policy's KL (3-4 nats here; PAD's weights, fitted with online.l2 = 10, reach about 2.4 nats at
+  # 1.0, so its sweep goes to 2). The MOD oracle (true weights) equals the bespoke head for these linear bases, so it
+  # is not swept.
   config.eval.frontier = ml_collections.ConfigDict({
-      "spectral_soup_explicit": (0.5, 1.0, 1.5), "p_soups": (0.5, 1.0, 1.5), "pad": (0.25, 0.5, 1.0),
+      "spectral_soup_explicit": (0.5, 1.0, 1.5), "p_soups": (0.5, 1.0, 1.5), "pad": (0.5, 1.0, 2.0),
       "mod_oracle": (1.0,)})
   # Soups evaluated besides the explicit one: "params" (merged heads: the same distribution as the explicit soup
   # for logit-vector bases) and "implicit" (rejection sampling from the reference, the slowest rows).
