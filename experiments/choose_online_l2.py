@@ -8,8 +8,8 @@ vectors and the choices) and `config.json`, and prints, per learner and penalty,
 accuracy of the users' choices (`spectral_soup.online.selection`): spectral lambda with the run's constraint and
 prior, P-Soups on the simplex, PAD's user weights. Spectral and P-Soups use the run's `online.features`; where the
 runs also saved the other kind (`implicit_features`: the bases' implicit rewards, `pad_features`: the reward
-model's predicted attributes), they are scored on it too, as `spectral@KIND` and `p_soups@KIND`. Runs must be dev runs (`--config.eval.split=dev`): the held-out
-users and prompts choose nothing. The penalties with the best log-likelihood go to `online.l2` (spectral and P-Soups
+model's predicted attributes), they are scored on it too, as `spectral@KIND` and `p_soups@KIND`. Runs must be dev
+runs (`--config.eval.split=dev`): the held-out users and prompts choose nothing. The penalties with the best log-likelihood go to `online.l2` (spectral and P-Soups
 share it: the same features) and `online.pad_weights_l2`.
 """
 
@@ -68,12 +68,14 @@ def choose(workdirs: Sequence[str], l2s: Sequence[float], folds: int = 8) -> dic
     if len({r[key] for r in runs}) > 1:
       field = "features" if key == "kind" else key
       raise ValueError(f"The runs use different online.{field} values: {[r[key] for r in runs]}.")
-  learners = list(LEARNERS)
-  for kind, field in FEATURE_FIELDS.items():  # The other kind of features, where every run saved it.
+  # (learner, field, constraint, kind of features): the run's own, then the other kind where every run saved it.
+  learners = [(name, field, constraint, runs[0]["kind"] if field == "features" else "reward_model")
+              for name, field, constraint in LEARNERS]
+  for kind, field in FEATURE_FIELDS.items():
     if kind != runs[0]["kind"] and all(field in r for r in runs):
-      learners += [(f"spectral@{kind}", field, None), (f"p_soups@{kind}", field, "simplex")]
+      learners += [(f"spectral@{kind}", field, None, kind), (f"p_soups@{kind}", field, "simplex", kind)]
   out = {}
-  for name, field, constraint in learners:
+  for name, field, constraint, kind in learners:
     constraint = constraint or runs[0]["constraint"]
     prior = lambda run: run["prior_mean"] if name.startswith("spectral") else None  # PAD, P-Soups: none.
     results = [selection.cross_validate(run[field], run["prefs"], l2s, constraint=constraint, prior_mean=prior(run),
@@ -81,7 +83,6 @@ def choose(workdirs: Sequence[str], l2s: Sequence[float], folds: int = 8) -> dic
     counts = np.asarray([run["prefs"].size for run in runs], np.float64)
     pooled = {key: np.average([r[key] for r in results], axis=0, weights=counts)
               for key in ("log_likelihood", "accuracy")}
-    kind = {"features": runs[0]["kind"], **{f: k for k, f in FEATURE_FIELDS.items()}}[field]
     out[name] = {"constraint": constraint, "features": kind, "l2": [float(x) for x in l2s],
                  "log_likelihood": pooled["log_likelihood"].tolist(), "accuracy": pooled["accuracy"].tolist(),
                  "best_l2": float(l2s[int(np.argmax(pooled["log_likelihood"]))])}
