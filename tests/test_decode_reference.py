@@ -86,3 +86,23 @@ def test_head_soups_decode_the_float64_reference(policy, users):
   bad = ~check["argmax_ok"] & ~near_tie
   assert not bad.any(), f"tokens that are not the float64 argmax at (row, step) {np.argwhere(bad)[:5].tolist()}"
   assert check["logprob_err"].max() < 1e-4, f"max log-prob error {check['logprob_err'].max():.2e}"
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_single_query_attention_matches_full_attention(softcap):
+  """A decoding step's attention over the head-major cache (plus the token's own key and value) equals
+  `dot_product_attention` over the same keys laid out by slot, masked slots included."""
+  from spectral_soup.models import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  b, s, hkv, g, d = 3, 7, 2, 3, 8
+  q = rng.normal(size=(b, 1, hkv * g, d)).astype(np.float32)
+  k, v = (rng.normal(size=(b, s + 1, hkv, d)).astype(np.float32) for _ in range(2))  # Slot s: the token itself.
+  mask = rng.random((b, 1, s)) < 0.6
+  mask[:, :, 0] = True
+  head_major = lambda a: jnp.asarray(a.transpose(0, 2, 1, 3))
+  got = layers.single_query_attention(jnp.asarray(q), head_major(k[:, :s]), head_major(v[:, :s]), jnp.asarray(mask),
+                                      scale=0.3, softcap=softcap, own=(head_major(k[:, s:]), head_major(v[:, s:])))
+  full_mask = np.concatenate([mask, np.ones((b, 1, 1), bool)], axis=-1)
+  want = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(full_mask),
+                                      scale=0.3, softcap=softcap)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ from spectral_soup.models import layers
 from spectral_soup.models.config import TransformerConfig
 
 Array = jax.Array
-Cache = dict  # {"k": [L, B, S, Hkv, Dh], "v": same, "pos": int32[B, S], "valid": bool[B, S],
+Cache = dict  # {"k": [L, B, Hkv, S, Dh] (head-major), "v": same, "pos": int32[B, S], "valid": bool[B, S],
               #  "index": int32[], "next_pos": int32[B]}
 
 
@@ -47,7 +47,7 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype: 
   if max_len > config.max_len and config.learned_positions:
     raise ValueError(f"cache max_len={max_len} exceeds the model's position table ({config.max_len}).")
   dtype = dtype or config.dtype
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
   return {
       "k": jnp.zeros(shape, dtype),
       "v": jnp.zeros(shape, dtype),
@@ -76,7 +76,7 @@ class DecoderBlock(nn.Module):
   def __call__(self, carry, layer: Mapping[str, Any], ctx: Mapping[str, Array]):
     """carry: x [B, T, D]; layer: this layer's slice of the stacked per-layer inputs (its cache slice under "kv").
 
-    Returns (x, new_kv): new_kv holds this chunk's keys and values {"k", "v": [B, T, Hkv, Dh]} (None without cache).
+    Returns (x, new_kv): new_kv holds this chunk's keys and values {"k", "v": [B, Hkv, T, Dh]} (None without cache).
     """
     cfg = self.config
     x, kv = carry, layer.get("kv")
@@ -163,7 +163,7 @@ class Transformer(nn.Module):
     if cache is not None:
       for name in ("k", "v"):
         new_cache[name] = jax.lax.dynamic_update_slice(
-            cache[name], new_kv[name].astype(cache[name].dtype), (0, 0, cache["index"], 0, 0))
+            cache[name], new_kv[name].astype(cache[name].dtype), (0, 0, 0, cache["index"], 0))
 
     # ---- Output head.
     hidden = layers.make_norm(cfg, "final_norm")(x)
