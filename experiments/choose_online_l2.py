@@ -9,8 +9,8 @@ accuracy of the users' choices (`spectral_soup.online.selection`): spectral lamb
 prior, P-Soups on the simplex, PAD's user weights. Spectral and P-Soups use the run's `online.features`; where the
 runs also saved the other kind (`implicit_features`: the bases' implicit rewards, `pad_features`: the reward
 model's predicted attributes), they are scored on it too, as `spectral@KIND` and `p_soups@KIND`. Runs must be dev
-runs (`--config.eval.split=dev`): the held-out users and prompts choose nothing. The penalties with the best log-likelihood go to `online.l2` (spectral and P-Soups
-share it: the same features) and `online.pad_weights_l2`.
+runs (`--config.eval.split=dev`): the held-out users and prompts choose nothing. The penalties with the best
+log-likelihood go to `online.l2` (spectral and P-Soups share it: the same features) and `online.pad_weights_l2`.
 """
 
 from __future__ import annotations
