@@ -21,17 +21,19 @@ Mesh: data 1 x fsdp 16 x model 1. The model axis stays 1: Gemma 3 1B has a singl
 logical axis maps to `model`. Each update is 64 pairs = 4 micro-batches of 16 (one pair per chip).
 
 Expected cost (estimates, not measured):
-* FLOPs: a forward costs ~2.02 GFLOP per token (2 x 698M layer parameters + 2 x 302M for the 262k-way output
-  layer at every position + attention). LoRA bases run the reference and the 30 adapters as 31 x 2 rows of 320
+* FLOPs: a forward costs ~1.4 GFLOP per token plus 0.6 GFLOP per response token (2 x 698M layer parameters +
+  attention, and 2 x 302M for the 262k-way output layer, which runs at response positions only). LoRA bases run the reference and the 30 adapters as 31 x 2 rows of 320
   tokens per pair, and a step costs ~3 forwards (forward, backward to the activations, rematerialized forward; the
-  frozen backbone gets no weight gradient): ~120 TFLOP per pair, 7.7 PFLOP per update, 5.8e18 FLOP for 750
-  updates. At an assumed 40% of v5p's 459 TFLOP/s bf16 peak on 16 chips: ~35 min, ~9 chip-hours (the f32
+  frozen backbone gets no weight gradient): ~105 TFLOP per pair, 6.7 PFLOP per update, 5.0e18 FLOP for 750
+  updates. At an assumed 40% of v5p's 459 TFLOP/s bf16 peak on 16 chips: ~30 min, ~8 chip-hours (the f32
   log-softmax over 262k logits is memory-bound, so expect less than 40%).
-* Memory per chip: the step materializes f32 logits [62 rows, 320, 262144] = 19.4 GiB per pair; a compiled step of
-  this shape (2 layers, on CPU, `memory_analysis`) needs 64 GiB of temporaries (3.3x), plus ~6 GiB of
-  rematerialized activations for 26 layers and 1.4 GiB of adapters with their f32 Adam state: ~72 GiB of v5p's
-  95 GiB. This does not fit v5e or v6e chips (16 / 32 GiB) at any batch size; longer responses need response-only,
-  vocabulary-chunked log-probs in the step.
+* Memory per chip: the step keeps no sequence's logits: the forward stops at the final hidden states and the
+  262k-way output layer runs on 32 response positions at a time, rematerialized in the backward pass
+  (`offline.features.pair_logprobs`). XLA's compile-time analysis of this step (26 layers, K = 30, one pair of
+  128 + 192 tokens, on CPU) gives 9.7 GiB of temporaries plus 4.7 GiB of arguments (the f32 backbone, the adapters
+  and their Adam state); holding the whole sequences' f32 logits, as the step did before, needed 66.5 GiB of
+  temporaries (and ran out of memory on a 141 GB H200: BENCHMARKS.md section 5). Estimate for a v5p chip (95 GiB):
+  room for several pairs per chip, not measured on a TPU.
 """
 
 import ml_collections

@@ -324,6 +324,42 @@ def test_support_logprobs_exact_for_restricted_heads(logit_bias):
     assert float(jnp.abs(grads["heads"]["c"][:, support]).max()) > 0.0
 
 
+@pytest.mark.parametrize("kind,family,kw", [("heads", "llama", {}), ("heads", "gemma3", {"feature_dim": 6}),
+                                             ("heads", "llama", {"logit_bias": True}), ("lora", "llama", {}),
+                                             ("lora", "gemma3", {})])
+def test_pair_logprobs_in_position_chunks_equal_whole_sequence_scoring(kind, family, kw):
+  """The training scorer (final hidden states, then the output layer on a few response positions at a time, each
+  piece rematerialized) gives the whole-sequence logits' numbers, and the same gradients for any chunk size."""
+  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
+  from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  policy, params = tiny.tiny_policy(kind, num_bases=3, family=family, **kw)
+  rng = np.random.default_rng(1)
+  batch = {"prompt": rng.integers(1, tiny.VOCAB, (3, 5)).astype(np.int32),
+           "prompt_mask": np.arange(5)[None] >= rng.integers(0, 3, (3, 1))}
+  for side in "ab":  # 7 positions: chunks of 3 leave a padded last piece.
+    batch[f"response_{side}"] = rng.integers(1, tiny.VOCAB, (3, 7)).astype(np.int32)
+    batch[f"response_{side}_mask"] = np.arange(7)[None] < rng.integers(1, 8, (3, 1))
+  whole = {}
+  for side in "ab":
+    out = serving.sequence_logprobs(policy, params, batch["prompt"], batch["prompt_mask"], batch[f"response_{side}"],
+                                    batch[f"response_{side}_mask"])
+    whole[f"ref_{side}"], whole[f"basis_{side}"] = out["ref"], out["basis"]
+  trainable, backbone = features.split_params(params)
+  loss = lambda t, chunk: sum(
+      jnp.sum(v * w) for v, w in zip(features.pair_logprobs(policy, features.merge_params(t, backbone), batch,
+                                                            chunk).values(), (1.0, -0.5, 0.3, -0.7)))
+  grads = {}
+  for chunk in (0, 3, 7):
+    got = jax.jit(lambda p, c=chunk: features.pair_logprobs(policy, p, batch, c))(params)
+    for name, value in whole.items():
+      np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-4, err_msg=f"{name}, chunk {chunk}")
+    grads[chunk] = jax.jit(jax.grad(lambda t, c=chunk: loss(t, c)))(trainable)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 1e-3  # The bases get gradients.
+  for chunk in (3, 7):
+    chex.assert_trees_all_close(grads[chunk], grads[0], rtol=1e-4, atol=1e-5)
+
+
 def test_select_support_most_frequent():
   from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
   responses = [np.array([[5, 5, 5, 2], [2, 9, 0, 0]]), np.array([[9, 9, 1, 1]])]

@@ -269,6 +269,23 @@ class SpectralPolicy(nn.Module):
     logits = logits.reshape(groups, batch, *logits.shape[1:])
     return logits[0], logits[1:], {"cache": aux["cache"]}
 
+  def hidden_states(self, tokens: Array, *, mask: Optional[Array] = None) -> dict:
+    """The final hidden states instead of logits (no [T, V] logits anywhere): tokens int[B, T] ->
+
+    {"hidden": [G, B, T, D]}: G = 1 (head bases: the backbone's states, gradient-free) or K + 1 (LoRA bases: the
+    reference's, then each adapter's); head bases also give {"psi": [B, T, F]}. The logits of any position are
+    `transformer.output_logits(config, backbone, hidden)` (+ the heads' correction for head bases): callers compute
+    them at the positions they need, in pieces (`offline.features.pair_logprobs`).
+    """
+    if self.basis_kind == "heads":
+      psi, _, aux = self.features(tokens, mask=mask, return_logits=False)
+      return {"hidden": jax.lax.stop_gradient(aux["hidden"])[None], "psi": psi}
+    groups = self.num_bases + 1
+    tiled = lambda x: None if x is None else jnp.tile(x, (groups,) + (1,) * (x.ndim - 1))
+    _, _, aux = self.features(tiled(tokens), mask=tiled(mask), lora=lora_for_scan(split_lora_params(self.lora())),
+                              return_logits=False)
+    return {"hidden": aux["hidden"].reshape(groups, tokens.shape[0], *aux["hidden"].shape[1:])}
+
 
 def init_policy_cache(policy: SpectralPolicy, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
   """A KV cache for `policy`: B rows for head bases, (K+1)*B rows (reference first) for LoRA bases."""

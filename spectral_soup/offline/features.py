@@ -3,7 +3,8 @@
 Two ways to score a batch of pairs (both return {"ref_a", "ref_b": f32[B], "basis_a", "basis_b": f32[K, B]}):
 
 * `pair_logprobs` (any basis kind): one forward of `SpectralPolicy` over [prompt; response] for both responses
-  (2B rows; LoRA bases run (K+1) * 2B rows), through `serving.sequence_logprobs`.
+  (2B rows; LoRA bases run (K+1) * 2B rows) up to the final hidden states; the output layer then runs at the
+  response positions only, a few at a time (`LOGPROB_CHUNK`), so no whole sequence's logits are ever held.
 * `cached_pair_logprobs` (head bases): the frozen backbone ran once, ahead of training (`response_features`), and
   left per response token the final hidden state h(s) at the position that predicts it ([B, R, D]) and the
   reference log-prob of the whole response ([B]). A step then only computes, per response token,
@@ -83,12 +84,80 @@ def _unpair(x: Array, axis: int = 0) -> Tuple[Array, Array]:
   return jnp.take(x, 0, axis=axis + 1), jnp.take(x, 1, axis=axis + 1)
 
 
-def pair_logprobs(policy: SpectralPolicy, params: Any, batch: Batch) -> dict:
-  """Scores both responses of B pairs in one policy forward. batch: the pair fields of `input_pipeline`, [B, ...]."""
-  out = serving.sequence_logprobs(policy, params, *_both_responses(batch))
-  ref_a, ref_b = _unpair(out["ref"])
-  basis_a, basis_b = _unpair(out["basis"], axis=1)
+# Response positions whose [rows, positions, V] logits exist at once in `pair_logprobs` (and, rematerialized, in its
+# backward pass). At Gemma 3 1B's 262,144-token vocabulary with K = 30 LoRA bases, one pair's 62 rows x 32
+# positions of f32 logits are 2 GiB, against 12 GiB for a 192-token response at once (and several such buffers).
+LOGPROB_CHUNK = 32
+
+
+def pair_logprobs(policy: SpectralPolicy, params: Any, batch: Batch, chunk: int = LOGPROB_CHUNK) -> dict:
+  """Scores both responses of B pairs in one policy forward. batch: the pair fields of `input_pipeline`, [B, ...].
+
+  The forward stops at the final hidden states (`SpectralPolicy.hidden_states`); the output layer then runs only
+  at the response positions, `chunk` of them at a time under `jax.checkpoint`, so neither the forward nor the
+  backward pass holds the logits of a whole sequence (the same numbers as `serving.sequence_logprobs` up to float
+  rounding: tests/test_offline.py). Head bases reuse the cached path's scoring (`cached_response_logprobs`).
+  """
+  prompt, prompt_mask, response, response_mask = _both_responses(batch)
+  tokens, mask, prev = serving.join_prompt_response(prompt, prompt_mask, response, response_mask)
+  states = policy.apply({"params": params}, tokens, mask=mask, method=SpectralPolicy.hidden_states)
+  gather = lambda x: serving.gather_positions(x, prev)  # [2B, T, ...] -> [2B, R, ...]
+  hidden = jax.vmap(gather)(states["hidden"])  # [G, 2B, R, D]
+  backbone = params["features"]["backbone"]
+  cfg = policy.config
+
+  if policy.basis_kind == "heads":
+    psi = gather(states["psi"])
+
+    def score(h, p, y, m):  # [2B, c, D], [2B, c, F], [2B, c] -> ref [2B, c], basis [K, 2B, c]
+      ref_logits = layers.constrain(reference_logits(cfg, backbone, h), ("batch", "length", "vocab"))
+      basis_logits = ref_logits[None] + head_delta_logits(params["heads"], p, cfg.dtype)
+      basis_logits = layers.constrain(basis_logits, ("basis", "batch", "length", "vocab"))
+      token = lambda logits: serving.token_logprobs(logits, y, m)
+      return token(ref_logits), jax.vmap(token)(basis_logits)
+
+    ref, basis = _by_position_chunks(score, (hidden[0], psi, response, response_mask), chunk)
+  else:
+    def score(h, y, m):  # [G, 2B, c, D] -> [G, 2B, c]
+      logits = layers.constrain(reference_logits(cfg, backbone, h), (None, "batch", "length", "vocab"))
+      return jax.vmap(lambda x: serving.token_logprobs(x, y, m))(logits)
+
+    (logprobs,) = _by_position_chunks(lambda h, y, m: (score(h, y, m),), (hidden, response, response_mask), chunk)
+    ref, basis = logprobs[0], logprobs[1:]
+  ref_a, ref_b = _unpair(ref.sum(-1))
+  basis_a, basis_b = _unpair(basis.sum(-1), axis=1)
   return {"ref_a": ref_a, "ref_b": ref_b, "basis_a": basis_a, "basis_b": basis_b}
+
+
+def _by_position_chunks(fn, inputs: Tuple[Array, ...], chunk: int) -> Tuple[Array, ...]:
+  """fn over the response positions in pieces of `chunk`, each rematerialized in the backward pass.
+
+  inputs: arrays whose position axis is the one before the last for float features ([..., R, D]) and the last for
+  the response tokens and mask ([2B, R]); fn maps one piece of each to arrays whose last axis is the piece's
+  positions. Returns fn's outputs over all R positions (padding positions, if R is not a multiple of `chunk`, are
+  masked out and cut off).
+  """
+  *features, response, response_mask = inputs
+  r = response.shape[-1]
+  if chunk <= 0 or r <= chunk:
+    return fn(*features, response, response_mask)
+  pieces = -(-r // chunk)
+  pad = pieces * chunk - r
+
+  def split(x, axis):  # [..., R, ...] -> [pieces, ..., chunk, ...] (axis counted from the end).
+    axis = x.ndim + axis
+    x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
+    x = x.reshape(*x.shape[:axis], pieces, chunk, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  xs = tuple(split(x, -2) for x in features) + (split(response, -1), split(response_mask, -1))
+  outs = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), xs)
+
+  def join(y):  # [pieces, ..., chunk] -> [..., R]
+    y = jnp.moveaxis(y, 0, -2)
+    return y.reshape(*y.shape[:-2], pieces * chunk)[..., :r]
+
+  return tuple(join(y) for y in outs)
 
 
 def response_features(policy: SpectralPolicy, backbone: Any, prompt: Array, prompt_mask: Array,
