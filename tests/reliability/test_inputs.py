@@ -24,6 +24,9 @@ from spectral_soup.soup import serving
 from tests import tiny
 from tests.reliability.harness import REPO
 
+# Subprocesses find the repository first, then whatever this process finds (a --target install, say).
+PYTHONPATH = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+
 K, U = 3, 4
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
       "noget": ([f"--config={tmp_path / 'noget.py'}"], "has no get_config()"),
   }
   workdir = tmp_path / "run"
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=PYTHONPATH)
   procs = {name: subprocess.Popen([sys.executable, "-m", "experiments.train_basis", *argv, f"--workdir={workdir}"],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for name, (argv, _) in cases.items()}
@@ -67,7 +70,7 @@ def test_cli_input_errors_are_one_line_with_exit_status_2(tmp_path):
       "workdir": ([f"--workdir={tmp_path / 'a_file'}"], "is a file: expected a directory"),
       "verbose": (["--config.loss.beta=0.0", "--verbosity=1"], "Traceback"),
   }
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=PYTHONPATH)
   procs = {}
   for name, (flags, _) in cases.items():
     argv = ["--config=configs/train_basis_tiny.py", f"--workdir={tmp_path / name}", *flags]
@@ -402,7 +405,7 @@ def test_cli_model_path_errors_are_one_line_with_exit_status_2(tmp_path):
   and the workdir is not created."""
   (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
   cases = {"missing": (tmp_path / "nope.gguf", "nope.gguf"), "garbage": (tmp_path / "garbage.gguf", "garbage.gguf")}
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=PYTHONPATH)
   procs = {name: subprocess.Popen(
       [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
        f"--config.model.path={path}", f"--workdir={tmp_path / ('run_' + name)}"],
@@ -432,7 +435,7 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, text=True)
+                            env=dict(os.environ, PYTHONPATH=PYTHONPATH), stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
     before = sorted(os.listdir(workdir))
@@ -443,7 +446,7 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(tmp_path):
         pass
     # Through the CLI: refused in one line before anything loads; the workdir is as it was.
     proc = subprocess.run([sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
-                           f"--workdir={workdir}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                           f"--workdir={workdir}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=PYTHONPATH),
                           capture_output=True, text=True, timeout=180)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "in use by a live run" in lines[-1], proc.stderr[-2000:]
