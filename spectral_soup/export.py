@@ -11,8 +11,12 @@ What is exported is exact where the basis kind allows it (docs/METHOD.md, sectio
 * **Head bases on the final hidden state** (`basis.head_rank` > 0, no learned projection): the soup's logits are
   h (W_out + sum_k lam_k A_k B_k), written as an untied `lm_head` (`tie_word_embeddings=false`); identical to the
   explicit soup.
-* Refused, with the reason: logit-bias bases (`basis.logit_bias`, e.g. the demo's; a Llama output layer has no bias
-  to hold sum_k lam_k c_k), heads on a learned projection of psi, and families other than Llama.
+* Families: Llama (`LlamaForCausalLM`) and Gemma 3 (`Gemma3ForCausalLM`, text only).
+* Refused, with the reason: logit-bias bases (`basis.logit_bias`, e.g. the demo's; neither output layer has a bias
+  to hold sum_k lam_k c_k), heads on a learned projection of psi, head bases under a final logit softcap (the cap
+  is not linear: capping h (W_out + sum_k lam_k A_k B_k) is not the soup of capped logits), Llama backbones with a
+  sliding window (Mistral), and GPT-2 backbones (their output layer is tied to the input embedding in every
+  transformers GPT-2 model; LoRA soups of GPT-2 could be written, this function does not yet).
 """
 
 from __future__ import annotations
@@ -25,12 +29,33 @@ import jax
 import numpy as np
 
 
+# Our activation names -> the transformers names that `hf_import` reads back as them.
+_HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def _whole(x: float) -> Any:
+  """x as an int where it is one up to float rounding (config fields typed int)."""
+  return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else float(x)
+
+
 def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
-  """A transformers LlamaConfig equal to our TransformerConfig (what `hf_import.config_from_hf` reads back)."""
+  """A transformers config equal to our TransformerConfig (what `hf_import.config_from_hf` reads back)."""
   import transformers  # pylint: disable=g-import-not-at-top
   rope = {"rope_type": "default", "rope_theta": float(cfg.rope_base)}
   if cfg.rope_scale != 1.0:
     rope = {"rope_type": "linear", "factor": float(cfg.rope_scale), "rope_theta": float(cfg.rope_base)}
+  if cfg.family == "gemma3":
+    local = {"rope_type": "default", "rope_theta": float(cfg.rope_local_base)}
+    return transformers.Gemma3TextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, hidden_activation=_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_len,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie_embeddings, attention_bias=False,
+        query_pre_attn_scalar=_whole(cfg.attention_scale ** -2),
+        sliding_window=cfg.sliding_window or 4096,
+        layer_types=["sliding_attention" if local_layer else "full_attention" for local_layer in cfg.local_layers],
+        rope_parameters={"sliding_attention": local, "full_attention": rope},
+        final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=None, torch_dtype="float32")
   return transformers.LlamaConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -41,15 +66,26 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
 
 def _check_exportable(basis: Any) -> None:
   cfg, b = basis.policy.config, basis.config.basis
-  if cfg.family != "llama" or cfg.sliding_window or cfg.final_logit_softcap or cfg.embed_scale:
-    raise ValueError(f"export_hf writes Llama checkpoints; this basis's backbone is a {cfg.family} model"
-                     f"{' with a sliding window' if cfg.sliding_window else ''}.")
+  if cfg.family == "gpt2":
+    raise ValueError("export_hf writes Llama and Gemma 3 checkpoints; GPT-2 backbones are not exported (a "
+                     "transformers GPT-2 ties its output layer to the input embedding, so a head soup has no place "
+                     "to go). Serve them with Basis.generate instead.")
+  if cfg.family == "llama" and (cfg.sliding_window or cfg.final_logit_softcap or cfg.embed_scale):
+    raise ValueError("export_hf writes plain Llama checkpoints; this basis's Llama backbone has a sliding window, "
+                     "a final logit softcap or an embedding scale (a Mistral-style model), which Llama's config "
+                     "cannot hold.")
+  if cfg.family not in ("llama", "gemma3"):
+    raise ValueError(f"export_hf writes Llama and Gemma 3 checkpoints, not {cfg.family!r}.")
   if basis.policy.basis_kind == "heads":
     if b.get("logit_bias", False):
-      raise ValueError("export_hf cannot export logit-bias bases (basis.logit_bias=True) exactly: a Llama output "
-                       "layer has no bias to hold sum_k lam_k c_k. Serve them with Basis.generate instead.")
+      raise ValueError("export_hf cannot export logit-bias bases (basis.logit_bias=True) exactly: the output layer "
+                       "has no bias to hold sum_k lam_k c_k. Serve them with Basis.generate instead.")
     if b.get("feature_dim", 0):
       raise ValueError("export_hf cannot export heads on a learned projection of psi (basis.feature_dim > 0).")
+    if cfg.final_logit_softcap:
+      raise ValueError(f"export_hf cannot export head bases under a final logit softcap "
+                       f"({cfg.final_logit_softcap}) exactly: capping h (W_out + sum_k lam_k A_k B_k) is not the "
+                       "soup of the capped logits. Serve them with Basis.generate instead.")
 
 
 def merged_backbone(basis: Any, lam: Any) -> dict:

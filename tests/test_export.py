@@ -105,6 +105,66 @@ def test_what_cannot_be_exported_exactly_is_refused(checkpoint, tmp_path):
     ss.export_hf(basis, np.stack([LAM, LAM]), str(tmp_path / "export"))
 
 
+@pytest.fixture(scope="module")
+def gemma_checkpoint(tmp_path_factory):
+  """A tiny random Gemma 3 (local and global layers, linear rope scaling on the global ones, vocabulary 512)."""
+  path = tmp_path_factory.mktemp("gemma3")
+  model = hf_fixtures.build_hf_model("gemma3", vocab_size=512, final_logit_softcapping=None)
+  hf_fixtures.save_hf_model(model, path)
+  hf_fixtures.byte_tokenizer(path)
+  return str(path)
+
+
+@pytest.mark.parametrize("kind", ["lora", "heads"])
+def test_a_gemma3_soup_exports_and_reads_back_as_the_same_architecture(gemma_checkpoint, tmp_path, kind):
+  extra = (["--config.basis.kind=lora", "--config.train.cache_features=False", "--config.optim.learning_rate=0.01"]
+           if kind == "lora" else ["--config.basis.kind=heads", "--config.basis.head_rank=4"])
+  basis = _train(gemma_checkpoint, tmp_path / kind, *extra)
+  cfg = basis.policy.config
+  assert cfg.family == "gemma3" and any(cfg.local_layers) and cfg.rope_scale == 2.0
+  out = ss.export_hf(basis, LAM, str(tmp_path / "export"))
+  exported = transformers.AutoConfig.from_pretrained(out)
+  assert exported.model_type == "gemma3_text"
+  # The exported config reads back as this basis's architecture (untied output layer for a head soup).
+  tie = cfg.tie_embeddings and kind == "lora"
+  read_back = models.config_from_hf(exported).replace(dtype=cfg.dtype, weight_dtype=cfg.weight_dtype, remat=cfg.remat)
+  assert read_back == cfg.replace(tie_embeddings=tie)
+  got = _hf_logits(out)
+  backbone = basis.params["features"]["backbone"]
+  if kind == "lora":
+    lora = group_targets(soup_lora_concat(split_lora_params(basis.params["lora"]), LAM))
+    want, _ = Transformer(cfg).apply({"params": backbone}, TOKENS, lora=lora)
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
+    ref, _ = Transformer(cfg).apply({"params": backbone}, TOKENS)
+    assert np.abs(got - np.asarray(ref)).max() > 1e-3
+  else:
+    ref_logits, basis_logits, _ = basis.policy.apply({"params": basis.params}, TOKENS)
+    want = soup.soup_logits(ref_logits, basis_logits, LAM)
+    np.testing.assert_allclose(_log_softmax(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    assert np.abs(np.asarray(want) - _log_softmax(ref_logits)).max() > 1e-3
+
+
+def test_families_and_caps_that_cannot_hold_a_soup_are_refused_by_name(tmp_path):
+  import types  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models.config import TransformerConfig  # pylint: disable=g-import-not-at-top
+  gemma = models.config_from_hf(hf_fixtures.tiny_hf_config("gemma3"))  # final_logit_softcapping=6.
+  gpt2 = models.config_from_hf(hf_fixtures.tiny_hf_config("gpt2"))
+  mistral = models.config_from_hf(hf_fixtures.tiny_hf_config("mistral"))
+  assert isinstance(gemma, TransformerConfig) and gemma.final_logit_softcap == 6.0
+
+  def fake(cfg, kind):
+    policy = types.SimpleNamespace(config=cfg, basis_kind=kind)
+    return types.SimpleNamespace(policy=policy, config=types.SimpleNamespace(basis={}), num_bases=3,
+                                 names=("a", "b", "c"))
+
+  cases = [(fake(gemma, "heads"), "final logit softcap"), (fake(gpt2, "lora"), "GPT-2 backbones are not exported"),
+           (fake(mistral, "lora"), "sliding window")]
+  for basis, message in cases:
+    with pytest.raises(ValueError, match=message):
+      ss.export_hf(basis, LAM, str(tmp_path / "export"))
+  assert not (tmp_path / "export").exists()
+
+
 def test_the_documented_workflow_on_the_tiny_config(tmp_path):
   """What the README documents, end to end on `configs/train_basis_tiny.py` as it ships (its character tokenizer,
   LoRA bases): train by the CLI, load, serve two users in one call, fit a user's lam, export and reload."""

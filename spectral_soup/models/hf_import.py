@@ -315,10 +315,10 @@ def _table(cfg: TransformerConfig) -> List[_Entry]:
 
 
 def export_table(cfg: TransformerConfig, *, tie_embeddings: bool) -> List[_Entry]:
-  """The import table of a Llama config (with `tie_embeddings` as given), for writing our arrays back under HF names
-  (`_Entry.inverse`): the inverse of `params_from_state_dict`. Other families are not exported."""
-  if cfg.family != "llama":
-    raise ValueError(f"No HF export table for family {cfg.family!r} (Llama only).")
+  """The import table of a Llama or Gemma 3 config (with `tie_embeddings` as given), for writing our arrays back under
+  HF names (`_Entry.inverse`): the inverse of `params_from_state_dict`. GPT-2 (fused q/k/v) is not exported."""
+  if cfg.family not in ("llama", "gemma3"):
+    raise ValueError(f"No HF export table for family {cfg.family!r} (Llama and Gemma 3 only).")
   return _table(dataclasses.replace(cfg, tie_embeddings=tie_embeddings))
 
 
