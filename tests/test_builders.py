@@ -458,3 +458,53 @@ def test_build_and_read_with_tensorflow_blocked(tmp_path):
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Your own JSON-lines pairs.
+
+
+def test_jsonl_prefs_reads_both_layouts_and_refuses_a_bad_line_by_number(tmp_path):
+  pairs = tmp_path / "pairs.jsonl"
+  rows = [{"prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}",
+           "labels": {"concise": "a" if i % 2 else "b", **({"friendly": "tie"} if i % 3 == 0 else {})},
+           "scores_a": {"concise": 2.0 if i % 2 else 1.0}, "scores_b": {"concise": 1.0 if i % 2 else 2.0}}
+          for i in range(12)]
+  pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  config = builders.make_config("jsonl_prefs", source_path=os.fspath(pairs), **_ALL_TRAIN)
+  ds = builders.load_source("jsonl_prefs", tmp_path / "tfds", config=config)
+  builder = builders.get_builder("jsonl_prefs", tmp_path / "tfds", config)
+  assert builder.info.metadata["attributes"] == ["concise", "friendly"] and builder.info.metadata["has_scores"]
+  examples = {_s(e["prompt"]): e for e in _read_all(ds)}
+  assert len(examples) == 12
+  np.testing.assert_array_equal(examples["q1"]["label"], [1, -1])
+  np.testing.assert_array_equal(examples["q1"]["mask"], [True, False])
+  np.testing.assert_array_equal(examples["q3"]["label"], [1, -1])
+  np.testing.assert_array_equal(examples["q3"]["mask"], [True, True])  # friendly judged a tie.
+  np.testing.assert_array_equal(examples["q2"]["label"], [0, -1])
+  assert examples["q2"]["scores_a"][0] == 1.0 and np.isnan(examples["q2"]["scores_a"][1])
+
+  chosen = tmp_path / "manual"
+  chosen.mkdir()
+  (chosen / "prefs.jsonl").write_text("\n".join(json.dumps(
+      {"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "attribute": "helpful"})
+      for i in range(5)) + "\n")
+  ds = builders.load_source("jsonl_prefs", tmp_path / "tfds_chosen", manual_dir=chosen, config=_ALL_TRAIN)
+  got = _read_all(ds)
+  assert len(got) == 5 and all(e["label"].tolist() == [1] and e["mask"].tolist() == [True] for e in got)
+  assert all(np.isnan(e["scores_a"]).all() for e in got)
+
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps({"prompt": "q", "response_a": "a", "response_b": "b",
+                                                             "labels": {"concise": "maybe"}}) + "\n")
+  with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: labels\['concise'\] = 'maybe'"):
+    builders.load_source("jsonl_prefs", tmp_path / "tfds_bad",
+                         config=builders.make_config("jsonl_prefs", source_path=os.fspath(bad)))
+  assert not (tmp_path / "tfds_bad" / "spectral_soup_jsonl_prefs").exists() or not any(
+      p.suffix == ".array_record" or "array_record" in p.name
+      for p in (tmp_path / "tfds_bad").rglob("*"))  # Nothing written.
+  with pytest.raises(ValueError, match="skip_malformed=True is not offered"):
+    builders.load_source("jsonl_prefs", tmp_path / "tfds_skip",
+                         config=builders.make_config("jsonl_prefs", source_path=os.fspath(pairs), skip_malformed=True))
+  with pytest.raises(builders.SourceNotFoundError, match="prefs.jsonl"):
+    builders.load_source("jsonl_prefs", tmp_path / "tfds_none", manual_dir=tmp_path / "src_missing")

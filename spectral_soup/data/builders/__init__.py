@@ -13,6 +13,7 @@ Names (see each module's docstring for the upstream schema and the features):
 * `ultrafeedback` (`UltraFeedback`): openbmb/UltraFeedback; configs `all`, `conflicting`.
 * `helpsteer2` (`HelpSteer2`): nvidia/HelpSteer2; configs `ratings`, `pairs`, `preference`.
 * `psoups` (`PSoups`): P-SOUPS / RLPHF per-pole preferences.
+* `jsonl_prefs` (`JsonlPrefs`): your own pairs, in the JSON-lines layouts of `spectral_soup/data/jsonl.py`.
 
 Importing this package registers the builders with TFDS (as `spectral_soup_<name>`), so
 `tfds.data_source("spectral_soup_ultrafeedback/conflicting", data_dir=...)` also works for predefined configs.
@@ -31,6 +32,7 @@ import tensorflow_datasets as tfds
 from spectral_soup.data.builders.common import MalformedRowError, SourceNotFoundError
 from spectral_soup.data.builders.embedded_prefs import EmbeddedPrefs, EmbeddedPrefsConfig
 from spectral_soup.data.builders.helpsteer2 import HelpSteer2, HelpSteer2Config
+from spectral_soup.data.builders.jsonl_prefs import JsonlPrefs, JsonlPrefsConfig
 from spectral_soup.data.builders.psoups import PSoups, PSoupsConfig
 from spectral_soup.data.builders.ultrafeedback import UltraFeedback, UltraFeedbackConfig
 
@@ -39,12 +41,14 @@ BUILDERS: Dict[str, Type[tfds.core.GeneratorBasedBuilder]] = {
     "ultrafeedback": UltraFeedback,
     "helpsteer2": HelpSteer2,
     "psoups": PSoups,
+    "jsonl_prefs": JsonlPrefs,
 }
 FILE_FORMAT = "array_record"
 ConfigLike = Union[None, str, Mapping[str, Any], tfds.core.BuilderConfig]
 
 __all__ = [
-    "BUILDERS", "EmbeddedPrefs", "EmbeddedPrefsConfig", "HelpSteer2", "HelpSteer2Config", "MalformedRowError",
+    "BUILDERS", "EmbeddedPrefs", "EmbeddedPrefsConfig", "HelpSteer2", "HelpSteer2Config", "JsonlPrefs",
+    "JsonlPrefsConfig", "MalformedRowError",
     "PSoups", "PSoupsConfig", "SourceNotFoundError", "UltraFeedback", "UltraFeedbackConfig", "get_builder",
     "load_source", "make_config",
 ]
@@ -107,7 +111,7 @@ def get_builder(name: str, data_dir: Union[str, os.PathLike], config: ConfigLike
   """The builder of source `name` (short name or `spectral_soup_<name>`) writing array_record under `data_dir`.
 
   Args:
-    name: 'embedded_prefs', 'ultrafeedback', 'helpsteer2' or 'psoups'.
+    name: 'embedded_prefs', 'ultrafeedback', 'helpsteer2', 'psoups' or 'jsonl_prefs'.
     data_dir: the TFDS data directory (datasets go to `data_dir/spectral_soup_<name>/<config>/<version>`).
     config: None (the default config), a predefined config name, a mapping of config fields to override (with
       an optional 'base' naming the predefined config to start from; see `make_config`) or a BuilderConfig.
@@ -124,7 +128,7 @@ def load_source(name: str, data_dir: Union[str, os.PathLike], manual_dir: Option
   `manual_dir`; pass `rebuild=True` to regenerate it (e.g. after the source files changed).
 
   Args:
-    name: 'embedded_prefs', 'ultrafeedback', 'helpsteer2' or 'psoups'.
+    name: 'embedded_prefs', 'ultrafeedback', 'helpsteer2', 'psoups' or 'jsonl_prefs'.
     data_dir: the TFDS data directory.
     manual_dir: the directory holding the upstream files (TFDS default: `data_dir/downloads/manual`); not
       needed when the config sets `source_path` or the dataset is already built.

@@ -1,0 +1,85 @@
+"""Your own preference pairs (the JSON-lines layouts of `spectral_soup.data.jsonl`) as a TFDS builder (array_record).
+
+Source: `source_path` in the builder config (a `.jsonl` file, or a directory written by Hugging Face `datasets`'
+`save_to_disk`), else the manual directory holding `prefs.jsonl`. Both layouts of `spectral_soup/data/jsonl.py` are
+read: `{"prompt", "chosen", "rejected", "attribute"}` rows, or `{"prompt", "response_a", "response_b", "labels":
+{attribute: "a" | "b" | "tie"}}` and/or `"scores_a"` / `"scores_b"` rows. Every row is checked before anything is
+written, and the first bad one is refused naming the file, the line and the field (`skip_malformed` is not
+offered: a file of your own is fixed rather than filtered).
+
+Features: `prompt`, `response_a`, `response_b` (Text), `label` (int8 [A]: 1 a preferred under attribute k, 0 b,
+-1 tie or not judged), `mask` (bool [A]: the row judges attribute k), `scores_a` / `scores_b` (float32 [A]; NaN where
+a row has no score for k, everywhere when the file has no scores: `info.metadata["has_scores"]`). A is only known
+from the file, so the shapes are `(None,)`; the attribute names, in order of first appearance, are in
+`info.metadata["attributes"]`.
+
+Splits: train / validation / test by a hash of the prompt (`HashSplitConfig`); empty splits are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from spectral_soup.data import jsonl
+from spectral_soup.data.builders import common
+
+PREFS_FILE = "prefs.jsonl"
+
+
+@dataclasses.dataclass(eq=False)
+class JsonlPrefsConfig(common.HashSplitConfig):
+  """Config of `JsonlPrefs` (see `common.HashSplitConfig` for the fields; `skip_malformed` must stay False)."""
+
+
+class JsonlPrefs(common.ManualSourceBuilder):
+  """Preference pairs from a JSON-lines file (or a `datasets` directory) of your own."""
+
+  name = "spectral_soup_jsonl_prefs"
+  BUILDER_CONFIGS = [JsonlPrefsConfig(name="default", description="All pairs; 90/5/5 prompt-hash splits.")]
+  DEFAULT_CONFIG_NAME = "default"
+  UPSTREAM = "your own file in the layouts of spectral_soup/data/jsonl.py"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      f"Put your pairs in {PREFS_FILE} in the manual directory, or set `source_path` in the builder config to a "
+      ".jsonl file or a directory written by datasets' save_to_disk.")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self._make_info(common.pair_features(None), description=__doc__)
+
+  def _source(self, dl_manager: tfds.download.DownloadManager) -> str:
+    root = self._source_root(dl_manager, f"{PREFS_FILE} or a datasets directory")
+    if root.is_dir() and not jsonl.is_dataset_dir(os.fspath(root)):
+      path = root / PREFS_FILE
+      if not path.exists():
+        raise self._missing(PREFS_FILE, root)
+      return os.fspath(path)
+    return os.fspath(root)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config
+    if config.skip_malformed:
+      raise ValueError(f"{self.name}: skip_malformed=True is not offered for a file of your own: every row is "
+                       "checked and the first bad one is refused with its line and field.")
+    path = self._source(dl_manager)
+    data = jsonl.read(path)  # Raises ValueError naming the file, line and field of the first bad row.
+    attributes = list(data["attributes"])
+    num_attributes = len(attributes)
+    nan = np.full(num_attributes, np.nan, np.float32)
+    per_split: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {s: [] for s in common.SPLITS}
+    for i, prompt in enumerate(data["prompt"]):
+      example = {"prompt": prompt, "response_a": data["response_a"][i], "response_b": data["response_b"][i],
+                 "label": data["label"][i], "mask": data["mask"][i],
+                 "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
+                 "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]}
+      split = common.split_for_prompt(prompt, config.validation_fraction, config.test_fraction, config.split_salt)
+      per_split[split].append((i, example))
+    self.info.metadata.update({"attributes": attributes, "source_file": path, "num_source_rows": len(data["prompt"]),
+                               "has_scores": data["scores_a"] is not None})
+    return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
+
+  def _generate_examples(self, items):
+    yield from items
