@@ -11,19 +11,19 @@ What is exported is exact where the basis kind allows it (docs/METHOD.md, sectio
 * **Head bases on the final hidden state** (`basis.head_rank` > 0, no learned projection): the soup's logits are
   h (W_out + sum_k lam_k A_k B_k), written as an untied `lm_head` (`tie_word_embeddings=false`); identical to the
   explicit soup.
-* Families: Llama (`LlamaForCausalLM`) and Gemma 3 (`Gemma3ForCausalLM`, text only).
-* Refused, with the reason: logit-bias bases (`basis.logit_bias`, e.g. the demo's; neither output layer has a bias
-  to hold sum_k lam_k c_k), heads on a learned projection of psi, head bases under a final logit softcap (the cap
-  is not linear: capping h (W_out + sum_k lam_k A_k B_k) is not the soup of capped logits), Llama backbones with a
-  sliding window (Mistral), and GPT-2 backbones (their output layer is tied to the input embedding in every
-  transformers GPT-2 model; LoRA soups of GPT-2 could be written, this function does not yet).
+* Families: Llama (`LlamaForCausalLM`), Gemma 3 (`Gemma3ForCausalLM`, text only) and GPT-2 (`GPT2LMHeadModel`; q, k
+  and v are packed back into its fused `c_attn`).
+* Refused, with the reason: logit-bias bases (`basis.logit_bias`, e.g. the demo's; none of these output layers has
+  a bias to hold sum_k lam_k c_k), heads on a learned projection of psi, head bases under a final logit softcap
+  (the cap is not linear: capping h (W_out + sum_k lam_k A_k B_k) is not the soup of capped logits), and Llama
+  backbones with a sliding window (Mistral: Llama's config cannot hold the window).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 
 # Our activation names -> the transformers names that `hf_import` reads back as them.
 _HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+_HF_ACTIVATIONS_GPT2 = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}
 
 
 def _whole(x: float) -> Any:
@@ -44,6 +45,12 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
   rope = {"rope_type": "default", "rope_theta": float(cfg.rope_base)}
   if cfg.rope_scale != 1.0:
     rope = {"rope_type": "linear", "factor": float(cfg.rope_scale), "rope_theta": float(cfg.rope_base)}
+  if cfg.family == "gpt2":
+    return transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.embed_dim, n_layer=cfg.num_layers,
+        n_head=cfg.num_heads, n_inner=cfg.mlp_dim, activation_function=_HF_ACTIVATIONS_GPT2[cfg.activation],
+        layer_norm_epsilon=cfg.norm_eps, scale_attn_weights=cfg.query_scale is None, tie_word_embeddings=tie_embeddings,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, torch_dtype="float32")
   if cfg.family == "gemma3":
     local = {"rope_type": "default", "rope_theta": float(cfg.rope_local_base)}
     return transformers.Gemma3TextConfig(
@@ -66,16 +73,15 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
 
 def _check_exportable(basis: Any) -> None:
   cfg, b = basis.policy.config, basis.config.basis
-  if cfg.family == "gpt2":
-    raise ValueError("export_hf writes Llama and Gemma 3 checkpoints; GPT-2 backbones are not exported (a "
-                     "transformers GPT-2 ties its output layer to the input embedding, so a head soup has no place "
-                     "to go). Serve them with Basis.generate instead.")
   if cfg.family == "llama" and (cfg.sliding_window or cfg.final_logit_softcap or cfg.embed_scale):
     raise ValueError("export_hf writes plain Llama checkpoints; this basis's Llama backbone has a sliding window, "
                      "a final logit softcap or an embedding scale (a Mistral-style model), which Llama's config "
                      "cannot hold.")
-  if cfg.family not in ("llama", "gemma3"):
-    raise ValueError(f"export_hf writes Llama and Gemma 3 checkpoints, not {cfg.family!r}.")
+  if cfg.family not in ("llama", "gemma3", "gpt2"):
+    raise ValueError(f"export_hf writes Llama, Gemma 3 and GPT-2 checkpoints, not {cfg.family!r}.")
+  if cfg.family == "gpt2" and (cfg.query_scale not in (None, 1.0) or cfg.attn_logit_softcap or cfg.final_logit_softcap):
+    raise ValueError("export_hf writes plain GPT-2 checkpoints; this basis's GPT-2 backbone has an attention scale "
+                     "or softcap that GPT2Config cannot hold.")
   if basis.policy.basis_kind == "heads":
     if b.get("logit_bias", False):
       raise ValueError("export_hf cannot export logit-bias bases (basis.logit_bias=True) exactly: the output layer "
@@ -116,6 +122,32 @@ def merged_backbone(basis: Any, lam: Any) -> dict:
   return backbone
 
 
+def _gpt2_tensors(cfg: Any, params: Mapping[str, Any], tied: bool) -> dict:
+  """GPT2LMHeadModel's state dict of our GPT-2 parameters (the inverse of `hf_import`'s GPT-2 table): Conv1D
+  weights are [in, out] as our kernels flattened, and q, k, v go back into the fused `c_attn` columns."""
+  d, num_layers = cfg.embed_dim, cfg.num_layers
+  flat = lambda x, n_in: np.asarray(x, np.float64).reshape(n_in, -1)
+  layers = params["layers"]
+  t = {"transformer.wte.weight": params["embed"]["embedding"],
+       "transformer.wpe.weight": params["pos_embed"]["embedding"],
+       "transformer.ln_f.weight": params["final_norm"]["scale"], "transformer.ln_f.bias": params["final_norm"]["bias"]}
+  for i in range(num_layers):
+    h = f"transformer.h.{i}."
+    attn, mlp = layers["attn"], layers["mlp"]
+    for ours, theirs in (("pre_attn_norm", "ln_1"), ("pre_mlp_norm", "ln_2")):
+      t[h + theirs + ".weight"], t[h + theirs + ".bias"] = layers[ours]["scale"][i], layers[ours]["bias"][i]
+    qkv = ("q_proj", "k_proj", "v_proj")
+    t[h + "attn.c_attn.weight"] = np.concatenate([flat(attn[n]["kernel"][i], d) for n in qkv], axis=1)
+    t[h + "attn.c_attn.bias"] = np.concatenate([np.reshape(attn[n]["bias"][i], -1) for n in qkv])
+    t[h + "attn.c_proj.weight"] = flat(attn["o_proj"]["kernel"][i], d)
+    t[h + "attn.c_proj.bias"] = attn["o_proj"]["bias"][i]
+    t[h + "mlp.c_fc.weight"], t[h + "mlp.c_fc.bias"] = mlp["up_proj"]["kernel"][i], mlp["up_proj"]["bias"][i]
+    t[h + "mlp.c_proj.weight"], t[h + "mlp.c_proj.bias"] = mlp["down_proj"]["kernel"][i], mlp["down_proj"]["bias"][i]
+  if not tied:
+    t["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+  return {name: np.ascontiguousarray(value, np.float32) for name, value in t.items()}
+
+
 def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
   """Writes one user's soup (`lam: [K]`) of `basis` as a Hugging Face checkpoint directory (model.safetensors,
   config.json and the tokenizer's files) that `transformers.AutoModelForCausalLM.from_pretrained` and
@@ -126,8 +158,8 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
   params = merged_backbone(basis, lam)
   cfg = basis.policy.config
   tied = cfg.tie_embeddings and basis.policy.basis_kind == "lora"
-  tensors = {}
-  for entry in hf_import.export_table(cfg, tie_embeddings=tied):
+  tensors = _gpt2_tensors(cfg, params, tied) if cfg.family == "gpt2" else {}
+  for entry in ([] if cfg.family == "gpt2" else hf_import.export_table(cfg, tie_embeddings=tied)):
     node = params
     for key in entry.path:
       node = node[key]

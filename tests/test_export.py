@@ -106,25 +106,31 @@ def test_what_cannot_be_exported_exactly_is_refused(checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gemma_checkpoint(tmp_path_factory):
-  """A tiny random Gemma 3 (local and global layers, linear rope scaling on the global ones, vocabulary 512)."""
-  path = tmp_path_factory.mktemp("gemma3")
-  model = hf_fixtures.build_hf_model("gemma3", vocab_size=512, final_logit_softcapping=None)
-  hf_fixtures.save_hf_model(model, path)
-  hf_fixtures.byte_tokenizer(path)
-  return str(path)
+def family_checkpoints(tmp_path_factory):
+  """Tiny random Gemma 3 (local and global layers, linear rope scaling on the global ones) and GPT-2 (untied output
+  layer) checkpoints, vocabulary 512, each with the byte-level tokenizer."""
+  paths = {}
+  for family, overrides in (("gemma3", {"final_logit_softcapping": None}), ("gpt2", {"tie_word_embeddings": False})):
+    path = tmp_path_factory.mktemp(family)
+    hf_fixtures.save_hf_model(hf_fixtures.build_hf_model(family, vocab_size=512, **overrides), path)
+    hf_fixtures.byte_tokenizer(path)
+    paths[family] = str(path)
+  return paths
 
 
-@pytest.mark.parametrize("kind", ["lora", "heads"])
-def test_a_gemma3_soup_exports_and_reads_back_as_the_same_architecture(gemma_checkpoint, tmp_path, kind):
+@pytest.mark.parametrize("family,kind", [("gemma3", "lora"), ("gemma3", "heads"), ("gpt2", "lora"), ("gpt2", "heads")])
+def test_gemma3_and_gpt2_soups_export_and_read_back_as_the_same_architecture(family_checkpoints, tmp_path, family,
+                                                                              kind):
   extra = (["--config.basis.kind=lora", "--config.train.cache_features=False", "--config.optim.learning_rate=0.01"]
            if kind == "lora" else ["--config.basis.kind=heads", "--config.basis.head_rank=4"])
-  basis = _train(gemma_checkpoint, tmp_path / kind, *extra)
+  basis = _train(family_checkpoints[family], tmp_path / kind, *extra)
   cfg = basis.policy.config
-  assert cfg.family == "gemma3" and any(cfg.local_layers) and cfg.rope_scale == 2.0
+  assert cfg.family == family
+  if family == "gemma3":
+    assert any(cfg.local_layers) and cfg.rope_scale == 2.0
   out = ss.export_hf(basis, LAM, str(tmp_path / "export"))
   exported = transformers.AutoConfig.from_pretrained(out)
-  assert exported.model_type == "gemma3_text"
+  assert exported.model_type == {"gemma3": "gemma3_text", "gpt2": "gpt2"}[family]
   # The exported config reads back as this basis's architecture (untied output layer for a head soup).
   tie = cfg.tie_embeddings and kind == "lora"
   read_back = models.config_from_hf(exported).replace(dtype=cfg.dtype, weight_dtype=cfg.weight_dtype, remat=cfg.remat)
@@ -148,8 +154,8 @@ def test_families_and_caps_that_cannot_hold_a_soup_are_refused_by_name(tmp_path)
   import types  # pylint: disable=g-import-not-at-top
   from spectral_soup.models.config import TransformerConfig  # pylint: disable=g-import-not-at-top
   gemma = models.config_from_hf(hf_fixtures.tiny_hf_config("gemma3"))  # final_logit_softcapping=6.
-  gpt2 = models.config_from_hf(hf_fixtures.tiny_hf_config("gpt2"))
   mistral = models.config_from_hf(hf_fixtures.tiny_hf_config("mistral"))
+  gpt2 = models.config_from_hf(hf_fixtures.tiny_hf_config("gpt2"))
   assert isinstance(gemma, TransformerConfig) and gemma.final_logit_softcap == 6.0
 
   def fake(cfg, kind):
@@ -157,8 +163,8 @@ def test_families_and_caps_that_cannot_hold_a_soup_are_refused_by_name(tmp_path)
     return types.SimpleNamespace(policy=policy, config=types.SimpleNamespace(basis={}), num_bases=3,
                                  names=("a", "b", "c"))
 
-  cases = [(fake(gemma, "heads"), "final logit softcap"), (fake(gpt2, "lora"), "GPT-2 backbones are not exported"),
-           (fake(mistral, "lora"), "sliding window")]
+  cases = [(fake(gemma, "heads"), "final logit softcap"), (fake(mistral, "lora"), "sliding window"),
+           (fake(gpt2.replace(final_logit_softcap=3.0), "lora"), "GPT2Config cannot hold")]
   for basis, message in cases:
     with pytest.raises(ValueError, match=message):
       ss.export_hf(basis, LAM, str(tmp_path / "export"))
