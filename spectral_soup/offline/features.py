@@ -96,7 +96,7 @@ def pair_logprobs(policy: SpectralPolicy, params: Any, batch: Batch, chunk: int 
   The forward stops at the final hidden states (`SpectralPolicy.hidden_states`); the output layer then runs only
   at the response positions, `chunk` of them at a time under `jax.checkpoint`, so neither the forward nor the
   backward pass holds the logits of a whole sequence (the same numbers as `serving.sequence_logprobs` up to float
-  rounding: tests/test_offline.py). Head bases reuse the cached path's scoring (`cached_response_logprobs`).
+  rounding: tests/test_offline.py). Head bases score each piece as the cached path does (`cached_response_logprobs`).
   """
   prompt, prompt_mask, response, response_mask = _both_responses(batch)
   tokens, mask, prev = serving.join_prompt_response(prompt, prompt_mask, response, response_mask)
