@@ -36,7 +36,7 @@ def test_gpu_sh_tiny_runs_every_step_and_prints_one_table(tmp_path):
     assert row["batch"] >= 1 and "fsdp" in row["variant"] and row["dtype"] == "bfloat16"
   # Every decode variant's greedy tokens equal the independent PyTorch loop's (or our K+1-pass loop's).
   rows = {r["variant"]: r for r in json.loads((out / "decode.json").read_text())["rows"]}
-  for variant in ("single", "explicit/heads", "naive/heads"):
+  for variant in ("explicit/heads", "naive/heads"):
     assert rows[variant]["tokens_match_torch"] == 1.0, variant
   table = gpu_table.table(str(out), markdown=True)
   assert table.startswith("| bench |") and "train_1b" in table and "decode_256 (U=8)" in table

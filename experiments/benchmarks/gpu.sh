@@ -83,10 +83,10 @@ if [[ "$TINY" == 1 ]]; then
   step train_1b train 180 --preset=gemma3_1b --bases=3 --layers=2 --embed=64 --head_dim=16 --mlp=128 --vocab=512 \
     --prompt_len=8 --response_len=8 --steps=1
   step decode decode 240 --model=tiny --users=4 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
-    --variants=single,explicit/heads,naive/heads,torch-mod/heads --torch_device="$TORCH_DEVICE" --matmul_size=256 \
+    --variants=explicit/heads,naive/heads,torch-mod/heads --torch_device="$TORCH_DEVICE" --matmul_size=256 \
     --copy_mb=8 $TORCH_CHECK
   step decode_256 decode 120 --model=tiny --users=8 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
-    --variants=explicit/heads --matmul_size=256 --copy_mb=8 --no_torch_check
+    --variants=single,explicit/heads --matmul_size=256 --copy_mb=8 --no_torch_check
 else
   # scikit-learn's liblinear solver fits ~10 users/s: the loop baseline is its newton-cholesky solver.
   step online online 45 --users=65536 --bases=30 --comparisons=64 --baseline_users=2048 --loop_users=256 \
