@@ -174,23 +174,19 @@ def build(args: argparse.Namespace, kind: str, num_bases: int, labels_column: Op
 
 
 def device_random_backbone(abstract_backbone: Any, model_cfg, key) -> Any:
-  """`train.random_backbone`'s distribution drawn with jax (jit it with the backbone's shardings): N(0, 1/fan_in)
-  kernels, unit (or zero, for `norm_scale_plus_one`) norm scales, zero biases. The host's NumPy draw of a
-  billion parameters takes tens of seconds; this takes milliseconds on an accelerator."""
+  """`train.random_backbone`'s distribution (`train.backbone_leaf_rule`) drawn with jax: jit it with the backbone's
+  shardings. The host's NumPy draw of a billion parameters takes tens of seconds; this takes milliseconds on an
+  accelerator."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  fan_in = {"o_proj": model_cfg.num_heads * model_cfg.head_dim, "down_proj": model_cfg.mlp_dim}
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_backbone)
   keys = jax.random.split(key, len(leaves))
 
   def draw(path, leaf, k):
-    names = [getattr(p, "key", None) for p in path]
-    if names[-1] == "scale":
-      return jnp.full(leaf.shape, 0.0 if model_cfg.norm_scale_plus_one else 1.0, leaf.dtype)
-    if names[-1] == "bias":
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    n_in = model_cfg.embed_dim if names[-1] == "embedding" else next(
-        (fan_in[name] for name in names if name in fan_in), model_cfg.embed_dim)
+    constant, n_in = train.backbone_leaf_rule(path, model_cfg)
+    if constant is not None:
+      return jnp.full(leaf.shape, constant, leaf.dtype)
     return (jax.random.normal(k, leaf.shape, jnp.float32) / jnp.sqrt(n_in)).astype(leaf.dtype)
 
   return jax.tree_util.tree_unflatten(treedef, [draw(path, leaf, k) for (path, leaf), k in zip(leaves, keys)])

@@ -182,20 +182,29 @@ def build_policy(model_cfg: config_lib.TransformerConfig, basis: Mapping[str, An
                         logit_bias=bool(basis.get("logit_bias", False)))
 
 
+def backbone_leaf_rule(path: Any, model_cfg: config_lib.TransformerConfig) -> Tuple[Optional[float], int]:
+  """How `random_backbone` draws one leaf: (constant, 0) for norm scales (1, or 0 with `norm_scale_plus_one`) and
+  biases (0), else (None, fan_in) for N(0, 1/fan_in) kernels and embeddings."""
+  keys = [getattr(p, "key", None) for p in path]
+  if keys[-1] == "scale":
+    return (0.0 if model_cfg.norm_scale_plus_one else 1.0), 0
+  if keys[-1] == "bias":
+    return 0.0, 0
+  fan_in = {"o_proj": model_cfg.num_heads * model_cfg.head_dim, "down_proj": model_cfg.mlp_dim}
+  if keys[-1] == "embedding":
+    return None, model_cfg.embed_dim
+  return None, next((fan_in[k] for k in keys if k in fan_in), model_cfg.embed_dim)
+
+
 def random_backbone(abstract_backbone: Any, model_cfg: config_lib.TransformerConfig, seed: int) -> Any:
   """A seeded random backbone drawn on the host (no compile): N(0, 1/fan_in) kernels, unit norms, zero biases."""
   rng = np.random.default_rng(seed)
-  fan_in = {"o_proj": model_cfg.num_heads * model_cfg.head_dim, "down_proj": model_cfg.mlp_dim}
 
   def draw(path, leaf):
-    keys = [getattr(p, "key", None) for p in path]
     dtype = jnp.dtype(leaf.dtype)
-    if keys[-1] == "scale":
-      return np.full(leaf.shape, 0.0 if model_cfg.norm_scale_plus_one else 1.0, dtype)
-    if keys[-1] == "bias":
-      return np.zeros(leaf.shape, dtype)
-    n_in = model_cfg.embed_dim if keys[-1] == "embedding" else next(
-        (fan_in[k] for k in keys if k in fan_in), model_cfg.embed_dim)
+    constant, n_in = backbone_leaf_rule(path, model_cfg)
+    if constant is not None:
+      return np.full(leaf.shape, constant, dtype)
     return (rng.standard_normal(leaf.shape) / np.sqrt(n_in)).astype(dtype)
 
   return jax.tree_util.tree_map_with_path(draw, abstract_backbone)
