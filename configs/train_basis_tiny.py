@@ -49,9 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.basis.vocab_support = 0  # Heads correct only the S most frequent response tokens (0: all V; needs cached
   #   features; makes a cached step O(K r S) per token instead of O(D V), exact for the restricted heads).
   # Initial logit vectors c_k: "zeros" (every basis starts as the reference) or "ridge" (needs logit_bias, a
-  # vocab_support and ratings: c_k = rating_scale / beta x the ridge regression of basis k's rating difference on
-  # the pair's token-surprise difference, the linearized ratings loss solved in closed form; steps refine it).
+  # vocab_support and ratings: c_k = rating_scale / beta x a ridge regression of basis k's ratings, the linearized
+  # ratings loss solved in closed form; steps refine it). What it regresses, `init_features`: "pair_surprise" (each
+  # pair's rating difference on its token-surprise difference, sum_t onehot(y_t) - p_ref(.|s_t)), "surprise" (each
+  # response's rating on its surprise) or "counts" (each response's rating on its token counts: a bag-of-words
+  # reward model); `offline.train.ridge_logit_bias`.
   config.basis.init = "zeros"
+  config.basis.init_features = "pair_surprise"
   config.basis.init_l2 = 10.0  # Ridge penalty of the "ridge" initialization.
 
   config.data = ml_collections.ConfigDict()

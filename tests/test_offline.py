@@ -162,6 +162,8 @@ def _config(**flat):
     ({"model.num_kv_heads": 3}, "model.num_kv_heads"),  # Does not divide num_heads = 4.
     ({"basis.init": "ridge"}, "basis.init"),  # Ridge initializes logit vectors: needs basis.logit_bias=True.
     ({"basis.init": "normal"}, "basis.init"),
+    ({"basis.init": "ridge", "basis.logit_bias": True, "basis.vocab_support": 40, "train.cache_features": True,
+      "basis.init_features": "logits"}, "basis.init_features"),
     ({"train.num_steps": 0}, "train.num_steps"),  # No update is a basis only with basis.init='ridge'.
 ])
 def test_bad_config_names_the_field(flat, field):
@@ -239,7 +241,8 @@ def test_evaluation_counts_every_held_out_pair(tmp_path):
 def test_ridge_logit_bias_recovers_token_rewards():
   """Ratings that are a logit-bias policy's first-order implicit reward, sum_t w_k . (onehot(y_t) - p_ref(s_t)):
   the closed-form initialization is rating_scale / beta * w_k on the support (ridge shrinks it a little), zero
-  outside; missing ratings are dropped per basis, and a basis with no rated pair is refused."""
+  outside, whether fitted on the pairs' differences or on each response (a constant offset of the ratings does not
+  matter); missing ratings are dropped per basis, and a basis with no rated pair is refused."""
   rng = np.random.default_rng(0)
   n, length, vocab = 400, 6, 30
   support = np.arange(2, 22)
@@ -253,13 +256,53 @@ def test_ridge_logit_bias_recovers_token_rewards():
     pairs[f"response_{side}"], pairs[f"response_{side}_mask"] = tokens, mask
     pairs[f"support_probs_{side}"], pairs[f"scores_{side}"] = probs, surprise.sum(-1).T
   pairs["scores_b"][:50, 1] = np.nan
-  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)
-  assert c.shape == (2, vocab) and c.dtype == np.float32
-  np.testing.assert_allclose(c[:, support], 4.0 * w[:, support], atol=5e-3)
-  assert np.all(c[:, np.setdiff1d(np.arange(vocab), support)] == 0)
+  for features in ("pair_surprise", "surprise"):  # Pairs' differences, or each response (plus a constant) alone.
+    for side in "ab":
+      pairs[f"scores_{side}"] += 0.7 * (features == "surprise")
+    c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3, features=features)
+    assert c.shape == (2, vocab) and c.dtype == np.float32
+    np.testing.assert_allclose(c[:, support], 4.0 * w[:, support], atol=5e-3)
+    assert np.all(c[:, np.setdiff1d(np.arange(vocab), support)] == 0)
   pairs["scores_a"][:, 1] = np.nan
   with pytest.raises(ValueError, match="fits basis 1 on pairs with both responses rated"):
     train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)
+
+
+def test_ridge_logit_bias_on_counts_is_a_bag_of_words_reward_model():
+  """features="counts": ratings that are bag-of-words rewards sum_t w_k(y_t) (plus a constant per basis) give back
+  rating_scale / beta * w_k on the support (up to ridge shrinkage); at any penalty it is PAD's token-reward table
+  (`baselines.pad.fit_token_rewards`, solved in the dual) times rating_scale / beta; missing ratings are dropped per
+  basis and no reference probabilities are needed."""
+  from spectral_soup.baselines import pad as pad_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  n, length, vocab = 300, 6, 30
+  support = np.arange(2, 22)
+  w = rng.normal(size=(2, vocab)) * np.isin(np.arange(vocab), support)
+  pairs = {}
+  for side in "ab":
+    tokens = rng.choice(np.arange(vocab), (n, length)).astype(np.int32)  # Some tokens outside the support.
+    mask = np.arange(length)[None] < rng.integers(1, length + 1, (n, 1))
+    inside = np.isin(tokens, support) & mask
+    pairs[f"response_{side}"], pairs[f"response_{side}_mask"] = tokens, mask
+    pairs[f"scores_{side}"] = (w[:, tokens] * inside).sum(-1).T + np.array([0.3, -1.0])
+  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3, features="counts")
+  assert c.shape == (2, vocab) and c.dtype == np.float32
+  np.testing.assert_allclose(c[:, support], 4.0 * w[:, support], atol=5e-3)
+  assert np.all(c[:, np.setdiff1d(np.arange(vocab), support)] == 0)
+  counts = pad_lib.token_counts([pairs["response_a"], pairs["response_b"]],
+                                [pairs["response_a_mask"], pairs["response_b_mask"]], support)
+  scores = np.concatenate([pairs["scores_a"], pairs["scores_b"]]) + rng.normal(size=(2 * n, 2))
+  pairs["scores_a"], pairs["scores_b"] = scores[:n], scores[n:]
+  table = pad_lib.fit_token_rewards(counts, scores, support, vocab, l2=10.0)
+  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="counts")
+  np.testing.assert_allclose(c, 4.0 * table, rtol=1e-4, atol=1e-5)
+  pairs["scores_b"][:40, 1] = np.nan  # Basis 1 is fitted on the other 560 responses.
+  keep = np.concatenate([np.ones(n, bool), np.arange(n) >= 40])
+  table_1 = pad_lib.fit_token_rewards(counts[keep], scores[keep][:, 1:], support, vocab, l2=10.0)
+  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="counts")
+  np.testing.assert_allclose(c[1], 4.0 * table_1[0], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="features='logits'"):
+    train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="logits")
 
 
 def test_ridge_initialization_with_zero_steps_is_the_basis(tmp_path):

@@ -63,6 +63,7 @@ from spectral_soup.utils import workdir_lock
 
 LOSS_KINDS = ("dpo", "ratings")
 BASIS_INITS = ("zeros", "ridge")
+RIDGE_FEATURES = ("pair_surprise", "surprise", "counts")  # What the "ridge" initialization regresses ratings on.
 DTYPES = ("float32", "bfloat16")
 
 
@@ -95,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
          "basis.init", "'zeros' unless basis.kind='heads' with basis.logit_bias=True and basis.vocab_support > 0 "
          "('ridge' fits the logit vectors on the support's cached reference probabilities)")
     need(c.basis.get("init_l2", 0.0) > 0, "basis.init_l2", "> 0")
+    need(c.basis.get("init_features", "pair_surprise") in RIDGE_FEATURES, "basis.init_features",
+         " or ".join(map(repr, RIDGE_FEATURES)))
   need(c.basis.lora_rank >= 1, "basis.lora_rank", ">= 1")
   need(len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS),
        "basis.lora_targets", f"some of {ATTN_TARGETS + MLP_TARGETS}")
@@ -237,23 +240,41 @@ def init_trainable(policy: SpectralPolicy, key: jax.Array) -> Any:
 
 
 def ridge_logit_bias(pairs: Mapping[str, np.ndarray], support: np.ndarray, vocab_size: int, *, beta: float,
-                     rating_scale: float, l2: float) -> np.ndarray:
+                     rating_scale: float, l2: float, features: str = "pair_surprise") -> np.ndarray:
   """Closed-form logit vectors c: f32[K, V] (zero outside `support`) for bias-only bases, from rated pairs.
 
-  The ratings loss asks beta * (log-ratio(a) - log-ratio(b)) = rating_scale * (rating_a - rating_b) per basis. To
-  first order in c the log-ratio of a response y is c . sum_t (onehot(y_t) - p_ref(. | s_t)) (each token's surprise
-  under the reference), so ridge regression of each basis's rating difference on the pair's surprise difference,
-  times rating_scale / beta, solves the linearized loss in closed form. Unlike raw token counts, surprise does not
-  credit every token of a longer response: length is carried by the end-of-turn token. Training, if any, refines it.
-  pairs: response_a/b [N, R] with masks, support_probs_a/b [N, R, S] (the cached feature pass) and scores_a/b
-  [N, K] (NaN: missing, dropped per basis); support: int[S] token ids.
+  With pi_k(a|s) ~ pi_ref(a|s) exp(c_k(a)), the log-ratio log pi_k(y) / pi_ref(y) of a response is, to first order
+  in c, c . s(y) with s(y) = sum_t (onehot(y_t) - p_ref(. | s_t)) its token surprise under the reference. The ratings
+  loss asks beta * log-ratio = rating_scale * rating (up to a constant per prompt), which is then linear least
+  squares in c_k; with an L2 penalty, ridge regression times rating_scale / beta solves it in closed form:
+  * "pair_surprise": each pair's rating difference on its surprise difference s(y_a) - s(y_b) (one row per pair:
+    the pairwise ratings loss);
+  * "surprise": each response's rating on its surprise, both responses of every pair, centered (twice the rows; on
+    the embedded default these directions buy more true reward per nat of KL: docs/METHOD.md, section 3);
+  * "counts": each response's rating on its support-token counts, centered: a bag-of-words reward model (PAD's,
+    `baselines.pad.fit_token_rewards`), whose token-level KL-regularized optimum, ignoring the soft value of what
+    follows, is pi_ref exp(c_k). Counts credit every token of a longer response, so a length attribute's basis
+    makes common words likelier instead of longer answers; under surprise, length is carried by the end-of-turn
+    token.
+  Training, if any, refines it. pairs: response_a/b [N, R] with masks, support_probs_a/b [N, R, S] (the cached
+  feature pass; surprise only) and scores_a/b [N, K] (NaN: missing, dropped per basis); support: int[S] token ids.
   """
+  if features not in RIDGE_FEATURES:
+    raise ValueError(f"features={features!r}: expected one of {RIDGE_FEATURES}.")
   check_ridge_ratings(pairs)
-  x = [learnability.surprise(pairs[f"response_{side}"], pairs[f"response_{side}_mask"], support,
-                             pairs[f"support_probs_{side}"]) for side in ("a", "b")]
-  diff = np.asarray(pairs["scores_a"], np.float64) - np.asarray(pairs["scores_b"], np.float64)
-  c = np.zeros((diff.shape[1], vocab_size), np.float32)
-  c[:, support] = rating_scale / beta * learnability.fit_ridge(x[0] - x[1], diff, l2).T
+  scores = [np.asarray(pairs[f"scores_{side}"], np.float64) for side in ("a", "b")]
+  if features == "counts":
+    x = [learnability.token_counts(pairs[f"response_{side}"], pairs[f"response_{side}_mask"], support)
+         for side in ("a", "b")]
+  else:
+    x = [learnability.surprise(pairs[f"response_{side}"], pairs[f"response_{side}_mask"], support,
+                               pairs[f"support_probs_{side}"]) for side in ("a", "b")]
+  if features == "pair_surprise":
+    weights = learnability.fit_ridge(x[0] - x[1], scores[0] - scores[1], l2)
+  else:
+    weights = learnability.fit_ridge(np.concatenate(x), np.concatenate(scores), l2)
+  c = np.zeros((scores[0].shape[1], vocab_size), np.float32)
+  c[:, support] = rating_scale / beta * weights.T
   return c
 
 
@@ -473,7 +494,7 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   if c.basis.kind == "heads" and c.basis.get("logit_bias", False):
     names.append("basis.logit_bias")
   if c.basis.get("init", "zeros") == "ridge":  # Where the state started (the state itself when num_steps = 0).
-    names += ["basis.init", "basis.init_l2"]
+    names += ["basis.init", "basis.init_l2"] + (["basis.init_features"] if "init_features" in c.basis else [])
   if not c.model.path:
     names += [f"model.{f}" for f in ("family", "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
                                      "head_dim", "mlp_dim")]
@@ -718,7 +739,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
     logit_bias = None
     if basis_init == "ridge":  # From the cached feature pass's reference probabilities on the support.
       logit_bias = ridge_logit_bias(train_pairs, support, model_cfg.vocab_size, beta=config.loss.beta,
-                                    rating_scale=config.loss.rating_scale, l2=config.basis.init_l2)
+                                    rating_scale=config.loss.rating_scale, l2=config.basis.init_l2,
+                                    features=config.basis.get("init_features", "pair_surprise"))
     # Only what the step reads goes to the devices.
     needed = {"labels"} if config.loss.kind == "dpo" else {"scores_a", "scores_b"}
     needed |= set(input_pipeline.TOKEN_FIELDS) if not config.train.cache_features else (
