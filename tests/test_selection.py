@@ -119,3 +119,16 @@ def test_cli_refuses_held_out_runs_and_missing_files(tmp_path, capsys):
   with pytest.raises(SystemExit):
     choose_online_l2.main([_workdir(tmp_path, name="c"), "--l2s=a,b"])
   assert "--l2s='a,b'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fits=surprise,logits"], "--fits=surprise,logits: expected names among pair_surprise, surprise, counts"),
+    (["--scales=0.5,2"], "expected positive strengths including 1"),
+    (["--users=0"], "--users=0: expected >= 1"),
+])
+def test_compare_ridge_fits_refuses_bad_arguments(argv, message, capsys):
+  """The dev-split comparison of the closed-form fits names a bad argument before loading anything."""
+  from experiments import compare_ridge_fits  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit):
+    compare_ridge_fits.parse_args(argv)
+  assert message in capsys.readouterr().err
