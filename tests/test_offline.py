@@ -333,6 +333,18 @@ def test_ridge_initialization_with_zero_steps_is_the_basis(tmp_path):
   np.testing.assert_allclose(stepped["heads"]["c"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_refuses_a_checkpoint_made_before_init_features_with_another_fit():
+  """Checkpoints written before basis.init_features existed hold pairwise-surprise bases: a config asking for
+  another fit is refused, naming the field; the pairwise fit resumes."""
+  flat = {"basis.head_rank": 0, "basis.logit_bias": True, "basis.init": "ridge", "basis.vocab_support": 40}
+  config = _config(**{**flat, "basis.init_features": "surprise"})
+  saved = train.resume_fields(config)
+  del saved["basis.init_features"]
+  with pytest.raises(ValueError, match=r"config\.basis\.init_features='surprise' differs from 'pair_surprise'"):
+    train.check_resume(config, "wd", 0, saved)
+  train.check_resume(_config(**{**flat, "basis.init_features": "pair_surprise"}), "wd", 0, saved)
+
+
 @pytest.mark.parametrize("logit_bias", [False, True])
 def test_support_logprobs_exact_for_restricted_heads(logit_bias):
   """Heads zero outside a support S: the cached [B, R, S] path equals the full-vocabulary path, and gradients

@@ -507,13 +507,20 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   return fields
 
 
+# Resume fields added after checkpoints were first written, with the value every older checkpoint was made with.
+_RESUME_FIELD_DEFAULTS = {"basis.init_features": "pair_surprise"}
+
+
 def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, saved: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first `resume_fields` value that differs from checkpoint `step`'s data."""
   for field, value in resume_fields(config).items():
-    if field in saved and saved[field] != value:  # Fields older checkpoints lack are not checked.
+    if field not in saved and field not in _RESUME_FIELD_DEFAULTS:  # Older checkpoints lack it: not checked.
+      continue
+    stored = saved.get(field, _RESUME_FIELD_DEFAULTS.get(field))
+    if stored != value:
       why = ("the data order would not continue" if field in ("train.batch_size", "seed") else
              "the checkpoint holds other bases or another backbone")
-      raise ValueError(f"config.{field}={value!r} differs from {saved[field]!r} in the checkpoint of step {step} in "
+      raise ValueError(f"config.{field}={value!r} differs from {stored!r} in the checkpoint of step {step} in "
                        f"{workdir}: {why}. Use the same value or a new --workdir.")
 
 
