@@ -33,7 +33,7 @@ def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
   """comparisons.npz and the online config of a dev run; anything else is an error naming the file."""
   config_path, data_path = os.path.join(workdir, "config.json"), os.path.join(workdir, "comparisons.npz")
   missing = lambda path: FileNotFoundError(f"{path}: missing (expected a finished `python -m experiments.main` "
-                                            "workdir).")
+                                           "workdir).")
   if not os.path.exists(config_path):
     raise missing(config_path)
   with open(config_path) as f:
@@ -78,14 +78,22 @@ def choose(workdirs: Sequence[str], l2s: Sequence[float], folds: int = 8) -> dic
   for name, field, constraint, kind in learners:
     constraint = constraint or runs[0]["constraint"]
     prior = lambda run: run["prior_mean"] if name.startswith("spectral") else None  # PAD, P-Soups: none.
-    results = [selection.cross_validate(run[field], run["prefs"], l2s, constraint=constraint, prior_mean=prior(run),
-                                        folds=folds) for run in runs]
+    results = [
+        selection.cross_validate(run[field], run["prefs"], l2s, constraint=constraint, prior_mean=prior(run),
+                                 folds=folds) for run in runs
+    ]
     counts = np.asarray([run["prefs"].size for run in runs], np.float64)
-    pooled = {key: np.average([r[key] for r in results], axis=0, weights=counts)
-              for key in ("log_likelihood", "accuracy")}
-    out[name] = {"constraint": constraint, "features": kind, "l2": [float(x) for x in l2s],
-                 "log_likelihood": pooled["log_likelihood"].tolist(), "accuracy": pooled["accuracy"].tolist(),
-                 "best_l2": float(l2s[int(np.argmax(pooled["log_likelihood"]))])}
+    pooled = {
+        key: np.average([r[key] for r in results], axis=0, weights=counts) for key in ("log_likelihood", "accuracy")
+    }
+    out[name] = {
+        "constraint": constraint,
+        "features": kind,
+        "l2": [float(x) for x in l2s],
+        "log_likelihood": pooled["log_likelihood"].tolist(),
+        "accuracy": pooled["accuracy"].tolist(),
+        "best_l2": float(l2s[int(np.argmax(pooled["log_likelihood"]))])
+    }
   return out
 
 
@@ -106,16 +114,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"held-out choice prediction ({args.folds}-fold per user) over {len(args.workdirs)} dev run(s)")
-  print(f"{'learner':<24} {'features':<16} {'constraint':<12} " + " ".join(f"{f'l2={x:g}':>14}" for x in l2s)
-        + "  best")
+  print(f"{'learner':<24} {'features':<16} {'constraint':<12} " + " ".join(f"{f'l2={x:g}':>14}" for x in l2s) +
+        "  best")
   for name, r in out.items():
     cells = " ".join(f"{ll:+.3f}/{acc:.3f}".rjust(14) for ll, acc in zip(r["log_likelihood"], r["accuracy"]))
     print(f"{name:<24} {r['features']:<16} {r['constraint']:<12} {cells}  {r['best_l2']:g}")
   print("(each cell: mean held-out log-likelihood per comparison / accuracy)")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"name": "choose_online_l2", "workdirs": list(args.workdirs), "folds": args.folds, "learners": out},
-                f, indent=2)
+      json.dump({
+          "name": "choose_online_l2",
+          "workdirs": list(args.workdirs),
+          "folds": args.folds,
+          "learners": out
+      }, f, indent=2)
   return 0
 
 

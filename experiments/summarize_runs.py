@@ -44,7 +44,7 @@ def load_runs(workdirs: Sequence[str]) -> List[dict]:
 def _stats(values: Sequence[float]) -> Dict[str, float]:
   values = [float(v) for v in values]
   mean = sum(values) / len(values)
-  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+  std = math.sqrt(sum((v - mean)**2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
   return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
@@ -55,11 +55,13 @@ def summarize(runs: Sequence[dict]) -> dict:
   for name in METHOD_ORDER:
     if not all(name in r["methods"] for r in runs):
       continue
-    entry = {"mean_reward": _stats([r["methods"][name]["mean_reward"] for r in runs]),
-             "kl": _stats([r["methods"][name]["kl"] for r in runs])}
+    entry = {
+        "mean_reward": _stats([r["methods"][name]["mean_reward"] for r in runs]),
+        "kl": _stats([r["methods"][name]["kl"] for r in runs])
+    }
     if all("reference" in r["methods"] for r in runs):  # Gains remove what the runs' user sets share.
-      entry["gain"] = _stats([r["methods"][name]["mean_reward"] - r["methods"]["reference"]["mean_reward"]
-                              for r in runs])
+      entry["gain"] = _stats(
+          [r["methods"][name]["mean_reward"] - r["methods"]["reference"]["mean_reward"] for r in runs])
     if all_significant:
       entry["normalized_score"] = _stats([r["methods"][name]["normalized_score"] for r in runs])
     methods[name] = entry
@@ -67,24 +69,33 @@ def summarize(runs: Sequence[dict]) -> dict:
   at_kl = {}
   for name in METHOD_ORDER:
     if all(name in r.get("at_bespoke_kl", {}) for r in runs):
-      at_kl[name] = {"gain": _stats([r["at_bespoke_kl"][name]["gain"] for r in runs]),
-                     "gain_ci": [r["at_bespoke_kl"][name]["gain_ci"] for r in runs]}
+      at_kl[name] = {
+          "gain": _stats([r["at_bespoke_kl"][name]["gain"] for r in runs]),
+          "gain_ci": [r["at_bespoke_kl"][name]["gain_ci"] for r in runs]
+      }
   # Each basis's shift of its own attribute (the diagonal of offline.attribute_shift), with every run's interval.
   shift = {}
-  if all("attribute_shift" in r["offline"] for r in runs) and all(r["attributes"] == runs[0]["attributes"]
-                                                                  for r in runs):
+  if all("attribute_shift" in r["offline"] for r in runs) and all(
+      r["attributes"] == runs[0]["attributes"] for r in runs):
     for k, attribute in enumerate(runs[0]["attributes"]):
-      shift[attribute] = {"shift": _stats([r["offline"]["attribute_shift"][k][k] for r in runs]),
-                          "ci": [r["offline"]["attribute_shift_ci"][k][k] for r in runs]}
+      shift[attribute] = {
+          "shift": _stats([r["offline"]["attribute_shift"][k][k] for r in runs]),
+          "ci": [r["offline"]["attribute_shift_ci"][k][k] for r in runs]
+      }
   heads = runs[0]["offline"]["heads"]
-  accuracy = {head: _stats([r["offline"]["heldout_accuracy"][h] for r in runs]) for h, head in enumerate(heads)
-              if all(len(r["offline"]["heldout_accuracy"]) == len(heads) for r in runs)}
+  accuracy = {
+      head: _stats([r["offline"]["heldout_accuracy"][h] for r in runs]) for h, head in enumerate(heads) if all(
+          len(r["offline"]["heldout_accuracy"]) == len(heads) for r in runs)
+  }
   return {
       "runs": len(runs),
       "methods": methods,
-      "bespoke": {"gain": [r["bespoke_gain"] for r in runs], "gain_ci": [r.get("bespoke_gain_ci") for r in runs],
-                  "significant": [bool(r["bespoke_gain_significant"]) for r in runs],
-                  "all_significant": all_significant},
+      "bespoke": {
+          "gain": [r["bespoke_gain"] for r in runs],
+          "gain_ci": [r.get("bespoke_gain_ci") for r in runs],
+          "significant": [bool(r["bespoke_gain_significant"]) for r in runs],
+          "all_significant": all_significant
+      },
       "heldout_accuracy": accuracy,
       "at_bespoke_kl": at_kl,
       "attribute_shift": shift,
@@ -92,9 +103,11 @@ def summarize(runs: Sequence[dict]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"{summary['runs']} runs: mean (std) [min, max] over runs", "",
-           f"{'method':<24} {'mean true reward':>34} {'gain over the reference':>34} {'KL':>34}" +
-           (f" {'normalized score':>24}" if summary["bespoke"]["all_significant"] else "")]
+  lines = [
+      f"{summary['runs']} runs: mean (std) [min, max] over runs", "",
+      f"{'method':<24} {'mean true reward':>34} {'gain over the reference':>34} {'KL':>34}" +
+      (f" {'normalized score':>24}" if summary["bespoke"]["all_significant"] else "")
+  ]
   fmt = lambda s: f"{s['mean']:+.3f} ({s['std']:.3f}) [{s['min']:+.3f}, {s['max']:+.3f}]"
   for name, entry in summary["methods"].items():
     gain = fmt(entry["gain"]) if "gain" in entry else "n/a"
@@ -103,8 +116,8 @@ def format_summary(summary: dict) -> str:
       line += f" {fmt(entry['normalized_score']):>24}"
     lines.append(line)
   lines.append("")
-  gains = ", ".join(f"{g:+.3f}" + ("" if s else " (n.s.)") for g, s in
-                    zip(summary["bespoke"]["gain"], summary["bespoke"]["significant"]))
+  gains = ", ".join(f"{g:+.3f}" + ("" if s else " (n.s.)")
+                    for g, s in zip(summary["bespoke"]["gain"], summary["bespoke"]["significant"]))
   lines.append(f"bespoke gain over the reference per run: {gains}")
   if not summary["bespoke"]["all_significant"]:
     lines.append("not every run's bespoke gain is significant: normalized scores are not aggregated")
@@ -119,8 +132,8 @@ def format_summary(summary: dict) -> str:
       lines.append(f"  {attribute:<24} {fmt(entry['shift'])}, 90% interval above 0 in {above} of "
                    f"{len(entry['ci'])} runs")
   lines.append("")
-  lines.append("held-out pair accuracy per head: " + "; ".join(
-      f"{head} {s['mean']:.2f} ({s['std']:.2f})" for head, s in summary["heldout_accuracy"].items()))
+  lines.append("held-out pair accuracy per head: " +
+               "; ".join(f"{head} {s['mean']:.2f} ({s['std']:.2f})" for head, s in summary["heldout_accuracy"].items()))
   return "\n".join(lines)
 
 

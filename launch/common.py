@@ -48,12 +48,13 @@ def env_default(name: str, fallback: Optional[str] = None) -> Optional[str]:
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
   """Flags of the job itself, shared by every launcher. Arguments after `--` go to the job unchanged."""
-  parser.add_argument("--config", required=True,
-                      help="Config file, relative to the repository root, optionally with a variant "
-                           "(configs/ultrafeedback_gemma3_1b.py or configs/ultrafeedback_gemma3_1b.py:local).")
-  parser.add_argument("--workdir", required=True,
-                      help="The job's --workdir (checkpoints, metrics). Multi-host jobs need one directory that "
-                           "every host sees at this path (a mounted bucket or NFS).")
+  parser.add_argument(
+      "--config", required=True, help="Config file, relative to the repository root, optionally with a variant "
+      "(configs/ultrafeedback_gemma3_1b.py or configs/ultrafeedback_gemma3_1b.py:local).")
+  parser.add_argument(
+      "--workdir", required=True,
+      help="The job's --workdir (checkpoints, metrics). Multi-host jobs need one directory that "
+      "every host sees at this path (a mounted bucket or NFS).")
   parser.add_argument("--module", default=MODULES[0], choices=MODULES, help="Entry point to run.")
   parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                       help="Print the commands in order instead of running them.")

@@ -40,23 +40,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="GCP project (env SPECTRAL_SOUP_PROJECT; default: gcloud's core/project).")
   parser.add_argument("--zone", default=common.env_default("zone"),
                       help="Zone (env SPECTRAL_SOUP_ZONE; default: gcloud's compute/zone).")
-  parser.add_argument("--machine-type", "--machine_type", dest="machine_type", default="a2-ultragpu-1g",
-                      help="Machine type: a2-ultragpu-1g (1x A100 80GB), a3-highgpu-1g (1x H100 80GB), "
-                           "g2-standard-8 (1x L4), or an N1 type with --accelerator.")
+  parser.add_argument(
+      "--machine-type", "--machine_type", dest="machine_type", default="a2-ultragpu-1g",
+      help="Machine type: a2-ultragpu-1g (1x A100 80GB), a3-highgpu-1g (1x H100 80GB), "
+      "g2-standard-8 (1x L4), or an N1 type with --accelerator.")
   parser.add_argument("--accelerator", default=None, help="GPUs to attach, e.g. type=nvidia-tesla-t4,count=1 "
-                                                          "(N1 machine types only).")
-  parser.add_argument("--image-family", "--image_family", dest="image_family",
-                      default="common-cu124-ubuntu-2204-py310",
-                      help="Deep Learning VM image family (list them: gcloud compute images list "
-                           "--project=deeplearning-platform-release).")
+                      "(N1 machine types only).")
+  parser.add_argument(
+      "--image-family", "--image_family", dest="image_family", default="common-cu124-ubuntu-2204-py310",
+      help="Deep Learning VM image family (list them: gcloud compute images list "
+      "--project=deeplearning-platform-release).")
   parser.add_argument("--image-project", "--image_project", dest="image_project",
                       default="deeplearning-platform-release", help="Project of the image family.")
   parser.add_argument("--boot-disk-size", "--boot_disk_size", dest="boot_disk_size", default="200GB",
                       help="Boot disk size.")
   parser.add_argument("--spot", action="store_true", help="Create a Spot VM (preemptible; restart to resume).")
-  parser.add_argument("--copy", action="append", default=[], metavar="LOCAL:REMOTE",
-                      help="Copy a local file or directory to the VM, at REMOTE relative to the code directory. "
-                           "Repeatable.")
+  parser.add_argument(
+      "--copy", action="append", default=[], metavar="LOCAL:REMOTE",
+      help="Copy a local file or directory to the VM, at REMOTE relative to the code directory. "
+      "Repeatable.")
   parser.add_argument("--steps", default=",".join(STEPS), help=f"Comma-separated subset of {','.join(STEPS)}.")
   parser.add_argument("--keep", action="store_true", help="Do not delete the VM at the end.")
   parser.add_argument("--python", default="python3.11", help="Remote interpreter the venv is made from.")
@@ -86,33 +88,46 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
   env = dict(item.split("=", 1) for item in args.env)
 
   def ssh(name: str, command: str, *flags: str) -> common.Step:
-    return common.Step(name, ["gcloud", "compute", "ssh", args.name, *_location(args), *flags,
-                              "--command=" + command])
+    return common.Step(name, ["gcloud", "compute", "ssh", args.name, *_location(args), *flags, "--command=" + command])
 
-  create = ["gcloud", "compute", "instances", "create", args.name, *_location(args),
-            f"--machine-type={args.machine_type}", f"--image-family={args.image_family}",
-            f"--image-project={args.image_project}", f"--boot-disk-size={args.boot_disk_size}",
-            "--maintenance-policy=TERMINATE", "--metadata=install-nvidia-driver=True"]
+  create = [
+      "gcloud", "compute", "instances", "create", args.name, *_location(args), f"--machine-type={args.machine_type}",
+      f"--image-family={args.image_family}", f"--image-project={args.image_project}",
+      f"--boot-disk-size={args.boot_disk_size}", "--maintenance-policy=TERMINATE",
+      "--metadata=install-nvidia-driver=True"
+  ]
   if args.accelerator:
     create.append(f"--accelerator={args.accelerator}")
   if args.spot:
     create += ["--provisioning-model=SPOT", "--instance-termination-action=DELETE"]
   plan = {
       "create": [common.Step("create", create)],
-      "wait": [ssh("wait", "until nvidia-smi > /dev/null 2>&1; do sleep 10; done; nvidia-smi -L",
-                   "--ssh-flag=-oConnectionAttempts=30")],
+      "wait": [
+          ssh("wait", "until nvidia-smi > /dev/null 2>&1; do sleep 10; done; nvidia-smi -L",
+              "--ssh-flag=-oConnectionAttempts=30")
+      ],
       "archive": [common.archive_step(archive)],
-      "upload": [common.Step("upload", ["gcloud", "compute", "scp", *_location(args), archive,
-                                        f"{args.name}:{archive_name}"])],
-      "install": [ssh("install", common.install_script(
-          archive_name, args.python, "cuda12", args.install_python,
-          make_dirs=sorted({r.rsplit("/", 1)[0] for _, r in copies if "/" in r})))],
-      "copy": [common.Step("copy", ["gcloud", "compute", "scp", *_location(args), "--recurse", local,
-                                    f"{args.name}:{common.CODE_DIR}/{remote}"]) for local, remote in copies],
+      "upload": [
+          common.Step("upload", ["gcloud", "compute", "scp", *_location(args), archive, f"{args.name}:{archive_name}"])
+      ],
+      "install": [
+          ssh(
+              "install",
+              common.install_script(archive_name, args.python, "cuda12", args.install_python,
+                                    make_dirs=sorted({r.rsplit("/", 1)[0] for _, r in copies if "/" in r})))
+      ],
+      "copy": [
+          common.Step("copy", [
+              "gcloud", "compute", "scp", *_location(args), "--recurse", local,
+              f"{args.name}:{common.CODE_DIR}/{remote}"
+          ]) for local, remote in copies
+      ],
       "run": [ssh("run", common.detached_script(job, args.name, env))],
       "logs": [ssh("logs", common.follow_script(args.name))],
-      "delete": [] if args.keep else [common.Step("delete", ["gcloud", "compute", "instances", "delete", args.name,
-                                                             *_location(args), "--quiet"], always=True)],
+      "delete": [] if args.keep else [
+          common.Step("delete", ["gcloud", "compute", "instances", "delete", args.name, *_location(args), "--quiet"],
+                      always=True)
+      ],
   }
   return [step for name in STEPS if name in args.steps for step in plan[name]]
 

@@ -45,8 +45,7 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
   if args.nice:
     argv = ["nice", "-n", str(args.nice), *argv]
   if args.fake_devices:
-    argv = ["env", f"XLA_FLAGS=--xla_force_host_platform_device_count={args.fake_devices}", "JAX_PLATFORMS=cpu",
-            *argv]
+    argv = ["env", f"XLA_FLAGS=--xla_force_host_platform_device_count={args.fake_devices}", "JAX_PLATFORMS=cpu", *argv]
   return [common.Step("run", argv, cwd=common.REPO_ROOT)]
 
 

@@ -89,22 +89,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--accelerator-type", "--accelerator_type", dest="accelerator_type", default="v5litepod-16",
                       help="TPU type: v5litepod-16 (v5e, 16 chips, 4 hosts), v5p-32, v6e-8, v4-32, ...")
   parser.add_argument("--version", default=None, help="TPU VM runtime (default: the generation's, e.g. "
-                                                      "v2-alpha-tpuv5-lite for v5e).")
+                      "v2-alpha-tpuv5-lite for v5e).")
   parser.add_argument("--spot", action="store_true", help="Create a Spot TPU (preemptible; restart to resume).")
-  parser.add_argument("--copy", action="append", default=[], metavar="LOCAL:REMOTE",
-                      help="Copy a local file or directory to every worker, at REMOTE relative to the code "
-                           "directory (data, checkpoints). Repeatable.")
+  parser.add_argument(
+      "--copy", action="append", default=[], metavar="LOCAL:REMOTE",
+      help="Copy a local file or directory to every worker, at REMOTE relative to the code "
+      "directory (data, checkpoints). Repeatable.")
   parser.add_argument("--steps", default=",".join(STEPS), help=f"Comma-separated subset of {','.join(STEPS)}.")
   parser.add_argument("--keep", action="store_true", help="Do not delete the TPU VM at the end.")
   parser.add_argument("--python", default="python3.11", help="Remote interpreter the virtual environment is made "
-                                                             "from.")
+                      "from.")
   parser.add_argument("--no-install-python", dest="install_python", action="store_false",
                       help="The image already has --python (skip apt-get).")
   parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                       help="Environment variable of the job on every worker. Repeatable.")
-  parser.add_argument("--run-workers", dest="run_workers", default="all",
-                      help="Workers that run the job: all (one multi-host job), or e.g. 0 for a single-process job "
-                           "such as experiments.main, whose decoding is not sharded over hosts.")
+  parser.add_argument(
+      "--run-workers", dest="run_workers", default="all",
+      help="Workers that run the job: all (one multi-host job), or e.g. 0 for a single-process job "
+      "such as experiments.main, whose decoding is not sharded over hosts.")
   parser.add_argument("--log-worker", dest="log_worker", default="0", help="Worker whose log `logs` streams.")
   common.add_job_flags(parser)
   args = parser.parse_args(argv)
@@ -140,24 +142,49 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
   job = common.job_argv(common.remote_python(), args.module, args.config, args.workdir, args.job_args, extra_flags)
   env = dict(item.split("=", 1) for item in args.env)
   plan = {
-      "create": [common.Step("create", _gcloud(args, "create", args.name) + [
-          f"--accelerator-type={tpu.accelerator_type}", f"--version={args.version or tpu.runtime}",
-          *(["--spot"] if args.spot else [])])],
+      "create": [
+          common.Step(
+              "create",
+              _gcloud(args, "create", args.name) + [
+                  f"--accelerator-type={tpu.accelerator_type}", f"--version={args.version or tpu.runtime}",
+                  *(["--spot"] if args.spot else [])
+              ])
+      ],
       "archive": [common.archive_step(archive)],
-      "upload": [common.Step("upload", _gcloud(args, "scp", archive, f"{args.name}:{archive_name}") +
-                             ["--worker=all"])],
-      "install": [common.Step("install", _gcloud(args, "ssh", args.name) + [
-          "--worker=all", "--command=" + common.install_script(
-              archive_name, args.python, "tpu", args.install_python,
-              make_dirs=sorted({r.rsplit("/", 1)[0] for _, r in copies if "/" in r}))])],
-      "copy": [common.Step("copy", _gcloud(args, "scp", "--recurse", local, f"{args.name}:{common.CODE_DIR}/{remote}")
-                           + ["--worker=all"]) for local, remote in copies],
-      "run": [common.Step("run", _gcloud(args, "ssh", args.name) + [
-          f"--worker={args.run_workers}", "--command=" + common.detached_script(job, args.name, env)])],
-      "logs": [common.Step("logs", _gcloud(args, "ssh", args.name) + [
-          f"--worker={args.log_worker}", "--command=" + common.follow_script(args.name)])],
-      "delete": [] if args.keep else [common.Step("delete", _gcloud(args, "delete", args.name) + ["--quiet"],
-                                                  always=True)],
+      "upload": [
+          common.Step("upload",
+                      _gcloud(args, "scp", archive, f"{args.name}:{archive_name}") + ["--worker=all"])
+      ],
+      "install": [
+          common.Step(
+              "install",
+              _gcloud(args, "ssh", args.name) + [
+                  "--worker=all", "--command=" +
+                  common.install_script(archive_name, args.python, "tpu", args.install_python, make_dirs=sorted(
+                      {r.rsplit("/", 1)[0] for _, r in copies if "/" in r}))
+              ])
+      ],
+      "copy": [
+          common.Step(
+              "copy",
+              _gcloud(args, "scp", "--recurse", local, f"{args.name}:{common.CODE_DIR}/{remote}") + ["--worker=all"])
+          for local, remote in copies
+      ],
+      "run": [
+          common.Step(
+              "run",
+              _gcloud(args, "ssh", args.name) +
+              [f"--worker={args.run_workers}", "--command=" + common.detached_script(job, args.name, env)])
+      ],
+      "logs": [
+          common.Step(
+              "logs",
+              _gcloud(args, "ssh", args.name) +
+              [f"--worker={args.log_worker}", "--command=" + common.follow_script(args.name)])
+      ],
+      "delete": [] if args.keep else
+                [common.Step("delete",
+                             _gcloud(args, "delete", args.name) + ["--quiet"], always=True)],
   }
   return [step for name in STEPS if name in args.steps for step in plan[name]]
 

@@ -28,7 +28,6 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-
 # Our activation names -> the transformers names that `hf_import` reads back as them.
 _HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 _HF_ACTIVATIONS_GPT2 = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}
@@ -46,11 +45,12 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
   if cfg.rope_scale != 1.0:
     rope = {"rope_type": "linear", "factor": float(cfg.rope_scale), "rope_theta": float(cfg.rope_base)}
   if cfg.family == "gpt2":
-    return transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.embed_dim, n_layer=cfg.num_layers,
-        n_head=cfg.num_heads, n_inner=cfg.mlp_dim, activation_function=_HF_ACTIVATIONS_GPT2[cfg.activation],
-        layer_norm_epsilon=cfg.norm_eps, scale_attn_weights=cfg.query_scale is None, tie_word_embeddings=tie_embeddings,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, torch_dtype="float32")
+    return transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.embed_dim,
+                                   n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
+                                   activation_function=_HF_ACTIVATIONS_GPT2[cfg.activation],
+                                   layer_norm_epsilon=cfg.norm_eps, scale_attn_weights=cfg.query_scale is None,
+                                   tie_word_embeddings=tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                   torch_dtype="float32")
   if cfg.family == "gemma3":
     local = {"rope_type": "default", "rope_theta": float(cfg.rope_local_base)}
     return transformers.Gemma3TextConfig(
@@ -58,17 +58,18 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, hidden_activation=_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_len,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie_embeddings, attention_bias=False,
-        query_pre_attn_scalar=_whole(cfg.attention_scale ** -2),
-        sliding_window=cfg.sliding_window or 4096,
+        query_pre_attn_scalar=_whole(cfg.attention_scale**-2), sliding_window=cfg.sliding_window or 4096,
         layer_types=["sliding_attention" if local_layer else "full_attention" for local_layer in cfg.local_layers],
-        rope_parameters={"sliding_attention": local, "full_attention": rope},
-        final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=None, torch_dtype="float32")
-  return transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-      hidden_act=cfg.activation, rope_parameters=rope, tie_word_embeddings=tie_embeddings,
-      attention_bias=False, mlp_bias=False, torch_dtype="float32")
+        rope_parameters={
+            "sliding_attention": local,
+            "full_attention": rope
+        }, final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=None, torch_dtype="float32")
+  return transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
+                                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                                  num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                  max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
+                                  hidden_act=cfg.activation, rope_parameters=rope, tie_word_embeddings=tie_embeddings,
+                                  attention_bias=False, mlp_bias=False, torch_dtype="float32")
 
 
 def _check_exportable(basis: Any) -> None:
@@ -128,9 +129,12 @@ def _gpt2_tensors(cfg: Any, params: Mapping[str, Any], tied: bool) -> dict:
   d, num_layers = cfg.embed_dim, cfg.num_layers
   flat = lambda x, n_in: np.asarray(x, np.float64).reshape(n_in, -1)
   layers = params["layers"]
-  t = {"transformer.wte.weight": params["embed"]["embedding"],
-       "transformer.wpe.weight": params["pos_embed"]["embedding"],
-       "transformer.ln_f.weight": params["final_norm"]["scale"], "transformer.ln_f.bias": params["final_norm"]["bias"]}
+  t = {
+      "transformer.wte.weight": params["embed"]["embedding"],
+      "transformer.wpe.weight": params["pos_embed"]["embedding"],
+      "transformer.ln_f.weight": params["final_norm"]["scale"],
+      "transformer.ln_f.bias": params["final_norm"]["bias"]
+  }
   for i in range(num_layers):
     h = f"transformer.h.{i}."
     attn, mlp = layers["attn"], layers["mlp"]
@@ -174,6 +178,11 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
   if basis.tokenizer is not None:
     basis.tokenizer.save_pretrained(out_dir)
   with open(os.path.join(out_dir, "soup.json"), "w") as f:
-    json.dump({"lam": [float(x) for x in np.asarray(lam, np.float64).reshape(-1)], "bases": list(basis.names),
-               "basis_kind": basis.policy.basis_kind, "step": basis.step}, f, indent=2)
+    json.dump(
+        {
+            "lam": [float(x) for x in np.asarray(lam, np.float64).reshape(-1)],
+            "bases": list(basis.names),
+            "basis_kind": basis.policy.basis_kind,
+            "step": basis.step
+        }, f, indent=2)
   return out_dir

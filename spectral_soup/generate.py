@@ -110,10 +110,15 @@ def main(argv) -> None:
     rows = [(u, p) for u in range(len(names)) for p in range(len(prompts))]
     with cli.input_checks():
       texts = basis.generate([prompts[p] for _, p in rows], [weights[u] for u, _ in rows], mode=_MODE.value,
-                             max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                             top_p=_TOP_P.value, seed=_SEED.value)
-  lines = [json.dumps({"user": names[u], "prompt": prompts[p], "response": text}, ensure_ascii=False)
-           for (u, p), text in zip(rows, texts)]
+                             max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                             seed=_SEED.value)
+  lines = [
+      json.dumps({
+          "user": names[u],
+          "prompt": prompts[p],
+          "response": text
+      }, ensure_ascii=False) for (u, p), text in zip(rows, texts)
+  ]
   if _OUTPUT.value:
     from spectral_soup.utils import files  # pylint: disable=g-import-not-at-top
     files.write_text_atomic(_OUTPUT.value, "".join(line + "\n" for line in lines))

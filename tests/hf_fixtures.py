@@ -28,29 +28,41 @@ def tiny_hf_config(family: str, **overrides) -> Any:
 
   common: Dict[str, Any] = dict(initializer_range=0.15, eos_token_id=None, bos_token_id=None, pad_token_id=0)
   if family == "gpt2":
-    kw = dict(vocab_size=VOCAB[family], n_positions=64, n_embd=64, n_layer=2, n_head=4,
-              activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    kw = dict(vocab_size=VOCAB[family], n_positions=64, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new",
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cls = transformers.GPT2Config
   elif family == "llama":
     kw = dict(vocab_size=VOCAB[family], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-              rms_norm_eps=1e-5, tie_word_embeddings=False, rope_parameters={"rope_type": "default",
-                                                                             "rope_theta": 500.0})
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, rope_parameters={
+                  "rope_type": "default",
+                  "rope_theta": 500.0
+              })
     cls = transformers.LlamaConfig
   elif family == "mistral":  # Llama with a sliding window on every layer.
     kw = dict(vocab_size=VOCAB[family], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-              sliding_window=4, tie_word_embeddings=False,
-              rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=4,
+              tie_word_embeddings=False, rope_parameters={
+                  "rope_type": "default",
+                  "rope_theta": 500.0
+              })
     cls = transformers.MistralConfig
   elif family == "gemma3":
-    kw = dict(vocab_size=VOCAB[family], hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-              layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=4,
-              query_pre_attn_scalar=24, final_logit_softcapping=6.0,
-              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-                               "full_attention": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0}},
-              tie_word_embeddings=True)
+    kw = dict(
+        vocab_size=VOCAB[family], hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=4,
+        query_pre_attn_scalar=24, final_logit_softcapping=6.0, rope_parameters={
+            "sliding_attention": {
+                "rope_type": "default",
+                "rope_theta": 100.0
+            },
+            "full_attention": {
+                "rope_type": "linear",
+                "rope_theta": 1000.0,
+                "factor": 2.0
+            }
+        }, tie_word_embeddings=True)
     cls = transformers.Gemma3TextConfig
   else:
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -68,8 +80,8 @@ def tiny_gemma3_multimodal_config(**text_overrides) -> Any:
   text = tiny_hf_config("gemma3", **text_overrides)
   config = transformers.Gemma3Config(
       text_config=text.to_dict(), mm_tokens_per_image=4,
-      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         image_size=8, patch_size=4))
+      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                         patch_size=4))
   config._attn_implementation = "eager"
   return config
 

@@ -70,13 +70,22 @@ def main(argv=None) -> None:
   params = multihost_utils.process_allgather(result.state["params"], tiled=True)
   if jax.process_index() == 0:
     import numpy as np  # pylint: disable=g-import-not-at-top
-    arrays = {**flatten(params, "params"), **flatten(result.train_metrics, "train"),
-              **flatten(result.eval_metrics, "eval"),
-              "info/devices": np.asarray([jax.process_count(), jax.device_count(), jax.local_device_count()]),
-              "info/step": np.asarray(result.step),
-              # Which process holds each device of the mesh: [data, fsdp, model].
-              "info/mesh_process": np.vectorize(lambda d: d.process_index)(mesh.devices),
-              **{f"timing/{name}": np.asarray(value) for name, value in result.timing.items()}}
+    arrays = {
+        **flatten(params, "params"),
+        **flatten(result.train_metrics, "train"),
+        **flatten(result.eval_metrics, "eval"),
+        "info/devices":
+            np.asarray([jax.process_count(), jax.device_count(),
+                        jax.local_device_count()]),
+        "info/step":
+            np.asarray(result.step),
+        # Which process holds each device of the mesh: [data, fsdp, model].
+        "info/mesh_process":
+            np.vectorize(lambda d: d.process_index)(mesh.devices),
+        **{
+            f"timing/{name}": np.asarray(value) for name, value in result.timing.items()
+        }
+    }
     tmp = args.out + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, args.out)  # Complete or absent.

@@ -26,7 +26,7 @@ def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
 def _rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
   """x: [T, H, Dh], positions: [T]."""
   dh = x.shape[-1]
-  inv_freq = 1.0 / base ** (np.arange(0, dh, 2, dtype=np.float64) / dh)
+  inv_freq = 1.0 / base**(np.arange(0, dh, 2, dtype=np.float64) / dh)
   angles = positions[:, None].astype(np.float64) * inv_freq[None]
   angles = np.concatenate([angles, angles], axis=-1)[:, None, :]
   x1, x2 = x[..., :dh // 2], x[..., dh // 2:]
@@ -74,8 +74,7 @@ def llama_forward(config, backbone: Mapping[str, Any], tokens: np.ndarray):
   return logits, hidden
 
 
-def soup_next_logprobs(config, policy_params: Mapping[str, Any], tokens: np.ndarray,
-                       lam: np.ndarray) -> np.ndarray:
+def soup_next_logprobs(config, policy_params: Mapping[str, Any], tokens: np.ndarray, lam: np.ndarray) -> np.ndarray:
   """The explicit soup's next-token log-probs after `tokens` (int[T]): f64[V].
 
   log pi_soup = log_softmax((1 - sum lam) log pi_ref + sum_k lam_k log pi_k), log pi_k from logits
@@ -95,8 +94,8 @@ def soup_next_logprobs(config, policy_params: Mapping[str, Any], tokens: np.ndar
   return _log_softmax(mixed)
 
 
-def check_decode(config, policy_params, prompts: np.ndarray, lam: np.ndarray, tokens: np.ndarray,
-                 logprobs: np.ndarray, steps: int) -> dict:
+def check_decode(config, policy_params, prompts: np.ndarray, lam: np.ndarray, tokens: np.ndarray, logprobs: np.ndarray,
+                 steps: int) -> dict:
   """Teacher-forced float64 check of decoded rows: per row and step, is the token the float64 argmax and how far
   is its log-prob from the float64 one.
 
@@ -106,8 +105,11 @@ def check_decode(config, policy_params, prompts: np.ndarray, lam: np.ndarray, to
   """
   users = len(prompts)
   policy_params = _f64(policy_params)
-  out = {"argmax_ok": np.zeros((users, steps), bool), "margin": np.zeros((users, steps)),
-         "logprob_err": np.zeros((users, steps))}
+  out = {
+      "argmax_ok": np.zeros((users, steps), bool),
+      "margin": np.zeros((users, steps)),
+      "logprob_err": np.zeros((users, steps))
+  }
   for u in range(users):
     for s in range(steps):
       prefix = np.concatenate([prompts[u], tokens[u, :s]])

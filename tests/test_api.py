@@ -40,10 +40,11 @@ def workdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("api")
   tokenizer = hf_fixtures.byte_tokenizer(root / "tokenizer")
   workdir = str(root / "run")
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
-       "--config.model.vocab_size=512", f"--config.data.tokenizer={tokenizer}", f"--config.train.num_steps={STEPS}",
-       "--config.train.tensorboard=False"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
+      "--config.model.vocab_size=512", f"--config.data.tokenizer={tokenizer}", f"--config.train.num_steps={STEPS}",
+      "--config.train.tensorboard=False"
+  ], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -180,8 +181,10 @@ def test_the_readmes_api_blocks_run(workdir):
   """The README's API blocks, in order in one namespace, on the tiny basis instead of the demo's workdir."""
   with open(os.path.join(REPO, "README.md")) as f:
     text = f.read()
-  blocks = [re.search(r"```python\n(.*?)```", text.split(title, 1)[1], re.S).group(1)
-            for title in ("### Serve a trained basis", "### Lower level")]
+  blocks = [
+      re.search(r"```python\n(.*?)```",
+                text.split(title, 1)[1], re.S).group(1) for title in ("### Serve a trained basis", "### Lower level")
+  ]
   assert '"workdir/demo"' in blocks[0]
   namespace = {}
   for i, block in enumerate(blocks):

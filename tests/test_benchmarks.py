@@ -28,8 +28,10 @@ def _load(path, name):
 
 def test_online(tmp_path):
   path = tmp_path / "online.json"
-  online.main(["--users=6", "--bases=3", "--comparisons=12", "--loop_users=0", "--min_time_s=0",
-               "--solvers=newton-cholesky", f"--json={path}"])
+  online.main([
+      "--users=6", "--bases=3", "--comparisons=12", "--loop_users=0", "--min_time_s=0", "--solvers=newton-cholesky",
+      f"--json={path}"
+  ])
   out = _load(path, "online")
   assert {r["variant"] for r in out["rows"]} >= {"ours/vmap(fit_lambda)", "sklearn/newton-cholesky"}
   assert out["max_abs_lam_diff"] < 1e-4  # The same optimum as scikit-learn.
@@ -37,8 +39,9 @@ def test_online(tmp_path):
 
 def test_params(tmp_path):
   path = tmp_path / "params.json"
-  params.main(["--users=3", "--bases=2", "--layers=1", "--embed=8", "--kv_dim=4", "--rank=2", "--min_time_s=0",
-               f"--json={path}"])
+  params.main([
+      "--users=3", "--bases=2", "--layers=1", "--embed=8", "--kv_dim=4", "--rank=2", "--min_time_s=0", f"--json={path}"
+  ])
   out = _load(path, "params")
   assert {r["workload"] for r in out["rows"]} == {"lora", "full"}
   for row in out["rows"]:
@@ -47,8 +50,10 @@ def test_params(tmp_path):
 
 def test_train(tmp_path):
   path = tmp_path / "train.json"
-  small = ["--bases=2", "--kinds=heads", "--layers=1", "--embed=16", "--heads=2", "--head_dim=8", "--mlp=32",
-           "--vocab=32", "--prompt_len=4", "--response_len=4", "--batch=8", "--steps=1"]
+  small = [
+      "--bases=2", "--kinds=heads", "--layers=1", "--embed=16", "--heads=2", "--head_dim=8", "--mlp=32", "--vocab=32",
+      "--prompt_len=4", "--response_len=4", "--batch=8", "--steps=1"
+  ]
   train.main(small + ["--devices=0", f"--json={path}"])
   out = _load(path, "train")
   assert [r["variant"] for r in out["rows"]] == ["heads/shared K=2", "heads/separate 2 x 1"]
@@ -61,8 +66,10 @@ def test_train(tmp_path):
 def test_decode_tiny_model_matches_pytorch_mod(tmp_path):
   """Every soup variant is checked against PyTorch's K+1-pass MOD loop on the same weights (run automatically)."""
   path = tmp_path / "decode.json"
-  decode.main(["--model=tiny", "--users=2", "--bases=2", "--new_tokens=4", "--prompt_len=3", "--matmul_size=256",
-               "--copy_mb=8", "--variants=explicit/heads,params/heads", f"--json={path}"])
+  decode.main([
+      "--model=tiny", "--users=2", "--bases=2", "--new_tokens=4", "--prompt_len=3", "--matmul_size=256", "--copy_mb=8",
+      "--variants=explicit/heads,params/heads", f"--json={path}"
+  ])
   out = _load(path, "decode")
   rows = {r["variant"]: r for r in out["rows"]}
   assert set(rows) == {"explicit/heads", "params/heads", "torch-mod/heads"}
@@ -76,10 +83,31 @@ def test_decode_tiny_model_matches_pytorch_mod(tmp_path):
 
 def test_decode_flags_a_variant_whose_tokens_disagree_with_pytorch():
   good, bad = [[1, 2, 3, 4]] * 2, [[1, 2, 9, 9]] * 2
-  rows = [{"variant": "single", "tokens": good}, {"variant": "torch/single", "tokens": good},
-          {"variant": "explicit/heads", "tokens": bad}, {"variant": "params/heads", "tokens": good},
-          {"variant": "torch-mod/heads", "tokens": good}, {"variant": "params/lora", "tokens": bad},
-          {"variant": "explicit/lora", "tokens": good}, {"variant": "naive/lora", "tokens": good}]
+  rows = [{
+      "variant": "single",
+      "tokens": good
+  }, {
+      "variant": "torch/single",
+      "tokens": good
+  }, {
+      "variant": "explicit/heads",
+      "tokens": bad
+  }, {
+      "variant": "params/heads",
+      "tokens": good
+  }, {
+      "variant": "torch-mod/heads",
+      "tokens": good
+  }, {
+      "variant": "params/lora",
+      "tokens": bad
+  }, {
+      "variant": "explicit/lora",
+      "tokens": good
+  }, {
+      "variant": "naive/lora",
+      "tokens": good
+  }]
   assert decode.compare_tokens(rows) == ["explicit/heads"]
   by_name = {r["variant"]: r for r in rows}
   assert by_name["explicit/heads"]["tokens_match_torch"] == 0.5 and by_name["single"]["tokens_match_torch"] == 1.0

@@ -63,54 +63,110 @@ def _rating(value):
 
 
 def _completion(model, response, if_, hon, tru, hel):
-  return {"model": model, "response": response, "principle": "helpfulness", "custom_system_prompt": "",
-          "annotations": {"instruction_following": _rating(if_), "honesty": _rating(hon),
-                          "truthfulness": {**_rating(tru), "Type": ["0"], "Rationale For Rating": "."},
-                          "helpfulness": {**_rating(hel), "Type": ["1", "2"], "Rationale For Rating": "."}}}
+  return {
+      "model": model,
+      "response": response,
+      "principle": "helpfulness",
+      "custom_system_prompt": "",
+      "annotations": {
+          "instruction_following": _rating(if_),
+          "honesty": _rating(hon),
+          "truthfulness": {
+              **_rating(tru), "Type": ["0"],
+              "Rationale For Rating": "."
+          },
+          "helpfulness": {
+              **_rating(hel), "Type": ["1", "2"],
+              "Rationale For Rating": "."
+          }
+      }
+  }
 
 
 def _ultrafeedback_rows():
-  q1 = {"source": "sharegpt", "instruction": "Plan a trip to Cairo.", "models": ["m0", "m1", "m2", "m3"],
-        "correct_answers": ["None"], "incorrect_answers": ["None"],
-        "completions": [_completion("m0", "r0", "2", "3", "3", "3"),
-                        _completion("m1", "r1", "5", "N/A", "5", "5"),
-                        _completion("m2", "r2", "4", "5", "2", "3"),
-                        _completion("m3", "r3", "2", "3", "3", "3")]}
+  q1 = {
+      "source":
+          "sharegpt",
+      "instruction":
+          "Plan a trip to Cairo.",
+      "models": ["m0", "m1", "m2", "m3"],
+      "correct_answers": ["None"],
+      "incorrect_answers": ["None"],
+      "completions": [
+          _completion("m0", "r0", "2", "3", "3", "3"),
+          _completion("m1", "r1", "5", "N/A", "5", "5"),
+          _completion("m2", "r2", "4", "5", "2", "3"),
+          _completion("m3", "r3", "2", "3", "3", "3")
+      ]
+  }
   # Annotations given as a list of dicts (averaged); one conflicting pair: r4 better IF, r5 better honesty.
   c4 = _completion("m4", "r4", "5", "1", "3", "4")
   c4["annotations"]["instruction_following"] = [_rating("5"), _rating("3")]  # -> 4
-  q2 = {"source": "flan", "instruction": "Translate 'hello'.",
-        "completions": [c4, _completion("m5", "r5", "2", "4", "3", "4")]}
-  q3 = {"source": "flan", "instruction": "Only one completion.",
-        "completions": [_completion("m6", "r6", "1", "1", "1", "1")]}
+  q2 = {
+      "source": "flan",
+      "instruction": "Translate 'hello'.",
+      "completions": [c4, _completion("m5", "r5", "2", "4", "3", "4")]
+  }
+  q3 = {
+      "source": "flan",
+      "instruction": "Only one completion.",
+      "completions": [_completion("m6", "r6", "1", "1", "1", "1")]
+  }
   return [q1, q2, q3]
 
 
 def _helpsteer_row(prompt, response, h, c1, c2, c3, v):
-  return {"prompt": prompt, "response": response, "helpfulness": h, "correctness": c1, "coherence": c2,
-          "complexity": c3, "verbosity": v}
+  return {
+      "prompt": prompt,
+      "response": response,
+      "helpfulness": h,
+      "correctness": c1,
+      "coherence": c2,
+      "complexity": c3,
+      "verbosity": v
+  }
 
 
 def _write_helpsteer(directory, train_rows=None):
   train_rows = train_rows or [
-      _helpsteer_row("p1", "p1 r1", 3, 3, 4, 1, 1), _helpsteer_row("p1", "p1 r2", 4, 3, 3, 2, 0),
+      _helpsteer_row("p1", "p1 r1", 3, 3, 4, 1, 1),
+      _helpsteer_row("p1", "p1 r2", 4, 3, 3, 2, 0),
       _helpsteer_row("p2 <extra_id_1>Assistant\nhi<extra_id_1>User\nmore", "p2 r1", 2, 2, 2, 2, 2),
       _helpsteer_row("p2 <extra_id_1>Assistant\nhi<extra_id_1>User\nmore", "p2 r2", 0, 1, 3, 2, 4),
       _helpsteer_row("p3 single", "p3 r1", 4, 4, 4, 4, 4),
   ]
   _write_jsonl(directory / "train.jsonl.gz", train_rows, compress=True)
   _write_jsonl(directory / "validation.jsonl.gz",
-               [_helpsteer_row("v1", "v1 r1", 1, 1, 1, 1, 1), _helpsteer_row("v1", "v1 r2", 2, 1, 0, 1, 1)],
-               compress=True)
-  pref = {"three_most_similar_preferences": [], "all_preferences_unprocessed": [], "preference_statement": "s",
-          "preference_elaboration": "e"}
+               [_helpsteer_row("v1", "v1 r1", 1, 1, 1, 1, 1),
+                _helpsteer_row("v1", "v1 r2", 2, 1, 0, 1, 1)], compress=True)
+  pref = {
+      "three_most_similar_preferences": [],
+      "all_preferences_unprocessed": [],
+      "preference_statement": "s",
+      "preference_elaboration": "e"
+  }
   _write_jsonl(directory / "preference" / "preference.jsonl.gz", [
-      {**pref, "split": "train", "prompt": "p1", "response_1": "p1 r1", "response_2": "p1 r2",
-       "preference_strength": 2},
-      {**pref, "split": "train", "prompt": "p2", "response_1": "p2 r1", "response_2": "p2 r2",
-       "preference_strength": -3},
-      {**pref, "split": "val", "prompt": "v1", "response_1": "v1 r1", "response_2": "v1 r2",
-       "preference_strength": 0},
+      {
+          **pref, "split": "train",
+          "prompt": "p1",
+          "response_1": "p1 r1",
+          "response_2": "p1 r2",
+          "preference_strength": 2
+      },
+      {
+          **pref, "split": "train",
+          "prompt": "p2",
+          "response_1": "p2 r1",
+          "response_2": "p2 r2",
+          "preference_strength": -3
+      },
+      {
+          **pref, "split": "val",
+          "prompt": "v1",
+          "response_1": "v1 r1",
+          "response_2": "v1 r2",
+          "preference_strength": 0
+      },
   ], compress=True)
   return directory
 
@@ -119,20 +175,43 @@ def _write_psoups(directory):
   rm = directory / "data" / "rm_training"
   rm.mkdir(parents=True)
   # P1A (elementary): RLPHF reward-model schema as a JSON array, completion_a preferred.
-  (rm / "P1A.json").write_text(json.dumps([
-      {"user_input": "Explain gravity.", "completion_a": "Things fall down.", "completion_b": "Spacetime curves."},
-      {"user_input": "What is 2+2?", "completion_a": "Four!", "completion_b": "The sum is 4 by Peano axioms."},
-  ]))
+  (rm / "P1A.json").write_text(
+      json.dumps([
+          {
+              "user_input": "Explain gravity.",
+              "completion_a": "Things fall down.",
+              "completion_b": "Spacetime curves."
+          },
+          {
+              "user_input": "What is 2+2?",
+              "completion_a": "Four!",
+              "completion_b": "The sum is 4 by Peano axioms."
+          },
+      ]))
   # P1B (knowledgeable): the same pairs, opposite winners, JSON lines.
   _write_jsonl(rm / "p1b_rm.jsonl", [
-      {"user_input": "Explain gravity.", "completion_a": "Spacetime curves.", "completion_b": "Things fall down."},
+      {
+          "user_input": "Explain gravity.",
+          "completion_a": "Spacetime curves.",
+          "completion_b": "Things fall down."
+      },
   ])
   # P3A (friendly): AlpacaFarm annotation schema with a tie.
   _write_jsonl(rm / "alpaca_gpt4_P3A.jsonl", [
-      {"instruction": "Explain gravity.", "input": "", "output_1": "Things fall down.",
-       "output_2": "Spacetime curves.", "preference": 1.5},
-      {"instruction": "Say hi", "input": "to Bob", "output_1": "Hi Bob!", "output_2": "Greetings.",
-       "preference": 1},
+      {
+          "instruction": "Explain gravity.",
+          "input": "",
+          "output_1": "Things fall down.",
+          "output_2": "Spacetime curves.",
+          "preference": 1.5
+      },
+      {
+          "instruction": "Say hi",
+          "input": "to Bob",
+          "output_1": "Hi Bob!",
+          "output_2": "Greetings.",
+          "preference": 1
+      },
   ])
   (rm / "P3C.json").write_text(json.dumps([{"user_input": "x", "completion_a": "y", "completion_b": "z"}]))
   return directory
@@ -193,23 +272,38 @@ def test_embedded_prefs_roundtrip_and_splits(tmp_path):
 
 def test_embedded_prefs_tie_epsilon_and_source_path(tmp_path):
   source = _write_embedded(tmp_path / "src", _embedded_rows(2))
-  ds = builders.load_source("embedded_prefs", tmp_path / "tfds", split="train[:100%]",
-                            config={"source_path": os.fspath(source / "pairs.jsonl"), "tie_epsilon": 0.15,
-                                    "validation_fraction": 0.0, "test_fraction": 0.0})
+  ds = builders.load_source(
+      "embedded_prefs", tmp_path / "tfds", split="train[:100%]", config={
+          "source_path": os.fspath(source / "pairs.jsonl"),
+          "tie_epsilon": 0.15,
+          "validation_fraction": 0.0,
+          "test_fraction": 0.0
+      })
   labels = {_s(e["response_a"]): e["label"].tolist() for e in _read_all(ds)}
   assert labels == {"a0.0": [1, 0, -1], "a1.0": [1, 0, -1], "a0.1": [-1, -1, -1], "a1.1": [-1, -1, -1]}
 
 
-@pytest.mark.parametrize("bad_row, field", [
-    ({"prompt": "p", "response_a": "a", "scores_a": [1, 2, 3], "scores_b": [1, 2, 3], "attributes": ATTRS},
-     "response_b"),  # Missing field.
-    ({**_embedded_row("p", "a", "b", [1, 2, 3], [1, 2, 3]), "scores_a": "high"}, "scores_a"),  # Wrong type.
-    ('{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": [1, NaN, 3], "scores_b": [1, 2, 3], '
-     '"attributes": ["helpful", "concise", "safe"]}', "scores_a[1]"),  # NaN score.
-    (_embedded_row("p", "a", "  ", [1, 2, 3], [1, 2, 3]), "response_b"),  # Empty response.
-    ({**_embedded_row("p", "a", "b", [1, 2, 3], [1, 2, 3]), "attributes": ["x", "y", "z"]}, "attributes"),
-    ('{"prompt": "p", ', "<json>"),  # Truncated line.
-])
+@pytest.mark.parametrize(
+    "bad_row, field",
+    [
+        ({
+            "prompt": "p",
+            "response_a": "a",
+            "scores_a": [1, 2, 3],
+            "scores_b": [1, 2, 3],
+            "attributes": ATTRS
+        }, "response_b"),  # Missing field.
+        ({
+            **_embedded_row("p", "a", "b", [1, 2, 3], [1, 2, 3]), "scores_a": "high"
+        }, "scores_a"),  # Wrong type.
+        ('{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": [1, NaN, 3], "scores_b": [1, 2, 3], '
+         '"attributes": ["helpful", "concise", "safe"]}', "scores_a[1]"),  # NaN score.
+        (_embedded_row("p", "a", "  ", [1, 2, 3], [1, 2, 3]), "response_b"),  # Empty response.
+        ({
+            **_embedded_row("p", "a", "b", [1, 2, 3], [1, 2, 3]), "attributes": ["x", "y", "z"]
+        }, "attributes"),
+        ('{"prompt": "p", ', "<json>"),  # Truncated line.
+    ])
 def test_malformed_row_error_names_file_row_and_field(tmp_path, bad_row, field):
   rows = _embedded_rows(1)
   rows.insert(2, bad_row)  # Line 3 of pairs.jsonl.
@@ -296,16 +390,18 @@ def test_ultrafeedback_pairs_na_and_conflicting(tmp_path):
   assert meta["source_files"] == ["flan.jsonl.gz", "sharegpt.jsonl"]
   assert meta["num_prompts_without_pairs"] == 1 and meta["num_missing_ratings"] == 1
 
-  conflicting = _by_pair(builders.load_source("ultrafeedback", tmp_path / "tfds", manual_dir=manual,
-                                              config={"base": "conflicting", **_ALL_TRAIN}))
+  conflicting = _by_pair(
+      builders.load_source("ultrafeedback", tmp_path / "tfds", manual_dir=manual, config={
+          "base": "conflicting",
+          **_ALL_TRAIN
+      }))
   expected = {k for k, e in pairs.items() if common.has_conflict(e["label"], e["mask"])}
   assert set(conflicting) == expected and ("r4", "r5") in expected and ("r0", "r2") in expected
   assert ("r0", "r1") not in expected  # r1 better or N/A everywhere.
 
   config = {"pairs_per_prompt": 2, **_ALL_TRAIN}
   first = _by_pair(builders.load_source("ultrafeedback", tmp_path / "tfds", manual_dir=manual, config=config))
-  again = _by_pair(builders.load_source("ultrafeedback", tmp_path / "tfds_again", manual_dir=manual,
-                                        config=config))
+  again = _by_pair(builders.load_source("ultrafeedback", tmp_path / "tfds_again", manual_dir=manual, config=config))
   assert set(first) == set(again) and len(first) == 2 + 1 and set(first) <= set(pairs)
 
 
@@ -345,14 +441,18 @@ def test_helpsteer2_ratings_pairs_and_preference(tmp_path):
   assert pref[("p1 r1", "p1 r2")]["label"].tolist() == [0]  # Positive strength: response_2 better.
   assert pref[("p2 r1", "p2 r2")]["label"].tolist() == [1]
   assert int(pref[("p2 r1", "p2 r2")]["preference_strength"]) == -3
-  val = _read_all(builders.load_source("helpsteer2", tmp_path / "tfds", manual_dir=manual, config="preference",
-                                       split="validation"))
+  val = _read_all(
+      builders.load_source("helpsteer2", tmp_path / "tfds", manual_dir=manual, config="preference", split="validation"))
   assert [(e["label"].tolist(), e["mask"].tolist()) for e in val] == [([-1], [True])]  # A tie.
 
 
 def test_helpsteer2_malformed_rating(tmp_path):
-  rows = [_helpsteer_row("p1", "r1", 3, 3, 3, 3, 3), {**_helpsteer_row("p1", "r2", 3, 3, 3, 3, 3), "coherence": "3"},
-          _helpsteer_row("p1", "r3", 3, 5, 3, 3, 3)]
+  rows = [
+      _helpsteer_row("p1", "r1", 3, 3, 3, 3, 3), {
+          **_helpsteer_row("p1", "r2", 3, 3, 3, 3, 3), "coherence": "3"
+      },
+      _helpsteer_row("p1", "r3", 3, 5, 3, 3, 3)
+  ]
   manual = _write_helpsteer(tmp_path / "manual", rows)
   with pytest.raises(builders.MalformedRowError, match=r"train\.jsonl\.gz: row 2: field 'coherence'"):
     builders.load_source("helpsteer2", tmp_path / "tfds", manual_dir=manual)
@@ -400,8 +500,14 @@ def test_psoups_merges_poles(tmp_path):
 
 def test_psoups_malformed_row(tmp_path):
   manual = _write_psoups(tmp_path / "manual")
-  _write_jsonl(manual / "data" / "rm_training" / "p2a.jsonl",
-               [{"user_input": "q", "completion_a": "x", "completion_b": "y"}, {"user_input": "q", "completion_a": 3}])
+  _write_jsonl(manual / "data" / "rm_training" / "p2a.jsonl", [{
+      "user_input": "q",
+      "completion_a": "x",
+      "completion_b": "y"
+  }, {
+      "user_input": "q",
+      "completion_a": 3
+  }])
   with pytest.raises(builders.MalformedRowError, match=r"p2a\.jsonl: row 2: field 'completion_a'"):
     builders.load_source("psoups", tmp_path / "tfds", manual_dir=manual)
 
@@ -466,10 +572,23 @@ def test_build_and_read_with_tensorflow_blocked(tmp_path):
 
 def test_jsonl_prefs_reads_both_layouts_and_refuses_a_bad_line_by_number(tmp_path):
   pairs = tmp_path / "pairs.jsonl"
-  rows = [{"prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}",
-           "labels": {"concise": "a" if i % 2 else "b", **({"friendly": "tie"} if i % 3 == 0 else {})},
-           "scores_a": {"concise": 2.0 if i % 2 else 1.0}, "scores_b": {"concise": 1.0 if i % 2 else 2.0}}
-          for i in range(12)]
+  rows = [{
+      "prompt": f"q{i}",
+      "response_a": f"a{i}",
+      "response_b": f"b{i}",
+      "labels": {
+          "concise": "a" if i % 2 else "b",
+          **({
+              "friendly": "tie"
+          } if i % 3 == 0 else {})
+      },
+      "scores_a": {
+          "concise": 2.0 if i % 2 else 1.0
+      },
+      "scores_b": {
+          "concise": 1.0 if i % 2 else 2.0
+      }
+  } for i in range(12)]
   pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   config = builders.make_config("jsonl_prefs", source_path=os.fspath(pairs), **_ALL_TRAIN)
   ds = builders.load_source("jsonl_prefs", tmp_path / "tfds", config=config)
@@ -486,17 +605,28 @@ def test_jsonl_prefs_reads_both_layouts_and_refuses_a_bad_line_by_number(tmp_pat
 
   chosen = tmp_path / "manual"
   chosen.mkdir()
-  (chosen / "prefs.jsonl").write_text("\n".join(json.dumps(
-      {"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "attribute": "helpful"})
-      for i in range(5)) + "\n")
+  (chosen / "prefs.jsonl").write_text("\n".join(
+      json.dumps({
+          "prompt": f"p{i}",
+          "chosen": f"good {i}",
+          "rejected": f"bad {i}",
+          "attribute": "helpful"
+      }) for i in range(5)) + "\n")
   ds = builders.load_source("jsonl_prefs", tmp_path / "tfds_chosen", manual_dir=chosen, config=_ALL_TRAIN)
   got = _read_all(ds)
   assert len(got) == 5 and all(e["label"].tolist() == [1] and e["mask"].tolist() == [True] for e in got)
   assert all(np.isnan(e["scores_a"]).all() for e in got)
 
   bad = tmp_path / "bad.jsonl"
-  bad.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps({"prompt": "q", "response_a": "a", "response_b": "b",
-                                                             "labels": {"concise": "maybe"}}) + "\n")
+  bad.write_text(
+      json.dumps(rows[0]) + "\n\n" + json.dumps({
+          "prompt": "q",
+          "response_a": "a",
+          "response_b": "b",
+          "labels": {
+              "concise": "maybe"
+          }
+      }) + "\n")
   with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: labels\['concise'\] = 'maybe'"):
     builders.load_source("jsonl_prefs", tmp_path / "tfds_bad",
                          config=builders.make_config("jsonl_prefs", source_path=os.fspath(bad)))

@@ -33,8 +33,8 @@ def policy():
   # Weights of std 1 / sqrt(fan_in): tiny.random_params' sharper ones make some prefixes so ill-conditioned that
   # float32 rounding alone moves a log-prob by 1e-3 (a relative change of 1e-7 in the weights does too).
   params["features"]["backbone"] = jax.tree_util.tree_map_with_path(
-      lambda path, x: 0.5 * x if jax.tree_util.keystr(path).endswith("['kernel']") else x,
-      params["features"]["backbone"])
+      lambda path, x: 0.5 * x
+      if jax.tree_util.keystr(path).endswith("['kernel']") else x, params["features"]["backbone"])
   rng = np.random.default_rng(4)
   params["heads"]["c"] = jnp.asarray(0.5 * rng.normal(size=params["heads"]["c"].shape), jnp.float32)
   return pol, params
@@ -79,8 +79,7 @@ def test_head_soups_decode_the_float64_reference(policy, users):
   for mode in ("params", "naive"):
     np.testing.assert_array_equal(decoded[mode][0], tokens, err_msg=f"{mode} vs explicit greedy tokens")
     np.testing.assert_allclose(decoded[mode][1], logprobs, atol=1e-4, err_msg=f"{mode} vs explicit log-probs")
-  check = numpy_reference.check_decode(CONFIG, params, np.array(prompts, dtype=object), lam, tokens, logprobs,
-                                       STEPS)
+  check = numpy_reference.check_decode(CONFIG, params, np.array(prompts, dtype=object), lam, tokens, logprobs, STEPS)
   near_tie = check["margin"] < 1e-4  # A float32 argmax may legitimately flip there.
   assert near_tie.mean() < 0.05, "the test's random model should rarely produce near-ties"
   bad = ~check["argmax_ok"] & ~near_tie
@@ -103,6 +102,6 @@ def test_single_query_attention_matches_full_attention(softcap):
   got = layers.single_query_attention(jnp.asarray(q), head_major(k[:, :s]), head_major(v[:, :s]), jnp.asarray(mask),
                                       scale=0.3, softcap=softcap, own=(head_major(k[:, s:]), head_major(v[:, s:])))
   full_mask = np.concatenate([mask, np.ones((b, 1, 1), bool)], axis=-1)
-  want = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(full_mask),
-                                      scale=0.3, softcap=softcap)
+  want = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(full_mask), scale=0.3,
+                                      softcap=softcap)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

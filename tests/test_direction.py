@@ -59,12 +59,24 @@ def test_no_comparisons_give_the_prior_mean_and_users_are_independent():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"prefs": np.full((2, 10), 2.0)}, r"prefs\[0, 0\] = 2.0: expected a label in \[0, 1\]"),
-    ({"prefs": np.zeros((2, 9))}, r"prefs must have shape \[U, N\] = \[2, 10\]"),
-    ({"concentration": 0.0}, "concentration=0.0: expected > 0"),
-    ({"scales": (1.0, 0.5)}, "expected 0 < scale_min <= scale_max"),
-    ({"nan": True}, r"users \[1\] have non-finite delta_features or prefs"),
-    ({"no_key": True}, "needs a key"),
+    ({
+        "prefs": np.full((2, 10), 2.0)
+    }, r"prefs\[0, 0\] = 2.0: expected a label in \[0, 1\]"),
+    ({
+        "prefs": np.zeros((2, 9))
+    }, r"prefs must have shape \[U, N\] = \[2, 10\]"),
+    ({
+        "concentration": 0.0
+    }, "concentration=0.0: expected > 0"),
+    ({
+        "scales": (1.0, 0.5)
+    }, "expected 0 < scale_min <= scale_max"),
+    ({
+        "nan": True
+    }, r"users \[1\] have non-finite delta_features or prefs"),
+    ({
+        "no_key": True
+    }, "needs a key"),
 ])
 def test_bad_inputs_name_what_was_expected(kwargs, match):
   x, p = np.zeros((2, 10, 3)), np.ones((2, 10))

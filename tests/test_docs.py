@@ -30,9 +30,9 @@ def test_every_named_repository_file_exists():
 
 def test_show_config_lists_every_field_with_its_comment():
   import sys  # pylint: disable=g-import-not-at-top
-  for module, config, field, comment in (
-      ("experiments.train_basis", "configs/train_basis_tiny.py", "basis.num_bases = 3", "K: one basis per label"),
-      ("experiments.main", "configs/demo.py", "online.rounds = 4", "T rounds.")):
+  for module, config, field, comment in (("experiments.train_basis", "configs/train_basis_tiny.py",
+                                          "basis.num_bases = 3", "K: one basis per label"),
+                                         ("experiments.main", "configs/demo.py", "online.rounds = 4", "T rounds.")):
     result = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--show_config"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -25,8 +25,8 @@ def smollm2():
 def test_architecture_is_smollm2(smollm2):
   model, params, tokenizer = smollm2
   cfg = model.config
-  assert (cfg.family, cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim) == (
-      "llama", 30, 576, 9, 3, 1536)
+  assert (cfg.family, cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim) == ("llama", 30, 576,
+                                                                                                       9, 3, 1536)
   assert cfg.rope_base == 100_000.0 and cfg.tie_embeddings and cfg.vocab_size == 49_152
   assert len(tokenizer) == 49_152
   assert params["layers"]["attn"]["q_proj"]["kernel"].shape == (30, 576, 9, 64)
@@ -47,9 +47,13 @@ def test_perplexity_on_english_paragraph(smollm2):
 def test_chat_question_gets_a_sensible_greedy_answer(smollm2):
   model, params, tokenizer = smollm2
   prompts = ["What is the capital of France?", "How many days are in a week?"]
-  encoded = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                     add_generation_prompt=True), add_special_tokens=False)
-             ["input_ids"] for p in prompts]
+  encoded = [
+      tokenizer(
+          tokenizer.apply_chat_template([{
+              "role": "user",
+              "content": p
+          }], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts
+  ]
   length = max(len(e) for e in encoded)
   tokens = np.zeros((2, length), np.int32)
   mask = np.zeros((2, length), bool)
@@ -57,10 +61,9 @@ def test_chat_question_gets_a_sensible_greedy_answer(smollm2):
     tokens[i, :len(e)] = e
     mask[i, :len(e)] = True
   out, aux = decoding.decode(decoding.model_logits_fn(model), params, tokens, mask,
-                             models.init_cache(model.config, 2, length + 16), jax.random.key(0),
-                             max_new_tokens=16, eos_id=tokenizer.eos_token_id)
-  answers = [tokenizer.decode(np.asarray(out[i, :int(aux["lengths"][i])]), skip_special_tokens=True)
-             for i in range(2)]
+                             models.init_cache(model.config, 2, length + 16), jax.random.key(0), max_new_tokens=16,
+                             eos_id=tokenizer.eos_token_id)
+  answers = [tokenizer.decode(np.asarray(out[i, :int(aux["lengths"][i])]), skip_special_tokens=True) for i in range(2)]
   print(answers)
   assert "Paris" in answers[0]
   assert "7" in answers[1] or "seven" in answers[1].lower()
@@ -77,7 +80,9 @@ def test_logits_match_pytorch_reference_on_the_same_weights(smollm2):
   hf_config._attn_implementation = "eager"
   reference = transformers.LlamaForCausalLM(hf_config)
   missing, unexpected = reference.load_state_dict(
-      {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, strict=False)
+      {
+          k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()
+      }, strict=False)
   assert not unexpected and set(missing) <= {"lm_head.weight"}  # Tied to the embedding.
   reference.eval()
   ids = tokenizer(PARAGRAPH, add_special_tokens=False)["input_ids"][:32]

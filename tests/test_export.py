@@ -38,12 +38,13 @@ def checkpoint(tmp_path_factory):
 
 def _train(checkpoint, workdir, *overrides):
   env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
-       f"--config.model.path={checkpoint}", "--config.train.num_steps=40", "--config.train.tensorboard=False",
-       "--config.optim.warmup_steps=5", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count"))
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
+      f"--config.model.path={checkpoint}", "--config.train.num_steps=40", "--config.train.tensorboard=False",
+      "--config.optim.warmup_steps=5", *overrides
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return ss.load_basis(str(workdir))
 
@@ -121,7 +122,7 @@ def family_checkpoints(tmp_path_factory):
 # Head soups share the output-layer path of every family (Llama's is tested above); GPT-2's packing is tested with both.
 @pytest.mark.parametrize("family,kind", [("gemma3", "lora"), ("gpt2", "lora"), ("gpt2", "heads")])
 def test_gemma3_and_gpt2_soups_export_and_read_back_as_the_same_architecture(family_checkpoints, tmp_path, family,
-                                                                              kind):
+                                                                             kind):
   extra = (["--config.basis.kind=lora", "--config.train.cache_features=False", "--config.optim.learning_rate=0.01"]
            if kind == "lora" else ["--config.basis.kind=heads", "--config.basis.head_rank=4"])
   basis = _train(family_checkpoints[family], tmp_path / kind, *extra)
@@ -191,7 +192,6 @@ def test_the_documented_workflow_on_the_tiny_config(tmp_path):
   with torch.no_grad():
     got = hf(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
   lora = group_targets(soup_lora_concat(split_lora_params(basis.params["lora"]), lam))
-  want, _ = Transformer(basis.policy.config).apply({"params": basis.params["features"]["backbone"]}, tokens,
-                                                  lora=lora)
+  want, _ = Transformer(basis.policy.config).apply({"params": basis.params["features"]["backbone"]}, tokens, lora=lora)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
   assert transformers.AutoTokenizer.from_pretrained(out).decode(tokens[0]) == "<|user|>how are you?<|end|><|assistant|>"

@@ -75,10 +75,14 @@ def _tiny_state(seed: int, tie: bool) -> Dict[str, np.ndarray]:
   for i in range(_L):
     p = f"model.layers.{i}."
     state.update({
-        p + "self_attn.q_proj.weight": normal(_H * _HD, _D), p + "self_attn.k_proj.weight": normal(_KV * _HD, _D),
-        p + "self_attn.v_proj.weight": normal(_KV * _HD, _D), p + "self_attn.o_proj.weight": normal(_D, _H * _HD),
-        p + "mlp.gate_proj.weight": normal(_F, _D), p + "mlp.up_proj.weight": normal(_F, _D),
-        p + "mlp.down_proj.weight": normal(_D, _F), p + "input_layernorm.weight": 1 + 0.1 * normal(_D),
+        p + "self_attn.q_proj.weight": normal(_H * _HD, _D),
+        p + "self_attn.k_proj.weight": normal(_KV * _HD, _D),
+        p + "self_attn.v_proj.weight": normal(_KV * _HD, _D),
+        p + "self_attn.o_proj.weight": normal(_D, _H * _HD),
+        p + "mlp.gate_proj.weight": normal(_F, _D),
+        p + "mlp.up_proj.weight": normal(_F, _D),
+        p + "mlp.down_proj.weight": normal(_D, _F),
+        p + "input_layernorm.weight": 1 + 0.1 * normal(_D),
         p + "post_attention_layernorm.weight": 1 + 0.1 * normal(_D),
     })
   if not tie:
@@ -87,12 +91,18 @@ def _tiny_state(seed: int, tie: bool) -> Dict[str, np.ndarray]:
 
 
 _TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
@@ -210,8 +220,7 @@ def test_tiny_q8_0(tmp_path):
     if value.ndim == 2:
       # Q8_0 blocks run along rows and the q/k permutation moves whole rows, so un-permuting after dequantizing
       # gives exactly the quantize -> dequantize round trip of the HF-layout matrix.
-      np.testing.assert_array_equal(got, gguf.quants.dequantize(gguf.quants.quantize(value, Q8_0), Q8_0),
-                                    err_msg=name)
+      np.testing.assert_array_equal(got, gguf.quants.dequantize(gguf.quants.quantize(value, Q8_0), Q8_0), err_msg=name)
       np.testing.assert_allclose(got, value, atol=0.01 * np.abs(value).max(), err_msg=name)
     else:
       np.testing.assert_array_equal(got, value, err_msg=name)
@@ -236,8 +245,8 @@ def test_tiny_tokenizer(tiny_path):
   assert tok.encode("hello the") == ids("hello", "Ġthe")
   assert tok.encode("x  12") == ids("x", "ĠĠ", "1", "2")  # Digits split first ("smollm"), then GPT-2's regex.
   assert tok.encode("<|im_start|>hello<think><|im_end|>") == ids("<|im_start|>", "hello", "<think>", "<|im_end|>")
-  assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == (
-      "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>")
+  assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>",
+                                                                          "<|im_end|>")
   for text in ["hello the world\n\n", "héllo 😀 ünïcode", "  x  12\t3 "]:
     assert tok.decode(tok.encode(text)) == text
   chat = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
@@ -355,22 +364,24 @@ def smollm2_reference(smollm2):
 def smollm2_tokenizers(smollm2_path):
   """`(ours, transformers')` tokenizers of the embedded SmolLM2."""
   ours = gguf_import.tokenizer_from_gguf(smollm2_path)
-  theirs = transformers.AutoTokenizer.from_pretrained(
-      os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), local_files_only=True)
+  theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path),
+                                                      gguf_file=os.path.basename(smollm2_path), local_files_only=True)
   return ours, theirs
 
 
 def test_smollm2_config(smollm2, smollm2_reference):
   _, config, _ = smollm2
   reference, _ = smollm2_reference
-  assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
-      49152, 576, 1536, 30)
+  assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (49152, 576,
+                                                                                                         1536, 30)
   assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
   assert config.max_position_embeddings == 8192 and config.tie_word_embeddings
   assert config.rope_parameters == {"rope_type": "default", "rope_theta": 100_000.0}
   assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)
-  for key in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"]:
+  for key in [
+      "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+      "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"
+  ]:
     assert getattr(config, key) == reference[key], key
   assert config.rope_parameters["rope_theta"] == reference["rope_theta"]
 
@@ -402,8 +413,8 @@ def test_smollm2_qk_permutation_is_not_identity(smollm2):
 def test_smollm2_tokenizer_vocab_and_specials(smollm2_tokenizers):
   ours, _ = smollm2_tokenizers
   assert len(ours) == 49152 and ours.vocab_size == 49152 and len(ours.get_vocab()) == 49152
-  assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token) == (
-      "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+  assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token) == ("<|im_start|>", "<|im_end|>",
+                                                                              "<|im_end|>", "<|endoftext|>")
   assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 2)
   assert ours.model_max_length == 8192
   for text in _PARITY_TEXTS + ["x  1\n\n2 \n 3"]:

@@ -19,8 +19,9 @@ LABELS = ("online", "params", "train", "train_1b", "decode", "decode_256")
 def test_gpu_sh_tiny_runs_every_step_and_prints_one_table(tmp_path):
   out = tmp_path / "bench"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run(["bash", "experiments/benchmarks/gpu.sh", "--tiny", str(out)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+      ["bash", "experiments/benchmarks/gpu.sh", "--tiny", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=900)
   logs = {label: (out / f"{label}.log").read_text()[-1500:] for label in LABELS if (out / f"{label}.log").exists()}
   assert proc.returncode == 0, proc.stderr[-3000:]
   for label in LABELS:
@@ -44,12 +45,25 @@ def test_gpu_sh_tiny_runs_every_step_and_prints_one_table(tmp_path):
 
 
 def test_gpu_table_names_what_is_missing(tmp_path):
-  (tmp_path / "online.json").write_text(json.dumps({"rows": [
-      {"variant": "ours", "users_per_s": 10.0, "speedup_vs_strongest_baseline": 2.0, "max_abs_lam_diff_vs_ours": 0.0}],
-      "speedup": 2.0}))
-  (tmp_path / "train_1b.json").write_text(json.dumps({"rows": [
-      {"kind": "lora", "variant": "lora/shared K=30", "error": "JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory"}],
-      "speedup": None}))
+  (tmp_path / "online.json").write_text(
+      json.dumps({
+          "rows": [{
+              "variant": "ours",
+              "users_per_s": 10.0,
+              "speedup_vs_strongest_baseline": 2.0,
+              "max_abs_lam_diff_vs_ours": 0.0
+          }],
+          "speedup": 2.0
+      }))
+  (tmp_path / "train_1b.json").write_text(
+      json.dumps({
+          "rows": [{
+              "kind": "lora",
+              "variant": "lora/shared K=30",
+              "error": "JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory"
+          }],
+          "speedup": None
+      }))
   text = gpu_table.table(str(tmp_path))
   assert "online" in text and "FAILED" in text and "RESOURCE_EXHAUSTED" in text
   assert "missing (failed or timed out" in text and "decode_256" in text and "params" in text
@@ -93,13 +107,13 @@ def test_prepare_fetches_the_missing_closure_only(tmp_path):
   _wheel(index, "gamma")
   _wheel(index, "delta")
   out = tmp_path / "wheels"
-  wheels = gpu_prepare.prepare(str(out), {"present-pkg"}, "3.12", ["--no-index", "--find-links", str(index)],
-                               roots=["alpha"])
+  wheels = gpu_prepare.prepare(str(out), {"present-pkg"}, "3.12",
+                               ["--no-index", "--find-links", str(index)], roots=["alpha"])
   assert sorted(gpu_prepare.wheel_name(w) for w in wheels) == ["alpha", "beta", "epsilon-pkg"]
   assert all(size > 0 for size in wheels.values())
   with pytest.raises(RuntimeError, match="no wheel of 'missing_pkg'"):
-    gpu_prepare.prepare(str(tmp_path / "w2"), set(), "3.12", ["--no-index", "--find-links", str(index)],
-                        roots=["missing_pkg"])
+    gpu_prepare.prepare(str(tmp_path / "w2"), set(), "3.12",
+                        ["--no-index", "--find-links", str(index)], roots=["missing_pkg"])
 
 
 def test_prepare_refuses_what_cannot_travel_and_bad_inputs(tmp_path, capsys):

@@ -24,12 +24,28 @@ def _write(path, rows):
 
 
 def test_chosen_rejected_rows_label_their_attribute(tmp_path):
-  path = _write(tmp_path / "p.jsonl", [
-      {"prompt": "p0", "chosen": "short", "rejected": "a long answer", "attribute": "concise"},
-      "",  # Blank lines are skipped.
-      {"prompt": "p1", "chosen": "thanks!", "rejected": "no", "attribute": "friendly"},
-      {"prompt": "p2", "chosen": "yes", "rejected": "maybe"},
-  ])
+  path = _write(
+      tmp_path / "p.jsonl",
+      [
+          {
+              "prompt": "p0",
+              "chosen": "short",
+              "rejected": "a long answer",
+              "attribute": "concise"
+          },
+          "",  # Blank lines are skipped.
+          {
+              "prompt": "p1",
+              "chosen": "thanks!",
+              "rejected": "no",
+              "attribute": "friendly"
+          },
+          {
+              "prompt": "p2",
+              "chosen": "yes",
+              "rejected": "maybe"
+          },
+      ])
   out = jsonl.read(path)
   assert out["attributes"] == ("concise", "friendly", "preference")
   assert out["prompt"] == ["p0", "p1", "p2"] and out["response_a"] == ["short", "thanks!", "yes"]
@@ -40,17 +56,50 @@ def test_chosen_rejected_rows_label_their_attribute(tmp_path):
 
 def test_pair_rows_with_labels_and_scores(tmp_path):
   path = _write(tmp_path / "p.jsonl", [
-      {"prompt": "p0", "response_a": "x", "response_b": "y", "scores_a": {"help": 3, "brief": 1},
-       "scores_b": {"help": 1, "brief": 2}, "labels": {"help": "a"}},
-      {"prompt": "p1", "response_a": "x", "response_b": "y", "scores_a": {"brief": 2.5}, "scores_b": {"brief": 2.5}},
+      {
+          "prompt": "p0",
+          "response_a": "x",
+          "response_b": "y",
+          "scores_a": {
+              "help": 3,
+              "brief": 1
+          },
+          "scores_b": {
+              "help": 1,
+              "brief": 2
+          },
+          "labels": {
+              "help": "a"
+          }
+      },
+      {
+          "prompt": "p1",
+          "response_a": "x",
+          "response_b": "y",
+          "scores_a": {
+              "brief": 2.5
+          },
+          "scores_b": {
+              "brief": 2.5
+          }
+      },
   ])
   out = jsonl.read(path)
   assert out["attributes"] == ("help", "brief")
   np.testing.assert_array_equal(out["label"], [[1, 0], [-1, -1]])
   np.testing.assert_array_equal(out["mask"], [[True, True], [False, True]])
   np.testing.assert_allclose(out["scores_a"], [[3, 1], [np.nan, 2.5]])
-  labels_only = jsonl.read(_write(tmp_path / "l.jsonl", [
-      {"prompt": "p", "response_a": "x", "response_b": "y", "labels": {"help": "b", "brief": 0.5, "tone": None}}]))
+  labels_only = jsonl.read(
+      _write(tmp_path / "l.jsonl", [{
+          "prompt": "p",
+          "response_a": "x",
+          "response_b": "y",
+          "labels": {
+              "help": "b",
+              "brief": 0.5,
+              "tone": None
+          }
+      }]))
   np.testing.assert_array_equal(labels_only["label"], [[0, -1, -1]])
   np.testing.assert_array_equal(labels_only["mask"], [[True, True, True]])
 
@@ -62,18 +111,68 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
 @pytest.mark.parametrize("bad,message", [
     ("{not json", r"line 2: not JSON"),
     ([1, 2], r"line 2: a list: expected a JSON object"),
-    ({"chosen": "a", "rejected": "b"}, r"line 2: field 'prompt' is missing: expected a string"),
-    ({**GOOD, "chosen": "  "}, r"line 2: field 'chosen' is empty: expected text"),
-    ({**GOOD, "rejected": 3}, r"line 2: field 'rejected' is a int: expected a string"),
-    ({**GOOD, "attribute": ""}, r"line 2: field 'attribute' has the attribute name ''"),
-    ({"prompt": "p", "answer": "a"}, r"line 2: expected the fields \('prompt', 'chosen', 'rejected'\)"),
-    ({**PAIR}, r"line 2: a response_a / response_b row needs 'labels' or 'scores_a' / 'scores_b'"),
-    ({**PAIR, "labels": {"x": 2}}, r"line 2: labels\['x'\] = 2: expected 'a', 'b', 'tie', 1, 0, 0.5 or null"),
-    ({**PAIR, "labels": {"x": True}}, r"line 2: labels\['x'\] = True"),
-    ({**PAIR, "scores_a": {"x": 1}}, r"line 2: field 'scores_b' is missing"),
-    ({**PAIR, "scores_a": {"x": 1}, "scores_b": {"y": 1}}, r"line 2: scores_a has attributes \['x'\] and scores_b"),
-    ({**PAIR, "scores_a": {"x": "high"}, "scores_b": {"x": 1}}, r"line 2: scores_a\['x'\] = 'high': expected a finite"),
-    ({**PAIR, "scores_a": {"x": 1}, "scores_b": {"x": 2}, "labels": {"x": "a"}}, r"line 2: labels\['x'\] disagrees"),
+    ({
+        "chosen": "a",
+        "rejected": "b"
+    }, r"line 2: field 'prompt' is missing: expected a string"),
+    ({
+        **GOOD, "chosen": "  "
+    }, r"line 2: field 'chosen' is empty: expected text"),
+    ({
+        **GOOD, "rejected": 3
+    }, r"line 2: field 'rejected' is a int: expected a string"),
+    ({
+        **GOOD, "attribute": ""
+    }, r"line 2: field 'attribute' has the attribute name ''"),
+    ({
+        "prompt": "p",
+        "answer": "a"
+    }, r"line 2: expected the fields \('prompt', 'chosen', 'rejected'\)"),
+    ({
+        **PAIR
+    }, r"line 2: a response_a / response_b row needs 'labels' or 'scores_a' / 'scores_b'"),
+    ({
+        **PAIR, "labels": {
+            "x": 2
+        }
+    }, r"line 2: labels\['x'\] = 2: expected 'a', 'b', 'tie', 1, 0, 0.5 or null"),
+    ({
+        **PAIR, "labels": {
+            "x": True
+        }
+    }, r"line 2: labels\['x'\] = True"),
+    ({
+        **PAIR, "scores_a": {
+            "x": 1
+        }
+    }, r"line 2: field 'scores_b' is missing"),
+    ({
+        **PAIR, "scores_a": {
+            "x": 1
+        },
+        "scores_b": {
+            "y": 1
+        }
+    }, r"line 2: scores_a has attributes \['x'\] and scores_b"),
+    ({
+        **PAIR, "scores_a": {
+            "x": "high"
+        },
+        "scores_b": {
+            "x": 1
+        }
+    }, r"line 2: scores_a\['x'\] = 'high': expected a finite"),
+    ({
+        **PAIR, "scores_a": {
+            "x": 1
+        },
+        "scores_b": {
+            "x": 2
+        },
+        "labels": {
+            "x": "a"
+        }
+    }, r"line 2: labels\['x'\] disagrees"),
 ])
 def test_a_bad_row_is_refused_naming_its_line_and_field(tmp_path, bad, message):
   first = {**PAIR, "labels": {"x": "a"}} if isinstance(bad, dict) and "response_a" in bad else GOOD
@@ -91,8 +190,19 @@ def test_file_level_errors(tmp_path):
   with pytest.raises(ValueError, match="line 2: mixes the chosen / rejected layout"):
     jsonl.read(_write(tmp_path / "mixed.jsonl", [GOOD, {**PAIR, "labels": {"x": "a"}}]))
   with pytest.raises(ValueError, match="line 3: no scores, where line 1 has scores_a / scores_b"):
-    jsonl.read(_write(tmp_path / "partial.jsonl", [
-        {**PAIR, "scores_a": {"x": 1}, "scores_b": {"x": 0}}, "", {**PAIR, "labels": {"x": "a"}}]))
+    jsonl.read(
+        _write(tmp_path / "partial.jsonl", [{
+            **PAIR, "scores_a": {
+                "x": 1
+            },
+            "scores_b": {
+                "x": 0
+            }
+        }, "", {
+            **PAIR, "labels": {
+                "x": "a"
+            }
+        }]))
 
 
 def _rows(n):
@@ -110,16 +220,16 @@ def _rows(n):
 def _train(tmp_path, data, *extra):
   tokenizer = hf_fixtures.byte_tokenizer(tmp_path / "tokenizer")
   env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count"))
   workdir = tmp_path / "run"
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
-       f"--config.data.source={data}", f"--config.data.tokenizer={tokenizer}", "--config.model.vocab_size=512",
-       "--config.basis.num_bases=2", "--config.train.batch_size=4", "--config.train.eval_batch_size=1",
-       "--config.train.num_steps=20", "--config.optim.warmup_steps=2", "--config.train.tensorboard=False",
-       "--config.data.prompt_len=48", "--config.data.response_len=64", *extra],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}",
+      f"--config.data.source={data}", f"--config.data.tokenizer={tokenizer}", "--config.model.vocab_size=512",
+      "--config.basis.num_bases=2", "--config.train.batch_size=4", "--config.train.eval_batch_size=1",
+      "--config.train.num_steps=20", "--config.optim.warmup_steps=2", "--config.train.tensorboard=False",
+      "--config.data.prompt_len=48", "--config.data.response_len=64", *extra
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   return result, str(workdir)
 
 
@@ -148,14 +258,42 @@ def test_a_malformed_row_is_refused_by_the_cli_naming_its_line(tmp_path):
 
 def test_a_hugging_face_datasets_directory_reads_like_the_json_lines(tmp_path):
   datasets = pytest.importorskip("datasets")
-  rows = [{"prompt": "p0", "response_a": "x", "response_b": "y", "scores_a": {"help": 3.0, "brief": None},
-           "scores_b": {"help": 1.0, "brief": None}},
-          {"prompt": "p1", "response_a": "u", "response_b": "v", "scores_a": {"help": 1.0, "brief": 2.0},
-           "scores_b": {"help": 2.0, "brief": 1.0}}]
+  rows = [{
+      "prompt": "p0",
+      "response_a": "x",
+      "response_b": "y",
+      "scores_a": {
+          "help": 3.0,
+          "brief": None
+      },
+      "scores_b": {
+          "help": 1.0,
+          "brief": None
+      }
+  }, {
+      "prompt": "p1",
+      "response_a": "u",
+      "response_b": "v",
+      "scores_a": {
+          "help": 1.0,
+          "brief": 2.0
+      },
+      "scores_b": {
+          "help": 2.0,
+          "brief": 1.0
+      }
+  }]
   datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
   datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
-  want = jsonl.read(_write(tmp_path / "same.jsonl", [
-      {**rows[0], "scores_a": {"help": 3.0}, "scores_b": {"help": 1.0}}, rows[1]]))
+  want = jsonl.read(
+      _write(tmp_path / "same.jsonl", [{
+          **rows[0], "scores_a": {
+              "help": 3.0
+          },
+          "scores_b": {
+              "help": 1.0
+          }
+      }, rows[1]]))
   for name in ("ds", "dd"):
     assert jsonl.is_jsonl(str(tmp_path / name))
     got = jsonl.read(str(tmp_path / name))

@@ -17,8 +17,10 @@ from launch import local
 from launch import tpu
 
 CONFIG = "configs/train_basis_tiny.py"
-POD = ["--name=ss-pod", "--zone=us-west4-a", "--project=my-project", "--accelerator-type=v5litepod-16",
-       f"--config={CONFIG}", "--workdir=/mnt/shared/run1", "--copy=/data/uf:data/ultrafeedback"]
+POD = [
+    "--name=ss-pod", "--zone=us-west4-a", "--project=my-project", "--accelerator-type=v5litepod-16",
+    f"--config={CONFIG}", "--workdir=/mnt/shared/run1", "--copy=/data/uf:data/ultrafeedback"
+]
 OVERRIDES = ["--", "--config.train.num_steps=10", "--config.data.source=synthetic"]
 
 
@@ -78,8 +80,8 @@ def test_tpu_single_host_steps_keep_and_env_defaults(monkeypatch):
   monkeypatch.delenv("SPECTRAL_SOUP_PROJECT", raising=False)
   argv = ["--accelerator-type=v5litepod-8", f"--config={CONFIG}", "--workdir=w", "--keep", "--spot"]
   lines = _dry_run(tpu, argv)
-  assert [line[0] if line[0] == "tar" else line[4] for line in lines] == [
-      "create", "tar", "scp", "ssh", "ssh", "ssh"]  # No copy, no delete.
+  assert [line[0] if line[0] == "tar" else line[4] for line in lines] == ["create", "tar", "scp", "ssh", "ssh",
+                                                                          "ssh"]  # No copy, no delete.
   assert lines[0][5] == "ss-env" and "--zone=us-east5-a" in lines[0] and "--spot" in lines[0]
   assert not any(a.startswith("--project") for line in lines for a in line)  # gcloud's default project.
   assert "--distributed" not in _remote(lines[4])  # One host: no jax.distributed.
@@ -104,9 +106,19 @@ def test_tpu_flag_errors(argv, message, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("accelerator, chips, hosts, devices", [
-    ("v5litepod-16", 16, 4, 16), ("v5e-16", 16, 4, 16), ("v5litepod-8", 8, 1, 8), ("v5litepod-4", 4, 1, 4),
-    ("v6e-64", 64, 16, 64), ("v5p-32", 16, 4, 16), ("v5p-64", 32, 8, 32), ("v5p-8", 4, 1, 4), ("v4-8", 4, 1, 4),
-    ("v4-32", 16, 4, 16), ("v3-8", 4, 1, 8), ("v3-32", 16, 4, 32), ("v2-8", 4, 1, 8),
+    ("v5litepod-16", 16, 4, 16),
+    ("v5e-16", 16, 4, 16),
+    ("v5litepod-8", 8, 1, 8),
+    ("v5litepod-4", 4, 1, 4),
+    ("v6e-64", 64, 16, 64),
+    ("v5p-32", 16, 4, 16),
+    ("v5p-64", 32, 8, 32),
+    ("v5p-8", 4, 1, 4),
+    ("v4-8", 4, 1, 4),
+    ("v4-32", 16, 4, 16),
+    ("v3-8", 4, 1, 8),
+    ("v3-32", 16, 4, 32),
+    ("v2-8", 4, 1, 8),
 ])
 def test_slice_table(accelerator, chips, hosts, devices):
   s = tpu.slice_of(accelerator)
@@ -115,16 +127,19 @@ def test_slice_table(accelerator, chips, hosts, devices):
 
 
 def test_gpu_vm_plan_in_order():
-  argv = ["--name=ss-gpu", "--zone=us-central1-a", "--project=my-project", "--machine-type=a2-ultragpu-1g",
-          f"--config={CONFIG}", "--workdir=workdir/run1", "--copy=/ckpt/gemma:checkpoints/gemma-3-1b-it"]
+  argv = [
+      "--name=ss-gpu", "--zone=us-central1-a", "--project=my-project", "--machine-type=a2-ultragpu-1g",
+      f"--config={CONFIG}", "--workdir=workdir/run1", "--copy=/ckpt/gemma:checkpoints/gemma-3-1b-it"
+  ]
   lines = _dry_run(gpu, argv + OVERRIDES)
   assert lines == [s.argv for s in gpu.build_commands(gpu.parse_args(argv + OVERRIDES))]
   create, wait, archive, upload, install, copy, run, logs, delete = lines
   location = ["--zone=us-central1-a", "--project=my-project"]
   assert create[:5] == ["gcloud", "compute", "instances", "create", "ss-gpu"]
-  assert set(location + ["--machine-type=a2-ultragpu-1g", "--maintenance-policy=TERMINATE",
-                         "--metadata=install-nvidia-driver=True",
-                         "--image-project=deeplearning-platform-release"]) <= set(create)
+  assert set(location + [
+      "--machine-type=a2-ultragpu-1g", "--maintenance-policy=TERMINATE", "--metadata=install-nvidia-driver=True",
+      "--image-project=deeplearning-platform-release"
+  ]) <= set(create)
   for step in (wait, install, run, logs):
     assert step[:4] == ["gcloud", "compute", "ssh", "ss-gpu"] and set(location) <= set(step)
   assert "nvidia-smi" in _remote(wait)
@@ -146,7 +161,8 @@ def test_local_plan():
   assert out.getvalue().splitlines() == [
       f"cd {common.REPO_ROOT} && env XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu "
       f"nice -n 15 python3 -m experiments.train_basis --config={CONFIG} --workdir=workdir/t "
-      f"--config.train.num_steps=10 --config.data.source=synthetic"]
+      f"--config.train.num_steps=10 --config.data.source=synthetic"
+  ]
 
 
 def test_local_restarts_while_preempted(tmp_path, monkeypatch):
@@ -170,8 +186,10 @@ def test_remote_job_scripts_run(tmp_path):
   home = tmp_path / "home"
   (home / common.CODE_DIR).mkdir(parents=True)
   env = {**os.environ, "HOME": str(home)}
-  job = [sys.executable, "-c", "import os, time; time.sleep(0.5); print('step 1 in', os.getcwd()); "
-         "print(os.environ['GREETING']); raise SystemExit(3)"]
+  job = [
+      sys.executable, "-c", "import os, time; time.sleep(0.5); print('step 1 in', os.getcwd()); "
+      "print(os.environ['GREETING']); raise SystemExit(3)"
+  ]
   start = common.detached_script(job, "run1", env={"GREETING": "hello there"})
   subprocess.run(["bash", "-c", start], env=env, check=True, timeout=30)
   follow = subprocess.run(["bash", "-c", common.follow_script("run1")], env=env, capture_output=True, text=True,
@@ -185,8 +203,11 @@ def test_remote_job_scripts_run(tmp_path):
 
 def test_execute_stops_at_a_failure_but_still_deletes(tmp_path):
   marker = tmp_path / "deleted"
-  steps = [common.Step("ok", ["true"]), common.Step("fail", ["sh", "-c", "exit 7"]),
-           common.Step("skipped", ["sh", "-c", f"touch {tmp_path / 'skipped'}"]),
-           common.Step("delete", ["sh", "-c", f"touch {marker}"], always=True)]
+  steps = [
+      common.Step("ok", ["true"]),
+      common.Step("fail", ["sh", "-c", "exit 7"]),
+      common.Step("skipped", ["sh", "-c", f"touch {tmp_path / 'skipped'}"]),
+      common.Step("delete", ["sh", "-c", f"touch {marker}"], always=True)
+  ]
   assert common.execute(steps, dry_run=False, out=io.StringIO()) == 7
   assert marker.exists() and not (tmp_path / "skipped").exists()

@@ -24,8 +24,12 @@ def _pairs(n, seed):
     counts = lambda t: ((t == 7) & mask).sum(1) - ((t == 9) & mask).sum(1)
     scores = np.stack([counts(tokens) + 0.01 * rng.normal(size=n), rng.normal(size=n)], 1)
     probs = rng.dirichlet(np.ones(V), (n, R))
-    out.update({f"response_{side}": tokens, f"response_{side}_mask": mask, f"scores_{side}": scores,
-                f"support_probs_{side}": probs})
+    out.update({
+        f"response_{side}": tokens,
+        f"response_{side}_mask": mask,
+        f"scores_{side}": scores,
+        f"support_probs_{side}": probs
+    })
   diff = out["scores_a"] - out["scores_b"]
   out["labels"] = np.where(diff > 0.05, 1, np.where(diff < -0.05, 0, -1)).astype(np.int8)
   return out
@@ -58,8 +62,8 @@ def test_probes_find_the_learnable_attribute_only():
   for name, r in results.items():
     assert r["cv_accuracy"][0] > 0.9 and r["held_out_accuracy"][0] > 0.9, (name, r)
     assert abs(r["cv_accuracy"][1] - 0.5) < 0.08 and abs(r["held_out_accuracy"][1] - 0.5) < 0.1, (name, r)
-  assert learnability.verdict(results["surprise"]["cv_accuracy"], results["surprise"]["cv_count"]) == [
-      "learnable", "weak"]
+  assert learnability.verdict(results["surprise"]["cv_accuracy"],
+                              results["surprise"]["cv_count"]) == ["learnable", "weak"]
   # Without cached reference probabilities only the token-count probe runs.
   plain = {k: v for k, v in train.items() if not k.startswith("support_probs")}
   assert set(learnability.report(plain, held_out, np.arange(V), l2=1.0)) == {"token_counts"}
@@ -79,9 +83,11 @@ def test_hint_share():
 def test_cli_reports_a_training_run(tmp_path):
   """Train the tiny synthetic config on a support, then the CLI reads its pairs, features and metrics."""
   workdir = str(tmp_path / "run")
-  flags = ["--config=configs/train_basis_tiny.py", f"--workdir={workdir}", "--config.basis.vocab_support=64",
-           "--config.train.num_steps=4", "--config.optim.warmup_steps=1", "--config.data.num_train_pairs=256", "--config.data.num_eval_pairs=64",
-           "--config.train.tensorboard=False", "--config.checkpoint.every_steps=0"]
+  flags = [
+      "--config=configs/train_basis_tiny.py", f"--workdir={workdir}", "--config.basis.vocab_support=64",
+      "--config.train.num_steps=4", "--config.optim.warmup_steps=1", "--config.data.num_train_pairs=256",
+      "--config.data.num_eval_pairs=64", "--config.train.tensorboard=False", "--config.checkpoint.every_steps=0"
+  ]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
   run = lambda module, extra: subprocess.run([sys.executable, "-m", module, *flags, *extra], cwd=REPO, env=env,
                                              capture_output=True, text=True, timeout=600)

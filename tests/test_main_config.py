@@ -11,11 +11,23 @@ def test_demo_config_validates():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("users.kind", "linear"), ("users.num_users", 0), ("online.rounds", 0), ("online.l2", 0.0),
-    ("online.mode", "naive"), ("eval.num_prompts", 1), ("eval.pareto_bases", (1, 1)), ("basis.num_bases", 3),
-    ("basis.kind", "lora"), ("optim.learning_rate", -1.0), ("basis.vocab_support", -5), ("eval.split", "test"),
-    ("eval.soups", ("naive",)), ("online.constraint", "simplex"), ("basis.init", "normal"),
-    ("online.pad_weights_l2", -1.0), ("online.estimate", "mean"),
+    ("users.kind", "linear"),
+    ("users.num_users", 0),
+    ("online.rounds", 0),
+    ("online.l2", 0.0),
+    ("online.mode", "naive"),
+    ("eval.num_prompts", 1),
+    ("eval.pareto_bases", (1, 1)),
+    ("basis.num_bases", 3),
+    ("basis.kind", "lora"),
+    ("optim.learning_rate", -1.0),
+    ("basis.vocab_support", -5),
+    ("eval.split", "test"),
+    ("eval.soups", ("naive",)),
+    ("online.constraint", "simplex"),
+    ("basis.init", "normal"),
+    ("online.pad_weights_l2", -1.0),
+    ("online.estimate", "mean"),
 ])
 def test_bad_field_is_named(field, value):
   config = demo.get_config()

@@ -33,10 +33,20 @@ TIMEOUT_S = 240  # For the whole job; it takes ~30-60 s on 2 CPU cores.
 
 # A few steps of the tiny config with a small learning rate (Adam turns float rounding of a near-zero gradient into
 # an update difference of up to lr, so lr bounds how closely two correct runs agree; see test_offline.py).
-OVERRIDES = {"train.tensorboard": False, "train.num_steps": 4, "train.log_every_steps": 1,
-             "data.num_train_pairs": 128, "data.num_eval_pairs": 64, "train.eval_batch_size": 32,
-             "checkpoint.every_steps": 2, "optim.warmup_steps": 1,
-             "optim.learning_rate": 1e-3, "mesh.data": 1, "mesh.fsdp": 4, "mesh.model": 2}
+OVERRIDES = {
+    "train.tensorboard": False,
+    "train.num_steps": 4,
+    "train.log_every_steps": 1,
+    "data.num_train_pairs": 128,
+    "data.num_eval_pairs": 64,
+    "train.eval_batch_size": 32,
+    "checkpoint.every_steps": 2,
+    "optim.warmup_steps": 1,
+    "optim.learning_rate": 1e-3,
+    "mesh.data": 1,
+    "mesh.fsdp": 4,
+    "mesh.model": 2
+}
 
 
 def _config():
@@ -63,8 +73,10 @@ def _start_workers(tmp_path, workdir, out):
   port, procs = _free_port(), []
   for i in range(NUM_PROCESSES):
     log = open(tmp_path / f"process_{i}.log", "w")
-    argv = [sys.executable, WORKER, f"--process_id={i}", f"--num_processes={NUM_PROCESSES}", f"--port={port}",
-            f"--workdir={workdir}", f"--out={out}", f"--overrides={json.dumps(OVERRIDES)}", "--timeout_s=120"]
+    argv = [
+        sys.executable, WORKER, f"--process_id={i}", f"--num_processes={NUM_PROCESSES}", f"--port={port}",
+        f"--workdir={workdir}", f"--out={out}", f"--overrides={json.dumps(OVERRIDES)}", "--timeout_s=120"
+    ]
     procs.append((subprocess.Popen(argv, cwd=str(tmp_path), env=_worker_env(), stdout=log,
                                    stderr=subprocess.STDOUT), log))
   return procs
@@ -128,8 +140,13 @@ def runs(tmp_path_factory):
   _wait(procs, tmp_path, t0 + TIMEOUT_S)
   with np.load(out) as f:
     multi = dict(f)
-  return {"reference": reference, "reference_params": jax.device_get(reference.state["params"]),
-          "multi": multi, "workdir": workdir, "reference_workdir": tmp_path / "one"}
+  return {
+      "reference": reference,
+      "reference_params": jax.device_get(reference.state["params"]),
+      "multi": multi,
+      "workdir": workdir,
+      "reference_workdir": tmp_path / "one"
+  }
 
 
 def test_job_spans_two_processes(runs):

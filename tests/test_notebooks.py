@@ -46,7 +46,9 @@ def test_notebook_runs_in_tiny_settings(name, tmp_path):
 
   t0 = time.time()
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                   resources={"metadata": {"path": COLAB}})
+                                   resources={"metadata": {
+                                       "path": COLAB
+                                   }})
   client.execute(env=_kernel_env(tmp_path))  # Raises CellExecutionError, with the cell and traceback, on an error.
   print(f"{name}: {time.time() - t0:.1f} s")
 

@@ -20,7 +20,6 @@ from spectral_soup.online import exact_mdp as em
 
 _U, _N, _K = 16, 24, 6  # The shared batch shape of the robustness tests (one compilation).
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Independent references (float64).
 # ----------------------------------------------------------------------------------------------------------------------
@@ -45,8 +44,8 @@ def _scipy_fit(x, p, l2, mu=None, *, constraint=None, box=None):
   num = np.shape(x)[1]
   if constraint == "simplex":
     res = optimize.minimize(f, np.full(num, 1.0 / num), jac=True, method="SLSQP", bounds=[(0.0, None)] * num,
-                            constraints=[dict(type="eq", fun=lambda w: w.sum() - 1.0, jac=lambda w: np.ones(num))],
-                            options=dict(ftol=1e-14, maxiter=1000))
+                            constraints=[dict(type="eq", fun=lambda w: w.sum() - 1.0,
+                                              jac=lambda w: np.ones(num))], options=dict(ftol=1e-14, maxiter=1000))
   else:
     res = optimize.minimize(f, np.zeros(num), jac=True, method="L-BFGS-B", bounds=None if box is None else [box] * num,
                             options=dict(ftol=1e-15, gtol=1e-10, maxiter=10000, maxfun=100000))
@@ -126,8 +125,8 @@ def test_masks_warm_start_prior_and_single_user_form():
   # A prior mean: the l2 penalty is centered there.
   mu = np.full(_K, 1.0 / _K, np.float32)
   lam_mu = np.asarray(fit(x_pad, p_pad, mask=mask, prior_mean=mu))
-  np.testing.assert_allclose(lam_mu[2], _scipy_fit(x[2, :num_real[2]], p[2, :num_real[2]], 0.5, mu),
-                             rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(lam_mu[2], _scipy_fit(x[2, :num_real[2]], p[2, :num_real[2]], 0.5, mu), rtol=1e-3,
+                             atol=1e-3)
 
 
 def test_degenerate_feedback_is_finite_and_posterior_positive_definite():
@@ -248,8 +247,8 @@ def test_simplex_and_box_projections():
   # Matches a brute-force projection (scipy) on a few points.
   for u in range(2, 6):
     row = y[u].astype(np.float64)
-    res = optimize.minimize(lambda v, r=row: (np.sum((v - r)**2), 2 * (v - r)), np.full(7, 1 / 7), jac=True,
-                            method="SLSQP", bounds=[(0, None)] * 7,
+    res = optimize.minimize(lambda v, r=row: (np.sum(
+        (v - r)**2), 2 * (v - r)), np.full(7, 1 / 7), jac=True, method="SLSQP", bounds=[(0, None)] * 7,
                             constraints=[dict(type="eq", fun=lambda v: v.sum() - 1)], options=dict(ftol=1e-14))
     np.testing.assert_allclose(x[u], res.x, atol=1e-5)
   np.testing.assert_allclose(online.project_box(y[:3], -1.0, 2.0), np.clip(y[:3], -1.0, 2.0))

@@ -32,13 +32,17 @@ COOKING_PROMPT = "How long should I boil an egg to get a soft, runny yolk?"
 COOKING_ANSWER = ("Put the egg in boiling water for about six minutes, then cool it in cold water; the yolk will "
                   "stay soft and runny.")
 FOOTBALL_ANSWER = "The striker scored twice in the second half and the team won the league championship."
-ODD = ["", "   ", "\n\t", ":)", "12345 678", "😀😀😀", "!!!???", "...", "x", "Ça va très bien, merci beaucoup.",
-       "word " * 400, "e.g. i.e. etc.", "- \n- \n1.", "```\ncode\n```"]
+ODD = [
+    "", "   ", "\n\t", ":)", "12345 678", "😀😀😀", "!!!???", "...", "x", "Ça va très bien, merci beaucoup.",
+    "word " * 400, "e.g. i.e. etc.", "- \n- \n1.", "```\ncode\n```"
+]
 
 
 def _no_network(mp: pytest.MonkeyPatch) -> None:
+
   def refuse(*args, **kwargs):
     raise OSError("network access is disabled in this test")
+
   for name in ("socket", "create_connection", "getaddrinfo"):
     mp.setattr(socket, name, refuse)
 
@@ -121,8 +125,21 @@ def test_batch_matches_single(name, request):
 
 
 def test_syllables():
-  expected = {"cat": 1, "table": 2, "readability": 5, "photosynthesis": 5, "beautiful": 3, "make": 1, "jumped": 1,
-              "wanted": 2, "studio": 3, "don't": 1, "well-known": 2, "quiet": 2, "every": 3}
+  expected = {
+      "cat": 1,
+      "table": 2,
+      "readability": 5,
+      "photosynthesis": 5,
+      "beautiful": 3,
+      "make": 1,
+      "jumped": 1,
+      "wanted": 2,
+      "studio": 3,
+      "don't": 1,
+      "well-known": 2,
+      "quiet": 2,
+      "every": 3
+  }
   got = {w: text_lib.syllables(w) for w in expected}
   wrong = {w: (got[w], n) for w, n in expected.items() if abs(got[w] - n) > (1 if w == "every" else 0)}
   assert not wrong, wrong
@@ -152,9 +169,9 @@ def test_readability_offline_and_ordered(monkeypatch):
 
 
 def test_sentiment_ordered():
-  friendly, rude, neutral = _score("sentiment", ["q"] * 3, ["Thanks so much, happy to help! :)",
-                                                             "This is a stupid question.",
-                                                             "The meeting is on Tuesday."])
+  friendly, rude, neutral = _score(
+      "sentiment", ["q"] * 3,
+      ["Thanks so much, happy to help! :)", "This is a stupid question.", "The meeting is on Tuesday."])
   assert friendly > 0.5 and rude < -0.3 and abs(neutral) < 0.05
   mean = R.SentimentReward(aggregate="sentence_mean")(["q", "q"], ["Great! Love it.", "Awful. I hate it."])
   assert mean[0] > 0 > mean[1]
@@ -190,8 +207,9 @@ def test_density_ordered_and_registered():
   assert reward.name == "density" and reward.range == (0.0, 1.0) and "denser" in reward.description
   assert reward.config() == {} and repr(reward) == "DensityReward()"
   assert R.make_reward("density", **reward.config()).config() == reward.config()
-  np.testing.assert_array_equal(scores, R.VerbosityReward(mode="density")(["q"] * 5, [dense, filler, "",
-                                                                                       "12345 !!!", "good " * 60]))
+  np.testing.assert_array_equal(
+      scores,
+      R.VerbosityReward(mode="density")(["q"] * 5, [dense, filler, "", "12345 !!!", "good " * 60]))
   assert "density" not in R.DEFAULT_ATTRIBUTES and R.make_reward("verbosity").name == "verbosity"
 
   names = ["readability", "verbosity", "sentiment", "density", "formality"]
@@ -206,8 +224,8 @@ def test_density_ordered_and_registered():
 def test_formality_ordered():
   casual, formal = _score("formality", ["q", "q"], ["hey gonna grab food lol", "I shall attend the meeting."])
   assert casual < -0.9 and formal > 0.5
-  chatty, plain, legal = _score("formality", ["q"] * 3, ["Sure! Here's what you'll need, it's super easy!!",
-                                                          COOKING_ANSWER, LEGAL])
+  chatty, plain, legal = _score("formality", ["q"] * 3,
+                                ["Sure! Here's what you'll need, it's super easy!!", COOKING_ANSWER, LEGAL])
   assert chatty < plain < legal
 
 

@@ -46,9 +46,15 @@ def test_simplex_and_prior():
   np.testing.assert_allclose(pinned["log_likelihood"][0], want, rtol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"folds": 1}, "folds=1"), ({"folds": 65}, "folds=65"), ({"l2s": [0.0]}, "positive"),
-    ({"constraint": "box"}, "constraint='box'")])
+@pytest.mark.parametrize("kwargs, match", [({
+    "folds": 1
+}, "folds=1"), ({
+    "folds": 65
+}, "folds=65"), ({
+    "l2s": [0.0]
+}, "positive"), ({
+    "constraint": "box"
+}, "constraint='box'")])
 def test_bad_arguments(kwargs, match):
   features, prefs = _comparisons()
   kwargs = {"l2s": [1.0], **kwargs}
@@ -75,8 +81,9 @@ def _workdir(tmp_path, split="dev", name="run"):
 
 def test_cli_chooses_every_learner(tmp_path, capsys):
   path = str(tmp_path / "out.json")
-  rc = choose_online_l2.main([_workdir(tmp_path, name="a"), _workdir(tmp_path, name="b"), "--l2s=0.1,1e4",
-                              "--json", path])
+  rc = choose_online_l2.main(
+      [_workdir(tmp_path, name="a"),
+       _workdir(tmp_path, name="b"), "--l2s=0.1,1e4", "--json", path])
   assert rc == 0
   out = json.load(open(path))["learners"]
   # Runs on the implicit rewards are also scored on the reward model's features, which they always save.
@@ -93,10 +100,17 @@ def test_cli_scores_the_other_kind_of_features(tmp_path):
   workdir.mkdir()
   features, prefs = _comparisons()
   noise, _ = _comparisons(seed=1)
-  np.savez(workdir / "comparisons.npz", features=features, pad_features=features, implicit_features=noise,
-           prefs=prefs)
-  config = {"eval": {"split": "dev"}, "online": {"constraint": "nonnegative", "prior_mean": -1.0,
-                                                 "features": "reward_model"}}
+  np.savez(workdir / "comparisons.npz", features=features, pad_features=features, implicit_features=noise, prefs=prefs)
+  config = {
+      "eval": {
+          "split": "dev"
+      },
+      "online": {
+          "constraint": "nonnegative",
+          "prior_mean": -1.0,
+          "features": "reward_model"
+      }
+  }
   (workdir / "config.json").write_text(json.dumps(config))
   path = str(tmp_path / "out.json")
   assert choose_online_l2.main([str(workdir), "--l2s=0.1,1", "--json", path]) == 0

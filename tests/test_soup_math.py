@@ -73,8 +73,8 @@ class ExplicitSoupTest(chex.TestCase):
     basis_shift = _normal(2, (self.num_bases,) + self.shape[:-1] + (1,), 10.0)  # per basis, per row.
     ref_shift = _normal(3, self.shape[:-1] + (1,), 10.0)
     soup_fn = self.variant(soup.soup_logits)
-    chex.assert_trees_all_close(
-        soup_fn(self.ref + ref_shift, self.basis + basis_shift, lam), soup_fn(self.ref, self.basis, lam), atol=_ATOL)
+    chex.assert_trees_all_close(soup_fn(self.ref + ref_shift, self.basis + basis_shift, lam),
+                                soup_fn(self.ref, self.basis, lam), atol=_ATOL)
 
   def test_low_precision_input_gives_normalized_float32(self):
     out = soup.soup_logits(self.ref.astype(jnp.bfloat16), self.basis.astype(jnp.bfloat16), jnp.asarray([0.2, 0.3, 0.1]))
@@ -120,8 +120,7 @@ class ModCombineTest(chex.TestCase):
     self.logps = _log_softmax64(_normal(10, (4, 3, 9), 2.0)).astype(np.float32)  # [N, B, V]
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(("reverse_kl", None), ("forward_kl", None), ("alpha", 0.5), ("alpha", 2.0),
-                            ("alpha", -0.5))
+  @parameterized.parameters(("reverse_kl", None), ("forward_kl", None), ("alpha", 0.5), ("alpha", 2.0), ("alpha", -0.5))
   def test_equal_weights_over_identical_inputs_return_input(self, divergence, alpha):
     num = 3
     stacked = jnp.broadcast_to(self.logps[0], (num,) + self.logps.shape[1:])
@@ -172,8 +171,12 @@ class ParamSoupTest(chex.TestCase):
     self.num_bases, dim, vocab = 3, 16, 13
     self.hidden = _normal(20, (5, dim))  # h(s): [B, D]
     self.ref_params = {"head": {"w": _normal(21, (dim, vocab)), "bias": _normal(22, (vocab,))}}
-    self.basis_params = {"head": {"w": _normal(23, (self.num_bases, dim, vocab)),
-                                  "bias": _normal(24, (self.num_bases, vocab))}}
+    self.basis_params = {
+        "head": {
+            "w": _normal(23, (self.num_bases, dim, vocab)),
+            "bias": _normal(24, (self.num_bases, vocab))
+        }
+    }
 
   def _logits(self, params):
     head = params["head"]
@@ -234,15 +237,23 @@ class LoraSoupTest(chex.TestCase):
     self.num_bases, self.scale = 3, 0.5
     # Two adapters, one with a layers axis L = 2: a [K, L, in, r], b [K, L, r, out].
     self.stacked = {
-        "attn_q": {"a": _normal(30, (3, 2, 8, 4)), "b": _normal(31, (3, 2, 4, 6))},
-        "mlp_up": {"a": _normal(32, (3, 5, 2)), "b": _normal(33, (3, 2, 7))},
+        "attn_q": {
+            "a": _normal(30, (3, 2, 8, 4)),
+            "b": _normal(31, (3, 2, 4, 6))
+        },
+        "mlp_up": {
+            "a": _normal(32, (3, 5, 2)),
+            "b": _normal(33, (3, 2, 7))
+        },
     }
 
   def _weighted_sum(self, lam):
     """float64 scale * sum_k lam_k a_k @ b_k, per adapter."""
     lam = np.asarray(lam, np.float64)
-    return {name: self.scale * np.einsum("k,k...ir,k...ro->...io", lam, ad["a"].astype(np.float64), ad["b"])
-            for name, ad in self.stacked.items()}
+    return {
+        name: self.scale * np.einsum("k,k...ir,k...ro->...io", lam, ad["a"].astype(np.float64), ad["b"])
+        for name, ad in self.stacked.items()
+    }
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(([0.5, 0.3, 0.4],), ([1.0, 0.0, 0.0],), ([0.0, 0.0, 1.0],), ([0.9, -0.5, 0.2],))

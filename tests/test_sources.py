@@ -41,8 +41,19 @@ def tokenizer(root):
 
 ALL_TRAIN = {"validation_fraction": 0.0, "test_fraction": 0.0}
 MANUAL = {"ultrafeedback": "uf", "helpsteer2": "hs", "psoups": "ps"}
-DEFAULT_BUILDER_CONFIGS = {"ultrafeedback": {"base": "all", **ALL_TRAIN}, "helpsteer2": {"base": "pairs"},
-                           "psoups": {"base": "default", **ALL_TRAIN}}
+DEFAULT_BUILDER_CONFIGS = {
+    "ultrafeedback": {
+        "base": "all",
+        **ALL_TRAIN
+    },
+    "helpsteer2": {
+        "base": "pairs"
+    },
+    "psoups": {
+        "base": "default",
+        **ALL_TRAIN
+    }
+}
 
 
 def _config(source, root, *, num_bases, builder_config=None, **data):
@@ -85,8 +96,8 @@ def _assert_padding(arrays):
   for name in ("prompt_mask", "response_a_mask", "response_b_mask"):
     mask = arrays[name]
     count = mask.sum(1)
-    expected = (np.arange(mask.shape[1])[None] >= mask.shape[1] - count[:, None]) if name == "prompt_mask" else (
-        np.arange(mask.shape[1])[None] < count[:, None])
+    expected = (np.arange(mask.shape[1])[None] >= mask.shape[1] -
+                count[:, None]) if name == "prompt_mask" else (np.arange(mask.shape[1])[None] < count[:, None])
     np.testing.assert_array_equal(mask, expected, err_msg=name)
     assert (count > 0).all(), name
 
@@ -97,8 +108,11 @@ def _assert_padding(arrays):
 
 def test_source_attributes_match_the_builders():
   from spectral_soup.data.builders import helpsteer2, psoups, ultrafeedback
-  assert sources.SOURCE_ATTRIBUTES == {"ultrafeedback": ultrafeedback.ATTRIBUTES, "helpsteer2": helpsteer2.ATTRIBUTES,
-                                       "psoups": psoups.POLES}
+  assert sources.SOURCE_ATTRIBUTES == {
+      "ultrafeedback": ultrafeedback.ATTRIBUTES,
+      "helpsteer2": helpsteer2.ATTRIBUTES,
+      "psoups": psoups.POLES
+  }
   assert set(sources.BUILDER_SOURCES) <= set(builders.BUILDERS)
 
 
@@ -117,9 +131,13 @@ def test_weightings_one_hot_then_seeded_dirichlet():
 
 
 def test_basis_labels_are_bt_labels_of_the_weighted_difference():
-  d = np.asarray([[1.0, -2.0, 0.0],
-                  [0.5, 0.5, np.nan],    # Attribute 2 missing.
-                  [0.0, 0.0, 0.0]], np.float32)
+  d = np.asarray(
+      [
+          [1.0, -2.0, 0.0],
+          [0.5, 0.5, np.nan],  # Attribute 2 missing.
+          [0.0, 0.0, 0.0]
+      ],
+      np.float32)
   w = np.asarray([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0], [0.2, 0.3, 0.5], [0.9, 0.1, 0]], np.float32)
   labels = sources.basis_labels(d, w)
   # One-hot rows: the per-attribute sign labels (ties and missing -> -1).
@@ -127,8 +145,8 @@ def test_basis_labels_are_bt_labels_of_the_weighted_difference():
   # Mixtures: the sign of w . d; a missing attribute only silences the bases that weight it.
   np.testing.assert_array_equal(labels[:, 3:], [[0, 0, 1], [1, -1, 1], [-1, -1, -1]])
   # A margin turns small weighted differences into ties.
-  np.testing.assert_array_equal(sources.basis_labels(d, w, margin=0.6)[:, 3:], [[-1, -1, 1], [-1, -1, -1],
-                                                                               [-1, -1, -1]])
+  np.testing.assert_array_equal(
+      sources.basis_labels(d, w, margin=0.6)[:, 3:], [[-1, -1, 1], [-1, -1, -1], [-1, -1, -1]])
   scores = sources.weighted(np.asarray([[3.0, np.nan, 1.0]], np.float32), w)
   np.testing.assert_allclose(scores, [[3.0, np.nan, 1.0, np.nan, np.nan, np.nan]])
 

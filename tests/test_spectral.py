@@ -149,8 +149,11 @@ def test_lora_update_row_scale_is_a_weighted_sum():
   b = jax.random.normal(keys[1], (k, r, n_out))
   lam = jax.random.normal(keys[2], (rows, k))
   x = jax.random.normal(keys[3], (rows, 3, n_in))
-  adapter = {"a": jnp.transpose(a, (1, 0, 2)).reshape(n_in, k * r), "b": b.reshape(k * r, n_out),
-             "row_scale": jnp.repeat(lam, r, axis=-1)}
+  adapter = {
+      "a": jnp.transpose(a, (1, 0, 2)).reshape(n_in, k * r),
+      "b": b.reshape(k * r, n_out),
+      "row_scale": jnp.repeat(lam, r, axis=-1)
+  }
   got = layers.lora_update(x, adapter, 1, (n_out,))
   delta = jnp.einsum("uk,kio->uio", lam, jnp.einsum("kir,kro->kio", a, b))
   np.testing.assert_allclose(got, jnp.einsum("uti,uio->uto", x, delta), rtol=1e-5, atol=1e-5)

@@ -10,18 +10,33 @@ from experiments import summarize_runs
 
 def _write_run(directory, rewards, gain, significant, accuracy):
   os.makedirs(directory, exist_ok=True)
-  methods = {name: {"mean_reward": r, "kl": 2 * r, "normalized_score": r / gain}
-             for name, r in rewards.items()}
+  methods = {name: {"mean_reward": r, "kl": 2 * r, "normalized_score": r / gain} for name, r in rewards.items()}
   with open(os.path.join(directory, "results.json"), "w") as f:
-    json.dump({"methods": methods, "bespoke_gain": gain, "bespoke_gain_ci": [gain - 0.1, gain + 0.1],
-               "bespoke_gain_significant": significant,
-               "offline": {"heads": ["basis:a", "bespoke:0"], "heldout_accuracy": accuracy}}, f)
+    json.dump(
+        {
+            "methods": methods,
+            "bespoke_gain": gain,
+            "bespoke_gain_ci": [gain - 0.1, gain + 0.1],
+            "bespoke_gain_significant": significant,
+            "offline": {
+                "heads": ["basis:a", "bespoke:0"],
+                "heldout_accuracy": accuracy
+            }
+        }, f)
   return str(directory)
 
 
 def test_means_spreads_and_significance_gate(tmp_path):
-  runs = [_write_run(tmp_path / "s0", {"reference": 0.1, "bespoke": 0.5}, 0.4, True, [0.6, 0.7]),
-          _write_run(tmp_path / "s1", {"reference": 0.3, "bespoke": 0.5}, 0.2, True, [0.8, 0.5])]
+  runs = [
+      _write_run(tmp_path / "s0", {
+          "reference": 0.1,
+          "bespoke": 0.5
+      }, 0.4, True, [0.6, 0.7]),
+      _write_run(tmp_path / "s1", {
+          "reference": 0.3,
+          "bespoke": 0.5
+      }, 0.2, True, [0.8, 0.5])
+  ]
   summary = summarize_runs.summarize(summarize_runs.load_runs(runs))
   ref = summary["methods"]["reference"]["mean_reward"]
   assert ref["mean"] == pytest.approx(0.2) and ref["std"] == pytest.approx(0.1414213, rel=1e-5)
@@ -55,10 +70,17 @@ def test_gains_at_the_bespoke_kl_and_attribute_shifts(tmp_path):
       results = json.load(f)
     results["attributes"] = ["a", "b"]
     results["offline"]["attribute_shift"] = [[shift, 0.0], [0.0, 0.3]]
-    results["offline"]["attribute_shift_ci"] = [[[shift - 0.2, shift + 0.2], [-0.1, 0.1]],
-                                                [[-0.1, 0.1], [0.1, 0.5]]]
-    results["at_bespoke_kl"] = {"spectral_soup_explicit": {"gain": gain, "gain_ci": [gain - 0.1, gain + 0.1]},
-                                "pad": {"gain": 0.1, "gain_ci": [0.0, 0.2]}}
+    results["offline"]["attribute_shift_ci"] = [[[shift - 0.2, shift + 0.2], [-0.1, 0.1]], [[-0.1, 0.1], [0.1, 0.5]]]
+    results["at_bespoke_kl"] = {
+        "spectral_soup_explicit": {
+            "gain": gain,
+            "gain_ci": [gain - 0.1, gain + 0.1]
+        },
+        "pad": {
+            "gain": 0.1,
+            "gain_ci": [0.0, 0.2]
+        }
+    }
     with open(os.path.join(path, "results.json"), "w") as f:
       json.dump(results, f)
     runs.append(path)

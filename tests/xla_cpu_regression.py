@@ -53,7 +53,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 8
 PROBES = ("minimal", "mix", "lora", "decode")
 
-
 # The minimal program, as `probe_minimal` runs it (x: [N, A, M], c: [N], summed over N).
 MINIMAL_SHAPE = (3, 2, 16385)
 # The same reduction at the naive decode's prompt step: [K + 1, U, T, V] log-probs, c: [K + 1, U].
@@ -77,9 +76,11 @@ def probe_minimal(shape=MINIMAL_SHAPE) -> dict:
   # The failure's signature: along axis -2, every index >= 1 holds the true value at index 0.
   rest, first = np.moveaxis(got, -2, 0)[1:], np.moveaxis(want, -2, 0)[:1]
   copies = np.abs(rest - first).max(-1) < 1e-4
-  return {"max_abs_err": float(np.abs(got - want).max()),
-          "copies_of_index_0": float(copies.mean()),
-          "ynn_fusions": float(compiled.as_text().count('"__ynn_fusion"'))}
+  return {
+      "max_abs_err": float(np.abs(got - want).max()),
+      "copies_of_index_0": float(copies.mean()),
+      "ynn_fusions": float(compiled.as_text().count('"__ynn_fusion"'))
+  }
 
 
 def probe_mix(users: int) -> dict:
@@ -94,11 +95,14 @@ def probe_mix(users: int) -> dict:
   def log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
   lp = log_softmax(np.concatenate([ref[None], basis]).astype(np.float64))
   coeffs = np.concatenate([1 - lam.sum(-1, keepdims=True), lam], -1).T.astype(np.float64)
   want = log_softmax(np.sum(coeffs[..., None] * lp, 0))
-  return {"max_abs_err": float(np.abs(got - want).max()),
-          "argmax_match": float(np.mean(got.argmax(-1) == want.argmax(-1)))}
+  return {
+      "max_abs_err": float(np.abs(got - want).max()),
+      "argmax_match": float(np.mean(got.argmax(-1) == want.argmax(-1)))
+  }
 
 
 def probe_lora(users: int) -> dict:
@@ -138,14 +142,15 @@ def probe_decode(users: int, steps: int, model: str) -> dict:
   params = tiny.random_params(shapes, seed=0)
   if backbone is None:  # Well-conditioned random weights (std 1 / sqrt(fan_in)), as in test_decode_reference.
     params["features"]["backbone"] = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.5 * x if jax.tree_util.keystr(p).endswith("['kernel']") else x,
-        params["features"]["backbone"])
+        lambda p, x: 0.5 * x if jax.tree_util.keystr(p).endswith("['kernel']") else x, params["features"]["backbone"])
   else:
     params["features"]["backbone"] = backbone
   rng = np.random.default_rng(users)
   d, v = cfg.embed_dim, cfg.vocab_size
-  params["heads"] = {"a": jnp.asarray(rng.normal(size=(K, d, 8)) / np.sqrt(d), jnp.float32),
-                     "b": jnp.asarray(0.3 * rng.normal(size=(K, 8, v)), jnp.float32)}
+  params["heads"] = {
+      "a": jnp.asarray(rng.normal(size=(K, d, 8)) / np.sqrt(d), jnp.float32),
+      "b": jnp.asarray(0.3 * rng.normal(size=(K, 8, v)), jnp.float32)
+  }
   prompt = rng.integers(10, v, (users, 8)).astype(np.int32)
   lam = rng.dirichlet(np.ones(K + 1), users)[:, 1:].astype(np.float32)
   mask = np.ones(prompt.shape, bool)
@@ -167,8 +172,11 @@ def probe_decode(users: int, steps: int, model: str) -> dict:
 def child(args) -> None:
   import spectral_soup  # pylint: disable=g-import-not-at-top,unused-import
   import jax  # pylint: disable=g-import-not-at-top
-  result = {"jax": jax.__version__, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "package_setting": spectral_soup.XLA_CPU_SAFE}
+  result = {
+      "jax": jax.__version__,
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      "package_setting": spectral_soup.XLA_CPU_SAFE
+  }
   if "minimal" in args.probes:
     result["minimal " + "x".join(map(str, MINIMAL_SHAPE))] = probe_minimal(MINIMAL_SHAPE)
     result["minimal " + "x".join(map(str, PROMPT_SHAPE))] = probe_minimal(PROMPT_SHAPE)
@@ -204,8 +212,11 @@ def main() -> int:
   for name, env in (("defaults", {"SPECTRAL_SOUP_XLA_DEFAULTS": "1"}), ("package", {})):
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     full_env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--probes={','.join(args.probes)}",
-           f"--users={','.join(map(str, args.users))}", f"--steps={args.steps}", f"--model={args.model}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__), "--child", f"--probes={','.join(args.probes)}",
+        f"--users={','.join(map(str, args.users))}", f"--steps={args.steps}", f"--model={args.model}"
+    ]
     proc = subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode:
       print(proc.stderr[-3000:])
@@ -220,8 +231,8 @@ def main() -> int:
     for metric, value in metrics.items():
       default = results["defaults"][probe][metric]
       print(f"{probe:<24} {metric:<26} {default:>14.6g} {value:>14.6g}")
-      if ("err" in metric and value > 1e-3) or (("match" in metric or "ok" in metric or "_vs_" in metric)
-                                                and value < 0.99):
+      if ("err" in metric and value > 1e-3) or (("match" in metric or "ok" in metric or "_vs_" in metric) and
+                                                value < 0.99):
         failed = True
   print("package setting:", "MISMATCH" if failed else "clean")
   return 1 if failed else 0

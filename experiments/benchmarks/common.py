@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Timing.
 
@@ -64,10 +63,12 @@ IDLE_WAIT_S = float(os.environ.get("SPECTRAL_SOUP_BENCH_IDLE_WAIT_S", "120"))  #
 
 def cpu_busy_fraction(window_s: float = 2.0) -> Optional[float]:
   """Fraction of all cores busy over the next `window_s` seconds (/proc/stat), or None where unavailable."""
+
   def read():
     with open("/proc/stat") as f:
       values = [float(v) for v in f.readline().split()[1:]]
     return sum(values), values[3] + (values[4] if len(values) > 4 else 0.0)  # Total, idle + iowait.
+
   try:
     total0, idle0 = read()
     time.sleep(window_s)
@@ -77,8 +78,7 @@ def cpu_busy_fraction(window_s: float = 2.0) -> Optional[float]:
   return max(0.0, 1.0 - (idle1 - idle0) / max(total1 - total0, 1e-9))
 
 
-def wait_for_idle(threshold: float = IDLE_LOAD, max_wait_s: float = IDLE_WAIT_S,
-                  poll_s: float = 5.0) -> Dict[str, Any]:
+def wait_for_idle(threshold: float = IDLE_LOAD, max_wait_s: float = IDLE_WAIT_S, poll_s: float = 5.0) -> Dict[str, Any]:
   """Waits until the 1-minute load average is <= `threshold` (at most `max_wait_s`), before a timed run.
 
   Returns what a result row records: {"load_1m": the load when the run starts, "waited_s", "cpu_busy": the
@@ -92,8 +92,12 @@ def wait_for_idle(threshold: float = IDLE_LOAD, max_wait_s: float = IDLE_WAIT_S,
     time.sleep(poll_s)
     load = os.getloadavg()[0]
   busy = cpu_busy_fraction() if max_wait_s > 0 else None  # Waiting off (tests, GPU budgets): no 2 s reading.
-  return {"load_1m": round(load, 2), "waited_s": round(time.perf_counter() - start, 1),
-          "cpu_busy": None if busy is None else round(busy, 3), "under_load": load > threshold}
+  return {
+      "load_1m": round(load, 2),
+      "waited_s": round(time.perf_counter() - start, 1),
+      "cpu_busy": None if busy is None else round(busy, 3),
+      "under_load": load > threshold
+  }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,8 +189,12 @@ def machine_rates(matmul_size: int = 2_048, copy_mb: int = 256, repeats: int = 5
 
   t_copy = time_call(step, repeats=repeats, sync=jax_sync)["min_s"]
   del a, b, state
-  return {"matmul_flops_per_s": 2 * n**3 / t_mm, "bandwidth_bytes_per_s": 2 * copy_mb * 2**20 / t_copy,
-          "matmul_size": n, "copy_mb": copy_mb}
+  return {
+      "matmul_flops_per_s": 2 * n**3 / t_mm,
+      "bandwidth_bytes_per_s": 2 * copy_mb * 2**20 / t_copy,
+      "matmul_size": n,
+      "copy_mb": copy_mb
+  }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,8 +263,14 @@ def result(name: str, config: Dict[str, Any], rows: List[Dict[str, Any]], speedu
   `cpu_s` (CPU seconds of the whole benchmark so far, subprocesses included) tells how long the run would take
   on an otherwise idle machine better than its wall time on a loaded one: between cpu_s / cores and cpu_s.
   """
-  out = {"name": name, "config": config, "machine": machine_info(), "rows": rows, "speedup": speedup,
-         "cpu_s": cpu_seconds()}
+  out = {
+      "name": name,
+      "config": config,
+      "machine": machine_info(),
+      "rows": rows,
+      "speedup": speedup,
+      "cpu_s": cpu_seconds()
+  }
   out.update(extra)
   return out
 

@@ -71,19 +71,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--bases", type=int, default=8, help="K: basis policies.")
   p.add_argument("--new_tokens", type=int, default=16, help="N: tokens generated per user (greedy).")
   p.add_argument("--prompt_len", type=int, default=8, help="Prompt tokens per user.")
-  p.add_argument("--model", default="smollm2", choices=MODELS,
-                 help="smollm2: the embedded SmolLM2-135M-Instruct (random weights of its shape where the GGUF is "
-                      "not installed); smollm2-random: that shape with random weights; tiny: a 2-layer random "
-                      "Llama (tests).")
+  p.add_argument(
+      "--model", default="smollm2", choices=MODELS,
+      help="smollm2: the embedded SmolLM2-135M-Instruct (random weights of its shape where the GGUF is "
+      "not installed); smollm2-random: that shape with random weights; tiny: a 2-layer random "
+      "Llama (tests).")
   p.add_argument("--head_rank", type=int, default=8, help="Rank of each basis head.")
   p.add_argument("--lora_rank", type=int, default=8, help="Rank of each LoRA basis (q_proj, v_proj).")
   p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"Comma-separated, from {ALL_VARIANTS}.")
   p.add_argument("--repeats", type=int, default=3,
                  help="Timed runs per variant (after one compile run); the row reports their median and spread.")
   p.add_argument("--torch_device", default="cpu", help="Device of the PyTorch variants (cpu, cuda).")
-  p.add_argument("--no_torch_check", action="store_true",
-                 help="Do not add the PyTorch loops that check every variant's tokens (only where they cannot run "
-                      "in time, e.g. a CPU-only torch next to a GPU); naive/heads, if run, is then the reference.")
+  p.add_argument(
+      "--no_torch_check", action="store_true",
+      help="Do not add the PyTorch loops that check every variant's tokens (only where they cannot run "
+      "in time, e.g. a CPU-only torch next to a GPU); naive/heads, if run, is then the reference.")
   p.add_argument("--matmul_size", type=int, default=2_048, help="n of the [n, n] matmul that measures FLOP/s.")
   p.add_argument("--copy_mb", type=int, default=256, help="MiB of the array copy that measures the bandwidth.")
   p.add_argument("--seed", type=int, default=0)
@@ -99,21 +101,25 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def tiny_hf_config():
   import transformers  # pylint: disable=g-import-not-at-top
-  return transformers.LlamaConfig(
-      vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
-      rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, eos_token_id=None, bos_token_id=None,
-      pad_token_id=0, initializer_range=0.1)
+  return transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                  rope_parameters={
+                                      "rope_type": "default",
+                                      "rope_theta": 10_000.0
+                                  }, eos_token_id=None, bos_token_id=None, pad_token_id=0, initializer_range=0.1)
 
 
 def smollm2_hf_config():
   """SmolLM2-135M-Instruct's architecture (as its GGUF describes it), for random weights of the same shape."""
   import transformers  # pylint: disable=g-import-not-at-top
-  return transformers.LlamaConfig(
-      vocab_size=49_152, hidden_size=576, intermediate_size=1_536, num_hidden_layers=30, num_attention_heads=9,
-      num_key_value_heads=3, head_dim=64, max_position_embeddings=8_192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-      rope_parameters={"rope_type": "default", "rope_theta": 100_000.0}, bos_token_id=1, eos_token_id=2,
-      pad_token_id=2)
+  return transformers.LlamaConfig(vocab_size=49_152, hidden_size=576, intermediate_size=1_536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                  max_position_embeddings=8_192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                  rope_parameters={
+                                      "rope_type": "default",
+                                      "rope_theta": 100_000.0
+                                  }, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
 def random_llama_state(hf_config, seed: int) -> Dict[str, np.ndarray]:
@@ -127,10 +133,15 @@ def random_llama_state(hf_config, seed: int) -> Dict[str, np.ndarray]:
   d, hd = c.hidden_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
   normal = lambda shape, std: (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
   state = {"model.embed_tokens.weight": normal((c.vocab_size, d), 0.5), "model.norm.weight": np.ones(d, np.float32)}
-  shapes = {"self_attn.q_proj": (c.num_attention_heads * hd, d), "self_attn.k_proj": (c.num_key_value_heads * hd, d),
-            "self_attn.v_proj": (c.num_key_value_heads * hd, d), "self_attn.o_proj": (d, c.num_attention_heads * hd),
-            "mlp.gate_proj": (c.intermediate_size, d), "mlp.up_proj": (c.intermediate_size, d),
-            "mlp.down_proj": (d, c.intermediate_size)}
+  shapes = {
+      "self_attn.q_proj": (c.num_attention_heads * hd, d),
+      "self_attn.k_proj": (c.num_key_value_heads * hd, d),
+      "self_attn.v_proj": (c.num_key_value_heads * hd, d),
+      "self_attn.o_proj": (d, c.num_attention_heads * hd),
+      "mlp.gate_proj": (c.intermediate_size, d),
+      "mlp.up_proj": (c.intermediate_size, d),
+      "mlp.down_proj": (d, c.intermediate_size)
+  }
   for i in range(c.num_hidden_layers):
     for name, shape in shapes.items():
       state[f"model.layers.{i}.{name}.weight"] = normal(shape, 1.0 / np.sqrt(shape[1]))
@@ -150,8 +161,9 @@ def prepare(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
     try:
       path = embedded.smollm2_gguf_path()
     except FileNotFoundError as e:
-      print(f"decode: {e}\ndecode: using SmolLM2's architecture with random weights instead "
-            "(--model=smollm2-random; the speed does not depend on the weights).", flush=True)
+      print(
+          f"decode: {e}\ndecode: using SmolLM2's architecture with random weights instead "
+          "(--model=smollm2-random; the speed does not depend on the weights).", flush=True)
       weights = "smollm2-random"
   if weights == "smollm2":
     from spectral_soup.models import gguf_import  # pylint: disable=g-import-not-at-top
@@ -180,8 +192,8 @@ def prepare(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
       "heads_b": (0.3 * rng.normal(size=(k, args.head_rank, v))).astype(np.float32),
   }
   for name, (n_in, n_out) in lora_shapes(cfg).items():
-    inputs[f"lora_{name}_a"] = (rng.normal(size=(k, cfg.num_layers, n_in, args.lora_rank)) /
-                                np.sqrt(n_in)).astype(np.float32)
+    inputs[f"lora_{name}_a"] = (rng.normal(size=(k, cfg.num_layers, n_in, args.lora_rank)) / np.sqrt(n_in)).astype(
+        np.float32)
     inputs[f"lora_{name}_b"] = (0.05 * rng.normal(size=(k, cfg.num_layers, args.lora_rank, n_out))).astype(np.float32)
   np.savez(os.path.join(workdir, "inputs.npz"), **inputs)
   args.weights = weights  # Recorded in the JSON's config.
@@ -238,9 +250,8 @@ def run_jax_variant(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
   n = args.new_tokens
   if variant == "single":
     logits_fn = decoding.model_logits_fn(Transformer(cfg))
-    fn = lambda: decoding.decode(logits_fn, backbone, prompt, mask, init_cache(cfg, prompt.shape[0],
-                                                                               prompt.shape[1] + n),
-                                 jax.random.key(0), max_new_tokens=n)
+    fn = lambda: decoding.decode(logits_fn, backbone, prompt, mask, init_cache(cfg, prompt.shape[0], prompt.shape[1] + n
+                                                                              ), jax.random.key(0), max_new_tokens=n)
   else:
     mode, kind = variant.split("/")
     policy = SpectralPolicy(cfg, num_bases=args.bases, basis_kind=kind, head_rank=args.head_rank,
@@ -249,11 +260,12 @@ def run_jax_variant(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
     if kind == "heads":
       params["heads"] = {"a": jnp.asarray(inputs["heads_a"]), "b": jnp.asarray(inputs["heads_b"])}
     else:
-      params["lora"] = {f"{name}_{part}": jnp.asarray(inputs[f"lora_{name}_{part}"])
-                        for name in LORA_TARGETS for part in ("a", "b")}
+      params["lora"] = {
+          f"{name}_{part}": jnp.asarray(inputs[f"lora_{name}_{part}"]) for name in LORA_TARGETS for part in ("a", "b")
+      }
     abstract = jax.eval_shape(policy.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    want = jax.tree.map(lambda x: x.shape, jax.tree.map(lambda x: getattr(x, "value", x), abstract,
-                                                        is_leaf=lambda x: hasattr(x, "value")))
+    want = jax.tree.map(lambda x: x.shape,
+                        jax.tree.map(lambda x: getattr(x, "value", x), abstract, is_leaf=lambda x: hasattr(x, "value")))
     if jax.tree.map(lambda x: x.shape, params) != want:
       raise AssertionError(f"policy parameters do not match SpectralPolicy's shapes for {variant}.")
     fn = lambda: serving.generate(policy, params, lam, prompt, mask, mode=mode, max_new_tokens=n)
@@ -268,8 +280,14 @@ def run_jax_variant(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
     t0 = time.perf_counter()
     tokens, _ = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return {"variant": variant, "time_s": float(np.median(times)), "times_s": times, "first_s": first_s,
-          "resident_before_mb": resident_mb, **_memory_reading(), "tokens": np.asarray(tokens).tolist()}
+  return {
+      "variant": variant,
+      "time_s": float(np.median(times)),
+      "times_s": times,
+      "first_s": first_s,
+      "resident_before_mb": resident_mb,
+      **_memory_reading(), "tokens": np.asarray(tokens).tolist()
+  }
 
 
 def run_torch_variant(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
@@ -293,8 +311,8 @@ def run_torch_variant(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
     prompt = torch.from_numpy(inputs["prompt"]).long().to(device)
     model.generation_config.eos_token_id = None  # Exactly `new_tokens` tokens, as our loop without eos_id.
     model.generation_config.pad_token_id = 0
-    run = lambda new_tokens: model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                            max_new_tokens=new_tokens, do_sample=False)[:, prompt.shape[1]:]
+    run = lambda new_tokens: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                            do_sample=False)[:, prompt.shape[1]:]
     return _time_torch(args, variant, run, device)
   lam = torch.from_numpy(inputs["lam"]).to(device)
   weights = torch.cat([1.0 - lam.sum(-1, keepdim=True), lam], dim=-1)  # [U, K + 1]
@@ -304,7 +322,9 @@ def run_torch_variant(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
 
   switches = []
   if kind == "lora":  # PEFT-style: the base projection plus the active adapter (none for the reference).
+
     class Switched(torch.nn.Module):
+
       def __init__(self, base, a, b):
         super().__init__()
         self.base, self.a, self.b, self.active = base, a, b, -1
@@ -368,9 +388,15 @@ def _time_torch(args: argparse.Namespace, variant: str, generate, device) -> Dic
   memory = _memory_reading(sync_device_stats=False)
   if device.type == "cuda":
     memory["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-  return {"variant": variant, "time_s": float(np.median(times)), "times_s": times, "first_s": first_s,
-          "resident_before_mb": resident_mb, **memory, "tokens": tokens.cpu().numpy().tolist(),
-          "torch_threads": torch.get_num_threads()}
+  return {
+      "variant": variant,
+      "time_s": float(np.median(times)),
+      "times_s": times,
+      "first_s": first_s,
+      "resident_before_mb": resident_mb,
+      **memory, "tokens": tokens.cpu().numpy().tolist(),
+      "torch_threads": torch.get_num_threads()
+  }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,14 +428,19 @@ def cost(cfg, args: argparse.Namespace, variant: str) -> Dict[str, float]:
     extra_flops = u * k * num_layers * 2 * args.lora_rank * io
     extra_bytes = 4 * k * num_layers * args.lora_rank * io
   step_flops = rows * (2 * matmul_params + 4 * num_layers * h * hd * context) + extra_flops
-  step_bytes = (passes * weight_bytes + rows * context * cache_bytes_per_token + extra_bytes
-                + 2 * 4 * logit_rows * v)
+  step_bytes = (passes * weight_bytes + rows * context * cache_bytes_per_token + extra_bytes + 2 * 4 * logit_rows * v)
   prefill_flops = p * (rows * (2 * matmul_params + 2 * num_layers * h * hd * p) + extra_flops)
   prefill_bytes = passes * weight_bytes + rows * p * cache_bytes_per_token + extra_bytes + 2 * 4 * logit_rows * v
-  return {"step_gflop": step_flops / 1e9, "step_mb": step_bytes / 2**20, "prefill_gflop": prefill_flops / 1e9,
-          "prefill_mb": prefill_bytes / 2**20, "weight_mb": weight_bytes / 2**20,
-          "kv_cache_mb": rows * (p + n) * cache_bytes_per_token / 2**20, "passes_per_step": passes,
-          "backbone_rows_per_step": rows}
+  return {
+      "step_gflop": step_flops / 1e9,
+      "step_mb": step_bytes / 2**20,
+      "prefill_gflop": prefill_flops / 1e9,
+      "prefill_mb": prefill_bytes / 2**20,
+      "weight_mb": weight_bytes / 2**20,
+      "kv_cache_mb": rows * (p + n) * cache_bytes_per_token / 2**20,
+      "passes_per_step": passes,
+      "backbone_rows_per_step": rows
+  }
 
 
 def floor_seconds(c: Dict[str, float], rates: Dict[str, float], new_tokens: int) -> Dict[str, float]:
@@ -447,9 +478,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     prepare_s = time.perf_counter() - t0
     rates = common.machine_rates(args.matmul_size, args.copy_mb)
     rows: List[Dict[str, Any]] = []
-    child_args = [f"--{key}={value}" for key, value in vars(args).items()
-                  if key not in ("json", "child", "workdir", "variants", "no_torch_check", "weights")
-                  and value is not None]
+    child_args = [
+        f"--{key}={value}" for key, value in vars(args).items()
+        if key not in ("json", "child", "workdir", "variants", "no_torch_check", "weights") and value is not None
+    ]
     for variant in variants:
       module = f"experiments.benchmarks.{NAME}"
       # OpenMP threads that spin while they wait make PyTorch many times slower whenever another process shares
@@ -462,12 +494,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       out.update(cost(cfg, args, variant))
       out.update(floor_seconds(out, rates, args.new_tokens))
       out["tokens_per_s"] = args.users * args.new_tokens / out["time_s"]
-      out["tokens_per_s_range"] = [args.users * args.new_tokens / max(out["times_s"]),
-                                   args.users * args.new_tokens / min(out["times_s"])]
+      out["tokens_per_s_range"] = [
+          args.users * args.new_tokens / max(out["times_s"]), args.users * args.new_tokens / min(out["times_s"])
+      ]
       out["share_of_floor"] = out["floor_total_s"] / out["time_s"]
       rows.append(out)
-      print(f"  {variant}: {out['tokens_per_s']:.1f} tokens/s, peak {out['peak_rss_mb']:.0f} MiB "
-            f"(compile run {out['first_s']:.1f} s)", flush=True)
+      print(
+          f"  {variant}: {out['tokens_per_s']:.1f} tokens/s, peak {out['peak_rss_mb']:.0f} MiB "
+          f"(compile run {out['first_s']:.1f} s)", flush=True)
   finally:
     if cleanup:
       shutil.rmtree(workdir, ignore_errors=True)
@@ -481,8 +515,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     r["memory_vs_single"] = r.get(memory_key, 0) / single[memory_key] if single and single.get(memory_key) else None
   wrong = compare_tokens(rows, naive_fallback=args.no_torch_check)
   if wrong:
-    print(f"WRONG TOKENS: {wrong} agree with their reference on fewer than {MIN_TOKENS_MATCH:.0%} of "
-          "positions; their speed is not reported as a result.", flush=True)
+    print(
+        f"WRONG TOKENS: {wrong} agree with their reference on fewer than {MIN_TOKENS_MATCH:.0%} of "
+        "positions; their speed is not reported as a result.", flush=True)
   by_name = {name: r for name, r in by_name.items() if not r.get("wrong")}
   naive = by_name.get("naive/heads") or by_name.get("naive/lora")
   explicit = by_name.get("explicit/heads")
@@ -492,8 +527,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   speedup_vs_naive = explicit["tokens_per_s"] / naive["tokens_per_s"] if explicit and naive else None
   targets = {}
   if speedup_vs_naive is not None:
-    targets[f"explicit/heads >= 0.7 (K+1) x naive ({0.7 * (args.bases + 1):.1f}x)"] = (
-        speedup_vs_naive >= 0.7 * (args.bases + 1))
+    targets[f"explicit/heads >= 0.7 (K+1) x naive ({0.7 * (args.bases + 1):.1f}x)"] = (speedup_vs_naive
+                                                                                       >= 0.7 * (args.bases + 1))
   if explicit and single:
     targets["explicit/heads tokens/s >= 0.9 x single"] = explicit["tokens_per_s"] >= 0.9 * single["tokens_per_s"]
   if explicit and explicit.get("memory_vs_single") is not None:
@@ -501,10 +536,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   config = {key: v for key, v in vars(args).items() if key not in ("json", "child", "workdir")}
   config.update(layers=cfg.num_layers, embed=cfg.embed_dim, vocab=cfg.vocab_size, prepare_s=prepare_s,
                 memory_measure=memory_key)
-  return common.result(NAME, config, rows, speedup, strongest_baseline=strongest and strongest["variant"],
-                       speedup_vs_naive=speedup_vs_naive, rates=rates, targets=targets, wrong_variants=wrong,
-                       command=f"python -m experiments.benchmarks.{NAME} --users={args.users} --bases={args.bases} "
-                               f"--new_tokens={args.new_tokens} --prompt_len={args.prompt_len} --model={args.weights}")
+  return common.result(
+      NAME, config, rows, speedup, strongest_baseline=strongest and strongest["variant"],
+      speedup_vs_naive=speedup_vs_naive, rates=rates, targets=targets, wrong_variants=wrong,
+      command=f"python -m experiments.benchmarks.{NAME} --users={args.users} --bases={args.bases} "
+      f"--new_tokens={args.new_tokens} --prompt_len={args.prompt_len} --model={args.weights}")
 
 
 def compare_tokens(rows: List[Dict[str, Any]], naive_fallback: bool = False) -> List[str]:
@@ -541,18 +577,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   out = run(args)
   rates = out["rates"]
   memory_key = out["config"]["memory_measure"]
-  common.print_table(out["rows"], [
-      ("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.1f"), ("vs_naive", "vs naive", ".2f"),
-      (memory_key, "peak MiB", ",.0f"), ("memory_vs_single", "mem vs single", ".2f"),
-      ("step_gflop", "GFLOP/step", ".2f"), ("step_mb", "MiB/step", ",.0f"), ("step_bound", "bound", ""),
-      ("floor_step_ms", "floor ms/step", ".1f"), ("share_of_floor", "of floor", ".0%"),
-      ("tokens_match_torch", "same tokens as torch", ".2f"), ("first_s", "compile run s", ".1f"),
-      ("load_1m", "load", ".2f")],
+  common.print_table(
+      out["rows"], [("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.1f"), ("vs_naive", "vs naive", ".2f"),
+                    (memory_key, "peak MiB", ",.0f"), ("memory_vs_single", "mem vs single", ".2f"),
+                    ("step_gflop", "GFLOP/step", ".2f"), ("step_mb", "MiB/step", ",.0f"), ("step_bound", "bound", ""),
+                    ("floor_step_ms", "floor ms/step", ".1f"), ("share_of_floor", "of floor", ".0%"),
+                    ("tokens_match_torch", "same tokens as torch", ".2f"), ("first_s", "compile run s", ".1f"),
+                    ("load_1m", "load", ".2f")],
       title=f"decode: {out['config']['weights']} (L={out['config']['layers']}, D={out['config']['embed']}, "
-            f"V={out['config']['vocab']}), U={args.users} users x K={args.bases} bases x N={args.new_tokens} "
-            f"new tokens, prompt {args.prompt_len}; matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-            f"bandwidth {rates['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s; load "
-            f"{out['machine'].get('load_avg_1m_5m_15m')}")
+      f"V={out['config']['vocab']}), U={args.users} users x K={args.bases} bases x N={args.new_tokens} "
+      f"new tokens, prompt {args.prompt_len}; matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+      f"bandwidth {rates['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s; load "
+      f"{out['machine'].get('load_avg_1m_5m_15m')}")
   if out["speedup"] is not None:
     print(f"explicit/heads over {out['strongest_baseline']}: {out['speedup']:.2f}x, over naive/heads: "
           f"{out['speedup_vs_naive'] or float('nan'):.2f}x (K+1 = {args.bases + 1}); targets: {out['targets']}")

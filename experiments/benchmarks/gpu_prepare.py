@@ -88,10 +88,17 @@ def wheel_requirements(wheel: str, python_version: str) -> List[str]:
     if not names:
       raise ValueError(f"{wheel}: not a wheel (no .dist-info/METADATA).")
     metadata = email.parser.Parser().parsestr(z.read(names[0]).decode("utf-8"))
-  environment = {"python_version": python_version, "python_full_version": f"{python_version}.0",
-                 "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-                 "os_name": "posix", "implementation_name": "cpython", "platform_python_implementation": "CPython",
-                 "extra": ""}
+  environment = {
+      "python_version": python_version,
+      "python_full_version": f"{python_version}.0",
+      "sys_platform": "linux",
+      "platform_system": "Linux",
+      "platform_machine": "x86_64",
+      "os_name": "posix",
+      "implementation_name": "cpython",
+      "platform_python_implementation": "CPython",
+      "extra": ""
+  }
   out = []
   for line in metadata.get_all("Requires-Dist") or []:
     requirement = Requirement(line)
@@ -108,9 +115,10 @@ def fetch(requirements: Sequence[str], out: str, python_version: str, pip_args: 
   """Downloads a wheel of each requirement for the target; builds one here when only a source archive exists."""
   platform_args = [arg for p in PLATFORMS for arg in ("--platform", p)]
   for requirement in requirements:
-    download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                "--python-version", python_version, "--implementation", "cp", *platform_args, "-d", out,
-                *pip_args, requirement]
+    download = [
+        sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+        python_version, "--implementation", "cp", *platform_args, "-d", out, *pip_args, requirement
+    ]
     result = subprocess.run(download, capture_output=True, text=True, check=False)
     if result.returncode == 0:
       continue

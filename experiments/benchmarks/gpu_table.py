@@ -56,8 +56,8 @@ def rows_of(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, str, str, str
         check = (f", same tokens {x['tokens_match_torch']:.0%}" if x.get("tokens_match_torch") is not None else "")
         rows.append((f"{label} (U={r['config']['users']})", x["variant"], f"{x['tokens_per_s']:,.0f} tokens/s",
                      f"{x['vs_naive']:.2f}x" if x.get("vs_naive") else "-",
-                     f"{x.get(key, 0):,.0f} MiB peak, {x['share_of_floor']:.0%} of floor{check}"
-                     + (" WRONG" if x.get("wrong") else "")))
+                     f"{x.get(key, 0):,.0f} MiB peak, {x['share_of_floor']:.0%} of floor{check}" +
+                     (" WRONG" if x.get("wrong") else "")))
   return rows
 
 

@@ -41,15 +41,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--bases", type=int, default=30, help="K: basis features per comparison.")
   p.add_argument("--comparisons", type=int, default=64, help="N: comparisons per user.")
   p.add_argument("--l2", type=float, default=1.0, help="L2 penalty strength (sklearn C = 1 / l2).")
-  p.add_argument("--tol", type=float, default=1e-4,
-                 help="Early-stopping tolerance of the second ours row (fit_lambda's `tol`; the default call runs "
-                      "a fixed 25 Newton steps).")
+  p.add_argument(
+      "--tol", type=float, default=1e-4,
+      help="Early-stopping tolerance of the second ours row (fit_lambda's `tol`; the default call runs "
+      "a fixed 25 Newton steps).")
   p.add_argument("--sklearn_tol", type=float, default=1e-8, help="scikit-learn's stopping tolerance.")
   p.add_argument("--solvers", default="liblinear,newton-cholesky",
                  help="scikit-learn solvers to time (lbfgs is ~20x slower than these at tol 1e-8).")
-  p.add_argument("--baseline_users", type=int, default=0,
-                 help="Users fitted by each scikit-learn loop (0: all; fewer: users/s extrapolates, agreement is "
-                      "checked on those users).")
+  p.add_argument(
+      "--baseline_users", type=int, default=0,
+      help="Users fitted by each scikit-learn loop (0: all; fewer: users/s extrapolates, agreement is "
+      "checked on those users).")
   p.add_argument("--loop_users", type=int, default=256,
                  help="Users timed for ours/loop(fit_lambda) (users/s extrapolates; 0: skip the variant).")
   p.add_argument("--min_time_s", type=float, default=1.0, help="Repeat our variants for at least this long.")
@@ -72,7 +74,7 @@ def make_data(users: int, bases: int, comparisons: int, seed: int):
 def objective(lam: np.ndarray, x: np.ndarray, p: np.ndarray, l2: float) -> np.ndarray:
   """The fitted objective per user, in float64: lam [U, K], x [U, N, K], p [U, N] -> [U]."""
   z = np.einsum("unk,uk->un", x.astype(np.float64), lam.astype(np.float64))
-  return np.sum(np.logaddexp(0.0, z) - p * z, axis=1) + 0.5 * l2 * np.sum(lam.astype(np.float64) ** 2, axis=1)
+  return np.sum(np.logaddexp(0.0, z) - p * z, axis=1) + 0.5 * l2 * np.sum(lam.astype(np.float64)**2, axis=1)
 
 
 def sklearn_loop(x: np.ndarray, p: np.ndarray, l2: float, solver: str, tol: float) -> np.ndarray:
@@ -99,9 +101,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   def add(variant, kind, timing, lam, users_timed=users):
     lam = np.asarray(lam)
     fits[variant] = lam
-    rows.append({"variant": variant, "kind": kind, "users": users_timed, "time_s": timing["median_s"],
-                 "users_per_s": users_timed / timing["median_s"], "compile_s": timing.get("first_s"),
-                 "objective_mean": float(objective(lam, x[:len(lam)], p[:len(lam)], l2).mean())})
+    rows.append({
+        "variant": variant,
+        "kind": kind,
+        "users": users_timed,
+        "time_s": timing["median_s"],
+        "users_per_s": users_timed / timing["median_s"],
+        "compile_s": timing.get("first_s"),
+        "objective_mean": float(objective(lam, x[:len(lam)], p[:len(lam)], l2).mean())
+    })
 
   # ---- Ours: all users in one compiled call.
   fit_all = jax.jit(jax.vmap(functools.partial(online.fit_lambda, l2=l2)))
@@ -126,8 +134,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   for solver in [s for s in args.solvers.split(",") if s]:
     t0 = time.perf_counter()
     lam = sklearn_loop(x[:n_base], p[:n_base], l2, solver, args.sklearn_tol)
-    add(f"sklearn/{solver}", "baseline", {"median_s": time.perf_counter() - t0, "first_s": None}, lam,
-        users_timed=n_base)
+    add(f"sklearn/{solver}", "baseline", {
+        "median_s": time.perf_counter() - t0,
+        "first_s": None
+    }, lam, users_timed=n_base)
 
   # ---- Agreement with every baseline (over all users and coefficients).
   ours = fits["ours/vmap(fit_lambda)"]
@@ -146,25 +156,27 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   speedup_early = early["users_per_s"] / best["users_per_s"] if best else None
   agreement = max((r["max_abs_lam_diff_vs_ours"] for r in baselines), default=None)
   config = {k: v for k, v in vars(args).items() if k != "json"}
-  targets = {"speedup>=100x": speedup is not None and speedup >= 100,
-             "agreement<=1e-3": agreement is not None and agreement <= 1e-3}
+  targets = {
+      "speedup>=100x": speedup is not None and speedup >= 100,
+      "agreement<=1e-3": agreement is not None and agreement <= 1e-3
+  }
   targets[f"speedup>=100x with tol={args.tol:g}"] = speedup_early is not None and speedup_early >= 100
-  return common.result(NAME, config, rows, speedup, strongest_baseline=best["variant"] if best else None,
-                       speedup_early_stop=speedup_early,
-                       max_abs_lam_diff=agreement, targets=targets,
-                       command=f"python -m experiments.benchmarks.{NAME} --users={users} --bases={args.bases} "
-                               f"--comparisons={args.comparisons}")
+  return common.result(
+      NAME, config, rows, speedup, strongest_baseline=best["variant"] if best else None,
+      speedup_early_stop=speedup_early, max_abs_lam_diff=agreement, targets=targets,
+      command=f"python -m experiments.benchmarks.{NAME} --users={users} --bases={args.bases} "
+      f"--comparisons={args.comparisons}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args = parse_args(argv)
   out = run(args)
-  common.print_table(out["rows"], [
-      ("variant", "variant", ""), ("users", "users", "d"), ("time_s", "time s", ".4f"),
-      ("users_per_s", "users/s", ",.0f"), ("speedup_vs_strongest_baseline", "vs best baseline", ".1f"),
-      ("max_abs_lam_diff_vs_ours", "max|lam diff|", ".1e"), ("objective_gap_vs_ours", "obj gap", ".1e")],
+  common.print_table(
+      out["rows"], [("variant", "variant", ""), ("users", "users", "d"), ("time_s", "time s", ".4f"),
+                    ("users_per_s", "users/s", ",.0f"), ("speedup_vs_strongest_baseline", "vs best baseline", ".1f"),
+                    ("max_abs_lam_diff_vs_ours", "max|lam diff|", ".1e"), ("objective_gap_vs_ours", "obj gap", ".1e")],
       title=f"online: U={args.users} users x K={args.bases} bases x N={args.comparisons} comparisons, "
-            f"l2={args.l2} ({out['machine'].get('device', '?')}, load {out['machine'].get('load_avg_1m_5m_15m')})")
+      f"l2={args.l2} ({out['machine'].get('device', '?')}, load {out['machine'].get('load_avg_1m_5m_15m')})")
   print(f"speedup (ours/vmap over {out['strongest_baseline']}): {out['speedup']:.1f}x, with tol={args.tol:g}: "
         f"{out['speedup_early_stop']:.1f}x; "
         f"max |lam diff| vs the baselines: {out['max_abs_lam_diff']:.2e}; targets: {out['targets']}")

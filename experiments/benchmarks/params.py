@@ -82,9 +82,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   mb_per_user = 4 * num_layers * sum(i * o for i, o in shapes.values()) / 2**20
 
   def add(workload, variant, kind, timing, max_diff):
-    rows.append({"workload": workload, "variant": variant, "kind": kind, "users": users,
-                 "time_s": timing["median_s"], "users_per_s": users / timing["median_s"],
-                 "output_mb_per_s": users * mb_per_user / timing["median_s"], "max_abs_diff_vs_ours": max_diff})
+    rows.append({
+        "workload": workload,
+        "variant": variant,
+        "kind": kind,
+        "users": users,
+        "time_s": timing["median_s"],
+        "users_per_s": users / timing["median_s"],
+        "output_mb_per_s": users * mb_per_user / timing["median_s"],
+        "max_abs_diff_vs_ours": max_diff
+    })
 
   def torch_time(fn):
     sync = (lambda out: (torch.cuda.synchronize(), out)[1]) if device.type == "cuda" else None
@@ -92,18 +99,22 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
   if "lora" in workloads:
     # Stacked adapters (ours) and the same numbers as per-basis, per-layer PyTorch state dicts of Delta W_k.
-    stacked = {name: {"a": (rng.normal(size=(k, num_layers, i, r)) / np.sqrt(i)).astype(np.float32),
-                      "b": (0.1 * rng.normal(size=(k, num_layers, r, o))).astype(np.float32)}
-               for name, (i, o) in shapes.items()}
+    stacked = {
+        name: {
+            "a": (rng.normal(size=(k, num_layers, i, r)) / np.sqrt(i)).astype(np.float32),
+            "b": (0.1 * rng.normal(size=(k, num_layers, r, o))).astype(np.float32)
+        } for name, (i, o) in shapes.items()
+    }
     dense_k = {name: scale * np.einsum("klir,klro->klio", ad["a"], ad["b"]) for name, ad in stacked.items()}
-    tensor_names = [(f"model.layers.{l}.self_attn.{name}.delta_weight", name, l)
-                    for l in range(num_layers) for name in shapes]
-    state_dicts = [{full: to_t(dense_k[name][kk, l])
-                    for full, name, l in tensor_names} for kk in range(k)]
+    tensor_names = [
+        (f"model.layers.{l}.self_attn.{name}.delta_weight", name, l) for l in range(num_layers) for name in shapes
+    ]
+    state_dicts = [{full: to_t(dense_k[name][kk, l]) for full, name, l in tensor_names} for kk in range(k)]
     stacked_t = {full: torch.stack([sd[full] for sd in state_dicts]) for full, _, _ in tensor_names}
-    factors_t = {full: (to_t(np.moveaxis(stacked[name]["a"][:, l], 0, -2).reshape(shapes[name][0], k * r)),
-                        to_t(stacked[name]["b"][:, l].reshape(k * r, -1)))
-                 for full, name, l in tensor_names}
+    factors_t = {
+        full: (to_t(np.moveaxis(stacked[name]["a"][:, l], 0, -2).reshape(shapes[name][0], k * r)),
+               to_t(stacked[name]["b"][:, l].reshape(k * r, -1))) for full, name, l in tensor_names
+    }
 
     # Arrays enter the jitted functions as arguments, never as closed-over constants (see BENCHMARKS.md: jax 0.10.2
     # on CPU miscompiles a reduction over a large captured constant).
@@ -134,16 +145,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     del merged, dense_j
 
     def check(merged: List[Dict[str, Any]]) -> float:
-      return max(float(np.max(np.abs(merged[u][full].cpu().numpy() - ours[name][u, l])))
-                 for u in (0, users - 1) for full, name, l in tensor_names)
+      return max(
+          float(np.max(np.abs(merged[u][full].cpu().numpy() - ours[name][u, l])))
+          for u in (0, users - 1)
+          for full, name, l in tensor_names)
 
     def loop_sum():
-      return [{full: sum(float(lam[u, kk]) * state_dicts[kk][full] for kk in range(k)) for full, _, _ in tensor_names}
-              for u in range(users)]
+      return [{
+          full: sum(float(lam[u, kk]) * state_dicts[kk][full] for kk in range(k)) for full, _, _ in tensor_names
+      } for u in range(users)]
 
     def loop_tensordot():
-      return [{full: torch.tensordot(lam_t[u], stacked_t[full], dims=1) for full, _, _ in tensor_names}
-              for u in range(users)]
+      return [{
+          full: torch.tensordot(lam_t[u], stacked_t[full], dims=1) for full, _, _ in tensor_names
+      } for u in range(users)]
 
     def loop_factors():
       out = []
@@ -157,42 +172,47 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       add("lora", variant, "baseline", torch_time(fn), check(fn()))
 
   if "full" in workloads:
-    ref = {name: (rng.normal(size=(num_layers, i, o)) / np.sqrt(i)).astype(np.float32)
-           for name, (i, o) in shapes.items()}
-    bases = {name: (ref[name][None] + 0.01 * rng.normal(size=(k, *ref[name].shape))).astype(np.float32)
-             for name in shapes}
+    ref = {
+        name: (rng.normal(size=(num_layers, i, o)) / np.sqrt(i)).astype(np.float32) for name, (i, o) in shapes.items()
+    }
+    bases = {
+        name: (ref[name][None] + 0.01 * rng.normal(size=(k, *ref[name].shape))).astype(np.float32) for name in shapes
+    }
     ref_j, bases_j, lam_j = jax.tree.map(jnp.asarray, ref), jax.tree.map(jnp.asarray, bases), jnp.asarray(lam)
     ours_fn = jax.jit(jax.vmap(parameters.soup_params, in_axes=(None, None, 0)))
-    timing = common.time_call(lambda: ours_fn(ref_j, bases_j, lam_j), min_time_s=args.min_time_s,
-                              sync=common.jax_sync)
+    timing = common.time_call(lambda: ours_fn(ref_j, bases_j, lam_j), min_time_s=args.min_time_s, sync=common.jax_sync)
     ours = {name: np.asarray(v) for name, v in ours_fn(ref_j, bases_j, lam_j).items()}
     add("full", "ours/vmap(soup_params)", "ours", timing, 0.0)
     dot_fn = jax.jit(lambda ref_, bases_, lam_: jax.tree.map(
-        lambda r_, b_: r_[None] + jnp.einsum("uk,k...->u...", lam_, b_ - r_[None], precision="highest"),
-        ref_, bases_))
-    timing = common.time_call(lambda: dot_fn(ref_j, bases_j, lam_j), min_time_s=args.min_time_s,
-                              sync=common.jax_sync)
+        lambda r_, b_: r_[None] + jnp.einsum("uk,k...->u...", lam_, b_ - r_[None], precision="highest"), ref_, bases_))
+    timing = common.time_call(lambda: dot_fn(ref_j, bases_j, lam_j), min_time_s=args.min_time_s, sync=common.jax_sync)
     merged = dot_fn(ref_j, bases_j, lam_j)
     add("full", "jax einsum('uk,k...') over theta_k - theta_ref", "reference", timing,
         max(float(np.max(np.abs(np.asarray(merged[name]) - ours[name]))) for name in shapes))
     del merged
     names = [(f"model.layers.{l}.self_attn.{name}.weight", name, l) for l in range(num_layers) for name in shapes]
     ref_sd = {full: to_t(ref[name][l]) for full, name, l in names}
-    base_sds = [{full: to_t(bases[name][kk, l]) for full, name, l in names}
-                for kk in range(k)]
+    base_sds = [{full: to_t(bases[name][kk, l]) for full, name, l in names} for kk in range(k)]
     deltas_full = {full: torch.stack([sd[full] for sd in base_sds]) - ref_sd[full] for full, _, _ in names}
 
     def check_full(merged):
-      return max(float(np.max(np.abs(merged[u][full].cpu().numpy() - ours[name][u, l])))
-                 for u in (0, users - 1) for full, name, l in names)
+      return max(
+          float(np.max(np.abs(merged[u][full].cpu().numpy() - ours[name][u, l])))
+          for u in (0, users - 1)
+          for full, name, l in names)
 
     def loop_full():
-      return [{full: ref_sd[full] + sum(float(lam[u, kk]) * (base_sds[kk][full] - ref_sd[full]) for kk in range(k))
-               for full, _, _ in names} for u in range(users)]
+      return [{
+          full: ref_sd[full] + sum(float(lam[u, kk]) * (base_sds[kk][full] - ref_sd[full])
+                                   for kk in range(k))
+          for full, _, _ in names
+      }
+              for u in range(users)]
 
     def loop_full_tensordot():
-      return [{full: ref_sd[full] + torch.tensordot(lam_t[u], deltas_full[full], dims=1)
-               for full, _, _ in names} for u in range(users)]
+      return [{
+          full: ref_sd[full] + torch.tensordot(lam_t[u], deltas_full[full], dims=1) for full, _, _ in names
+      } for u in range(users)]
 
     for variant, fn in (("torch/loop", loop_full), ("torch/loop tensordot", loop_full_tensordot)):
       add("full", variant, "baseline", torch_time(fn), check_full(fn()))
@@ -204,29 +224,33 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     ours_row = max((r_ for r_ in group if r_["kind"] == "ours"), key=lambda r_: r_["users_per_s"])
     for row in group:
       row["speedup_vs_strongest_baseline"] = row["users_per_s"] / best["users_per_s"]
-    speedups[workload] = {"speedup": ours_row["users_per_s"] / best["users_per_s"], "ours": ours_row["variant"],
-                          "strongest_baseline": best["variant"]}
+    speedups[workload] = {
+        "speedup": ours_row["users_per_s"] / best["users_per_s"],
+        "ours": ours_row["variant"],
+        "strongest_baseline": best["variant"]
+    }
   headline = speedups.get("lora", next(iter(speedups.values())))
   config = {key: v for key, v in vars(args).items() if key != "json"}
   config["output_mb_per_user"] = mb_per_user
-  return common.result(NAME, config, rows, headline["speedup"], strongest_baseline=headline["strongest_baseline"],
-                       speedups=speedups,
-                       command=f"python -m experiments.benchmarks.{NAME} --users={users} --bases={k} "
-                               f"--layers={num_layers} --embed={args.embed}")
+  return common.result(
+      NAME, config, rows, headline["speedup"], strongest_baseline=headline["strongest_baseline"], speedups=speedups,
+      command=f"python -m experiments.benchmarks.{NAME} --users={users} --bases={k} "
+      f"--layers={num_layers} --embed={args.embed}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args = parse_args(argv)
   out = run(args)
-  common.print_table(out["rows"], [
-      ("workload", "workload", ""), ("variant", "variant", ""), ("users", "users", "d"),
-      ("time_s", "time s", ".4f"), ("users_per_s", "users/s", ",.0f"), ("output_mb_per_s", "MB/s out", ",.0f"),
-      ("speedup_vs_strongest_baseline", "vs best loop", ".2f"), ("max_abs_diff_vs_ours", "max|diff|", ".1e")],
+  common.print_table(
+      out["rows"], [("workload", "workload", ""), ("variant", "variant", ""), ("users", "users", "d"),
+                    ("time_s", "time s", ".4f"), ("users_per_s", "users/s", ",.0f"),
+                    ("output_mb_per_s", "MB/s out", ",.0f"), ("speedup_vs_strongest_baseline", "vs best loop", ".2f"),
+                    ("max_abs_diff_vs_ours", "max|diff|", ".1e")],
       title=f"params: U={args.users} users x K={args.bases} bases, L={args.layers} layers, q [{args.embed}, "
-            f"{args.embed}] + v [{args.embed}, {args.kv_dim}], r={args.rank} "
-            f"({out['config']['output_mb_per_user']:.2f} MB per user; load {out['machine'].get('load_avg_1m_5m_15m')})")
-  print("speedups: " + "; ".join(f"{w}: {s['ours']} {s['speedup']:.2f}x over {s['strongest_baseline']}"
-                                 for w, s in out["speedups"].items()))
+      f"{args.embed}] + v [{args.embed}, {args.kv_dim}], r={args.rank} "
+      f"({out['config']['output_mb_per_user']:.2f} MB per user; load {out['machine'].get('load_avg_1m_5m_15m')})")
+  print("speedups: " + "; ".join(
+      f"{w}: {s['ours']} {s['speedup']:.2f}x over {s['strongest_baseline']}" for w, s in out["speedups"].items()))
   common.write_json(args.json, out)
   return out
 

@@ -125,7 +125,8 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
       aside = f"{out_dir}.unreadable-{int(time.time())}"
       os.replace(out_dir, aside)
       logging.warning("The cached embedded data in %s are unreadable (%s: %s); moved to %s and generated again.",
-                      out_dir, type(e).__name__, e, aside)
+                      out_dir,
+                      type(e).__name__, e, aside)
     else:
       logging.info("Reusing the embedded preference data in %s", out_dir)
       return out_dir
@@ -195,8 +196,8 @@ def _sample(settings: GenerationSettings, model, params, tokenizer, encoded: Seq
     tokens, mask = decoding.pad_prompts(chunk, batch, prompt_len, pad_id)
     out, aux = decoding.decode(logits_fn, params, tokens, mask,
                                models.init_cache(model.config, batch, prompt_len + settings.max_new_tokens), sub,
-                               max_new_tokens=settings.max_new_tokens, sampling=sampling,
-                               eos_id=tokenizer.eos_token_id, pad_id=pad_id)
+                               max_new_tokens=settings.max_new_tokens, sampling=sampling, eos_id=tokenizer.eos_token_id,
+                               pad_id=pad_id)
     out, lengths = np.asarray(out), np.asarray(aux["lengths"])
     for i in range(len(chunk)):
       ids = out[i, :lengths[i]].tolist()
@@ -235,10 +236,17 @@ def _pair_records(settings: GenerationSettings, suite, prompts: Sequence[str], h
   for i, prompt in enumerate(prompts):
     a, b = 2 * i, 2 * i + 1
     records.append({
-        "prompt": prompt, "response_a": responses[a], "response_b": responses[b],
-        "scores_a": [float(x) for x in scores[a]], "scores_b": [float(x) for x in scores[b]],
-        "attributes": list(settings.attributes), "hint_a": hints[a], "hint_b": hints[b],
-        "ended_a": ended[a], "ended_b": ended[b]})
+        "prompt": prompt,
+        "response_a": responses[a],
+        "response_b": responses[b],
+        "scores_a": [float(x) for x in scores[a]],
+        "scores_b": [float(x) for x in scores[b]],
+        "attributes": list(settings.attributes),
+        "hint_a": hints[a],
+        "hint_b": hints[b],
+        "ended_a": ended[a],
+        "ended_b": ended[b]
+    })
   return records, scores
 
 
@@ -271,8 +279,10 @@ def _find_rescorable(settings: GenerationSettings, cache_root: str) -> Optional[
   del wanted["attributes"]
   wanted = json.loads(json.dumps(wanted))  # Tuples -> lists, as stored in metadata.json.
   found: List[Tuple[bool, str]] = []
-  paths = [path for root in (cache_root, SHIPPED_ROOT)
-           for path in sorted(glob.glob(os.path.join(glob.escape(root), "embedded_prefs-*", "metadata.json")))]
+  paths = [
+      path for root in (cache_root, SHIPPED_ROOT)
+      for path in sorted(glob.glob(os.path.join(glob.escape(root), "embedded_prefs-*", "metadata.json")))
+  ]
   for path in paths:
     directory = os.path.dirname(path)
     if ".unreadable-" in os.path.basename(directory) or not os.path.exists(os.path.join(directory, "pairs.jsonl")):
@@ -298,10 +308,11 @@ def _rescore(settings: GenerationSettings, suite, source: str, cache_root: str, 
   hints = [p[f"hint_{side}"] for p in pairs for side in "ab"]
   responses = [p[f"response_{side}"] for p in pairs for side in "ab"]
   ended = [p[f"ended_{side}"] for p in pairs for side in "ab"]
-  _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended,
-                 metadata["sampling_seconds"], rescored_from=os.path.basename(source))
-  logging.info("Rescored the %d pairs of %s under attributes %s (no sampling) into %s in %.1f s", len(pairs),
-               source, list(settings.attributes), out_dir, time.time() - start)
+  _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended, metadata["sampling_seconds"],
+                 rescored_from=os.path.basename(source))
+  logging.info("Rescored the %d pairs of %s under attributes %s (no sampling) into %s in %.1f s", len(pairs), source,
+               list(settings.attributes), out_dir,
+               time.time() - start)
   return out_dir
 
 
@@ -340,7 +351,7 @@ def summarize(pairs: Sequence[dict], attributes: Sequence[str]) -> dict:
 
 def split_of(prompt: str, eval_fraction: float, salt: str = "embedded") -> str:
   """'train' or 'eval', from a hash of the prompt (so one prompt's pairs never straddle splits)."""
-  h = int(hashlib.sha256((salt + prompt).encode()).hexdigest()[:8], 16) / 16 ** 8
+  h = int(hashlib.sha256((salt + prompt).encode()).hexdigest()[:8], 16) / 16**8
   return "eval" if h < eval_fraction else "train"
 
 
@@ -361,8 +372,10 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer, *, prompt_len: int, respons
   """
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   n = len(pairs)
-  out = {name: np.full((n, length), pad, np.int32) for name, length in
-         (("prompt", prompt_len), ("response_a", response_len), ("response_b", response_len))}
+  out = {
+      name: np.full((n, length), pad, np.int32)
+      for name, length in (("prompt", prompt_len), ("response_a", response_len), ("response_b", response_len))
+  }
   for name in list(out):
     out[f"{name}_mask"] = np.zeros_like(out[name], bool)
   for i, pair in enumerate(pairs):

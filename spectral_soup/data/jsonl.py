@@ -43,8 +43,8 @@ def is_jsonl(source: Any) -> bool:
 
 def is_dataset_dir(path: Any) -> bool:
   """A directory that `datasets.save_to_disk` wrote (a Dataset, or a DatasetDict with a "train" split)."""
-  return isinstance(path, str) and any(os.path.isfile(os.path.join(path, name)) for name in
-                                       ("dataset_info.json", "dataset_dict.json", "state.json"))
+  return isinstance(path, str) and any(
+      os.path.isfile(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
 def _dataset_rows(path: str):
@@ -62,8 +62,11 @@ def _dataset_rows(path: str):
     data, path = data["train"], os.path.join(path, "train")
   for i, row in enumerate(data):
     # Arrow stores absent values as None (a column a row does not use, a struct field it lacks): drop them.
-    row = {k: ({a: x for a, x in v.items() if x is not None} if isinstance(v, dict) else v)
-           for k, v in row.items() if v is not None}
+    row = {
+        k: ({
+            a: x for a, x in v.items() if x is not None
+        } if isinstance(v, dict) else v) for k, v in row.items() if v is not None
+    }
     yield f"{path}, row {i}", row
 
 
@@ -126,8 +129,10 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
     if set(sa) != set(sb):
       raise ValueError(f"{where}: scores_a has attributes {sorted(sa)} and scores_b {sorted(sb)}: expected the "
                        "same.")
-    scores = {_name(where, "scores_a", k): (_score(where, "scores_a", k, sa[k]), _score(where, "scores_b", k, sb[k]))
-              for k in sa}
+    scores = {
+        _name(where, "scores_a", k): (_score(where, "scores_a", k, sa[k]), _score(where, "scores_b", k, sb[k]))
+        for k in sa
+    }
     for k, label in labels.items():
       if k in scores and label >= 0 and (scores[k][0] > scores[k][1]) != bool(label):
         raise ValueError(f"{where}: labels[{k!r}] disagrees with scores_a / scores_b ({scores[k][0]} vs "
@@ -191,5 +196,13 @@ def read(path: str) -> Dict[str, Any]:
       j = names[name]
       scores_a[i, j], scores_b[i, j], mask[i, j] = sa, sb, True
       label[i, j] = 1 if sa > sb else (0 if sa < sb else -1)
-  return {"prompt": [r[0] for r in rows], "response_a": [r[1] for r in rows], "response_b": [r[2] for r in rows],
-          "label": label, "mask": mask, "scores_a": scores_a, "scores_b": scores_b, "attributes": tuple(names)}
+  return {
+      "prompt": [r[0] for r in rows],
+      "response_a": [r[1] for r in rows],
+      "response_b": [r[2] for r in rows],
+      "label": label,
+      "mask": mask,
+      "scores_a": scores_a,
+      "scores_b": scores_b,
+      "attributes": tuple(names)
+  }

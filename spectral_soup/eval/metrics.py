@@ -54,17 +54,25 @@ def summarize(rewards: Mapping[str, np.ndarray], kl: Mapping[str, np.ndarray], *
   gain = user_means[bespoke] - user_means[reference]
   boot_gain = (boot[bespoke] - boot[reference]).mean(axis=0)
   gain_ci = np.percentile(boot_gain, [lo_q, hi_q])
-  out = {"methods": {}, "bespoke_gain": float(gain.mean()), "bespoke_gain_ci": [float(x) for x in gain_ci],
-         "bespoke_gain_significant": bool(gain_ci[0] > 0), "confidence": confidence}
+  out = {
+      "methods": {},
+      "bespoke_gain": float(gain.mean()),
+      "bespoke_gain_ci": [float(x) for x in gain_ci],
+      "bespoke_gain_significant": bool(gain_ci[0] > 0),
+      "confidence": confidence
+  }
   for m in rewards:
     ratio = _ratio(user_means, m, reference, bespoke)
     boot_ratio = (boot[m] - boot[reference]).mean(axis=0) / np.where(boot_gain != 0, boot_gain, np.nan)
     ratio_ci = np.nanpercentile(boot_ratio, [lo_q, hi_q]) if np.isfinite(boot_ratio).any() else [np.nan] * 2
     reward_ci = np.percentile(boot[m].mean(axis=0), [lo_q, hi_q])
     out["methods"][m] = {
-        "normalized_score": ratio, "normalized_score_ci": [float(x) for x in ratio_ci],
-        "mean_reward": float(user_means[m].mean()), "mean_reward_ci": [float(x) for x in reward_ci],
-        "kl": float(np.mean(kl[m])), "per_user_gain": [float(x) for x in user_means[m] - user_means[reference]],
+        "normalized_score": ratio,
+        "normalized_score_ci": [float(x) for x in ratio_ci],
+        "mean_reward": float(user_means[m].mean()),
+        "mean_reward_ci": [float(x) for x in reward_ci],
+        "kl": float(np.mean(kl[m])),
+        "per_user_gain": [float(x) for x in user_means[m] - user_means[reference]],
     }
   return out
 
@@ -85,8 +93,8 @@ def format_table(summary: Mapping[str, object], order=None) -> str:
     lines.append(f"{m:<24} {score:>24} {r['mean_reward']:>12.3f} {r['kl']:>8.2f}")
   lo, hi = summary["bespoke_gain_ci"]
   conf = int(round(100 * summary["confidence"]))
-  lines.append(f"bespoke gain over the reference: {summary['bespoke_gain']:.3f} ({conf}% CI [{lo:.3f}, {hi:.3f}])"
-               + ("" if significant else ": not significant, so normalized scores are not reported"))
+  lines.append(f"bespoke gain over the reference: {summary['bespoke_gain']:.3f} ({conf}% CI [{lo:.3f}, {hi:.3f}])" +
+               ("" if significant else ": not significant, so normalized scores are not reported"))
   return "\n".join(lines)
 
 
@@ -155,8 +163,11 @@ def frontiers(sweeps: Mapping[str, Mapping[float, tuple]], reference: np.ndarray
   out = {"frontier": {}, "at_bespoke_kl": {}, "bespoke_kl": target}
   for method, sweep in sweeps.items():
     scales = sorted(sweep)
-    out["frontier"][method] = [{"scale": float(s), "kl": float(np.mean(sweep[s][1])),
-                                "mean_reward": float(np.mean(sweep[s][0]))} for s in scales]
+    out["frontier"][method] = [{
+        "scale": float(s),
+        "kl": float(np.mean(sweep[s][1])),
+        "mean_reward": float(np.mean(sweep[s][0]))
+    } for s in scales]
     kls = np.asarray([np.mean(sweep[s][1]) for s in scales])
     gains = np.asarray([np.mean(sweep[s][0]) - ref_mean for s in scales])
     boot_kls = np.stack([boot_mean(sweep[s][1]) for s in scales])  # [P, num_bootstrap]
@@ -165,5 +176,6 @@ def frontiers(sweeps: Mapping[str, Mapping[float, tuple]], reference: np.ndarray
     out["at_bespoke_kl"][method] = {
         "gain": float(_gain_at_kl(kls, gains, target)[0]),
         "gain_ci": [float(x) for x in np.percentile(boot, [lo_q, hi_q])],
-        "covered": bool(target <= kls.max())}
+        "covered": bool(target <= kls.max())
+    }
   return out

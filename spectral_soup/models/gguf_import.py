@@ -71,7 +71,6 @@ _LAYER_TENSORS = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _MISSING = object()
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Opening and metadata.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -194,8 +193,12 @@ def _rope_parameters(path: str, reader: gguf.GGUFReader, arch: str, tensor_names
     return {"rope_type": "linear", "rope_theta": theta, "factor": float(factor)}
   if kind == "yarn":
     original = _field(path, reader, f"{arch}.rope.scaling.original_context_length")
-    return {"rope_type": "yarn", "rope_theta": theta, "factor": float(factor),
-            "original_max_position_embeddings": int(original)}
+    return {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": float(factor),
+        "original_max_position_embeddings": int(original)
+    }
   raise ValueError(f"{path!r}: unsupported rotary scaling {f'{arch}.rope.scaling.type'!r} = {kind!r} (supported: "
                    f"none, linear, yarn)")
 
@@ -261,12 +264,18 @@ def _expected_shapes(config: transformers.LlamaConfig) -> Dict[str, Tuple[int, .
   for i in range(config.num_hidden_layers):
     p = f"model.layers.{i}."
     layer = {
-        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
         "self_attn.o_proj.weight": (d, q),
     }
     if config.attention_bias:
-      layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-                    "self_attn.o_proj.bias": (d,)})
+      layer.update({
+          "self_attn.q_proj.bias": (q,),
+          "self_attn.k_proj.bias": (kv,),
+          "self_attn.v_proj.bias": (kv,),
+          "self_attn.o_proj.bias": (d,)
+      })
     layer.update({"mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f)})
     if config.mlp_bias:
       layer.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)})
@@ -320,9 +329,8 @@ def _dequantize(path: str, tensor: Any, shape: Tuple[int, ...]) -> np.ndarray:
                      f" {type(e).__name__}: {e}") from e
 
 
-def read_gguf(
-    path: str | os.PathLike, max_workers: Optional[int] = None
-) -> Tuple[transformers.PretrainedConfig, Dict[str, np.ndarray]]:
+def read_gguf(path: str | os.PathLike,
+              max_workers: Optional[int] = None) -> Tuple[transformers.PretrainedConfig, Dict[str, np.ndarray]]:
   """Reads a GGUF checkpoint as a Hugging Face config and float32 state dict.
 
   Args:
@@ -452,8 +460,8 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> transformers.PreTrainedToken
       raise ValueError(f"{path!r}: merge {rank} {merge!r} is not two space-separated tokens")
     pairs.append((parts[0], parts[1]))
 
-  backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False,
-                                            byte_fallback=False))
+  backend = tokenizers.Tokenizer(
+      models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False, byte_fallback=False))
   backend.pre_tokenizer = _byte_level_pre_tokenizer(path, get("ggml.pre", "default"))
   backend.decoder = decoders.ByteLevel()
   added = [
@@ -475,8 +483,12 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> transformers.PreTrainedToken
 
   context = _field(path, reader, f"{_field(path, reader, 'general.architecture', '')}.context_length", None)
   kwargs = dict(
-      bos_token=special("bos"), eos_token=special("eos"), unk_token=special("unknown"), pad_token=special("padding"),
-      add_bos_token=bool(get("ggml.add_bos_token", False)), add_eos_token=bool(get("ggml.add_eos_token", False)),
+      bos_token=special("bos"),
+      eos_token=special("eos"),
+      unk_token=special("unknown"),
+      pad_token=special("padding"),
+      add_bos_token=bool(get("ggml.add_bos_token", False)),
+      add_eos_token=bool(get("ggml.add_eos_token", False)),
       clean_up_tokenization_spaces=False,
   )
   kwargs = {k: v for k, v in kwargs.items() if v is not None}

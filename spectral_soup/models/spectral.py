@@ -52,8 +52,8 @@ class SpectralFeatureMap(nn.Module):
   def __call__(self, tokens: Array, *, mask: Optional[Array] = None, cache: Optional[Cache] = None,
                lora: Optional[Mapping[str, Any]] = None, return_logits: bool = True):
     """tokens: int[B, T] -> (psi: [B, T, F], ref_logits: f32[B, T, V] or None, aux)."""
-    logits, aux = Transformer(self.config, name="backbone")(
-        tokens, mask=mask, cache=cache, lora=lora, return_logits=return_logits)
+    logits, aux = Transformer(self.config, name="backbone")(tokens, mask=mask, cache=cache, lora=lora,
+                                                            return_logits=return_logits)
     hidden = aux["hidden"]
     if self.freeze_backbone and lora is None:
       hidden = jax.lax.stop_gradient(hidden)
@@ -62,14 +62,14 @@ class SpectralFeatureMap(nn.Module):
     if self.feature_dim is not None:
       psi = layers.Projection((self.config.embed_dim,), (self.feature_dim,), ("embed",), ("features",),
                               dtype=self.config.dtype, weight_dtype=self.config.weight_dtype,
-                              kernel_init=nn.initializers.normal(self.config.embed_dim ** -0.5),
+                              kernel_init=nn.initializers.normal(self.config.embed_dim**-0.5),
                               name="projection")(hidden)
     psi = layers.constrain(psi, ("batch", "length", "features"))
     return psi, logits, aux
 
 
 def _fan_in_normal(key, shape, dtype):
-  return jax.random.normal(key, shape, dtype) * shape[-2] ** -0.5
+  return jax.random.normal(key, shape, dtype) * shape[-2]**-0.5
 
 
 class BasisHeads(nn.Module):
@@ -126,8 +126,7 @@ def head_delta_logits(heads: Mapping[str, Array], psi: Array, dtype: Any = jnp.f
   return delta
 
 
-def support_delta_logits(heads: Mapping[str, Array], psi: Array, support: Array,
-                         dtype: Any = jnp.float32) -> Array:
+def support_delta_logits(heads: Mapping[str, Array], psi: Array, support: Array, dtype: Any = jnp.float32) -> Array:
   """`head_delta_logits` on the vocabulary columns `support` only: psi [..., F], support int[S] -> f32[K, ..., S]."""
   columns = {name: jnp.take(heads[name], support, axis=-1) for name in ("b", "c") if name in heads}
   return head_delta_logits({**heads, **columns}, psi, dtype)
@@ -152,8 +151,15 @@ def support_log_normalizer(delta_support: Array, support_probs: Array) -> Array:
 def lora_shapes(config: TransformerConfig, targets: Sequence[str]) -> dict:
   """{name: (in, out)}: flattened input/output sizes of each LoRA target projection."""
   d, h, kv, hd, m = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim
-  sizes = {"q_proj": (d, h * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (h * hd, d),
-           "gate_proj": (d, m), "up_proj": (d, m), "down_proj": (m, d)}
+  sizes = {
+      "q_proj": (d, h * hd),
+      "k_proj": (d, kv * hd),
+      "v_proj": (d, kv * hd),
+      "o_proj": (h * hd, d),
+      "gate_proj": (d, m),
+      "up_proj": (d, m),
+      "down_proj": (m, d)
+  }
   for name in targets:
     if name not in sizes or (name == "gate_proj" and not config.gated_mlp):
       raise ValueError(f"Unknown LoRA target {name!r} for a {config.family} model; "
@@ -208,10 +214,12 @@ def lora_for_scan(stacked: Mapping[str, Any], with_reference: bool = True) -> di
 
   With `with_reference`, group 0 is a zero adapter (the reference policy) and group k+1 is basis k.
   """
+
   def one(x):
     if with_reference:
       x = jnp.concatenate([jnp.zeros_like(x[:1]), x], axis=0)
     return jnp.swapaxes(x, 0, 1)
+
   return group_targets({name: jax.tree.map(one, dict(adapter)) for name, adapter in stacked.items()})
 
 

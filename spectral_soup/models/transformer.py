@@ -39,7 +39,7 @@ from spectral_soup.models.config import TransformerConfig
 
 Array = jax.Array
 Cache = dict  # {"k": [L, B, Hkv, S, Dh] (head-major), "v": same, "pos": int32[B, S], "valid": bool[B, S],
-              #  "index": int32[], "next_pos": int32[B]}
+#  "index": int32[], "next_pos": int32[B]}
 
 
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
@@ -100,8 +100,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, *, mask: Optional[Array] = None, positions: Optional[Array] = None,
-               cache: Optional[Cache] = None, lora: Optional[Mapping[str, Any]] = None,
-               return_logits: bool = True):
+               cache: Optional[Cache] = None, lora: Optional[Mapping[str, Any]] = None, return_logits: bool = True):
     """tokens: int[B, T]; mask: bool[B, T]; positions: int[B, T] (default: counts of real tokens);
     cache: from `init_cache` (decoding) or None (full-sequence); lora: adapters with a leading `layers` axis,
     `{"attn": {"q_proj": {"a": [L, in, r], "b": [L, r, out]}, ...}, "mlp": {...}}` (see layers.Projection).
@@ -125,7 +124,8 @@ class Transformer(nn.Module):
     if cfg.embed_scale is not None:
       x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)
     if cfg.learned_positions:
-      x = x + Embed(cfg.max_len, cfg.embed_dim, (None, "embed"), cfg.weight_dtype, name="pos_embed")(positions).astype(cfg.dtype)
+      x = x + Embed(cfg.max_len, cfg.embed_dim,
+                    (None, "embed"), cfg.weight_dtype, name="pos_embed")(positions).astype(cfg.dtype)
     x = layers.constrain(x, ("batch", "length", "embed"))
 
     # ---- Attention context shared by all layers.
@@ -138,8 +138,8 @@ class Transformer(nn.Module):
       k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, index))
       k_valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, index))
       ctx = dict(positions=positions, q_slot=index + jnp.arange(length, dtype=jnp.int32),
-                 k_slot=jnp.arange(cache["pos"].shape[1], dtype=jnp.int32), k_pos=k_pos, k_valid=k_valid,
-                 write_index=index)
+                 k_slot=jnp.arange(cache["pos"].shape[1],
+                                   dtype=jnp.int32), k_pos=k_pos, k_valid=k_valid, write_index=index)
       new_cache = dict(pos=k_pos, valid=k_valid, index=index + length,
                        next_pos=cache["next_pos"] + jnp.sum(mask, axis=1, dtype=jnp.int32))
 
@@ -147,8 +147,10 @@ class Transformer(nn.Module):
     # Each layer reads its slice of the KV cache as a scan input and returns only the T new keys / values as a
     # scan output; the cache is updated once, after the stack, in T slots. (A cache in the scan carry is copied
     # whole by every layer on CPU: 30 copies of the full cache per decode step on a 30-layer model.)
-    per_layer = {"is_local": jnp.asarray(cfg.local_layers, jnp.bool_),
-                 "index": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
+    per_layer = {
+        "is_local": jnp.asarray(cfg.local_layers, jnp.bool_),
+        "index": jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    }
     if cache is not None:
       per_layer["kv"] = {"k": cache["k"], "v": cache["v"]}
     if lora is not None:
@@ -156,14 +158,13 @@ class Transformer(nn.Module):
     block = DecoderBlock
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
-    stack = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     x, new_kv = stack(cfg, name="layers")(x, per_layer, ctx)
     if cache is not None:
       for name in ("k", "v"):
-        new_cache[name] = jax.lax.dynamic_update_slice(
-            cache[name], new_kv[name].astype(cache[name].dtype), (0, 0, 0, cache["index"], 0))
+        new_cache[name] = jax.lax.dynamic_update_slice(cache[name], new_kv[name].astype(cache[name].dtype),
+                                                       (0, 0, 0, cache["index"], 0))
 
     # ---- Output head.
     hidden = layers.make_norm(cfg, "final_norm")(x)
@@ -208,8 +209,8 @@ class Embed(nn.Module):
   weight_dtype: Any = jnp.float32
 
   def setup(self):
-    self.embedding = layers.param_with_axes(self, "embedding", nn.initializers.normal(0.02),
-                                            (self.num, self.features), self.axes, self.weight_dtype)
+    self.embedding = layers.param_with_axes(self, "embedding", nn.initializers.normal(0.02), (self.num, self.features),
+                                            self.axes, self.weight_dtype)
 
   def __call__(self, ids: Array) -> Array:
     return jnp.take(self.embedding, ids, axis=0)

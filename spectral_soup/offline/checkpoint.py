@@ -76,6 +76,7 @@ def _bit_sums(arrays: Tuple[jax.Array, ...]) -> Tuple[jax.Array, ...]:
   """Arrays of any shape and dtype -> uint32 scalars: sum_i w_i * bits_i mod 2^32 over each array's elements read
   as unsigned words, with odd weights w_i = 2 i + 1 (i: the flat index). An odd weight is invertible mod 2^32, so
   changing any one element always changes the sum; the weights also make it depend on the order of elements."""
+
   def one(x):
     if x.dtype == jnp.bool_:
       x = x.astype(jnp.uint8)
@@ -88,6 +89,7 @@ def _bit_sums(arrays: Tuple[jax.Array, ...]) -> Tuple[jax.Array, ...]:
     for axis, size in enumerate(bits.shape):
       index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
   return tuple(one(x) for x in arrays)
 
 
@@ -112,8 +114,8 @@ def fingerprints(state: Any) -> Dict[str, int]:
 class Checkpointer:
   """Train-state + iterator-state checkpoints in `directory` (see the module docstring)."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = True, remove_partial_steps: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1, async_save: bool = True,
+               remove_partial_steps: bool = True):
     """remove_partial_steps: delete a crashed run's unfinished steps (in the background, awaited by the first
     save). False for a Checkpointer that only reads: two of them deleting the same step race each other."""
     self.directory = os.path.abspath(directory)
@@ -121,16 +123,19 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         # Multiples of the interval (plus forced saves); no "initial" save at the first step.
-        save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
-                                                     policies.PreemptionCheckpointingPolicy()]),
+        save_decision_policy=policies.AnySavePolicy(
+            [policies.FixedIntervalPolicy(save_interval_steps),
+             policies.PreemptionCheckpointingPolicy()]),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=remove_partial_steps,  # Partial saves of a crashed run.
         create=True)
     # Handlers given up front (not learned from the first save or restore): the metadata of a step written by
     # another process can be read before anything is restored.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()
+        })
     self._pending_step: Optional[int] = None  # The newest save started and not yet known to be committed.
 
   def all_steps(self):
@@ -218,8 +223,8 @@ class Checkpointer:
           f"{'; '.join(problems[:3])}{more}. It was written with another config (number of bases, basis kind "
           f"or rank, model shape); run with that config, or use a new directory.")
 
-  def restore_latest(self, abstract_state: Any, check_data: Optional[Callable[[int, dict], None]] = None
-                     ) -> Optional[Tuple[int, Any, dict]]:
+  def restore_latest(self, abstract_state: Any,
+                     check_data: Optional[Callable[[int, dict], None]] = None) -> Optional[Tuple[int, Any, dict]]:
     """(step, state, data) of the newest step that restores, or None if there is none.
 
     For each step, newest first: its JSON item and array metadata are read, `check_data(step, data)` is called
@@ -255,8 +260,8 @@ class Checkpointer:
 
   def _corrupt(self, step: int, error: BaseException) -> None:
     logging.warning("Checkpoint step %d in %s is corrupt or incomplete (%s: %s); falling back to the previous "
-                    "step.", step, self.directory, type(error).__name__,
-                    (str(error).splitlines() or [""])[0][:300])
+                    "step.", step, self.directory,
+                    type(error).__name__, (str(error).splitlines() or [""])[0][:300])
     self._set_aside(step)
 
   def _set_aside(self, step: int) -> None:
@@ -288,8 +293,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def save_debug_step(directory: str, state: Any, host_batch: Mapping[str, np.ndarray],
-                    metrics: Mapping[str, Any]) -> str:
+def save_debug_step(directory: str, state: Any, host_batch: Mapping[str, np.ndarray], metrics: Mapping[str,
+                                                                                                       Any]) -> str:
   """Writes what reproduces one training step to `directory` (all hosts call it); returns the directory.
 
   `state/`: the state (an Orbax checkpoint of the pytree, restorable with `ocp.StandardCheckpointer`);
@@ -300,8 +305,9 @@ def save_debug_step(directory: str, state: Any, host_batch: Mapping[str, np.ndar
   if jax.process_index() == 0 and os.path.exists(state_dir):  # A previous run stopped at the same step.
     shutil.rmtree(state_dir)
   os.makedirs(directory, exist_ok=True)
-  np.savez(os.path.join(directory, f"batch_process{jax.process_index()}.npz"),
-           **{name: np.asarray(value) for name, value in host_batch.items()})
+  np.savez(os.path.join(directory, f"batch_process{jax.process_index()}.npz"), **{
+      name: np.asarray(value) for name, value in host_batch.items()
+  })
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(state_dir, state)
     checkpointer.wait_until_finished()

@@ -145,8 +145,8 @@ class PairIterator:
     return {name: value[rows] for name, value in self.arrays.items()}
 
 
-def synthetic_pairs(num_pairs: int, *, num_bases: int, vocab_size: int, prompt_len: int, response_len: int,
-                    seed: int, max_rate: float = 0.3) -> Dict[str, np.ndarray]:
+def synthetic_pairs(num_pairs: int, *, num_bases: int, vocab_size: int, prompt_len: int, response_len: int, seed: int,
+                    max_rate: float = 0.3) -> Dict[str, np.ndarray]:
   """Pairs whose attribute k is how often the response contains marker token k + 1.
 
   Tokens: 0 is padding, 1..K are the K markers, the rest filler. Every response draws a marker rate per attribute
@@ -177,8 +177,12 @@ def synthetic_pairs(num_pairs: int, *, num_bases: int, vocab_size: int, prompt_l
   count_a, count_b = count(a), count(b)
   labels = np.where(count_a > count_b, 1, np.where(count_a < count_b, 0, -1)).astype(np.int8)
   return {
-      "prompt": prompt, "prompt_mask": prompt_mask,
-      "response_a": a, "response_a_mask": a_mask, "response_b": b, "response_b_mask": b_mask,
+      "prompt": prompt,
+      "prompt_mask": prompt_mask,
+      "response_a": a,
+      "response_a_mask": a_mask,
+      "response_b": b,
+      "response_b_mask": b_mask,
       "labels": labels,
       "scores_a": (count_a / a_mask.sum(1, keepdims=True)).astype(np.float32),
       "scores_b": (count_b / b_mask.sum(1, keepdims=True)).astype(np.float32),

@@ -74,9 +74,8 @@ def pair_accuracy(margins: np.ndarray, labels: np.ndarray) -> tuple:
   return correct.sum(0) / np.maximum(count, 1), count
 
 
-def probe_accuracy(train_a: np.ndarray, train_b: np.ndarray, train_scores_a: np.ndarray,
-                   train_scores_b: np.ndarray, test_a: np.ndarray, test_b: np.ndarray, test_labels: np.ndarray,
-                   l2: float) -> tuple:
+def probe_accuracy(train_a: np.ndarray, train_b: np.ndarray, train_scores_a: np.ndarray, train_scores_b: np.ndarray,
+                   test_a: np.ndarray, test_b: np.ndarray, test_labels: np.ndarray, l2: float) -> tuple:
   """Fits the probe on both responses of the training pairs; (accuracy [A], count [A]) on the test pairs."""
   weights = fit_ridge(np.concatenate([train_a, train_b]), np.concatenate([train_scores_a, train_scores_b]), l2)
   return pair_accuracy((test_a - test_b) @ weights, test_labels)
@@ -110,7 +109,7 @@ def hint_share(hints: Sequence[str], scores: np.ndarray) -> np.ndarray:
   between = np.zeros(scores.shape[1])
   for hint in np.unique(hints):
     group = scores[hints == hint]
-    between += len(group) * (group.mean(0) - scores.mean(0)) ** 2
+    between += len(group) * (group.mean(0) - scores.mean(0))**2
   return between / len(scores) / np.maximum(total, 1e-12)
 
 
@@ -119,14 +118,15 @@ def binomial_z(accuracy: np.ndarray, count: np.ndarray) -> np.ndarray:
   return (np.asarray(accuracy) - 0.5) / np.sqrt(0.25 / np.maximum(np.asarray(count, np.float64), 1))
 
 
-def report(train: Mapping[str, np.ndarray], held_out: Mapping[str, np.ndarray], support: np.ndarray, *,
-           l2: float, folds: int = 4, seed: int = 0) -> Dict[str, Dict[str, np.ndarray]]:
+def report(train: Mapping[str, np.ndarray], held_out: Mapping[str, np.ndarray], support: np.ndarray, *, l2: float,
+           folds: int = 4, seed: int = 0) -> Dict[str, Dict[str, np.ndarray]]:
   """Both probes, cross-validated on `train` and fitted on `train` / scored on `held_out`.
 
   train, held_out: pair arrays (`spectral_soup.offline.input_pipeline` format) with `scores_a/_b` and `labels`;
   `support_probs_a/_b` (cached features of a head basis with a vocabulary support) enable the surprise probe.
   Returns {probe: {"cv_accuracy", "cv_count", "held_out_accuracy", "held_out_count": [A]}}.
   """
+
   def vectors(pairs, kind):
     out = []
     for side in ("a", "b"):
@@ -148,8 +148,8 @@ def report(train: Mapping[str, np.ndarray], held_out: Mapping[str, np.ndarray], 
     row = {"cv_accuracy": acc, "cv_count": cnt}
     if len(held_out["labels"]):
       ea, eb = vectors(held_out, kind)
-      row["held_out_accuracy"], row["held_out_count"] = probe_accuracy(
-          ta, tb, train["scores_a"], train["scores_b"], ea, eb, held_out["labels"], l2)
+      row["held_out_accuracy"], row["held_out_count"] = probe_accuracy(ta, tb, train["scores_a"], train["scores_b"], ea,
+                                                                       eb, held_out["labels"], l2)
     results[kind] = row
   return results
 

@@ -69,8 +69,8 @@ def dpo_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, labels
   return _sums(loss, logits, valid, valid, logratio_a, logratio_b, rows)
 
 
-def ratings_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ratings_a: Array,
-                  ratings_b: Array, *, beta: float, rating_scale: float = 1.0, rows: Optional[Array] = None) -> dict:
+def ratings_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ratings_a: Array, ratings_b: Array, *,
+                  beta: float, rating_scale: float = 1.0, rows: Optional[Array] = None) -> dict:
   """Per-basis sums of the ratings (regression) loss and its metrics.
 
   Args:
@@ -94,8 +94,8 @@ def ratings_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ra
   return _sums(loss, jnp.sign(diff) * prediction, valid, ranked, logratio_a, logratio_b, rows)
 
 
-def _sums(loss: Array, signed_margin: Array, valid: Array, ranked: Array, logratio_a: Array,
-          logratio_b: Array, rows: Optional[Array] = None) -> dict:
+def _sums(loss: Array, signed_margin: Array, valid: Array, ranked: Array, logratio_a: Array, logratio_b: Array,
+          rows: Optional[Array] = None) -> dict:
   """[K, B] per-pair terms -> per-basis sums.
 
   valid: pairs that enter the loss; ranked: pairs with a preferred response (accuracy and margin are over these);
@@ -123,8 +123,8 @@ def cross_accuracy_terms(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Ar
   margin, _, _ = _pair_margins(ref_a, ref_b, basis_a, basis_b)  # [K, B]
   labels = labels.astype(jnp.int32).T  # [J, B]
   a_wins, b_wins = (labels == 1).astype(jnp.float32), (labels == 0).astype(jnp.float32)
-  correct = (jnp.einsum("kb,jb->kj", (margin > 0).astype(jnp.float32), a_wins)
-             + jnp.einsum("kb,jb->kj", (margin < 0).astype(jnp.float32), b_wins))
+  correct = (jnp.einsum("kb,jb->kj", (margin > 0).astype(jnp.float32), a_wins) +
+             jnp.einsum("kb,jb->kj", (margin < 0).astype(jnp.float32), b_wins))
   return {"correct": correct, "count": jnp.sum(a_wins + b_wins, axis=1)}
 
 
@@ -160,8 +160,8 @@ def dpo_loss(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, labels:
   return loss_from_sums(sums), metrics_from_sums(sums)
 
 
-def ratings_loss(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ratings_a: Array, ratings_b: Array,
-                 *, beta: float, rating_scale: float = 1.0) -> Tuple[Array, dict]:
+def ratings_loss(ref_a: Array, ref_b: Array, basis_a: Array, basis_b: Array, ratings_a: Array, ratings_b: Array, *,
+                 beta: float, rating_scale: float = 1.0) -> Tuple[Array, dict]:
   """Ratings-regression loss of all K bases on one batch of pairs. Shapes as in `ratings_terms`."""
   sums = ratings_terms(ref_a, ref_b, basis_a, basis_b, ratings_a, ratings_b, beta=beta, rating_scale=rating_scale)
   return loss_from_sums(sums), metrics_from_sums(sums)

@@ -31,19 +31,19 @@ BATCH_AXES = ("data", "fsdp")  # Mesh axes that split a batch.
 
 # Logical axis -> mesh axis (or axes, or None: replicated). Order is priority.
 LOGICAL_RULES: Tuple[Tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),    # Examples: data parallel over data x fsdp.
-    ("length", None),         # Sequence positions: never split (no sequence parallelism).
-    ("embed", "fsdp"),        # Residual width: FSDP-shards every [.., embed, ..] weight.
-    ("heads", "model"),       # Query heads: tensor parallel attention.
-    ("kv_heads", "model"),    # Key/value heads (a model axis larger than kv_heads needs padding: avoid it).
-    ("kv", None),             # Width of one head.
-    ("mlp", "model"),         # MLP hidden width: tensor parallel MLP.
-    ("vocab", "model"),       # Vocabulary: embedding rows, logits and basis-head outputs.
-    ("layers", None),         # The scanned layer stack.
-    ("basis", None),          # The K bases: replicated (K is small; their vocab axis is split instead).
-    ("features", "fsdp"),     # Width F of psi in the basis heads' A: [K, F, r].
-    ("head_rank", None),      # Rank r of the basis heads.
-    ("lora_rank", None),      # Rank of the LoRA adapters.
+    ("batch", BATCH_AXES),  # Examples: data parallel over data x fsdp.
+    ("length", None),  # Sequence positions: never split (no sequence parallelism).
+    ("embed", "fsdp"),  # Residual width: FSDP-shards every [.., embed, ..] weight.
+    ("heads", "model"),  # Query heads: tensor parallel attention.
+    ("kv_heads", "model"),  # Key/value heads (a model axis larger than kv_heads needs padding: avoid it).
+    ("kv", None),  # Width of one head.
+    ("mlp", "model"),  # MLP hidden width: tensor parallel MLP.
+    ("vocab", "model"),  # Vocabulary: embedding rows, logits and basis-head outputs.
+    ("layers", None),  # The scanned layer stack.
+    ("basis", None),  # The K bases: replicated (K is small; their vocab axis is split instead).
+    ("features", "fsdp"),  # Width F of psi in the basis heads' A: [K, F, r].
+    ("head_rank", None),  # Rank r of the basis heads.
+    ("lora_rank", None),  # Rank of the LoRA adapters.
 )
 
 

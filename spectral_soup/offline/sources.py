@@ -61,7 +61,6 @@ JSONL_EVAL_FRACTION = 0.1  # Share of a JSON-lines file's prompts held out when 
 LABEL_ONLY_SOURCES = ("psoups",)  # Sources whose pairs carry labels but no scores.
 _READ_CHUNK = 4_096  # Examples read from the array_record source per call.
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the builder config, the attributes and the weightings.
 
@@ -163,9 +162,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        "a local tokenizer (or checkpoint) directory when config.model.path is empty")
   builder_config(config)  # Raises naming data.builder_config.
   names, _, _ = selected_attributes(config)  # Raises naming data.attributes.
-  need(config.basis.num_bases >= len(names), "basis.num_bases",
-       f">= the {len(names)} attributes {names} (one basis per attribute, then weightings); select fewer with "
-       f"config.data.attributes")
+  need(
+      config.basis.num_bases >= len(names), "basis.num_bases",
+      f">= the {len(names)} attributes {names} (one basis per attribute, then weightings); select fewer with "
+      f"config.data.attributes")
   need(d.weighting_alpha > 0, "data.weighting_alpha", "> 0")
   need(d.label_margin >= 0, "data.label_margin", ">= 0")
   need(d.prompt_len >= 1 and d.response_len >= 1, "data.response_len", "prompt_len >= 1 and response_len >= 1")
@@ -186,9 +186,10 @@ def _validate_jsonl_config(config: ml_collections.ConfigDict, need) -> None:
   need(0.0 <= d.get("eval_fraction", JSONL_EVAL_FRACTION) < 1.0, "data.eval_fraction", "in [0, 1)")
   examples = read_jsonl(d.source)  # Raises naming the file, line and field of the first bad row.
   names, _, _ = selected_attributes(config)  # Raises naming data.attributes.
-  need(config.basis.num_bases >= len(names), "basis.num_bases",
-       f">= the {len(names)} attributes {names} of {d.source} (one basis per attribute, then weightings); select "
-       "fewer with config.data.attributes")
+  need(
+      config.basis.num_bases >= len(names), "basis.num_bases",
+      f">= the {len(names)} attributes {names} of {d.source} (one basis per attribute, then weightings); select "
+      "fewer with config.data.attributes")
   need(d.get("weighting_alpha", 1.0) > 0, "data.weighting_alpha", "> 0")
   need(d.get("label_margin", 0.0) >= 0, "data.label_margin", ">= 0")
   if config.loss.kind == "ratings":
@@ -248,8 +249,12 @@ def load_tokenizer(config: ml_collections.ConfigDict):
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> List[List[int]]:
   """Token ids of each prompt as one user turn of the chat template (if asked and the tokenizer has one)."""
   if chat_template and getattr(tokenizer, "chat_template", None):
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{
+            "role": "user",
+            "content": p
+        }], tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
   return tokenizer(list(prompts))["input_ids"]  # With the tokenizer's own special tokens (e.g. BOS).
 
@@ -320,10 +325,12 @@ def read_split(config: ml_collections.ConfigDict, split: str, limit: int) -> Dic
       "prompt": [_text(e["prompt"]) for e in examples],
       "response_a": [_text(e["response_a"]) for e in examples],
       "response_b": [_text(e["response_b"]) for e in examples],
-      "label": stack("label", np.int8), "mask": stack("mask", bool),
+      "label": stack("label", np.int8),
+      "mask": stack("mask", bool),
       "scores_a": stack("scores_a", np.float32) if has_scores else None,
       "scores_b": stack("scores_b", np.float32) if has_scores else None,
-      "num_in_split": total, "builder_config": builder.builder_config.name,
+      "num_in_split": total,
+      "builder_config": builder.builder_config.name,
   }
 
 
@@ -340,10 +347,15 @@ def _read_jsonl_split(config: ml_collections.ConfigDict, split: str, limit: int)
     rows = np.sort(np.random.default_rng([d.seed, *split.encode()]).choice(rows, size=limit, replace=False))
   pick = lambda x: None if x is None else x[rows]
   return {
-      "prompt": [examples["prompt"][i] for i in rows], "response_a": [examples["response_a"][i] for i in rows],
-      "response_b": [examples["response_b"][i] for i in rows], "label": examples["label"][rows],
-      "mask": examples["mask"][rows], "scores_a": pick(examples["scores_a"]), "scores_b": pick(examples["scores_b"]),
-      "num_in_split": total, "builder_config": "jsonl",
+      "prompt": [examples["prompt"][i] for i in rows],
+      "response_a": [examples["response_a"][i] for i in rows],
+      "response_b": [examples["response_b"][i] for i in rows],
+      "label": examples["label"][rows],
+      "mask": examples["mask"][rows],
+      "scores_a": pick(examples["scores_a"]),
+      "scores_b": pick(examples["scores_b"]),
+      "num_in_split": total,
+      "builder_config": "jsonl",
   }
 
 
@@ -377,8 +389,7 @@ def pair_arrays(examples: Mapping[str, Any], tokenizer, config: ml_collections.C
   rows = np.flatnonzero(keep)
   pick = lambda texts: [texts[i] for i in rows]
   arrays = tokenize(tokenizer, pick(examples["prompt"]), pick(examples["response_a"]), pick(examples["response_b"]),
-                    prompt_len=d.prompt_len, response_len=d.response_len,
-                    chat_template=d.get("chat_template", True))
+                    prompt_len=d.prompt_len, response_len=d.response_len, chat_template=d.get("chat_template", True))
   arrays.update(labels=labels[rows], scores_a=rated_a[rows], scores_b=rated_b[rows])
   return arrays, {"read": n, "kept": len(rows)}
 
@@ -392,8 +403,8 @@ def _check_vocab(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndar
                      f"id {top}; expected a vocabulary of at least {top + 1}.")
 
 
-def builder_pairs(config: ml_collections.ConfigDict, tokenizer) -> Tuple[Dict[str, np.ndarray],
-                                                                         Dict[str, np.ndarray], Dict[str, Any]]:
+def builder_pairs(config: ml_collections.ConfigDict,
+                  tokenizer) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, Any]]:
   """(train, eval, metadata) for a builder source; arrays in the `input_pipeline` format with K label columns.
 
   train: at most `config.data.num_train_pairs` pairs of `config.data.train_split`; eval: at most
@@ -421,8 +432,9 @@ def builder_pairs(config: ml_collections.ConfigDict, tokenizer) -> Tuple[Dict[st
     _check_vocab(config, arrays)
     is_train = split == splits[0][0]
     if jsonl.is_jsonl(d.source) and not is_train and not len(arrays["prompt"]):
-      logging.warning("%s: no prompt fell in the held-out share data.eval_fraction=%s; training without held-out "
-                      "pairs.", d.source, d.get("eval_fraction", JSONL_EVAL_FRACTION))
+      logging.warning(
+          "%s: no prompt fell in the held-out share data.eval_fraction=%s; training without held-out "
+          "pairs.", d.source, d.get("eval_fraction", JSONL_EVAL_FRACTION))
       out.append(arrays)
       continue
     batch = config.train.batch_size if is_train else config.train.eval_batch_size
@@ -432,8 +444,8 @@ def builder_pairs(config: ml_collections.ConfigDict, tokenizer) -> Tuple[Dict[st
                        f"data.num_{'train' if is_train else 'eval'}_pairs={limit} read), fewer than one batch.")
     metadata["builder_config"] = examples["builder_config"]
     metadata.setdefault("splits", {})[split] = {"in_split": examples["num_in_split"], **counts}
-    logging.info("%s/%s: %d of %d pairs read, %d kept (a label or rating difference for some basis).", d.source,
-                 split, counts["read"], examples["num_in_split"], counts["kept"])
+    logging.info("%s/%s: %d of %d pairs read, %d kept (a label or rating difference for some basis).", d.source, split,
+                 counts["read"], examples["num_in_split"], counts["kept"])
     out.append(arrays)
   return out[0], out[1], metadata
 

@@ -73,14 +73,8 @@ def _rng(seed: int, split: str, kind: str) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_IDS[split], _KIND_IDS[kind]]))
 
 
-def make_users(kind: str,
-               num_users: int,
-               seed: int,
-               *,
-               split: str = "train",
-               num_attributes: int = 4,
-               temperature: float = 1.0,
-               concentration: float = 1.0) -> SimulatedUsers:
+def make_users(kind: str, num_users: int, seed: int, *, split: str = "train", num_attributes: int = 4,
+               temperature: float = 1.0, concentration: float = 1.0) -> SimulatedUsers:
   """Draws U users of one kind.
 
   Args:
@@ -134,12 +128,11 @@ def linear_users(weights: ArrayLike, temperature: ArrayLike = 1.0) -> SimulatedU
   num_users = weights.shape[0]
   kind = "signed" if np.any(weights < 0) else "dirichlet"
   temperature = np.broadcast_to(np.asarray(temperature, np.float32), (num_users,))
-  return SimulatedUsers(weights=jnp.asarray(weights), temperature=jnp.asarray(temperature),
-                        attributes=jnp.zeros((num_users, 2), jnp.int32), threshold=jnp.zeros((num_users,)), kind=kind)
+  return SimulatedUsers(weights=jnp.asarray(weights), temperature=jnp.asarray(temperature), attributes=jnp.zeros(
+      (num_users, 2), jnp.int32), threshold=jnp.zeros((num_users,)), kind=kind)
 
 
-def standardize_scores(scores: ArrayLike,
-                       mean: Optional[ArrayLike] = None,
+def standardize_scores(scores: ArrayLike, mean: Optional[ArrayLike] = None,
                        std: Optional[ArrayLike] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Z-scores attribute scores per attribute (host-side numpy).
 

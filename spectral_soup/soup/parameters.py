@@ -64,8 +64,8 @@ def _check_same_structure(ref_params: PyTree, basis_params: PyTree) -> tuple[lis
     if ref_path is None:
       raise ValueError(f"basis_params has an extra leaf at {basis_path} that ref_params lacks.")
     if basis_path is None or ref_path not in basis_paths:
-      raise ValueError(f"ref_params has a leaf at {ref_path} that basis_params lacks"
-                       + (f" (basis_params has {basis_path} there)." if basis_path else "."))
+      raise ValueError(f"ref_params has a leaf at {ref_path} that basis_params lacks" +
+                       (f" (basis_params has {basis_path} there)." if basis_path else "."))
     raise ValueError(f"basis_params has a leaf at {basis_path} that ref_params lacks "
                      f"(ref_params has {ref_path} there).")
   if not ref_flat:

@@ -63,8 +63,9 @@ def _config_error_message(e: BaseException, argv) -> str:
   if isinstance(e, KeyError) or (isinstance(e, AttributeError) and "Did you mean" in text):
     key = re.search(r"'?([\w.]+)'?", text)
     key = key.group(1) if key else ""
-    culprit = next((a.split("=", 1)[0] for a in config_args if a.startswith("--config.")
-                    and key in a.split("=", 1)[0].split(".")), "--config.<field>")
+    culprit = next(
+        (a.split("=", 1)[0] for a in config_args if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")),
+        "--config.<field>")
     hint = re.search(r"Did you mean (.*?) instead", text)
     return f"{culprit}: {key!r} is not a config field" + (f"; did you mean {hint.group(1)}?" if hint else ".")
   if isinstance(e, SyntaxError) and e.filename:

@@ -15,5 +15,4 @@ def track(iterable: Iterable[T], *, desc: str, unit: str = "it", total: Optional
   """Wraps `iterable` in a progress bar. Set SPECTRAL_SOUP_PROGRESS=0 to silence, =1 to force it on."""
   setting = os.environ.get("SPECTRAL_SOUP_PROGRESS")
   disable = (setting == "0") or (setting is None and not sys.stderr.isatty())
-  return tqdm.tqdm(iterable, desc=desc, unit=unit, total=total, disable=disable, dynamic_ncols=True,
-                   mininterval=1.0)
+  return tqdm.tqdm(iterable, desc=desc, unit=unit, total=total, disable=disable, dynamic_ncols=True, mininterval=1.0)

@@ -126,6 +126,7 @@ def install(kind: str, target: int) -> None:
 
     input_pipeline.PairIterator.__next__ = patched_next
   elif kind == "kill_in_restore":
+
     def patched_read(self, step, abstract_state):  # Reads the arrays of a step (restore and restore_latest).
       del self, step, abstract_state
       _kill()

@@ -28,10 +28,11 @@ WRAPPER = os.path.join(REPO, "tests", "reliability", "faulty_train.py")
 NUM_STEPS = 16
 EVERY = 2
 # 128 pairs in batches of 32: 4 batches per epoch, so 16 steps also cross 3 epoch boundaries.
-FLAGS = ["--config=configs/train_basis_tiny.py", "--config.train.tensorboard=False",
-         f"--config.train.num_steps={NUM_STEPS}", f"--config.checkpoint.every_steps={EVERY}",
-         "--config.checkpoint.max_to_keep=3", "--config.train.log_every_steps=1",
-         "--config.data.num_train_pairs=128", "--config.data.num_eval_pairs=0", "--config.optim.warmup_steps=2"]
+FLAGS = [
+    "--config=configs/train_basis_tiny.py", "--config.train.tensorboard=False", f"--config.train.num_steps={NUM_STEPS}",
+    f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.max_to_keep=3", "--config.train.log_every_steps=1",
+    "--config.data.num_train_pairs=128", "--config.data.num_eval_pairs=0", "--config.optim.warmup_steps=2"
+]
 
 
 @dataclasses.dataclass
@@ -50,11 +51,10 @@ class Trainer:
   def __init__(self, root: str):
     self.root = root
     self.env = dict(os.environ)
-    self.env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", SPECTRAL_SOUP_PROGRESS="0",
-        PYTHONPATH=REPO + os.pathsep + self.env.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    self.env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                    SPECTRAL_SOUP_PROGRESS="0", PYTHONPATH=REPO + os.pathsep + self.env.get("PYTHONPATH", ""),
+                    JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
   def command(self, workdir: str, flags: List[str], fault: str) -> List[str]:
     entry = [WRAPPER] if fault else ["-m", "experiments.train_basis"]
@@ -112,13 +112,15 @@ def one_device(tree):
 
 def restore(directory: str, step: Optional[int] = None):
   """(step, state as numpy, data) of a checkpoint directory (`<workdir>/checkpoints`), read-only, on one device."""
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                 "data": ocp.JsonCheckpointHandler()})
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={
+          "state": ocp.StandardCheckpointHandler(),
+          "data": ocp.JsonCheckpointHandler()
+      })
   step = manager.latest_step() if step is None else step
   abstract = one_device(manager.item_metadata(step)["state"].tree)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                           data=ocp.args.JsonRestore()))
+  restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
   manager.close()
   return step, jax.device_get(restored["state"]), dict(restored["data"])
 

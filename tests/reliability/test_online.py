@@ -73,8 +73,8 @@ def test_degenerate_users_get_finite_optimal_lambda_and_pd_covariance(l2):
 
 def test_degenerate_users_under_the_simplex_constraint():
   x, p, mask = _users()
-  lam = np.asarray(online.fit_lambda_batched(x, p, l2=1.0, mask=mask, constraint="simplex",
-                                             prior_mean=np.full(K, 1.0 / K)))
+  lam = np.asarray(
+      online.fit_lambda_batched(x, p, l2=1.0, mask=mask, constraint="simplex", prior_mean=np.full(K, 1.0 / K)))
   assert np.all(np.isfinite(lam)) and np.all(lam >= 0)
   np.testing.assert_allclose(lam.sum(1), 1.0, atol=1e-5)
   np.testing.assert_allclose(lam[0], 1.0 / K, atol=1e-6)  # No data: the uniform soup.
@@ -85,8 +85,11 @@ def _alone(fit, x, p, mask, users):
 
 
 @pytest.mark.parametrize("bad_input", ["nan_feature", "inf_feature", "nan_pref"])
-@pytest.mark.parametrize("options", [{}, {"constraint": "simplex"}, {"tol": 1e-4}],
-                         ids=["plain", "simplex", "early_stop"])
+@pytest.mark.parametrize("options", [{}, {
+    "constraint": "simplex"
+}, {
+    "tol": 1e-4
+}], ids=["plain", "simplex", "early_stop"])
 def test_one_bad_user_changes_nothing_for_the_others(bad_input, options):
   x, p, mask = _users(seed=1)
   mask[:] = True
@@ -164,8 +167,7 @@ def test_fit_lambda_refuses_labels_out_of_range_and_non_finite_rows(prefs, messa
     online.fit_lambda(x[1], prefs.astype(np.float32), l2=1.0)
   masked = np.ones(N, bool)
   masked[np.flatnonzero(~((prefs >= 0) & (prefs <= 1)))] = False  # Rows the mask drops are never read.
-  assert np.all(np.isfinite(online.fit_lambda(x[1], np.nan_to_num(prefs).astype(np.float32), l2=1.0,
-                                              mask=masked)))
+  assert np.all(np.isfinite(online.fit_lambda(x[1], np.nan_to_num(prefs).astype(np.float32), l2=1.0, mask=masked)))
 
 
 def test_fit_lambda_names_a_non_finite_feature_row():

@@ -10,8 +10,8 @@ import signal
 import pytest
 
 from spectral_soup.offline import metrics as metrics_lib
-from tests.reliability.harness import (EVERY, NUM_STEPS, assert_bitwise_equal, finished_steps, partial_steps,
-                                       restore, wait_for)
+from tests.reliability.harness import (EVERY, NUM_STEPS, assert_bitwise_equal, finished_steps, partial_steps, restore,
+                                       wait_for)
 
 KILLED = -signal.SIGKILL
 PREEMPTED = 143  # experiments.train_basis.PREEMPTED_EXIT_CODE
@@ -126,11 +126,13 @@ def test_metrics_file_survives_a_crash_while_it_is_rewritten(tmp_path, monkeypat
   def crashing_open(name, mode="r", *args, **kwargs):
     handle = open(name, mode, *args, **kwargs)  # pylint: disable=unspecified-encoding
     if "w" in mode:
+
       def writelines(rows):
         rows = list(rows)
         handle.write("".join(rows)[:20])
         handle.flush()
         raise Crash()
+
       handle.writelines = writelines
     return handle
 

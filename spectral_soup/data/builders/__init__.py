@@ -47,10 +47,22 @@ FILE_FORMAT = "array_record"
 ConfigLike = Union[None, str, Mapping[str, Any], tfds.core.BuilderConfig]
 
 __all__ = [
-    "BUILDERS", "EmbeddedPrefs", "EmbeddedPrefsConfig", "HelpSteer2", "HelpSteer2Config", "JsonlPrefs",
-    "JsonlPrefsConfig", "MalformedRowError",
-    "PSoups", "PSoupsConfig", "SourceNotFoundError", "UltraFeedback", "UltraFeedbackConfig", "get_builder",
-    "load_source", "make_config",
+    "BUILDERS",
+    "EmbeddedPrefs",
+    "EmbeddedPrefsConfig",
+    "HelpSteer2",
+    "HelpSteer2Config",
+    "JsonlPrefs",
+    "JsonlPrefsConfig",
+    "MalformedRowError",
+    "PSoups",
+    "PSoupsConfig",
+    "SourceNotFoundError",
+    "UltraFeedback",
+    "UltraFeedbackConfig",
+    "get_builder",
+    "load_source",
+    "make_config",
 ]
 
 
@@ -106,8 +118,8 @@ def _resolve_config(name: str, config: ConfigLike) -> Optional[Union[str, tfds.c
                   f"{type(config).__name__}")
 
 
-def get_builder(name: str, data_dir: Union[str, os.PathLike], config: ConfigLike = None
-                ) -> tfds.core.GeneratorBasedBuilder:
+def get_builder(name: str, data_dir: Union[str, os.PathLike],
+                config: ConfigLike = None) -> tfds.core.GeneratorBasedBuilder:
   """The builder of source `name` (short name or `spectral_soup_<name>`) writing array_record under `data_dir`.
 
   Args:

@@ -38,7 +38,6 @@ SPLITS = ("train", "validation", "test")
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _MAX_LOGGED_MESSAGES = 20
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Errors.
 
@@ -316,8 +315,8 @@ class HashSplitConfig(SourceConfig):
   tie_epsilon: float = 0.0
 
   def __post_init__(self):
-    if not (0 <= self.validation_fraction and 0 <= self.test_fraction
-            and self.validation_fraction + self.test_fraction <= 1):
+    if not (0 <= self.validation_fraction and 0 <= self.test_fraction and
+            self.validation_fraction + self.test_fraction <= 1):
       raise ValueError(f"{self.name}: need 0 <= validation_fraction, test_fraction and their sum <= 1, got "
                        f"{self.validation_fraction}, {self.test_fraction}")
     if self.tie_epsilon < 0:
@@ -384,8 +383,8 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _missing(self, expected: str, where: epath.Path) -> SourceNotFoundError:
     return SourceNotFoundError(missing_source_message(self.name, expected, str(where), self.UPSTREAM))
 
-  def _make_info(self, features: tfds.features.FeaturesDict, description: str,
-                 homepage: Optional[str] = None, citation: Optional[str] = None) -> tfds.core.DatasetInfo:
+  def _make_info(self, features: tfds.features.FeaturesDict, description: str, homepage: Optional[str] = None,
+                 citation: Optional[str] = None) -> tfds.core.DatasetInfo:
     # `dataset_info_from_configs` would look for README / CITATIONS.bib next to the module; build the info directly.
     return tfds.core.DatasetInfo(builder=self, description=description, features=features, homepage=homepage,
                                  citation=citation, metadata=tfds.core.MetadataDict())

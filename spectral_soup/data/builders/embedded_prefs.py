@@ -101,8 +101,8 @@ def _read_metadata(path: epath.Path) -> Tuple[Dict[str, Any], List[str]]:
   if not isinstance(metadata, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
   attributes = metadata.get("attributes")
-  if (not isinstance(attributes, list) or not attributes
-      or not all(isinstance(a, str) and a.strip() for a in attributes)):
+  if (not isinstance(attributes, list) or not attributes or
+      not all(isinstance(a, str) and a.strip() for a in attributes)):
     raise ValueError(f"{path}: field 'attributes': expected a non-empty list of non-empty strings, got "
                      f"{attributes!r}")
   if len(set(attributes)) != len(attributes):
@@ -110,8 +110,7 @@ def _read_metadata(path: epath.Path) -> Tuple[Dict[str, Any], List[str]]:
   return metadata, attributes
 
 
-def _parse_row(row: Dict[str, Any], ref: common.RowRef, attributes: List[str],
-               tie_epsilon: float) -> Dict[str, Any]:
+def _parse_row(row: Dict[str, Any], ref: common.RowRef, attributes: List[str], tie_epsilon: float) -> Dict[str, Any]:
   """One pair example, or `MalformedRowError`."""
   prompt = common.text(row, "prompt", ref)
   response_a = common.text(row, "response_a", ref)
@@ -122,5 +121,12 @@ def _parse_row(row: Dict[str, Any], ref: common.RowRef, attributes: List[str],
   scores_a = common.number_list(row, "scores_a", ref, len(attributes))
   scores_b = common.number_list(row, "scores_b", ref, len(attributes))
   label, mask = common.pair_labels(scores_a, scores_b, tie_epsilon=tie_epsilon)
-  return {"prompt": prompt, "response_a": response_a, "response_b": response_b, "scores_a": scores_a,
-          "scores_b": scores_b, "label": label, "mask": mask}
+  return {
+      "prompt": prompt,
+      "response_a": response_a,
+      "response_b": response_b,
+      "scores_a": scores_a,
+      "scores_b": scores_b,
+      "label": label,
+      "mask": mask
+  }

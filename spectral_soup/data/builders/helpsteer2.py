@@ -88,12 +88,13 @@ class HelpSteer2(common.ManualSourceBuilder):
       features = common.pair_features(len(ATTRIBUTES))
     else:
       features = tfds.features.FeaturesDict({
-          **common.pair_feature_dict(1, with_scores=False),
-          "preference_strength": tfds.features.Tensor(shape=(), dtype=np.int8)})
-    return self._make_info(features, description=__doc__,
-                           homepage="https://huggingface.co/datasets/nvidia/HelpSteer2",
-                           citation="Wang et al., HelpSteer2: Open-source dataset for training top-performing "
-                           "reward models, 2024.")
+          **common.pair_feature_dict(1, with_scores=False), "preference_strength":
+              tfds.features.Tensor(shape=(), dtype=np.int8)
+      })
+    return self._make_info(
+        features, description=__doc__, homepage="https://huggingface.co/datasets/nvidia/HelpSteer2",
+        citation="Wang et al., HelpSteer2: Open-source dataset for training top-performing "
+        "reward models, 2024.")
 
   def _directory(self, dl_manager: tfds.download.DownloadManager, expected: str) -> epath.Path:
     root = self._source_root(dl_manager, expected)
@@ -160,10 +161,14 @@ def _find(directory: epath.Path, names: Tuple[str, ...]) -> Optional[epath.Path]
 
 def _parse_rated(row: Dict[str, Any], ref: common.RowRef) -> Dict[str, Any]:
   return {
-      "prompt": common.text(row, "prompt", ref),
-      "response": common.text(row, "response", ref),
-      "scores": np.asarray([common.number(common.require(row, a, ref), ref, a, low=0, high=4, integer=True)
-                            for a in ATTRIBUTES], np.float32),
+      "prompt":
+          common.text(row, "prompt", ref),
+      "response":
+          common.text(row, "response", ref),
+      "scores":
+          np.asarray(
+              [common.number(common.require(row, a, ref), ref, a, low=0, high=4, integer=True) for a in ATTRIBUTES],
+              np.float32),
   }
 
 
@@ -176,9 +181,15 @@ def _pairs(rated: List[Tuple[int, Dict[str, Any]]]) -> List[Tuple[str, Dict[str,
   for prompt, group in by_prompt.items():
     for (n_a, a), (n_b, b) in itertools.combinations(group, 2):
       label, mask = common.pair_labels(a["scores"], b["scores"])
-      pairs.append((f"{n_a}:{n_b}", {"prompt": prompt, "response_a": a["response"], "response_b": b["response"],
-                                     "scores_a": a["scores"], "scores_b": b["scores"], "label": label,
-                                     "mask": mask}))
+      pairs.append((f"{n_a}:{n_b}", {
+          "prompt": prompt,
+          "response_a": a["response"],
+          "response_b": b["response"],
+          "scores_a": a["scores"],
+          "scores_b": b["scores"],
+          "label": label,
+          "mask": mask
+      }))
   return pairs
 
 
@@ -186,8 +197,9 @@ def _parse_preference(row: Dict[str, Any], ref: common.RowRef) -> Tuple[str, Dic
   split_name = common.text(row, "split", ref)
   if split_name not in _PREFERENCE_SPLITS:
     raise ref.error("split", f"expected one of {sorted(_PREFERENCE_SPLITS)}, got {split_name!r}")
-  strength = int(common.number(common.require(row, "preference_strength", ref), ref, "preference_strength",
-                               low=-3, high=3, integer=True))
+  strength = int(
+      common.number(common.require(row, "preference_strength", ref), ref, "preference_strength", low=-3, high=3,
+                    integer=True))
   label = 1 if strength < 0 else (0 if strength > 0 else -1)
   return _PREFERENCE_SPLITS[split_name], {
       "prompt": common.text(row, "prompt", ref),

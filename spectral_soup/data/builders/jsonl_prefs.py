@@ -71,14 +71,23 @@ class JsonlPrefs(common.ManualSourceBuilder):
     nan = np.full(num_attributes, np.nan, np.float32)
     per_split: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {s: [] for s in common.SPLITS}
     for i, prompt in enumerate(data["prompt"]):
-      example = {"prompt": prompt, "response_a": data["response_a"][i], "response_b": data["response_b"][i],
-                 "label": data["label"][i], "mask": data["mask"][i],
-                 "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
-                 "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]}
+      example = {
+          "prompt": prompt,
+          "response_a": data["response_a"][i],
+          "response_b": data["response_b"][i],
+          "label": data["label"][i],
+          "mask": data["mask"][i],
+          "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
+          "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]
+      }
       split = common.split_for_prompt(prompt, config.validation_fraction, config.test_fraction, config.split_salt)
       per_split[split].append((i, example))
-    self.info.metadata.update({"attributes": attributes, "source_file": path, "num_source_rows": len(data["prompt"]),
-                               "has_scores": data["scores_a"] is not None})
+    self.info.metadata.update({
+        "attributes": attributes,
+        "source_file": path,
+        "num_source_rows": len(data["prompt"]),
+        "has_scores": data["scores_a"] is not None
+    })
     return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
 
   def _generate_examples(self, items):

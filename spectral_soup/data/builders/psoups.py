@@ -81,13 +81,13 @@ class PSoups(common.ManualSourceBuilder):
       "pass the directory holding rm_training/ (or the per-pole files themselves) as the manual directory.")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self._make_info(common.pair_features(len(POLES), with_scores=False), description=__doc__,
-                           homepage="https://github.com/joeljang/RLPHF",
-                           citation="Jang et al., Personalized Soups: Personalized Large Language Model Alignment "
-                           "via Post-hoc Parameter Merging, 2023.")
+    return self._make_info(
+        common.pair_features(len(POLES),
+                             with_scores=False), description=__doc__, homepage="https://github.com/joeljang/RLPHF",
+        citation="Jang et al., Personalized Soups: Personalized Large Language Model Alignment "
+        "via Post-hoc Parameter Merging, 2023.")
 
-  def _source_files(self, dl_manager: tfds.download.DownloadManager) -> Tuple[List[Tuple[str, epath.Path]],
-                                                                              List[str]]:
+  def _source_files(self, dl_manager: tfds.download.DownloadManager) -> Tuple[List[Tuple[str, epath.Path]], List[str]]:
     expected = f"per-pole preference files ({', '.join(POLE_CODES)})"
     root = self._source_root(dl_manager, expected)
     candidates = [root] if not root.is_dir() else []
@@ -140,7 +140,9 @@ class PSoups(common.ManualSourceBuilder):
     self.info.metadata.update({
         "attributes": list(POLES),
         "pole_codes": list(POLE_CODES),
-        "source_files": {code: sorted(p.name for c, p in files if c == code) for code in POLE_CODES},
+        "source_files": {
+            code: sorted(p.name for c, p in files if c == code) for code in POLE_CODES
+        },
         "ignored_files": ignored,
         "num_pairs": len(pairs),
         "num_source_rows": errors.rows_read,
@@ -152,8 +154,12 @@ class PSoups(common.ManualSourceBuilder):
   def _generate_examples(self, pairs: List[_Pair]):
     for p in pairs:
       yield common.stable_hash(p.prompt, p.response_a, p.response_b).hex(), {
-          "prompt": p.prompt, "response_a": p.response_a, "response_b": p.response_b, "label": p.label,
-          "mask": p.mask}
+          "prompt": p.prompt,
+          "response_a": p.response_a,
+          "response_b": p.response_b,
+          "label": p.label,
+          "mask": p.mask
+      }
 
 
 def _parse_row(row: Dict[str, Any], ref: common.RowRef) -> Tuple[str, str, str, Optional[str]]:
@@ -172,5 +178,6 @@ def _parse_row(row: Dict[str, Any], ref: common.RowRef) -> Tuple[str, str, str, 
     preference = common.number(common.require(row, "preference", ref), ref, "preference")
     winner = output_1 if preference == 1 else (output_2 if preference == 2 else None)
     return prompt, output_1, output_2, winner
-  raise ref.error("user_input", "missing (expected user_input / completion_a / completion_b, or instruction / "
-                  "output_1 / output_2 / preference)")
+  raise ref.error(
+      "user_input", "missing (expected user_input / completion_a / completion_b, or instruction / "
+      "output_1 / output_2 / preference)")

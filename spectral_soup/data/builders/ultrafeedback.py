@@ -118,8 +118,13 @@ class UltraFeedback(common.ManualSourceBuilder):
     files = self._source_files(dl_manager)
     errors = common.RowErrors(config.skip_malformed)
     per_split: Dict[str, List[_Prompt]] = {s: [] for s in common.SPLITS}
-    counts = {"num_prompts_without_pairs": 0, "num_missing_ratings": 0,
-              "num_candidate_pairs": 0, "num_conflicting_pairs": 0, "num_pairs": 0}
+    counts = {
+        "num_prompts_without_pairs": 0,
+        "num_missing_ratings": 0,
+        "num_candidate_pairs": 0,
+        "num_conflicting_pairs": 0,
+        "num_pairs": 0
+    }
     for path in files:
       for ref, row in common.iter_json_rows(path, errors):
         try:
@@ -159,9 +164,17 @@ class UltraFeedback(common.ManualSourceBuilder):
     for p in prompts:
       for i, j, label, mask in p.pairs:
         yield f"{p.key}:{i}:{j}", {
-            "prompt": p.prompt, "response_a": p.responses[i], "response_b": p.responses[j],
-            "scores_a": p.scores[i], "scores_b": p.scores[j], "label": label, "mask": mask,
-            "source": p.source, "model_a": p.models[i], "model_b": p.models[j]}
+            "prompt": p.prompt,
+            "response_a": p.responses[i],
+            "response_b": p.responses[j],
+            "scores_a": p.scores[i],
+            "scores_b": p.scores[j],
+            "label": label,
+            "mask": mask,
+            "source": p.source,
+            "model_a": p.models[i],
+            "model_b": p.models[j]
+        }
 
 
 def parse_rating(value: Any, ref: common.RowRef, name: str) -> float:
@@ -205,8 +218,10 @@ def _parse_row(row: Dict[str, Any], ref: common.RowRef, default_source: str) -> 
     annotations = common.require(completion, "annotations", ref, f"{name}.annotations")
     if not isinstance(annotations, dict):
       raise ref.error(f"{name}.annotations", f"expected an object, got {type(annotations).__name__}")
-    scores.append([parse_rating(common.require(annotations, a, ref, f"{name}.annotations.{a}"), ref,
-                                f"{name}.annotations.{a}") for a in ATTRIBUTES])
+    scores.append([
+        parse_rating(common.require(annotations, a, ref, f"{name}.annotations.{a}"), ref, f"{name}.annotations.{a}")
+        for a in ATTRIBUTES
+    ])
   return _Prompt(key=f"{ref.path.rsplit('/', 1)[-1]}:{ref.number}", prompt=instruction, source=source,
                  responses=responses, models=models,
                  scores=np.asarray(scores, np.float32).reshape(len(responses), len(ATTRIBUTES)), pairs=[])

@@ -43,9 +43,21 @@ from spectral_soup.data.rewards.suite import make_reward
 from spectral_soup.data.rewards.suite import make_rewards
 
 __all__ = [
-    "ATTRIBUTES", "DEFAULT_ATTRIBUTES", "DensityReward", "EMPTY_SCORE", "ExpertiseReward", "FormalityReward",
-    "ReadabilityReward", "RelevanceReward", "Reward", "RewardStats", "RewardSuite", "SentimentReward",
-    "StructureReward", "VerbosityReward",
+    "ATTRIBUTES",
+    "DEFAULT_ATTRIBUTES",
+    "DensityReward",
+    "EMPTY_SCORE",
+    "ExpertiseReward",
+    "FormalityReward",
+    "ReadabilityReward",
+    "RelevanceReward",
+    "Reward",
+    "RewardStats",
+    "RewardSuite",
+    "SentimentReward",
+    "StructureReward",
+    "VerbosityReward",
     "check_batch",
-    "make_reward", "make_rewards",
+    "make_reward",
+    "make_rewards",
 ]

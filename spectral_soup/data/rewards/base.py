@@ -156,11 +156,12 @@ class RewardStats:
     mean = scores.mean(axis=0)
     std = scores.std(axis=0)
     for j in np.flatnonzero(std < MIN_STD):
-      logger.warning("reward %r is constant (%.6g) on the %d reference samples; it will only be centered.",
-                     names[j], mean[j], scores.shape[0])
+      logger.warning("reward %r is constant (%.6g) on the %d reference samples; it will only be centered.", names[j],
+                     mean[j], scores.shape[0])
     std = np.where(std < MIN_STD, 1.0, std)
-    return cls(names, mean.astype(np.float32), std.astype(np.float32), int(scores.shape[0]),
-               {k: dict(v) for k, v in (configs or {}).items()})
+    return cls(names, mean.astype(np.float32), std.astype(np.float32), int(scores.shape[0]), {
+        k: dict(v) for k, v in (configs or {}).items()
+    })
 
   def select(self, names: Sequence[str]) -> "RewardStats":
     """The stats of a subset of the attributes, in the order of `names`."""
@@ -180,14 +181,17 @@ class RewardStats:
     return ((scores - self.mean) / self.std).astype(np.float32)
 
   def to_json(self) -> str:
-    return json.dumps({
-        "format_version": STATS_FORMAT_VERSION,
-        "names": list(self.names),
-        "mean": [float(x) for x in self.mean],
-        "std": [float(x) for x in self.std],
-        "count": self.count,
-        "configs": {k: dict(v) for k, v in self.configs.items()},
-    }, indent=2, sort_keys=True)
+    return json.dumps(
+        {
+            "format_version": STATS_FORMAT_VERSION,
+            "names": list(self.names),
+            "mean": [float(x) for x in self.mean],
+            "std": [float(x) for x in self.std],
+            "count": self.count,
+            "configs": {
+                k: dict(v) for k, v in self.configs.items()
+            },
+        }, indent=2, sort_keys=True)
 
   @classmethod
   def from_json(cls, text: str) -> "RewardStats":

@@ -64,11 +64,9 @@ wont im ive youre thats whats isnt doesnt didnt gotcha sure totally super
 
 _CONTRACTION_RE = re.compile(
     r"\b\w+(?:n['’]t|['’](?:m|re|ll|ve|d))\b"
-    r"|\b(?:it|that|what|there|here|he|she|who|let|where|how|everything)['’]s\b",
-    re.IGNORECASE)
-_EMOTICON_RE = re.compile(
-    r"(?:^|(?<=\s))(?:[:;=8][\-o']?[)(\]\[dDpP/\\|*3]|<3|\^_?\^|[xX][dD])(?=\s|$|[.,!?])"
-    "|[\U0001F300-\U0001FAFF\u2600-\u27BF\U0001F000-\U0001F2FF]")
+    r"|\b(?:it|that|what|there|here|he|she|who|let|where|how|everything)['’]s\b", re.IGNORECASE)
+_EMOTICON_RE = re.compile(r"(?:^|(?<=\s))(?:[:;=8][\-o']?[)(\]\[dDpP/\\|*3]|<3|\^_?\^|[xX][dD])(?=\s|$|[.,!?])"
+                          "|[\U0001F300-\U0001FAFF\u2600-\u27BF\U0001F000-\U0001F2FF]")
 _REPEATED_PUNCT_RE = re.compile(r"[!?]{2,}|\.{3,}|…")
 _LOWER_START_RE = re.compile(r"(?:^|[.!?]\s+|\n\s*)[a-z]")
 _LONE_LOWER_I_RE = re.compile(r"\bi\b(?!['’.])")
@@ -80,18 +78,28 @@ def features(text: str) -> Dict[str, float]:
   ws = text_lib.words(text)
   lower = [w.lower().replace("’", "'") for w in ws]
   return {
-      "words": float(len(ws)),
-      "articles_prepositions": float(sum(w in ARTICLES_PREPOSITIONS for w in lower)),
-      "formal_vocabulary": float(sum(w in FORMAL_VOCABULARY for w in lower) + len(re.findall(r"\b(?:e\.g|i\.e)\.",
-                                                                                            text))),
-      "nominalizations": float(sum(bool(_NOMINALIZATION_RE.match(w)) for w in lower if len(w) >= 7)),
-      "pronouns": float(sum(w in FIRST_SECOND_PERSON for w in lower)),
-      "contractions": float(len(_CONTRACTION_RE.findall(text))),
-      "slang": float(sum(w in SLANG for w in lower)),
-      "exclamations": float(text.count("!")),
-      "emoticons": float(len(_EMOTICON_RE.findall(text))),
-      "repeated_punctuation": float(len(_REPEATED_PUNCT_RE.findall(text))),
-      "lowercase_starts": float(len(_LOWER_START_RE.findall(text.strip())) + len(_LONE_LOWER_I_RE.findall(text))),
+      "words":
+          float(len(ws)),
+      "articles_prepositions":
+          float(sum(w in ARTICLES_PREPOSITIONS for w in lower)),
+      "formal_vocabulary":
+          float(sum(w in FORMAL_VOCABULARY for w in lower) + len(re.findall(r"\b(?:e\.g|i\.e)\.", text))),
+      "nominalizations":
+          float(sum(bool(_NOMINALIZATION_RE.match(w)) for w in lower if len(w) >= 7)),
+      "pronouns":
+          float(sum(w in FIRST_SECOND_PERSON for w in lower)),
+      "contractions":
+          float(len(_CONTRACTION_RE.findall(text))),
+      "slang":
+          float(sum(w in SLANG for w in lower)),
+      "exclamations":
+          float(text.count("!")),
+      "emoticons":
+          float(len(_EMOTICON_RE.findall(text))),
+      "repeated_punctuation":
+          float(len(_REPEATED_PUNCT_RE.findall(text))),
+      "lowercase_starts":
+          float(len(_LOWER_START_RE.findall(text.strip())) + len(_LONE_LOWER_I_RE.findall(text))),
   }
 
 
@@ -100,8 +108,8 @@ def formality_score(text: str) -> float:
   f = features(text)
   n = max(f["words"], 1.0)
   formal = (f["articles_prepositions"] + 3.0 * f["formal_vocabulary"] + f["nominalizations"]) / n
-  informal = (f["pronouns"] + 3.0 * f["contractions"] + 3.0 * f["slang"] + 2.0 * f["exclamations"]
-              + 3.0 * f["emoticons"] + 2.0 * f["repeated_punctuation"] + 2.0 * f["lowercase_starts"]) / n
+  informal = (f["pronouns"] + 3.0 * f["contractions"] + 3.0 * f["slang"] + 2.0 * f["exclamations"] +
+              3.0 * f["emoticons"] + 2.0 * f["repeated_punctuation"] + 2.0 * f["lowercase_starts"]) / n
   return float(np.tanh(GAIN * (formal - informal - OFFSET)))
 
 

@@ -93,15 +93,22 @@ def load_params(model_dir: Path, config: Dict) -> Dict[str, jax.Array]:
 
   n_layers = int(config["num_hidden_layers"])
   per_layer = {
-      "q_w": ("attention.self.query.weight", True), "q_b": ("attention.self.query.bias", False),
-      "k_w": ("attention.self.key.weight", True), "k_b": ("attention.self.key.bias", False),
-      "v_w": ("attention.self.value.weight", True), "v_b": ("attention.self.value.bias", False),
-      "o_w": ("attention.output.dense.weight", True), "o_b": ("attention.output.dense.bias", False),
+      "q_w": ("attention.self.query.weight", True),
+      "q_b": ("attention.self.query.bias", False),
+      "k_w": ("attention.self.key.weight", True),
+      "k_b": ("attention.self.key.bias", False),
+      "v_w": ("attention.self.value.weight", True),
+      "v_b": ("attention.self.value.bias", False),
+      "o_w": ("attention.output.dense.weight", True),
+      "o_b": ("attention.output.dense.bias", False),
       "attn_ln_scale": ("attention.output.LayerNorm.weight", False),
       "attn_ln_bias": ("attention.output.LayerNorm.bias", False),
-      "i_w": ("intermediate.dense.weight", True), "i_b": ("intermediate.dense.bias", False),
-      "out_w": ("output.dense.weight", True), "out_b": ("output.dense.bias", False),
-      "out_ln_scale": ("output.LayerNorm.weight", False), "out_ln_bias": ("output.LayerNorm.bias", False),
+      "i_w": ("intermediate.dense.weight", True),
+      "i_b": ("intermediate.dense.bias", False),
+      "out_w": ("output.dense.weight", True),
+      "out_b": ("output.dense.bias", False),
+      "out_ln_scale": ("output.LayerNorm.weight", False),
+      "out_ln_bias": ("output.LayerNorm.bias", False),
   }
   layers = {}
   for ours, (theirs, transpose) in per_layer.items():
@@ -145,8 +152,10 @@ def bert_forward(params: Dict, ids: jax.Array, mask: jax.Array, *, num_heads: in
   key_ok = mask[:, None, None, :]  # [B, 1, 1, T] over keys
 
   def layer(x, p):
+
     def heads(t):  # [B, T, D] -> [B, T, H, Dh]
       return t.reshape(t.shape[:-1] + (num_heads, head_dim))
+
     q = heads(x @ p["q_w"] + p["q_b"])
     k = heads(x @ p["k_w"] + p["k_b"])
     v = heads(x @ p["v_w"] + p["v_b"])
@@ -196,8 +205,8 @@ class MiniLMEncoder:
     batch_buckets: the padded batch sizes that are compiled.
   """
 
-  def __init__(self, model_dir: Optional[str | os.PathLike] = None, *, max_length: int = 128,
-               batch_size: int = 64, length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):
+  def __init__(self, model_dir: Optional[str | os.PathLike] = None, *, max_length: int = 128, batch_size: int = 64,
+               length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):
     from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
     self.model_dir = find_model_dir(model_dir)
     config = json.loads((self.model_dir / "config.json").read_text())

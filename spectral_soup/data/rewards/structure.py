@@ -43,12 +43,17 @@ def elements(text: str) -> Dict[str, int]:
   for line in text.splitlines():
     if _LIST_ITEM_RE.match(line):
       n_list += 1
-    elif (_MD_HEADER_RE.match(line) or _BOLD_LINE_RE.match(line)
-          or (_COLON_HEADER_RE.match(line) and len(line.split()) <= 6)):
+    elif (_MD_HEADER_RE.match(line) or _BOLD_LINE_RE.match(line) or
+          (_COLON_HEADER_RE.match(line) and len(line.split()) <= 6)):
       n_header += 1
   paragraphs = [p for p in _PARAGRAPH_SPLIT_RE.split(text) if p.strip()]
-  return {"list_items": n_list, "headers": n_header, "code_blocks": len(_FENCE_RE.findall(text)) // 2,
-          "extra_paragraphs": max(0, len(paragraphs) - 1)}
+  return {
+      "list_items": n_list,
+      "headers": n_header,
+      "code_blocks": len(_FENCE_RE.findall(text)) // 2,
+      "extra_paragraphs": max(0,
+                              len(paragraphs) - 1)
+  }
 
 
 class StructureReward(base.Reward):

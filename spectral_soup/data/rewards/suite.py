@@ -28,8 +28,8 @@ from spectral_soup.data.rewards.verbosity import VerbosityReward
 
 # name -> reward class. Every class's `name` equals its key.
 ATTRIBUTES: Dict[str, Type[base.Reward]] = {
-    cls.name: cls for cls in (ReadabilityReward, VerbosityReward, SentimentReward, RelevanceReward,
-                              FormalityReward, StructureReward, ExpertiseReward, DensityReward)
+    cls.name: cls for cls in (ReadabilityReward, VerbosityReward, SentimentReward, RelevanceReward, FormalityReward,
+                              StructureReward, ExpertiseReward, DensityReward)
 }
 # The five core attributes (P-SOUPS expertise / informativeness / friendliness + relevance + formality).
 DEFAULT_ATTRIBUTES = ("readability", "verbosity", "sentiment", "relevance", "formality")
@@ -87,8 +87,8 @@ class RewardSuite:
   """
 
   def __init__(self, names: Optional[Union[str, Sequence[str]]] = None,
-               options: Optional[Mapping[str, Mapping[str, Any]]] = None,
-               stats: Optional[Union[base.RewardStats, str, os.PathLike]] = None):
+               options: Optional[Mapping[str, Mapping[str, Any]]] = None, stats: Optional[Union[base.RewardStats, str,
+                                                                                                os.PathLike]] = None):
     """Builds the suite.
 
     Args:
@@ -110,8 +110,7 @@ class RewardSuite:
 
   def describe(self) -> Dict[str, Dict[str, Any]]:
     """name -> {description, range, config}: a human-readable summary of the suite."""
-    return {r.name: {"description": r.description, "range": tuple(r.range), "config": r.config()}
-            for r in self.rewards}
+    return {r.name: {"description": r.description, "range": tuple(r.range), "config": r.config()} for r in self.rewards}
 
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     """Raw scores `float32[N, A]` (column j = `self.rewards[j]`)."""

@@ -47,18 +47,19 @@ _DICT = pyphen.Pyphen(lang="en_US")
 _VOWEL_GROUP_RE = re.compile(r"[aeiouy]+")
 _ACCENTED_VOWEL_GROUP_RE = re.compile(r"[aeiouyàâäéèêëîïôöùûüœæáíóúãõ]+")
 # Letter patterns that add a syllable the vowel-group count misses (hiatus: two adjacent vowels in two syllables).
-_EXTRA_SYLLABLE_RES = tuple(re.compile(p) for p in (
-    r"[^aeiouyctsgx]i[ao]",   # dial, violin, studio (not -tion, -cial, -sion, -gion)
-    r"[aeiou]y[aeiou]",       # mayor, loyal, beyond
-    r"[^aeiouy]eo",           # ceo, video, neon
-    r"(?<![gb])u[aio]",       # dual, fluid, duo (not build, guide; 'qu' is removed first)
-    r"uel",                   # fuel, duel
-    r"[^aeiouy]isms?$",       # fascism, algorithms
-    r"[^aeiouy]iet",          # quiet, diet
-    r"oe[^s]",                # poem, noel
-    r"ying$|[aeiou]ing$",     # playing, going
-    r"ier$",                  # happier
-))
+_EXTRA_SYLLABLE_RES = tuple(
+    re.compile(p) for p in (
+        r"[^aeiouyctsgx]i[ao]",  # dial, violin, studio (not -tion, -cial, -sion, -gion)
+        r"[aeiou]y[aeiou]",  # mayor, loyal, beyond
+        r"[^aeiouy]eo",  # ceo, video, neon
+        r"(?<![gb])u[aio]",  # dual, fluid, duo (not build, guide; 'qu' is removed first)
+        r"uel",  # fuel, duel
+        r"[^aeiouy]isms?$",  # fascism, algorithms
+        r"[^aeiouy]iet",  # quiet, diet
+        r"oe[^s]",  # poem, noel
+        r"ying$|[aeiou]ing$",  # playing, going
+        r"ier$",  # happier
+    ))
 _SILENT_INNER_E_RE = re.compile(r"[aeiouy][^aeiouy]e(?:ly|ment|ments|ful|less|ness)$")  # lively, statement
 _KEEP_ES_RE = re.compile(r"(?:s|x|z|ch|sh|g|c|[^aeiouy]l)es$")  # boxes, changes, places, tables
 
