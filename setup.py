@@ -35,8 +35,9 @@ EXTRAS = {
     # Tests compare against the PyTorch reference implementations of transformers.
     # nbclient, nbformat and ipykernel run the Colab notebooks of experiments/colab (tests/test_notebooks.py).
     # datasets reads Hugging Face datasets directories as data.source (spectral_soup/data/jsonl.py).
+    # yapf checks the code's formatting (pyproject.toml [tool.yapf]; tests/test_format.py).
     "test": ["pytest>=8", "scipy>=1.13", "scikit-learn>=1.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29", "datasets>=4,<6"],
+             "ipykernel>=6.29", "datasets>=4,<6", "yapf>=0.43,<0.44"],
     "datasets": ["datasets>=4,<6"],
     # TensorFlow is optional: tfds.data_source and array_record work without it.
     "tf": ["tensorflow>=2.18"],

@@ -29,7 +29,7 @@ def get_config():
 
   # The bases and the bespoke heads: one context-free logit vector each (pi_k ~ pi_ref exp(c_k)), in closed form:
   # ridge regression of the head's rating (an attribute's standardized score for a basis, the user's true reward for
-  # a bespoke head) on the training responses' token surprise, over beta (`offline.train.ridge_logit_bias`); no
+  # a bespoke head) on the training responses' token surprise, over beta (`offline.ridge_init.ridge_logit_bias`); no
   # gradient step. On these ~250 pairs every basis moves its own attribute (README, "Results of the default run").
   config.data.attributes = ("readability", "verbosity", "sentiment", "density", "formality")
   config.loss.kind = "ratings"  # Bases regress their attribute's score, bespoke heads their user's true reward.
@@ -75,7 +75,7 @@ def get_config():
   # held-out choices at about 0.59, the reward model's predictions at about 0.65 (docs/METHOD.md, section 5).
   config.online.features = "reward_model"
   # Serve lam / sum(lam): choices do not identify the reward's scale (noisy features attenuate the fitted lambda),
-  # and the bases are fitted at the users' reward scale (a Dirichlet user's weights sum to 1; online.update.
+  # and the bases are fitted at the users' reward scale (a Dirichlet user's weights sum to 1; online.fit.
   # unit_total_weight).
   config.online.unit_total_weight = True
   # The lambda served: "map" (the penalized fit above, rescaled to sum 1) or "posterior_mean" (the Bayes estimate of
@@ -98,8 +98,11 @@ def get_config():
   # 1.0, so its sweep goes to 2). The MOD oracle (true weights) equals the bespoke head for these linear bases, so it
   # is not swept.
   config.eval.frontier = ml_collections.ConfigDict({
-      "spectral_soup_explicit": (0.5, 1.0, 1.5), "p_soups": (0.5, 1.0, 1.5), "pad": (0.5, 1.0, 2.0),
-      "mod_oracle": (1.0,)})
+      "spectral_soup_explicit": (0.5, 1.0, 1.5),
+      "p_soups": (0.5, 1.0, 1.5),
+      "pad": (0.5, 1.0, 2.0),
+      "mod_oracle": (1.0,)
+  })
   # Soups evaluated besides the explicit one: "params" (merged heads: the same distribution as the explicit soup
   # for logit-vector bases) and "implicit" (rejection sampling from the reference, the slowest rows).
   config.eval.soups = ()

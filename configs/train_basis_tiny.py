@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ratings loss solved in closed form; steps refine it). What it regresses, `init_features`: "pair_surprise" (each
   # pair's rating difference on its token-surprise difference, sum_t onehot(y_t) - p_ref(.|s_t)), "surprise" (each
   # response's rating on its surprise) or "counts" (each response's rating on its token counts: a bag-of-words
-  # reward model); `offline.train.ridge_logit_bias`.
+  # reward model); `offline.ridge_init.ridge_logit_bias`.
   config.basis.init = "zeros"
   config.basis.init_features = "pair_surprise"
   config.basis.init_l2 = 10.0  # Ridge penalty of the "ridge" initialization.

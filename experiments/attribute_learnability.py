@@ -43,27 +43,31 @@ def _fmt(x, digits=3):
 
 def main(argv) -> None:
   del argv
+  from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import feature_cache  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import learnability  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
 
   config, workdir = _CONFIG.value, _WORKDIR.value
-  train.validate_config(config)
+  config_checks.validate_config(config)
   if not config.basis.get("vocab_support", 0):
     raise ValueError("config.basis.vocab_support=0: the probes live on a vocabulary support; set it (e.g. 1024) "
                      "as the training run did.")
-  train_pairs, held_out = train.load_pairs(config)
+  train_pairs, held_out = pairs_lib.load_pairs(config)
   # The support does not depend on the vocabulary size beyond the largest token id (unseen ids follow in id order),
   # so this needs no model: it equals the training run's support.
-  vocab_size = max(train.model_config(config).vocab_size, config.basis.vocab_support,
-                   1 + int(max(train_pairs["response_a"].max(), train_pairs["response_b"].max())))
+  vocab_size = max(
+      build.model_config(config).vocab_size, config.basis.vocab_support,
+      1 + int(max(train_pairs["response_a"].max(), train_pairs["response_b"].max())))
   support = features.select_support([train_pairs["response_a"], train_pairs["response_b"]],
                                     [train_pairs["response_a_mask"], train_pairs["response_b_mask"]],
                                     config.basis.vocab_support, vocab_size)
   features_dir = config.train.get("features_dir", "") or workdir
-  path = os.path.join(features_dir, f"features-{train._features_key(config, train_pairs, held_out, support)}.npz")  # pylint: disable=protected-access
-  stored = train._load_features(path)  # pylint: disable=protected-access
+  path = feature_cache.features_path(config, features_dir, train_pairs, held_out, support)
+  stored = feature_cache.load_features(path)
   if stored is None:
     print(f"No cached features at {path} (run experiments.train_basis with this config and workdir first): "
           "the surprise probe is skipped.")
@@ -78,8 +82,8 @@ def main(argv) -> None:
     from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
     records, _ = embedded.load_pairs(embedded.generate_for_config(config))
     hints = learnability.hint_share_of_pairs(records, len(attributes))
-  evals = metrics_lib.read_metrics(workdir, kind="eval") if os.path.exists(
-      os.path.join(workdir, metrics_lib.FILENAME)) else []
+  evals = metrics_lib.read_metrics(workdir, kind="eval") if os.path.exists(os.path.join(workdir,
+                                                                                        metrics_lib.FILENAME)) else []
   basis = evals[-1] if evals else None
 
   probe_names = list(results)
@@ -91,8 +95,12 @@ def main(argv) -> None:
   header.append("verdict")
   rows = []
   for k, attribute in enumerate(attributes):
-    row = [attribute, str(int(results["token_counts"]["cv_count"][k])), _fmt(None if hints is None else hints[k]),
-           _fmt(None if basis is None else basis["accuracy"][k])]
+    row = [
+        attribute,
+        str(int(results["token_counts"]["cv_count"][k])),
+        _fmt(None if hints is None else hints[k]),
+        _fmt(None if basis is None else basis["accuracy"][k])
+    ]
     for name in probe_names:
       r = results[name]
       row += [_fmt(r["cv_accuracy"][k]), _fmt(r["held_out_accuracy"][k] if "held_out_accuracy" in r else None)]
@@ -106,11 +114,21 @@ def main(argv) -> None:
     print(f"basis: step {basis['step']} of {workdir}; held-out pairs per attribute "
           f"{[int(c) for c in basis['count']]}.")
 
-  out = {"name": "attribute_learnability", "attributes": attributes, "l2": _L2.value, "folds": _FOLDS.value,
-         "hint_share": None if hints is None else hints.tolist(),
-         "basis_held_out_accuracy": None if basis is None else list(basis["accuracy"]),
-         "basis_step": None if basis is None else basis["step"], "verdict": verdicts,
-         "probes": {name: {k: np.asarray(v).tolist() for k, v in r.items()} for name, r in results.items()}}
+  out = {
+      "name": "attribute_learnability",
+      "attributes": attributes,
+      "l2": _L2.value,
+      "folds": _FOLDS.value,
+      "hint_share": None if hints is None else hints.tolist(),
+      "basis_held_out_accuracy": None if basis is None else list(basis["accuracy"]),
+      "basis_step": None if basis is None else basis["step"],
+      "verdict": verdicts,
+      "probes": {
+          name: {
+              k: np.asarray(v).tolist() for k, v in r.items()
+          } for name, r in results.items()
+      }
+  }
   path = _JSON.value or os.path.join(workdir, "learnability.json")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:

@@ -39,11 +39,11 @@ from spectral_soup.utils import files
 from spectral_soup.utils import logs
 from spectral_soup.utils import workdir_lock
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
-_SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of --config with its value and comment, "
-                                 "and exit (no --workdir needed).")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every field of --config with its value and comment, "
+    "and exit (no --workdir needed).")
 flags.mark_flags_as_required(["config"])  # --workdir is checked in main (not needed by --show_config).
 
 ESTIMATES = ("map", "posterior_mean")  # The spectral lambda served: the penalized fit, or the Bayes direction.
@@ -57,16 +57,16 @@ def online_config(config):
   """The online protocol's settings from the job's config (prior_mean < 0: 1 / K, the uniform soup)."""
   from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   o = config.online
-  return protocol.OnlineConfig(
-      rounds=o.rounds, prompts_per_round=o.prompts_per_round, l2=o.l2, pad_weights_l2=o.get("pad_weights_l2"),
-      prior_mean=1.0 / len(config.data.attributes) if o.prior_mean < 0 else o.prior_mean,
-      explore_scale=o.explore_scale, mode=o.mode, constraint=o.get("constraint", "none"),
-      features=o.get("features", "implicit_reward"))
+  return protocol.OnlineConfig(rounds=o.rounds, prompts_per_round=o.prompts_per_round, l2=o.l2,
+                               pad_weights_l2=o.get("pad_weights_l2"),
+                               prior_mean=1.0 / len(config.data.attributes) if o.prior_mean < 0 else o.prior_mean,
+                               explore_scale=o.explore_scale, mode=o.mode, constraint=o.get("constraint", "none"),
+                               features=o.get("features", "implicit_reward"))
 
 
 def validate_config(config) -> None:
   """Fails fast, naming the field, before anything expensive runs (the training fields: `offline.train`)."""
-  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.data.rewards import ATTRIBUTES  # pylint: disable=g-import-not-at-top
@@ -74,8 +74,9 @@ def validate_config(config) -> None:
 
   need = config_check.field_checker(config)
   need(config.data.source == "embedded", "data.source", "'embedded' (the main job generates its own data)")
-  need(len(config.data.attributes) >= 1 and set(config.data.attributes) <= set(ATTRIBUTES), "data.attributes",
-       f"names among {', '.join(sorted(ATTRIBUTES))}")
+  need(
+      len(config.data.attributes) >= 1 and set(config.data.attributes) <= set(ATTRIBUTES), "data.attributes",
+      f"names among {', '.join(sorted(ATTRIBUTES))}")
   need(config.data.num_prompts >= 2, "data.num_prompts", ">= 2 (prompts for training and for held-out evaluation)")
   need(config.basis.kind == "heads", "basis.kind", "'heads' (bespoke and basis heads share one decoding loop)")
   need(config.basis.num_bases == len(config.data.attributes), "basis.num_bases",
@@ -98,20 +99,23 @@ def validate_config(config) -> None:
   need(config.eval.num_prompts >= 2, "eval.num_prompts", ">= 2")
   for method in SWEPT:
     scales = config.eval.frontier.get(method, ())
-    need(all(x > 0 for x in scales) and 1.0 in scales, f"eval.frontier.{method}",
-         "positive strengths including 1.0 (the method as fitted)")
-  need(set(config.eval.soups) <= {"params", "implicit"}, "eval.soups",
-       "soups evaluated besides the explicit one, among 'params' and 'implicit'")
+    need(
+        all(x > 0 for x in scales) and 1.0 in scales, f"eval.frontier.{method}",
+        "positive strengths including 1.0 (the method as fitted)")
+  need(
+      set(config.eval.soups) <= {"params", "implicit"}, "eval.soups",
+      "soups evaluated besides the explicit one, among 'params' and 'implicit'")
   need(config.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", ">= 1")
   need(config.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")
   need(config.eval.chunk_rows >= 1, "eval.chunk_rows", ">= 1")
   need(config.eval.max_proposals >= 1, "eval.max_proposals", ">= 1")
   need(config.eval.pad_l2 > 0, "eval.pad_l2", "> 0")
-  need(0 <= config.eval.pareto_bases[0] < config.basis.num_bases
-       and 0 <= config.eval.pareto_bases[1] < config.basis.num_bases
-       and config.eval.pareto_bases[0] != config.eval.pareto_bases[1], "eval.pareto_bases",
-       f"two distinct basis indices in [0, {config.basis.num_bases})")
-  train.validate_config(config)
+  need(
+      0 <= config.eval.pareto_bases[0] < config.basis.num_bases and
+      0 <= config.eval.pareto_bases[1] < config.basis.num_bases and
+      config.eval.pareto_bases[0] != config.eval.pareto_bases[1], "eval.pareto_bases",
+      f"two distinct basis indices in [0, {config.basis.num_bases})")
+  config_checks.validate_config(config)
 
 
 def main(argv) -> None:
@@ -144,11 +148,14 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   from spectral_soup.eval import harness as harness_lib
   from spectral_soup.eval import metrics as metrics_lib
   from spectral_soup.eval import plots
+  from spectral_soup.models import build
   from spectral_soup.offline import features
+  from spectral_soup.offline import pairs as pairs_lib
+  from spectral_soup.offline import resume
   from spectral_soup.offline import train
   from spectral_soup.online import direction
+  from spectral_soup.online import fit as fit_lib
   from spectral_soup.online import protocol
-  from spectral_soup.online import update
   from spectral_soup.online import users as users_lib
   from spectral_soup.soup import decoding
 
@@ -171,32 +178,23 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # (one line), and nothing is written to the workdir before all of them have been accepted.
   with errors.input_stage():
     d = config.data
-    data_dir = embedded.generate_for_config(config)
-    pairs, metadata = embedded.load_pairs(data_dir)
+    tokenizer = models.tokenizer_from_pretrained(config.model.path)
+    # Tuning (eval.split="dev"): the held-out prompts are dropped unseen, and a hash split of the training prompts
+    # plays their part (with users of the user stream's training split, below).
+    data = pairs_lib.embedded_data(config, tokenizer, dev=config.eval.split == "dev")
+    pairs, arrays, is_eval = data.pairs, data.arrays, data.is_eval
     model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
                                              weight_dtype=config.model.weight_dtype, remat=config.model.remat)
-    tokenizer = models.tokenizer_from_pretrained(config.model.path)
-    arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
-                                     tie_margin=d.tie_margin)
-    is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction) == "eval" for p in pairs])
-    if config.eval.split == "dev":
-      # Tuning: the held-out prompts are dropped unseen, and a hash split of the training prompts plays their
-      # part (with users of the user stream's training split, below).
-      keep = np.flatnonzero(~is_eval)
-      pairs, arrays = [pairs[i] for i in keep], {name: value[keep] for name, value in arrays.items()}
-      arrays["labels"] = embedded.pair_labels(arrays["scores_a"], arrays["scores_b"], d.tie_margin)
-      is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction, salt="dev") == "eval" for p in pairs])
     # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
     # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
-    suite = rewards_lib.RewardSuite(list(attributes))
-    suite.fit_scores(np.concatenate([arrays["scores_a"][~is_eval], arrays["scores_b"][~is_eval]]))
-    std_a, std_b = suite.standardize(arrays["scores_a"]), suite.standardize(arrays["scores_b"])
-    print(f"{len(pairs)} pairs ({(~is_eval).sum()} train / {is_eval.sum()} held out) from {data_dir}; "
-          f"responses sampled in {metadata['sampling_seconds']:.0f} s when generated.")
+    suite = rewards_lib.RewardSuite(list(attributes), stats=data.stats)
+    std_a, std_b = data.standardized("a"), data.standardized("b")
+    print(f"{len(pairs)} pairs ({(~is_eval).sum()} train / {is_eval.sum()} held out) from {data.directory}; "
+          f"responses sampled in {data.metadata['sampling_seconds']:.0f} s when generated.")
     train_config = ml_collections.ConfigDict(config.to_dict())
     train_config.basis.num_bases = num_bases + num_users  # The K bases, then one bespoke head per user.
     try:
-      train.check_existing_checkpoint(train_config, os.path.join(workdir, "basis"))
+      resume.check_existing_checkpoint(train_config, os.path.join(workdir, "basis"))
     except ValueError as e:
       if "config.basis.num_bases=" not in str(e):
         raise
@@ -212,9 +210,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # ---- 2. Users: held-out simulated users, labels of their own reward on the pairs (for the bespoke heads).
   t0 = phase("users")
   users = users_lib.make_users(config.users.kind, num_users, config.users.seed,
-                               split="train" if config.eval.split == "dev" else "eval",
-                               num_attributes=num_attr, temperature=config.users.temperature,
-                               concentration=config.users.concentration)
+                               split="train" if config.eval.split == "dev" else "eval", num_attributes=num_attr,
+                               temperature=config.users.temperature, concentration=config.users.concentration)
   r_a = np.asarray(users_lib.true_reward(users, std_a)).T  # [N, U]
   r_b = np.asarray(users_lib.true_reward(users, std_b)).T
   user_labels = embedded.pair_labels(r_a, r_b, d.tie_margin)
@@ -230,8 +227,13 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # Ratings (loss.kind="ratings"): each basis regresses its standardized attribute score, each bespoke head its
   # user's true reward; the labels are their signs (held-out accuracy).
   ratings_a, ratings_b = np.concatenate([std_a, r_a], axis=1), np.concatenate([std_b, r_b], axis=1)
-  split = lambda keep: {**{f: arrays[f][keep] for f in fields}, "labels": labels[keep],
-                        "scores_a": ratings_a[keep], "scores_b": ratings_b[keep]}
+  split = lambda keep: {
+      **{
+          f: arrays[f][keep] for f in fields
+      }, "labels": labels[keep],
+      "scores_a": ratings_a[keep],
+      "scores_b": ratings_b[keep]
+  }
   train_pairs, eval_pairs = split(~is_eval), split(is_eval)
   result = train.train_and_evaluate(train_config, os.path.join(workdir, "basis"), pairs=(train_pairs, eval_pairs),
                                     loaded=(model, backbone))
@@ -257,8 +259,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   timing["pad_s"] = time.time() - t0
 
   # ---- The harness: the policy with every head, prompt pools, the scorer.
-  policy = train.build_policy(model.config, train_config.basis)
-  params = {"features": {"backbone": train.unboxed(backbone)}, "heads": heads}
+  policy = build.build_policy(model.config, train_config.basis)
+  params = build.merge_params({"heads": heads}, build.unboxed(backbone))
   prompt_text = [p["prompt"] for p in pairs]
   online_pool = np.flatnonzero(~is_eval)
   eval_pool = np.flatnonzero(is_eval)[:config.eval.num_prompts]
@@ -270,12 +272,13 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
     return suite(prompts, texts, standardize=True)
 
   def make_harness(rows, max_new_tokens):
-    return harness_lib.PolicyHarness(
-        policy, params, arrays["prompt"][rows], arrays["prompt_mask"][rows], [prompt_text[i] for i in rows], score_fn,
-        num_bases=num_bases, beta=config.loss.beta, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-        pad_table=pad_table, support=support, head_support=support if config.basis.vocab_support else None,
-        chunk_rows=config.eval.chunk_rows,
-        max_proposals=config.eval.max_proposals, sampling=decoding.SamplingConfig(temperature=1.0))
+    return harness_lib.PolicyHarness(policy, params, arrays["prompt"][rows], arrays["prompt_mask"][rows],
+                                     [prompt_text[i] for i in rows], score_fn, num_bases=num_bases,
+                                     beta=config.loss.beta, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                     pad_table=pad_table, support=support,
+                                     head_support=support if config.basis.vocab_support else None,
+                                     chunk_rows=config.eval.chunk_rows, max_proposals=config.eval.max_proposals,
+                                     sampling=decoding.SamplingConfig(temperature=1.0))
 
   # ---- 5. Online.
   t0 = phase(f"online: {config.online.rounds} rounds x {config.online.prompts_per_round} comparisons, "
@@ -289,8 +292,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   if config.online.get("estimate", "map") == "posterior_mean":  # The Bayes direction (online/direction.py).
     lam = direction.posterior_mean_direction(history["comparison_features"], history["comparison_prefs"],
                                              key=jax.random.fold_in(k_online, 1))
-  elif config.online.get("unit_total_weight", False):  # At the bases' reward scale (update.unit_total_weight).
-    lam = update.unit_total_weight(lam)
+  elif config.online.get("unit_total_weight", False):  # At the bases' reward scale (fit_lib.unit_total_weight).
+    lam = fit_lib.unit_total_weight(lam)
   # The data behind every lambda, to refit it offline: features [U, N, K] (f(y_a) - f(y_b)), PAD's [U, N, A], choices.
   files.write_npz_atomic(os.path.join(workdir, "comparisons.npz"), features=history["comparison_features"],
                          pad_features=history["comparison_pad_features"], prefs=history["comparison_prefs"],
@@ -310,18 +313,22 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   num_heads = num_bases + num_users
   on_bases = lambda c: np.concatenate([np.asarray(c, np.float32), np.zeros(num_users, np.float32)])
   eye = np.eye(num_heads, dtype=np.float32)
-  programs = [harness_lib.Program("reference", None, "explicit", np.zeros(num_heads, np.float32)),
-              harness_lib.Program("uniform", None, "explicit", on_bases(np.full(num_bases, 1.0 / num_bases)))]
+  programs = [
+      harness_lib.Program("reference", None, "explicit", np.zeros(num_heads, np.float32)),
+      harness_lib.Program("uniform", None, "explicit", on_bases(np.full(num_bases, 1.0 / num_bases)))
+  ]
   programs += [harness_lib.Program(f"basis:{a}", None, "explicit", eye[k]) for k, a in enumerate(attributes)]
   weights = np.asarray(users.weights)
   for u in range(num_users):
     programs.append(harness_lib.Program("bespoke", u, "explicit", eye[num_bases + u]))
     programs += [harness_lib.Program(f"spectral_soup_{kind}", u, kind, on_bases(lam[u])) for kind in soups]
     # The swept methods, each along its strength knob (scale 1: the method as fitted; 0 would be the reference).
-    swept = {"spectral_soup_explicit": lambda s: ("explicit", on_bases(s * lam[u]), None),
-             "p_soups": lambda s: ("params", on_bases(s * lam_ps[u]), None),
-             "pad": lambda s: ("guided", np.zeros(num_heads, np.float32), s * pad_w[u]),
-             "mod_oracle": lambda s: ("explicit", on_bases(s * weights[u]), None)}
+    swept = {
+        "spectral_soup_explicit": lambda s: ("explicit", on_bases(s * lam[u]), None),
+        "p_soups": lambda s: ("params", on_bases(s * lam_ps[u]), None),
+        "pad": lambda s: ("guided", np.zeros(num_heads, np.float32), s * pad_w[u]),
+        "mod_oracle": lambda s: ("explicit", on_bases(s * weights[u]), None)
+    }
     programs += [harness_lib.Program(m, u, *swept[m](s), scale=s) for m in SWEPT for s in scales[m]]
   i, j = config.eval.pareto_bases
   alphas = np.linspace(0.0, 1.0, config.eval.pareto_points)
@@ -343,8 +350,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
       if prog.method in ("reference", "uniform"):
         rewards[prog.method], kls[prog.method] = r, kl
       continue
-    sweep = sweeps.setdefault(prog.method, {}).setdefault(
-        prog.scale, (np.zeros((num_users, num_e)), np.zeros((num_users, num_e))))
+    sweep = sweeps.setdefault(prog.method, {}).setdefault(prog.scale, (np.zeros(
+        (num_users, num_e)), np.zeros((num_users, num_e))))
     sweep[0][prog.user], sweep[1][prog.user] = r[prog.user], kl[prog.user]
   for method, sweep in sweeps.items():
     rewards[method], kls[method] = sweep[1.0]
@@ -353,12 +360,12 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
                                      num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
   shift = metrics_lib.attribute_shift(np.stack([shared[f"basis:{a}"] for a in attributes]), shared["reference"],
                                       num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
-  implicit = [p for p, prog in enumerate(programs) if prog.kind == "implicit"]
+  implicit = [p for p, prog in enumerate(programs) if prog.mode == "implicit"]
   acceptance = float(out["accepted"][implicit].sum() / max(out["proposals"][implicit].sum(), 1.0))
   timing["eval_s"] = time.time() - t0
 
   # K ablation: held-out choice accuracy of lambda fitted on the first k bases (first 3/4 of the comparisons).
-  ablation = _k_ablation(history, num_bases, config.online.l2, update)
+  ablation = _k_ablation(history, num_bases, config.online.l2)
 
   # Regret against each user's bespoke policy value.
   bespoke_value = rewards["bespoke"].mean(axis=1)
@@ -367,29 +374,49 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   # ---- 7. Results.
   t0 = phase("results")
   results = {
-      "methods": {m: summary["methods"][m] for m in METHOD_ORDER if m in summary["methods"]},
-      "users": num_users, "rounds": config.online.rounds,
+      "methods": {
+          m: summary["methods"][m] for m in METHOD_ORDER if m in summary["methods"]
+      },
+      "users": num_users,
+      "rounds": config.online.rounds,
       "comparisons_per_user": int(history["num_comparisons"][-1]),
-      "eval_prompts": int(len(eval_pool)), "samples_per_prompt": config.eval.samples_per_prompt,
-      "bespoke_gain": summary["bespoke_gain"], "bespoke_gain_ci": summary["bespoke_gain_ci"],
-      "bespoke_gain_significant": summary["bespoke_gain_significant"], "confidence": summary["confidence"],
-      "attributes": list(attributes), "user_kind": config.users.kind,
-      "user_weights": weights.tolist(), "lambda": lam.tolist(), "lambda_p_soups": lam_ps.tolist(),
+      "eval_prompts": int(len(eval_pool)),
+      "samples_per_prompt": config.eval.samples_per_prompt,
+      "bespoke_gain": summary["bespoke_gain"],
+      "bespoke_gain_ci": summary["bespoke_gain_ci"],
+      "bespoke_gain_significant": summary["bespoke_gain_significant"],
+      "confidence": summary["confidence"],
+      "attributes": list(attributes),
+      "user_kind": config.users.kind,
+      "user_weights": weights.tolist(),
+      "lambda": lam.tolist(),
+      "lambda_p_soups": lam_ps.tolist(),
       "pad_weights": pad_w.tolist(),
-      "offline": {"heads": [f"basis:{a}" for a in attributes] + [f"bespoke:{u}" for u in range(num_users)],
-                  "heldout_accuracy": accuracy.tolist(), "heldout_pairs": counts.tolist(),
-                  "cross_accuracy": cross.tolist(),
-                  # Responses sampled from each basis vs the reference's, on the held-out prompts: [K][A].
-                  "attribute_shift": shift["shift"].tolist(), "attribute_shift_ci": shift["ci"].tolist()},
-      "frontier": trade_offs["frontier"], "at_bespoke_kl": trade_offs["at_bespoke_kl"],
+      "offline": {
+          "heads": [f"basis:{a}" for a in attributes] + [f"bespoke:{u}" for u in range(num_users)],
+          "heldout_accuracy": accuracy.tolist(),
+          "heldout_pairs": counts.tolist(),
+          "cross_accuracy": cross.tolist(),
+          # Responses sampled from each basis vs the reference's, on the held-out prompts: [K][A].
+          "attribute_shift": shift["shift"].tolist(),
+          "attribute_shift_ci": shift["ci"].tolist()
+      },
+      "frontier": trade_offs["frontier"],
+      "at_bespoke_kl": trade_offs["at_bespoke_kl"],
       "bespoke_kl": trade_offs["bespoke_kl"],
-      "learning_curve": {"comparisons": history["num_comparisons"].tolist(), "reward": history["reward"].tolist(),
-                         "kl": history["kl"].tolist(), "regret": regret.tolist(),
-                         "choice_accuracy": history["choice_accuracy"].tolist()},
+      "learning_curve": {
+          "comparisons": history["num_comparisons"].tolist(),
+          "reward": history["reward"].tolist(),
+          "kl": history["kl"].tolist(),
+          "regret": regret.tolist(),
+          "choice_accuracy": history["choice_accuracy"].tolist()
+      },
       "k_ablation": ablation,
-      "pareto": {"bases": [attributes[i], attributes[j]], "alpha": alphas.tolist(),
-                 "scores": [shared[f"pareto_{a:.2f}"].reshape(-1, num_attr)[:, [i, j]].mean(0).tolist()
-                            for a in alphas]},
+      "pareto": {
+          "bases": [attributes[i], attributes[j]],
+          "alpha": alphas.tolist(),
+          "scores": [shared[f"pareto_{a:.2f}"].reshape(-1, num_attr)[:, [i, j]].mean(0).tolist() for a in alphas]
+      },
       "implicit_acceptance_rate": acceptance,
       "decoded_tokens": harness.decoded_tokens,
       "timing_s": timing,
@@ -415,30 +442,35 @@ def _contrasting_samples(programs, out, users, tokenizer, prompts, num_prompts: 
   weights = np.asarray(users.weights)
   distance = np.linalg.norm(weights[:, None] - weights[None], axis=-1)
   pair = np.unravel_index(np.argmax(distance), distance.shape) if len(weights) > 1 else (0, 0)
-  wanted = [("reference", None)] + [(m, int(u)) for u in dict.fromkeys(pair)
-                                    for m in ("spectral_soup_explicit", "bespoke")]
+  wanted = [("reference", None)
+           ] + [(m, int(u)) for u in dict.fromkeys(pair) for m in ("spectral_soup_explicit", "bespoke")]
   samples = []
   for e in range(min(num_prompts, len(prompts))):
     for method, user in wanted:
-      p = next(p for p, prog in enumerate(programs)
-               if prog.method == method and prog.user == user and prog.scale == 1.0)
+      p = next(
+          p for p, prog in enumerate(programs) if prog.method == method and prog.user == user and prog.scale == 1.0)
       text = tokenizer.decode(out["tokens"][p, e, 0, :out["lengths"][p, e, 0]].tolist(), skip_special_tokens=True)
-      samples.append({"prompt": prompts[e], "method": method, "user": user,
-                      "user_weights": None if user is None else [round(float(w), 3) for w in weights[user]],
-                      "response": text.strip()})
+      samples.append({
+          "prompt": prompts[e],
+          "method": method,
+          "user": user,
+          "user_weights": None if user is None else [round(float(w), 3) for w in weights[user]],
+          "response": text.strip()
+      })
   return samples
 
 
-def _k_ablation(history, num_bases, l2, update):
+def _k_ablation(history, num_bases, l2):
   """Held-out accuracy of the users' choices (last quarter of the comparisons) by lambda fitted on the first k
   bases' features of the rest, k = 1..K: how many bases the users' preferences need."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from spectral_soup.online import fit as fit_lib  # pylint: disable=g-import-not-at-top
   feats, prefs = history["comparison_features"], history["comparison_prefs"]
   n = feats.shape[1]
   split = max(1, (3 * n) // 4)
   out = {"k": [], "heldout_choice_accuracy": []}
   for k in range(1, num_bases + 1):
-    lam = np.asarray(update.fit_lambda_batched(feats[:, :split, :k], prefs[:, :split], l2=l2))
+    lam = np.asarray(fit_lib.fit_lambda_batched(feats[:, :split, :k], prefs[:, :split], l2=l2))
     pred = np.einsum("unk,uk->un", feats[:, split:, :k], lam) > 0
     out["k"].append(k)
     out["heldout_choice_accuracy"].append(float(np.mean(pred == (prefs[:, split:] > 0.5))))

@@ -25,8 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host (TPU pod slice, multi-node GPU): call jax.distributed.initialize() first, so "
     "that every host joins one job over all global devices (launch/tpu.py sets it on multi-host slices).")
-_SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of --config with its value and comment, "
-                                 "and exit (no --workdir needed).")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every field of --config with its value and comment, "
+    "and exit (no --workdir needed).")
 flags.mark_flags_as_required(["config"])  # --workdir is checked in main (not needed by --show_config).
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped early, checkpoint saved; run me again".
@@ -41,11 +42,12 @@ def main(argv) -> None:
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()  # Coordinator and process ids from the TPU / cluster environment.
+  from spectral_soup.offline import config_checks  # Imported here so that --help and flag errors skip JAX start-up.
   from spectral_soup.offline import train  # Imported here so that --help and flag errors skip JAX start-up.
 
   config = _CONFIG.value
   with cli.input_checks():  # Fails fast, naming the field, before any compile: one line, exit status 2.
-    train.validate_config(config)
+    config_checks.validate_config(config)
     cli.check_workdir(_WORKDIR.value)
   with cli.reporting_input_errors():  # Model path, data, resume and workdir-lock errors: one line too.
     result = train.train_and_evaluate(config, _WORKDIR.value)

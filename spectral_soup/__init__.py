@@ -10,8 +10,12 @@ XLA_CPU_SAFE = _xla_cpu.restrict_ynn_fusions()
 # The public API, imported on first use (importing the package stays light and starts no XLA backend):
 #   ss.load_basis(workdir) -> ss.Basis (.generate, .features, .encode_prompts); ss.fit_lambda (one user's lambda);
 #   ss.export_hf(basis, lam, out_dir) (one user's soup as a Hugging Face checkpoint).
-_API = {"load_basis": "spectral_soup.basis", "Basis": "spectral_soup.basis",
-        "fit_lambda": "spectral_soup.online.update", "export_hf": "spectral_soup.export"}
+_API = {
+    "load_basis": "spectral_soup.basis",
+    "Basis": "spectral_soup.basis",
+    "fit_lambda": "spectral_soup.online.fit",
+    "export_hf": "spectral_soup.export"
+}
 __all__ = sorted(_API) + ["XLA_CPU_SAFE"]
 
 

@@ -30,8 +30,7 @@ Prompts = Union[str, Sequence[str]]
 def basis_dir(workdir: str) -> str:
   """The directory holding `checkpoints/` and `config.json` of a basis training: `workdir` or `workdir/basis`."""
   for candidate in (workdir, os.path.join(workdir, "basis")):
-    if os.path.isdir(os.path.join(candidate, "checkpoints")) and os.path.isfile(os.path.join(candidate,
-                                                                                             "config.json")):
+    if os.path.isdir(os.path.join(candidate, "checkpoints")) and os.path.isfile(os.path.join(candidate, "config.json")):
       return candidate
   raise FileNotFoundError(f"no trained basis in {workdir}: expected checkpoints/ and config.json there or in "
                           f"{os.path.join(workdir, 'basis')} (a basis-training run or the main job's workdir).")
@@ -72,16 +71,16 @@ def load_backbone(config: ml_collections.ConfigDict) -> Tuple[Any, Any, Optional
   `offline.train.train_and_evaluate` draws when `config.model.path` is empty (tokenizer: `config.data.tokenizer`
   if set, else None)."""
   from spectral_soup import models  # pylint: disable=g-import-not-at-top
-  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
   tokenizer_path = config.data.get("tokenizer", "") or config.model.path
   tokenizer = models.tokenizer_from_pretrained(tokenizer_path) if tokenizer_path else None
   if config.model.path:
     model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
                                              weight_dtype=config.model.weight_dtype)
-    return model, train.unboxed(backbone), tokenizer
-  model = models.Transformer(train.model_config(config))
+    return model, build.unboxed(backbone), tokenizer
+  model = models.Transformer(build.model_config(config))
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  return model, train.random_backbone(train.unboxed(shapes), model.config, config.seed), tokenizer
+  return model, build.random_backbone(build.unboxed(shapes), model.config, config.seed), tokenizer
 
 
 @dataclasses.dataclass
@@ -134,8 +133,8 @@ class Basis:
     return decoding.pad_prompts(encoded, len(encoded), max(len(ids) for ids in encoded), pad)
 
   def generate(self, prompts: Prompts, lam: Any, *, mode: str = "explicit", max_new_tokens: int = 64,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-               max_proposals: int = 32, chat_template: bool = True) -> List[str]:
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_proposals: int = 32,
+               chat_template: bool = True) -> List[str]:
     """Responses of U users' soups, as text, in one compiled decoding loop.
 
     Args:
@@ -163,12 +162,11 @@ class Basis:
     sampling = decoding.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     tokens, mask = self.encode_prompts(prompts, chat_template=chat_template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out, aux = serving.generate(self.policy, self.params, lam, tokens, mask, mode=mode,
-                                max_new_tokens=max_new_tokens, sampling=sampling, key=jax.random.key(seed),
-                                eos_id=tokenizer.eos_token_id, pad_id=pad, max_proposals=max_proposals)
+    out, aux = serving.generate(self.policy, self.params, lam, tokens, mask, mode=mode, max_new_tokens=max_new_tokens,
+                                sampling=sampling, key=jax.random.key(seed), eos_id=tokenizer.eos_token_id, pad_id=pad,
+                                max_proposals=max_proposals)
     out, lengths = np.asarray(out), np.asarray(aux["lengths"])
-    return [tokenizer.decode(out[u, :lengths[u]].tolist(), skip_special_tokens=True).strip()
-            for u in range(len(out))]
+    return [tokenizer.decode(out[u, :lengths[u]].tolist(), skip_special_tokens=True).strip() for u in range(len(out))]
 
   def features(self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 16,
                max_response_tokens: Optional[int] = None, chat_template: bool = True) -> np.ndarray:
@@ -212,12 +210,11 @@ def load_basis(workdir: str) -> Basis:
   `basis/` holds the K attribute bases followed by one bespoke head per user: only the K bases are kept). The arrays
   are read onto this process's first device, whatever mesh wrote them.
   """
-  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
-  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
   trainable, names, config, step = restore_bases(workdir)
   model, backbone, tokenizer = load_backbone(config)
-  policy = train.build_policy(model.config, config.basis)
-  params = features.merge_params(trainable, backbone)
+  policy = build.build_policy(model.config, config.basis)
+  params = build.merge_params(trainable, backbone)
   return Basis(policy=policy, params=params, tokenizer=tokenizer, names=names, config=config, step=step)
 
 

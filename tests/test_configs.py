@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import pytest
 
 from launch import tpu
-from spectral_soup.offline import features
+from spectral_soup.models import build
 from spectral_soup.offline import mesh as mesh_lib
-from spectral_soup.offline import train
+from spectral_soup.offline import steps
+from spectral_soup.offline import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                      if not p.endswith("__init__.py"))
+CONFIG_FILES = sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py"))
 DEFAULT_DEVICES = 8  # Configs without a TPU slice: the fake CPU devices of the tests (conftest.py).
 # Step temporaries per byte of one micro-batch's f32 logits [rows, P + R, V / model] (CPU compiles of the LoRA step
 # measured 3.1-3.4x); a config's declared slice must hold that in each device's memory.
@@ -50,13 +51,16 @@ def _num_devices(config) -> int:
 
 def _boxed_leaves(tree):
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_box)
+  return [(jax.tree_util.keystr(path), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_box)
           if is_box(leaf)]
 
 
 def test_every_config_file_is_covered():
-  assert {"configs/ultrafeedback_gemma3_1b.py", "configs/ultrafeedback_gemma3_4b.py", "configs/helpsteer2.py",
-          "configs/psoups.py", "configs/train_basis_tiny.py", "configs/demo.py"} <= set(CONFIG_FILES)
+  assert {
+      "configs/ultrafeedback_gemma3_1b.py", "configs/ultrafeedback_gemma3_4b.py", "configs/helpsteer2.py",
+      "configs/psoups.py", "configs/train_basis_tiny.py", "configs/demo.py"
+  } <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("path, module, arg", VARIANTS, ids=IDS)
@@ -68,15 +72,15 @@ def test_config_validates_and_shards(path, module, arg):
     return
 
   devices = _num_devices(config)
-  train.validate_config(config, num_devices=devices)
+  config_checks.validate_config(config, num_devices=devices)
   if config.model.path:  # The architecture comes from the checkpoint: nothing more to check without it.
     return
 
   # ---- Shapes: the policy, its trainable part (the K bases) and the optimizer state, abstractly.
-  policy = train.build_policy(train.model_config(config), config.basis)
+  policy = build.build_policy(build.model_config(config), config.basis)
   abstract = jax.eval_shape(policy.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  trainable, backbone = features.split_params(abstract)
-  opt_state = jax.eval_shape(train.make_optimizer(config)[0].init, trainable)
+  trainable, backbone = build.split_params(abstract)
+  opt_state = jax.eval_shape(steps.make_optimizer(config)[0].init, trainable)
   k = config.basis.num_bases
   with_basis = [(name, leaf) for name, leaf in _boxed_leaves(trainable) if "basis" in leaf.names]
   assert with_basis, f"{path}: no trainable parameter has a basis axis"
@@ -85,12 +89,12 @@ def test_config_validates_and_shards(path, module, arg):
   if config.basis.kind == "lora":
     assert len(with_basis) == len(_boxed_leaves(trainable)) == 2 * len(config.basis.lora_targets)
   num_params = sum(math.prod(leaf.value.shape) for _, leaf in _boxed_leaves(backbone))
-  assert num_params == train.model_config(config).num_params()
+  assert num_params == build.model_config(config).num_params()
 
   # ---- Sharding: every mesh axis that a logical axis maps to divides that dimension (params and Adam state).
   used = config.mesh.num_devices if config.mesh.num_devices != -1 else devices
-  sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp,
-                                                                   config.mesh.model, used)))
+  sizes = dict(
+      zip(mesh_lib.MESH_AXES, mesh_lib.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.model, used)))
   for tree_name, tree in (("trainable", trainable), ("backbone", backbone), ("opt_state", opt_state)):
     for name, leaf in _boxed_leaves(tree):
       spec = nn.logical_to_mesh_axes(leaf.names, mesh_lib.LOGICAL_RULES)

@@ -11,7 +11,8 @@ import pytest
 from configs import train_basis_embedded
 from spectral_soup.data import embedded
 from spectral_soup.data import rewards
-from spectral_soup.offline import train
+from spectral_soup.offline import pairs as pairs_lib
+from spectral_soup.offline import config_checks
 
 
 def test_chitchat_questions_are_real_distinct_and_seeded():
@@ -40,8 +41,15 @@ def test_split_is_a_deterministic_function_of_the_prompt():
 def test_tokenize_pairs_formats_prompts_and_marks_ended_responses():
   from spectral_soup import models
   tokenizer = models.tokenizer_from_pretrained("embedded:smollm2")
-  pairs = [{"prompt": "How are you?", "response_a": "Fine, thanks!", "response_b": "I am well.",
-            "scores_a": [1.0, 0.2], "scores_b": [0.0, 0.9], "ended_a": True, "ended_b": False}]
+  pairs = [{
+      "prompt": "How are you?",
+      "response_a": "Fine, thanks!",
+      "response_b": "I am well.",
+      "scores_a": [1.0, 0.2],
+      "scores_b": [0.0, 0.9],
+      "ended_a": True,
+      "ended_b": False
+  }]
   arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=64, response_len=8)
   assert arrays["prompt"].shape == (1, 64) and arrays["prompt_mask"][0, -1]
   prompt_text = tokenizer.decode(arrays["prompt"][0][arrays["prompt_mask"][0]])
@@ -54,27 +62,33 @@ def test_tokenize_pairs_formats_prompts_and_marks_ended_responses():
 
 def test_embedded_training_config_validates_and_names_bad_fields():
   config = train_basis_embedded.get_config()
-  train.validate_config(config)
+  config_checks.validate_config(config)
   config.model.path = ""
   with pytest.raises(ValueError, match="model.path"):
-    train.validate_config(config)
+    config_checks.validate_config(config)
   config = train_basis_embedded.get_config()
   config.data.eval_fraction = 1.5
   with pytest.raises(ValueError, match="data.eval_fraction"):
-    train.validate_config(config)
+    config_checks.validate_config(config)
 
 
 def test_embedded_pairs_carry_ratings_standardized_on_the_training_split(monkeypatch):
   """loss.kind="ratings" trains on the attribute scores: z-scored with the training responses' statistics."""
   rng = np.random.default_rng(0)
-  pairs = [{"prompt": f"What is question number {i}?", "response_a": "Yes.", "response_b": "No, never.",
-            "scores_a": (rng.normal(size=5) * 10 + 3).tolist(), "scores_b": (rng.normal(size=5) * 10 + 3).tolist(),
-            "ended_a": True, "ended_b": False} for i in range(40)]
+  pairs = [{
+      "prompt": f"What is question number {i}?",
+      "response_a": "Yes.",
+      "response_b": "No, never.",
+      "scores_a": (rng.normal(size=5) * 10 + 3).tolist(),
+      "scores_b": (rng.normal(size=5) * 10 + 3).tolist(),
+      "ended_a": True,
+      "ended_b": False
+  } for i in range(40)]
   monkeypatch.setattr(embedded, "generate", lambda settings, root: "unused")
   monkeypatch.setattr(embedded, "load_pairs", lambda directory: (pairs, {}))
   config = train_basis_embedded.get_config()
   config.data.eval_fraction = 0.3
-  train_split, eval_split = train._embedded_pairs(config)
+  train_split, eval_split = pairs_lib._embedded_pairs(config)
   assert len(train_split["scores_a"]) + len(eval_split["scores_a"]) == 40 and len(eval_split["scores_a"]) > 0
   both = np.concatenate([train_split["scores_a"], train_split["scores_b"]])
   np.testing.assert_allclose(both.mean(0), 0.0, atol=1e-5)
@@ -137,8 +151,8 @@ def _fake_lm(monkeypatch):
     return out, {"lengths": lengths}
 
   monkeypatch.setenv("SPECTRAL_SOUP_PROGRESS", "0")
-  monkeypatch.setattr(embedded, "chitchat_questions", lambda num, seed: [f"What is question {seed}-{i}?"
-                                                                         for i in range(num)])
+  monkeypatch.setattr(embedded, "chitchat_questions",
+                      lambda num, seed: [f"What is question {seed}-{i}?" for i in range(num)])
   monkeypatch.setattr(models, "from_pretrained", lambda name: (type("Model", (), {"config": None})(), {}))
   monkeypatch.setattr(models, "tokenizer_from_pretrained", lambda name: _FakeTokenizer())
   monkeypatch.setattr(models, "init_cache", lambda *args: None)
@@ -153,6 +167,7 @@ def _refuse_sampling(monkeypatch):
 
   def refuse(*args, **kwargs):
     raise _NoSampling("generate tried to sample")
+
   monkeypatch.setattr(models, "from_pretrained", refuse)
   monkeypatch.setattr(decoding, "decode", refuse)
 
@@ -250,9 +265,11 @@ def test_the_demo_reads_its_shipped_data_without_sampling(tmp_path, monkeypatch)
   assert embedded.generate(settings, root) == shipped and not os.path.exists(root)
   pairs, metadata = embedded.load_pairs(shipped)
   assert len(pairs) == settings.num_prompts == metadata["num_pairs"]
-  assert {k: metadata[k] for k in ("num_prompts", "seed", "max_new_tokens", "temperature", "top_p", "batch_size")} == {
-      k: getattr(settings, k) for k in ("num_prompts", "seed", "max_new_tokens", "temperature", "top_p",
-                                        "batch_size")}
+  assert {
+      k: metadata[k] for k in ("num_prompts", "seed", "max_new_tokens", "temperature", "top_p", "batch_size")
+  } == {
+      k: getattr(settings, k) for k in ("num_prompts", "seed", "max_new_tokens", "temperature", "top_p", "batch_size")
+  }
   # Another attribute set rescores the shipped responses into the cache, without sampling.
   other = dataclasses.replace(settings, attributes=("verbosity", "sentiment"))
   rescored = embedded.generate(other, root)

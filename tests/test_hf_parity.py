@@ -23,6 +23,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import hf_fixtures
+from spectral_soup.models import hf_config
 from spectral_soup.models import hf_import
 from spectral_soup.models.transformer import Transformer, init_cache
 
@@ -70,8 +71,7 @@ def _hf_logits(hf_model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
   mask_t = torch.tensor(mask, dtype=torch.long)
   position_ids = (mask_t.cumsum(-1) - 1).clamp(min=0)
   with torch.no_grad():
-    out = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=mask_t,
-                   position_ids=position_ids)
+    out = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=mask_t, position_ids=position_ids)
   return out.logits.float().numpy()
 
 
@@ -111,8 +111,8 @@ def test_left_padded_logits_match_hf(loaded):
 def _greedy_with_cache(loaded: Loaded, prompt: np.ndarray, mask: np.ndarray) -> np.ndarray:
   model, cfg = loaded.model, loaded.model.config
   cache = init_cache(cfg, BATCH, PROMPT + NEW_TOKENS)
-  logits, aux = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, mask=m, cache=c))(
-      loaded.params, prompt, mask, cache)
+  logits, aux = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, mask=m, cache=c))(loaded.params, prompt, mask,
+                                                                                           cache)
   step = jax.jit(lambda p, t, c: model.apply({"params": p}, t[:, None], cache=c))
   token, cache, out = jnp.argmax(logits[:, -1], axis=-1), aux["cache"], []
   for _ in range(NEW_TOKENS):
@@ -138,9 +138,9 @@ def test_greedy_decoding_matches(loaded):
   with_cache = _greedy_with_cache(loaded, prompt, mask)
   without_cache = _greedy_without_cache(loaded, prompt, mask)
   with torch.no_grad():
-    generated = loaded.hf_model.generate(
-        input_ids=torch.tensor(prompt, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-        do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    generated = loaded.hf_model.generate(input_ids=torch.tensor(prompt, dtype=torch.long),
+                                         attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
+                                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
   hf_tokens = generated[:, PROMPT:].numpy()
   print(loaded.family, with_cache.tolist(), hf_tokens.tolist())
   np.testing.assert_array_equal(with_cache, without_cache)
@@ -335,11 +335,10 @@ def test_gemma3_config_mapping():
   cfg = hf_import.config_from_hf(hf)
   assert cfg.layer_is_local == (True, False, True) and cfg.sliding_window == 4
   assert cfg.rope_local_base == 100.0 and cfg.rope_base == 1000.0 and cfg.rope_scale == 2.0
-  assert cfg.query_scale == pytest.approx(24 ** -0.5) and cfg.final_logit_softcap == 6.0
+  assert cfg.query_scale == pytest.approx(24**-0.5) and cfg.final_logit_softcap == 6.0
   assert cfg.embed_scale == pytest.approx(8.0) and cfg.tie_embeddings and cfg.activation == "gelu_tanh"
   # Multimodal: the text_config, without the final softcap (Gemma3ForConditionalGeneration applies none).
-  assert hf_import.config_from_hf(hf_fixtures.tiny_gemma3_multimodal_config()) == cfg.replace(
-      final_logit_softcap=None)
+  assert hf_import.config_from_hf(hf_fixtures.tiny_gemma3_multimodal_config()) == cfg.replace(final_logit_softcap=None)
   assert hf_import.config_from_hf(hf, dtype="bfloat16").dtype == "bfloat16"
 
 
@@ -348,13 +347,20 @@ def test_gpt2_and_llama_config_mapping():
   assert (gpt2.max_len, gpt2.mlp_dim, gpt2.head_dim, gpt2.activation) == (64, 256, 16, "gelu_tanh")
   llama = hf_import.config_from_hf(hf_fixtures.tiny_hf_config("llama"))
   assert (llama.num_kv_heads, llama.rope_base, llama.tie_embeddings, llama.activation) == (2, 500.0, False, "silu")
-  linear = hf_fixtures.tiny_hf_config("llama", rope_parameters={"rope_type": "linear", "rope_theta": 1e4,
-                                                                "factor": 4.0})
+  linear = hf_fixtures.tiny_hf_config("llama", rope_parameters={
+      "rope_type": "linear",
+      "rope_theta": 1e4,
+      "factor": 4.0
+  })
   assert hf_import.config_from_hf(linear).rope_scale == 4.0
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type"),
+    (dict(rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 1e4,
+        "factor": 2.0
+    }), "rope_type"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="relu"), "hidden_act"),
@@ -365,7 +371,7 @@ def test_unsupported_llama_features_raise(overrides, field):
 
 
 def test_gemma3_attn_softcap_is_ignored_like_transformers(caplog):
-  with caplog.at_level(logging.WARNING, logger=hf_import.__name__):
+  with caplog.at_level(logging.WARNING, logger=hf_config.__name__):
     cfg = hf_import.config_from_hf(hf_fixtures.tiny_hf_config("gemma3", attn_logit_softcapping=50.0))
   assert cfg.attn_logit_softcap is None and "attn_logit_softcapping" in caplog.text
 
@@ -390,8 +396,7 @@ def test_pickle_only_directory_is_refused(tmp_path):
 def test_unsupported_model_type(tmp_path):
   transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                           intermediate_size=32).save_pretrained(str(tmp_path))
-  save_file({"embeddings.word_embeddings.weight": np.zeros((32, 16), np.float32)},
-            str(tmp_path / "model.safetensors"))
+  save_file({"embeddings.word_embeddings.weight": np.zeros((32, 16), np.float32)}, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match="'bert'") as err:
     hf_import.from_pretrained(tmp_path)
   assert "gemma3_text" in str(err.value)

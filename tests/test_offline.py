@@ -20,11 +20,18 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import train_basis_tiny
+from spectral_soup.models import build
 from spectral_soup.offline import checkpoint as checkpoint_lib
+from spectral_soup.offline import feature_cache
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import losses
 from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.offline import metrics as metrics_lib
+from spectral_soup.offline import pairs as pairs_lib
+from spectral_soup.offline import resume
+from spectral_soup.offline import ridge_init
+from spectral_soup.offline import steps as steps_lib
+from spectral_soup.offline import config_checks
 from spectral_soup.offline import train
 from spectral_soup.utils import errors
 
@@ -72,8 +79,8 @@ def test_dpo_ties_masked_and_label_smoothing():
   # Changing a masked pair's log-probs changes nothing.
   moved = BASIS_A.copy()
   moved[0, 1] += 7.0
-  np.testing.assert_allclose(losses.dpo_loss(REF_A, REF_B, moved, BASIS_B, LABELS, beta=BETA)[1]["loss"][0],
-                             _softplus_neg(0.5), rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.dpo_loss(REF_A, REF_B, moved, BASIS_B, LABELS, beta=BETA)[1]["loss"][0], _softplus_neg(0.5), rtol=1e-6)
   _, m = losses.dpo_loss(REF_A, REF_B, BASIS_A, BASIS_B, LABELS, beta=BETA, label_smoothing=0.1)
   np.testing.assert_allclose(m["loss"][0], 0.9 * _softplus_neg(0.5) + 0.1 * _softplus_neg(-0.5), rtol=1e-6)
 
@@ -84,7 +91,7 @@ def test_ratings_loss_hand_computed():
   _, m = losses.ratings_loss(REF_A, REF_B, BASIS_A, BASIS_B, ratings_a, ratings_b, beta=BETA, rating_scale=0.25)
   # basis 0: predictions beta * margin = [0.5, 0.5], targets 0.25 * [2, 0]; basis 1: pair 0 missing, pair 1:
   # prediction -0.5, target 0.25 * (2 - 4) = -0.5.
-  np.testing.assert_allclose(m["loss"], [((0.5 - 0.5) ** 2 + 0.5 ** 2) / 2, 0.0], atol=1e-7)
+  np.testing.assert_allclose(m["loss"], [((0.5 - 0.5)**2 + 0.5**2) / 2, 0.0], atol=1e-7)
   np.testing.assert_array_equal(m["count"], [2, 1])
   np.testing.assert_allclose(m["accuracy"], [1.0, 1.0])  # Over ranked pairs: basis 0's second pair is a tie.
   np.testing.assert_allclose(m["margin"], [0.5, 0.5])
@@ -102,8 +109,10 @@ def test_loss_sums_add_up_over_micro_batches():
   def both(ref_a, ref_b, basis_a, basis_b, labels):
     full = losses.dpo_loss(ref_a, ref_b, basis_a, basis_b, labels, beta=0.3)
     counts = jnp.sum(labels >= 0, axis=0).astype(jnp.float32)
-    halves = [losses.dpo_terms(ref_a[s], ref_b[s], basis_a[:, s], basis_b[:, s], labels[s], beta=0.3)
-              for s in (slice(0, 3), slice(3, b))]
+    halves = [
+        losses.dpo_terms(ref_a[s], ref_b[s], basis_a[:, s], basis_b[:, s], labels[s], beta=0.3)
+        for s in (slice(0, 3), slice(3, b))
+    ]
     summed = jax.tree.map(lambda x, y: x + y, *halves)
     accumulated = sum(losses.loss_from_sums(h, counts) for h in halves)
     return full, (accumulated, losses.metrics_from_sums(summed))
@@ -149,31 +158,66 @@ def _config(**flat):
   return config
 
 
-@pytest.mark.parametrize("flat, field", [
-    ({"optim.learning_rate": -1e-3}, "optim.learning_rate"),
-    ({"train.batch_size": 36}, "train.batch_size"),  # 36 pairs over data = 8.
-    ({"mesh.data": 3}, "mesh.data"),  # 3 does not divide 8 devices.
-    ({"mesh.data": 2, "mesh.fsdp": 1, "mesh.model": 2}, "mesh.data"),  # Uses 4 of 8 devices.
-    ({"basis.kind": "adapters"}, "basis.kind"),
-    ({"basis.head_rank": 0}, "basis.head_rank"),  # Rank 0 needs basis.logit_bias=True.
-    ({"basis.kind": "lora"}, "train.cache_features"),  # Cached features need head bases.
-    ({"train.grad_accum_steps": 3}, "train.grad_accum_steps"),
-    ({"loss.kind": "hinge"}, "loss.kind"),
-    ({"model.num_kv_heads": 3}, "model.num_kv_heads"),  # Does not divide num_heads = 4.
-    ({"basis.init": "ridge"}, "basis.init"),  # Ridge initializes logit vectors: needs basis.logit_bias=True.
-    ({"basis.init": "normal"}, "basis.init"),
-    ({"basis.init": "ridge", "basis.logit_bias": True, "basis.vocab_support": 40, "train.cache_features": True,
-      "basis.init_features": "logits"}, "basis.init_features"),
-    ({"train.num_steps": 0}, "train.num_steps"),  # No update is a basis only with basis.init='ridge'.
-])
+@pytest.mark.parametrize(
+    "flat, field",
+    [
+        ({
+            "optim.learning_rate": -1e-3
+        }, "optim.learning_rate"),
+        ({
+            "train.batch_size": 36
+        }, "train.batch_size"),  # 36 pairs over data = 8.
+        ({
+            "mesh.data": 3
+        }, "mesh.data"),  # 3 does not divide 8 devices.
+        ({
+            "mesh.data": 2,
+            "mesh.fsdp": 1,
+            "mesh.model": 2
+        }, "mesh.data"),  # Uses 4 of 8 devices.
+        ({
+            "basis.kind": "adapters"
+        }, "basis.kind"),
+        ({
+            "basis.head_rank": 0
+        }, "basis.head_rank"),  # Rank 0 needs basis.logit_bias=True.
+        ({
+            "basis.kind": "lora"
+        }, "train.cache_features"),  # Cached features need head bases.
+        ({
+            "train.grad_accum_steps": 3
+        }, "train.grad_accum_steps"),
+        ({
+            "loss.kind": "hinge"
+        }, "loss.kind"),
+        ({
+            "model.num_kv_heads": 3
+        }, "model.num_kv_heads"),  # Does not divide num_heads = 4.
+        ({
+            "basis.init": "ridge"
+        }, "basis.init"),  # Ridge initializes logit vectors: needs basis.logit_bias=True.
+        ({
+            "basis.init": "normal"
+        }, "basis.init"),
+        ({
+            "basis.init": "ridge",
+            "basis.logit_bias": True,
+            "basis.vocab_support": 40,
+            "train.cache_features": True,
+            "basis.init_features": "logits"
+        }, "basis.init_features"),
+        ({
+            "train.num_steps": 0
+        }, "train.num_steps"),  # No update is a basis only with basis.init='ridge'.
+    ])
 def test_bad_config_names_the_field(flat, field):
   assert jax.device_count() == 8
   with pytest.raises(ValueError, match=f"config\\.{field}="):
-    train.validate_config(_config(**flat))
+    config_checks.validate_config(_config(**flat))
 
 
 def test_tiny_config_is_valid_and_mesh_fills_the_rest():
-  train.validate_config(train_basis_tiny.get_config())
+  config_checks.validate_config(train_basis_tiny.get_config())
   assert mesh_lib.resolve_mesh_shape(-1, 1, 2, 8) == (4, 1, 2)
   assert dict(mesh_lib.make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "model": 2}
 
@@ -181,9 +225,17 @@ def test_tiny_config_is_valid_and_mesh_fills_the_rest():
 # ----------------------------------------------------------------------------------------------------------------
 # Sharded == unsharded (and cached features == full forward, accumulation == one batch).
 
-EQUALITY = {"train.tensorboard": False, "train.num_steps": 4, "train.log_every_steps": 1, "data.num_train_pairs": 128,
-            "data.num_eval_pairs": 0, "checkpoint.every_steps": 0, "checkpoint.async_save": False,
-            "optim.warmup_steps": 1, "optim.learning_rate": 1e-3}
+EQUALITY = {
+    "train.tensorboard": False,
+    "train.num_steps": 4,
+    "train.log_every_steps": 1,
+    "data.num_train_pairs": 128,
+    "data.num_eval_pairs": 0,
+    "checkpoint.every_steps": 0,
+    "checkpoint.async_save": False,
+    "optim.warmup_steps": 1,
+    "optim.learning_rate": 1e-3
+}
 # Adam turns gradients into roughly +-lr updates, so a coordinate whose gradient is near zero turns float rounding
 # into an update difference of up to lr: the learning rate bounds how closely two correct runs can agree.
 
@@ -193,23 +245,53 @@ def _train(workdir, **flat):
   return result.train_metrics, jax.device_get(result.state["params"])
 
 
-@pytest.mark.parametrize("kind, reference, sharded", [
-    # LoRA: the full (K+1) * 2B-row forward, 1 device vs data x model = 4 x 2.
-    ("lora", {"train.cache_features": False},
-     {"train.cache_features": False, "mesh.data": 4, "mesh.model": 2}),
-    # Heads, ratings loss: full forward on 1 device vs cached features on data x fsdp x model = 2 x 2 x 2 with
-    # 2 micro-batches per step.
-    ("heads", {"train.cache_features": False, "loss.kind": "ratings"},
-     {"train.cache_features": True, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2, "train.grad_accum_steps": 2,
-      "loss.kind": "ratings"}),
-    # Heads on a vocabulary support covering every token: the support path is exact (no [.., V] logits in a step).
-    ("heads", {"train.cache_features": False},
-     {"train.cache_features": True, "basis.vocab_support": 1_000, "mesh.data": 4, "mesh.model": 2}),
-    # Bias-only bases (rank 0 + logit bias), full forward on 1 device vs the support path on data x model.
-    ("heads", {"train.cache_features": False, "basis.head_rank": 0, "basis.logit_bias": True},
-     {"train.cache_features": True, "basis.vocab_support": 1_000, "mesh.data": 4, "mesh.model": 2,
-      "basis.head_rank": 0, "basis.logit_bias": True}),
-])
+@pytest.mark.parametrize(
+    "kind, reference, sharded",
+    [
+        # LoRA: the full (K+1) * 2B-row forward, 1 device vs data x model = 4 x 2.
+        ("lora", {
+            "train.cache_features": False
+        }, {
+            "train.cache_features": False,
+            "mesh.data": 4,
+            "mesh.model": 2
+        }),
+        # Heads, ratings loss: full forward on 1 device vs cached features on data x fsdp x model = 2 x 2 x 2 with
+        # 2 micro-batches per step.
+        ("heads", {
+            "train.cache_features": False,
+            "loss.kind": "ratings"
+        }, {
+            "train.cache_features": True,
+            "mesh.data": 2,
+            "mesh.fsdp": 2,
+            "mesh.model": 2,
+            "train.grad_accum_steps": 2,
+            "loss.kind": "ratings"
+        }),
+        # Heads on a vocabulary support covering every token: the support path is exact (no [.., V] logits in a step).
+        ("heads", {
+            "train.cache_features": False
+        }, {
+            "train.cache_features": True,
+            "basis.vocab_support": 1_000,
+            "mesh.data": 4,
+            "mesh.model": 2
+        }),
+        # Bias-only bases (rank 0 + logit bias), full forward on 1 device vs the support path on data x model.
+        ("heads", {
+            "train.cache_features": False,
+            "basis.head_rank": 0,
+            "basis.logit_bias": True
+        }, {
+            "train.cache_features": True,
+            "basis.vocab_support": 1_000,
+            "mesh.data": 4,
+            "mesh.model": 2,
+            "basis.head_rank": 0,
+            "basis.logit_bias": True
+        }),
+    ])
 def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
   """Same losses and parameters after 4 steps (also: cached features == full forward, accumulation == batch)."""
   ref_metrics, ref_params = _train(tmp_path / "one", **{"basis.kind": kind, "mesh.num_devices": 1, **reference})
@@ -225,16 +307,19 @@ def test_sharded_step_matches_unsharded(tmp_path, kind, reference, sharded):
 def test_evaluation_counts_every_held_out_pair(tmp_path):
   """37 held-out pairs in batches of 8: the padded last batch adds its 5 pairs and nothing else (same metrics as
   batches of 1, which need no padding)."""
-  flat = {**EQUALITY, "mesh.num_devices": 1, "data.num_eval_pairs": 37, "train.num_steps": 2,
-          "train.eval_every_steps": 0}
+  flat = {
+      **EQUALITY, "mesh.num_devices": 1,
+      "data.num_eval_pairs": 37,
+      "train.num_steps": 2,
+      "train.eval_every_steps": 0
+  }
   padded = train.train_and_evaluate(_config(**flat, **{"train.eval_batch_size": 8}), str(tmp_path / "eight"))
   exact = train.train_and_evaluate(_config(**flat, **{"train.eval_batch_size": 1}), str(tmp_path / "one"))
-  _, held_out = train.load_pairs(_config(**flat))
+  _, held_out = pairs_lib.load_pairs(_config(**flat))
   np.testing.assert_array_equal(padded.eval_metrics["count"], (held_out["labels"] >= 0).sum(0))
   for name in ("loss", "accuracy", "margin", "kl", "count", "cross_accuracy"):
-    np.testing.assert_allclose(padded.eval_metrics[name], exact.eval_metrics[name], rtol=1e-4, atol=1e-5,
-                               err_msg=name)
-  rows = train.pad_eval_pairs(held_out, 8)
+    np.testing.assert_allclose(padded.eval_metrics[name], exact.eval_metrics[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  rows = steps_lib.pad_eval_pairs(held_out, 8)
   assert len(rows["real"]) == 40 and rows["real"].sum() == 37 and np.all(rows["labels"][37:] == -1)
 
 
@@ -259,13 +344,13 @@ def test_ridge_logit_bias_recovers_token_rewards():
   for features in ("pair_surprise", "surprise"):  # Pairs' differences, or each response (plus a constant) alone.
     for side in "ab":
       pairs[f"scores_{side}"] += 0.7 * (features == "surprise")
-    c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3, features=features)
+    c = ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3, features=features)
     assert c.shape == (2, vocab) and c.dtype == np.float32
     np.testing.assert_allclose(c[:, support], 4.0 * w[:, support], atol=5e-3)
     assert np.all(c[:, np.setdiff1d(np.arange(vocab), support)] == 0)
   pairs["scores_a"][:, 1] = np.nan
   with pytest.raises(ValueError, match="fits basis 1 on pairs with both responses rated"):
-    train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)
+    ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)
 
 
 def test_ridge_logit_bias_on_counts_is_a_bag_of_words_reward_model():
@@ -285,7 +370,7 @@ def test_ridge_logit_bias_on_counts_is_a_bag_of_words_reward_model():
     inside = np.isin(tokens, support) & mask
     pairs[f"response_{side}"], pairs[f"response_{side}_mask"] = tokens, mask
     pairs[f"scores_{side}"] = (w[:, tokens] * inside).sum(-1).T + np.array([0.3, -1.0])
-  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3, features="counts")
+  c = ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3, features="counts")
   assert c.shape == (2, vocab) and c.dtype == np.float32
   np.testing.assert_allclose(c[:, support], 4.0 * w[:, support], atol=5e-3)
   assert np.all(c[:, np.setdiff1d(np.arange(vocab), support)] == 0)
@@ -294,24 +379,32 @@ def test_ridge_logit_bias_on_counts_is_a_bag_of_words_reward_model():
   scores = np.concatenate([pairs["scores_a"], pairs["scores_b"]]) + rng.normal(size=(2 * n, 2))
   pairs["scores_a"], pairs["scores_b"] = scores[:n], scores[n:]
   table = pad_lib.fit_token_rewards(counts, scores, support, vocab, l2=10.0)
-  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="counts")
+  c = ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="counts")
   np.testing.assert_allclose(c, 4.0 * table, rtol=1e-4, atol=1e-5)
   pairs["scores_b"][:40, 1] = np.nan  # Basis 1 is fitted on the other 560 responses.
   keep = np.concatenate([np.ones(n, bool), np.arange(n) >= 40])
   table_1 = pad_lib.fit_token_rewards(counts[keep], scores[keep][:, 1:], support, vocab, l2=10.0)
-  c = train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="counts")
+  c = ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="counts")
   np.testing.assert_allclose(c[1], 4.0 * table_1[0], rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="features='logits'"):
-    train.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="logits")
+    ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=10.0, features="logits")
 
 
 def test_ridge_initialization_with_zero_steps_is_the_basis(tmp_path):
   """basis.init='ridge' and train.num_steps=0: the bases are `ridge_logit_bias` of the training pairs, saved as
   step 0 (a restart restores them); with steps, training starts there."""
   from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
-  flat = {"basis.head_rank": 0, "basis.logit_bias": True, "basis.init": "ridge", "loss.kind": "ratings",
-          "train.num_steps": 0, "mesh.num_devices": 1, "data.num_eval_pairs": 64, "train.cache_features": True,
-          "basis.vocab_support": 40}
+  flat = {
+      "basis.head_rank": 0,
+      "basis.logit_bias": True,
+      "basis.init": "ridge",
+      "loss.kind": "ratings",
+      "train.num_steps": 0,
+      "mesh.num_devices": 1,
+      "data.num_eval_pairs": 64,
+      "train.cache_features": True,
+      "basis.vocab_support": 40
+  }
   config = _config(**{**EQUALITY, **flat})
   result = train.train_and_evaluate(config, str(tmp_path))
   params = jax.device_get(result.state["params"])
@@ -320,16 +413,19 @@ def test_ridge_initialization_with_zero_steps_is_the_basis(tmp_path):
   chex.assert_trees_all_equal(jax.device_get(restarted.state["params"]), params)
   with pytest.raises(errors.InputError, match=r"config\.basis\.init_l2=1\.0 differs"):
     train.train_and_evaluate(_config(**{**EQUALITY, **flat, "basis.init_l2": 1.0}), str(tmp_path))
-  pairs, _ = train.load_pairs(config)
+  pairs, _ = pairs_lib.load_pairs(config)
   support = features.select_support([pairs["response_a"], pairs["response_b"]],
                                     [pairs["response_a_mask"], pairs["response_b_mask"]], 40, config.model.vocab_size)
-  pairs.update(train._load_features(glob.glob(str(tmp_path / "features-*.npz"))[0])["train"])  # The run's pass.
-  expected = train.ridge_logit_bias(pairs, support, config.model.vocab_size, beta=config.loss.beta,
-                                    rating_scale=config.loss.rating_scale, l2=config.basis.init_l2)
+  pairs.update(feature_cache.load_features(glob.glob(str(tmp_path / "features-*.npz"))[0])["train"])  # The run's pass.
+  expected = ridge_init.ridge_logit_bias(pairs, support, config.model.vocab_size, beta=config.loss.beta,
+                                         rating_scale=config.loss.rating_scale, l2=config.basis.init_l2)
   assert np.abs(expected).max() > 1e-2  # Not the zeros of the default initialization.
   np.testing.assert_allclose(params["heads"]["c"], expected, rtol=1e-5, atol=1e-6)
-  _, stepped = _train(tmp_path / "stepped", **{**flat, "train.num_steps": 1, "optim.learning_rate": 0.0,
-                                               "optim.warmup_steps": 0})
+  _, stepped = _train(tmp_path / "stepped", **{
+      **flat, "train.num_steps": 1,
+      "optim.learning_rate": 0.0,
+      "optim.warmup_steps": 0
+  })
   np.testing.assert_allclose(stepped["heads"]["c"], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -338,11 +434,11 @@ def test_resume_refuses_a_checkpoint_made_before_init_features_with_another_fit(
   another fit is refused, naming the field; the pairwise fit resumes."""
   flat = {"basis.head_rank": 0, "basis.logit_bias": True, "basis.init": "ridge", "basis.vocab_support": 40}
   config = _config(**{**flat, "basis.init_features": "surprise"})
-  saved = train.resume_fields(config)
+  saved = resume.resume_fields(config)
   del saved["basis.init_features"]
   with pytest.raises(ValueError, match=r"config\.basis\.init_features='surprise' differs from 'pair_surprise'"):
-    train.check_resume(config, "wd", 0, saved)
-  train.check_resume(_config(**{**flat, "basis.init_features": "pair_surprise"}), "wd", 0, saved)
+    resume.check_resume(config, "wd", 0, saved)
+  resume.check_resume(_config(**{**flat, "basis.init_features": "pair_surprise"}), "wd", 0, saved)
 
 
 @pytest.mark.parametrize("logit_bias", [False, True])
@@ -352,7 +448,7 @@ def test_support_logprobs_exact_for_restricted_heads(logit_bias):
   from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
   policy, params = tiny.tiny_policy("heads", num_bases=3, logit_bias=logit_bias)
-  trainable, backbone = features.split_params(params)
+  trainable, backbone = build.split_params(params)
   rng = np.random.default_rng(0)
   support = np.sort(rng.choice(tiny.VOCAB, 20, replace=False)).astype(np.int32)
   outside = np.setdiff1d(np.arange(tiny.VOCAB), support)
@@ -368,7 +464,7 @@ def test_support_logprobs_exact_for_restricted_heads(logit_bias):
   restricted = features.cached_pair_logprobs(policy, trainable, backbone, cached, support)
   for name in ("basis_a", "basis_b"):
     np.testing.assert_allclose(restricted[name], full[name], rtol=1e-5, atol=1e-5)
-  direct = features.pair_logprobs(policy, features.merge_params(trainable, backbone), batch)
+  direct = features.pair_logprobs(policy, build.merge_params(trainable, backbone), batch)
   np.testing.assert_allclose(restricted["basis_a"], direct["basis_a"], rtol=1e-5, atol=1e-4)
   grads = jax.grad(lambda t: features.cached_pair_logprobs(policy, t, backbone, cached, support)["basis_a"].sum())(
       trainable)
@@ -379,8 +475,11 @@ def test_support_logprobs_exact_for_restricted_heads(logit_bias):
     assert float(jnp.abs(grads["heads"]["c"][:, support]).max()) > 0.0
 
 
-@pytest.mark.parametrize("kind,family,kw", [("heads", "gemma3", {"feature_dim": 6}),
-                                             ("heads", "llama", {"logit_bias": True}), ("lora", "gemma3", {})])
+@pytest.mark.parametrize("kind,family,kw", [("heads", "gemma3", {
+    "feature_dim": 6
+}), ("heads", "llama", {
+    "logit_bias": True
+}), ("lora", "gemma3", {})])
 def test_pair_logprobs_in_position_chunks_equal_whole_sequence_scoring(kind, family, kw):
   """The training scorer (final hidden states, then the output layer on a few response positions at a time, each
   piece rematerialized) gives the whole-sequence logits' numbers, and the same gradients for any chunk size."""
@@ -389,8 +488,10 @@ def test_pair_logprobs_in_position_chunks_equal_whole_sequence_scoring(kind, fam
   from tests import tiny  # pylint: disable=g-import-not-at-top
   policy, params = tiny.tiny_policy(kind, num_bases=3, family=family, **kw)
   rng = np.random.default_rng(1)
-  batch = {"prompt": rng.integers(1, tiny.VOCAB, (3, 5)).astype(np.int32),
-           "prompt_mask": np.arange(5)[None] >= rng.integers(0, 3, (3, 1))}
+  batch = {
+      "prompt": rng.integers(1, tiny.VOCAB, (3, 5)).astype(np.int32),
+      "prompt_mask": np.arange(5)[None] >= rng.integers(0, 3, (3, 1))
+  }
   for side in "ab":  # 7 positions: chunks of 3 leave a padded last piece.
     batch[f"response_{side}"] = rng.integers(1, tiny.VOCAB, (3, 7)).astype(np.int32)
     batch[f"response_{side}_mask"] = np.arange(7)[None] < rng.integers(1, 8, (3, 1))
@@ -399,10 +500,11 @@ def test_pair_logprobs_in_position_chunks_equal_whole_sequence_scoring(kind, fam
     out = serving.sequence_logprobs(policy, params, batch["prompt"], batch["prompt_mask"], batch[f"response_{side}"],
                                     batch[f"response_{side}_mask"])
     whole[f"ref_{side}"], whole[f"basis_{side}"] = out["ref"], out["basis"]
-  trainable, backbone = features.split_params(params)
+  trainable, backbone = build.split_params(params)
   loss = lambda t, chunk: sum(
-      jnp.sum(v * w) for v, w in zip(features.pair_logprobs(policy, features.merge_params(t, backbone), batch,
-                                                            chunk).values(), (1.0, -0.5, 0.3, -0.7)))
+      jnp.sum(v * w) for v, w in zip(
+          features.pair_logprobs(policy, build.merge_params(t, backbone), batch, chunk).values(),
+          (1.0, -0.5, 0.3, -0.7)))
   grads = {}
   for chunk in (0, 3, 7):
     got = jax.jit(lambda p, c=chunk: features.pair_logprobs(policy, p, batch, c))(params)
@@ -468,17 +570,23 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog, damage):
 # ----------------------------------------------------------------------------------------------------------------
 # The entry point: SIGKILL mid-run, restart, bitwise equal to an uninterrupted run; and the bases learn.
 
-COMMAND = [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
-           "--config.train.tensorboard=False"]  # Saves each start-up the tensorboardX import (~3 s).
+COMMAND = [
+    sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
+    "--config.train.tensorboard=False"
+]  # Saves each start-up the tensorboardX import (~3 s).
 
 
 def _env(cache_dir):
   env = dict(os.environ)
-  env.update(XLA_FLAGS=os.environ["XLA_FLAGS"], JAX_PLATFORMS="cpu", SPECTRAL_SOUP_PROGRESS="0",
-             PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-             # Compiled programs are shared by the three runs (identical programs: results stay bitwise).
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(
+      XLA_FLAGS=os.environ["XLA_FLAGS"],
+      JAX_PLATFORMS="cpu",
+      SPECTRAL_SOUP_PROGRESS="0",
+      PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+      # Compiled programs are shared by the three runs (identical programs: results stay bitwise).
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 
@@ -514,8 +622,7 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("train_basis")
   env = _env(str(root / "jax_cache"))
   full_dir, killed_dir = str(root / "full"), str(root / "killed")
-  start = lambda workdir, **kw: subprocess.Popen(COMMAND + [f"--workdir={workdir}"], cwd=REPO, env=env, text=True,
-                                                 **kw)
+  start = lambda workdir, **kw: subprocess.Popen(COMMAND + [f"--workdir={workdir}"], cwd=REPO, env=env, text=True, **kw)
   out = {"full_dir": full_dir, "killed_dir": killed_dir}
 
   # SIGKILL once the first checkpoint is complete: no chance to clean up or save.

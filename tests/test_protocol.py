@@ -10,13 +10,13 @@ from spectral_soup.baselines import pad as pad_lib
 from spectral_soup.eval import harness as harness_lib
 from spectral_soup.eval import metrics
 from spectral_soup.online import protocol
-from spectral_soup.online import update
+from spectral_soup.online import fit as fit_lib
 from spectral_soup.online import users as users_lib
 from tests import tiny
 
 
 class LinearHarness:
-  """Responses are random attribute vectors s ~ N(coefs @ M, I); the bases' features are f = s @ M^T (so the
+  """Responses are random attribute vectors s ~ N(lam @ M, I); the bases' features are f = s @ M^T (so the
   user's reward w . s is in the span of the features: the learner should recover the user's direction)."""
 
   def __init__(self, num_bases, num_attributes, seed=0):
@@ -25,12 +25,16 @@ class LinearHarness:
     self.mix = np.eye(num_bases, num_attributes) + 0.1 * rng.normal(size=(num_bases, num_attributes))
     self.rng = rng
 
-  def decode(self, prompt_ids, kind, coefs, key):
-    del kind, key
-    assert coefs.shape == (len(prompt_ids) * (len(coefs) // len(prompt_ids)), self.num_bases)
-    scores = 0.3 * coefs @ self.mix + self.rng.normal(size=(len(coefs), self.num_attributes))
-    return {"features": scores @ np.linalg.pinv(self.mix), "kl": np.abs(coefs).sum(-1), "scores": scores,
-            "pad_features": scores}
+  def decode(self, prompt_ids, mode, lam, key):
+    del mode, key
+    assert lam.shape == (len(prompt_ids) * (len(lam) // len(prompt_ids)), self.num_bases)
+    scores = 0.3 * lam @ self.mix + self.rng.normal(size=(len(lam), self.num_attributes))
+    return {
+        "features": scores @ np.linalg.pinv(self.mix),
+        "kl": np.abs(lam).sum(-1),
+        "scores": scores,
+        "pad_features": scores
+    }
 
 
 def test_online_protocol_recovers_user_direction():
@@ -39,8 +43,8 @@ def test_online_protocol_recovers_user_direction():
   out = protocol.run_online(LinearHarness(3, 3), users, pool_size=50, cfg=cfg, key=jax.random.key(0))
   assert out["lam_history"].shape == (6, 6, 3) and out["reward"].shape == (6, 6)
   assert out["comparison_pad_features"].shape == (6, 96, 3)
-  assert out["comparison_features"].shape == (6, 96, 3) and list(out["num_comparisons"]) == [16 * (t + 1)
-                                                                                              for t in range(6)]
+  assert out["comparison_features"].shape == (6, 96, 3) and list(
+      out["num_comparisons"]) == [16 * (t + 1) for t in range(6)]
   w = np.asarray(users.weights)
   cos = np.sum(out["lam"] * w, -1) / np.linalg.norm(out["lam"], axis=-1) / np.linalg.norm(w, axis=-1)
   assert np.all(cos > 0.8), cos
@@ -68,8 +72,8 @@ def test_nonnegative_lambda_keeps_the_direction():
 class NoisyBasesHarness(LinearHarness):
   """The bases' implicit rewards carry no signal; the reward model's predicted attributes are the scores."""
 
-  def decode(self, prompt_ids, kind, coefs, key):
-    out = super().decode(prompt_ids, kind, coefs, key)
+  def decode(self, prompt_ids, mode, lam, key):
+    out = super().decode(prompt_ids, mode, lam, key)
     return {**out, "features": self.rng.normal(size=out["features"].shape)}
 
 
@@ -78,8 +82,8 @@ def test_reward_model_features():
   each basis (pad_features), not on the bases' implicit rewards (kept as comparison_implicit_features)."""
   users = users_lib.make_users("dirichlet", 6, seed=0, split="eval", num_attributes=3, temperature=0.2)
   run = lambda features: protocol.run_online(
-      NoisyBasesHarness(3, 3), users, pool_size=50, key=jax.random.key(0),
-      cfg=protocol.OnlineConfig(rounds=6, prompts_per_round=16, l2=1.0, features=features))
+      NoisyBasesHarness(3, 3), users, pool_size=50, key=jax.random.key(0), cfg=protocol.OnlineConfig(
+          rounds=6, prompts_per_round=16, l2=1.0, features=features))
   w = np.asarray(users.weights)
   cos = lambda lam: np.sum(lam * w, -1) / np.linalg.norm(lam, axis=-1) / np.linalg.norm(w, axis=-1)
   model, implicit = run("reward_model"), run("implicit_reward")
@@ -99,8 +103,8 @@ def test_reward_model_features():
 def test_pad_weights_have_their_own_penalty():
   """online.pad_weights_l2 shrinks PAD's user weights only; None means online.l2."""
   users = users_lib.make_users("dirichlet", 4, seed=0, split="eval", num_attributes=3, temperature=0.2)
-  run = lambda **kw: protocol.run_online(LinearHarness(3, 3), users, pool_size=50, key=jax.random.key(0),
-                                         cfg=protocol.OnlineConfig(rounds=2, prompts_per_round=16, l2=1.0, **kw))
+  run = lambda **kw: protocol.run_online(LinearHarness(3, 3), users, pool_size=50, key=jax.random.key(0), cfg=protocol.
+                                         OnlineConfig(rounds=2, prompts_per_round=16, l2=1.0, **kw))
   shared, strong = run(), run(pad_weights_l2=1e4)
   np.testing.assert_allclose(run(pad_weights_l2=1.0)["pad_weights"], shared["pad_weights"], rtol=1e-5, atol=1e-6)
   assert np.abs(strong["pad_weights"]).max() < 0.05 < np.abs(shared["pad_weights"]).max()
@@ -111,21 +115,19 @@ def test_pad_weights_have_their_own_penalty():
 
 def test_unit_total_weight():
   lam = np.array([[0.1, 0.3, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]])
-  np.testing.assert_allclose(update.unit_total_weight(lam), [[0.25, 0.75, 0.0], [1 / 3] * 3, [0.5, 0.0, 0.5]])
+  np.testing.assert_allclose(fit_lib.unit_total_weight(lam), [[0.25, 0.75, 0.0], [1 / 3] * 3, [0.5, 0.0, 0.5]])
   with pytest.raises(ValueError, match="nonnegative"):
-    update.unit_total_weight(-lam)
+    fit_lib.unit_total_weight(-lam)
 
 
 def test_online_config_errors_name_the_field():
   users = users_lib.make_users("dirichlet", 2, seed=0, num_attributes=3)
   with pytest.raises(ValueError, match="online.prompts_per_round"):
-    protocol.run_online(LinearHarness(3, 3), users, 4, protocol.OnlineConfig(prompts_per_round=8),
-                        jax.random.key(0))
+    protocol.run_online(LinearHarness(3, 3), users, 4, protocol.OnlineConfig(prompts_per_round=8), jax.random.key(0))
   with pytest.raises(ValueError, match="online.mode"):
     protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(mode="naive"), jax.random.key(0))
   with pytest.raises(ValueError, match="online.constraint"):
-    protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(constraint="simplex"),
-                        jax.random.key(0))
+    protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(constraint="simplex"), jax.random.key(0))
 
 
 def test_cumulative_regret():
@@ -175,9 +177,17 @@ def test_frontiers_compare_methods_at_the_bespoke_kl():
   reference = noise()
   kl_of = lambda value: np.full((4, 300), value)
   # "steep" gains 0.1 per nat, "flat" 0.05 per nat; "short" stops at KL 1 (the bespoke KL, 3, is beyond its sweep).
-  sweeps = {"steep": {s: (reference + 0.1 * 2 * s + noise(), kl_of(2 * s)) for s in (0.5, 1.0, 2.0)},
-            "flat": {s: (reference + 0.05 * 2 * s + noise(), kl_of(2 * s)) for s in (2.0, 0.5, 1.0)},
-            "short": {s: (reference + 0.2 * s + noise(), kl_of(s)) for s in (0.5, 1.0)}}
+  sweeps = {
+      "steep": {
+          s: (reference + 0.1 * 2 * s + noise(), kl_of(2 * s)) for s in (0.5, 1.0, 2.0)
+      },
+      "flat": {
+          s: (reference + 0.05 * 2 * s + noise(), kl_of(2 * s)) for s in (2.0, 0.5, 1.0)
+      },
+      "short": {
+          s: (reference + 0.2 * s + noise(), kl_of(s)) for s in (0.5, 1.0)
+      }
+  }
   out = metrics.frontiers(sweeps, reference, (reference + 0.25, kl_of(3.0)), num_bootstrap=300)
   assert out["bespoke_kl"] == pytest.approx(3.0)
   assert [pt["scale"] for pt in out["frontier"]["flat"]] == [0.5, 1.0, 2.0]
@@ -215,12 +225,15 @@ def test_policy_harness_rows_and_common_random_numbers():
   texts = ["a", "b", "c"]
   score_fn = lambda p, tokens, lengths: np.stack([(tokens == 3).sum(1), (tokens == 5).sum(1)], 1).astype(float)
   h = harness_lib.PolicyHarness(policy, params, prompts, prompts != 0, texts, score_fn, num_bases=3, beta=0.5,
-                                max_new_tokens=5, eos_id=None, pad_id=0, pad_table=np.zeros((2, tiny.VOCAB)),
-                                support=np.arange(1, tiny.VOCAB), chunk_rows=4, max_proposals=8)
+                                max_new_tokens=5, eos_id=None, pad_id=0, pad_table=np.zeros(
+                                    (2, tiny.VOCAB)), support=np.arange(1, tiny.VOCAB), chunk_rows=4, max_proposals=8)
   same = np.array([0.2, 0.1, 0.0, 0.0], np.float32)
-  programs = [harness_lib.Program("a", None, "explicit", same), harness_lib.Program("b", 0, "params", same),
-              harness_lib.Program("ref", None, "explicit", np.zeros(4, np.float32)),
-              harness_lib.Program("imp", 0, "implicit", same)]
+  programs = [
+      harness_lib.Program("a", None, "explicit", same),
+      harness_lib.Program("b", 0, "params", same),
+      harness_lib.Program("ref", None, "explicit", np.zeros(4, np.float32)),
+      harness_lib.Program("imp", 0, "implicit", same)
+  ]
   out = h.evaluate(programs, np.arange(3), jax.random.key(0), samples_per_prompt=2)
   assert out["scores"].shape == (4, 3, 2, 2) and out["tokens"].shape == (4, 3, 2, 5)
   # The same soup in explicit and params form, with the same random numbers: the same responses.
@@ -238,28 +251,41 @@ def test_plots_and_k_ablation_from_results(tmp_path):
   """The main job's last phase on synthetic numbers: the K ablation and every plot file."""
   from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
-  from spectral_soup.online import update  # pylint: disable=g-import-not-at-top
   users = users_lib.make_users("dirichlet", 3, seed=0, split="eval", num_attributes=3, temperature=0.2)
   history = protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(rounds=2, prompts_per_round=12),
                                 jax.random.key(0))
-  ablation = main_lib._k_ablation(history, 3, 1.0, update)  # pylint: disable=protected-access
+  ablation = main_lib._k_ablation(history, 3, 1.0)  # pylint: disable=protected-access
   assert ablation["k"] == [1, 2, 3] and all(0 <= a <= 1 for a in ablation["heldout_choice_accuracy"])
   rng = np.random.default_rng(0)
   rewards = {m: rng.normal(size=(3, 10)) + i for i, m in enumerate(main_lib.METHOD_ORDER)}
   summary = metrics.summarize(rewards, {m: np.ones((3, 10)) for m in rewards}, num_bootstrap=100)
-  results = {**summary, "learning_curve": {
-      "comparisons": history["num_comparisons"].tolist(), "reward": history["reward"].tolist(),
-      "regret": protocol.cumulative_regret(history["reward"], np.ones(3)).tolist(),
-      "choice_accuracy": history["choice_accuracy"].tolist()},
-      "k_ablation": ablation, "pareto": {"bases": ["a", "b"], "alpha": [0.0, 1.0], "scores": [[0.0, 1.0], [1.0, 0.0]]},
+  results = {
+      **summary, "learning_curve": {
+          "comparisons": history["num_comparisons"].tolist(),
+          "reward": history["reward"].tolist(),
+          "regret": protocol.cumulative_regret(history["reward"], np.ones(3)).tolist(),
+          "choice_accuracy": history["choice_accuracy"].tolist()
+      },
+      "k_ablation": ablation,
+      "pareto": {
+          "bases": ["a", "b"],
+          "alpha": [0.0, 1.0],
+          "scores": [[0.0, 1.0], [1.0, 0.0]]
+      },
       "attributes": ["a", "b", "c"],
-      "offline": {"attribute_shift": np.eye(3).tolist(), "attribute_shift_ci": np.zeros((3, 3, 2)).tolist()}}
-  results.update(metrics.frontiers(
-      {m: {s: (rewards[m] * s, np.full((3, 10), s)) for s in (0.5, 1.0)} for m in main_lib.SWEPT},
-      rewards["reference"], (rewards["bespoke"], np.ones((3, 10))), num_bootstrap=50))
+      "offline": {
+          "attribute_shift": np.eye(3).tolist(),
+          "attribute_shift_ci": np.zeros((3, 3, 2)).tolist()
+      }
+  }
+  results.update(
+      metrics.frontiers({m: {
+          s: (rewards[m] * s, np.full((3, 10), s)) for s in (0.5, 1.0)
+      } for m in main_lib.SWEPT}, rewards["reference"], (rewards["bespoke"], np.ones((3, 10))), num_bootstrap=50))
   paths = plots.write_all(results, str(tmp_path))
-  assert [p.split("/")[-1] for p in paths] == ["learning_curve.png", "scores.png", "frontier.png",
-                                               "attribute_shift.png", "pareto.png", "k_ablation.png"]
+  assert [p.split("/")[-1] for p in paths] == [
+      "learning_curve.png", "scores.png", "frontier.png", "attribute_shift.png", "pareto.png", "k_ablation.png"
+  ]
   assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
 
 

@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -35,16 +34,18 @@ def test_no_deps_packages_are_installed_by_both_commands():
 
 def test_main_job_rejects_a_bad_field_before_loading_anything(tmp_path):
   """The main job (the whole pipeline: minutes on 2 cores, so it is not run here; its parts are tested on tiny
-  models in test_protocol / test_rollout) fails fast on a bad or mistyped field, naming it."""
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
-       "--config.online.l2=-1.0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  models in test_protocol / test_engine) fails fast on a bad or mistyped field, naming it."""
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
+      "--config.online.l2=-1.0"
+  ], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "config.online.l2=-1.0 is invalid" in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "basis").exists()  # Nothing ran.
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
-       "--config.online.roundz=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
+      "--config.online.roundz=3"
+  ], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "roundz" in result.stderr
 
 

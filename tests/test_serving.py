@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from spectral_soup.soup import decoding
+from spectral_soup.soup import engine
 from spectral_soup.soup import serving
 from tests import tiny
 
@@ -82,13 +83,17 @@ def test_fused_decoder_matches_other_modes(policy, mode):
 def test_lora_parameter_soup_distance_is_reported():
   """For LoRA bases the parameter soup approximates the explicit soup; measure how far (per-token KL)."""
   pol, params = tiny.tiny_policy("lora", num_bases=K)
-  logits_fn = lambda mode: serving.souped_logits_fn(pol, mode)
   lam = jnp.asarray(LAM)
-  cache = serving.init_serving_cache(pol, "explicit", 4, PROMPT.shape[1])
-  explicit, _ = logits_fn("explicit")({"policy": params, "lam": lam}, PROMPT, MASK, cache)
-  cache = serving.init_serving_cache(pol, "params", 4, PROMPT.shape[1])
-  merged, _ = logits_fn("params")({"policy": params, "lam": lam}, PROMPT, MASK, cache)
-  kl = jnp.sum(jnp.exp(explicit) * (explicit - merged), -1)[MASK]
+
+  def next_token(mode):  # The soup's next-token log-probs after each prompt, as the engine computes them.
+    passes = engine.passes_for(pol, mode)
+    prompts = engine.prefill(pol, params, PROMPT, MASK, lam if passes == "merged" else None,
+                             max_len=PROMPT.shape[1] + 1, passes=passes)
+    rows = engine.make_rows([mode] * 4, LAM)
+    return engine._mix({"policy": params}, prompts["state"], rows, (mode,), False)["logprobs"]
+
+  explicit, merged = next_token("explicit"), next_token("params")
+  kl = jnp.sum(jnp.exp(explicit) * (explicit - merged), -1)
   print(f"LoRA parameter soup vs explicit soup: mean per-token KL {float(kl.mean()):.4f}, max {float(kl.max()):.4f}")
   assert np.isfinite(float(kl.max())) and float(kl.min()) >= -1e-5
   assert float(kl.mean()) > 0  # Not identical: merging in intermediate layers is an approximation.
@@ -124,12 +129,12 @@ def test_lam_changes_do_not_recompile():
   prompt = rng.integers(1, tiny.VOCAB, (64, 6)).astype(np.int32)
   mask = np.ones_like(prompt, bool)
   serving.generate(pol, params, rng.normal(size=(64, 8)).astype(np.float32), prompt, mask, max_new_tokens=4)
-  before = decoding.decode._cache_size()
+  before = engine.decode_rows._cache_size()
   for _ in range(3):
     lam = rng.normal(size=(64, 8)).astype(np.float32)
     prompt = rng.integers(1, tiny.VOCAB, (64, 6)).astype(np.int32)
     serving.generate(pol, params, lam, prompt, mask, max_new_tokens=4)
-  assert decoding.decode._cache_size() == before
+  assert engine.decode_rows._cache_size() == before
 
 
 @pytest.mark.parametrize("lam, match", [
@@ -139,22 +144,22 @@ def test_lam_changes_do_not_recompile():
 ])
 def test_bad_lam_fails_before_compiling(lam, match):
   pol, params = tiny.tiny_policy("heads", num_bases=K)
-  before = decoding.decode._cache_size()
+  before = engine.decode_rows._cache_size()
   with pytest.raises(ValueError, match=match):
     serving.generate(pol, params, lam, PROMPT, MASK, max_new_tokens=2)
-  assert decoding.decode._cache_size() == before
+  assert engine.decode_rows._cache_size() == before
 
 
 def test_empty_prompt_fails_before_compiling():
   pol, params = tiny.tiny_policy("heads", num_bases=K)
   mask = MASK.copy()
   mask[2] = False
-  before = decoding.decode._cache_size()
+  before = engine.decode_rows._cache_size()
   with pytest.raises(ValueError, match="prompt row 2 is empty"):
     serving.generate(pol, params, LAM, PROMPT, mask, max_new_tokens=2)
   with pytest.raises(ValueError, match="mode='beam'"):
     serving.generate(pol, params, LAM, PROMPT, MASK, mode="beam", max_new_tokens=2)
-  assert decoding.decode._cache_size() == before
+  assert engine.decode_rows._cache_size() == before
 
 
 def test_top_k_and_top_p_filters():
@@ -164,8 +169,8 @@ def test_top_k_and_top_p_filters():
   np.testing.assert_array_equal(keep(top_p=0.5), [[True, False, False, False]])
   np.testing.assert_array_equal(keep(top_p=0.7), [[True, True, False, False]])
   np.testing.assert_array_equal(keep(top_p=0.76), [[True, True, True, False]])
-  draws = jax.vmap(lambda k: decoding.sample_tokens(k, logits, decoding.SamplingConfig(1.0, top_k=2)))(
-      jax.random.split(jax.random.key(0), 2000))
+  draws = jax.vmap(lambda k: decoding.sample_tokens(k, logits, decoding.SamplingConfig(1.0, top_k=2)))(jax.random.split(
+      jax.random.key(0), 2000))
   freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 2000
   np.testing.assert_allclose(freq, [2 / 3, 1 / 3, 0, 0], atol=0.04)
   with pytest.raises(ValueError, match="top_p"):
@@ -179,7 +184,8 @@ def test_nucleus_by_bisection_equals_the_sorted_prefix():
   logits[:8, 100:] = -np.inf  # Rows restricted to a few tokens.
   logits[8:16, :50] = logits[8:16, :1]  # Ties at the top.
   for top_p in (0.3, 0.9, 0.95):
-    kept = np.isfinite(np.asarray(decoding.filter_logits(jnp.asarray(logits), decoding.SamplingConfig(1.0, top_p=top_p))))
+    kept = np.isfinite(
+        np.asarray(decoding.filter_logits(jnp.asarray(logits), decoding.SamplingConfig(1.0, top_p=top_p))))
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     order = np.argsort(-logits, axis=1, kind="stable")

@@ -8,8 +8,8 @@
 #   params   SmolLM2-shaped q / v LoRA merges (30 layers), 64 users x 8 bases
 #   train    an 8-layer, 512-wide backbone, 8 bases: K bases in one step vs K separate models
 #   train_1b the paper-size step: Gemma 3 1B-shaped random backbone, K = 30 LoRA bases and K = 30 heads, bf16, the
-#            sharded step of spectral_soup/offline/train.py, one pair of 128 + 192 tokens per device: step time,
-#            tokens/s, MFU, peak memory
+#            step of spectral_soup/offline/steps.py sharded as offline/train.py shards it, one pair of 128 + 192
+#            tokens per device: step time, tokens/s, MFU, peak memory
 #   decode   SmolLM2 (random weights of its shape where the GGUF is not installed), 64 users x 8 bases x 64 new
 #            tokens, the backbone alone and the head soups (explicit, params, naive K+1 passes, PyTorch's K+1-pass
 #            loop), float32 matmuls at full precision so that the greedy tokens can be checked against PyTorch

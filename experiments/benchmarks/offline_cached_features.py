@@ -2,7 +2,7 @@ r"""Head-basis training step: cached features vs the full forward (and the LoRA 
 
   python -m experiments.benchmarks.offline_cached_features [--models=tiny,small] [--out=cached_features.json]
 
-For each model shape (random weights), times the jitted train step of `spectral_soup.offline.train` on one device:
+For each model shape (random weights), times the jitted train step of `spectral_soup.offline.steps` on one device:
 * `heads/full`:   the backbone forward over [prompt; response] for both responses, then the K heads;
 * `heads/cached`: only the output layer and the K heads on cached h(s) (`offline/features.py`);
 * `lora/full`:    the (K+1) x 2B-row LoRA forward and backward (the paper's parameterization, for comparison);
@@ -23,9 +23,11 @@ from absl import app
 from absl import flags
 
 from configs import train_basis_tiny
+from spectral_soup.models import build
 from spectral_soup.offline import features
 from spectral_soup.offline import input_pipeline
-from spectral_soup.offline import train
+from spectral_soup.offline import pairs as pairs_lib
+from spectral_soup.offline import steps as steps_lib
 
 _MODELS = flags.DEFINE_list("models", ["tiny", "small"], "Model shapes to time (see MODELS).")
 _OUT = flags.DEFINE_string("out", "cached_features.json", "Where to write the results.")
@@ -34,9 +36,20 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after one c
 # config.model / config.data overrides per shape.
 MODELS = {
     "tiny": {},  # configs/train_basis_tiny.py: 2 layers, D=32, V=64, prompt 8 + response 16.
-    "small": {"model.num_layers": 8, "model.embed_dim": 256, "model.num_heads": 8, "model.num_kv_heads": 4,
-              "model.head_dim": 32, "model.mlp_dim": 768, "model.vocab_size": 2_048, "model.max_len": 256,
-              "data.prompt_len": 64, "data.response_len": 64, "basis.head_rank": 8, "train.batch_size": 8},
+    "small": {
+        "model.num_layers": 8,
+        "model.embed_dim": 256,
+        "model.num_heads": 8,
+        "model.num_kv_heads": 4,
+        "model.head_dim": 32,
+        "model.mlp_dim": 768,
+        "model.vocab_size": 2_048,
+        "model.max_len": 256,
+        "data.prompt_len": 64,
+        "data.response_len": 64,
+        "basis.head_rank": 8,
+        "train.batch_size": 8
+    },
 }
 
 
@@ -58,15 +71,19 @@ def bench(name, overrides, steps):
   rows = []
   for kind, cached in (("heads", False), ("heads", True), ("lora", False)):
     config.basis.kind = kind
-    policy = train.build_policy(train.model_config(config), config.basis)
-    tx, schedule = train.make_optimizer(config)
+    policy = build.build_policy(build.model_config(config), config.basis)
+    tx, schedule = steps_lib.make_optimizer(config)
     abstract = jax.eval_shape(policy.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    _, abstract_backbone = features.split_params(abstract)
-    backbone = jax.tree.map(jnp.asarray, train.random_backbone(train.unboxed(abstract_backbone), policy.config, 0))
-    params = jax.jit(functools.partial(train.init_trainable, policy))(jax.random.key(0))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "rng": jnp.zeros((2,), jnp.uint32)}
-    pairs, _ = train.load_pairs(config)
+    _, abstract_backbone = build.split_params(abstract)
+    backbone = jax.tree.map(jnp.asarray, build.random_backbone(build.unboxed(abstract_backbone), policy.config, 0))
+    params = jax.jit(functools.partial(build.init_trainable, policy))(jax.random.key(0))
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jnp.zeros((2,), jnp.uint32)
+    }
+    pairs, _ = pairs_lib.load_pairs(config)
     pairs = {k: v[:config.train.batch_size] for k, v in pairs.items()}
     feature_s = None
     if cached:
@@ -76,17 +93,29 @@ def bench(name, overrides, steps):
       t0 = time.perf_counter()
       feats = jax.block_until_ready(feature_fn(backbone, tokens))
       feature_s = (time.perf_counter() - t0) / config.train.batch_size
-      pairs = {**{k: v for k, v in pairs.items() if not k.startswith("prompt")},
-               **{k: np.asarray(v) for k, v in feats.items()}}
+      pairs = {
+          **{
+              k: v for k, v in pairs.items() if not k.startswith("prompt")
+          },
+          **{
+              k: np.asarray(v) for k, v in feats.items()
+          }
+      }
     batch = {k: jnp.asarray(v)[None] for k, v in pairs.items()}  # One micro-batch: [1, B, ...].
-    step_fn = jax.jit(functools.partial(train.train_step, policy, tx, schedule, dict(config.loss)),
+    step_fn = jax.jit(functools.partial(steps_lib.train_step, policy, tx, schedule, dict(config.loss)),
                       donate_argnums=(0,))
     step_s = _time_steps(step_fn, state, batch, backbone, steps)
-    rows.append({"model": name, "variant": f"{kind}/{'cached' if cached else 'full'}",
-                 "layers": config.model.num_layers, "embed": config.model.embed_dim,
-                 "vocab": config.model.vocab_size, "tokens": config.data.prompt_len + config.data.response_len,
-                 "batch_pairs": config.train.batch_size, "step_ms": 1e3 * step_s,
-                 "feature_pass_ms_per_pair": None if feature_s is None else 1e3 * feature_s})
+    rows.append({
+        "model": name,
+        "variant": f"{kind}/{'cached' if cached else 'full'}",
+        "layers": config.model.num_layers,
+        "embed": config.model.embed_dim,
+        "vocab": config.model.vocab_size,
+        "tokens": config.data.prompt_len + config.data.response_len,
+        "batch_pairs": config.train.batch_size,
+        "step_ms": 1e3 * step_s,
+        "feature_pass_ms_per_pair": None if feature_s is None else 1e3 * feature_s
+    })
   full = rows[0]["step_ms"]
   for row in rows:
     row["speedup_vs_heads_full"] = full / row["step_ms"]

@@ -3,7 +3,7 @@ r"""Basis training throughput: K bases in one step on the shared backbone vs K s
   python -m experiments.benchmarks.train [--bases=8] [--kinds=heads,lora] [--devices=8] [--json=train.json]
 
 A small random Llama backbone (`--layers`, `--embed`, ... ; configs/train_basis_tiny.py shows every field) and
-synthetic preference pairs; every variant runs `spectral_soup.offline.train.train_step` (jitted, state donated):
+synthetic preference pairs; every variant runs `spectral_soup.offline.steps.train_step` (jitted, state donated):
 * `<kind>/shared K`: one `SpectralPolicy` with K bases; one step updates all K bases (head bases: the backbone runs
   once for the batch and the K heads share it; LoRA bases: the reference and the K adapters run as one
   (K+1) x 2B-row batch);
@@ -33,7 +33,6 @@ import importlib
 import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence
-
 
 from experiments.benchmarks import common
 
@@ -68,11 +67,29 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 # Paper-size presets: the config module whose model, basis, loss, optimizer and mesh the step uses.
 PRESETS = {"gemma3_1b": "configs.ultrafeedback_gemma3_1b"}
-DEFAULTS = {"bases": 8, "layers": 4, "embed": 128, "heads": 4, "head_dim": 32, "mlp": 384, "vocab": 1_024,
-            "prompt_len": 32, "response_len": 32, "batch": 8}
+DEFAULTS = {
+    "bases": 8,
+    "layers": 4,
+    "embed": 128,
+    "heads": 4,
+    "head_dim": 32,
+    "mlp": 384,
+    "vocab": 1_024,
+    "prompt_len": 32,
+    "response_len": 32,
+    "batch": 8
+}
 # Dense bf16 peak TFLOP/s per chip (vendors' datasheets), by a substring of jax's device_kind.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L4": 121.0, "TPU v5p": 459.0,
-                    "TPU v5 lite": 197.0, "TPU v6": 918.0, "TPU v4": 275.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v6": 918.0,
+    "TPU v4": 275.0
+}
 
 
 def preset_config(name: str):
@@ -83,9 +100,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
   """Fills the size flags left unset: from the preset's config, else from DEFAULTS."""
   if args.preset:
     m = preset_config(args.preset).model
-    fill = {"bases": preset_config(args.preset).basis.num_bases, "layers": m.num_layers, "embed": m.embed_dim,
-            "heads": m.num_heads, "head_dim": m.head_dim, "mlp": m.mlp_dim, "vocab": m.vocab_size,
-            "prompt_len": 128, "response_len": 192, "batch": 0}  # batch 0: one pair per device (set in the child).
+    fill = {
+        "bases": preset_config(args.preset).basis.num_bases,
+        "layers": m.num_layers,
+        "embed": m.embed_dim,
+        "heads": m.num_heads,
+        "head_dim": m.head_dim,
+        "mlp": m.mlp_dim,
+        "vocab": m.vocab_size,
+        "prompt_len": 128,
+        "response_len": 192,
+        "batch": 0
+    }  # batch 0: one pair per device (set in the child).
   else:
     fill = DEFAULTS
   for key, value in fill.items():
@@ -106,13 +132,27 @@ def make_config(args: argparse.Namespace, kind: str, num_bases: int):
     config = train_basis_tiny.get_config()
     kv_heads = max(1, args.heads // 2)
   config.update_from_flattened_dict({
-      "model.path": "", "model.num_layers": args.layers, "model.embed_dim": args.embed,
-      "model.num_heads": args.heads, "model.num_kv_heads": kv_heads, "model.head_dim": args.head_dim,
-      "model.mlp_dim": args.mlp, "model.vocab_size": args.vocab, "model.max_len": args.prompt_len + args.response_len,
-      "data.source": "synthetic", "data.prompt_len": args.prompt_len, "data.response_len": args.response_len,
-      "data.num_train_pairs": args.batch, "data.num_eval_pairs": 0, "train.batch_size": args.batch,
-      "train.grad_accum_steps": 1, "train.cache_features": False, "basis.kind": kind, "basis.num_bases": num_bases,
-      "basis.head_rank": 8})
+      "model.path": "",
+      "model.num_layers": args.layers,
+      "model.embed_dim": args.embed,
+      "model.num_heads": args.heads,
+      "model.num_kv_heads": kv_heads,
+      "model.head_dim": args.head_dim,
+      "model.mlp_dim": args.mlp,
+      "model.vocab_size": args.vocab,
+      "model.max_len": args.prompt_len + args.response_len,
+      "data.source": "synthetic",
+      "data.prompt_len": args.prompt_len,
+      "data.response_len": args.response_len,
+      "data.num_train_pairs": args.batch,
+      "data.num_eval_pairs": 0,
+      "train.batch_size": args.batch,
+      "train.grad_accum_steps": 1,
+      "train.cache_features": False,
+      "basis.kind": kind,
+      "basis.num_bases": num_bases,
+      "basis.head_rank": 8
+  })
   if not args.preset:
     config.basis.lora_rank = 4
   return config
@@ -122,30 +162,36 @@ def build(args: argparse.Namespace, kind: str, num_bases: int, labels_column: Op
   """(step_fn, state, batch, backbone) for one policy; on `mesh` placed and jitted as `train_and_evaluate` does."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from spectral_soup.offline import features, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import build as build_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import input_pipeline, steps  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
 
   # The data always has K label columns (the same pairs for every variant); a single-basis model takes one.
   config = make_config(args, kind, args.bases)
-  pairs, _ = train.load_pairs(config)
+  pairs, _ = pairs_lib.load_pairs(config)
   config = make_config(args, kind, num_bases)
   if labels_column is not None:
     pairs["labels"] = pairs["labels"][:, labels_column:labels_column + 1]
   pairs = {k: v for k, v in pairs.items() if k in input_pipeline.TOKEN_FIELDS + ("labels",)}
-  policy = train.build_policy(train.model_config(config), config.basis)
-  tx, schedule = train.make_optimizer(config)
+  policy = build_lib.build_policy(build_lib.model_config(config), config.basis)
+  tx, schedule = steps.make_optimizer(config)
   abstract = jax.eval_shape(policy.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  abstract_trainable, abstract_backbone = features.split_params(abstract)
+  abstract_trainable, abstract_backbone = build_lib.split_params(abstract)
   if args.preset and mesh is not None:  # A billion parameters: drawn on the devices, already sharded.
     backbone_host = None
   else:
-    backbone_host = train.random_backbone(train.unboxed(abstract_backbone), policy.config, 0)
-  step = functools.partial(train.train_step, policy, tx, schedule, dict(config.loss))
+    backbone_host = build_lib.random_backbone(build_lib.unboxed(abstract_backbone), policy.config, 0)
+  step = functools.partial(steps.train_step, policy, tx, schedule, dict(config.loss))
 
   def init_state(key):
-    params = train.init_trainable(policy, key)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jnp.zeros((2,), jnp.uint32)}
+    params = build_lib.init_trainable(policy, key)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jnp.zeros((2,), jnp.uint32)
+    }
 
   if mesh is None:
     backbone = jax.tree.map(jnp.asarray, backbone_host)
@@ -154,17 +200,19 @@ def build(args: argparse.Namespace, kind: str, num_bases: int, labels_column: Op
     return jax.jit(step, donate_argnums=(0,)), state, batch, backbone
 
   abstract_opt_state = jax.eval_shape(tx.init, abstract_trainable)
-  state_shardings = {"step": mesh_lib.replicated(mesh),
-                     "params": mesh_lib.abstract_shardings(abstract_trainable, mesh),
-                     "opt_state": mesh_lib.abstract_shardings(abstract_opt_state, mesh),
-                     "rng": mesh_lib.replicated(mesh)}
+  state_shardings = {
+      "step": mesh_lib.replicated(mesh),
+      "params": mesh_lib.abstract_shardings(abstract_trainable, mesh),
+      "opt_state": mesh_lib.abstract_shardings(abstract_opt_state, mesh),
+      "rng": mesh_lib.replicated(mesh)
+  }
   backbone_shardings = mesh_lib.abstract_shardings(abstract_backbone, mesh)
   with mesh_lib.use_mesh(mesh):
     if backbone_host is None:
-      draw = functools.partial(device_random_backbone, train.unboxed(abstract_backbone), policy.config)
+      draw = functools.partial(device_random_backbone, build_lib.unboxed(abstract_backbone), policy.config)
       backbone = jax.jit(draw, out_shardings=backbone_shardings)(jax.random.key(0))
     else:
-      backbone = train.place(backbone_host, backbone_shardings)
+      backbone = build_lib.place(backbone_host, backbone_shardings)
     state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
     batch = mesh_lib.shard_batch({k: v[None] for k, v in pairs.items()}, mesh, batch_dim=1)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
@@ -174,17 +222,17 @@ def build(args: argparse.Namespace, kind: str, num_bases: int, labels_column: Op
 
 
 def device_random_backbone(abstract_backbone: Any, model_cfg, key) -> Any:
-  """`train.random_backbone`'s distribution (`train.backbone_leaf_rule`) drawn with jax: jit it with the backbone's
+  """`build.random_backbone`'s distribution (`build.backbone_leaf_rule`) drawn with jax: jit it with the backbone's
   shardings. The host's NumPy draw of a billion parameters takes tens of seconds; this takes milliseconds on an
   accelerator."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import build as build_lib  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_backbone)
   keys = jax.random.split(key, len(leaves))
 
   def draw(path, leaf, k):
-    constant, n_in = train.backbone_leaf_rule(path, model_cfg)
+    constant, n_in = build_lib.backbone_leaf_rule(path, model_cfg)
     if constant is not None:
       return jnp.full(leaf.shape, constant, leaf.dtype)
     return (jax.random.normal(k, leaf.shape, jnp.float32) / jnp.sqrt(n_in)).astype(leaf.dtype)
@@ -218,9 +266,15 @@ def tokens_per_update(args: argparse.Namespace) -> int:
 
 def row(args, kind, variant, timing, devices=1, models=1):
   tokens = tokens_per_update(args)
-  return {"kind": kind, "variant": variant, "devices": devices, "models": models,
-          "update_ms": 1e3 * timing["median_s"], "compile_s": timing["first_s"],
-          "basis_tokens_per_s": tokens / timing["median_s"]}
+  return {
+      "kind": kind,
+      "variant": variant,
+      "devices": devices,
+      "models": models,
+      "update_ms": 1e3 * timing["median_s"],
+      "compile_s": timing["first_s"],
+      "basis_tokens_per_s": tokens / timing["median_s"]
+  }
 
 
 def run_sharded_child(args: argparse.Namespace) -> Dict[str, Any]:
@@ -233,8 +287,9 @@ def run_sharded_child(args: argparse.Namespace) -> Dict[str, Any]:
   for kind in [k for k in args.kinds.split(",") if k]:
     built = build(args, kind, args.bases, mesh=mesh)
     timing = time_updates([built], args.steps, mesh=mesh)
-    rows.append(row(args, kind, f"{kind}/shared K={args.bases}, sharded {jax.device_count()} "
-                                f"(mesh {dict(mesh.shape)})", timing, devices=jax.device_count()))
+    rows.append(
+        row(args, kind, f"{kind}/shared K={args.bases}, sharded {jax.device_count()} "
+            f"(mesh {dict(mesh.shape)})", timing, devices=jax.device_count()))
   return {"rows": rows}
 
 
@@ -248,9 +303,9 @@ def model_flops(config, args: argparse.Namespace, kind: str) -> float:
   reference's forward plus, per basis, a forward and a backward to the activations (the frozen weights get no
   gradient: 2 forwards' worth) and the adapters' 6 x r (in + out) per target and layer.
   """
+  from spectral_soup.models import build as build_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import spectral  # pylint: disable=g-import-not-at-top
-  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
-  cfg = train.model_config(config)
+  cfg = build_lib.model_config(config)
   d, h, kv, hd, m, v = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
   seq = args.prompt_len + args.response_len
   tokens = 2 * args.batch * seq
@@ -289,17 +344,16 @@ def run_preset_child(args: argparse.Namespace) -> Dict[str, Any]:
   del built
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
-  out = row(args, kind, f"{kind}/shared K={args.bases}, mesh {dict(mesh.shape)}", timing,
-            devices=jax.device_count())
+  out = row(args, kind, f"{kind}/shared K={args.bases}, mesh {dict(mesh.shape)}", timing, devices=jax.device_count())
   out.update(
       preset=args.preset, batch=args.batch, device_kind=device.device_kind, backend=jax.default_backend(),
-      tokens_per_s=2 * args.batch * (args.prompt_len + args.response_len) / timing["median_s"],
-      model_flops=model_flops(config, args, kind), peak_memory_gib=(
-          stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else common.process_peak_mb() / 1024),
+      tokens_per_s=2 * args.batch * (args.prompt_len + args.response_len) / timing["median_s"], model_flops=model_flops(
+          config, args,
+          kind), peak_memory_gib=(stats["peak_bytes_in_use"] /
+                                  2**30 if "peak_bytes_in_use" in stats else common.process_peak_mb() / 1024),
       memory_measure="device peak_bytes_in_use" if "peak_bytes_in_use" in stats else "process peak RSS",
       dtype=config.model.dtype, weight_dtype=config.model.weight_dtype, remat=bool(config.model.remat),
-      lora_rank=config.basis.lora_rank, lora_targets=list(config.basis.lora_targets),
-      head_rank=config.basis.head_rank)
+      lora_rank=config.basis.lora_rank, lora_targets=list(config.basis.lora_targets), head_rank=config.basis.head_rank)
   out["achieved_tflops"] = out["model_flops"] / timing["median_s"] / 1e12 / jax.device_count()
   peak = args.peak_tflops or next((v for name, v in PEAK_BF16_TFLOPS.items() if name in device.device_kind), 0.0)
   out["peak_tflops"] = peak or None
@@ -313,8 +367,10 @@ def run_preset(args: argparse.Namespace) -> Dict[str, Any]:
   """Each kind's paper-size step in its own process (a clean device memory peak per kind)."""
   rows = []
   for kind in [k for k in args.kinds.split(",") if k]:
-    child_args = [f"--{key}={value}" for key, value in vars(args).items()
-                  if key not in ("json", "child", "kinds") and value is not None]
+    child_args = [
+        f"--{key}={value}" for key, value in vars(args).items()
+        if key not in ("json", "child", "kinds") and value is not None
+    ]
     row_or_error = common.run_child(f"experiments.benchmarks.{NAME}",
                                     child_args + [f"--kinds={kind}", "--child=preset"])
     if row_or_error.get("error"):  # One kind failing (out of memory, say) does not hide the other's row.
@@ -345,11 +401,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     rows.append(row(args, kind, f"{kind}/separate {k} x 1", time_updates(separate, args.steps), models=k))
     del separate
   if args.devices:
-    child = common.run_child(f"experiments.benchmarks.{NAME}",
-                             [f"--{key}={value}" for key, value in vars(args).items()
-                              if key not in ("json", "child") and value is not None] + ["--child=sharded"],
-                             env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices}",
-                                  "JAX_PLATFORMS": "cpu"})
+    child = common.run_child(
+        f"experiments.benchmarks.{NAME}",
+        [f"--{key}={value}" for key, value in vars(args).items() if key not in ("json", "child") and value is not None
+        ] + ["--child=sharded"], env={
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices}",
+            "JAX_PLATFORMS": "cpu"
+        })
     rows += child["rows"]
   for r in rows:
     base = next(x for x in rows if x["kind"] == r["kind"] and x["variant"].startswith(f"{r['kind']}/separate"))
@@ -362,9 +420,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   config["tokens_per_update"] = tokens_per_update(args)
   config["device"] = jax.devices()[0].device_kind
   targets = {f"{kind}: shared >= 0.5 K x separate": s >= 0.5 * k for kind, s in speedups.items()}
-  return common.result(NAME, config, rows, headline, speedups=speedups, targets=targets,
-                       command=f"python -m experiments.benchmarks.{NAME} --bases={k} --kinds={args.kinds} "
-                               f"--devices={args.devices}")
+  return common.result(
+      NAME, config, rows, headline, speedups=speedups, targets=targets,
+      command=f"python -m experiments.benchmarks.{NAME} --bases={k} --kinds={args.kinds} "
+      f"--devices={args.devices}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -377,34 +436,37 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     try:
       out = run_preset_child(args)
     except Exception as e:  # pylint: disable=broad-except  # Out of device memory, say: a row that says so.
-      out = {"kind": args.kinds, "variant": f"{args.kinds}/shared K={args.bases}",
-             "error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
+      out = {
+          "kind": args.kinds,
+          "variant": f"{args.kinds}/shared K={args.bases}",
+          "error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+      }
     print(json.dumps(out))
     return out
   if args.preset:
     out = run_preset(args)
-    common.print_table(out["rows"], [
-        ("variant", "variant", ""), ("batch", "pairs", "d"), ("update_ms", "ms / update", ",.1f"),
-        ("tokens_per_s", "tokens/s", ",.0f"), ("basis_tokens_per_s", "basis-tokens/s", ",.0f"),
-        ("model_flops", "model FLOP / update", ".3g"), ("achieved_tflops", "TFLOP/s per device", ",.1f"),
-        ("mfu", "MFU", ".1%"), ("of_measured_matmul", "of bf16 matmul", ".1%"),
-        ("peak_memory_gib", "peak GiB", ",.1f"), ("compile_s", "compile s", ".1f")],
+    common.print_table(
+        out["rows"], [("variant", "variant", ""), ("batch", "pairs", "d"), ("update_ms", "ms / update", ",.1f"),
+                      ("tokens_per_s", "tokens/s", ",.0f"), ("basis_tokens_per_s", "basis-tokens/s", ",.0f"),
+                      ("model_flops", "model FLOP / update", ".3g"), ("achieved_tflops", "TFLOP/s per device", ",.1f"),
+                      ("mfu", "MFU", ".1%"), ("of_measured_matmul", "of bf16 matmul", ".1%"),
+                      ("peak_memory_gib", "peak GiB", ",.1f"), ("compile_s", "compile s", ".1f")],
         title=f"train --preset={args.preset}: K={args.bases}, L={args.layers} D={args.embed} V={args.vocab}, "
-              f"({args.prompt_len}+{args.response_len}) tokens per response ({out['config']['device']}, "
-              f"load {out['machine'].get('load_avg_1m_5m_15m')})")
+        f"({args.prompt_len}+{args.response_len}) tokens per response ({out['config']['device']}, "
+        f"load {out['machine'].get('load_avg_1m_5m_15m')})")
     common.write_json(args.json, out)
     return out
   out = run(args)
-  common.print_table(out["rows"], [
-      ("variant", "variant", ""), ("models", "models", "d"), ("devices", "devices", "d"),
-      ("update_ms", "ms / update of K", ",.1f"), ("basis_tokens_per_s", "basis-tokens/s", ",.0f"),
-      ("vs_separate", "vs separate", ".2f"), ("vs_unsharded_shared", "vs unsharded", ".2f"),
-      ("compile_s", "compile s", ".1f")],
+  common.print_table(
+      out["rows"], [("variant", "variant", ""), ("models", "models", "d"), ("devices", "devices", "d"),
+                    ("update_ms", "ms / update of K", ",.1f"), ("basis_tokens_per_s", "basis-tokens/s", ",.0f"),
+                    ("vs_separate", "vs separate", ".2f"), ("vs_unsharded_shared", "vs unsharded", ".2f"),
+                    ("compile_s", "compile s", ".1f")],
       title=f"train: K={args.bases} bases, L={args.layers} D={args.embed} V={args.vocab}, B={args.batch} pairs x "
-            f"({args.prompt_len}+{args.response_len}) tokens ({out['config']['device']}, "
-            f"load {out['machine'].get('load_avg_1m_5m_15m')})")
-  print("shared over separate: " + ", ".join(f"{kind} {s:.2f}x" for kind, s in out["speedups"].items())
-        + f" (target >= {0.5 * args.bases:.1f}x); targets: {out['targets']}")
+      f"({args.prompt_len}+{args.response_len}) tokens ({out['config']['device']}, "
+      f"load {out['machine'].get('load_avg_1m_5m_15m')})")
+  print("shared over separate: " + ", ".join(f"{kind} {s:.2f}x" for kind, s in out["speedups"].items()) +
+        f" (target >= {0.5 * args.bases:.1f}x); targets: {out['targets']}")
   common.write_json(args.json, out)
   return out
 

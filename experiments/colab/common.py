@@ -25,8 +25,8 @@ import ml_collections
 
 from spectral_soup import basis as basis_lib
 from spectral_soup import models
-from spectral_soup.offline import features
-from spectral_soup.offline import train
+from spectral_soup.models import build
+from spectral_soup.offline import pairs as pairs_lib
 
 
 @dataclasses.dataclass
@@ -46,9 +46,9 @@ def load_backbone(config: ml_collections.ConfigDict) -> Tuple[Any, Any, Optional
     model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
                                              weight_dtype=config.model.weight_dtype)
     return model, backbone, models.tokenizer_from_pretrained(config.model.path)
-  model = models.Transformer(train.model_config(config))
+  model = models.Transformer(build.model_config(config))
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  return model, train.random_backbone(train.unboxed(shapes), model.config, config.seed), None
+  return model, build.random_backbone(build.unboxed(shapes), model.config, config.seed), None
 
 
 def quick_basis_config(tiny: bool, num_prompts: int = 96, num_steps: int = 150) -> ml_collections.ConfigDict:
@@ -60,27 +60,32 @@ def quick_basis_config(tiny: bool, num_prompts: int = 96, num_steps: int = 150) 
   if tiny:
     config = train_basis_tiny.get_config()
     config.update_from_flattened_dict({
-        "train.num_steps": 100, "data.num_train_pairs": 512, "data.num_eval_pairs": 64, "optim.warmup_steps": 10})
+        "train.num_steps": 100,
+        "data.num_train_pairs": 512,
+        "data.num_eval_pairs": 64,
+        "optim.warmup_steps": 10
+    })
   else:
     config = train_basis_embedded.get_config()
     config.update_from_flattened_dict({
         "data.num_prompts": num_prompts,  # Pairs to generate (about a quarter are held out).
-        "data.max_new_tokens": 32, "data.response_len": 33,  # Shorter responses: a faster feature pass.
-        "train.num_steps": num_steps, "train.batch_size": 16, "optim.warmup_steps": 10,
-        "train.feature_batch_size": 16})
+        "data.max_new_tokens": 32,
+        "data.response_len": 33,  # Shorter responses: a faster feature pass.
+        "train.num_steps": num_steps,
+        "train.batch_size": 16,
+        "optim.warmup_steps": 10,
+        "train.feature_batch_size": 16
+    })
   config.update_from_flattened_dict({"train.tensorboard": False, "checkpoint.every_steps": 0})
   return config
 
 
 def embedded_data(config: ml_collections.ConfigDict, tokenizer: Any) -> Tuple[list, dict]:
   """(pairs, arrays) of `config.data`'s embedded preference data (generated on first use, then cached), tokenized
-  as `train` tokenizes it: arrays["prompt"] are the chat-formatted prompts, arrays["scores_a"] the raw scores."""
-  from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
-  d = config.data
-  pairs, _ = embedded.load_pairs(embedded.generate_for_config(config))
-  arrays = embedded.tokenize_pairs(pairs, tokenizer, prompt_len=d.prompt_len, response_len=d.response_len,
-                                   tie_margin=d.tie_margin)
-  return pairs, arrays
+  as the trainer tokenizes it (`offline.pairs.embedded_data`): arrays["prompt"] are the chat-formatted prompts,
+  arrays["scores_a"] the raw scores."""
+  data = pairs_lib.embedded_data(config, tokenizer)
+  return data.pairs, data.arrays
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -95,6 +100,6 @@ def restore_basis(workdir: str, model: Any, backbone: Any) -> Basis:
   if config.basis.kind != "heads":
     raise ValueError(f"{basis_lib.basis_dir(workdir)} holds {config.basis.kind} bases; the notebooks serve head "
                      "bases.")
-  policy = train.build_policy(model.config, config.basis)
-  params = features.merge_params(trainable, train.unboxed(backbone))
+  policy = build.build_policy(model.config, config.basis)
+  params = build.merge_params(trainable, build.unboxed(backbone))
   return Basis(policy=policy, params=params, attributes=names, config=config, step=step)

@@ -6,7 +6,7 @@ token-level reward of attribute j is a linear reward over tokens, R_j(a) = table
 of the attribute's standardized sequence score on the response's token counts (`fit_token_rewards`), so that a
 response's predicted attribute vector is sum_t table[:, y_t]. A user's weights g are fitted online from the same
 comparisons as lambda, with these predicted attribute vectors as features (`pad_features`). Decoding uses
-`spectral_soup.soup.rollout` rows of kind "guided" (greedy in the token reward, as PAD: no lookahead).
+`spectral_soup.soup.engine` rows of mode "guided" (greedy in the token reward, as PAD: no lookahead).
 """
 
 from __future__ import annotations

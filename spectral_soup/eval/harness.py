@@ -2,8 +2,8 @@
 
 `PolicyHarness` wraps a head-basis `SpectralPolicy` with H = K + extra heads (the K bases first; the main job puts
 one bespoke head per evaluation user after them), a pool of tokenized prompts and a scorer. Rows are decoded by
-`soup.rollout` in fixed-size chunks (one compile for any number of rows), after a single prefill of the prompts
-they continue.
+the decoding engine (`soup/engine.py`) in fixed-size chunks (one compile for any number of rows), after a single
+prefill of the prompts they continue.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from spectral_soup.baselines import pad as pad_lib
 from spectral_soup.soup import decoding
-from spectral_soup.soup import rollout
+from spectral_soup.soup import engine
 from spectral_soup.utils import progress
 
 # score_fn(prompts: R prompt texts, tokens: int32[R, N], lengths: int32[R]) -> float32[R, A] standardized scores.
@@ -26,11 +26,11 @@ ScoreFn = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
 
 @dataclasses.dataclass
 class Program:
-  """One policy to evaluate: a row program shared by all prompts (see `soup.rollout`)."""
+  """One policy to evaluate: a row program shared by all prompts (see `soup.engine.Rows`)."""
   method: str
   user: Optional[int]  # None: the same policy for every user (reference, uniform, ...).
-  kind: str  # explicit, params, implicit or guided.
-  coefs: np.ndarray  # [H]
+  mode: str  # explicit, params, implicit or guided (`engine.MODES`).
+  lam: np.ndarray  # [H] weights over the heads.
   guide: Optional[np.ndarray] = None  # [A]
   scale: float = 1.0  # The strength the method runs at (a point of its sweep; 1: as fitted). A label only.
 
@@ -39,9 +39,8 @@ class PolicyHarness:
   """Decodes and scores rows of row programs for the online protocol and the evaluation."""
 
   def __init__(self, policy, params, prompts: np.ndarray, prompt_mask: np.ndarray, prompt_texts: Sequence[str],
-               score_fn: ScoreFn, *,
-               num_bases: int, beta: float, max_new_tokens: int, eos_id: Optional[int], pad_id: int,
-               pad_table: np.ndarray, support: np.ndarray, head_support: Optional[np.ndarray] = None,
+               score_fn: ScoreFn, *, num_bases: int, beta: float, max_new_tokens: int, eos_id: Optional[int],
+               pad_id: int, pad_table: np.ndarray, support: np.ndarray, head_support: Optional[np.ndarray] = None,
                chunk_rows: int = 128, max_proposals: int = 32,
                sampling: decoding.SamplingConfig = decoding.SamplingConfig(temperature=1.0)):
     self.policy, self.params = policy, params
@@ -61,7 +60,7 @@ class PolicyHarness:
     self.chunk_rows, self.max_proposals, self.sampling = chunk_rows, max_proposals, sampling
     self.decoded_tokens = 0
 
-  def run_rows(self, prompt_ids: Sequence[int], kinds: Sequence[str], coefs: np.ndarray, guide: np.ndarray,
+  def run_rows(self, prompt_ids: Sequence[int], modes: Sequence[str], lam: np.ndarray, guide: np.ndarray,
                prompt_index: np.ndarray, key: jax.Array, seed: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Decodes R rows; row r continues prompt `prompt_ids[prompt_index[r]]` of the pool.
 
@@ -69,23 +68,23 @@ class PolicyHarness:
     """
     prompt_ids = np.asarray(prompt_ids)
     max_len = self.prompts.shape[1] + self.max_new_tokens
-    prefilled = rollout.prefill(self.policy, self.params, self.prompts[prompt_ids], self.prompt_mask[prompt_ids],
-                                max_len=max_len)
-    num_rows = len(kinds)
+    prefilled = engine.prefill(self.policy, self.params, self.prompts[prompt_ids], self.prompt_mask[prompt_ids],
+                               max_len=max_len)
+    num_rows = len(modes)
     seed = np.asarray(prompt_index) if seed is None else np.asarray(seed)
     # Implicit rows last and together: only their chunks pay for rejection sampling and full head logits.
-    is_implicit = np.asarray([k == "implicit" for k in kinds])
+    is_implicit = np.asarray([m == "implicit" for m in modes])
     order = np.argsort(is_implicit, kind="stable")
     outs = []
     for lo in progress.track(range(0, num_rows, self.chunk_rows), desc=f"decoding {num_rows} rows", unit="chunk",
                              total=-(-num_rows // self.chunk_rows)):
       idx = order[np.arange(lo, lo + self.chunk_rows) % num_rows]  # The last chunk wraps around; extras dropped.
-      rows = rollout.make_rows([kinds[i] for i in idx], coefs[idx], guide[idx], prompt_index[idx], seed[idx])
+      rows = engine.make_rows([modes[i] for i in idx], lam[idx], guide[idx], prompt_index[idx], seed[idx])
       proposals = self.max_proposals if is_implicit[idx].any() else 0
       # One key for every chunk: a row's stream is set by its seed alone, wherever the row falls.
-      tokens, aux = rollout.rollout(self.policy, self.params, prefilled, rows, key, self.pad_table, 1.0 / self.beta,
-                                    self.head_support, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                                    eos_id=self.eos_id, pad_id=self.pad_id, max_proposals=proposals)
+      tokens, aux = engine.decode_rows(self.policy, self.params, prefilled, rows, key, self.pad_table, 1.0 / self.beta,
+                                       self.head_support, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
+                                       eos_id=self.eos_id, pad_id=self.pad_id, max_proposals=proposals)
       aux = jax.device_get(aux)
       keep = min(self.chunk_rows, num_rows - lo)
       out = {"tokens": np.asarray(tokens)[:keep], "lengths": aux["lengths"][:keep]}
@@ -111,17 +110,23 @@ class PolicyHarness:
 
   # -- The online protocol's interface (`online.protocol.Harness`).
 
-  def decode(self, prompt_ids: np.ndarray, kind: str, coefs: np.ndarray, key: jax.Array) -> Dict[str, np.ndarray]:
-    num_rows, per_prompt = len(coefs), len(coefs) // len(prompt_ids)
+  def decode(self, prompt_ids: np.ndarray, mode: str, lam: np.ndarray, key: jax.Array) -> Dict[str, np.ndarray]:
+    num_rows, per_prompt = len(lam), len(lam) // len(prompt_ids)
     full = np.zeros((num_rows, self.num_heads), np.float32)
-    full[:, :self.num_bases] = coefs
+    full[:, :self.num_bases] = lam
     prompt_index = np.repeat(np.arange(len(prompt_ids)), per_prompt)
     # Each row its own sampling stream: the two shown responses must differ by more than their soups.
-    out = self.run_rows(prompt_ids, [kind] * num_rows, full, np.zeros((num_rows, self.num_attributes), np.float32),
+    out = self.run_rows(prompt_ids, [mode] * num_rows, full, np.zeros((num_rows, self.num_attributes), np.float32),
                         prompt_index, key, seed=np.arange(num_rows))
     features = self.beta * (out["head_logp"][:, :self.num_bases] - out["ref_logp"][:, None])
-    return {"features": features, "kl": out["kl"], "scores": self.scores(prompt_ids[prompt_index], out),
-            "pad_features": self.pad_features(out), "tokens": out["tokens"], "lengths": out["lengths"]}
+    return {
+        "features": features,
+        "kl": out["kl"],
+        "scores": self.scores(prompt_ids[prompt_index], out),
+        "pad_features": self.pad_features(out),
+        "tokens": out["tokens"],
+        "lengths": out["lengths"]
+    }
 
   # -- Evaluation.
 
@@ -135,15 +140,20 @@ class PolicyHarness:
     num_p, num_e, num_s = len(programs), len(prompt_ids), samples_per_prompt
     grid = np.stack(np.meshgrid(np.arange(num_p), np.arange(num_e), np.arange(num_s), indexing="ij"), -1)
     grid = grid.reshape(-1, 3)  # Rows ordered (program, prompt, sample).
-    kinds = [programs[p].kind for p in grid[:, 0]]
-    coefs = np.stack([programs[p].coefs for p in grid[:, 0]]).astype(np.float32)
-    guide = np.stack([np.zeros(self.num_attributes) if programs[p].guide is None else programs[p].guide
-                      for p in grid[:, 0]]).astype(np.float32)
-    out = self.run_rows(prompt_ids, kinds, coefs, guide, grid[:, 1], key, seed=grid[:, 1] * num_s + grid[:, 2])
+    modes = [programs[p].mode for p in grid[:, 0]]
+    lam = np.stack([programs[p].lam for p in grid[:, 0]]).astype(np.float32)
+    guide = np.stack([
+        np.zeros(self.num_attributes) if programs[p].guide is None else programs[p].guide for p in grid[:, 0]
+    ]).astype(np.float32)
+    out = self.run_rows(prompt_ids, modes, lam, guide, grid[:, 1], key, seed=grid[:, 1] * num_s + grid[:, 2])
     scores = self.scores(np.asarray(prompt_ids)[grid[:, 1]], out)
     shape = (num_p, num_e, num_s)
-    result = {"scores": scores.reshape(*shape, -1), "kl": out["kl"].reshape(shape),
-              "tokens": out["tokens"].reshape(*shape, -1), "lengths": out["lengths"].reshape(shape)}
+    result = {
+        "scores": scores.reshape(*shape, -1),
+        "kl": out["kl"].reshape(shape),
+        "tokens": out["tokens"].reshape(*shape, -1),
+        "lengths": out["lengths"].reshape(shape)
+    }
     for name in ("accepted", "proposals"):  # Implicit rows' rejection-sampling counts.
       result[name] = out[name].reshape(shape)
     return result

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 FAMILIES = ("llama", "gemma3", "gpt2")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 NORMS = ("rms", "layer")
+# Fields of earlier versions that no longer configure anything: `from_dict` accepts and drops them, so that a saved
+# `to_dict()` still loads (the layers are always stacked and scanned).
+RETIRED_FIELDS = ("scan_layers",)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -56,7 +59,6 @@ class TransformerConfig:
   tie_embeddings: bool = True  # Output projection is the transposed token embedding.
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   weight_dtype: str = "float32"  # Storage dtype of the parameters.
-  scan_layers: bool = True  # Stack layers on a leading `layers` axis and run them with nn.scan.
   remat: bool = False  # Rematerialize each block in the backward pass.
 
   def __post_init__(self):
@@ -68,26 +70,24 @@ class TransformerConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the first inconsistent field."""
+
     def need(cond, field, expected):
       if not cond:
-        raise ValueError(
-            f"TransformerConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
+        raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
 
     need(self.family in FAMILIES, "family", f"one of {FAMILIES}")
     need(self.norm in NORMS, "norm", f"one of {NORMS}")
     need(self.activation in ACTIVATIONS, "activation", f"one of {ACTIVATIONS}")
-    for field in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
-                  "mlp_dim", "max_len"):
+    for field in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                  "max_len"):
       need(isinstance(getattr(self, field), int) and getattr(self, field) > 0, field, "a positive integer")
-    need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
-         f"a divisor of num_heads={self.num_heads}")
+    need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"a divisor of num_heads={self.num_heads}")
     need(self.head_dim % 2 == 0 or self.learned_positions, "head_dim", "even (rotary embeddings)")
     need(self.norm_eps > 0, "norm_eps", "> 0")
     need(self.rope_base > 0 and self.rope_local_base > 0, "rope_base", "> 0")
     need(self.rope_scale >= 1.0, "rope_scale", ">= 1")
     if self.layer_is_local is not None:
-      need(len(self.layer_is_local) == self.num_layers, "layer_is_local",
-           f"one entry per layer ({self.num_layers})")
+      need(len(self.layer_is_local) == self.num_layers, "layer_is_local", f"one entry per layer ({self.num_layers})")
       need(not any(self.layer_is_local) or (self.sliding_window or 0) > 0, "sliding_window",
            "a positive window when some layer is local")
     need(self.sliding_window is None or self.sliding_window > 0, "sliding_window", "None or > 0")
@@ -98,7 +98,7 @@ class TransformerConfig:
 
   @property
   def attention_scale(self) -> float:
-    return self.head_dim ** -0.5 if self.query_scale is None else self.query_scale
+    return self.head_dim**-0.5 if self.query_scale is None else self.query_scale
 
   def replace(self, **changes) -> "TransformerConfig":
     return dataclasses.replace(self, **changes)
@@ -109,6 +109,7 @@ class TransformerConfig:
   @classmethod
   def from_dict(cls, d: dict) -> "TransformerConfig":
     known = {f.name for f in dataclasses.fields(cls)}
+    d = {name: value for name, value in d.items() if name not in RETIRED_FIELDS}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"Unknown TransformerConfig fields {unknown}; known fields: {sorted(known)}.")
@@ -140,13 +141,12 @@ def llama(**overrides) -> TransformerConfig:
 
 def gemma3(**overrides) -> TransformerConfig:
   """Gemma 3 (270M-shaped) defaults: sandwich norms, QK-norm, GeGLU, 5 local : 1 global layers."""
-  base = dict(
-      family="gemma3", vocab_size=262_144, num_layers=18, embed_dim=640, num_heads=4, num_kv_heads=1,
-      head_dim=256, mlp_dim=2_048, max_len=32_768, norm="rms", norm_eps=1e-6, norm_scale_plus_one=True,
-      sandwich_norm=True, qk_norm=True, activation="gelu_tanh", gated_mlp=True, rope_base=1_000_000.0,
-      rope_local_base=10_000.0, sliding_window=512, query_scale=256 ** -0.5)
+  base = dict(family="gemma3", vocab_size=262_144, num_layers=18, embed_dim=640, num_heads=4, num_kv_heads=1,
+              head_dim=256, mlp_dim=2_048, max_len=32_768, norm="rms", norm_eps=1e-6, norm_scale_plus_one=True,
+              sandwich_norm=True, qk_norm=True, activation="gelu_tanh", gated_mlp=True, rope_base=1_000_000.0,
+              rope_local_base=10_000.0, sliding_window=512, query_scale=256**-0.5)
   base.update(overrides)
-  base["embed_scale"] = base.get("embed_scale") or float(base["embed_dim"]) ** 0.5
+  base["embed_scale"] = base.get("embed_scale") or float(base["embed_dim"])**0.5
   if base.get("layer_is_local") is None:
     base["layer_is_local"] = tuple((i + 1) % 6 != 0 for i in range(base["num_layers"]))
   return TransformerConfig(**base)
@@ -154,9 +154,8 @@ def gemma3(**overrides) -> TransformerConfig:
 
 def gpt2(**overrides) -> TransformerConfig:
   """GPT-2 small defaults: learned positions, LayerNorm, GELU, biases."""
-  base = dict(
-      family="gpt2", vocab_size=50_257, num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=12,
-      head_dim=64, mlp_dim=3_072, max_len=1_024, norm="layer", norm_eps=1e-5, activation="gelu_tanh",
-      gated_mlp=False, use_bias=True, learned_positions=True)
+  base = dict(family="gpt2", vocab_size=50_257, num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=12,
+              head_dim=64, mlp_dim=3_072, max_len=1_024, norm="layer", norm_eps=1e-5, activation="gelu_tanh",
+              gated_mlp=False, use_bias=True, learned_positions=True)
   base.update(overrides)
   return TransformerConfig(**base)

@@ -48,7 +48,7 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, lora: Optional[Mapping[str, Array]] = None) -> Array:
-    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    n_in = len(self.in_shape)
     kernel = param_with_axes(self, "kernel", self.kernel_init, (*self.in_shape, *self.out_shape),
                              (*self.in_axes, *self.out_axes), self.weight_dtype)
     x = x.astype(self.dtype)
@@ -73,6 +73,7 @@ def lora_update(x: Array, adapter: Mapping[str, Array], n_in: int, out_shape) ->
   `row_scale = lam (x) 1_r`, the update is exactly sum_k lam_k a_k b_k per row (per-user parameter soups, with
   nothing materialized per user).
   """
+
   def grouped(z: Array, w: Array, spec: str) -> Array:
     if w.ndim == 2:
       return jnp.einsum(f"...{spec[0]},{spec}->...{spec[1]}", z, w.astype(z.dtype))
@@ -121,8 +122,8 @@ class Norm(nn.Module):
 
 
 def make_norm(cfg: TransformerConfig, name: str, axis_name: str = "embed") -> Norm:
-  return Norm(kind=cfg.norm, eps=cfg.norm_eps, plus_one=cfg.norm_scale_plus_one, axis_name=axis_name,
-              dtype=cfg.dtype, weight_dtype=cfg.weight_dtype, name=name)
+  return Norm(kind=cfg.norm, eps=cfg.norm_eps, plus_one=cfg.norm_scale_plus_one, axis_name=axis_name, dtype=cfg.dtype,
+              weight_dtype=cfg.weight_dtype, name=name)
 
 
 def apply_rope(x: Array, positions: Array, base: Array, scale: Array) -> Array:
@@ -132,7 +133,7 @@ def apply_rope(x: Array, positions: Array, base: Array, scale: Array) -> Array:
   """
   head_dim = x.shape[-1]
   exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inv_freq = 1.0 / (base.astype(jnp.float32) ** exponent)  # [Dh/2]
+  inv_freq = 1.0 / (base.astype(jnp.float32)**exponent)  # [Dh/2]
   angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -142,8 +143,7 @@ def apply_rope(x: Array, positions: Array, base: Array, scale: Array) -> Array:
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_mask(q_slot: Array, q_pos: Array, k_slot: Array, k_pos: Array, k_valid: Array,
-                   window: Array) -> Array:
+def attention_mask(q_slot: Array, q_pos: Array, k_slot: Array, k_pos: Array, k_valid: Array, window: Array) -> Array:
   """Which keys each query sees. Returns bool[B, T, S].
 
   q_slot: int[T] (cache slot of each query), q_pos: int[B, T] (token position), k_slot: int[S],
@@ -172,8 +172,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: f
   return out.reshape(b, t, h, d)
 
 
-def single_query_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
-                           softcap: Optional[float] = None, own: Optional[Tuple[Array, Array]] = None) -> Array:
+def single_query_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float, softcap: Optional[float] = None,
+                           own: Optional[Tuple[Array, Array]] = None) -> Array:
   """Attention of one query per row (a decoding step) over a head-major KV cache.
 
   q: [B, 1, H, Dh]; k / v: [B, Hkv, S, Dh] (the cache's layout: each (row, KV head) reads one contiguous
@@ -196,8 +196,8 @@ def single_query_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: 
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
-  weigh = lambda p, values: jnp.einsum("bkgs,bksd->bkgd", p.astype(values.dtype), values,
-                                       preferred_element_type=jnp.float32)
+  weigh = lambda p, values: jnp.einsum("bkgs,bksd->bkgd", p.astype(values.dtype), values, preferred_element_type=jnp.
+                                       float32)
   out = weigh(probs[..., :k.shape[2]], v)  # [B, Hkv, G, Dh]
   if own is not None:
     out = out + weigh(probs[..., k.shape[2]:], own[1])
@@ -216,8 +216,8 @@ class Attention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, ctx: Mapping[str, Array], layer: Mapping[str, Any],
-               lora: Optional[Mapping[str, Any]], kv: Optional[Mapping[str, Array]] = None):
+  def __call__(self, x: Array, ctx: Mapping[str, Array], layer: Mapping[str, Any], lora: Optional[Mapping[str, Any]],
+               kv: Optional[Mapping[str, Array]] = None):
     """x: [B, T, D]; kv: this layer's cache {"k", "v": [B, Hkv, S, Dh]} (head-major) or None.
 
     Returns (out [B, T, D], new_kv): this chunk's keys and values {"k", "v": [B, Hkv, T, Dh]} (None without a
@@ -226,8 +226,8 @@ class Attention(nn.Module):
     cfg = self.config
     lora = lora or {}
     d, h, hkv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    proj = lambda name, i, o, ia, oa: Projection(i, o, ia, oa, use_bias=cfg.use_bias, dtype=cfg.dtype,
-                                                weight_dtype=cfg.weight_dtype, name=name)
+    proj = lambda name, i, o, ia, oa: Projection(i, o, ia, oa, use_bias=cfg.use_bias, dtype=cfg.dtype, weight_dtype=cfg.
+                                                 weight_dtype, name=name)
     q = proj("q_proj", (d,), (h, hd), ("embed",), ("heads", "kv"))(x, lora.get("q_proj"))
     k = proj("k_proj", (d,), (hkv, hd), ("embed",), ("kv_heads", "kv"))(x, lora.get("k_proj"))
     v = proj("v_proj", (d,), (hkv, hd), ("embed",), ("kv_heads", "kv"))(x, lora.get("v_proj"))
@@ -254,8 +254,8 @@ class Attention(nn.Module):
       # layer's cache slice (a written copy costs a full read and write of it per layer and step).
       mask = mask & (ctx["k_slot"] != ctx["write_index"])[None, None, :]  # That slot is this token (`own`).
       own = (new_kv["k"].astype(cfg.dtype), new_kv["v"].astype(cfg.dtype))
-      out = single_query_attention(q, kv["k"], kv["v"], mask, scale=cfg.attention_scale,
-                                   softcap=cfg.attn_logit_softcap, own=own)
+      out = single_query_attention(q, kv["k"], kv["v"], mask, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap,
+                                   own=own)
     else:
       if kv is not None:  # A prompt chunk: written into slots index...index+T, then attended with the cache.
         index = ctx["write_index"]
@@ -276,8 +276,8 @@ class Mlp(nn.Module):
     cfg = self.config
     lora = lora or {}
     d, m = cfg.embed_dim, cfg.mlp_dim
-    proj = lambda name, i, o, ia, oa: Projection((i,), (o,), (ia,), (oa,), use_bias=cfg.use_bias, dtype=cfg.dtype,
-                                                weight_dtype=cfg.weight_dtype, name=name)
+    proj = lambda name, i, o, ia, oa: Projection(
+        (i,), (o,), (ia,), (oa,), use_bias=cfg.use_bias, dtype=cfg.dtype, weight_dtype=cfg.weight_dtype, name=name)
     act = ACTIVATION_FNS[cfg.activation]
     up = proj("up_proj", d, m, "embed", "mlp")(x, lora.get("up_proj"))
     if cfg.gated_mlp:

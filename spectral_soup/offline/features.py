@@ -37,33 +37,17 @@ import jax
 import jax.numpy as jnp
 
 from spectral_soup.models import layers
+from spectral_soup.models.build import merge_params
+from spectral_soup.models import sequences
 from spectral_soup.models.config import TransformerConfig
 from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_delta_logits
 from spectral_soup.models.spectral import support_log_normalizer
 from spectral_soup.models.transformer import Transformer, init_cache, output_logits, take_cache_rows
-from spectral_soup.soup import decoding
-from spectral_soup.soup import serving
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 CACHED_FIELDS = ("hidden_a", "hidden_b", "ref_a", "ref_b")
 SUPPORT_FIELDS = ("support_probs_a", "support_probs_b")
-
-
-def split_params(params: Mapping[str, Any]):
-  """SpectralPolicy params -> (trainable, backbone): the bases (and psi's projection, if any) vs the frozen LM."""
-  trainable = {name: value for name, value in params.items() if name != "features"}
-  features = {name: value for name, value in params["features"].items() if name != "backbone"}
-  if features:
-    trainable["features"] = features
-  return trainable, params["features"]["backbone"]
-
-
-def merge_params(trainable: Mapping[str, Any], backbone: Any) -> dict:
-  """Inverse of `split_params`."""
-  params = dict(trainable)
-  params["features"] = {**dict(trainable.get("features", {})), "backbone": backbone}
-  return params
 
 
 def _both_responses(batch: Batch):
@@ -95,13 +79,13 @@ def pair_logprobs(policy: SpectralPolicy, params: Any, batch: Batch, chunk: int 
 
   The forward stops at the final hidden states (`SpectralPolicy.hidden_states`); the output layer then runs only
   at the response positions, `chunk` of them at a time under `jax.checkpoint`, so neither the forward nor the
-  backward pass holds the logits of a whole sequence (the same numbers as `serving.sequence_logprobs` up to float
+  backward pass holds the logits of a whole sequence (the same numbers as `soup.serving.sequence_logprobs` up to float
   rounding: tests/test_offline.py). Head bases score each piece as the cached path does (`cached_response_logprobs`).
   """
   prompt, prompt_mask, response, response_mask = _both_responses(batch)
-  tokens, mask, prev = serving.join_prompt_response(prompt, prompt_mask, response, response_mask)
+  tokens, mask, prev = sequences.join_prompt_response(prompt, prompt_mask, response, response_mask)
   states = policy.apply({"params": params}, tokens, mask=mask, method=SpectralPolicy.hidden_states)
-  gather = lambda x: serving.gather_positions(x, prev)  # [2B, T, ...] -> [2B, R, ...]
+  gather = lambda x: sequences.gather_positions(x, prev)  # [2B, T, ...] -> [2B, R, ...]
   hidden = jax.vmap(gather)(states["hidden"])  # [G, 2B, R, D]
   backbone = params["features"]["backbone"]
   cfg = policy.config
@@ -113,14 +97,15 @@ def pair_logprobs(policy: SpectralPolicy, params: Any, batch: Batch, chunk: int 
       ref_logits = layers.constrain(reference_logits(cfg, backbone, h), ("batch", "length", "vocab"))
       basis_logits = ref_logits[None] + head_delta_logits(params["heads"], p, cfg.dtype)
       basis_logits = layers.constrain(basis_logits, ("basis", "batch", "length", "vocab"))
-      token = lambda logits: serving.token_logprobs(logits, y, m)
+      token = lambda logits: sequences.token_logprobs(logits, y, m)
       return token(ref_logits), jax.vmap(token)(basis_logits)
 
     ref, basis = _by_position_chunks(score, (hidden[0], psi, response, response_mask), chunk)
   else:
+
     def score(h, y, m):  # [G, 2B, c, D] -> [G, 2B, c]
       logits = layers.constrain(reference_logits(cfg, backbone, h), (None, "batch", "length", "vocab"))
-      return jax.vmap(lambda x: serving.token_logprobs(x, y, m))(logits)
+      return jax.vmap(lambda x: sequences.token_logprobs(x, y, m))(logits)
 
     (logprobs,) = _by_position_chunks(lambda h, y, m: (score(h, y, m),), (hidden, response, response_mask), chunk)
     ref, basis = logprobs[0], logprobs[1:]
@@ -160,19 +145,19 @@ def _by_position_chunks(fn, inputs: Tuple[Array, ...], chunk: int) -> Tuple[Arra
   return tuple(join(y) for y in outs)
 
 
-def response_features(policy: SpectralPolicy, backbone: Any, prompt: Array, prompt_mask: Array,
-                      response: Array, response_mask: Array, support: Optional[Array] = None) -> dict:
+def response_features(policy: SpectralPolicy, backbone: Any, prompt: Array, prompt_mask: Array, response: Array,
+                      response_mask: Array, support: Optional[Array] = None) -> dict:
   """The frozen feature pass: h(s) before each response token and the reference log-prob of the response.
 
   prompt: int32[B, P], response: int32[B, R] (bool masks), support: int32[S] or None. Returns {"hidden": [B, R, D]
   (compute dtype), "ref": f32[B]} and, with a support, "support_probs": f32[B, R, S] (p_ref of each support token at
   each response position). Logits are computed at the response positions only.
   """
-  tokens, mask, prev = serving.join_prompt_response(prompt, prompt_mask, response, response_mask)
+  tokens, mask, prev = sequences.join_prompt_response(prompt, prompt_mask, response, response_mask)
   _, aux = Transformer(policy.config).apply({"params": backbone}, tokens, mask=mask, return_logits=False)
-  hidden = serving.gather_positions(aux["hidden"], prev)
+  hidden = sequences.gather_positions(aux["hidden"], prev)
   logits = reference_logits(policy.config, backbone, hidden)
-  out = {"hidden": hidden, "ref": serving.token_logprobs(logits, response, response_mask).sum(-1)}
+  out = {"hidden": hidden, "ref": sequences.token_logprobs(logits, response, response_mask).sum(-1)}
   if support is not None:
     out["support_probs"] = jnp.take(jax.nn.softmax(logits, axis=-1), support, axis=-1)
   return out
@@ -187,7 +172,7 @@ def pair_features(policy: SpectralPolicy, backbone: Any, batch: Batch, support: 
   """
   cfg = policy.config
   model = Transformer(cfg)
-  prompt, prompt_mask = decoding.left_pad(batch["prompt"], batch["prompt_mask"])
+  prompt, prompt_mask = sequences.left_pad(batch["prompt"], batch["prompt_mask"])
   num, length = prompt.shape
   response, response_mask = _both_responses(batch)[2:]
   cache = init_cache(cfg, num, length + response.shape[1])
@@ -199,12 +184,10 @@ def pair_features(policy: SpectralPolicy, backbone: Any, batch: Batch, support: 
   # The state before response token j: the last real response token before j, else the prompt's last token
   # (column 0 of `states`). Works for any response padding.
   states = jnp.concatenate([last, aux["hidden"]], axis=1)  # [2B, 1 + R, D]
-  columns = jnp.arange(response.shape[1])[None]
-  before = jax.lax.cummax(jnp.where(response_mask, columns, -1), axis=1)
-  before = jnp.concatenate([jnp.full_like(before[:, :1], -1), before[:, :-1]], axis=1)
-  hidden = serving.gather_positions(states, before + 1)  # [2B, R, D]
+  real = jnp.concatenate([jnp.ones_like(response_mask[:, :1]), response_mask], axis=1)  # Columns of `states`.
+  hidden = sequences.gather_positions(states, sequences.previous_real_index(real)[:, 1:])  # [2B, R, D]
   logits = reference_logits(cfg, backbone, hidden)
-  feats = {"hidden": hidden, "ref": serving.token_logprobs(logits, response, response_mask).sum(-1)}
+  feats = {"hidden": hidden, "ref": sequences.token_logprobs(logits, response, response_mask).sum(-1)}
   if support is not None:
     feats["support_probs"] = jnp.take(jax.nn.softmax(logits, axis=-1), support, axis=-1)
   out = {}
@@ -224,20 +207,20 @@ def _psi(policy: SpectralPolicy, trainable: Any, hidden: Array) -> Array:
   cfg = policy.config
   if policy.feature_dim is None:
     return hidden
-  projection = layers.Projection((cfg.embed_dim,), (policy.feature_dim,), ("embed",), ("features",),
-                                 dtype=cfg.dtype, weight_dtype=cfg.weight_dtype)
+  projection = layers.Projection((cfg.embed_dim,), (policy.feature_dim,), ("embed",), ("features",), dtype=cfg.dtype,
+                                 weight_dtype=cfg.weight_dtype)
   return projection.apply({"params": trainable["features"]["projection"]}, hidden)
 
 
-def cached_response_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, hidden: Array,
-                             response: Array, response_mask: Array) -> Array:
+def cached_response_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, hidden: Array, response: Array,
+                             response_mask: Array) -> Array:
   """Sequence log-probs under each head basis from cached h(s): hidden [B, R, D] -> f32[K, B]."""
   cfg = policy.config
   ref_logits = layers.constrain(reference_logits(cfg, backbone, hidden), ("batch", "length", "vocab"))
   psi = _psi(policy, trainable, hidden)
   basis_logits = ref_logits[None] + head_delta_logits(trainable["heads"], psi, cfg.dtype)
   basis_logits = layers.constrain(basis_logits, ("basis", "batch", "length", "vocab"))
-  score = lambda logits: serving.token_logprobs(logits, response, response_mask).sum(-1)
+  score = lambda logits: sequences.token_logprobs(logits, response, response_mask).sum(-1)
   return jax.vmap(score)(basis_logits)
 
 
@@ -255,7 +238,7 @@ def support_response_logratios(policy: SpectralPolicy, trainable: Any, hidden: A
   delta_support = support_delta_logits(heads, psi, support, cfg.dtype)  # [K, B, R, S]
   delta_support = layers.constrain(delta_support, ("basis", "batch", "length", None))
   # Each response token's correction is its column of delta_support; tokens outside the support have none.
-  column = jnp.full((cfg.vocab_size,), -1, jnp.int32).at[support].set(jnp.arange(support.shape[0]))[response]
+  column = sequences.support_position(support, cfg.vocab_size)[response]
   delta_token = jnp.take_along_axis(delta_support, jnp.maximum(column, 0)[None, ..., None], axis=-1)[..., 0]
   delta_token = jnp.where((column >= 0)[None], delta_token, 0.0)  # [K, B, R]
   log_z = support_log_normalizer(delta_support, support_probs)  # [K, B, R]
@@ -271,12 +254,12 @@ def cached_pair_logprobs(policy: SpectralPolicy, trainable: Any, backbone: Any, 
   if support is not None:
     if "support_probs_a" not in batch:
       raise ValueError("A vocabulary support needs features cached with the same support (support_probs_a/_b).")
-    logprobs = lambda side: batch[f"ref_{side}"][None] + support_response_logratios(
-        policy, trainable, batch[f"hidden_{side}"], batch[f"support_probs_{side}"], batch[f"response_{side}"],
-        batch[f"response_{side}_mask"], support)
+    logprobs = lambda side: batch[f"ref_{side}"][None] + support_response_logratios(policy, trainable, batch[
+        f"hidden_{side}"], batch[f"support_probs_{side}"], batch[f"response_{side}"], batch[f"response_{side}_mask"],
+                                                                                    support)
   else:
-    logprobs = lambda side: cached_response_logprobs(policy, trainable, backbone, batch[f"hidden_{side}"],
-                                                     batch[f"response_{side}"], batch[f"response_{side}_mask"])
+    logprobs = lambda side: cached_response_logprobs(policy, trainable, backbone, batch[f"hidden_{side}"], batch[
+        f"response_{side}"], batch[f"response_{side}_mask"])
   return {"ref_a": batch["ref_a"], "ref_b": batch["ref_b"], "basis_a": logprobs("a"), "basis_b": logprobs("b")}
 
 

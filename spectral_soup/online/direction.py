@@ -1,13 +1,13 @@
 """The Bayes estimate of a user's soup direction: the posterior mean of lambda / sum(lambda) on the simplex.
 
-For nonnegative lambda served at unit total weight (`update.unit_total_weight`), only lambda's direction
+For nonnegative lambda served at unit total weight (`fit.unit_total_weight`), only lambda's direction
 d = lambda / sum(lambda) reaches the user; pairwise choices also carry a scale s > 0 (how consistently the user
 chooses, in units of the features), which serving discards. Model of one user's comparisons:
 
   P(y_a preferred to y_b) = sigmoid(s * d . (f(y_a) - f(y_b))),   d ~ Dirichlet(concentration * 1),
   log s ~ uniform on [log scale_min, log scale_max].
 
-The penalized fit's maximum (`update.fit_lambda`, box-constrained) sits on a face of the orthant when the choices
+The penalized fit's maximum (`fit.fit_lambda`, box-constrained) sits on a face of the orthant when the choices
 are few and the features noisy: exact zeros on bases the user may well care about, and a soup concentrated on one
 or two bases, which spends more KL per unit of reward than the user's own mix. The posterior mean averages over every
 direction the choices leave plausible (it minimizes the expected squared error of d), so it never drops a basis the
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_soup.online import update
+from spectral_soup.online import checks
 
 Array = jax.Array
 DEFAULT_NUM_SAMPLES = 4096
@@ -62,9 +62,9 @@ def _posterior_mean(x: Array, p: Array, m: Array, directions: Array, lo: float, 
   return jax.lax.map(one_user, (x, p, m))  # One user at a time: O(N M G) memory, not O(U N M G).
 
 
-def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = None, mask=None,
-                             directions=None, num_samples: int = DEFAULT_NUM_SAMPLES, concentration: float = 1.0,
-                             scales=DEFAULT_SCALES, num_scales: int = DEFAULT_NUM_SCALES) -> np.ndarray:
+def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = None, mask=None, directions=None,
+                             num_samples: int = DEFAULT_NUM_SAMPLES, concentration: float = 1.0, scales=DEFAULT_SCALES,
+                             num_scales: int = DEFAULT_NUM_SCALES) -> np.ndarray:
   """The posterior mean of each user's direction on the simplex (module docstring): float32[U, K], rows sum to 1.
 
   Args:
@@ -77,12 +77,12 @@ def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = No
     scales: (scale_min, scale_max) > 0, the range of the log-uniform prior on s; num_scales: its grid size.
   """
   x = np.asarray(delta_features)
-  update._check_shapes("delta_features", x, (None, None, None), "[U, N, K]")  # pylint: disable=protected-access
+  checks.check_shapes("delta_features", x, (None, None, None), "[U, N, K]")
   num_users, num_rows, num_bases = x.shape
-  update._check_shapes("prefs", prefs, (num_users, num_rows), "[U, N]")  # pylint: disable=protected-access
+  checks.check_shapes("prefs", prefs, (num_users, num_rows), "[U, N]")
   m = np.ones((num_users, num_rows), bool) if mask is None else np.asarray(mask, bool)
-  update._check_shapes("mask", m, (num_users, num_rows), "[U, N]")  # pylint: disable=protected-access
-  update._check_labels(prefs, m)  # pylint: disable=protected-access
+  checks.check_shapes("mask", m, (num_users, num_rows), "[U, N]")
+  checks.check_labels(prefs, m)
   lo, hi = (float(s) for s in scales)
   if not 0 < lo <= hi or num_scales < 1:
     raise ValueError(f"scales={tuple(scales)}, num_scales={num_scales}: expected 0 < scale_min <= scale_max and "

@@ -59,7 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_soup.online import update
+from spectral_soup.online import laplace
+from spectral_soup.online import state as state_lib
 from spectral_soup.online import users as users_lib
 
 Policy = Tuple[np.ndarray, ...]
@@ -101,11 +102,7 @@ class TokenMDP:
     return (idx[:, None] // powers[None, :]) % self.vocab_size
 
 
-def make_mdp(vocab_size: int = 4,
-             horizon: int = 4,
-             seed: int = 0,
-             *,
-             ref_scale: float = 1.0,
+def make_mdp(vocab_size: int = 4, horizon: int = 4, seed: int = 0, *, ref_scale: float = 1.0,
              context_free: bool = False) -> TokenMDP:
   """A random reference policy: softmax(ref_scale * N(0, 1) logits) per state.
 
@@ -130,8 +127,7 @@ def make_mdp(vocab_size: int = 4,
   return TokenMDP(vocab_size, horizon, tuple(ref))
 
 
-def random_sequence_rewards(mdp: TokenMDP, num: int, seed: int, *, low: float = 0.0,
-                            high: float = 1.0) -> np.ndarray:
+def random_sequence_rewards(mdp: TokenMDP, num: int, seed: int, *, low: float = 0.0, high: float = 1.0) -> np.ndarray:
   """`[num, V^H]` sequence-level rewards, i.i.d. uniform in [low, high]."""
   return np.random.default_rng(seed).uniform(low, high, size=(num, mdp.num_sequences))
 
@@ -232,8 +228,7 @@ def explicit_soup_policy(basis_policies: Policy, ref: Policy, lam: Any) -> Polic
     tuple of H `[V^t, V]` log-probs (float64; `spectral_soup.soup.soup_logits` computes the same in float32).
   """
   lam = np.asarray(lam, np.float64)
-  return tuple(
-      _log_softmax((1.0 - lam.sum()) * r + np.tensordot(lam, b, axes=1)) for b, r in zip(basis_policies, ref))
+  return tuple(_log_softmax((1.0 - lam.sum()) * r + np.tensordot(lam, b, axes=1)) for b, r in zip(basis_policies, ref))
 
 
 def sequence_soup(basis_seq_logp: np.ndarray, ref_seq_logp: np.ndarray, lam: Any) -> np.ndarray:
@@ -297,19 +292,10 @@ def token_soup_kl_bound(basis_seq_rewards: np.ndarray, lam: Any, beta: float, ho
   return (horizon - 1) * bound**2 / (8.0 * beta**2)
 
 
-def run_online(mdp: TokenMDP,
-               basis_rewards: Reward,
-               beta: float,
-               users: Union[users_lib.SimulatedUsers, Any],
-               *,
-               num_rounds: int,
-               l2: float = 1.0,
-               seed: int = 0,
-               temperature: float = 1.0,
-               pair_source: str = "soup",
-               soup: str = "sequence",
-               num_candidates: int = 8,
-               num_iters: int = update.DEFAULT_NUM_ITERS) -> Dict[str, np.ndarray]:
+def run_online(mdp: TokenMDP, basis_rewards: Reward, beta: float, users: Union[users_lib.SimulatedUsers, Any], *,
+               num_rounds: int, l2: float = 1.0, seed: int = 0, temperature: float = 1.0, pair_source: str = "soup",
+               soup: str = "sequence", num_candidates: int = 8,
+               num_iters: int = state_lib.DEFAULT_NUM_ITERS) -> Dict[str, np.ndarray]:
   """Simulates the online phase for S users at once (module docstring, (c)).
 
   Each round, every user is shown two sequences and chooses by Bradley-Terry on its true reward, and all users'
@@ -385,7 +371,7 @@ def run_online(mdp: TokenMDP,
   rng = np.random.default_rng(seed)
   key = jax.random.PRNGKey(seed)
   rows = np.arange(num_users)
-  state = update.init_user_state(num_users, num_bases, num_rounds, l2=l2)
+  state = state_lib.init_user_state(num_users, num_bases, num_rounds, l2=l2)
   history = {"regret": [], "score": [], "kl_to_ref": [], "lam": []}
   for t in range(num_rounds + 1):
     lam = np.asarray(state.lam, np.float64)
@@ -400,14 +386,14 @@ def run_online(mdp: TokenMDP,
     probs = probs / probs.sum(-1, keepdims=True)
     if pair_source == "active":
       cands = np.stack([rng.choice(mdp.num_sequences, size=num_candidates, p=p) for p in probs])  # [S, M]
-      mean, cov = update.state_posterior(state)
-      i, j = update.choose_pair_batched(jnp.asarray(feats[cands], jnp.float32), mean, cov, rule="max_info")
+      mean, cov = state_lib.state_posterior(state)
+      i, j = laplace.choose_pair_batched(jnp.asarray(feats[cands], jnp.float32), mean, cov, rule="max_info")
       ya, yb = cands[rows, np.asarray(i)], cands[rows, np.asarray(j)]
     else:
       ya = np.array([rng.choice(mdp.num_sequences, p=p) for p in probs])
       yb = np.array([rng.choice(mdp.num_sequences, p=p) for p in probs])
     key, sub = jax.random.split(key)
     prefs = users_lib.simulate_choice(sub, chooser, user_r[rows, ya][:, None, None], user_r[rows, yb][:, None, None])
-    state = update.update_users(state, jnp.asarray(feats[ya] - feats[yb], jnp.float32), prefs[:, 0],
-                                num_iters=num_iters)
+    state = state_lib.update_users(state, jnp.asarray(feats[ya] - feats[yb], jnp.float32), prefs[:, 0],
+                                   num_iters=num_iters)
   return {name: np.stack(values, axis=1) for name, values in history.items()}

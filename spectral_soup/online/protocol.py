@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_soup.online import update
+from spectral_soup.online import fit
+from spectral_soup.online import laplace
 from spectral_soup.online import users as users_lib
 from spectral_soup.utils import progress
 
@@ -45,8 +46,9 @@ class Harness(Protocol):
   num_bases: int  # K
   num_attributes: int  # A
 
-  def decode(self, prompt_ids: np.ndarray, kind: str, coefs: np.ndarray, key: jax.Array) -> Dict[str, np.ndarray]:
-    """Responses for R rows: row r continues prompt `prompt_ids[prompt_index[r]]` with soup `coefs[r]` ([R, K]).
+  def decode(self, prompt_ids: np.ndarray, mode: str, lam: np.ndarray, key: jax.Array) -> Dict[str, np.ndarray]:
+    """Responses for R rows: row r continues prompt `prompt_ids[prompt_index[r]]` with the `mode` soup of `lam[r]`
+    ([R, K]).
 
     `prompt_ids`: int[M] indices into the online prompt pool; rows are ordered (prompt, row) with
     R = M * (rows per prompt). Returns {"features": [R, K] beta * (log pi_k - log pi_ref), "kl": [R],
@@ -80,16 +82,15 @@ def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[
   anything loads.
   """
   most = pool_size if pool_size is not None else math.inf
-  checks = (
-      (cfg.rounds >= 1, "rounds", ">= 1"),
-      (1 <= cfg.prompts_per_round <= most, "prompts_per_round",
-       ">= 1" if pool_size is None else f"1..{pool_size} (the prompt pool)"),
-      (cfg.l2 > 0, "l2", "> 0"),
-      (cfg.pad_weights_l2 is None or cfg.pad_weights_l2 > 0, "pad_weights_l2", "> 0 (or None: online.l2)"),
-      (cfg.explore_scale >= 0, "explore_scale", ">= 0"),
-      (cfg.mode in MODES, "mode", " or ".join(map(repr, MODES))),
-      (cfg.constraint in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"),
-      (cfg.features in FEATURES, "features", f"one of {FEATURES}"))
+  checks = ((cfg.rounds >= 1, "rounds", ">= 1"), (1 <= cfg.prompts_per_round <= most, "prompts_per_round",
+                                                  ">= 1" if pool_size is None else f"1..{pool_size} (the prompt pool)"),
+            (cfg.l2 > 0, "l2", "> 0"), (cfg.pad_weights_l2 is None or
+                                        cfg.pad_weights_l2 > 0, "pad_weights_l2", "> 0 (or None: online.l2)"),
+            (cfg.explore_scale >= 0, "explore_scale", ">= 0"), (cfg.mode in MODES, "mode", " or ".join(map(repr,
+                                                                                                           MODES))),
+            (cfg.constraint
+             in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"), (cfg.features
+                                                                      in FEATURES, "features", f"one of {FEATURES}"))
   return [(field, expected) for ok, field, expected in checks if not ok]
 
 
@@ -129,13 +130,13 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
   for t in progress.track(range(cfg.rounds), desc="online rounds", unit="round"):
     key, k_explore, k_decode, k_choice = jax.random.split(key, 4)
     prompt_ids = rng.choice(pool_size, size=m, replace=False)
-    mean, cov = update.posterior_batched(jnp.asarray(lam), jnp.asarray(feats), jnp.asarray(mask), l2=cfg.l2)
-    root = jax.vmap(_cov_root)(cov)  # [U, K, K]
+    mean, cov = laplace.posterior_batched(jnp.asarray(lam), jnp.asarray(feats), jnp.asarray(mask), l2=cfg.l2)
+    root = jax.vmap(laplace.cov_sqrt)(cov)  # [U, K, K]
     eps = jax.random.normal(k_explore, (num_users, m, 2, num_bases))
-    coefs = mean[:, None, None, :] + cfg.explore_scale * jnp.einsum("umjk,ulk->umjl", eps, root)
+    shown = mean[:, None, None, :] + cfg.explore_scale * jnp.einsum("umjk,ulk->umjl", eps, root)
     # Rows ordered (prompt, user, side): row = (i * U + u) * 2 + j.
-    coefs = np.asarray(jnp.transpose(coefs, (1, 0, 2, 3))).reshape(m * num_users * 2, num_bases)
-    out = harness.decode(prompt_ids, cfg.mode, coefs, k_decode)
+    shown = np.asarray(jnp.transpose(shown, (1, 0, 2, 3))).reshape(m * num_users * 2, num_bases)
+    out = harness.decode(prompt_ids, cfg.mode, shown, k_decode)
     shape = (m, num_users, 2)
     f_implicit = np.asarray(out["features"]).reshape(*shape, num_bases).transpose(1, 0, 2, 3)  # [U, M, 2, K]
     s = np.asarray(out["scores"]).reshape(*shape, num_attr).transpose(1, 0, 2, 3)  # [U, M, 2, A]
@@ -150,11 +151,10 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     feats[:, lo:lo + m], pad_feats[:, lo:lo + m] = delta, g[:, :, 0] - g[:, :, 1]
     implicit[:, lo:lo + m] = f_implicit[:, :, 0] - f_implicit[:, :, 1]
     prefs[:, lo:lo + m], mask[:, lo:lo + m] = choice, True
-    lam = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam, prior_mean=prior,
-                                               tol=1e-5, **sign))
-    lam_ps = np.asarray(update.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam_ps,
-                                                  constraint="simplex"))
-    pad_w = np.asarray(update.fit_lambda_batched(pad_feats, prefs, l2=pad_l2, mask=mask, init=pad_w, tol=1e-5))
+    lam = np.asarray(
+        fit.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam, prior_mean=prior, tol=1e-5, **sign))
+    lam_ps = np.asarray(fit.fit_lambda_batched(feats, prefs, l2=cfg.l2, mask=mask, init=lam_ps, constraint="simplex"))
+    pad_w = np.asarray(fit.fit_lambda_batched(pad_feats, prefs, l2=pad_l2, mask=mask, init=pad_w, tol=1e-5))
     history["lam_history"].append(lam.copy())
     history["reward"].append(reward.mean(axis=1))
     history["kl"].append(kl.mean(axis=(1, 2)))
@@ -164,11 +164,6 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
   out.update(lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w, comparison_features=feats,
              comparison_pad_features=pad_feats, comparison_prefs=prefs, comparison_implicit_features=implicit)
   return out
-
-
-def _cov_root(cov: jax.Array) -> jax.Array:
-  evals, evecs = jnp.linalg.eigh(0.5 * (cov + cov.T))
-  return evecs * jnp.sqrt(jnp.maximum(evals, 0.0))
 
 
 def cumulative_regret(round_rewards: np.ndarray, best_value: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from spectral_soup.online import update
+from spectral_soup.online import fit
 
 CONSTRAINTS = ("none", "nonnegative", "simplex")
 
@@ -62,8 +62,9 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
   for i, l2 in enumerate(l2s):
     for j in range(folds):
       train, test = fold != j, fold == j
-      lam = np.asarray(update.fit_lambda_batched(features[:, train], prefs[:, train], l2=float(l2),
-                                                 mask=np.ones((num_users, train.sum()), bool), **kwargs))
+      lam = np.asarray(
+          fit.fit_lambda_batched(features[:, train], prefs[:, train], l2=float(l2), mask=np.ones(
+              (num_users, train.sum()), bool), **kwargs))
       margin = np.einsum("unk,uk->un", features[:, test], lam).astype(np.float64)
       y = prefs[:, test]
       ll[i] += np.sum(-y * np.logaddexp(0.0, -margin) - (1 - y) * np.logaddexp(0.0, margin))

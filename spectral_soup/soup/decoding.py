@@ -17,6 +17,10 @@ from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from spectral_soup.models.sequences import left_pad  # Re-exported: prompts are left-padded inside the loop.
+from spectral_soup.models.transformer import output_logits
 
 Array = jax.Array
 # logits_fn(params, tokens: int32[B, T], mask: bool[B, T], cache) -> (out, cache), where `out` is the normalized
@@ -119,7 +123,6 @@ def pad_prompts(encoded, batch_size: int, length: int, pad_id: int = 0):
 
   Rows past len(encoded) are fillers holding one pad token (so no row is empty); drop their outputs.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   if len(encoded) > batch_size:
     raise ValueError(f"{len(encoded)} prompts do not fit a batch of {batch_size}.")
   tokens = np.full((batch_size, length), pad_id, np.int32)
@@ -133,17 +136,6 @@ def pad_prompts(encoded, batch_size: int, length: int, pad_id: int = 0):
   return tokens, mask
 
 
-def left_pad(tokens: Array, mask: Array, pad_id: int = 0) -> Tuple[Array, Array]:
-  """Moves every row's real tokens to the right end. tokens: int[B, T], mask: bool[B, T] (any padding side)."""
-  mask = mask.astype(jnp.bool_)
-  length = tokens.shape[1]
-  # Stable order: padding first, then real tokens in their original order.
-  order = jnp.argsort(mask.astype(jnp.int32) * length + jnp.arange(length)[None, :], axis=1)
-  tokens = jnp.take_along_axis(tokens, order, axis=1)
-  mask = jnp.take_along_axis(mask, order, axis=1)
-  return jnp.where(mask, tokens, pad_id), mask
-
-
 def standard_sample_fn(key: Array, last: Any, params: Any, sampling: SamplingConfig):
   """The default sampler: greedy / temperature / top-k / top-p on `last` log-probs."""
   del params
@@ -152,8 +144,8 @@ def standard_sample_fn(key: Array, last: Any, params: Any, sampling: SamplingCon
   return token, jnp.take_along_axis(logprobs.astype(jnp.float32), token[:, None], axis=-1)[:, 0], {}
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "max_new_tokens", "sampling", "eos_id", "pad_id",
-                                             "sample_fn"))
+@functools.partial(jax.jit,
+                   static_argnames=("logits_fn", "max_new_tokens", "sampling", "eos_id", "pad_id", "sample_fn"))
 def decode(logits_fn: LogitsFn, params: Any, prompt: Array, prompt_mask: Array, cache: Any, key: Array, *,
            max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), eos_id: Optional[int] = None,
            pad_id: int = 0, sample_fn: Optional[SampleFn] = None) -> Tuple[Array, dict]:
@@ -220,8 +212,9 @@ def decode_from(logits_fn: LogitsFn, params: Any, last: Any, cache: Any, key: Ar
     step, done = state[0], state[6]
     return (step < max_new_tokens) & ~jnp.all(done)
 
-  state = (jnp.zeros((), jnp.int32), last, cache, key, jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), jnp.bool_), stats)
+  state = (jnp.zeros((), jnp.int32), last, cache, key, jnp.full(
+      (batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens),
+                                                             jnp.float32), jnp.zeros((batch,), jnp.bool_), stats)
   _, _, _, _, out, out_logp, done, stats = jax.lax.while_loop(cond, body, state)
   if eos_id is None:
     lengths = jnp.full((batch,), max_new_tokens, jnp.int32)
@@ -240,7 +233,6 @@ def model_logits_fn(model) -> LogitsFn:
   (T > 1) it returns the last position only ([B, 1, V]): the output layer over every prompt position would cost
   B * T * V * D multiply-adds that `decode` never reads.
   """
-  from spectral_soup.models.transformer import output_logits  # pylint: disable=g-import-not-at-top
 
   def logits_fn(params, tokens, mask, cache):
     if tokens.shape[1] == 1:
@@ -249,4 +241,5 @@ def model_logits_fn(model) -> LogitsFn:
       _, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache, return_logits=False)
       logits = output_logits(model.config, params, aux["hidden"][:, -1:])
     return jax.nn.log_softmax(logits, axis=-1), aux["cache"]
+
   return logits_fn

@@ -56,6 +56,25 @@ def weighted_logp_sum(logps: jax.Array, coeffs: jax.Array) -> jax.Array:
   return jnp.where(dead, -jnp.inf, total)
 
 
+def mix_logprobs(ref_logp: jax.Array, basis_logp: jax.Array, lam: jax.Array) -> jax.Array:
+  """The soup's unnormalized scores (1 - sum_k lam_k) log pi_ref + sum_k lam_k log pi_k, -inf handled.
+
+  The one place the soup's mixing rule is written: every explicit and implicit soup, in every decoding pass, mixes
+  through it. Callers renormalize (log-softmax) and may divide by a temperature first.
+
+  Args:
+    ref_logp: `[..., V]` float32 reference log-probs.
+    basis_logp: `[K, ..., V]` float32 basis log-probs.
+    lam: `[K]` (shared) or `[B, K]` with `ref_logp: [B, ..., V]` (one vector per row).
+
+  Returns:
+    `[..., V]` float32 scores.
+  """
+  lam = jnp.asarray(lam, jnp.float32)
+  coeffs = jnp.concatenate([1.0 - jnp.sum(lam, axis=-1, keepdims=True), lam], axis=-1)  # [..., K + 1]
+  return weighted_logp_sum(jnp.concatenate([ref_logp[None], basis_logp], axis=0), jnp.moveaxis(coeffs, -1, 0))
+
+
 def _check_logit_shapes(ref_logits: jax.Array, basis_logits: jax.Array) -> int:
   ref_shape, basis_shape = np.shape(ref_logits), np.shape(basis_logits)
   if len(ref_shape) < 1:
@@ -82,10 +101,7 @@ def soup_logits(ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array) 
   """
   num_bases = _check_logit_shapes(ref_logits, basis_logits)
   check_lam(lam, num_bases, allow_batch=False)
-  lam = jnp.asarray(lam, jnp.float32)
-  logps = jnp.concatenate([_log_normalize(ref_logits)[None], _log_normalize(basis_logits)], axis=0)
-  coeffs = jnp.concatenate([1.0 - jnp.sum(lam, keepdims=True), lam])  # [K + 1]
-  return jax.nn.log_softmax(weighted_logp_sum(logps, coeffs), axis=-1)
+  return jax.nn.log_softmax(mix_logprobs(_log_normalize(ref_logits), _log_normalize(basis_logits), lam), axis=-1)
 
 
 def soup_logits_batched(ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array) -> jax.Array:
@@ -104,14 +120,10 @@ def soup_logits_batched(ref_logits: jax.Array, basis_logits: jax.Array, lam: jax
     raise ValueError(f"ref_logits must have shape [B, ..., V], got {np.shape(ref_logits)}.")
   batch = np.shape(ref_logits)[0]
   lam = lam_per_row(lam, num_bases, batch)
-  logps = jnp.concatenate([_log_normalize(ref_logits)[None], _log_normalize(basis_logits)], axis=0)
-  coeffs = jnp.concatenate([1.0 - jnp.sum(lam, axis=-1, keepdims=True), lam], axis=-1).T  # [K + 1, B]
-  return jax.nn.log_softmax(weighted_logp_sum(logps, coeffs), axis=-1)
+  return jax.nn.log_softmax(mix_logprobs(_log_normalize(ref_logits), _log_normalize(basis_logits), lam), axis=-1)
 
 
-def mod_combine(logps: jax.Array,
-                weights: jax.Array,
-                divergence: str = "reverse_kl",
+def mod_combine(logps: jax.Array, weights: jax.Array, divergence: str = "reverse_kl",
                 alpha: Optional[float] = None) -> jax.Array:
   """MOD-style combination of N policies' next-token distributions (Shi et al., 2024), for the baselines.
 

@@ -26,17 +26,13 @@ import numpy as np
 
 from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import _log_normalize
+from spectral_soup.soup.explicit import mix_logprobs
 from spectral_soup.soup.explicit import weighted_logp_sum
 from spectral_soup.soup.validation import lam_per_row
 
 
-def rejection_sample(key: jax.Array,
-                     ref_logits: jax.Array,
-                     basis_logits: jax.Array,
-                     lam: jax.Array,
-                     *,
-                     max_proposals: int = 64,
-                     temperature: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
+def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array, *,
+                     max_proposals: int = 64, temperature: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
   """Draws one token per row from the explicit soup by rejection sampling from pi_ref.
 
   jit it with `static_argnames=("max_proposals",)`; `lam` and `temperature` may be traced.
@@ -81,9 +77,7 @@ def rejection_sample(key: jax.Array,
   log_accept = g - jnp.max(g, axis=-1, keepdims=True)  # [B, V], <= 0, 0 at the argmax.
   proposal_logp = jax.nn.log_softmax(ref_logp * inv_temp, axis=-1)  # [B, V]
 
-  coeffs = jnp.concatenate([1.0 - jnp.sum(lam, axis=-1, keepdims=True), lam], axis=-1).T  # [K + 1, B]
-  soup_logp = jax.nn.log_softmax(
-      weighted_logp_sum(jnp.concatenate([ref_logp[None], basis_logp], axis=0), coeffs) * inv_temp, axis=-1)
+  soup_logp = jax.nn.log_softmax(mix_logprobs(ref_logp, basis_logp, lam) * inv_temp, axis=-1)
 
   # One uniform draw per row: P proposals, P acceptance tests and one fallback draw. Sampling by inverse CDF costs
   # O(P log V) per row instead of the O(P V) Gumbel noise of jax.random.categorical (V can be 256k).

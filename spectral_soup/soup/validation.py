@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -64,7 +65,6 @@ def check_lam(lam: Any, num_bases: int, *, name: str = "lam", allow_batch: bool 
 
 def lam_per_row(lam: Any, num_bases: int, batch: int):
   """Validates lam and returns it as float32 [batch, K] (a [K] lam is shared by every row)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   check_lam(lam, num_bases, allow_batch=True)
   lam = jnp.asarray(lam, jnp.float32)
   if lam.ndim == 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 
 def write_text_atomic(path: str, text: str) -> None:
   """Writes `text` to `path` so that a reader (or a crash) sees the old file or the new one, never half of it."""
@@ -15,7 +17,6 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_npz_atomic(path: str, **arrays) -> None:
   """`np.savez(path, **arrays)`, atomically as `write_text_atomic` (`path` should end in .npz)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   tmp = f"{path}.tmp-{os.getpid()}.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)

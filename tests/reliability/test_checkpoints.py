@@ -18,6 +18,7 @@ import pytest
 
 from configs import train_basis_tiny
 from spectral_soup.offline import checkpoint as checkpoint_lib
+from spectral_soup.offline import resume
 from spectral_soup.offline import train
 from tests.reliability.faulty_train import tree_hashes
 from tests.reliability.harness import (NUM_STEPS, assert_bitwise_equal, copy_workdir, finished_steps, one_device,
@@ -66,8 +67,7 @@ DAMAGE = {
 @pytest.fixture(scope="module")
 def good_checkpoints(reference, tmp_path_factory):
   """A copy of the reference run's checkpoints (steps 12, 14, 16) and its abstract state on one device."""
-  directory = copy_workdir(os.path.join(reference, "checkpoints"),
-                           str(tmp_path_factory.mktemp("good") / "checkpoints"))
+  directory = copy_workdir(os.path.join(reference, "checkpoints"), str(tmp_path_factory.mktemp("good") / "checkpoints"))
   ckpt = checkpoint_lib.Checkpointer(directory)
   abstract = one_device(ckpt.manager.item_metadata(NUM_STEPS)["state"].tree)
   ckpt.close()
@@ -117,19 +117,39 @@ def _config(**flat):
   """The subprocess runs' config (tests/reliability/harness.py FLAGS), without the feature pass."""
   config = train_basis_tiny.get_config()
   config.update_from_flattened_dict({
-      "train.tensorboard": False, "train.num_steps": NUM_STEPS, "checkpoint.every_steps": 2,
-      "train.log_every_steps": 1, "data.num_train_pairs": 128, "data.num_eval_pairs": 0, "optim.warmup_steps": 2,
-      "train.cache_features": False, **flat})
+      "train.tensorboard": False,
+      "train.num_steps": NUM_STEPS,
+      "checkpoint.every_steps": 2,
+      "train.log_every_steps": 1,
+      "data.num_train_pairs": 128,
+      "data.num_eval_pairs": 0,
+      "optim.warmup_steps": 2,
+      "train.cache_features": False,
+      **flat
+  })
   return config
 
 
 @pytest.mark.parametrize("flat, message", [
-    ({"basis.num_bases": 4}, "config.basis.num_bases=4 differs from 3"),
-    ({"model.embed_dim": 48}, "config.model.embed_dim=48 differs from 32"),
-    ({"basis.head_rank": 2}, "config.basis.head_rank=2 differs from 4"),
-    ({"basis.kind": "lora"}, "config.basis.kind='lora' differs from 'heads'"),
-    ({"train.batch_size": 64}, "config.train.batch_size=64 differs from 32"),
-    ({"basis.num_bases": 4, "train.cache_features": True}, "config.basis.num_bases=4 differs from 3"),
+    ({
+        "basis.num_bases": 4
+    }, "config.basis.num_bases=4 differs from 3"),
+    ({
+        "model.embed_dim": 48
+    }, "config.model.embed_dim=48 differs from 32"),
+    ({
+        "basis.head_rank": 2
+    }, "config.basis.head_rank=2 differs from 4"),
+    ({
+        "basis.kind": "lora"
+    }, "config.basis.kind='lora' differs from 'heads'"),
+    ({
+        "train.batch_size": 64
+    }, "config.train.batch_size=64 differs from 32"),
+    ({
+        "basis.num_bases": 4,
+        "train.cache_features": True
+    }, "config.basis.num_bases=4 differs from 3"),
 ])
 def test_checkpoint_of_another_config_names_the_field(reference, tmp_path, flat, message):
   workdir = copy_workdir(reference, str(tmp_path / "other"))
@@ -150,7 +170,7 @@ def test_the_config_check_reads_only(reference, tmp_path):
   workdir = copy_workdir(reference, str(tmp_path / "partial"))
   partial = os.path.join(workdir, "checkpoints", f"{NUM_STEPS + 2}.orbax-checkpoint-tmp")
   os.makedirs(os.path.join(partial, "state"))
-  train.check_existing_checkpoint(_config(), workdir)
+  resume.check_existing_checkpoint(_config(), workdir)
   time.sleep(1.0)  # Time for a background deletion, had one started.
   assert os.path.isdir(os.path.join(partial, "state"))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))  # The training's: removes it.
@@ -183,9 +203,10 @@ def test_shape_mismatch_without_recorded_config_names_the_arrays(good_checkpoint
   params = abstract["params"]
   wider = {**abstract, "params": {"heads": {"a": grow(params["heads"]["a"]), "b": grow(params["heads"]["b"])}}}
   ckpt = checkpoint_lib.Checkpointer(directory)
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match=r"step 16 .*params\.heads\.a has shape \(3, 32, 4\) float32 in the checkpoint but "
-                           r"\(4, 32, 4\) float32 here"):
+  with pytest.raises(
+      checkpoint_lib.CheckpointMismatchError,
+      match=r"step 16 .*params\.heads\.a has shape \(3, 32, 4\) float32 in the checkpoint but "
+      r"\(4, 32, 4\) float32 here"):
     ckpt.restore_latest(wider)
   assert ckpt.all_steps() == [12, 14, 16] and not os.path.exists(directory + ".corrupt")
   assert ckpt.restore_latest(abstract)[0] == NUM_STEPS  # The checkpoint itself is fine.
@@ -210,5 +231,6 @@ def test_full_disk_during_save_is_named_and_loses_nothing(trainer, reference, tm
   again = trainer.run(workdir, "--config.checkpoint.max_to_keep=2")
   assert again.rc == 0 and "Resumed from step 4" in again.out and "corrupt" not in again.out, again.tail()
   assert not partial_steps(workdir)
-  assert_bitwise_equal(restore(os.path.join(workdir, "checkpoints"))[1],
-                       restore(os.path.join(reference, "checkpoints"))[1])
+  assert_bitwise_equal(
+      restore(os.path.join(workdir, "checkpoints"))[1],
+      restore(os.path.join(reference, "checkpoints"))[1])

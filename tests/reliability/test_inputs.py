@@ -17,8 +17,9 @@ from safetensors.numpy import save_file
 from configs import train_basis_tiny
 from spectral_soup.data import builders
 from spectral_soup.models import hf_import
+from spectral_soup.offline import feature_cache
 from spectral_soup.offline import input_pipeline
-from spectral_soup.offline import train
+from spectral_soup.offline import config_checks
 from spectral_soup.soup import decoding
 from spectral_soup.soup import serving
 from tests import tiny
@@ -51,9 +52,12 @@ def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
   }
   workdir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=PYTHONPATH)
-  procs = {name: subprocess.Popen([sys.executable, "-m", "experiments.train_basis", *argv, f"--workdir={workdir}"],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, (argv, _) in cases.items()}
+  procs = {
+      name:
+          subprocess.Popen([sys.executable, "-m", "experiments.train_basis", *argv, f"--workdir={workdir}"], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for name, (argv, _) in cases.items()
+  }
   for name, (_, expected) in cases.items():
     _, err = procs[name].communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -88,31 +92,69 @@ def test_cli_input_errors_are_one_line_with_exit_status_2(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a_file"]  # Nothing was written anywhere.
 
 
-@pytest.mark.parametrize("flat, field", [  # `field`: the start of the message, after "config.".
-    ({"basis.num_bases": 0}, "basis.num_bases"),
-    ({"basis.head_rank": 0}, "basis.head_rank"),
-    ({"loss.beta": 0.0}, "loss.beta"),
-    ({"loss.label_smoothing": 0.5}, "loss.label_smoothing"),
-    ({"optim.warmup_steps": 400}, "optim.warmup_steps"),  # More than train.num_steps = 300.
-    ({"optim.b2": 1.0}, "optim.b2"),
-    ({"checkpoint.max_to_keep": 0}, "checkpoint.max_to_keep"),
-    ({"checkpoint.every_steps": -1}, "checkpoint.every_steps"),
-    ({"train.eval_batch_size": 12}, "train.eval_batch_size"),  # Not a multiple of 8 devices.
-    ({"data.response_len": 125}, "data.response_len"),  # prompt 8 + 125 > model.max_len 128.
-    ({"data.num_train_pairs": 16}, "data.num_train_pairs"),  # Fewer than one batch of 32.
-    ({"data.source": "web"}, "data.source"),
-    ({"model.dtype": "float16"}, "model.dtype"),
-    ({"model.num_heads": 3}, r"model.num_kv_heads=2 is invalid: expected a divisor of num_heads=3"),
-    ({"optim.learning_rate": float("inf")}, r"optim.learning_rate=inf is invalid: expected a finite number"),
-    ({"loss.beta": float("nan")}, r"loss.beta=nan is invalid: expected a finite number"),
-    ({"train.num_steps": -5}, r"train.num_steps=-5 is invalid: expected >= 0"),  # Not optim.warmup_steps.
-    ({"train.batch_size": 0}, r"train.batch_size=0 is invalid: expected >= 1"),  # Not data.num_train_pairs.
-])
+@pytest.mark.parametrize(
+    "flat, field",
+    [  # `field`: the start of the message, after "config.".
+        ({
+            "basis.num_bases": 0
+        }, "basis.num_bases"),
+        ({
+            "basis.head_rank": 0
+        }, "basis.head_rank"),
+        ({
+            "loss.beta": 0.0
+        }, "loss.beta"),
+        ({
+            "loss.label_smoothing": 0.5
+        }, "loss.label_smoothing"),
+        ({
+            "optim.warmup_steps": 400
+        }, "optim.warmup_steps"),  # More than train.num_steps = 300.
+        ({
+            "optim.b2": 1.0
+        }, "optim.b2"),
+        ({
+            "checkpoint.max_to_keep": 0
+        }, "checkpoint.max_to_keep"),
+        ({
+            "checkpoint.every_steps": -1
+        }, "checkpoint.every_steps"),
+        ({
+            "train.eval_batch_size": 12
+        }, "train.eval_batch_size"),  # Not a multiple of 8 devices.
+        ({
+            "data.response_len": 125
+        }, "data.response_len"),  # prompt 8 + 125 > model.max_len 128.
+        ({
+            "data.num_train_pairs": 16
+        }, "data.num_train_pairs"),  # Fewer than one batch of 32.
+        ({
+            "data.source": "web"
+        }, "data.source"),
+        ({
+            "model.dtype": "float16"
+        }, "model.dtype"),
+        ({
+            "model.num_heads": 3
+        }, r"model.num_kv_heads=2 is invalid: expected a divisor of num_heads=3"),
+        ({
+            "optim.learning_rate": float("inf")
+        }, r"optim.learning_rate=inf is invalid: expected a finite number"),
+        ({
+            "loss.beta": float("nan")
+        }, r"loss.beta=nan is invalid: expected a finite number"),
+        ({
+            "train.num_steps": -5
+        }, r"train.num_steps=-5 is invalid: expected >= 0"),  # Not optim.warmup_steps.
+        ({
+            "train.batch_size": 0
+        }, r"train.batch_size=0 is invalid: expected >= 1"),  # Not data.num_train_pairs.
+    ])
 def test_out_of_range_config_values_are_named(flat, field):
   config = train_basis_tiny.get_config()
   config.update_from_flattened_dict(flat)
   with pytest.raises(ValueError, match=rf"config\.{field}"):
-    train.validate_config(config)
+    config_checks.validate_config(config)
 
 
 def test_config_field_types_are_enforced():
@@ -171,7 +213,7 @@ def test_prompt_longer_than_the_position_table_is_named():
   policy, params = tiny.tiny_policy("heads", num_bases=K, family="gpt2")  # Learned positions: max_len = 128.
   prompt = np.ones((2, 120), np.int32)
   with pytest.raises(ValueError, match=r"prompt length 120 \+ max_new_tokens=16 = 136 positions exceed the "
-                                       r"model's max_len=128"):
+                     r"model's max_len=128"):
     serving.generate(policy, params, np.ones(K) / K, prompt, prompt > 0, max_new_tokens=16)
 
 
@@ -179,7 +221,7 @@ def test_prompt_longer_than_a_rotary_model_is_named(heads_policy):
   policy, params = heads_policy  # Llama (rotary): max_len = 128 too.
   prompt = np.ones((2, 120), np.int32)
   with pytest.raises(ValueError, match=r"prompt length 120 \+ max_new_tokens=16 = 136 positions exceed the "
-                                       r"model's max_len=128"):
+                     r"model's max_len=128"):
     serving.generate(policy, params, np.ones(K) / K, prompt, prompt > 0, max_new_tokens=16)
   with pytest.raises(ValueError, match=r"prompt length 120 \+ response length 9 = 129 positions exceed"):
     serving.sequence_logprobs(policy, params, prompt, prompt > 0, np.ones((2, 9), np.int32), np.ones((2, 9), bool))
@@ -190,7 +232,7 @@ def test_token_ids_outside_the_vocabulary_are_named(heads_policy):
   bad = PROMPT.copy()
   bad[1, 2] = tiny.VOCAB  # One past the embedding table.
   with pytest.raises(ValueError, match=r"prompt\[1, 2\] = 64 is not a token id of this model: expected 0 <= id < "
-                                       r"vocab_size=64"):
+                     r"vocab_size=64"):
     serving.generate(policy, params, np.ones(K) / K, bad, MASK, max_new_tokens=2)
   response = np.array([[1, 2], [3, -1], [4, 5], [6, 7]], np.int32)
   with pytest.raises(ValueError, match=r"response\[1, 1\] = -1 is not a token id"):
@@ -225,8 +267,9 @@ def _tokenizer_dir(path, num_tokens, vocab_size):
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_named(tmp_path):
   bad = _tokenizer_dir(tmp_path / "bad", num_tokens=40, vocab_size=32)
-  with pytest.raises(ValueError, match=r"bad: the tokenizer has 40 tokens but the model's vocab_size is 32: token "
-                                       r"ids 32\.\.39 have no embedding"):
+  with pytest.raises(
+      ValueError, match=r"bad: the tokenizer has 40 tokens but the model's vocab_size is 32: token "
+      r"ids 32\.\.39 have no embedding"):
     hf_import.tokenizer_from_pretrained(bad)
   padded = _tokenizer_dir(tmp_path / "padded", num_tokens=40, vocab_size=48)  # A padded embedding table is fine.
   assert len(hf_import.tokenizer_from_pretrained(padded)) == 40
@@ -238,7 +281,7 @@ def test_pairs_tokenized_for_another_model_are_named():
   pairs["prompt"] %= 64
   pairs["response_a"] %= 64
   with pytest.raises(ValueError, match=rf"'response_b' row {row} holds token id \d+, but the model's vocab_size "
-                                       rf"is 64"):
+                     rf"is 64"):
     input_pipeline.check_pairs(pairs, K, vocab_size=64)
   pairs["response_b"] %= 64
   assert input_pipeline.check_pairs(pairs, K, vocab_size=64) == 8
@@ -253,19 +296,31 @@ def _pairs():
 
 
 def _set(field, row, value):
+
   def damage(pairs):
     pairs[field] = pairs[field].copy()
     pairs[field][row] = value
     return pairs
+
   return damage
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda p: {k: v for k, v in p.items() if k != "response_b_mask"}, r"lack fields \['response_b_mask'\]"),
-    (lambda p: {**p, "labels": p["labels"][:5]}, r"'labels' has 5 rows; 'prompt' has 8"),
-    (lambda p: {**p, "labels": p["labels"][:, :2]}, r"'labels' has shape \(8, 2\): expected \[N, 3\]"),
-    (lambda p: {**p, "prompt_mask": p["prompt_mask"][:, :3]}, r"prompt_mask has shape \(8, 3\); prompt has \(8, 4\)"),
-    (lambda p: {**p, "response_a": p["response_a"].astype(np.float32)}, r"'response_a' holds float32 values"),
+    (lambda p: {
+        k: v for k, v in p.items() if k != "response_b_mask"
+    }, r"lack fields \['response_b_mask'\]"),
+    (lambda p: {
+        **p, "labels": p["labels"][:5]
+    }, r"'labels' has 5 rows; 'prompt' has 8"),
+    (lambda p: {
+        **p, "labels": p["labels"][:, :2]
+    }, r"'labels' has shape \(8, 2\): expected \[N, 3\]"),
+    (lambda p: {
+        **p, "prompt_mask": p["prompt_mask"][:, :3]
+    }, r"prompt_mask has shape \(8, 3\); prompt has \(8, 4\)"),
+    (lambda p: {
+        **p, "response_a": p["response_a"].astype(np.float32)
+    }, r"'response_a' holds float32 values"),
     (_set("response_b_mask", 3, False), r"'response_b' is empty in row 3"),
     (_set("prompt_mask", 6, False), r"'prompt' is empty in row 6"),
     (_set("response_a", 2, -5), r"'response_a' row 2 holds the negative token id -5"),
@@ -285,14 +340,27 @@ def _write_jsonl(path, rows):
 
 
 def _rated(prompt, response, score=3):
-  return {"prompt": prompt, "response": response, "helpfulness": score, "correctness": score, "coherence": score,
-          "complexity": score, "verbosity": score}
+  return {
+      "prompt": prompt,
+      "response": response,
+      "helpfulness": score,
+      "correctness": score,
+      "coherence": score,
+      "complexity": score,
+      "verbosity": score
+  }
 
 
 def _completion(response, rating="3"):
-  return {"model": "m", "response": response,
-          "annotations": {a: {"Rating": rating} for a in ("instruction_following", "honesty", "truthfulness",
-                                                          "helpfulness")}}
+  return {
+      "model": "m",
+      "response": response,
+      "annotations": {
+          a: {
+              "Rating": rating
+          } for a in ("instruction_following", "honesty", "truthfulness", "helpfulness")
+      }
+  }
 
 
 def _ultrafeedback(bad):
@@ -352,12 +420,23 @@ def _full_gguf(path):
 
 def _llama_dir(path):
   path.mkdir()
-  (path / "config.json").write_text(json.dumps({
-      "model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-      "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "max_position_embeddings": 32,
-      "tie_word_embeddings": False}))
-  save_file({"model.embed_tokens.weight": np.ones((16, 8), np.float32), "model.norm.weight": np.ones(8, np.float32)},
-            str(path / "model.safetensors"))
+  (path / "config.json").write_text(
+      json.dumps({
+          "model_type": "llama",
+          "vocab_size": 16,
+          "hidden_size": 8,
+          "intermediate_size": 16,
+          "num_hidden_layers": 1,
+          "num_attention_heads": 2,
+          "num_key_value_heads": 1,
+          "head_dim": 4,
+          "max_position_embeddings": 32,
+          "tie_word_embeddings": False
+      }))
+  save_file({
+      "model.embed_tokens.weight": np.ones((16, 8), np.float32),
+      "model.norm.weight": np.ones(8, np.float32)
+  }, str(path / "model.safetensors"))
   return (path / "model.safetensors").read_bytes()
 
 
@@ -376,8 +455,9 @@ def test_truncated_safetensors_names_the_file(tmp_path, keep):
   data = _llama_dir(tmp_path / "model")
   cut = data[:int(len(data) * keep) if isinstance(keep, float) else keep]
   (tmp_path / "model" / "model.safetensors").write_bytes(cut)
-  with pytest.raises(ValueError, match=rf"model\.safetensors: not a readable safetensors file \({len(cut)} bytes\); "
-                                       r"it is probably truncated or corrupt") as info:
+  with pytest.raises(
+      ValueError, match=rf"model\.safetensors: not a readable safetensors file \({len(cut)} bytes\); "
+      r"it is probably truncated or corrupt") as info:
     hf_import.from_pretrained(tmp_path / "model")
   assert info.type is ValueError
 
@@ -388,11 +468,11 @@ def test_unreadable_features_cache_is_moved_aside_and_recomputed(tmp_path, caplo
   for damage in (b"not a zip file at all", b"PK\x03\x04truncated"):
     path.write_bytes(damage)
     with caplog.at_level("WARNING"):
-      assert train._load_features(str(path)) is None
+      assert feature_cache.load_features(str(path)) is None
     assert not path.exists() and (tmp_path / "features-abc.npz.unreadable").exists()
     assert "features-abc.npz are unreadable" in caplog.text
   np.savez(path, **{"train/hidden": np.ones(3), "eval/hidden": np.zeros(2)})
-  good = train._load_features(str(path))
+  good = feature_cache.load_features(str(path))
   np.testing.assert_array_equal(good["train"]["hidden"], np.ones(3))
 
 
@@ -406,11 +486,14 @@ def test_cli_model_path_errors_are_one_line_with_exit_status_2(tmp_path):
   (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
   cases = {"missing": (tmp_path / "nope.gguf", "nope.gguf"), "garbage": (tmp_path / "garbage.gguf", "garbage.gguf")}
   env = dict(os.environ, PYTHONPATH=PYTHONPATH)
-  procs = {name: subprocess.Popen(
-      [sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
-       f"--config.model.path={path}", f"--workdir={tmp_path / ('run_' + name)}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, (path, _) in cases.items()}
+  procs = {
+      name:
+          subprocess.Popen([
+              sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
+              f"--config.model.path={path}", f"--workdir={tmp_path / ('run_' + name)}"
+          ], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for name, (path, _) in cases.items()
+  }
   for name, (_, expected) in cases.items():
     _, err = procs[name].communicate(timeout=180)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -445,9 +528,9 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(tmp_path):
       with workdir_lock.hold(str(workdir), primary=True):
         pass
     # Through the CLI: refused in one line before anything loads; the workdir is as it was.
-    proc = subprocess.run([sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
-                           f"--workdir={workdir}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=PYTHONPATH),
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([
+        sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py", f"--workdir={workdir}"
+    ], cwd=REPO, env=dict(os.environ, PYTHONPATH=PYTHONPATH), capture_output=True, text=True, timeout=180)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "in use by a live run" in lines[-1], proc.stderr[-2000:]
     assert sorted(os.listdir(workdir)) == before

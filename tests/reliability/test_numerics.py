@@ -15,10 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import train_basis_tiny
-from spectral_soup.offline import features
+from spectral_soup.models import build
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import metrics as metrics_lib
-from spectral_soup.offline import train
 from spectral_soup.soup import serving
 from tests.reliability.harness import NUM_STEPS, assert_bitwise_equal, finished_steps, one_device, restore
 
@@ -29,7 +28,6 @@ TOKEN_MAX_ATOL = 0.4  # Largest |difference| of a per-token log-prob (nats).
 SEQUENCE_RTOL = 5e-3  # |difference| of a response's log-prob, relative to its float32 value (plus 0.05 nats).
 FEATURE_ATOL = 0.05  # Implicit-reward features f_k = 0.1 * (log pi_k - log pi_ref) of whole responses.
 LOSS_ATOL = 0.02  # Training loss (mean DPO loss over the K bases, ~0.69 at the start) at each of 16 steps.
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # NaN / Inf in training.
@@ -58,8 +56,7 @@ def test_unchecked_nonfinite_step_is_skipped_not_applied(trainer, reference, tmp
   """With train.nan_check=False and logs every 4 steps, the NaN of step 5 goes unnoticed by the host, yet the
   update is skipped inside the step: the run finishes with finite parameters, one update short of the reference."""
   workdir = str(tmp_path / "unchecked")
-  run = trainer.run(workdir, "--config.train.nan_check=False", "--config.train.log_every_steps=4",
-                    fault="nan_batch:5")
+  run = trainer.run(workdir, "--config.train.nan_check=False", "--config.train.log_every_steps=4", fault="nan_batch:5")
   assert run.rc == 0, run.tail()
   _, state, _ = restore(os.path.join(workdir, "checkpoints"))
   _, state_ref, _ = restore(os.path.join(reference, "checkpoints"))
@@ -92,13 +89,13 @@ def policies():
   out = {}
   for dtype in ("float32", "bfloat16"):
     config.model.dtype = dtype
-    out[dtype] = train.build_policy(train.model_config(config), config.basis)
-  abstract = train.unboxed(jax.eval_shape(out["float32"].init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
-  trainable, backbone = features.split_params(abstract["params"])
-  backbone = train.random_backbone(backbone, out["float32"].config, seed=0)
+    out[dtype] = build.build_policy(build.model_config(config), config.basis)
+  abstract = build.unboxed(jax.eval_shape(out["float32"].init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  trainable, backbone = build.split_params(abstract["params"])
+  backbone = build.random_backbone(backbone, out["float32"].config, seed=0)
   rng = np.random.default_rng(1)
   trainable = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), trainable)
-  return out, features.merge_params(trainable, backbone)
+  return out, build.merge_params(trainable, backbone)
 
 
 def test_bfloat16_logprobs_and_features_match_float32(policies):
@@ -106,9 +103,12 @@ def test_bfloat16_logprobs_and_features_match_float32(policies):
   assert by_dtype["bfloat16"].config.dtype != by_dtype["float32"].config.dtype
   pairs = input_pipeline.synthetic_pairs(64, num_bases=3, vocab_size=64, prompt_len=8, response_len=16, seed=0)
   lam = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(3), size=64), jnp.float32)
-  out = {dtype: jax.device_get(serving.sequence_logprobs(
-      policy, params, pairs["prompt"], pairs["prompt_mask"], pairs["response_a"], pairs["response_a_mask"], lam))
-         for dtype, policy in by_dtype.items()}
+  out = {
+      dtype:
+          jax.device_get(
+              serving.sequence_logprobs(policy, params, pairs["prompt"], pairs["prompt_mask"], pairs["response_a"],
+                                        pairs["response_a_mask"], lam)) for dtype, policy in by_dtype.items()
+  }
   low, high = out["bfloat16"], out["float32"]
   mask = pairs["response_a_mask"]
   for name in ("ref_tokens", "basis_tokens", "soup_tokens"):
@@ -118,5 +118,4 @@ def test_bfloat16_logprobs_and_features_match_float32(policies):
     assert np.abs(low[name] - high[name])[..., ~mask].max() == 0.0  # Padding stays exactly zero.
   for name in ("ref", "basis", "soup"):
     np.testing.assert_allclose(low[name], high[name], rtol=SEQUENCE_RTOL, atol=0.05, err_msg=name)
-  np.testing.assert_allclose(serving.implicit_rewards(low, 0.1), serving.implicit_rewards(high, 0.1),
-                             atol=FEATURE_ATOL)
+  np.testing.assert_allclose(serving.implicit_rewards(low, 0.1), serving.implicit_rewards(high, 0.1), atol=FEATURE_ATOL)

@@ -1,4 +1,4 @@
-"""Many row programs in one decoding loop: each row equals the single-policy decoder it stands for."""
+"""The decoding engine: many row programs in one loop, each row equal to the single-policy decoder it stands for."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spectral_soup.soup import decoding
-from spectral_soup.soup import rollout
+from spectral_soup.soup import engine
 from spectral_soup.soup import serving
 from tests import tiny
 
@@ -22,10 +22,10 @@ def policy(request):
   return tiny.tiny_policy("heads", num_bases=H, logit_bias=request.param)
 
 
-def _rollout(policy, rows, **kw):
+def _decode(policy, rows, **kw):
   pol, params = policy
-  prompts = rollout.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N)
-  tokens, aux = rollout.rollout(pol, params, prompts, rows, jax.random.key(0), max_new_tokens=N, **kw)
+  prompts = engine.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N)
+  tokens, aux = engine.decode_rows(pol, params, prompts, rows, jax.random.key(0), max_new_tokens=N, **kw)
   return np.asarray(tokens), jax.device_get(aux)
 
 
@@ -34,15 +34,14 @@ def test_rows_match_single_policy_decoders(policy):
   pol, params = policy
   lam = np.array([0.5, -0.2, 0.4], np.float32)
   programs = [("explicit", lam), ("params", lam), ("explicit", np.zeros(H)), ("params", np.eye(H)[1])]
-  kinds, coefs, index, expect = [], [], [], []
+  modes, lam_rows, index = [], [], []
   for kind, c in programs:
     for p in range(len(PROMPT)):
-      kinds.append(kind), coefs.append(c), index.append(p)
-  rows = rollout.make_rows(kinds, np.stack(coefs), prompt_index=index)
-  tokens, aux = _rollout(policy, rows, sampling=GREEDY)
+      modes.append(kind), lam_rows.append(c), index.append(p)
+  rows = engine.make_rows(modes, np.stack(lam_rows), prompt_index=index)
+  tokens, aux = _decode(policy, rows, sampling=GREEDY)
   for i, (kind, c) in enumerate(programs):
-    want, _ = serving.generate(pol, params, np.broadcast_to(c, (3, H)), PROMPT, MASK, mode="explicit",
-                               max_new_tokens=N)
+    want, _ = serving.generate(pol, params, np.broadcast_to(c, (3, H)), PROMPT, MASK, mode="explicit", max_new_tokens=N)
     np.testing.assert_array_equal(tokens[3 * i:3 * i + 3], np.asarray(want), err_msg=kind)
   # Reference rows have zero KL; the others positive.
   np.testing.assert_allclose(aux["stats"]["kl"][6:9], 0.0, atol=1e-5)
@@ -52,8 +51,8 @@ def test_rows_match_single_policy_decoders(policy):
 def test_stats_are_sequence_logprobs(policy):
   """The per-head and reference log-probs summed during decoding equal a forward pass over the responses."""
   pol, params = policy
-  rows = rollout.make_rows(["explicit"] * 3, np.full((3, H), 0.3, np.float32))
-  tokens, aux = _rollout(policy, rows, sampling=decoding.SamplingConfig(temperature=1.0))
+  rows = engine.make_rows(["explicit"] * 3, np.full((3, H), 0.3, np.float32))
+  tokens, aux = _decode(policy, rows, sampling=decoding.SamplingConfig(temperature=1.0))
   out = serving.sequence_logprobs(pol, params, PROMPT, MASK, tokens, np.ones_like(tokens, bool))
   np.testing.assert_allclose(aux["stats"]["ref_logp"], out["ref"], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(aux["stats"]["head_logp"], np.asarray(out["basis"]).T, rtol=1e-4, atol=1e-4)
@@ -64,25 +63,25 @@ def test_guided_rows(policy):
   vocab = tiny.VOCAB
   table = np.zeros((2, vocab), np.float32)
   table[1, 7] = 1.0
-  rows = rollout.make_rows(["guided"] * 3 + ["guided"] * 3, np.zeros((6, H)),
-                           guide=np.array([[0.0, 0.0]] * 3 + [[0.0, 1.0]] * 3), prompt_index=[0, 1, 2] * 2)
-  tokens, _ = _rollout(policy, rows, sampling=GREEDY, guide_table=jnp.asarray(table), guide_scale=100.0)
+  rows = engine.make_rows(["guided"] * 3 + ["guided"] * 3, np.zeros((6, H)),
+                          guide=np.array([[0.0, 0.0]] * 3 + [[0.0, 1.0]] * 3), prompt_index=[0, 1, 2] * 2)
+  tokens, _ = _decode(policy, rows, sampling=GREEDY, guide_table=jnp.asarray(table), guide_scale=100.0)
   ref, _ = serving.generate(policy[0], policy[1], np.zeros((3, H)), PROMPT, MASK, max_new_tokens=N)
   np.testing.assert_array_equal(tokens[:3], np.asarray(ref))
   assert np.all(tokens[3:] == 7)
 
 
 def test_implicit_rows_report_acceptance(policy):
-  rows = rollout.make_rows(["implicit"] * 3, np.full((3, H), 0.3, np.float32))
-  tokens, aux = _rollout(policy, rows, max_proposals=16)
+  rows = engine.make_rows(["implicit"] * 3, np.full((3, H), 0.3, np.float32))
+  tokens, aux = _decode(policy, rows, max_proposals=16)
   assert tokens.shape == (3, N)
   rate = aux["stats"]["accepted"] / np.maximum(aux["stats"]["proposals"], 1)
   assert np.all((rate > 0) & (rate <= 1))
 
 
-def test_bad_coefs_fail_on_host():
-  with pytest.raises(ValueError, match="coefs row 1"):
-    rollout.make_rows(["explicit"] * 2, np.array([[0.0, 0.0], [np.nan, 0.0]]))
+def test_bad_lam_fails_on_host():
+  with pytest.raises(ValueError, match="lam row 1"):
+    engine.make_rows(["explicit"] * 2, np.array([[0.0, 0.0], [np.nan, 0.0]]))
 
 
 def test_support_path_equals_full_vocabulary(policy):
@@ -96,16 +95,16 @@ def test_support_path_equals_full_vocabulary(policy):
     heads["c"] = heads["c"].at[:, outside].set(0.0)
   params = {**params, "heads": heads}
   restricted = (pol, params)
-  rows = rollout.make_rows(["explicit", "params", "explicit", "guided", "implicit", "implicit"],
-                           np.array([[0.5, -0.2, 0.4]] * 2 + [[0.0, 1.0, 0.0]] + [[0.0] * 3] + [[0.3, 0.3, 0.0]] * 2,
-                                    np.float32),
-                           guide=np.array([[0.0], [0.0], [0.0], [1.0], [0.0], [0.0]]), prompt_index=[0, 1, 2, 0, 1, 2])
+  rows = engine.make_rows(["explicit", "params", "explicit", "guided", "implicit", "implicit"],
+                          np.array([[0.5, -0.2, 0.4]] * 2 + [[0.0, 1.0, 0.0]] + [[0.0] * 3] + [[0.3, 0.3, 0.0]] * 2,
+                                   np.float32), guide=np.array([[0.0], [0.0], [0.0], [1.0], [0.0], [0.0]]),
+                          prompt_index=[0, 1, 2, 0, 1, 2])
   table = jnp.asarray(np.random.default_rng(0).normal(size=(1, tiny.VOCAB)), jnp.float32)
   kw = dict(sampling=decoding.SamplingConfig(temperature=1.0), guide_table=table, guide_scale=2.0, max_proposals=8)
-  prompts = rollout.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N)
-  full_tokens, full = rollout.rollout(pol, params, prompts, rows, jax.random.key(3), max_new_tokens=N, **kw)
-  sup_tokens, sup = rollout.rollout(pol, params, prompts, rows, jax.random.key(3), max_new_tokens=N,
-                                    support=jnp.asarray(support), **kw)
+  prompts = engine.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N)
+  full_tokens, full = engine.decode_rows(pol, params, prompts, rows, jax.random.key(3), max_new_tokens=N, **kw)
+  sup_tokens, sup = engine.decode_rows(pol, params, prompts, rows, jax.random.key(3), max_new_tokens=N,
+                                       support=jnp.asarray(support), **kw)
   np.testing.assert_array_equal(np.asarray(sup_tokens), np.asarray(full_tokens))
   for name in ("head_logp", "ref_logp", "kl"):
     np.testing.assert_allclose(sup["stats"][name], full["stats"][name], rtol=1e-4, atol=1e-4, err_msg=name)

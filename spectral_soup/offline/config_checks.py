@@ -1,0 +1,128 @@
+"""The basis trainer's config check: every field of a training config, before anything compiles.
+
+`validate_config(config)` raises a ValueError naming the first bad field (`config.FIELD=value is invalid: expected
+...`); `offline.train.train_and_evaluate`, the main job and the tools call it first.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import ml_collections
+
+from spectral_soup.data import jsonl
+from spectral_soup.models import build
+from spectral_soup.models import config as config_lib
+from spectral_soup.models.spectral import ATTN_TARGETS, BASIS_KINDS, MLP_TARGETS
+from spectral_soup.offline import mesh as mesh_lib
+from spectral_soup.offline import ridge_init
+from spectral_soup.offline import sources
+from spectral_soup.offline import steps
+from spectral_soup.utils import config_check
+
+BASIS_INITS = ("zeros", "ridge")
+DTYPES = ("float32", "bfloat16")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Raises ValueError naming the first invalid field (`config.train.batch_size=...`)."""
+  need = config_check.field_checker(config)
+  config_check.check_finite(config)  # NaN / inf in any float field, before any relation between fields.
+
+  c = config
+  # Each field's own range before the relations that use it (a negative step count is named as itself).
+  need(c.train.num_steps >= 0, "train.num_steps", ">= 0")
+  need(c.train.num_steps >= 1 or c.basis.get("init", "zeros") == "ridge", "train.num_steps",
+       ">= 1 (0 only with basis.init='ridge': the bases are then their closed-form initialization)")
+  need(c.train.batch_size >= 1, "train.batch_size", ">= 1")
+  need(c.model.family in config_lib.FAMILIES, "model.family", f"one of {config_lib.FAMILIES}")
+  need(c.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}")
+  need(c.model.weight_dtype in DTYPES, "model.weight_dtype", f"one of {DTYPES}")
+  need(c.basis.kind in BASIS_KINDS, "basis.kind", f"one of {BASIS_KINDS}")
+  need(c.basis.num_bases >= 1, "basis.num_bases", ">= 1")
+  need(c.basis.head_rank >= 1 or (c.basis.head_rank == 0 and c.basis.get("logit_bias", False)), "basis.head_rank",
+       ">= 1 (or 0 with basis.logit_bias=True)")
+  need(c.basis.feature_dim >= 0, "basis.feature_dim", ">= 0 (0: no projection)")
+  need(c.basis.get("init", "zeros") in BASIS_INITS, "basis.init", f"one of {BASIS_INITS}")
+  if c.basis.get("init", "zeros") == "ridge":
+    need(
+        c.basis.kind == "heads" and c.basis.get("logit_bias", False) and c.basis.get("vocab_support", 0) > 0,
+        "basis.init", "'zeros' unless basis.kind='heads' with basis.logit_bias=True and basis.vocab_support > 0 "
+        "('ridge' fits the logit vectors on the support's cached reference probabilities)")
+    need(c.basis.get("init_l2", 0.0) > 0, "basis.init_l2", "> 0")
+    need(
+        c.basis.get("init_features", "pair_surprise") in ridge_init.RIDGE_FEATURES, "basis.init_features",
+        " or ".join(map(repr, ridge_init.RIDGE_FEATURES)))
+  need(c.basis.lora_rank >= 1, "basis.lora_rank", ">= 1")
+  need(
+      len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS),
+      "basis.lora_targets", f"some of {ATTN_TARGETS + MLP_TARGETS}")
+  need(c.data.prompt_len >= 1, "data.prompt_len", ">= 1")
+  need(c.data.response_len >= 1, "data.response_len", ">= 1")
+  if not c.model.path:  # The random backbone's architecture (a checkpoint brings its own).
+    try:
+      build.model_config(c)
+    except ValueError as e:
+      raise ValueError(str(e).replace("TransformerConfig.", "config.model.")) from None
+    need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
+         f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
+  need(
+      c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source),
+      "data.source", f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES}, a .jsonl file of pairs or "
+      "a datasets directory (save_to_disk)")
+  if c.data.source in sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source):
+    sources.validate_config(c)
+  if c.data.source == "embedded":
+    need(bool(c.model.path), "model.path", "a checkpoint (the embedded data is tokenized with its tokenizer)")
+    need(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)")
+  need(c.data.num_train_pairs >= c.train.batch_size, "data.num_train_pairs",
+       f">= train.batch_size={c.train.batch_size}")
+  need(c.data.num_eval_pairs >= 0, "data.num_eval_pairs", ">= 0")
+  need(c.loss.kind in steps.LOSS_KINDS, "loss.kind", f"one of {steps.LOSS_KINDS}")
+  need(c.loss.beta > 0, "loss.beta", "> 0")
+  need(0.0 <= c.loss.label_smoothing < 0.5, "loss.label_smoothing", "in [0, 0.5)")
+  need(c.loss.rating_scale > 0, "loss.rating_scale", "> 0")
+  need(c.optim.learning_rate >= 0, "optim.learning_rate", ">= 0")
+  need(0 <= c.optim.warmup_steps and (c.optim.warmup_steps <= c.train.num_steps or c.train.num_steps == 0),
+       "optim.warmup_steps", f"in [0, train.num_steps={c.train.num_steps}]")
+  need(0.0 <= c.optim.end_lr_fraction <= 1.0, "optim.end_lr_fraction", "in [0, 1]")
+  need(c.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
+  need(c.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)")
+  need(0 <= c.optim.b1 < 1, "optim.b1", "in [0, 1)")
+  need(0 <= c.optim.b2 < 1, "optim.b2", "in [0, 1)")
+  need(c.train.grad_accum_steps >= 1 and c.train.batch_size % c.train.grad_accum_steps == 0, "train.grad_accum_steps",
+       f"a divisor of train.batch_size={c.train.batch_size}")
+  need(not c.train.cache_features or c.basis.kind == "heads", "train.cache_features",
+       "False for basis.kind='lora' (cached features serve head bases only)")
+  need(c.basis.get("vocab_support", 0) >= 0, "basis.vocab_support", ">= 0 (0: the whole vocabulary)")
+  need(not c.basis.get("vocab_support", 0) or c.train.cache_features, "basis.vocab_support",
+       "0 unless train.cache_features=True (the support's reference probabilities are cached features)")
+  need(c.train.log_every_steps >= 1, "train.log_every_steps", ">= 1")
+  need(isinstance(c.train.nan_check, bool), "train.nan_check", "True or False")
+  need(c.train.eval_every_steps >= 0, "train.eval_every_steps", ">= 0 (0: only at the end)")
+  need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0 (0: only at the end)")
+  need(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1")
+
+  # The mesh and what it must split.
+  devices = jax.device_count() if num_devices is None else num_devices
+  if c.mesh.num_devices != -1:
+    need(0 < c.mesh.num_devices <= devices, "mesh.num_devices", f"-1 or 1..{devices}")
+    devices = c.mesh.num_devices
+  data, fsdp, _ = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.model, devices)
+  shards = data * fsdp
+  micro = c.train.batch_size // c.train.grad_accum_steps
+  need(
+      micro % shards == 0, "train.batch_size",
+      f"a multiple of grad_accum_steps x data x fsdp = {c.train.grad_accum_steps} x {data} x {fsdp} "
+      f"(each micro-batch of {micro} pairs is split over {shards} devices)")
+  need(micro % jax.process_count() == 0, "train.batch_size", f"divisible over {jax.process_count()} hosts")
+  for field in ("feature_batch_size", "eval_batch_size"):
+    size = c.train[field]
+    need(size >= 1 and size % shards == 0, f"train.{field}", f"a positive multiple of data x fsdp = {shards}")
+  need(c.data.num_eval_pairs == 0 or c.data.num_eval_pairs >= c.train.eval_batch_size, "data.num_eval_pairs",
+       f"0 or >= train.eval_batch_size={c.train.eval_batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job.

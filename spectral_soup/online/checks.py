@@ -1,0 +1,84 @@
+"""Argument checks shared by the online entry points (fits, posterior, pair choice, user state, directions).
+
+Host side: shape checks always run; value checks run only on concrete inputs (tracers pass), so every entry point
+stays jit- and vmap-compatible. They raise ValueError with messages that name the argument and its expected shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ArrayLike = Union[jax.Array, np.ndarray, float, Sequence[float]]
+
+CONSTRAINTS = (None, "simplex", "box")
+
+
+def is_tracer(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_l2(l2: Any) -> None:
+  """Raises ValueError unless every l2 is > 0 (concrete values only; tracers pass)."""
+  if l2 is None:
+    raise ValueError("l2 is required (the L2 penalty strength, > 0).")
+  if is_tracer(l2):
+    return
+  values = np.asarray(l2, np.float64)
+  if values.size and not np.all(values > 0):  # Also rejects NaN.
+    raise ValueError(f"l2 must be > 0 (it keeps the optimum finite on separable data), got {l2}.")
+
+
+def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]]) -> None:
+  if constraint not in CONSTRAINTS:
+    raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}.")
+  if constraint == "box":
+    if box is None or len(box) != 2:
+      raise ValueError(f"constraint='box' needs box=(lo, hi) (scalars or [K] arrays), got {box!r}.")
+    lo, hi = box
+    if not (is_tracer(lo) or is_tracer(hi)) and not np.all(np.asarray(lo) <= np.asarray(hi)):
+      raise ValueError(f"box=(lo, hi) needs lo <= hi, got lo={lo}, hi={hi}.")
+  elif box is not None:
+    raise ValueError(f"box is only used with constraint='box', got constraint={constraint!r}.")
+
+
+def check_shapes(name: str, x: Any, expected: Tuple[Optional[int], ...], what: str) -> None:
+  shape = np.shape(x)
+  if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
+    pretty = "[" + ", ".join("?" if e is None else str(e) for e in expected) + "]"
+    raise ValueError(f"{name} must have shape {what} = {pretty}, got {tuple(shape)}.")
+
+
+def dims(batched: bool, *names: str) -> str:
+  """The `what` of `check_shapes`: e.g. "[N, K]", or "[U, N, K]" for the batched form (a leading users axis)."""
+  return "[" + ", ".join((("U",) if batched else ()) + names) + "]"
+
+
+def check_labels(prefs: Any, mask: Any) -> None:
+  """Concrete values only: a finite label outside [0, 1] on a row that counts (mask > 0) raises ValueError.
+
+  -1 / +1 labels are a caller's convention error, not a bad data point, so they are refused, naming the first.
+  NaN labels are non-finite rows, refused (`fit_lambda`) or isolated (`fit_lambda_batched`) like NaN features.
+  """
+  if is_tracer(prefs) or is_tracer(mask):
+    return
+  p = np.asarray(prefs)
+  counts = np.ones(p.shape, bool) if mask is None else np.asarray(mask) > 0
+  bad = np.argwhere(counts & np.isfinite(p) & ((p < 0) | (p > 1)))
+  if bad.size:
+    index = tuple(int(i) for i in bad[0])
+    raise ValueError(f"prefs{list(index)} = {float(p[index])}: expected a label in [0, 1] (1: the first response "
+                     f"preferred, 0: the second, 0.5: a tie) on every row the mask counts; {len(bad)} such "
+                     f"row{'s' if len(bad) > 1 else ''} in total.")
+
+
+def float_dtype(*xs: Any) -> Any:
+  """The computation dtype: float32, or float64 when an input is float64 and x64 is enabled."""
+  dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in xs if x is not None])
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return jnp.float32
+  return jnp.promote_types(dtype, jnp.float32)

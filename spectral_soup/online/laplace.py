@@ -1,0 +1,222 @@
+"""The Laplace posterior of a user's lambda, Thompson sampling, and which pair of responses to show next.
+
+The Laplace approximation N(lam_hat, H(lam_hat)^-1) around the fitted optimum (H: the Hessian of `fit_lambda`'s
+objective) gives posterior samples of lam (`thompson_sample`) and the choice of which two of M candidate responses
+to show the user next (`choose_pair`). As in `fit`, each entry point has a one-user form and a batched form over U
+users that share their argument checks and run the same one-user core.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_soup.online import newton
+from spectral_soup.online.checks import Array
+from spectral_soup.online.checks import ArrayLike
+from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_shapes
+from spectral_soup.online.checks import dims
+from spectral_soup.online.checks import float_dtype
+
+PAIR_RULES = ("max_variance", "max_info", "thompson")
+# Relative jitter added to a posterior covariance (times its largest variance): keeps it numerically positive
+# definite in float32.
+_COV_JITTER = 1e-5
+
+
+@jax.jit
+def posterior_core(lam: Array, x: Array, m: Array, l2: Array) -> Tuple[Array, Array]:
+  """`posterior` on materialized arrays of one user: (lam `[K]`, cov `[K, K]`)."""
+  x, _, m = newton.sanitize(x, jnp.zeros(x.shape[:1], x.dtype), m)
+  s = jax.nn.sigmoid(x @ lam)
+  h = newton.hessian(x, s, m, l2)
+  h = 0.5 * (h + h.T)
+  evals, evecs = jnp.linalg.eigh(h)
+  evals = jnp.maximum(evals, l2)  # Exact arithmetic gives evals >= l2; rounding may not.
+  cov = (evecs / evals) @ evecs.T
+  cov = 0.5 * (cov + cov.T)
+  cov = cov + (_COV_JITTER / jnp.min(evals)) * jnp.eye(x.shape[-1], dtype=x.dtype)
+  return lam, cov
+
+
+posterior_core_batched = jax.jit(jax.vmap(posterior_core))
+
+
+def _posterior_inputs(lam_hat, delta_features, mask, l2, *, batched: bool) -> Tuple[Array, Array, Array, Array]:
+  """Checks the arguments of `posterior` (batched: `posterior_batched`); returns the core's (lam, x, m, l2)."""
+  check_l2(l2)
+  check_shapes("delta_features", delta_features, (None,) * (3 if batched else 2), dims(batched, "N", "K"))
+  *users, num_rows, num = np.shape(delta_features)
+  check_shapes("lam_hat", lam_hat, (*users, num), dims(batched, "K"))
+  dtype = float_dtype(delta_features, lam_hat)
+  m = jnp.ones((*users, num_rows), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
+  if batched:  # The one-user form leaves a mismatched mask to broadcasting.
+    check_shapes("mask", m, (*users, num_rows), "[U, N]")
+    l2 = jnp.broadcast_to(jnp.asarray(l2, dtype), tuple(users))
+  else:
+    l2 = jnp.asarray(l2, dtype)
+  return jnp.asarray(lam_hat, dtype), jnp.asarray(delta_features, dtype), m, l2
+
+
+def posterior(lam_hat: ArrayLike, delta_features: ArrayLike, mask: Optional[ArrayLike] = None, *,
+              l2: ArrayLike) -> Tuple[Array, Array]:
+  """Laplace approximation N(lam_hat, H^-1) of the posterior of lam around the fitted optimum.
+
+  H = sum_i m_i s_i (1 - s_i) d_i d_i^T + l2 I, s_i = sigmoid(lam_hat . d_i) (it does not depend on the labels).
+  The inverse is taken by eigendecomposition with eigenvalues clamped at l2 (their exact lower bound), symmetrized,
+  plus a relative jitter (1e-5 of the largest variance), so `cov` is symmetric positive definite even for
+  degenerate data (no rows, separable data, feature scales 1e6).
+
+  Args:
+    lam_hat: `[K]` the `fit_lambda` optimum (with the same l2, mask).
+    delta_features: `[N, K]`.
+    mask: `[N]` bool or row weights (None: all rows).
+    l2: penalty strength, > 0.
+
+  Returns:
+    (mean `[K]`, cov `[K, K]`).
+  """
+  return posterior_core(*_posterior_inputs(lam_hat, delta_features, mask, l2, batched=False))
+
+
+def posterior_batched(lam_hat: ArrayLike, delta_features: ArrayLike, mask: Optional[ArrayLike] = None, *,
+                      l2: ArrayLike) -> Tuple[Array, Array]:
+  """`posterior` for U users in one compiled call: lam_hat `[U, K]`, delta_features `[U, N, K]`, mask `[U, N]`,
+  l2 scalar or `[U]` -> (mean `[U, K]`, cov `[U, K, K]`)."""
+  return posterior_core_batched(*_posterior_inputs(lam_hat, delta_features, mask, l2, batched=True))
+
+
+def cov_sqrt(cov: Array) -> Array:
+  """A square root R of a symmetric PSD `[K, K]` covariance: R R^T = cov, so mean + R eps samples N(mean, cov).
+
+  By symmetric eigendecomposition, with eigenvalues that rounding made negative clamped at 0 (robust to tiny ones).
+  """
+  evals, evecs = jnp.linalg.eigh(0.5 * (cov + cov.T))
+  return evecs * jnp.sqrt(jnp.maximum(evals, 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def thompson_sample(key: Array, mean: ArrayLike, cov: ArrayLike, num_samples: Optional[int] = None) -> Array:
+  """Samples of lam ~ N(mean, cov) (through a symmetric eigendecomposition, robust to tiny eigenvalues).
+
+  Args:
+    key: PRNG key.
+    mean: `[K]`.
+    cov: `[K, K]` symmetric PSD.
+    num_samples: None for one `[K]` sample, else `[num_samples, K]`.
+
+  Returns:
+    `[K]` or `[num_samples, K]`.
+  """
+  mean = jnp.asarray(mean)
+  dtype = float_dtype(mean, cov)
+  mean = mean.astype(dtype)
+  root = cov_sqrt(jnp.asarray(cov, dtype))
+  shape = (mean.shape[-1],) if num_samples is None else (num_samples, mean.shape[-1])
+  eps = jax.random.normal(key, shape, dtype)
+  return mean + eps @ root.T
+
+
+def _masked_argmax_pair(scores: Array) -> Tuple[Array, Array]:
+  """(i, j), i < j, of the largest entry of a symmetric `[M, M]` score matrix (off-diagonal, -inf = excluded)."""
+  num = scores.shape[0]
+  upper = jnp.triu(jnp.ones((num, num), bool), k=1)
+  flat = jnp.argmax(jnp.where(upper, scores, -jnp.inf).reshape(-1))
+  return (flat // num).astype(jnp.int32), (flat % num).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def _choose_pair_core(f, mean, cov, valid, key, *, rule):
+  pair_ok = valid[:, None] & valid[None, :]
+  if rule == "thompson":
+    k1, k2 = jax.random.split(key)
+    values1 = jnp.where(valid, f @ thompson_sample(k1, mean, cov), -jnp.inf)
+    values2 = jnp.where(valid, f @ thompson_sample(k2, mean, cov), -jnp.inf)
+    i = jnp.argmax(values1)
+    j = jnp.argmax(jnp.where(jnp.arange(f.shape[0]) == i, -jnp.inf, values2))
+    return i.astype(jnp.int32), j.astype(jnp.int32)
+  c = f @ cov @ f.T
+  q = jnp.diagonal(c)
+  variance = jnp.maximum(q[:, None] + q[None, :] - 2.0 * c, 0.0)  # d^T cov d for every pair.
+  if rule == "max_info":
+    mu = f @ mean
+    s = jax.nn.sigmoid(mu[:, None] - mu[None, :])
+    score = jnp.log1p(s * (1.0 - s) * variance)
+  else:
+    score = variance
+  return _masked_argmax_pair(jnp.where(pair_ok, score, -jnp.inf))
+
+
+def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask, *,
+                        batched: bool) -> Tuple[Array, Array, Array, Array]:
+  """Checks the arguments of `choose_pair` (batched: `choose_pair_batched`).
+
+  Returns:
+    (f, mean, cov, valid): the core's inputs, in the computation dtype (valid: bool).
+  """
+  if rule not in PAIR_RULES:
+    raise ValueError(f"rule must be one of {PAIR_RULES}, got {rule!r}.")
+  if rule == "thompson" and key is None:
+    raise ValueError("rule='thompson' needs a PRNG key.")
+  check_shapes("candidate_features", candidate_features, (None,) * (3 if batched else 2), dims(batched, "M", "K"))
+  *users, num_cands, num = np.shape(candidate_features)
+  if num_cands < 2:
+    raise ValueError(f"choose_pair needs at least 2 candidates, got {num_cands}.")
+  check_shapes("mean", mean, (*users, num), dims(batched, "K"))
+  check_shapes("cov", cov, (*users, num, num), dims(batched, "K", "K"))
+  valid = jnp.ones((*users, num_cands), bool) if candidate_mask is None else jnp.asarray(candidate_mask, bool)
+  dtype = float_dtype(candidate_features, mean, cov)
+  return jnp.asarray(candidate_features, dtype), jnp.asarray(mean, dtype), jnp.asarray(cov, dtype), valid
+
+
+def choose_pair(candidate_features: ArrayLike, mean: ArrayLike, cov: ArrayLike, *, rule: str = "max_variance",
+                key: Optional[Array] = None, candidate_mask: Optional[ArrayLike] = None) -> Tuple[Array, Array]:
+  """Which two of M candidate responses to show the user next.
+
+  Rules (d = f_i - f_j):
+    * "max_variance": argmax over pairs of the predictive variance of the preference score, d^T cov d (the pair the
+      posterior is least sure how to rank);
+    * "max_info": argmax of log(1 + s (1 - s) d^T cov d), s = sigmoid(mean . d): the D-optimal design criterion
+      (log-determinant increase of the Laplace precision), which discounts pairs whose outcome is already
+      predictable from the mean;
+    * "thompson": double Thompson sampling: i = best candidate under one posterior sample, j = best of the others
+      under a second sample (needs `key`).
+
+  Args:
+    candidate_features: `[M, K]` f(x, y_m) of the candidates (M >= 2).
+    mean: `[K]` posterior mean.
+    cov: `[K, K]` posterior covariance.
+    rule: one of PAIR_RULES (static).
+    key: PRNG key, required for "thompson".
+    candidate_mask: `[M]` bool, False = not a valid candidate (at least two must be valid).
+
+  Returns:
+    (i, j) int32 scalars with i != j (i < j for the deterministic rules).
+  """
+  inputs = _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask, batched=False)
+  return _choose_pair_core(*inputs, key, rule=rule)
+
+
+def choose_pair_batched(candidate_features: ArrayLike, mean: ArrayLike, cov: ArrayLike, *, rule: str = "max_variance",
+                        key: Optional[Array] = None, candidate_mask: Optional[ArrayLike] = None) -> Tuple[Array, Array]:
+  """`choose_pair` for U users in one compiled call.
+
+  Args:
+    candidate_features: `[U, M, K]`.
+    mean: `[U, K]`.
+    cov: `[U, K, K]`.
+    rule: one of PAIR_RULES.
+    key: PRNG key (split per user), required for "thompson".
+    candidate_mask: `[U, M]` bool (None: all valid).
+
+  Returns:
+    (i `[U]`, j `[U]`) int32.
+  """
+  inputs = _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask, batched=True)
+  keys = None if key is None else jax.random.split(key, inputs[0].shape[0])
+  return jax.vmap(functools.partial(_choose_pair_core, rule=rule))(*inputs, keys)

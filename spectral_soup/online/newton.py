@@ -1,0 +1,175 @@
+"""The solver behind `fit_lambda`: damped (projected) Newton on one user's L2-regularized logistic regression.
+
+Each step solves with the K x K Hessian sum_i m_i s_i (1 - s_i) d_i d_i^T + l2 I (positive definite, >= l2 I: one
+Cholesky solve) and line-searches along the step in parallel: the slope of the objective at every step size in
+{1, 2^-1/2, ..., 2^-10, 0} at once, keeping the largest step before the minimum along the line, so every step is a
+descent step whatever the data (module docstring of `fit`).
+
+Constraints use a projected Newton method: each step minimizes the local quadratic model over the feasible set
+(accelerated projected gradient with restarts, `num_inner_iters` steps, step 1 / (an upper bound of the largest
+Hessian eigenvalue)) and line-searches along the feasible segment, so its fixed points are exactly the constrained
+optima.
+
+`fit_core` is one user's fit on materialized arrays; `fit_single` jits it and `fit_batched` vmaps it over users
+inside one jit. The Hessian, the SPD solve and the row masking also serve the Laplace posterior and the ratings fit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from spectral_soup.online.checks import Array
+from spectral_soup.online.checks import ArrayLike
+from spectral_soup.online.projections import project
+
+DEFAULT_NUM_ITERS = 25
+DEFAULT_NUM_INNER_ITERS = 50
+# Line-search step sizes, largest first, ratio 1/sqrt(2); the final 0 keeps the current point.
+_STEP_SIZES = tuple(2.0**(-i / 2) for i in range(21)) + (0.0,)
+# Relative jitter of the Hessian before its Cholesky factorization (times K * max diagonal entry): only matters
+# when the data term is ~1 / eps times larger than l2 (feature scales ~1e6), where float32 rounding makes
+# X^T W X + l2 I numerically indefinite.
+_JITTER_ULPS = 4.0
+# The fit's static (compile-time) arguments.
+STATIC_ARGNAMES = ("constraint", "num_iters", "num_inner_iters", "tol")
+
+
+def sanitize(x: Array, p: Array, m: Array) -> Tuple[Array, Array, Array]:
+  """Zeroes masked-out rows, so that padding (even NaN padding) contributes exactly nothing."""
+  keep = m > 0
+  x = jnp.where(keep[:, None], x, 0.0)
+  p = jnp.where(keep, p, 0.0)
+  m = jnp.where(keep, m, 0.0)
+  return x, p, m
+
+
+def hessian(x: Array, s: Array, m: Array, l2: Array) -> Array:
+  """X^T diag(m s (1 - s)) X + l2 I: `[K, K]`."""
+  w = m * s * (1.0 - s)
+  return jnp.einsum("nk,n,nj->kj", x, w, x) + l2 * jnp.eye(x.shape[-1], dtype=x.dtype)
+
+
+def spd_solve(h: Array, g: Array) -> Array:
+  """h^-1 g for a symmetric positive definite `[K, K]` h (Cholesky, with a tiny relative jitter)."""
+  num = h.shape[-1]
+  jitter = _JITTER_ULPS * num * jnp.finfo(h.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(h)))
+  chol = jnp.linalg.cholesky(h + jitter * jnp.eye(num, dtype=h.dtype))
+  return jax.scipy.linalg.cho_solve((chol, True), g)
+
+
+def _largest_eig_bound(h: Array) -> Array:
+  """An upper bound of the largest eigenvalue of a PSD matrix: min(trace, max absolute row sum)."""
+  return jnp.minimum(jnp.trace(h), jnp.max(jnp.sum(jnp.abs(h), axis=-1)))
+
+
+def _line_search(lam: Array, direction: Array, x: Array, z: Array, xd: Array, p: Array, m: Array, l2: Array, mu: Array,
+                 *, sum_zero: bool) -> Array:
+  """lam + t * direction for the largest t in _STEP_SIZES at which phi(t) = L(lam + t * direction) still decreases.
+
+  phi is convex, so {t : phi'(t) <= 0} = [0, t*] and the chosen t (<= t*) never increases the objective. Testing
+  the sign of the derivative, sum_i m_i (sigmoid(z_i + t xd_i) - p_i) xd_i + l2 (lam - mu + t d) . d, rather than
+  comparing objective values keeps full Newton steps near the optimum, where objective differences fall below
+  float32 resolution (comparing values there stalls at a gradient of ~sqrt(eps * L)).
+
+  `sum_zero` (simplex steps, sum(d) = 0 up to rounding): the slope is computed as (grad - c 1) . d with c the mean
+  gradient over the moving coordinates. Equal in exact arithmetic, but it removes the large common component of
+  the gradient (the simplex multiplier), which times the float32 rounding of sum(d) would swamp the true slope.
+  """
+  steps = jnp.asarray(_STEP_SIZES, lam.dtype)
+  zs = z[None, :] + steps[:, None] * xd[None, :]  # [T, N]
+  r = lam - mu
+  if sum_zero:
+    grads = (m * (jax.nn.sigmoid(zs) - p)) @ x + l2 * (r[None, :] + steps[:, None] * direction[None, :])  # [T, K]
+    moving = (direction != 0).astype(lam.dtype)
+    center = jnp.sum(grads * moving, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(moving), 1.0)
+    slopes = (grads - center) @ direction
+  else:
+    slopes = (jnp.sum(m * (jax.nn.sigmoid(zs) - p) * xd, axis=-1) + l2 *
+              (jnp.sum(r * direction) + steps * jnp.sum(direction * direction)))
+  # _STEP_SIZES is decreasing and ends with 0: argmax finds the first (largest) t with a non-positive slope, and
+  # t = 0 is always acceptable. A NaN user gets t = 1, so NaN reaches its lam.
+  ok = (slopes <= 0) | (steps == 0)
+  best = jnp.where(jnp.any(jnp.isnan(slopes)), 0, jnp.argmax(ok))
+  return lam + steps[best] * direction
+
+
+def _constrained_direction(lam: Array, g: Array, h: Array, lo: Array, hi: Array, *, constraint: str,
+                           num_inner_iters: int) -> Array:
+  """The constrained Newton direction v - lam, v the minimizer of the local quadratic model over the feasible set.
+
+  The model is g.(v - lam) + 1/2 (v - lam)^T h (v - lam), minimized by FISTA with gradient-based adaptive restart
+  from the feasible lam.
+  """
+  step = 1.0 / _largest_eig_bound(h)
+
+  def inner(_, carry):
+    v, y, t = carry
+    v_new = project(y - step * (g + h @ (y - lam)), constraint, lo, hi)
+    t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+    restart = jnp.sum((y - v_new) * (v_new - v)) > 0
+    y_new = jnp.where(restart, v_new, v_new + ((t - 1.0) / t_new) * (v_new - v))
+    t_new = jnp.where(restart, jnp.ones_like(t), t_new)
+    return v_new, y_new, t_new
+
+  v, _, _ = jax.lax.fori_loop(0, num_inner_iters, inner, (lam, lam, jnp.ones((), lam.dtype)))
+  return v - lam  # lam + t * direction stays feasible for t in [0, 1] (convex set).
+
+
+def fit_core(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
+             constraint: Optional[str], num_iters: int, num_inner_iters: int, tol: float) -> Array:
+  """Damped (projected) Newton for one user; all inputs materialized, see `fit.fit_lambda`."""
+  x, p, m = sanitize(x, p, m)
+  lam0 = project(init, constraint, lo, hi)
+
+  def newton_step(lam):
+    z = x @ lam
+    s = jax.nn.sigmoid(z)
+    g = x.T @ (m * (s - p)) + l2 * (lam - mu)
+    h = hessian(x, s, m, l2)
+    if constraint is None:
+      direction = -spd_solve(h, g)
+      fallback = -g / jnp.trace(h)  # A gradient step, if the factorization failed (non-finite).
+      direction = jnp.where(jnp.all(jnp.isfinite(direction)), direction, fallback)
+    else:
+      direction = _constrained_direction(lam, g, h, lo, hi, constraint=constraint, num_inner_iters=num_inner_iters)
+    return _line_search(lam, direction, x, z, x @ direction, p, m, l2, mu, sum_zero=constraint == "simplex"), direction
+
+  if not tol:
+    return jax.lax.fori_loop(0, num_iters, lambda _, lam: newton_step(lam)[0], lam0)
+
+  def cond(carry):
+    i, _, done = carry
+    return (i < num_iters) & ~done
+
+  def body(carry):
+    i, lam, _ = carry
+    lam, direction = newton_step(lam)
+    # Converged when the full (projected) Newton step is tiny: the error after it is ~its square (NaN: not done).
+    done = jnp.max(jnp.abs(direction)) <= tol * jnp.maximum(1.0, jnp.max(jnp.abs(lam)))
+    return i + 1, lam, done
+
+  return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), lam0, jnp.zeros((), bool)))[1]
+
+
+fit_single = jax.jit(fit_core, static_argnames=STATIC_ARGNAMES)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC_ARGNAMES)
+def fit_batched(x, p, m, l2, mu, init, lo, hi, *, constraint, num_iters, num_inner_iters, tol):
+  """`fit_core` vmapped over users (a leading axis on every input but the shared box lo, hi) in one jit."""
+  core = functools.partial(fit_core, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
+                           tol=tol)
+  return jax.vmap(core, in_axes=(0, 0, 0, 0, 0, 0, None, None))(x, p, m, l2, mu, init, lo, hi)
+
+
+def box_arrays(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]], num: int,
+               dtype: Any) -> Tuple[Array, Array]:
+  """The `[K]` bounds (lo, hi) `fit_core` takes: the box's, or (-inf, inf) when there is no box."""
+  if constraint == "box":
+    lo, hi = box
+    return (jnp.broadcast_to(jnp.asarray(lo, dtype), (num,)), jnp.broadcast_to(jnp.asarray(hi, dtype), (num,)))
+  return jnp.full((num,), -jnp.inf, dtype), jnp.full((num,), jnp.inf, dtype)

@@ -1,0 +1,53 @@
+"""Euclidean projections onto the feasible sets of the constrained lambda fits: the simplex and a box."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spectral_soup.online.checks import Array
+from spectral_soup.online.checks import ArrayLike
+from spectral_soup.online.checks import float_dtype
+
+
+# Not optax.projections.projection_simplex: it projects a whole pytree as one vector (not along the last axis) and
+# rounds differently (about a third of the entries differ by up to ~6e-6), which would change the fits' numbers.
+@jax.jit
+def project_simplex(lam: ArrayLike, radius: float = 1.0) -> Array:
+  """Euclidean projection onto the simplex {x >= 0, sum x = radius} along the last axis (sort-based, exact).
+
+  Args:
+    lam: `[..., K]` points.
+    radius: the simplex's total mass (> 0).
+
+  Returns:
+    `[..., K]` the nearest points of the simplex (Duchi et al., 2008).
+  """
+  lam = jnp.asarray(lam)
+  lam = lam.astype(float_dtype(lam))
+  num = lam.shape[-1]
+  u = -jnp.sort(-lam, axis=-1)  # Descending.
+  css = jnp.cumsum(u, axis=-1) - radius
+  ind = jnp.arange(1, num + 1, dtype=lam.dtype)
+  rho = jnp.sum(u - css / ind > 0, axis=-1, keepdims=True)  # >= 1: the largest entry always qualifies.
+  rho = jnp.maximum(rho, 1)
+  theta = jnp.take_along_axis(css, rho - 1, axis=-1) / rho.astype(lam.dtype)
+  return jnp.maximum(lam - theta, 0.0)
+
+
+@jax.jit
+def project_box(lam: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> Array:
+  """Projection onto the box lo <= lam <= hi (elementwise clip). lo, hi: scalars or broadcastable to `lam`."""
+  return optax.projections.projection_box(jnp.asarray(lam), lo, hi)
+
+
+def project(lam: Array, constraint: Optional[str], lo: Array, hi: Array) -> Array:
+  """`lam` projected onto the feasible set of `constraint` (None, "simplex" or "box" with bounds lo, hi)."""
+  if constraint == "simplex":
+    return project_simplex(lam)
+  if constraint == "box":
+    return project_box(lam, lo, hi)
+  return lam

@@ -1,0 +1,62 @@
+"""Fitting a user's mixing vector lambda from ratings: ridge regression of the ratings on the responses' features.
+
+The alternative to pairwise feedback (`fit`) when users rate single responses: closed form, one K x K Cholesky
+solve, optionally with an unpenalized intercept (implicit-reward features are known only up to a per-prompt
+constant, and rating scales have arbitrary offsets).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_soup.online import newton
+from spectral_soup.online.checks import Array
+from spectral_soup.online.checks import ArrayLike
+from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_shapes
+from spectral_soup.online.checks import float_dtype
+
+
+@jax.jit
+def _fit_ratings_core(x, r, m, l2, mu, fit_intercept):
+  x, r, m = newton.sanitize(x, r, m)
+  # An unpenalized intercept = centering features and ratings by their weighted means (masked rows have weight 0).
+  total = jnp.maximum(jnp.sum(m), jnp.finfo(x.dtype).tiny)
+  x = jnp.where(fit_intercept, x - jnp.sum(m[:, None] * x, axis=0) / total, x)
+  r = jnp.where(fit_intercept, r - jnp.sum(m * r) / total, r)
+  a = jnp.einsum("nk,n,nj->kj", x, m, x) + l2 * jnp.eye(x.shape[-1], dtype=x.dtype)
+  b = x.T @ (m * r) + l2 * mu
+  return newton.spd_solve(a, b)
+
+
+def fit_lambda_ratings(features: ArrayLike, ratings: ArrayLike, *, l2: ArrayLike, mask: Optional[ArrayLike] = None,
+                       prior_mean: Optional[ArrayLike] = None, fit_intercept: bool = False) -> Array:
+  """Ridge regression of ratings on features: argmin sum_i m_i (r_i - lam . f_i)^2 + l2 |lam - mu|^2.
+
+  Closed form (X^T M X + l2 I)^-1 (X^T M r + l2 mu), one K x K Cholesky solve. jit/vmap-compatible.
+
+  Args:
+    features: `[N, K]` f(x, y) of the rated responses.
+    ratings: `[N]` the user's ratings.
+    l2: penalty strength, > 0.
+    mask: `[N]` bool or non-negative row weights (None: all rows).
+    prior_mean: `[K]` the penalty's center (None: 0).
+    fit_intercept: also fit an unpenalized offset (features f_k are implicit rewards known only up to a
+      per-prompt constant, and rating scales have arbitrary offsets); only lam is returned. A bool (may be traced).
+
+  Returns:
+    `[K]` lam.
+  """
+  check_l2(l2)
+  check_shapes("features", features, (None, None), "[N, K]")
+  num_rows, num = np.shape(features)
+  check_shapes("ratings", ratings, (num_rows,), "[N]")
+  dtype = float_dtype(features)
+  m = jnp.ones((num_rows,), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
+  mu = jnp.zeros((num,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
+  return _fit_ratings_core(jnp.asarray(features, dtype), jnp.asarray(ratings, dtype), m, jnp.asarray(l2, dtype), mu,
+                           jnp.asarray(fit_intercept, bool))

@@ -1,0 +1,154 @@
+"""The online state of U users: a ring buffer of each user's last N comparisons, refit in one compiled call.
+
+`UserState` keeps the buffers and the fitted lambda of every user (a pytree with a leading users axis);
+`update_users` appends one comparison per user and refits every user that got one (warm-started, one compiled call
+for all users; a comparison holding NaN / Inf is refused and counted, so one bad input never poisons a buffer), and
+`state_posterior` gives every user's Laplace posterior for Thompson sampling and pair choice (`laplace`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Tuple
+
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+from spectral_soup.online import laplace
+from spectral_soup.online import newton
+from spectral_soup.online.checks import Array
+from spectral_soup.online.checks import ArrayLike
+from spectral_soup.online.checks import check_constraint
+from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_shapes
+from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
+from spectral_soup.online.newton import DEFAULT_NUM_ITERS
+
+
+@struct.dataclass
+class UserState:
+  """The online state of U users (a pytree; every field has a leading users axis).
+
+  Attributes:
+    lam: `[U, K]` current fitted weights.
+    features: `[U, N, K]` ring buffer of the last N comparisons' feature differences.
+    prefs: `[U, N]` their labels in [0, 1].
+    mask: `[U, N]` bool, True where a slot holds a comparison.
+    count: `[U]` int32, comparisons appended so far (the next slot is count % N).
+    num_invalid: `[U]` int32, comparisons rejected because they held NaN / Inf.
+    l2: `[U]` penalty strengths.
+    prior_mean: `[U, K]` penalty centers.
+  """
+  lam: Array
+  features: Array
+  prefs: Array
+  mask: Array
+  count: Array
+  num_invalid: Array
+  l2: Array
+  prior_mean: Array
+
+  @property
+  def num_users(self) -> int:
+    return self.lam.shape[0]
+
+  @property
+  def num_features(self) -> int:
+    return self.lam.shape[1]
+
+  @property
+  def buffer_size(self) -> int:
+    return self.features.shape[1]
+
+
+def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: ArrayLike = 1.0,
+                    prior_mean: Optional[ArrayLike] = None, dtype: Any = jnp.float32) -> UserState:
+  """An empty state: no comparisons, lam = prior mean (0 by default).
+
+  Args:
+    num_users: U.
+    num_features: K.
+    buffer_size: N, how many recent comparisons each user's fit uses (older ones are overwritten).
+    l2: scalar or `[U]`, > 0.
+    prior_mean: `[K]` or `[U, K]` (None: 0).
+    dtype: float dtype of the buffers.
+
+  Returns:
+    UserState.
+  """
+  check_l2(l2)
+  if buffer_size < 1:
+    raise ValueError(f"buffer_size must be >= 1, got {buffer_size}.")
+  mu = jnp.zeros((num_features,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
+  mu = jnp.broadcast_to(mu, (num_users, num_features))
+  return UserState(
+      lam=mu,
+      features=jnp.zeros((num_users, buffer_size, num_features), dtype),
+      prefs=jnp.zeros((num_users, buffer_size), dtype),
+      mask=jnp.zeros((num_users, buffer_size), bool),
+      count=jnp.zeros((num_users,), jnp.int32),
+      num_invalid=jnp.zeros((num_users,), jnp.int32),
+      l2=jnp.broadcast_to(jnp.asarray(l2, dtype), (num_users,)),
+      prior_mean=mu,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=newton.STATIC_ARGNAMES)
+def _update_users_jit(state, new_delta, new_pref, new_mask, lo, hi, *, constraint, num_iters, num_inner_iters, tol):
+  core = functools.partial(newton.fit_core, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
+                           tol=tol)
+
+  def one_user(lam, feats, prefs, mask, count, num_invalid, l2, mu, delta, pref, wants):
+    finite = jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pref) & (pref >= 0) & (pref <= 1)
+    append = wants & finite
+    slot = count % feats.shape[0]
+    feats = jnp.where(append, feats.at[slot].set(delta), feats)
+    prefs = jnp.where(append, prefs.at[slot].set(pref), prefs)
+    mask = jnp.where(append, mask.at[slot].set(True), mask)
+    refit = core(feats, prefs, mask.astype(feats.dtype), l2, mu, lam, lo, hi)
+    lam = jnp.where(append, refit, lam)  # Users without a new comparison keep exactly their lam.
+    return (lam, feats, prefs, mask, count + append.astype(jnp.int32),
+            num_invalid + (wants & ~finite).astype(jnp.int32))
+
+  out = jax.vmap(one_user)(state.lam, state.features, state.prefs, state.mask, state.count, state.num_invalid, state.l2,
+                           state.prior_mean, new_delta, new_pref, new_mask)
+  lam, feats, prefs, mask, count, num_invalid = out
+  return state.replace(lam=lam, features=feats, prefs=prefs, mask=mask, count=count, num_invalid=num_invalid)
+
+
+def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, new_mask: Optional[ArrayLike] = None, *,
+                 constraint: Optional[str] = None, box: Optional[Tuple[ArrayLike, ArrayLike]] = None,
+                 num_iters: int = DEFAULT_NUM_ITERS, num_inner_iters: int = DEFAULT_NUM_INNER_ITERS,
+                 tol: float = 0.0) -> UserState:
+  """Appends one comparison per user to the ring buffers and refits every user that got one: one compiled call.
+
+  The refit warm-starts from the current lam. A comparison holding NaN / Inf, or a label outside [0, 1], is not
+  appended (that user's `num_invalid` grows and its lam is unchanged), so one bad input never poisons a buffer.
+
+  Args:
+    state: UserState for U users.
+    new_delta: `[U, K]` the new comparisons' feature differences.
+    new_pref: `[U]` their labels in [0, 1].
+    new_mask: `[U]` bool, False = this user gave no feedback this step (None: all True).
+    constraint, box, num_iters, num_inner_iters, tol: as in `fit_lambda`.
+
+  Returns:
+    The new UserState.
+  """
+  check_constraint(constraint, box)
+  num_users, num = state.num_users, state.num_features
+  check_shapes("new_delta", new_delta, (num_users, num), "[U, K]")
+  check_shapes("new_pref", new_pref, (num_users,), "[U]")
+  dtype = state.features.dtype
+  wants = jnp.ones((num_users,), bool) if new_mask is None else jnp.asarray(new_mask, bool)
+  check_shapes("new_mask", wants, (num_users,), "[U]")
+  lo, hi = newton.box_arrays(constraint, box, num, dtype)
+  return _update_users_jit(state, jnp.asarray(new_delta, dtype), jnp.asarray(new_pref, dtype), wants, lo, hi,
+                           constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters, tol=float(tol))
+
+
+def state_posterior(state: UserState) -> Tuple[Array, Array]:
+  """The Laplace posterior of every user in `state`: (mean `[U, K]`, cov `[U, K, K]`)."""
+  mask = state.mask.astype(state.features.dtype)
+  return laplace.posterior_core_batched(state.lam, state.features, mask, state.l2)
