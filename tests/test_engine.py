@@ -109,3 +109,25 @@ def test_support_path_equals_full_vocabulary(policy):
   for name in ("head_logp", "ref_logp", "kl"):
     np.testing.assert_allclose(sup["stats"][name], full["stats"][name], rtol=1e-4, atol=1e-4, err_msg=name)
   del restricted
+
+
+def test_bad_inputs_fail_while_tracing(policy):
+  """Shapes that do not fit the policy, the prompts' pass or each other are refused while tracing (before XLA
+  compiles anything), naming the input."""
+  pol, params = policy
+  prompts = engine.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N)
+  good = engine.make_rows(["explicit"] * 3, np.zeros((3, H), np.float32))
+  decode = lambda rows, **kw: engine.decode_rows(pol, params, kw.pop("prompts", prompts), rows, jax.random.key(0),
+                                                 max_new_tokens=N, **kw)
+  with pytest.raises(ValueError, match=r"rows.lam must be \[B=3, H=3\]"):
+    decode(engine.make_rows(["explicit"] * 3, np.zeros((3, H + 1), np.float32)))
+  with pytest.raises(ValueError, match=r"rows.seed has 2 rows"):
+    decode(good.replace(seed=good.seed[:2]))
+  with pytest.raises(ValueError, match=r"guide_table must be \[A=1, V=64\]"):
+    decode(good, guide_table=jnp.zeros((2, tiny.VOCAB)))
+  with pytest.raises(ValueError, match="not prefilled for passes='separate'"):
+    decode(good, passes="separate")
+  with pytest.raises(ValueError, match="does not serve basis_kind='heads'"):
+    decode(good, passes="stacked")
+  with pytest.raises(ValueError, match="passes='merged' prefills each prompt"):
+    engine.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N, passes="merged")

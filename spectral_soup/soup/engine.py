@@ -324,6 +324,9 @@ def prefill(policy: SpectralPolicy, policy_params: Any, prompt: Array, prompt_ma
   """
   if passes not in PASSES:
     raise ValueError(f"passes={passes!r}: expected one of {PASSES}.")
+  if passes == "merged" and (lam is None or lam.shape != (prompt.shape[0], policy.num_bases)):
+    raise ValueError(f"passes='merged' prefills each prompt with its row's adapters: lam must be "
+                     f"[E={prompt.shape[0]}, K={policy.num_bases}], got {None if lam is None else lam.shape}.")
   prompt, prompt_mask = left_pad(prompt, prompt_mask)
   params = {"policy": policy_params}
   if passes == "merged":
@@ -331,6 +334,34 @@ def prefill(policy: SpectralPolicy, policy_params: Any, prompt: Array, prompt_ma
   cache = _init_cache(policy, passes, prompt.shape[0], max_len)
   state, cache = _PASS_FNS[passes](policy, params, prompt, prompt_mask, cache)
   return {"state": state, "cache": cache}
+
+
+_STATE_KEYS = {
+    "shared": {"psi", "ref_logits"},
+    "stacked": {"ref_logits", "basis_logits"},
+    "merged": {"soup_logits"},
+    "separate": {"ref_logits", "basis_logits"}
+}
+
+
+def _check_rows(policy: SpectralPolicy, prompts: Any, rows: Rows, guide_table: Optional[Array],
+                support: Optional[Array], passes: str) -> None:
+  """Shape checks of `decode_rows`'s inputs (at trace time, before anything compiles), naming what is wrong."""
+  if set(prompts.get("state", {})) != _STATE_KEYS[passes]:
+    raise ValueError(f"prompts were not prefilled for passes={passes!r} (state {sorted(prompts.get('state', {}))}); "
+                     f"call prefill(..., passes={passes!r}).")
+  num_rows, heads = rows.mode.shape[0], policy.num_bases
+  if rows.lam.shape != (num_rows, heads):
+    raise ValueError(f"rows.lam must be [B={num_rows}, H={heads}] (one weight per head of the policy), got "
+                     f"{rows.lam.shape}.")
+  for name in ("guide", "prompt_index", "seed"):
+    if getattr(rows, name).shape[0] != num_rows:
+      raise ValueError(f"rows.{name} has {getattr(rows, name).shape[0]} rows, rows.mode {num_rows}.")
+  if guide_table is not None and guide_table.shape != (rows.guide.shape[-1], policy.config.vocab_size):
+    raise ValueError(f"guide_table must be [A={rows.guide.shape[-1]}, V={policy.config.vocab_size}] (one row per "
+                     f"guide weight), got {guide_table.shape}.")
+  if support is not None and len(support.shape) != 1:
+    raise ValueError(f"support must be int[S] (token ids), got shape {support.shape}.")
 
 
 @functools.partial(
@@ -370,6 +401,7 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
     raise ValueError(f"passes={passes!r} does not serve basis_kind={policy.basis_kind!r}; see `passes_for`.")
   if passes == "merged" and (set(modes) != {"params"} or stats or max_proposals):
     raise ValueError("passes='merged' serves params rows only, without statistics or implicit rows.")
+  _check_rows(policy, prompts, rows, guide_table, support, passes)
   vocab = policy.config.vocab_size
   table = jnp.zeros((rows.guide.shape[-1], vocab), jnp.float32) if guide_table is None else guide_table
   params = {
