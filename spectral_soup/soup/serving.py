@@ -83,9 +83,7 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
   row_mode = "explicit" if mode == "naive" else mode
   prompts = engine.prefill(policy, policy_params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask, jnp.bool_),
                            lam if passes == "merged" else None, max_len=length + max_new_tokens, passes=passes)
-  rows = engine.Rows(mode=jnp.full((users,), engine.MODE_IDS[row_mode], jnp.int32), lam=lam, guide=jnp.zeros(
-      (users, 1), jnp.float32), prompt_index=jnp.arange(users, dtype=jnp.int32),
-                     seed=jnp.arange(users, dtype=jnp.int32))
+  rows = engine.make_rows([row_mode] * users, lam)  # One row per user, each its own prompt and sampling stream.
   key = jax.random.key(0) if key is None else key
   tokens, aux = engine.decode_rows(policy, policy_params, prompts, rows, key, max_new_tokens=max_new_tokens,
                                    sampling=sampling, eos_id=eos_id, pad_id=pad_id,
