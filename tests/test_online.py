@@ -117,8 +117,15 @@ def test_masks_warm_start_prior_and_single_user_form():
   for u in range(0, _U, 3):
     n = num_real[u]
     np.testing.assert_allclose(lam[u], _scipy_fit(x[u, :n], p[u, :n], 0.5), rtol=1e-3, atol=1e-3)
-  # The one-user form gives the same answer.
+  # The one-user form gives the same answer; fit_lambda on [U, N, K] is the batched form itself.
   np.testing.assert_allclose(online.fit_lambda(x_pad[0], p_pad[0], l2=0.5, mask=mask[0]), lam[0], atol=1e-5)
+  np.testing.assert_array_equal(online.fit_lambda(x_pad, p_pad, l2=0.5, mask=mask), lam)
+  with pytest.raises(ValueError, match=r"delta_features must have shape \[U, N, K\]"):
+    fit(x_pad[0], p_pad[0], mask=mask[0])
+  with pytest.raises(ValueError, match=r"\[N, K\] \(one user\) or \[U, N, K\]"):
+    online.fit_lambda(x_pad[0, 0], p_pad[0, 0], l2=0.5)
+  with pytest.raises(TypeError, match="l3"):
+    fit(x_pad, p_pad, l3=1.0)
   # Warm starts (anywhere, even far away) reach the same optimum.
   for init in (lam + 0.3 * rng.standard_normal(lam.shape), 20.0 * rng.standard_normal(lam.shape)):
     np.testing.assert_allclose(fit(x_pad, p_pad, mask=mask, init=init.astype(np.float32)), lam, atol=2e-5)

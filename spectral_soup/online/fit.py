@@ -112,10 +112,10 @@ def _check_finite_rows(delta_features: ArrayLike, prefs: ArrayLike, mask: Option
 
 
 def _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, box, *, batched: bool):
-  """Checks the arguments of `fit_lambda` (batched: `fit_lambda_batched`) and materializes the core's inputs.
+  """Checks the arguments of `fit_lambda` (batched: U users) and materializes the core's inputs.
 
   The batched form broadcasts l2 and prior_mean over users; the one-user form refuses non-finite counted rows (the
-  batched form isolates those users instead, see `fit_lambda_batched`).
+  batched form isolates those users instead, see `fit_lambda`).
 
   Returns:
     (x, p, m, l2, mu, init, lo, hi) in the computation dtype, as `newton.fit_core` takes them.
@@ -149,20 +149,25 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
                constraint: Optional[str] = None, box: Optional[Tuple[ArrayLike, ArrayLike]] = None,
                num_iters: int = DEFAULT_NUM_ITERS, num_inner_iters: int = DEFAULT_NUM_INNER_ITERS,
                tol: float = 0.0) -> Array:
-  """One user's L2-regularized logistic-regression fit of lambda (see the module docstring).
+  """The L2-regularized logistic-regression fit of lambda (see the module docstring), for one user or U users.
+
+  The rank of `delta_features` picks the form: `[N, K]` is one user; `[U, N, K]` is U independent users in one
+  compiled call (vmap inside jit; `fit_lambda_batched` insists on this form). Shapes below are one user's, with a
+  leading `[U]` axis for U users unless said otherwise.
 
   Args:
     delta_features: `[N, K]` f(x, y_a) - f(x, y_b).
     prefs: `[N]` labels in [0, 1]: 1 means y_a preferred, 0 means y_b, fractions are soft labels (0.5 = tie).
     l2: the penalty strength, > 0 (checked when concrete); the objective is
-      sum of log-losses + l2 / 2 * |lam - prior_mean|^2.
+      sum of log-losses + l2 / 2 * |lam - prior_mean|^2. U users: a scalar or `[U]`.
     mask: `[N]` bool (False = padding, contributes nothing even if it holds NaN), or non-negative row weights.
       None: every row counts.
     init: `[K]` warm start (e.g. the previous lambda); projected onto the constraint set. None: the (projected)
       prior mean. The optimum does not depend on it; only the number of steps needed does.
-    prior_mean: `[K]` the penalty's center (None: 0; `jnp.full(K, 1 / K)` is the uniform soup).
+    prior_mean: `[K]` the penalty's center (None: 0; `jnp.full(K, 1 / K)` is the uniform soup). U users: `[K]`
+      (shared) or `[U, K]`.
     constraint: None, "simplex" (lam >= 0, sum lam = 1) or "box" (lo <= lam <= hi).
-    box: `(lo, hi)` scalars or `[K]` arrays, with constraint="box".
+    box: `(lo, hi)` scalars or `[K]` arrays, with constraint="box" (shared by all users).
     num_iters: Newton steps (static). 25 reach float32 precision from a cold start on the tested problems
       (separable data with l2 = 1e-3 included); warm starts need fewer.
     num_inner_iters: projected-gradient steps per Newton step for a constrained fit (static).
@@ -171,47 +176,45 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
       converges). 1e-4 is safe (Newton converges quadratically: the remaining error is ~ the step squared).
 
   Returns:
-    `[K]` the optimum lam, in float32 (float64 for float64 inputs with x64 enabled).
+    `[K]` the optimum lam, in float32 (float64 for float64 inputs with x64 enabled). U users: `[U, K]`, row u
+    equal to the one-user fit on user u's data. One user with a non-finite counted row raises; among U users, such
+    a user gets a NaN row, with a warning naming it, and does not affect the others. Finite labels outside [0, 1]
+    raise in both forms.
   """
-  inputs = _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, box, batched=False)
-  return newton.fit_single(*inputs, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
-                           tol=float(tol))
-
-
-def fit_lambda_batched(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, mask: Optional[ArrayLike] = None,
-                       init: Optional[ArrayLike] = None, prior_mean: Optional[ArrayLike] = None,
-                       constraint: Optional[str] = None, box: Optional[Tuple[ArrayLike, ArrayLike]] = None,
-                       num_iters: int = DEFAULT_NUM_ITERS, num_inner_iters: int = DEFAULT_NUM_INNER_ITERS,
-                       tol: float = 0.0) -> Array:
-  """`fit_lambda` for U users in one compiled call (vmap inside jit).
-
-  Args:
-    delta_features: `[U, N, K]`.
-    prefs: `[U, N]`.
-    l2: scalar or `[U]`, > 0.
-    mask: `[U, N]` (None: all rows count).
-    init: `[U, K]` warm starts (None: the prior mean).
-    prior_mean: `[K]` (shared) or `[U, K]` (None: 0).
-    constraint, box, num_iters, num_inner_iters, tol: as in `fit_lambda` (box shared by all users).
-
-  Returns:
-    `[U, K]`; row u equals `fit_lambda` on user u's data (users are independent: a user with non-finite features
-    gets a NaN row, with a warning naming it, and does not affect the others). Finite labels outside [0, 1] raise.
-  """
-  inputs = _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, box, batched=True)
-  lam = newton.fit_batched(*inputs, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
-                           tol=float(tol))
-  if is_tracer(delta_features) or is_tracer(prefs):
+  if np.ndim(delta_features) not in (2, 3):
+    raise ValueError(f"delta_features must have shape [N, K] (one user) or [U, N, K] (U users), got "
+                     f"{tuple(np.shape(delta_features))}.")
+  batched = np.ndim(delta_features) == 3
+  inputs = _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, box, batched=batched)
+  solve = newton.fit_batched if batched else newton.fit_single
+  lam = solve(*inputs, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters, tol=float(tol))
+  if not batched or is_tracer(delta_features) or is_tracer(prefs):
     return lam
   # A user with a non-finite counted row gets a NaN lam (the fit isolates it): name those users from the [U, K]
   # result instead of scanning the [U, N, K] features on the host.
   users = np.flatnonzero(~np.all(np.isfinite(np.asarray(lam)), axis=-1)).tolist()
   if users:
     warnings.warn(
-        f"fit_lambda_batched: users {users[:10]}{' ...' if len(users) > 10 else ''} have non-finite "
+        f"fit_lambda: users {users[:10]}{' ...' if len(users) > 10 else ''} have non-finite "
         "delta_features or prefs on rows the mask counts; their lam is NaN, the other users' fits are "
         "unaffected (mask the rows out to fit those users on the rest).", RuntimeWarning, stacklevel=2)
   return lam
+
+
+def fit_lambda_batched(delta_features: ArrayLike, prefs: ArrayLike, **options) -> Array:
+  """`fit_lambda` for U users in one compiled call: `delta_features` must be `[U, N, K]`.
+
+  Args:
+    delta_features: `[U, N, K]`.
+    prefs: `[U, N]`.
+    **options: `fit_lambda`'s keyword arguments (`l2` scalar or `[U]`, `mask` `[U, N]`, `init` `[U, K]`,
+      `prior_mean` `[K]` or `[U, K]`; the solver's options shared by all users).
+
+  Returns:
+    `[U, K]`, as `fit_lambda` for U users.
+  """
+  check_shapes("delta_features", delta_features, (None, None, None), "[U, N, K]")
+  return fit_lambda(delta_features, prefs, **options)
 
 
 @jax.jit

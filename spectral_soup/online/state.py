@@ -49,18 +49,6 @@ class UserState:
   l2: Array
   prior_mean: Array
 
-  @property
-  def num_users(self) -> int:
-    return self.lam.shape[0]
-
-  @property
-  def num_features(self) -> int:
-    return self.lam.shape[1]
-
-  @property
-  def buffer_size(self) -> int:
-    return self.features.shape[1]
-
 
 def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: ArrayLike = 1.0,
                     prior_mean: Optional[ArrayLike] = None, dtype: Any = jnp.float32) -> UserState:
@@ -137,7 +125,7 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
     The new UserState.
   """
   check_constraint(constraint, box)
-  num_users, num = state.num_users, state.num_features
+  num_users, num = state.lam.shape
   check_shapes("new_delta", new_delta, (num_users, num), "[U, K]")
   check_shapes("new_pref", new_pref, (num_users,), "[U]")
   dtype = state.features.dtype

@@ -27,7 +27,8 @@ import io
 import json
 import math
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 from etils import epath
@@ -348,6 +349,11 @@ def pair_feature_dict(num_attributes: Optional[int], with_scores: bool = True,
   return features
 
 
+def default_hash_split_configs(config_cls: type) -> List[HashSplitConfig]:
+  """The one predefined config ("default": all pairs, 90/5/5 prompt-hash splits) of a hash-split builder."""
+  return [config_cls(name="default", description="All pairs; 90/5/5 prompt-hash splits.")]
+
+
 class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the builders of this package: resolves the source directory with clear errors.
 
@@ -358,6 +364,7 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
+  DEFAULT_CONFIG_NAME = "default"
   UPSTREAM = ""
 
   def __init__(self, *, file_format: Optional[str] = None, **kwargs: Any):
@@ -383,11 +390,32 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _missing(self, expected: str, where: epath.Path) -> SourceNotFoundError:
     return SourceNotFoundError(missing_source_message(self.name, expected, str(where), self.UPSTREAM))
 
+  def _info(self) -> tfds.core.DatasetInfo:
+    """Pair features with any number of attributes, described by the builder module's docstring (override for more)."""
+    return self._make_info(pair_features(None), description=sys.modules[type(self).__module__].__doc__ or "")
+
   def _make_info(self, features: tfds.features.FeaturesDict, description: str, homepage: Optional[str] = None,
                  citation: Optional[str] = None) -> tfds.core.DatasetInfo:
     # `dataset_info_from_configs` would look for README / CITATIONS.bib next to the module; build the info directly.
     return tfds.core.DatasetInfo(builder=self, description=description, features=features, homepage=homepage,
                                  citation=citation, metadata=tfds.core.MetadataDict())
+
+  def _splits(self, per_split: Mapping[str, Sequence[Any]]) -> Dict[str, Iterator[Any]]:
+    """`_split_generators`' result: one generator per non-empty split of the parsed items."""
+    return {split: self._generate_examples(items) for split, items in nonempty(per_split).items()}
+
+  def _hash_splits(self, keyed_examples: Iterable[Tuple[Any, Dict[str, Any]]]) -> Dict[str, Iterator[Any]]:
+    """`_splits` of (key, example) pairs assigned to splits by a hash of `example["prompt"]` (`HashSplitConfig`)."""
+    config = self.builder_config
+    per_split: Dict[str, List[Tuple[Any, Dict[str, Any]]]] = {s: [] for s in SPLITS}
+    for key, example in keyed_examples:
+      split = split_for_prompt(example["prompt"], config.validation_fraction, config.test_fraction, config.split_salt)
+      per_split[split].append((key, example))
+    return self._splits(per_split)
+
+  def _generate_examples(self, items):
+    """The (key, example) pairs parsed (and checked) by `_split_generators`."""
+    yield from items
 
 
 def nonempty(per_split: Mapping[str, Sequence[Any]]) -> Dict[str, Sequence[Any]]:

@@ -41,15 +41,11 @@ class EmbeddedPrefs(common.ManualSourceBuilder):
   """Pairwise multi-attribute preferences produced by the project's generation command."""
 
   name = "spectral_soup_embedded_prefs"
-  BUILDER_CONFIGS = [EmbeddedPrefsConfig(name="default", description="All pairs; 90/5/5 prompt-hash splits.")]
-  DEFAULT_CONFIG_NAME = "default"
+  BUILDER_CONFIGS = common.default_hash_split_configs(EmbeddedPrefsConfig)
   UPSTREAM = "the project's preference generation command (it writes pairs.jsonl and metadata.json)"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Run the project's preference generation command and pass its output directory (holding pairs.jsonl and "
       "metadata.json) as the manual directory, or set `source_path` in the builder config.")
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self._make_info(common.pair_features(None), description=__doc__)
 
   def _source_files(self, dl_manager: tfds.download.DownloadManager) -> Tuple[epath.Path, epath.Path]:
     expected = f"{PAIRS_FILE} and {METADATA_FILE}"
@@ -70,16 +66,7 @@ class EmbeddedPrefs(common.ManualSourceBuilder):
     pairs_path, metadata_path = self._source_files(dl_manager)
     source_metadata, attributes = _read_metadata(metadata_path)
     errors = common.RowErrors(config.skip_malformed)
-    per_split: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {s: [] for s in common.SPLITS}
-    for ref, row in common.iter_json_rows(pairs_path, errors):
-      try:
-        example = _parse_row(row, ref, attributes, config.tie_epsilon)
-      except common.MalformedRowError as e:
-        errors.handle(e)
-        continue
-      split = common.split_for_prompt(example["prompt"], config.validation_fraction, config.test_fraction,
-                                      config.split_salt)
-      per_split[split].append((ref.number, example))
+    splits = self._hash_splits(_examples(pairs_path, errors, attributes, config.tie_epsilon))
     self.info.metadata.update({
         "attributes": list(attributes),
         "source_metadata": source_metadata,
@@ -87,10 +74,16 @@ class EmbeddedPrefs(common.ManualSourceBuilder):
         "num_source_rows": errors.rows_read,
         "malformed_rows": errors.as_metadata(),
     })
-    return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
+    return splits
 
-  def _generate_examples(self, items):
-    yield from items
+
+def _examples(path: epath.Path, errors: common.RowErrors, attributes: List[str], tie_epsilon: float):
+  """(row number, example) of each well-formed row; malformed rows go to `errors`."""
+  for ref, row in common.iter_json_rows(path, errors):
+    try:
+      yield ref.number, _parse_row(row, ref, attributes, tie_epsilon)
+    except common.MalformedRowError as e:
+      errors.handle(e)
 
 
 def _read_metadata(path: epath.Path) -> Tuple[Dict[str, Any], List[str]]:

@@ -144,10 +144,7 @@ class HelpSteer2(common.ManualSourceBuilder):
     metadata["num_source_rows"] = errors.rows_read
     metadata["malformed_rows"] = errors.as_metadata()
     self.info.metadata.update(metadata)
-    return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
-
-  def _generate_examples(self, items):
-    yield from items
+    return self._splits(per_split)
 
 
 def _find(directory: epath.Path, names: Tuple[str, ...]) -> Optional[epath.Path]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -33,22 +32,20 @@ PREFS_FILE = "prefs.jsonl"
 
 @dataclasses.dataclass(eq=False)
 class JsonlPrefsConfig(common.HashSplitConfig):
-  """Config of `JsonlPrefs` (see `common.HashSplitConfig` for the fields; `skip_malformed` must stay False)."""
+  """Config of `JsonlPrefs` (see `common.HashSplitConfig` for the fields).
+
+  `skip_malformed` must stay False: every row of a file of your own is checked, and the first bad one is refused
+  with its line and field (a file of your own is fixed rather than filtered).
+  """
 
 
 class JsonlPrefs(common.ManualSourceBuilder):
   """Preference pairs from a JSON-lines file (or a `datasets` directory) of your own."""
 
   name = "spectral_soup_jsonl_prefs"
-  BUILDER_CONFIGS = [JsonlPrefsConfig(name="default", description="All pairs; 90/5/5 prompt-hash splits.")]
-  DEFAULT_CONFIG_NAME = "default"
+  BUILDER_CONFIGS = common.default_hash_split_configs(JsonlPrefsConfig)
   UPSTREAM = "your own file in the layouts of spectral_soup/data/jsonl.py"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Put your pairs in {PREFS_FILE} in the manual directory, or set `source_path` in the builder config to a "
-      ".jsonl file or a directory written by datasets' save_to_disk.")
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self._make_info(common.pair_features(None), description=__doc__)
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {PREFS_FILE} in the manual directory, or set the config's `source_path`."
 
   def _source(self, dl_manager: tfds.download.DownloadManager) -> str:
     root = self._source_root(dl_manager, f"{PREFS_FILE} or a datasets directory")
@@ -69,26 +66,19 @@ class JsonlPrefs(common.ManualSourceBuilder):
     attributes = list(data["attributes"])
     num_attributes = len(attributes)
     nan = np.full(num_attributes, np.nan, np.float32)
-    per_split: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {s: [] for s in common.SPLITS}
-    for i, prompt in enumerate(data["prompt"]):
-      example = {
-          "prompt": prompt,
-          "response_a": data["response_a"][i],
-          "response_b": data["response_b"][i],
-          "label": data["label"][i],
-          "mask": data["mask"][i],
-          "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
-          "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]
-      }
-      split = common.split_for_prompt(prompt, config.validation_fraction, config.test_fraction, config.split_salt)
-      per_split[split].append((i, example))
+    examples = ((i, {
+        "prompt": prompt,
+        "response_a": data["response_a"][i],
+        "response_b": data["response_b"][i],
+        "label": data["label"][i],
+        "mask": data["mask"][i],
+        "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
+        "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]
+    }) for i, prompt in enumerate(data["prompt"]))
     self.info.metadata.update({
         "attributes": attributes,
         "source_file": path,
         "num_source_rows": len(data["prompt"]),
         "has_scores": data["scores_a"] is not None
     })
-    return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
-
-  def _generate_examples(self, items):
-    yield from items
+    return self._hash_splits(examples)

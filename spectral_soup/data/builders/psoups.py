@@ -72,8 +72,7 @@ class PSoups(common.ManualSourceBuilder):
   """P-SOUPS pairwise preferences with per-pole labels (expertise, informativeness, style; two poles each)."""
 
   name = "spectral_soup_psoups"
-  BUILDER_CONFIGS = [PSoupsConfig(name="default", description="All pairs; 90/5/5 prompt-hash splits.")]
-  DEFAULT_CONFIG_NAME = "default"
+  BUILDER_CONFIGS = common.default_hash_split_configs(PSoupsConfig)
   UPSTREAM = ("joeljang/RLPHF (https://github.com/joeljang/RLPHF; data archive "
               "https://storage.googleapis.com/personalized-soups/data.zip, directory data/rm_training/)")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -149,7 +148,7 @@ class PSoups(common.ManualSourceBuilder):
         **counts,
         "malformed_rows": errors.as_metadata(),
     })
-    return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
+    return self._splits(per_split)
 
   def _generate_examples(self, pairs: List[_Pair]):
     for p in pairs:

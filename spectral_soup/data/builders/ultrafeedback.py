@@ -158,7 +158,7 @@ class UltraFeedback(common.ManualSourceBuilder):
         **counts,
         "malformed_rows": errors.as_metadata(),
     })
-    return {split: self._generate_examples(items) for split, items in common.nonempty(per_split).items()}
+    return self._splits(per_split)
 
   def _generate_examples(self, prompts: Sequence[_Prompt]):
     for p in prompts:
