@@ -8,8 +8,8 @@ from spectral_soup import _xla_cpu
 XLA_CPU_SAFE = _xla_cpu.restrict_ynn_fusions()
 
 # The public API, imported on first use (importing the package stays light and starts no XLA backend):
-#   ss.load_basis(workdir) -> ss.Basis (.generate, .features, .encode_prompts); ss.fit_lambda (one user's lambda);
-#   ss.export_hf(basis, lam, out_dir) (one user's soup as a Hugging Face checkpoint).
+#   ss.load_basis(workdir) -> ss.Basis (.generate, .features, .encode_prompts); ss.fit_lambda (one user's lambda,
+#   or U users' at once); ss.export_hf(basis, lam, out_dir) (one user's soup as a Hugging Face checkpoint).
 _API = {
     "load_basis": "spectral_soup.basis",
     "Basis": "spectral_soup.basis",

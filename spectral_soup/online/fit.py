@@ -10,10 +10,10 @@ f(x, y) in R^K (f_k = beta * (log pi_k(y|x) - log pi_ref(y|x))) and d = f(x, y_a
   L(lam) = sum_i m_i * [-p_i log sigmoid(z_i) - (1 - p_i) log sigmoid(-z_i)] + l2 / 2 * |lam - mu|^2,  z_i = lam . d_i
 
 (= sum_i m_i * (softplus(z_i) - p_i z_i) + l2 / 2 * |lam - mu|^2, `log_loss`), with soft labels p_i in [0, 1]
-(0.5 = tie), row weights / mask m_i and a prior mean mu (0 by default; e.g. the uniform soup 1/K). It runs a fixed
-number of damped Newton (IRLS) steps in K dimensions (`newton`), each a descent step whatever the data: separable
-data (the optimum stays finite because l2 > 0), ties, all-one-side feedback, no feedback (lam = mu), feature
-scales from 1e-6 to 1e6. Accuracy in float32 is ~1e-6 relative on ordinary problems; it degrades (lam stays
+(0.5 = tie), row weights / mask m_i and a prior mean mu (0 by default; e.g. the uniform soup 1/K). It runs damped
+Newton (IRLS) steps in K dimensions (`newton`) until the step is negligible (`tol`; at most `num_iters`), each a
+descent step whatever the data: separable data (the optimum stays finite because l2 > 0), ties, all-one-side
+feedback, no feedback (lam = mu), feature scales from 1e-6 to 1e6. Accuracy in float32 is ~1e-6 relative on ordinary problems; it degrades (lam stays
 finite) when the data curvature exceeds l2 by ~1e6 or more on nearly separable data (e.g. features ~1e3 with
 l2 = 1: ~1e-3).
 
@@ -22,7 +22,8 @@ Everything in the online package is a pure function of arrays. Each entry point 
     `jax.vmap(functools.partial(fit_lambda, l2=1.0))(x [U, N, K], p [U, N])` (keyword arguments given to the
     vmapped function directly are mapped over their leading axis by `jax.vmap`, so pass scalars by `partial` or
     pass `l2` as a `[U]` array);
-  * a batched form (`fit_lambda_batched`, ...) on `[U, N, K]` data: one compiled call for all U users.
+  * a batched form (`fit_lambda` on `[U, N, K]` data, or `fit_lambda_batched`, `posterior_batched`, ...): one
+    compiled call for all U users.
 Both forms share their argument checks and run the same one-user core (jitted, or vmapped inside one jit). Users
 never interact: a user whose data holds NaN gets NaN (only that user; the others are unaffected).
 
@@ -52,6 +53,7 @@ from spectral_soup.online.checks import float_dtype
 from spectral_soup.online.checks import is_tracer
 from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
 from spectral_soup.online.newton import DEFAULT_NUM_ITERS
+from spectral_soup.online.newton import DEFAULT_TOL
 
 
 def unit_total_weight(lam: ArrayLike) -> np.ndarray:
@@ -148,7 +150,7 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
                init: Optional[ArrayLike] = None, prior_mean: Optional[ArrayLike] = None,
                constraint: Optional[str] = None, box: Optional[Tuple[ArrayLike, ArrayLike]] = None,
                num_iters: int = DEFAULT_NUM_ITERS, num_inner_iters: int = DEFAULT_NUM_INNER_ITERS,
-               tol: float = 0.0) -> Array:
+               tol: float = DEFAULT_TOL) -> Array:
   """The L2-regularized logistic-regression fit of lambda (see the module docstring), for one user or U users.
 
   The rank of `delta_features` picks the form: `[N, K]` is one user; `[U, N, K]` is U independent users in one
@@ -171,9 +173,10 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     num_iters: Newton steps (static). 25 reach float32 precision from a cold start on the tested problems
       (separable data with l2 = 1e-3 included); warm starts need fewer.
     num_inner_iters: projected-gradient steps per Newton step for a constrained fit (static).
-    tol: 0 (default): exactly `num_iters` steps (a `fori_loop`, reverse-differentiable). > 0: stop early once a
-      full Newton step is below tol * max(1, |lam|_inf) (a `while_loop`; under vmap it runs until the slowest user
-      converges). 1e-4 is safe (Newton converges quadratically: the remaining error is ~ the step squared).
+    tol: > 0 (default 1e-5): stop once a full Newton step is below tol * max(1, |lam|_inf) (a `while_loop`; under
+      vmap it runs until the slowest user converges; Newton converges quadratically, so the error left is ~ the step
+      squared: about 5 steps from a cold start on ordinary problems, at most `num_iters`). 0: exactly `num_iters`
+      steps (a `fori_loop`): use it to differentiate through the fit (reverse mode).
 
   Returns:
     `[K]` the optimum lam, in float32 (float64 for float64 inputs with x64 enabled). U users: `[U, K]`, row u
@@ -181,6 +184,8 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     a user gets a NaN row, with a warning naming it, and does not affect the others. Finite labels outside [0, 1]
     raise in both forms.
   """
+  if not (isinstance(tol, (int, float)) and tol >= 0):
+    raise ValueError(f"tol must be a number >= 0 (0: exactly num_iters steps), got {tol!r}.")
   if np.ndim(delta_features) not in (2, 3):
     raise ValueError(f"delta_features must have shape [N, K] (one user) or [U, N, K] (U users), got "
                      f"{tuple(np.shape(delta_features))}.")

@@ -24,6 +24,7 @@ from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
 from spectral_soup.online.newton import DEFAULT_NUM_ITERS
+from spectral_soup.online.newton import DEFAULT_TOL
 
 
 @struct.dataclass
@@ -108,7 +109,7 @@ def _update_users_jit(state, new_delta, new_pref, new_mask, lo, hi, *, constrain
 def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, new_mask: Optional[ArrayLike] = None, *,
                  constraint: Optional[str] = None, box: Optional[Tuple[ArrayLike, ArrayLike]] = None,
                  num_iters: int = DEFAULT_NUM_ITERS, num_inner_iters: int = DEFAULT_NUM_INNER_ITERS,
-                 tol: float = 0.0) -> UserState:
+                 tol: float = DEFAULT_TOL) -> UserState:
   """Appends one comparison per user to the ring buffers and refits every user that got one: one compiled call.
 
   The refit warm-starts from the current lam. A comparison holding NaN / Inf, or a label outside [0, 1], is not
