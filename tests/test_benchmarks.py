@@ -12,6 +12,7 @@ import pytest
 from experiments.benchmarks import decode
 from experiments.benchmarks import online
 from experiments.benchmarks import params
+from experiments.benchmarks import report
 from experiments.benchmarks import train
 
 KEYS = {"name", "config", "rows", "speedup"}
@@ -35,6 +36,50 @@ def test_online(tmp_path):
   out = _load(path, "online")
   assert {r["variant"] for r in out["rows"]} >= {"ours/vmap(fit_lambda)", "sklearn/newton-cholesky"}
   assert out["max_abs_lam_diff"] < 1e-4  # The same optimum as scikit-learn.
+  # Every timed row keeps its median, its spread and the number of timed runs (at least 3).
+  for row in out["rows"]:
+    assert row["runs"] >= 3 and row["min_s"] <= row["median_s"] <= row["max_s"], row
+  # The report renders it: one table row per variant, the date, the targets.
+  text = report.render("online", out, "online.json")
+  assert text.count("\n| `") == len(out["rows"]) and out["date_utc"] in text and "Targets:" in text
+
+
+def test_report_replaces_blocks_and_refuses_a_block_without_json():
+  result = {
+      "name":
+          "train",
+      "date_utc":
+          "2026-01-01 00:00",
+      "machine": {
+          "cpus": 2
+      },
+      "rows": [{
+          "variant": "heads/shared K=2",
+          "models": 1,
+          "devices": 1,
+          "median_s": 0.5,
+          "min_s": 0.4,
+          "max_s": 0.7,
+          "basis_tokens_per_s": 10.0,
+          "vs_separate": 2.0,
+          "compile_s": 1.0,
+          "load_1m": 0.2,
+          "under_load": False
+      }]
+  }
+  doc = "intro\n<!-- report:train -->\nstale\n<!-- /report:train -->\nafter\n"
+  new = report.update(doc, {"train": (result, "train.json")})
+  assert new.startswith("intro\n<!-- report:train -->\n<!-- generated") and new.endswith(
+      "<!-- /report:train -->\nafter\n")
+  assert "| `heads/shared K=2` | 1 | 1 | 500.0 [400.0-700.0] | 10 | 2.00x | 1.0 | 0.20 |" in new
+  assert "stale" not in new and report.update(new, {"train": (result, "train.json")}) == new
+  with pytest.raises(ValueError, match=r"report blocks \['train'\] have no JSON file"):
+    report.update(doc, {})
+
+
+def test_benchmarks_md_matches_its_json():
+  # BENCHMARKS.md's tables are generated from experiments/benchmarks/results/*.json, never edited by hand.
+  assert report.main(["--check"]) == 0
 
 
 def test_params(tmp_path):

@@ -2,7 +2,7 @@
 
 Every benchmark writes one JSON object:
 
-    {"name": str, "config": {...}, "machine": {...}, "rows": [{"variant": str, ...}, ...],
+    {"name": str, "date_utc": "YYYY-MM-DD HH:MM", "config": {...}, "machine": {...}, "rows": [{"variant": str, ...}],
      "speedup": float (ours over the strongest baseline), ...}
 
 Timings are medians of repeated runs after a compile run. On a shared machine other processes steal cycles, so a
@@ -28,11 +28,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def time_call(fn: Callable[[], Any], *, repeats: int = 3, min_time_s: float = 0.0, warmup: int = 1,
-              sync: Optional[Callable[[Any], Any]] = None) -> Dict[str, float]:
-  """Runs `fn` `warmup` times (compiles), then at least `repeats` times (and at least `min_time_s` in total).
+              sync: Optional[Callable[[Any], Any]] = None, wait_idle: bool = True) -> Dict[str, Any]:
+  """Runs `fn` `warmup` times (compiles), waits for an idle machine, then runs it at least `repeats` times (and at
+  least `min_time_s` in total).
 
   `sync(out)` waits for asynchronous results (e.g. `jax.block_until_ready`). Returns {"first_s": the first warmup
-  call (compile + run), "median_s", "min_s", "runs"}.
+  call (compile + run), "median_s", "min_s", "max_s", "runs", and `wait_for_idle`'s reading before the timed runs
+  (`load_1m`, `waited_s`, `cpu_busy`, `under_load`; absent with `wait_idle=False`)}; `timing_fields` picks what a
+  result row keeps.
   """
   sync = sync or (lambda out: out)
   first = None
@@ -40,13 +43,29 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 3, min_time_s: float = 0.
     t0 = time.perf_counter()
     sync(fn())
     first = time.perf_counter() - t0 if first is None else first
+  idle = wait_for_idle() if wait_idle else {}
   times: List[float] = []
   start = time.perf_counter()
   while len(times) < repeats or time.perf_counter() - start < min_time_s:
     t0 = time.perf_counter()
     sync(fn())
     times.append(time.perf_counter() - t0)
-  return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+  return {
+      "first_s": first,
+      "median_s": statistics.median(times),
+      "min_s": min(times),
+      "max_s": max(times),
+      "runs": len(times),
+      **idle
+  }
+
+
+TIMING_FIELDS = ("median_s", "min_s", "max_s", "runs", "load_1m", "under_load")
+
+
+def timing_fields(timing: Dict[str, Any]) -> Dict[str, Any]:
+  """What every timed result row records of a `time_call` result: the median, the spread, the repeats, the load."""
+  return {k: timing[k] for k in TIMING_FIELDS if k in timing}
 
 
 def jax_sync(out: Any) -> Any:
@@ -265,6 +284,7 @@ def result(name: str, config: Dict[str, Any], rows: List[Dict[str, Any]], speedu
   """
   out = {
       "name": name,
+      "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
       "config": config,
       "machine": machine_info(),
       "rows": rows,

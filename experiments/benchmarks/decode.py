@@ -63,6 +63,10 @@ LORA_TARGETS = ("q_proj", "v_proj")
 MODELS = ("smollm2", "smollm2-random", "tiny")
 # Greedy tokens of an exact soup must equal the PyTorch MOD loop's at least this often (float32 near-ties aside).
 MIN_TOKENS_MATCH = 0.99
+# The suffix of a variant run under XLA's own CPU settings instead of the package's (`--xla_defaults`).
+XLA_DEFAULTS = "@xla-defaults"
+# The package's XLA CPU setting may cost at most this much of the defaults' speed (where those compute correctly).
+MAX_XLA_SETTING_COST = 0.10
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -79,6 +83,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--head_rank", type=int, default=8, help="Rank of each basis head.")
   p.add_argument("--lora_rank", type=int, default=8, help="Rank of each LoRA basis (q_proj, v_proj).")
   p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"Comma-separated, from {ALL_VARIANTS}.")
+  p.add_argument(
+      "--xla_defaults", default="",
+      help="Comma-separated variants to run a second time under XLA's CPU defaults (SPECTRAL_SOUP_XLA_DEFAULTS=1: "
+      f"YNN fusions on) as `VARIANT{XLA_DEFAULTS}`, right after the package's setting: what the setting costs.")
   p.add_argument("--repeats", type=int, default=3,
                  help="Timed runs per variant (after one compile run); the row reports their median and spread.")
   p.add_argument("--torch_device", default="cpu", help="Device of the PyTorch variants (cpu, cuda).")
@@ -467,6 +475,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if any(v.endswith(f"/{kind}") for v in variants) and f"torch-mod/{kind}" not in variants:
       variants.append(f"torch-mod/{kind}")
       check_only.append(f"torch-mod/{kind}")
+  xla_defaults = [v for v in args.xla_defaults.split(",") if v]
+  if set(xla_defaults) - set(variants) - {"torch/single"}:
+    raise ValueError(f"--xla_defaults: {sorted(set(xla_defaults) - set(variants))} are not among --variants.")
+  if any(v.startswith("torch") for v in xla_defaults):
+    raise ValueError("--xla_defaults: the PyTorch variants do not use XLA.")
   if "single" in variants and "torch/single" not in variants and not args.no_torch_check:
     variants.append("torch/single")
     check_only.append("torch/single")
@@ -482,13 +495,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         f"--{key}={value}" for key, value in vars(args).items()
         if key not in ("json", "child", "workdir", "variants", "no_torch_check", "weights") and value is not None
     ]
+    runs = []
     for variant in variants:
+      runs.append((variant, variant))
+      if variant in xla_defaults:
+        runs.append((variant + XLA_DEFAULTS, variant))
+    for name, variant in runs:
       module = f"experiments.benchmarks.{NAME}"
       # OpenMP threads that spin while they wait make PyTorch many times slower whenever another process shares
       # the cores; passive waiting costs nothing on an idle machine.
       env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} if variant.startswith("torch") else {}
+      if name.endswith(XLA_DEFAULTS):
+        env["SPECTRAL_SOUP_XLA_DEFAULTS"] = "1"
       extra = ["--repeats=1"] if variant in check_only else []
       out = common.run_child(module, child_args + extra + [f"--workdir={workdir}", f"--child={variant}"], env=env)
+      out["variant"] = name
       out["check_only"] = variant in check_only
       out["load_1m"], out["under_load"] = out["idle_check"]["load_1m"], out["idle_check"]["under_load"]
       out.update(cost(cfg, args, variant))
@@ -512,6 +533,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   single = by_name.get("single")
   for r in rows:
     r["vs_naive"] = r["tokens_per_s"] / naive["tokens_per_s"] if naive else None
+    r["vs_single"] = r["tokens_per_s"] / single["tokens_per_s"] if single else None
     r["memory_vs_single"] = r.get(memory_key, 0) / single[memory_key] if single and single.get(memory_key) else None
   wrong = compare_tokens(rows, naive_fallback=args.no_torch_check)
   if wrong:
@@ -533,6 +555,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     targets["explicit/heads tokens/s >= 0.9 x single"] = explicit["tokens_per_s"] >= 0.9 * single["tokens_per_s"]
   if explicit and explicit.get("memory_vs_single") is not None:
     targets["explicit/heads peak memory <= 1.2 x single"] = explicit["memory_vs_single"] <= 1.2
+  if single:
+    targets["single >= 60% of the compute floor"] = single["share_of_floor"] >= 0.6
+  for r in rows:  # What the package's XLA CPU setting costs against XLA's defaults, where those are correct.
+    if r["variant"].endswith(XLA_DEFAULTS) and not r.get("wrong"):
+      ours = by_name.get(r["variant"][:-len(XLA_DEFAULTS)])
+      if ours:
+        ratio = ours["tokens_per_s"] / r["tokens_per_s"]
+        ours["vs_xla_defaults"] = ratio
+        targets[f"{ours['variant']} >= {1 - MAX_XLA_SETTING_COST:.2f} x its speed under XLA's defaults"] = (
+            ratio >= 1 - MAX_XLA_SETTING_COST)
   config = {key: v for key, v in vars(args).items() if key not in ("json", "child", "workdir")}
   config.update(layers=cfg.num_layers, embed=cfg.embed_dim, vocab=cfg.vocab_size, prepare_s=prepare_s,
                 memory_measure=memory_key)
@@ -540,7 +572,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       NAME, config, rows, speedup, strongest_baseline=strongest and strongest["variant"],
       speedup_vs_naive=speedup_vs_naive, rates=rates, targets=targets, wrong_variants=wrong,
       command=f"python -m experiments.benchmarks.{NAME} --users={args.users} --bases={args.bases} "
-      f"--new_tokens={args.new_tokens} --prompt_len={args.prompt_len} --model={args.weights}")
+      f"--new_tokens={args.new_tokens} --prompt_len={args.prompt_len} --model={args.weights} "
+      f"--repeats={args.repeats}" + (f" --xla_defaults={args.xla_defaults}" if args.xla_defaults else ""))
 
 
 def compare_tokens(rows: List[Dict[str, Any]], naive_fallback: bool = False) -> List[str]:
@@ -555,7 +588,8 @@ def compare_tokens(rows: List[Dict[str, Any]], naive_fallback: bool = False) -> 
   for r in rows:
     if r["variant"].startswith("torch"):
       continue
-    kind = None if r["variant"] == "single" else r["variant"].split("/")[1]
+    base = r["variant"].split("@")[0]
+    kind = None if base == "single" else base.split("/")[1]
     reference = by_name.get("torch/single" if kind is None else f"torch-mod/{kind}")
     if reference is None and naive_fallback and kind is not None:
       reference = by_name.get(f"naive/{kind}")  # Our K+1-pass decoder: independent of the fused steps.
@@ -563,7 +597,7 @@ def compare_tokens(rows: List[Dict[str, Any]], naive_fallback: bool = False) -> 
       continue
     r["tokens_match_torch"] = float(np.mean(np.asarray(r["tokens"]) == np.asarray(reference["tokens"])))
     r["tokens_reference"] = reference["variant"]
-    r["approximate"] = r["variant"] == "params/lora"
+    r["approximate"] = base == "params/lora"
     r["wrong"] = (not r["approximate"]) and r["tokens_match_torch"] < MIN_TOKENS_MATCH
   return [r["variant"] for r in rows if r.get("wrong")]
 

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "time_s": timing["median_s"],
         "users_per_s": users / timing["median_s"],
         "output_mb_per_s": users * mb_per_user / timing["median_s"],
-        "max_abs_diff_vs_ours": max_diff
+        "max_abs_diff_vs_ours": max_diff,
+        **common.timing_fields(timing)
     })
 
   def torch_time(fn):

@@ -273,7 +273,8 @@ def row(args, kind, variant, timing, devices=1, models=1):
       "models": models,
       "update_ms": 1e3 * timing["median_s"],
       "compile_s": timing["first_s"],
-      "basis_tokens_per_s": tokens / timing["median_s"]
+      "basis_tokens_per_s": tokens / timing["median_s"],
+      **common.timing_fields(timing)
   }
 
 

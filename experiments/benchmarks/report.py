@@ -1,0 +1,197 @@
+r"""Writes BENCHMARKS.md's measured tables from the benchmarks' JSON files (nobody edits those tables by hand).
+
+  python -m experiments.benchmarks.report [--results=experiments/benchmarks/results] [--doc=BENCHMARKS.md] [--check]
+
+Each `<!-- report:NAME -->` ... `<!-- /report:NAME -->` block of the document is replaced by the table of
+`RESULTS/NAME.json` (a file a benchmark wrote with `--json`): the command, when and on what machine it ran, the load
+at its timed runs, one row per variant (median of the timed runs, their range in brackets) and its targets. The
+prose around the blocks (what the numbers mean, profiles, history) is the document's own. `--check` writes nothing
+and exits 1 when a block differs from what the JSON gives (tests/test_benchmarks.py runs it), so the tables and the
+JSON next to them cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join("experiments", "benchmarks", "results")
+BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
+
+Column = Tuple[str, Callable[[Dict[str, Any]], Any]]
+
+
+def _num(value: Any, spec: str) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, bool):
+    return "yes" if value else "no"
+  try:
+    return format(value, spec)
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def _spread(row: Dict[str, Any], scale: float = 1.0, spec: str = ".3f") -> str:
+  """The median time with its range over the timed runs: `1.234 [1.200-1.300]`."""
+  median = row.get("median_s", row.get("time_s"))
+  if median is None:
+    return "-"
+  low, high = row.get("min_s"), row.get("max_s")
+  if low is None and row.get("times_s"):
+    low, high = min(row["times_s"]), max(row["times_s"])
+  text = format(median * scale, spec)
+  if low is not None and high is not None:
+    text += f" [{format(low * scale, spec)}-{format(high * scale, spec)}]"
+  return text
+
+
+def _load(row: Dict[str, Any]) -> str:
+  load = row.get("load_1m", (row.get("idle_check") or {}).get("load_1m"))
+  if load is None:
+    return "-"
+  return f"{load:.2f}" + (" (under load)" if row.get("under_load") else "")
+
+
+COLUMNS: Dict[str, List[Column]] = {
+    "online": [
+        ("variant", lambda r: f"`{r['variant']}`"),
+        ("users timed", lambda r: _num(r["users"], ",d")),
+        ("time (s) [range]", lambda r: _spread(r)),
+        ("users/s", lambda r: _num(r["users_per_s"], ",.0f")),
+        ("vs best baseline", lambda r: _num(r.get("speedup_vs_strongest_baseline"), ".1f") + "x"),
+        ("max abs lam diff vs ours", lambda r: _num(r.get("max_abs_lam_diff_vs_ours"), ".1e")),
+        ("ours' objective above it (relative)", lambda r: _num(r.get("ours_relative_excess"), ".1e")),
+        ("load", _load),
+    ],
+    "params": [
+        ("workload", lambda r: r["workload"]),
+        ("variant", lambda r: f"`{r['variant']}`"),
+        ("kind", lambda r: r["kind"]),
+        ("time (s) [range]", lambda r: _spread(r)),
+        ("users/s", lambda r: _num(r["users_per_s"], ",.0f")),
+        ("MB/s written", lambda r: _num(r["output_mb_per_s"], ",.0f")),
+        ("vs fastest loop", lambda r: _num(r.get("speedup_vs_strongest_baseline"), ".2f") + "x"),
+        ("max abs diff", lambda r: _num(r.get("max_abs_diff_vs_ours"), ".1e")),
+        ("load", _load),
+    ],
+    "train": [
+        ("variant", lambda r: f"`{r['variant']}`"),
+        ("models", lambda r: _num(r.get("models"), "d")),
+        ("devices", lambda r: _num(r.get("devices"), "d")),
+        ("ms per update of all K [range]", lambda r: _spread(r, 1e3, ".1f")),
+        ("basis-tokens/s", lambda r: _num(r.get("basis_tokens_per_s"), ",.0f")),
+        ("vs separate", lambda r: _num(r.get("vs_separate"), ".2f") + "x"),
+        ("compile (s)", lambda r: _num(r.get("compile_s"), ".1f")),
+        ("load", _load),
+    ],
+    "decode": [
+        ("variant", lambda r: f"`{r['variant']}`"),
+        ("tokens/s [range]", lambda r: _num(r.get("tokens_per_s"), ",.1f") +
+         (f" [{r['tokens_per_s_range'][0]:,.1f}-{r['tokens_per_s_range'][1]:,.1f}]"
+          if r.get("tokens_per_s_range") else "")),
+        ("vs single", lambda r: _num(r.get("vs_single"), ".2f")),
+        ("peak RSS (MiB)", lambda r: _num(r.get("peak_rss_mb"), ",.0f")),
+        ("memory vs single", lambda r: _num(r.get("memory_vs_single"), ".2f")),
+        ("share of floor", lambda r: _num(r.get("share_of_floor"), ".0%")),
+        ("tokens_match_torch", lambda r: ("WRONG "
+                                          if r.get("wrong") else "") + _num(r.get("tokens_match_torch"), ".2f")),
+        ("load", _load),
+    ],
+}
+
+
+def _machine_line(result: Dict[str, Any]) -> str:
+  m = result.get("machine", {})
+  parts = [m.get("cpu_model") or m.get("device") or "unknown CPU", f"{m.get('cpus', '?')} CPUs"]
+  parts.append(f"jax {m.get('jax', '?')} ({m.get('backend', '?')}, {m.get('device_count', '?')} device(s))")
+  rows = result.get("rows", [])
+  loads = [float(x) for r in rows if (x := r.get("load_1m", (r.get("idle_check") or {}).get("load_1m"))) is not None]
+  loaded = [r["variant"] for r in rows if r.get("under_load")]
+  if loads:
+    load = f"1-minute load {min(loads):.2f}-{max(loads):.2f} before the timed runs"
+    load += f"; **under load**: {', '.join(loaded)}" if loaded else " (no row under load)"
+  else:
+    load = f"load average at the end {m.get('load_avg_1m_5m_15m')}"
+  return f"Measured {result.get('date_utc', 'at an unrecorded date')} UTC on {', '.join(parts)}; {load}."
+
+
+def render(name: str, result: Dict[str, Any], source: str) -> str:
+  """The Markdown block of one benchmark's JSON."""
+  columns = COLUMNS.get(name)
+  if columns is None:
+    raise ValueError(f"{source}: no table layout for benchmark {name!r}; known: {sorted(COLUMNS)}")
+  lines = [f"<!-- generated by experiments/benchmarks/report.py from {source}; do not edit -->", ""]
+  if result.get("command"):
+    lines += ["```", result["command"], "```", ""]
+  lines += [_machine_line(result) + " Each time is the median of the row's timed runs, with their range.", ""]
+  lines.append("| " + " | ".join(header for header, _ in columns) + " |")
+  lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
+  for row in result.get("rows", []):
+    lines.append("| " + " | ".join(str(cell(row)) for _, cell in columns) + " |")
+  targets = result.get("targets") or {}
+  if targets:
+    lines += ["", "Targets: " + "; ".join(f"{k}: **{'met' if v else 'not met'}**" for k, v in targets.items()) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def load_results(results_dir: str) -> Dict[str, Tuple[Dict[str, Any], str]]:
+  out = {}
+  for file in sorted(os.listdir(results_dir)):
+    if file.endswith(".json"):
+      path = os.path.join(results_dir, file)
+      with open(path) as f:
+        try:
+          out[file[:-len(".json")]] = (json.load(f), os.path.relpath(path, REPO))
+        except ValueError as e:
+          raise ValueError(f"{path}: not valid JSON ({e})") from e
+  return out
+
+
+def update(doc: str, results: Dict[str, Tuple[Dict[str, Any], str]], doc_name: str = "BENCHMARKS.md") -> str:
+  """`doc` with every report block replaced by its table; a block without a JSON file is an error."""
+  names = [m.group("name") for m in BLOCK.finditer(doc)]
+  missing = [n for n in names if n not in results]
+  if missing:
+    raise ValueError(f"{doc_name}: report blocks {missing} have no JSON file (have: {sorted(results)}).")
+
+  def replace(m: "re.Match[str]") -> str:
+    result, source = results[m.group("name")]
+    return m.group(1) + render(m.group("name"), result, source) + m.group(4)
+
+  return BLOCK.sub(replace, doc)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.report", description=__doc__.split("\n")[0])
+  p.add_argument("--results", default=os.path.join(REPO, RESULTS), help="Folder of the benchmarks' JSON files.")
+  p.add_argument("--doc", default=os.path.join(REPO, "BENCHMARKS.md"), help="The document to update.")
+  p.add_argument("--check", action="store_true", help="Write nothing; exit 1 if the document is out of date.")
+  args = p.parse_args(argv)
+  with open(args.doc) as f:
+    doc = f.read()
+  new = update(doc, load_results(args.results), os.path.basename(args.doc))
+  if args.check:
+    if new != doc:
+      print(f"{args.doc} is out of date with {args.results}: run `python -m experiments.benchmarks.report`.")
+      return 1
+    print(f"{args.doc} matches {args.results}.")
+    return 0
+  if new != doc:
+    tmp = args.doc + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(new)
+    os.replace(tmp, args.doc)
+    print(f"Updated {args.doc}.")
+  else:
+    print(f"{args.doc} is up to date.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
