@@ -28,8 +28,9 @@ from spectral_soup.online.projections import project
 
 DEFAULT_NUM_ITERS = 25
 DEFAULT_NUM_INNER_ITERS = 50
-# Stop once a full Newton step is below DEFAULT_TOL * max(1, |lam|_inf): the error left is ~ its square (float32
-# rounding). `tol=0` runs exactly num_iters steps instead (a fori_loop, reverse-differentiable).
+# Stop once a full Newton step is below DEFAULT_TOL * max(1, |lam|_inf) and moves no logit by more than
+# DEFAULT_TOL * max(1, |z|_inf) (`fit_core`): the error left is ~ its square. `tol=0` runs exactly num_iters steps
+# instead (a fori_loop, reverse-differentiable).
 DEFAULT_TOL = 1e-5
 # Line-search step sizes, largest first, ratio 1/sqrt(2); the final 0 keeps the current point.
 _STEP_SIZES = tuple(2.0**(-i / 2) for i in range(21)) + (0.0,)
