@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import decode
+from experiments.benchmarks import malloc
 from experiments.benchmarks import online
 from experiments.benchmarks import params
 from experiments.benchmarks import report
@@ -113,11 +114,15 @@ def test_decode_tiny_model_matches_pytorch_mod(tmp_path):
   path = tmp_path / "decode.json"
   decode.main([
       "--model=tiny", "--users=2", "--bases=2", "--new_tokens=4", "--prompt_len=3", "--matmul_size=256", "--copy_mb=8",
-      "--variants=explicit/heads,params/heads", f"--json={path}"
+      "--variants=explicit/heads,params/heads", "--rounds=2", f"--json={path}"
   ])
   out = _load(path, "decode")
   rows = {r["variant"]: r for r in out["rows"]}
   assert set(rows) == {"explicit/heads", "params/heads", "torch-mod/heads"}
+  # Two interleaved rounds of each timed variant (each round's runs pooled); the reference loop ran once.
+  assert rows["explicit/heads"]["rounds"] == 2 and len(rows["explicit/heads"]["round_times_s"]) == 2
+  assert len(rows["explicit/heads"]["times_s"]) == 2 * out["config"]["repeats"]
+  assert rows["explicit/heads"]["tokens_same_every_round"] and rows["torch-mod/heads"]["rounds"] == 1
   for name in ("explicit/heads", "params/heads"):
     assert rows[name]["tokens_match_torch"] == 1.0 and not rows[name]["wrong"]
     assert np.asarray(rows[name]["tokens"]).shape == (2, 4)
@@ -165,3 +170,20 @@ def test_decode_flags_a_variant_whose_tokens_disagree_with_pytorch():
 def test_decode_rejects_unknown_variant():
   with pytest.raises(ValueError, match="unknown"):
     decode.run(decode.parse_args(["--model=tiny", "--variants=beam/heads"]))
+
+
+def test_malloc_settings_benchmark(tmp_path):
+  """Both settings run in their own subprocess; the package's is in effect in one and not in the other."""
+  import platform  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "malloc.json"
+  malloc.main(["--rounds=1", "--calls=2", "--workloads=train heads K=8", f"--json={path}"])
+  out = _load(path, "malloc")
+  rows = {r["setting"]: r for r in out["rows"]}
+  assert set(rows) == {"package", "glibc defaults"}
+  assert not rows["glibc defaults"]["tuned"]
+  assert rows["package"]["tuned"] == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+  for row in rows.values():
+    assert row["runs"] == 2 and row["time_s"] > 0 and row["faults_per_call"] >= 0
+  assert rows["glibc defaults"]["speedup_vs_glibc_defaults"] == 1.0
+  with pytest.raises(ValueError, match="--workloads"):
+    malloc.main(["--workloads=nope"])

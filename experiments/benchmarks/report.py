@@ -101,6 +101,16 @@ COLUMNS: Dict[str, List[Column]] = {
         ("share of floor", lambda r: _num(r.get("share_of_floor"), ".0%")),
         ("tokens_match_torch", lambda r: ("WRONG "
                                           if r.get("wrong") else "") + _num(r.get("tokens_match_torch"), ".2f")),
+        ("vs its @xla-defaults (paired)", lambda r: _num(r.get("vs_xla_defaults"), ".2f")),
+        ("load", _load),
+    ],
+    "malloc": [
+        ("workload", lambda r: r["workload"]),
+        ("malloc settings", lambda r: r["setting"]),
+        ("ms per call [range]", lambda r: _spread(r, 1e3, ".1f")),
+        ("page faults per call (median, mean)",
+         lambda r: _num(r.get("faults_per_call"), ",.0f") + ", " + _num(r.get("faults_per_call_mean"), ",.0f")),
+        ("vs glibc defaults (paired)", lambda r: _num(r.get("speedup_vs_glibc_defaults"), ".2f") + "x"),
         ("load", _load),
     ],
 }

@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   return common.result(
       NAME, config, rows, headline, speedups=speedups, targets=targets,
       command=f"python -m experiments.benchmarks.{NAME} --bases={k} --kinds={args.kinds} "
-      f"--devices={args.devices}")
+      f"--devices={args.devices} --steps={args.steps}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
