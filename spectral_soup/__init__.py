@@ -1,6 +1,6 @@
 """spectral_soup: online personalized alignment of language models by spectral souping (JAX / Flax)."""
 
-from spectral_soup import _malloc
+from spectral_soup.utils import malloc as _malloc
 from spectral_soup import _xla_cpu
 
 # Before any submodule can start an XLA backend: keep XLA CPU's YNN fusions to plain dots
@@ -9,7 +9,7 @@ from spectral_soup import _xla_cpu
 XLA_CPU_SAFE = _xla_cpu.restrict_ynn_fusions()
 # glibc keeps freed memory for the next allocation instead of returning it to the kernel: XLA CPU allocates its
 # buffers on every call, and re-faulting tens of MiB of fresh pages per call cost a third of a training step
-# (see _malloc.py). True when the settings are in effect.
+# (see utils/malloc.py). True when the settings are in effect.
 MALLOC_TUNED = _malloc.retain_freed_memory()
 
 # The public API, imported on first use (importing the package stays light and starts no XLA backend):

@@ -1,4 +1,4 @@
-"""The package's glibc malloc settings (spectral_soup/_malloc.py): applied on import, opt-out, harmless elsewhere."""
+"""The package's glibc malloc settings (spectral_soup/utils/malloc.py): applied on import, opt-out, harmless elsewhere."""
 
 import os
 import platform
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import spectral_soup
-from spectral_soup import _malloc
+from spectral_soup.utils import malloc as _malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -37,3 +37,16 @@ def test_opt_out_keeps_glibc_defaults():
 def test_nothing_is_changed_off_glibc(monkeypatch):
   monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
   assert not _malloc.retain_freed_memory()
+
+
+def test_release_free_memory_hands_back_a_freed_peak():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not GLIBC:
+    assert not _malloc.release_free_memory()
+    return
+  rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024
+  blocks = [np.ones(2**20) for _ in range(64)]  # 512 MiB in 8 MiB blocks, from the heap (no mmap'd blocks).
+  del blocks
+  before = rss()
+  _malloc.release_free_memory()
+  assert rss() < before - 256, (before, rss())

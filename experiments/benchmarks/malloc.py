@@ -1,4 +1,4 @@
-r"""What the package's glibc malloc settings (`spectral_soup/_malloc.py`) buy: time and page faults per call.
+r"""What the package's glibc malloc settings (`spectral_soup/utils/malloc.py`) buy: time and page faults per call.
 
   python -m experiments.benchmarks.malloc [--rounds=3] [--calls=12] [--json=malloc.json]
 

@@ -16,6 +16,7 @@ on a leading `layers` axis (the stack is an `nn.scan`). Nothing is ever unpickle
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so safetensors can return bf16 numpy arrays.
 import numpy as np
 
+from spectral_soup.utils import malloc as _malloc
 from spectral_soup.models.config import TransformerConfig
 from spectral_soup.models.hf_config import config_from_hf  # Re-exported.
 from spectral_soup.models.transformer import Transformer
@@ -390,6 +392,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, weight_dtype:
     hf_config, state_dict = gguf_import.read_gguf(str(p))
     config = config_from_hf(hf_config, **overrides)
     params = params_from_state_dict(config, state_dict, source=str(p))
+    del state_dict
+  # The checkpoint's conversion buffers are garbage now; the package's malloc settings would keep them resident.
+  gc.collect()
+  _malloc.release_free_memory()
   return Transformer(config), params
 
 

@@ -14,7 +14,8 @@ its size, so the temporaries of a step larger than glibc's 32 MiB ceiling on the
 one arena (`M_ARENA_MAX` 1: XLA's worker threads allocate and free the same blocks, which per-thread arenas would
 release and refault), no trimming (`M_TRIM_THRESHOLD`) and heap growth 256 MiB at a time (`M_TOP_PAD`, address
 space only). The cost: the process's resident memory does not shrink after a peak (freed memory is reused by the
-next allocations, not leaked), and its threads share one malloc lock (2-16 XLA threads allocating a few blocks per
+next allocations, not leaked; `release_free_memory` hands it back after a one-off peak such as loading a
+checkpoint), and its threads share one malloc lock (2-16 XLA threads allocating a few blocks per
 call do not contend measurably). Only glibc has `mallopt`; elsewhere (macOS, musl) nothing is changed.
 `SPECTRAL_SOUP_MALLOC_DEFAULTS=1` keeps glibc's defaults.
 """
@@ -57,3 +58,20 @@ def retain_freed_memory() -> bool:
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
   return all([mallopt(param, value) == 1 for param, value in SETTINGS.items()])
+
+
+def release_free_memory() -> bool:
+  """Returns the heap's free memory to the kernel now (glibc's `malloc_trim(0)`); True if any was released.
+
+  For after one-off peaks whose memory the process will not need again, such as a checkpoint's conversion
+  (`models.from_pretrained` calls it): with `retain_freed_memory`'s settings the heap otherwise keeps it.
+  """
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return False
+  trim.argtypes = (ctypes.c_size_t,)
+  trim.restype = ctypes.c_int
+  return trim(0) == 1
