@@ -44,20 +44,24 @@ SETTINGS: Dict[int, int] = {
 OPT_OUT = "SPECTRAL_SOUP_MALLOC_DEFAULTS"
 
 
+def _glibc(name: str, argtypes: tuple):
+  """glibc's function `name` (ctypes, int result), or None where the C library is not glibc."""
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return None
+  try:
+    fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+  except (OSError, AttributeError):
+    return None
+  fn.argtypes, fn.restype = argtypes, ctypes.c_int
+  return fn
+
+
 def retain_freed_memory() -> bool:
   """Applies `SETTINGS` with glibc's `mallopt`. Returns True when every setting took effect."""
   if os.environ.get(OPT_OUT, "0") not in ("", "0"):
     return False
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
-    return False
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  mallopt.restype = ctypes.c_int
-  return all([mallopt(param, value) == 1 for param, value in SETTINGS.items()])
+  mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int))
+  return mallopt is not None and all([mallopt(param, value) == 1 for param, value in SETTINGS.items()])
 
 
 def release_free_memory() -> bool:
@@ -66,12 +70,5 @@ def release_free_memory() -> bool:
   For after one-off peaks whose memory the process will not need again, such as a checkpoint's conversion
   (`models.from_pretrained` calls it): with `retain_freed_memory`'s settings the heap otherwise keeps it.
   """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return False
-  try:
-    trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-  except (OSError, AttributeError):
-    return False
-  trim.argtypes = (ctypes.c_size_t,)
-  trim.restype = ctypes.c_int
-  return trim(0) == 1
+  trim = _glibc("malloc_trim", (ctypes.c_size_t,))
+  return trim is not None and trim(0) == 1
