@@ -149,6 +149,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   from spectral_soup.eval import metrics as metrics_lib
   from spectral_soup.eval import plots
   from spectral_soup.models import build
+  from spectral_soup.models import cost
   from spectral_soup.offline import features
   from spectral_soup.offline import pairs as pairs_lib
   from spectral_soup.offline import resume
@@ -302,6 +303,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   print("fitted lambda per user (spectral):")
   for u in range(num_users):
     print(f"  user {u}: " + " ".join(f"{x:+.2f}" for x in lam[u]))
+  online_harness = harness
   timing["online_s"] = time.time() - t0
 
   # ---- 6. Evaluation: every method x user on the held-out prompts, one decoding loop.
@@ -363,6 +365,14 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   implicit = [p for p, prog in enumerate(programs) if prog.mode == "implicit"]
   acceptance = float(out["accepted"][implicit].sum() / max(out["proposals"][implicit].sum(), 1.0))
   timing["eval_s"] = time.time() - t0
+  # How fast each phase decoded against this machine's floor (its matmul rate and bandwidth, measured now).
+  rates = cost.machine_rates()
+  decode_phases = {"online": online_harness.decode_summary(rates), "eval": harness.decode_summary(rates)}
+  for name, stats in decode_phases.items():
+    print(f"{name} decoding: {stats['tokens']} tokens at batch {stats['batch_rows']} in "
+          f"{stats['prefill_s'] + stats['decode_s']:.0f} s ({stats['tokens_per_s']:.0f} tokens/s, "
+          f"{stats['share_of_floor']:.0%} of the floor; {stats['busy_fraction']:.0%} of row-steps emitted a token); "
+          f"scoring {stats['score_s']:.0f} s")
 
   # K ablation: held-out choice accuracy of lambda fitted on the first k bases (first 3/4 of the comparisons).
   ablation = _k_ablation(history, num_bases, config.online.l2)
@@ -419,6 +429,12 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
       },
       "implicit_acceptance_rate": acceptance,
       "decoded_tokens": harness.decoded_tokens,
+      # Per phase: tokens, row-steps, prefill / decode / scoring seconds, GFLOP, and the share of the floor that
+      # the measured matmul rate and bandwidth (`rates`) set for that work (`spectral_soup/models/cost.py`).
+      "decoding": {
+          "rates": rates,
+          **decode_phases
+      },
       "timing_s": timing,
   }
   results["timing_s"]["total_s"] = time.time() - t_job

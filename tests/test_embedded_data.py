@@ -153,7 +153,8 @@ def _fake_lm(monkeypatch):
   monkeypatch.setenv("SPECTRAL_SOUP_PROGRESS", "0")
   monkeypatch.setattr(embedded, "chitchat_questions",
                       lambda num, seed: [f"What is question {seed}-{i}?" for i in range(num)])
-  monkeypatch.setattr(models, "from_pretrained", lambda name: (type("Model", (), {"config": None})(), {}))
+  model = type("Model", (), {"config": models.TransformerConfig()})()  # Its shapes: the decode meter's cost model.
+  monkeypatch.setattr(models, "from_pretrained", lambda name: (model, {}))
   monkeypatch.setattr(models, "tokenizer_from_pretrained", lambda name: _FakeTokenizer())
   monkeypatch.setattr(models, "init_cache", lambda *args: None)
   monkeypatch.setattr(decoding, "model_logits_fn", lambda model: None)
@@ -202,8 +203,9 @@ def test_generate_rescores_cached_responses_when_only_the_attributes_change(tmp_
   with open(os.path.join(rescored, "pairs.jsonl")) as a, open(os.path.join(sampled, "pairs.jsonl")) as b:
     assert a.read() == b.read()
   _, sampled_metadata = embedded.load_pairs(sampled)
+  assert metadata["decoding"] == source_metadata["decoding"]  # the sampling's speed, measured when it ran
   for m in (metadata, sampled_metadata):
-    del m["sampling_seconds"]
+    del m["sampling_seconds"], m["decoding"]
   assert metadata.pop("rescored_from") and metadata == sampled_metadata
 
   assert embedded.generate(new, root) == rescored  # Now cached as is.

@@ -242,6 +242,13 @@ def test_policy_harness_rows_and_common_random_numbers():
   assert np.any(out["tokens"][0, :, 0] != out["tokens"][0, :, 1])
   np.testing.assert_allclose(out["kl"][2], 0.0, atol=1e-5)
   assert out["proposals"][3].sum() > 0 and out["proposals"][:3].sum() == 0
+  # The decode meter: 24 rows of 5 tokens (no EOS) in 6 chunks of 4 rows, 3 prompts prefilled once.
+  rates = {"matmul_flops_per_s": 1e9, "bandwidth_bytes_per_s": 1e9}
+  meter = h.decode_summary(rates)
+  assert (meter["batch_rows"], meter["chunks"], meter["rows"], meter["prompts_prefilled"]) == (4, 6, 24, 3)
+  assert meter["tokens"] == meter["row_steps"] == 120 and meter["busy_fraction"] == 1.0
+  assert meter["compile_s"] > 0 and meter["decode_s"] > 0 and meter["score_s"] > 0
+  assert meter["share_of_floor"] == pytest.approx(meter["floor_s"] / (meter["prefill_s"] + meter["decode_s"]))
   # The online interface: features are beta * (log pi_k - log pi_ref) of the shown responses.
   dec = h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (4, 1)), jax.random.key(1))
   assert dec["features"].shape == (4, 3) and dec["scores"].shape == (4, 2) and dec["pad_features"].shape == (4, 2)

@@ -184,36 +184,14 @@ def machine_info() -> Dict[str, Any]:
 
 
 def machine_rates(matmul_size: int = 2_048, copy_mb: int = 256, repeats: int = 5) -> Dict[str, float]:
-  """The machine's achievable floor, measured with jax on the default device.
+  """The machine's achievable floor (`spectral_soup.models.cost.machine_rates`: a float32 matmul's rate and a
+  streaming update's bandwidth, best of `repeats`), measured once the machine is idle.
 
-  * matmul rate: a [n, n] @ [n, n] float32 matmul at default precision (2 n^3 FLOPs), best of `repeats`;
-  * memory bandwidth: x <- x * a + b over a `copy_mb` MiB float32 array (reads and writes it), best of `repeats`.
   Returns {"matmul_flops_per_s", "bandwidth_bytes_per_s", "matmul_size", "copy_mb"}.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  n = matmul_size
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(jnp.matmul)  # Default precision: what the models' float32 matmuls use (TF32 on recent GPUs).
-  t_mm = time_call(lambda: mm(a, b), repeats=repeats, sync=jax_sync)["min_s"]
-  # The input buffer is donated and reused for the output: a fresh output buffer would also time the kernel's
-  # page faults on first touch (several times slower than the copy itself on a VM).
-  copy = jax.jit(lambda x: x * 1.0001 + 1.0, donate_argnums=0)
-  state = {"x": jnp.ones((copy_mb * 2**20 // 4,), jnp.float32)}
-
-  def step():
-    state["x"] = copy(state["x"])
-    return state["x"]
-
-  t_copy = time_call(step, repeats=repeats, sync=jax_sync)["min_s"]
-  del a, b, state
-  return {
-      "matmul_flops_per_s": 2 * n**3 / t_mm,
-      "bandwidth_bytes_per_s": 2 * copy_mb * 2**20 / t_copy,
-      "matmul_size": n,
-      "copy_mb": copy_mb
-  }
+  from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
+  wait_for_idle()
+  return cost.machine_rates(matmul_size, copy_mb, repeats)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -423,13 +423,13 @@ def _time_torch(args: argparse.Namespace, variant: str, generate, device) -> Dic
 
 def cost(cfg, args: argparse.Namespace, variant: str) -> Dict[str, float]:
   """FLOPs and bytes of the prefill and of one decode step of `variant` (float32 weights and caches)."""
+  from spectral_soup.models import cost as cost_lib  # pylint: disable=g-import-not-at-top
   u, k, p, n = args.users, args.bases, args.prompt_len, args.new_tokens
   d, v, num_layers = cfg.embed_dim, cfg.vocab_size, cfg.num_layers
-  h, hkv, hd, m = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  per_layer = d * h * hd * 2 + d * hkv * hd * 2 + (3 if cfg.gated_mlp else 2) * d * m
-  matmul_params = num_layers * per_layer + d * v  # The output projection (tied or not) is read every pass.
-  weight_bytes = 4 * (matmul_params + (0 if cfg.tie_embeddings else v * d))
-  cache_bytes_per_token = 4 * num_layers * 2 * hkv * hd
+  h, hd = cfg.num_heads, cfg.head_dim
+  matmul_params = cost_lib.matmul_params(cfg)  # The output projection (tied or not) is read every pass.
+  weight_bytes = cost_lib.weight_bytes(cfg)
+  cache_bytes_per_token = cost_lib.cache_bytes_per_token(cfg)
   context = p + n / 2  # Average filled context over the decode steps.
   mode, kind = ("single", "") if variant in ("single", "torch/single") else variant.split("/")
   fused = mode in ("explicit", "params", "single")

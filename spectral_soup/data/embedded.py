@@ -145,15 +145,19 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
       return _rescore(settings, suite, source, cache_root, out_dir)
 
   from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
 
   start = time.time()
   model, params = models.from_pretrained(settings.model)
   tokenizer = models.tokenizer_from_pretrained(settings.model)
   prompts, hints, encoded = _sampling_plan(settings, tokenizer)
-  responses, ended = _sample(settings, model, params, tokenizer, encoded)
+  meter = cost.DecodeMeter(model.config)
+  responses, ended = _sample(settings, model, params, tokenizer, encoded, meter=meter)
   sample_s = time.time() - start
+  # The sampling's decode speed against this machine's floor (`models/cost.py`), kept with the data.
+  decoding = dict(batch_rows=settings.batch_size, **meter.summary(cost.machine_rates()))
 
-  _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended, sample_s)
+  _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended, sample_s, decoding=decoding)
   logging.info("Wrote %d pairs to %s in %.1f s", len(prompts), out_dir, time.time() - start)
   return out_dir
 
@@ -168,14 +172,16 @@ def _sampling_plan(settings: GenerationSettings, tokenizer) -> Tuple[list, list,
 
 
 def _sample(settings: GenerationSettings, model, params, tokenizer, encoded: Sequence[list],
-            batches: Optional[Sequence[int]] = None) -> Tuple[list, list]:
+            batches: Optional[Sequence[int]] = None, meter=None) -> Tuple[list, list]:
   """(responses, ended) of the rows in `batches` (indices of `settings.batch_size` rows; None: all).
 
   Every batch is sampled exactly as in a whole generation (its own key from the same chain, the same prompt
-  padding), so a slice can be regenerated alone (`regenerate_batch`).
+  padding), so a slice can be regenerated alone (`regenerate_batch`). `meter` (a `models.cost.DecodeMeter`)
+  records each batch's work and time.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
   from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
   from spectral_soup.utils import progress  # pylint: disable=g-import-not-at-top
 
@@ -194,11 +200,17 @@ def _sample(settings: GenerationSettings, model, params, tokenizer, encoded: Seq
       continue
     chunk = encoded[index * batch:(index + 1) * batch]
     tokens, mask = decoding.pad_prompts(chunk, batch, prompt_len, pad_id)
-    out, aux = decoding.decode(logits_fn, params, tokens, mask,
-                               models.init_cache(model.config, batch, prompt_len + settings.max_new_tokens), sub,
-                               max_new_tokens=settings.max_new_tokens, sampling=sampling, eos_id=tokenizer.eos_token_id,
-                               pad_id=pad_id)
-    out, lengths = np.asarray(out), np.asarray(aux["lengths"])
+    with cost.compile_time() as compiled:
+      t0 = time.perf_counter()
+      out, aux = decoding.decode(logits_fn, params, tokens, mask,
+                                 models.init_cache(model.config, batch, prompt_len + settings.max_new_tokens), sub,
+                                 max_new_tokens=settings.max_new_tokens, sampling=sampling,
+                                 eos_id=tokenizer.eos_token_id, pad_id=pad_id)
+      out, lengths = np.asarray(out), np.asarray(aux["lengths"])
+    if meter is not None:  # The prefill runs inside `decode`: its time is in the batch's.
+      meter.add_prefill(len(chunk), prompt_len, 0.0)
+      meter.add_chunk(batch, int(lengths.max()), int(lengths[:len(chunk)].sum()), prompt_len,
+                      time.perf_counter() - t0, compiled.seconds)
     for i in range(len(chunk)):
       ids = out[i, :lengths[i]].tolist()
       responses.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
@@ -308,8 +320,9 @@ def _rescore(settings: GenerationSettings, suite, source: str, cache_root: str, 
   hints = [p[f"hint_{side}"] for p in pairs for side in "ab"]
   responses = [p[f"response_{side}"] for p in pairs for side in "ab"]
   ended = [p[f"ended_{side}"] for p in pairs for side in "ab"]
+  provenance = {"decoding": metadata["decoding"]} if "decoding" in metadata else {}
   _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended, metadata["sampling_seconds"],
-                 rescored_from=os.path.basename(source))
+                 rescored_from=os.path.basename(source), **provenance)
   logging.info("Rescored the %d pairs of %s under attributes %s (no sampling) into %s in %.1f s", len(pairs), source,
                list(settings.attributes), out_dir,
                time.time() - start)

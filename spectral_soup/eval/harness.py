@@ -9,6 +9,7 @@ prefill of the prompts they continue.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Dict, Optional, Sequence
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.baselines import pad as pad_lib
+from spectral_soup.models import cost
 from spectral_soup.soup import decoding
 from spectral_soup.soup import engine
 from spectral_soup.utils import progress
@@ -59,6 +61,15 @@ class PolicyHarness:
     self.head_support = None if head_support is None else jnp.asarray(head_support, jnp.int32)
     self.chunk_rows, self.max_proposals, self.sampling = chunk_rows, max_proposals, sampling
     self.decoded_tokens = 0
+    # Decode work and wall time (`decode_summary`): the backbone, plus each head's low-rank correction per row-step.
+    heads = params.get("heads", {}) if isinstance(params, dict) else {}
+    extra = 0.0
+    if "a" in heads and "b" in heads:
+      num_heads, features, rank = np.shape(heads["a"])
+      columns = np.shape(heads["b"])[-1] if self.head_support is None else int(self.head_support.shape[0])
+      extra = 2.0 * num_heads * rank * (features + columns)
+    self.meter = cost.DecodeMeter(policy.config, extra_flops_per_row=extra)
+    self.score_s = 0.0
 
   def run_rows(self, prompt_ids: Sequence[int], modes: Sequence[str], lam: np.ndarray, guide: np.ndarray,
                prompt_index: np.ndarray, key: jax.Array, seed: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
@@ -68,8 +79,12 @@ class PolicyHarness:
     """
     prompt_ids = np.asarray(prompt_ids)
     max_len = self.prompts.shape[1] + self.max_new_tokens
-    prefilled = engine.prefill(self.policy, self.params, self.prompts[prompt_ids], self.prompt_mask[prompt_ids],
-                               max_len=max_len)
+    with cost.compile_time() as compiled:
+      t0 = time.perf_counter()
+      prefilled = jax.block_until_ready(
+          engine.prefill(self.policy, self.params, self.prompts[prompt_ids], self.prompt_mask[prompt_ids],
+                         max_len=max_len))
+    self.meter.add_prefill(len(prompt_ids), self.prompts.shape[1], time.perf_counter() - t0, compiled.seconds)
     num_rows = len(modes)
     seed = np.asarray(prompt_index) if seed is None else np.asarray(seed)
     # Implicit rows last and together: only their chunks pay for rejection sampling and full head logits.
@@ -81,13 +96,20 @@ class PolicyHarness:
       idx = order[np.arange(lo, lo + self.chunk_rows) % num_rows]  # The last chunk wraps around; extras dropped.
       rows = engine.make_rows([modes[i] for i in idx], lam[idx], guide[idx], prompt_index[idx], seed[idx])
       proposals = self.max_proposals if is_implicit[idx].any() else 0
-      # One key for every chunk: a row's stream is set by its seed alone, wherever the row falls.
-      tokens, aux = engine.decode_rows(self.policy, self.params, prefilled, rows, key, self.pad_table, 1.0 / self.beta,
-                                       self.head_support, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                                       eos_id=self.eos_id, pad_id=self.pad_id, max_proposals=proposals)
-      aux = jax.device_get(aux)
+      with cost.compile_time() as compiled:
+        t0 = time.perf_counter()
+        # One key for every chunk: a row's stream is set by its seed alone, wherever the row falls.
+        tokens, aux = engine.decode_rows(self.policy, self.params, prefilled, rows, key, self.pad_table,
+                                         1.0 / self.beta, self.head_support, max_new_tokens=self.max_new_tokens,
+                                         sampling=self.sampling, eos_id=self.eos_id, pad_id=self.pad_id,
+                                         max_proposals=proposals)
+        aux = jax.device_get(aux)
+        tokens = np.asarray(tokens)
       keep = min(self.chunk_rows, num_rows - lo)
-      out = {"tokens": np.asarray(tokens)[:keep], "lengths": aux["lengths"][:keep]}
+      # The loop ran until its longest row stopped; the wrapped-around extras were decoded but are not wanted.
+      self.meter.add_chunk(len(idx), int(aux["lengths"].max()), int(aux["lengths"][:keep].sum()), self.prompts.shape[1],
+                           time.perf_counter() - t0, compiled.seconds)
+      out = {"tokens": tokens[:keep], "lengths": aux["lengths"][:keep]}
       for name in ("accepted", "proposals"):  # Present only in chunks with implicit rows.
         aux["stats"].setdefault(name, np.zeros(len(idx), np.float32))
       out.update({name: value[:keep] for name, value in aux["stats"].items()})
@@ -101,7 +123,15 @@ class PolicyHarness:
 
   def scores(self, prompt_ids: np.ndarray, out: Dict[str, np.ndarray]) -> np.ndarray:
     texts = [self.prompt_texts[i] for i in np.asarray(prompt_ids)]
-    return np.asarray(self.score_fn(texts, out["tokens"], out["lengths"]), np.float32)
+    t0 = time.perf_counter()
+    scores = np.asarray(self.score_fn(texts, out["tokens"], out["lengths"]), np.float32)
+    self.score_s += time.perf_counter() - t0
+    return scores
+
+  def decode_summary(self, rates: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+    """This harness's decoding so far: work, wall time and (with `cost.machine_rates()`) its share of the floor
+    (`cost.DecodeMeter.summary`), with the batch size and the scorer's time beside it."""
+    return {"batch_rows": self.chunk_rows, **self.meter.summary(rates), "score_s": self.score_s}
 
   def pad_features(self, out: Dict[str, np.ndarray]) -> np.ndarray:
     masks = np.arange(out["tokens"].shape[1])[None] < out["lengths"][:, None]
