@@ -97,25 +97,49 @@ def sample_with_uniforms(logprobs: Array, uniforms: Array, sampling: SamplingCon
   logprobs: [B, V]; uniforms: f32[B] in [0, 1) -> int32[B]. Sampling by inverse CDF needs one random number per
   row, where the Gumbel trick of `jax.random.categorical` draws V (49,152 for SmolLM2), which on CPU costs more than
   the rest of the sampling step. Rows given the same uniform are coupled monotonically (common random numbers: two close
-  distributions give the same token unless their CDFs separate at that uniform).
+  distributions give the same token unless their CDFs separate at that uniform). At temperature 1 without top-k or
+  top-p the log-probs are used as they are (the inverse CDF normalizes): no second log-softmax.
   """
   if sampling.temperature == 0.0:
     return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
-  logp = jax.nn.log_softmax(filter_logits(logprobs, sampling), axis=-1)
+  if sampling.temperature == 1.0 and not sampling.top_k and sampling.top_p == 1.0:
+    logp = logprobs
+  else:
+    logp = jax.nn.log_softmax(filter_logits(logprobs, sampling), axis=-1)
   return inverse_cdf_sample(logp, uniforms[:, None])[:, 0]
 
 
-def inverse_cdf_sample(logp: Array, uniforms: Array) -> Array:
-  """Inverse-CDF sampling: `logp: [B, V]` normalized, `uniforms: [B, N]` in [0, 1) -> `int32[B, N]` tokens.
+# Tokens per block of the two-level inverse CDF (`inverse_cdf_sample`).
+CDF_BLOCK = 256
 
-  Token a is returned iff cdf[a-1] <= u * cdf[-1] < cdf[a]; the target is kept below cdf[-1] even where float32
-  rounds u * cdf[-1] up to it (u close to 1), so a zero-probability token is never returned.
+
+def inverse_cdf_sample(logp: Array, uniforms: Array) -> Array:
+  """Inverse-CDF sampling: `logp: [B, V]` log-weights (normalized or not), `uniforms: [B, N]` in [0, 1) ->
+  `int32[B, N]` tokens.
+
+  Token a is returned iff cdf[a-1] <= u * cdf[-1] < cdf[a]. The CDF is taken in two levels, which reads the
+  vocabulary once instead of running a cumulative sum along it (5x faster on CPU at [128, 49,152]): the sums of
+  blocks of `CDF_BLOCK` tokens and their cumulative sum pick the block, the chosen block's own cumulative sum picks
+  the token. Targets are kept inside [0, total) of each level even where float32 rounding of the two levels'
+  sums disagrees, so a zero-probability token is never returned.
   """
-  cdf = jnp.cumsum(jnp.exp(logp.astype(jnp.float32)), axis=-1)  # [B, V]
-  total = cdf[:, -1:]
-  targets = jnp.minimum(uniforms * total, jnp.nextafter(total, jnp.zeros_like(total)))
-  tokens = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(cdf, targets)
-  return jnp.minimum(tokens, logp.shape[-1] - 1).astype(jnp.int32)
+  b, v = logp.shape
+  block = min(CDF_BLOCK, v)
+  num_blocks = -(-v // block)
+  logp = logp.astype(jnp.float32)
+  p = jnp.exp(logp - jnp.max(logp, axis=-1, keepdims=True))
+  p = jnp.pad(p, ((0, 0), (0, num_blocks * block - v))).reshape(b, num_blocks, block)
+  block_cdf = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)  # [B, blocks]
+  below = lambda x: jnp.nextafter(x, jnp.zeros_like(x))
+  total = block_cdf[:, -1:]
+  targets = jnp.minimum(uniforms * total, below(total))  # [B, N]
+  search = jax.vmap(functools.partial(jnp.searchsorted, side="right"))
+  chosen = jnp.minimum(search(block_cdf, targets), num_blocks - 1)  # [B, N]: its block sum is > 0.
+  before = jnp.where(chosen > 0, jnp.take_along_axis(block_cdf, jnp.maximum(chosen - 1, 0), axis=-1), 0.0)
+  local_cdf = jnp.cumsum(jnp.take_along_axis(p, chosen[..., None], axis=1), axis=-1)  # [B, N, block]
+  local = jnp.clip(targets - before, 0.0, below(local_cdf[..., -1]))
+  within = jax.vmap(search)(local_cdf, local)
+  return jnp.minimum(chosen * block + within, v - 1).astype(jnp.int32)
 
 
 def pad_prompts(encoded, batch_size: int, length: int, pad_id: int = 0):

@@ -231,15 +231,16 @@ def _mix(params: Any, state: dict, rows: Rows, modes: Tuple[str, ...], stats: bo
   else:
     delta = support_delta_logits(params["policy"]["heads"], state["psi"], support)  # [H, B, S]
     log_z = support_log_normalizer(delta, jnp.exp(jnp.take(ref_lp, support, axis=-1)))  # [H, B]
-    mixed = jnp.einsum("bh,hbs->bs", c, delta)
+    # On the vocabulary: a gather through each token's support position, not a scatter (~2x faster on CPU).
+    on_vocab = lambda x: _on_vocabulary(x, params["support_position"])
+    mixed = on_vocab(jnp.einsum("bh,hbs->bs", c, delta))  # [B, V]
     # The explicit soup in delta form: (1 - sum c) log pi_ref + sum_h c_h (log pi_ref + delta_h - log Z_h / Z_ref)
     # = log pi_ref + sum_h c_h delta_h - sum_h c_h log Z_h / Z_ref (renormalized below).
-    explicit = ref_lp.at[:, support].add(mixed) - jnp.einsum("bh,hb->b", c, log_z)[:, None]
-    merged = ref_logits.at[:, support].add(mixed)
+    explicit = ref_lp + mixed - jnp.einsum("bh,hb->b", c, log_z)[:, None]
+    merged = ref_logits + mixed
     out["delta_support"], out["log_z"] = delta, log_z[..., None]  # [H, B, S], [H, B, 1]
     if params["need_head_logits"]:
-      out["heads"] = jax.nn.log_softmax(
-          jnp.broadcast_to(ref_logits, delta.shape[:2] + ref_logits.shape[-1:]).at[:, :, support].add(delta), axis=-1)
+      out["heads"] = jax.nn.log_softmax(ref_logits + on_vocab(delta), axis=-1)
   mixed_logits = explicit
   if "params" in modes:
     if merged is None:
@@ -251,6 +252,12 @@ def _mix(params: Any, state: dict, rows: Rows, modes: Tuple[str, ...], stats: bo
     mixed_logits = jnp.where(rows.mode[:, None] == MODE_IDS["guided"], ref_logits + guide, mixed_logits)
   out["logprobs"] = jax.nn.log_softmax(mixed_logits, axis=-1)
   return out
+
+
+def _on_vocabulary(x: Array, position: Array) -> Array:
+  """[..., S] values on a vocabulary support -> [..., V], zero off it (position: each token's index in the support,
+  -1 outside)."""
+  return jnp.where(position >= 0, jnp.take(x, jnp.maximum(position, 0), axis=-1), 0.0)
 
 
 def _merged_delta(heads: Any, psi: Array, lam: Array) -> Array:
