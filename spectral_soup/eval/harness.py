@@ -60,7 +60,6 @@ class PolicyHarness:
     # Tokens outside which the heads are zero (trained on a vocabulary support): decoding skips the rest.
     self.head_support = None if head_support is None else jnp.asarray(head_support, jnp.int32)
     self.chunk_rows, self.max_proposals, self.sampling = chunk_rows, max_proposals, sampling
-    self.decoded_tokens = 0
     # Decode work and wall time (`decode_summary`): the backbone, plus each head's low-rank correction per row-step.
     heads = params.get("heads", {}) if isinstance(params, dict) else {}
     extra = 0.0
@@ -118,7 +117,6 @@ class PolicyHarness:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(num_rows)
     result = {name: value[inverse] for name, value in result.items()}  # Back to the callers' row order.
-    self.decoded_tokens += int(result["lengths"].sum())
     return result
 
   def scores(self, prompt_ids: np.ndarray, out: Dict[str, np.ndarray]) -> np.ndarray:
@@ -127,6 +125,11 @@ class PolicyHarness:
     scores = np.asarray(self.score_fn(texts, out["tokens"], out["lengths"]), np.float32)
     self.score_s += time.perf_counter() - t0
     return scores
+
+  @property
+  def decoded_tokens(self) -> int:
+    """Tokens emitted by the rows decoded so far (each up to and including its EOS)."""
+    return self.meter.tokens
 
   def decode_summary(self, rates: Optional[Dict[str, float]] = None) -> Dict[str, object]:
     """This harness's decoding so far: work, wall time and (with `cost.machine_rates()`) its share of the floor
