@@ -12,6 +12,8 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from spectral_soup.utils import reductions
+
 Array = jax.Array
 
 
@@ -57,7 +59,7 @@ def gather_positions(x: Array, prev: Array) -> Array:
 
 def token_logprobs(logits: Array, response: Array, response_mask: Array) -> Array:
   """log softmax(logits)[response], zero on padding. logits: [B, R, V], response: int[B, R] -> f32[B, R]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logp = reductions.log_softmax(logits.astype(jnp.float32))
   out = jnp.take_along_axis(logp, response[:, :, None], axis=-1)[..., 0]
   return jnp.where(response_mask.astype(jnp.bool_), out, 0.0)
 

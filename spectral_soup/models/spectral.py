@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from spectral_soup.models import layers
 from spectral_soup.models.config import TransformerConfig
 from spectral_soup.models.transformer import Cache, Transformer, init_cache
+from spectral_soup.utils import reductions
 
 Array = jax.Array
 BASIS_KINDS = ("heads", "lora")
@@ -144,7 +145,8 @@ def support_log_normalizer(delta_support: Array, support_probs: Array) -> Array:
   # Reference mass outside the support: those logits do not move.
   log_tail = jnp.log(jnp.maximum(1.0 - probs.sum(-1), tiny))
   terms = jnp.log(jnp.maximum(probs, tiny)) + delta_support.astype(jnp.float32)  # log p_ref(a) + delta_k(a)
-  top = jax.lax.stop_gradient(jnp.maximum(terms.max(-1), log_tail))  # The largest term contributes exp(0) = 1.
+  # The largest term contributes exp(0) = 1.
+  top = jax.lax.stop_gradient(jnp.maximum(reductions.max_last(terms), log_tail))
   return top + jnp.log(jnp.exp(log_tail - top) + jnp.sum(jnp.exp(terms - top[..., None]), -1))
 
 

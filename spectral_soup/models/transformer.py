@@ -59,12 +59,16 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype: 
 
 
 def take_cache_rows(cache: Cache, index: Array) -> Cache:
-  """The cache rows `index` (int[B']): batch is axis 1 of k / v and axis 0 of pos / valid / next_pos."""
+  """The cache rows `index` (int[B']): batch is axis 1 of k / v and axis 0 of pos / valid / next_pos.
+
+  Indices outside [0, B) are clipped (a gather that fills them instead costs a select over the whole copy: 9x the
+  time of the copy on CPU).
+  """
   out = dict(cache)
   for name in ("k", "v"):
-    out[name] = jnp.take(cache[name], index, axis=1)
+    out[name] = jnp.take(cache[name], index, axis=1, mode="clip")
   for name in ("pos", "valid", "next_pos"):
-    out[name] = jnp.take(cache[name], index, axis=0)
+    out[name] = jnp.take(cache[name], index, axis=0, mode="clip")
   return out
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from spectral_soup.models.sequences import left_pad  # Re-exported: prompts are left-padded inside the loop.
 from spectral_soup.models.transformer import output_logits
+from spectral_soup.utils import reductions
 
 Array = jax.Array
 # logits_fn(params, tokens: int32[B, T], mask: bool[B, T], cache) -> (out, cache), where `out` is the normalized
@@ -71,8 +72,8 @@ def nucleus_threshold(logits: Array, top_p: float, iterations: int = 40) -> Arra
   """
   finite = jnp.isfinite(logits)
   probs = jax.nn.softmax(logits, axis=-1)
-  hi = jnp.max(logits, axis=-1, keepdims=True) + 1.0  # P(logit >= hi) = 0 < top_p.
-  lo = jnp.min(jnp.where(finite, logits, jnp.inf), axis=-1, keepdims=True)  # P(logit >= lo) = 1 >= top_p.
+  hi = reductions.max_last(logits, keepdims=True) + 1.0  # P(logit >= hi) = 0 < top_p.
+  lo = reductions.min_last(jnp.where(finite, logits, jnp.inf), keepdims=True)  # P(logit >= lo) = 1 >= top_p.
 
   def halve(_, bounds):
     lo, hi = bounds
@@ -87,7 +88,7 @@ def nucleus_threshold(logits: Array, top_p: float, iterations: int = 40) -> Arra
 def sample_tokens(key: Array, logprobs: Array, sampling: SamplingConfig) -> Array:
   """logprobs: [B, V] -> int32[B] (one uniform per row; see `sample_with_uniforms`)."""
   if sampling.temperature == 0.0:
-    return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+    return reductions.argmax_last(logprobs)
   return sample_with_uniforms(logprobs, jax.random.uniform(key, logprobs.shape[:-1]), sampling)
 
 
@@ -101,11 +102,11 @@ def sample_with_uniforms(logprobs: Array, uniforms: Array, sampling: SamplingCon
   top-p the log-probs are used as they are (the inverse CDF normalizes): no second log-softmax.
   """
   if sampling.temperature == 0.0:
-    return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+    return reductions.argmax_last(logprobs)
   if sampling.temperature == 1.0 and not sampling.top_k and sampling.top_p == 1.0:
     logp = logprobs
   else:
-    logp = jax.nn.log_softmax(filter_logits(logprobs, sampling), axis=-1)
+    logp = reductions.log_softmax(filter_logits(logprobs, sampling))
   return inverse_cdf_sample(logp, uniforms[:, None])[:, 0]
 
 
@@ -127,7 +128,7 @@ def inverse_cdf_sample(logp: Array, uniforms: Array) -> Array:
   block = min(CDF_BLOCK, v)
   num_blocks = -(-v // block)
   logp = logp.astype(jnp.float32)
-  p = jnp.exp(logp - jnp.max(logp, axis=-1, keepdims=True))
+  p = jnp.exp(logp - reductions.max_last(logp, keepdims=True))
   p = jnp.pad(p, ((0, 0), (0, num_blocks * block - v))).reshape(b, num_blocks, block)
   block_cdf = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)  # [B, blocks]
   below = lambda x: jnp.nextafter(x, jnp.zeros_like(x))
@@ -264,6 +265,6 @@ def model_logits_fn(model) -> LogitsFn:
     else:  # A prompt: `decode` reads the last position only, so skip the output layer everywhere else.
       _, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache, return_logits=False)
       logits = output_logits(model.config, params, aux["hidden"][:, -1:])
-    return jax.nn.log_softmax(logits, axis=-1), aux["cache"]
+    return reductions.log_softmax(logits), aux["cache"]
 
   return logits_fn

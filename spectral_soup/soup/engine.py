@@ -57,6 +57,7 @@ from spectral_soup.models.transformer import take_cache_rows
 from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import mix_logprobs
 from spectral_soup.soup.implicit import rejection_sample
+from spectral_soup.utils import reductions
 
 Array = jax.Array
 MODES = ("explicit", "params", "implicit", "guided")
@@ -72,7 +73,7 @@ class Rows:
     mode: int32[B], indices into MODES.
     lam: f32[B, H] weights over the policy's heads (explicit / params / implicit rows).
     guide: f32[B, A] weights over the token-reward table's rows (guided rows).
-    prompt_index: int32[B], the prefilled prompt each row continues.
+    prompt_index: int32[B], the prefilled prompt each row continues (an index past the last prompt reads the last).
     seed: int32[B], the row's sampling stream: rows with the same seed draw the same uniforms at every step
       (common random numbers: different policies answering one prompt then differ only where their policies do,
       which makes paired comparisons between methods far less noisy).
@@ -96,6 +97,9 @@ def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: i
     raise ValueError(f"lam row {bad} is not finite: {lam[bad]}.")
   guide = np.zeros((mode.shape[0], num_guides), np.float32) if guide is None else np.asarray(guide, np.float32)
   prompt_index = np.arange(mode.shape[0]) if prompt_index is None else np.asarray(prompt_index)
+  if prompt_index.shape != mode.shape or np.any(prompt_index < 0):
+    raise ValueError(f"prompt_index must be [B={mode.shape[0]}] indices >= 0 of prefilled prompts, got "
+                     f"{prompt_index if prompt_index.size <= 8 else prompt_index.shape}.")
   seed = prompt_index if seed is None else np.asarray(seed)
   return Rows(mode=jnp.asarray(mode), lam=jnp.asarray(lam), guide=jnp.asarray(guide),
               prompt_index=jnp.asarray(prompt_index, jnp.int32), seed=jnp.asarray(seed, jnp.int32))
@@ -207,25 +211,23 @@ def _mix(params: Any, state: dict, rows: Rows, modes: Tuple[str, ...], stats: bo
   (`spectral.support_log_normalizer`): no [H, B, V] array unless implicit rows need the heads' full logits.
   """
   if "soup_logits" in state:  # LoRA parameter soups: the pass gave each row's policy directly.
-    return {"logprobs": jax.nn.log_softmax(state["soup_logits"].astype(jnp.float32), axis=-1)}
+    return {"logprobs": reductions.log_softmax(state["soup_logits"].astype(jnp.float32))}
   ref_logits = state["ref_logits"].astype(jnp.float32)
   c = rows.lam.astype(jnp.float32)  # [B, H]
   if "psi" in state and not stats and set(modes) <= {"explicit", "params"} and "support" not in params:
     # Head bases, no statistics: the K + 1 normalizers of the explicit soup cancel, so every row is one log-softmax
     # of logits_ref + sum_h c_h Delta_h, in factored form (no [H, B, V] array).
-    return {
-        "logprobs": jax.nn.log_softmax(ref_logits + _merged_delta(params["policy"]["heads"], state["psi"], c), axis=-1)
-    }
-  ref_lp = jax.nn.log_softmax(ref_logits, axis=-1)
+    return {"logprobs": reductions.log_softmax(ref_logits + _merged_delta(params["policy"]["heads"], state["psi"], c))}
+  ref_lp = reductions.log_softmax(ref_logits)
   out = {"ref": ref_lp}
   support = params.get("support")
   if "psi" not in state:  # Full basis logits (LoRA stacked, or separate passes).
-    out["heads"] = jax.nn.log_softmax(state["basis_logits"].astype(jnp.float32), axis=-1)
+    out["heads"] = reductions.log_softmax(state["basis_logits"].astype(jnp.float32))
     explicit = mix_logprobs(ref_lp, out["heads"], c)
     merged = None
   elif support is None:
     delta = head_delta_logits(params["policy"]["heads"], state["psi"])  # [H, B, V]
-    out["heads"] = jax.nn.log_softmax(ref_logits[None] + delta, axis=-1)  # [H, B, V]
+    out["heads"] = reductions.log_softmax(ref_logits[None] + delta)  # [H, B, V]
     explicit = mix_logprobs(ref_lp, out["heads"], c)
     merged = ref_logits + jnp.einsum("bh,hbv->bv", c, delta)
   else:
@@ -240,7 +242,7 @@ def _mix(params: Any, state: dict, rows: Rows, modes: Tuple[str, ...], stats: bo
     merged = ref_logits + mixed
     out["delta_support"], out["log_z"] = delta, log_z[..., None]  # [H, B, S], [H, B, 1]
     if params["need_head_logits"]:
-      out["heads"] = jax.nn.log_softmax(ref_logits + on_vocab(delta), axis=-1)
+      out["heads"] = reductions.log_softmax(ref_logits + on_vocab(delta))
   mixed_logits = explicit
   if "params" in modes:
     if merged is None:
@@ -250,14 +252,14 @@ def _mix(params: Any, state: dict, rows: Rows, modes: Tuple[str, ...], stats: bo
   if "guided" in modes:
     guide = params["guide_scale"] * (rows.guide @ params["guide_table"])  # [B, V]
     mixed_logits = jnp.where(rows.mode[:, None] == MODE_IDS["guided"], ref_logits + guide, mixed_logits)
-  out["logprobs"] = jax.nn.log_softmax(mixed_logits, axis=-1)
+  out["logprobs"] = reductions.log_softmax(mixed_logits)
   return out
 
 
 def _on_vocabulary(x: Array, position: Array) -> Array:
   """[..., S] values on a vocabulary support -> [..., V], zero off it (position: each token's index in the support,
   -1 outside)."""
-  return jnp.where(position >= 0, jnp.take(x, jnp.maximum(position, 0), axis=-1), 0.0)
+  return jnp.where(position >= 0, jnp.take(x, jnp.maximum(position, 0), axis=-1, mode="clip"), 0.0)
 
 
 def _merged_delta(heads: Any, psi: Array, lam: Array) -> Array:
@@ -423,7 +425,7 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
     params["support_position"] = support_position(params["support"], vocab)
   num_prompts = jax.tree.leaves(prompts["state"])[0].shape[-2]
   cache = _take_rows(policy, passes, prompts["cache"], rows.prompt_index, num_prompts)
-  state = jax.tree.map(lambda x: jnp.take(x, rows.prompt_index, axis=-2), prompts["state"])
+  state = jax.tree.map(lambda x: jnp.take(x, rows.prompt_index, axis=-2, mode="clip"), prompts["state"])
   last = _mix(params, state, rows, modes, stats)
   return decoding.decode_from(_step_fn(policy, passes, modes, stats), params, last, cache, key,
                               max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,

@@ -28,13 +28,14 @@ import numpy as np
 
 from spectral_soup.soup.validation import check_lam
 from spectral_soup.soup.validation import lam_per_row
+from spectral_soup.utils import reductions
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "alpha")
 
 
 def _log_normalize(logits: jax.Array) -> jax.Array:
   """`[..., V]` logits of any float dtype -> float32 log-probs `[..., V]`."""
-  return jax.nn.log_softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
+  return reductions.log_softmax(jnp.asarray(logits).astype(jnp.float32))
 
 
 def weighted_logp_sum(logps: jax.Array, coeffs: jax.Array) -> jax.Array:
@@ -101,7 +102,7 @@ def soup_logits(ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array) 
   """
   num_bases = _check_logit_shapes(ref_logits, basis_logits)
   check_lam(lam, num_bases, allow_batch=False)
-  return jax.nn.log_softmax(mix_logprobs(_log_normalize(ref_logits), _log_normalize(basis_logits), lam), axis=-1)
+  return reductions.log_softmax(mix_logprobs(_log_normalize(ref_logits), _log_normalize(basis_logits), lam))
 
 
 def soup_logits_batched(ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array) -> jax.Array:
@@ -120,7 +121,7 @@ def soup_logits_batched(ref_logits: jax.Array, basis_logits: jax.Array, lam: jax
     raise ValueError(f"ref_logits must have shape [B, ..., V], got {np.shape(ref_logits)}.")
   batch = np.shape(ref_logits)[0]
   lam = lam_per_row(lam, num_bases, batch)
-  return jax.nn.log_softmax(mix_logprobs(_log_normalize(ref_logits), _log_normalize(basis_logits), lam), axis=-1)
+  return reductions.log_softmax(mix_logprobs(_log_normalize(ref_logits), _log_normalize(basis_logits), lam))
 
 
 def mod_combine(logps: jax.Array, weights: jax.Array, divergence: str = "reverse_kl",
@@ -156,7 +157,7 @@ def mod_combine(logps: jax.Array, weights: jax.Array, divergence: str = "reverse
   weights = jnp.asarray(weights, jnp.float32)
   logps = _log_normalize(logps)
   if divergence == "reverse_kl":
-    return jax.nn.log_softmax(weighted_logp_sum(logps, weights), axis=-1)
+    return reductions.log_softmax(weighted_logp_sum(logps, weights))
 
   if divergence == "forward_kl":
     alpha = 1.0
@@ -168,4 +169,4 @@ def mod_combine(logps: jax.Array, weights: jax.Array, divergence: str = "reverse
   w = weights.reshape(weights.shape + (1,) * (logps.ndim - 1))
   # Zero-weight policies contribute exp(-inf) = 0; masking first avoids -inf + inf = NaN on -inf log-probs.
   terms = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)) - alpha * logps, -jnp.inf)
-  return jax.nn.log_softmax(-jax.nn.logsumexp(terms, axis=0) / alpha, axis=-1)
+  return reductions.log_softmax(-jax.nn.logsumexp(terms, axis=0) / alpha)

@@ -29,6 +29,7 @@ from spectral_soup.soup.explicit import _log_normalize
 from spectral_soup.soup.explicit import mix_logprobs
 from spectral_soup.soup.explicit import weighted_logp_sum
 from spectral_soup.soup.validation import lam_per_row
+from spectral_soup.utils import reductions
 
 
 def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array, *,
@@ -74,10 +75,10 @@ def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Ar
   diffs = basis_logp - jnp.where(ref_support, ref_logp, 0.0)[None]  # [K, B, V]
   g = weighted_logp_sum(diffs, lam.T) * inv_temp  # [B, V]
   g = jnp.where(ref_support, g, -jnp.inf)
-  log_accept = g - jnp.max(g, axis=-1, keepdims=True)  # [B, V], <= 0, 0 at the argmax.
-  proposal_logp = jax.nn.log_softmax(ref_logp * inv_temp, axis=-1)  # [B, V]
+  log_accept = g - reductions.max_last(g, keepdims=True)  # [B, V], <= 0, 0 at the argmax.
+  proposal_logp = reductions.log_softmax(ref_logp * inv_temp)  # [B, V]
 
-  soup_logp = jax.nn.log_softmax(mix_logprobs(ref_logp, basis_logp, lam) * inv_temp, axis=-1)
+  soup_logp = reductions.log_softmax(mix_logprobs(ref_logp, basis_logp, lam) * inv_temp)
 
   # One uniform draw per row: P proposals, P acceptance tests and one fallback draw. Sampling by inverse CDF costs
   # O(P log V) per row instead of the O(P V) Gumbel noise of jax.random.categorical (V can be 256k).

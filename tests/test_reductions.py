@@ -1,0 +1,61 @@
+"""The folded reductions equal their jnp / jax.nn counterparts bit for bit, NaN, ties and odd widths included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spectral_soup.utils import reductions
+
+WIDTHS = (1, 3, 8, 17, 1000, 1025, 50257)
+EXACT = {
+    "max_last": lambda x: jnp.max(x, axis=-1),
+    "min_last": lambda x: jnp.min(x, axis=-1),
+    "argmax_last": lambda x: jnp.argmax(x, axis=-1),
+    "log_softmax": lambda x: jax.nn.log_softmax(x, axis=-1),
+    "logsumexp": lambda x: jax.nn.logsumexp(x, axis=-1),
+}
+
+
+def _cases(width: int, rng: np.random.Generator):
+  x = rng.normal(size=(4, width)).astype(np.float32)
+  x[0, width // 3] = 40.0  # A clear maximum inside.
+  x[1, -1] = 40.0  # ... in the last column (set aside when a width is odd).
+  ties = np.round(x * 0.5).astype(np.float32)  # Many ties: argmax must return the first.
+  nans = np.where(rng.random(x.shape) < 0.01, np.nan, x).astype(np.float32)
+  nans[2, -1] = np.nan
+  infs = x.copy()
+  infs[0] = -np.inf  # A row with nothing finite.
+  infs[3, width // 2] = np.inf
+  return {"normal": x, "ties": ties, "nans": nans, "infs": infs}
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_equals_jnp_bit_for_bit(name, width):
+  rng = np.random.default_rng(width)
+  ours, theirs = jax.jit(getattr(reductions, name)), jax.jit(EXACT[name])
+  for case, x in _cases(width, rng).items():
+    got, want = np.asarray(ours(jnp.asarray(x))), np.asarray(theirs(jnp.asarray(x)))
+    assert got.shape == want.shape and got.dtype == want.dtype or name == "argmax_last", (case, got.dtype)
+    np.testing.assert_array_equal(got, want, err_msg=f"{name} on {case} rows of width {width}")
+
+
+def test_argmax_is_int32_and_handles_leading_axes_and_integers():
+  x = jnp.asarray(np.random.default_rng(0).integers(-5, 5, size=(2, 3, 77)), jnp.int32)
+  got = reductions.argmax_last(x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+  np.testing.assert_array_equal(reductions.max_last(x, keepdims=True), jnp.max(x, axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("width", (5, 1024, 3001))
+def test_gradients_match_jax(width):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(3, width)).astype(np.float32) * 4)
+  w = jnp.asarray(rng.normal(size=(width,)).astype(np.float32))
+  for ours, theirs in [(reductions.log_softmax, jax.nn.log_softmax),
+                       (reductions.logsumexp, lambda v: jax.nn.logsumexp(v, axis=-1)[..., None])]:
+    g1 = jax.grad(lambda v: jnp.sum(ours(v) * w if ours is reductions.log_softmax else ours(v)))(x)
+    g2 = jax.grad(lambda v: jnp.sum(theirs(v) * w if ours is reductions.log_softmax else theirs(v)))(x)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
