@@ -59,3 +59,17 @@ def test_gradients_match_jax(width):
     g1 = jax.grad(lambda v: jnp.sum(ours(v) * w if ours is reductions.log_softmax else ours(v)))(x)
     g2 = jax.grad(lambda v: jnp.sum(theirs(v) * w if ours is reductions.log_softmax else theirs(v)))(x)
     np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", (7, 1024, 50257))
+def test_log_softmax_at_equals_picked_log_softmax(width):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(3, 5, width)).astype(np.float32) * 3)
+  index = jnp.asarray(rng.integers(0, width, size=(3, 5)), jnp.int32)
+  want = lambda v: jnp.take_along_axis(jax.nn.log_softmax(v, axis=-1), index[..., None], axis=-1)[..., 0]
+  got = lambda v: reductions.log_softmax_at(v, index)
+  np.testing.assert_array_equal(jax.jit(got)(x), jax.jit(want)(x))
+  w = jnp.asarray(rng.normal(size=(3, 5)).astype(np.float32))
+  np.testing.assert_allclose(
+      jax.grad(lambda v: jnp.sum(got(v) * w))(x),
+      jax.grad(lambda v: jnp.sum(want(v) * w))(x), rtol=1e-5, atol=1e-6)

@@ -59,8 +59,7 @@ def gather_positions(x: Array, prev: Array) -> Array:
 
 def token_logprobs(logits: Array, response: Array, response_mask: Array) -> Array:
   """log softmax(logits)[response], zero on padding. logits: [B, R, V], response: int[B, R] -> f32[B, R]."""
-  logp = reductions.log_softmax(logits.astype(jnp.float32))
-  out = jnp.take_along_axis(logp, response[:, :, None], axis=-1)[..., 0]
+  out = reductions.log_softmax_at(logits.astype(jnp.float32), response)
   return jnp.where(response_mask.astype(jnp.bool_), out, 0.0)
 
 

@@ -79,6 +79,18 @@ def log_softmax(x: Array) -> Array:
   return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
 
 
+def log_softmax_at(x: Array, index: Array) -> Array:
+  """`jnp.take_along_axis(jax.nn.log_softmax(x), index[..., None], -1)[..., 0]` without the [..., V] log-probs.
+
+  x: [..., V]; index: int[...]. The same float operations on the picked entries, so the same values bit for bit,
+  and the same gradients; only the normalizer is reduced over V (where `log_softmax` then writes every entry).
+  """
+  top = jax.lax.stop_gradient(max_last(x, keepdims=True))
+  log_z = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1))
+  picked = jnp.take_along_axis(x, index[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return (picked - top[..., 0]) - log_z
+
+
 def logsumexp(x: Array, keepdims: bool = False) -> Array:
   """`jax.nn.logsumexp(x, axis=-1, keepdims=keepdims)` for real x with the folded max: the same values and gradients.
   """
