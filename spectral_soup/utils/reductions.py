@@ -5,14 +5,14 @@ greedy decoding's argmax, the sampler's normalizer. XLA's own CPU max-reduction 
 only, see `_xla_cpu.py`) runs at about 2.5 G elements/s on two AVX-512 cores and its argmax at 0.4 G/s, while
 elementwise code runs at 5-10 G/s. Here the last axis is first folded in halves by elementwise maxima (`max(x[:h],
 x[h:])`, up to `MAX_LEVELS` times; XLA fuses the folds into one loop that reads `x` once), and only the remaining
-`V / 2^levels` columns go through `jnp.max`: 4-5x faster at [32-4,096, 1,024-49,152] on that CPU, 2x and 8x for the
-log-softmax and the argmax.
+`V / 2^levels` columns go through `jnp.max`: 4-5x faster at [32-4,096, 1,024-49,152] on that CPU, 1.5-2.3x for the
+log-softmax and 5-11x for the argmax.
 
 A maximum is exact in any order, so every function returns bit for bit what its `jnp` / `jax.nn` counterpart
 returns, NaN included (`jnp.maximum` propagates NaN; `argmax` returns the first NaN's index, as `jnp.argmax` does),
-and the gradients are the same (the max is under `stop_gradient`, as in `jax.nn.log_softmax`). On accelerators the
-folds cost one more read of the folded halves than a native reduction; the functions are used where the last axis
-is the vocabulary.
+and the gradients are the same up to float rounding (the max is under `stop_gradient`, as in `jax.nn.log_softmax`).
+The speedups above are measured on CPU; on accelerators the folds are exact too, and their speed is what the GPU
+decode benchmark (`experiments/benchmarks/gpu.sh`) measures.
 """
 
 from __future__ import annotations
