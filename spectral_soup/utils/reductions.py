@@ -1,4 +1,4 @@
-"""Max, argmax and log-softmax over the last axis, as exact trees of elementwise maxima.
+"""Max, min, argmax and log-softmax over the last axis, as exact trees of elementwise maxima.
 
 Every decoding step and every training step of a head basis reduces over the vocabulary: the log-softmax's max,
 greedy decoding's argmax, the sampler's normalizer. XLA's own CPU max-reduction (the package keeps YNNPACK for dots
@@ -74,7 +74,7 @@ def argmax_last(x: Array) -> Array:
 
 
 def log_softmax(x: Array) -> Array:
-  """`jax.nn.log_softmax(x, axis=-1)` with the folded max: the same values and gradients."""
+  """`jax.nn.log_softmax(x, axis=-1)` with the folded max: the same values, gradients up to float rounding."""
   shifted = x - jax.lax.stop_gradient(max_last(x, keepdims=True))
   return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
 
@@ -89,12 +89,3 @@ def log_softmax_at(x: Array, index: Array) -> Array:
   log_z = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1))
   picked = jnp.take_along_axis(x, index[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return (picked - top[..., 0]) - log_z
-
-
-def logsumexp(x: Array, keepdims: bool = False) -> Array:
-  """`jax.nn.logsumexp(x, axis=-1, keepdims=keepdims)` for real x with the folded max: the same values and gradients.
-  """
-  top = max_last(x, keepdims=True)
-  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top)))
-  out = jnp.log(jnp.abs(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True))) + top
-  return out if keepdims else out[..., 0]
