@@ -9,8 +9,10 @@ of positions. `tests/xla_cpu_regression.py` holds the smallest program and repro
 The package keeps YNN for plain dots only: `--xla_cpu_experimental_ynn_fusion_type=dot`. The miscompiled
 elementwise/reduction fusions are gone (every probe of the regression script matches float64), and the dots, where
 YNNPACK is 3-5x faster than XLA's own CPU kernels on the 49,152-wide output layer, stay fast: greedy decoding of
-SmolLM2 ran at 0.82-0.88x the speed under XLA's defaults on an AVX-512 EPYC on two days and at 0.96-1.00x on a
-third (medians of runs paired by round; BENCHMARKS.md section 4), where turning every fusion off cost 15-20%.
+SmolLM2 runs at 0.93-1.11x the speed under XLA's defaults on an AVX-512 EPYC (medians of runs paired by round, two
+runs; BENCHMARKS.md section 4), where turning every fusion off cost 15-20%. XLA's own max and argmax reductions are
+3-10x slower than YNNPACK's, so the package's vocabulary-wide reductions are folds of elementwise maxima
+(`utils/reductions.py`); before those, the setting cost 12-18% on two days.
 
 `XLA_FLAGS` is read once per process, when the first XLA backend starts (not when `jax` is imported), so setting
 it here works whenever `spectral_soup` is imported before the first computation, which is the case for the
