@@ -104,6 +104,37 @@ def test_fit_lambda_1000_users_one_vmapped_call_matches_scipy_and_sklearn():
       np.testing.assert_allclose(lam[u], clf.coef_[0], rtol=1e-3, atol=1e-3, err_msg=f"user {u}")
 
 
+def _newton64(x, p, l2, iters=30):
+  """Undamped Newton in float64 from 0 (converges on these well-conditioned problems): [U, K]."""
+  x, p = np.asarray(x, np.float64), np.asarray(p, np.float64)
+  lam = np.zeros((x.shape[0], x.shape[2]))
+  for _ in range(iters):
+    s = 1.0 / (1.0 + np.exp(-np.einsum("unk,uk->un", x, lam)))
+    g = np.einsum("unk,un->uk", x, s - p) + l2 * lam
+    h = np.einsum("unk,unj->ukj", x * (s * (1.0 - s))[..., None], x) + l2 * np.eye(x.shape[2])
+    lam = lam - np.linalg.solve(h, g[..., None])[..., 0]
+  return lam
+
+
+def test_default_fit_ends_at_float32_precision():
+  """The default call (early stopping) ends within float32 rounding of the float64 optimum, in a few steps.
+
+  K = 30 features, N = 64 comparisons, margins of a few units (the online benchmark's problem): near the optimum
+  the line search's slope at the full step is rounding; a line search that took its sign at face value halved the
+  step there and ended ~1e-5 away (and took more steps to stop).
+  """
+  rng = np.random.default_rng(3)
+  num_users, num_rows, num = 128, 64, 30
+  truth = rng.standard_normal((num_users, num)) / np.sqrt(num) * 3.0
+  x = rng.standard_normal((num_users, num_rows, num)).astype(np.float32)
+  p = (rng.uniform(size=(num_users, num_rows)) < 1.0 / (1.0 + np.exp(-np.einsum("unk,uk->un", x, truth))))
+  p = p.astype(np.float32)
+  lam = np.asarray(online.fit_lambda_batched(x, p, l2=1.0))
+  ref = _newton64(x, p, 1.0)
+  error = np.max(np.abs(lam - ref), axis=1) / np.maximum(1.0, np.max(np.abs(ref), axis=1))
+  assert error.max() < 1e-6, f"users {np.flatnonzero(error >= 1e-6)[:8]}: relative error up to {error.max():.2e}"
+
+
 def test_masks_warm_start_prior_and_single_user_form():
   x, p, _ = _problem(1)
   rng = np.random.default_rng(2)

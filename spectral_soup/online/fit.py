@@ -12,8 +12,9 @@ f(x, y) in R^K (f_k = beta * (log pi_k(y|x) - log pi_ref(y|x))) and d = f(x, y_a
 (= sum_i m_i * (softplus(z_i) - p_i z_i) + l2 / 2 * |lam - mu|^2, `log_loss`), with soft labels p_i in [0, 1]
 (0.5 = tie), row weights / mask m_i and a prior mean mu (0 by default; e.g. the uniform soup 1/K). It runs damped
 Newton (IRLS) steps in K dimensions (`newton`) until the step is negligible (`tol`; at most `num_iters`), each a
-descent step whatever the data: separable data (the optimum stays finite because l2 > 0), ties, all-one-side
-feedback, no feedback (lam = mu), feature scales from 1e-6 to 1e6. Accuracy in float32 is ~1e-6 relative on ordinary problems; it degrades (lam stays
+descent step (up to rounding) whatever the data: separable data (the optimum stays finite because l2 > 0), ties,
+all-one-side feedback, no feedback (lam = mu), feature scales from 1e-6 to 1e6. Accuracy in float32 is ~1e-6
+relative on ordinary problems (K = 30, N = 64: within 3e-7 of the float64 optimum); it degrades (lam stays
 finite) when the data curvature exceeds l2 by ~1e6 or more on nearly separable data (e.g. features ~1e3 with
 l2 = 1: ~1e-3).
 
@@ -175,7 +176,7 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     num_inner_iters: projected-gradient steps per Newton step for a constrained fit (static).
     tol: > 0 (default 1e-5): stop once a full Newton step is below tol * max(1, |lam|_inf) (a `while_loop`; under
       vmap it runs until the slowest user converges; Newton converges quadratically, so the error left is ~ the step
-      squared: about 5 steps from a cold start on ordinary problems, at most `num_iters`). 0: exactly `num_iters`
+      squared: 5-7 steps from a cold start on ordinary problems, at most `num_iters`). 0: exactly `num_iters`
       steps (a `fori_loop`): use it to differentiate through the fit (reverse mode).
 
   Returns:
