@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_soup.models import layers
-from spectral_soup.models.spectral import (SpectralPolicy, group_targets, init_policy_cache, lora_shapes,
-                                           split_lora_params, with_backbone)
+from spectral_soup.models import layers, sequences
+from spectral_soup.models.spectral import (SpectralPolicy, group_targets, head_delta_logits, head_token_logprobs,
+                                           init_policy_cache, lora_shapes, split_lora_params, with_backbone)
 from spectral_soup.models.transformer import Transformer
 from tests import tiny
 
@@ -122,6 +122,50 @@ def test_heads_with_logit_bias(rank):
 
 def psi_term(psi, heads, k):
   return psi @ heads["a"][k] @ heads["b"][k] if "a" in heads else 0.0
+
+
+@pytest.mark.parametrize("parts", ["ab", "abc", "c"])
+def test_head_token_logprobs_matches_autodiff(parts):
+  """The fused custom VJP: the same values bit for bit as log_softmax(ref + delta)[token], and the same gradients
+  (heads, psi and the reference logits) as automatic differentiation of that formula, up to float rounding."""
+  k, b, t, f, r, v = 3, 2, 5, 6, 4, 40
+  keys = jax.random.split(jax.random.key(0), 6)
+  heads = {
+      "a": jax.random.normal(keys[0], (k, f, r)),
+      "b": jax.random.normal(keys[1], (k, r, v)),
+      "c": jax.random.normal(keys[2], (k, v))
+  }
+  heads = {name: value for name, value in heads.items() if name in parts}
+  psi = jax.random.normal(keys[3], (b, t, f))
+  ref = 3.0 * jax.random.normal(keys[4], (b, t, v))
+  tokens = jax.random.randint(keys[5], (b, t), 0, v)
+  mask = jnp.arange(t)[None, :] < jnp.array([[t], [t - 2]])  # Padding positions get no gradient.
+  weights = jnp.linspace(0.5, 1.5, k)[:, None]
+
+  def autodiff(heads, psi, ref):
+    logits = ref[None] + head_delta_logits(heads, psi)
+    return jax.vmap(lambda x: sequences.token_logprobs(x, tokens, mask))(logits)
+
+  def fused(heads, psi, ref):
+    return jnp.where(mask[None], head_token_logprobs(heads, psi, ref, tokens), 0.0)
+
+  expected, got = jax.jit(autodiff)(heads, psi, ref), jax.jit(fused)(heads, psi, ref)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  loss = lambda fn: (lambda *args: jnp.sum(weights * fn(*args).sum(-1)**2))
+  argnums = (0, 1, 2) if "a" in parts else (0, 2)
+  want = jax.jit(jax.grad(loss(autodiff), argnums))(heads, psi, ref)
+  have = jax.jit(jax.grad(loss(fused), argnums))(heads, psi, ref)
+  for w, h in zip(jax.tree.leaves(want), jax.tree.leaves(have)):
+    assert float(jnp.abs(w).max()) > 0
+    np.testing.assert_allclose(np.asarray(h), np.asarray(w), rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()))
+  # bf16 heads (the compute dtype of a bf16 policy): gradients in the parameters' dtype, close to the f32 ones.
+  grads16 = jax.jit(
+      jax.grad(lambda h: jnp.sum(weights * jnp.where(mask[None], head_token_logprobs(h, psi, ref, tokens, jnp.bfloat16),
+                                                     0.0).sum(-1))))(heads)
+  grads32 = jax.jit(jax.grad(lambda h: jnp.sum(weights * fused(h, psi, ref).sum(-1))))(heads)
+  for name in heads:
+    assert grads16[name].dtype == heads[name].dtype
+    np.testing.assert_allclose(grads16[name], grads32[name], rtol=0.05, atol=0.05 * float(jnp.abs(grads32[name]).max()))
 
 
 def test_frozen_backbone_gets_no_gradient():

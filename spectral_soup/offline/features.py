@@ -40,7 +40,7 @@ from spectral_soup.models import layers
 from spectral_soup.models.build import merge_params
 from spectral_soup.models import sequences
 from spectral_soup.models.config import TransformerConfig
-from spectral_soup.models.spectral import SpectralPolicy, head_delta_logits, support_delta_logits
+from spectral_soup.models.spectral import SpectralPolicy, head_token_logprobs, support_delta_logits
 from spectral_soup.models.spectral import support_log_normalizer
 from spectral_soup.models.transformer import Transformer, init_cache, output_logits, take_cache_rows
 
@@ -95,10 +95,7 @@ def pair_logprobs(policy: SpectralPolicy, params: Any, batch: Batch, chunk: int 
 
     def score(h, p, y, m):  # [2B, c, D], [2B, c, F], [2B, c] -> ref [2B, c], basis [K, 2B, c]
       ref_logits = layers.constrain(reference_logits(cfg, backbone, h), ("batch", "length", "vocab"))
-      basis_logits = ref_logits[None] + head_delta_logits(params["heads"], p, cfg.dtype)
-      basis_logits = layers.constrain(basis_logits, ("basis", "batch", "length", "vocab"))
-      token = lambda logits: sequences.token_logprobs(logits, y, m)
-      return token(ref_logits), jax.vmap(token)(basis_logits)
+      return sequences.token_logprobs(ref_logits, y, m), _head_scores(params["heads"], p, ref_logits, y, m, cfg.dtype)
 
     ref, basis = _by_position_chunks(score, (hidden[0], psi, response, response_mask), chunk)
   else:
@@ -218,10 +215,13 @@ def cached_response_logprobs(policy: SpectralPolicy, trainable: Any, backbone: A
   cfg = policy.config
   ref_logits = layers.constrain(reference_logits(cfg, backbone, hidden), ("batch", "length", "vocab"))
   psi = _psi(policy, trainable, hidden)
-  basis_logits = ref_logits[None] + head_delta_logits(trainable["heads"], psi, cfg.dtype)
-  basis_logits = layers.constrain(basis_logits, ("basis", "batch", "length", "vocab"))
-  score = lambda logits: sequences.token_logprobs(logits, response, response_mask).sum(-1)
-  return jax.vmap(score)(basis_logits)
+  return _head_scores(trainable["heads"], psi, ref_logits, response, response_mask, cfg.dtype).sum(-1)
+
+
+def _head_scores(heads: Any, psi: Array, ref_logits: Array, response: Array, response_mask: Array, dtype) -> Array:
+  """Per-token log-probs of the responses under each head basis, zero on padding: [B, R, ...] -> f32[K, B, R]."""
+  logprobs = head_token_logprobs(heads, psi, ref_logits, response, dtype, axes=("basis", "batch", "length", "vocab"))
+  return jnp.where(response_mask.astype(jnp.bool_)[None], logprobs, 0.0)
 
 
 def support_response_logratios(policy: SpectralPolicy, trainable: Any, hidden: Array, support_probs: Array,
