@@ -219,7 +219,10 @@ def cached_response_logprobs(policy: SpectralPolicy, trainable: Any, backbone: A
 
 
 def _head_scores(heads: Any, psi: Array, ref_logits: Array, response: Array, response_mask: Array, dtype) -> Array:
-  """Per-token log-probs of the responses under each head basis, zero on padding: [B, R, ...] -> f32[K, B, R]."""
+  """Per-token log-probs of the responses under each head basis (`head_token_logprobs`), zero on padding.
+
+  psi: [B, R, F]; ref_logits: [B, R, V]; response, response_mask: [B, R] -> f32[K, B, R].
+  """
   logprobs = head_token_logprobs(heads, psi, ref_logits, response, dtype, axes=("basis", "batch", "length", "vocab"))
   return jnp.where(response_mask.astype(jnp.bool_)[None], logprobs, 0.0)
 
