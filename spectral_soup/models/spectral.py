@@ -117,14 +117,28 @@ def head_delta_logits(heads: Mapping[str, Array], psi: Array, dtype: Any = jnp.f
 
   heads: {"a": [K, F, r], "b": [K, r, V]} and/or {"c": [K, V]}; psi: [..., F] -> f32[K, ..., V].
   """
-  delta = 0.0
+  return _delta_from_factors(*_head_factors(heads, psi, dtype), psi.shape[:-1])
+
+
+def _head_factors(heads: Mapping[str, Array], psi: Array, dtype: Any):
+  """(h = psi A_k [K, ..., r], B_k [K, r, V], c_k f32[K, V]); None for the parts the heads do not have."""
+  h = b = c = None
   if "a" in heads:
     h = jnp.einsum("...f,kfr->k...r", psi.astype(dtype), heads["a"].astype(dtype))
-    delta = jnp.einsum("k...r,krv->k...v", h, heads["b"].astype(dtype), preferred_element_type=jnp.float32)
+    b = heads["b"].astype(dtype)
   if "c" in heads:
     c = heads["c"].astype(jnp.float32)
-    delta = delta + jnp.broadcast_to(c.reshape(c.shape[:1] + (1,) * (psi.ndim - 1) + c.shape[1:]),
-                                     c.shape[:1] + psi.shape[:-1] + c.shape[1:])
+  return h, b, c
+
+
+def _delta_from_factors(h: Optional[Array], b: Optional[Array], c: Optional[Array], batch_shape) -> Array:
+  """h B_k + c_k: f32[K, *batch_shape, V] (0.0 if neither)."""
+  delta = 0.0
+  if h is not None:
+    delta = jnp.einsum("k...r,krv->k...v", h, b, preferred_element_type=jnp.float32)
+  if c is not None:
+    delta = delta + jnp.broadcast_to(c.reshape(c.shape[:1] + (1,) * len(batch_shape) + c.shape[1:]),
+                                     c.shape[:1] + tuple(batch_shape) + c.shape[1:])
   return delta
 
 
@@ -144,12 +158,7 @@ def head_token_logprobs(heads: Mapping[str, Array], psi: Array, ref_logits: Arra
   automatic differentiation's up to float rounding. Being a custom VJP, it supports reverse mode (grad, vjp) and
   vmap, not forward mode (`jax.jvp` through it raises).
   """
-  h = b = c = None
-  if "a" in heads:
-    h = jnp.einsum("...f,kfr->k...r", psi.astype(dtype), heads["a"].astype(dtype))
-    b = heads["b"].astype(dtype)
-  if "c" in heads:
-    c = heads["c"].astype(jnp.float32)
+  h, b, c = _head_factors(heads, psi, dtype)
   return _head_token_logprobs(
       tuple(axes) if axes is not None else None, ref_logits.astype(jnp.float32), h, b, c, tokens.astype(jnp.int32))
 
@@ -158,29 +167,20 @@ def _constrain(x: Array, axes) -> Array:
   return x if axes is None else layers.constrain(x, axes)
 
 
-def _head_scores(axes, ref_logits, h, b, c, tokens):
+def _scores_and_logits(axes, ref_logits, h, b, c, tokens):
   """(log-probs [K, ...], basis logits [K, ..., V], log-normalizers [K, ...]) as `head_token_logprobs` defines them."""
-  delta = 0.0
-  if h is not None:
-    delta = jnp.einsum("k...r,krv->k...v", h, b, preferred_element_type=jnp.float32)
-  if c is not None:
-    shape = c.shape[:1] + ref_logits.shape
-    delta = delta + jnp.broadcast_to(c.reshape(c.shape[:1] + (1,) * (ref_logits.ndim - 1) + c.shape[1:]), shape)
-  logits = _constrain(ref_logits[None] + delta, axes)
-  top = reductions.max_last(logits, keepdims=True)
-  log_z = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-  index = jnp.broadcast_to(tokens, logits.shape[:-1])[..., None]
-  picked = jnp.take_along_axis(logits, index, axis=-1)[..., 0]
-  return (picked - top[..., 0]) - log_z, logits, top[..., 0] + log_z
+  logits = _constrain(ref_logits[None] + _delta_from_factors(h, b, c, ref_logits.shape[:-1]), axes)
+  out, log_norm = reductions.log_softmax_at_and_normalizer(logits, jnp.broadcast_to(tokens, logits.shape[:-1]))
+  return out, logits, log_norm
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _head_token_logprobs(axes, ref_logits, h, b, c, tokens):
-  return _head_scores(axes, ref_logits, h, b, c, tokens)[0]
+  return _scores_and_logits(axes, ref_logits, h, b, c, tokens)[0]
 
 
 def _head_token_logprobs_fwd(axes, ref_logits, h, b, c, tokens):
-  out, logits, log_norm = _head_scores(axes, ref_logits, h, b, c, tokens)
+  out, logits, log_norm = _scores_and_logits(axes, ref_logits, h, b, c, tokens)
   return out, (logits, log_norm, h, b, c, tokens)
 
 

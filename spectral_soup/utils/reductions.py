@@ -85,7 +85,12 @@ def log_softmax_at(x: Array, index: Array) -> Array:
   x: [..., V]; index: int[...]. The same float operations on the picked entries, so the same values bit for bit,
   and the same gradients; only the normalizer is reduced over V (where `log_softmax` then writes every entry).
   """
+  return log_softmax_at_and_normalizer(x, index)[0]
+
+
+def log_softmax_at_and_normalizer(x: Array, index: Array):
+  """(`log_softmax_at(x, index)`, the log-normalizer logsumexp(x) [...]): the same values, one pass for both."""
   top = jax.lax.stop_gradient(max_last(x, keepdims=True))
   log_z = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1))
   picked = jnp.take_along_axis(x, index[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return (picked - top[..., 0]) - log_z
+  return (picked - top[..., 0]) - log_z, top[..., 0] + log_z
