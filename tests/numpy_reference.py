@@ -46,7 +46,7 @@ def llama_forward(config, backbone: Mapping[str, Any], tokens: np.ndarray):
   x = p["embed"]["embedding"][np.asarray(tokens)]
   t = x.shape[0]
   positions = np.arange(t)
-  h, hkv, dh = config.num_heads, config.num_kv_heads, config.head_dim
+  h, hkv = config.num_heads, config.num_kv_heads
   causal = np.tril(np.ones((t, t), bool))
   lay = p["layers"]
   for i in range(config.num_layers):

@@ -29,7 +29,7 @@ def test_no_deps_packages_are_installed_by_both_commands():
   packages = re.search(r"NO_DEPS_DATA_PACKAGES = \[(.*?)\]", setup).group(1)
   for package in re.findall(r'"([^"]+)"', packages):
     for command in quickstart_commands():
-      assert f"--no-deps" in command and package in command, (package, command)
+      assert "--no-deps" in command and package in command, (package, command)
 
 
 def test_main_job_rejects_a_bad_field_before_loading_anything(tmp_path):

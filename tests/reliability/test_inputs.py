@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
