@@ -175,6 +175,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
 
   # ---- 1. Data.
   t0 = phase("data: embedded preference pairs")
+  split_name = "dev" if config.eval.split == "dev" else "held-out"  # Where the users and prompts evaluated come from.
   # Model, data, the basis run's checkpoint and the workdir's lock are the user's input: a bad one is an InputError
   # (one line), and nothing is written to the workdir before all of them have been accepted.
   with errors.input_stage():
@@ -310,7 +311,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   scales = {m: sorted(float(x) for x in config.eval.frontier[m]) for m in SWEPT}
   soups = tuple(config.eval.soups)
   t0 = phase(f"eval: {len(SWEPT) + len(soups) + 3} methods ({len(SWEPT)} swept over strengths) x {num_users} "
-             f"users + {num_bases} bases x {len(eval_pool)} held-out prompts x {config.eval.samples_per_prompt} "
+             f"users + {num_bases} bases x {len(eval_pool)} {split_name} prompts x {config.eval.samples_per_prompt} "
              "samples")
   num_heads = num_bases + num_users
   on_bases = lambda c: np.concatenate([np.asarray(c, np.float32), np.zeros(num_users, np.float32)])
@@ -446,8 +447,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
 
   print()
   print(metrics_lib.format_table(summary, METHOD_ORDER))
-  print(f"\n{num_users} held-out {config.users.kind} users, {history['num_comparisons'][-1]} comparisons each, "
-        f"{len(eval_pool)} held-out prompts x {config.eval.samples_per_prompt} samples; "
+  print(f"\n{num_users} {split_name} {config.users.kind} users, {history['num_comparisons'][-1]} comparisons each, "
+        f"{len(eval_pool)} {split_name} prompts x {config.eval.samples_per_prompt} samples; "
         f"total {time.time() - t_job:.0f} s. Wrote {os.path.join(workdir, 'results.json')} and plots.")
 
 
