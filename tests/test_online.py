@@ -391,7 +391,9 @@ def test_true_reward_and_choices_per_kind():
   prod = online.make_users("product", 20, 1, num_attributes=3)
   i, j = np.asarray(prod.attributes).T
   assert np.all(i != j)
-  np.testing.assert_allclose(online.true_reward(prod, scores), scores[:, i].T * scores[:, j].T, atol=1e-6)
+  np.testing.assert_allclose(online.true_reward(prod, scores),
+                             np.tanh(scores[:, i].T) * np.tanh(scores[:, j].T), atol=1e-6)
+  assert np.all(np.abs(online.true_reward(prod, 30.0 * scores)) <= 1.0)  # Bounded, whatever the scores' tails.
   # Bradley-Terry frequencies match the probabilities; temperature 0 is deterministic.
   rng = np.random.default_rng(2)
   sa, sb = rng.standard_normal((4000, 3)), rng.standard_normal((4000, 3))
