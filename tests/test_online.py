@@ -205,7 +205,8 @@ def test_one_nan_user_does_not_change_the_others():
   x_bad[7, 3, 2] = np.nan
   p_bad = p.copy()
   p_bad[9, 0] = np.nan
-  dirty = np.asarray(fit(x_bad, p_bad))
+  with pytest.warns(RuntimeWarning, match=r"users \[7, 9\] have non-finite"):  # The warning names both users.
+    dirty = np.asarray(fit(x_bad, p_bad))
   others = np.setdiff1d(np.arange(_U), [7, 9])
   np.testing.assert_array_equal(dirty[others], clean[others])
   assert np.all(np.isnan(dirty[[7, 9]]))  # The bad users are flagged by NaN, not silently fitted.
