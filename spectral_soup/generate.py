@@ -95,6 +95,8 @@ def main(argv) -> None:
     prompts = read_prompts(_PROMPT.value, _PROMPTS.value)
     if not 0.0 < _TOP_P.value <= 1.0:
       raise ValueError(f"--top_p={_TOP_P.value}: expected in (0, 1].")
+    if not 0.0 <= _TEMPERATURE.value < float("inf"):  # NaN fails every comparison.
+      raise ValueError(f"--temperature={_TEMPERATURE.value}: expected a finite number >= 0 (0: greedy).")
     if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
       raise ValueError(f"--output={_OUTPUT.value} is a directory: expected a file path.")
     from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top

@@ -121,6 +121,10 @@ def test_bad_inputs_name_what_was_expected(basis, tmp_path):
     basis.generate(PROMPTS[0], [np.nan, 0.0, 0.0])
   with pytest.raises(ValueError, match="2 prompts for 1 responses"):
     basis.features(PROMPTS, ["x"])
+  with pytest.raises(ValueError, match=r"seed='1': expected an integer"):
+    basis.generate(PROMPTS, [0.0, 0.0, 0.0], seed="1")
+  with pytest.raises(ValueError, match=r"temperature=nan: expected a finite number >= 0"):
+    basis.generate(PROMPTS, [0.0, 0.0, 0.0], temperature=float("nan"))
   with pytest.raises(FileNotFoundError, match="no trained basis in"):
     ss.load_basis(str(tmp_path))
 
@@ -169,6 +173,7 @@ def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
     (["--lam=1,0,0", "--users=u.json"], "pass exactly one of --lam"),
     (["--users=missing.json"], "--users=missing.json: cannot read it"),
     (["--users=bad.json"], r"user 'b' of --users has 2 weights"),
+    (["--lam=1,0,0", "--temperature=nan"], r"--temperature=nan: expected a finite number >= 0"),
 ])
 def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, message):
   (tmp_path / "bad.json").write_text(json.dumps({"a": [1, 0, 0], "b": [1, 0]}))

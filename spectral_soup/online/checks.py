@@ -23,14 +23,30 @@ def is_tracer(x: Any) -> bool:
 
 
 def check_l2(l2: Any) -> None:
-  """Raises ValueError unless every l2 is > 0 (concrete values only; tracers pass)."""
+  """Raises ValueError unless every l2 is a finite number > 0 (concrete values only; tracers pass)."""
   if l2 is None:
     raise ValueError("l2 is required (the L2 penalty strength, > 0).")
   if is_tracer(l2):
     return
-  values = np.asarray(l2, np.float64)
-  if values.size and not np.all(values > 0):  # Also rejects NaN.
-    raise ValueError(f"l2 must be > 0 (it keeps the optimum finite on separable data), got {l2}.")
+  try:
+    values = np.asarray(l2, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"l2 must be a number > 0 (or one per user), got {l2!r}.") from None
+  if values.size and not np.all((values > 0) & np.isfinite(values)):  # Also rejects NaN.
+    raise ValueError(f"l2 must be a finite number > 0 (it keeps the optimum finite on separable data), got {l2}.")
+
+
+def check_numeric(name: str, x: Any) -> None:
+  """Raises ValueError unless `x` holds numbers (bool, integer or float; concrete values only)."""
+  if x is None or is_tracer(x) or isinstance(x, jax.Array):
+    return
+  try:
+    dtype = np.asarray(x).dtype
+  except ValueError:  # Ragged nested sequences.
+    raise ValueError(f"{name} must be a rectangular array of numbers; it is ragged.") from None
+  if dtype.kind not in "biuf":
+    first = np.asarray(x).ravel()[:1].tolist()
+    raise ValueError(f"{name} must hold numbers, got dtype {dtype} (first element {first}).")
 
 
 def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]]) -> None:

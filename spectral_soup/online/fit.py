@@ -47,6 +47,7 @@ from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_constraint
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_labels
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import dims
@@ -65,6 +66,9 @@ def unit_total_weight(lam: ArrayLike) -> np.ndarray:
   the bases' attributes sum to 1 (as Dirichlet users' do).
   """
   lam = np.asarray(lam, np.float64)
+  if not np.all(np.isfinite(lam)):
+    row = np.argwhere(~np.isfinite(lam))[0].tolist()
+    raise ValueError(f"unit_total_weight needs finite lambda; lam{row} = {lam[tuple(row)]}.")
   if np.any(lam < 0):
     raise ValueError(f"unit_total_weight needs nonnegative lambda; got a minimum of {lam.min():.3g}.")
   total = lam.sum(-1, keepdims=True)
@@ -127,6 +131,9 @@ def _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, b
   check_constraint(constraint, box)
   check_shapes("delta_features", delta_features, (None,) * (3 if batched else 2), dims(batched, "N", "K"))
   *users, num_rows, num = np.shape(delta_features)
+  if not num:
+    raise ValueError(f"delta_features has shape {tuple(np.shape(delta_features))}: expected at least one feature "
+                     "(K >= 1, one per basis).")
   rows = (*users, num_rows)
   check_shapes("prefs", prefs, rows, dims(batched, "N"))
   dtype = float_dtype(delta_features)
@@ -187,6 +194,9 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
   """
   if not (isinstance(tol, (int, float)) and tol >= 0):
     raise ValueError(f"tol must be a number >= 0 (0: exactly num_iters steps), got {tol!r}.")
+  for name, value in (("delta_features", delta_features), ("prefs", prefs), ("mask", mask), ("init", init),
+                      ("prior_mean", prior_mean)):
+    check_numeric(name, value)
   if np.ndim(delta_features) not in (2, 3):
     raise ValueError(f"delta_features must have shape [N, K] (one user) or [U, N, K] (U users), got "
                      f"{tuple(np.shape(delta_features))}.")

@@ -19,9 +19,11 @@ from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import dims
 from spectral_soup.online.checks import float_dtype
+from spectral_soup.online.checks import is_tracer
 
 PAIR_RULES = ("max_variance", "max_info", "thompson")
 # Relative jitter added to a posterior covariance (times its largest variance): keeps it numerically positive
@@ -50,6 +52,8 @@ posterior_core_batched = jax.jit(jax.vmap(posterior_core))
 def _posterior_inputs(lam_hat, delta_features, mask, l2, *, batched: bool) -> Tuple[Array, Array, Array, Array]:
   """Checks the arguments of `posterior` (batched: `posterior_batched`); returns the core's (lam, x, m, l2)."""
   check_l2(l2)
+  for name, value in (("lam_hat", lam_hat), ("delta_features", delta_features), ("mask", mask)):
+    check_numeric(name, value)
   check_shapes("delta_features", delta_features, (None,) * (3 if batched else 2), dims(batched, "N", "K"))
   *users, num_rows, num = np.shape(delta_features)
   check_shapes("lam_hat", lam_hat, (*users, num), dims(batched, "K"))
@@ -100,19 +104,29 @@ def cov_sqrt(cov: Array) -> Array:
   return evecs * jnp.sqrt(jnp.maximum(evals, 0.0))
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples",))
 def thompson_sample(key: Array, mean: ArrayLike, cov: ArrayLike, num_samples: Optional[int] = None) -> Array:
   """Samples of lam ~ N(mean, cov) (through a symmetric eigendecomposition, robust to tiny eigenvalues).
 
   Args:
     key: PRNG key.
     mean: `[K]`.
-    cov: `[K, K]` symmetric PSD.
+    cov: `[K, K]` symmetric PSD (checked when concrete).
     num_samples: None for one `[K]` sample, else `[num_samples, K]`.
 
   Returns:
     `[K]` or `[num_samples, K]`.
   """
+  check_numeric("mean", mean)
+  check_numeric("cov", cov)
+  check_shapes("mean", mean, (None,), "[K]")
+  check_shapes("cov", cov, (np.shape(mean)[-1],) * 2, "[K, K]")
+  if not is_tracer(cov):
+    _check_psd(np.asarray(cov, np.float64))
+  return _thompson_sample(key, mean, cov, num_samples=num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def _thompson_sample(key: Array, mean: ArrayLike, cov: ArrayLike, num_samples: Optional[int] = None) -> Array:
   mean = jnp.asarray(mean)
   dtype = float_dtype(mean, cov)
   mean = mean.astype(dtype)
@@ -120,6 +134,20 @@ def thompson_sample(key: Array, mean: ArrayLike, cov: ArrayLike, num_samples: Op
   shape = (mean.shape[-1],) if num_samples is None else (num_samples, mean.shape[-1])
   eps = jax.random.normal(key, shape, dtype)
   return mean + eps @ root.T
+
+
+def _check_psd(cov: np.ndarray) -> None:
+  """A concrete covariance: ValueError unless finite, symmetric and positive semi-definite (up to rounding)."""
+  scale = np.max(np.abs(cov)) if cov.size and np.all(np.isfinite(cov)) else np.nan
+  if not np.isfinite(scale):
+    raise ValueError("cov must be finite: it holds NaN or inf.")
+  if np.max(np.abs(cov - cov.T)) > 1e-5 * scale:
+    raise ValueError(f"cov must be symmetric: |cov - cov.T| reaches {np.max(np.abs(cov - cov.T)):.3g} "
+                     f"(entries up to {scale:.3g}).")
+  smallest = np.linalg.eigvalsh(cov)[0]
+  if smallest < -1e-5 * scale:
+    raise ValueError(f"cov must be positive semi-definite: its smallest eigenvalue is {smallest:.3g} (entries up "
+                     f"to {scale:.3g}).")
 
 
 def _masked_argmax_pair(scores: Array) -> Tuple[Array, Array]:
@@ -135,8 +163,8 @@ def _choose_pair_core(f, mean, cov, valid, key, *, rule):
   pair_ok = valid[:, None] & valid[None, :]
   if rule == "thompson":
     k1, k2 = jax.random.split(key)
-    values1 = jnp.where(valid, f @ thompson_sample(k1, mean, cov), -jnp.inf)
-    values2 = jnp.where(valid, f @ thompson_sample(k2, mean, cov), -jnp.inf)
+    values1 = jnp.where(valid, f @ _thompson_sample(k1, mean, cov), -jnp.inf)
+    values2 = jnp.where(valid, f @ _thompson_sample(k2, mean, cov), -jnp.inf)
     i = jnp.argmax(values1)
     j = jnp.argmax(jnp.where(jnp.arange(f.shape[0]) == i, -jnp.inf, values2))
     return i.astype(jnp.int32), j.astype(jnp.int32)

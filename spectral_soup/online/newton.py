@@ -186,8 +186,9 @@ def fit_core(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo
     # Converged when the full (projected) Newton step is tiny both in lam and in the logits it moves (the second
     # makes the test independent of the features' scale: with features ~1e6, lam ~1e-6 moves by less than tol
     # long before the fit is done); the error left is then ~ the step squared. NaN: never done.
+    # `initial=0`: a user with no comparison (N = 0) has no logits; its step is the prior's, done at once.
     done = ((jnp.max(jnp.abs(direction)) <= tol * jnp.maximum(1.0, jnp.max(jnp.abs(lam)))) &
-            (jnp.max(jnp.abs(xd)) <= tol * jnp.maximum(1.0, jnp.max(jnp.abs(z)))))
+            (jnp.max(jnp.abs(xd), initial=0.0) <= tol * jnp.maximum(1.0, jnp.max(jnp.abs(z), initial=0.0))))
     return new, done
 
   if not tol:

@@ -17,6 +17,7 @@ from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import float_dtype
 
@@ -52,6 +53,8 @@ def fit_lambda_ratings(features: ArrayLike, ratings: ArrayLike, *, l2: ArrayLike
     `[K]` lam.
   """
   check_l2(l2)
+  for name, value in (("features", features), ("ratings", ratings), ("mask", mask), ("prior_mean", prior_mean)):
+    check_numeric(name, value)
   check_shapes("features", features, (None, None), "[N, K]")
   num_rows, num = np.shape(features)
   check_shapes("ratings", ratings, (num_rows,), "[N]")

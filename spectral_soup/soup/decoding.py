@@ -42,12 +42,16 @@ class SamplingConfig:
   top_p: float = 1.0  # Nucleus sampling: the smallest set with probability >= top_p (1.0: off).
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"SamplingConfig.temperature={self.temperature}: expected >= 0.")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingConfig.top_k={self.top_k}: expected >= 0.")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1].")
+    if not (_is_real(self.temperature) and 0 <= self.temperature < np.inf):  # NaN fails every comparison.
+      raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: expected a finite number >= 0.")
+    if isinstance(self.top_k, (bool, np.bool_)) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: expected an integer >= 0.")
+    if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
+      raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: expected a number in (0, 1].")
+
+
+def _is_real(x: Any) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:

@@ -31,6 +31,7 @@ from spectral_soup.models.spectral import SpectralPolicy
 from spectral_soup.soup import decoding
 from spectral_soup.soup import engine
 from spectral_soup.soup.explicit import soup_logits_batched
+from spectral_soup.soup.validation import check_int
 from spectral_soup.soup.validation import check_length
 from spectral_soup.soup.validation import check_token_ids
 from spectral_soup.soup.validation import lam_per_row
@@ -75,8 +76,8 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
   check_prompts(prompt, prompt_mask, policy.config.vocab_size)
   users, length = np.shape(prompt)
   lam = lam_per_row(lam, policy.num_bases, users)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1.")
+  max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+  max_proposals = check_int("max_proposals", max_proposals, 1 if mode == "implicit" else 0)
   check_length(length + max_new_tokens, policy.config.max_len,
                f"prompt length {length} + max_new_tokens={max_new_tokens}")
   passes = engine.passes_for(policy, mode)
@@ -113,6 +114,9 @@ def sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array,
   vocab = policy.config.vocab_size
   check_token_ids("prompt", prompt, prompt_mask, vocab)
   check_token_ids("response", response, response_mask, vocab)
+  if np.shape(response)[0] != np.shape(prompt)[0]:
+    raise ValueError(f"response has {np.shape(response)[0]} rows for {np.shape(prompt)[0]} prompt rows: expected one "
+                     "response per prompt row.")
   check_length(
       np.shape(prompt)[1] + np.shape(response)[1], policy.config.max_len,
       f"prompt length {np.shape(prompt)[1]} + response length {np.shape(response)[1]}")

@@ -78,8 +78,12 @@ def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
   """Raises ValueError if a real token (mask True) of concrete `ids` is outside [0, vocab_size); tracers pass.
 
   An id past the embedding table is silently clamped or read as garbage inside jit (NaN log-probs, token 0), so
-  it is refused here, naming the first offending position.
+  it is refused here, naming the first offending position. Shapes are checked for tracers too: ids `[B, T]` and a
+  mask of the same shape.
   """
+  if np.ndim(ids) != 2 or np.shape(mask) != np.shape(ids):
+    raise ValueError(f"{name} must be int[B, T] with a {name}_mask of the same shape; got {tuple(np.shape(ids))} and "
+                     f"{tuple(np.shape(mask))}.")
   if _is_tracer(ids) or _is_tracer(mask):
     return
   ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
@@ -90,6 +94,13 @@ def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
     index = tuple(int(i) for i in bad[0])
     raise ValueError(f"{name}{_format_index(index)} = {int(ids[index])} is not a token id of this model: expected "
                      f"0 <= id < vocab_size={vocab_size} ({len(bad)} such position{'s' if len(bad) > 1 else ''}).")
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+  """`value` as a Python int; ValueError naming `name` unless it is an integer (not a bool) >= `minimum`."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}.")
+  return int(value)
 
 
 def check_length(total: int, max_len: int, what: str) -> None:

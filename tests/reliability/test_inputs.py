@@ -208,6 +208,52 @@ def test_empty_and_overlong_prompts_are_named(heads_policy):
     serving.generate(policy, params, np.ones(K) / K, PROMPT, MASK, max_new_tokens=0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({
+        "max_new_tokens": 2.5
+    }, r"max_new_tokens=2.5: expected an integer >= 1"),
+    ({
+        "max_new_tokens": True
+    }, r"max_new_tokens=True: expected an integer >= 1"),
+    ({
+        "mode": "implicit",
+        "max_proposals": 0
+    }, r"max_proposals=0: expected an integer >= 1"),
+    ({
+        "sampling": {
+            "temperature": float("nan")
+        }
+    }, r"temperature=nan: expected a finite number >= 0"),
+    ({
+        "sampling": {
+            "temperature": float("inf")
+        }
+    }, r"temperature=inf: expected a finite number >= 0"),
+    ({
+        "sampling": {
+            "temperature": "0.7"
+        }
+    }, r"temperature='0.7': expected a finite number >= 0"),
+    ({
+        "sampling": {
+            "top_k": 2.5
+        }
+    }, r"top_k=2.5: expected an integer >= 0"),
+    ({
+        "sampling": {
+            "top_p": float("nan")
+        }
+    }, r"top_p=nan: expected a number in \(0, 1\]"),
+])
+def test_bad_decoding_arguments_are_named(heads_policy, kwargs, message):
+  policy, params = heads_policy
+  kwargs = {"max_new_tokens": 2, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    if "sampling" in kwargs:
+      kwargs["sampling"] = decoding.SamplingConfig(**kwargs["sampling"])
+    serving.generate(policy, params, np.ones(K) / K, PROMPT, MASK, **kwargs)
+
+
 def test_prompt_longer_than_the_position_table_is_named():
   policy, params = tiny.tiny_policy("heads", num_bases=K, family="gpt2")  # Learned positions: max_len = 128.
   prompt = np.ones((2, 120), np.int32)
@@ -247,6 +293,12 @@ def test_sequence_logprobs_checks_lam_before_jit(heads_policy):
   with pytest.raises(ValueError, match=r"lam\[1, 0\] is NaN"):
     serving.sequence_logprobs(policy, params, PROMPT, MASK, response, response > 0,
                               lam=np.array([[0.1, 0.2, 0.1], [np.nan, 0.2, 0.1]] * 2))
+  with pytest.raises(
+      ValueError, match=r"response must be int\[B, T\] with a response_mask of the same shape; got "
+      r"\(4, 2\) and \(4, 1\)"):
+    serving.sequence_logprobs(policy, params, PROMPT, MASK, response, response[:, :1] > 0)
+  with pytest.raises(ValueError, match="response has 3 rows for 4 prompt rows: expected one response per prompt row"):
+    serving.sequence_logprobs(policy, params, PROMPT, MASK, response[:3], response[:3] > 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

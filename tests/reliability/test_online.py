@@ -190,3 +190,73 @@ def test_batched_fit_names_the_isolated_users_and_refuses_bad_labels():
   p[2, 3] = 1.5
   with pytest.raises(ValueError, match=r"prefs\[2, 3\] = 1.5"):
     online.fit_lambda_batched(np.nan_to_num(x), p, l2=1.0, mask=mask)
+
+
+@pytest.mark.parametrize(
+    "constraint, prior, expected",
+    [
+        (None, None, np.zeros(K)),
+        (None, np.arange(K) / 10.0, np.arange(K) / 10.0),
+        ("simplex", None, np.full(K, 1.0 / K)),  # The prior 0 projected onto the simplex.
+        ("box", np.full(K, 2.0), np.ones(K)),  # The prior clipped to the box [0, 1].
+    ])
+def test_users_with_zero_comparison_rows_get_the_prior(constraint, prior, expected):
+  box = (0.0, 1.0) if constraint == "box" else None
+  fit = functools.partial(online.fit_lambda, l2=1.0, constraint=constraint, box=box, prior_mean=prior)
+  np.testing.assert_allclose(fit(np.zeros((0, K), np.float32), np.zeros(0, np.float32)), expected, atol=1e-6)
+  lam = fit(np.zeros((3, 0, K), np.float32), np.zeros((3, 0), np.float32))
+  np.testing.assert_allclose(lam, np.broadcast_to(expected, (3, K)), atol=1e-6)
+  lam = fit(np.zeros((3, 0, K), np.float32), np.zeros((3, 0), np.float32), tol=0)
+  np.testing.assert_allclose(lam, np.broadcast_to(expected, (3, K)), atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({
+        "prefs": np.array(["a"] * N)
+    }, r"prefs must hold numbers, got dtype <U1 \(first element \['a'\]\)"),
+    ({
+        "delta_features": [[1.0, 2.0], [3.0]]
+    }, r"delta_features must be a rectangular array of numbers"),
+    ({
+        "mask": np.array([None] * N)
+    }, r"mask must hold numbers, got dtype object"),
+    ({
+        "l2": np.inf
+    }, r"l2 must be a finite number > 0"),
+    ({
+        "l2": [1.0, np.nan]
+    }, r"l2 must be a finite number > 0"),
+    ({
+        "l2": "strong"
+    }, r"l2 must be a number > 0 \(or one per user\), got 'strong'"),
+    ({
+        "delta_features": np.zeros((N, 0))
+    }, r"delta_features has shape \(12, 0\): expected at least one feature"),
+])
+def test_fit_arguments_that_are_not_numbers_are_named(args, message):
+  x, p, _ = _users(seed=2)
+  kwargs = {"delta_features": x[1], "prefs": p[1], "l2": 1.0, **args}
+  with pytest.raises(ValueError, match=message):
+    online.fit_lambda(kwargs.pop("delta_features"), kwargs.pop("prefs"), **kwargs)
+  if "l2" in args or "delta_features" in args:
+    return
+  with pytest.raises(ValueError, match=message.replace("prefs", "ratings")):
+    online.fit_lambda_ratings(x[1], args.get("prefs", p[1]), l2=1.0, mask=args.get("mask"))
+
+
+@pytest.mark.parametrize("cov, message", [
+    (-np.eye(K), r"cov must be positive semi-definite: its smallest eigenvalue is -1"),
+    (np.triu(np.ones((K, K))), r"cov must be symmetric"),
+    (np.full((K, K), np.nan), r"cov must be finite"),
+    (np.eye(K + 1), r"cov must have shape \[K, K\] = \[4, 4\]"),
+])
+def test_thompson_sampling_refuses_a_matrix_that_is_not_a_covariance(cov, message):
+  with pytest.raises(ValueError, match=message):
+    online.thompson_sample(jax.random.key(0), np.zeros(K), cov)
+  assert np.all(np.isfinite(np.asarray(online.thompson_sample(jax.random.key(0), np.zeros(K), 1e-9 * np.eye(K)))))
+
+
+def test_unit_total_weight_refuses_non_finite_lambda():
+  with pytest.raises(ValueError, match=r"unit_total_weight needs finite lambda; lam\[1, 0\] = nan"):
+    online.unit_total_weight(np.array([[0.5, 0.5], [np.nan, 1.0]]))
+  np.testing.assert_allclose(online.unit_total_weight(np.array([[0.0, 0.0], [1.0, 3.0]])), [[0.5, 0.5], [0.25, 0.75]])
