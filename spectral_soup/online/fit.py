@@ -47,8 +47,8 @@ from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_constraint
 from spectral_soup.online.checks import check_l2
-from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_labels
+from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import dims
 from spectral_soup.online.checks import float_dtype
