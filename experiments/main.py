@@ -100,8 +100,8 @@ def validate_config(config) -> None:
   for method in SWEPT:
     scales = config.eval.frontier.get(method, ())
     need(
-        all(x > 0 for x in scales) and 1.0 in scales, f"eval.frontier.{method}",
-        "positive strengths including 1.0 (the method as fitted)")
+        config_check.is_numbers(scales) and all(x > 0 for x in scales) and 1.0 in scales, f"eval.frontier.{method}",
+        "a tuple of finite positive strengths including 1.0 (the method as fitted)")
   need(
       set(config.eval.soups) <= {"params", "implicit"}, "eval.soups",
       "soups evaluated besides the explicit one, among 'params' and 'implicit'")
@@ -110,11 +110,13 @@ def validate_config(config) -> None:
   need(config.eval.chunk_rows >= 1, "eval.chunk_rows", ">= 1")
   need(config.eval.max_proposals >= 1, "eval.max_proposals", ">= 1")
   need(config.eval.pad_l2 > 0, "eval.pad_l2", "> 0")
+  pareto = config.eval.pareto_bases
   need(
-      0 <= config.eval.pareto_bases[0] < config.basis.num_bases and
-      0 <= config.eval.pareto_bases[1] < config.basis.num_bases and
-      config.eval.pareto_bases[0] != config.eval.pareto_bases[1], "eval.pareto_bases",
+      config_check.is_numbers(pareto, integers=True) and len(pareto) == 2 and
+      all(0 <= b < config.basis.num_bases for b in pareto) and pareto[0] != pareto[1], "eval.pareto_bases",
       f"two distinct basis indices in [0, {config.basis.num_bases})")
+  need(config.eval.pareto_points >= 2, "eval.pareto_points", ">= 2 (soups from one basis to the other)")
+  need(config.eval.num_bootstrap >= 1, "eval.num_bootstrap", ">= 1")
   config_checks.validate_config(config)
 
 

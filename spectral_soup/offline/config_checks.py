@@ -76,9 +76,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   if c.data.source == "embedded":
     need(bool(c.model.path), "model.path", "a checkpoint (the embedded data is tokenized with its tokenizer)")
     need(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)")
+    # How the embedded data is sampled (used when it is generated instead of read from the shipped copy).
+    need(c.data.max_new_tokens >= 1, "data.max_new_tokens", ">= 1")
+    need(c.data.generation_batch_size >= 1, "data.generation_batch_size", ">= 1")
+    need(c.data.temperature >= 0, "data.temperature", ">= 0 (0: greedy)")
+    need(0.0 < c.data.top_p <= 1.0, "data.top_p", "in (0, 1] (1: off)")
+    need(c.data.tie_margin >= 0, "data.tie_margin", ">= 0 (standard deviations)")
   need(c.data.num_train_pairs >= c.train.batch_size, "data.num_train_pairs",
        f">= train.batch_size={c.train.batch_size}")
   need(c.data.num_eval_pairs >= 0, "data.num_eval_pairs", ">= 0")
+  need(c.data.get("seed", 0) >= 0, "data.seed", ">= 0")
+  need(c.get("seed", 0) >= 0, "seed", ">= 0")
   need(c.loss.kind in steps.LOSS_KINDS, "loss.kind", f"one of {steps.LOSS_KINDS}")
   need(c.loss.beta > 0, "loss.beta", "> 0")
   need(0.0 <= c.loss.label_smoothing < 0.5, "loss.label_smoothing", "in [0, 0.5)")

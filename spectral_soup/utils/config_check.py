@@ -19,6 +19,17 @@ def field_checker(config: Any) -> Callable[[Any, str, str], None]:
   return need
 
 
+def is_numbers(value: Any, integers: bool = False) -> bool:
+  """Whether `value` is a tuple or list of finite real numbers (integers only with `integers`; never bools).
+
+  A tuple field overridden on the command line with a value that is not a Python literal (`(0.5,nan)`) arrives as a
+  string: this is False for it, so the check names the field instead of failing on the string's characters.
+  """
+  kinds = (int,) if integers else (int, float)
+  return isinstance(value, (tuple, list)) and all(
+      isinstance(x, kinds) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+
+
 def check_finite(config: Any, prefix: str = "config") -> None:
   """Raises ValueError naming the first float field of a (nested) ConfigDict that is NaN or infinite."""
   items = config.items() if hasattr(config, "items") else []
