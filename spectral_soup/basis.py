@@ -154,14 +154,14 @@ class Basis:
     """
     from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
     from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
+    from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
     tokenizer = self._need_tokenizer("generate")
     prompts = [prompts] if isinstance(prompts, str) else _texts("prompts", prompts)
     lam = _lam_rows(lam, self.num_bases, len(prompts), self.names)
     if len(prompts) == 1:
       prompts = prompts * lam.shape[0]
     sampling = decoding.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-      raise ValueError(f"seed={seed!r}: expected an integer (the sampling stream).")
+    validation.check_int("seed", seed)
     tokens, mask = self.encode_prompts(prompts, chat_template=chat_template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out, aux = serving.generate(self.policy, self.params, lam, tokens, mask, mode=mode, max_new_tokens=max_new_tokens,

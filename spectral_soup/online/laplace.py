@@ -141,9 +141,9 @@ def _check_psd(cov: np.ndarray) -> None:
   scale = np.max(np.abs(cov)) if cov.size and np.all(np.isfinite(cov)) else np.nan
   if not np.isfinite(scale):
     raise ValueError("cov must be finite: it holds NaN or inf.")
-  if np.max(np.abs(cov - cov.T)) > 1e-5 * scale:
-    raise ValueError(f"cov must be symmetric: |cov - cov.T| reaches {np.max(np.abs(cov - cov.T)):.3g} "
-                     f"(entries up to {scale:.3g}).")
+  asymmetry = np.max(np.abs(cov - cov.T))
+  if asymmetry > 1e-5 * scale:
+    raise ValueError(f"cov must be symmetric: |cov - cov.T| reaches {asymmetry:.3g} (entries up to {scale:.3g}).")
   smallest = np.linalg.eigvalsh(cov)[0]
   if smallest < -1e-5 * scale:
     raise ValueError(f"cov must be positive semi-definite: its smallest eigenvalue is {smallest:.3g} (entries up "

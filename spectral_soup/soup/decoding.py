@@ -21,6 +21,7 @@ import numpy as np
 
 from spectral_soup.models.sequences import left_pad  # Re-exported: prompts are left-padded inside the loop.
 from spectral_soup.models.transformer import output_logits
+from spectral_soup.soup import validation
 from spectral_soup.utils import reductions
 
 Array = jax.Array
@@ -44,8 +45,7 @@ class SamplingConfig:
   def __post_init__(self):
     if not (_is_real(self.temperature) and 0 <= self.temperature < np.inf):  # NaN fails every comparison.
       raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: expected a finite number >= 0.")
-    if isinstance(self.top_k, (bool, np.bool_)) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-      raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: expected an integer >= 0.")
+    validation.check_int("SamplingConfig.top_k", self.top_k, 0)
     if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
       raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: expected a number in (0, 1].")
 

@@ -8,7 +8,7 @@ a jitted function and never forces a device-to-host copy inside one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -96,10 +96,11 @@ def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
                      f"0 <= id < vocab_size={vocab_size} ({len(bad)} such position{'s' if len(bad) > 1 else ''}).")
 
 
-def check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
   """`value` as a Python int; ValueError naming `name` unless it is an integer (not a bool) >= `minimum`."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}.")
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or
+      (minimum is not None and value < minimum)):
+    raise ValueError(f"{name}={value!r}: expected an integer{'' if minimum is None else f' >= {minimum}'}.")
   return int(value)
 
 
