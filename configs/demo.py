@@ -7,9 +7,10 @@ Launch:
   python -m experiments.main --config=configs/demo.py --workdir=workdir/demo
 Override any field, e.g. `--config.seed=1 --config.users.seed=1 --config.online.rounds=8`.
 
-What it does (see experiments/main.py): generates the embedded preference data (cached under
-$SPECTRAL_SOUP_CACHE, default ~/.cache/spectral_soup), trains one head basis per attribute and one bespoke head per
-held-out user on cached features, runs the online rounds for every user at once, and evaluates every method on
+What it does (see experiments/main.py): reads the embedded preference data (shipped with the package; generated
+and cached under $SPECTRAL_SOUP_CACHE, default ~/.cache/spectral_soup, only when its settings are changed), solves
+one logit-vector basis per attribute and one bespoke basis per held-out user in closed form (ridge on the responses'
+token surprise; no training steps), runs the online rounds for every user at once, and evaluates every method on
 held-out prompts. Writes results.json, samples.json and plots to --workdir.
 """
 

@@ -17,11 +17,14 @@ Local smoke run: `python -m launch.local --config=configs/helpsteer2.py:local --
 Mesh: data 1 x fsdp 8 x model 1 (Gemma 3 1B has one KV head). Each update is 64 pairs = 8 micro-batches of 8.
 
 Expected cost (estimates, not measured):
-* FLOPs: ~2.03 GFLOP per token forward; (7 + 1) x 2 rows of 512 tokens per pair and ~3 forwards per step: ~50 TFLOP
-  per pair, 3.2 PFLOP per update, 9.6e17 FLOP for 300 updates (~2 epochs of HelpSteer2's ~10k training pairs). At
-  an assumed 40% of v5p's 459 TFLOP/s bf16 peak on 8 chips: ~11 min, ~1.4 chip-hours.
-* Memory per chip: f32 logits [16, 512, 262144] = 8 GiB per pair, ~25 GiB of step temporaries (a CPU compile of
-  this shape), ~3 GiB of rematerialized activations: ~30 GiB of v5p's 95 GiB (too much for a 16 GiB v5e chip).
+* FLOPs: a forward costs ~1.43 GFLOP per token plus 0.6 GFLOP per response token (the 262k-way output layer runs at
+  response positions only); (7 + 1) x 2 rows of 256 + 256 tokens per pair and ~3 forwards per step: ~43 TFLOP per
+  pair, 2.7 PFLOP per update, 8.2e17 FLOP for 300 updates (~2 epochs of HelpSteer2's ~10k training pairs). At an
+  assumed 40% of v5p's 459 TFLOP/s bf16 peak on 8 chips: ~9 min, ~1.2 chip-hours.
+* Memory per chip: the step keeps no sequence's logits (the output layer runs on 32 response positions at a time,
+  rematerialized in the backward pass: `offline.features.pair_logprobs`): [16, 32, 262144] f32 logits = 0.5 GiB
+  per chunk. Not analysed for this shape; the 1B UltraFeedback config's compile-time analysis (62 rows of 320
+  tokens) gives 9.7 GiB of temporaries.
 """
 
 import ml_collections

@@ -16,12 +16,15 @@ Local smoke run: `python -m launch.local --config=configs/psoups.py:local --work
 Mesh: data 1 x fsdp 8 x model 1 (Gemma 3 1B has one KV head). Each update is 64 pairs = 8 micro-batches of 8.
 
 Expected cost (estimates, not measured):
-* FLOPs: ~2.03 GFLOP per token forward; (6 + 1) x 2 rows of 512 tokens per pair and ~3 forwards per step: ~44 TFLOP
-  per pair, 2.8 PFLOP per update, 1.4e18 FLOP for 500 updates (32,000 pair visits; set `train.num_steps` from the
-  built dataset's `num_pairs` metadata for a given number of epochs). At an assumed 40% of v5p's 459 TFLOP/s bf16
-  peak on 8 chips: ~16 min, ~2 chip-hours.
-* Memory per chip: f32 logits [14, 512, 262144] = 7 GiB per pair, ~26 GiB of step temporaries (a CPU compile of
-  this shape), ~3 GiB of rematerialized activations: ~30 GiB of v5p's 95 GiB.
+* FLOPs: a forward costs ~1.43 GFLOP per token plus 0.6 GFLOP per response token (the 262k-way output layer runs at
+  response positions only); (6 + 1) x 2 rows of 128 + 384 tokens per pair and ~3 forwards per step: ~40 TFLOP per
+  pair, 2.6 PFLOP per update, 1.3e18 FLOP for 500 updates (32,000 pair visits; set `train.num_steps` from the built
+  dataset's `num_pairs` metadata for a given number of epochs). At an assumed 40% of v5p's 459 TFLOP/s bf16 peak on
+  8 chips: ~15 min, ~2 chip-hours.
+* Memory per chip: the step keeps no sequence's logits (the output layer runs on 32 response positions at a time,
+  rematerialized in the backward pass: `offline.features.pair_logprobs`): [14, 32, 262144] f32 logits = 0.4 GiB
+  per chunk. Not analysed for this shape; the 1B UltraFeedback config's compile-time analysis (62 rows of 320
+  tokens) gives 9.7 GiB of temporaries.
 """
 
 import ml_collections

@@ -25,7 +25,8 @@ def get_config():
 
   config.basis.num_bases = 5  # One basis per attribute below.
   # Each basis is a context-free logit vector c_k on the support: pi_k ~ pi_ref exp(c_k). On this data the rank-8
-  # context correction psi A_k B_k overfits and loses sentiment to chance (README, "Offline bases").
+  # context correction psi A_k B_k overfits and loses sentiment to chance (README, "What is here": the held-out
+  # accuracy table).
   config.basis.head_rank = 0  # Rank of the context correction psi A_k B_k (0: none).
   config.basis.logit_bias = True  # The context-free logit vector c_k.
   config.basis.vocab_support = 1024  # Heads correct only the 1,024 most frequent response tokens (exact, cheap steps).

@@ -22,11 +22,11 @@ logical axis maps to `model`. Each update is 64 pairs = 4 micro-batches of 16 (o
 
 Expected cost (estimates, not measured):
 * FLOPs: a forward costs ~1.4 GFLOP per token plus 0.6 GFLOP per response token (2 x 698M layer parameters +
-  attention, and 2 x 302M for the 262k-way output layer, which runs at response positions only). LoRA bases run the reference and the 30 adapters as 31 x 2 rows of 320
-  tokens per pair, and a step costs ~3 forwards (forward, backward to the activations, rematerialized forward; the
-  frozen backbone gets no weight gradient): ~105 TFLOP per pair, 6.7 PFLOP per update, 5.0e18 FLOP for 750
-  updates. At an assumed 40% of v5p's 459 TFLOP/s bf16 peak on 16 chips: ~30 min, ~8 chip-hours (the f32
-  log-softmax over 262k logits is memory-bound, so expect less than 40%).
+  attention, and 2 x 302M for the 262k-way output layer, which runs at response positions only). LoRA bases run the
+  reference and the 30 adapters as 31 x 2 rows of 320 tokens per pair, and a step costs ~3 forwards (forward, backward
+  to the activations, rematerialized forward; the frozen backbone gets no weight gradient): ~105 TFLOP per pair, 6.7
+  PFLOP per update, 5.0e18 FLOP for 750 updates. At an assumed 40% of v5p's 459 TFLOP/s bf16 peak on 16 chips: ~30
+  min, ~8 chip-hours (the f32 log-softmax over 262k logits is memory-bound, so expect less than 40%).
 * Memory per chip: the step keeps no sequence's logits: the forward stops at the final hidden states and the
   262k-way output layer runs on 32 response positions at a time, rematerialized in the backward pass
   (`offline.features.pair_logprobs`). XLA's compile-time analysis of this step (26 layers, K = 30, one pair of
@@ -142,7 +142,7 @@ def local(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.response_len = 32  # Response tokens.
   config.train.num_steps = 20  # Updates.
   config.train.batch_size = 2  # Pairs per update.
-  config.train.grad_accum_steps = 2  # One pair per micro-batch (~3 GB of f32 logits over the 262k vocabulary).
+  config.train.grad_accum_steps = 2  # One pair per micro-batch.
   config.train.feature_batch_size = 2  # (Unused by LoRA bases.)
   config.train.eval_batch_size = 2  # Pairs per evaluation call.
   config.train.log_every_steps = 5  # Metrics interval.

@@ -16,12 +16,15 @@ so the logits) 4 ways; fsdp splits the batch and the backbone. Each update is 64
 pair per group of 4 chips).
 
 Expected cost (estimates, not measured):
-* FLOPs: ~7.81 GFLOP per token forward (2 x 3.21G layer parameters + 2 x 671M output layer + attention); 31 x 2
-  rows of 320 tokens per pair and ~3 forwards per step: ~465 TFLOP per pair, 30 PFLOP per update, 2.2e19 FLOP for
-  750 updates. At an assumed 40% of v5p's 459 TFLOP/s bf16 peak on 32 chips: ~65 min, ~34 chip-hours.
-* Memory per chip: f32 logits [62, 320, 262208 / 4] = 4.8 GiB per pair, ~3.3x that in step temporaries (~16 GiB),
-  ~4 GiB of rematerialized activations, the 30 adapters with their f32 Adam state, replicated (267M parameters,
-  ~4.3 GiB): ~25 GiB of v5p's 95 GiB.
+* FLOPs: a forward costs ~6.47 GFLOP per token (2 x 3.21G layer parameters + attention) plus 1.34 GFLOP per
+  response token (2 x 671M for the output layer, which runs at response positions only); 31 x 2 rows of 128 + 192
+  tokens per pair and ~3 forwards per step: ~433 TFLOP per pair, 28 PFLOP per update, 2.1e19 FLOP for 750 updates.
+  At an assumed 40% of v5p's 459 TFLOP/s bf16 peak on 32 chips: ~60 min, ~32 chip-hours.
+* Memory per chip: the step keeps no sequence's logits (the output layer runs on 32 response positions at a time,
+  rematerialized in the backward pass: `offline.features.pair_logprobs`), so the 262k vocabulary adds
+  [62, 32, 262208 / 4] f32 logits = 0.5 GiB per chunk; the 30 adapters with their f32 Adam state are replicated
+  (267M parameters, ~4.3 GiB). Not analysed for this shape; the 1B config's compile-time analysis (the same rows and
+  lengths on a 1B backbone) gives 9.7 GiB of temporaries.
 """
 
 import ml_collections
