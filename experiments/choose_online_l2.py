@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import zipfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -36,21 +37,29 @@ def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
                                            "workdir).")
   if not os.path.exists(config_path):
     raise missing(config_path)
-  with open(config_path) as f:
-    config = json.load(f)
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+    if not isinstance(config, dict):
+      raise ValueError(f"it holds a JSON {type(config).__name__}, not the job's config")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{config_path}: not a readable config (the JSON the main job writes): {e}") from None
   split = config.get("eval", {}).get("split")
   if split != "dev":
     raise ValueError(f"{config_path}: eval.split={split!r}; penalties are chosen on dev runs only "
                      "(--config.eval.split=dev), never on the held-out users.")
   if not os.path.exists(data_path):
     raise missing(data_path)
-  with np.load(data_path) as data:
-    missing = {"features", "pad_features", "prefs"} - set(data.files)
-    if missing:
-      raise ValueError(f"{data_path}: missing {sorted(missing)}; expected the main job's comparisons.")
-    run = {name: np.asarray(data[name]) for name in ("features", "pad_features", "prefs")}
-    if "implicit_features" in data.files:
-      run["implicit_features"] = np.asarray(data["implicit_features"])
+  try:
+    with np.load(data_path, allow_pickle=False) as data:
+      arrays = {name: np.asarray(data[name]) for name in data.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(f"{data_path}: not a readable .npz of the main job's comparisons (truncated or another "
+                     f"file?): {type(e).__name__}: {e}") from None
+  missing = {"features", "pad_features", "prefs"} - set(arrays)
+  if missing:
+    raise ValueError(f"{data_path}: missing {sorted(missing)}; expected the main job's comparisons.")
+  run = {name: arrays[name] for name in ("features", "pad_features", "prefs", "implicit_features") if name in arrays}
   online = config.get("online", {})
   run["kind"] = online.get("features", "implicit_reward")
   num_bases = run["features"].shape[-1]

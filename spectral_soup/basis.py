@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -36,14 +37,42 @@ def basis_dir(workdir: str) -> str:
                           f"{os.path.join(workdir, 'basis')} (a basis-training run or the main job's workdir).")
 
 
+# Fields of a run's config.json that reading its basis needs (`model.*` shape fields only for a random backbone).
+_RUN_FIELDS = ("seed", "model.path", "model.dtype", "model.weight_dtype", "basis.kind", "basis.num_bases",
+               "basis.head_rank", "basis.feature_dim", "basis.lora_rank", "basis.lora_targets", "loss.beta", "data")
+_RANDOM_BACKBONE_FIELDS = tuple(f"model.{name}" for name in ("family", "vocab_size", "num_layers", "embed_dim",
+                                                             "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                                                             "max_len", "remat"))
+
+
+def _field(tree: Any, name: str) -> Any:
+  for part in name.split("."):
+    if not isinstance(tree, (dict, ml_collections.ConfigDict)) or part not in tree:
+      raise KeyError(name)
+    tree = tree[part]
+  return tree
+
+
 def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config the basis in `workdir` was trained with."""
+  """The config the basis in `workdir` was trained with. Raises ValueError naming `config.json` and the first
+  field that reading the basis needs and the file lacks."""
   path = os.path.join(basis_dir(workdir), "config.json")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      raw = json.load(f)
   except (OSError, ValueError) as e:
     raise ValueError(f"{path} is not a readable config (JSON written by the training run): {e}") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path} holds a JSON {type(raw).__name__}: expected the training run's config (an object).")
+  fields = _RUN_FIELDS + (
+      () if not isinstance(raw.get("model"), dict) or raw["model"].get("path") else _RANDOM_BACKBONE_FIELDS)
+  for name in fields:
+    try:
+      _field(raw, name)
+    except KeyError:
+      raise ValueError(f"{path} has no field {name!r}: expected the config that the training run wrote there "
+                       "(was the file edited or replaced?).") from None
+  return ml_collections.ConfigDict(raw)
 
 
 def basis_names(workdir: str, config: ml_collections.ConfigDict) -> Tuple[str, ...]:
@@ -51,15 +80,21 @@ def basis_names(workdir: str, config: ml_collections.ConfigDict) -> Tuple[str, .
   attribute columns (embedded data), or the synthetic data's markers (basis k prefers marker token k + 1)."""
   meta_path = os.path.join(basis_dir(workdir), "basis.json")
   if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+      attributes, weightings = list(meta["attributes"]), [np.asarray(w, np.float64) for w in meta["weightings"]]
+      if any(w.shape != (len(attributes),) for w in weightings):
+        raise ValueError(f"each weighting must have one weight per attribute ({len(attributes)})")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{meta_path} is not a readable basis description (JSON with 'attributes' and "
+                       f"'weightings', written by the training run): {type(e).__name__}: {e}") from None
     names = []
-    for weights in meta["weightings"]:
-      weights = np.asarray(weights, np.float64)
+    for weights in weightings:
       if np.count_nonzero(weights) == 1:
-        names.append(meta["attributes"][int(np.flatnonzero(weights)[0])])
+        names.append(attributes[int(np.flatnonzero(weights)[0])])
       else:
-        names.append(" + ".join(f"{w:.2f} {a}" for w, a in zip(weights, meta["attributes"]) if w))
+        names.append(" + ".join(f"{w:.2f} {a}" for w, a in zip(weights, attributes) if w))
     return tuple(names)
   if "attributes" in config.data:
     return tuple(config.data.attributes)
@@ -125,6 +160,8 @@ class Basis:
     from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
     tokenizer = self._need_tokenizer("encode_prompts")
     prompts = _texts("prompts", prompts)
+    if not isinstance(chat_template, (bool, np.bool_)):
+      raise ValueError(f"chat_template={chat_template!r}: expected True or False.")
     encoded = sources.encode_prompts(tokenizer, prompts, chat_template)
     for i, ids in enumerate(encoded):
       if not ids:
@@ -161,7 +198,7 @@ class Basis:
     if len(prompts) == 1:
       prompts = prompts * lam.shape[0]
     sampling = decoding.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    validation.check_int("seed", seed)
+    validation.check_seed("seed", seed)
     tokens, mask = self.encode_prompts(prompts, chat_template=chat_template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out, aux = serving.generate(self.policy, self.params, lam, tokens, mask, mode=mode, max_new_tokens=max_new_tokens,
@@ -183,8 +220,10 @@ class Basis:
     prompts, responses = _texts("prompts", prompts), _texts("responses", responses, allow_empty=True)
     if len(prompts) != len(responses):
       raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses: expected one response per prompt.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size={batch_size!r}: expected a positive int.")
+    from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
+    batch_size = min(validation.check_int("batch_size", batch_size, 1), len(prompts))  # No batch wider than N.
+    if max_response_tokens is not None:
+      max_response_tokens = validation.check_int("max_response_tokens", max_response_tokens, 0)
     prompt, prompt_mask = self.encode_prompts(prompts, chat_template=chat_template)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     ids = [list(r) + eos for r in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
@@ -206,24 +245,43 @@ class Basis:
 
 
 def load_basis(workdir: str) -> Basis:
-  """The newest checkpoint of the bases trained in `workdir` (head or LoRA bases), on their backbone.
+  """The newest readable checkpoint of the bases trained in `workdir` (head or LoRA bases), on their backbone.
 
   `workdir` is a basis-training run's (`experiments.train_basis`) or the main job's (`experiments.main`, whose
   `basis/` holds the K attribute bases followed by one bespoke head per user: only the K bases are kept). The arrays
-  are read onto this process's first device, whatever mesh wrote them.
+  are read onto this process's first device, whatever mesh wrote them. A newest step that cannot be read (a run
+  killed while writing it, damaged files) is skipped with a warning, as training does, but left in place.
   """
   from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
+  workdir = os.path.expanduser(os.fspath(workdir))
   trainable, names, config, step = restore_bases(workdir)
   model, backbone, tokenizer = load_backbone(config)
   policy = build.build_policy(model.config, config.basis)
+  want = jax.eval_shape(lambda: build.init_trainable(policy, jax.random.key(0)))
+  shapes = lambda tree: {
+      jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  got, want = shapes(trainable), shapes(want)
+  if got != want:
+    name = next(n for n in sorted(set(got) | set(want)) if got.get(n) != want.get(n))
+    raise ValueError(f"checkpoint step {step} in {basis_dir(workdir)} does not fit the bases its config.json "
+                     f"describes on this backbone: {name} has shape {got.get(name, 'none')} in the checkpoint, "
+                     f"{want.get(name, 'none')} for the config (was config.json or the backbone at "
+                     f"model.path={config.model.path!r} changed after training?).")
   params = build.merge_params(trainable, backbone)
   return Basis(policy=policy, params=params, tokenizer=tokenizer, names=names, config=config, step=step)
 
 
 def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.ConfigDict, int]:
   """(trainable params of the K bases, their names, the training config with basis.num_bases = K, step): the newest
-  checkpoint in `workdir`, without the backbone (see `load_basis`)."""
+  readable checkpoint in `workdir`, without the backbone (see `load_basis`).
+
+  Raises ValueError if config.json disagrees with what the checkpoint was written with (`offline.resume`'s fields:
+  K, the basis kind and ranks, the backbone) or if no step can be read; an unreadable newer step is skipped with a
+  warning naming it (nothing on disk is changed: a reader must not move a live run's files).
+  """
   from spectral_soup.offline import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import resume  # pylint: disable=g-import-not-at-top
   directory = basis_dir(workdir)
   config = run_config(workdir)
   names = basis_names(workdir, config)
@@ -231,16 +289,36 @@ def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.Co
   if num_bases > config.basis.num_bases:
     raise ValueError(f"{directory}: {num_bases} basis names for basis.num_bases={config.basis.num_bases}.")
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"), remove_partial_steps=False)
+  failures = []
   try:
-    step = checkpointer.latest_step()
-    if step is None:
+    steps = sorted(checkpointer.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint step in {directory}/checkpoints (did the training run finish a step?).")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            checkpointer.manager.item_metadata(step)["state"])
-    state, _ = checkpointer.restore(step, abstract)
+    for step in steps:
+      try:
+        data = checkpointer.read_data(step)
+      except Exception as e:  # pylint: disable=broad-except  (any read failure: an unusable step)
+        failures.append((step, e))
+        continue
+      _check_saved_fields(directory, config, step, data, _describing_fields(config, resume.resume_fields(config)))
+      try:
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                checkpointer.manager.item_metadata(step)["state"])
+        state, _ = checkpointer.restore(step, abstract)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, e))
+        continue
+      break
+    else:
+      raise ValueError(f"no readable checkpoint step in {directory}/checkpoints: " + "; ".join(
+          f"step {s}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}" for s, e in failures))
   finally:
     checkpointer.close()
+  for bad, error in failures:
+    logging.warning("Checkpoint step %d in %s/checkpoints is corrupt or incomplete (%s: %s); loading step %d.", bad,
+                    directory,
+                    type(error).__name__, (str(error).splitlines() or [""])[0][:300], step)
   trainable = jax.device_get(state["params"])
   if num_bases < config.basis.num_bases:  # The main job's bespoke heads follow the K bases: keep the bases.
     if config.basis.kind != "heads":
@@ -248,6 +326,25 @@ def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.Co
     trainable["heads"] = {name: np.asarray(value)[:num_bases] for name, value in trainable["heads"].items()}
     config.basis.num_bases = num_bases
   return trainable, names, config, int(step)
+
+
+def _describing_fields(config: ml_collections.ConfigDict, fields: dict) -> dict:
+  """The checkpoint's resume fields that say what its arrays are: not the data order (`train.batch_size`), not where
+  the backbone's checkpoint lies (`model.path`: a moved checkpoint is fine; the arrays' shapes are checked once it
+  loads), and the seed only where it draws the random backbone."""
+  skip = {"train.batch_size", "model.path"} | ({"seed"} if config.model.path else set())
+  return {name: value for name, value in fields.items() if name not in skip}
+
+
+def _check_saved_fields(directory: str, config: ml_collections.ConfigDict, step: int, saved: dict,
+                        fields: dict) -> None:
+  """Raises ValueError naming the first field whose value in config.json differs from the one checkpoint `step`
+  was written with (fields an older checkpoint did not record are not compared)."""
+  for name, value in fields.items():
+    if name in saved and saved[name] != value:
+      raise ValueError(f"{directory}/config.json says {name}={value!r}, but checkpoint step {step} was written with "
+                       f"{saved[name]!r}: config.json no longer describes these bases (was it edited or replaced "
+                       "after training?).")
 
 
 def _texts(name: str, texts: Any, allow_empty: bool = False) -> List[str]:
@@ -261,6 +358,11 @@ def _texts(name: str, texts: Any, allow_empty: bool = False) -> List[str]:
       raise ValueError(f"{name}[{i}] is a {type(text).__name__}: expected a string.")
     if not allow_empty and not text.strip():
       raise ValueError(f"{name}[{i}] is empty: expected text.")
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(f"{name}[{i}] is not valid text: {e.reason} at character {e.start} (a lone surrogate "
+                       f"{text[e.start]!r}?).") from None
   return texts
 
 
@@ -280,4 +382,6 @@ def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) 
                      "row.")
   if not np.all(np.isfinite(lam)):
     raise ValueError(f"lam row {int(np.flatnonzero(~np.isfinite(lam).all(1))[0])} is not finite.")
+  from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
+  validation.check_weight_range(lam)
   return np.ascontiguousarray(lam)

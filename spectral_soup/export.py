@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -152,13 +154,47 @@ def _gpt2_tensors(cfg: Any, params: Mapping[str, Any], tied: bool) -> dict:
   return {name: np.ascontiguousarray(value, np.float32) for name, value in t.items()}
 
 
+def _check_out_dir(out_dir: str) -> str:
+  """The absolute `out_dir` if it may be (re)written: new, empty, or an earlier export (it holds `soup.json`)."""
+  if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+    raise ValueError(f"export_hf: out_dir={out_dir!r}: expected a directory path.")
+  path = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise ValueError(f"export_hf: out_dir={out_dir!r} is a file: expected a new or empty directory.")
+  if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "soup.json")):
+    raise ValueError(f"export_hf: out_dir={out_dir!r} is not empty and holds no earlier export (soup.json): "
+                     "expected a new or empty directory, or one that export_hf wrote (it is then replaced whole).")
+  parent = os.path.dirname(path)
+  if not os.path.isdir(parent):
+    raise ValueError(f"export_hf: out_dir={out_dir!r}: its parent directory {parent} does not exist.")
+  return path
+
+
+def _special_token_ids(tokenizer: Any) -> dict:
+  """bos / eos / pad token ids for config.json and generation_config.json: the tokenizer's (what `Basis.generate`
+  stops at), not the transformers config classes' defaults, which belong to other vocabularies."""
+  if tokenizer is None:
+    return {}
+  ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+  if ids["pad_token_id"] is None:
+    ids["pad_token_id"] = 0  # What `Basis.generate` pads with.
+  return {name: int(value) for name, value in ids.items() if value is not None}
+
+
 def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
   """Writes one user's soup (`lam: [K]`) of `basis` as a Hugging Face checkpoint directory (model.safetensors,
-  config.json and the tokenizer's files) that `transformers.AutoModelForCausalLM.from_pretrained` and
-  `spectral_soup.models.from_pretrained` load; returns `out_dir`. Raises ValueError for what cannot be exported
-  exactly (see the module docstring), before anything is written."""
+  config.json, generation_config.json and the tokenizer's files) that
+  `transformers.AutoModelForCausalLM.from_pretrained` and `spectral_soup.models.from_pretrained` load; returns
+  `out_dir`.
+
+  Raises ValueError for what cannot be exported exactly (see the module docstring) and for an `out_dir` that is a
+  file or a non-empty directory that no earlier export wrote, before anything is written. The checkpoint's special
+  token ids are the tokenizer's. The files are written to a temporary directory beside `out_dir` and renamed into
+  place at the end, so `out_dir` never holds a partial export: after a failure it is as it was.
+  """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
+  path = _check_out_dir(out_dir)
   params = merged_backbone(basis, lam)
   cfg = basis.policy.config
   tied = cfg.tie_embeddings and basis.policy.basis_kind == "lora"
@@ -172,17 +208,63 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
       w = node[layer] if layer is not None else node
       name = entry.hf_name if entry.hf_name == "lm_head.weight" else "model." + entry.hf_name
       tensors[name.format(i=layer)] = np.ascontiguousarray(entry.inverse(w), np.float32)
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  _hf_config(cfg, tie_embeddings=tied).save_pretrained(out_dir)
-  if basis.tokenizer is not None:
-    basis.tokenizer.save_pretrained(out_dir)
-  with open(os.path.join(out_dir, "soup.json"), "w") as f:
-    json.dump(
-        {
-            "lam": [float(x) for x in np.asarray(lam, np.float64).reshape(-1)],
-            "bases": list(basis.names),
-            "basis_kind": basis.policy.basis_kind,
-            "step": basis.step
-        }, f, indent=2)
+  del params
+  hf_config = _hf_config(cfg, tie_embeddings=tied)
+  special = _special_token_ids(basis.tokenizer)
+  for name, value in special.items():
+    setattr(hf_config, name, value)
+  soup = {
+      "lam": [float(x) for x in np.asarray(lam, np.float64).reshape(-1)],
+      "bases": list(basis.names),
+      "basis_kind": basis.policy.basis_kind,
+      "step": basis.step
+  }
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # A directory made as usual (mkdtemp's are private to their owner).
+    steps = [("model.safetensors",
+              lambda: save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})),
+             ("config.json", lambda: hf_config.save_pretrained(tmp))]
+    if special:
+      steps.append(("generation_config.json", lambda: _generation_config(special).save_pretrained(tmp)))
+    if basis.tokenizer is not None:
+      steps.append(("the tokenizer's files", lambda: basis.tokenizer.save_pretrained(tmp)))
+    steps.append(("soup.json", lambda: _write_json(os.path.join(tmp, "soup.json"), soup)))
+    for what, write in steps:
+      try:
+        write()
+      except Exception as e:  # pylint: disable=broad-except
+        raise OSError(f"export_hf: writing {what} of {out_dir!r} (in {tmp}) failed: {e}") from e
+    _replace_dir(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
+
+
+def _generation_config(special: Mapping[str, int]) -> Any:
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.GenerationConfig(**special)
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2)
+
+
+def _replace_dir(new: str, path: str) -> None:
+  """Moves directory `new` to `path` (the same file system); an existing `path` is replaced whole."""
+  old = None
+  if os.path.lexists(path):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+    os.rmdir(old)
+    os.rename(path, old)
+  try:
+    os.rename(new, path)
+  except OSError:
+    if old is not None:
+      os.rename(old, path)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,6 +13,7 @@ written atomically). Bad flags or files end in one line, `error: ...`, and exit 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import List, Tuple
@@ -37,20 +38,37 @@ _OUTPUT = flags.DEFINE_string("output", "", "Write JSON lines here instead of pr
 flags.mark_flags_as_required(["workdir"])
 
 
+class _RepeatedUser(ValueError):
+  pass
+
+
 def read_users(lam: str, users: str) -> Tuple[List[str], List[List[float]]]:
   """(names, weights) of --lam or --users; raises ValueError naming the flag or file."""
   if (lam is None) == (users is None):
     raise ValueError("pass exactly one of --lam (one soup) and --users (a JSON file of soups).")
   if lam is not None:
     try:
-      return ["0"], [[float(x) for x in lam.split(",")]]
+      weights = [float(x) for x in lam.split(",")]
     except ValueError:
       raise ValueError(f"--lam={lam!r}: expected comma-separated numbers, one per basis.") from None
+    if not all(math.isfinite(x) for x in weights):
+      raise ValueError(f"--lam={lam!r}: expected finite numbers, one per basis.")
+    return ["0"], [weights]
+
+  def unique(pairs):  # JSON objects keep the last of repeated names: refuse them instead.
+    seen = [key for key, _ in pairs]
+    twice = sorted({key for key in seen if seen.count(key) > 1})
+    if twice:
+      raise _RepeatedUser(f"--users={users} names user {twice[0]!r} twice: expected one weight list per user.")
+    return dict(pairs)
+
   try:
     with open(users) as f:
-      data = json.load(f)
+      data = json.load(f, object_pairs_hook=unique)
   except OSError as e:
     raise ValueError(f"--users={users}: cannot read it ({e.strerror}).") from None
+  except _RepeatedUser:
+    raise
   except ValueError as e:
     raise ValueError(f"--users={users} is not JSON: {e}.") from None
   if isinstance(data, dict):
@@ -64,6 +82,8 @@ def read_users(lam: str, users: str) -> Tuple[List[str], List[List[float]]]:
   for name, w in zip(names, weights):
     if not isinstance(w, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
       raise ValueError(f"--users={users}: user {name!r} has {w!r}: expected a list of numbers, one per basis.")
+    if not all(math.isfinite(x) for x in w):
+      raise ValueError(f"--users={users}: user {name!r} has {w!r}: expected finite numbers.")
   return names, [[float(x) for x in w] for w in weights]
 
 
@@ -97,8 +117,16 @@ def main(argv) -> None:
       raise ValueError(f"--top_p={_TOP_P.value}: expected in (0, 1].")
     if not 0.0 <= _TEMPERATURE.value < float("inf"):  # NaN fails every comparison.
       raise ValueError(f"--temperature={_TEMPERATURE.value}: expected a finite number >= 0 (0: greedy).")
-    if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
-      raise ValueError(f"--output={_OUTPUT.value} is a directory: expected a file path.")
+    if _OUTPUT.value:
+      folder = os.path.dirname(os.path.abspath(_OUTPUT.value))
+      if os.path.isdir(_OUTPUT.value):
+        raise ValueError(f"--output={_OUTPUT.value} is a directory: expected a file path.")
+      if not os.path.isdir(folder):
+        raise ValueError(f"--output={_OUTPUT.value}: its directory {folder} does not exist.")
+      if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output={_OUTPUT.value}: its directory {folder} is not writable.")
+    from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
+    validation.check_seed("--seed", _SEED.value)
     from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
     config = basis_lib.run_config(_WORKDIR.value)  # Raises naming the workdir.
     num_bases = len(basis_lib.basis_names(_WORKDIR.value, config))

@@ -127,6 +127,78 @@ def test_bad_inputs_name_what_was_expected(basis, tmp_path):
     basis.generate(PROMPTS, [0.0, 0.0, 0.0], temperature=float("nan"))
   with pytest.raises(FileNotFoundError, match="no trained basis in"):
     ss.load_basis(str(tmp_path))
+  with pytest.raises(ValueError, match=r"seed=18446744073709551616: expected an integer in \[-9223372036854775808, "):
+    basis.generate(PROMPTS, [0.0, 0.0, 0.0], seed=2**64)
+  with pytest.raises(ValueError, match=r"lam\[0, 1\] = -1e\+38: mixing weights must lie within \+-1e\+06"):
+    basis.generate(PROMPTS, [0.5, -1e38, 0.0])
+  with pytest.raises(ValueError, match=r"chat_template='False': expected True or False"):
+    basis.generate(PROMPTS, [0.0, 0.0, 0.0], chat_template="False")
+  with pytest.raises(ValueError, match=r"prompts\[0\] is not valid text: .* at character 5"):
+    basis.generate(["paris\ud800"], [0.0, 0.0, 0.0])
+  with pytest.raises(ValueError, match=r"max_response_tokens=-1: expected an integer >= 0"):
+    basis.features(PROMPTS, ["a", "b"], max_response_tokens=-1)
+  with pytest.raises(ValueError, match=r"batch_size=2.5: expected an integer >= 1"):
+    basis.features(PROMPTS, ["a", "b"], batch_size=2.5)
+
+
+def test_features_and_sampling_arguments_beyond_the_inputs_are_clamped(basis):
+  # A batch wider than the pairs scores them once (no padding to batch_size); top_k beyond the vocabulary keeps all.
+  want = basis.features(PROMPTS, ["abc", "abd"], batch_size=2)
+  np.testing.assert_array_equal(basis.features(PROMPTS, ["abc", "abd"], batch_size=10**9), want)
+  sampled = lambda top_k: basis.generate(PROMPTS, [0.0, 2.0, 0.0], temperature=1.0, top_k=top_k, seed=3, max_new_tokens=
+                                         6)
+  assert sampled(10**6) == sampled(0)
+
+
+def _edited_copy(workdir, path, edit):
+  shutil.copytree(workdir, path)
+  config = json.loads((path / "config.json").read_text())
+  edit(config)
+  (path / "config.json").write_text(json.dumps(config))
+  return str(path)
+
+
+def test_load_basis_names_a_config_or_checkpoint_that_does_not_describe_the_bases(workdir, tmp_path):
+  # A config.json that is not the training run's, or that was edited after training: named before any array loads.
+  copy = _edited_copy(workdir, tmp_path / "no_field", lambda c: c["model"].pop("num_layers"))
+  with pytest.raises(ValueError, match=r"config.json has no field 'model.num_layers'"):
+    ss.load_basis(copy)
+  (tmp_path / "no_field" / "config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match=r"config.json holds a JSON list: expected the training run's config"):
+    ss.load_basis(copy)
+  for field, value in (("num_bases", 4), ("head_rank", 2)):
+    copy = _edited_copy(workdir, tmp_path / field, lambda c: c["basis"].__setitem__(field, value))
+    with pytest.raises(
+        ValueError, match=rf"config.json says basis.{field}={value}, but checkpoint step {STEPS} was "
+        "written with"):
+      ss.load_basis(copy)
+  # A field the checkpoint did not record (it was off): the arrays' shapes are compared once the backbone loads.
+  copy = _edited_copy(workdir, tmp_path / "logit_bias", lambda c: c["basis"].__setitem__("logit_bias", True))
+  with pytest.raises(
+      ValueError, match=rf"checkpoint step {STEPS} in .* does not fit the bases its config.json "
+      r"describes on this backbone: .* has shape none in the checkpoint"):
+    ss.load_basis(copy)
+  copy = _edited_copy(workdir, tmp_path / "basis_json", lambda c: None)
+  (tmp_path / "basis_json" / "basis.json").write_text('{"attributes": ["a", "b", "c"]}')
+  with pytest.raises(ValueError, match=r"basis.json is not a readable basis description .*KeyError: 'weightings'"):
+    ss.load_basis(copy)
+
+
+def test_load_basis_skips_an_unreadable_newest_step_and_leaves_it_in_place(workdir, tmp_path, caplog):
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  steps = sorted(int(s) for s in os.listdir(copy / "checkpoints") if s.isdigit())
+  assert len(steps) >= 2 and steps[-1] == STEPS
+  shutil.rmtree(copy / "checkpoints" / str(STEPS) / "state")  # A run killed while writing its last step.
+  with caplog.at_level("WARNING"):
+    basis = ss.load_basis(str(copy))
+  assert basis.step == steps[-2]
+  assert any(f"step {STEPS}" in r.getMessage() and "corrupt or incomplete" in r.getMessage() for r in caplog.records)
+  assert (copy / "checkpoints" / str(STEPS)).is_dir()  # A reader moves nothing (a live run may own the directory).
+  for step in steps[:-1]:
+    shutil.rmtree(copy / "checkpoints" / str(step) / "state")
+  with pytest.raises(ValueError, match=rf"no readable checkpoint step in .*checkpoints: step {STEPS}: "):
+    ss.load_basis(str(copy))
 
 
 def test_a_main_job_workdir_keeps_the_k_bases(workdir, tmp_path):
@@ -174,9 +246,17 @@ def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
     (["--users=missing.json"], "--users=missing.json: cannot read it"),
     (["--users=bad.json"], r"user 'b' of --users has 2 weights"),
     (["--lam=1,0,0", "--temperature=nan"], r"--temperature=nan: expected a finite number >= 0"),
+    (["--lam=nan,0,0"], r"--lam='nan,0,0': expected finite numbers"),
+    (["--users=nan.json"], r"--users=nan.json: user 'a' has \[nan, 0, 0\]: expected finite numbers"),
+    (["--users=twice.json"], r"--users=twice.json names user 'a' twice"),
+    (["--lam=1,0,0", "--output=missing/out.jsonl"], r"--output=missing/out.jsonl: its directory .*missing does not "
+     "exist"),
+    (["--lam=1,0,0", "--seed=99999999999999999999"], r"--seed=99999999999999999999: expected an integer in"),
 ])
 def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, message):
   (tmp_path / "bad.json").write_text(json.dumps({"a": [1, 0, 0], "b": [1, 0]}))
+  (tmp_path / "nan.json").write_text('{"a": [NaN, 0, 0]}')
+  (tmp_path / "twice.json").write_text('{"a": [1, 0, 0], "a": [0, 1, 0]}')
   result = _cli(f"--workdir={workdir}", "--prompt=hi", *args, cwd=tmp_path)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.startswith("error: ") and re.search(message, result.stderr), result.stderr

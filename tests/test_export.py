@@ -84,7 +84,7 @@ def test_a_lora_soup_exports_as_merged_weights(checkpoint, tmp_path):
     assert json.load(f)["bases"] == list(basis.names)
 
 
-def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path):
+def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path, monkeypatch):
   basis = _train(checkpoint, tmp_path / "heads", "--config.basis.kind=heads", "--config.basis.head_rank=4")
   out = ss.export_hf(basis, LAM, str(tmp_path / "export"))
   assert transformers.AutoConfig.from_pretrained(out).tie_word_embeddings is False
@@ -92,6 +92,38 @@ def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path):
   want = soup.soup_logits(ref_logits, basis_logits, LAM)  # The explicit soup's normalized log-probs.
   np.testing.assert_allclose(_log_softmax(_hf_logits(out)), np.asarray(want), atol=1e-4, rtol=1e-4)
   assert np.abs(np.asarray(want) - _log_softmax(ref_logits)).max() > 1e-3
+  # The special tokens are the tokenizer's (LlamaConfig's defaults are bos 1, eos 2; this tokenizer's are not), so
+  # transformers' generate stops where Basis.generate does.
+  tokenizer = basis.tokenizer
+  assert (tokenizer.bos_token_id, tokenizer.eos_token_id) != (1, 2)
+  for read in (transformers.AutoConfig.from_pretrained, transformers.GenerationConfig.from_pretrained):
+    config = read(out)
+    assert (config.bos_token_id, config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+  # An earlier export is replaced whole; any other non-empty directory, or a file, is refused before writing.
+  (tmp_path / "export" / "stale.txt").write_text("from before")
+  ss.export_hf(basis, LAM * 0.5, out)
+  assert "stale.txt" not in os.listdir(out)
+  with open(os.path.join(out, "soup.json")) as f:
+    np.testing.assert_allclose(json.load(f)["lam"], LAM * 0.5, rtol=1e-6)
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="is not empty and holds no earlier export"):
+    ss.export_hf(basis, LAM, str(tmp_path / "other"))
+  assert os.listdir(tmp_path / "other") == ["notes.txt"]
+  with pytest.raises(ValueError, match="is a file: expected a new or empty directory"):
+    ss.export_hf(basis, LAM, str(tmp_path / "other" / "notes.txt"))
+  # A write that fails names what it was writing and leaves the directory as it was (no partial export).
+  before = {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)}
+
+  def fail(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(safetensors.numpy, "save_file", fail)
+  with pytest.raises(OSError, match="writing model.safetensors of .* failed: .*No space left"):
+    ss.export_hf(basis, LAM, out)
+  assert {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)} == before
+  assert sorted(os.listdir(tmp_path)) == ["export", "heads", "other"]  # No temporary directory left behind.
 
 
 def test_what_cannot_be_exported_exactly_is_refused(checkpoint, tmp_path):

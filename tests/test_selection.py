@@ -133,6 +133,20 @@ def test_cli_refuses_held_out_runs_and_missing_files(tmp_path, capsys):
   with pytest.raises(SystemExit):
     choose_online_l2.main([_workdir(tmp_path, name="c"), "--l2s=a,b"])
   assert "--l2s='a,b'" in capsys.readouterr().err
+  # Damaged files are named: a truncated comparisons.npz, a file that is not an .npz, a garbled config.json.
+  damaged = _workdir(tmp_path, name="d")
+  data = os.path.join(damaged, "comparisons.npz")
+  with open(data, "rb") as f:
+    head = f.read(100)
+  for content in (head, b"not a zip file"):
+    with open(data, "wb") as f:
+      f.write(content)
+    assert choose_online_l2.main([damaged]) == 2
+    assert f"{data}: not a readable .npz of the main job's comparisons" in capsys.readouterr().err
+  with open(os.path.join(damaged, "config.json"), "w") as f:
+    f.write('{"eval": ')
+  assert choose_online_l2.main([damaged]) == 2
+  assert "config.json: not a readable config" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

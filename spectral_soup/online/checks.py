@@ -49,6 +49,34 @@ def check_numeric(name: str, x: Any) -> None:
     raise ValueError(f"{name} must hold numbers, got dtype {dtype} (first element {first}).")
 
 
+def check_solver(num_iters: Any, num_inner_iters: Any, tol: Any) -> None:
+  """Raises ValueError unless num_iters and num_inner_iters are integers >= 1 and tol a finite number >= 0."""
+  for name, value in (("num_iters", num_iters), ("num_inner_iters", num_inner_iters)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
+  if (isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.integer, np.floating)) or
+      not np.isfinite(tol) or tol < 0):
+    raise ValueError(f"tol must be a finite number >= 0 (0: exactly num_iters steps), got {tol!r}.")
+
+
+def check_finite(name: str, x: Any) -> None:
+  """Raises ValueError naming the first non-finite entry of `x` (concrete values only; tracers pass)."""
+  if x is None or is_tracer(x):
+    return
+  values = np.asarray(x, np.float64)
+  bad = np.argwhere(~np.isfinite(values))
+  if bad.size:
+    index = [int(i) for i in bad[0]]
+    raise ValueError(f"{name}{index if index else ''} is {values[tuple(index)]}: expected finite numbers.")
+
+
+def check_count(name: str, value: Any) -> int:
+  """`value` as an int; ValueError naming `name` unless it is an integer >= 1 (not a bool)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
+  return int(value)
+
+
 def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]]) -> None:
   if constraint not in CONSTRAINTS:
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}.")

@@ -50,6 +50,7 @@ from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_labels
 from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_shapes
+from spectral_soup.online.checks import check_solver
 from spectral_soup.online.checks import dims
 from spectral_soup.online.checks import float_dtype
 from spectral_soup.online.checks import is_tracer
@@ -192,8 +193,7 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     a user gets a NaN row, with a warning naming it, and does not affect the others. Finite labels outside [0, 1]
     raise in both forms.
   """
-  if not (isinstance(tol, (int, float)) and tol >= 0):
-    raise ValueError(f"tol must be a number >= 0 (0: exactly num_iters steps), got {tol!r}.")
+  check_solver(num_iters, num_inner_iters, tol)
   for name, value in (("delta_features", delta_features), ("prefs", prefs), ("mask", mask), ("init", init),
                       ("prior_mean", prior_mean)):
     check_numeric(name, value)

@@ -14,14 +14,19 @@ from typing import Any, Optional, Tuple
 from flax import struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spectral_soup.online import laplace
 from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_constraint
+from spectral_soup.online.checks import check_count
+from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_shapes
+from spectral_soup.online.checks import check_solver
 from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
 from spectral_soup.online.newton import DEFAULT_NUM_ITERS
 from spectral_soup.online.newton import DEFAULT_TOL
@@ -66,9 +71,20 @@ def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: 
   Returns:
     UserState.
   """
+  num_users, num_features = check_count("num_users", num_users), check_count("num_features", num_features)
+  buffer_size = check_count("buffer_size", buffer_size)
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+    raise ValueError(f"dtype={jnp.dtype(dtype).name}: expected float32 or float64 (the fit's batched Cholesky "
+                     "solves).")
   check_l2(l2)
-  if buffer_size < 1:
-    raise ValueError(f"buffer_size must be >= 1, got {buffer_size}.")
+  if np.ndim(l2) not in (0, 1) or (np.ndim(l2) == 1 and np.shape(l2)[0] != num_users):
+    raise ValueError(f"l2 must be a scalar or one per user, [U={num_users}], got shape {np.shape(l2)}.")
+  if prior_mean is not None:
+    check_numeric("prior_mean", prior_mean)
+    if np.shape(prior_mean) not in ((num_features,), (num_users, num_features)):
+      raise ValueError(f"prior_mean must have shape [K={num_features}] or [U={num_users}, K={num_features}], got "
+                       f"{np.shape(prior_mean)}.")
+    check_finite("prior_mean", prior_mean)
   mu = jnp.zeros((num_features,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
   mu = jnp.broadcast_to(mu, (num_users, num_features))
   return UserState(
@@ -126,7 +142,10 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
     The new UserState.
   """
   check_constraint(constraint, box)
+  check_solver(num_iters, num_inner_iters, tol)
   num_users, num = state.lam.shape
+  for name, value in (("new_delta", new_delta), ("new_pref", new_pref), ("new_mask", new_mask)):
+    check_numeric(name, value)  # Strings would be parsed as numbers (or, for the mask, all be True).
   check_shapes("new_delta", new_delta, (num_users, num), "[U, K]")
   check_shapes("new_pref", new_pref, (num_users,), "[U]")
   dtype = state.features.dtype

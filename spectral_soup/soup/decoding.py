@@ -58,7 +58,7 @@ def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
   """Applies temperature, top-k and top-p to logits [B, V]; removed tokens get -inf."""
   logits = logits.astype(jnp.float32) / sampling.temperature
   if sampling.top_k:
-    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]  # k >= V keeps every token.
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1.0:
     logits = jnp.where(logits >= nucleus_threshold(logits, sampling.top_p), logits, -jnp.inf)

@@ -61,6 +61,22 @@ def check_lam(lam: Any, num_bases: int, *, name: str = "lam", allow_batch: bool 
     what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
     raise ValueError(f"{name}{_format_index(index)} is {what}; mixing weights must be finite "
                      f"({len(bad)} non-finite entr{'y' if len(bad) == 1 else 'ies'} in total).")
+  check_weight_range(values, name)
+
+
+# Mixing weights beyond this magnitude overflow the soups' float32 log-probs (a weight times a masked logit of
+# -1e30, or times log-probs of -1e2 summed over K bases, must stay below float32's 3.4e38), so they are refused.
+MAX_ABS_WEIGHT = 1e6
+
+
+def check_weight_range(values: Any, name: str = "lam") -> None:
+  """ValueError naming the first entry of `values` (finite numbers) beyond +-MAX_ABS_WEIGHT."""
+  values = np.asarray(values, np.float64)
+  big = np.argwhere(np.abs(values) > MAX_ABS_WEIGHT)
+  if big.size:
+    index = tuple(big[0])
+    raise ValueError(f"{name}{_format_index(index)} = {values[index]:g}: mixing weights must lie within "
+                     f"+-{MAX_ABS_WEIGHT:g} (beyond it the soup's float32 log-probs overflow to NaN).")
 
 
 def lam_per_row(lam: Any, num_bases: int, batch: int):
@@ -96,12 +112,22 @@ def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
                      f"0 <= id < vocab_size={vocab_size} ({len(bad)} such position{'s' if len(bad) > 1 else ''}).")
 
 
-def check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
-  """`value` as a Python int; ValueError naming `name` unless it is an integer (not a bool) >= `minimum`."""
+def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+  """`value` as a Python int; ValueError naming `name` unless it is an integer (not a bool) in [minimum, maximum]."""
   if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or
-      (minimum is not None and value < minimum)):
-    raise ValueError(f"{name}={value!r}: expected an integer{'' if minimum is None else f' >= {minimum}'}.")
+      (minimum is not None and value < minimum) or (maximum is not None and value > maximum)):
+    if minimum is not None and maximum is not None:
+      expected = f"an integer in [{minimum}, {maximum}]"
+    else:
+      expected = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (f" <= {maximum}"
+                                                                                     if maximum is not None else "")
+    raise ValueError(f"{name}={value!r}: expected {expected}.")
   return int(value)
+
+
+def check_seed(name: str, value: Any) -> int:
+  """A PRNG seed: an integer that `jax.random.key` takes (64-bit signed)."""
+  return check_int(name, value, -2**63, 2**63 - 1)
 
 
 def check_length(total: int, max_len: int, what: str) -> None:

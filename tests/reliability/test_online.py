@@ -158,6 +158,63 @@ def test_online_updates_reject_a_bad_comparison_and_leave_others_alone():
   assert np.all(np.linalg.eigvalsh(np.asarray(cov, np.float64)) > 0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({
+        "prior_mean": [np.nan, 0.0, 0.0, 0.0]
+    }, r"prior_mean\[0\] is nan: expected finite numbers"),
+    ({
+        "prior_mean": np.zeros(K + 1)
+    }, r"prior_mean must have shape \[K=4\] or \[U=8, K=4\], got \(5,\)"),
+    ({
+        "l2": np.ones(U + 1)
+    }, r"l2 must be a scalar or one per user, \[U=8\], got shape \(9,\)"),
+    ({
+        "dtype": np.int32
+    }, r"dtype=int32: expected float32 or float64"),
+    ({
+        "dtype": np.float16
+    }, r"dtype=float16: expected float32 or float64"),
+    ({
+        "buffer_size": 2.5
+    }, r"buffer_size=2.5: expected an integer >= 1"),
+    ({
+        "num_features": 0
+    }, r"num_features=0: expected an integer >= 1"),
+])
+def test_a_user_state_that_cannot_work_is_refused_when_made(kwargs, message):
+  args = {"num_users": U, "num_features": K, "buffer_size": N, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    online.init_user_state(args.pop("num_users"), args.pop("num_features"), args.pop("buffer_size"), **args)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({
+        "new_mask": np.array(["False"] * U)
+    }, r"new_mask must hold numbers, got dtype <U5"),
+    ({
+        "new_pref": np.array(["1"] * U)
+    }, r"new_pref must hold numbers, got dtype <U1"),
+    ({
+        "new_delta": np.full((U, K), "a")
+    }, r"new_delta must hold numbers, got dtype <U1"),
+    ({
+        "num_iters": 0
+    }, r"num_iters=0: expected an integer >= 1"),
+    ({
+        "tol": np.nan
+    }, r"tol must be a finite number >= 0"),
+])
+def test_update_users_names_arguments_it_cannot_use(kwargs, message):
+  x, p, _ = _users(seed=5)
+  state = online.init_user_state(U, K, buffer_size=N, l2=1.0)
+  args = {"new_delta": x[:, 0], "new_pref": p[:, 0], **kwargs}
+  with pytest.raises(ValueError, match=message):
+    online.update_users(state, args.pop("new_delta"), args.pop("new_pref"), **args)
+  if "num_iters" in kwargs or "tol" in kwargs:  # The one-shot fits take the same solver arguments.
+    with pytest.raises(ValueError, match=message):
+      online.fit_lambda(x[0], p[0], l2=1.0, **kwargs)
+
+
 @pytest.mark.parametrize("prefs, message", [
     (np.full(N, 2.0), r"prefs\[0\] = 2.0: expected a label in \[0, 1\]"),
     (np.where(np.arange(N) % 2, 1.0, -1.0), r"prefs\[0\] = -1.0: expected a label in \[0, 1\]"),
