@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import gguf
 import numpy as np
@@ -113,18 +113,21 @@ def _gguf_name(hf_name: str) -> str:
   return f"blk.{layer}.{_TO_GGUF[rest]}"
 
 
-def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str = "llama",
-                ffn_length: int = _F) -> Dict[str, np.ndarray]:
+def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str = "llama", ffn_length: int = _F,
+                block_count: Any = _L, head_count: Any = _H) -> Dict[str, np.ndarray]:
   """Writes a tiny Llama GGUF (with tokenizer) to `path`; returns its weights in HF names and layouts."""
   state = _tiny_state(seed, tie)
   tokens, types = _tiny_vocab()
   w = gguf.GGUFWriter(str(path), arch)
   w.add_name("tiny-llama")
-  w.add_block_count(_L)
+  if isinstance(block_count, str):  # A malformed file: the count as text.
+    w.add_string(f"{arch}.block_count", block_count)
+  else:
+    w.add_block_count(block_count)
   w.add_context_length(_CTX)
   w.add_embedding_length(_D)
   w.add_feed_forward_length(ffn_length)
-  w.add_head_count(_H)
+  w.add_head_count(head_count)
   w.add_head_count_kv(_KV)
   w.add_rope_freq_base(_THETA)
   w.add_rope_dimension_count(_HD)
@@ -294,6 +297,21 @@ def test_shape_disagreeing_with_metadata(tmp_path):
   path = tmp_path / "bad_shape.gguf"
   _write_tiny(path, ffn_length=_F + 32)  # Metadata says 160, the MLP tensors have 128.
   with pytest.raises(ValueError, match=r"bad_shape\.gguf.*'blk\.0\.ffn_(gate|up|down)\.weight'"):
+    gguf_import.read_gguf(path)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({
+        "block_count": "two"
+    }, r"metadata 'llama.block_count' = 'two': expected an integer >= 1"),
+    ({
+        "head_count": 0
+    }, r"metadata 'llama.attention.head_count' = 0: expected an integer >= 1"),
+])
+def test_metadata_values_that_cannot_describe_a_model_are_named(tmp_path, metadata, message):
+  path = tmp_path / "bad_metadata.gguf"
+  _write_tiny(path, **metadata)
+  with pytest.raises(ValueError, match=r"bad_metadata\.gguf.*" + message):
     gguf_import.read_gguf(path)
 
 

@@ -3,6 +3,7 @@ naming its line and field, and a 20-row file trains bases through the CLI whose 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -108,72 +109,105 @@ GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
 PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("{not json", r"line 2: not JSON"),
-    ([1, 2], r"line 2: a list: expected a JSON object"),
-    ({
-        "chosen": "a",
-        "rejected": "b"
-    }, r"line 2: field 'prompt' is missing: expected a string"),
-    ({
-        **GOOD, "chosen": "  "
-    }, r"line 2: field 'chosen' is empty: expected text"),
-    ({
-        **GOOD, "rejected": 3
-    }, r"line 2: field 'rejected' is a int: expected a string"),
-    ({
-        **GOOD, "attribute": ""
-    }, r"line 2: field 'attribute' has the attribute name ''"),
-    ({
-        "prompt": "p",
-        "answer": "a"
-    }, r"line 2: expected the fields \('prompt', 'chosen', 'rejected'\)"),
-    ({
-        **PAIR
-    }, r"line 2: a response_a / response_b row needs 'labels' or 'scores_a' / 'scores_b'"),
-    ({
-        **PAIR, "labels": {
-            "x": 2
-        }
-    }, r"line 2: labels\['x'\] = 2: expected 'a', 'b', 'tie', 1, 0, 0.5 or null"),
-    ({
-        **PAIR, "labels": {
-            "x": True
-        }
-    }, r"line 2: labels\['x'\] = True"),
-    ({
-        **PAIR, "scores_a": {
-            "x": 1
-        }
-    }, r"line 2: field 'scores_b' is missing"),
-    ({
-        **PAIR, "scores_a": {
-            "x": 1
-        },
-        "scores_b": {
-            "y": 1
-        }
-    }, r"line 2: scores_a has attributes \['x'\] and scores_b"),
-    ({
-        **PAIR, "scores_a": {
-            "x": "high"
-        },
-        "scores_b": {
-            "x": 1
-        }
-    }, r"line 2: scores_a\['x'\] = 'high': expected a finite"),
-    ({
-        **PAIR, "scores_a": {
-            "x": 1
-        },
-        "scores_b": {
-            "x": 2
-        },
-        "labels": {
-            "x": "a"
-        }
-    }, r"line 2: labels\['x'\] disagrees"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("{not json", r"line 2: not JSON"),
+        ([1, 2], r"line 2: a list: expected a JSON object"),
+        ({
+            "chosen": "a",
+            "rejected": "b"
+        }, r"line 2: field 'prompt' is missing: expected a string"),
+        ({
+            **GOOD, "chosen": "  "
+        }, r"line 2: field 'chosen' is empty: expected text"),
+        ({
+            **GOOD, "rejected": 3
+        }, r"line 2: field 'rejected' is a int: expected a string"),
+        ({
+            **GOOD, "attribute": ""
+        }, r"line 2: field 'attribute' has the attribute name ''"),
+        ({
+            "prompt": "p",
+            "answer": "a"
+        }, r"line 2: expected the fields \('prompt', 'chosen', 'rejected'\)"),
+        ({
+            **PAIR
+        }, r"line 2: a response_a / response_b row needs 'labels' or 'scores_a' / 'scores_b'"),
+        ({
+            **PAIR, "labels": {
+                "x": 2
+            }
+        }, r"line 2: labels\['x'\] = 2: expected 'a', 'b', 'tie', 1, 0, 0.5 or null"),
+        ({
+            **PAIR, "labels": {
+                "x": True
+            }
+        }, r"line 2: labels\['x'\] = True"),
+        ({
+            **PAIR, "scores_a": {
+                "x": 1
+            }
+        }, r"line 2: field 'scores_b' is missing"),
+        ({
+            **PAIR, "scores_a": {
+                "x": 1
+            },
+            "scores_b": {
+                "y": 1
+            }
+        }, r"line 2: scores_a has attributes \['x'\] and scores_b"),
+        ({
+            **PAIR, "scores_a": {
+                "x": "high"
+            },
+            "scores_b": {
+                "x": 1
+            }
+        }, r"line 2: scores_a\['x'\] = 'high': expected a finite"),
+        ({
+            **PAIR, "scores_a": {
+                "x": 1
+            },
+            "scores_b": {
+                "x": 2
+            },
+            "labels": {
+                "x": "a"
+            }
+        }, r"line 2: labels\['x'\] disagrees"),
+        (
+            {  # Tied scores and a label that picks one: refused for either side.
+                **PAIR, "scores_a": {
+                    "x": 1
+                },
+                "scores_b": {
+                    "x": 1
+                },
+                "labels": {
+                    "x": "b"
+                }
+            },
+            r"line 2: labels\['x'\] disagrees"),
+        ({
+            **PAIR, "scores_a": {
+                "x": 1e39
+            },
+            "scores_b": {
+                "x": 1
+            }
+        }, r"line 2: scores_a\['x'\] = 1e\+39: expected a finite number within \+-1e\+37"),
+        ({
+            **GOOD, "atribute": "friendly"
+        }, r"line 2: unknown field 'atribute'; did you mean 'attribute'\?"),
+        ({
+            **GOOD, "response_a": "x"
+        }, r"line 2: field 'response_a' belongs to the other layout"),
+        ({
+            **GOOD, "chosen": "paris\ud800."
+        }, r"line 2: field 'chosen' holds an unpaired surrogate '\\ud800' at "
+         "character 5"),
+    ])
 def test_a_bad_row_is_refused_naming_its_line_and_field(tmp_path, bad, message):
   first = {**PAIR, "labels": {"x": "a"}} if isinstance(bad, dict) and "response_a" in bad else GOOD
   path = _write(tmp_path / "bad.jsonl", [first, bad])
@@ -182,9 +216,26 @@ def test_a_bad_row_is_refused_naming_its_line_and_field(tmp_path, bad, message):
   assert str(path) in str(info.value)
 
 
-def test_file_level_errors(tmp_path):
+def test_file_level_errors(tmp_path, caplog):
   with pytest.raises(ValueError, match="no such file"):
     jsonl.read(str(tmp_path / "missing.jsonl"))
+  not_utf8 = tmp_path / "latin1.jsonl"
+  not_utf8.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "p", "chosen": "caf\xe9", "rejected": "b"}\n')
+  with pytest.raises(ValueError, match=r"latin1.jsonl, line 2: not UTF-8 text \(byte b'\\xe9' at column"):
+    jsonl.read(str(not_utf8))
+  packed = tmp_path / "packed.jsonl"
+  packed.write_bytes(gzip.compress(json.dumps(GOOD).encode()))
+  with pytest.raises(ValueError, match=r"packed.jsonl is gzip-compressed: expected plain JSON-lines text"):
+    jsonl.read(str(packed))
+  bom = tmp_path / "bom.jsonl"
+  bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+  assert jsonl.read(str(bom))["prompt"] == ["p"]  # A byte-order mark is not an error.
+  # Rows whose two responses are the same text carry no preference: left out with a warning, refused if all are.
+  with caplog.at_level("WARNING"):
+    out = jsonl.read(_write(tmp_path / "same.jsonl", [GOOD, {**GOOD, "rejected": "a"}, {**GOOD, "prompt": "q"}]))
+  assert out["prompt"] == ["p", "q"] and "1 row(s) whose two responses are the same text (first: line 2)" in caplog.text
+  with pytest.raises(ValueError, match="every row's two responses are the same text"):
+    jsonl.read(_write(tmp_path / "all_same.jsonl", [{**GOOD, "rejected": "a"}]))
   with pytest.raises(ValueError, match="holds no rows"):
     jsonl.read(_write(tmp_path / "empty.jsonl", [""]))
   with pytest.raises(ValueError, match="line 2: mixes the chosen / rejected layout"):

@@ -210,6 +210,20 @@ def test_truncation_keeps_the_prompt_end_and_the_response_start(root, tokenizer)
   assert (train["response_a"][:, 0] != tokenizer.eos_token_id).all()  # A cut response has no end token.
 
 
+def test_cut_prompts_and_responses_are_counted_in_a_warning(tokenizer, caplog):
+  with caplog.at_level("WARNING"):
+    sources.tokenize(tokenizer, ["a long prompt of many words", "hi"], ["same start, then a", "same start, then b"],
+                     ["ok", "x"], prompt_len=6, response_len=4, chat_template=False)
+  assert "1 of 2 prompts were longer than data.prompt_len=6 tokens" in caplog.text
+  assert "2 of 4 responses longer than data.response_len=4" in caplog.text
+  assert "1 of 2 pairs have two responses that are the same tokens within data.response_len=4" not in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    sources.tokenize(tokenizer, ["p"], ["same start, then a"], ["same start, then b"], prompt_len=6, response_len=4,
+                     chat_template=False)
+  assert "1 of 1 pairs have two responses that are the same tokens within data.response_len=4" in caplog.text
+
+
 def test_conflicting_subset_and_seeded_subsample(root, tokenizer):
   config = _config("ultrafeedback", root, num_bases=4, builder_config={"base": "conflicting", **ALL_TRAIN})
   train, _, metadata = sources.builder_pairs(config, tokenizer)

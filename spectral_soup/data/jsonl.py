@@ -22,7 +22,9 @@ The attributes are the names met in the file, in order of first appearance; they
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
 import os
 from typing import Any, Dict, List, Tuple
@@ -78,7 +80,34 @@ def _text_field(where: str, row: Dict[str, Any], field: str, allow_empty: bool =
     raise ValueError(f"{where}: field {field!r} is a {type(value).__name__}: expected a string.")
   if not allow_empty and not value.strip():
     raise ValueError(f"{where}: field {field!r} is empty: expected text.")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer takes.
+    raise ValueError(f"{where}: field {field!r} holds an unpaired surrogate {value[e.start]!r} at character "
+                     f"{e.start}: expected text (a broken \\uXXXX escape?).") from None
   return value
+
+
+# The fields of each layout; another field close to one of these (a typo: 'atribute') is refused, other extra
+# fields (an id, a source) are ignored.
+_LAYOUT_FIELDS = {
+    "chosen": ("prompt", "chosen", "rejected", "attribute"),
+    "pair": ("prompt", "response_a", "response_b", "labels", "scores_a", "scores_b")
+}
+
+
+def _check_fields(where: str, row: Dict[str, Any], layout: str) -> None:
+  known = _LAYOUT_FIELDS[layout]
+  other = _LAYOUT_FIELDS["pair" if layout == "chosen" else "chosen"]
+  for field in row:
+    if field in known:
+      continue
+    if field in other and field != "prompt":
+      raise ValueError(f"{where}: field {field!r} belongs to the other layout: a row holds either {CHOSEN_FIELDS} "
+                       f"(optionally 'attribute') or {PAIR_FIELDS} with 'labels' and/or 'scores_a' / 'scores_b'.")
+    close = difflib.get_close_matches(field, known, n=1, cutoff=0.8)
+    if close:
+      raise ValueError(f"{where}: unknown field {field!r}; did you mean {close[0]!r}?")
 
 
 def _name(where: str, field: str, name: Any) -> str:
@@ -94,9 +123,15 @@ def _label(where: str, name: str, value: Any) -> int:
   return _LABELS[key]
 
 
+# Scores are stored as float32; their differences must stay finite too.
+_MAX_SCORE = 1e37
+
+
 def _score(where: str, field: str, name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise ValueError(f"{where}: {field}[{name!r}] = {value!r}: expected a finite number.")
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or
+      abs(value) > _MAX_SCORE):
+    raise ValueError(f"{where}: {field}[{name!r}] = {value!r}: expected a finite number within +-{_MAX_SCORE:g} "
+                     "(scores are stored in float32).")
   return float(value)
 
 
@@ -105,12 +140,14 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
   if not isinstance(row, dict):
     raise ValueError(f"{where}: a {type(row).__name__}: expected a JSON object.")
   if "chosen" in row or "rejected" in row:
+    _check_fields(where, row, "chosen")
     prompt, a, b = (_text_field(where, row, f) for f in CHOSEN_FIELDS)
     name = _name(where, "attribute", row.get("attribute", DEFAULT_ATTRIBUTE))
     return prompt, a, b, {name: 1}, {}
   if not ("response_a" in row or "response_b" in row):
     raise ValueError(f"{where}: expected the fields {CHOSEN_FIELDS} (optionally 'attribute') or {PAIR_FIELDS} with "
                      f"'labels' and/or 'scores_a' / 'scores_b'; the row has {sorted(row)}.")
+  _check_fields(where, row, "pair")
   prompt, a, b = (_text_field(where, row, f) for f in PAIR_FIELDS)
   labels, scores = {}, {}
   if "labels" in row:
@@ -134,7 +171,8 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
         for k in sa
     }
     for k, label in labels.items():
-      if k in scores and label >= 0 and (scores[k][0] > scores[k][1]) != bool(label):
+      if k in scores and label >= 0 and (scores[k][0] > scores[k][1], scores[k][0] < scores[k][1]) != (label == 1, label
+                                                                                                       == 0):
         raise ValueError(f"{where}: labels[{k!r}] disagrees with scores_a / scores_b ({scores[k][0]} vs "
                          f"{scores[k][1]}).")
   if not labels and not scores:
@@ -144,11 +182,19 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
 
 def _json_lines(path: str):
   """(where, row) of every non-blank line of a JSON-lines file."""
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    if f.read(2) == b"\x1f\x8b":
+      raise ValueError(f"{path} is gzip-compressed: expected plain JSON-lines text (decompress it first).")
+    f.seek(0)
+    for number, raw in enumerate(f, start=1):
+      where = f"{path}, line {number}"
+      try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # A byte-order mark may open the file.
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
+                         "expected JSON lines in UTF-8.") from None
       if not line.strip():
         continue
-      where = f"{path}, line {number}"
       try:
         yield where, json.loads(line)
       except json.JSONDecodeError as e:
@@ -174,6 +220,15 @@ def read(path: str) -> Dict[str, Any]:
                        "earlier rows: expected one layout per file.")
   if not rows:
     raise ValueError(f"{path} holds no rows: expected one JSON object per line.")
+  same = [i for i, r in enumerate(rows) if r[1] == r[2]]
+  if same:
+    if len(same) == len(rows):
+      raise ValueError(f"{path}: every row's two responses are the same text: a pair needs two different responses.")
+    logging.warning(
+        "%s: %d row(s) whose two responses are the same text (first: %s) carry no preference and are "
+        "left out.", path, len(same), places[same[0]].rsplit(", ", 1)[-1])
+    keep = [i for i in range(len(rows)) if i not in set(same)]
+    rows, places = [rows[i] for i in keep], [places[i] for i in keep]
   scored = [bool(r[4]) for r in rows]
   if any(scored) and not all(scored):
     first, without = scored.index(True), scored.index(False)

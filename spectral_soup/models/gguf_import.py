@@ -168,12 +168,22 @@ def gguf_metadata(path: str | os.PathLike) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _scalar_int(path: str, key: str, value: Any) -> int:
+def _scalar_int(path: str, key: str, value: Any, minimum: int = 1) -> int:
+  """`value` of metadata `key` as an int >= minimum; ValueError naming the file and key otherwise."""
   if isinstance(value, list):  # Some files state per-layer values; Llama needs one.
     if not value or any(v != value[0] for v in value):
       raise ValueError(f"{path!r}: metadata {key!r} varies across layers ({value}); Llama needs a single value")
     value = value[0]
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() or
+      value < minimum):
+    raise ValueError(f"{path!r}: metadata {key!r} = {value!r}: expected an integer >= {minimum}")
   return int(value)
+
+
+def _scalar_float(path: str, key: str, value: Any) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+    raise ValueError(f"{path!r}: metadata {key!r} = {value!r}: expected a finite number > 0")
+  return float(value)
 
 
 def _rope_parameters(path: str, reader: gguf.GGUFReader, arch: str, tensor_names: Sequence[str]) -> Dict[str, Any]:
@@ -181,7 +191,7 @@ def _rope_parameters(path: str, reader: gguf.GGUFReader, arch: str, tensor_names
   if "rope_freqs.weight" in tensor_names:
     raise ValueError(f"{path!r}: the tensor 'rope_freqs.weight' (llama3-style rotary frequency scaling) is not "
                      f"supported")
-  theta = float(_field(path, reader, f"{arch}.rope.freq_base", 10_000.0))
+  theta = _scalar_float(path, f"{arch}.rope.freq_base", _field(path, reader, f"{arch}.rope.freq_base", 10_000.0))
   kind = _field(path, reader, f"{arch}.rope.scaling.type", None)
   factor = _field(path, reader, f"{arch}.rope.scaling.factor", None)
   legacy_linear = _field(path, reader, f"{arch}.rope.scale_linear", None)  # Older files.
@@ -207,13 +217,14 @@ def _llama_config(path: str, reader: gguf.GGUFReader, tensor_names: Sequence[str
   """The `transformers.LlamaConfig` that the metadata (and the set of tensor names) describes."""
   arch = "llama"
   get = lambda key, default=_MISSING: _field(path, reader, f"{arch}.{key}", default)  # noqa: E731
-  hidden = int(get("embedding_length"))
-  heads = _scalar_int(path, f"{arch}.attention.head_count", get("attention.head_count"))
-  kv_heads = _scalar_int(path, f"{arch}.attention.head_count_kv", get("attention.head_count_kv", heads))
-  mlp = _scalar_int(path, f"{arch}.feed_forward_length", get("feed_forward_length"))
-  head_dim = int(get("attention.key_length", 0)) or int(get("rope.dimension_count", 0)) or hidden // heads
-  value_dim = int(get("attention.value_length", head_dim))
-  rope_dim = int(get("rope.dimension_count", head_dim))
+  num = lambda key, default=_MISSING, minimum=1: _scalar_int(path, f"{arch}.{key}", get(key, default), minimum)
+  hidden = num("embedding_length")
+  heads = num("attention.head_count")
+  kv_heads = num("attention.head_count_kv", heads)
+  mlp = num("feed_forward_length")
+  head_dim = num("attention.key_length", 0, 0) or num("rope.dimension_count", 0, 0) or hidden // heads
+  value_dim = num("attention.value_length", head_dim)
+  rope_dim = num("rope.dimension_count", head_dim)
   if value_dim != head_dim:
     raise ValueError(f"{path!r}: key width {head_dim} != value width {value_dim}; Llama needs them equal")
   if rope_dim != head_dim or head_dim % 2:
@@ -238,13 +249,14 @@ def _llama_config(path: str, reader: gguf.GGUFReader, tensor_names: Sequence[str
       vocab_size=int(vocab),
       hidden_size=hidden,
       intermediate_size=mlp,
-      num_hidden_layers=int(get("block_count")),
+      num_hidden_layers=num("block_count"),
       num_attention_heads=heads,
       num_key_value_heads=kv_heads,
       head_dim=head_dim,
       hidden_act="silu",
-      max_position_embeddings=int(get("context_length")),
-      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+      max_position_embeddings=num("context_length"),
+      rms_norm_eps=_scalar_float(path, f"{arch}.attention.layer_norm_rms_epsilon",
+                                 get("attention.layer_norm_rms_epsilon", 1e-5)),
       rope_parameters=_rope_parameters(path, reader, arch, tensor_names),
       attention_bias="blk.0.attn_q.bias" in names,
       mlp_bias="blk.0.ffn_up.bias" in names,

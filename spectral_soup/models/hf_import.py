@@ -212,11 +212,19 @@ def params_from_state_dict(config: TransformerConfig, state_dict: Mapping[str, A
       raise ValueError(f"{source}: missing tensor {name!r} (needed for parameter {_path_str(entry.path, layer)}).")
     w = _to_numpy(state_dict[name])
     used.add(name)
+    file = state_dict.file_of(name) if isinstance(state_dict, _SafetensorsStateDict) else source
     if tuple(w.shape) != entry.hf_shape:
-      file = state_dict.file_of(name) if isinstance(state_dict, _SafetensorsStateDict) else source
       raise ValueError(f"{file}: tensor {name!r} has shape {tuple(w.shape)}, expected {entry.hf_shape} for parameter "
                        f"{_path_str(entry.path, layer)} of this {config.family} config.")
-    return np.asarray(entry.transform(w)).astype(wdtype, copy=False)
+    if not (np.issubdtype(w.dtype, np.floating) or w.dtype == jnp.bfloat16):
+      raise ValueError(f"{file}: tensor {name!r} has dtype {w.dtype}: expected float32, float16 or bfloat16 weights "
+                       "(quantized checkpoints are not supported; dequantize them first).")
+    out = np.asarray(entry.transform(w)).astype(wdtype, copy=False)
+    if not np.isfinite(out).all():
+      raise ValueError(f"{file}: tensor {name!r} holds {int(np.size(out) - np.isfinite(out).sum())} non-finite "
+                       f"values (NaN or inf{' after the cast to ' + wdtype.name if w.dtype != wdtype else ''}): "
+                       "expected finite weights; the checkpoint is damaged.")
+    return out
 
   flat = {}
   for entry in table:
@@ -236,6 +244,12 @@ def params_from_state_dict(config: TransformerConfig, state_dict: Mapping[str, A
                          f"built {got}.")
 
   unused = [n for n in keys if n not in used and not _ignorable(config, n)]
+  extra_layers = sorted(
+      {int(m.group(1)) for m in map(re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.").search, unused) if m})
+  if extra_layers and extra_layers[-1] >= config.num_layers:
+    raise ValueError(f"{source}: the checkpoint holds layers up to {extra_layers[-1]}, but its config has "
+                     f"{config.num_layers} (num_hidden_layers / n_layer): expected a config.json that matches the "
+                     "weights.")
   if config.tie_embeddings and lm_head in unused:
     unused.remove(lm_head)
     if not np.array_equal(_to_numpy(state_dict[lm_head]).astype(wdtype), flat[("embed", "embedding")]):
@@ -287,6 +301,9 @@ class _SafetensorsStateDict(Mapping):
     for path in paths:
       with _safe_open(path) as f:
         for name in f.keys():
+          if name in files:
+            raise ValueError(f"tensor {name!r} is in both {files[name]} and {path}: expected each tensor in one "
+                             "safetensors file (or an index, model.safetensors.index.json, naming its shard).")
           files[name] = path
     return cls(files)
 
@@ -310,14 +327,27 @@ class _SafetensorsStateDict(Mapping):
     return len(self._files)
 
 
+def _weight_map(index: Path) -> Dict[str, Path]:
+  """{tensor name: shard path} of a `model.safetensors.index.json`; ValueError naming the index and entry."""
+  try:
+    data = json.loads(index.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{index}: not a readable safetensors index (JSON): {e}") from None
+  weight_map = data.get("weight_map") if isinstance(data, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"{index}: no 'weight_map' in the safetensors index (expected an object {{tensor: shard file}}).")
+  for name, shard in weight_map.items():
+    if not isinstance(shard, str) or not shard or os.path.isabs(shard) or ".." in Path(shard).parts:
+      raise ValueError(
+          f"{index}: weight_map[{name!r}] = {shard!r}: expected the file name of a shard in {index.parent}.")
+  return {name: index.parent / shard for name, shard in weight_map.items()}
+
+
 def _safetensors_files(path: Path) -> List[Path]:
   """The safetensors weight files of an HF checkpoint directory; clear errors for anything else."""
   single, index = path / "model.safetensors", path / "model.safetensors.index.json"
   if index.is_file():
-    weight_map = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index}: no 'weight_map' in the safetensors index.")
-    shards = [path / name for name in sorted(set(weight_map.values()))]
+    shards = sorted(set(_weight_map(index).values()))
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
       raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}.")
@@ -336,6 +366,41 @@ def _safetensors_files(path: Path) -> List[Path]:
   raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json in this directory.")
 
 
+# Architecture fields a checkpoint's config.json must state (transformers would fill a missing one with its class
+# default, e.g. Llama-7B's width, and the weights would then be blamed for the mismatch).
+_REQUIRED_HF_FIELDS = {
+    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head"),
+    "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "mistral": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "gemma3_text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+}
+
+
+def _read_hf_config(path: Path) -> Any:
+  """The transformers config of a checkpoint's `config.json`; ValueError naming the file and the field for a
+  missing architecture field, a field of the wrong type, or a file that is not a config."""
+  try:
+    raw = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a readable config (JSON): {e}") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path}: a JSON {type(raw).__name__}: expected a transformers config (an object).")
+  model_type = raw.get("model_type")
+  for field in _REQUIRED_HF_FIELDS.get(model_type, ()):
+    if field not in raw:
+      raise ValueError(f"{path}: no {field!r}: expected the {model_type} architecture's {field} (an integer).")
+  for field, value in raw.items():
+    if field in _REQUIRED_HF_FIELDS.get(model_type,
+                                        ()) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise ValueError(f"{path}: {field}={value!r}: expected an integer >= 1.")
+  import transformers  # pylint: disable=g-import-not-at-top  (lazy: heavy import)
+  try:
+    return transformers.AutoConfig.from_pretrained(str(path.parent), local_files_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (transformers' validation errors name neither file nor field)
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(f"{path}: transformers cannot read this config ({type(e).__name__}: {first[:300]}).") from None
+
+
 def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[TransformerConfig, Dict[str, Any]]:
   """(config, params) of a local HF checkpoint directory: config.json + (sharded) safetensors weights."""
   path = Path(path)
@@ -344,10 +409,14 @@ def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[Tra
   files = _safetensors_files(path)
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{path}: no config.json in this checkpoint directory.")
-  import transformers  # Lazy: heavy import.
-  hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-  config = config_from_hf(hf_config, **config_overrides)
-  state_dict = _SafetensorsStateDict.from_files(files)
+  try:
+    config = config_from_hf(_read_hf_config(path / "config.json"), **config_overrides)
+  except (TypeError, ValueError) as e:
+    message = str(e)
+    raise ValueError(message if str(path) in message else f"{path / 'config.json'}: {message}") from None
+  index = path / "model.safetensors.index.json"
+  # A sharded checkpoint's tensors are read from the shard its index names (not whichever shard holds a copy).
+  state_dict = _SafetensorsStateDict(_weight_map(index)) if index.is_file() else _SafetensorsStateDict.from_files(files)
   source = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")
   return config, params_from_state_dict(config, state_dict, source=source)
 
@@ -430,7 +499,29 @@ def tokenizer_from_pretrained(path: str | os.PathLike):
   p = _resolve(path, "tokenizer_from_pretrained")
   if p.is_dir():
     import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+      if (p / name).is_file():
+        try:
+          json.loads((p / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+          raise ValueError(
+              f"{p / name}: not readable JSON ({e}); the tokenizer file is damaged or truncated.") from None
+    try:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # pylint: disable=broad-except  (transformers' messages do not name the directory)
+      first = (str(e).strip().splitlines() or [""])[0]
+      raise ValueError(
+          f"{p}: no tokenizer could be loaded from this directory ({type(e).__name__}: {first[:300]}); "
+          "expected a Hugging Face tokenizer (tokenizer.json, or the files of a slow tokenizer).") from None
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+      try:
+        import jinja2  # pylint: disable=g-import-not-at-top
+        jinja2.Environment().parse(template)
+      except ImportError:
+        pass
+      except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{p}: the tokenizer's chat template does not parse (line {e.lineno}: {e.message}).") from None
     vocab_size = _config_vocab_size(p)
     if vocab_size is not None:
       check_vocab(tokenizer, vocab_size, str(p))

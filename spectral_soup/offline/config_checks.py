@@ -20,6 +20,7 @@ from spectral_soup.offline import ridge_init
 from spectral_soup.offline import sources
 from spectral_soup.offline import steps
 from spectral_soup.utils import config_check
+from spectral_soup.utils import files
 
 BASIS_INITS = ("zeros", "ridge")
 DTYPES = ("float32", "bfloat16")
@@ -106,6 +107,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(c.basis.get("vocab_support", 0) >= 0, "basis.vocab_support", ">= 0 (0: the whole vocabulary)")
   need(not c.basis.get("vocab_support", 0) or c.train.cache_features, "basis.vocab_support",
        "0 unless train.cache_features=True (the support's reference probabilities are cached features)")
+  features_dir = c.train.get("features_dir", "")
+  if features_dir:
+    problem = files.directory_problem(features_dir)
+    need(problem is None, "train.features_dir", f"a directory this user can write or create ({problem})")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", ">= 1")
   need(isinstance(c.train.nan_check, bool), "train.nan_check", "True or False")
   need(c.train.eval_every_steps >= 0, "train.eval_every_steps", ">= 0 (0: only at the end)")

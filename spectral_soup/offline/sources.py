@@ -273,15 +273,32 @@ def tokenize(tokenizer, prompts: Sequence[str], responses_a: Sequence[str], resp
   for name, length in (("prompt", prompt_len), ("response_a", response_len), ("response_b", response_len)):
     out[name] = np.full((n, length), pad, np.int32)
     out[f"{name}_mask"] = np.zeros((n, length), bool)
+  cut = {"prompt": 0, "response": 0}
   for i, ids in enumerate(encode_prompts(tokenizer, prompts, chat_template)):
+    cut["prompt"] += len(ids) > prompt_len
     ids = ids[-prompt_len:]
     out["prompt"][i, prompt_len - len(ids):] = ids
     out["prompt_mask"][i, prompt_len - len(ids):] = True
   for side, texts in (("a", responses_a), ("b", responses_b)):
     for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
-      ids = (list(ids) + eos)[:response_len]
+      ids = list(ids) + eos
+      cut["response"] += len(ids) > response_len
+      ids = ids[:response_len]
       out[f"response_{side}"][i, :len(ids)] = ids
       out[f"response_{side}_mask"][i, :len(ids)] = True
+  if cut["prompt"] or cut["response"]:
+    logging.warning(
+        "%d of %d prompts were longer than data.prompt_len=%d tokens (their start is cut) and %d of %d responses "
+        "longer than data.response_len=%d (their end is cut).", cut["prompt"], n, prompt_len, cut["response"], 2 * n,
+        response_len)
+  same = int(
+      np.sum(
+          np.all(out["response_a"] == out["response_b"], axis=1) &
+          np.all(out["response_a_mask"] == out["response_b_mask"], axis=1)))
+  if same:
+    logging.warning(
+        "%d of %d pairs have two responses that are the same tokens within data.response_len=%d: they "
+        "carry no preference (raise data.response_len).", same, n, response_len)
   return out
 
 

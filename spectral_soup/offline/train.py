@@ -201,12 +201,20 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
     model_cfg = model.config
   else:
     model_cfg, loaded_backbone = build.model_config(config), None
+  length = config.data.prompt_len + config.data.response_len
+  if length > model_cfg.max_len:  # A checkpoint's own limit (a random backbone's is checked with the config).
+    raise ValueError(
+        f"config.data.response_len={config.data.response_len} is invalid: expected <= max_len - "
+        f"data.prompt_len = {model_cfg.max_len - config.data.prompt_len}, where max_len={model_cfg.max_len} "
+        f"is the longest sequence of the model at model.path={config.model.path!r} (its position "
+        "table, or the length it was trained to).")
   policy = build.build_policy(model_cfg, config.basis)
   tx, schedule = steps.make_optimizer(config)
   dummy = jnp.zeros((1, 4), jnp.int32)
   abstract_params = jax.eval_shape(policy.init, jax.random.key(0), dummy)["params"]  # Boxed: logical axes.
   abstract_trainable, abstract_backbone = build.split_params(abstract_params)
   abstract_opt_state = jax.eval_shape(tx.init, abstract_trainable)
+  _check_state_fits(config, (abstract_trainable, abstract_opt_state), mesh)
 
   # ---- Sharding: logical axis names -> mesh axes for the state, the backbone and the batches.
   params_shardings = mesh_lib.abstract_shardings(abstract_trainable, mesh)
@@ -234,6 +242,31 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
              abstract_opt_state=abstract_opt_state, params_shardings=params_shardings, state_shardings=state_shardings,
              backbone_shardings=backbone_shardings)
   return run, train_pairs, eval_pairs
+
+
+def _device_memory_bytes() -> Optional[int]:
+  """What one device can hold: its allocator's limit (GPU, TPU), or the host's physical memory (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _check_state_fits(config: ml_collections.ConfigDict, abstract_state: Any, mesh: Any) -> None:
+  """ValueError naming basis.num_bases (and the ranks) when the trainable state alone, split evenly over every
+  device of the mesh, exceeds one device's memory: before anything is allocated (K = 10^12 bases used to fail
+  deep inside an allocation, or to run for minutes first)."""
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
+  limit = _device_memory_bytes()
+  if limit and total / mesh.size > limit:
+    ranks = (f"basis.head_rank={config.basis.head_rank}"
+             if config.basis.kind == "heads" else f"basis.lora_rank={config.basis.lora_rank}")
+    raise ValueError(f"config.basis.num_bases={config.basis.num_bases} is invalid: the bases and their optimizer "
+                     f"state need {total / 2**30:.3g} GiB ({ranks}), {total / mesh.size / 2**30:.3g} GiB per device "
+                     f"even split over all {mesh.size}, more than the {limit / 2**30:.3g} GiB one device holds.")
 
 
 def _device_inputs(config: ml_collections.ConfigDict, workdir: str, run: _Run, backbone: Any,

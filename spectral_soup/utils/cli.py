@@ -24,6 +24,7 @@ from typing import Iterator
 from absl import logging
 
 from spectral_soup.utils import errors
+from spectral_soup.utils import files
 from spectral_soup.utils import workdir_lock
 
 USAGE_ERROR_EXIT_CODE = 2
@@ -108,17 +109,10 @@ def check_workdir(workdir: str) -> None:
   (nothing is created)."""
   if not workdir:
     raise ValueError("--workdir is empty: expected a directory for the run's outputs.")
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"--workdir={workdir} is a file: expected a directory (new or from an earlier run).")
-  parent = path
-  while not os.path.exists(parent):  # The nearest existing ancestor must let us create the rest.
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise ValueError(f"--workdir={workdir}: {parent} is a file, so the directory cannot be created.")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir}: {parent} is not writable, expected a directory this user can write.")
-  if os.path.isdir(path):
+  problem = files.directory_problem(workdir)
+  if problem:
+    raise ValueError(f"--workdir={workdir}{' ' if problem.startswith('is a') else ': '}{problem}.")
+  if os.path.isdir(os.path.abspath(workdir)):
     workdir_lock.check_free(workdir)
 
 

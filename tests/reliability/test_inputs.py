@@ -156,6 +156,17 @@ def test_out_of_range_config_values_are_named(flat, field):
     config_checks.validate_config(config)
 
 
+def test_a_features_dir_that_is_a_file_is_named(tmp_path):
+  (tmp_path / "a_file").write_text("x")
+  for path, why in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "sub", "is a file, so the directory")):
+    config = train_basis_tiny.get_config()
+    config.train.features_dir = str(path)
+    with pytest.raises(
+        ValueError, match=rf"config\.train\.features_dir=.* is invalid: expected a directory this user "
+        rf"can write or create \(.*{why}"):
+      config_checks.validate_config(config)
+
+
 def test_config_field_types_are_enforced():
   config = train_basis_tiny.get_config()
   with pytest.raises(TypeError, match="nan_check"):  # ConfigDict keeps each field's type.
@@ -535,7 +546,15 @@ def test_cli_model_path_errors_are_one_line_with_exit_status_2(tmp_path):
   """A model path that does not load is found inside the run (`train_and_evaluate`): still one line, status 2,
   and the workdir is not created."""
   (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
-  cases = {"missing": (tmp_path / "nope.gguf", "nope.gguf"), "garbage": (tmp_path / "garbage.gguf", "garbage.gguf")}
+  from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
+  short = tmp_path / "short"  # A checkpoint whose position table is shorter than a prompt + a response (8 + 16).
+  hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("gpt2", vocab_size=512, n_positions=20), short)
+  hf_fixtures.byte_tokenizer(short)
+  cases = {
+      "missing": (tmp_path / "nope.gguf", "nope.gguf"),
+      "garbage": (tmp_path / "garbage.gguf", "garbage.gguf"),
+      "short": (short, "config.data.response_len=16 is invalid: expected <= max_len - data.prompt_len = 12")
+  }
   env = dict(os.environ, PYTHONPATH=PYTHONPATH)
   procs = {
       name:
@@ -551,7 +570,7 @@ def test_cli_model_path_errors_are_one_line_with_exit_status_2(tmp_path):
     assert procs[name].returncode == 2, err[-2000:]
     assert lines[-1].startswith("error: ") and expected in lines[-1], err[-2000:]
     assert "Traceback" not in err
-  assert sorted(os.listdir(tmp_path)) == ["garbage.gguf"]
+  assert sorted(os.listdir(tmp_path)) == ["garbage.gguf", "short"]
 
 
 _HOLDER = """
@@ -591,3 +610,81 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(tmp_path):
   workdir_lock.check_free(str(workdir), primary=True)
   with workdir_lock.hold(str(workdir), primary=True):
     assert (workdir / workdir_lock.LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint directories whose weights or config cannot be the model they claim to be.
+
+
+def _edit_checkpoint(path, case):
+  """A tiny Llama checkpoint in `path`, then damaged as `case` says."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
+  hf_fixtures.save_tiny_checkpoint("llama", path)
+  weights = path / "model.safetensors"
+  tensors = load_file(str(weights))
+  config = json.loads((path / "config.json").read_text())
+  name = "model.layers.1.mlp.up_proj.weight"
+  if case == "nan":
+    tensors[name] = tensors[name].copy()
+    tensors[name][3, 5] = np.nan
+  elif case == "int8":
+    tensors[name] = np.zeros(tensors[name].shape, np.int8)
+  elif case == "extra_layer":
+    config["num_hidden_layers"] = 1
+  elif case == "no_width":
+    del config["hidden_size"]
+  elif case == "string_layers":
+    config["num_hidden_layers"] = "2"
+  elif case == "duplicate":  # The same tensors in two loose files (no model.safetensors, no index).
+    save_file(tensors, str(path / "copy.safetensors"), metadata={"format": "pt"})
+    weights = path / "part.safetensors"
+    (path / "model.safetensors").unlink()
+  elif case == "index_null":
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {name: None}}))
+  elif case == "index_list":
+    (path / "model.safetensors.index.json").write_text("[1, 2]")
+  save_file(tensors, str(weights), metadata={"format": "pt"})
+  (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan", r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 non-finite values"),
+    ("int8", r"tensor 'model.layers.1.mlp.up_proj.weight' has dtype int8: expected float32, float16 or bfloat16"),
+    ("extra_layer", r"the checkpoint holds layers up to 1, but its config has 1 \(num_hidden_layers"),
+    ("no_width", r"config.json: no 'hidden_size': expected the llama architecture's hidden_size"),
+    ("string_layers", r"config.json: num_hidden_layers='2': expected an integer >= 1"),
+    ("duplicate", r"tensor '.*' is in both .*\.safetensors and .*\.safetensors"),
+    ("index_null", r"model.safetensors.index.json: weight_map\['model.layers.1.mlp.up_proj.weight'\] = None: "
+     "expected the file name of a shard"),
+    ("index_list", r"model.safetensors.index.json: no 'weight_map' in the safetensors index"),
+])
+def test_a_checkpoint_that_is_not_the_model_it_claims_is_named_at_load(tmp_path, case, message):
+  _edit_checkpoint(tmp_path / "model", case)
+  with pytest.raises(ValueError, match=message) as info:
+    hf_import.from_pretrained(tmp_path / "model")
+  assert info.type is ValueError
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", r"tokenizer.json: not readable JSON .*; the tokenizer file is damaged or truncated"),
+    ("template", r"the tokenizer's chat template does not parse \(line 1: "),
+    ("none", r"no tokenizer could be loaded from this directory"),
+])
+def test_a_tokenizer_directory_that_does_not_load_is_named(tmp_path, case, message):
+  from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "tok"
+  path.mkdir()
+  if case != "none":
+    hf_fixtures.byte_tokenizer(path)
+  if case == "truncated":
+    data = (path / "tokenizer.json").read_text()
+    (path / "tokenizer.json").write_text(data[:len(data) // 2])
+  elif case == "template":
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }"
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in path.glob("chat_template.*"):
+      extra.unlink()
+  with pytest.raises(ValueError, match=message):
+    hf_import.tokenizer_from_pretrained(path)
