@@ -75,18 +75,22 @@ step() {  # step LABEL MODULE TIMEOUT_S ARGS...: one benchmark, logged to $OUT/L
 }
 
 if [[ "$TINY" == 1 ]]; then
-  step online online 120 --users=256 --bases=4 --comparisons=16 --baseline_users=16 --loop_users=8 --min_time_s=0
-  step params params 120 --users=4 --bases=2 --layers=2 --embed=64 --kv_dim=32 --rank=2 --min_time_s=0 \
-    --torch_device="$TORCH_DEVICE"
-  step train train 120 --bases=2 --layers=1 --embed=32 --heads=2 --head_dim=16 --mlp=64 --vocab=128 \
-    --prompt_len=8 --response_len=8 --batch=2 --steps=1 --devices=0
+  # Toy sizes are compile-bound, about one core per step: two lanes of steps at once (2-core CPU: 69 s, not 102).
+  (
+    step online online 120 --users=256 --bases=4 --comparisons=16 --baseline_users=16 --loop_users=8 --min_time_s=0
+    step params params 120 --users=4 --bases=2 --layers=2 --embed=64 --kv_dim=32 --rank=2 --min_time_s=0 \
+      --torch_device="$TORCH_DEVICE"
+    step train train 120 --bases=2 --layers=1 --embed=32 --heads=2 --head_dim=16 --mlp=64 --vocab=128 \
+      --prompt_len=8 --response_len=8 --batch=2 --steps=1 --devices=0
+    step decode_256 decode 120 --model=tiny --users=8 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
+      --variants=single,explicit/heads --matmul_size=256 --copy_mb=8 --no_torch_check
+  ) &
   step train_1b train 180 --preset=gemma3_1b --bases=3 --layers=2 --embed=64 --head_dim=16 --mlp=128 --vocab=512 \
     --prompt_len=8 --response_len=8 --steps=1
   step decode decode 240 --model=tiny --users=4 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
     --variants=explicit/heads,naive/heads,torch-mod/heads --torch_device="$TORCH_DEVICE" --matmul_size=256 \
     --copy_mb=8 $TORCH_CHECK
-  step decode_256 decode 120 --model=tiny --users=8 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
-    --variants=single,explicit/heads --matmul_size=256 --copy_mb=8 --no_torch_check
+  wait
 else
   # scikit-learn's liblinear solver fits ~10 users/s: the loop baseline is its newton-cholesky solver.
   step online online 45 --users=65536 --bases=30 --comparisons=64 --baseline_users=2048 --loop_users=256 \
