@@ -389,9 +389,8 @@ def _read_hf_config(path: Path) -> Any:
   for field in _REQUIRED_HF_FIELDS.get(model_type, ()):
     if field not in raw:
       raise ValueError(f"{path}: no {field!r}: expected the {model_type} architecture's {field} (an integer).")
-  for field, value in raw.items():
-    if field in _REQUIRED_HF_FIELDS.get(model_type,
-                                        ()) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    value = raw[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{path}: {field}={value!r}: expected an integer >= 1.")
   import transformers  # pylint: disable=g-import-not-at-top  (lazy: heavy import)
   try:
