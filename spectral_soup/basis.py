@@ -375,6 +375,8 @@ def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) 
   if lam.ndim not in (1, 2) or lam.shape[-1] != num_bases:
     raise ValueError(f"lam has shape {lam.shape}: expected [K={num_bases}] or [U, {num_bases}], one weight per "
                      f"basis ({', '.join(names)}).")
+  if lam.ndim == 2 and lam.shape[0] == 0:
+    raise ValueError(f"lam has shape {lam.shape}: expected at least one user row of {num_bases} weights.")
   if lam.ndim == 1:
     lam = np.broadcast_to(lam, (num_prompts, num_bases))
   if num_prompts != 1 and lam.shape[0] != num_prompts:

@@ -115,6 +115,8 @@ def test_bad_inputs_name_what_was_expected(basis, tmp_path):
     basis.generate(PROMPTS, [1.0, 0.0])
   with pytest.raises(ValueError, match="lam has 3 user rows for 2 prompts"):
     basis.generate(PROMPTS, np.eye(3))
+  with pytest.raises(ValueError, match=r"lam has shape \(0, 3\): expected at least one user row"):
+    basis.generate(PROMPTS[0], np.zeros((0, 3)))
   with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
     basis.generate(["hi", " "], [0.0, 0.0, 0.0])
   with pytest.raises(ValueError, match="lam row 0 is not finite"):
