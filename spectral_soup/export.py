@@ -30,6 +30,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from spectral_soup.utils import files
+
 # Our activation names -> the transformers names that `hf_import` reads back as them.
 _HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 _HF_ACTIVATIONS_GPT2 = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}
@@ -164,9 +166,9 @@ def _check_out_dir(out_dir: str) -> str:
   if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "soup.json")):
     raise ValueError(f"export_hf: out_dir={out_dir!r} is not empty and holds no earlier export (soup.json): "
                      "expected a new or empty directory, or one that export_hf wrote (it is then replaced whole).")
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise ValueError(f"export_hf: out_dir={out_dir!r}: its parent directory {parent} does not exist.")
+  problem = files.directory_problem(os.path.dirname(path))  # Missing parents are created (as os.makedirs does).
+  if problem:
+    raise ValueError(f"export_hf: out_dir={out_dir!r}: its parent directory {os.path.dirname(path)} {problem}.")
   return path
 
 
@@ -219,6 +221,7 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
       "basis_kind": basis.policy.basis_kind,
       "step": basis.step
   }
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
   try:
     umask = os.umask(0)

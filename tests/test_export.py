@@ -124,6 +124,9 @@ def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path, mon
     ss.export_hf(basis, LAM, out)
   assert {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)} == before
   assert sorted(os.listdir(tmp_path)) == ["export", "heads", "other"]  # No temporary directory left behind.
+  monkeypatch.undo()
+  nested = ss.export_hf(basis, LAM, str(tmp_path / "exports" / "user_7"))  # Missing parents are created.
+  assert sorted(os.listdir(nested)) == sorted(os.listdir(out))
 
 
 def test_what_cannot_be_exported_exactly_is_refused(checkpoint, tmp_path):
