@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import gguf
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -688,3 +689,27 @@ def test_a_tokenizer_directory_that_does_not_load_is_named(tmp_path, case, messa
       extra.unlink()
   with pytest.raises(ValueError, match=message):
     hf_import.tokenizer_from_pretrained(path)
+
+
+def test_a_sharded_checkpoint_reads_each_tensor_from_the_shard_its_index_names(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
+  ref, sharded = tmp_path / "ref", tmp_path / "sharded"
+  hf_fixtures.save_tiny_checkpoint("llama", ref)
+  hf_fixtures.save_tiny_checkpoint("llama", sharded)
+  tensors = load_file(str(sharded / "model.safetensors"))
+  (sharded / "model.safetensors").unlink()
+  names = sorted(tensors)
+  first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+  shard = {name: first if i < len(names) // 2 else second for i, name in enumerate(names)}
+  stale = names[0]  # Indexed in the first shard; a zeroed copy also sits in the second, which sorts last.
+  for file in (first, second):
+    part = {name: tensors[name] for name in names if shard[name] == file}
+    if file == second:
+      part[stale] = np.zeros_like(tensors[stale])
+    save_file(part, str(sharded / file), metadata={"format": "pt"})
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shard}))
+  _, want = hf_import.load_hf_checkpoint(ref)
+  _, got = hf_import.load_hf_checkpoint(sharded)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
