@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_soup.soup.validation import check_int
+
 Array = jax.Array
 ArrayLike = Union[jax.Array, np.ndarray, float, Sequence[float]]
 
@@ -51,9 +53,8 @@ def check_numeric(name: str, x: Any) -> None:
 
 def check_solver(num_iters: Any, num_inner_iters: Any, tol: Any) -> None:
   """Raises ValueError unless num_iters and num_inner_iters are integers >= 1 and tol a finite number >= 0."""
-  for name, value in (("num_iters", num_iters), ("num_inner_iters", num_inner_iters)):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
+  check_int("num_iters", num_iters, 1)
+  check_int("num_inner_iters", num_inner_iters, 1)
   if (isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.integer, np.floating)) or
       not np.isfinite(tol) or tol < 0):
     raise ValueError(f"tol must be a finite number >= 0 (0: exactly num_iters steps), got {tol!r}.")
@@ -68,13 +69,6 @@ def check_finite(name: str, x: Any) -> None:
   if bad.size:
     index = [int(i) for i in bad[0]]
     raise ValueError(f"{name}{index if index else ''} is {values[tuple(index)]}: expected finite numbers.")
-
-
-def check_count(name: str, value: Any) -> int:
-  """`value` as an int; ValueError naming `name` unless it is an integer >= 1 (not a bool)."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
-  return int(value)
 
 
 def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]]) -> None:

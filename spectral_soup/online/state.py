@@ -21,7 +21,6 @@ from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_constraint
-from spectral_soup.online.checks import check_count
 from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_numeric
@@ -30,6 +29,7 @@ from spectral_soup.online.checks import check_solver
 from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
 from spectral_soup.online.newton import DEFAULT_NUM_ITERS
 from spectral_soup.online.newton import DEFAULT_TOL
+from spectral_soup.soup.validation import check_int
 
 
 @struct.dataclass
@@ -71,8 +71,8 @@ def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: 
   Returns:
     UserState.
   """
-  num_users, num_features = check_count("num_users", num_users), check_count("num_features", num_features)
-  buffer_size = check_count("buffer_size", buffer_size)
+  num_users, num_features = check_int("num_users", num_users, 1), check_int("num_features", num_features, 1)
+  buffer_size = check_int("buffer_size", buffer_size, 1)
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
     raise ValueError(f"dtype={jnp.dtype(dtype).name}: expected float32 or float64 (the fit's batched Cholesky "
                      "solves).")
