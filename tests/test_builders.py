@@ -7,8 +7,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -270,6 +272,18 @@ def test_embedded_prefs_roundtrip_and_splits(tmp_path):
     assert a == b
 
 
+@pytest.mark.parametrize("name", sorted(builders.BUILDERS))
+def test_constructing_a_builder_leaves_no_temporary_directory(tmp_path, monkeypatch, name):
+  # TFDS's own DatasetInfo looks for the dataset in its public bucket and leaks an empty temporary directory per
+  # builder constructed before its data exist; these builders' data are never there.
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", os.fspath(scratch))
+  builder = builders.get_builder(name, tmp_path / "tfds")
+  assert builder.info.splits == {}  # Not prepared: nothing restored, nothing precomputed.
+  assert list(scratch.iterdir()) == []
+
+
 def test_embedded_prefs_tie_epsilon_and_source_path(tmp_path):
   source = _write_embedded(tmp_path / "src", _embedded_rows(2))
   ds = builders.load_source(
@@ -303,6 +317,11 @@ def test_embedded_prefs_tie_epsilon_and_source_path(tmp_path):
             **_embedded_row("p", "a", "b", [1, 2, 3], [1, 2, 3]), "attributes": ["x", "y", "z"]
         }, "attributes"),
         ('{"prompt": "p", ', "<json>"),  # Truncated line.
+        (_embedded_row("p", "a", "b", [1e39, 0, 0], [2e39, 1, 0]), "scores_a[0]"),  # Beyond float32: inf.
+        ('{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": [1, 2, 3], "scores_b": [1, 2, 1' +
+         "0" * 400 + '], "attributes": ["helpful", "concise", "safe"]}', "scores_b[2]"),  # An integer beyond float64.
+        (_embedded_row("p\ud800", "a", "b", [1, 2, 3], [1, 2, 3]), "prompt"),  # Lone surrogate (hash would fail).
+        (_embedded_row("p", "a", "b\udc80", [1, 2, 3], [1, 2, 3]), "response_b"),  # Lone surrogate (TFDS would fail).
     ])
 def test_malformed_row_error_names_file_row_and_field(tmp_path, bad_row, field):
   rows = _embedded_rows(1)
@@ -638,3 +657,298 @@ def test_jsonl_prefs_reads_both_layouts_and_refuses_a_bad_line_by_number(tmp_pat
                          config=builders.make_config("jsonl_prefs", source_path=os.fspath(pairs), skip_malformed=True))
   with pytest.raises(builders.SourceNotFoundError, match="prefs.jsonl"):
     builders.load_source("jsonl_prefs", tmp_path / "tfds_none", manual_dir=tmp_path / "src_missing")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs: custom names, field checks, names that cannot collide.
+
+
+def test_make_config_takes_a_custom_name_and_keeps_the_positional_builder_name(tmp_path):
+  config = builders.make_config("embedded_prefs", name="mine", test_fraction=0.2)
+  assert (config.name, config.test_fraction) == ("mine", 0.2)
+  assert builders.make_config("ultrafeedback", "conflicting", pairs_per_prompt=2).conflicting_only  # Positional.
+  assert builders.make_config("ultrafeedback", base="conflicting").name == "conflicting"
+  source = _write_embedded(tmp_path / "src", _embedded_rows(2))
+  ds = builders.load_source("embedded_prefs", tmp_path / "tfds", config={
+      "name": "mine",
+      "source_path": os.fspath(source),
+      **_ALL_TRAIN_CONFIG
+  })
+  assert len(ds) == 4 and (tmp_path / "tfds" / "spectral_soup_embedded_prefs" / "mine" / "1.0.0").is_dir()
+  with pytest.raises(ValueError, match="predefined name 'default'"):
+    builders.make_config("embedded_prefs", name="default", test_fraction=0.2)
+  with pytest.raises(ValueError, match=r"name='a/b': expected a config name"):
+    builders.make_config("embedded_prefs", name="a/b")
+
+
+_ALL_TRAIN_CONFIG = {"validation_fraction": 0.0, "test_fraction": 0.0}
+_HASH_SPLIT_BUILDERS = ("embedded_prefs", "ultrafeedback", "psoups", "jsonl_prefs")
+_BAD_FIELDS = [
+    *[(name, "tie_epsilon", value, "a finite number >= 0")
+      for name in _HASH_SPLIT_BUILDERS
+      for value in (float("nan"), float("inf"), "0", -0.1)],
+    *[("ultrafeedback", "pairs_per_prompt", value, "an integer >= 1, or None")
+      for value in (2.5, float("nan"), True, "2", 0)],
+    ("embedded_prefs", "validation_fraction", "0.1", r"a finite number in \[0, 1\]"),
+    ("psoups", "test_fraction", float("nan"), r"a finite number in \[0, 1\]"),
+    ("jsonl_prefs", "split_salt", 3, "a string"),
+    ("helpsteer2", "skip_malformed", "yes", "True or False"),
+    ("ultrafeedback", "conflicting_only", 1, "True or False"),
+    ("helpsteer2", "variant", ["pairs"], "one of"),
+    ("psoups", "source_path", "", "a non-empty path"),
+]
+
+
+@pytest.mark.parametrize("name, field, value, expected", _BAD_FIELDS)
+def test_config_fields_of_the_wrong_type_or_range_are_refused_when_the_config_is_made(name, field, value, expected):
+  with pytest.raises(ValueError, match=f"{field}={re.escape(repr(value))}: expected {expected}"):
+    builders.make_config(name, **{field: value})
+
+
+def test_config_names_of_verbatim_and_hashed_values_cannot_collide(tmp_path, monkeypatch):
+  hashed = builders.make_config("embedded_prefs", split_salt="a-b").name
+  assert hashed.startswith("default-split_salt_h")
+  looks_hashed = builders.make_config("embedded_prefs", split_salt=hashed.rsplit("_", 1)[1])
+  assert looks_hashed.name != hashed  # A value that looks like a hash is hashed too.
+  assert builders.make_config("embedded_prefs", split_salt="plain.salt_1").name == "default-split_salt_plain.salt_1"
+  # A relative source_path is the absolute path in the config and in its name.
+  for where in ("one", "two"):
+    (tmp_path / where).mkdir()
+  monkeypatch.chdir(tmp_path / "one")
+  first = builders.make_config("jsonl_prefs", source_path="prefs.jsonl")
+  monkeypatch.chdir(tmp_path / "two")
+  second = builders.make_config("jsonl_prefs", source_path="prefs.jsonl")
+  assert first.source_path == os.fspath(tmp_path / "one" / "prefs.jsonl") and first.name != second.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Source files: names and contents agree, no file read twice.
+
+
+def test_a_file_and_its_gz_twin_are_refused_in_every_builder(tmp_path):
+  uf = tmp_path / "uf"
+  _write_jsonl(uf / "sharegpt.jsonl", _ultrafeedback_rows())
+  _write_jsonl(uf / "sharegpt.jsonl.gz", _ultrafeedback_rows(), compress=True)
+  _write_jsonl(uf / "pairs.jsonl", [])  # Not an UltraFeedback file; its twin below does not matter.
+  _write_jsonl(uf / "pairs.jsonl.gz", [], compress=True)
+  hs = _write_helpsteer(tmp_path / "hs")
+  _write_jsonl(hs / "train.jsonl", [_helpsteer_row("p", "r", 1, 1, 1, 1, 1)])
+  embedded = _write_embedded(tmp_path / "embedded", _embedded_rows(1))
+  _write_jsonl(embedded / "pairs.jsonl.gz", _embedded_rows(1), compress=True)
+  ps = tmp_path / "ps"
+  _write_jsonl(ps / "P1A.json", [{"user_input": "q", "completion_a": "x", "completion_b": "y"}])
+  _write_jsonl(ps / "P1A.jsonl.gz", [{"user_input": "q", "completion_a": "x", "completion_b": "y"}], compress=True)
+  for name, manual, first, second in [("ultrafeedback", uf, "sharegpt.jsonl", "sharegpt.jsonl.gz"),
+                                      ("helpsteer2", hs, "train.jsonl.gz", "train.jsonl"),
+                                      ("embedded_prefs", embedded, "pairs.jsonl", "pairs.jsonl.gz"),
+                                      ("psoups", ps, "P1A.json", "P1A.jsonl.gz")]:
+    with pytest.raises(builders.SourceFileError) as info:
+      builders.load_source(name, tmp_path / "tfds", manual_dir=manual)
+    message = str(info.value)
+    assert f"{manual / first} and {manual / second} are both present" in message, message
+
+
+def test_compression_is_checked_against_the_file_name(tmp_path):
+  rows = "".join(json.dumps(r) + "\n" for r in _embedded_rows(1))
+  cases = {
+      "pairs.jsonl.gz": (rows.encode(), "named .gz but is not gzip-compressed \\(starts with b'{\"'\\)"),
+      "pairs.jsonl": (gzip.compress(rows.encode()), "is gzip-compressed but not named .gz"),
+      "pairs.JSONL.GZ": (gzip.compress(rows.encode())[:-12], "the gzip data are truncated or corrupt"),
+  }
+  for file_name, (data, problem) in cases.items():
+    source = tmp_path / file_name.replace(".", "_")
+    source.mkdir()
+    (source / file_name).write_bytes(data)
+    (source / "metadata.json").write_text(json.dumps({"attributes": ATTRS}))
+    with pytest.raises(builders.SourceFileError, match=re.escape(os.fspath(source / file_name)) + ": " + problem):
+      builders.load_source("embedded_prefs", tmp_path / "tfds", config={"source_path": os.fspath(source / file_name)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows that carry nothing: identical responses, repeated rows.
+
+
+def test_identical_responses_and_repeated_rows_are_left_out_counted_and_named(tmp_path, caplog):
+  rows = _embedded_rows(2)
+  rows.insert(1, _embedded_row("same", "Same text", "Same text", [1, 0, 0], [0, 1, 0]))  # Line 2.
+  rows += [rows[0], rows[0]]  # Lines 6 and 7 repeat line 1.
+  source = _write_embedded(tmp_path / "embedded", rows)
+  config = {"source_path": os.fspath(source), **_ALL_TRAIN_CONFIG}
+  assert len(builders.load_source("embedded_prefs", tmp_path / "tfds", config=config)) == 4
+  metadata = builders.get_builder("embedded_prefs", tmp_path / "tfds", config).info.metadata
+  assert (metadata["num_identical_responses"], metadata["num_duplicate_rows"]) == (1, 2)
+  assert "pairs.jsonl row 2" in caplog.text and "pairs.jsonl row 6 repeats" in caplog.text
+
+  # UltraFeedback: two completions with one text make no pair; a repeated row (e.g. two overlapping files) once.
+  uf_rows = _ultrafeedback_rows()
+  uf_rows[1]["completions"].append(_completion("m9", "r4", "1", "1", "1", "1"))  # r4 again, other ratings.
+  _write_jsonl(tmp_path / "uf" / "flan.jsonl", uf_rows[1:])
+  _write_jsonl(tmp_path / "uf" / "sharegpt.jsonl", uf_rows[:2])
+  pairs = _by_pair(
+      builders.load_source("ultrafeedback", tmp_path / "tfds", manual_dir=tmp_path / "uf", config=_ALL_TRAIN_CONFIG))
+  assert len(pairs) == 6 + 2 and all(a != b for a, b in pairs)
+  metadata = builders.get_builder("ultrafeedback", tmp_path / "tfds", _ALL_TRAIN_CONFIG).info.metadata
+  assert (metadata["num_identical_responses"], metadata["num_duplicate_rows"]) == (1, 1)
+
+  # HelpSteer2: one response text twice for a prompt makes no pair; nor does a preference of a response to itself.
+  hs = _write_helpsteer(
+      tmp_path / "hs",
+      [
+          _helpsteer_row("p1", "same", 3, 3, 4, 1, 1),
+          _helpsteer_row("p1", "same", 4, 3, 3, 2, 0),
+          _helpsteer_row("p1", "other", 4, 3, 3, 2, 0),
+          _helpsteer_row("p1", "other", 4, 3, 3, 2, 0),  # Repeats the row above.
+      ])
+  pairs = _read_all(builders.load_source("helpsteer2", tmp_path / "tfds", manual_dir=hs, config="pairs"))
+  assert [(_s(e["response_a"]), _s(e["response_b"])) for e in pairs] == [("same", "other")] * 2  # Rows 1-3, 2-3.
+  metadata = builders.get_builder("helpsteer2", tmp_path / "tfds", "pairs").info.metadata
+  assert (metadata["num_identical_responses"], metadata["num_duplicate_rows"]) == (1, 1)
+  _write_jsonl(hs / "preference" / "preference.jsonl.gz", [{
+      "split": "train",
+      "prompt": "p",
+      "response_1": "x",
+      "response_2": "x",
+      "preference_strength": 2
+  }], compress=True)
+  with pytest.raises(
+      ValueError, match=r"No examples in any split of spectral_soup_helpsteer2/preference: 1 rows "
+      r"read from \[.*preference\.jsonl\.gz'\].*num_identical_responses=1"):
+    builders.load_source("helpsteer2", tmp_path / "tfds", manual_dir=hs, config="preference")
+
+  # Your own pairs: a repeated row is kept once.
+  prefs = _write_jsonl(tmp_path / "prefs.jsonl", [{
+      "prompt": f"q{i % 2}",
+      "chosen": "g",
+      "rejected": "b"
+  } for i in range(4)])
+  config = {"source_path": os.fspath(prefs), **_ALL_TRAIN_CONFIG}
+  assert len(builders.load_source("jsonl_prefs", tmp_path / "tfds", config=config)) == 2
+  assert builders.get_builder("jsonl_prefs", tmp_path / "tfds", config).info.metadata["num_duplicate_rows"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P-SOUPS.
+
+
+@pytest.mark.parametrize("preference", [0, 3, -1, 2.5])
+def test_psoups_preference_outside_1_to_2_is_malformed(tmp_path, preference):
+  _write_jsonl(tmp_path / "manual" / "P2A.jsonl", [{
+      "instruction": "q",
+      "output_1": "x",
+      "output_2": "y",
+      "preference": 1.5
+  }, {
+      "instruction": "q",
+      "output_1": "x",
+      "output_2": "y",
+      "preference": preference
+  }])
+  with pytest.raises(builders.MalformedRowError, match=r"P2A\.jsonl: row 2: field 'preference': .* outside \[1, 2\]"):
+    builders.load_source("psoups", tmp_path / "tfds", manual_dir=tmp_path / "manual")
+
+
+def test_psoups_file_matching(tmp_path):
+  row = {"user_input": "q", "completion_a": "x", "completion_b": "y"}
+  manual = tmp_path / "manual"
+  _write_jsonl(manual / "rm_training" / "P3C.json", [row])  # Only another pole: does not hide the files below.
+  _write_jsonl(manual / "pole-p1a.JSONL", [row])  # Suffix in capitals.
+  ds = builders.load_source("psoups", tmp_path / "tfds", manual_dir=manual, config=_ALL_TRAIN_CONFIG)
+  assert [e["mask"].tolist() for e in _read_all(ds)] == [[True] + [False] * 5]
+  _write_jsonl(manual / "P1B_P2A.jsonl", [row])
+  with pytest.raises(builders.SourceFileError, match=r"P1B_P2A\.jsonl: the file name names several poles \(P1B, P2A\)"):
+    builders.load_source("psoups", tmp_path / "tfds2", manual_dir=manual)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A lone surrogate in any text field, in every builder.
+
+
+@pytest.mark.parametrize("name, files, field", [
+    ("ultrafeedback", {
+        "flan.jsonl": [{
+            "instruction": "q",
+            "completions": [_completion("m\udc80", "x", "1", "1", "1", "1")]
+        }]
+    }, "completions[0].model"),
+    ("helpsteer2", {
+        "train.jsonl": [_helpsteer_row("p", "r\ud800", 1, 1, 1, 1, 1)],
+        "validation.jsonl": [_helpsteer_row("p", "r", 1, 1, 1, 1, 1)]
+    }, "response"),
+    ("psoups", {
+        "P1A.jsonl": [{
+            "instruction": "q",
+            "output_1": "x",
+            "output_2": "y\ud800",
+            "preference": 1
+        }]
+    }, "output_2"),
+])
+def test_a_lone_surrogate_is_a_malformed_row_in_every_builder(tmp_path, name, files, field):
+  for file_name, rows in files.items():
+    _write_jsonl(tmp_path / "manual" / file_name, rows)
+  with pytest.raises(builders.MalformedRowError, match=f"row 1: field '{re.escape(field)}': holds an unpaired "
+                     "surrogate"):
+    builders.load_source(name, tmp_path / "tfds", manual_dir=tmp_path / "manual")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reusing a prepared dataset.
+
+
+def test_a_prepared_dataset_is_reused_only_while_its_config_and_source_are_unchanged(tmp_path):
+  source = _write_embedded(tmp_path / "src", _embedded_rows(2))
+  config = {"source_path": os.fspath(source), **_ALL_TRAIN_CONFIG}
+  data_dir = tmp_path / "tfds"
+  assert len(builders.load_source("embedded_prefs", data_dir, config=config)) == 4
+  builder = builders.get_builder("embedded_prefs", data_dir, config)
+  recorded = {e["path"] for e in builder.info.metadata["source_fingerprint"]}
+  assert recorded == {os.fspath(source / "pairs.jsonl"), os.fspath(source / "metadata.json")}
+  assert len(builders.load_source("embedded_prefs", data_dir, config=config)) == 4  # Unchanged: reused.
+
+  _write_jsonl(source / "pairs.jsonl", _embedded_rows(3))
+  with pytest.raises(builders.StaleDatasetError) as info:
+    builders.load_source("embedded_prefs", data_dir, config=config)
+  message = str(info.value)
+  assert f"{source / 'pairs.jsonl'} has changed since the build" in message, message
+  assert "rebuild=True" in message and f"delete {builder.data_dir}" in message
+  assert len(builders.load_source("embedded_prefs", data_dir, config=config, rebuild=True)) == 6
+  os.utime(source / "pairs.jsonl", ns=(1, 1))  # Same size, another modification time.
+  with pytest.raises(builders.StaleDatasetError, match="pairs.jsonl was modified since the build"):
+    builders.load_source("embedded_prefs", data_dir, config=config)
+
+  # Another manual directory under the same config: refused, naming both files.
+  for manual, n in (("m1", 3), ("m2", 5)):
+    _write_jsonl(tmp_path / manual / "prefs.jsonl", [{
+        "prompt": f"{manual} {i}",
+        "chosen": "g",
+        "rejected": "b"
+    } for i in range(n)])
+  builders.load_source("jsonl_prefs", data_dir, manual_dir=tmp_path / "m1", config=_ALL_TRAIN_CONFIG)
+  with pytest.raises(
+      builders.StaleDatasetError, match=r"m1/prefs\.jsonl was read by the build but is not part of "
+      r"the source now; .*m2/prefs\.jsonl is part of the source now"):
+    builders.load_source("jsonl_prefs", data_dir, manual_dir=tmp_path / "m2", config=_ALL_TRAIN_CONFIG)
+  (tmp_path / "m1" / "prefs.jsonl").unlink()  # The source is not at hand any more: the dataset is still served.
+  assert len(builders.load_source("jsonl_prefs", data_dir, config=_ALL_TRAIN_CONFIG)) == 3
+
+  # One custom name for two configs.
+  builders.load_source("embedded_prefs", data_dir, config={"name": "mine", **config, "split_salt": "a"}, rebuild=True)
+  with pytest.raises(builders.StaleDatasetError, match="was built with split_salt='a', but this config has "
+                     "split_salt='b'"):
+    builders.load_source("embedded_prefs", data_dir, config={"name": "mine", **config, "split_salt": "b"})
+
+
+def test_empty_splits_and_no_examples_are_explained(tmp_path):
+  source = _write_embedded(tmp_path / "src", _embedded_rows(2))
+  config = {"source_path": os.fspath(source), **_ALL_TRAIN_CONFIG}
+  assert len(builders.load_source("embedded_prefs", tmp_path / "tfds", config=config))
+  with pytest.raises(
+      ValueError, match=r"split 'test' has no examples: it was left out when the dataset was built, "
+      r"as no prompt of its 4 examples hashed into it at validation_fraction=0.0, test_fraction=0.0"):
+    builders.load_source("embedded_prefs", tmp_path / "tfds", config=config, split="test[:10]")
+  _write_jsonl(tmp_path / "uf" / "flan.jsonl", _ultrafeedback_rows()[2:])  # One completion: no pairs.
+  with pytest.raises(
+      ValueError, match=r"No examples in any split of spectral_soup_ultrafeedback/all: 1 rows read "
+      r"from \['.*flan\.jsonl'\], 0 of them skipped as malformed; left out: "
+      r"num_prompts_without_pairs=1"):
+    builders.load_source("ultrafeedback", tmp_path / "tfds", manual_dir=tmp_path / "uf")

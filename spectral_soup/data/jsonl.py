@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -35,6 +35,27 @@ CHOSEN_FIELDS = ("prompt", "chosen", "rejected")
 PAIR_FIELDS = ("prompt", "response_a", "response_b")
 DEFAULT_ATTRIBUTE = "preference"
 _LABELS = {"a": 1, "b": 0, "tie": -1, 1: 1, 0: 0, 0.5: -1, None: -1}
+GZIP_MAGIC = b"\x1f\x8b"  # The first two bytes of every gzip file.
+# Scores are stored as float32; their differences must stay finite too.
+MAX_SCORE = 1e37
+
+
+def is_gzip(head: bytes) -> bool:
+  """Whether a file that starts with the bytes `head` (at least its first two) is gzip-compressed."""
+  return head[:2] == GZIP_MAGIC
+
+
+def text_problem(value: str) -> Optional[str]:
+  """What makes the string `value` unusable as text (an unpaired surrogate, which UTF-8 cannot encode), or None.
+
+  JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer (and no UTF-8 writer) takes.
+  """
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    return (f"holds an unpaired surrogate {value[e.start]!r} at character {e.start}: expected text (a broken "
+            "\\uXXXX escape?)")
+  return None
 
 
 def is_jsonl(source: Any) -> bool:
@@ -80,11 +101,9 @@ def _text_field(where: str, row: Dict[str, Any], field: str, allow_empty: bool =
     raise ValueError(f"{where}: field {field!r} is a {type(value).__name__}: expected a string.")
   if not allow_empty and not value.strip():
     raise ValueError(f"{where}: field {field!r} is empty: expected text.")
-  try:
-    value.encode("utf-8")
-  except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer takes.
-    raise ValueError(f"{where}: field {field!r} holds an unpaired surrogate {value[e.start]!r} at character "
-                     f"{e.start}: expected text (a broken \\uXXXX escape?).") from None
+  problem = text_problem(value)
+  if problem:
+    raise ValueError(f"{where}: field {field!r} {problem}.")
   return value
 
 
@@ -123,14 +142,10 @@ def _label(where: str, name: str, value: Any) -> int:
   return _LABELS[key]
 
 
-# Scores are stored as float32; their differences must stay finite too.
-_MAX_SCORE = 1e37
-
-
 def _score(where: str, field: str, name: str, value: Any) -> float:
   if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or
-      abs(value) > _MAX_SCORE):
-    raise ValueError(f"{where}: {field}[{name!r}] = {value!r}: expected a finite number within +-{_MAX_SCORE:g} "
+      abs(value) > MAX_SCORE):
+    raise ValueError(f"{where}: {field}[{name!r}] = {value!r}: expected a finite number within +-{MAX_SCORE:g} "
                      "(scores are stored in float32).")
   return float(value)
 
@@ -183,7 +198,7 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
 def _json_lines(path: str):
   """(where, row) of every non-blank line of a JSON-lines file."""
   with open(path, "rb") as f:
-    if f.read(2) == b"\x1f\x8b":
+    if is_gzip(f.read(2)):
       raise ValueError(f"{path} is gzip-compressed: expected plain JSON-lines text (decompress it first).")
     f.seek(0)
     for number, raw in enumerate(f, start=1):

@@ -29,13 +29,19 @@ def _first_row(bad: np.ndarray) -> int:
   return int(np.flatnonzero(bad)[0])
 
 
+# The largest |rating_scale * (rating_a - rating_b)| `check_pairs` accepts: its square times a batch of a million
+# pairs stays below float32's largest value (3.4e38).
+MAX_RATING_TARGET = 1e15
+
+
 def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: bool = False,
-                vocab_size: Optional[int] = None) -> int:
+                vocab_size: Optional[int] = None, rating_scale: Optional[float] = None) -> int:
   """Validates the pair format; returns N. Raises ValueError naming the field (and the first bad row).
 
   Checks: the fields are present with N rows and matching shapes; tokens are integers (in [0, vocab_size) where
   the mask is set, if `vocab_size` is given); no prompt or response is empty; labels are -1, 0 or 1; scores are
-  floats, NaN (missing) or finite.
+  floats, NaN (missing) or finite; with `rating_scale` (the ratings loss's), every rating difference times it is
+  within +-`MAX_RATING_TARGET`, so that the loss's float32 squares stay finite.
   """
   needed = TOKEN_FIELDS + (("scores_a", "scores_b") if need_ratings else ("labels",))
   missing = [name for name in needed if name not in arrays]
@@ -86,6 +92,19 @@ def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: 
         row = _first_row(bad.any(axis=1))
         raise ValueError(f"Pair field {name!r} row {row} holds {scores[row][bad[row]][0].item()}: scores must be "
                          f"finite (NaN marks a missing score).")
+  if rating_scale is not None and "scores_a" in arrays and "scores_b" in arrays:
+    with np.errstate(invalid="ignore", over="ignore"):
+      target = np.abs(rating_scale *
+                      (np.asarray(arrays["scores_a"], np.float64) - np.asarray(arrays["scores_b"], np.float64)))
+    bad = target > MAX_RATING_TARGET  # NaN (a missing rating) compares False.
+    if bad.any():
+      row = _first_row(bad.any(axis=1))
+      basis = int(np.argmax(bad[row]))
+      raise ValueError(
+          f"Pair row {row}, basis {basis}: loss.rating_scale * (scores_a - scores_b) = {rating_scale:g} * "
+          f"({arrays['scores_a'][row, basis]:g} - {arrays['scores_b'][row, basis]:g}) is beyond "
+          f"+-{MAX_RATING_TARGET:g}: the ratings loss squares it in float32 (overflow). Rescale the ratings or "
+          f"loss.rating_scale (typical ratings are a few units apart).")
   return n
 
 

@@ -231,7 +231,8 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
   for split in (train_pairs, eval_pairs):
     if len(split["prompt"]):
       input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings" or
-                                 basis_init == "ridge", vocab_size=model_cfg.vocab_size)
+                                 basis_init == "ridge", vocab_size=model_cfg.vocab_size,
+                                 rating_scale=config.loss.rating_scale if config.loss.kind == "ratings" else None)
   if basis_init == "ridge":
     ridge_init.check_ridge_ratings(train_pairs)
   resume.check_existing_checkpoint(config, workdir)

@@ -397,6 +397,18 @@ def test_malformed_pair_arrays_are_named(damage, message):
   assert input_pipeline.check_pairs(_set("scores_a", 1, np.nan)(_pairs()), K, need_ratings=True) == 8
 
 
+def test_rating_differences_the_ratings_loss_would_overflow_are_named():
+  # The ratings loss squares rating_scale * (a - b) in float32: 1e25-sized ratings (valid float32) overflow it.
+  big = _set("scores_a", 5, 1e25)(_pairs())
+  assert input_pipeline.check_pairs(big, K, need_ratings=True) == 8  # Without a loss scale: only the format.
+  with pytest.raises(ValueError, match=r"Pair row 5, basis 0: loss.rating_scale \* \(scores_a - scores_b\) = 1 \*"):
+    input_pipeline.check_pairs(big, K, need_ratings=True, rating_scale=1.0)
+  with pytest.raises(ValueError, match=r"Pair row 1, basis 0: .* beyond \+-1e\+15"):
+    input_pipeline.check_pairs(_set("scores_a", 1, 10.0)(_pairs()), K, need_ratings=True, rating_scale=1e15)
+  # Missing ratings (NaN) and ordinary ones pass.
+  assert input_pipeline.check_pairs(_set("scores_a", 1, np.nan)(_pairs()), K, need_ratings=True, rating_scale=1.0) == 8
+
+
 def _write_jsonl(path, rows):
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

@@ -29,7 +29,11 @@ from typing import Any, Dict, Mapping, Optional, Type, Union
 
 import tensorflow_datasets as tfds
 
-from spectral_soup.data.builders.common import MalformedRowError, SourceNotFoundError
+from spectral_soup.data.builders import common
+from spectral_soup.data.builders.common import MalformedRowError
+from spectral_soup.data.builders.common import SourceFileError
+from spectral_soup.data.builders.common import SourceNotFoundError
+from spectral_soup.data.builders.common import StaleDatasetError
 from spectral_soup.data.builders.embedded_prefs import EmbeddedPrefs, EmbeddedPrefsConfig
 from spectral_soup.data.builders.helpsteer2 import HelpSteer2, HelpSteer2Config
 from spectral_soup.data.builders.jsonl_prefs import JsonlPrefs, JsonlPrefsConfig
@@ -57,7 +61,9 @@ __all__ = [
     "MalformedRowError",
     "PSoups",
     "PSoupsConfig",
+    "SourceFileError",
     "SourceNotFoundError",
+    "StaleDatasetError",
     "UltraFeedback",
     "UltraFeedbackConfig",
     "get_builder",
@@ -73,21 +79,38 @@ def _builder_class(name: str) -> Type[tfds.core.GeneratorBasedBuilder]:
   raise ValueError(f"Unknown source {name!r}; known: {sorted(BUILDERS)}")
 
 
-def _name_part(value: Any) -> str:
-  text = str(value)
-  if re.fullmatch(r"[A-Za-z0-9_.]{1,24}", text):
+_VERBATIM = re.compile(r"[A-Za-z0-9_.]{1,24}")
+_HASHED = re.compile(r"h[0-9a-f]{10}")
+
+
+def _name_part(field: str, value: Any) -> str:
+  """How an override shows in a config name: short plain values verbatim, others as `h` + 10 hex digits of a hash.
+
+  A value that itself looks like such a hash is hashed too, so a verbatim part never equals a hashed one;
+  `source_path` is always hashed (as the absolute path the config stores).
+  """
+  try:
+    text = common.absolute_path(value) if field == "source_path" and value is not None else str(value)
+  except TypeError:  # Not a path: the config refuses it.
+    text = str(value)
+  if field != "source_path" and _VERBATIM.fullmatch(text) and not _HASHED.fullmatch(text):
     return text
-  return "h" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+  return "h" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
-def make_config(name: str, base: Optional[str] = None, **overrides: Any) -> tfds.core.BuilderConfig:
-  """A config of builder `name`: the predefined config `base` (default: the default one) with `overrides`.
+def make_config(source: str, /, base: Optional[str] = None, **overrides: Any) -> tfds.core.BuilderConfig:
+  """A config of builder `source`: the predefined config `base` (default: the default one) with `overrides`.
 
   The result's name encodes the overrides (e.g. `conflicting-pairs_per_prompt_2-skip_malformed_True`), so
   datasets built with different options live in different directories. Pass `name=` in `overrides` to choose the
-  config name yourself (it must differ from the predefined names).
+  config name yourself (letters, digits, '_', '.', '-'; it must differ from the predefined names). Either way, a
+  dataset prepared under the name with other field values is refused when reused (`StaleDatasetError`).
+
+  Every field is checked here: a value of the wrong type or range (`pairs_per_prompt=2.5`, `tie_epsilon=nan`,
+  `validation_fraction="0.1"`) raises `ValueError` naming the field and what was expected. A relative
+  `source_path` is made absolute against the working directory.
   """
-  cls = _builder_class(name)
+  cls = _builder_class(source)
   base = base or cls.DEFAULT_CONFIG_NAME
   if base not in cls.builder_configs:
     raise ValueError(f"{cls.name}: unknown config {base!r}; predefined: {sorted(cls.builder_configs)}")
@@ -100,7 +123,10 @@ def make_config(name: str, base: Optional[str] = None, **overrides: Any) -> tfds
     return template
   config_name = overrides.pop("name", None)
   if config_name is None:
-    config_name = "-".join([base] + [f"{k}_{_name_part(v)}" for k, v in sorted(overrides.items())])
+    config_name = "-".join([base] + [f"{k}_{_name_part(k, v)}" for k, v in sorted(overrides.items())])
+  elif not isinstance(config_name, str) or not common.CONFIG_NAME_RE.fullmatch(config_name):
+    raise ValueError(f"{cls.name}: name={config_name!r}: expected a config name of 1 to 200 letters, digits, '_', '.' "
+                     "or '-', starting with a letter, a digit or '_' (it names the dataset's directory).")
   if config_name in cls.builder_configs:
     raise ValueError(f"{cls.name}: a custom config may not reuse the predefined name {config_name!r}")
   description = f"{template.description or base} Overrides: {overrides}."
@@ -136,8 +162,12 @@ def load_source(name: str, data_dir: Union[str, os.PathLike], manual_dir: Option
                 config: ConfigLike = None, split: str = "train", *, rebuild: bool = False):
   """Builds source `name` if needed and returns `builder.as_data_source(split)` (random access, no TensorFlow).
 
-  A dataset already built under `data_dir` (same name, config name and version) is reused without reading
-  `manual_dir`; pass `rebuild=True` to regenerate it (e.g. after the source files changed).
+  A dataset already built under `data_dir` (same name, config name and version) is reused without reading the
+  source files again, after checking that its config fields and its source files (their absolute paths, sizes and
+  modification times, recorded at build time in `info.metadata["source_fingerprint"]`) are still those that the
+  config and `manual_dir` resolve to; if not, `StaleDatasetError` says what differs. Pass `rebuild=True` to
+  regenerate it (e.g. after the source files changed). A source that is no longer at hand (deleted after the
+  build, or `manual_dir` not given) does not block reuse.
 
   Args:
     name: 'embedded_prefs', 'ultrafeedback', 'helpsteer2', 'psoups' or 'jsonl_prefs'.
@@ -146,7 +176,8 @@ def load_source(name: str, data_dir: Union[str, os.PathLike], manual_dir: Option
       needed when the config sets `source_path` or the dataset is already built.
     config: see `get_builder`.
     split: a split name ('train', 'validation', 'test'; HelpSteer2 has no 'test'); TFDS slicing such as
-      'train[:100]' also works.
+      'train[:100]' also works. A split that had no examples when the dataset was built (e.g. 'test' of a few
+      prompts at test_fraction=0.05) is left out; asking for it raises `ValueError` saying so.
     rebuild: regenerate even if the dataset exists.
 
   Returns:
@@ -154,7 +185,11 @@ def load_source(name: str, data_dir: Union[str, os.PathLike], manual_dir: Option
 
   Raises:
     SourceNotFoundError: the manual directory or an expected file is missing.
+    SourceFileError: a source file is not what its name says (`.gz` but not gzip), or a file and its `.gz` twin
+      are both present.
     MalformedRowError: a malformed source row (file, 1-based row, field), unless the config skips them.
+    StaleDatasetError: the prepared dataset no longer matches its config or its source files.
+    ValueError: a config field of the wrong type or range; no examples in any split; an empty split asked for.
   """
   if os.environ.get("SPECTRAL_SOUP_PROGRESS") == "0":
     tfds.disable_progress_bar()

@@ -13,19 +13,23 @@ Features: `prompt`, `response_a`, `response_b` (Text), `scores_a`, `scores_b` (f
 True: every score is required). A is only known from the source, so the feature shapes are `(None,)`; the
 attribute names are in `info.metadata["attributes"]` and `metadata.json` in `info.metadata["source_metadata"]`.
 
-Splits: train / validation / test by a hash of the prompt (`HashSplitConfig`), so the pairs of one prompt never
-straddle splits. Empty splits are left out.
+Pairs whose two responses are the same text, and rows that repeat an earlier row exactly, are left out (counted in
+`info.metadata["num_identical_responses"]` / `["num_duplicate_rows"]`, with a warning naming the first).
+
+Splits: train / validation / test by a hash of the prompt text, verbatim (`HashSplitConfig`), so the pairs of one
+prompt never straddle splits. Empty splits are left out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from etils import epath
 import tensorflow_datasets as tfds
 
+from spectral_soup.data import jsonl
 from spectral_soup.data.builders import common
 
 PAIRS_FILE = "pairs.jsonl"
@@ -47,11 +51,11 @@ class EmbeddedPrefs(common.ManualSourceBuilder):
       "Run the project's preference generation command and pass its output directory (holding pairs.jsonl and "
       "metadata.json) as the manual directory, or set `source_path` in the builder config.")
 
-  def _source_files(self, dl_manager: tfds.download.DownloadManager) -> Tuple[epath.Path, epath.Path]:
+  def _locate(self, manual_dir: Optional[epath.Path]) -> Tuple[epath.Path, epath.Path]:
     expected = f"{PAIRS_FILE} and {METADATA_FILE}"
-    root = self._source_root(dl_manager, expected)
+    root = self._source_root(manual_dir, expected)
     if root.is_dir():
-      pairs = next((root / n for n in (PAIRS_FILE, PAIRS_FILE + ".gz") if (root / n).exists()), None)
+      pairs = common.find_file(root, PAIRS_FILE)
       if pairs is None:
         raise self._missing(f"{PAIRS_FILE} (or {PAIRS_FILE}.gz)", root)
     else:
@@ -63,27 +67,48 @@ class EmbeddedPrefs(common.ManualSourceBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
-    pairs_path, metadata_path = self._source_files(dl_manager)
+    pairs_path, metadata_path = self._begin(dl_manager)
     source_metadata, attributes = _read_metadata(metadata_path)
     errors = common.RowErrors(config.skip_malformed)
-    splits = self._hash_splits(_examples(pairs_path, errors, attributes, config.tie_epsilon))
+    left_out = common.LeftOut("num_identical_responses", "num_duplicate_rows")
+    examples = list(_examples(pairs_path, errors, left_out, attributes, config.tie_epsilon))
+    counts = left_out.as_metadata(self.name)
     self.info.metadata.update({
         "attributes": list(attributes),
         "source_metadata": source_metadata,
         "source_file": str(pairs_path),
         "num_source_rows": errors.rows_read,
+        **counts,
         "malformed_rows": errors.as_metadata(),
     })
-    return splits
+    return self._hash_splits(examples, rows_read=errors.rows_read, malformed=errors.count, left_out=counts)
 
 
-def _examples(path: epath.Path, errors: common.RowErrors, attributes: List[str], tie_epsilon: float):
-  """(row number, example) of each well-formed row; malformed rows go to `errors`."""
+def _examples(path: epath.Path, errors: common.RowErrors, left_out: common.LeftOut, attributes: List[str],
+              tie_epsilon: float):
+  """(row number, example) of each well-formed row that carries a preference and is not a repeat.
+
+  Malformed rows go to `errors`; rows whose two responses are the same text, and repeats of an earlier row, to
+  `left_out`.
+  """
+  repeats = common.Repeats()
   for ref, row in common.iter_json_rows(path, errors):
     try:
-      yield ref.number, _parse_row(row, ref, attributes, tie_epsilon)
+      example = _parse_row(row, ref, attributes, tie_epsilon)
     except common.MalformedRowError as e:
       errors.handle(e)
+      continue
+    where = f"{ref.path} row {ref.number}"
+    if example["response_a"] == example["response_b"]:
+      left_out.add("num_identical_responses", where)
+      continue
+    key = (example["prompt"], example["response_a"], example["response_b"], example["scores_a"].tobytes(),
+           example["scores_b"].tobytes())
+    first = repeats.first_of(key, where)
+    if first is not None:
+      left_out.add("num_duplicate_rows", f"{where} repeats {first}")
+      continue
+    yield ref.number, example
 
 
 def _read_metadata(path: epath.Path) -> Tuple[Dict[str, Any], List[str]]:
@@ -95,7 +120,7 @@ def _read_metadata(path: epath.Path) -> Tuple[Dict[str, Any], List[str]]:
     raise ValueError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
   attributes = metadata.get("attributes")
   if (not isinstance(attributes, list) or not attributes or
-      not all(isinstance(a, str) and a.strip() for a in attributes)):
+      not all(isinstance(a, str) and a.strip() and not jsonl.text_problem(a) for a in attributes)):
     raise ValueError(f"{path}: field 'attributes': expected a non-empty list of non-empty strings, got "
                      f"{attributes!r}")
   if len(set(attributes)) != len(attributes):

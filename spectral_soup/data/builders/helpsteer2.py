@@ -20,6 +20,12 @@ Configs (`variant`):
   `preference_strength` (int8, upstream sign); attribute name "preference".
 
 Splits are upstream's: train and validation (`preference`: "val" -> validation). There is no test split.
+
+Two rows of one file with the same response text to one prompt make no `pairs` example, nor does a `preference`
+row whose two responses are the same text (`info.metadata["num_identical_responses"]`); a row that repeats an
+earlier row of its file exactly is read once (`num_duplicate_rows`); both with a warning naming the first. A file
+and its uncompressed twin (`train.jsonl.gz` and `train.jsonl`) side by side are refused rather than one silently
+preferred. `source_path` must be a directory, and only the JSON-lines names above are looked for (not `.json`).
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ class HelpSteer2Config(common.SourceConfig):
   variant: str = "ratings"
 
   def __post_init__(self):
-    if self.variant not in VARIANTS:
-      raise ValueError(f"{self.name}: variant must be one of {VARIANTS}, got {self.variant!r}")
+    super().__post_init__()
+    if not isinstance(self.variant, str) or self.variant not in VARIANTS:
+      raise common.config_error(self, "variant", f"one of {VARIANTS}")
 
 
 class HelpSteer2(common.ManualSourceBuilder):
@@ -96,63 +103,100 @@ class HelpSteer2(common.ManualSourceBuilder):
         citation="Wang et al., HelpSteer2: Open-source dataset for training top-performing "
         "reward models, 2024.")
 
-  def _directory(self, dl_manager: tfds.download.DownloadManager, expected: str) -> epath.Path:
-    root = self._source_root(dl_manager, expected)
+  def _directory(self, manual_dir: Optional[epath.Path], expected: str) -> epath.Path:
+    root = self._source_root(manual_dir, expected)
     if not root.is_dir():
       raise common.SourceNotFoundError(
           f"{self.name}: source_path must be a directory holding {expected}, got the file {root}")
     return root / SUBDIR if (not self.builder_config.source_path and (root / SUBDIR).is_dir()) else root
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    config = self.builder_config
-    errors = common.RowErrors(config.skip_malformed)
-    metadata: Dict[str, Any] = {}
-    if config.variant == "preference":
-      directory = self._directory(dl_manager, PREFERENCE_FILE)
+  def _locate(self, manual_dir: Optional[epath.Path]) -> Dict[str, epath.Path]:
+    """{split: file} of the rated variants, {"preference": file} of `preference`."""
+    if self.builder_config.variant == "preference":
+      directory = self._directory(manual_dir, PREFERENCE_FILE)
       path = _find(directory, (PREFERENCE_FILE, "preference.jsonl.gz"))
       if path is None:
         raise self._missing(PREFERENCE_FILE, directory)
+      return {"preference": path}
+    directory = self._directory(manual_dir, " and ".join(SPLIT_FILES.values()))
+    found = {}
+    for split, file_name in SPLIT_FILES.items():
+      path = _find(directory, (file_name,))
+      if path is None:
+        raise self._missing(file_name, directory)
+      found[split] = path
+    return found
+
+  def _files(self, located: Dict[str, epath.Path]) -> List[epath.Path]:
+    return list(located.values())
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config
+    located = self._begin(dl_manager)
+    errors = common.RowErrors(config.skip_malformed)
+    left_out = common.LeftOut("num_identical_responses", "num_duplicate_rows")
+    metadata: Dict[str, Any] = {}
+    if config.variant == "preference":
+      path = located["preference"]
       per_split: Dict[str, List[Tuple[str, Dict[str, Any]]]] = {"train": [], "validation": []}
+      repeats = common.Repeats()
       for ref, row in common.iter_json_rows(path, errors):
         try:
           split, example = _parse_preference(row, ref)
         except common.MalformedRowError as e:
           errors.handle(e)
           continue
+        where = f"{ref.path} row {ref.number}"
+        if example["response_a"] == example["response_b"]:
+          left_out.add("num_identical_responses", where)
+          continue
+        key = (split, example["prompt"], example["response_a"], example["response_b"],
+               int(example["preference_strength"]))
+        first = repeats.first_of(key, where)
+        if first is not None:
+          left_out.add("num_duplicate_rows", f"{where} repeats {first}")
+          continue
         per_split[split].append((f"{ref.number}", example))
       metadata.update(attributes=["preference"], source_files=[path.name])
     else:
-      directory = self._directory(dl_manager, " and ".join(SPLIT_FILES.values()))
       per_split = {}
-      files = []
-      for split, file_name in SPLIT_FILES.items():
-        path = _find(directory, (file_name,))
-        if path is None:
-          raise self._missing(file_name, directory)
-        files.append(path.name)
+      for split, path in located.items():
         rated = []
+        repeats = common.Repeats()
         for ref, row in common.iter_json_rows(path, errors):
           try:
-            rated.append((ref.number, _parse_rated(row, ref)))
+            example = _parse_rated(row, ref)
           except common.MalformedRowError as e:
             errors.handle(e)
+            continue
+          where = f"{ref.path} row {ref.number}"
+          first = repeats.first_of((example["prompt"], example["response"], example["scores"].tobytes()), where)
+          if first is not None:
+            left_out.add("num_duplicate_rows", f"{where} repeats {first}")
+            continue
+          rated.append((ref.number, example))
         if config.variant == "ratings":
           per_split[split] = [(f"{n}", e) for n, e in rated]
         else:
-          per_split[split] = _pairs(rated)
-      metadata.update(attributes=list(ATTRIBUTES), source_files=files)
+          per_split[split] = _pairs(rated, path, left_out)
+      metadata.update(attributes=list(ATTRIBUTES), source_files=[p.name for p in located.values()])
+    counts = left_out.as_metadata(self.name)
     metadata["num_source_rows"] = errors.rows_read
+    metadata.update(counts)
     metadata["malformed_rows"] = errors.as_metadata()
     self.info.metadata.update(metadata)
-    return self._splits(per_split)
+    return self._splits(per_split, rows_read=errors.rows_read, malformed=errors.count, left_out=counts)
 
 
 def _find(directory: epath.Path, names: Tuple[str, ...]) -> Optional[epath.Path]:
-  """The first of `names` (or its uncompressed `.jsonl` twin) that exists in `directory`."""
+  """The first of `names` (or its uncompressed `.jsonl` twin) that exists in `directory`.
+
+  Raises `common.SourceFileError` when a name and its twin both exist.
+  """
   for name in names:
-    for candidate in (name, name[:-3] if name.endswith(".gz") else name):
-      if (directory / candidate).exists():
-        return directory / candidate
+    path = common.find_file(directory, name)
+    if path is not None:
+      return path
   return None
 
 
@@ -169,14 +213,21 @@ def _parse_rated(row: Dict[str, Any], ref: common.RowRef) -> Dict[str, Any]:
   }
 
 
-def _pairs(rated: List[Tuple[int, Dict[str, Any]]]) -> List[Tuple[str, Dict[str, Any]]]:
-  """All pairs of responses to the same prompt (prompts in order of first appearance)."""
+def _pairs(rated: List[Tuple[int, Dict[str, Any]]], path: epath.Path,
+           left_out: common.LeftOut) -> List[Tuple[str, Dict[str, Any]]]:
+  """All pairs of different responses to the same prompt (prompts in order of first appearance).
+
+  Two rows with the same response text to one prompt make no pair (`left_out`: num_identical_responses).
+  """
   by_prompt: Dict[str, List[Tuple[int, Dict[str, Any]]]] = collections.defaultdict(list)
   for number, example in rated:
     by_prompt[example["prompt"]].append((number, example))
   pairs = []
   for prompt, group in by_prompt.items():
     for (n_a, a), (n_b, b) in itertools.combinations(group, 2):
+      if a["response"] == b["response"]:
+        left_out.add("num_identical_responses", f"{path} rows {n_a} and {n_b}")
+        continue
       label, mask = common.pair_labels(a["scores"], b["scores"])
       pairs.append((f"{n_a}:{n_b}", {
           "prompt": prompt,

@@ -13,14 +13,21 @@ a row has no score for k, everywhere when the file has no scores: `info.metadata
 from the file, so the shapes are `(None,)`; the attribute names, in order of first appearance, are in
 `info.metadata["attributes"]`.
 
-Splits: train / validation / test by a hash of the prompt (`HashSplitConfig`); empty splits are left out.
+Rows whose two responses are the same text are left out by `jsonl.read` (with a warning); a row that repeats an
+earlier one exactly is kept once (counted in `info.metadata["num_duplicate_rows"]`, with a warning naming the
+first).
+
+Splits: train / validation / test by a hash of the prompt text, verbatim (`HashSplitConfig`); empty splits are left
+out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import List, Optional
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -44,11 +51,11 @@ class JsonlPrefs(common.ManualSourceBuilder):
 
   name = "spectral_soup_jsonl_prefs"
   BUILDER_CONFIGS = common.default_hash_split_configs(JsonlPrefsConfig)
-  UPSTREAM = "your own file in the layouts of spectral_soup/data/jsonl.py"
+  UPSTREAM = "your own data (write it in a layout of spectral_soup/data/jsonl.py)"
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {PREFS_FILE} in the manual directory, or set the config's `source_path`."
 
-  def _source(self, dl_manager: tfds.download.DownloadManager) -> str:
-    root = self._source_root(dl_manager, f"{PREFS_FILE} or a datasets directory")
+  def _locate(self, manual_dir: Optional[epath.Path]) -> str:
+    root = self._source_root(manual_dir, f"{PREFS_FILE} or a datasets directory")
     if root.is_dir() and not jsonl.is_dataset_dir(os.fspath(root)):
       path = root / PREFS_FILE
       if not path.exists():
@@ -56,29 +63,50 @@ class JsonlPrefs(common.ManualSourceBuilder):
       return os.fspath(path)
     return os.fspath(root)
 
+  def _files(self, located: str) -> List[epath.Path]:
+    path = epath.Path(located)
+    if not path.is_dir():
+      return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())  # A datasets directory: every file in it.
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
     if config.skip_malformed:
       raise ValueError(f"{self.name}: skip_malformed=True is not offered for a file of your own: every row is "
                        "checked and the first bad one is refused with its line and field.")
-    path = self._source(dl_manager)
+    path = self._begin(dl_manager)
     data = jsonl.read(path)  # Raises ValueError naming the file, line and field of the first bad row.
     attributes = list(data["attributes"])
     num_attributes = len(attributes)
     nan = np.full(num_attributes, np.nan, np.float32)
-    examples = ((i, {
-        "prompt": prompt,
-        "response_a": data["response_a"][i],
-        "response_b": data["response_b"][i],
-        "label": data["label"][i],
-        "mask": data["mask"][i],
-        "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
-        "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]
-    }) for i, prompt in enumerate(data["prompt"]))
+    left_out = common.LeftOut("num_duplicate_rows")
+    repeats = common.Repeats()
+    examples = []
+    for i, prompt in enumerate(data["prompt"]):
+      example = {
+          "prompt": prompt,
+          "response_a": data["response_a"][i],
+          "response_b": data["response_b"][i],
+          "label": data["label"][i],
+          "mask": data["mask"][i],
+          "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
+          "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]
+      }
+      key = (prompt, example["response_a"], example["response_b"], example["label"].tobytes(),
+             example["mask"].tobytes(), example["scores_a"].tobytes(), example["scores_b"].tobytes())
+      # jsonl.read has left out the rows whose two responses are the same text: pair i is not always line i + 1.
+      where = f"pair {i + 1} (prompt {prompt[:60]!r})"
+      first = repeats.first_of(key, where)
+      if first is not None:
+        left_out.add("num_duplicate_rows", f"{path}: {where} repeats {first}")
+        continue
+      examples.append((i, example))
+    counts = left_out.as_metadata(self.name)
     self.info.metadata.update({
         "attributes": attributes,
         "source_file": path,
         "num_source_rows": len(data["prompt"]),
-        "has_scores": data["scores_a"] is not None
+        "has_scores": data["scores_a"] is not None,
+        **counts,
     })
-    return self._hash_splits(examples)
+    return self._hash_splits(examples, rows_read=len(data["prompt"]), left_out=counts)

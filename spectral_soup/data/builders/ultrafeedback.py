@@ -23,8 +23,12 @@ tie or missing), `mask` (bool [4]), `source`, `model_a`, `model_b`. Configs:
 * `conflicting`: only pairs where the attributes disagree (some available attribute prefers a, another prefers b;
   ties do not count), the conflicting-preference subset.
 With `pairs_per_prompt=k`, k pairs per instruction are drawn (after the conflict filter) with a seed derived from
-the instruction text, so the choice is reproducible. Splits: by a hash of the instruction (`HashSplitConfig`).
-Instructions with fewer than two completions give no pairs (counted in `info.metadata`).
+the instruction text, so the choice is reproducible. Splits: by a hash of the instruction text, verbatim
+(`HashSplitConfig`). Instructions with fewer than two completions give no pairs (counted in `info.metadata`).
+A pair of two completions with the same response text is left out (`num_identical_responses`), and a row that
+repeats an earlier one exactly (instruction, completions and ratings; e.g. in two overlapping files) is read once
+(`num_duplicate_rows`); both with a warning naming the first. `sharegpt.jsonl` and `sharegpt.jsonl.gz` (any two
+files of one stem) side by side are refused rather than read twice.
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ class UltraFeedbackConfig(common.HashSplitConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.pairs_per_prompt is not None and self.pairs_per_prompt < 1:
-      raise ValueError(f"{self.name}: pairs_per_prompt must be >= 1 or None, got {self.pairs_per_prompt}")
+    common.check_int(self, "pairs_per_prompt", "an integer >= 1, or None for all pairs", low=1, allow_none=True)
+    common.check_bool(self, "conflicting_only")
 
 
 @dataclasses.dataclass
@@ -98,9 +102,9 @@ class UltraFeedback(common.ManualSourceBuilder):
         homepage="https://github.com/OpenBMB/UltraFeedback",
         citation="Cui et al., UltraFeedback: Boosting Language Models with High-quality Feedback, 2023.")
 
-  def _source_files(self, dl_manager: tfds.download.DownloadManager) -> List[epath.Path]:
+  def _locate(self, manual_dir: Optional[epath.Path]) -> List[epath.Path]:
     names = ", ".join(f"{n}.jsonl" for n in UPSTREAM_FILES)
-    root = self._source_root(dl_manager, f"the UltraFeedback files ({names})")
+    root = self._source_root(manual_dir, f"the UltraFeedback files ({names})")
     if not root.is_dir():
       return [root]
     if self.builder_config.source_path or (root / SUBDIR).is_dir():
@@ -111,12 +115,15 @@ class UltraFeedback(common.ManualSourceBuilder):
       files = [p for p in common.json_files(root) if common.strip_json_suffix(p.name) in UPSTREAM_FILES]
     if not files:
       raise self._missing(f"the UltraFeedback files ({names})", directory)
+    common.refuse_twins(files)
     return files
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
-    files = self._source_files(dl_manager)
+    files = self._begin(dl_manager)
     errors = common.RowErrors(config.skip_malformed)
+    left_out = common.LeftOut("num_identical_responses", "num_duplicate_rows")
+    repeats = common.Repeats()
     per_split: Dict[str, List[_Prompt]] = {s: [] for s in common.SPLITS}
     counts = {
         "num_prompts_without_pairs": 0,
@@ -132,9 +139,18 @@ class UltraFeedback(common.ManualSourceBuilder):
         except common.MalformedRowError as e:
           errors.handle(e)
           continue
+        where = f"{ref.path} row {ref.number}"
+        first = repeats.first_of(
+            (prompt.prompt, tuple(prompt.responses), tuple(prompt.models), prompt.scores.tobytes()), where)
+        if first is not None:
+          left_out.add("num_duplicate_rows", f"{where} repeats {first}")
+          continue
         counts["num_missing_ratings"] += int(np.isnan(prompt.scores).sum())
         candidates = []
         for i, j in itertools.combinations(range(len(prompt.responses)), 2):
+          if prompt.responses[i] == prompt.responses[j]:
+            left_out.add("num_identical_responses", f"{where} (completions[{i}] and completions[{j}])")
+            continue
           label, mask = common.pair_labels(prompt.scores[i], prompt.scores[j], tie_epsilon=config.tie_epsilon)
           conflict = common.has_conflict(label, mask)
           counts["num_candidate_pairs"] += 1
@@ -149,6 +165,7 @@ class UltraFeedback(common.ManualSourceBuilder):
         split = common.split_for_prompt(prompt.prompt, config.validation_fraction, config.test_fraction,
                                         config.split_salt)
         per_split[split].append(prompt)
+    left_out_counts = left_out.as_metadata(self.name)
     self.info.metadata.update({
         "attributes": list(ATTRIBUTES),
         "source_files": [p.name for p in files],
@@ -156,9 +173,13 @@ class UltraFeedback(common.ManualSourceBuilder):
         "conflicting_only": config.conflicting_only,
         "num_source_rows": errors.rows_read,
         **counts,
+        **left_out_counts,
         "malformed_rows": errors.as_metadata(),
     })
-    return self._splits(per_split)
+    return self._splits(per_split, rows_read=errors.rows_read, malformed=errors.count, left_out={
+        "num_prompts_without_pairs": counts["num_prompts_without_pairs"],
+        **left_out_counts
+    })
 
   def _generate_examples(self, prompts: Sequence[_Prompt]):
     for p in prompts:
