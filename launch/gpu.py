@@ -8,15 +8,27 @@ The plan, in order (`--steps` picks a subset):
   create   gcloud compute instances create NAME --machine-type=... (the A2 / A3 / G2 types include their GPUs;
            `--accelerator=type=...,count=...` adds one to an N1 type) on a Deep Learning VM image with the NVIDIA
            driver installed at first boot
-  wait     ssh until `nvidia-smi` answers (the driver install takes a few minutes)
-  archive  tar the working tree to /tmp/NAME-spectral_soup.tar.gz
+  wait     ssh until `nvidia-smi` answers (the driver install takes a few minutes; after --driver-timeout seconds
+           the step fails, and the VM is deleted)
+  archive  tar the working tree (no .git, no .gitignore'd paths, no workdir) to /tmp/NAME-spectral_soup.tar.gz
+           (removed when the launcher ends)
   upload   gcloud compute scp ARCHIVE NAME:spectral_soup.tar.gz
   install  Python 3.11 (apt), unpack into ~/spectral_soup, a venv, pip install -e . 'jax[cuda12]'
   copy     gcloud compute scp --recurse LOCAL NAME:spectral_soup/REMOTE, per --copy
   run      start `python -m experiments.train_basis --config=... --workdir=...` in the background (one process sees
            every GPU of the VM: no multi-host setup), log in ~/spectral_soup_runs/NAME.log
   logs     stream that log until the job ends; exits with the job's status
-  delete   gcloud compute instances delete NAME --quiet (also after a failed step; `--keep` skips it)
+  delete   gcloud compute instances delete NAME --quiet (also after a failed step or a Ctrl-C; `--keep` skips it)
+
+The job runs detached: if the log stream breaks (a dropped connection, a Ctrl-C) before the job has ended, the VM is
+kept and the launcher prints the command that re-attaches (`--steps=logs,delete`) and the one that deletes it.
+A relative --workdir lives on the VM's boot disk, and goes with the VM when it is deleted: copy what you need
+first (`gcloud compute scp --recurse NAME:spectral_soup/WORKDIR .`, with --keep), or use a mounted bucket.
+
+`--spot` makes a Spot VM that Compute Engine stops (not deletes) on preemption: its boot disk, with a relative
+--workdir, is kept (and billed) while it is stopped. To resume, start it again (`gcloud compute instances start
+NAME`) and rerun the launcher with `--steps=run,logs,delete`: experiments.train_basis resumes from the newest
+checkpoint in the workdir. Or delete it.
 
 Project, zone and name come from the flags or from SPECTRAL_SOUP_PROJECT / SPECTRAL_SOUP_ZONE / SPECTRAL_SOUP_VM.
 """
@@ -24,12 +36,14 @@ Project, zone and name come from the flags or from SPECTRAL_SOUP_PROJECT / SPECT
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import List, Optional, Sequence
 
 from launch import common
 
 STEPS = ("create", "wait", "archive", "upload", "install", "copy", "run", "logs", "delete")
+WAIT_INTERVAL_S = 10  # Between two `nvidia-smi` tries of the wait step.
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -54,7 +68,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       default="deeplearning-platform-release", help="Project of the image family.")
   parser.add_argument("--boot-disk-size", "--boot_disk_size", dest="boot_disk_size", default="200GB",
                       help="Boot disk size.")
-  parser.add_argument("--spot", action="store_true", help="Create a Spot VM (preemptible; restart to resume).")
+  parser.add_argument(
+      "--spot", action="store_true",
+      help="Create a Spot VM: cheaper, but Compute Engine may stop it at any time; its disk (and a relative "
+      "--workdir) stays. Resume: gcloud compute instances start NAME, then --steps=run,logs,delete.")
+  parser.add_argument("--driver-timeout", dest="driver_timeout", type=int, default=1200,
+                      help="Seconds the wait step waits for the NVIDIA driver (nvidia-smi) before it fails.")
   parser.add_argument(
       "--copy", action="append", default=[], metavar="LOCAL:REMOTE",
       help="Copy a local file or directory to the VM, at REMOTE relative to the code directory. "
@@ -68,11 +87,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="Environment variable of the job. Repeatable.")
   common.add_job_flags(parser)
   args = parser.parse_args(argv)
-  if not args.name:
-    parser.error("--name (or SPECTRAL_SOUP_VM) is required.")
-  common.check_config_path(parser, args.config)
+  common.check_name(parser, args.name, "--name (or SPECTRAL_SOUP_VM)")
+  if args.driver_timeout <= 0:
+    parser.error(f"--driver-timeout={args.driver_timeout}: expected a number of seconds > 0.")
+  common.check_config(parser, args, remote=True)
   common.check_plan_flags(parser, args, STEPS)
   return args
+
+
+def wait_script(timeout_s: int, interval_s: float = WAIT_INTERVAL_S) -> str:
+  """Remote shell lines: wait until `nvidia-smi` answers, at most `timeout_s` seconds, then list the GPUs."""
+  tries = max(1, int(timeout_s / interval_s))
+  return (f"i=0; until nvidia-smi > /dev/null 2>&1; do i=$((i + 1)); if [ $i -ge {tries} ]; then "
+          f"echo 'nvidia-smi did not answer within {timeout_s} s: no NVIDIA driver (is --image-family a Deep Learning "
+          f"VM image with the driver, and does the machine type have a GPU?)' >&2; exit 1; fi; sleep {interval_s}; "
+          f"done; nvidia-smi -L")
 
 
 def _location(args: argparse.Namespace) -> List[str]:
@@ -83,12 +112,11 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
   """The plan: `common.Step`s in order (see the module docstring)."""
   archive = f"/tmp/{args.name}-{common.CODE_DIR}.tar.gz"
   archive_name = f"{common.CODE_DIR}.tar.gz"
-  copies = [item.split(":", 1) for item in args.copy]
   job = common.job_argv(common.remote_python(), args.module, args.config, args.workdir, args.job_args)
-  env = dict(item.split("=", 1) for item in args.env)
 
-  def ssh(name: str, command: str, *flags: str) -> common.Step:
-    return common.Step(name, ["gcloud", "compute", "ssh", args.name, *_location(args), *flags, "--command=" + command])
+  def ssh(name: str, command: str, *flags: str, **kwargs) -> common.Step:
+    return common.Step(name, ["gcloud", "compute", "ssh", args.name, *_location(args), *flags, "--command=" + command],
+                       **kwargs)
 
   create = [
       "gcloud", "compute", "instances", "create", args.name, *_location(args), f"--machine-type={args.machine_type}",
@@ -99,14 +127,13 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
   if args.accelerator:
     create.append(f"--accelerator={args.accelerator}")
   if args.spot:
-    create += ["--provisioning-model=SPOT", "--instance-termination-action=DELETE"]
+    # STOP, not DELETE: a preempted VM keeps its boot disk, which holds the code, the venv and a relative --workdir
+    # with its checkpoints, so that starting it again and rerunning `run` resumes the job.
+    create += ["--provisioning-model=SPOT", "--instance-termination-action=STOP"]
   plan = {
       "create": [common.Step("create", create)],
-      "wait": [
-          ssh("wait", "until nvidia-smi > /dev/null 2>&1; do sleep 10; done; nvidia-smi -L",
-              "--ssh-flag=-oConnectionAttempts=30")
-      ],
-      "archive": [common.archive_step(archive)],
+      "wait": [ssh("wait", wait_script(args.driver_timeout), "--ssh-flag=-oConnectionAttempts=30")],
+      "archive": [common.archive_step(archive, args.workdir)],
       "upload": [
           common.Step("upload", ["gcloud", "compute", "scp", *_location(args), archive, f"{args.name}:{archive_name}"])
       ],
@@ -114,16 +141,21 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
           ssh(
               "install",
               common.install_script(archive_name, args.python, "cuda12", args.install_python,
-                                    make_dirs=sorted({r.rsplit("/", 1)[0] for _, r in copies if "/" in r})))
+                                    make_dirs=common.copy_parents(args.copies)))
       ],
       "copy": [
           common.Step("copy", [
               "gcloud", "compute", "scp", *_location(args), "--recurse", local,
               f"{args.name}:{common.CODE_DIR}/{remote}"
-          ]) for local, remote in copies
+          ]) for local, remote in args.copies
       ],
-      "run": [ssh("run", common.detached_script(job, args.name, env))],
-      "logs": [ssh("logs", common.follow_script(args.name))],
+      "run": [ssh("run", common.detached_script(job, args.name, args.env_vars))],
+      "logs": [
+          ssh(
+              "logs", common.follow_script(args.name), ended=[
+                  "gcloud", "compute", "ssh", args.name, *_location(args), "--command=" + common.ended_script(args.name)
+              ])
+      ],
       "delete": [] if args.keep else [
           common.Step("delete", ["gcloud", "compute", "instances", "delete", args.name, *_location(args), "--quiet"],
                       always=True)
@@ -132,9 +164,21 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
   return [step for name in STEPS if name in args.steps for step in plan[name]]
 
 
+def reattach_command(args: argparse.Namespace) -> str:
+  """The launcher command that streams the job's log again (and then deletes the VM, unless --keep)."""
+  argv = [
+      "python", "-m", "launch.gpu", f"--name={args.name}", *_location(args), f"--config={args.config}",
+      f"--workdir={args.workdir}", "--steps=logs" if args.keep else "--steps=logs,delete"
+  ]
+  return shlex.join(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  return common.execute(build_commands(args), args.dry_run)
+  steps = build_commands(args)
+  if not args.dry_run:
+    common.check_programs([step.argv[0] for step in steps])
+  return common.execute(steps, args.dry_run, reattach=reattach_command(args))
 
 
 if __name__ == "__main__":

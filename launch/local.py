@@ -3,8 +3,8 @@ r"""Runs a config on this machine, from the repository root; optionally on N fak
   python -m launch.local --config=configs/train_basis_tiny.py --workdir=workdir/basis_tiny [--dry-run] \
       [--fake-devices=8] [--restarts=3] [-- --config.FIELD=VALUE ...]
 
-* `--fake-devices=N` runs on N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, JAX_PLATFORMS=cpu),
-  to exercise a config's mesh (data x fsdp x model) without accelerators.
+* `--fake-devices=N` runs on N CPU devices (--xla_force_host_platform_device_count=N added to XLA_FLAGS,
+  JAX_PLATFORMS=cpu), to exercise a config's mesh (data x fsdp x model) without accelerators.
 * `--restarts=R` runs the job again, up to R times, while it exits with status 143 (stopped by SIGTERM after saving
   a checkpoint): each run resumes from the newest checkpoint in --workdir.
 * `--nice=N` lowers the job's CPU priority (a shared machine).
@@ -13,6 +13,8 @@ r"""Runs a config on this machine, from the repository root; optionally on N fak
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
 from typing import List, Optional, Sequence
@@ -20,6 +22,7 @@ from typing import List, Optional, Sequence
 from launch import common
 
 PREEMPTED_EXIT_CODE = 143  # experiments.train_basis: stopped by SIGTERM after a checkpoint; run again to resume.
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -33,7 +36,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help=f"Run again up to this many times while the job exits with {PREEMPTED_EXIT_CODE}.")
   common.add_job_flags(parser)
   args = parser.parse_args(argv)
-  common.check_config_path(parser, args.config)
+  common.check_config(parser, args, remote=False)
   if args.fake_devices < 0 or args.restarts < 0:
     parser.error("--fake-devices and --restarts must be >= 0.")
   return args
@@ -45,7 +48,10 @@ def build_commands(args: argparse.Namespace) -> List[common.Step]:
   if args.nice:
     argv = ["nice", "-n", str(args.nice), *argv]
   if args.fake_devices:
-    argv = ["env", f"XLA_FLAGS=--xla_force_host_platform_device_count={args.fake_devices}", "JAX_PLATFORMS=cpu", *argv]
+    # The user's XLA_FLAGS stay; only an earlier device count is replaced.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=", 1)[0] != DEVICE_COUNT_FLAG]
+    xla_flags = " ".join(flags + [f"{DEVICE_COUNT_FLAG}={args.fake_devices}"])
+    argv = ["env", f"XLA_FLAGS={xla_flags}", "JAX_PLATFORMS=cpu", *argv]
   return [common.Step("run", argv, cwd=common.REPO_ROOT)]
 
 
@@ -54,6 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   steps = build_commands(args)
   if args.dry_run:
     return common.execute(steps, dry_run=True)
+  if not shutil.which(args.python):
+    common.fail(f"--python={args.python}: no such executable (give an interpreter on PATH, or its full path).")
   step = steps[0]
   for attempt in range(args.restarts + 1):
     print(f"[run {attempt + 1}] {step.line()}", flush=True)

@@ -1,25 +1,31 @@
 """Launchers (`launch/`): the --dry-run plans of a v5e-16 pod slice, a GPU VM and a local run, the TPU slice table,
-and the remote job scripts (run for real here against a temporary HOME)."""
+the remote job scripts (run for real here against a temporary HOME), the flag checks, and how a plan runs (a
+stand-in for `subprocess.run`: no gcloud, no network)."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shlex
 import subprocess
 import sys
+import tarfile
 
+from absl import flags
 import pytest
 
 from launch import common
 from launch import gpu
 from launch import local
 from launch import tpu
+from spectral_soup.utils import cli
 
 CONFIG = "configs/train_basis_tiny.py"
+DATA = os.path.dirname(os.path.abspath(__file__))  # Any existing local directory, as a --copy source.
 POD = [
     "--name=ss-pod", "--zone=us-west4-a", "--project=my-project", "--accelerator-type=v5litepod-16",
-    f"--config={CONFIG}", "--workdir=/mnt/shared/run1", "--copy=/data/uf:data/ultrafeedback"
+    f"--config={CONFIG}", "--workdir=/mnt/shared/run1", f"--copy={DATA}:data/ultrafeedback"
 ]
 OVERRIDES = ["--", "--config.train.num_steps=10", "--config.data.source=synthetic"]
 
@@ -60,7 +66,7 @@ def test_tpu_pod_slice_plan_in_order():
   assert "tar -xzf ~/spectral_soup.tar.gz -C ~/spectral_soup" in _remote(install)
   assert "pip install -q -e ~/spectral_soup 'jax[tpu]>=0.10,<0.11'" in _remote(install)
   assert "mkdir -p ~/spectral_soup/data" in _remote(install)  # The --copy destination's parent.
-  assert copy[4:8] == ["scp", "--recurse", "/data/uf", "ss-pod:spectral_soup/data/ultrafeedback"]
+  assert copy[4:8] == ["scp", "--recurse", DATA, "ss-pod:spectral_soup/data/ultrafeedback"]
   assert "--worker=all" in copy
 
   # The job: every host runs the same command in the background; 4 hosts -> one distributed JAX job.
@@ -87,7 +93,8 @@ def test_tpu_single_host_steps_keep_and_env_defaults(monkeypatch):
   assert "--distributed" not in _remote(lines[4])  # One host: no jax.distributed.
   lines = _dry_run(tpu, argv + ["--steps=logs,delete", "--module=experiments.main"])
   assert len(lines) == 1 and "--worker=0" in lines[0]  # --keep drops the delete.
-  (run,) = _dry_run(tpu, POD + ["--steps=run", "--module=experiments.main", "--run-workers=0"])
+  (run,) = _dry_run(tpu,
+                    POD + ["--steps=run", "--module=experiments.main", "--run-workers=0", "--allow-multi-host-main"])
   assert "--worker=0" in run and "-m experiments.main" in _remote(run) and "--distributed" not in _remote(run)
 
 
@@ -129,7 +136,7 @@ def test_slice_table(accelerator, chips, hosts, devices):
 def test_gpu_vm_plan_in_order():
   argv = [
       "--name=ss-gpu", "--zone=us-central1-a", "--project=my-project", "--machine-type=a2-ultragpu-1g",
-      f"--config={CONFIG}", "--workdir=workdir/run1", "--copy=/ckpt/gemma:checkpoints/gemma-3-1b-it"
+      f"--config={CONFIG}", "--workdir=workdir/run1", f"--copy={DATA}:checkpoints/gemma-3-1b-it"
   ]
   lines = _dry_run(gpu, argv + OVERRIDES)
   assert lines == [s.argv for s in gpu.build_commands(gpu.parse_args(argv + OVERRIDES))]
@@ -146,7 +153,7 @@ def test_gpu_vm_plan_in_order():
   assert archive[0] == "tar" and upload[:3] == ["gcloud", "compute", "scp"]
   assert upload[-2:] == ["/tmp/ss-gpu-spectral_soup.tar.gz", "ss-gpu:spectral_soup.tar.gz"]
   assert "'jax[cuda12]>=0.10,<0.11'" in _remote(install) and "mkdir -p ~/spectral_soup/checkpoints" in _remote(install)
-  assert copy[-3:] == ["--recurse", "/ckpt/gemma", "ss-gpu:spectral_soup/checkpoints/gemma-3-1b-it"]
+  assert copy[-3:] == ["--recurse", DATA, "ss-gpu:spectral_soup/checkpoints/gemma-3-1b-it"]
   job = _remote(run)
   assert ("-m experiments.train_basis --config=configs/train_basis_tiny.py --workdir=workdir/run1 "
           "--config.train.num_steps=10") in job and "--distributed" not in job
@@ -154,7 +161,8 @@ def test_gpu_vm_plan_in_order():
   assert delete == ["gcloud", "compute", "instances", "delete", "ss-gpu", *location, "--quiet"]
 
 
-def test_local_plan():
+def test_local_plan(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
   argv = [f"--config={CONFIG}", "--workdir=workdir/t", "--fake-devices=8", "--nice=15", "--python=python3"]
   out = io.StringIO()
   common.execute(local.build_commands(local.parse_args(argv + OVERRIDES)), dry_run=True, out=out)
@@ -187,16 +195,20 @@ def test_remote_job_scripts_run(tmp_path):
   (home / common.CODE_DIR).mkdir(parents=True)
   env = {**os.environ, "HOME": str(home)}
   job = [
-      sys.executable, "-c", "import os, time; time.sleep(0.5); print('step 1 in', os.getcwd()); "
-      "print(os.environ['GREETING']); raise SystemExit(3)"
+      sys.executable, "-c", "import os, sys, time; time.sleep(0.5); print('step 1 in', os.getcwd()); "
+      "print(os.environ['GREETING']); print('argv', sys.argv[1:]); raise SystemExit(3)", "--workdir=~/runs/x"
   ]
   start = common.detached_script(job, "run1", env={"GREETING": "hello there"})
   subprocess.run(["bash", "-c", start], env=env, check=True, timeout=30)
+  assert subprocess.run(["bash", "-c", common.ended_script("run1")], env=env).returncode != 0  # Still running.
   follow = subprocess.run(["bash", "-c", common.follow_script("run1")], env=env, capture_output=True, text=True,
                           timeout=60)
   assert follow.returncode == 3
   assert f"step 1 in {home / common.CODE_DIR}" in follow.stdout and "hello there" in follow.stdout
+  # `~` after `=` reaches the job as typed; the entry points expand it (cli.parse_flags) with the remote home.
+  assert "argv ['--workdir=~/runs/x']" in follow.stdout
   assert (home / common.RUNS_DIR / "run1.rc").read_text().strip() == "3"
+  assert subprocess.run(["bash", "-c", common.ended_script("run1")], env=env).returncode == 0
   install = common.install_script("code.tar.gz", "python3.11", "tpu", True, make_dirs=["data"])
   assert subprocess.run(["bash", "-n", "-c", install], check=False).returncode == 0  # Valid shell syntax.
 
@@ -211,3 +223,262 @@ def test_execute_stops_at_a_failure_but_still_deletes(tmp_path):
   ]
   assert common.execute(steps, dry_run=False, out=io.StringIO()) == 7
   assert marker.exists() and not (tmp_path / "skipped").exists()
+
+
+# ---- Running a plan: a stand-in for subprocess.run (no gcloud, no network).
+
+
+class _FakeRun:
+  """Records each argv; the first rule whose text occurs in the command line gives its exit status (or raises)."""
+
+  def __init__(self, rules=()):
+    self.rules, self.calls = list(rules), []
+
+  def __call__(self, argv, cwd=None, check=False):
+    del cwd, check
+    self.calls.append(list(argv))
+    line = " ".join(argv)
+    for needle, result in self.rules:
+      if needle in line:
+        if isinstance(result, BaseException):
+          raise result
+        return subprocess.CompletedProcess(argv, result)
+    return subprocess.CompletedProcess(argv, 0)
+
+  def ran(self, text):
+    return any(text in " ".join(argv) for argv in self.calls)
+
+
+def _run_plan(monkeypatch, capsys, tmp_path, module, argv, rules):
+  """module.main(argv) with gcloud on PATH (a stub: never run) and subprocess.run replaced; (status, out, fake)."""
+  stub = tmp_path / "bin" / "gcloud"
+  stub.parent.mkdir(exist_ok=True)
+  stub.write_text("#!/bin/sh\nexit 99\n")
+  stub.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
+  fake = _FakeRun(rules)
+  monkeypatch.setattr(common.subprocess, "run", fake)
+  capsys.readouterr()
+  status = module.main(argv)
+  return status, capsys.readouterr().out, fake
+
+
+TPU_RUN = POD[:4] + [f"--config={CONFIG}", "--workdir=/mnt/shared/run1", "--steps=create,run,logs,delete"]
+GPU_RUN = [
+    "--name=ss-gpu", "--zone=us-central1-a", f"--config={CONFIG}", "--workdir=workdir/run1",
+    "--steps=create,run,logs,delete"
+]
+
+
+@pytest.mark.parametrize("module, argv, delete", [(tpu, TPU_RUN, "tpu-vm delete ss-pod"),
+                                                  (gpu, GPU_RUN, "instances delete ss-gpu")])
+def test_a_dropped_log_stream_keeps_the_machine_while_the_job_may_run(monkeypatch, capsys, tmp_path, module, argv,
+                                                                      delete):
+  # ssh drops (255) while streaming, and the job has no exit status yet: the machine stays, with both commands.
+  status, out, fake = _run_plan(monkeypatch, capsys, tmp_path, module, argv, [("tail -n", 255), ("test -f", 1)])
+  assert status == 255 and not fake.ran(delete)
+  assert fake.ran("test -f ~/spectral_soup_runs/")  # It asked whether the job had ended.
+  assert "the machine is kept" in out and "--steps=logs,delete" in out and delete in out
+  reattach = re.search(r"Re-attach .*?: (python -m launch\.\w+ .*)", out).group(1)
+  args = module.parse_args(shlex.split(reattach)[3:])  # The printed command is a valid launch.
+  assert args.steps == ["logs", "delete"] and args.name == argv[0].split("=")[1]
+  # The same failure once the job has ended (its .rc exists): the machine is deleted.
+  status, out, fake = _run_plan(monkeypatch, capsys, tmp_path, module, argv, [("tail -n", 255)])
+  assert status == 255 and fake.ran(delete) and "kept" not in out
+  # The job failed (the stream returns its status): deleted too.
+  status, out, fake = _run_plan(monkeypatch, capsys, tmp_path, module, argv, [("tail -n", 3)])
+  assert status == 3 and fake.ran(delete)
+
+
+def test_an_interruption_still_deletes_and_removes_the_archive(monkeypatch, capsys, tmp_path):
+  archive = "/tmp/ss-pod-spectral_soup.tar.gz"
+  argv = TPU_RUN[:-1] + ["--steps=create,archive,upload,install,run,logs,delete"]
+  # Ctrl-C during the install: the delete still runs, the status is 130, the local archive is gone.
+  status, out, fake = _run_plan(monkeypatch, capsys, tmp_path, tpu, argv, [("tar -czf", 0),
+                                                                           ("pip install", KeyboardInterrupt())])
+  assert status == 130 and "[install] interrupted." in out and fake.ran("tpu-vm delete ss-pod")
+  assert not fake.ran("nohup") and not os.path.exists(archive)
+  # Ctrl-C while the log streams: the detached job goes on, so the VM is kept, with both commands printed.
+  status, out, fake = _run_plan(monkeypatch, capsys, tmp_path, tpu, argv, [("tail -n", KeyboardInterrupt())])
+  assert status == 130 and not fake.ran("tpu-vm delete") and "--steps=logs,delete" in out
+  assert "Delete it now: gcloud compute tpus tpu-vm delete ss-pod" in out
+  # A second Ctrl-C during the delete itself: the command to finish it is printed.
+  status, out, fake = _run_plan(monkeypatch, capsys, tmp_path, tpu, argv, [("create", KeyboardInterrupt()),
+                                                                           ("delete", KeyboardInterrupt())])
+  assert status == 130 and "Run it again: gcloud compute tpus tpu-vm delete ss-pod" in out
+  # Any other error: the delete runs, then the error propagates.
+  with pytest.raises(RuntimeError):
+    _run_plan(monkeypatch, capsys, tmp_path, tpu, argv, [("tpu-vm create", RuntimeError("boom"))])
+  assert common.subprocess.run.ran("tpu-vm delete ss-pod")
+
+
+def test_missing_programs_are_one_line_errors(monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv("PATH", str(tmp_path))  # No gcloud, no tar.
+  for module, argv in ((tpu, TPU_RUN), (gpu, GPU_RUN)):
+    with pytest.raises(SystemExit) as e:
+      module.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: gcloud is not on PATH (install the Google Cloud SDK, or use --dry-run).\n"
+  with pytest.raises(SystemExit) as e:
+    local.main([f"--config={CONFIG}", "--workdir=w", "--python=/nonexistent/python"])
+  assert e.value.code == 2 and "--python=/nonexistent/python: no such executable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--env=XLA-FLAGS=--xla_dump_to=/tmp/d"], "'XLA-FLAGS' is not a shell variable name"),
+    (["--env=X;touch /tmp/pwn=1"], "is not a shell variable name"),
+    (["--env==1"], "the key '' is not"),
+    (["--env=A B=1"], "'A B' is not"),
+    (["--copy=/nonexistent/dir:data/x"], "/nonexistent/dir does not exist"),
+    (["--copy=:"], "expected LOCAL:REMOTE"),
+    ([f"--copy={DATA}:../../x"], "REMOTE must be a relative path inside the code directory"),
+    ([f"--copy={DATA}:/etc/x"], "REMOTE must be a relative path inside the code directory"),
+    ([f"--copy={DATA}:data/a b"], "REMOTE may hold only"),
+    (["--steps="], "--steps is empty"),
+    (["--run-workers=banana"], "--run-workers=banana: expected all"),
+    (["--run-workers=0-5"], "worker 4 does not exist: the slice has 4 hosts"),
+    (["--log-worker=7"], "--log-worker=7: expected one of the workers that run the job"),
+    (["--run-workers=1-3"], "--log-worker=0: expected one of the workers"),
+    (["--log-worker=x"], "expected one worker index"),
+    (["--name=Bad_Name"], "--name=Bad_Name: expected a lowercase letter"),
+    (["--config=configs/train_basis_tiny.py:bogus"], "takes no variant"),
+    (["--config=configs/ultrafeedback_gemma3_1b.py:bogus"], "Unknown config variant 'bogus'"),
+    (["--config=../../etc/hostname"], "outside the repository"),
+    (["--config=configs/nope.py:local"], "configs/nope.py is not a file"),
+    (["--module=experiments.main"], "--module=experiments.main is a single-process job, but v5litepod-16 has 4 hosts"),
+    (["--", "--config=configs/demo.py"], "job argument --config=configs/demo.py: give --config to the launcher"),
+    (["--", "--workdir=/elsewhere"], "job argument --workdir=/elsewhere: give --workdir"),
+    (["--accelerator-type=v5p-10"], "v5p-10 (5 chips) is not a v5p slice"),
+])
+def test_tpu_refuses_what_would_fail_on_the_vm(extra, message, capsys):
+  with pytest.raises(SystemExit):
+    tpu.parse_args(POD + extra)
+  assert message in capsys.readouterr().err
+
+
+def test_config_inside_the_repository_its_variant_and_its_slice(tmp_path, capsys):
+  # An absolute path inside the repository becomes the archive's relative path; one outside it is refused.
+  args = tpu.parse_args(POD[:4] + [f"--config={common.REPO_ROOT}/{CONFIG}", "--workdir=/mnt/shared/r"])
+  assert args.config == CONFIG
+  outside = tmp_path / "mine.py"
+  outside.write_text("def get_config():\n  return {}\n")
+  for module in (tpu, gpu):
+    with pytest.raises(SystemExit):
+      module.parse_args(["--name=ss", f"--config={outside}", "--workdir=/mnt/shared/r"])
+    assert "outside the repository" in capsys.readouterr().err
+  assert local.parse_args([f"--config={outside}", "--workdir=w"]).config == str(outside)  # Runs here: fine.
+  with pytest.raises(SystemExit):
+    gpu.parse_args(["--name=ss", f"--config={CONFIG}", "--workdir=w", "--", "--config=configs/demo.py"])
+  assert "job argument --config" in capsys.readouterr().err
+  # Paths the archive leaves out (.gitignore'd, workdirs) would not exist on the VM.
+  assert common.excluded("workdir/x.py") and common.excluded(".venv/lib/c.py") and common.excluded("a.egg-info/c.py")
+  assert common.excluded("runs/a/c.py", workdir="runs/a") == "./runs/a"
+  assert common.excluded(CONFIG) is None and common.excluded("spectral_soup/utils/workdir_lock.py") is None
+  # A variant is applied as the job will; the slice defaults to the one the config is sized for.
+  uf = "configs/ultrafeedback_gemma3_1b.py"
+  assert tpu.parse_args(["--name=ss", f"--config={uf}", "--workdir=/mnt/shared/r"]).slice.accelerator_type == "v5p-32"
+  args = tpu.parse_args(["--name=ss", f"--config={uf}:local", "--workdir=/mnt/shared/r"])
+  assert args.slice.accelerator_type == tpu.DEFAULT_ACCELERATOR  # The local variant declares no slice.
+  capsys.readouterr()
+  tpu.parse_args(["--name=ss", f"--config={uf}", "--workdir=/mnt/shared/r", "--accelerator-type=v5p-64"])
+  assert "is sized for v5p-32" in capsys.readouterr().err
+
+
+def test_multi_host_workdir_warnings_and_single_process_jobs(capsys):
+  base = POD[:4] + [f"--config={CONFIG}"]
+  for workdir in ("/tmp/run", "runs/x", "~/runs/x"):
+    tpu.parse_args(base + [f"--workdir={workdir}"])
+    assert f"warning: --workdir={workdir} is not shared by the 4 hosts of v5litepod-16" in capsys.readouterr().err
+  tpu.parse_args(base + ["--workdir=/mnt/shared/run"])
+  tpu.parse_args(POD[:3] + ["--accelerator-type=v5litepod-8", f"--config={CONFIG}", "--workdir=/tmp/run"])
+  tpu.parse_args(base + ["--workdir=/tmp/run", "--steps=delete"])
+  assert capsys.readouterr().err == ""
+  # experiments.main: one host, or an explicit override.
+  tpu.parse_args(
+      POD[:3] +
+      ["--accelerator-type=v5litepod-8", "--config=configs/demo.py", "--workdir=w", "--module=experiments.main"])
+  tpu.parse_args(base + ["--workdir=/mnt/s", "--module=experiments.main", "--allow-multi-host-main"])
+
+
+def _documented_tpu_commands():
+  """The README's TPU example and every config docstring's `python -m launch.tpu` command, as argv lists."""
+  readme = open(os.path.join(common.REPO_ROOT, "README.md")).read().split("## Running on a TPU VM", 1)[1]
+  texts = [re.search(r"```\n(.*?)```", readme, re.S).group(1)]
+  for name in sorted(os.listdir(os.path.join(common.REPO_ROOT, "configs"))):
+    if name.endswith(".py"):
+      texts.append(open(os.path.join(common.REPO_ROOT, "configs", name)).read())
+  for text in texts:
+    for match in re.finditer(r"python -m launch\.tpu (?:.*\\\n)*.*", text):
+      yield shlex.split(match.group(0).replace("\\\n", " "))[3:]
+
+
+def test_documented_tpu_commands_use_a_shared_workdir_and_copy_what_the_config_reads(capsys):
+  commands = list(_documented_tpu_commands())
+  assert len(commands) >= 5
+  for argv in commands:
+    args = tpu.parse_args(["--dry-run"] + argv)
+    assert "is not shared" not in capsys.readouterr().err, argv
+    config = common.load_config(os.path.join(common.REPO_ROOT, args.config), None)
+    remote = {r for _, r in args.copies}
+    assert config.data.manual_dir in remote and config.data.tokenizer in remote, argv
+
+
+@pytest.mark.parametrize("accelerator", [
+    "v5p-10", "v5litepod-12", "v4-6", "v5litepod-0", "v5litepod-2", "v5p-0", "v5litepod-512", "v6e-24", "v3-12", "v2-2",
+    "v4-9"
+])
+def test_slice_table_refuses_sizes_that_are_not_slices(accelerator):
+  with pytest.raises(ValueError):
+    tpu.slice_of(accelerator)
+
+
+def test_gcloud_worker_values():
+  assert tpu.workers_of("all", 4) == [0, 1, 2, 3] and tpu.workers_of("0,2-3", 4) == [0, 2, 3]
+  for bad in ("", "1-1", "3-1", "1-2-3", "a", "0,", "4"):
+    with pytest.raises(ValueError):
+      tpu.workers_of(bad, 4)
+
+
+def test_archive_leaves_out_ignored_paths_and_the_workdir(tmp_path):
+  tree = tmp_path / "tree"
+  for path in ("a.py", "configs/c.py", ".venv/bin/python", ".whl/x.whl", "build/lib/a.py", "dist/p.tar.gz",
+               "pkg.egg-info/PKG-INFO", "pkg/__pycache__/a.pyc", "workdir/ckpt", "runs/x/ckpt", "runs/y/keep",
+               "spectral_soup/utils/workdir_lock.py", ".git/HEAD"):
+    (tree / path).parent.mkdir(parents=True, exist_ok=True)
+    (tree / path).write_text("x")
+  step = common.archive_step(str(tmp_path / "a.tar.gz"), workdir="runs/x")
+  assert step.local_files == (str(tmp_path / "a.tar.gz"),)
+  argv = step.argv[:-2] + [str(tree), "."]  # The same excludes, on this tree.
+  subprocess.run(argv, check=True)
+  with tarfile.open(tmp_path / "a.tar.gz") as f:
+    files = sorted(m.name for m in f.getmembers() if m.isfile())
+  assert files == ["./a.py", "./configs/c.py", "./runs/y/keep", "./spectral_soup/utils/workdir_lock.py"]
+
+
+def test_fake_devices_keep_the_users_xla_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2")
+  (step,) = local.build_commands(local.parse_args([f"--config={CONFIG}", "--workdir=w", "--fake-devices=8"]))
+  assert step.argv[1] == "XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8"
+
+
+def test_gpu_driver_wait_times_out_and_spot_vms_stop(tmp_path):
+  fake = tmp_path / "nvidia-smi"
+  fake.write_text("#!/bin/sh\nexit 9\n")
+  fake.chmod(0o755)
+  env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+  wait = subprocess.run(["bash", "-c", gpu.wait_script(0.1, 0.05)], env=env, capture_output=True, text=True, timeout=30)
+  assert wait.returncode == 1 and "nvidia-smi did not answer within 0.1 s" in wait.stderr
+  lines = _dry_run(gpu, GPU_RUN[:-1] + ["--spot", "--driver-timeout=60"])
+  assert "--instance-termination-action=STOP" in lines[0] and "within 60 s" in _remote(lines[1])
+
+
+def test_workdir_tilde_is_the_home_for_check_and_use(monkeypatch, tmp_path):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  values = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  monkeypatch.setattr(flags, "FLAGS", values)
+  cli.parse_flags(["prog", "--workdir=~/runs/x"])
+  assert values.workdir == str(tmp_path / "runs" / "x")
+  cli.check_workdir(values.workdir)  # What the run writes to is what was checked.
+  with pytest.raises(ValueError, match="is not a known home directory"):
+    cli.check_workdir("~no_such_user_here/x")

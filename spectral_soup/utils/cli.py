@@ -37,10 +37,14 @@ def parse_flags(argv):
   config file (missing, a syntax error, no `get_config`) or of a config override (an unknown field, with its "did
   you mean") escape as tracebacks. Here each of them is one line, `error: ...`, with exit status 2, like the config
   errors found after parsing.
+
+  A `--workdir` starting with `~` is expanded here, as a shell would (a shell leaves `--workdir=~/x` as typed): the
+  checks and the run then see the same directory, the user's home, never one named `~`.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     rest = flags.FLAGS(argv)
+    expand_home(flags.FLAGS, "workdir")
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
     if config is not None:
       _ = config.keys  # A config file that failed to load raises (OSError) on first use, not while parsing.
@@ -54,6 +58,12 @@ def parse_flags(argv):
     message = _config_error_message(e, argv)
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(USAGE_ERROR_EXIT_CODE)
+
+
+def expand_home(flag_values, name: str) -> None:
+  """Expands a leading `~` or `~user` of the string flag `name` (if defined and set), in place."""
+  if name in flag_values and isinstance(flag_values[name].value, str):
+    flag_values[name].value = os.path.expanduser(flag_values[name].value)
 
 
 def _config_error_message(e: BaseException, argv) -> str:
@@ -106,9 +116,13 @@ def reporting_input_errors() -> Iterator[None]:
 
 def check_workdir(workdir: str) -> None:
   """Raises ValueError unless `workdir` is, or can be created as, a writable directory that no live run holds
-  (nothing is created)."""
+  (nothing is created). A `~` left in it (`parse_flags` expands `~` and `~user`) is refused: the run would write
+  to a directory named `~`."""
   if not workdir:
     raise ValueError("--workdir is empty: expected a directory for the run's outputs.")
+  if workdir.startswith("~"):
+    raise ValueError(f"--workdir={workdir}: {workdir.split('/', 1)[0]} is not a known home directory: expected an "
+                     "absolute or relative path.")
   problem = files.directory_problem(workdir)
   if problem:
     raise ValueError(f"--workdir={workdir}{' ' if problem.startswith('is a') else ': '}{problem}.")
