@@ -7,8 +7,9 @@ the data (module docstring of `fit`).
 
 Constraints use a projected Newton method: each step minimizes the local quadratic model over the feasible set
 (accelerated projected gradient with restarts, `num_inner_iters` steps, step 1 / (an upper bound of the largest
-Hessian eigenvalue)) and line-searches along the feasible segment, so its fixed points are exactly the constrained
-optima.
+Hessian eigenvalue), then the model's exact minimizer on the face of the feasible set that it reached:
+`_face_minimizer`) and line-searches along the feasible segment, so its fixed points are exactly the constrained
+optima, reached at the unconstrained fit's accuracy however ill-conditioned the Hessian.
 
 `fit_core` is one user's fit on materialized arrays; `fit_single` jits it and `fit_batched` vmaps it over users
 inside one jit. The Hessian, the SPD solve and the row masking also serve the Laplace posterior and the ratings fit.
@@ -160,7 +161,52 @@ def _constrained_direction(lam: Array, g: Array, h: Array, lo: Array, hi: Array,
     return v_new, y_new, t_new
 
   v, _, _ = jax.lax.fori_loop(0, num_inner_iters, inner, (lam, lam, jnp.ones((), lam.dtype)))
+  v = _face_minimizer(v, lam, g, h, lo, hi, constraint=constraint)
   return v - lam  # lam + t * direction stays feasible for t in [0, 1] (convex set).
+
+
+def _face_minimizer(v: Array, lam: Array, g: Array, h: Array, lo: Array, hi: Array, *, constraint: str) -> Array:
+  """v, or the exact minimizer of the local quadratic model on the face of the feasible set that v lies on.
+
+  FISTA's steps are sized for the largest curvature, so on an ill-conditioned Hessian `num_inner_iters` steps
+  barely move the low-curvature coordinates (feature columns 100x apart in scale: lam 4x too small after 25
+  Newton steps). It does identify which bounds are active long before it converges: with those coordinates held
+  at v's values, the model's minimizer over the others is one reduced K x K solve (for the simplex, over the
+  directions that keep their total). That point (clipped to the box; for the simplex, only if it stays on it)
+  replaces v where it lowers the model; once FISTA has found the optimum's active set, the Newton direction is then
+  exact and the outer steps converge quadratically, as in the unconstrained fit.
+  """
+  fixed = (v <= 0.0) if constraint == "simplex" else (v <= lo) | (v >= hi)
+  held = jnp.where(fixed, v - lam, 0.0)  # The step's fixed coordinates.
+  if constraint == "simplex":
+    # The free coordinates keep v's total exactly: the step is held + c e_j + Z y, with j the free coordinate of
+    # largest v, c what the free coordinates must gain together, and Z's columns e_i - e_j (i free, i != j), each
+    # summing to 0; y minimizes the model (null-space method: no multiplier whose cancellation loses the total at
+    # large feature scales).
+    index = jnp.arange(v.shape[-1])
+    pivot = jnp.argmax(jnp.where(fixed, -jnp.inf, v))
+    basis = (~fixed & (index != pivot)).astype(v.dtype)
+    z = jnp.diag(basis) - (index == pivot).astype(v.dtype)[:, None] * basis[None, :]  # [K, K], zero columns off it.
+    base = held + jnp.where(index == pivot, jnp.sum(jnp.where(fixed, 0.0, v - lam)), 0.0)
+    reduced = z.T @ h @ z + jnp.diag(1.0 - basis)  # SPD: Z^T h Z on the basis, I elsewhere.
+    step = base + z @ spd_solve(reduced, -(z.T @ (g + h @ base)))
+    u = jnp.where(fixed, v, lam + step)  # v's own values on the fixed coordinates, exactly.
+    # Used only if it stays on the simplex: projecting it would move the fixed coordinates off 0 by rounding, and
+    # the line search's slope along a step that moves every coordinate is swamped by the simplex multiplier.
+    feasible = jnp.all(u >= 0.0)
+  else:
+    free = (~fixed).astype(v.dtype)
+    reduced = h * free[:, None] * free[None, :] + jnp.diag(1.0 - free)  # SPD: h on the free block, I elsewhere.
+    step = spd_solve(reduced, -(g + h @ held) * free)
+    u = project(jnp.where(fixed, v, lam + step), constraint, lo, hi)  # Clipping keeps the fixed coordinates.
+    feasible = True
+
+  def model(w):
+    d = w - lam
+    return g @ d + 0.5 * d @ (h @ d)
+
+  better = feasible & (model(u) < model(v)) & jnp.all(jnp.isfinite(u))
+  return jnp.where(better, u, v)
 
 
 def fit_core(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
