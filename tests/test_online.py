@@ -530,3 +530,42 @@ def test_mdp_claim_c_online_regret_decreases():
   # The fitted lam moves toward the true weights.
   err = np.abs(out["lam"] - weights[:, None]).mean(axis=(0, 2))
   assert err[-1] < err[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Users without comparisons under a constraint, unit total weight, pair variances of offset candidates.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_users_without_comparisons_hold_the_projected_prior():
+  prior = np.array([-0.5, 0.2, 0.1], np.float32)
+  nonneg = {"constraint": "box", "box": (0.0, np.inf)}
+  clipped = np.maximum(prior, 0.0)  # [0, 0.2, 0.1]
+  np.testing.assert_array_equal(online.init_user_state(2, 3, 4, prior_mean=prior, **nonneg).lam, [clipped] * 2)
+  np.testing.assert_allclose(online.init_user_state(2, 3, 4, constraint="simplex").lam, np.full((2, 3), 1 / 3))
+  state = online.init_user_state(2, 3, 4, prior_mean=prior)  # Made without the constraint: lam = the prior.
+  state = online.update_users(state, np.ones((2, 3), np.float32), np.ones(2, np.float32), [True, False], **nonneg)
+  np.testing.assert_array_equal(state.lam[1], clipped)  # fit_lambda's answer for no comparisons.
+  assert np.all(np.asarray(state.lam[0]) >= 0) and int(state.count[1]) == 0
+  np.testing.assert_array_equal(state.prior_mean, np.broadcast_to(prior, (2, 3)))  # The penalty's center is kept.
+
+
+def test_unit_total_weight_keeps_the_direction_of_small_rows():
+  lam = np.array([[9e-7, 0.0, 0.0], [4e-7, 5e-7, 0.0], [0.0, 0.0, 0.0], [1e-45, 0.0, 0.0]], np.float32)
+  np.testing.assert_allclose(online.unit_total_weight(lam),
+                             [[1.0, 0.0, 0.0], [4 / 9, 5 / 9, 0.0], [1 / 3] * 3, [1 / 3] * 3])  # 1e-45: subnormal.
+  with pytest.raises(ValueError, match=r"unit_total_weight needs lambda of shape \[\.\.\., K\] with K >= 1"):
+    online.unit_total_weight(np.zeros((2, 0)))
+
+
+def test_choose_pair_variances_of_candidates_with_a_common_offset():
+  # Features ~1e4 with unit spread: expanding d^T cov d into f_i^T cov f_i + ... loses every digit of the pairs'
+  # variances in float32 and picked a random pair.
+  rng = np.random.default_rng(11)
+  cov = np.diag([1.0, 0.5, 0.2]).astype(np.float32)
+  for _ in range(5):
+    feats = (1e4 + rng.standard_normal((6, 3))).astype(np.float32)
+    d = feats.astype(np.float64)[:, None] - feats[None]
+    variance = np.triu(np.einsum("ijk,kl,ijl->ij", d, cov, d), k=1)
+    best = np.unravel_index(np.argmax(variance), variance.shape)
+    assert tuple(int(a) for a in online.choose_pair(feats, np.zeros(3), cov)) == best

@@ -65,23 +65,86 @@ def check_finite(name: str, x: Any) -> None:
   if x is None or is_tracer(x):
     return
   values = np.asarray(x, np.float64)
-  bad = np.argwhere(~np.isfinite(values))
-  if bad.size:
-    index = [int(i) for i in bad[0]]
+  bad = ~np.isfinite(values)
+  if np.any(bad):
+    index = [int(i) for i in np.argwhere(bad)[0]] if values.ndim else []  # argwhere of a 0-d array is empty.
     raise ValueError(f"{name}{index if index else ''} is {values[tuple(index)]}: expected finite numbers.")
 
 
-def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]]) -> None:
+def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]],
+                     num: Optional[int] = None) -> None:
+  """Raises ValueError unless `constraint` is known and, for "box", `box` = (lo, hi) is a usable box.
+
+  lo and hi are scalars or `[K]` arrays (checked when `num` = K is given); concrete bounds must not be NaN, lo must
+  be below +inf and hi above -inf (a side with no finite point), and lo <= hi.
+  """
   if constraint not in CONSTRAINTS:
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}.")
   if constraint == "box":
     if box is None or len(box) != 2:
       raise ValueError(f"constraint='box' needs box=(lo, hi) (scalars or [K] arrays), got {box!r}.")
+    for name, bound in zip(("lo", "hi"), box):
+      if num is not None and np.shape(bound) not in ((), (num,)):
+        raise ValueError(f"box {name} must be a scalar or have shape [K] = [{num}], got {tuple(np.shape(bound))}.")
     lo, hi = box
-    if not (is_tracer(lo) or is_tracer(hi)) and not np.all(np.asarray(lo) <= np.asarray(hi)):
+    if is_tracer(lo) or is_tracer(hi):
+      return
+    for name, bound, empty in (("lo", lo, np.inf), ("hi", hi, -np.inf)):
+      values = np.asarray(bound, np.float64)
+      bad = np.isnan(values) | (values == empty)
+      if np.any(bad):
+        index = tuple(int(i) for i in np.argwhere(bad)[0]) if values.ndim else ()
+        raise ValueError(f"box {name}{list(index) if index else ''} is {values[index]}: the bounds must be numbers "
+                         f"with lo < inf and hi > -inf (lo = -inf or hi = inf leaves that side open).")
+    if not np.all(np.asarray(lo) <= np.asarray(hi)):
       raise ValueError(f"box=(lo, hi) needs lo <= hi, got lo={lo}, hi={hi}.")
   elif box is not None:
     raise ValueError(f"box is only used with constraint='box', got constraint={constraint!r}.")
+
+
+def check_l2_shape(l2: Any, users: Sequence[int]) -> None:
+  """Raises ValueError unless l2 is a scalar (one user: `users` = ()) or a scalar or `[U]` (users = (U,))."""
+  shape = tuple(np.shape(l2))
+  if not users and shape:
+    raise ValueError(f"l2 must be a scalar for one user ([N, K] data; a [U] l2 needs [U, N, K] data), got shape "
+                     f"{shape}.")
+  if users and shape not in ((), tuple(users)):
+    raise ValueError(f"l2 must be a scalar or one per user, [U] = [{users[0]}], got shape {shape}.")
+
+
+def check_prior_mean(prior_mean: Any, users: Sequence[int], num: int) -> None:
+  """Raises ValueError unless prior_mean (not None) is `[K]`, or for U users `[K]` (shared) or `[U, K]`, and finite.
+
+  A 1-D prior is always `[K]`, also when U == K.
+  """
+  shape = tuple(np.shape(prior_mean))
+  if shape != (num,) and (not users or shape != (*users, num)):
+    what = f"[K] = [{num}]" + (f" (shared) or [U, K] = [{users[0]}, {num}]" if users else "")
+    raise ValueError(f"prior_mean must have shape {what}, got {shape}.")
+  check_finite("prior_mean", prior_mean)
+
+
+def check_num_features(name: str, x: Any) -> None:
+  """Raises ValueError if `x` (`[..., K]`) has no feature (K = 0)."""
+  if not np.shape(x)[-1]:
+    raise ValueError(f"{name} has shape {tuple(np.shape(x))}: expected at least one feature (K >= 1, one per "
+                     "basis).")
+
+
+def check_finite_rows(x: Any, p: Any, mask: Optional[Any], *, x_name: str = "delta_features",
+                      p_name: str = "prefs") -> None:
+  """One user's `[N, K]` data (small: checked on the host, concrete values only): a non-finite counted row raises."""
+  if is_tracer(x) or is_tracer(p) or is_tracer(mask):
+    return
+  num_rows = np.shape(x)[0]
+  counts = np.ones(num_rows, bool) if mask is None else np.asarray(mask) > 0
+  finite = np.all(np.isfinite(np.asarray(x)), axis=-1) & np.isfinite(np.asarray(p))
+  bad = np.flatnonzero(counts & ~finite)
+  if len(bad):
+    row = int(bad[0])
+    raise ValueError(f"row {row} is not finite ({x_name}[{row}] = {np.asarray(x)[row]}, {p_name}[{row}] = "
+                     f"{np.asarray(p)[row]}); every row the mask counts must be finite (mask it out to skip it). "
+                     f"{len(bad)} such row{'s' if len(bad) > 1 else ''} in total.")
 
 
 def check_shapes(name: str, x: Any, expected: Tuple[Optional[int], ...], what: str) -> None:

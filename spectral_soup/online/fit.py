@@ -46,9 +46,14 @@ from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_constraint
+from spectral_soup.online.checks import check_finite
+from spectral_soup.online.checks import check_finite_rows
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_l2_shape
 from spectral_soup.online.checks import check_labels
+from spectral_soup.online.checks import check_num_features
 from spectral_soup.online.checks import check_numeric
+from spectral_soup.online.checks import check_prior_mean
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import check_solver
 from spectral_soup.online.checks import dims
@@ -64,9 +69,16 @@ def unit_total_weight(lam: ArrayLike) -> np.ndarray:
 
   Pairwise choices identify lambda's direction and how consistently the user chooses, not the scale of the user's
   reward: serving lam / sum(lam) puts the soup at the bases' reward scale, the scale of a user whose weights over
-  the bases' attributes sum to 1 (as Dirichlet users' do).
+  the bases' attributes sum to 1 (as Dirichlet users' do). Any row with a positive total keeps its direction,
+  however small the total (lambda's scale is 1 / the features' scale); only a total of 0 (or below the smallest
+  normal number of lambda's float dtype, float32 for other dtypes) counts as a row of zeros.
   """
+  dtype = np.asarray(lam).dtype
+  tiny = np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float32).tiny
   lam = np.asarray(lam, np.float64)
+  if lam.ndim < 1 or not lam.shape[-1]:
+    raise ValueError(f"unit_total_weight needs lambda of shape [..., K] with K >= 1 (one weight per basis), got "
+                     f"shape {lam.shape}.")
   if not np.all(np.isfinite(lam)):
     row = np.argwhere(~np.isfinite(lam))[0].tolist()
     raise ValueError(f"unit_total_weight needs finite lambda; lam{row} = {lam[tuple(row)]}.")
@@ -74,7 +86,7 @@ def unit_total_weight(lam: ArrayLike) -> np.ndarray:
     raise ValueError(f"unit_total_weight needs nonnegative lambda; got a minimum of {lam.min():.3g}.")
   total = lam.sum(-1, keepdims=True)
   uniform = np.full_like(lam, 1.0 / lam.shape[-1])
-  return np.where(total > 1e-6, lam / np.maximum(total, 1e-6), uniform).astype(np.float32)
+  return np.where(total >= tiny, lam / np.maximum(total, tiny), uniform).astype(np.float32)
 
 
 def log_loss(lam: ArrayLike, delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike = 0.0,
@@ -104,53 +116,40 @@ def log_loss(lam: ArrayLike, delta_features: ArrayLike, prefs: ArrayLike, *, l2:
   return data + 0.5 * l2 * jnp.sum(jnp.square(lam - mu))
 
 
-def _check_finite_rows(delta_features: ArrayLike, prefs: ArrayLike, mask: Optional[ArrayLike]) -> None:
-  """One user's `[N, K]` data (small: checked on the host, concrete values only): a non-finite counted row raises."""
-  if is_tracer(delta_features) or is_tracer(prefs) or is_tracer(mask):
-    return
-  num_rows = np.shape(delta_features)[0]
-  counts = np.ones(num_rows, bool) if mask is None else np.asarray(mask) > 0
-  finite = np.all(np.isfinite(np.asarray(delta_features)), axis=-1) & np.isfinite(np.asarray(prefs))
-  bad = np.flatnonzero(counts & ~finite)
-  if len(bad):
-    row = int(bad[0])
-    raise ValueError(f"row {row} is not finite (delta_features[{row}] = {np.asarray(delta_features)[row]}, "
-                     f"prefs[{row}] = {np.asarray(prefs)[row]}); every row the mask counts must be finite (mask "
-                     f"it out to skip it). {len(bad)} such row{'s' if len(bad) > 1 else ''} in total.")
-
-
 def _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, box, *, batched: bool):
   """Checks the arguments of `fit_lambda` (batched: U users) and materializes the core's inputs.
 
   The batched form broadcasts l2 and prior_mean over users; the one-user form refuses non-finite counted rows (the
-  batched form isolates those users instead, see `fit_lambda`).
+  batched form isolates those users instead, see `fit_lambda`). Both refuse non-finite prior_mean, init and mask
+  entries (concrete values) and mismatched shapes, before anything compiles.
 
   Returns:
     (x, p, m, l2, mu, init, lo, hi) in the computation dtype, as `newton.fit_core` takes them.
   """
   check_l2(l2)
-  check_constraint(constraint, box)
   check_shapes("delta_features", delta_features, (None,) * (3 if batched else 2), dims(batched, "N", "K"))
+  check_num_features("delta_features", delta_features)
   *users, num_rows, num = np.shape(delta_features)
-  if not num:
-    raise ValueError(f"delta_features has shape {tuple(np.shape(delta_features))}: expected at least one feature "
-                     "(K >= 1, one per basis).")
+  check_constraint(constraint, box, num)
   rows = (*users, num_rows)
   check_shapes("prefs", prefs, rows, dims(batched, "N"))
+  check_l2_shape(l2, users)
   dtype = float_dtype(delta_features)
   m = jnp.ones(rows, dtype) if mask is None else jnp.asarray(mask).astype(dtype)
   check_shapes("mask", m, rows, dims(batched, "N"))
+  check_finite("mask", mask)
+  if prior_mean is not None:
+    check_prior_mean(prior_mean, users, num)
   mu = jnp.zeros((num,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
   if batched:
     mu = jnp.broadcast_to(mu, (*users, num))
-  else:
-    check_shapes("prior_mean", mu, (num,), "[K]")
   lam0 = mu if init is None else jnp.asarray(init, dtype)
   check_shapes("init", lam0, (*users, num), dims(batched, "K"))
+  check_finite("init", init)
   l2 = jnp.broadcast_to(jnp.asarray(l2, dtype), tuple(users)) if batched else jnp.asarray(l2, dtype)
   check_labels(prefs, mask)
   if not batched:
-    _check_finite_rows(delta_features, prefs, mask)
+    check_finite_rows(delta_features, prefs, mask)
   lo, hi = newton.box_arrays(constraint, box, num, dtype)
   return jnp.asarray(delta_features, dtype), jnp.asarray(prefs, dtype), m, l2, mu, lam0, lo, hi
 
@@ -170,15 +169,16 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     delta_features: `[N, K]` f(x, y_a) - f(x, y_b).
     prefs: `[N]` labels in [0, 1]: 1 means y_a preferred, 0 means y_b, fractions are soft labels (0.5 = tie).
     l2: the penalty strength, > 0 (checked when concrete); the objective is
-      sum of log-losses + l2 / 2 * |lam - prior_mean|^2. U users: a scalar or `[U]`.
-    mask: `[N]` bool (False = padding, contributes nothing even if it holds NaN), or non-negative row weights.
-      None: every row counts.
-    init: `[K]` warm start (e.g. the previous lambda); projected onto the constraint set. None: the (projected)
-      prior mean. The optimum does not depend on it; only the number of steps needed does.
-    prior_mean: `[K]` the penalty's center (None: 0; `jnp.full(K, 1 / K)` is the uniform soup). U users: `[K]`
-      (shared) or `[U, K]`.
+      sum of log-losses + l2 / 2 * |lam - prior_mean|^2. One user: a scalar; U users: a scalar or `[U]`.
+    mask: `[N]` bool (False = padding, contributes nothing even if it holds NaN), or non-negative finite row
+      weights. None: every row counts.
+    init: `[K]` finite warm start (e.g. the previous lambda); projected onto the constraint set. None: the
+      (projected) prior mean. The optimum does not depend on it; only the number of steps needed does.
+    prior_mean: `[K]` finite, the penalty's center (None: 0; `jnp.full(K, 1 / K)` is the uniform soup). U users:
+      `[K]` (shared; a 1-D prior is always `[K]`, also when U == K) or `[U, K]`.
     constraint: None, "simplex" (lam >= 0, sum lam = 1) or "box" (lo <= lam <= hi).
-    box: `(lo, hi)` scalars or `[K]` arrays, with constraint="box" (shared by all users).
+    box: `(lo, hi)` scalars or `[K]` arrays, with constraint="box" (shared by all users): lo <= hi, no NaN,
+      lo < inf and hi > -inf (an infinite bound leaves that side open).
     num_iters: Newton steps (static). 25 reach float32 precision from a cold start on the tested problems
       (separable data with l2 = 1e-3 included); warm starts need fewer.
     num_inner_iters: projected-gradient steps per Newton step for a constrained fit (static).
@@ -191,7 +191,7 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     `[K]` the optimum lam, in float32 (float64 for float64 inputs with x64 enabled). U users: `[U, K]`, row u
     equal to the one-user fit on user u's data. One user with a non-finite counted row raises; among U users, such
     a user gets a NaN row, with a warning naming it, and does not affect the others. Finite labels outside [0, 1]
-    raise in both forms.
+    raise in both forms, as do non-finite prior_mean, init, mask or box entries (naming the argument and index).
   """
   check_solver(num_iters, num_inner_iters, tol)
   for name, value in (("delta_features", delta_features), ("prefs", prefs), ("mask", mask), ("init", init),
@@ -233,7 +233,6 @@ def fit_lambda_batched(delta_features: ArrayLike, prefs: ArrayLike, **options) -
   return fit_lambda(delta_features, prefs, **options)
 
 
-@jax.jit
 def sgd_update(lam: ArrayLike, delta_features_t: ArrayLike, prefs_t: ArrayLike, lr: ArrayLike, l2: ArrayLike,
                prior_mean: Optional[ArrayLike] = None) -> Array:
   """One online-gradient step on a single new comparison (cheap; no refit).
@@ -253,6 +252,18 @@ def sgd_update(lam: ArrayLike, delta_features_t: ArrayLike, prefs_t: ArrayLike, 
   Returns:
     `[K]` updated lam.
   """
+  check_shapes("lam", lam, (None,), "[K]")
+  num = np.shape(lam)[0]
+  check_shapes("delta_features_t", delta_features_t, (num,), "[K]")
+  if np.ndim(prefs_t):
+    raise ValueError(f"prefs_t must be one label (a scalar), got shape {np.shape(prefs_t)}.")
+  if prior_mean is not None:
+    check_shapes("prior_mean", prior_mean, (num,), "[K]")
+  return _sgd_update(lam, delta_features_t, prefs_t, lr, l2, prior_mean)
+
+
+@jax.jit
+def _sgd_update(lam, delta_features_t, prefs_t, lr, l2, prior_mean):
   lam = jnp.asarray(lam)
   dtype = float_dtype(lam)
   lam = lam.astype(dtype)

@@ -18,7 +18,9 @@ import numpy as np
 from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
+from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_l2_shape
 from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import dims
@@ -58,9 +60,11 @@ def _posterior_inputs(lam_hat, delta_features, mask, l2, *, batched: bool) -> Tu
   *users, num_rows, num = np.shape(delta_features)
   check_shapes("lam_hat", lam_hat, (*users, num), dims(batched, "K"))
   dtype = float_dtype(delta_features, lam_hat)
+  check_l2_shape(l2, users)
   m = jnp.ones((*users, num_rows), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
-  if batched:  # The one-user form leaves a mismatched mask to broadcasting.
-    check_shapes("mask", m, (*users, num_rows), "[U, N]")
+  check_shapes("mask", m, (*users, num_rows), dims(batched, "N"))
+  check_finite("mask", mask)
+  if batched:
     l2 = jnp.broadcast_to(jnp.asarray(l2, dtype), tuple(users))
   else:
     l2 = jnp.asarray(l2, dtype)
@@ -79,8 +83,8 @@ def posterior(lam_hat: ArrayLike, delta_features: ArrayLike, mask: Optional[Arra
   Args:
     lam_hat: `[K]` the `fit_lambda` optimum (with the same l2, mask).
     delta_features: `[N, K]`.
-    mask: `[N]` bool or row weights (None: all rows).
-    l2: penalty strength, > 0.
+    mask: `[N]` bool or non-negative finite row weights (None: all rows).
+    l2: penalty strength, a scalar > 0 (as in `fit_lambda`'s one-user form).
 
   Returns:
     (mean `[K]`, cov `[K, K]`).
@@ -168,16 +172,37 @@ def _choose_pair_core(f, mean, cov, valid, key, *, rule):
     i = jnp.argmax(values1)
     j = jnp.argmax(jnp.where(jnp.arange(f.shape[0]) == i, -jnp.inf, values2))
     return i.astype(jnp.int32), j.astype(jnp.int32)
-  c = f @ cov @ f.T
-  q = jnp.diagonal(c)
-  variance = jnp.maximum(q[:, None] + q[None, :] - 2.0 * c, 0.0)  # d^T cov d for every pair.
+  # d = f_i - f_j for every pair, formed before the products: expanding d^T cov d into f_i^T cov f_i + ... cancels
+  # catastrophically when the candidates share a large common offset.
+  d = f[:, None, :] - f[None, :, :]  # [M, M, K]
+  variance = jnp.maximum(jnp.einsum("ijk,kl,ijl->ij", d, cov, d), 0.0)  # d^T cov d for every pair.
   if rule == "max_info":
-    mu = f @ mean
-    s = jax.nn.sigmoid(mu[:, None] - mu[None, :])
+    s = jax.nn.sigmoid(d @ mean)
     score = jnp.log1p(s * (1.0 - s) * variance)
   else:
     score = variance
   return _masked_argmax_pair(jnp.where(pair_ok, score, -jnp.inf))
+
+
+def _check_candidates(f: np.ndarray, valid: np.ndarray, *, batched: bool) -> None:
+  """Concrete candidates: ValueError unless every user has >= 2 valid candidates, all of them finite."""
+  name = "choose_pair_batched" if batched else "choose_pair"
+  counts = np.reshape(valid.sum(-1), -1)
+  short = np.flatnonzero(counts < 2)
+  if short.size:
+    first = int(short[0])
+    count = f"{int(counts[first])} valid candidate{'' if counts[first] == 1 else 's'}"
+    if batched:
+      more = f" ({short.size} such users: {short[:10].tolist()})" if short.size > 1 else ""
+      raise ValueError(f"candidate_mask leaves user {first} with {count}: {name} needs at least 2 per user to "
+                       f"return a pair i != j{more}.")
+    raise ValueError(f"candidate_mask leaves {count}: {name} needs at least 2 to return a pair i != j.")
+  bad = np.argwhere(valid[..., None] & ~np.isfinite(f))
+  if bad.size:
+    index = tuple(int(i) for i in bad[0])
+    where = f"user {index[0]}, candidate {index[1]}" if batched else f"candidate {index[0]}"
+    raise ValueError(f"candidate_features{list(index)} is {f[index]} ({where}): every candidate the mask counts "
+                     f"must be finite (mark it False in candidate_mask to skip it).")
 
 
 def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask, *,
@@ -191,6 +216,9 @@ def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask
     raise ValueError(f"rule must be one of {PAIR_RULES}, got {rule!r}.")
   if rule == "thompson" and key is None:
     raise ValueError("rule='thompson' needs a PRNG key.")
+  arguments = {"candidate_features": candidate_features, "mean": mean, "cov": cov, "candidate_mask": candidate_mask}
+  for name, value in arguments.items():
+    check_numeric(name, value)
   check_shapes("candidate_features", candidate_features, (None,) * (3 if batched else 2), dims(batched, "M", "K"))
   *users, num_cands, num = np.shape(candidate_features)
   if num_cands < 2:
@@ -198,6 +226,9 @@ def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask
   check_shapes("mean", mean, (*users, num), dims(batched, "K"))
   check_shapes("cov", cov, (*users, num, num), dims(batched, "K", "K"))
   valid = jnp.ones((*users, num_cands), bool) if candidate_mask is None else jnp.asarray(candidate_mask, bool)
+  check_shapes("candidate_mask", valid, (*users, num_cands), dims(batched, "M"))
+  if not (is_tracer(candidate_features) or is_tracer(candidate_mask)):
+    _check_candidates(np.asarray(candidate_features), np.asarray(valid), batched=batched)
   dtype = float_dtype(candidate_features, mean, cov)
   return jnp.asarray(candidate_features, dtype), jnp.asarray(mean, dtype), jnp.asarray(cov, dtype), valid
 
@@ -221,10 +252,17 @@ def choose_pair(candidate_features: ArrayLike, mean: ArrayLike, cov: ArrayLike, 
     cov: `[K, K]` posterior covariance.
     rule: one of PAIR_RULES (static).
     key: PRNG key, required for "thompson".
-    candidate_mask: `[M]` bool, False = not a valid candidate (at least two must be valid).
+    candidate_mask: `[M]` bool, False = not a valid candidate (at least two must be valid; a masked candidate's
+      features are never read, NaN or not).
 
   Returns:
-    (i, j) int32 scalars with i != j (i < j for the deterministic rules).
+    (i, j) int32 scalars with i != j (i < j for the deterministic rules), both valid candidates.
+
+  Raises:
+    ValueError: on concrete inputs, fewer than two valid candidates, or a non-finite feature of a valid candidate
+      (naming it). Traced inputs (`jax.jit` / `jax.vmap` over the features or the mask) cannot be checked: there,
+      fewer than two valid candidates give a pair that repeats a candidate or includes a masked one, and a
+      non-finite valid candidate may be picked (argmax counts NaN as the largest score).
   """
   inputs = _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask, batched=False)
   return _choose_pair_core(*inputs, key, rule=rule)
@@ -240,10 +278,15 @@ def choose_pair_batched(candidate_features: ArrayLike, mean: ArrayLike, cov: Arr
     cov: `[U, K, K]`.
     rule: one of PAIR_RULES.
     key: PRNG key (split per user), required for "thompson".
-    candidate_mask: `[U, M]` bool (None: all valid).
+    candidate_mask: `[U, M]` bool (None: all valid); at least two valid per user.
 
   Returns:
-    (i `[U]`, j `[U]`) int32.
+    (i `[U]`, j `[U]`) int32, as `choose_pair` per user (a user whose mean or cov holds NaN gets an arbitrary pair
+    of its valid candidates; the others are unaffected).
+
+  Raises:
+    ValueError: as `choose_pair`, naming the first user with fewer than two valid candidates, or the user and
+      candidate of the first non-finite valid candidate feature.
   """
   inputs = _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask, batched=True)
   keys = None if key is None else jax.random.split(key, inputs[0].shape[0])

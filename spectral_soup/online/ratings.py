@@ -16,8 +16,13 @@ import numpy as np
 from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
+from spectral_soup.online.checks import check_finite
+from spectral_soup.online.checks import check_finite_rows
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_l2_shape
+from spectral_soup.online.checks import check_num_features
 from spectral_soup.online.checks import check_numeric
+from spectral_soup.online.checks import check_prior_mean
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import float_dtype
 
@@ -38,13 +43,15 @@ def fit_lambda_ratings(features: ArrayLike, ratings: ArrayLike, *, l2: ArrayLike
                        prior_mean: Optional[ArrayLike] = None, fit_intercept: bool = False) -> Array:
   """Ridge regression of ratings on features: argmin sum_i m_i (r_i - lam . f_i)^2 + l2 |lam - mu|^2.
 
-  Closed form (X^T M X + l2 I)^-1 (X^T M r + l2 mu), one K x K Cholesky solve. jit/vmap-compatible.
+  Closed form (X^T M X + l2 I)^-1 (X^T M r + l2 mu), one K x K Cholesky solve. jit/vmap-compatible. Checked
+  as `fit_lambda`'s one-user form (concrete values): a non-finite row the mask counts, a non-finite mask weight or
+  prior_mean entry, or a mismatched shape raises ValueError naming it.
 
   Args:
     features: `[N, K]` f(x, y) of the rated responses.
     ratings: `[N]` the user's ratings.
-    l2: penalty strength, > 0.
-    mask: `[N]` bool or non-negative row weights (None: all rows).
+    l2: penalty strength, a scalar > 0.
+    mask: `[N]` bool or non-negative finite row weights (None: all rows; masked rows may hold NaN).
     prior_mean: `[K]` the penalty's center (None: 0).
     fit_intercept: also fit an unpenalized offset (features f_k are implicit rewards known only up to a
       per-prompt constant, and rating scales have arbitrary offsets); only lam is returned. A bool (may be traced).
@@ -56,10 +63,17 @@ def fit_lambda_ratings(features: ArrayLike, ratings: ArrayLike, *, l2: ArrayLike
   for name, value in (("features", features), ("ratings", ratings), ("mask", mask), ("prior_mean", prior_mean)):
     check_numeric(name, value)
   check_shapes("features", features, (None, None), "[N, K]")
+  check_num_features("features", features)
   num_rows, num = np.shape(features)
   check_shapes("ratings", ratings, (num_rows,), "[N]")
+  check_l2_shape(l2, ())
   dtype = float_dtype(features)
   m = jnp.ones((num_rows,), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
+  check_shapes("mask", m, (num_rows,), "[N]")
+  check_finite("mask", mask)
+  if prior_mean is not None:
+    check_prior_mean(prior_mean, (), num)
+  check_finite_rows(features, ratings, mask, x_name="features", p_name="ratings")
   mu = jnp.zeros((num,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
   return _fit_ratings_core(jnp.asarray(features, dtype), jnp.asarray(ratings, dtype), m, jnp.asarray(l2, dtype), mu,
                            jnp.asarray(fit_intercept, bool))

@@ -29,6 +29,7 @@ from spectral_soup.online.checks import check_solver
 from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
 from spectral_soup.online.newton import DEFAULT_NUM_ITERS
 from spectral_soup.online.newton import DEFAULT_TOL
+from spectral_soup.online.projections import project
 from spectral_soup.soup.validation import check_int
 
 
@@ -57,16 +58,21 @@ class UserState:
 
 
 def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: ArrayLike = 1.0,
-                    prior_mean: Optional[ArrayLike] = None, dtype: Any = jnp.float32) -> UserState:
-  """An empty state: no comparisons, lam = prior mean (0 by default).
+                    prior_mean: Optional[ArrayLike] = None, dtype: Any = jnp.float32, constraint: Optional[str] = None,
+                    box: Optional[Tuple[ArrayLike, ArrayLike]] = None) -> UserState:
+  """An empty state: no comparisons, lam = the prior mean (0 by default) projected onto the constraint.
+
+  That is `fit_lambda`'s answer for a user without comparisons; `update_users` keeps it for users without a valid
+  comparison yet (give it the same constraint).
 
   Args:
     num_users: U.
     num_features: K.
     buffer_size: N, how many recent comparisons each user's fit uses (older ones are overwritten).
     l2: scalar or `[U]`, > 0.
-    prior_mean: `[K]` or `[U, K]` (None: 0).
+    prior_mean: `[K]` or `[U, K]` (None: 0), the penalty's center (kept unprojected in the state).
     dtype: float dtype of the buffers.
+    constraint, box: the feasible set of the fits, as in `fit_lambda` (None: unconstrained).
 
   Returns:
     UserState.
@@ -85,10 +91,12 @@ def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: 
       raise ValueError(f"prior_mean must have shape [K={num_features}] or [U={num_users}, K={num_features}], got "
                        f"{np.shape(prior_mean)}.")
     check_finite("prior_mean", prior_mean)
+  check_constraint(constraint, box, num_features)
   mu = jnp.zeros((num_features,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
   mu = jnp.broadcast_to(mu, (num_users, num_features))
+  lam = mu if constraint is None else project(mu, constraint, *newton.box_arrays(constraint, box, num_features, dtype))
   return UserState(
-      lam=mu,
+      lam=lam,
       features=jnp.zeros((num_users, buffer_size, num_features), dtype),
       prefs=jnp.zeros((num_users, buffer_size), dtype),
       mask=jnp.zeros((num_users, buffer_size), bool),
@@ -113,8 +121,10 @@ def _update_users_jit(state, new_delta, new_pref, new_mask, lo, hi, *, constrain
     mask = jnp.where(append, mask.at[slot].set(True), mask)
     refit = core(feats, prefs, mask.astype(feats.dtype), l2, mu, lam, lo, hi)
     lam = jnp.where(append, refit, lam)  # Users without a new comparison keep exactly their lam.
-    return (lam, feats, prefs, mask, count + append.astype(jnp.int32),
-            num_invalid + (wants & ~finite).astype(jnp.int32))
+    count = count + append.astype(jnp.int32)
+    if constraint is not None:  # Users without any comparison hold the projected prior, as `fit_lambda` gives them.
+      lam = jnp.where(count == 0, project(mu, constraint, lo, hi), lam)
+    return lam, feats, prefs, mask, count, num_invalid + (wants & ~finite).astype(jnp.int32)
 
   out = jax.vmap(one_user)(state.lam, state.features, state.prefs, state.mask, state.count, state.num_invalid, state.l2,
                            state.prior_mean, new_delta, new_pref, new_mask)
@@ -130,6 +140,8 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
 
   The refit warm-starts from the current lam. A comparison holding NaN / Inf, or a label outside [0, 1], is not
   appended (that user's `num_invalid` grows and its lam is unchanged), so one bad input never poisons a buffer.
+  With a constraint, a user without any comparison yet gets the prior mean projected onto it (`fit_lambda`'s answer
+  for no comparisons), whatever lam the state held.
 
   Args:
     state: UserState for U users.
@@ -141,9 +153,9 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   Returns:
     The new UserState.
   """
-  check_constraint(constraint, box)
   check_solver(num_iters, num_inner_iters, tol)
   num_users, num = state.lam.shape
+  check_constraint(constraint, box, num)
   for name, value in (("new_delta", new_delta), ("new_pref", new_pref), ("new_mask", new_mask)):
     check_numeric(name, value)  # Strings would be parsed as numbers (or, for the mask, all be True).
   check_shapes("new_delta", new_delta, (num_users, num), "[U, K]")

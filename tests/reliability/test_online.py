@@ -130,11 +130,17 @@ def test_one_bad_user_in_the_posterior_and_pair_choice():
   candidates = np.random.default_rng(3).standard_normal((U, 6, K)).astype(np.float32)
   bad_candidates = candidates.copy()
   bad_candidates[BAD, 2] = np.nan
+  # A NaN candidate that counts would be picked (argmax counts NaN as the largest): refused, naming it.
+  with pytest.raises(ValueError, match=rf"candidate_features\[{BAD}, 2, 0\] is nan \(user {BAD}, candidate 2\)"):
+    online.choose_pair_batched(bad_candidates, mean, cov)
+  valid = np.ones((U, 6), bool)
+  valid[BAD, 2] = False  # Masked out, it is never read.
   for rule in ("max_variance", "max_info", "thompson"):
     choose = functools.partial(online.choose_pair_batched, rule=rule, key=jax.random.key(4))
     clean = np.stack([np.asarray(a) for a in choose(candidates, mean, cov)])
-    dirty = np.stack([np.asarray(a) for a in choose(bad_candidates, bad_mean, bad_cov)])
+    dirty = np.stack([np.asarray(a) for a in choose(bad_candidates, bad_mean, bad_cov, candidate_mask=valid)])
     np.testing.assert_array_equal(dirty[:, others], clean[:, others], err_msg=rule)
+    assert dirty[0, BAD] != dirty[1, BAD] and 2 not in dirty[:, BAD]  # The NaN user still gets two valid ones.
 
 
 def test_online_updates_reject_a_bad_comparison_and_leave_others_alone():
@@ -317,3 +323,107 @@ def test_unit_total_weight_refuses_non_finite_lambda():
   with pytest.raises(ValueError, match=r"unit_total_weight needs finite lambda; lam\[1, 0\] = nan"):
     online.unit_total_weight(np.array([[0.5, 0.5], [np.nan, 1.0]]))
   np.testing.assert_allclose(online.unit_total_weight(np.array([[0.0, 0.0], [1.0, 3.0]])), [[0.5, 0.5], [0.25, 0.75]])
+
+
+_X, _P, _ = _users(seed=2)  # [U, N, K] = [8, 12, 4].
+_CANDIDATES = np.random.default_rng(6).standard_normal((6, K)).astype(np.float32)
+
+
+def _with(array, index, value):
+  array = np.array(array, np.float64)
+  array[index] = value
+  return array
+
+
+_REFUSED_IDS = ("fit_prior_nan", "fit_init_inf", "batched_init_nan", "batched_prior_inf", "box_lo_inf",
+                "box_hi_minus_inf", "box_lo_nan", "fit_mask_inf", "batched_mask_nan", "ratings_nan_row",
+                "ratings_prior_inf", "ratings_mask_nan", "posterior_mask_length_1", "posterior_mask_length_n_plus_1",
+                "posterior_l2_vector", "ratings_mask_length", "batched_prior_shape", "batched_l2_length",
+                "fit_l2_per_feature", "fit_l2_length_2", "box_lo_shape", "update_users_box_hi_shape",
+                "ratings_prior_shape", "ratings_no_feature", "choose_pair_mask_length", "sgd_update_shape",
+                "choose_pair_one_valid", "choose_pair_no_valid", "choose_pair_batched_short_users",
+                "choose_pair_nan_candidate")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # Non-finite arguments that made a silent NaN lambda.
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, prior_mean=[np.nan, 0, 0, 0]),
+         r"prior_mean\[0\] is nan: expected finite numbers"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, init=[0, np.inf, 0, 0]), r"init\[1\] is inf: expected finite"),
+        (lambda: online.fit_lambda_batched(_X, _P, l2=1.0, init=_with(np.zeros(
+            (U, K)), (2, 3), np.nan)), r"init\[2, 3\] is nan: expected finite numbers"),
+        (lambda: online.fit_lambda_batched(_X, _P, l2=1.0, prior_mean=_with(np.zeros(
+            (U, K)), (5, 0), -np.inf)), r"prior_mean\[5, 0\] is -inf: expected finite numbers"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, constraint="box", box=(np.inf, np.inf)),
+         r"box lo is inf: the bounds must be numbers with lo < inf and hi > -inf \(lo = -inf or hi = inf leaves"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, constraint="box", box=(-np.inf, -np.inf)), r"box hi is -inf"),
+        (lambda: online.fit_lambda_batched(_X, _P, l2=1.0, constraint="box", box=([0, np.nan, 0, 0], 1.0)),
+         r"box lo\[1\] is nan"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, mask=_with(np.ones(N), 0, np.inf)),
+         r"mask\[0\] is inf: expected finite numbers"),
+        (lambda: online.fit_lambda_batched(_X, _P, l2=1.0, mask=_with(np.ones(
+            (U, N)), (3, 4), np.nan)), r"mask\[3, 4\] is nan: expected finite numbers"),
+        (lambda: online.fit_lambda_ratings(_with(_X[1], (2, 0), np.nan), _P[1], l2=1.0),
+         r"row 2 is not finite \(features\[2\] = \[ *nan"),
+        (lambda: online.fit_lambda_ratings(_X[1], _P[1], l2=1.0, prior_mean=[0, np.inf, 0, 0]),
+         r"prior_mean\[1\] is inf"),
+        (lambda: online.fit_lambda_ratings(_X[1], _P[1], l2=1.0, mask=_with(np.ones(N), 5, np.nan)),
+         r"mask\[5\] is nan"),
+        # Masks of another length (used to broadcast silently) and a per-coordinate l2 for one user.
+        (lambda: online.posterior(np.zeros(K), _X[1], np.zeros(1), l2=1.0), r"mask must have shape \[N\] = \[12\], got "
+         r"\(1,\)"),
+        (lambda: online.posterior(np.zeros(K), _X[1], np.ones(N + 1), l2=1.0), r"mask must have shape \[N\] = \[12\]"),
+        (lambda: online.posterior(np.zeros(K), _X[1], l2=np.ones(K)),
+         r"l2 must be a scalar for one user \(\[N, K\] data; a \[U\] l2 needs \[U, N, K\] data\), got shape \(4,\)"),
+        (lambda: online.fit_lambda_ratings(_X[1], _P[1], l2=1.0, mask=np.ones(N + 1)),
+         r"mask must have shape \[N\] = \[12\], got \(13,\)"),
+        # Shapes that used to fail inside XLA or tracing.
+        (lambda: online.fit_lambda(_X, _P, l2=1.0, prior_mean=np.ones(
+            (U + 1, K))), r"prior_mean must have shape \[K\] = \[4\] \(shared\) or \[U, K\] = \[8, 4\], got \(9, 4\)"),
+        (lambda: online.fit_lambda(_X, _P, l2=np.ones(U + 1)),
+         r"l2 must be a scalar or one per user, \[U\] = \[8\], got shape \(9,\)"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=np.ones(K)), r"l2 must be a scalar for one user"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=np.ones(2)), r"l2 must be a scalar for one user"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, constraint="box", box=(np.zeros(K + 1), 1.0)),
+         r"box lo must be a scalar or have shape \[K\] = \[4\], got \(5,\)"),
+        (lambda: online.update_users(online.init_user_state(U, K, N), _X[:, 0], _P[:, 0], constraint="box", box=(
+            0.0, np.ones(K + 1))), r"box hi must be a scalar or have shape \[K\] = \[4\]"),
+        (lambda: online.fit_lambda_ratings(_X[1], _P[1], l2=1.0, prior_mean=np.ones(K + 1)),
+         r"prior_mean must have shape \[K\] = \[4\], got \(5,\)"),
+        (lambda: online.fit_lambda_ratings(np.zeros(
+            (N, 0)), _P[1], l2=1.0), r"features has shape \(12, 0\): expected at least one feature \(K >= 1"),
+        (lambda: online.choose_pair(_CANDIDATES, np.zeros(K), np.eye(K), candidate_mask=np.ones(7, bool)),
+         r"candidate_mask must have shape \[M\] = \[6\], got \(7,\)"),
+        (lambda: online.sgd_update(np.zeros(K), np.zeros(K + 1), 1.0, 0.1, 1.0),
+         r"delta_features_t must have shape \[K\] = \[4\], got \(5,\)"),
+        # Pair choice without a pair to choose, or with a candidate that would win by being NaN.
+        (lambda: online.choose_pair(_CANDIDATES, np.zeros(K), np.eye(K), candidate_mask=np.eye(6, dtype=bool)[3]),
+         r"candidate_mask leaves 1 valid candidate: choose_pair needs at least 2 to return a pair i != j"),
+        (lambda: online.choose_pair(_CANDIDATES, np.zeros(K), np.eye(K), rule="thompson", key=jax.random.key(0),
+                                    candidate_mask=np.zeros(6, bool)), r"candidate_mask leaves 0 valid candidates"),
+        (lambda: online.choose_pair_batched(np.stack([_CANDIDATES] * 3), np.zeros(
+            (3, K)), np.stack([np.eye(K)] * 3), candidate_mask=np.arange(6) < [[6], [1], [0]]),
+         r"candidate_mask leaves user 1 with 1 valid candidate: choose_pair_batched needs at least 2 per user to return a "
+         r"pair i != j \(2 such users: \[1, 2\]\)"),
+        (lambda: online.choose_pair(_with(_CANDIDATES, (2, 1), np.nan), np.zeros(K), np.eye(K), rule="max_info"),
+         r"candidate_features\[2, 1\] is nan \(candidate 2\): every candidate the mask counts must be finite"),
+    ],
+    ids=_REFUSED_IDS)
+def test_online_arguments_that_cannot_work_are_named_before_compiling(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_a_masked_nan_candidate_is_skipped_and_a_one_d_prior_is_shared():
+  valid = np.arange(6) != 2
+  for rule in ("max_variance", "thompson"):
+    i, j = (int(a) for a in online.choose_pair(_with(_CANDIDATES, (
+        2, 1), np.nan), np.zeros(K), np.eye(K), rule=rule, key=jax.random.key(1), candidate_mask=valid))
+    assert i != j and 2 not in (i, j)
+  # A 1-D prior_mean is [K], shared by the users, also when U == K (here with no comparisons: lam = the prior).
+  prior = np.arange(K) / 10.0
+  lam = online.fit_lambda_batched(np.zeros((K, 0, K), np.float32), np.zeros((K, 0), np.float32), l2=1.0,
+                                  prior_mean=prior)
+  np.testing.assert_allclose(lam, np.broadcast_to(prior, (K, K)), atol=1e-7)
