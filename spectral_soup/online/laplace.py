@@ -78,7 +78,9 @@ def posterior(lam_hat: ArrayLike, delta_features: ArrayLike, mask: Optional[Arra
   H = sum_i m_i s_i (1 - s_i) d_i d_i^T + l2 I, s_i = sigmoid(lam_hat . d_i) (it does not depend on the labels).
   The inverse is taken by eigendecomposition with eigenvalues clamped at l2 (their exact lower bound), symmetrized,
   plus a relative jitter (1e-5 of the largest variance), so `cov` is symmetric positive definite even for
-  degenerate data (no rows, separable data, feature scales 1e6).
+  degenerate data (no rows, separable data, feature scales 1e6). The jitter is the same in every direction: a
+  direction's variance v becomes v + 1e-5 v_max, so the best-determined directions are inflated by a factor up to
+  1 + 1e-5 cond(H) (+0.03% at the demo's cond(H) <= 27; 2x at cond(H) = 1e5, e.g. many comparisons with l2 = 1e-4).
 
   Args:
     lam_hat: `[K]` the `fit_lambda` optimum (with the same l2, mask).
