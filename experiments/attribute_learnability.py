@@ -27,6 +27,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from spectral_soup.utils import cli
+from spectral_soup.utils import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (configs/train_basis_*.py).",
                                           lock_config=True)
@@ -41,22 +42,64 @@ def _fmt(x, digits=3):
   return "-" if x is None else f"{x:.{digits}f}"
 
 
+def check_workdir(workdir: str, config) -> None:
+  """Raises ValueError unless `workdir` is an existing directory whose config.json (if any) is of the same data and
+  bases as `config`: its metrics.jsonl fills the basis column under this config's attribute names."""
+  if not workdir:
+    raise ValueError("--workdir is empty: expected the training run's workdir.")
+  if not os.path.isdir(workdir):
+    problem = "is a file" if os.path.exists(workdir) else "does not exist"
+    raise ValueError(f"--workdir={workdir} {problem}: expected the workdir of the `experiments.train_basis` run of "
+                     "this config (its cached features and metrics.jsonl).")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      trained = json.load(f)
+    if not isinstance(trained, dict):
+      raise ValueError(f"it holds a JSON {type(trained).__name__}, not a config")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a readable config (the JSON the training run writes): {e}") from None
+  for section, name in (("data", "source"), ("data", "attributes"), ("basis", "num_bases")):
+    ours = config[section].get(name)
+    ours = list(ours) if isinstance(ours, (tuple, list)) else ours
+    theirs = trained.get(section, {}).get(name) if isinstance(trained.get(section), dict) else None
+    if theirs != ours:
+      raise ValueError(f"{path}: {section}.{name}={theirs!r}, but --config has {ours!r}: this workdir holds another "
+                       "run (its bases' accuracies would be printed under this config's attribute names); pass the "
+                       "workdir of the training run of this config.")
+
+
 def main(argv) -> None:
   del argv
+  from spectral_soup.offline import learnability  # pylint: disable=g-import-not-at-top
+
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  out_path = _JSON.value or os.path.join(workdir, "learnability.json")
+  with cli.input_checks():  # The flags, before JAX starts: one line, exit status 2.
+    learnability.check_settings(l2=_L2.value, folds=_FOLDS.value, prefix="--")
+
   from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import feature_cache  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
-  from spectral_soup.offline import learnability  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
 
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  config_checks.validate_config(config)
-  if not config.basis.get("vocab_support", 0):
-    raise ValueError("config.basis.vocab_support=0: the probes live on a vocabulary support; set it (e.g. 1024) "
-                     "as the training run did.")
-  train_pairs, held_out = pairs_lib.load_pairs(config)
+  with cli.input_checks():  # The config and the paths, before any data load or write.
+    config_checks.validate_config(config)
+    if not config.basis.get("vocab_support", 0):
+      raise ValueError("config.basis.vocab_support=0: the probes live on a vocabulary support; set it (e.g. 1024) "
+                       "as the training run did.")
+    check_workdir(workdir, config)
+    files.check_output_file("--json" if _JSON.value else "the default --json", out_path)
+  with cli.reporting_input_errors():  # Data that fail their checks: one line too.
+    train_pairs, held_out = pairs_lib.load_pairs(config)
+  with cli.input_checks():
+    if len(train_pairs["labels"]) < _FOLDS.value:
+      raise ValueError(f"--folds={_FOLDS.value}: the config's {len(train_pairs['labels'])} training pairs cannot be "
+                       f"split into {_FOLDS.value} folds.")
   # The support does not depend on the vocabulary size beyond the largest token id (unseen ids follow in id order),
   # so this needs no model: it equals the training run's support.
   vocab_size = max(
@@ -129,11 +172,8 @@ def main(argv) -> None:
           } for name, r in results.items()
       }
   }
-  path = _JSON.value or os.path.join(workdir, "learnability.json")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"Wrote {path}.")
+  files.write_text_atomic(out_path, json.dumps(out, indent=2) + "\n")
+  print(f"Wrote {out_path}.")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from spectral_soup.utils import errors
+from spectral_soup.utils import files
+
 # (learner, features in comparisons.npz, constraint; None: the run's online.constraint).
 LEARNERS = (("spectral", "features", None), ("p_soups", "features", "simplex"), ("pad", "pad_features", "none"))
 # online.features -> the comparisons.npz field holding that kind of features.
@@ -60,6 +63,16 @@ def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
   if missing:
     raise ValueError(f"{data_path}: missing {sorted(missing)}; expected the main job's comparisons.")
   run = {name: arrays[name] for name in ("features", "pad_features", "prefs", "implicit_features") if name in arrays}
+  for name, array in run.items():  # Every comparison is recorded (no missing rows): a non-finite entry is damage.
+    if array.dtype.kind not in "biuf":
+      raise ValueError(f"{data_path}: {name} has dtype {array.dtype}: expected numbers.")
+    bad = np.argwhere(~np.isfinite(array))
+    if len(bad):
+      where = tuple(int(i) for i in bad[0])
+      row = f"user {where[0]}, comparison {where[1]}; " if len(where) >= 2 else ""
+      count = f"{len(bad)} non-finite entr{'y' if len(bad) == 1 else 'ies'} in all"
+      raise ValueError(f"{data_path}: {name}[{', '.join(map(str, where))}] is {array[where]} ({row}{count}): "
+                       "expected finite features and choices (a damaged file?).")
   online = config.get("online", {})
   run["kind"] = online.get("features", "implicit_reward")
   num_bases = run["features"].shape[-1]
@@ -71,8 +84,13 @@ def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
 
 def choose(workdirs: Sequence[str], l2s: Sequence[float], folds: int = 8) -> dict:
   """{learner: {"l2", "log_likelihood", "accuracy": [P] pooled over runs, "best_l2"}}."""
-  from spectral_soup.online import selection  # pylint: disable=g-import-not-at-top
+  for i, workdir in enumerate(workdirs):
+    for earlier in workdirs[:i]:
+      if os.path.realpath(workdir) == os.path.realpath(earlier):
+        same = "is given twice" if workdir == earlier else f"is the same workdir as {earlier}"
+        raise ValueError(f"{workdir} {same}: each dev run must be given once (its comparisons would count twice).")
   runs = [load_dev_run(w) for w in workdirs]
+  from spectral_soup.online import selection  # pylint: disable=g-import-not-at-top
   for key in ("constraint", "kind"):
     if len({r[key] for r in runs}) > 1:
       field = "features" if key == "kind" else key
@@ -95,13 +113,19 @@ def choose(workdirs: Sequence[str], l2s: Sequence[float], folds: int = 8) -> dic
     pooled = {
         key: np.average([r[key] for r in results], axis=0, weights=counts) for key in ("log_likelihood", "accuracy")
     }
+    finite = np.isfinite(pooled["log_likelihood"])
+    if not finite.all():  # A fit that diverged: no penalty is chosen from a row that is not all numbers.
+      print(
+          f"warning: {name}: the held-out log-likelihood is not finite at l2="
+          f"{', '.join(f'{x:g}' for x, ok in zip(l2s, finite) if not ok)}: no penalty chosen for it.", file=sys.stderr,
+          flush=True)
     out[name] = {
         "constraint": constraint,
         "features": kind,
         "l2": [float(x) for x in l2s],
-        "log_likelihood": pooled["log_likelihood"].tolist(),
-        "accuracy": pooled["accuracy"].tolist(),
-        "best_l2": float(l2s[int(np.argmax(pooled["log_likelihood"]))])
+        "log_likelihood": [float(x) if np.isfinite(x) else None for x in pooled["log_likelihood"]],
+        "accuracy": [float(x) if np.isfinite(x) else None for x in pooled["accuracy"]],
+        "best_l2": float(l2s[int(np.argmax(pooled["log_likelihood"]))]) if finite.all() else None
     }
   return out
 
@@ -118,25 +142,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except ValueError:
     p.error(f"--l2s={args.l2s!r}: expected comma-separated numbers.")
   try:
+    if args.json:
+      inputs = [os.path.join(w, name) for w in args.workdirs for name in ("config.json", "comparisons.npz")]
+      files.check_output_file("--json", args.json, inputs)
     out = choose(args.workdirs, l2s, args.folds)
   except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {errors.message_of(e)}", file=sys.stderr)
     return 2
   print(f"held-out choice prediction ({args.folds}-fold per user) over {len(args.workdirs)} dev run(s)")
   print(f"{'learner':<24} {'features':<16} {'constraint':<12} " + " ".join(f"{f'l2={x:g}':>14}" for x in l2s) +
         "  best")
   for name, r in out.items():
-    cells = " ".join(f"{ll:+.3f}/{acc:.3f}".rjust(14) for ll, acc in zip(r["log_likelihood"], r["accuracy"]))
-    print(f"{name:<24} {r['features']:<16} {r['constraint']:<12} {cells}  {r['best_l2']:g}")
+    cells = " ".join(("-" if ll is None else f"{ll:+.3f}/{acc:.3f}").rjust(14)
+                     for ll, acc in zip(r["log_likelihood"], r["accuracy"]))
+    best = "-" if r["best_l2"] is None else f"{r['best_l2']:g}"
+    print(f"{name:<24} {r['features']:<16} {r['constraint']:<12} {cells}  {best}")
   print("(each cell: mean held-out log-likelihood per comparison / accuracy)")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({
-          "name": "choose_online_l2",
-          "workdirs": list(args.workdirs),
-          "folds": args.folds,
-          "learners": out
-      }, f, indent=2)
+    report = {"name": "choose_online_l2", "workdirs": list(args.workdirs), "folds": args.folds, "learners": out}
+    files.write_text_atomic(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
   return 0
 
 

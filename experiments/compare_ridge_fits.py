@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import tempfile
@@ -27,6 +28,8 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
+
+from spectral_soup.utils import files
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -40,14 +43,31 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   args = p.parse_args(argv)
   from spectral_soup.offline import ridge_init  # pylint: disable=g-import-not-at-top
   args.fits = tuple(args.fits.split(","))
-  args.scales = tuple(float(s) for s in args.scales.split(","))
   bad = [f for f in args.fits if f not in ridge_init.RIDGE_FEATURES]
   if bad or not args.fits:
     p.error(f"--fits={','.join(args.fits)}: expected names among {', '.join(ridge_init.RIDGE_FEATURES)}.")
-  if 1.0 not in args.scales or min(args.scales) <= 0:
-    p.error(f"--scales={args.scales}: expected positive strengths including 1.")
+  if len(set(args.fits)) < len(args.fits):
+    p.error(f"--fits={','.join(args.fits)}: a fit is listed more than once.")
+  scales = args.scales
+  expected = "expected positive strengths including 1, comma-separated (e.g. 0.5,1,1.5)"
+  values = []
+  for text in scales.split(","):
+    try:
+      values.append(float(text))
+    except ValueError:
+      p.error(f"--scales={scales}: {text.strip()!r} is not a number; {expected}.")
+  args.scales = tuple(values)
+  bad = [s for s in args.scales if not (math.isfinite(s) and s > 0)]
+  if bad or 1.0 not in args.scales:
+    problem = f"{bad[0]:g} is not a finite number > 0" if bad else "1 is missing"
+    p.error(f"--scales={scales}: {problem}; {expected}.")
+  if len(set(args.scales)) < len(args.scales):
+    p.error(f"--scales={scales}: a strength is listed more than once.")
   if args.users < 1:
     p.error(f"--users={args.users}: expected >= 1.")
+  problem = files.output_file_problem("--json", args.json)
+  if problem:
+    p.error(problem)
   return args
 
 
@@ -204,8 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   for fit, read in result["read_at"].items():
     print(f"gain at {read['kl']:.2f} nats ({fit} at scale 1): " +
           "  ".join(f"{m} {g:+.3f}" for m, g in read["gain"].items()))
-  with open(args.json, "w") as f:
-    json.dump(result, f, indent=2)
+  files.write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
   return result
 
 

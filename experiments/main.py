@@ -17,8 +17,27 @@ Phases (each timed, with a progress bar where it loops):
   7. results   results.json, plots (*.png), the table.
 
 results.json: {"methods": {NAME: {"normalized_score", "mean_reward", "kl", ...}}, "frontier", "at_bespoke_kl",
-"offline": {"attribute_shift", ...}, "users", "rounds", ...}; every key: docs/RESULTS.md. `--config.eval.split=dev` evaluates on a split of the
-training prompts and users instead (for tuning; the held-out prompts are never read).
+"offline": {"attribute_shift", ...}, "users", "rounds", ..., "config", "code"}; every key: docs/RESULTS.md. It is
+strict JSON: a number that is not finite (a normalized score when the bespoke gain is 0, the K ablation's accuracy
+when no comparison is held out) is written as null. `--config.eval.split=dev` evaluates on a split of the training
+prompts and users instead (for tuning; the held-out prompts are never read).
+
+The workdir. `<workdir>/config.json` records the config of the last run accepted there, and `<workdir>/basis` holds
+what a later run reuses: the closed-form bases and bespoke heads (checkpointed) and the feature cache.
+  * Reuse. A run into a workdir whose basis/ holds a checkpoint must have the recorded config in every field except
+    those each run recomputes from scratch (`recomputed_every_run`: online.* and eval.*, but eval.split, which
+    picks the training prompts and users); any other difference (users.seed, data.attributes, a field the recorded
+    config lacks, ...) is refused before anything loads, naming each field with both values: the saved heads would
+    be reused under the wrong names, users or data. Same config: the run resumes (the heads are read back).
+  * Another job's workdir (a basis training's checkpoints/, a config.json the main job did not write) is refused,
+    and so is a workdir in which a file the job writes is taken by a directory (`check_output_paths`).
+  * Results always belong to the config.json beside them. When a run is accepted (config, data, model, workdir
+    checked; the workdir's lock held), the previous run's results.json, comparisons.npz, samples.json and plots are
+    moved to `<workdir>/previous_runs/<YYYYmmdd-HHMMSS>/` with a copy of its config.json (a warning names the
+    directory), and only then is the new config.json written. A run that is killed or fails later leaves its
+    config.json with only its own outputs (comparisons.npz once the online phase is done; results.json, samples.json
+    and plots at the end), never beside another run's. Every file is written atomically (a temporary file renamed
+    over it; a failed write removes it, and a run removes those a killed run left).
 """
 
 from __future__ import annotations
@@ -26,7 +45,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import subprocess
 import time
+from typing import Any, List, Optional
 
 from absl import app
 from absl import flags
@@ -51,6 +73,11 @@ ESTIMATES = ("map", "posterior_mean")  # The spectral lambda served: the penaliz
 SWEPT = ("spectral_soup_explicit", "p_soups", "pad", "mod_oracle")
 METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup_implicit", "p_soups", "pad",
                 "mod_oracle", "uniform", "reference", "bespoke")
+# The run's results at the top of the workdir, besides config.json and the plots (`plots.PLOT_FILES`); results.json
+# first: a re-run moves them aside in this order.
+RESULT_FILES = ("results.json", "comparisons.npz", "samples.json")
+BASIS_DIR = "basis"  # The offline run: the bases and bespoke heads (checkpointed), the feature cache.
+PREVIOUS_RUNS = "previous_runs"  # Earlier runs' results, one timestamped directory each.
 
 
 def online_config(config):
@@ -73,6 +100,8 @@ def validate_config(config) -> None:
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
 
   need = config_check.field_checker(config)
+  # jax.random.key takes a 64-bit signed seed (`>= 0`: the offline check, below).
+  need(config.seed <= 2**63 - 1, "seed", "an integer in [0, 2**63 - 1] (a 64-bit PRNG seed)")
   need(config.data.source == "embedded", "data.source", "'embedded' (the main job generates its own data)")
   need(
       len(config.data.attributes) >= 1 and set(config.data.attributes) <= set(ATTRIBUTES), "data.attributes",
@@ -120,6 +149,181 @@ def validate_config(config) -> None:
   config_checks.validate_config(config)
 
 
+def recomputed_every_run(field: str) -> bool:
+  """Whether every run recomputes all that depends on config `field` ("online.l2"), so that a run may change it in
+  a workdir whose saved bases it reuses: the online rounds and the evaluation, but not eval.split (the training
+  prompts and users the bases and bespoke heads are fitted on). Any other field, a new one included, is state."""
+  return field.startswith(("online.", "eval.")) and field != "eval.split"
+
+
+def _output_files() -> tuple:
+  from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
+  return RESULT_FILES + plots.PLOT_FILES
+
+
+def check_workdir_reuse(config, workdir: str) -> None:
+  """Raises ValueError unless `workdir` is new, or a main-job workdir whose saved state `config` may reuse.
+
+  Refused: another job's workdir (a basis training's `checkpoints/`, a config.json the main job did not write), and a
+  workdir whose basis/ holds a checkpoint made with a config that differs from `config` in a field the saved heads
+  depend on (every field but `recomputed_every_run`'s), each such field named with both values. A workdir without
+  a basis checkpoint (new, or a run stopped before its offline phase) holds nothing a run reuses (the feature cache
+  is keyed by what it depends on) and is accepted. Reads config.json only.
+  """
+  from spectral_soup.offline import resume  # pylint: disable=g-import-not-at-top
+  kind = resume.workdir_kind(workdir)
+  if kind == resume.BASIS_TRAINING:
+    raise ValueError(f"--workdir={workdir} holds a basis training (checkpoints/ or metrics.jsonl at its top: "
+                     f"experiments.train_basis, or a main job's {BASIS_DIR}/ directory): expected a main job's workdir "
+                     "or a fresh one.")
+  if kind == resume.OTHER:
+    resume.read_config_json(os.path.join(workdir, "config.json"))  # One that is not JSON is named as such.
+    raise ValueError(f"--workdir={workdir} holds a config.json that the main job did not write (no "
+                     f"{' / '.join(resume.MAIN_JOB_SECTIONS)} sections): expected a main job's workdir or a fresh one.")
+  checkpoints = os.path.join(workdir, BASIS_DIR, "checkpoints")
+  if not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    return
+  new = json.loads(config.to_json_best_effort())  # As config.json holds it (tuples as lists, None as null).
+  recorded = os.path.join(workdir, "config.json")
+  if not os.path.lexists(recorded):  # The basis run's own record: one head per basis, then one per user.
+    recorded = os.path.join(workdir, BASIS_DIR, "config.json")
+    if not os.path.lexists(recorded):
+      raise ValueError(f"--workdir={workdir} holds saved bases ({checkpoints}) but no config.json that says what "
+                       "config made them: use a fresh --workdir.")
+    new["basis"]["num_bases"] = len(config.data.attributes) + config.users.num_users
+  differences = resume.config_differences(resume.read_config_json(recorded), new, recomputed_every_run)
+  if differences:
+
+    def describe(field, old, value):
+      if old is resume.MISSING:
+        return f"config.{field}={value!r} is not in it"
+      if value is resume.MISSING:
+        return f"config.{field} (it has {old!r}) is no longer a config field"
+      return f"config.{field}={value!r} differs from its {old!r}"
+
+    listed = "; ".join(describe(*d) for d in differences)
+    raise ValueError(f"--workdir={workdir} holds bases and bespoke heads ({os.path.join(workdir, BASIS_DIR)}) made "
+                     f"with another config ({recorded}): {listed}. A run reuses them, so only online.* and eval.* "
+                     "fields (not eval.split) may change in one workdir: use a fresh --workdir, or the recorded "
+                     "values.")
+
+
+def check_output_paths(workdir: str) -> None:
+  """Raises ValueError naming the first path the run would fail to write at its end: a file it writes (config.json,
+  results.json, a plot, ...) taken by a directory or another non-file, or one of its directories taken by a file."""
+  for name in ("config.json",) + _output_files():
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not os.path.isfile(path):
+      what = "a directory" if os.path.isdir(path) else "not a regular file"
+      raise ValueError(f"--workdir={workdir}: {path} is {what}: expected a file the run can replace (the run writes "
+                       f"its {name} there); move it away or use another --workdir.")
+  for name in (BASIS_DIR, PREVIOUS_RUNS):
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not os.path.isdir(path):
+      raise ValueError(f"--workdir={workdir}: {path} is a file: expected the directory the run keeps its "
+                       f"{'bases' if name == BASIS_DIR else 'earlier results'} in; move it away or use another "
+                       "--workdir.")
+
+
+def set_aside_previous_outputs(workdir: str) -> Optional[str]:
+  """Moves the previous run's results (`RESULT_FILES`, the plots) to `<workdir>/previous_runs/<time>/`, with a copy
+  of the config.json they belong to, and removes temporary files that killed writes left; returns that directory
+  (None: nothing to move). Called once the run is accepted, before it writes its own config.json: results in the
+  workdir then always belong to the config.json beside them."""
+  files.remove_stale_temps(workdir, ("config.json",) + _output_files())
+  present = [name for name in _output_files() if os.path.lexists(os.path.join(workdir, name))]
+  if not present:
+    return None
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  destination, n = os.path.join(workdir, PREVIOUS_RUNS, stamp), 1
+  while os.path.lexists(destination):
+    destination, n = os.path.join(workdir, PREVIOUS_RUNS, f"{stamp}-{n}"), n + 1
+  os.makedirs(destination)
+  if os.path.isfile(os.path.join(workdir, "config.json")):
+    shutil.copy2(os.path.join(workdir, "config.json"), os.path.join(destination, "config.json"))
+  for name in present:  # results.json first: the workdir stops looking finished at once.
+    os.replace(os.path.join(workdir, name), os.path.join(destination, name))
+  logging.warning("Moved the previous run's %s to %s (with its config.json): this run writes its own.",
+                  ", ".join(present), destination)
+  return destination
+
+
+def check_prompt_pools(config, num_online: int, num_eval: int) -> List[str]:
+  """Checks the prompt pools of the data's hash split (known once the data is loaded: a hash of each prompt's text)
+  against the config; raises ValueError naming the field. Returns warnings (fewer prompts than eval.num_prompts
+  asks for: the evaluation uses all of them).
+
+  Args:
+    config: the job's config.
+    num_online: prompts the online rounds draw from (the training prompts; with eval.split="dev", those of the
+      dev split's training side).
+    num_eval: prompts the evaluation draws from (held out; with eval.split="dev", the dev split's).
+  """
+  from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
+  need = config_check.field_checker(config)
+  dev = config.eval.split == "dev"
+  split_name = "dev" if dev else "held-out"
+  split = (f"the dev split of the {num_online + num_eval} training prompts"
+           if dev else f"the hash split of the {num_online + num_eval} prompts")
+  pools = f"{split} holds out {num_eval} and leaves {num_online} for the online rounds"
+  need(num_eval >= 2, "data.eval_fraction", f"a share that holds out at least 2 {split_name} prompts to evaluate on: "
+       f"{pools}")
+  need(
+      num_online >= config.train.batch_size, "data.eval_fraction",
+      f"a share that leaves at least train.batch_size={config.train.batch_size} training prompts (one pair each) for "
+      f"the bases and bespoke heads: {pools}")
+  for field, expected in protocol.config_problems(online_config(config), pool_size=num_online)[:1]:
+    need(False, f"online.{field}", f"{expected}: {pools} (data.eval_fraction={config.data.eval_fraction})")
+  warnings = []
+  if config.eval.num_prompts > num_eval:
+    warnings.append(f"config.eval.num_prompts={config.eval.num_prompts} asks for more {split_name} prompts than "
+                    f"there are: the evaluation uses all {num_eval} ({pools}).")
+  return warnings
+
+
+def check_decode_length(config, prompt_len: int, max_len: int) -> None:
+  """Raises ValueError naming eval.max_new_tokens when a prompt and its response do not fit the model's `max_len`
+  positions (the decoding cache holds both; the serving API refuses the same)."""
+  from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
+  need = config_check.field_checker(config)
+  need(
+      prompt_len + config.eval.max_new_tokens <= max_len, "eval.max_new_tokens",
+      f"<= {max_len - prompt_len}: the model's max_len={max_len} positions less the prompt's {prompt_len} "
+      "(data.prompt_len)")
+
+
+def code_version() -> dict:
+  """The code that ran: the package's version and, in a git checkout, its commit and whether tracked files differ
+  from it (None where unknown). Local only: no network."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  import spectral_soup  # pylint: disable=g-import-not-at-top
+  try:
+    version = metadata.version("spectral_soup")
+  except metadata.PackageNotFoundError:
+    version = None
+  root = os.path.dirname(os.path.dirname(os.path.abspath(spectral_soup.__file__)))
+  commit = modified = None
+  if os.path.exists(os.path.join(root, ".git")):
+
+    def git(*args):
+      return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
+                            check=True).stdout.strip()
+
+    try:
+      commit = git("rev-parse", "HEAD")
+      modified = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+      pass
+  return {"version": version, "git_commit": commit, "git_modified": modified}
+
+
+def json_text(value: Any) -> str:
+  """`json.dumps(value, indent=2)` as strict JSON: a NaN or infinite float is written as null (bare NaN / Infinity
+  tokens are not JSON); every finite value exactly as json.dumps writes it."""
+  return json.dumps(files.finite_or_none(value), indent=2, allow_nan=False)
+
+
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
@@ -131,6 +335,8 @@ def main(argv) -> None:
   with cli.input_checks():
     validate_config(config)
     cli.check_workdir(workdir)
+    check_workdir_reuse(config, workdir)
+    check_output_paths(workdir)
   # The run's own input checks (model, data, the basis run's resume, the workdir's lock) end the same way.
   with cli.reporting_input_errors(), contextlib.ExitStack() as stack:
     run(config, workdir, stack)
@@ -171,6 +377,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
     return time.time()
 
   logging.info("JAX devices: %s", jax.devices())
+  code = code_version()  # The code as it starts (results.json["code"]).
   attributes = tuple(config.data.attributes)
   num_attr = num_bases = len(attributes)
   num_users = config.users.num_users
@@ -187,8 +394,11 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
     # plays their part (with users of the user stream's training split, below).
     data = pairs_lib.embedded_data(config, tokenizer, dev=config.eval.split == "dev")
     pairs, arrays, is_eval = data.pairs, data.arrays, data.is_eval
+    # The prompt pools are a hash split of the prompts' text: checked here, before the model loads.
+    pool_warnings = check_prompt_pools(config, num_online=int((~is_eval).sum()), num_eval=int(is_eval.sum()))
     model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
                                              weight_dtype=config.model.weight_dtype, remat=config.model.remat)
+    check_decode_length(config, prompt_len=arrays["prompt"].shape[1], max_len=model.config.max_len)
     # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
     # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
     suite = rewards_lib.RewardSuite(list(attributes), stats=data.stats)
@@ -207,8 +417,14 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
                        f"holds another number of heads ({num_bases} bases + one bespoke head per user): {e}") from None
     os.makedirs(workdir, exist_ok=True)
     stack.enter_context(workdir_lock.hold(workdir))
+    check_workdir_reuse(config, workdir)  # Again, now that no other run can write to it.
+    check_output_paths(workdir)
+  for warning in pool_warnings:
+    logging.warning(warning)
   timing["data_s"] = time.time() - t0
-  # The config, the model, the data and the workdir have been accepted: only now is anything written to it.
+  # The config, the model, the data and the workdir have been accepted: only now is anything written to it. The
+  # previous run's results go first, so that the results in the workdir always belong to its config.json.
+  set_aside_previous_outputs(workdir)
   files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   # ---- 2. Users: held-out simulated users, labels of their own reward on the pairs (for the bespoke heads).
@@ -439,11 +655,14 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
           **decode_phases
       },
       "timing_s": timing,
+      # What produced these results: the config (as config.json holds it) and the code.
+      "config": json.loads(config.to_json_best_effort()),
+      "code": code,
   }
   results["timing_s"]["total_s"] = time.time() - t_job
-  files.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+  files.write_text_atomic(os.path.join(workdir, "results.json"), json_text(results))
   samples = _contrasting_samples(programs, out, users, tokenizer, [prompt_text[i] for i in eval_pool])
-  files.write_text_atomic(os.path.join(workdir, "samples.json"), json.dumps(samples, indent=2))
+  files.write_text_atomic(os.path.join(workdir, "samples.json"), json_text(samples))
   plots.write_all(results, workdir)
   timing["results_s"] = time.time() - t0
 
@@ -492,7 +711,9 @@ def _k_ablation(history, num_bases, l2):
     lam = np.asarray(fit_lib.fit_lambda_batched(feats[:, :split, :k], prefs[:, :split], l2=l2))
     pred = np.einsum("unk,uk->un", feats[:, split:, :k], lam) > 0
     out["k"].append(k)
-    out["heldout_choice_accuracy"].append(float(np.mean(pred == (prefs[:, split:] > 0.5))))
+    # NaN (null in results.json) when nothing is held out: a single comparison per user.
+    out["heldout_choice_accuracy"].append(
+        float(np.mean(pred == (prefs[:, split:] > 0.5))) if split < n else float("nan"))
   return out
 
 

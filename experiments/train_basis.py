@@ -43,12 +43,14 @@ def main(argv) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()  # Coordinator and process ids from the TPU / cluster environment.
   from spectral_soup.offline import config_checks  # Imported here so that --help and flag errors skip JAX start-up.
+  from spectral_soup.offline import resume  # Imported here so that --help and flag errors skip JAX start-up.
   from spectral_soup.offline import train  # Imported here so that --help and flag errors skip JAX start-up.
 
   config = _CONFIG.value
   with cli.input_checks():  # Fails fast, naming the field, before any compile: one line, exit status 2.
     config_checks.validate_config(config)
     cli.check_workdir(_WORKDIR.value)
+    resume.check_not_main_job_workdir(_WORKDIR.value)  # Its bases live in <workdir>/basis, read by load_basis.
   with cli.reporting_input_errors():  # Model path, data, resume and workdir-lock errors: one line too.
     result = train.train_and_evaluate(config, _WORKDIR.value)
   if result.eval_metrics:

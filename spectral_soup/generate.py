@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from typing import List, Tuple
 
@@ -22,6 +21,7 @@ from absl import app
 from absl import flags
 
 from spectral_soup.utils import cli
+from spectral_soup.utils import files
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The workdir of a basis-training run or of the main job.")
 _LAM = flags.DEFINE_string("lam", None, "One soup: K comma-separated weights, one per basis (0,...,0: the "
@@ -118,13 +118,7 @@ def main(argv) -> None:
     if not 0.0 <= _TEMPERATURE.value < float("inf"):  # NaN fails every comparison.
       raise ValueError(f"--temperature={_TEMPERATURE.value}: expected a finite number >= 0 (0: greedy).")
     if _OUTPUT.value:
-      folder = os.path.dirname(os.path.abspath(_OUTPUT.value))
-      if os.path.isdir(_OUTPUT.value):
-        raise ValueError(f"--output={_OUTPUT.value} is a directory: expected a file path.")
-      if not os.path.isdir(folder):
-        raise ValueError(f"--output={_OUTPUT.value}: its directory {folder} does not exist.")
-      if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--output={_OUTPUT.value}: its directory {folder} is not writable.")
+      files.check_output_file("--output", _OUTPUT.value)
     from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
     validation.check_seed("--seed", _SEED.value)
     from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
@@ -150,7 +144,6 @@ def main(argv) -> None:
       }, ensure_ascii=False) for (u, p), text in zip(rows, texts)
   ]
   if _OUTPUT.value:
-    from spectral_soup.utils import files  # pylint: disable=g-import-not-at-top
     files.write_text_atomic(_OUTPUT.value, "".join(line + "\n" for line in lines))
     print(f"{len(lines)} responses written to {_OUTPUT.value}.", file=sys.stderr)
   else:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,57 @@ def test_hint_share():
   assert share[1] < 0.02
   with pytest.raises(ValueError, match="hints for"):
     learnability.hint_share(hints[:10], scores)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({
+        "l2": float("nan")
+    }, "l2=nan: expected a finite number > 0"),
+    ({
+        "l2": float("inf")
+    }, "l2=inf: expected a finite number > 0"),
+    ({
+        "l2": -1.0
+    }, "l2=-1.0: expected a finite number > 0"),
+    ({
+        "l2": 0
+    }, "l2=0: expected a finite number > 0"),
+    ({
+        "l2": 1.0,
+        "folds": 1
+    }, "folds=1: expected an integer >= 2"),
+    ({
+        "l2": 1.0,
+        "folds": 0
+    }, "folds=0: expected an integer >= 2"),
+    ({
+        "l2": 1.0,
+        "folds": 2.5
+    }, "folds=2.5: expected an integer >= 2"),
+])
+def test_probe_settings_are_checked(settings, message):
+  """A NaN penalty or a single fold would score every attribute 0 ("weak") instead of failing."""
+  with pytest.raises(ValueError, match=re.escape("--" + message)):
+    learnability.check_settings(**settings, prefix="--")
+  train = _pairs(8, 0)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    learnability.cross_validated_accuracy(train["response_a"][:, :3] * 1.0, train["response_b"][:, :3] * 1.0,
+                                          train["scores_a"], train["scores_b"], train["labels"], **{
+                                              "folds": 2,
+                                              **settings
+                                          })
+
+
+def test_cli_refuses_bad_flags_before_anything_is_read_or_written(tmp_path):
+  """One line, exit status 2, before JAX starts; the workdir's earlier learnability.json is left as it was."""
+  (tmp_path / "learnability.json").write_text("earlier")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([
+      sys.executable, "-m", "experiments.attribute_learnability", "--config=configs/train_basis_tiny.py",
+      f"--workdir={tmp_path}", "--l2=nan"
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr == "error: --l2=nan: expected a finite number > 0 (the ridge penalty).\n"
+  assert (tmp_path / "learnability.json").read_text() == "earlier"
 
 
 def test_cli_reports_a_training_run(tmp_path):

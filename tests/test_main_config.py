@@ -1,5 +1,8 @@
 """The main job's config: the demo validates; bad values fail before anything loads, naming the field."""
 
+import json
+import pathlib
+
 import pytest
 
 from configs import demo
@@ -80,3 +83,85 @@ def test_the_posterior_mean_direction_needs_unit_total_weight():
   config.online.unit_total_weight = False
   with pytest.raises(ValueError, match=r"online\.estimate"):
     main.validate_config(config)
+
+
+def test_a_seed_beyond_64_bits_is_refused():
+  config = demo.get_config()
+  config.seed = 2**63 - 1
+  main.validate_config(config)
+  config.seed = 2**63
+  with pytest.raises(ValueError, match=r"config\.seed=9223372036854775808 is invalid: expected an integer in \[0, "):
+    main.validate_config(config)
+
+
+def test_the_prompt_pools_of_the_demo_fit():
+  assert main.check_prompt_pools(demo.get_config(), num_online=247, num_eval=73) == []
+
+
+def test_more_comparisons_per_round_than_training_prompts_are_refused_after_the_data_loads():
+  config = demo.get_config()
+  config.online.prompts_per_round = 1000
+  with pytest.raises(
+      ValueError, match=r"config\.online\.prompts_per_round=1000 is invalid: expected 1\.\.247 \(the "
+      r"prompt pool\): the hash split of the 320 prompts holds out 73 and leaves 247"):
+    main.check_prompt_pools(config, num_online=247, num_eval=73)
+
+
+@pytest.mark.parametrize("num_eval", [0, 1])
+def test_an_eval_fraction_that_holds_out_too_few_prompts_is_refused(num_eval):
+  config = demo.get_config()
+  config.data.eval_fraction = 0.003
+  with pytest.raises(
+      ValueError, match=r"config\.data\.eval_fraction=0\.003 is invalid: expected a share that holds "
+      rf"out at least 2 held-out prompts to evaluate on: .* holds out {num_eval} "):
+    main.check_prompt_pools(config, num_online=320 - num_eval, num_eval=num_eval)
+
+
+def test_an_eval_fraction_that_leaves_too_few_training_prompts_is_refused():
+  config = demo.get_config()
+  config.data.eval_fraction = 0.99
+  with pytest.raises(
+      ValueError, match=r"config\.data\.eval_fraction=0\.99 is invalid: expected a share that leaves at "
+      r"least train\.batch_size=32 training prompts .* holds out 315 and leaves 5 "):
+    main.check_prompt_pools(config, num_online=5, num_eval=315)
+
+
+def test_fewer_prompts_than_eval_num_prompts_is_a_warning_not_a_silent_clip():
+  config = demo.get_config()
+  config.eval.num_prompts = 1_000_000
+  warnings = main.check_prompt_pools(config, num_online=247, num_eval=73)
+  assert len(warnings) == 1 and "config.eval.num_prompts=1000000" in warnings[0] and "uses all 73" in warnings[0]
+  config = demo.get_config()
+  config.eval.split = "dev"  # 60 dev prompts against the demo's 64.
+  warnings = main.check_prompt_pools(config, num_online=187, num_eval=60)
+  assert len(warnings) == 1 and "dev prompts" in warnings[0] and "of the 247 training prompts" in warnings[0]
+
+
+def test_a_response_longer_than_the_model_takes_is_refused():
+  config = demo.get_config()
+  main.check_decode_length(config, prompt_len=64, max_len=8192)
+  config.eval.max_new_tokens = 100_000
+  with pytest.raises(
+      ValueError, match=r"config\.eval\.max_new_tokens=100000 is invalid: expected <= 8128: the "
+      r"model's max_len=8192"):
+    main.check_decode_length(config, prompt_len=64, max_len=8192)
+
+
+def test_results_json_is_strict_json_with_null_for_non_finite_numbers():
+  finite = {"a": [0.1, 1e-300, -2.5, 3], "b": {"c": True, "d": None, "e": "x"}, "f": (1.5, 2)}
+  assert main.json_text(finite) == json.dumps(finite, indent=2)  # Finite values: exactly as before.
+  text = main.json_text({"k_ablation": {"heldout_choice_accuracy": [float("nan"), 0.5]}, "x": [float("inf")]})
+
+  def refuse(token):
+    raise ValueError(token)
+
+  parsed = json.loads(text, parse_constant=refuse)
+  assert parsed == {"k_ablation": {"heldout_choice_accuracy": [None, 0.5]}, "x": [None]}
+
+
+def test_results_json_records_the_config_and_the_code():
+  source = pathlib.Path(main.__file__).read_text()
+  literal = source[source.index("  results = {"):source.index("  results[\"timing_s\"][\"total_s\"]")]
+  assert '"config": json.loads(config.to_json_best_effort())' in literal and '"code": code' in literal
+  code = main.code_version()
+  assert set(code) == {"version", "git_commit", "git_modified"}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -91,3 +92,177 @@ def test_gains_at_the_bespoke_kl_and_attribute_shifts(tmp_path):
   assert summary["attribute_shift"]["b"]["shift"]["mean"] == pytest.approx(0.3)
   text = summarize_runs.format_summary(summary)
   assert "above 0 in 1 of 2 runs" in text and "above 0 in 2 of 2 runs" in text
+
+
+def _main_run(directory, attributes=("a", "b"), users=2, accuracy=None, split="heldout", config=True, shift=None):
+  """A results.json (and config.json) as the main job writes them, small."""
+  os.makedirs(directory, exist_ok=True)
+  heads = [f"basis:{a}" for a in attributes] + [f"bespoke:{u}" for u in range(users)]
+  results = {
+      "methods": {
+          "reference": {
+              "mean_reward": 0.0,
+              "kl": 0.0,
+              "normalized_score": 0.0
+          },
+          "bespoke": {
+              "mean_reward": 0.4,
+              "kl": 3.0,
+              "normalized_score": 1.0
+          }
+      },
+      "users": users,
+      "rounds": 1,
+      "comparisons_per_user": 2,
+      "bespoke_gain": 0.4,
+      "bespoke_gain_ci": [0.3, 0.5],
+      "bespoke_gain_significant": True,
+      "attributes": list(attributes),
+      "user_kind": "dirichlet",
+      "offline": {
+          "heads": heads,
+          "heldout_accuracy": accuracy if accuracy is not None else [0.6] * len(heads)
+      }
+  }
+  if shift is not None:
+    results["offline"]["attribute_shift"] = [
+        [shift[i] if i == j else 0.0 for j in range(len(attributes))] for i in range(len(attributes))
+    ]
+    results["offline"]["attribute_shift_ci"] = [
+        [[x - 0.1, x + 0.1] for x in row] for row in results["offline"]["attribute_shift"]
+    ]
+  (directory / "results.json").write_text(json.dumps(results))
+  if config:
+    config = {
+        "seed": 0,
+        "data": {
+            "attributes": list(attributes)
+        },
+        "users": {
+            "seed": 0,
+            "num_users": users,
+            "kind": "dirichlet"
+        },
+        "online": {
+            "rounds": 1,
+            "prompts_per_round": 2,
+            "l2": 10.0
+        },
+        "eval": {
+            "split": split
+        }
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+  return str(directory)
+
+
+def test_heads_and_attribute_shifts_are_matched_by_name(tmp_path):
+  """A run that lists its attributes in another order: each head's numbers stay with its own name."""
+  first = _main_run(tmp_path / "s0", ("readability", "formality"), accuracy=[0.56, 0.71, 0.6, 0.7], shift=[1.0, 2.0])
+  second = _main_run(tmp_path / "s1", ("formality", "readability"), accuracy=[0.71, 0.56, 0.6, 0.7], shift=[2.0, 1.0])
+  summary = summarize_runs.summarize(summarize_runs.load_runs([first, second]))
+  accuracy = summary["heldout_accuracy"]
+  assert accuracy["basis:readability"]["mean"] == pytest.approx(0.56) and accuracy["basis:readability"]["std"] == 0
+  assert accuracy["basis:formality"]["mean"] == pytest.approx(0.71) and accuracy["basis:formality"]["std"] == 0
+  assert summary["attribute_shift"]["readability"]["shift"]["mean"] == 1.0
+  assert summary["attribute_shift"]["formality"]["shift"]["mean"] == 2.0
+  assert any("data.attributes" in note for note in summary["notes"])  # The order is a config difference.
+
+
+def test_heads_not_in_every_run_are_named_with_the_reason(tmp_path):
+  runs = [_main_run(tmp_path / "s0", users=2), _main_run(tmp_path / "s1", users=3)]
+  text = summarize_runs.format_summary(summarize_runs.summarize(summarize_runs.load_runs(runs)))
+  assert "heads not in every run (the runs have 2, 3 users), left out: bespoke:2 (1 of 2 runs)" in text
+  assert "held-out pair accuracy per head: basis:a 0.60 (0.00); basis:b 0.60 (0.00); bespoke:0" in text
+  assert "users.num_users (2, 3)" in text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("twice", "is given twice: each run must be given once"),
+    ("link", "is the same workdir as"),
+    ("copy", "holds the same results.json as"),
+    ("dev", "the runs mix eval.split values: 'dev' ("),
+    ("attributes", "the runs score different attribute sets: ['a', 'b'] ("),
+])
+def test_runs_that_must_not_be_pooled_are_refused(tmp_path, case, message):
+  first = _main_run(tmp_path / "s0", accuracy=[0.6, 0.7, 0.8, 0.9])
+  second = {
+      "twice": lambda: first,
+      "link": lambda: (os.symlink(first, tmp_path / "link"), str(tmp_path / "link"))[1],
+      "copy": lambda: _main_run(tmp_path / "s1", accuracy=[0.6, 0.7, 0.8, 0.9]),
+      "dev": lambda: _main_run(tmp_path / "s1", split="dev"),
+      "attributes": lambda: _main_run(tmp_path / "s1", attributes=("a", "c")),
+  }[case]()
+  with pytest.raises(ValueError, match=re.escape(message)):
+    summarize_runs.summarize(summarize_runs.load_runs([first, second]))
+
+
+def test_the_split_is_read_from_results_json_before_config_json(tmp_path):
+  first, second = _main_run(tmp_path / "s0"), _main_run(tmp_path / "s1", accuracy=[0.7] * 4, config=False)
+  results = json.loads((tmp_path / "s1" / "results.json").read_text())
+  results["config"] = {"eval": {"split": "dev"}}
+  (tmp_path / "s1" / "results.json").write_text(json.dumps(results))
+  with pytest.raises(ValueError, match="mix eval.split"):
+    summarize_runs.summarize(summarize_runs.load_runs([first, second]))
+  (tmp_path / "s1" / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "config"}))
+  summary = summarize_runs.summarize(summarize_runs.load_runs([first, second]))  # Unknown split: named.
+  assert any(f"no config recorded for {second}" in note for note in summary["notes"])
+
+
+def test_a_config_json_of_a_later_run_is_refused(tmp_path):
+  run = _main_run(tmp_path / "s0")
+  config = json.loads((tmp_path / "s0" / "config.json").read_text())
+  config["online"]["prompts_per_round"] = 1000
+  (tmp_path / "s0" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(
+      ValueError, match="config.json: online.rounds x online.prompts_per_round = 1000, but .*"
+      "comparisons_per_user=2: this config.json belongs to a later run"):
+    summarize_runs.load_runs([run])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist (did `python -m experiments.main"),
+    ("dir", "results.json is a directory"),
+    ("null", "results.json holds null, not the main job's results.json"),
+    ("[1]", "results.json holds an array, not the main job's results.json"),
+    ('{"methods": ', "results.json: not valid JSON"),
+    ("kl", "results.json: methods.bespoke.kl is 'high': expected a finite number."),
+    ("heads", "results.json: offline.heldout_accuracy is an array: expected an array of 4 numbers (one per head)."),
+])
+def test_input_errors_are_one_line_naming_the_file(tmp_path, capsys, content, message):
+  workdir = tmp_path / "run"
+  if content is not None:
+    _main_run(workdir)
+    path = workdir / "results.json"
+    results = json.loads(path.read_text())
+    if content == "dir":
+      path.unlink()
+      path.mkdir()
+    elif content == "kl":
+      results["methods"]["bespoke"]["kl"] = "high"
+      path.write_text(json.dumps(results))
+    elif content == "heads":
+      results["offline"]["heldout_accuracy"] = [0.5]
+      path.write_text(json.dumps(results))
+    else:
+      path.write_text(content)
+  assert summarize_runs.main([str(workdir)]) == 2
+  out = capsys.readouterr()
+  assert out.out == "" and out.err.startswith(f"error: {workdir}") and out.err.count("\n") == 1, out.err
+  assert message in out.err, out.err
+
+
+def test_the_json_path_is_checked_first_and_written_atomically(tmp_path, capsys):
+  runs = [_main_run(tmp_path / "s0", accuracy=[0.5, 0.6, float("nan"), 0.7]), _main_run(tmp_path / "s1")]
+  missing = str(tmp_path / "nowhere")  # Named only if the output path is fine: the output is checked first.
+  for path, message in ((tmp_path, "is a directory: expected a file path"),
+                        (tmp_path / "no" / "s.json", "its directory"), (tmp_path / "s1" / "results.json",
+                                                                        "is one of the inputs")):
+    assert summarize_runs.main([missing, runs[1], f"--json={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --json={path}") and message in err, err
+  out = tmp_path / "summary.json"
+  assert summarize_runs.main(runs + [f"--json={out}"]) == 0
+  summary = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+  assert summary["heldout_accuracy"]["bespoke:0"]["mean"] is None  # A head without pairs: null, not NaN.
+  assert summary["workdirs"] == runs and sorted(os.listdir(tmp_path)) == ["s0", "s1", "summary.json"]

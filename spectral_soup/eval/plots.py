@@ -7,12 +7,23 @@ from typing import Mapping
 
 import numpy as np
 
+from spectral_soup.utils import files
+
+# Every file `write_all` may write into the workdir (frontier.png and attribute_shift.png when results have them).
+PLOT_FILES = ("learning_curve.png", "scores.png", "frontier.png", "attribute_shift.png", "pareto.png", "k_ablation.png")
+
 
 def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def _save(fig, path: str) -> None:
+  """`fig.savefig(path)`, atomically: a reader (or a crash) sees the old PNG or the new one, never half of it."""
+  with files.atomic_path(path, ".png") as tmp:
+    fig.savefig(tmp, dpi=110)
 
 
 def write_all(results: Mapping, workdir: str) -> list:
@@ -43,7 +54,7 @@ def write_all(results: Mapping, workdir: str) -> list:
               title="preference prediction", ylim=(0, 1))
   fig.tight_layout()
   paths.append(os.path.join(workdir, "learning_curve.png"))
-  fig.savefig(paths[-1], dpi=110)
+  _save(fig, paths[-1])
   plt.close(fig)
 
   # Normalized score and KL per method.
@@ -65,7 +76,7 @@ def write_all(results: Mapping, workdir: str) -> list:
     ax.tick_params(axis="x", rotation=60, labelsize=8)
   fig.tight_layout()
   paths.append(os.path.join(workdir, "scores.png"))
-  fig.savefig(paths[-1], dpi=110)
+  _save(fig, paths[-1])
   plt.close(fig)
 
   # Reward-KL frontiers: each swept method along its strength knob, the bespoke policy as a point.
@@ -86,7 +97,7 @@ def write_all(results: Mapping, workdir: str) -> list:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(workdir, "frontier.png"))
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1])
     plt.close(fig)
 
   # Attribute shift of each basis: a specialized basis moves its own attribute (the diagonal).
@@ -108,7 +119,7 @@ def write_all(results: Mapping, workdir: str) -> list:
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     paths.append(os.path.join(workdir, "attribute_shift.png"))
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1])
     plt.close(fig)
 
   # Pareto sweep between two bases.
@@ -122,7 +133,7 @@ def write_all(results: Mapping, workdir: str) -> list:
          title="soups (1-a) basis i + a basis j")
   fig.tight_layout()
   paths.append(os.path.join(workdir, "pareto.png"))
-  fig.savefig(paths[-1], dpi=110)
+  _save(fig, paths[-1])
   plt.close(fig)
 
   # K ablation.
@@ -133,7 +144,7 @@ def write_all(results: Mapping, workdir: str) -> list:
   ax.set(xlabel="bases used (first k)", ylabel="held-out choice accuracy", title="ablation over K", ylim=(0.4, 1))
   fig.tight_layout()
   paths.append(os.path.join(workdir, "k_ablation.png"))
-  fig.savefig(paths[-1], dpi=110)
+  _save(fig, paths[-1])
   plt.close(fig)
   return paths
 
@@ -172,6 +183,6 @@ def training_curves(workdir: str, names=None) -> str:
       ax.legend(fontsize=7)
   fig.tight_layout()
   path = os.path.join(workdir, "training_curves.png")
-  fig.savefig(path, dpi=110)
+  _save(fig, path)
   plt.close(fig)
   return path

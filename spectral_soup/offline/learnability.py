@@ -22,6 +22,8 @@ hints barely move varies mostly by sampling noise, which a policy cannot learn t
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -43,10 +45,20 @@ def surprise(tokens: np.ndarray, mask: np.ndarray, support: np.ndarray, support_
   return token_counts(tokens, mask, support) - expected
 
 
+def check_settings(*, l2: float, folds: Optional[int] = None, prefix: str = "") -> None:
+  """Raises ValueError unless `l2` is a finite number > 0 and `folds` (if given) an integer >= 2; the message names
+  the setting as `{prefix}l2` / `{prefix}folds` (a CLI passes "--")."""
+  shown = lambda value: str(value) if isinstance(value, numbers.Number) else repr(value)  # nan, not np.float64(nan).
+  if isinstance(l2, bool) or not isinstance(l2, numbers.Real) or not math.isfinite(l2) or l2 <= 0:
+    raise ValueError(f"{prefix}l2={shown(l2)}: expected a finite number > 0 (the ridge penalty).")
+  if folds is not None and (isinstance(folds, bool) or not isinstance(folds, numbers.Integral) or folds < 2):
+    raise ValueError(f"{prefix}folds={shown(folds)}: expected an integer >= 2 (cross-validation folds over the "
+                     "training pairs).")
+
+
 def fit_ridge(features: np.ndarray, scores: np.ndarray, l2: float) -> np.ndarray:
   """Ridge weights [S, A] of centered scores [N, A] on centered features [N, S] (NaN scores: dropped per column)."""
-  if l2 <= 0:
-    raise ValueError(f"l2={l2}: expected > 0.")
+  check_settings(l2=l2)
   if features.shape[0] != scores.shape[0]:
     raise ValueError(f"features has {features.shape[0]} rows but scores has {scores.shape[0]}.")
   x = features - features.mean(0, keepdims=True)
@@ -84,6 +96,7 @@ def probe_accuracy(train_a: np.ndarray, train_b: np.ndarray, train_scores_a: np.
 def cross_validated_accuracy(feats_a: np.ndarray, feats_b: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
                              labels: np.ndarray, *, l2: float, folds: int = 4, seed: int = 0) -> tuple:
   """k-fold (by pair) accuracy of the probe on the training pairs alone: (accuracy [A], count [A]) pooled."""
+  check_settings(l2=l2, folds=folds)
   n = len(labels)
   if n < folds:
     raise ValueError(f"{n} pairs cannot be split into {folds} folds.")

@@ -1,11 +1,16 @@
 """The config values a checkpoint must share with the run that resumes it (`resume_fields`, saved with every
 checkpoint), and the checks that stop a run naming the first one that differs, before it reads or writes anything.
+
+Also what kind of run a workdir holds (`workdir_kind`: a basis training's, the main job's, another tool's), so that
+one job does not write into, or resume from, another's workdir; and `config_differences` between a workdir's
+recorded config.json and a new config, field by field.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import ml_collections
 
@@ -75,3 +80,87 @@ def check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -
       return
   finally:
     ckpt.close()
+
+
+# What `workdir_kind` returns.
+BASIS_TRAINING = "basis training"  # checkpoints/ at the top: experiments.train_basis, or a main job's basis/.
+MAIN_JOB = "main job"  # experiments.main: config.json with users and online sections, the bases in basis/.
+OTHER = "other"  # A config.json that no job of this package would write there.
+# The sections only a main-job config has (a basis training's config has none of them).
+MAIN_JOB_SECTIONS = ("users", "online", "eval")
+
+
+def read_config_json(path: str) -> Dict[str, Any]:
+  """The JSON object in `path` (a run's config.json); ValueError naming the file if it is not one."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read as a run's config ({type(e).__name__}: {e}).") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a run's config (a JSON object).")
+  return value
+
+
+def workdir_kind(workdir: str) -> Optional[str]:
+  """What run `workdir` holds: BASIS_TRAINING, MAIN_JOB, OTHER, or None (missing, empty, or no run's files).
+
+  Decided from its top level only, reading nothing but config.json: `checkpoints/` (or metrics.jsonl) marks a basis
+  training, a config.json with the main job's sections (or a `basis/` with checkpoints) a main job's workdir.
+  """
+  path = lambda *names: os.path.join(workdir, *names)
+  if not os.path.isdir(workdir):
+    return None
+  if os.path.isdir(path("checkpoints")) or os.path.isfile(path("metrics.jsonl")):
+    return BASIS_TRAINING
+  if os.path.lexists(path("config.json")):
+    try:
+      config = read_config_json(path("config.json"))
+    except ValueError:
+      return OTHER
+    return MAIN_JOB if all(isinstance(config.get(s), dict) for s in MAIN_JOB_SECTIONS) else OTHER
+  if os.path.isdir(path("basis", "checkpoints")):
+    return MAIN_JOB
+  return None
+
+
+def check_not_main_job_workdir(workdir: str) -> None:
+  """For a basis training: raises ValueError if `workdir` holds a main job's run (its config.json and basis/)."""
+  if workdir_kind(workdir) == MAIN_JOB:
+    raise ValueError(f"--workdir={workdir} holds a run of the main job (experiments.main: a config.json with the "
+                     "users / online / eval sections, or basis/checkpoints/): expected a basis training's workdir or a "
+                     "fresh one.")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+  """{"a.b": value} for every leaf of a nested dict (a config as read back from config.json)."""
+  out = {}
+  for name, value in config.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f"{prefix}{name}."))
+    else:
+      out[f"{prefix}{name}"] = value
+  return out
+
+
+class _Missing:
+  """The value of a field that a config does not have (`config_differences`)."""
+
+  def __repr__(self) -> str:
+    return "(not set)"
+
+
+MISSING = _Missing()
+
+
+def config_differences(saved: Mapping[str, Any], config: Mapping[str, Any],
+                       recomputed: Callable[[str], bool]) -> List[Tuple[str, Any, Any]]:
+  """(field, value in `saved`, value in `config`) for every field whose values differ, both as JSON dicts (the
+  ConfigDict's `to_json_best_effort`), except the fields `recomputed(field)` says every run recomputes. A field that
+  only one of them has differs (its value in the other is MISSING): a new field is state-changing until it is known
+  not to be."""
+  old, new = flatten(saved), flatten(config)
+  fields = list(new) + [f for f in old if f not in new]  # In the config's order.
+  return [(f, old.get(f, MISSING), new.get(f, MISSING))
+          for f in fields
+          if not recomputed(f) and old.get(f, MISSING) != new.get(f, MISSING)]

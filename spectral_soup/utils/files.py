@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import math
 import os
-from typing import Optional
+from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -23,16 +26,91 @@ def directory_problem(path: str) -> Optional[str]:
   return None
 
 
+def output_file_problem(flag: str, path: str, inputs: Sequence[str] = ()) -> Optional[str]:
+  """Why the output file `flag`=`path` cannot be written (the whole message), or None if it can: it must not be a
+  directory or one of the `inputs`, and its directory must exist and be writable (as must the file, if it exists).
+  Entry points check it before any computation, so that a run never ends in a failed write."""
+  if not path:
+    return f"{flag} is empty: expected a file path."
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    return f"{flag}={path} is a directory: expected a file path."
+  if not os.path.isdir(folder):
+    return f"{flag}={path}: its directory {folder} does not exist."
+  if any(os.path.realpath(path) == os.path.realpath(p) for p in inputs):
+    return f"{flag}={path} is one of the inputs: expected a new file (or an earlier report)."
+  if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    return f"{flag}={path}: {path if os.path.exists(path) else folder} is not writable."
+  return None
+
+
+def check_output_file(flag: str, path: str, inputs: Sequence[str] = ()) -> None:
+  """Raises ValueError with `output_file_problem`'s message if there is one."""
+  problem = output_file_problem(flag, path, inputs)
+  if problem:
+    raise ValueError(problem)
+
+
+def finite_or_none(value: Any) -> Any:
+  """`value` with every float that is not finite replaced by None (nested dicts, lists and tuples): what
+  `json.dumps(..., allow_nan=False)` can write (strict JSON has no NaN or Infinity)."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite_or_none(v) for v in value]
+  return value
+
+
+def temp_path(path: str, suffix: str = "") -> str:
+  """The temporary file an atomic write of `path` goes through (`<path>.tmp-<pid><suffix>`)."""
+  return f"{path}.tmp-{os.getpid()}{suffix}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+  """Yields a temporary path to write; on success it replaces `path` (a reader sees the old file or the new one,
+  never half of it), on any error it is removed and the error raised.
+
+      with files.atomic_path("plot.png", ".png") as tmp:
+        fig.savefig(tmp)
+
+  `suffix` keeps the extension that a writer infers the format from (np.savez appends `.npz` to a name without it).
+  A process killed mid-write leaves its `<path>.tmp-<pid>*` behind: `remove_stale_temps` clears them.
+  """
+  tmp = temp_path(path, suffix)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
 def write_text_atomic(path: str, text: str) -> None:
   """Writes `text` to `path` so that a reader (or a crash) sees the old file or the new one, never half of it."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
 
 
 def write_npz_atomic(path: str, **arrays) -> None:
   """`np.savez(path, **arrays)`, atomically as `write_text_atomic` (`path` should end in .npz)."""
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  with atomic_path(path, ".npz") as tmp:
+    np.savez(tmp, **arrays)
+
+
+def remove_stale_temps(directory: str, names: Sequence[str]) -> List[str]:
+  """Removes the temporary files (`<name>.tmp-*`) that killed writers of `names` left in `directory`; returns them.
+
+  Only for a directory no live writer uses (a workdir whose lock this process holds).
+  """
+  removed = []
+  for name in names:
+    for tmp in sorted(glob.glob(os.path.join(glob.escape(directory), glob.escape(name) + ".tmp-*"))):
+      if os.path.isfile(tmp) and not os.path.islink(tmp):
+        os.remove(tmp)
+        removed.append(tmp)
+  return removed
