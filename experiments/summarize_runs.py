@@ -27,6 +27,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from experiments.main import METHOD_ORDER
+from spectral_soup.offline import resume
 from spectral_soup.utils import errors
 from spectral_soup.utils import files
 
@@ -131,16 +132,6 @@ def _check_results(path: str, results: Any) -> None:
         "an object with a finite gain")
 
 
-def _flatten(config: dict, prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _workdir_config(workdir: str, results_path: str, results: dict) -> Optional[dict]:
   """The workdir's config.json (None if there is none), checked against what results.json says of its run."""
   path = os.path.join(workdir, "config.json")
@@ -149,7 +140,7 @@ def _workdir_config(workdir: str, results_path: str, results: dict) -> Optional[
   config = _read_json(path, "missing")
   if not isinstance(config, dict):
     raise ValueError(f"{path} holds {_json_kind(config)}, not the main job's config (expected an object).")
-  flat = _flatten(config)
+  flat = resume.flatten(config)
   for field, key in _RESULTS_OF_CONFIG:
     if field in flat and key in results and flat[field] != results[key]:
       raise ValueError(f"{path}: {field}={flat[field]!r}, but {results_path} has {key}={results[key]!r}: this "
@@ -202,7 +193,7 @@ def _check_comparable(runs: Sequence[dict]) -> List[str]:
   splits = {}
   for i, run in enumerate(runs):
     if run.get("config") is not None:
-      splits.setdefault(_flatten(run["config"]).get("eval.split", "heldout"), []).append(i)
+      splits.setdefault(resume.flatten(run["config"]).get("eval.split", "heldout"), []).append(i)
   if len(splits) > 1:
     raise ValueError("the runs mix eval.split values: " +
                      "; ".join(f"{s!r} ({_names(runs, idx)})" for s, idx in sorted(splits.items())) +
@@ -220,7 +211,7 @@ def _check_comparable(runs: Sequence[dict]) -> List[str]:
   if unknown:
     notes.append(f"no config recorded for {_names(runs, unknown)} (results.json has none and there is no "
                  "config.json): its eval.split and settings are not checked")
-  flat = [_flatten(run["config"]) for run in runs if run.get("config") is not None]
+  flat = [resume.flatten(run["config"]) for run in runs if run.get("config") is not None]
   if len(flat) > 1:
     absent = object()
     fields = sorted({k for f in flat for k in f} - set(SEED_FIELDS))
