@@ -23,6 +23,8 @@ from spectral_soup.utils import cli
 
 CONFIG = "configs/train_basis_tiny.py"
 DATA = os.path.dirname(os.path.abspath(__file__))  # Any existing local directory, as a --copy source.
+# An existing file outside the repository, named relative to it (whatever the checkout's depth).
+OUTSIDE = os.path.relpath(os.path.realpath(os.__file__), common.REPO_ROOT)
 POD = [
     "--name=ss-pod", "--zone=us-west4-a", "--project=my-project", "--accelerator-type=v5litepod-16",
     f"--config={CONFIG}", "--workdir=/mnt/shared/run1", f"--copy={DATA}:data/ultrafeedback"
@@ -343,7 +345,7 @@ def test_missing_programs_are_one_line_errors(monkeypatch, tmp_path, capsys):
     (["--name=Bad_Name"], "--name=Bad_Name: expected a lowercase letter"),
     (["--config=configs/train_basis_tiny.py:bogus"], "takes no variant"),
     (["--config=configs/ultrafeedback_gemma3_1b.py:bogus"], "Unknown config variant 'bogus'"),
-    (["--config=../../etc/hostname"], "outside the repository"),
+    ([f"--config={OUTSIDE}"], "outside the repository"),
     (["--config=configs/nope.py:local"], "configs/nope.py is not a file"),
     (["--module=experiments.main"], "--module=experiments.main is a single-process job, but v5litepod-16 has 4 hosts"),
     (["--", "--config=configs/demo.py"], "job argument --config=configs/demo.py: give --config to the launcher"),
