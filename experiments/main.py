@@ -293,6 +293,25 @@ def check_decode_length(config, prompt_len: int, max_len: int) -> None:
       "(data.prompt_len)")
 
 
+def check_decode_memory(config, model_config, prompt_len: int, limit_bytes: Optional[int]) -> None:
+  """Raises ValueError naming eval.max_new_tokens and eval.chunk_rows when decoding `eval.chunk_rows` rows of
+  prompt + response cannot fit in `limit_bytes` (the device's memory; None: unknown, not checked): the weights, the
+  rows' KV cache and one logits row each, a lower bound of what the decoding loop holds."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
+  if limit_bytes is None:
+    return
+  rows, max_len = config.eval.chunk_rows, prompt_len + config.eval.max_new_tokens
+  need = cost.decode_memory_bytes(model_config, rows, max_len)
+  if need > limit_bytes:
+    cache = cost.cache_bytes_per_token(model_config, np.dtype(model_config.dtype).itemsize)
+    raise ValueError(
+        f"config.eval.max_new_tokens={config.eval.max_new_tokens} with config.eval.chunk_rows={rows} needs at least "
+        f"{need / 2**30:.1f} GiB to decode ({rows} rows x {max_len} cache positions x {cache / 2**10:.0f} KiB, the "
+        f"weights and the logits), more than the device's {limit_bytes / 2**30:.1f} GiB: lower "
+        f"eval.chunk_rows (rows decoded at a time) or eval.max_new_tokens.")
+
+
 def code_version() -> dict:
   """The code that ran: the package's version and, in a git checkout, its commit and whether tracked files differ
   from it (None where unknown). Local only: no network."""
@@ -399,6 +418,8 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
     model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
                                              weight_dtype=config.model.weight_dtype, remat=config.model.remat)
     check_decode_length(config, prompt_len=arrays["prompt"].shape[1], max_len=model.config.max_len)
+    check_decode_memory(config, model.config, prompt_len=arrays["prompt"].shape[1],
+                        limit_bytes=cost.memory_limit_bytes())
     # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
     # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
     suite = rewards_lib.RewardSuite(list(attributes), stats=data.stats)
