@@ -54,13 +54,7 @@ def check_workdir(workdir: str, config) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return
-  try:
-    with open(path) as f:
-      trained = json.load(f)
-    if not isinstance(trained, dict):
-      raise ValueError(f"it holds a JSON {type(trained).__name__}, not a config")
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable config (the JSON the training run writes): {e}") from None
+  trained = files.read_json_object(path, "the training run's config")
   for section, name in (("data", "source"), ("data", "attributes"), ("basis", "num_bases")):
     ours = config[section].get(name)
     ours = list(ours) if isinstance(ours, (tuple, list)) else ours

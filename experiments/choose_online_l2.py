@@ -40,13 +40,7 @@ def load_dev_run(workdir: str) -> Dict[str, np.ndarray]:
                                            "workdir).")
   if not os.path.exists(config_path):
     raise missing(config_path)
-  try:
-    with open(config_path) as f:
-      config = json.load(f)
-    if not isinstance(config, dict):
-      raise ValueError(f"it holds a JSON {type(config).__name__}, not the job's config")
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{config_path}: not a readable config (the JSON the main job writes): {e}") from None
+  config = files.read_json_object(config_path, "the main job's config")
   split = config.get("eval", {}).get("split")
   if split != "dev":
     raise ValueError(f"{config_path}: eval.split={split!r}; penalties are chosen on dev runs only "

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from spectral_soup.utils import files
+
 Prompts = Union[str, Sequence[str]]
 
 
@@ -57,13 +59,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the basis in `workdir` was trained with. Raises ValueError naming `config.json` and the first
   field that reading the basis needs and the file lacks."""
   path = os.path.join(basis_dir(workdir), "config.json")
-  try:
-    with open(path) as f:
-      raw = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not a readable config (JSON written by the training run): {e}") from None
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path} holds a JSON {type(raw).__name__}: expected the training run's config (an object).")
+  raw = files.read_json_object(path, "the training run's config")
   fields = _RUN_FIELDS + (
       () if not isinstance(raw.get("model"), dict) or raw["model"].get("path") else _RANDOM_BACKBONE_FIELDS)
   for name in fields:

@@ -132,6 +132,24 @@ def test_cli_refuses_bad_flags_before_anything_is_read_or_written(tmp_path):
   assert (tmp_path / "learnability.json").read_text() == "earlier"
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"data": ', "config.json cannot be read as the training run's config (JSONDecodeError: Expecting value"),
+    ("[1, 2]", "config.json holds a JSON list: expected the training run's config (a JSON object)."),
+    ('{"data": {"source": "embedded", "attributes": ["a"]}, "basis": {"num_bases": 1}}',
+     "config.json: data.source='embedded', but --config has 'synthetic': this workdir holds another run"),
+])
+def test_cli_names_a_workdir_of_another_or_a_damaged_run(tmp_path, content, message):
+  """The workdir's config.json is read before anything else: a damaged one or another run's is one error line."""
+  (tmp_path / "config.json").write_text(content)
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([
+      sys.executable, "-m", "experiments.attribute_learnability", "--config=configs/train_basis_tiny.py",
+      f"--workdir={tmp_path}", "--config.basis.vocab_support=64"
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+  assert out.stderr.count("\n") == 1 and not (tmp_path / "learnability.json").exists()
+
+
 def test_cli_reports_a_training_run(tmp_path):
   """Train the tiny synthetic config on a support, then the CLI reads its pairs, features and metrics."""
   workdir = str(tmp_path / "run")

@@ -146,7 +146,7 @@ def test_cli_refuses_held_out_runs_and_missing_files(tmp_path, capsys):
   with open(os.path.join(damaged, "config.json"), "w") as f:
     f.write('{"eval": ')
   assert choose_online_l2.main([damaged]) == 2
-  assert "config.json: not a readable config" in capsys.readouterr().err
+  assert "config.json cannot be read as the main job's config (JSONDecodeError" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

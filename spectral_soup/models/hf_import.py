@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so safetensors can return bf16 numpy arrays.
 import numpy as np
 
+from spectral_soup.utils import files as _files
 from spectral_soup.utils import malloc as _malloc
 from spectral_soup.models.config import TransformerConfig
 from spectral_soup.models.hf_config import config_from_hf  # Re-exported.
@@ -379,12 +380,7 @@ _REQUIRED_HF_FIELDS = {
 def _read_hf_config(path: Path) -> Any:
   """The transformers config of a checkpoint's `config.json`; ValueError naming the file and the field for a
   missing architecture field, a field of the wrong type, or a file that is not a config."""
-  try:
-    raw = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable config (JSON): {e}") from None
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path}: a JSON {type(raw).__name__}: expected a transformers config (an object).")
+  raw = _files.read_json_object(str(path), "a transformers config")
   model_type = raw.get("model_type")
   for field in _REQUIRED_HF_FIELDS.get(model_type, ()):
     if field not in raw:

@@ -8,13 +8,13 @@ recorded config.json and a new config, field by field.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import ml_collections
 
 from spectral_soup.offline import checkpoint as checkpoint_lib
+from spectral_soup.utils import files
 
 
 def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -92,14 +92,7 @@ MAIN_JOB_SECTIONS = ("users", "online", "eval")
 
 def read_config_json(path: str) -> Dict[str, Any]:
   """The JSON object in `path` (a run's config.json); ValueError naming the file if it is not one."""
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} cannot be read as a run's config ({type(e).__name__}: {e}).") from None
-  if not isinstance(value, dict):
-    raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a run's config (a JSON object).")
-  return value
+  return files.read_json_object(path, "a run's config")
 
 
 def workdir_kind(workdir: str) -> Optional[str]:

@@ -51,6 +51,21 @@ def check_output_file(flag: str, path: str, inputs: Sequence[str] = ()) -> None:
     raise ValueError(problem)
 
 
+def read_json_object(path: str, what: str = "a run's config") -> dict:
+  """The JSON object in `path` (a run's config.json, say); ValueError naming the file and `what` was expected if it
+  cannot be read, is not JSON, or holds another JSON value (a list, a number, null)."""
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read as {what} ({type(e).__name__}: {e}).") from None
+  if not isinstance(value, dict):
+    kind = "null" if value is None else type(value).__name__
+    raise ValueError(f"{path} holds a JSON {kind}: expected {what} (a JSON object).")
+  return value
+
+
 def finite_or_none(value: Any) -> Any:
   """`value` with every float that is not finite replaced by None (nested dicts, lists and tuples): what
   `json.dumps(..., allow_nan=False)` can write (strict JSON has no NaN or Infinity)."""
