@@ -236,6 +236,16 @@ def test_file_level_errors(tmp_path, caplog):
   assert out["prompt"] == ["p", "q"] and "1 row(s) whose two responses are the same text (first: line 2)" in caplog.text
   with pytest.raises(ValueError, match="every row's two responses are the same text"):
     jsonl.read(_write(tmp_path / "all_same.jsonl", [{**GOOD, "rejected": "a"}]))
+  # A row repeated exactly is kept once (it would count twice in the loss), as the TFDS builder does; the same pair
+  # judged on another attribute, or with other scores, is another row.
+  caplog.clear()
+  rows = [GOOD, {**GOOD, "attribute": "other"}, GOOD, {**GOOD, "prompt": "q"}, GOOD, {**GOOD, "prompt": "q"}]
+  with caplog.at_level("WARNING"):
+    out = jsonl.read(_write(tmp_path / "repeats.jsonl", rows))
+  assert out["prompt"] == ["p", "p", "q"] and tuple(out["attributes"]) == ("preference", "other")
+  assert "3 row(s) repeat an earlier row exactly (first: line 3 repeats line 1)" in caplog.text
+  scored = dict(PAIR, scores_a={"x": 1.0}, scores_b={"x": 0.0})
+  assert len(jsonl.read(_write(tmp_path / "scores.jsonl", [scored, dict(scored, scores_b={"x": 0.5})]))["prompt"]) == 2
   with pytest.raises(ValueError, match="holds no rows"):
     jsonl.read(_write(tmp_path / "empty.jsonl", [""]))
   with pytest.raises(ValueError, match="line 2: mixes the chosen / rejected layout"):

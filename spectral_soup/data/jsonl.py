@@ -15,7 +15,9 @@ layouts (a dataset's columns carry the same names; None, Arrow's missing value, 
   (ratings of each response, higher is better; both or neither). An attribute absent from a row is missing for
   that pair; with scores, a row's labels (if any) must agree with them.
 
-The attributes are the names met in the file, in order of first appearance; they become the bases' names
+A row whose two responses are the same text carries no preference, and a row that repeats an earlier row exactly
+would count twice: both are left out with a warning naming the first. The attributes are the names met in the
+file, in order of first appearance; they become the bases' names
 (`basis.json`, `spectral_soup.load_basis(...).names`). `read` returns the pairs in the format of
 `offline.sources.read_split` (labels: 1 = response a preferred, 0 = b, -1 = tie or missing).
 """
@@ -242,7 +244,26 @@ def read(path: str) -> Dict[str, Any]:
     logging.warning(
         "%s: %d row(s) whose two responses are the same text (first: %s) carry no preference and are "
         "left out.", path, len(same), places[same[0]].rsplit(", ", 1)[-1])
-    keep = [i for i in range(len(rows)) if i not in set(same)]
+    same = set(same)
+    keep = [i for i in range(len(rows)) if i not in same]
+    rows, places = [rows[i] for i in keep], [places[i] for i in keep]
+  # A row that repeats an earlier one exactly is kept once (as the TFDS builder `jsonl_prefs` does): a repeated row
+  # would count twice in the loss.
+  first_of: Dict[Any, int] = {}
+  repeats = []
+  for i, (prompt, a, b, labels, scores) in enumerate(rows):
+    key = (prompt, a, b, tuple(sorted(labels.items())), tuple(sorted(scores.items())))
+    if key in first_of:
+      repeats.append((i, first_of[key]))
+    else:
+      first_of[key] = i
+  if repeats:
+    i, first = repeats[0]
+    logging.warning(
+        "%s: %d row(s) repeat an earlier row exactly (first: %s repeats %s) and are left out: each is "
+        "kept once.", path, len(repeats), places[i].rsplit(", ", 1)[-1], places[first].rsplit(", ", 1)[-1])
+    left_out = {i for i, _ in repeats}
+    keep = [i for i in range(len(rows)) if i not in left_out]
     rows, places = [rows[i] for i in keep], [places[i] for i in keep]
   scored = [bool(r[4]) for r in rows]
   if any(scored) and not all(scored):
