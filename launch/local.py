@@ -8,6 +8,7 @@ r"""Runs a config on this machine, from the repository root; optionally on N fak
 * `--restarts=R` runs the job again, up to R times, while it exits with status 143 (stopped by SIGTERM after saving
   a checkpoint): each run resumes from the newest checkpoint in --workdir.
 * `--nice=N` lowers the job's CPU priority (a shared machine).
+* Ctrl-C stops the job (which gets it too) and the launcher, exit status 130; a second Ctrl-C kills the job.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import List, Optional, Sequence
 from launch import common
 
 PREEMPTED_EXIT_CODE = 143  # experiments.train_basis: stopped by SIGTERM after a checkpoint; run again to resume.
+INTERRUPTED_EXIT_CODE = 130  # The shell's status for a job stopped by Ctrl-C (128 + SIGINT).
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -65,10 +67,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   step = steps[0]
   for attempt in range(args.restarts + 1):
     print(f"[run {attempt + 1}] {step.line()}", flush=True)
-    code = subprocess.run(step.argv, cwd=step.cwd, check=False).returncode
+    code = run_job(step)
     if code != PREEMPTED_EXIT_CODE:
       return code
   return code
+
+
+def run_job(step: common.Step) -> int:
+  """Runs the job and returns its exit status (128 + N for signal N).
+
+  Ctrl-C reaches the job too (one process group): the launcher waits for the job to stop on its own, then returns
+  130 without a traceback and without restarting it; a second Ctrl-C kills the job.
+  """
+  proc = subprocess.Popen(step.argv, cwd=step.cwd)
+  try:
+    code = proc.wait()
+  except KeyboardInterrupt:
+    print("\n[interrupted] waiting for the job to stop (Ctrl-C again kills it) ...", file=sys.stderr, flush=True)
+    try:
+      proc.wait()
+    except KeyboardInterrupt:
+      proc.kill()
+      proc.wait()
+    print("[interrupted] the job stopped.", file=sys.stderr, flush=True)
+    return INTERRUPTED_EXIT_CODE
+  return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

@@ -191,6 +191,33 @@ def test_local_restarts_while_preempted(tmp_path, monkeypatch):
   assert counter.read_text() == "2"
 
 
+def test_local_ctrl_c_stops_the_job_and_the_launcher_without_a_traceback(tmp_path):
+  """Ctrl-C (SIGINT to the process group) reaches the job; the launcher waits for it, exits 130, no restart."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  job = tmp_path / "job.py"
+  job.write_text("import pathlib, signal, sys, time\n"
+                 f"pathlib.Path({str(tmp_path / 'started')!r}).write_text('1')\n"
+                 "try:\n  time.sleep(60)\nexcept KeyboardInterrupt:\n"
+                 f"  time.sleep(0.5)\n  pathlib.Path({str(tmp_path / 'stopped')!r}).write_text('1')\n  sys.exit(1)\n")
+  launcher = tmp_path / "launcher.py"
+  launcher.write_text("import sys\nfrom launch import common, local\n"
+                      f"common.job_argv = lambda *a, **k: [sys.executable, {str(job)!r}]\n"
+                      f"sys.exit(local.main(['--config={CONFIG}', '--workdir=w', '--restarts=3']))\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([common.REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
+  proc = subprocess.Popen([sys.executable, str(launcher)], cwd=common.REPO_ROOT, env=env, start_new_session=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not (tmp_path / "started").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGINT)  # What the terminal sends on Ctrl-C.
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, (out, err)
+  assert "Traceback" not in err and "[interrupted] the job stopped." in err, err
+  assert (tmp_path / "stopped").exists()  # The launcher waited for the job's own shutdown.
+  assert out.count("[run ") == 1  # Not restarted.
+
+
 def test_remote_job_scripts_run(tmp_path):
   """detached_script starts the job in the background; follow_script streams its log and returns its status."""
   home = tmp_path / "home"
