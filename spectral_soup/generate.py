@@ -117,6 +117,10 @@ def main(argv) -> None:
       raise ValueError(f"--top_p={_TOP_P.value}: expected in (0, 1].")
     if not 0.0 <= _TEMPERATURE.value < float("inf"):  # NaN fails every comparison.
       raise ValueError(f"--temperature={_TEMPERATURE.value}: expected a finite number >= 0 (0: greedy).")
+    if _MODE.value == "implicit" and (_TEMPERATURE.value == 0 or _TOP_P.value < 1.0):
+      raise ValueError(f"--mode=implicit draws exact samples of the soup by rejection sampling: it needs --temperature "
+                       f"> 0 and no --top_p (got --temperature={_TEMPERATURE.value}, --top_p={_TOP_P.value}); use "
+                       "--mode=explicit (the same distribution) for greedy or nucleus decoding.")
     if _OUTPUT.value:
       files.check_output_file("--output", _OUTPUT.value)
     from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top

@@ -100,13 +100,45 @@ def test_lora_parameter_soup_distance_is_reported():
 
 
 def test_implicit_mode_reports_acceptance(policy):
-  tokens, aux = _generate(policy, mode="implicit", key=jax.random.key(1), max_proposals=8)
+  sampling = decoding.SamplingConfig(temperature=1.0)
+  tokens, aux = _generate(policy, mode="implicit", key=jax.random.key(1), max_proposals=8, sampling=sampling)
   rate = np.asarray(aux["acceptance_rate"])
   assert tokens.shape == (4, N) and np.all((rate >= 0) & (rate <= 1))
   # lam = 0: the target is the proposal itself, so every first proposal is accepted.
-  _, aux = _generate(policy, lam=np.zeros((4, K), np.float32), mode="implicit", max_proposals=8)
+  _, aux = _generate(policy, lam=np.zeros((4, K), np.float32), mode="implicit", max_proposals=8, sampling=sampling)
   np.testing.assert_allclose(aux["acceptance_rate"], 1.0)
   np.testing.assert_allclose(aux["fallback_rate"], 0.0)
+
+
+def test_implicit_mode_samples_at_the_given_temperature_and_refuses_what_it_cannot_draw(policy):
+  """Rejection sampling draws the explicit soup at the sampling temperature (it drew at temperature 1 whatever was
+  asked): near 0 that is the explicit soup's greedy decode. Greedy, top-k and top-p are refused before compiling."""
+  greedy, _ = _generate(policy)
+  cold = decoding.SamplingConfig(temperature=1e-5)
+  for seed in (1, 2):
+    tokens, _ = _generate(policy, mode="implicit", max_proposals=4, sampling=cold, key=jax.random.key(seed))
+    np.testing.assert_array_equal(tokens, greedy)
+  for sampling in (decoding.SamplingConfig(), decoding.SamplingConfig(1.0,
+                                                                      top_k=5), decoding.SamplingConfig(1.0,
+                                                                                                        top_p=0.9)):
+    with pytest.raises(ValueError, match=r"mode='implicit' draws exact samples of the soup .* needs temperature > 0"):
+      _generate(policy, mode="implicit", sampling=sampling)
+
+
+@pytest.mark.parametrize("vocab", [64, 49_152])
+def test_small_temperatures_sample_the_most_likely_token(vocab):
+  """Compiled, logits / T - max was fused into one multiply-add whose residual at the maximum (an ulp of |logits /
+  T|) made exp garbage: T = 1e-10 drew the last vocabulary id. Shifted before dividing, every T > 0 is exact."""
+  logprobs = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(0).normal(size=(4, vocab)) * 3, jnp.float32))
+  expected = np.argmax(np.asarray(logprobs), axis=-1)
+  uniforms = jnp.asarray([0.5, 0.1, 0.9, 0.0], jnp.float32)
+  for temperature in (1e-4, 1e-8, 1e-10, 1e-20, 1e-37):
+    for top in ({}, {"top_k": 8}, {"top_p": 0.9}):
+      sampling = decoding.SamplingConfig(temperature, **top)
+      draw = jax.jit(lambda lp, u, sampling=sampling: decoding.sample_with_uniforms(lp, u, sampling))
+      np.testing.assert_array_equal(draw(logprobs, uniforms), expected, err_msg=f"T={temperature}, {top}")
+  with pytest.raises(ValueError, match=r"temperature=1e-45: expected 0 \(greedy\) or a number >= 1.18e-38"):
+    decoding.SamplingConfig(1e-45)
 
 
 def test_eos_stops_each_row(policy):

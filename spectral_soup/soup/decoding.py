@@ -45,6 +45,9 @@ class SamplingConfig:
   def __post_init__(self):
     if not (_is_real(self.temperature) and 0 <= self.temperature < np.inf):  # NaN fails every comparison.
       raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: expected a finite number >= 0.")
+    if 0 < self.temperature < np.finfo(np.float32).tiny:  # Logits are divided by it in float32, where it is 0.
+      raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: expected 0 (greedy) or a number >= "
+                       f"{np.finfo(np.float32).tiny:.3g} (float32's smallest normal number).")
     validation.check_int("SamplingConfig.top_k", self.top_k, 0)
     if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
       raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: expected a number in (0, 1].")
@@ -54,9 +57,22 @@ def _is_real(x: Any) -> bool:
   return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+def temper(logits: Array, temperature: Any) -> Array:
+  """f32 `logits / temperature`, shifted so that each row's maximum is exactly 0 (the same distribution).
+
+  Shifting before dividing keeps the division out of the maximum's subtraction: written as `logits / T - max`, a
+  compiled step may fuse the two into one multiply-add whose unrounded product differs from the rounded maximum by
+  up to an ulp of |logits / T| (about 1e3 at T = 1e-10), and exp of that residual makes the distribution garbage
+  (the last vocabulary id was drawn instead of the most likely token).
+  """
+  logits = logits.astype(jnp.float32)
+  return (logits - reductions.max_last(logits, keepdims=True)) / temperature
+
+
 def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
-  """Applies temperature, top-k and top-p to logits [B, V]; removed tokens get -inf."""
-  logits = logits.astype(jnp.float32) / sampling.temperature
+  """Applies temperature, top-k and top-p to logits [B, V]; removed tokens get -inf. The result is shifted so
+  that each row's maximum is 0 (`temper`)."""
+  logits = temper(logits, sampling.temperature)
   if sampling.top_k:
     kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]  # k >= V keeps every token.
     logits = jnp.where(logits < kth, -jnp.inf, logits)

@@ -56,6 +56,7 @@ from spectral_soup.models.transformer import output_logits
 from spectral_soup.models.transformer import take_cache_rows
 from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import mix_logprobs
+from spectral_soup.soup import implicit
 from spectral_soup.soup.implicit import rejection_sample
 from spectral_soup.utils import reductions
 
@@ -294,11 +295,12 @@ def _sample_fn(max_proposals: int, stats: bool):
     token = decoding.sample_with_uniforms(last["logprobs"], uniforms, sampling)
     out = {}
     if max_proposals:
-      rs_token, aux = rejection_sample(k_rs, last["ref"], last["heads"], rows.lam, max_proposals=max_proposals)
-      implicit = rows.mode == MODE_IDS["implicit"]
-      token = jnp.where(implicit, rs_token, token)
-      out["accepted"] = jnp.where(implicit, aux["accepted"].astype(jnp.float32), 0.0)
-      out["proposals"] = jnp.where(implicit, aux["num_proposals"].astype(jnp.float32), 0.0)
+      rs_token, aux = rejection_sample(k_rs, last["ref"], last["heads"], rows.lam, max_proposals=max_proposals,
+                                       temperature=sampling.temperature)
+      is_implicit = rows.mode == MODE_IDS["implicit"]
+      token = jnp.where(is_implicit, rs_token, token)
+      out["accepted"] = jnp.where(is_implicit, aux["accepted"].astype(jnp.float32), 0.0)
+      out["proposals"] = jnp.where(is_implicit, aux["num_proposals"].astype(jnp.float32), 0.0)
     pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
     logp = pick(last["logprobs"])
     if not stats:
@@ -411,6 +413,8 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
   if passes == "merged" and (set(modes) != {"params"} or stats or max_proposals):
     raise ValueError("passes='merged' serves params rows only, without statistics or implicit rows.")
   _check_rows(policy, prompts, rows, guide_table, support, passes)
+  if max_proposals:
+    implicit.check_sampling(sampling)
   vocab = policy.config.vocab_size
   table = jnp.zeros((rows.guide.shape[-1], vocab), jnp.float32) if guide_table is None else guide_table
   params = {

@@ -32,6 +32,17 @@ from spectral_soup.soup.validation import lam_per_row
 from spectral_soup.utils import reductions
 
 
+def check_sampling(sampling: decoding.SamplingConfig) -> None:
+  """Raises ValueError unless `sampling` is plain sampling at a temperature > 0: rejection sampling draws exact
+  samples of the soup at that temperature; it has no greedy form, and top-k / top-p truncate a distribution it never
+  computes (use the explicit mode, the same distribution, for those)."""
+  if sampling.temperature == 0 or sampling.top_k or sampling.top_p < 1.0:
+    raise ValueError(f"mode='implicit' draws exact samples of the soup by rejection sampling: it needs temperature > 0 "
+                     f"and no top_k / top_p, got temperature={sampling.temperature!r}, top_k={sampling.top_k!r}, "
+                     f"top_p={sampling.top_p!r}. Use mode='explicit' (the same distribution) for greedy or "
+                     "truncated decoding.")
+
+
 def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array, *,
                      max_proposals: int = 64, temperature: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
   """Draws one token per row from the explicit soup by rejection sampling from pi_ref.
@@ -67,18 +78,20 @@ def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Ar
   num_bases, batch = basis_shape[0], ref_shape[0]
   lam = lam_per_row(lam, num_bases, batch)
   inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
+  # x / T with each row's maximum shifted to exactly 0 first (see `decoding.temper`: at small T, x / T - max can
+  # be fused into a multiply-add that misses the maximum by far more than exp tolerates). At T = 1 the same bits.
+  tempered = lambda x: (x - reductions.max_last(x, keepdims=True)) * inv_temp
 
   ref_logp = _log_normalize(ref_logits)  # [B, V]
   basis_logp = _log_normalize(basis_logits)  # [K, B, V]
   # Log-ratio target / proposal up to a per-row constant, restricted to the proposal's support.
   ref_support = ~jnp.isneginf(ref_logp)
   diffs = basis_logp - jnp.where(ref_support, ref_logp, 0.0)[None]  # [K, B, V]
-  g = weighted_logp_sum(diffs, lam.T) * inv_temp  # [B, V]
-  g = jnp.where(ref_support, g, -jnp.inf)
-  log_accept = g - reductions.max_last(g, keepdims=True)  # [B, V], <= 0, 0 at the argmax.
-  proposal_logp = reductions.log_softmax(ref_logp * inv_temp)  # [B, V]
+  g = jnp.where(ref_support, weighted_logp_sum(diffs, lam.T), -jnp.inf)  # [B, V], times T.
+  log_accept = tempered(g)  # [B, V], <= 0, 0 at the argmax.
+  proposal_logp = reductions.log_softmax(tempered(ref_logp))  # [B, V]
 
-  soup_logp = reductions.log_softmax(mix_logprobs(ref_logp, basis_logp, lam) * inv_temp)
+  soup_logp = reductions.log_softmax(tempered(mix_logprobs(ref_logp, basis_logp, lam)))
 
   # One uniform draw per row: P proposals, P acceptance tests and one fallback draw. Sampling by inverse CDF costs
   # O(P log V) per row instead of the O(P V) Gumbel noise of jax.random.categorical (V can be 256k).

@@ -30,6 +30,7 @@ from spectral_soup.models import sequences
 from spectral_soup.models.spectral import SpectralPolicy
 from spectral_soup.soup import decoding
 from spectral_soup.soup import engine
+from spectral_soup.soup import implicit
 from spectral_soup.soup.explicit import soup_logits_batched
 from spectral_soup.soup.validation import check_int
 from spectral_soup.soup.validation import check_length
@@ -78,6 +79,8 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
   lam = lam_per_row(lam, policy.num_bases, users)
   max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
   max_proposals = check_int("max_proposals", max_proposals, 1 if mode == "implicit" else 0)
+  if mode == "implicit":
+    implicit.check_sampling(sampling)
   check_length(length + max_new_tokens, policy.config.max_len,
                f"prompt length {length} + max_new_tokens={max_new_tokens}")
   passes = engine.passes_for(policy, mode)
@@ -119,7 +122,8 @@ def sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array,
                      "response per prompt row.")
   check_length(
       np.shape(prompt)[1] + np.shape(response)[1], policy.config.max_len,
-      f"prompt length {np.shape(prompt)[1]} + response length {np.shape(response)[1]}")
+      f"prompt length {np.shape(prompt)[1]} + response length {np.shape(response)[1]}",
+      "shorten the prompts or the responses")
   if lam is not None:
     lam = lam_per_row(lam, policy.num_bases, np.shape(prompt)[0])
   return _sequence_logprobs(policy, policy_params, prompt, prompt_mask, response, response_mask, lam)
