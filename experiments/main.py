@@ -312,6 +312,16 @@ def check_decode_memory(config, model_config, prompt_len: int, limit_bytes: Opti
         f"eval.chunk_rows (rows decoded at a time) or eval.max_new_tokens.")
 
 
+def implicit_acceptance_rate(modes: List[str], accepted: Any, proposals: Any) -> Optional[float]:
+  """Accepted proposals per proposal over the programs of mode "implicit" (`accepted` / `proposals`: per program,
+  summed over its rows and steps); None (null in results.json) when no program was implicit, not 0."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  implicit = [p for p, mode in enumerate(modes) if mode == "implicit"]
+  if not implicit:
+    return None
+  return float(np.sum(np.asarray(accepted)[implicit]) / max(float(np.sum(np.asarray(proposals)[implicit])), 1.0))
+
+
 def code_version() -> dict:
   """The code that ran: the package's version and, in a git checkout, its commit and whether tracked files differ
   from it (None where unknown). Local only: no network."""
@@ -602,8 +612,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
                                      num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
   shift = metrics_lib.attribute_shift(np.stack([shared[f"basis:{a}"] for a in attributes]), shared["reference"],
                                       num_bootstrap=config.eval.num_bootstrap, seed=config.seed)
-  implicit = [p for p, prog in enumerate(programs) if prog.mode == "implicit"]
-  acceptance = float(out["accepted"][implicit].sum() / max(out["proposals"][implicit].sum(), 1.0))
+  acceptance = implicit_acceptance_rate([prog.mode for prog in programs], out["accepted"], out["proposals"])
   timing["eval_s"] = time.time() - t0
   # How fast each phase decoded against this machine's floor (its matmul rate and bandwidth, measured now).
   rates = cost.machine_rates()

@@ -175,15 +175,18 @@ class Basis:
       lam: [K] (one soup for every prompt) or [U, K] (user u's weights; row u answers prompts[u], or the single
         prompt). lam = 0 is the reference; a one-hot lam is one basis.
       mode: "explicit" (logit-space soup), "params" (parameter soup), "implicit" (rejection sampling from the
-        reference) or "naive" (K + 1 separate passes per token; the slow reference).
+        reference: exact samples of the explicit soup at `temperature` > 0, without top_k / top_p) or "naive" (K +
+        1 separate passes per token; the slow reference).
       max_new_tokens: response length cap; a response ends earlier at the tokenizer's end-of-sequence token.
       temperature, top_k, top_p: 0 is greedy; see `soup.decoding.SamplingConfig`.
-      seed: the sampling stream.
+      seed: the sampling stream. Row u draws from stream (seed, u): the same rows in the same positions give the
+        same text, while a row's sample changes with its position in the batch (and, in implicit mode, with the
+        number of rows), not with the other rows' content.
       max_proposals: implicit mode's proposals per token before falling back to the explicit soup.
       chat_template: wrap each prompt as a user turn of the tokenizer's chat template.
 
     Returns:
-      U response texts (special tokens removed).
+      U response texts (special tokens removed, leading and trailing whitespace stripped).
     """
     from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
     from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
@@ -226,6 +229,9 @@ class Basis:
     if max_response_tokens is not None:
       ids = [r[:max_response_tokens] for r in ids]
     width = max(1, max(len(r) for r in ids))
+    validation.check_length(prompt.shape[1] + width, self.policy.config.max_len,
+                            f"the longest prompt ({prompt.shape[1]} tokens) + the longest response ({width} tokens)",
+                            "pass max_response_tokens= to cut the responses, or shorten the prompts")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     response = np.full((len(ids), width), pad, np.int32)
     response_mask = np.zeros((len(ids), width), bool)
@@ -344,6 +350,9 @@ def _check_saved_fields(directory: str, config: ml_collections.ConfigDict, step:
 
 
 def _texts(name: str, texts: Any, allow_empty: bool = False) -> List[str]:
+  if isinstance(texts, (bytes, bytearray)):
+    raise ValueError(f"{name} is {type(texts).__name__}: expected a string or a list of strings (decode the bytes "
+                     "first, e.g. .decode('utf-8')).")
   if isinstance(texts, str) or not isinstance(texts, Sequence):
     raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__}.")
   texts = list(texts)

@@ -54,7 +54,7 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
                                    activation_function=_HF_ACTIVATIONS_GPT2[cfg.activation],
                                    layer_norm_epsilon=cfg.norm_eps, scale_attn_weights=cfg.query_scale is None,
                                    tie_word_embeddings=tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                   torch_dtype="float32")
+                                   torch_dtype="float32", architectures=["GPT2LMHeadModel"])
   if cfg.family == "gemma3":
     local = {"rope_type": "default", "rope_theta": float(cfg.rope_local_base)}
     return transformers.Gemma3TextConfig(
@@ -63,17 +63,19 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
         head_dim=cfg.head_dim, hidden_activation=_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_len,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie_embeddings, attention_bias=False,
         query_pre_attn_scalar=_whole(cfg.attention_scale**-2), sliding_window=cfg.sliding_window or 4096,
-        layer_types=["sliding_attention" if local_layer else "full_attention" for local_layer in cfg.local_layers],
-        rope_parameters={
-            "sliding_attention": local,
-            "full_attention": rope
-        }, final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=None, torch_dtype="float32")
+        layer_types=["sliding_attention" if local_layer else "full_attention" for local_layer in cfg.local_layers
+                    ], rope_parameters={
+                        "sliding_attention": local,
+                        "full_attention": rope
+                    }, final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=None,
+        torch_dtype="float32", architectures=["Gemma3ForCausalLM"])
   return transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
                                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                                   num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
                                   hidden_act=cfg.activation, rope_parameters=rope, tie_word_embeddings=tie_embeddings,
-                                  attention_bias=False, mlp_bias=False, torch_dtype="float32")
+                                  attention_bias=False, mlp_bias=False, torch_dtype="float32",
+                                  architectures=["LlamaForCausalLM"])
 
 
 def _check_exportable(basis: Any) -> None:

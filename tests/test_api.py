@@ -141,6 +141,17 @@ def test_bad_inputs_name_what_was_expected(basis, tmp_path):
     basis.features(PROMPTS, ["a", "b"], max_response_tokens=-1)
   with pytest.raises(ValueError, match=r"batch_size=2.5: expected an integer >= 1"):
     basis.features(PROMPTS, ["a", "b"], batch_size=2.5)
+  with pytest.raises(ValueError, match=r"prompts is bytes: expected a string or a list of strings \(decode the"):
+    basis.generate(b"hello", [0.0, 0.0, 0.0])  # Bytes are a sequence of ints: it said "prompts[0] is a int".
+  with pytest.raises(ValueError, match=r"lam\[0, 1\] = 1000001.0: mixing weights must lie within \+-1e\+06"):
+    basis.generate(PROMPTS, [0.5, 1e6 + 1, 0.0])  # It printed 1e+06 (%g), which looked within the bound.
+  with pytest.raises(
+      ValueError, match=r"\+ the longest response \(301 tokens\) = .* positions exceed the model's "
+      r"max_len=128; pass max_response_tokens= to cut the responses"):
+    basis.features(PROMPTS[:1], ["y" * 300])
+  assert basis.features(PROMPTS[:1], ["y" * 300], max_response_tokens=16).shape == (1, 3)
+  with pytest.raises(ValueError, match=r"mode='implicit' draws exact samples .* got temperature=0.0"):
+    basis.generate(PROMPTS, [0.0, 0.0, 0.0], mode="implicit")  # Greedy: it sampled at temperature 1 instead.
 
 
 def test_features_and_sampling_arguments_beyond_the_inputs_are_clamped(basis):

@@ -68,7 +68,9 @@ def test_a_lora_soup_exports_as_merged_weights(checkpoint, tmp_path):
   assert {"model.safetensors", "config.json", "tokenizer.json", "soup.json"} <= set(os.listdir(out))
   got = _hf_logits(out)
   # The JAX parameter soup: the backbone with the exact rank-K*r adapter sum_k lam_k a_k b_k.
-  assert transformers.AutoConfig.from_pretrained(out).tie_word_embeddings == basis.policy.config.tie_embeddings
+  exported = transformers.AutoConfig.from_pretrained(out)
+  assert exported.tie_word_embeddings == basis.policy.config.tie_embeddings
+  assert exported.architectures == ["LlamaForCausalLM"]  # Tools that pick the class from config.json find it.
   backbone = basis.params["features"]["backbone"]
   lora = group_targets(soup_lora_concat(split_lora_params(basis.params["lora"]), LAM))
   want, _ = Transformer(basis.policy.config).apply({"params": backbone}, TOKENS, lora=lora)
@@ -168,6 +170,8 @@ def test_gemma3_and_gpt2_soups_export_and_read_back_as_the_same_architecture(fam
   out = ss.export_hf(basis, LAM, str(tmp_path / "export"))
   exported = transformers.AutoConfig.from_pretrained(out)
   assert exported.model_type == {"gemma3": "gemma3_text", "gpt2": "gpt2"}[family]
+  # Tools that pick the model class from config.json's "architectures" (vLLM, TGI) find the causal-LM class.
+  assert exported.architectures == [{"gemma3": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]]
   # The exported config reads back as this basis's architecture (untied output layer for a head soup).
   tie = cfg.tie_embeddings and kind == "lora"
   read_back = models.config_from_hf(exported).replace(dtype=cfg.dtype, weight_dtype=cfg.weight_dtype, remat=cfg.remat)

@@ -169,6 +169,13 @@ def test_a_decode_that_cannot_fit_in_memory_is_refused_before_it_compiles():
   assert cost.memory_limit_bytes() > 2**20  # CPU: the physical memory.
 
 
+def test_implicit_acceptance_rate_is_null_when_the_implicit_soup_was_not_evaluated():
+  """It was 0.0 (an empty sum over max(0, 1)), which reads as "every proposal rejected"."""
+  assert main.implicit_acceptance_rate(["explicit", "guided"], [0.0, 0.0], [0.0, 0.0]) is None
+  assert main.implicit_acceptance_rate(["explicit", "implicit", "implicit"], [9.0, 3.0, 5.0],
+                                       [0.0, 4.0, 12.0]) == pytest.approx(0.5)
+
+
 def test_results_json_is_strict_json_with_null_for_non_finite_numbers():
   finite = {"a": [0.1, 1e-300, -2.5, 3], "b": {"c": True, "d": None, "e": "x"}, "f": (1.5, 2)}
   assert main.json_text(finite) == json.dumps(finite, indent=2)  # Finite values: exactly as before.

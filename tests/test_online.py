@@ -157,6 +157,11 @@ def test_masks_warm_start_prior_and_single_user_form():
     online.fit_lambda(x_pad[0, 0], p_pad[0, 0], l2=0.5)
   with pytest.raises(TypeError, match="l3"):
     fit(x_pad, p_pad, l3=1.0)
+  # Features given as [K, N]: the error names the transposition (it blamed prefs' shape).
+  with pytest.raises(
+      ValueError, match=r"prefs has 20 entries per user but delta_features \(5, 20\) has 5 rows: "
+      r"is delta_features transposed\? Expected \[N, K\]"):
+    online.fit_lambda(np.ones((5, 20), np.float32), np.ones(20, np.float32), l2=1.0)
   # Warm starts (anywhere, even far away) reach the same optimum.
   for init in (lam + 0.3 * rng.standard_normal(lam.shape), 20.0 * rng.standard_normal(lam.shape)):
     np.testing.assert_allclose(fit(x_pad, p_pad, mask=mask, init=init.astype(np.float32)), lam, atol=2e-5)

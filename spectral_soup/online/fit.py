@@ -132,6 +132,10 @@ def _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, b
   *users, num_rows, num = np.shape(delta_features)
   check_constraint(constraint, box, num)
   rows = (*users, num_rows)
+  if np.shape(prefs)[-1:] == (num,) and num != num_rows:  # The likely slip: features given as [K, N].
+    raise ValueError(f"prefs has {num} entries per user but delta_features {tuple(np.shape(delta_features))} has "
+                     f"{num_rows} rows: is delta_features transposed? Expected {dims(batched, 'N', 'K')}, one row "
+                     "per comparison and one column per basis.")
   check_shapes("prefs", prefs, rows, dims(batched, "N"))
   check_l2_shape(l2, users)
   dtype = float_dtype(delta_features)

@@ -75,7 +75,10 @@ def check_weight_range(values: Any, name: str = "lam") -> None:
   big = np.argwhere(np.abs(values) > MAX_ABS_WEIGHT)
   if big.size:
     index = tuple(big[0])
-    raise ValueError(f"{name}{_format_index(index)} = {values[index]:g}: mixing weights must lie within "
+    value = f"{values[index]:g}"
+    if abs(float(value)) <= MAX_ABS_WEIGHT:  # %g rounded it onto the bound (1e6 + 1 -> 1e+06): all its digits.
+      value = repr(float(values[index]))
+    raise ValueError(f"{name}{_format_index(index)} = {value}: mixing weights must lie within "
                      f"+-{MAX_ABS_WEIGHT:g} (beyond it the soup's float32 log-probs overflow to NaN).")
 
 
@@ -130,9 +133,8 @@ def check_seed(name: str, value: Any) -> int:
   return check_int(name, value, -2**63, 2**63 - 1)
 
 
-def check_length(total: int, max_len: int, what: str) -> None:
+def check_length(total: int, max_len: int, what: str, fix: str = "shorten the input or generate fewer tokens") -> None:
   """Raises ValueError when a sequence of `total` positions exceeds the model's `max_len` (any position scheme:
-  a learned table has no rows past it, and rotary models are not trained past it)."""
+  a learned table has no rows past it, and rotary models are not trained past it); the message ends with `fix`."""
   if total > max_len:
-    raise ValueError(f"{what} = {total} positions exceed the model's max_len={max_len}; shorten the input or "
-                     "generate fewer tokens.")
+    raise ValueError(f"{what} = {total} positions exceed the model's max_len={max_len}; {fix}.")
