@@ -1,7 +1,10 @@
 r"""Offline basis training, tiny: a 2-layer random LM and K = 3 head bases on synthetic preference pairs.
 
 Used by tests/test_offline.py and as the local variant of every train_basis config: same fields, small numbers.
-Basis k should learn to prefer responses that contain marker token k + 1 more often (`synthetic_pairs`).
+Basis k should learn to prefer responses that contain marker token k + 1 more often (`synthetic_pairs`). The
+markers are ids, not text: in the shipped char tokenizer ids 1-3 are <eos>, <bos> and <unk>, and ids past its 51
+tokens decode to nothing, so `load_basis(W).generate(...)` of these bases shows the machinery, not readable styles
+(bases 0 and 1 alone end their responses at once).
 
 Launch (restarting the same command resumes from the last checkpoint):
   python -m experiments.train_basis --config=configs/train_basis_tiny.py --workdir=workdir/train_basis_tiny

@@ -14,6 +14,13 @@ runs; BENCHMARKS.md section 4), where turning every fusion off cost 15-20%. XLA'
 3-10x slower than YNNPACK's, so the package's vocabulary-wide reductions are folds of elementwise maxima
 (`utils/reductions.py`); before those, the setting cost 12-18% on two days.
 
+One dot pattern is wrong under `=dot` (and right under XLA's defaults): a dot_general whose [B, F] operand is a
+broadcast of one row (rows gathered from a single row) against [K, F, R] heads, at B >= 32 (every row but the
+first came back NaN or ~1e30). It arises in the decoding engine when many rows continue one prefilled prompt
+(head bases of rank > 0: 126 of 128 identical rows decoded other tokens); the engine materializes the gathered
+rows (`jax.lax.optimization_barrier`) so no dot sees a broadcast operand. `tests/xla_cpu_regression.py` reports
+the raw pattern (`broadcast_dot`) beside the materialized form.
+
 `XLA_FLAGS` is read once per process, when the first XLA backend starts (not when `jax` is imported), so setting
 it here works whenever `spectral_soup` is imported before the first computation, which is the case for the
 package's CLIs, notebooks and tests. A user who sets `--xla_cpu_experimental_ynn_fusion_type` themselves keeps

@@ -48,6 +48,25 @@ def test_rows_match_single_policy_decoders(policy):
   assert np.all(aux["stats"]["kl"][:6] > 1e-4)
 
 
+def test_many_rows_from_one_prompt_decode_like_one_row(policy):
+  """128 identical rows continuing one prefilled prompt: every row is the one-row decode, stats included.
+
+  Gathered from a single prompt the rows' state is a broadcast; jaxlib 0.10.2's YNN dot fusion got the heads'
+  product of a broadcast operand wrong on AVX-512 EPYCs (126 of 128 rows off, log-probs by up to 26 nats).
+  """
+  pol, params = policy
+  prompts = engine.prefill(pol, params, PROMPT[:1], MASK[:1], max_len=PROMPT.shape[1] + N)
+  lam = np.array([0.5, -0.2, 0.4], np.float32)
+  decode = lambda rows: jax.device_get(
+      engine.decode_rows(pol, params, prompts, rows, jax.random.key(0), max_new_tokens=N, sampling=GREEDY))
+  one_tokens, one = decode(engine.make_rows(["explicit"], lam[None]))
+  tokens, many = decode(engine.make_rows(["explicit"] * 128, np.tile(lam, (128, 1)), prompt_index=[0] * 128))
+  np.testing.assert_array_equal(tokens, np.repeat(one_tokens, 128, axis=0))
+  for name in ("kl", "ref_logp"):
+    np.testing.assert_allclose(many["stats"][name], np.repeat(one["stats"][name], 128), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(many["logprobs"], np.repeat(one["logprobs"], 128, axis=0), rtol=1e-5, atol=1e-5)
+
+
 def test_stats_are_sequence_logprobs(policy):
   """The per-head and reference log-probs summed during decoding equal a forward pass over the responses."""
   pol, params = policy

@@ -27,6 +27,12 @@ compares with float64 NumPy:
    (The LoRA test failures are a different fusion type: `-individual_dot` clears them, `-reduce` does not.)
    jax/jaxlib 0.10.1, 0.10.0, 0.9.2 and 0.9.0 on the same machine emit no YNN fusion for either row by default
    and are exact; forced with `=eltwise` they emit one and still compute it right: a jaxlib 0.10.2 regression.
+   The same `minimal` group runs `broadcast_dot`: the heads' product [B, F] x [K, F, R] -> [K, B, R] (an einsum,
+   one dot_general) of rows gathered from a single row (a broadcast: many rows continuing one prompt). Under the
+   package's setting (`=dot`) this plain dot is wrong too at B >= 32 (every row but the first: NaN or ~1e30; right
+   at B <= 16, with a materialized operand, and as a 2-D dot); `raw_wrong_rows` reports it and is not counted as
+   a mismatch, because the package never hands such an operand to a dot: the decoding engine materializes the
+   gathered rows (`jax.lax.optimization_barrier`), which `materialized_max_abs_err` checks.
 1. `mix`: `soup.explicit.soup_logits_batched` alone, jitted, on random [K + 1, U, 49,152] logits (no position
    axis, so the `minimal` pattern does not arise: clean either way).
 2. `lora`: one projection with a LoRA update, x W + (x A) B, [U * 16, 576] x [576, 576], rank 8.
@@ -81,6 +87,30 @@ def probe_minimal(shape=MINIMAL_SHAPE) -> dict:
       "copies_of_index_0": float(copies.mean()),
       "ynn_fusions": float(compiled.as_text().count('"__ynn_fusion"'))
   }
+
+
+def probe_broadcast_dot(rows: int = 128) -> dict:
+  """[B, F] rows gathered from one row (a broadcast), times [K, F, R] heads: raw, and materialized as the engine
+  does, vs float64."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  psi, heads = rng.normal(size=(1, 32)).astype(np.float32), rng.normal(size=(3, 32, 4)).astype(np.float32)
+  index = np.zeros(rows, np.int32)
+  want = np.einsum("bf,kfr->kbr", np.float64(psi[index]), np.float64(heads))
+
+  def run(materialize):
+
+    def fn(psi, heads, index):
+      x = jnp.take(psi, index, axis=0, mode="clip")
+      return jnp.einsum("bf,kfr->kbr", jax.lax.optimization_barrier(x) if materialize else x, heads)
+
+    got = np.asarray(jax.jit(fn)(psi, heads, index), np.float64)
+    return got, ~(np.abs(got - want) <= 1e-3).all(axis=(0, 2))
+
+  _, raw_wrong = run(False)
+  got, _ = run(True)
+  return {"raw_wrong_rows": float(raw_wrong.sum()), "materialized_max_abs_err": float(np.abs(got - want).max())}
 
 
 def probe_mix(users: int) -> dict:
@@ -180,6 +210,7 @@ def child(args) -> None:
   if "minimal" in args.probes:
     result["minimal " + "x".join(map(str, MINIMAL_SHAPE))] = probe_minimal(MINIMAL_SHAPE)
     result["minimal " + "x".join(map(str, PROMPT_SHAPE))] = probe_minimal(PROMPT_SHAPE)
+    result["broadcast_dot B=128"] = probe_broadcast_dot(128)
   for users in args.users:
     if "mix" in args.probes:
       result[f"mix U={users}"] = probe_mix(users)

@@ -429,7 +429,11 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
     params["support_position"] = support_position(params["support"], vocab)
   num_prompts = jax.tree.leaves(prompts["state"])[0].shape[-2]
   cache = _take_rows(policy, passes, prompts["cache"], rows.prompt_index, num_prompts)
-  state = jax.tree.map(lambda x: jnp.take(x, rows.prompt_index, axis=-2, mode="clip"), prompts["state"])
+  # Materialized (optimization_barrier): gathered from one prompt, the rows' state is a broadcast, and jaxlib
+  # 0.10.2's YNN dot fusion computes the heads' [B, F] x [K, F, R] product of a broadcast operand wrong on some
+  # x86 CPUs (`_xla_cpu.py`; `tests/xla_cpu_regression.py`, probe "broadcast_dot").
+  state = jax.lax.optimization_barrier(
+      jax.tree.map(lambda x: jnp.take(x, rows.prompt_index, axis=-2, mode="clip"), prompts["state"]))
   last = _mix(params, state, rows, modes, stats)
   return decoding.decode_from(_step_fn(policy, passes, modes, stats), params, last, cache, key,
                               max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
