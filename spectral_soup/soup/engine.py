@@ -18,7 +18,9 @@ prefilled prompt with its own program (`Rows`) and its own sampling stream:
 * the sampler returns, summed over each row's emitted tokens, the log-probs of the emitted tokens under the
   reference and under every head ([B], [B, H]: the online phase's features come out of decoding for free) and the
   exact per-token KL of the row's policy to the reference (KL(pi(.|s_t) || pi_ref(.|s_t)) summed along the sampled
-  path: an unbiased, low-variance estimate of the sequence-level KL). `stats=False` skips them.
+  path: an unbiased, low-variance estimate of the sequence-level KL). These, and the returned `logprobs`, are of the
+  policies themselves: at a temperature other than 1 the tokens are drawn from the tempered policy, but the
+  statistics describe the untempered one (the main job samples at temperature 1). `stats=False` skips them.
 
 Passes (`PASSES`, static): how the policy runs for the rows.
 * `shared` (head bases): one backbone pass for all rows; the heads act on psi. With a vocabulary `support` (heads
