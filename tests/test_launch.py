@@ -196,12 +196,15 @@ def test_local_ctrl_c_stops_the_job_and_the_launcher_without_a_traceback(tmp_pat
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   job = tmp_path / "job.py"
+  # A job started from a background shell inherits SIGINT ignored; a terminal's job has Python's default handler.
   job.write_text("import pathlib, signal, sys, time\n"
+                 "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                  f"pathlib.Path({str(tmp_path / 'started')!r}).write_text('1')\n"
                  "try:\n  time.sleep(60)\nexcept KeyboardInterrupt:\n"
                  f"  time.sleep(0.5)\n  pathlib.Path({str(tmp_path / 'stopped')!r}).write_text('1')\n  sys.exit(1)\n")
   launcher = tmp_path / "launcher.py"
-  launcher.write_text("import sys\nfrom launch import common, local\n"
+  launcher.write_text("import signal, sys\nfrom launch import common, local\n"
+                      "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                       f"common.job_argv = lambda *a, **k: [sys.executable, {str(job)!r}]\n"
                       f"sys.exit(local.main(['--config={CONFIG}', '--workdir=w', '--restarts=3']))\n")
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([common.REPO_ROOT, os.environ.get("PYTHONPATH", "")])}

@@ -218,8 +218,9 @@ def _json_lines(path: str):
         raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
 
 
-def read(path: str) -> Dict[str, Any]:
-  """Every row of `path`, checked. Returns {"prompt", "response_a", "response_b": lists of str, "label": int8[N, A],
+def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
+  """Every row of `path`, checked (`keep_repeats`: keep rows that repeat an earlier row exactly, for a caller that
+  counts them itself, as the `jsonl_prefs` builder does). Returns {"prompt", "response_a", "response_b": lists of str, "label": int8[N, A],
   "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no row has scores,
   "attributes": A names}. Raises ValueError naming the file, the line and the field of the first bad row."""
   if not (os.path.isfile(path) or is_dataset_dir(path)):
@@ -257,7 +258,7 @@ def read(path: str) -> Dict[str, Any]:
       repeats.append((i, first_of[key]))
     else:
       first_of[key] = i
-  if repeats:
+  if repeats and not keep_repeats:
     i, first = repeats[0]
     logging.warning(
         "%s: %d row(s) repeat an earlier row exactly (first: %s repeats %s) and are left out: each is "
