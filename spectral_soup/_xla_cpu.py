@@ -15,11 +15,11 @@ runs; BENCHMARKS.md section 4), where turning every fusion off cost 15-20%. XLA'
 (`utils/reductions.py`); before those, the setting cost 12-18% on two days.
 
 One dot pattern is wrong under `=dot` (and right under XLA's defaults): a dot_general whose [B, F] operand is a
-broadcast of one row (rows gathered from a single row) against [K, F, R] heads, at B >= 32 (every row but the
-first came back NaN or ~1e30). It arises in the decoding engine when many rows continue one prefilled prompt
-(head bases of rank > 0: 126 of 128 identical rows decoded other tokens); the engine materializes the gathered
-rows (`jax.lax.optimization_barrier`), the one place in the package found to build such an operand. `tests/xla_cpu_regression.py` reports
-the raw pattern (`broadcast_dot`) beside the materialized form.
+broadcast of one row (rows gathered from a single row) against [K, F, R] heads, at B >= 32 (every row but the first
+came back NaN or ~1e30). It arises in the decoding engine when many rows continue one prefilled prompt (head bases
+of rank > 0: 126 of 128 identical rows decoded other tokens); the engine materializes the gathered rows
+(`jax.lax.optimization_barrier`), the one place in the package found to build such an operand.
+`tests/xla_cpu_regression.py` reports the raw pattern (`broadcast_dot`) beside the materialized form.
 
 `XLA_FLAGS` is read once per process, when the first XLA backend starts (not when `jax` is imported), so setting
 it here works whenever `spectral_soup` is imported before the first computation, which is the case for the

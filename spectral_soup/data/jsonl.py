@@ -220,8 +220,8 @@ def _json_lines(path: str):
 
 def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
   """Every row of `path`, checked (`keep_repeats`: keep rows that repeat an earlier row exactly, for a caller that
-  counts them itself, as the `jsonl_prefs` builder does). Returns {"prompt", "response_a", "response_b": lists of str, "label": int8[N, A],
-  "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no row has scores,
+  counts them itself, as the `jsonl_prefs` builder does). Returns {"prompt", "response_a", "response_b": lists of
+  str, "label": int8[N, A], "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no row has scores,
   "attributes": A names}. Raises ValueError naming the file, the line and the field of the first bad row."""
   if not (os.path.isfile(path) or is_dataset_dir(path)):
     raise ValueError(f"config.data.source={path!r}: no such file (expected a JSON-lines file of preference pairs, "
@@ -252,13 +252,13 @@ def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
   # would count twice in the loss.
   first_of: Dict[Any, int] = {}
   repeats = []
-  for i, (prompt, a, b, labels, scores) in enumerate(rows):
+  for i, (prompt, a, b, labels, scores) in enumerate([] if keep_repeats else rows):
     key = (prompt, a, b, tuple(sorted(labels.items())), tuple(sorted(scores.items())))
     if key in first_of:
       repeats.append((i, first_of[key]))
     else:
       first_of[key] = i
-  if repeats and not keep_repeats:
+  if repeats:
     i, first = repeats[0]
     logging.warning(
         "%s: %d row(s) repeat an earlier row exactly (first: %s repeats %s) and are left out: each is "

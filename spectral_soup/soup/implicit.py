@@ -77,10 +77,9 @@ def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Ar
                      f"{tuple(basis_shape)}.")
   num_bases, batch = basis_shape[0], ref_shape[0]
   lam = lam_per_row(lam, num_bases, batch)
-  inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
-  # x / T with each row's maximum shifted to exactly 0 first (see `decoding.temper`: at small T, x / T - max can
-  # be fused into a multiply-add that misses the maximum by far more than exp tolerates). At T = 1 the same bits.
-  tempered = lambda x: (x - reductions.max_last(x, keepdims=True)) * inv_temp
+  # x / T with each row's maximum shifted to exactly 0 first (`decoding.temper`: at small T, x / T - max can be
+  # fused into a multiply-add that misses the maximum by far more than exp tolerates). At T = 1 the same bits.
+  tempered = lambda x: decoding.temper(x, jnp.asarray(temperature, jnp.float32))
 
   ref_logp = _log_normalize(ref_logits)  # [B, V]
   basis_logp = _log_normalize(basis_logits)  # [K, B, V]
