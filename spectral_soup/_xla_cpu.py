@@ -10,9 +10,12 @@ The package keeps YNN for plain dots only: `--xla_cpu_experimental_ynn_fusion_ty
 elementwise/reduction fusions are gone (every probe of the regression script matches float64), and the dots, where
 YNNPACK is 3-5x faster than XLA's own CPU kernels on the 49,152-wide output layer, stay fast: greedy decoding of
 SmolLM2 runs at 0.93-1.11x the speed under XLA's defaults on an AVX-512 EPYC (medians of runs paired by round, two
-runs; BENCHMARKS.md section 4), where turning every fusion off cost 15-20%. XLA's own max and argmax reductions are
-3-10x slower than YNNPACK's, so the package's vocabulary-wide reductions are folds of elementwise maxima
-(`utils/reductions.py`); before those, the setting cost 12-18% on two days.
+runs; BENCHMARKS.md section 4). Turning every fusion off (`=`), which would avoid the whole class, costs more: on
+2026-12-06, three rounds alternating `=dot` and `=` of `experiments.benchmarks.decode` on an idle AVX-512 EPYC gave
+the single model 0.75x and 0.72x the tokens/s of `=dot` at 32 and 128 rows, explicit/heads 0.67x and 0.86x
+(medians of the paired ratios). XLA's own max and argmax reductions are 3-10x slower than YNNPACK's, so the package's
+vocabulary-wide reductions are folds of elementwise maxima (`utils/reductions.py`); before those, the setting cost
+12-18% on two days.
 
 One dot pattern is wrong under `=dot` (and right under XLA's defaults): a dot_general whose [B, F] operand is a
 broadcast of one row (rows gathered from a single row) against [K, F, R] heads, at B >= 32 (every row but the first
