@@ -69,6 +69,10 @@ _SHOW_CONFIG = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config"])  # --workdir is checked in main (not needed by --show_config).
 
 ESTIMATES = ("map", "posterior_mean")  # The spectral lambda served: the penalized fit, or the Bayes direction.
+# Bounds of eval fields whose large values fail only after the decode: frontier strengths (a strength times a
+# method's weights must stay within the soups' weight bound, `soup.validation.MAX_ABS_WEIGHT`) and bootstrap resamples.
+MAX_STRENGTH = 1e3
+MAX_BOOTSTRAP = 100_000
 # Methods evaluated along a strength knob (eval.frontier), compared at the bespoke policy's KL.
 SWEPT = ("spectral_soup_explicit", "p_soups", "pad", "mod_oracle")
 METHOD_ORDER = ("spectral_soup_explicit", "spectral_soup_params", "spectral_soup_implicit", "p_soups", "pad",
@@ -129,8 +133,9 @@ def validate_config(config) -> None:
   for method in SWEPT:
     scales = config.eval.frontier.get(method, ())
     need(
-        config_check.is_numbers(scales) and all(x > 0 for x in scales) and 1.0 in scales, f"eval.frontier.{method}",
-        "a tuple of finite positive strengths including 1.0 (the method as fitted)")
+        config_check.is_numbers(scales) and all(0 < x <= MAX_STRENGTH for x in scales) and 1.0 in scales,
+        f"eval.frontier.{method}", f"a tuple of strengths in (0, {MAX_STRENGTH:g}] including 1.0 (the method as "
+        "fitted; a strength multiplies the method's weights, which the soups bound)")
   need(
       set(config.eval.soups) <= {"params", "implicit"}, "eval.soups",
       "soups evaluated besides the explicit one, among 'params' and 'implicit'")
@@ -145,7 +150,10 @@ def validate_config(config) -> None:
       all(0 <= b < config.basis.num_bases for b in pareto) and pareto[0] != pareto[1], "eval.pareto_bases",
       f"two distinct basis indices in [0, {config.basis.num_bases})")
   need(config.eval.pareto_points >= 2, "eval.pareto_points", ">= 2 (soups from one basis to the other)")
-  need(config.eval.num_bootstrap >= 1, "eval.num_bootstrap", ">= 1")
+  need(
+      1 <= config.eval.num_bootstrap <= MAX_BOOTSTRAP, "eval.num_bootstrap",
+      f"an integer in [1, {MAX_BOOTSTRAP:,}] (each method's bootstrap holds num_bootstrap x users x eval prompts "
+      "float64 values, computed after the whole decode)")
   config_checks.validate_config(config)
 
 
@@ -585,10 +593,10 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
     programs += [harness_lib.Program(m, u, *swept[m](s), scale=s) for m in SWEPT for s in scales[m]]
   i, j = config.eval.pareto_bases
   alphas = np.linspace(0.0, 1.0, config.eval.pareto_points)
-  for a in alphas:
+  for point, a in enumerate(alphas):  # Named by index: any number of points keeps distinct names.
     c = np.zeros(num_bases, np.float32)
     c[i], c[j] = 1.0 - a, a
-    programs.append(harness_lib.Program(f"pareto_{a:.2f}", None, "explicit", on_bases(c)))
+    programs.append(harness_lib.Program(f"pareto_{point}", None, "explicit", on_bases(c)))
   harness = make_harness(eval_pool, config.eval.max_new_tokens)
   key, k_eval = jax.random.split(key)
   out = harness.evaluate(programs, np.arange(len(eval_pool)), k_eval, config.eval.samples_per_prompt)
@@ -674,8 +682,12 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
       "k_ablation": ablation,
       "pareto": {
           "bases": [attributes[i], attributes[j]],
-          "alpha": alphas.tolist(),
-          "scores": [shared[f"pareto_{a:.2f}"].reshape(-1, num_attr)[:, [i, j]].mean(0).tolist() for a in alphas]
+          "alpha":
+              alphas.tolist(),
+          "scores": [
+              shared[f"pareto_{point}"].reshape(-1, num_attr)[:, [i, j]].mean(0).tolist()
+              for point in range(len(alphas))
+          ]
       },
       "implicit_acceptance_rate": acceptance,
       "decoded_tokens": harness.decoded_tokens,

@@ -150,3 +150,10 @@ def test_bad_inputs_fail_while_tracing(policy):
     decode(good, passes="stacked")
   with pytest.raises(ValueError, match="passes='merged' prefills each prompt"):
     engine.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N, passes="merged")
+
+
+def test_rows_refuse_weights_past_the_soups_bound():
+  """The main job's frontier builds rows as strength x lam: past +-1e6 the soup's float32 log-probs overflow."""
+  engine.make_rows(["explicit"], [[1e6, -1e6]])
+  with pytest.raises(ValueError, match=r"lam\[1, 1\] = -3e\+06: mixing weights must lie within \+-1e\+06"):
+    engine.make_rows(["explicit", "explicit"], [[1.0, 0.0], [0.0, -3e6]])

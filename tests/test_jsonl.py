@@ -102,7 +102,9 @@ def test_pair_rows_with_labels_and_scores(tmp_path):
           }
       }]))
   np.testing.assert_array_equal(labels_only["label"], [[0, -1, -1]])
-  np.testing.assert_array_equal(labels_only["mask"], [[True, True, True]])
+  # null is a missing label (as Arrow's None in a datasets directory), not a tie.
+  np.testing.assert_array_equal(labels_only["mask"], [[True, True, False]])
+  assert labels_only["attributes"] == ("help", "brief", "tone")
 
 
 GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
@@ -113,6 +115,11 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
     "bad,message",
     [
         ("{not json", r"line 2: not JSON"),
+        ('{"prompt": "p", "prompt": "q", "chosen": "a", "rejected": "b"}',
+         r"line 2: the key 'prompt' appears twice in one object"),  # json kept the last value, silently.
+        ("[" * 100_000 + "]" * 100_000, r"line 2: nested too deeply to parse"),  # A RecursionError.
+        ('{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": {"x": 1' + "0" * 400 + '}, '
+         '"scores_b": {"x": 0}}', r"line 2: scores_a\['x'\] = 10+: expected a finite number"),  # An OverflowError.
         ([1, 2], r"line 2: a list: expected a JSON object"),
         ({
             "chosen": "a",

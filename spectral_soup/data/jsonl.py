@@ -25,6 +25,7 @@ file, in order of first appearance; they become the bases' names
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import numpy as np
 CHOSEN_FIELDS = ("prompt", "chosen", "rejected")
 PAIR_FIELDS = ("prompt", "response_a", "response_b")
 DEFAULT_ATTRIBUTE = "preference"
-_LABELS = {"a": 1, "b": 0, "tie": -1, 1: 1, 0: 0, 0.5: -1, None: -1}
+_LABELS = {"a": 1, "b": 0, "tie": -1, 1: 1, 0: 0, 0.5: -1, None: None}  # null: missing (as Arrow's None is).
 GZIP_MAGIC = b"\x1f\x8b"  # The first two bytes of every gzip file.
 # Scores are stored as float32; their differences must stay finite too.
 MAX_SCORE = 1e37
@@ -137,7 +138,7 @@ def _name(where: str, field: str, name: Any) -> str:
   return name
 
 
-def _label(where: str, name: str, value: Any) -> int:
+def _label(where: str, name: str, value: Any) -> Optional[int]:
   key = value.lower() if isinstance(value, str) else value
   if isinstance(key, bool) or not (key is None or isinstance(key, (str, int, float))) or key not in _LABELS:
     raise ValueError(f"{where}: labels[{name!r}] = {value!r}: expected 'a', 'b', 'tie', 1, 0, 0.5 or null.")
@@ -145,11 +146,17 @@ def _label(where: str, name: str, value: Any) -> int:
 
 
 def _score(where: str, field: str, name: str, value: Any) -> float:
-  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or
-      abs(value) > MAX_SCORE):
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or abs(value) > MAX_SCORE):
     raise ValueError(f"{where}: {field}[{name!r}] = {value!r}: expected a finite number within +-{MAX_SCORE:g} "
                      "(scores are stored in float32).")
   return float(value)
+
+
+def _finite(value: Any) -> bool:
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # An integer beyond float64.
+    return False
 
 
 def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dict[str, Tuple[float, float]]]:
@@ -188,8 +195,8 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
         for k in sa
     }
     for k, label in labels.items():
-      if k in scores and label >= 0 and (scores[k][0] > scores[k][1], scores[k][0] < scores[k][1]) != (label == 1, label
-                                                                                                       == 0):
+      if k in scores and label is not None and label >= 0 and (scores[k][0] > scores[k][1], scores[k][0]
+                                                               < scores[k][1]) != (label == 1, label == 0):
         raise ValueError(f"{where}: labels[{k!r}] disagrees with scores_a / scores_b ({scores[k][0]} vs "
                          f"{scores[k][1]}).")
   if not labels and not scores:
@@ -213,9 +220,22 @@ def _json_lines(path: str):
       if not line.strip():
         continue
       try:
-        yield where, json.loads(line)
+        row = json.loads(line, object_pairs_hook=functools.partial(_unique_keys, where))
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
+      except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to parse: expected a flat JSON object.") from None
+      yield where, row
+
+
+def _unique_keys(where: str, pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+  """A JSON object's fields, refusing a repeated key (json keeps the last value, silently)."""
+  out: Dict[str, Any] = {}
+  for key, value in pairs:
+    if key in out:
+      raise ValueError(f"{where}: the key {key!r} appears twice in one object: expected each field once.")
+    out[key] = value
+  return out
 
 
 def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
@@ -283,7 +303,8 @@ def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
   scores_b = np.full((n, a), np.nan, np.float32) if has_scores else None
   for i, (_, _, _, labels, scores) in enumerate(rows):
     for name, value in labels.items():
-      label[i, names[name]], mask[i, names[name]] = value, True
+      if value is not None:  # null: this pair is missing for the attribute (mask False), not a tie.
+        label[i, names[name]], mask[i, names[name]] = value, True
     for name, (sa, sb) in scores.items():
       j = names[name]
       scores_a[i, j], scores_b[i, j], mask[i, j] = sa, sb, True

@@ -29,6 +29,12 @@ def _unsupported(model_type: str, field: str, value: Any, why: str) -> ValueErro
   return ValueError(f"{model_type} config field {field}={value!r} is not supported: {why}.")
 
 
+def _given(value: Any, default: Any) -> Any:
+  """`value`, or `default` where the config leaves the field out (None); a given 0 stays 0 (and is refused by the
+  TransformerConfig checks, naming the field) instead of silently becoming the default."""
+  return default if value is None else value
+
+
 def _activation(model_type: str, field: str, value: Any) -> str:
   if value not in _ACTIVATIONS:
     raise _unsupported(model_type, field, value, f"supported activations are {sorted(_ACTIVATIONS)}")
@@ -40,7 +46,7 @@ def _rope(model_type: str, field: str, params: Optional[Mapping[str, Any]], defa
   """(theta, linear scale) from one HF rope-parameter dict; raises on rope types we do not implement."""
   params = dict(params or {})
   rope_type = params.get("rope_type", params.get("type", "default"))
-  theta = float(params.get("rope_theta") or default_theta)
+  theta = float(_given(params.get("rope_theta"), default_theta))
   partial = params.get("partial_rotary_factor", 1.0)
   if partial not in (None, 1, 1.0):
     raise _unsupported(model_type, f"{field}.partial_rotary_factor", partial, "only full rotary embeddings")
@@ -103,9 +109,10 @@ def _llama_fields(hf: Any) -> Dict[str, Any]:
   heads = hf.num_attention_heads
   theta, scale = _rope(mt, "rope_parameters", _flat_rope_params(hf), 10_000.0)
   fields = dict(family="llama", vocab_size=hf.vocab_size, num_layers=hf.num_hidden_layers, embed_dim=hf.hidden_size,
-                num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-                head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads, mlp_dim=hf.intermediate_size,
-                max_len=hf.max_position_embeddings, norm="rms", norm_eps=hf.rms_norm_eps,
+                num_heads=heads, num_kv_heads=_given(getattr(hf, "num_key_value_heads", None),
+                                                     heads), head_dim=_given(getattr(hf, "head_dim", None),
+                                                                             hf.hidden_size // heads),
+                mlp_dim=hf.intermediate_size, max_len=hf.max_position_embeddings, norm="rms", norm_eps=hf.rms_norm_eps,
                 activation=_activation(mt, "hidden_act",
                                        hf.hidden_act), gated_mlp=True, use_bias=False, rope_base=theta,
                 rope_local_base=theta, rope_scale=scale, tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)))
@@ -132,9 +139,9 @@ def _gemma3_fields(hf: Any, tie: Optional[bool] = None, multimodal: bool = False
   if rope and not {"sliding_attention", "full_attention"} & set(rope):  # One dict for every layer type.
     rope = {"sliding_attention": rope, "full_attention": rope}
   local_theta, _ = _rope(mt, "rope_parameters['sliding_attention']", rope.get("sliding_attention"),
-                         getattr(hf, "rope_local_base_freq", None) or 10_000.0, allow_linear=False)
+                         _given(getattr(hf, "rope_local_base_freq", None), 10_000.0), allow_linear=False)
   global_theta, scale = _rope(mt, "rope_parameters['full_attention']", rope.get("full_attention"),
-                              getattr(hf, "rope_theta", None) or 1_000_000.0)
+                              _given(getattr(hf, "rope_theta", None), 1_000_000.0))
   is_local = tuple(t == "sliding_attention" for t in layer_types)
   if len(is_local) != hf.num_hidden_layers:
     raise _unsupported(mt, "layer_types", layer_types, f"expected {hf.num_hidden_layers} entries")

@@ -24,8 +24,22 @@ def is_tracer(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
+# l2 is used in float32: from its smallest normal number (below, l2 rounds to 0 and a posterior without data has
+# infinite variance) to its largest (above, l2 is inf and every fit NaN).
+L2_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
+
+def l2_in_range(l2: Any) -> bool:
+  """Whether every l2 is a number in `L2_RANGE` (NaN is not)."""
+  try:
+    values = np.asarray(l2, np.float64)
+  except (TypeError, ValueError):
+    return False
+  return bool(np.all((values >= L2_RANGE[0]) & (values <= L2_RANGE[1])))
+
+
 def check_l2(l2: Any) -> None:
-  """Raises ValueError unless every l2 is a finite number > 0 (concrete values only; tracers pass)."""
+  """Raises ValueError unless every l2 is a number in `L2_RANGE` (concrete values only; tracers pass)."""
   if l2 is None:
     raise ValueError("l2 is required (the L2 penalty strength, > 0).")
   if is_tracer(l2):
@@ -34,8 +48,9 @@ def check_l2(l2: Any) -> None:
     values = np.asarray(l2, np.float64)
   except (TypeError, ValueError):
     raise ValueError(f"l2 must be a number > 0 (or one per user), got {l2!r}.") from None
-  if values.size and not np.all((values > 0) & np.isfinite(values)):  # Also rejects NaN.
-    raise ValueError(f"l2 must be a finite number > 0 (it keeps the optimum finite on separable data), got {l2}.")
+  if values.size and not l2_in_range(values):
+    raise ValueError(f"l2 must be a finite number > 0 (it keeps the optimum finite on separable data) that float32 "
+                     f"holds, in [{L2_RANGE[0]:.3g}, {L2_RANGE[1]:.3g}], got {l2}.")
 
 
 def check_numeric(name: str, x: Any) -> None:
@@ -69,6 +84,19 @@ def check_finite(name: str, x: Any) -> None:
   if np.any(bad):
     index = [int(i) for i in np.argwhere(bad)[0]] if values.ndim else []  # argwhere of a 0-d array is empty.
     raise ValueError(f"{name}{index if index else ''} is {values[tuple(index)]}: expected finite numbers.")
+
+
+def check_row_weights(name: str, x: Any) -> None:
+  """Raises ValueError naming the first entry of a mask / row-weight array `x` that is not a finite number >= 0
+  (concrete values only; tracers pass). A -1 would otherwise count as 0 in a fit, or as True in a bool mask."""
+  check_finite(name, x)
+  if x is None or is_tracer(x):
+    return
+  values = np.asarray(x, np.float64)
+  if np.any(values < 0):
+    index = [int(i) for i in np.argwhere(values < 0)[0]] if values.ndim else []
+    raise ValueError(f"{name}{index if index else ''} is {values[tuple(index)]:g}: expected bools or row weights "
+                     f">= 0 (0 / False: the row does not count).")
 
 
 def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, ArrayLike]],

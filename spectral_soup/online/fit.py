@@ -53,6 +53,7 @@ from spectral_soup.online.checks import check_l2_shape
 from spectral_soup.online.checks import check_labels
 from spectral_soup.online.checks import check_num_features
 from spectral_soup.online.checks import check_numeric
+from spectral_soup.online.checks import check_row_weights
 from spectral_soup.online.checks import check_prior_mean
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import check_solver
@@ -141,7 +142,7 @@ def _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, b
   dtype = float_dtype(delta_features)
   m = jnp.ones(rows, dtype) if mask is None else jnp.asarray(mask).astype(dtype)
   check_shapes("mask", m, rows, dims(batched, "N"))
-  check_finite("mask", mask)
+  check_row_weights("mask", mask)
   if prior_mean is not None:
     check_prior_mean(prior_mean, users, num)
   mu = jnp.zeros((num,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
@@ -243,14 +244,15 @@ def sgd_update(lam: ArrayLike, delta_features_t: ArrayLike, prefs_t: ArrayLike, 
 
   lam <- lam - lr * ((sigmoid(lam . d) - p) d + l2 (lam - mu)): a stochastic-gradient step on the per-comparison
   objective log-loss + l2 / 2 |lam - mu|^2 (for N comparisons in total, l2 here corresponds to `fit_lambda`'s
-  l2 / N). Vmap over users for `[U, K]` / `[U]` inputs.
+  l2 / N). For U users, `jax.vmap` it over `[U, K]` / `[U]` inputs (inside vmap or jit the values are not
+  checked).
 
   Args:
     lam: `[K]` current weights.
     delta_features_t: `[K]` the new comparison's feature difference.
     prefs_t: scalar label in [0, 1].
-    lr: step size.
-    l2: penalty strength (>= 0).
+    lr: step size (a finite number > 0).
+    l2: penalty strength (a finite number >= 0).
     prior_mean: `[K]` (None: 0).
 
   Returns:
@@ -263,6 +265,15 @@ def sgd_update(lam: ArrayLike, delta_features_t: ArrayLike, prefs_t: ArrayLike, 
     raise ValueError(f"prefs_t must be one label (a scalar), got shape {np.shape(prefs_t)}.")
   if prior_mean is not None:
     check_shapes("prior_mean", prior_mean, (num,), "[K]")
+  for name, value in (("lam", lam), ("delta_features_t", delta_features_t), ("prefs_t", prefs_t), ("lr", lr),
+                      ("l2", l2), ("prior_mean", prior_mean)):
+    check_numeric(name, value)
+    check_finite(name, value)
+  for name, value, low, ok in (("prefs_t", prefs_t, "a label in [0, 1]", lambda v: 0 <= v <= 1),
+                               ("lr", lr, "a number > 0", lambda v: v > 0), ("l2", l2, "a number >= 0",
+                                                                             lambda v: v >= 0)):
+    if not is_tracer(value) and not ok(float(np.asarray(value))):
+      raise ValueError(f"{name}={float(np.asarray(value))!r}: expected {low}.")
   return _sgd_update(lam, delta_features_t, prefs_t, lr, l2, prior_mean)
 
 

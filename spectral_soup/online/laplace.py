@@ -22,10 +22,12 @@ from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_l2_shape
 from spectral_soup.online.checks import check_numeric
+from spectral_soup.online.checks import check_row_weights
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import dims
 from spectral_soup.online.checks import float_dtype
 from spectral_soup.online.checks import is_tracer
+from spectral_soup.soup.validation import check_int
 
 PAIR_RULES = ("max_variance", "max_info", "thompson")
 # Relative jitter added to a posterior covariance (times its largest variance): keeps it numerically positive
@@ -63,7 +65,7 @@ def _posterior_inputs(lam_hat, delta_features, mask, l2, *, batched: bool) -> Tu
   check_l2_shape(l2, users)
   m = jnp.ones((*users, num_rows), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
   check_shapes("mask", m, (*users, num_rows), dims(batched, "N"))
-  check_finite("mask", mask)
+  check_row_weights("mask", mask)
   if batched:
     l2 = jnp.broadcast_to(jnp.asarray(l2, dtype), tuple(users))
   else:
@@ -126,8 +128,11 @@ def thompson_sample(key: Array, mean: ArrayLike, cov: ArrayLike, num_samples: Op
   check_numeric("cov", cov)
   check_shapes("mean", mean, (None,), "[K]")
   check_shapes("cov", cov, (np.shape(mean)[-1],) * 2, "[K, K]")
+  check_finite("mean", mean)
   if not is_tracer(cov):
     _check_psd(np.asarray(cov, np.float64))
+  if num_samples is not None:
+    check_int("num_samples", num_samples, 1)
   return _thompson_sample(key, mean, cov, num_samples=num_samples)
 
 
@@ -231,6 +236,10 @@ def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask
   check_shapes("candidate_mask", valid, (*users, num_cands), dims(batched, "M"))
   if not (is_tracer(candidate_features) or is_tracer(candidate_mask)):
     _check_candidates(np.asarray(candidate_features), np.asarray(valid), batched=batched)
+  if not batched:  # One user: a NaN or indefinite posterior silently chose the pair (0, 1).
+    check_finite("mean", mean)
+    if not is_tracer(cov):
+      _check_psd(np.asarray(cov, np.float64))
   dtype = float_dtype(candidate_features, mean, cov)
   return jnp.asarray(candidate_features, dtype), jnp.asarray(mean, dtype), jnp.asarray(cov, dtype), valid
 

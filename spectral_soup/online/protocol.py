@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_soup.online import checks
 from spectral_soup.online import fit
 from spectral_soup.online import laplace
 from spectral_soup.online import users as users_lib
@@ -75,6 +76,9 @@ class OnlineConfig:
   features: str = "implicit_reward"
 
 
+L2_EXPECTED = f"a number in [{checks.L2_RANGE[0]:.3g}, {checks.L2_RANGE[1]:.3g}] (> 0, and float32's range)"
+
+
 def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[Tuple[str, str]]:
   """(field, what was expected) for every invalid field of `cfg`; the prompt pool bounds prompts_per_round if given.
 
@@ -82,16 +86,20 @@ def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[
   anything loads.
   """
   most = pool_size if pool_size is not None else math.inf
-  checks = ((cfg.rounds >= 1, "rounds", ">= 1"), (1 <= cfg.prompts_per_round <= most, "prompts_per_round",
-                                                  ">= 1" if pool_size is None else f"1..{pool_size} (the prompt pool)"),
-            (cfg.l2 > 0, "l2", "> 0"), (cfg.pad_weights_l2 is None or
-                                        cfg.pad_weights_l2 > 0, "pad_weights_l2", "> 0 (or None: online.l2)"),
-            (cfg.explore_scale >= 0, "explore_scale", ">= 0"), (cfg.mode in MODES, "mode", " or ".join(map(repr,
-                                                                                                           MODES))),
-            (cfg.constraint
-             in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"), (cfg.features
-                                                                      in FEATURES, "features", f"one of {FEATURES}"))
-  return [(field, expected) for ok, field, expected in checks if not ok]
+  l2_ok = checks.l2_in_range
+  problems = (
+      (cfg.rounds >= 1, "rounds", ">= 1"),
+      (1 <= cfg.prompts_per_round <= most, "prompts_per_round",
+       ">= 1" if pool_size is None else f"1..{pool_size} (the prompt pool)"),
+      (l2_ok(cfg.l2), "l2", L2_EXPECTED),
+      (cfg.pad_weights_l2 is None or
+       l2_ok(cfg.pad_weights_l2), "pad_weights_l2", L2_EXPECTED + " (or None: online.l2)"),
+      (cfg.explore_scale >= 0, "explore_scale", ">= 0"),
+      (cfg.mode in MODES, "mode", " or ".join(map(repr, MODES))),
+      (cfg.constraint in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"),
+      (cfg.features in FEATURES, "features", f"one of {FEATURES}"),
+  )
+  return [(field, expected) for ok, field, expected in problems if not ok]
 
 
 def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int, cfg: OnlineConfig,

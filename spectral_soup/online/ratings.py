@@ -16,15 +16,16 @@ import numpy as np
 from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
-from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_finite_rows
 from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_l2_shape
 from spectral_soup.online.checks import check_num_features
 from spectral_soup.online.checks import check_numeric
+from spectral_soup.online.checks import check_row_weights
 from spectral_soup.online.checks import check_prior_mean
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import float_dtype
+from spectral_soup.online.checks import is_tracer
 
 
 @jax.jit
@@ -60,6 +61,8 @@ def fit_lambda_ratings(features: ArrayLike, ratings: ArrayLike, *, l2: ArrayLike
     `[K]` lam.
   """
   check_l2(l2)
+  if not (is_tracer(fit_intercept) or isinstance(fit_intercept, (bool, np.bool_))):
+    raise ValueError(f"fit_intercept={fit_intercept!r}: expected True or False.")  # "False" would fit one.
   for name, value in (("features", features), ("ratings", ratings), ("mask", mask), ("prior_mean", prior_mean)):
     check_numeric(name, value)
   check_shapes("features", features, (None, None), "[N, K]")
@@ -70,7 +73,7 @@ def fit_lambda_ratings(features: ArrayLike, ratings: ArrayLike, *, l2: ArrayLike
   dtype = float_dtype(features)
   m = jnp.ones((num_rows,), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
   check_shapes("mask", m, (num_rows,), "[N]")
-  check_finite("mask", mask)
+  check_row_weights("mask", mask)
   if prior_mean is not None:
     check_prior_mean(prior_mean, (), num)
   check_finite_rows(features, ratings, mask, x_name="features", p_name="ratings")

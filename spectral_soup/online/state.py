@@ -24,6 +24,7 @@ from spectral_soup.online.checks import check_constraint
 from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_numeric
+from spectral_soup.online.checks import check_row_weights
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import check_solver
 from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
@@ -161,6 +162,7 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   check_shapes("new_delta", new_delta, (num_users, num), "[U, K]")
   check_shapes("new_pref", new_pref, (num_users,), "[U]")
   dtype = state.features.dtype
+  check_row_weights("new_mask", new_mask)
   wants = jnp.ones((num_users,), bool) if new_mask is None else jnp.asarray(new_mask, bool)
   check_shapes("new_mask", wants, (num_users,), "[U]")
   lo, hi = newton.box_arrays(constraint, box, num, dtype)

@@ -31,12 +31,16 @@ numpy with the entropy (seed, split id, kind id), so the train and eval users of
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from spectral_soup.online.checks import check_finite
+from spectral_soup.online.checks import check_numeric
+from spectral_soup.soup.validation import check_int
 
 Array = jax.Array
 ArrayLike = Union[jax.Array, np.ndarray, float, Sequence[float]]
@@ -99,12 +103,14 @@ def make_users(kind: str, num_users: int, seed: int, *, split: str = "train", nu
   """
   if kind not in USER_KINDS:
     raise ValueError(f"kind must be one of {USER_KINDS}, got {kind!r}.")
-  if num_users < 1 or num_attributes < 1:
-    raise ValueError(f"need num_users >= 1 and num_attributes >= 1, got {num_users}, {num_attributes}.")
+  check_int("num_users", num_users, 1)
+  check_int("num_attributes", num_attributes, 1)
+  check_int("seed", seed, 0)
   if kind == "product" and num_attributes < 2:
     raise ValueError("'product' users need num_attributes >= 2.")
-  if temperature < 0 or concentration <= 0:
-    raise ValueError(f"need temperature >= 0 and concentration > 0, got {temperature}, {concentration}.")
+  _check_temperature(temperature)
+  if not (_is_number(concentration) and np.isfinite(concentration) and concentration > 0):
+    raise ValueError(f"concentration={concentration!r}: expected a finite number > 0.")
   rng = _rng(seed, split, kind)
   weights = rng.dirichlet(np.full(num_attributes, concentration), size=num_users)
   attributes = np.zeros((num_users, 2), np.int32)
@@ -128,13 +134,32 @@ def make_users(kind: str, num_users: int, seed: int, *, split: str = "train", nu
   )
 
 
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_temperature(temperature: Any) -> None:
+  """Temperatures must be finite and >= 0: NaN or a negative one made every choice deterministic, silently."""
+  values = np.asarray(temperature, np.float64)
+  if not np.all(np.isfinite(values) & (values >= 0)):
+    bad = values.ravel()[~(np.isfinite(values.ravel()) & (values.ravel() >= 0))][0]
+    raise ValueError(f"temperature={float(bad)!r}: expected a finite number >= 0 (0: deterministic choices).")
+
+
 def linear_users(weights: ArrayLike, temperature: ArrayLike = 1.0) -> SimulatedUsers:
   """Users with given linear weights `[U, A]` (kind "signed" if any weight is negative, else "dirichlet")."""
+  check_numeric("weights", weights)
   weights = np.asarray(weights, np.float32)
   if weights.ndim != 2:
     raise ValueError(f"weights must have shape [U, A], got {weights.shape}.")
+  check_finite("weights", weights)
   num_users = weights.shape[0]
   kind = "signed" if np.any(weights < 0) else "dirichlet"
+  check_numeric("temperature", temperature)
+  if np.shape(temperature) not in ((), (num_users,)):
+    raise ValueError(f"temperature must be a number or one per user, [U] = [{num_users}], got shape "
+                     f"{np.shape(temperature)}.")
+  _check_temperature(temperature)
   temperature = np.broadcast_to(np.asarray(temperature, np.float32), (num_users,))
   return SimulatedUsers(weights=jnp.asarray(weights), temperature=jnp.asarray(temperature), attributes=jnp.zeros(
       (num_users, 2), jnp.int32), threshold=jnp.zeros((num_users,)), kind=kind)
@@ -169,6 +194,14 @@ def _check_scores(users: SimulatedUsers, scores: ArrayLike, name: str) -> None:
   if not ok:
     raise ValueError(f"{name} must have shape [N, A] or [U, N, A] with U={users.num_users}, "
                      f"A={users.num_attributes}, got {tuple(shape)}.")
+
+
+def _check_pair(users: SimulatedUsers, scores_a: ArrayLike, scores_b: ArrayLike) -> None:
+  _check_scores(users, scores_a, "scores_a")
+  _check_scores(users, scores_b, "scores_b")
+  if np.shape(scores_a)[-2] != np.shape(scores_b)[-2]:
+    raise ValueError(f"scores_a holds N={np.shape(scores_a)[-2]} responses and scores_b N={np.shape(scores_b)[-2]}: "
+                     "expected one pair per row.")
 
 
 def _reward(users: SimulatedUsers, scores: Array) -> Array:
@@ -229,8 +262,7 @@ def choice_prob(users: SimulatedUsers, scores_a: ArrayLike, scores_b: ArrayLike)
   Returns:
     `[U, N]` float32 probabilities that each user prefers a.
   """
-  _check_scores(users, scores_a, "scores_a")
-  _check_scores(users, scores_b, "scores_b")
+  _check_pair(users, scores_a, scores_b)
   return _prob_jit(users, jnp.asarray(scores_a, jnp.float32), jnp.asarray(scores_b, jnp.float32))
 
 
@@ -247,6 +279,5 @@ def simulate_choice(key: Array, users: SimulatedUsers, scores_a: ArrayLike, scor
     `[U, N]` float32 labels, 1 where the user prefers a, else 0 (exact ties at temperature 0 are decided by a
     fair coin), usable as `fit_lambda` prefs.
   """
-  _check_scores(users, scores_a, "scores_a")
-  _check_scores(users, scores_b, "scores_b")
+  _check_pair(users, scores_a, scores_b)
   return _choice_jit(key, users, jnp.asarray(scores_a, jnp.float32), jnp.asarray(scores_b, jnp.float32))

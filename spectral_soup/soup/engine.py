@@ -61,6 +61,7 @@ from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import mix_logprobs
 from spectral_soup.soup import implicit
 from spectral_soup.soup.implicit import rejection_sample
+from spectral_soup.soup import validation
 from spectral_soup.utils import reductions
 
 Array = jax.Array
@@ -99,6 +100,7 @@ def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: i
   if not np.all(np.isfinite(lam)):
     bad = int(np.flatnonzero(~np.isfinite(lam).all(axis=1))[0])
     raise ValueError(f"lam row {bad} is not finite: {lam[bad]}.")
+  validation.check_weight_range(lam)
   guide = np.zeros((mode.shape[0], num_guides), np.float32) if guide is None else np.asarray(guide, np.float32)
   prompt_index = np.arange(mode.shape[0]) if prompt_index is None else np.asarray(prompt_index)
   if prompt_index.shape != mode.shape or np.any(prompt_index < 0):

@@ -47,8 +47,12 @@ def check_free(workdir: str, primary: bool | None = None) -> None:
   if not primary:
     return
   path = os.path.join(workdir, LOCK_NAME)
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return
+  if not os.path.isfile(path):  # Found here, before any work, not when the run is accepted.
+    what = "a directory" if os.path.isdir(path) else "not a regular file"
+    raise InputError(f"--workdir={workdir}: {path} is {what}: expected the run's lock file (or nothing there); move "
+                     "it away or use another --workdir.")
   try:
     fd = os.open(path, os.O_RDONLY)
   except OSError:

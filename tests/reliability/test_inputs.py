@@ -625,6 +625,15 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(tmp_path):
     assert (workdir / workdir_lock.LOCK_NAME).read_text().strip() == str(os.getpid())
 
 
+def test_a_lock_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
+  """It was a bare `[Errno 21] Is a directory` once the run was accepted, after the main job's data phase."""
+  from spectral_soup.utils import errors  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import workdir_lock  # pylint: disable=g-import-not-at-top
+  (tmp_path / workdir_lock.LOCK_NAME).mkdir()
+  with pytest.raises(errors.InputError, match=r"\.lock is a directory: expected the run's lock file"):
+    workdir_lock.check_free(str(tmp_path), primary=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint directories whose weights or config cannot be the model they claim to be.
 

@@ -273,29 +273,41 @@ def test_users_with_zero_comparison_rows_get_the_prior(constraint, prior, expect
   np.testing.assert_allclose(lam, np.broadcast_to(expected, (3, K)), atol=1e-6)
 
 
-@pytest.mark.parametrize("args, message", [
-    ({
-        "prefs": np.array(["a"] * N)
-    }, r"prefs must hold numbers, got dtype <U1 \(first element \['a'\]\)"),
-    ({
-        "delta_features": [[1.0, 2.0], [3.0]]
-    }, r"delta_features must be a rectangular array of numbers"),
-    ({
-        "mask": np.array([None] * N)
-    }, r"mask must hold numbers, got dtype object"),
-    ({
-        "l2": np.inf
-    }, r"l2 must be a finite number > 0"),
-    ({
-        "l2": [1.0, np.nan]
-    }, r"l2 must be a finite number > 0"),
-    ({
-        "l2": "strong"
-    }, r"l2 must be a number > 0 \(or one per user\), got 'strong'"),
-    ({
-        "delta_features": np.zeros((N, 0))
-    }, r"delta_features has shape \(12, 0\): expected at least one feature"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({
+            "prefs": np.array(["a"] * N)
+        }, r"prefs must hold numbers, got dtype <U1 \(first element \['a'\]\)"),
+        ({
+            "delta_features": [[1.0, 2.0], [3.0]]
+        }, r"delta_features must be a rectangular array of numbers"),
+        ({
+            "mask": np.array([None] * N)
+        }, r"mask must hold numbers, got dtype object"),
+        ({
+            "l2": np.inf
+        }, r"l2 must be a finite number > 0"),
+        ({
+            "l2": [1.0, np.nan]
+        }, r"l2 must be a finite number > 0"),
+        (
+            {
+                "l2": 1e39  # Finite in float64, inf in the fits' float32: lam was NaN.
+            },
+            r"l2 must be a finite number > 0 .* that float32 holds, in \[1.18e-38, 3.4e\+38\], got 1e\+39"),
+        (
+            {
+                "l2": 1e-46  # 0 in float32.
+            },
+            r"l2 must be a finite number > 0"),
+        ({
+            "l2": "strong"
+        }, r"l2 must be a number > 0 \(or one per user\), got 'strong'"),
+        ({
+            "delta_features": np.zeros((N, 0))
+        }, r"delta_features has shape \(12, 0\): expected at least one feature"),
+    ])
 def test_fit_arguments_that_are_not_numbers_are_named(args, message):
   x, p, _ = _users(seed=2)
   kwargs = {"delta_features": x[1], "prefs": p[1], "l2": 1.0, **args}
@@ -427,3 +439,44 @@ def test_a_masked_nan_candidate_is_skipped_and_a_one_d_prior_is_shared():
   lam = online.fit_lambda_batched(np.zeros((K, 0, K), np.float32), np.zeros((K, 0), np.float32), l2=1.0,
                                   prior_mean=prior)
   np.testing.assert_allclose(lam, np.broadcast_to(prior, (K, K)), atol=1e-7)
+
+
+def _bad_online_calls():
+  from spectral_soup.online import fit as fit_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
+  x, ones = np.ones((3, 2), np.float32), np.ones(3, np.float32)
+  cands = np.arange(8, dtype=np.float32).reshape(4, 2)
+  key = jax.random.key(0)
+  return [
+      (lambda: online.fit_lambda(x, ones, l2=1.0, mask=[1, -1, 1]), r"mask\[1\] is -1: expected bools or row weights"),
+      (lambda: online.fit_lambda_ratings(x, ones, l2=1.0, mask=[1, 1, -2]), r"mask\[2\] is -2"),
+      (lambda: online.fit_lambda_ratings(x, ones, l2=1.0, fit_intercept="False"),
+       r"fit_intercept='False': expected True or False"),
+      (lambda: fit_lib.sgd_update(np.zeros(2), [1.0, 0.0], 1.0, float("nan"), 1.0), r"lr is nan"),
+      (lambda: fit_lib.sgd_update(np.zeros(2), [1.0, 0.0], -1.0, 0.1, 1.0),
+       r"prefs_t=-1.0: expected a label in \[0, 1\]"),
+      (lambda: fit_lib.sgd_update(np.zeros(2), [1.0, 0.0], 1.0, 0.1, -5.0), r"l2=-5.0: expected a number >= 0"),
+      (lambda: online.choose_pair(cands, np.zeros(2), np.full((2, 2), np.nan)), r"cov must be finite"),
+      (lambda: online.choose_pair(cands, np.zeros(2), -np.eye(2)), r"cov must be positive semi-definite"),
+      (lambda: online.choose_pair(cands, [np.nan, 0.0], np.eye(2), rule="thompson", key=key), r"mean\[0\] is nan"),
+      (lambda: online.thompson_sample(key, [np.nan, 0.0], np.eye(2)), r"mean\[0\] is nan"),
+      (lambda: online.thompson_sample(key, np.zeros(2), np.eye(2), num_samples=-1), r"num_samples=-1"),
+      (lambda: users_lib.make_users("dirichlet", 3, 0, temperature=float("nan")),
+       r"temperature=nan: expected a finite"),
+      (lambda: users_lib.linear_users([[1.0, 0.0]], temperature=-1.0), r"temperature=-1.0"),
+      (lambda: users_lib.linear_users([[np.nan, 0.0]]), r"weights\[0, 0\] is nan"),
+      (lambda: users_lib.make_users("dirichlet", 2.5, 0), r"num_users=2.5: expected an integer >= 1"),
+      (lambda: users_lib.choice_prob(users_lib.make_users("dirichlet", 3, 0, num_attributes=2), np.zeros(
+          (3, 4, 2)), np.zeros((3, 5, 2))), r"scores_a holds N=4 responses and scores_b N=5"),
+  ]
+
+
+@pytest.mark.parametrize("index", range(16))
+def test_online_values_that_changed_the_result_silently_are_refused(index):
+  """Each gave NaN, a silently different fit (a -1 mask dropped the row; "False" fitted an intercept), a
+  deterministic user, the pair (0, 1), or an error from inside numpy / jax."""
+  calls = _bad_online_calls()
+  assert len(calls) == 16
+  call, message = calls[index]
+  with pytest.raises(ValueError, match=message):
+    call()
