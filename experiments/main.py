@@ -303,9 +303,8 @@ def check_decode_length(config, prompt_len: int, max_len: int) -> None:
 
 def check_decode_memory(config, model_config, prompt_len: int, limit_bytes: Optional[int]) -> None:
   """Raises ValueError naming eval.max_new_tokens and eval.chunk_rows when decoding `eval.chunk_rows` rows of
-  prompt + response cannot fit in `limit_bytes` (the device's memory; None: unknown, not checked): the weights and
-  their packed projections, the rows' KV cache and one logits row each, a lower bound of what the decoding loop
-  holds."""
+  prompt + response cannot fit in `limit_bytes` (the device's memory; None: unknown, not checked): the weights, the
+  rows' KV cache and one logits row each, a lower bound of what the decoding loop holds."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
   if limit_bytes is None:

@@ -132,7 +132,7 @@ def test_small_temperatures_sample_the_most_likely_token(vocab):
   logprobs = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(0).normal(size=(4, vocab)) * 3, jnp.float32))
   expected = np.argmax(np.asarray(logprobs), axis=-1)
   uniforms = jnp.asarray([0.5, 0.1, 0.9, 0.0], jnp.float32)
-  for temperature in (1e-4, 1e-8, 1e-10, 1e-20, 1e-37):
+  for temperature in (1e-4, 1e-10, 1e-37):  # 1e-10 drew the last id; 1e-37 is near float32's smallest normal.
     for top in ({}, {"top_k": 8}, {"top_p": 0.9}):
       sampling = decoding.SamplingConfig(temperature, **top)
       draw = jax.jit(lambda lp, u, sampling=sampling: decoding.sample_with_uniforms(lp, u, sampling))

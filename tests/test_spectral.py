@@ -10,8 +10,7 @@ import pytest
 from spectral_soup.models import layers, sequences
 from spectral_soup.models.spectral import (SpectralPolicy, group_targets, head_delta_logits, head_token_logprobs,
                                            init_policy_cache, lora_shapes, split_lora_params, with_backbone)
-from spectral_soup.models.transformer import Transformer, init_cache, pack_projections
-from spectral_soup.soup import decoding
+from spectral_soup.models.transformer import Transformer
 from tests import tiny
 
 KINDS = ("heads", "lora")
@@ -214,51 +213,3 @@ def test_config_errors_name_the_field():
     tiny.tiny_config(num_kv_heads=3)
   with pytest.raises(ValueError, match="layer_is_local"):
     tiny.tiny_config("gemma3", layer_is_local=(True, False))
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-def test_packed_projections_compute_the_same_step(family):
-  """Decoding steps run q / k / v (and gate / up) as one matmul each (`pack_projections`): the same logits, with
-  LoRA adapters on packed targets (per row groups, as the soups use them) too. Models with projection biases
-  (GPT-2) are not packed."""
-  cfg = tiny.tiny_config(family)
-  model = Transformer(cfg)
-  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-  params = tiny.random_params(shapes, plus_one=cfg.norm_scale_plus_one)
-  packed = pack_projections(cfg, params)
-  if family == "gpt2":
-    assert packed == {}
-    return
-  width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-  chex.assert_shape(packed["attn"]["qkv"], (cfg.num_layers, cfg.embed_dim, width))
-  chex.assert_shape(packed["mlp"]["gate_up"], (cfg.num_layers, cfg.embed_dim, 2 * cfg.mlp_dim))
-  rng = np.random.default_rng(0)
-  adapter = lambda n_out: {
-      "a": jnp.asarray(rng.normal(size=(2, cfg.num_layers, cfg.embed_dim, 3)), jnp.float32),
-      "b": jnp.asarray(rng.normal(size=(2, cfg.num_layers, 3, n_out)) * 0.3, jnp.float32)
-  }
-  lora = {
-      "attn": {
-          "q_proj": adapter(cfg.num_heads * cfg.head_dim),
-          "v_proj": adapter(cfg.num_kv_heads * cfg.head_dim)
-      },
-      "mlp": {
-          "gate_proj": adapter(cfg.mlp_dim),
-          "up_proj": adapter(cfg.mlp_dim)
-      }
-  }
-  lora = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), lora)  # [L, groups, ...]: rows 0-1 and 2-3 differ.
-  apply = jax.jit(lambda p, t, c, lora, packed: model.apply({"params": p}, t, cache=c, lora=lora, packed=packed))
-  tokens = _tokens(batch=4, length=6)
-  for adapters in (None, lora):
-    _, aux = apply(params, tokens[:, :5], init_cache(cfg, 4, 8), adapters, None)
-    plain, _ = apply(params, tokens[:, 5:], aux["cache"], adapters, None)
-    fused, _ = apply(params, tokens[:, 5:], aux["cache"], adapters, packed)
-    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5 * float(jnp.abs(plain).max()))
-  zeroed, _ = apply(params, tokens[:, 5:], aux["cache"], None, jax.tree.map(jnp.zeros_like, packed))
-  assert not np.allclose(zeroed, plain, atol=1e-2)  # The packed kernels are what the step used.
-  # The single model's decoding loop packs once, through its logits function's `prepare`.
-  logits_fn = decoding.model_logits_fn(model)
-  prepared = logits_fn.prepare(params)
-  assert isinstance(prepared, decoding.StepParams) and logits_fn.prepare(prepared) is prepared
-  chex.assert_trees_all_equal(prepared.packed, packed)

@@ -39,25 +39,12 @@ def cache_bytes_per_token(cfg: TransformerConfig, bytes_per_value: int = 4) -> i
   return bytes_per_value * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
 
 
-def packed_bytes(cfg: TransformerConfig, bytes_per_weight: int = 4) -> int:
-  """Bytes of the copy `transformer.pack_projections` makes for decoding steps (q / k / v and gate / up)."""
-  if cfg.use_bias:
-    return 0
-  qkv = cfg.embed_dim * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-  gate_up = 2 * cfg.embed_dim * cfg.mlp_dim if cfg.gated_mlp else 0
-  return bytes_per_weight * cfg.num_layers * (qkv + gate_up)
-
-
 def decode_memory_bytes(cfg: TransformerConfig, rows: int, max_len: int, caches_per_row: int = 1) -> int:
-  """A lower bound on the memory a decode loop holds: the weights and their packed projections, the KV cache of
-  `rows` rows with `max_len` slots each (`caches_per_row` of them: 1 where all bases share one pass), and one
-  float32 [rows, vocab] logits."""
+  """A lower bound on the memory a decode loop holds: the weights, the KV cache of `rows` rows with `max_len`
+  slots each (`caches_per_row` of them: 1 where all bases share one pass), and one float32 [rows, vocab] logits."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   cache = cache_bytes_per_token(cfg, np.dtype(cfg.dtype).itemsize) * rows * caches_per_row * max_len
-  weights = weight_bytes(cfg,
-                         np.dtype(cfg.weight_dtype).itemsize) + packed_bytes(cfg,
-                                                                             np.dtype(cfg.weight_dtype).itemsize)
-  return weights + cache + 4 * rows * cfg.vocab_size
+  return weight_bytes(cfg, np.dtype(cfg.weight_dtype).itemsize) + cache + 4 * rows * cfg.vocab_size
 
 
 def memory_limit_bytes() -> Optional[int]:

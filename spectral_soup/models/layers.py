@@ -10,7 +10,6 @@ Logical names: `vocab`, `embed`, `heads` (query heads), `kv_heads`, `kv` (head w
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -91,25 +90,6 @@ def lora_update(x: Array, adapter: Mapping[str, Array], n_in: int, out_shape) ->
     h = h * adapter["row_scale"].astype(h.dtype)[:, None, :]
   y = grouped(h, adapter["b"], "ro")
   return y.reshape(*y.shape[:-1], *out_shape)
-
-
-def packed_projection(x: Array, kernel: Array, outputs: Sequence[Tuple[str, Tuple[int, ...]]], lora: Mapping[str, Any],
-                      dtype: Any) -> list:
-  """Several bias-free projections of the same x as one dot: x [B, T, D] . kernel [D, sum of the outputs' sizes],
-  split into the `outputs` ((name, shape) in the kernel's column order), each plus its LoRA update (`lora[name]`,
-  if any): what the `Projection`s named there compute, with one read of x and one wider matmul.
-  """
-  x = x.astype(dtype)
-  y = jax.lax.dot_general(x, kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
-  parts, start = [], 0
-  for name, shape in outputs:
-    size = math.prod(shape)
-    part = y[..., start:start + size].reshape(*y.shape[:-1], *shape)
-    if lora.get(name) is not None:
-      part = part + lora_update(x, lora[name], 1, tuple(shape)).astype(dtype)
-    parts.append(part)
-    start += size
-  return parts
 
 
 class Norm(nn.Module):
@@ -237,9 +217,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, ctx: Mapping[str, Array], layer: Mapping[str, Any], lora: Optional[Mapping[str, Any]],
-               kv: Optional[Mapping[str, Array]] = None, packed: Optional[Mapping[str, Array]] = None):
-    """x: [B, T, D]; kv: this layer's cache {"k", "v": [B, Hkv, S, Dh]} (head-major) or None; packed: this layer's
-    {"qkv": [D, (H + 2 Hkv) Dh]} (`transformer.pack_projections`), used instead of the q / k / v kernels.
+               kv: Optional[Mapping[str, Array]] = None):
+    """x: [B, T, D]; kv: this layer's cache {"k", "v": [B, Hkv, S, Dh]} (head-major) or None.
 
     Returns (out [B, T, D], new_kv): this chunk's keys and values {"k", "v": [B, Hkv, T, Dh]} (None without a
     cache); the caller writes them into slots `ctx["write_index"]...+T`.
@@ -249,13 +228,9 @@ class Attention(nn.Module):
     d, h, hkv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     proj = lambda name, i, o, ia, oa: Projection(i, o, ia, oa, use_bias=cfg.use_bias, dtype=cfg.dtype, weight_dtype=cfg.
                                                  weight_dtype, name=name)
-    if packed is None:
-      q = proj("q_proj", (d,), (h, hd), ("embed",), ("heads", "kv"))(x, lora.get("q_proj"))
-      k = proj("k_proj", (d,), (hkv, hd), ("embed",), ("kv_heads", "kv"))(x, lora.get("k_proj"))
-      v = proj("v_proj", (d,), (hkv, hd), ("embed",), ("kv_heads", "kv"))(x, lora.get("v_proj"))
-    else:
-      q, k, v = packed_projection(x, packed["qkv"], (("q_proj", (h, hd)), ("k_proj", (hkv, hd)), ("v_proj", (hkv, hd))),
-                                  lora, cfg.dtype)
+    q = proj("q_proj", (d,), (h, hd), ("embed",), ("heads", "kv"))(x, lora.get("q_proj"))
+    k = proj("k_proj", (d,), (hkv, hd), ("embed",), ("kv_heads", "kv"))(x, lora.get("k_proj"))
+    v = proj("v_proj", (d,), (hkv, hd), ("embed",), ("kv_heads", "kv"))(x, lora.get("v_proj"))
     if cfg.qk_norm:
       q = make_norm(cfg, "q_norm", axis_name="kv")(q)
       k = make_norm(cfg, "k_norm", axis_name="kv")(k)
@@ -297,23 +272,17 @@ class Mlp(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, lora: Optional[Mapping[str, Any]], packed: Optional[Mapping[str,
-                                                                                           Array]] = None) -> Array:
-    """x: [B, T, D]; packed: this layer's {"gate_up": [D, 2 M]} (`transformer.pack_projections`), used instead of
-    the gate and up kernels."""
+  def __call__(self, x: Array, lora: Optional[Mapping[str, Any]]) -> Array:
     cfg = self.config
     lora = lora or {}
     d, m = cfg.embed_dim, cfg.mlp_dim
     proj = lambda name, i, o, ia, oa: Projection(
         (i,), (o,), (ia,), (oa,), use_bias=cfg.use_bias, dtype=cfg.dtype, weight_dtype=cfg.weight_dtype, name=name)
     act = ACTIVATION_FNS[cfg.activation]
-    if packed is not None:  # Gated only: `pack_projections` packs nothing else.
-      gate, up = packed_projection(x, packed["gate_up"], (("gate_proj", (m,)), ("up_proj", (m,))), lora, cfg.dtype)
-      hidden = act(gate) * up
-    elif cfg.gated_mlp:
-      up = proj("up_proj", d, m, "embed", "mlp")(x, lora.get("up_proj"))
+    up = proj("up_proj", d, m, "embed", "mlp")(x, lora.get("up_proj"))
+    if cfg.gated_mlp:
       hidden = act(proj("gate_proj", d, m, "embed", "mlp")(x, lora.get("gate_proj"))) * up
     else:
-      hidden = act(proj("up_proj", d, m, "embed", "mlp")(x, lora.get("up_proj")))
+      hidden = act(up)
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     return proj("down_proj", m, d, "mlp", "embed")(hidden, lora.get("down_proj"))

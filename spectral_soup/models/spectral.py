@@ -52,12 +52,10 @@ class SpectralFeatureMap(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, *, mask: Optional[Array] = None, cache: Optional[Cache] = None,
-               lora: Optional[Mapping[str, Any]] = None, return_logits: bool = True,
-               packed: Optional[Mapping[str, Any]] = None):
-    """tokens: int[B, T] -> (psi: [B, T, F], ref_logits: f32[B, T, V] or None, aux). packed: the backbone's
-    `transformer.pack_projections` (decoding steps)."""
+               lora: Optional[Mapping[str, Any]] = None, return_logits: bool = True):
+    """tokens: int[B, T] -> (psi: [B, T, F], ref_logits: f32[B, T, V] or None, aux)."""
     logits, aux = Transformer(self.config, name="backbone")(tokens, mask=mask, cache=cache, lora=lora,
-                                                            return_logits=return_logits, packed=packed)
+                                                            return_logits=return_logits)
     hidden = aux["hidden"]
     if self.freeze_backbone and lora is None:
       hidden = jax.lax.stop_gradient(hidden)
@@ -340,21 +338,20 @@ class SpectralPolicy(nn.Module):
     else:
       self.lora = LoraBases(self.config, self.num_bases, self.lora_rank, tuple(self.lora_targets))
 
-  def __call__(self, tokens: Array, *, mask: Optional[Array] = None, cache: Optional[Cache] = None,
-               packed: Optional[Mapping[str, Any]] = None):
-    """tokens: int[B, T]; cache from `init_policy_cache`; packed: the backbone's `transformer.pack_projections`.
+  def __call__(self, tokens: Array, *, mask: Optional[Array] = None, cache: Optional[Cache] = None):
+    """tokens: int[B, T]; cache from `init_policy_cache`.
 
     Returns (ref_logits: f32[B, T, V], basis_logits: f32[K, B, T, V], aux) with aux["psi"] ([B, T, F], heads
     only) and aux["cache"].
     """
     batch = tokens.shape[0]
     if self.basis_kind == "heads":
-      psi, ref_logits, aux = self.features(tokens, mask=mask, cache=cache, packed=packed)
+      psi, ref_logits, aux = self.features(tokens, mask=mask, cache=cache)
       return ref_logits, self.heads(psi, ref_logits), {"psi": psi, "cache": aux["cache"]}
     groups = self.num_bases + 1
     tiled = lambda x: None if x is None else jnp.tile(x, (groups,) + (1,) * (x.ndim - 1))
     _, logits, aux = self.features(tiled(tokens), mask=tiled(mask), cache=cache,
-                                   lora=lora_for_scan(split_lora_params(self.lora())), packed=packed)
+                                   lora=lora_for_scan(split_lora_params(self.lora())))
     logits = logits.reshape(groups, batch, *logits.shape[1:])
     return logits[0], logits[1:], {"cache": aux["cache"]}
 

@@ -86,13 +86,12 @@ class DecoderBlock(nn.Module):
     x, kv = carry, layer.get("kv")
     lora = layer.get("lora") or {}
     h = layers.make_norm(cfg, "pre_attn_norm")(x)
-    packed = layer.get("packed") or {}
-    h, kv = layers.Attention(cfg, name="attn")(h, ctx, layer, lora.get("attn"), kv, packed.get("attn"))
+    h, kv = layers.Attention(cfg, name="attn")(h, ctx, layer, lora.get("attn"), kv)
     if cfg.sandwich_norm:
       h = layers.make_norm(cfg, "post_attn_norm")(h)
     x = x + h
     h = layers.make_norm(cfg, "pre_mlp_norm")(x)
-    h = layers.Mlp(cfg, name="mlp")(h, lora.get("mlp"), packed.get("mlp"))
+    h = layers.Mlp(cfg, name="mlp")(h, lora.get("mlp"))
     if cfg.sandwich_norm:
       h = layers.make_norm(cfg, "post_mlp_norm")(h)
     x = layers.constrain(x + h, ("batch", "length", "embed"))
@@ -105,13 +104,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, *, mask: Optional[Array] = None, positions: Optional[Array] = None,
-               cache: Optional[Cache] = None, lora: Optional[Mapping[str, Any]] = None, return_logits: bool = True,
-               packed: Optional[Mapping[str, Any]] = None):
+               cache: Optional[Cache] = None, lora: Optional[Mapping[str, Any]] = None, return_logits: bool = True):
     """tokens: int[B, T]; mask: bool[B, T]; positions: int[B, T] (default: counts of real tokens);
     cache: from `init_cache` (decoding) or None (full-sequence); lora: adapters with a leading `layers` axis,
-    `{"attn": {"q_proj": {"a": [L, in, r], "b": [L, r, out]}, ...}, "mlp": {...}}` (see layers.Projection);
-    packed: `pack_projections(config, params)` of these params, to run each layer's q / k / v (and gate / up)
-    projections as one matmul (decoding steps: see `pack_projections`).
+    `{"attn": {"q_proj": {"a": [L, in, r], "b": [L, r, out]}, ...}, "mlp": {...}}` (see layers.Projection).
 
     Returns (logits: float32[B, T, V] or None, aux) with aux = {"hidden": [B, T, D], "cache": Cache or None}.
     """
@@ -163,8 +159,6 @@ class Transformer(nn.Module):
       per_layer["kv"] = {"k": cache["k"], "v": cache["v"]}
     if lora is not None:
       per_layer["lora"] = lora
-    if packed:
-      per_layer["packed"] = packed
     block = DecoderBlock
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
@@ -190,29 +184,6 @@ class Transformer(nn.Module):
     if cfg.final_logit_softcap is not None:
       logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return layers.constrain(logits, ("batch", "length", "vocab")), aux
-
-
-def pack_projections(config: TransformerConfig, params: Any) -> dict:
-  """Each layer's q / k / v kernels (and gate / up, for a gated MLP) concatenated along their outputs, for
-  `Transformer(..., packed=...)`: {"attn": {"qkv": [L, D, (H + 2 Hkv) Dh]}, "mlp": {"gate_up": [L, D, 2 M]}}.
-
-  A decoding step multiplies a few rows by every weight, and on CPU one [B, D] x [D, 960] product runs faster than
-  [D, 576], [D, 192] and [D, 192] ones (SmolLM2: 16-23% less time in the layer stack at 32-128 rows, identical bits
-  from 33 rows on). The packed kernels are a copy (about half of the layer weights): decoding loops pack once,
-  before the loop (`soup.decoding.model_logits_fn`, `soup.engine.decode_rows`). Models with projection biases
-  (GPT-2) are not packed (returns {}).
-  """
-  if config.use_bias:
-    return {}
-  stack = params["layers"]
-  attn = stack["attn"]
-  num_layers, dim = attn["q_proj"]["kernel"].shape[:2]
-  flat = lambda kernel: kernel.reshape(num_layers, dim, -1)
-  packed = {"attn": {"qkv": jnp.concatenate([flat(attn[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj")], -1)}}
-  if config.gated_mlp:
-    mlp = stack["mlp"]
-    packed["mlp"] = {"gate_up": jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], -1)}
-  return packed
 
 
 def output_logits(config: TransformerConfig, params: Any, hidden: Array) -> Array:

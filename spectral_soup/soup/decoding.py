@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.models.sequences import left_pad  # Re-exported: prompts are left-padded inside the loop.
-from spectral_soup.models.transformer import output_logits, pack_projections
+from spectral_soup.models.transformer import output_logits
 from spectral_soup.soup import validation
 from spectral_soup.utils import reductions
 
@@ -28,9 +28,7 @@ Array = jax.Array
 # logits_fn(params, tokens: int32[B, T], mask: bool[B, T], cache) -> (out, cache), where `out` is the normalized
 # log-probs f32[B, T, V], or a dict holding them under "logprobs" beside whatever a custom sampler needs
 # (every leaf with the [..., T, V] trailing axes). `decode` reads only the last position of a prompt's `out`, so for
-# T > 1 a callback may return that position alone ([..., 1, V]). A callback may carry `prepare(params) -> params`:
-# `decode` applies it once, before the prompt and the loop, and every call receives its result (e.g. weights laid
-# out for decoding steps, computed once instead of at every step).
+# T > 1 a callback may return that position alone ([..., 1, V]).
 LogitsFn = Callable[[Any, Array, Array, Any], Tuple[Any, Any]]
 # sample_fn(key, last, params, sampling) -> (tokens int32[B], token_logprobs f32[B], stats {name: f32[B]}), where
 # `last` is `out` at the last position ([..., V] leaves).
@@ -216,8 +214,6 @@ def decode(logits_fn: LogitsFn, params: Any, prompt: Array, prompt_mask: Array, 
     `stats` (the sampler's per-row statistics summed over the emitted tokens).
   """
   prompt, prompt_mask = left_pad(prompt, prompt_mask, pad_id)
-  if hasattr(logits_fn, "prepare"):
-    params = logits_fn.prepare(params)
   out_, cache = logits_fn(params, prompt, prompt_mask, cache)
   last = jax.tree.map(lambda x: x[..., -1, :], out_)
   return decode_from(logits_fn, params, last, cache, key, max_new_tokens=max_new_tokens, sampling=sampling,
@@ -229,8 +225,8 @@ def decode_from(logits_fn: LogitsFn, params: Any, last: Any, cache: Any, key: Ar
                 sample_fn: Optional[SampleFn] = None) -> Tuple[Array, dict]:
   """The loop of `decode` after the prompt: starts from `logits_fn`'s output at the last prompt position.
 
-  params: what `logits_fn` takes (already through its `prepare`, if it has one); last: `out` of `logits_fn` at the
-  last prompt column ([..., V] leaves, B rows); cache: the prompt's filled cache. Lets callers prefill a prompt once and decode many rows from copies of its cache (e.g. one prompt for
+  last: `out` of `logits_fn` at the last prompt column ([..., V] leaves, B rows); cache: the prompt's filled
+  cache. Lets callers prefill a prompt once and decode many rows from copies of its cache (e.g. one prompt for
   many users and methods). Not jitted itself: call it inside a jitted function. Returns what `decode` returns.
   Sampler statistics may have trailing axes ([B, ...]); they are summed over each row's emitted tokens.
   """
@@ -280,29 +276,15 @@ def model_logits_fn(model) -> LogitsFn:
 
   One function object per model (cached), so `decode`'s compiled loop is reused across calls. For a prompt
   (T > 1) it returns the last position only ([B, 1, V]): the output layer over every prompt position would cost
-  B * T * V * D multiply-adds that `decode` never reads. Its `prepare` packs the projections once for the decoding
-  steps (`transformer.pack_projections`); a caller of `decode_from` passes `logits_fn.prepare(params)`.
+  B * T * V * D multiply-adds that `decode` never reads.
   """
 
   def logits_fn(params, tokens, mask, cache):
-    params, packed = (params.params, params.packed) if isinstance(params, StepParams) else (params, None)
     if tokens.shape[1] == 1:
-      logits, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache, packed=packed)
+      logits, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache)
     else:  # A prompt: `decode` reads the last position only, so skip the output layer everywhere else.
       _, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache, return_logits=False)
       logits = output_logits(model.config, params, aux["hidden"][:, -1:])
     return reductions.log_softmax(logits), aux["cache"]
 
-  def prepare(params):
-    if isinstance(params, StepParams):
-      return params
-    return StepParams(params, pack_projections(model.config, params))
-
-  logits_fn.prepare = prepare
   return logits_fn
-
-
-class StepParams(NamedTuple):
-  """`model_logits_fn`'s prepared params: the model's, and its projections packed for decoding steps."""
-  params: Any
-  packed: Any

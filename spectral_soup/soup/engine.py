@@ -55,7 +55,6 @@ from spectral_soup.models.spectral import support_log_normalizer
 from spectral_soup.models.transformer import Transformer
 from spectral_soup.models.transformer import init_cache
 from spectral_soup.models.transformer import output_logits
-from spectral_soup.models.transformer import pack_projections
 from spectral_soup.models.transformer import take_cache_rows
 from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import mix_logprobs
@@ -124,14 +123,14 @@ def passes_for(policy: SpectralPolicy, mode: str) -> str:
 # Passes: (policy, params, tokens [B, T], mask, cache) -> (state at the last position, cache).
 
 
-def _features(policy, params, tokens, mask, cache, return_logits=True, packed=None):
-  return policy.apply({"params": params}, tokens, mask=mask, cache=cache, return_logits=return_logits, packed=packed,
+def _features(policy, params, tokens, mask, cache, return_logits=True):
+  return policy.apply({"params": params}, tokens, mask=mask, cache=cache, return_logits=return_logits,
                       method=lambda m, *a, **kw: m.features(*a, **kw))
 
 
 def _shared_pass(policy, params, tokens, mask, cache):
   if tokens.shape[1] == 1:
-    psi, ref_logits, aux = _features(policy, params["policy"], tokens, mask, cache, packed=params.get("packed"))
+    psi, ref_logits, aux = _features(policy, params["policy"], tokens, mask, cache)
     return {"psi": psi[:, -1], "ref_logits": ref_logits[:, -1]}, aux["cache"]
   # A prompt: the output layer only at the last position (the loop reads nothing else).
   psi, _, aux = _features(policy, params["policy"], tokens, mask, cache, return_logits=False)
@@ -140,8 +139,7 @@ def _shared_pass(policy, params, tokens, mask, cache):
 
 
 def _stacked_pass(policy, params, tokens, mask, cache):
-  ref, basis, aux = policy.apply({"params": params["policy"]}, tokens, mask=mask, cache=cache,
-                                 packed=params.get("packed"))
+  ref, basis, aux = policy.apply({"params": params["policy"]}, tokens, mask=mask, cache=cache)
   return {"ref_logits": ref[:, -1], "basis_logits": basis[:, :, -1]}, aux["cache"]
 
 
@@ -158,8 +156,7 @@ def _merged_pass(policy, params, tokens, mask, cache):
     b_cat = adapter["b"].transpose(1, 0, 2, 3).reshape(layers_, k * r, -1)  # [L, K*r, out]
     merged[name] = {"a": a_cat, "b": b_cat, "row_scale": row_scale}
   logits, aux = Transformer(policy.config).apply({"params": params["policy"]["features"]["backbone"]}, tokens,
-                                                 mask=mask, cache=cache, lora=group_targets(merged),
-                                                 packed=params.get("packed"))
+                                                 mask=mask, cache=cache, lora=group_targets(merged))
   return {"soup_logits": logits[:, -1]}, aux["cache"]
 
 
@@ -434,9 +431,6 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
   if support is not None:
     params["support"] = jnp.asarray(support, jnp.int32)
     params["support_position"] = support_position(params["support"], vocab)
-  if passes != "separate":  # The decoding steps' projections, packed once (the K + 1 separate passes are the
-    # deliberately plain reference).
-    params["packed"] = pack_projections(policy.config, policy_params["features"]["backbone"])
   num_prompts = jax.tree.leaves(prompts["state"])[0].shape[-2]
   cache = _take_rows(policy, passes, prompts["cache"], rows.prompt_index, num_prompts)
   # Materialized (optimization_barrier): gathered from one prompt, the rows' state is a broadcast, and jaxlib
