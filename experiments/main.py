@@ -137,8 +137,8 @@ def validate_config(config) -> None:
         f"eval.frontier.{method}", f"a tuple of strengths in (0, {MAX_STRENGTH:g}] including 1.0 (the method as "
         "fitted; a strength multiplies the method's weights, which the soups bound)")
   need(
-      set(config.eval.soups) <= {"params", "implicit"}, "eval.soups",
-      "soups evaluated besides the explicit one, among 'params' and 'implicit'")
+      set(config.eval.soups) <= {"params", "implicit"} and len(set(config.eval.soups)) == len(config.eval.soups),
+      "eval.soups", "soups evaluated besides the explicit one, among 'params' and 'implicit', each once")
   need(config.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", ">= 1")
   need(config.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")
   need(config.eval.chunk_rows >= 1, "eval.chunk_rows", ">= 1")

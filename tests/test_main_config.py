@@ -29,6 +29,7 @@ def test_demo_config_validates():
         ("basis.vocab_support", -5),
         ("eval.split", "test"),
         ("eval.soups", ("naive",)),
+        ("eval.soups", ("params", "params")),  # Decoded twice under one name.
         ("online.constraint", "simplex"),
         ("basis.init", "normal"),
         ("online.pad_weights_l2", -1.0),

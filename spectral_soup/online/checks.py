@@ -44,6 +44,8 @@ def check_l2(l2: Any) -> None:
     raise ValueError("l2 is required (the L2 penalty strength, > 0).")
   if is_tracer(l2):
     return
+  if isinstance(l2, (bool, np.bool_)) or np.asarray(l2).dtype == bool:  # True would be taken as 1.0.
+    raise ValueError(f"l2 must be a number > 0 (or one per user), got {l2!r}.")
   try:
     values = np.asarray(l2, np.float64)
   except (TypeError, ValueError):

@@ -6,6 +6,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from spectral_soup.online.checks import Array
@@ -38,9 +39,18 @@ def project_simplex(lam: ArrayLike, radius: float = 1.0) -> Array:
   return jnp.maximum(lam - theta, 0.0)
 
 
-@jax.jit
 def project_box(lam: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> Array:
-  """Projection onto the box lo <= lam <= hi (elementwise clip). lo, hi: scalars or broadcastable to `lam`."""
+  """Projection onto the box lo <= lam <= hi (elementwise clip). lo, hi: scalars or broadcastable to `lam`; concrete
+  bounds with lo > hi somewhere (an empty box) are refused."""
+  if not (isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer)):
+    empty = np.asarray(lo, np.float64) > np.asarray(hi, np.float64)
+    if np.any(empty):
+      raise ValueError(f"box lo > hi (an empty box): lo={lo!r}, hi={hi!r}.")
+  return _project_box(lam, lo, hi)
+
+
+@jax.jit
+def _project_box(lam: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> Array:
   return optax.projections.projection_box(jnp.asarray(lam), lo, hi)
 
 

@@ -178,13 +178,20 @@ def standardize_scores(scores: ArrayLike, mean: Optional[ArrayLike] = None,
     (standardized `[..., N, A]`, mean `[A]`, std `[A]`) float32: reuse mean / std to standardize held-out scores
     alike.
   """
+  check_numeric("scores", scores)
   scores = np.asarray(scores, np.float64)
+  if scores.ndim < 2 or (scores.shape[-2] == 0 and (mean is None or std is None)):
+    raise ValueError(f"scores must be [..., N, A] with N >= 1 where mean or std is computed from them, got shape "
+                     f"{scores.shape}.")
   flat = scores.reshape(-1, scores.shape[-1])
   mean = flat.mean(axis=0) if mean is None else np.asarray(mean, np.float64)
   if std is None:
     std = flat.std(axis=0)
     std = np.where(std > 0, std, 1.0)
   std = np.asarray(std, np.float64)
+  if np.any(~np.isfinite(std) | (std <= 0)):  # A given std of 0 divided into inf.
+    bad = int(np.flatnonzero(~np.isfinite(std) | (std <= 0))[0]) if std.ndim else 0
+    raise ValueError(f"std[{bad}] = {np.ravel(std)[bad]:g}: expected finite numbers > 0 (one per attribute).")
   return ((scores - mean) / std).astype(np.float32), mean.astype(np.float32), std.astype(np.float32)
 
 

@@ -443,6 +443,7 @@ def test_a_masked_nan_candidate_is_skipped_and_a_one_d_prior_is_shared():
 
 def _bad_online_calls():
   from spectral_soup.online import fit as fit_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.online import projections  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
   x, ones = np.ones((3, 2), np.float32), np.ones(3, np.float32)
   cands = np.arange(8, dtype=np.float32).reshape(4, 2)
@@ -468,15 +469,18 @@ def _bad_online_calls():
       (lambda: users_lib.make_users("dirichlet", 2.5, 0), r"num_users=2.5: expected an integer >= 1"),
       (lambda: users_lib.choice_prob(users_lib.make_users("dirichlet", 3, 0, num_attributes=2), np.zeros(
           (3, 4, 2)), np.zeros((3, 5, 2))), r"scores_a holds N=4 responses and scores_b N=5"),
+      (lambda: online.fit_lambda(x, ones, l2=True), r"l2 must be a number > 0 \(or one per user\), got True"),
+      (lambda: users_lib.standardize_scores(np.ones((3, 2)), std=[0.0, 1.0]), r"std\[0\] = 0: expected finite"),
+      (lambda: projections.project_box(np.zeros(2), 1.0, 0.0), r"box lo > hi \(an empty box\)"),
   ]
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(19))
 def test_online_values_that_changed_the_result_silently_are_refused(index):
   """Each gave NaN, a silently different fit (a -1 mask dropped the row; "False" fitted an intercept), a
   deterministic user, the pair (0, 1), or an error from inside numpy / jax."""
   calls = _bad_online_calls()
-  assert len(calls) == 16
+  assert len(calls) == 19
   call, message = calls[index]
   with pytest.raises(ValueError, match=message):
     call()
