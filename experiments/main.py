@@ -189,7 +189,8 @@ def check_workdir_reuse(config, workdir: str) -> None:
     raise ValueError(f"--workdir={workdir} holds a config.json that the main job did not write (no "
                      f"{' / '.join(resume.MAIN_JOB_SECTIONS)} sections): expected a main job's workdir or a fresh one.")
   checkpoints = os.path.join(workdir, BASIS_DIR, "checkpoints")
-  if not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+  # Committed steps only: a killed save leaves `<step>.orbax-checkpoint-tmp-*`, which holds no bases.
+  if not (os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))):
     return
   new = json.loads(config.to_json_best_effort())  # As config.json holds it (tuples as lists, None as null).
   recorded = os.path.join(workdir, "config.json")

@@ -56,6 +56,17 @@ def test_a_field_the_saved_heads_depend_on_is_refused_with_both_values(tmp_path,
     main.check_workdir_reuse(config, workdir)
 
 
+def test_saved_bases_without_their_config_are_refused_but_a_killed_save_is_not_a_basis(tmp_path):
+  workdir = _main_workdir(tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(ValueError, match=r"holds saved bases .* but no config\.json"):
+    main.check_workdir_reuse(demo.get_config(), workdir)
+  # Only the temporary directory of a save that never committed: no bases yet (it was refused the same way).
+  os.rename(os.path.join(workdir, "basis", "checkpoints", "0"),
+            os.path.join(workdir, "basis", "checkpoints", "0.orbax-checkpoint-tmp-1234"))
+  main.check_workdir_reuse(demo.get_config(), workdir)
+
+
 def test_every_differing_field_is_named(tmp_path):
   workdir = _main_workdir(tmp_path)
   config = demo.get_config()
