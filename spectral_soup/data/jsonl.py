@@ -12,8 +12,8 @@ layouts (a dataset's columns carry the same names; None, Arrow's missing value, 
   may share a file, each labelling only its own. Response a is the chosen one.
 * **two responses, judged per attribute**: `{"prompt": str, "response_a": str, "response_b": str, "labels": {name:
   "a" | "b" | "tie" | 1 | 0 | 0.5 | null}}` and/or `{"scores_a": {name: number}, "scores_b": {name: number}}`
-  (ratings of each response, higher is better; both or neither). An attribute absent from a row is missing for
-  that pair; with scores, a row's labels (if any) must agree with them.
+  (ratings of each response, higher is better; both or neither). An attribute absent from a row, or labelled
+  null, is missing for that pair; with scores, a row's labels (if any) must agree with them.
 
 A row whose two responses are the same text carries no preference, and a row that repeats an earlier row exactly
 would count twice: both are left out with a warning naming the first. The attributes are the names met in the
@@ -160,7 +160,8 @@ def _finite(value: Any) -> bool:
 
 
 def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dict[str, Tuple[float, float]]]:
-  """(prompt, response_a, response_b, labels {name: 1 | 0 | -1}, scores {name: (a, b)}) of one row."""
+  """(prompt, response_a, response_b, labels {name: 1 | 0 | -1 | None (missing)}, scores {name: (a, b)}) of one
+  row."""
   if not isinstance(row, dict):
     raise ValueError(f"{where}: a {type(row).__name__}: expected a JSON object.")
   if "chosen" in row or "rejected" in row:
