@@ -41,6 +41,7 @@ import numpy as np
 from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_numeric
 from spectral_soup.soup.validation import check_int
+from spectral_soup.soup.validation import is_real
 
 Array = jax.Array
 ArrayLike = Union[jax.Array, np.ndarray, float, Sequence[float]]
@@ -109,7 +110,7 @@ def make_users(kind: str, num_users: int, seed: int, *, split: str = "train", nu
   if kind == "product" and num_attributes < 2:
     raise ValueError("'product' users need num_attributes >= 2.")
   _check_temperature(temperature)
-  if not (_is_number(concentration) and np.isfinite(concentration) and concentration > 0):
+  if not (is_real(concentration) and np.isfinite(concentration) and concentration > 0):
     raise ValueError(f"concentration={concentration!r}: expected a finite number > 0.")
   rng = _rng(seed, split, kind)
   weights = rng.dirichlet(np.full(num_attributes, concentration), size=num_users)
@@ -132,10 +133,6 @@ def make_users(kind: str, num_users: int, seed: int, *, split: str = "train", nu
       threshold=jnp.asarray(threshold, jnp.float32),
       kind=kind,
   )
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 def _check_temperature(temperature: Any) -> None:

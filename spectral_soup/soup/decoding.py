@@ -43,18 +43,14 @@ class SamplingConfig:
   top_p: float = 1.0  # Nucleus sampling: the smallest set with probability >= top_p (1.0: off).
 
   def __post_init__(self):
-    if not (_is_real(self.temperature) and 0 <= self.temperature < np.inf):  # NaN fails every comparison.
+    if not (validation.is_real(self.temperature) and 0 <= self.temperature < np.inf):  # NaN fails every comparison.
       raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: expected a finite number >= 0.")
     if 0 < self.temperature < np.finfo(np.float32).tiny:  # Logits are divided by it in float32, where it is 0.
       raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: expected 0 (greedy) or a number >= "
                        f"{np.finfo(np.float32).tiny:.3g} (float32's smallest normal number).")
     validation.check_int("SamplingConfig.top_k", self.top_k, 0)
-    if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
+    if not (validation.is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
       raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: expected a number in (0, 1].")
-
-
-def _is_real(x: Any) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 def temper(logits: Array, temperature: Any) -> Array:

@@ -115,6 +115,11 @@ def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
                      f"0 <= id < vocab_size={vocab_size} ({len(bad)} such position{'s' if len(bad) > 1 else ''}).")
 
 
+def is_real(x: Any) -> bool:
+  """Whether `x` is one real number (Python or NumPy int / float; not a bool, string or array)."""
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
   """`value` as a Python int; ValueError naming `name` unless it is an integer (not a bool) in [minimum, maximum]."""
   if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or
