@@ -59,6 +59,7 @@ from spectral_soup.utils import cli
 from spectral_soup.utils import errors
 from spectral_soup.utils import files
 from spectral_soup.utils import logs
+from spectral_soup.utils import memory
 from spectral_soup.utils import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -438,7 +439,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
                                              weight_dtype=config.model.weight_dtype, remat=config.model.remat)
     check_decode_length(config, prompt_len=arrays["prompt"].shape[1], max_len=model.config.max_len)
     check_decode_memory(config, model.config, prompt_len=arrays["prompt"].shape[1],
-                        limit_bytes=cost.memory_limit_bytes())
+                        limit_bytes=memory.memory_limit_bytes())
     # Standardization of the attribute scores (users' true rewards, PAD's targets, the evaluation's scorer) is fitted
     # on the training responses only: held-out prompts inform nothing that is chosen or fitted.
     suite = rewards_lib.RewardSuite(list(attributes), stats=data.stats)

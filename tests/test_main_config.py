@@ -154,6 +154,7 @@ def test_a_response_longer_than_the_model_takes_is_refused():
 def test_a_decode_that_cannot_fit_in_memory_is_refused_before_it_compiles():
   from spectral_soup.models import config as model_config  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import memory  # pylint: disable=g-import-not-at-top
   smollm = model_config.llama(vocab_size=49_152, embed_dim=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                               mlp_dim=1_536)
   config = demo.get_config()
@@ -170,7 +171,7 @@ def test_a_decode_that_cannot_fit_in_memory_is_refused_before_it_compiles():
   config.eval.max_new_tokens, config.eval.chunk_rows = 32, 100_000
   with pytest.raises(ValueError, match=r"chunk_rows=100000 needs at least 430\.8 GiB"):
     main.check_decode_memory(config, smollm, prompt_len=64, limit_bytes=int(23.5 * 2**30))
-  assert cost.memory_limit_bytes() > 2**20  # CPU: the physical memory.
+  assert memory.memory_limit_bytes() > 2**20  # CPU: the physical memory.
 
 
 def test_implicit_acceptance_rate_is_null_when_the_implicit_soup_was_not_evaluated():

@@ -47,25 +47,6 @@ def decode_memory_bytes(cfg: TransformerConfig, rows: int, max_len: int, caches_
   return weight_bytes(cfg, np.dtype(cfg.weight_dtype).itemsize) + cache + 4 * rows * cfg.vocab_size
 
 
-def memory_limit_bytes() -> Optional[int]:
-  """The default device's memory: the allocator's limit on accelerators, physical memory on CPU (None if unknown)."""
-  import os  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  device = jax.devices()[0]
-  try:
-    stats = device.memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except
-    stats = {}
-  if stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  if device.platform != "cpu":
-    return None
-  try:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (ValueError, OSError, AttributeError):
-    return None
-
-
 def token_flops(cfg: TransformerConfig, context: float, output_layer: bool = True) -> float:
   """FLOPs of one row's forward pass at one position attending over `context` cached positions."""
   weights = matmul_params(cfg) - (0 if output_layer else cfg.embed_dim * cfg.vocab_size)

@@ -62,6 +62,7 @@ from spectral_soup.offline import ridge_init
 from spectral_soup.offline import sources
 from spectral_soup.offline import steps
 from spectral_soup.utils import errors
+from spectral_soup.utils import memory
 from spectral_soup.utils import files
 from spectral_soup.utils import progress
 from spectral_soup.utils import workdir_lock
@@ -245,23 +246,12 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
   return run, train_pairs, eval_pairs
 
 
-def _device_memory_bytes() -> Optional[int]:
-  """What one device can hold: its allocator's limit (GPU, TPU), or the host's physical memory (CPU)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  except (ValueError, OSError, AttributeError):
-    return None
-
-
 def _check_state_fits(config: ml_collections.ConfigDict, abstract_state: Any, mesh: Any) -> None:
   """ValueError naming basis.num_bases (and the ranks) when the trainable state alone, split evenly over every
   device of the mesh, exceeds one device's memory: before anything is allocated (K = 10^12 bases used to fail
   deep inside an allocation, or to run for minutes first)."""
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
-  limit = _device_memory_bytes()
+  limit = memory.memory_limit_bytes()
   if limit and total / mesh.size > limit:
     ranks = (f"basis.head_rank={config.basis.head_rank}"
              if config.basis.kind == "heads" else f"basis.lora_rank={config.basis.lora_rank}")

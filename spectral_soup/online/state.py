@@ -32,6 +32,7 @@ from spectral_soup.online.newton import DEFAULT_NUM_ITERS
 from spectral_soup.online.newton import DEFAULT_TOL
 from spectral_soup.online.projections import project
 from spectral_soup.soup.validation import check_int
+from spectral_soup.utils import memory
 
 
 @struct.dataclass
@@ -93,6 +94,7 @@ def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: 
                        f"{np.shape(prior_mean)}.")
     check_finite("prior_mean", prior_mean)
   check_constraint(constraint, box, num_features)
+  _check_state_fits(num_users, num_features, buffer_size, jnp.dtype(dtype).itemsize)
   mu = jnp.zeros((num_features,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
   mu = jnp.broadcast_to(mu, (num_users, num_features))
   lam = mu if constraint is None else project(mu, constraint, *newton.box_arrays(constraint, box, num_features, dtype))
@@ -106,6 +108,17 @@ def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: 
       l2=jnp.broadcast_to(jnp.asarray(l2, dtype), (num_users,)),
       prior_mean=mu,
   )
+
+
+def _check_state_fits(num_users: int, num_features: int, buffer_size: int, itemsize: int) -> None:
+  """ValueError when the state's buffers alone exceed the device's memory (a lower bound: each refit needs about as
+  much again), before anything is allocated: it was an out-of-memory kill without a message."""
+  need = num_users * (buffer_size * (num_features * itemsize + itemsize + 1) + 2 * num_features * itemsize + 12)
+  limit = memory.memory_limit_bytes()
+  if limit and need > limit:
+    raise ValueError(f"init_user_state: num_users={num_users} x buffer_size={buffer_size} x "
+                     f"num_features={num_features} needs at least {need / 2**30:.3g} GiB for the users' buffers, "
+                     f"more than the {limit / 2**30:.3g} GiB this device holds: lower buffer_size or num_users.")
 
 
 @functools.partial(jax.jit, static_argnames=newton.STATIC_ARGNAMES)

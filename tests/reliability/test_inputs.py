@@ -168,6 +168,21 @@ def test_a_features_dir_that_is_a_file_is_named(tmp_path):
       config_checks.validate_config(config)
 
 
+def test_bases_that_cannot_fit_one_device_are_refused_before_anything_is_allocated():
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import memory  # pylint: disable=g-import-not-at-top
+  config = train_basis_tiny.get_config()
+  config.basis.num_bases = 10**8
+  limit = memory.memory_limit_bytes()
+  state = [jax.ShapeDtypeStruct((10**8, limit // 10**8 + 1), np.float32)]  # 4x one device's memory in all.
+  with pytest.raises(
+      ValueError, match=r"config\.basis\.num_bases=100000000 is invalid: the bases and their optimizer "
+      r"state need .* GiB \(basis\.head_rank=.*\), .* GiB per device even split over all 2, more than the "
+      r".* GiB one device holds"):
+    train._check_state_fits(config, state, type("Mesh", (), {"size": 2})())
+  train._check_state_fits(config, state, type("Mesh", (), {"size": 8})())  # Half a device each: fits.
+
+
 def test_config_field_types_are_enforced():
   config = train_basis_tiny.get_config()
   with pytest.raises(TypeError, match="nan_check"):  # ConfigDict keeps each field's type.

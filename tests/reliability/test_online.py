@@ -186,6 +186,10 @@ def test_online_updates_reject_a_bad_comparison_and_leave_others_alone():
     ({
         "num_features": 0
     }, r"num_features=0: expected an integer >= 1"),
+    ({
+        "buffer_size": 10**12
+    }, r"num_users=8 x buffer_size=1000000000000 x num_features=4 needs at least .* GiB for the users' buffers, more "
+     r"than the .* GiB this device holds: lower buffer_size or num_users"),
 ])
 def test_a_user_state_that_cannot_work_is_refused_when_made(kwargs, message):
   args = {"num_users": U, "num_features": K, "buffer_size": N, **kwargs}
