@@ -80,6 +80,16 @@ def test_fused_decoder_matches_other_modes(policy, mode):
     np.testing.assert_array_equal(_generate(policy, lam=one_hot)[0], _generate(policy, lam=one_hot, mode=mode)[0])
 
 
+@pytest.mark.parametrize("feature_dim", [16, 32])  # 32 = the tiny backbone's width: a silently skipped projection.
+def test_naive_decoder_applies_the_learned_feature_projection(feature_dim):
+  """Head bases on psi = h P (basis.feature_dim): the K + 1-pass reference runs the same feature map."""
+  policy = tiny.tiny_policy("heads", num_bases=K, feature_dim=feature_dim)
+  explicit, aux_e = _generate(policy)
+  naive, aux_n = _generate(policy, mode="naive")
+  np.testing.assert_array_equal(explicit, naive)
+  np.testing.assert_allclose(aux_e["logprobs"], aux_n["logprobs"], atol=1e-5)
+
+
 def test_lora_parameter_soup_distance_is_reported():
   """For LoRA bases the parameter soup approximates the explicit soup; measure how far (per-token KL)."""
   pol, params = tiny.tiny_policy("lora", num_bases=K)

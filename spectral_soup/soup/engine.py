@@ -168,8 +168,9 @@ def _separate_pass(policy, params, tokens, mask, cache):
   new_cache, basis_logits = {"ref": aux["cache"], "bases": []}, []
   for k in range(policy.num_bases):  # Deliberately K separate models: this is the reference.
     if policy.basis_kind == "heads":
-      logits_k, aux_k = backbone.apply({"params": bb}, tokens, mask=mask, cache=cache["bases"][k])
-      psi = aux_k["hidden"].astype(jnp.float32)
+      # The feature map itself (the backbone, then the learned projection P when basis.feature_dim is set).
+      psi, logits_k, aux_k = _features(policy, p, tokens, mask, cache["bases"][k])
+      psi = psi.astype(jnp.float32)
       if "a" in p["heads"]:
         a_k, b_k = p["heads"]["a"][k].astype(jnp.float32), p["heads"]["b"][k].astype(jnp.float32)
         logits_k = logits_k + (psi @ a_k) @ b_k
