@@ -56,35 +56,41 @@ def test_chosen_rejected_rows_label_their_attribute(tmp_path):
 
 
 def test_pair_rows_with_labels_and_scores(tmp_path):
-  path = _write(tmp_path / "p.jsonl", [
-      {
-          "prompt": "p0",
-          "response_a": "x",
-          "response_b": "y",
-          "scores_a": {
-              "help": 3,
-              "brief": 1
+  path = _write(
+      tmp_path / "p.jsonl",
+      [
+          {
+              "prompt": "p0",
+              "response_a": "x",
+              "response_b": "y",
+              "scores_a": {
+                  "help": 3,
+                  "brief": 1
+              },
+              "scores_b": {
+                  "help": 1,
+                  "brief": 2
+              },
+              "labels": {  # Agreeing with the scores; null is no label, so the scores decide.
+                  "help": "a",
+                  "brief": None
+              }
           },
-          "scores_b": {
-              "help": 1,
-              "brief": 2
+          {
+              "prompt": "p1",
+              "response_a": "x",
+              "response_b": "y",
+              "scores_a": {
+                  "brief": 2.5
+              },
+              "scores_b": {
+                  "brief": 2.5
+              },
+              "labels": {
+                  "brief": "tie"
+              }
           },
-          "labels": {
-              "help": "a"
-          }
-      },
-      {
-          "prompt": "p1",
-          "response_a": "x",
-          "response_b": "y",
-          "scores_a": {
-              "brief": 2.5
-          },
-          "scores_b": {
-              "brief": 2.5
-          }
-      },
-  ])
+      ])
   out = jsonl.read(path)
   assert out["attributes"] == ("help", "brief")
   np.testing.assert_array_equal(out["label"], [[1, 0], [-1, -1]])
@@ -196,6 +202,19 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
                 }
             },
             r"line 2: labels\['x'\] disagrees"),
+        (
+            {  # A tie against unequal scores (it became the scores' side).
+                **PAIR, "scores_a": {
+                    "x": 5
+                },
+                "scores_b": {
+                    "x": 1
+                },
+                "labels": {
+                    "x": 0.5
+                }
+            },
+            r"line 2: labels\['x'\] disagrees with scores_a / scores_b \(5.0 vs 1.0\): it is 0.5"),
         ({
             **PAIR, "scores_a": {
                 "x": 1e39

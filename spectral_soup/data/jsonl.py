@@ -13,7 +13,8 @@ layouts (a dataset's columns carry the same names; None, Arrow's missing value, 
 * **two responses, judged per attribute**: `{"prompt": str, "response_a": str, "response_b": str, "labels": {name:
   "a" | "b" | "tie" | 1 | 0 | 0.5 | null}}` and/or `{"scores_a": {name: number}, "scores_b": {name: number}}`
   (ratings of each response, higher is better; both or neither). An attribute absent from a row, or labelled
-  null, is missing for that pair; with scores, a row's labels (if any) must agree with them.
+  null, is missing for that pair unless the row scores it; with scores, a row's labels (if any) must agree with
+  them ("a" / 1: scores_a higher, "b" / 0: lower, "tie" / 0.5: equal).
 
 A row whose two responses are the same text carries no preference, and a row that repeats an earlier row exactly
 would count twice: both are left out with a warning naming the first. The attributes are the names met in the
@@ -195,11 +196,11 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
         _name(where, "scores_a", k): (_score(where, "scores_a", k, sa[k]), _score(where, "scores_b", k, sb[k]))
         for k in sa
     }
-    for k, label in labels.items():
-      if k in scores and label is not None and label >= 0 and (scores[k][0] > scores[k][1], scores[k][0]
-                                                               < scores[k][1]) != (label == 1, label == 0):
+    for k, label in labels.items():  # A tie (-1) must have equal scores too; null is no label (the scores decide).
+      if k in scores and label is not None and (scores[k][0] > scores[k][1], scores[k][0]
+                                                < scores[k][1]) != (label == 1, label == 0):
         raise ValueError(f"{where}: labels[{k!r}] disagrees with scores_a / scores_b ({scores[k][0]} vs "
-                         f"{scores[k][1]}).")
+                         f"{scores[k][1]}): it is {row['labels'][k]!r}.")
   if not labels and not scores:
     raise ValueError(f"{where}: a response_a / response_b row needs 'labels' or 'scores_a' / 'scores_b'.")
   return prompt, a, b, labels, scores
