@@ -167,7 +167,8 @@ class Basis:
 
   def generate(self, prompts: Prompts, lam: Any, *, mode: str = "explicit", max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_proposals: int = 32,
-               chat_template: bool = True) -> List[str]:
+               chat_template: bool = True,
+               return_ended: bool = False) -> Union[List[str], Tuple[List[str], List[bool]]]:
     """Responses of U users' soups, as text, in one compiled decoding loop.
 
     Args:
@@ -184,9 +185,12 @@ class Basis:
         number of rows), not with the other rows' content.
       max_proposals: implicit mode's proposals per token before falling back to the explicit soup.
       chat_template: wrap each prompt as a user turn of the tokenizer's chat template.
+      return_ended: also return, per row, whether its response ended with the end-of-sequence token (False: cut at
+        `max_new_tokens`), for `features(..., ended=)`.
 
     Returns:
-      U response texts (special tokens removed, leading and trailing whitespace stripped).
+      U response texts (special tokens removed, leading and trailing whitespace stripped); with `return_ended`,
+      (texts, ended).
     """
     from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
     from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
@@ -204,15 +208,22 @@ class Basis:
                                 sampling=sampling, key=jax.random.key(seed), eos_id=tokenizer.eos_token_id, pad_id=pad,
                                 max_proposals=max_proposals)
     out, lengths = np.asarray(out), np.asarray(aux["lengths"])
-    return [tokenizer.decode(out[u, :lengths[u]].tolist(), skip_special_tokens=True).strip() for u in range(len(out))]
+    texts = [tokenizer.decode(out[u, :lengths[u]].tolist(), skip_special_tokens=True).strip() for u in range(len(out))]
+    if return_ended:
+      return texts, [bool(done) for done in np.asarray(aux["done"])]
+    return texts
 
   def features(self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 16,
-               max_response_tokens: Optional[int] = None, chat_template: bool = True) -> np.ndarray:
+               max_response_tokens: Optional[int] = None, chat_template: bool = True,
+               ended: Union[bool, Sequence[bool]] = True) -> np.ndarray:
     """The bases' implicit rewards of N (prompt, response) pairs: f32[N, K], f_k = beta * (log pi_k(y|x) -
     log pi_ref(y|x)), the features `fit_lambda` consumes (as differences f(x, y_a) - f(x, y_b)).
 
-    Each response is scored with the end-of-sequence token appended, as the bases were trained; it is cut to
-    `max_response_tokens` tokens if given. Pairs are scored `batch_size` at a time (one compile).
+    A response that ended is scored with the end-of-sequence token appended, as the bases were trained on finished
+    responses; `ended` says which did: True (every response: text datasets hold finished responses), False, or
+    one bool per response (`generate(..., return_ended=True)` gives them: a response cut at `max_new_tokens` has
+    no end-of-sequence term, as in the embedded data's pairs and the decoded responses' features). Each response
+    is then cut to `max_response_tokens` tokens if given. Pairs are scored `batch_size` at a time (one compile).
     """
     from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
     tokenizer = self._need_tokenizer("features")
@@ -224,8 +235,12 @@ class Basis:
     if max_response_tokens is not None:
       max_response_tokens = validation.check_int("max_response_tokens", max_response_tokens, 0)
     prompt, prompt_mask = self.encode_prompts(prompts, chat_template=chat_template)
+    ended = _ended_flags(ended, len(responses))
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    ids = [list(r) + eos for r in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+    ids = [
+        list(r) + (eos if done else [])
+        for r, done in zip(tokenizer(list(responses), add_special_tokens=False)["input_ids"], ended)
+    ]
     if max_response_tokens is not None:
       ids = [r[:max_response_tokens] for r in ids]
     width = max(1, max(len(r) for r in ids))
@@ -369,6 +384,21 @@ def _texts(name: str, texts: Any, allow_empty: bool = False) -> List[str]:
       raise ValueError(f"{name}[{i}] is not valid text: {e.reason} at character {e.start} (a lone surrogate "
                        f"{text[e.start]!r}?).") from None
   return texts
+
+
+def _ended_flags(ended: Any, num: int) -> List[bool]:
+  """`features`' ended: a bool for every response, or one bool per response -> [num] bools."""
+  if isinstance(ended, (bool, np.bool_)):
+    return [bool(ended)] * num
+  if isinstance(ended, (str, bytes)) or not isinstance(ended, (Sequence, np.ndarray)):
+    raise ValueError(f"ended is {type(ended).__name__}: expected True, False or one bool per response.")
+  ended = list(ended)
+  if len(ended) != num:
+    raise ValueError(f"ended has {len(ended)} entries for {num} responses: expected one per response.")
+  for i, done in enumerate(ended):
+    if not isinstance(done, (bool, np.bool_)):
+      raise ValueError(f"ended[{i}] is {done!r}: expected True or False.")
+  return [bool(done) for done in ended]
 
 
 def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) -> np.ndarray:

@@ -17,6 +17,7 @@ import pytest
 import spectral_soup as ss
 from spectral_soup import basis as basis_lib
 from spectral_soup.soup import decoding
+from spectral_soup.soup import serving
 from spectral_soup.models.transformer import init_cache
 import hf_fixtures
 
@@ -85,6 +86,10 @@ def test_generate_serves_two_users_in_one_call(basis):
   assert basis.generate(PROMPTS[0], lam, max_new_tokens=12, mode="params") == both
   sampled = basis.generate(PROMPTS, [0.2, 0.5, 0.3], max_new_tokens=8, temperature=1.0, seed=3, mode="implicit")
   assert len(sampled) == 2
+  # Which responses ended with the end-of-sequence token (basis 0 prefers it: token 1) and which were cut at
+  # max_new_tokens (the reference's, `ids` above).
+  texts, ended = basis.generate(PROMPTS[0], [[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]], max_new_tokens=12, return_ended=True)
+  assert texts[0] == both[0] and ids[-1] != tokenizer.eos_token_id and len(ids) == 12 and ended == [False, True]
 
 
 def test_features_are_the_bases_implicit_rewards(basis):
@@ -95,6 +100,21 @@ def test_features_are_the_bases_implicit_rewards(basis):
   # Batching does not change a row; a response cut to zero tokens has zero features.
   np.testing.assert_allclose(basis.features(PROMPTS[1:], ["abc"], batch_size=1)[0], f[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(basis.features(PROMPTS[:1], ["abc"], max_response_tokens=0), 0.0, atol=1e-6)
+  # A response that did not end (cut at max_new_tokens) has no end-of-sequence term: "abc" scored as tokens alone.
+  cut = basis.features(PROMPTS[1:] * 2, ["abc", "abc"], ended=[False, True])
+  np.testing.assert_allclose(cut[1], f[1], rtol=1e-5, atol=1e-5)
+  model, backbone, tokenizer = basis_lib.load_backbone(basis.config)
+  prompt, prompt_mask = basis.encode_prompts(PROMPTS[1:])
+  response = np.asarray([tokenizer("abc", add_special_tokens=False)["input_ids"]], np.int32)
+  logp = serving.sequence_logprobs(basis.policy, basis.params, prompt, prompt_mask, response,
+                                   np.ones_like(response, bool))
+  np.testing.assert_allclose(cut[0], np.asarray(serving.implicit_rewards(logp, basis.beta))[0], rtol=1e-5, atol=1e-5)
+  assert np.abs(cut[0] - cut[1]).max() > 1e-3
+  np.testing.assert_array_equal(basis.features(PROMPTS[1:], ["abc"], ended=False), cut[:1])
+  for bad, message in (([True], r"ended has 1 entries for 2 responses"), ("yes", r"ended is str"),
+                       ([1, 0], r"ended\[0\] is 1: expected True or False")):
+    with pytest.raises(ValueError, match=message):
+      basis.features(PROMPTS, ["a", "b"], ended=bad)
 
 
 def test_a_users_lambda_fitted_from_comparisons_prefers_their_basis(basis):
