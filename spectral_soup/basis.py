@@ -348,9 +348,10 @@ def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.Co
 def _describing_fields(config: ml_collections.ConfigDict, fields: dict) -> dict:
   """The checkpoint's resume fields that say what its arrays are: not the data order (`train.batch_size`), not where
   the backbone's checkpoint lies (`model.path`: a moved checkpoint is fine; the arrays' shapes are checked once it
-  loads), and the seed only where it draws the random backbone."""
+  loads), not the training data (`data.*`: the bases' names come from basis.json; a moved data file is fine),
+  and the seed only where it draws the random backbone."""
   skip = {"train.batch_size", "model.path"} | ({"seed"} if config.model.path else set())
-  return {name: value for name, value in fields.items() if name not in skip}
+  return {name: value for name, value in fields.items() if name not in skip and not name.startswith("data.")}
 
 
 def _check_saved_fields(directory: str, config: ml_collections.ConfigDict, step: int, saved: dict,

@@ -205,8 +205,21 @@ def test_load_basis_names_a_config_or_checkpoint_that_does_not_describe_the_base
         ValueError, match=rf"config.json says basis.{field}={value}, but checkpoint step {STEPS} was "
         "written with"):
       ss.load_basis(copy)
-  # A field the checkpoint did not record (it was off): the arrays' shapes are compared once the backbone loads.
   copy = _edited_copy(workdir, tmp_path / "logit_bias", lambda c: c["basis"].__setitem__("logit_bias", True))
+  with pytest.raises(
+      ValueError, match=rf"config.json says basis.logit_bias=True, but checkpoint step {STEPS} was "
+      "written with False"):
+    ss.load_basis(copy)
+  # A field the checkpoint did not record (older checkpoints recorded logit_bias only when on): the arrays' shapes
+  # are compared once the backbone loads.
+  copy = _edited_copy(workdir, tmp_path / "old", lambda c: c["basis"].__setitem__("logit_bias", True))
+  for step in os.listdir(os.path.join(copy, "checkpoints")):
+    path = os.path.join(copy, "checkpoints", step, "data", "metadata")  # The JSON item saved with the arrays.
+    with open(path) as f:
+      saved = json.load(f)
+    saved.pop("basis.logit_bias")
+    with open(path, "w") as f:
+      json.dump(saved, f)
   with pytest.raises(
       ValueError, match=rf"checkpoint step {STEPS} in .* does not fit the bases its config.json "
       r"describes on this backbone: .* has shape none in the checkpoint"):

@@ -320,6 +320,47 @@ def _train(tmp_path, data, *extra):
   return result, str(workdir)
 
 
+def _pairs(tmp_path, rows):
+  """`sources.builder_pairs` of `rows` (no held-out share) for K = 2 bases: (train arrays, metadata)."""
+  from configs import train_basis_tiny  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
+  config = train_basis_tiny.get_config()
+  config.data.source = _write(tmp_path / "prefs.jsonl", rows)
+  config.data.eval_fraction = 0.0
+  config.data.tokenizer = hf_fixtures.byte_tokenizer(tmp_path / "tokenizer")
+  config.model.vocab_size, config.basis.num_bases, config.train.batch_size = 512, 2, 4
+  train, _, metadata = sources.builder_pairs(config, sources.load_tokenizer(config))
+  return train, metadata
+
+
+def test_an_attribute_only_labelled_in_a_scored_file_teaches_its_basis(tmp_path, caplog):
+  """Labels of one attribute beside scores of another: the labels count (they were dropped for the scores)."""
+  rows = [{
+      "prompt": f"question {i}",
+      "response_a": f"answer {i}",
+      "response_b": f"reply {i}",
+      "labels": {
+          "helpful": "ab"[i % 2]
+      },
+      "scores_a": {
+          "short": float(i % 3)
+      },
+      "scores_b": {
+          "short": 1.0
+      }
+  } for i in range(12)]
+  train, metadata = _pairs(tmp_path, rows)
+  assert metadata["attributes"] == ["helpful", "short"]
+  np.testing.assert_array_equal(train["labels"][:, 0], [1 - i % 2 for i in range(12)])
+  np.testing.assert_array_equal(train["labels"][:, 1], [[0, -1, 1][i % 3] for i in range(12)])
+  for row in rows:  # No pair labels "helpful": its basis stays at its initialization, named in a warning.
+    row["labels"]["helpful"] = None
+  caplog.clear()
+  _pairs(tmp_path, rows)
+  assert any("basis 0 (helpful: 1) has no training pair with a label (loss.kind='dpo') among the 8 pairs of 'train': "
+             "it will stay at its initialization" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_a_20_row_file_trains_bases_through_the_cli_and_names_them(tmp_path):
   data = _write(tmp_path / "prefs.jsonl", _rows(20))
   result, workdir = _train(tmp_path, data)

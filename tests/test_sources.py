@@ -258,14 +258,19 @@ def test_helpsteer2_negated_attributes_ratings_and_eval_split(root, tokenizer):
   np.testing.assert_array_equal(held_out["scores_b"][0], [2.0, -1.0])  # "v1 r2": helpfulness 2, verbosity 1.
 
 
-def test_psoups_label_only_poles(root, tokenizer):
+def test_psoups_label_only_poles(root, tokenizer, caplog):
   config = _config("psoups", root, num_bases=7)
   train, _, metadata = sources.builder_pairs(config, tokenizer)
   examples = [e for e in _builder_examples(config) if (e["label"] >= 0).any()]
   assert len(train["prompt"]) == len(examples) == 3
   np.testing.assert_array_equal(train["labels"][:, :6], np.stack([e["label"] for e in examples]))
-  # No pair is annotated for every pole, so the Dirichlet basis (it weights all six) has no label.
+  # No pair is annotated for every pole, so the Dirichlet basis (it weights all six) has no label: named in a
+  # warning, as is every pole without a pair in these three.
   assert (train["labels"][:, 6] == -1).all()
+  untaught = [k for k in range(7) if (train["labels"][:, k] == -1).all()]
+  warned = [r.getMessage() for r in caplog.records if "has no training pair with a label" in r.getMessage()]
+  assert len(warned) == len(untaught) >= 2 and "basis 6 (elementary: " in warned[-1], warned
+  assert "it will stay at its initialization" in warned[-1]
   assert np.isnan(train["scores_a"]).all() and np.isnan(train["scores_b"]).all()
   assert metadata["attributes"] == list(sources.SOURCE_ATTRIBUTES["psoups"])
 

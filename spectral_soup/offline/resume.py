@@ -8,6 +8,7 @@ recorded config.json and a new config, field by field.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -20,15 +21,15 @@ from spectral_soup.utils import files
 def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The config values a checkpoint must share with the run that resumes it, saved with every checkpoint.
 
-  The data order (batch size, seed) and what the state's arrays mean: the bases (kind, K, their ranks) and the
-  backbone they sit on (a checkpoint path, or the random backbone's architecture, drawn from `seed`).
+  The data order (batch size, seed), what the state's arrays mean: the bases (kind, K, their ranks) and the
+  backbone they sit on (a checkpoint path, or the random backbone's architecture, drawn from `seed`), and what they
+  are trained on: every `data.*` field (the pairs, their attributes in basis order, their tokenization) and every
+  `loss.*` field (the objective).
   """
   c = config
   names = ["train.batch_size", "seed", "basis.kind", "basis.num_bases", "model.path", "model.weight_dtype"]
   names += (["basis.head_rank", "basis.feature_dim"]
             if c.basis.kind == "heads" else ["basis.lora_rank", "basis.lora_targets"])
-  if c.basis.kind == "heads" and c.basis.get("logit_bias", False):
-    names.append("basis.logit_bias")
   if c.basis.get("init", "zeros") == "ridge":  # Where the state started (the state itself when num_steps = 0).
     names += ["basis.init", "basis.init_l2"] + (["basis.init_features"] if "init_features" in c.basis else [])
   if not c.model.path:
@@ -41,12 +42,18 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     value = c
     for part in name.split("."):
       value = value[part]
-    fields[name] = list(value) if isinstance(value, (tuple, list)) else value  # As it reads back from JSON.
-  return fields
+    fields[name] = value
+  if c.basis.kind == "heads":
+    fields["basis.logit_bias"] = bool(c.basis.get("logit_bias", False))
+  for section in ("data", "loss"):
+    if section in c:
+      fields.update(flatten(json.loads(c[section].to_json_best_effort()), f"{section}."))
+  return {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}  # As it reads back from JSON.
 
 
-# Resume fields added after checkpoints were first written, with the value every older checkpoint was made with.
-_RESUME_FIELD_DEFAULTS = {"basis.init_features": "pair_surprise"}
+# Resume fields added after checkpoints were first written, with the value every older checkpoint was made with
+# (basis.logit_bias was recorded only when True). Other fields an older checkpoint lacks are not checked.
+_RESUME_FIELD_DEFAULTS = {"basis.init_features": "pair_surprise", "basis.logit_bias": False}
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, saved: Mapping[str, Any]) -> None:
@@ -56,10 +63,20 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, sav
       continue
     stored = saved.get(field, _RESUME_FIELD_DEFAULTS.get(field))
     if stored != value:
-      why = ("the data order would not continue"
-             if field in ("train.batch_size", "seed") else "the checkpoint holds other bases or another backbone")
+      if field in ("train.batch_size", "seed"):
+        why = "the data order would not continue"
+      elif field.startswith("data."):
+        why = "the checkpoint's bases were trained on other pairs (or other attributes, in another order)"
+      elif field.startswith("loss."):
+        why = "the checkpoint's bases were trained with another objective"
+      else:
+        why = "the checkpoint holds other bases or another backbone"
       raise ValueError(f"config.{field}={value!r} differs from {stored!r} in the checkpoint of step {step} in "
                        f"{workdir}: {why}. Use the same value or a new --workdir.")
+  if step > config.train.num_steps:
+    raise ValueError(f"config.train.num_steps={config.train.num_steps} is below step {step} of the checkpoint in "
+                     f"{workdir}: its bases are trained further than asked. Use train.num_steps >= {step} or a new "
+                     "--workdir.")
 
 
 def check_existing_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:

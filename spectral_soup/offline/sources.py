@@ -210,11 +210,13 @@ def _read_jsonl_cached(path: str, version: Any) -> Dict[str, Any]:
 
 def attribute_differences(scores_a: Optional[np.ndarray], scores_b: Optional[np.ndarray], label: np.ndarray,
                           mask: np.ndarray) -> np.ndarray:
-  """d: f32[N, A], score_a - score_b (or +1 / -1 / 0 from the labels when there are no scores); NaN: missing."""
+  """d: f32[N, A], score_a - score_b, or +1 / -1 / 0 from the label where a pair has no scores for an attribute (a
+  file without scores, or an attribute only labelled in a file that scores others); NaN: missing."""
+  signs = np.where(label == 1, 1.0, np.where(label == 0, -1.0, 0.0))
   if scores_a is not None:
     with np.errstate(invalid="ignore"):
-      return np.where(mask, scores_a - scores_b, np.nan).astype(np.float32)
-  signs = np.where(label == 1, 1.0, np.where(label == 0, -1.0, 0.0))
+      diff = scores_a - scores_b
+    signs = np.where(np.isnan(diff), signs, diff)
   return np.where(mask, signs, np.nan).astype(np.float32)
 
 
@@ -243,7 +245,25 @@ def load_tokenizer(config: ml_collections.ConfigDict):
   if not path:
     raise ValueError("config.data.tokenizer='' is invalid: expected a local tokenizer (or checkpoint) directory "
                      "when config.model.path is empty.")
-  return hf_import.tokenizer_from_pretrained(path)
+  tokenizer = hf_import.tokenizer_from_pretrained(path)
+  if config.model.path and path != config.model.path:
+    _check_same_tokenizer(config, tokenizer)
+  return tokenizer
+
+
+def _check_same_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+  """ValueError when data.tokenizer is not model.path's own tokenizer (when the checkpoint has one): its ids would
+  mean other tokens to the model (a config for a random backbone's toy tokenizer, with a real model.path)."""
+  from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
+  try:
+    own = hf_import.tokenizer_from_pretrained(config.model.path)
+  except (OSError, ValueError):  # The checkpoint carries no tokenizer: data.tokenizer is the one to use.
+    return
+  if own.get_vocab() != tokenizer.get_vocab() or own.eos_token_id != tokenizer.eos_token_id:
+    raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} is invalid: it is not the tokenizer of "
+                     f"config.model.path={config.model.path!r} ({len(tokenizer)} tokens, end-of-sequence id "
+                     f"{tokenizer.eos_token_id}, against {len(own)} and {own.eos_token_id}), so its ids would mean "
+                     "other tokens to the model; set data.tokenizer='' to use the checkpoint's.")
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> List[List[int]]:
@@ -455,6 +475,8 @@ def builder_pairs(config: ml_collections.ConfigDict,
       out.append(arrays)
       continue
     batch = config.train.batch_size if is_train else config.train.eval_batch_size
+    if is_train and len(arrays["prompt"]):
+      _warn_untaught_bases(config, metadata, arrays, split)
     if len(arrays["prompt"]) < batch:
       raise ValueError(f"config.train.{'batch_size' if is_train else 'eval_batch_size'}={batch} is invalid: "
                        f"{d.source}/{split} has only {len(arrays['prompt'])} labelled pairs (of at most "
@@ -465,6 +487,24 @@ def builder_pairs(config: ml_collections.ConfigDict,
                  counts["read"], examples["num_in_split"], counts["kept"])
     out.append(arrays)
   return out[0], out[1], metadata
+
+
+def _warn_untaught_bases(config: ml_collections.ConfigDict, metadata: Mapping[str, Any],
+                         arrays: Mapping[str, np.ndarray], split: str) -> None:
+  """A warning naming every basis without one labelled (dpo) or rated (ratings) training pair: it stays at its
+  initialization, under a name that says what it learned (an attribute only labelled in a file that scores others
+  used to be dropped so, silently)."""
+  if config.loss.kind == "dpo":
+    taught = np.sum(arrays["labels"] >= 0, axis=0)
+  else:
+    taught = np.sum(np.isfinite(arrays["scores_a"] - arrays["scores_b"]), axis=0)
+  for k in np.flatnonzero(taught == 0):
+    what = "label" if config.loss.kind == "dpo" else "rating difference"
+    weights = ", ".join(f"{a}: {w:g}" for a, w in zip(metadata["attributes"], metadata["weightings"][k]) if w)
+    logging.warning(
+        "%s: basis %d (%s) has no training pair with a %s (loss.kind=%r) among the %d pairs of %r: it will stay at "
+        "its initialization. Check its attributes' names and values, or leave them out (data.attributes).",
+        config.data.source, k, weights, what, config.loss.kind, len(arrays["prompt"]), split)
 
 
 def _empty_pairs(num_bases: int, prompt_len: int, response_len: int) -> Dict[str, np.ndarray]:

@@ -552,6 +552,46 @@ def test_truncated_safetensors_names_the_file(tmp_path, keep):
   assert info.type is ValueError
 
 
+def test_the_features_cache_key_covers_the_backbone(tmp_path):
+  """A shared train.features_dir: another random backbone's architecture, or a checkpoint replaced at the same
+  path, is another cache file (a 4-layer run reused a 2-layer run's features)."""
+  pairs = input_pipeline.synthetic_pairs(4, num_bases=2, vocab_size=64, prompt_len=4, response_len=4, seed=0)
+  key = lambda config: feature_cache.features_path(config, str(tmp_path), pairs, pairs, None)
+  config = train_basis_tiny.get_config()
+  first = key(config)
+  assert key(train_basis_tiny.get_config()) == first  # The same inputs: the same file.
+  for field, value in (("num_layers", 4), ("mlp_dim", 128), ("vocab_size", 80), ("dtype", "bfloat16")):
+    other = train_basis_tiny.get_config()
+    other.model[field] = value
+    assert key(other) != first, field
+  other = train_basis_tiny.get_config()
+  other.seed += 1
+  assert key(other) != first
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "model.safetensors").write_bytes(b"1")
+  config.model.path = str(model)
+  before = key(config)
+  (model / "model.safetensors").write_bytes(b"22")
+  assert key(config) != before
+
+
+def test_a_data_tokenizer_that_is_not_the_checkpoints_own_is_refused(tmp_path):
+  """The tiny config's character tokenizer with a real model.path: ids the model reads as other tokens."""
+  from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
+  from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
+  config = train_basis_tiny.get_config()  # data.tokenizer: the 51-token character tokenizer.
+  config.model.path = hf_fixtures.byte_tokenizer(tmp_path / "model")  # A checkpoint directory with its tokenizer.
+  with pytest.raises(
+      ValueError, match=r"config\.data\.tokenizer='.*char_tokenizer' is invalid: it is not the tokenizer "
+      r"of config\.model\.path='.*model' \(51 tokens, .* so its ids would mean other tokens"):
+    sources.load_tokenizer(config)
+  config.data.tokenizer = hf_fixtures.byte_tokenizer(tmp_path / "copy")  # The same tokenizer elsewhere: fine.
+  assert len(sources.load_tokenizer(config)) == len(hf_import.tokenizer_from_pretrained(config.model.path))
+  config.data.tokenizer = ""
+  assert sources.load_tokenizer(config) is not None
+
+
 def test_unreadable_features_cache_is_moved_aside_and_recomputed(tmp_path, caplog):
   """A truncated or garbage features-*.npz (a crash mid-write of an older version, a full disk) never crash-loops."""
   path = tmp_path / "features-abc.npz"
