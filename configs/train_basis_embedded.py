@@ -42,6 +42,8 @@ def get_config():
   config.data.generation_batch_size = 128  # Responses decoded together.
   config.data.cache_dir = ""  # "" = $SPECTRAL_SOUP_CACHE or ~/.cache/spectral_soup.
   config.data.eval_fraction = 0.25  # Held-out share of prompts (hash split).
+  config.data.num_train_pairs = 2_048  # At most this many of the training split's pairs (all of them here).
+  config.data.num_eval_pairs = 256  # At most this many held-out pairs (all of them here).
   config.data.tie_margin = 0.1  # |score_a - score_b| below this many std is a tie (masked).
   config.data.prompt_len = 64  # Prompt tokens (chat-formatted, left-truncated).
   config.data.response_len = 48  # Response tokens (with the end-of-turn token when the response ended).

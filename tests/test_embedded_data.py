@@ -98,6 +98,11 @@ def test_embedded_pairs_carry_ratings_standardized_on_the_training_split(monkeyp
   # Same order, same affine map per attribute on both splits.
   ratio = (eval_split["scores_a"] - train_split["scores_a"][:1]) / (raw[is_eval] - raw[~is_eval][:1])
   np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:1], ratio.shape), rtol=1e-4)
+  # data.num_train_pairs / num_eval_pairs keep the first pairs of each split (they were ignored).
+  config.data.num_train_pairs, config.data.num_eval_pairs = 5, 2
+  few_train, few_eval = pairs_lib._embedded_pairs(config)
+  np.testing.assert_array_equal(few_train["scores_a"], train_split["scores_a"][:5])
+  np.testing.assert_array_equal(few_eval["scores_a"], eval_split["scores_a"][:2])
 
 
 # ---------------------------------------------------------------------------------------------------------------

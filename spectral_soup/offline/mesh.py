@@ -119,8 +119,28 @@ def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Sequence[Tuple[str,
 
 
 def abstract_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[Tuple[str, Any]] = LOGICAL_RULES) -> Any:
-  """Shardings of a `jax.eval_shape` output whose leaves are boxed with logical names (unboxed leaves: replicated)."""
-  return logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules)
+  """Shardings of a `jax.eval_shape` output whose leaves are boxed with logical names (unboxed leaves: replicated).
+
+  Raises ValueError naming the mesh axis (`config.mesh.<axis>`), the array and its logical axis when an axis does
+  not divide a dimension it would split (a model axis of 2 over one KV head, an odd vocabulary, a feature width):
+  before anything is placed, instead of an IndivisibleError from inside jit.
+  """
+  logical = nn.get_partition_spec(abstract_boxed)
+  shardings = logical_shardings(logical, mesh, rules)
+  leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_boxed))
+  specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  names = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))
+  for (path, leaf), sharding, name in zip(leaves, specs, names):
+    for dim, (size, axes) in enumerate(zip(getattr(leaf, "shape", ()), sharding.spec)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        what = name[dim] if isinstance(name, P) and dim < len(name) else None
+        fields = " x ".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
+        raise ValueError(f"{fields} is invalid: it would split dimension {dim} of {jax.tree_util.keystr(path)} "
+                         f"(shape {tuple(leaf.shape)}, logical axis {what!r}) of size {size} into {ways} parts; "
+                         f"expected a mesh axis that divides every {what!r} size (or 1).")
+  return shardings
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -88,10 +88,13 @@ def embedded_data(config: ml_collections.ConfigDict, tokenizer, *, dev: bool = F
 
 
 def _embedded_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-  """The embedded data's (train, eval) pairs, the ratings of loss.kind="ratings" standardized (`embedded_data`)."""
+  """The embedded data's (train, eval) pairs, the ratings of loss.kind="ratings" standardized (`embedded_data`):
+  the first `data.num_train_pairs` / `data.num_eval_pairs` of each split (the split is `data.eval_fraction`'s)."""
   if len(config.data.attributes) != config.basis.num_bases:
     raise ValueError(f"config.basis.num_bases={config.basis.num_bases} but config.data.attributes has "
                      f"{len(config.data.attributes)} attributes: one basis per attribute.")
   data = embedded_data(config, hf_import.tokenizer_from_pretrained(config.model.path))
   arrays = {**data.arrays, "scores_a": data.standardized("a"), "scores_b": data.standardized("b")}
-  return ({k: v[~data.is_eval] for k, v in arrays.items()}, {k: v[data.is_eval] for k, v in arrays.items()})
+  train = np.flatnonzero(~data.is_eval)[:config.data.num_train_pairs]
+  held_out = np.flatnonzero(data.is_eval)[:config.data.num_eval_pairs]
+  return ({k: v[train] for k, v in arrays.items()}, {k: v[held_out] for k, v in arrays.items()})

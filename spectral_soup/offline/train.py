@@ -234,6 +234,11 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
       input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings" or
                                  basis_init == "ridge", vocab_size=model_cfg.vocab_size,
                                  rating_scale=config.loss.rating_scale if config.loss.kind == "ratings" else None)
+  num_train = len(train_pairs["prompt"])
+  if num_train < config.train.batch_size:  # Every source (the builders also check while they read).
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} is invalid: the training pairs of "
+                     f"data.source={config.data.source!r} are {num_train}, fewer than one batch (use a smaller batch, "
+                     "or hold out fewer prompts).")
   if basis_init == "ridge":
     ridge_init.check_ridge_ratings(train_pairs)
   resume.check_existing_checkpoint(config, workdir)

@@ -4,6 +4,7 @@ dataset rows, pair arrays and truncated checkpoint files."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -363,6 +364,40 @@ def test_pairs_tokenized_for_another_model_are_named():
     input_pipeline.check_pairs(pairs, K, vocab_size=64)
   pairs["response_b"] %= 64
   assert input_pipeline.check_pairs(pairs, K, vocab_size=64) == 8
+
+
+@pytest.mark.parametrize("axes, names, shape, message", [
+    ((1, 1, 2), ("layers", "embed", "kv_heads", "kv"), (2, 32, 1, 8),
+     r"config\.mesh\.model=2 is invalid: it would split dimension 2 of \['w'\] \(shape \(2, 32, 1, 8\), logical axis "
+     r"'kv_heads'\) of size 1 into 2 parts"),
+    ((1, 1, 4), ("vocab", "embed"), (50257, 32), r"config\.mesh\.model=4 is invalid: .* 'vocab'\) of size 50257"),
+    ((1, 8, 1), ("basis", "features", "head_rank"), (3, 12, 4), r"config\.mesh\.fsdp=8 is invalid: .* 'features'"),
+])
+def test_a_mesh_axis_that_does_not_divide_what_it_splits_is_named(axes, names, shape, message):
+  """Multi-query attention with a model axis, GPT-2's odd vocabulary, a feature width: an IndivisibleError from
+  inside jit (after the feature pass for the heads) before."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh(*axes, num_devices=math.prod(axes))
+  tree = {"w": nn.Partitioned(jax.ShapeDtypeStruct(shape, np.float32), names)}
+  with pytest.raises(ValueError, match=message):
+    mesh_lib.abstract_shardings(tree, mesh)
+  mesh_lib.abstract_shardings({"w": nn.Partitioned(jax.ShapeDtypeStruct((8, 8, 8, 8)[:len(shape)], np.float32), names)},
+                              mesh)
+
+
+def test_fewer_training_pairs_than_one_batch_are_named_before_the_workdir_is_made(tmp_path):
+  """Any source (the embedded data's split said "22 examples cannot fill one batch of 32" after the feature pass)."""
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  config = train_basis_tiny.get_config()
+  config.basis.num_bases, config.model.vocab_size = K, 64
+  pairs = input_pipeline.synthetic_pairs(8, num_bases=K, vocab_size=64, prompt_len=8, response_len=16, seed=0)
+  empty = {k: v[:0] for k, v in pairs.items()}
+  with pytest.raises(
+      ValueError, match=r"config\.train\.batch_size=32 is invalid: the training pairs of "
+      r"data\.source='synthetic' are 8, fewer than one batch"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), pairs=(pairs, empty))
+  assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
