@@ -173,7 +173,7 @@ def check_config(parser: argparse.ArgumentParser, args: argparse.Namespace, remo
                    f"the remote machine would not have it: put the config under configs/.")
     args.config = relative + sep + variant
   try:
-    return load_config(full, variant if sep else None)
+    config = load_config(full, variant if sep else None)
   except ModuleNotFoundError as e:
     if e.name and os.path.exists(os.path.join(REPO_ROOT, e.name.split(".")[0])):
       parser.error(f"--config={args.config}: could not be loaded: {type(e).__name__}: {e}")
@@ -184,6 +184,36 @@ def check_config(parser: argparse.ArgumentParser, args: argparse.Namespace, remo
   except Exception as e:  # pylint: disable=broad-except  # Any error of the config's own code is the user's input.
     message = " ".join(str(e).split())
     parser.error(f"--config={args.config}: loading it failed: {type(e).__name__}: {message}")
+  overrides = [a for a in args.job_args if a.startswith("--config.")]
+  return apply_overrides(parser, full + sep + variant, overrides) if overrides else config
+
+
+def apply_overrides(parser: argparse.ArgumentParser, config_arg: str, overrides: Sequence[str]) -> Any:
+  """The config of `--config=config_arg` with the job's `--config.FIELD=VALUE` arguments applied, parsed as the job
+  parses them (ml_collections' config flags): a misspelt field or a value of the wrong type is refused here, before
+  any machine is created, with the job's own one-line message."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import cli  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "The job's config.", flag_values=flag_values)
+  argv = ["job", f"--config={config_arg}", *overrides]
+  saved_argv, saved_path, saved_env = sys.argv, list(sys.path), dict(os.environ)
+  sys.argv = argv  # ml_collections reads the overrides from sys.argv.
+  if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+  try:
+    flag_values(argv)
+    return flag_values.config
+  except flags.Error as e:
+    parser.error(f"job argument: {' '.join(str(e).split())}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    parser.error(f"job argument: {cli._config_error_message(e, argv)}")  # pylint: disable=protected-access
+  finally:
+    sys.argv, sys.path[:] = saved_argv, saved_path
+    if dict(os.environ) != saved_env:
+      os.environ.clear()
+      os.environ.update(saved_env)
 
 
 def check_plan_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, steps: Sequence[str]) -> None:

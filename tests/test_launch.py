@@ -29,7 +29,7 @@ POD = [
     "--name=ss-pod", "--zone=us-west4-a", "--project=my-project", "--accelerator-type=v5litepod-16",
     f"--config={CONFIG}", "--workdir=/mnt/shared/run1", f"--copy={DATA}:data/ultrafeedback"
 ]
-OVERRIDES = ["--", "--config.train.num_steps=10", "--config.data.source=synthetic"]
+OVERRIDES = ["--", "--config.train.num_steps=10", "--config.optim.warmup_steps=2", "--config.data.source=synthetic"]
 
 
 def _dry_run(module, argv):
@@ -74,7 +74,8 @@ def test_tpu_pod_slice_plan_in_order():
   # The job: every host runs the same command in the background; 4 hosts -> one distributed JAX job.
   job = _remote(run)
   assert ("~/spectral_soup_venv/bin/python -m experiments.train_basis --config=configs/train_basis_tiny.py "
-          "--workdir=/mnt/shared/run1 --distributed --config.train.num_steps=10 --config.data.source=synthetic") in job
+          "--workdir=/mnt/shared/run1 --distributed --config.train.num_steps=10 --config.optim.warmup_steps=2 "
+          "--config.data.source=synthetic") in job
   assert "cd ~/spectral_soup" in job and "nohup" in job and "~/spectral_soup_runs/ss-pod.log" in job
 
   assert logs[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "ss-pod"] and "--worker=0" in logs
@@ -171,7 +172,7 @@ def test_local_plan(monkeypatch):
   assert out.getvalue().splitlines() == [
       f"cd {common.REPO_ROOT} && env XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu "
       f"nice -n 15 python3 -m experiments.train_basis --config={CONFIG} --workdir=workdir/t "
-      f"--config.train.num_steps=10 --config.data.source=synthetic"
+      f"--config.train.num_steps=10 --config.optim.warmup_steps=2 --config.data.source=synthetic"
   ]
 
 
@@ -412,8 +413,18 @@ def test_config_inside_the_repository_its_variant_and_its_slice(tmp_path, capsys
   args = tpu.parse_args(["--name=ss", f"--config={uf}:local", "--workdir=/mnt/shared/r"])
   assert args.slice.accelerator_type == tpu.DEFAULT_ACCELERATOR  # The local variant declares no slice.
   capsys.readouterr()
-  tpu.parse_args(["--name=ss", f"--config={uf}", "--workdir=/mnt/shared/r", "--accelerator-type=v5p-64"])
-  assert "is sized for v5p-32" in capsys.readouterr().err
+  # On another slice its batch no longer splits: refused before the slice is created, as the job would refuse it.
+  with pytest.raises(SystemExit):
+    tpu.parse_args(["--name=ss", f"--config={uf}", "--workdir=/mnt/shared/r", "--accelerator-type=v5p-64"])
+  err = capsys.readouterr().err
+  assert "is sized for v5p-32" in err and "config.train.batch_size=64 is invalid" in err
+  assert "(on the 32 devices of v5p-64)" in err
+  for job_args, message in ((["--config.trian.num_steps=5"], r"'trian' is not a config field; did you mean \"train\"?"),
+                            (["--config.train.num_steps=abc"], r"--config\.train\.num_steps=abc: invalid literal"),
+                            (["--config.train.batch_size=63"], r"expected a divisor of train\.batch_size=63")):
+    with pytest.raises(SystemExit):  # The job's own checks of its overrides, before any machine is created.
+      tpu.parse_args(["--name=ss", f"--config={uf}", "--workdir=/mnt/shared/r", "--", *job_args])
+    assert re.search(message, capsys.readouterr().err), message
 
 
 def test_multi_host_workdir_warnings_and_single_process_jobs(capsys):
