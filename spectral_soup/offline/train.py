@@ -62,8 +62,8 @@ from spectral_soup.offline import ridge_init
 from spectral_soup.offline import sources
 from spectral_soup.offline import steps
 from spectral_soup.utils import errors
-from spectral_soup.utils import memory
 from spectral_soup.utils import files
+from spectral_soup.utils import memory
 from spectral_soup.utils import progress
 from spectral_soup.utils import workdir_lock
 
