@@ -6,8 +6,9 @@ r"""Serves users' soups of a trained basis from the command line: prompts in, re
 --workdir is a basis-training run's or the main job's. One soup (--lam: K comma-separated weights) or many users
 at once (--users: a JSON file holding a list of U weight lists, or {"name": [K weights], ...}); one prompt
 (--prompt) or one per line of a text file (--prompts). Every user answers every prompt, all in one decoding call.
-Prints one JSON object per response ({"user", "prompt", "response"}), or writes them to --output (JSON lines,
-written atomically). Bad flags or files end in one line, `error: ...`, and exit status 2, before the model loads.
+Prints one JSON object per response ({"user", "prompt", "response", "ended"}: whether it ended with the
+end-of-sequence token rather than at --max_new_tokens, for `Basis.features(..., ended=)`), or writes them to
+--output (JSON lines, written atomically). Bad flags or files end in one line, `error: ...`, and exit status 2, before the model loads.
 """
 
 from __future__ import annotations
@@ -137,15 +138,16 @@ def main(argv) -> None:
     basis = basis_lib.load_basis(_WORKDIR.value)
     rows = [(u, p) for u in range(len(names)) for p in range(len(prompts))]
     with cli.input_checks():
-      texts = basis.generate([prompts[p] for _, p in rows], [weights[u] for u, _ in rows], mode=_MODE.value,
-                             max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                             seed=_SEED.value)
+      texts, ended = basis.generate([prompts[p] for _, p in rows], [weights[u] for u, _ in rows], mode=_MODE.value,
+                                    max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                                    top_p=_TOP_P.value, seed=_SEED.value, return_ended=True)
   lines = [
       json.dumps({
           "user": names[u],
           "prompt": prompts[p],
-          "response": text
-      }, ensure_ascii=False) for (u, p), text in zip(rows, texts)
+          "response": text,
+          "ended": done
+      }, ensure_ascii=False) for (u, p), text, done in zip(rows, texts, ended)
   ]
   if _OUTPUT.value:
     files.write_text_atomic(_OUTPUT.value, "".join(line + "\n" for line in lines))

@@ -277,8 +277,8 @@ def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["user"], r["prompt"]) for r in rows] == [(u, p) for u in ("reference", "marker") for p in PROMPTS]
-  want = basis.generate(PROMPTS * 2, [[0, 0, 0]] * 2 + [[0, 3, 0]] * 2, max_new_tokens=12)
-  assert [r["response"] for r in rows] == want
+  want, ended = basis.generate(PROMPTS * 2, [[0, 0, 0]] * 2 + [[0, 3, 0]] * 2, max_new_tokens=12, return_ended=True)
+  assert [r["response"] for r in rows] == want and [r["ended"] for r in rows] == ended
   # One soup, one prompt, printed.
   result = _cli(f"--workdir={workdir}", "--lam=0,3,0", "--prompt=hello there", "--max_new_tokens=12", cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -130,41 +130,49 @@ def _config(**flat):
   return config
 
 
-@pytest.mark.parametrize("flat, message", [
-    ({
-        "basis.num_bases": 4
-    }, "config.basis.num_bases=4 differs from 3"),
-    ({
-        "model.embed_dim": 48
-    }, "config.model.embed_dim=48 differs from 32"),
-    ({
-        "basis.head_rank": 2
-    }, "config.basis.head_rank=2 differs from 4"),
-    ({
-        "basis.kind": "lora"
-    }, "config.basis.kind='lora' differs from 'heads'"),
-    ({
-        "train.batch_size": 64
-    }, "config.train.batch_size=64 differs from 32"),
-    ({
-        "basis.num_bases": 4,
-        "train.cache_features": True
-    }, "config.basis.num_bases=4 differs from 3"),
-    ({  # It was recorded only when True: the bases' bias arrays were a CheckpointMismatchError traceback.
-        "basis.logit_bias": True
-    }, "config.basis.logit_bias=True differs from False"),
-    ({  # What the bases are trained on and for: it resumed on other pairs, or with another objective.
-        "data.seed": 7
-    }, "config.data.seed=7 differs from 1 in the checkpoint of step 16 in .*: the checkpoint's bases were trained on "
-     "other pairs"),
-    ({
-        "loss.beta": 0.5
-    }, "config.loss.beta=0.5 differs from 1.0 .*: the checkpoint's bases were trained with another objective"),
-    ({  # Nothing left to train: config.json said 8 steps beside bases of step 16.
-        "train.num_steps": 8
-    }, "config.train.num_steps=8 is below step 16 of the checkpoint in .*: its bases are trained further than "
-     "asked"),
-])
+@pytest.mark.parametrize(
+    "flat, message",
+    [
+        ({
+            "basis.num_bases": 4
+        }, "config.basis.num_bases=4 differs from 3"),
+        ({
+            "model.embed_dim": 48
+        }, "config.model.embed_dim=48 differs from 32"),
+        ({
+            "basis.head_rank": 2
+        }, "config.basis.head_rank=2 differs from 4"),
+        ({
+            "basis.kind": "lora"
+        }, "config.basis.kind='lora' differs from 'heads'"),
+        ({
+            "train.batch_size": 64
+        }, "config.train.batch_size=64 differs from 32"),
+        ({
+            "basis.num_bases": 4,
+            "train.cache_features": True
+        }, "config.basis.num_bases=4 differs from 3"),
+        (
+            {  # It was recorded only when True: the bases' bias arrays were a CheckpointMismatchError traceback.
+                "basis.logit_bias": True
+            },
+            "config.basis.logit_bias=True differs from False"),
+        (
+            {  # What the bases are trained on and for: it resumed on other pairs, or with another objective.
+                "data.seed": 7
+            },
+            "config.data.seed=7 differs from 1 in the checkpoint of step 16 in .*: the checkpoint's bases were trained on "
+            "other pairs"),
+        ({
+            "loss.beta": 0.5
+        }, "config.loss.beta=0.5 differs from 1.0 .*: the checkpoint's bases were trained with another objective"),
+        (
+            {  # Nothing left to train: config.json said 8 steps beside bases of step 16.
+                "train.num_steps": 8
+            },
+            "config.train.num_steps=8 is below step 16 of the checkpoint in .*: its bases are trained further than "
+            "asked"),
+    ])
 def test_checkpoint_of_another_config_names_the_field(reference, tmp_path, flat, message):
   workdir = copy_workdir(reference, str(tmp_path / "other"))
   before = tree_hashes(os.path.join(workdir, "checkpoints"))
