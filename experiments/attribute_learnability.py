@@ -59,6 +59,8 @@ def check_workdir(workdir: str, config) -> None:
     ours = config[section].get(name)
     ours = list(ours) if isinstance(ours, (tuple, list)) else ours
     theirs = trained.get(section, {}).get(name) if isinstance(trained.get(section), dict) else None
+    if name == "source":  # Runs record their paths absolute.
+      theirs, ours = files.absolute_if_exists(theirs), files.absolute_if_exists(ours)
     if theirs != ours:
       raise ValueError(f"{path}: {section}.{name}={theirs!r}, but --config has {ours!r}: this workdir holds another "
                        "run (its bases' accuracies would be printed under this config's attribute names); pass the "

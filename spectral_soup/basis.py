@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from spectral_soup.utils import errors
 from spectral_soup.utils import files
 
 Prompts = Union[str, Sequence[str]]
@@ -104,10 +105,25 @@ def load_backbone(config: ml_collections.ConfigDict) -> Tuple[Any, Any, Optional
   from spectral_soup import models  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
   tokenizer_path = config.data.get("tokenizer", "") or config.model.path
-  tokenizer = models.tokenizer_from_pretrained(tokenizer_path) if tokenizer_path else None
+  # A backbone or tokenizer that does not load is the user's input (one `error:` line from the CLIs); a relative
+  # path (recorded by an older run) is named as such: it resolves against this process's directory.
+  relative = [
+      f"{field}={path!r}" for field, path in (("model.path", config.model.path), ("data.tokenizer",
+                                                                                  config.data.get("tokenizer", "")))
+      if path and ":" not in path and not os.path.isabs(path)
+  ]
+  try:
+    with errors.input_stage():
+      tokenizer = models.tokenizer_from_pretrained(tokenizer_path) if tokenizer_path else None
+      if config.model.path:
+        model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
+                                                 weight_dtype=config.model.weight_dtype)
+  except errors.InputError as e:
+    if not relative:
+      raise
+    raise errors.InputError(f"{e} ({', '.join(relative)} in the run's config is relative: it was "
+                            f"resolved against the current directory {os.getcwd()})") from e
   if config.model.path:
-    model, backbone = models.from_pretrained(config.model.path, dtype=config.model.dtype,
-                                             weight_dtype=config.model.weight_dtype)
     return model, build.unboxed(backbone), tokenizer
   model = models.Transformer(build.model_config(config))
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]

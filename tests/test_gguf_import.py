@@ -114,8 +114,10 @@ def _gguf_name(hf_name: str) -> str:
 
 
 def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str = "llama", ffn_length: int = _F,
-                block_count: Any = _L, head_count: Any = _H) -> Dict[str, np.ndarray]:
-  """Writes a tiny Llama GGUF (with tokenizer) to `path`; returns its weights in HF names and layouts."""
+                block_count: Any = _L, head_count: Any = _H, extra_metadata=None) -> Dict[str, np.ndarray]:
+  """Writes a tiny Llama GGUF (with tokenizer) to `path`; returns its weights in HF names and layouts.
+
+  extra_metadata: called with the writer after the standard metadata, to add keys."""
   state = _tiny_state(seed, tie)
   tokens, types = _tiny_vocab()
   w = gguf.GGUFWriter(str(path), arch)
@@ -144,6 +146,8 @@ def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str =
   w.add_pad_token_id(2)
   w.add_add_bos_token(False)
   w.add_chat_template(_CHAT_TEMPLATE)
+  if extra_metadata is not None:
+    extra_metadata(w)
   for name, value in state.items():
     if name.endswith("q_proj.weight"):
       value = value[_llama_cpp_row_order(_H, _HD)]
@@ -313,6 +317,24 @@ def test_metadata_values_that_cannot_describe_a_model_are_named(tmp_path, metada
   _write_tiny(path, **metadata)
   with pytest.raises(ValueError, match=r"bad_metadata\.gguf.*" + message):
     gguf_import.read_gguf(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (lambda w: (w.add_string("llama.rope.scaling.type", "yarn"), w.add_float32("llama.rope.scaling.factor", 4.0),
+                w.add_uint32("llama.rope.scaling.original_context_length", 64)), r"rope_type='yarn' is not supported"),
+    (lambda w: w.add_string("llama.rope.scaling.type", "linear"),
+     r"metadata 'llama.rope.scaling.factor' is missing: expected the scaling factor of 'llama.rope.scaling.type' = "
+     r"'linear'"),
+])
+def test_what_the_model_cannot_run_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch, extra, message):
+  """It was refused after every tensor was dequantized (minutes and ~28 GB for a 7B file), or a bare TypeError."""
+  path = tmp_path / "scaled.gguf"
+  _write_tiny(path, extra_metadata=extra)
+  read = []
+  monkeypatch.setattr(gguf_import, "_dequantize", lambda *args: read.append(args) or np.zeros(args[2], np.float32))
+  with pytest.raises(ValueError, match=r"scaled\.gguf'?: .*" + message):
+    gguf_import.read_gguf(path)
+  assert not read
 
 
 def test_unsupported_architecture(tmp_path):

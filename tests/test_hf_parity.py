@@ -212,6 +212,46 @@ def test_sharded_checkpoint_shape_error_names_the_shard(tmp_path):
   assert str(shard) in str(err.value) and name in str(err.value) and "layers/mlp/up_proj/kernel" in str(err.value)
 
 
+def test_a_single_file_wins_over_an_index_as_in_transformers(tmp_path):
+  """A directory holding model.safetensors and a sharded index of other weights loads model.safetensors."""
+  path = hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("llama", seed=1), tmp_path / "both",
+                                   max_shard_size="40KB")
+  single = hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("llama", seed=2), tmp_path / "single")
+  shutil.copy(single / "model.safetensors", path / "model.safetensors")
+  _, ours = hf_import.load_hf_checkpoint(path)
+  _, theirs = hf_import.load_hf_checkpoint(single)
+  _assert_trees_equal(ours, theirs)
+
+
+def test_an_index_naming_the_wrong_shard_says_so(tmp_path):
+  path = hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("llama"), tmp_path / "sharded", max_shard_size="40KB")
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  name = "model.layers.1.mlp.up_proj.weight"
+  wrong = next(s for s in sorted(set(index["weight_map"].values())) if s != index["weight_map"][name])
+  index["weight_map"][name] = wrong
+  (path / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(
+      ValueError, match=rf"model\.safetensors\.index\.json maps tensor '{name}' to {wrong}, which does "
+      r"not hold it \(it holds \d+ others\): the index names the wrong shard"):
+    hf_import.from_pretrained(path)
+
+
+def test_a_tied_config_with_its_own_lm_head_loads_untied_as_in_transformers(tmp_path, caplog):
+  """config.json ties the output projection, but the file holds an lm_head of other values: transformers keeps it."""
+  path = hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("llama"), tmp_path / "model")  # Untied weights.
+  config = json.loads((path / "config.json").read_text())
+  config["tie_word_embeddings"] = True
+  (path / "config.json").write_text(json.dumps(config))
+  with caplog.at_level(logging.WARNING):
+    model, params = hf_import.from_pretrained(path)
+  assert not model.config.tie_embeddings and "it is loaded untied" in caplog.text
+  tokens = _tokens("llama", (BATCH, LENGTH))
+  mask = np.ones_like(tokens, dtype=bool)
+  ours = np.asarray(model.apply({"params": params}, tokens, mask=mask)[0])
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager").eval()
+  assert np.abs(ours - _hf_logits(hf_model, tokens, mask)).max() <= ATOL
+
+
 def test_bf16_checkpoint(tmp_path):
   hf_model = hf_fixtures.build_hf_model("gemma3").to(torch.bfloat16)
   path = hf_fixtures.save_hf_model(hf_model, tmp_path / "bf16")

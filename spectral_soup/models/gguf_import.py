@@ -199,6 +199,9 @@ def _rope_parameters(path: str, reader: gguf.GGUFReader, arch: str, tensor_names
     kind, factor = "linear", legacy_linear
   if kind in (None, "none"):
     return {"rope_type": "default", "rope_theta": theta}
+  if kind in ("linear", "yarn") and factor is None:
+    raise ValueError(f"{path!r}: metadata {f'{arch}.rope.scaling.factor'!r} is missing: expected the scaling factor "
+                     f"of {f'{arch}.rope.scaling.type'!r} = {kind!r}")
   if kind == "linear":
     return {"rope_type": "linear", "rope_theta": theta, "factor": float(factor)}
   if kind == "yarn":
@@ -369,6 +372,11 @@ def read_gguf(path: str | os.PathLike,
                      f"{', '.join(SUPPORTED_ARCHITECTURES)})")
   tensor_names = [t.name for t in reader.tensors]
   config = _llama_config(path, reader, tensor_names)
+  from spectral_soup.models.hf_config import config_from_hf  # pylint: disable=g-import-not-at-top
+  try:  # What the model cannot run (yarn rotary scaling, projection biases) is refused before any tensor is read.
+    config_from_hf(config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path!r}: {e}") from None
   expected = _expected_shapes(config)
 
   jobs = []  # (hf_name, reader tensor, numpy shape)

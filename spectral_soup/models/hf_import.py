@@ -185,6 +185,29 @@ def _find_prefix(keys: Sequence[str], anchor: str, source: str) -> str:
                    f"the checkpoint has {len(key_set)} tensors, e.g. {sorted(key_set)[:5]}.")
 
 
+def untie_if_distinct(config: TransformerConfig, state_dict: Mapping[str, Any], source: str) -> TransformerConfig:
+  """`config` untied when it ties the output projection to the embedding but the checkpoint holds an output
+  projection (lm_head) of other values: transformers then keeps the checkpoint's own lm_head, and so does this (with
+  a warning); else `config` unchanged."""
+  if not config.tie_embeddings:
+    return config
+  keys = list(state_dict.keys())
+  key_set = set(keys)
+  lm_head = next((n for n in _LM_HEAD_NAMES if n in key_set), None)
+  if lm_head is None:
+    return config
+  embed = _find_prefix(keys, _table(config)[0].hf_name, source) + _table(config)[0].hf_name
+  if embed not in key_set:
+    return config  # `params_from_state_dict` names the missing tensor.
+  head, table = _to_numpy(state_dict[lm_head]), _to_numpy(state_dict[embed])
+  if head.shape == table.shape and np.array_equal(head, table):
+    return config
+  logger.warning(
+      "%s: the config ties the output projection to the embedding (tie_word_embeddings), but tensor %r holds other "
+      "values: it is loaded untied, with that tensor as the output projection, as transformers does.", source, lm_head)
+  return dataclasses.replace(config, tie_embeddings=False)
+
+
 def params_from_state_dict(config: TransformerConfig, state_dict: Mapping[str, Any], *,
                            source: str = "<state dict>") -> Dict[str, Any]:
   """Our parameter tree (plain nested dict of jax arrays in config.weight_dtype) from an HF state dict.
@@ -255,8 +278,9 @@ def params_from_state_dict(config: TransformerConfig, state_dict: Mapping[str, A
     unused.remove(lm_head)
     if not np.array_equal(_to_numpy(state_dict[lm_head]).astype(wdtype), flat[("embed", "embedding")]):
       logger.warning(
-          "%s: the config ties the output projection to the embedding, but tensor %r differs from "
-          "it; it is ignored (as transformers does).", source, lm_head)
+          "%s: the config ties the output projection to the embedding, but tensor %r differs from it; it is "
+          "ignored here (`from_pretrained` loads such a checkpoint untied, as transformers does: "
+          "`untie_if_distinct`).", source, lm_head)
   if unused:
     shown = ", ".join(unused[:20]) + (f", ... ({len(unused) - 20} more)" if len(unused) > 20 else "")
     logger.warning("%s: %d tensors were not used by the %s model: %s", source, len(unused), config.family, shown)
@@ -295,6 +319,7 @@ class _SafetensorsStateDict(Mapping):
   def __init__(self, files: Mapping[str, Path]):  # tensor name -> file holding it
     self._files = dict(files)
     self._handles: Dict[Path, Any] = {}
+    self._names: Dict[Path, set] = {}  # The tensors each open file holds.
 
   @classmethod
   def from_files(cls, paths: Sequence[Path]) -> "_SafetensorsStateDict":
@@ -312,6 +337,10 @@ class _SafetensorsStateDict(Mapping):
     path = self._files[name]
     if path not in self._handles:
       self._handles[path] = _safe_open(path)
+      self._names[path] = set(self._handles[path].keys())
+    if name not in self._names[path]:  # Only an index can map a tensor to a file that lacks it.
+      raise ValueError(f"{path.parent / 'model.safetensors.index.json'} maps tensor {name!r} to {path.name}, which "
+                       f"does not hold it (it holds {len(self._names[path])} others): the index names the wrong shard.")
     try:
       return self._handles[path].get_tensor(name)
     except Exception as e:  # The reader's own errors name neither the file nor the tensor.
@@ -347,14 +376,18 @@ def _weight_map(index: Path) -> Dict[str, Path]:
 def _safetensors_files(path: Path) -> List[Path]:
   """The safetensors weight files of an HF checkpoint directory; clear errors for anything else."""
   single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+  if single.is_file():  # transformers' order: the single file first, then the index.
+    if index.is_file():
+      logger.warning(
+          "%s holds both model.safetensors and model.safetensors.index.json: model.safetensors is loaded "
+          "(as transformers does), the index and its shards are not.", path)
+    return [single]
   if index.is_file():
     shards = sorted(set(_weight_map(index).values()))
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
       raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}.")
     return shards
-  if single.is_file():
-    return [single]
   others = sorted(path.glob("*.safetensors"))
   if others:
     return others
@@ -411,8 +444,10 @@ def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[Tra
     raise ValueError(message if str(path) in message else f"{path / 'config.json'}: {message}") from None
   index = path / "model.safetensors.index.json"
   # A sharded checkpoint's tensors are read from the shard its index names (not whichever shard holds a copy).
-  state_dict = _SafetensorsStateDict(_weight_map(index)) if index.is_file() else _SafetensorsStateDict.from_files(files)
+  sharded = index.is_file() and not (path / "model.safetensors").is_file()  # `_safetensors_files`' order.
+  state_dict = _SafetensorsStateDict(_weight_map(index)) if sharded else _SafetensorsStateDict.from_files(files)
   source = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")
+  config = untie_if_distinct(config, state_dict, source)
   return config, params_from_state_dict(config, state_dict, source=source)
 
 
@@ -454,7 +489,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, weight_dtype:
   else:
     from spectral_soup.models import gguf_import  # Lazy: optional dependency path.
     hf_config, state_dict = gguf_import.read_gguf(str(p))
-    config = config_from_hf(hf_config, **overrides)
+    config = untie_if_distinct(config_from_hf(hf_config, **overrides), state_dict, str(p))
     params = params_from_state_dict(config, state_dict, source=str(p))
     del state_dict
   # The checkpoint's conversion buffers are garbage now; the package's malloc settings would keep them resident.

@@ -51,6 +51,21 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   return {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}  # As it reads back from JSON.
 
 
+# Config fields that hold paths: a run records them absolute (`with_absolute_paths`), and a resume compares them so.
+PATH_FIELDS = ("model.path", "data.tokenizer", "data.source", "data.data_dir", "data.manual_dir")
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose PATH_FIELDS are absolute where they name something that exists from here: what a run
+  records in its config.json, so that serving it from another directory finds the same backbone and tokenizer."""
+  config = config.copy_and_resolve_references()
+  for field in PATH_FIELDS:
+    section, name = field.split(".")
+    if section in config and name in config[section]:
+      config[section][name] = files.absolute_if_exists(config[section][name])
+  return config
+
+
 # Resume fields added after checkpoints were first written, with the value every older checkpoint was made with
 # (basis.logit_bias was recorded only when True). Other fields an older checkpoint lacks are not checked.
 _RESUME_FIELD_DEFAULTS = {"basis.init_features": "pair_surprise", "basis.logit_bias": False}
@@ -62,6 +77,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, sav
     if field not in saved and field not in _RESUME_FIELD_DEFAULTS:  # Older checkpoints lack it: not checked.
       continue
     stored = saved.get(field, _RESUME_FIELD_DEFAULTS.get(field))
+    if field in PATH_FIELDS:  # A relative path and its absolute form (recorded by a run from here) are one path.
+      stored, value = files.absolute_if_exists(stored), files.absolute_if_exists(value)
     if stored != value:
       if field in ("train.batch_size", "seed"):
         why = "the data order would not continue"

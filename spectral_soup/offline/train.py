@@ -338,8 +338,9 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, run: _Run,
   restored = ckpt.restore_latest(abstract_state, check_data=functools.partial(resume.check_resume, config, workdir))
   if restored is not None:
     train_iter.set_state(restored[2]["iterator"])  # Before anything is written: a failed resume changes nothing.
-  if jax.process_index() == 0:  # The run is accepted: record what it runs (atomically).
-    files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:  # The run is accepted: record what it runs (atomically), its paths made absolute.
+    files.write_text_atomic(os.path.join(workdir, "config.json"),
+                            resume.with_absolute_paths(config).to_json_best_effort(indent=2))
     if config.data.source in sources.BUILDER_SOURCES or jsonl.is_jsonl(config.data.source):  # What basis k means.
       files.write_text_atomic(os.path.join(workdir, "basis.json"), json.dumps(sources.basis_metadata(config), indent=2))
   if restored is not None:

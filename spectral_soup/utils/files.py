@@ -129,3 +129,12 @@ def remove_stale_temps(directory: str, names: Sequence[str]) -> List[str]:
         os.remove(tmp)
         removed.append(tmp)
   return removed
+
+
+def absolute_if_exists(value: Any) -> Any:
+  """`value` as an absolute path if it is a relative path to something that exists here (else unchanged: "",
+  "embedded:smollm2", a source name such as "synthetic", an absolute path, a URL)."""
+  if not isinstance(value, str) or not value or os.path.isabs(value) or ":" in value:
+    return value
+  path = os.path.expanduser(value)
+  return os.path.abspath(path) if os.path.exists(path) else value

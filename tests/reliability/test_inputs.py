@@ -627,6 +627,28 @@ def test_a_data_tokenizer_that_is_not_the_checkpoints_own_is_refused(tmp_path):
   assert sources.load_tokenizer(config) is not None
 
 
+def test_runs_record_their_paths_absolute_and_a_relative_one_is_named_when_it_does_not_load(tmp_path, monkeypatch):
+  """A relative model.path was recorded as typed and resolved against the serving process's directory: from
+  another directory holding a checkpoint of the same name, the bases were served on that other backbone."""
+  from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import resume  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import errors  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "ckpt").mkdir()
+  config = train_basis_tiny.get_config()
+  config.model.path = "ckpt"
+  recorded = resume.with_absolute_paths(config)  # What config.json holds.
+  assert recorded.model.path == str(tmp_path / "ckpt") and config.model.path == "ckpt"
+  assert recorded.data.source == "synthetic"  # Not a path: unchanged.
+  resume.check_resume(config, "W", 0, resume.resume_fields(recorded))  # The same path, relative or absolute.
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")  # An older run's relative path, served from another directory.
+  with pytest.raises(
+      errors.InputError, match=r"'ckpt' does not exist\. \(model\.path='ckpt' in the run's config is "
+      r"relative: it was resolved against the current directory .*elsewhere\)"):
+    basis_lib.load_backbone(config)
+
+
 def test_unreadable_features_cache_is_moved_aside_and_recomputed(tmp_path, caplog):
   """A truncated or garbage features-*.npz (a crash mid-write of an older version, a full disk) never crash-loops."""
   path = tmp_path / "features-abc.npz"
