@@ -48,6 +48,9 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   for section in ("data", "loss"):
     if section in c:
       fields.update(flatten(json.loads(c[section].to_json_best_effort()), f"{section}."))
+  for name in PATH_FIELDS:  # Where they lie from here (a resume from another directory then names the change).
+    if name in fields:
+      fields[name] = files.absolute_if_exists(fields[name])
   return {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}  # As it reads back from JSON.
 
 

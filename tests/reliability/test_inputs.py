@@ -640,9 +640,15 @@ def test_runs_record_their_paths_absolute_and_a_relative_one_is_named_when_it_do
   recorded = resume.with_absolute_paths(config)  # What config.json holds.
   assert recorded.model.path == str(tmp_path / "ckpt") and config.model.path == "ckpt"
   assert recorded.data.source == "synthetic"  # Not a path: unchanged.
+  saved = resume.resume_fields(config)  # What a checkpoint records: the path from here.
+  assert saved["model.path"] == str(tmp_path / "ckpt")
   resume.check_resume(config, "W", 0, resume.resume_fields(recorded))  # The same path, relative or absolute.
-  (tmp_path / "elsewhere").mkdir()
-  monkeypatch.chdir(tmp_path / "elsewhere")  # An older run's relative path, served from another directory.
+  (tmp_path / "elsewhere" / "ckpt").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path / "elsewhere")  # Another directory, holding another checkpoint of the same name.
+  with pytest.raises(ValueError,
+                     match=r"config\.model\.path='.*elsewhere/ckpt' differs from '.*/ckpt' in the checkpoint"):
+    resume.check_resume(config, "W", 0, saved)
+  (tmp_path / "elsewhere" / "ckpt").rmdir()  # An older run's relative path, served from another directory.
   with pytest.raises(
       errors.InputError, match=r"'ckpt' does not exist\. \(model\.path='ckpt' in the run's config is "
       r"relative: it was resolved against the current directory .*elsewhere\)"):
