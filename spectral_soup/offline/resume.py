@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import ml_collections
 
 from spectral_soup.offline import checkpoint as checkpoint_lib
+from spectral_soup.offline import sources
 from spectral_soup.utils import files
 
 
@@ -50,12 +51,20 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       fields.update(flatten(json.loads(c[section].to_json_best_effort()), f"{section}."))
   for name in PATH_FIELDS:  # Where they lie from here (a resume from another directory then names the change).
     if name in fields:
-      fields[name] = files.absolute_if_exists(fields[name])
+      fields[name] = _resolved(name, fields[name])
   return {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}  # As it reads back from JSON.
 
 
 # Config fields that hold paths: a run records them absolute (`with_absolute_paths`), and a resume compares them so.
 PATH_FIELDS = ("model.path", "data.tokenizer", "data.source", "data.data_dir", "data.manual_dir")
+
+
+def _resolved(field: str, value: Any) -> Any:
+  """A PATH_FIELDS value made absolute if it names something that exists from here; a source's name ("synthetic",
+  "ultrafeedback", ...) stays a name even beside a file of that name."""
+  if field == "data.source" and value in ("synthetic", "embedded") + sources.BUILDER_SOURCES:
+    return value
+  return files.absolute_if_exists(value)
 
 
 def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -65,7 +74,7 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
   for field in PATH_FIELDS:
     section, name = field.split(".")
     if section in config and name in config[section]:
-      config[section][name] = files.absolute_if_exists(config[section][name])
+      config[section][name] = _resolved(field, config[section][name])
   return config
 
 
@@ -81,7 +90,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, sav
       continue
     stored = saved.get(field, _RESUME_FIELD_DEFAULTS.get(field))
     if field in PATH_FIELDS:  # A relative path and its absolute form (recorded by a run from here) are one path.
-      stored, value = files.absolute_if_exists(stored), files.absolute_if_exists(value)
+      stored, value = _resolved(field, stored), _resolved(field, value)
     if stored != value:
       if field in ("train.batch_size", "seed"):
         why = "the data order would not continue"

@@ -635,6 +635,7 @@ def test_runs_record_their_paths_absolute_and_a_relative_one_is_named_when_it_do
   from spectral_soup.utils import errors  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   (tmp_path / "ckpt").mkdir()
+  (tmp_path / "synthetic").write_text("")  # A file named like a source: the source stays a name.
   config = train_basis_tiny.get_config()
   config.model.path = "ckpt"
   recorded = resume.with_absolute_paths(config)  # What config.json holds.
