@@ -781,10 +781,11 @@ def _edit_checkpoint(path, case):
     save_file(tensors, str(path / "copy.safetensors"), metadata={"format": "pt"})
     weights = path / "part.safetensors"
     (path / "model.safetensors").unlink()
-  elif case == "index_null":
-    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {name: None}}))
-  elif case == "index_list":
-    (path / "model.safetensors.index.json").write_text("[1, 2]")
+  elif case in ("index_null", "index_list"):  # A sharded checkpoint (a model.safetensors beside it would win).
+    index = json.dumps({"weight_map": {name: None}}) if case == "index_null" else "[1, 2]"
+    (path / "model.safetensors.index.json").write_text(index)
+    weights = path / "model-00001-of-00001.safetensors"
+    (path / "model.safetensors").unlink()
   save_file(tensors, str(weights), metadata={"format": "pt"})
   (path / "config.json").write_text(json.dumps(config))
 
