@@ -8,7 +8,8 @@ at once (--users: a JSON file holding a list of U weight lists, or {"name": [K w
 (--prompt) or one per line of a text file (--prompts). Every user answers every prompt, all in one decoding call.
 Prints one JSON object per response ({"user", "prompt", "response", "ended"}: whether it ended with the
 end-of-sequence token rather than at --max_new_tokens, for `Basis.features(..., ended=)`), or writes them to
---output (JSON lines, written atomically). Bad flags or files end in one line, `error: ...`, and exit status 2, before the model loads.
+--output (JSON lines, written atomically). Bad flags or files end in one line, `error: ...`, and exit status 2,
+before the model loads.
 """
 
 from __future__ import annotations

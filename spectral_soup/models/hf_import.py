@@ -196,7 +196,8 @@ def untie_if_distinct(config: TransformerConfig, state_dict: Mapping[str, Any], 
   lm_head = next((n for n in _LM_HEAD_NAMES if n in key_set), None)
   if lm_head is None:
     return config
-  embed = _find_prefix(keys, _table(config)[0].hf_name, source) + _table(config)[0].hf_name
+  embed_name = _table(config)[0].hf_name  # The embedding, first in every family's table.
+  embed = _find_prefix(keys, embed_name, source) + embed_name
   if embed not in key_set:
     return config  # `params_from_state_dict` names the missing tensor.
   head, table = _to_numpy(state_dict[lm_head]), _to_numpy(state_dict[embed])
