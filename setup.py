@@ -36,7 +36,8 @@ EXTRAS = {
     # nbclient, nbformat and ipykernel run the Colab notebooks of experiments/colab (tests/test_notebooks.py).
     # datasets reads Hugging Face datasets directories as data.source (spectral_soup/data/jsonl.py).
     # yapf checks the code's formatting (pyproject.toml [tool.yapf]; tests/test_format.py).
-    "test": ["pytest>=8", "scipy>=1.13", "scikit-learn>=1.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10",
+    # pytest-xdist runs the suite's files in parallel (the README's `-n auto --dist loadfile`; tests/conftest.py).
+    "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "scipy>=1.13", "scikit-learn>=1.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10",
              "ipykernel>=6.29", "datasets>=4,<6", "yapf>=0.43,<0.44"],
     "datasets": ["datasets>=4,<6"],
     # TensorFlow is optional: tfds.data_source and array_record work without it.

@@ -13,3 +13,17 @@ os.environ.setdefault("SPECTRAL_SOUP_BENCH_IDLE_WAIT_S", "0")  # Benchmarks run 
 # The package's XLA CPU settings (spectral_soup/_xla_cpu.py) go into XLA_FLAGS when it is imported: import it
 # before any test module can start a JAX backend.
 import spectral_soup  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position  # noqa: E402,F401
+
+
+def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
+  """`-n auto` (the README's test command): one worker per usable core, at most four.
+
+  Each worker is a process with its own JAX backend of 8 fake devices, PyTorch and the test models (up to ~6 GiB at
+  its peak): more than four would trade memory for little, since most files compile on one core.
+  `PYTEST_XDIST_AUTO_NUM_WORKERS` still decides when set.
+  """
+  chosen = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+  if chosen:
+    return int(chosen)
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(1, min(cores, 4))
