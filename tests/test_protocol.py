@@ -171,6 +171,44 @@ def test_summarize_ratio_of_means_and_significance():
   assert "not significant" in metrics.format_table(out)
 
 
+def test_statistics_name_inputs_they_cannot_summarize():
+  """A NaN reward made an interval over the bootstrap draws without it (beside a NaN score) and a NaN bespoke gain
+  read as "not significant"; a KL of another shape was averaged; numpy's errors named no argument."""
+  ones = np.ones((3, 8))
+  rewards = {"reference": 0 * ones, "bespoke": ones, "soup": 0.5 * ones}
+  kl = {m: ones for m in rewards}
+  with_nan = dict(rewards, soup=np.where(np.arange(8) == 7, np.nan, 0.5) * ones)
+  cases = [
+      (lambda: metrics.summarize(with_nan, kl), r"rewards\['soup'\]\[0, 7\] is nan: expected finite numbers \(3 "),
+      (lambda: metrics.summarize(rewards, dict(kl, soup=np.ones(5))), r"kl\['soup'\] must have shape \[U, E\]"),
+      (lambda: metrics.summarize(rewards, dict(kl, soup=np.ones((3, 7)))), r"kl\['soup'\] has shape \(3, 7\): "
+       r"expected \(3, 8\)"),
+      (lambda: metrics.summarize(rewards, {"reference": ones}), r"kl has no entry for methods \['bespoke', 'soup'\]"),
+      (lambda: metrics.summarize({
+          "reference": ones,
+          "soup": ones
+      }, kl), r"rewards has no bespoke method 'bespoke'"),
+      (lambda: metrics.summarize({
+          m: r[0] for m, r in rewards.items()
+      }, kl), r"must have shape \[U, E\] .* got "
+       r"\(8,\)"),
+      (lambda: metrics.summarize(rewards, kl, confidence=90), r"confidence=90: expected a level in \(0, 1\)"),
+      (lambda: metrics.summarize(rewards, kl, num_bootstrap=0), r"num_bootstrap=0: expected an integer >= 1"),
+      (lambda: metrics.frontiers({"soup": {
+          1.0: (ones[:2], ones[:2])
+      }}, ones, (ones, ones)), r"sweeps\['soup'\]\[1.0\]\[0\] has shape \(2, 8\): expected \(3, 8\)"),
+      (lambda: metrics.frontiers({"soup": {}}, ones, (ones, ones)), r"sweeps\['soup'\] has no point"),
+      (lambda: metrics.attribute_shift(np.ones((2, 0, 3)), np.ones(
+          (0, 3))), r"basis_scores must have shape \[K, E, A\]"),
+  ]
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message):
+      call()
+  # Lists are arrays too.
+  listed = metrics.summarize({m: r.tolist() for m, r in rewards.items()}, kl, num_bootstrap=10)
+  assert listed["methods"]["soup"]["normalized_score"] == pytest.approx(0.5)
+
+
 def test_frontiers_compare_methods_at_the_bespoke_kl():
   rng = np.random.default_rng(0)
   noise = lambda: 0.01 * rng.normal(size=(4, 300))
@@ -252,6 +290,27 @@ def test_policy_harness_rows_and_common_random_numbers():
   # The online interface: features are beta * (log pi_k - log pi_ref) of the shown responses.
   dec = h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (4, 1)), jax.random.key(1))
   assert dec["features"].shape == (4, 3) and dec["scores"].shape == (4, 2) and dec["pad_features"].shape == (4, 2)
+  # Rows it cannot serve are named before anything compiles: a prompt index past the prefilled prompts decoded
+  # the last one (a clamped gather), a transposed score_fn output was reshaped into the wrong layout.
+  rows = lambda n: (["explicit"] * n, np.zeros((n, 4), np.float32), np.zeros((n, 2), np.float32))
+  with pytest.raises(
+      ValueError, match=r"prompt_index must be \[B=2\] indices >= 0 below 2 of prefilled prompts, got "
+      r"\[0 5\] \(max 5\)"):
+    h.run_rows(np.array([0, 1]), *rows(2), np.array([0, 5]), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"unknown decoding modes \['naive'\]"):
+    h.run_rows(np.array([0]), ["naive"], *rows(1)[1:], np.array([0]), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"prompt_ids must be indices into the harness's 3 prompts"):
+    h.run_rows(np.array([3]), *rows(1), np.array([0]), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"decode needs the same number of rows \(lam\) for each prompt: 5 rows for 2"):
+    h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (5, 1)), jax.random.key(1))
+  with pytest.raises(ValueError, match=r"samples_per_prompt=0"):
+    h.evaluate(programs, np.arange(3), jax.random.key(0), samples_per_prompt=0)
+  with pytest.raises(ValueError, match=r"at least one program and one prompt, got 0 and 3"):
+    h.evaluate([], np.arange(3), jax.random.key(0))
+  h.score_fn = lambda p, tokens, lengths: np.zeros((2, len(tokens)))
+  with pytest.raises(ValueError, match=r"score_fn returned shape \(2, 4\): expected \[responses, attributes\] = "
+                     r"\(4, 2\)"):
+    h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (4, 1)), jax.random.key(1))
 
 
 def test_plots_and_k_ablation_from_results(tmp_path):

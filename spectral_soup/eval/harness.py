@@ -20,6 +20,7 @@ from spectral_soup.baselines import pad as pad_lib
 from spectral_soup.models import cost
 from spectral_soup.soup import decoding
 from spectral_soup.soup import engine
+from spectral_soup.soup.validation import check_int
 from spectral_soup.utils import progress
 
 # score_fn(prompts: R prompt texts, tokens: int32[R, N], lengths: int32[R]) -> float32[R, A] standardized scores.
@@ -77,6 +78,13 @@ class PolicyHarness:
     Returns {"tokens": int32[R, N], "lengths": [R], "ref_logp": [R], "head_logp": [R, H], "kl": [R]}.
     """
     prompt_ids = np.asarray(prompt_ids)
+    if not len(modes):
+      raise ValueError("run_rows needs at least one row (modes is empty).")
+    if not 0 < len(prompt_ids) or np.any(prompt_ids < 0) or np.any(prompt_ids >= len(self.prompts)):
+      raise ValueError(f"prompt_ids must be indices into the harness's {len(self.prompts)} prompts, got "
+                       f"{prompt_ids if prompt_ids.size <= 8 else prompt_ids.shape}.")
+    # Every row checked before the prefill compiles (modes, lam, prompt indices within `prompt_ids`).
+    engine.make_rows(modes, lam, guide, prompt_index, seed, num_guides=np.shape(guide)[-1], num_prompts=len(prompt_ids))
     max_len = self.prompts.shape[1] + self.max_new_tokens
     with cost.compile_time() as compiled:
       t0 = time.perf_counter()
@@ -124,6 +132,9 @@ class PolicyHarness:
     t0 = time.perf_counter()
     scores = np.asarray(self.score_fn(texts, out["tokens"], out["lengths"]), np.float32)
     self.score_s += time.perf_counter() - t0
+    expected = (len(texts), self.num_attributes)
+    if scores.shape != expected:  # A transposed [A, R] would be reshaped into the wrong layout.
+      raise ValueError(f"score_fn returned shape {scores.shape}: expected [responses, attributes] = {expected}.")
     return scores
 
   @property
@@ -144,7 +155,10 @@ class PolicyHarness:
   # -- The online protocol's interface (`online.protocol.Harness`).
 
   def decode(self, prompt_ids: np.ndarray, mode: str, lam: np.ndarray, key: jax.Array) -> Dict[str, np.ndarray]:
-    num_rows, per_prompt = len(lam), len(lam) // len(prompt_ids)
+    num_rows, per_prompt = len(lam), len(lam) // max(len(prompt_ids), 1)
+    if not num_rows or num_rows != per_prompt * len(prompt_ids):
+      raise ValueError(f"decode needs the same number of rows (lam) for each prompt: {num_rows} rows for "
+                       f"{len(prompt_ids)} prompts.")
     full = np.zeros((num_rows, self.num_heads), np.float32)
     full[:, :self.num_bases] = lam
     prompt_index = np.repeat(np.arange(len(prompt_ids)), per_prompt)
@@ -171,6 +185,9 @@ class PolicyHarness:
     for P programs, E prompts, S samples.
     """
     num_p, num_e, num_s = len(programs), len(prompt_ids), samples_per_prompt
+    check_int("samples_per_prompt", num_s, 1)
+    if not num_p or not num_e:
+      raise ValueError(f"evaluate needs at least one program and one prompt, got {num_p} and {num_e}.")
     grid = np.stack(np.meshgrid(np.arange(num_p), np.arange(num_e), np.arange(num_s), indexing="ij"), -1)
     grid = grid.reshape(-1, 3)  # Rows ordered (program, prompt, sample).
     modes = [programs[p].mode for p in grid[:, 0]]

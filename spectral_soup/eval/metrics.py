@@ -16,14 +16,41 @@ from typing import Dict, Mapping
 
 import numpy as np
 
+from spectral_soup.soup.validation import check_int
+
 
 def _ratio(rewards: Mapping[str, np.ndarray], method: str, reference: str, bespoke: str) -> float:
   gain = np.mean(rewards[bespoke] - rewards[reference])
   return float(np.mean(rewards[method] - rewards[reference]) / gain) if gain != 0 else float("nan")
 
 
+def _table(name: str, x, shape=None, what: str = "[U, E] (users x evaluation prompts)") -> np.ndarray:
+  """`x` as a finite float64 array of `what`'s rank (every axis >= 1; `shape` when given); ValueError naming
+  `name` and the first bad entry otherwise. A NaN reward would otherwise drop the bootstrap draws that hold it
+  (an interval over a subsample beside a NaN score) or make the bespoke gain read as "not significant"."""
+  rank = what.split("]")[0].count(",") + 1
+  try:
+    a = np.asarray(x, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be an array of numbers {what}, got {type(x).__name__}.") from None
+  if a.ndim != rank or 0 in a.shape:
+    raise ValueError(f"{name} must have shape {what} with every axis >= 1, got {a.shape}.")
+  if shape is not None and a.shape != tuple(shape):
+    raise ValueError(f"{name} has shape {a.shape}: expected {tuple(shape)}, as the others on the same users and "
+                     "prompts.")
+  bad = np.argwhere(~np.isfinite(a))
+  if bad.size:
+    index = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{name}{list(index)} is {a[index]}: expected finite numbers ({len(bad)} non-finite in all).")
+  return a
+
+
 def _bootstrap(num_prompts: int, num_bootstrap: int, confidence: float, seed: int):
   """Resampled prompt indices int[num_bootstrap, E] and the two-sided interval's percentiles (lo, hi)."""
+  check_int("num_bootstrap", num_bootstrap, 1)
+  if isinstance(confidence, (bool, np.bool_)) or not isinstance(confidence,
+                                                                (int, float, np.number)) or not (0 < confidence < 1):
+    raise ValueError(f"confidence={confidence!r}: expected a level in (0, 1), e.g. 0.9 for a 90% interval.")
   draws = np.random.default_rng(seed).integers(0, num_prompts, size=(num_bootstrap, num_prompts))
   return draws, (100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2)
 
@@ -44,10 +71,19 @@ def summarize(rewards: Mapping[str, np.ndarray], kl: Mapping[str, np.ndarray], *
     {"methods": {m: {"normalized_score", "normalized_score_ci", "mean_reward", "mean_reward_ci", "kl",
     "per_user_gain"}}, "bespoke_gain", "bespoke_gain_ci", "bespoke_gain_significant"}.
   """
+  for role, method in (("reference", reference), ("bespoke", bespoke)):
+    if method not in rewards:
+      raise ValueError(f"rewards has no {role} method {method!r} (methods: {sorted(rewards)}).")
   shapes = {m: np.shape(r) for m, r in rewards.items()}
   if len(set(shapes.values())) != 1:
     raise ValueError(f"every method needs rewards of the same [U, E] shape, got {shapes}.")
-  num_prompts = next(iter(shapes.values()))[1]
+  missing = [m for m in rewards if m not in kl]
+  if missing:
+    raise ValueError(f"kl has no entry for methods {missing} (every method of rewards needs its [U, E] KLs).")
+  rewards = {m: _table(f"rewards[{m!r}]", r) for m, r in rewards.items()}
+  shape = shapes[reference]
+  kl = {m: _table(f"kl[{m!r}]", kl[m], shape) for m in rewards}
+  num_prompts = shape[1]
   draws, (lo_q, hi_q) = _bootstrap(num_prompts, num_bootstrap, confidence, seed)
   user_means = {m: r.mean(axis=1) for m, r in rewards.items()}
   boot = {m: r[:, draws].mean(axis=2) for m, r in rewards.items()}  # [U, num_bootstrap]
@@ -110,7 +146,8 @@ def attribute_shift(basis_scores: np.ndarray, reference_scores: np.ndarray, *, n
   Returns:
     {"shift": f32[K, A] mean shift, "ci": f32[K, A, 2] bootstrap interval over the prompts}.
   """
-  basis_scores, reference_scores = np.asarray(basis_scores), np.asarray(reference_scores)
+  basis_scores = _table("basis_scores", basis_scores, what="[K, E, A] (bases x prompts x attributes)")
+  reference_scores = _table("reference_scores", reference_scores, what="[E, A] (prompts x attributes)")
   if basis_scores.shape[1:] != reference_scores.shape:
     raise ValueError(f"basis_scores {basis_scores.shape} does not match reference_scores {reference_scores.shape} "
                      "([K, E, A] and [E, A]).")
@@ -155,7 +192,21 @@ def frontiers(sweeps: Mapping[str, Mapping[float, tuple]], reference: np.ndarray
     "covered"}}, "bespoke_kl": float}. `covered` is False when the bespoke KL lies beyond the sweep's largest KL
     (the gain is then the largest-KL point's).
   """
-  reference = np.asarray(reference)
+  reference = _table("reference", reference)
+  if len(bespoke) != 2:
+    raise ValueError(f"bespoke must be (rewards, kl), f32[U, E] each, got {len(bespoke)} items.")
+  bespoke = tuple(_table(f"bespoke[{i}]", x, reference.shape) for i, x in enumerate(bespoke))
+  checked = {}
+  for method, sweep in sweeps.items():
+    if not sweep:
+      raise ValueError(f"sweeps[{method!r}] has no point: expected {{scale: (rewards, kl)}} with at least one.")
+    checked[method] = {}
+    for scale, point in sweep.items():
+      if len(point) != 2:
+        raise ValueError(f"sweeps[{method!r}][{scale!r}] must be (rewards, kl), got {len(point)} items.")
+      checked[method][scale] = tuple(
+          _table(f"sweeps[{method!r}][{scale!r}][{i}]", x, reference.shape) for i, x in enumerate(point))
+  sweeps = checked
   draws, (lo_q, hi_q) = _bootstrap(reference.shape[1], num_bootstrap, confidence, seed)
   boot_mean = lambda x: np.asarray(x)[:, draws].mean(axis=(0, 2))  # [U, E] -> [num_bootstrap]
   target, boot_target = float(np.mean(bespoke[1])), boot_mean(bespoke[1])

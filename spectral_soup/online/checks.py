@@ -77,15 +77,34 @@ def check_solver(num_iters: Any, num_inner_iters: Any, tol: Any) -> None:
     raise ValueError(f"tol must be a finite number >= 0 (0: exactly num_iters steps), got {tol!r}.")
 
 
+def _fit_float() -> type:
+  """The widest float the fits compute in: float32, or float64 when x64 is enabled (`float_dtype`)."""
+  return np.float64 if jax.config.jax_enable_x64 else np.float32
+
+
+def representable(values: Any) -> np.ndarray:
+  """bool mask: finite in the fits' float (1e39 is finite in float64 but inf once a float32 fit casts it)."""
+  return np.abs(np.asarray(values, np.float64)) <= float(np.finfo(_fit_float()).max)  # NaN compares False.
+
+
+def _not_finite_message(value: float) -> str:
+  if not np.isfinite(value):
+    return "expected finite numbers"
+  float_type = _fit_float()
+  return f"expected finite numbers that {np.dtype(float_type).name} holds (|x| <= {np.finfo(float_type).max:.3g})"
+
+
 def check_finite(name: str, x: Any) -> None:
-  """Raises ValueError naming the first non-finite entry of `x` (concrete values only; tracers pass)."""
+  """Raises ValueError naming the first entry of `x` that is not finite in the fits' float dtype (concrete values
+  only; tracers pass)."""
   if x is None or is_tracer(x):
     return
   values = np.asarray(x, np.float64)
-  bad = ~np.isfinite(values)
+  bad = ~representable(values)
   if np.any(bad):
     index = [int(i) for i in np.argwhere(bad)[0]] if values.ndim else []  # argwhere of a 0-d array is empty.
-    raise ValueError(f"{name}{index if index else ''} is {values[tuple(index)]}: expected finite numbers.")
+    value = values[tuple(index)]
+    raise ValueError(f"{name}{index if index else ''} is {value}: {_not_finite_message(value)}.")
 
 
 def check_row_weights(name: str, x: Any) -> None:
@@ -120,12 +139,14 @@ def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, A
     if is_tracer(lo) or is_tracer(hi):
       return
     for name, bound, empty in (("lo", lo, np.inf), ("hi", hi, -np.inf)):
-      values = np.asarray(bound, np.float64)
+      given = np.asarray(bound, np.float64)
+      values = np.where(np.isnan(given) | representable(given), given, np.copysign(np.inf, given))  # As computed.
       bad = np.isnan(values) | (values == empty)
       if np.any(bad):
         index = tuple(int(i) for i in np.argwhere(bad)[0]) if values.ndim else ()
-        raise ValueError(f"box {name}{list(index) if index else ''} is {values[index]}: the bounds must be numbers "
-                         f"with lo < inf and hi > -inf (lo = -inf or hi = inf leaves that side open).")
+        cast = f" (inf in {np.dtype(_fit_float()).name}, the fit's float)" if np.isfinite(given[index]) else ""
+        raise ValueError(f"box {name}{list(index) if index else ''} is {given[index]:g}{cast}: the bounds must be "
+                         f"numbers with lo < inf and hi > -inf (lo = -inf or hi = inf leaves that side open).")
     if not np.all(np.asarray(lo) <= np.asarray(hi)):
       raise ValueError(f"box=(lo, hi) needs lo <= hi, got lo={lo}, hi={hi}.")
   elif box is not None:
@@ -161,6 +182,19 @@ def check_num_features(name: str, x: Any) -> None:
                      "basis).")
 
 
+def check_key(key: Any) -> None:
+  """Raises ValueError unless `key` is a PRNG key: a typed key (`jax.random.key`) or a raw uint32 one
+  (`jax.random.PRNGKey`). An int seed would otherwise fail deep inside jax.random."""
+  if is_tracer(key):
+    return
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return
+  if np.ndim(key) >= 1 and np.asarray(key).dtype == np.uint32:
+    return
+  raise ValueError(f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
+                   f"{type(key).__name__} {key!r}"[:200] + ".")
+
+
 def check_finite_rows(x: Any, p: Any, mask: Optional[Any], *, x_name: str = "delta_features",
                       p_name: str = "prefs") -> None:
   """One user's `[N, K]` data (small: checked on the host, concrete values only): a non-finite counted row raises."""
@@ -168,11 +202,13 @@ def check_finite_rows(x: Any, p: Any, mask: Optional[Any], *, x_name: str = "del
     return
   num_rows = np.shape(x)[0]
   counts = np.ones(num_rows, bool) if mask is None else np.asarray(mask) > 0
-  finite = np.all(np.isfinite(np.asarray(x)), axis=-1) & np.isfinite(np.asarray(p))
+  finite = np.all(representable(x), axis=-1) & representable(p)
   bad = np.flatnonzero(counts & ~finite)
   if len(bad):
     row = int(bad[0])
-    raise ValueError(f"row {row} is not finite ({x_name}[{row}] = {np.asarray(x)[row]}, {p_name}[{row}] = "
+    in_range = np.all(np.isfinite(np.asarray(x, np.float64)[row])) and np.isfinite(np.asarray(p, np.float64)[row])
+    what = f"finite in {np.dtype(_fit_float()).name}, the fit's float" if in_range else "finite"
+    raise ValueError(f"row {row} is not {what} ({x_name}[{row}] = {np.asarray(x)[row]}, {p_name}[{row}] = "
                      f"{np.asarray(p)[row]}); every row the mask counts must be finite (mask it out to skip it). "
                      f"{len(bad)} such row{'s' if len(bad) > 1 else ''} in total.")
 
@@ -209,7 +245,8 @@ def check_labels(prefs: Any, mask: Any) -> None:
 
 def float_dtype(*xs: Any) -> Any:
   """The computation dtype: float32, or float64 when an input is float64 and x64 is enabled."""
-  dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in xs if x is not None])
+  # From the dtypes alone: converting the arrays would cast them (and warn on float32 overflow) before the checks.
+  dtype = jnp.result_type(*[x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype for x in xs if x is not None])
   if not jnp.issubdtype(dtype, jnp.floating):
     return jnp.float32
   return jnp.promote_types(dtype, jnp.float32)

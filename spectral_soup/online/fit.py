@@ -105,6 +105,21 @@ def log_loss(lam: ArrayLike, delta_features: ArrayLike, prefs: ArrayLike, *, l2:
   Returns:
     scalar objective value.
   """
+  for name, value in (("lam", lam), ("delta_features", delta_features), ("prefs", prefs), ("mask", mask), ("prior_mean",
+                                                                                                           prior_mean)):
+    check_numeric(name, value)
+  check_shapes("delta_features", delta_features, (None, None), "[N, K]")
+  num_rows, num = np.shape(delta_features)
+  check_shapes("lam", lam, (num,), "[K]")
+  check_shapes("prefs", prefs, (num_rows,), "[N]")
+  if mask is not None:
+    check_shapes("mask", mask, (num_rows,), "[N]")
+  if prior_mean is not None:
+    check_prior_mean(prior_mean, (), num)
+  if np.ndim(l2) or (not is_tracer(l2) and not np.asarray(l2, np.float64) >= 0):  # NaN fails too.
+    raise ValueError(f"l2 must be a number >= 0 (0: the plain log-loss), got {l2!r}.")
+  check_row_weights("mask", mask)
+  check_labels(prefs, mask)
   lam = jnp.asarray(lam)
   dtype = float_dtype(lam, delta_features)
   x = jnp.asarray(delta_features, dtype)
@@ -140,17 +155,19 @@ def _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, b
   check_shapes("prefs", prefs, rows, dims(batched, "N"))
   check_l2_shape(l2, users)
   dtype = float_dtype(delta_features)
-  m = jnp.ones(rows, dtype) if mask is None else jnp.asarray(mask).astype(dtype)
-  check_shapes("mask", m, rows, dims(batched, "N"))
+  if mask is not None:
+    check_shapes("mask", mask, rows, dims(batched, "N"))
   check_row_weights("mask", mask)
+  m = jnp.ones(rows, dtype) if mask is None else jnp.asarray(mask).astype(dtype)
   if prior_mean is not None:
     check_prior_mean(prior_mean, users, num)
   mu = jnp.zeros((num,), dtype) if prior_mean is None else jnp.asarray(prior_mean, dtype)
   if batched:
     mu = jnp.broadcast_to(mu, (*users, num))
-  lam0 = mu if init is None else jnp.asarray(init, dtype)
-  check_shapes("init", lam0, (*users, num), dims(batched, "K"))
+  if init is not None:
+    check_shapes("init", init, (*users, num), dims(batched, "K"))
   check_finite("init", init)
+  lam0 = mu if init is None else jnp.asarray(init, dtype)
   l2 = jnp.broadcast_to(jnp.asarray(l2, dtype), tuple(users)) if batched else jnp.asarray(l2, dtype)
   check_labels(prefs, mask)
   if not batched:

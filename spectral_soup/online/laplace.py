@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from typing import Optional, Tuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,8 @@ from spectral_soup.online import newton
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_finite
+from spectral_soup.online.checks import check_finite_rows
+from spectral_soup.online.checks import check_key
 from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_l2_shape
 from spectral_soup.online.checks import check_numeric
@@ -66,6 +69,9 @@ def _posterior_inputs(lam_hat, delta_features, mask, l2, *, batched: bool) -> Tu
   m = jnp.ones((*users, num_rows), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
   check_shapes("mask", m, (*users, num_rows), dims(batched, "N"))
   check_row_weights("mask", mask)
+  if not batched:  # One user: a NaN lam_hat or counted row gave an all-NaN covariance (batched: a warning).
+    check_finite("lam_hat", lam_hat)
+    check_finite_rows(delta_features, np.zeros(num_rows), mask)
   if batched:
     l2 = jnp.broadcast_to(jnp.asarray(l2, dtype), tuple(users))
   else:
@@ -100,7 +106,17 @@ def posterior_batched(lam_hat: ArrayLike, delta_features: ArrayLike, mask: Optio
                       l2: ArrayLike) -> Tuple[Array, Array]:
   """`posterior` for U users in one compiled call: lam_hat `[U, K]`, delta_features `[U, N, K]`, mask `[U, N]`,
   l2 scalar or `[U]` -> (mean `[U, K]`, cov `[U, K, K]`)."""
-  return posterior_core_batched(*_posterior_inputs(lam_hat, delta_features, mask, l2, batched=True))
+  mean, cov = posterior_core_batched(*_posterior_inputs(lam_hat, delta_features, mask, l2, batched=True))
+  if not (is_tracer(lam_hat) or is_tracer(delta_features) or is_tracer(mask)):
+    # As `fit_lambda`'s batched form: a user with a NaN lam_hat (e.g. the NaN row of a user whose data the fit
+    # isolated) or non-finite counted rows gets a NaN covariance; the others are unaffected. Name those users.
+    users = np.flatnonzero(~np.all(np.isfinite(np.asarray(cov)), axis=(-2, -1))).tolist()
+    if users:
+      warnings.warn(
+          f"posterior_batched: users {users[:10]}{' ...' if len(users) > 10 else ''} have a non-finite lam_hat or "
+          "non-finite delta_features on rows the mask counts; their covariance is NaN (choose_pair_batched would "
+          "pick an arbitrary pair for them), the other users' are unaffected.", RuntimeWarning, stacklevel=2)
+  return mean, cov
 
 
 def cov_sqrt(cov: Array) -> Array:
@@ -124,6 +140,7 @@ def thompson_sample(key: Array, mean: ArrayLike, cov: ArrayLike, num_samples: Op
   Returns:
     `[K]` or `[num_samples, K]`.
   """
+  check_key(key)
   check_numeric("mean", mean)
   check_numeric("cov", cov)
   check_shapes("mean", mean, (None,), "[K]")
@@ -223,6 +240,8 @@ def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask
     raise ValueError(f"rule must be one of {PAIR_RULES}, got {rule!r}.")
   if rule == "thompson" and key is None:
     raise ValueError("rule='thompson' needs a PRNG key.")
+  if rule == "thompson":
+    check_key(key)
   arguments = {"candidate_features": candidate_features, "mean": mean, "cov": cov, "candidate_mask": candidate_mask}
   for name, value in arguments.items():
     check_numeric(name, value)
@@ -232,6 +251,7 @@ def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask
     raise ValueError(f"choose_pair needs at least 2 candidates, got {num_cands}.")
   check_shapes("mean", mean, (*users, num), dims(batched, "K"))
   check_shapes("cov", cov, (*users, num, num), dims(batched, "K", "K"))
+  check_row_weights("candidate_mask", candidate_mask)  # A -1 or NaN would count as True.
   valid = jnp.ones((*users, num_cands), bool) if candidate_mask is None else jnp.asarray(candidate_mask, bool)
   check_shapes("candidate_mask", valid, (*users, num_cands), dims(batched, "M"))
   if not (is_tracer(candidate_features) or is_tracer(candidate_mask)):

@@ -27,6 +27,7 @@ from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_row_weights
 from spectral_soup.online.checks import check_shapes
 from spectral_soup.online.checks import check_solver
+from spectral_soup.online.checks import is_tracer
 from spectral_soup.online.newton import DEFAULT_NUM_INNER_ITERS
 from spectral_soup.online.newton import DEFAULT_NUM_ITERS
 from spectral_soup.online.newton import DEFAULT_TOL
@@ -176,6 +177,13 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   check_shapes("new_pref", new_pref, (num_users,), "[U]")
   dtype = state.features.dtype
   check_row_weights("new_mask", new_mask)
+  if new_mask is not None and not is_tracer(new_mask):
+    values = np.asarray(new_mask, np.float64)
+    partial = np.flatnonzero((values != 0) & (values != 1))
+    if partial.size:  # The state stores whether a comparison counts: a weight of 0.2 would count in full.
+      user = int(partial[0])
+      raise ValueError(f"new_mask[{user}] is {values[user]:g}: expected bools (or 0 / 1), whether user {user}'s "
+                       "comparison counts; the user state holds no row weights (fit_lambda takes them).")
   wants = jnp.ones((num_users,), bool) if new_mask is None else jnp.asarray(new_mask, bool)
   check_shapes("new_mask", wants, (num_users,), "[U]")
   lo, hi = newton.box_arrays(constraint, box, num, dtype)

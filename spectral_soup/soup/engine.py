@@ -89,9 +89,14 @@ class Rows:
   seed: Array
 
 
-def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: int = 1) -> Rows:
+def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: int = 1,
+              num_prompts: Optional[int] = None) -> Rows:
   """Rows from host values: mode as names or ids [B]; lam [B, H]; guide [B, A] (None: zeros); prompt_index
-  [B] (None: row b continues prompt b); seed [B] (None: the prompt index)."""
+  [B] (None: row b continues prompt b); seed [B] (None: the prompt index). `num_prompts`: how many prompts are
+  prefilled (checked: a gather under jit clamps an index past them to the last prompt)."""
+  unknown = sorted({repr(m) for m in mode if (m not in MODE_IDS if isinstance(m, str) else not 0 <= m < len(MODES))})
+  if unknown:
+    raise ValueError(f"unknown decoding modes [{', '.join(unknown)}]: expected one of {MODES} (or their ids).")
   mode = np.asarray([MODE_IDS[m] if isinstance(m, str) else int(m) for m in mode], np.int32)
   lam = np.asarray(lam, np.float32)
   if lam.ndim != 2 or lam.shape[0] != mode.shape[0]:
@@ -102,9 +107,12 @@ def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: i
   validation.check_weight_range(lam)
   guide = np.zeros((mode.shape[0], num_guides), np.float32) if guide is None else np.asarray(guide, np.float32)
   prompt_index = np.arange(mode.shape[0]) if prompt_index is None else np.asarray(prompt_index)
-  if prompt_index.shape != mode.shape or np.any(prompt_index < 0):
-    raise ValueError(f"prompt_index must be [B={mode.shape[0]}] indices >= 0 of prefilled prompts, got "
-                     f"{prompt_index if prompt_index.size <= 8 else prompt_index.shape}.")
+  beyond = num_prompts is not None and np.any(prompt_index >= num_prompts)
+  if prompt_index.shape != mode.shape or np.any(prompt_index < 0) or beyond:
+    where = f" below {num_prompts}" if num_prompts is not None else ""
+    raise ValueError(f"prompt_index must be [B={mode.shape[0]}] indices >= 0{where} of prefilled prompts, got "
+                     f"{prompt_index if prompt_index.size <= 8 else prompt_index.shape}" +
+                     (f" (max {prompt_index.max()})." if beyond else "."))
   seed = prompt_index if seed is None else np.asarray(seed)
   return Rows(mode=jnp.asarray(mode), lam=jnp.asarray(lam), guide=jnp.asarray(guide),
               prompt_index=jnp.asarray(prompt_index, jnp.int32), seed=jnp.asarray(seed, jnp.int32))

@@ -123,7 +123,9 @@ def test_one_bad_user_in_the_posterior_and_pair_choice():
   bad_x, bad_lam = x.copy(), lam.copy()
   bad_x[BAD, 0, 0], bad_lam[BAD, 1] = np.nan, np.nan
   mean, cov = (np.asarray(a) for a in online.posterior_batched(lam, x, mask, l2=1.0))
-  bad_mean, bad_cov = (np.asarray(a) for a in online.posterior_batched(bad_lam, bad_x, mask, l2=1.0))
+  with pytest.warns(RuntimeWarning, match=rf"posterior_batched: users \[{BAD}\] have a non-finite lam_hat"):
+    bad_mean, bad_cov = (np.asarray(a) for a in online.posterior_batched(bad_lam, bad_x, mask, l2=1.0))
+  assert np.all(np.isnan(bad_cov[BAD]))
   others = [u for u in range(U) if u != BAD]
   np.testing.assert_array_equal(bad_cov[others], cov[others])
   np.testing.assert_array_equal(bad_mean[others], mean[others])
@@ -488,3 +490,59 @@ def test_online_values_that_changed_the_result_silently_are_refused(index):
   call, message = calls[index]
   with pytest.raises(ValueError, match=message):
     call()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # Finite in float64 but inf once the float32 fit casts them: a NaN lambda before.
+        (lambda: online.fit_lambda(_with(_X[1], (0, 0), 1e39), _P[1], l2=1.0),
+         r"row 0 is not finite in float32, the fit's float \(delta_features\[0\]"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, mask=_with(np.ones(N), 0, 1e39)),
+         r"mask\[0\] is 1e\+39: expected finite numbers that float32 holds \(\|x\| <= 3.4e\+38\)"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, prior_mean=[1e39, 0, 0, 0]), r"prior_mean\[0\] is 1e\+39"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, init=[0, -1e39, 0, 0]), r"init\[1\] is -1e\+39"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, constraint="box", box=(1e39, 1e39)),
+         r"box lo is 1e\+39 \(inf in float32, the fit's float\)"),
+        (lambda: online.fit_lambda_ratings(_with(_X[1],
+                                                 (3, 1), -1e39), _P[1], l2=1.0), r"row 3 is not finite in float32"),
+        # One user's posterior from a NaN optimum or NaN counted rows: an all-NaN covariance before.
+        (lambda: online.posterior([0, np.nan, 0, 0], _X[1], l2=1.0), r"lam_hat\[1\] is nan: expected finite"),
+        (lambda: online.posterior(np.zeros(K), _with(_X[1], (4, 2), np.nan), l2=1.0), r"row 4 is not finite"),
+        # Masks read as bools: -1 and NaN were True, a weight 0.2 counted in full.
+        (lambda: online.choose_pair(_CANDIDATES, np.zeros(K), np.eye(K), candidate_mask=[1, -1, 1, 1, 1, 1]),
+         r"candidate_mask\[1\] is -1: expected bools or row weights >= 0"),
+        (lambda: online.choose_pair(_CANDIDATES, np.zeros(K), np.eye(K), candidate_mask=[1, np.nan, 1, 1, 1, 1]),
+         r"candidate_mask\[1\] is nan"),
+        (lambda: online.update_users(online.init_user_state(U, K, N), _X[:, 0], _P[:, 0], _with(np.ones(U), 2, 0.2)),
+         r"new_mask\[2\] is 0.2: expected bools \(or 0 / 1\), whether user 2's comparison counts"),
+        # An int seed for a key failed inside jax.random.
+        (lambda: online.thompson_sample(0, np.zeros(K), np.eye(K)), r"key must be a PRNG key \(jax.random.key\(seed\)"),
+        (lambda: online.choose_pair(_CANDIDATES, np.zeros(K), np.eye(K), rule="thompson", key=3),
+         r"key must be a PRNG key"),
+        # The objective: prefs of one row broadcast over all, a negative l2 and labels of 7 were evaluated.
+        (lambda: online.log_loss(np.zeros(K), _X[1], [1.0], l2=1.0), r"prefs must have shape \[N\] = \[12\], got \(1,\)"
+        ),
+        (lambda: online.log_loss(np.zeros(K), _X[1], _P[1], l2=-5.0), r"l2 must be a number >= 0 \(0: the plain"),
+        (lambda: online.log_loss(np.zeros(K), _X[1], 7 * np.ones(N), l2=1.0), r"prefs\[0\] = 7.0: expected a label"),
+        (lambda: online.log_loss(np.zeros(K + 1), _X[1], _P[1]), r"lam must have shape \[K\] = \[4\], got \(5,\)"),
+    ],
+    ids=[
+        "fit_row_1e39", "fit_mask_1e39", "fit_prior_1e39", "fit_init_1e39", "fit_box_1e39", "ratings_row_1e39",
+        "posterior_nan_lam_hat", "posterior_nan_row", "choose_pair_mask_minus_one", "choose_pair_mask_nan",
+        "update_users_mask_weight", "thompson_int_key", "choose_pair_int_key", "log_loss_prefs_shape",
+        "log_loss_negative_l2", "log_loss_label_7", "log_loss_lam_shape"
+    ])
+def test_values_that_made_nan_or_a_silent_result_are_named(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_the_objective_still_takes_zero_l2_and_row_weights():
+  x, p = _X[1], _P[1]
+  weights = np.linspace(0.0, 2.0, N)
+  lam = np.asarray(online.fit_lambda(x, p, l2=1.0, mask=weights))
+  z = x @ lam
+  want = np.sum(weights * (np.logaddexp(0.0, z) - p * z))
+  np.testing.assert_allclose(float(online.log_loss(lam, x, p, mask=weights)), want, rtol=1e-5)
+  assert float(online.log_loss(lam, x, p, l2=0.0)) >= 0.0
