@@ -267,7 +267,10 @@ def summarize(runs: Sequence[dict]) -> dict:
   for name in _in_every_run(runs, lambda r: r.get("at_bespoke_kl", {}), "gains at the bespoke KL", notes):
     at_kl[name] = {
         "gain": _stats([r["at_bespoke_kl"][name]["gain"] for r in runs]),
-        "gain_ci": [r["at_bespoke_kl"][name].get("gain_ci") for r in runs]
+        "gain_ci": [r["at_bespoke_kl"][name].get("gain_ci") for r in runs],
+        # False where the bespoke KL lies beyond the run's sweep: its gain is the largest-KL point's, not read at
+        # the bespoke KL (a lower bound for a method whose gain still grows with KL).
+        "covered": [bool(r["at_bespoke_kl"][name].get("covered", True)) for r in runs]
     }
   # Each basis's shift of its own attribute (the diagonal of offline.attribute_shift), matched by attribute name.
   shift = {}
@@ -326,7 +329,10 @@ def format_summary(summary: dict) -> str:
   if summary.get("at_bespoke_kl"):
     lines += ["", "gain over the reference at the bespoke policy's KL (along each method's frontier):"]
     for name, entry in summary["at_bespoke_kl"].items():
-      lines.append(f"  {name:<24} {fmt(entry['gain'])}")
+      beyond = [i for i, covered in enumerate(entry.get("covered", ())) if not covered]
+      note = (f"  (in {len(beyond)} of {len(entry['covered'])} runs the bespoke KL lies beyond the sweep: their "
+              "gain is the largest-KL point's)") if beyond else ""
+      lines.append(f"  {name:<24} {fmt(entry['gain'])}{note}")
   if summary.get("attribute_shift"):
     lines += ["", "shift of each basis's own attribute (SD, sampled responses vs the reference's):"]
     for attribute, entry in summary["attribute_shift"].items():

@@ -287,7 +287,8 @@ def load_basis(workdir: str) -> Basis:
   """
   from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
   workdir = os.path.expanduser(os.fspath(workdir))
-  trainable, names, config, step = restore_bases(workdir)
+  with errors.input_stage():  # No step, no readable step, a config.json that no longer fits: the user's files.
+    trainable, names, config, step = restore_bases(workdir)
   model, backbone, tokenizer = load_backbone(config)
   policy = build.build_policy(model.config, config.basis)
   want = jax.eval_shape(lambda: build.init_trainable(policy, jax.random.key(0)))
@@ -297,10 +298,10 @@ def load_basis(workdir: str) -> Basis:
   got, want = shapes(trainable), shapes(want)
   if got != want:
     name = next(n for n in sorted(set(got) | set(want)) if got.get(n) != want.get(n))
-    raise ValueError(f"checkpoint step {step} in {basis_dir(workdir)} does not fit the bases its config.json "
-                     f"describes on this backbone: {name} has shape {got.get(name, 'none')} in the checkpoint, "
-                     f"{want.get(name, 'none')} for the config (was config.json or the backbone at "
-                     f"model.path={config.model.path!r} changed after training?).")
+    raise errors.InputError(f"checkpoint step {step} in {basis_dir(workdir)} does not fit the bases its config.json "
+                            f"describes on this backbone: {name} has shape {got.get(name, 'none')} in the checkpoint, "
+                            f"{want.get(name, 'none')} for the config (was config.json or the backbone at "
+                            f"model.path={config.model.path!r} changed after training?).")
   params = build.merge_params(trainable, backbone)
   return Basis(policy=policy, params=params, tokenizer=tokenizer, names=names, config=config, step=step)
 
@@ -421,9 +422,13 @@ def _ended_flags(ended: Any, num: int) -> List[bool]:
 def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) -> np.ndarray:
   """lam [K] or [U, K] -> f32[U, K] for `num_prompts` prompts (1: shared by every user row)."""
   try:
+    given = np.asarray(lam)
     lam = np.asarray(lam, np.float32)
   except (TypeError, ValueError):
     raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {lam!r}.") from None
+  if given.dtype.kind not in "iuf":  # Strings ("0.5") and bools would be converted silently.
+    raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {given.dtype} values "
+                     f"{given.ravel()[:4].tolist()}.")
   if lam.ndim not in (1, 2) or lam.shape[-1] != num_bases:
     raise ValueError(f"lam has shape {lam.shape}: expected [K={num_bases}] or [U, {num_bases}], one weight per "
                      f"basis ({', '.join(names)}).")

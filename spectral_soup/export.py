@@ -162,7 +162,8 @@ def _check_out_dir(out_dir: str) -> str:
   """The absolute `out_dir` if it may be (re)written: new, empty, or an earlier export (it holds `soup.json`)."""
   if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
     raise ValueError(f"export_hf: out_dir={out_dir!r}: expected a directory path.")
-  path = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+  # A link to a directory: its target is (re)written, the link stays (renaming the link away replaced it).
+  path = os.path.realpath(os.path.expanduser(os.fspath(out_dir)))
   if os.path.lexists(path) and not os.path.isdir(path):
     raise ValueError(f"export_hf: out_dir={out_dir!r} is a file: expected a new or empty directory.")
   if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "soup.json")):

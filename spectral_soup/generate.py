@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import List, Tuple
 
@@ -123,12 +124,20 @@ def main(argv) -> None:
       raise ValueError(f"--mode=implicit draws exact samples of the soup by rejection sampling: it needs --temperature "
                        f"> 0 and no --top_p (got --temperature={_TEMPERATURE.value}, --top_p={_TOP_P.value}); use "
                        "--mode=explicit (the same distribution) for greedy or nucleus decoding.")
-    if _OUTPUT.value:
-      files.check_output_file("--output", _OUTPUT.value)
     from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
     validation.check_seed("--seed", _SEED.value)
     from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
     config = basis_lib.run_config(_WORKDIR.value)  # Raises naming the workdir.
+    if _OUTPUT.value:  # Never over the run's own files or this command's inputs.
+      run_dirs = {_WORKDIR.value, basis_lib.basis_dir(_WORKDIR.value)}
+      inputs = [p for p in (_PROMPTS.value, _USERS.value) if p]
+      inputs += [os.path.join(d, name) for d in run_dirs for name in ("config.json", "basis.json")]
+      files.check_output_file("--output", _OUTPUT.value, inputs)
+      output = os.path.realpath(_OUTPUT.value)
+      for d in run_dirs:
+        if output.startswith(os.path.realpath(os.path.join(d, "checkpoints")) + os.sep):
+          raise ValueError(f"--output={_OUTPUT.value} is inside the run's checkpoints ({d}/checkpoints): expected a "
+                           "file outside them.")
     num_bases = len(basis_lib.basis_names(_WORKDIR.value, config))
     for name, w in zip(names, weights):
       if len(w) != num_bases:

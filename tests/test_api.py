@@ -285,27 +285,60 @@ def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
   assert json.loads(result.stdout.strip())["response"] == want[2]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--lam=1,0"], r"--lam has 2 weights: the basis in .* has 3 \(marker 1, marker 2, marker 3\)"),
-    (["--lam=1,x,0"], "--lam='1,x,0': expected comma-separated numbers"),
-    (["--lam=1,0,0", "--users=u.json"], "pass exactly one of --lam"),
-    (["--users=missing.json"], "--users=missing.json: cannot read it"),
-    (["--users=bad.json"], r"user 'b' of --users has 2 weights"),
-    (["--lam=1,0,0", "--temperature=nan"], r"--temperature=nan: expected a finite number >= 0"),
-    (["--lam=nan,0,0"], r"--lam='nan,0,0': expected finite numbers"),
-    (["--users=nan.json"], r"--users=nan.json: user 'a' has \[nan, 0, 0\]: expected finite numbers"),
-    (["--users=twice.json"], r"--users=twice.json names user 'a' twice"),
-    (["--lam=1,0,0", "--output=missing/out.jsonl"], r"--output=missing/out.jsonl: its directory .*missing does not "
-     "exist"),
-    (["--lam=1,0,0", "--seed=99999999999999999999"], r"--seed=99999999999999999999: expected an integer in"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--lam=1,0"], r"--lam has 2 weights: the basis in .* has 3 \(marker 1, marker 2, marker 3\)"),
+        (["--lam=1,x,0"], "--lam='1,x,0': expected comma-separated numbers"),
+        (["--lam=1,0,0", "--users=u.json"], "pass exactly one of --lam"),
+        (["--users=missing.json"], "--users=missing.json: cannot read it"),
+        (["--users=bad.json"], r"user 'b' of --users has 2 weights"),
+        (["--lam=1,0,0", "--temperature=nan"], r"--temperature=nan: expected a finite number >= 0"),
+        (["--lam=nan,0,0"], r"--lam='nan,0,0': expected finite numbers"),
+        (["--users=nan.json"], r"--users=nan.json: user 'a' has \[nan, 0, 0\]: expected finite numbers"),
+        (["--users=twice.json"], r"--users=twice.json names user 'a' twice"),
+        (["--lam=1,0,0", "--output=missing/out.jsonl"], r"--output=missing/out.jsonl: its directory .*missing does not "
+         "exist"),
+        (["--lam=1,0,0", "--seed=99999999999999999999"], r"--seed=99999999999999999999: expected an integer in"),
+        # The run's own files and this command's inputs are never written over (config.json lost the workdir).
+        (["--lam=1,0,0", "--output={workdir}/config.json"], r"--output=.*/config.json is one of the inputs"),
+        (["--users=good.json", "--output=good.json"], r"--output=good.json is one of the inputs"),
+        (["--lam=1,0,0", "--output={workdir}/checkpoints/x.jsonl"
+         ], r"--output=.*x.jsonl is inside the run's checkpoints"),
+    ])
 def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, message):
   (tmp_path / "bad.json").write_text(json.dumps({"a": [1, 0, 0], "b": [1, 0]}))
   (tmp_path / "nan.json").write_text('{"a": [NaN, 0, 0]}')
   (tmp_path / "twice.json").write_text('{"a": [1, 0, 0], "a": [0, 1, 0]}')
-  result = _cli(f"--workdir={workdir}", "--prompt=hi", *args, cwd=tmp_path)
+  (tmp_path / "good.json").write_text('{"a": [1, 0, 0]}')
+  before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+  config = open(os.path.join(workdir, "config.json"), "rb").read()
+  result = _cli(f"--workdir={workdir}", "--prompt=hi", *[a.format(workdir=workdir) for a in args], cwd=tmp_path)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.startswith("error: ") and re.search(message, result.stderr), result.stderr
+  assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+  assert open(os.path.join(workdir, "config.json"), "rb").read() == config
+
+
+def test_generate_cli_names_a_workdir_without_usable_bases(workdir, tmp_path):
+  """A training run killed before its first checkpoint, and a config.json edited after training: one error line
+  and exit status 2, as for every other bad file (a traceback before)."""
+  empty = tmp_path / "killed"
+  empty.mkdir()
+  shutil.copy(os.path.join(workdir, "config.json"), empty / "config.json")
+  (empty / "checkpoints").mkdir()
+  edited = tmp_path / "edited"
+  shutil.copytree(workdir, edited)
+  config = json.loads((edited / "config.json").read_text())
+  config["basis"]["head_rank"] += 1
+  (edited / "config.json").write_text(json.dumps(config))
+  for run, message in ((empty, r"no checkpoint step in .*killed/checkpoints \(did the training run finish a step"),
+                       (edited, r"config.json says basis.head_rank=.*, but checkpoint step \d+ was written with")):
+    result = _cli(f"--workdir={run}", "--prompt=hi", "--lam=1,0,0", "--max_new_tokens=2", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]  # After the checkpoint library's log lines.
+    assert last.startswith("error: ") and re.search(message, last), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_the_readmes_api_blocks_run(workdir):

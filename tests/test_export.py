@@ -129,6 +129,17 @@ def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path, mon
   monkeypatch.undo()
   nested = ss.export_hf(basis, LAM, str(tmp_path / "exports" / "user_7"))  # Missing parents are created.
   assert sorted(os.listdir(nested)) == sorted(os.listdir(out))
+  # Through a link (exports/latest -> user_7): the target is replaced, the link stays, nothing is left beside it.
+  os.symlink("user_7", tmp_path / "exports" / "latest")
+  ss.export_hf(basis, LAM * 2, str(tmp_path / "exports" / "latest"))
+  assert os.path.islink(tmp_path / "exports" / "latest")
+  assert sorted(os.listdir(tmp_path / "exports")) == ["latest", "user_7"]
+  with open(tmp_path / "exports" / "user_7" / "soup.json") as f:
+    np.testing.assert_allclose(json.load(f)["lam"], LAM * 2, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"lam must be numbers of shape \[K=3\] .* got <U3 values \['0.5'"):
+    ss.export_hf(basis, ["0.5", "0.3", "0.2"], out)
+  with pytest.raises(ValueError, match=r"got bool values \[True, False, False\]"):
+    ss.export_hf(basis, [True, False, False], out)
 
 
 def test_what_cannot_be_exported_exactly_is_refused(checkpoint, tmp_path):

@@ -79,7 +79,8 @@ def test_gains_at_the_bespoke_kl_and_attribute_shifts(tmp_path):
         },
         "pad": {
             "gain": 0.1,
-            "gain_ci": [0.0, 0.2]
+            "gain_ci": [0.0, 0.2],
+            "covered": seed == 0  # Run 1's bespoke KL lies beyond PAD's sweep.
         }
     }
     with open(os.path.join(path, "results.json"), "w") as f:
@@ -92,6 +93,14 @@ def test_gains_at_the_bespoke_kl_and_attribute_shifts(tmp_path):
   assert summary["attribute_shift"]["b"]["shift"]["mean"] == pytest.approx(0.3)
   text = summarize_runs.format_summary(summary)
   assert "above 0 in 1 of 2 runs" in text and "above 0 in 2 of 2 runs" in text
+  # A gain not read at the bespoke KL (beyond the sweep) is flagged per run, and said beside the pooled value.
+  assert summary["at_bespoke_kl"]["pad"]["covered"] == [True, False]
+  assert summary["at_bespoke_kl"]["spectral_soup_explicit"]["covered"] == [True, True]
+  pad_line = next(line for line in text.splitlines() if line.strip().startswith("pad "))
+  assert "in 1 of 2 runs the bespoke KL lies beyond the sweep" in pad_line
+  assert "beyond the sweep" not in next(
+      line for line in text.splitlines()
+      if "spectral_soup_explicit" in line and "(" in line and "[" in line and line.startswith("  "))
 
 
 def _main_run(directory, attributes=("a", "b"), users=2, accuracy=None, split="heldout", config=True, shift=None):

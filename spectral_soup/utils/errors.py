@@ -17,6 +17,10 @@ class InputError(ValueError):
   """Bad input (config, path, data, workdir), found before the run's expensive work."""
 
 
+class MissingInputError(InputError, FileNotFoundError):
+  """A missing file or directory as input: still a `FileNotFoundError` to library callers that catch one."""
+
+
 def message_of(e: BaseException) -> str:
   """The error's message, with the file name of an OSError that does not already name it."""
   message = str(e) or type(e).__name__
@@ -33,5 +37,7 @@ def input_stage() -> Iterator[None]:
     yield
   except InputError:
     raise
+  except FileNotFoundError as e:
+    raise MissingInputError(message_of(e)) from e
   except (ValueError, OSError) as e:
     raise InputError(message_of(e)) from e
