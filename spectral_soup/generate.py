@@ -9,7 +9,7 @@ at once (--users: a JSON file holding a list of U weight lists, or {"name": [K w
 Prints one JSON object per response ({"user", "prompt", "response", "ended"}: whether it ended with the
 end-of-sequence token rather than at --max_new_tokens, for `Basis.features(..., ended=)`), or writes them to
 --output (JSON lines, written atomically). Bad flags or files end in one line, `error: ...`, and exit status 2,
-before the model loads.
+before the model loads. Logs are warnings only, unless --verbosity is given.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import List, Tuple
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from spectral_soup.utils import cli
 from spectral_soup.utils import files
@@ -113,6 +114,8 @@ def read_prompts(prompt: str, prompts: str) -> List[str]:
 
 def main(argv) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:  # The libraries' INFO lines (checkpoint reads, backends) are noise here.
+    logging.set_verbosity(logging.WARNING)
   with cli.input_checks():  # Flags and files first: one line, exit status 2, before anything loads.
     names, weights = read_users(_LAM.value, _USERS.value)
     prompts = read_prompts(_PROMPT.value, _PROMPTS.value)
