@@ -246,7 +246,8 @@ def check_labels(prefs: Any, mask: Any) -> None:
 def float_dtype(*xs: Any) -> Any:
   """The computation dtype: float32, or float64 when an input is float64 and x64 is enabled."""
   # From the dtypes alone: converting the arrays would cast them (and warn on float32 overflow) before the checks.
-  dtype = jnp.result_type(*[x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype for x in xs if x is not None])
+  dtype = jax.dtypes.canonicalize_dtype(
+      np.result_type(*[x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype for x in xs if x is not None]))
   if not jnp.issubdtype(dtype, jnp.floating):
     return jnp.float32
   return jnp.promote_types(dtype, jnp.float32)
