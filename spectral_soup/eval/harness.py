@@ -84,7 +84,7 @@ class PolicyHarness:
       raise ValueError(f"prompt_ids must be indices into the harness's {len(self.prompts)} prompts, got "
                        f"{prompt_ids if prompt_ids.size <= 8 else prompt_ids.shape}.")
     # Every row checked before the prefill compiles (modes, lam, prompt indices within `prompt_ids`).
-    engine.make_rows(modes, lam, guide, prompt_index, seed, num_guides=np.shape(guide)[-1], num_prompts=len(prompt_ids))
+    all_rows = engine.make_rows(modes, lam, guide, prompt_index, seed, num_prompts=len(prompt_ids))
     max_len = self.prompts.shape[1] + self.max_new_tokens
     with cost.compile_time() as compiled:
       t0 = time.perf_counter()
@@ -93,7 +93,6 @@ class PolicyHarness:
                          max_len=max_len))
     self.meter.add_prefill(len(prompt_ids), self.prompts.shape[1], time.perf_counter() - t0, compiled.seconds)
     num_rows = len(modes)
-    seed = np.asarray(prompt_index) if seed is None else np.asarray(seed)
     # Implicit rows last and together: only their chunks pay for rejection sampling and full head logits.
     is_implicit = np.asarray([m == "implicit" for m in modes])
     order = np.argsort(is_implicit, kind="stable")
@@ -101,7 +100,7 @@ class PolicyHarness:
     for lo in progress.track(range(0, num_rows, self.chunk_rows), desc=f"decoding {num_rows} rows", unit="chunk",
                              total=-(-num_rows // self.chunk_rows)):
       idx = order[np.arange(lo, lo + self.chunk_rows) % num_rows]  # The last chunk wraps around; extras dropped.
-      rows = engine.make_rows([modes[i] for i in idx], lam[idx], guide[idx], prompt_index[idx], seed[idx])
+      rows = jax.tree.map(lambda a: a[idx], all_rows)  # pylint: disable=cell-var-from-loop
       proposals = self.max_proposals if is_implicit[idx].any() else 0
       with cost.compile_time() as compiled:
         t0 = time.perf_counter()

@@ -24,11 +24,11 @@ def _ratio(rewards: Mapping[str, np.ndarray], method: str, reference: str, bespo
   return float(np.mean(rewards[method] - rewards[reference]) / gain) if gain != 0 else float("nan")
 
 
-def _table(name: str, x, shape=None, what: str = "[U, E] (users x evaluation prompts)") -> np.ndarray:
-  """`x` as a finite float64 array of `what`'s rank (every axis >= 1; `shape` when given); ValueError naming
-  `name` and the first bad entry otherwise. A NaN reward would otherwise drop the bootstrap draws that hold it
-  (an interval over a subsample beside a NaN score) or make the bespoke gain read as "not significant"."""
-  rank = what.split("]")[0].count(",") + 1
+def _table(name: str, x, shape=None, rank: int = 2, what: str = "[U, E] (users x evaluation prompts)") -> np.ndarray:
+  """`x` as a finite float64 array of `rank` axes (described by `what`; every axis >= 1; `shape` when given);
+  ValueError naming `name` and the first bad entry otherwise. A NaN reward would otherwise drop the bootstrap draws
+  that hold it (an interval over a subsample beside a NaN score) or make the bespoke gain read as "not
+  significant"."""
   try:
     a = np.asarray(x, np.float64)
   except (TypeError, ValueError):
@@ -146,7 +146,7 @@ def attribute_shift(basis_scores: np.ndarray, reference_scores: np.ndarray, *, n
   Returns:
     {"shift": f32[K, A] mean shift, "ci": f32[K, A, 2] bootstrap interval over the prompts}.
   """
-  basis_scores = _table("basis_scores", basis_scores, what="[K, E, A] (bases x prompts x attributes)")
+  basis_scores = _table("basis_scores", basis_scores, rank=3, what="[K, E, A] (bases x prompts x attributes)")
   reference_scores = _table("reference_scores", reference_scores, what="[E, A] (prompts x attributes)")
   if basis_scores.shape[1:] != reference_scores.shape:
     raise ValueError(f"basis_scores {basis_scores.shape} does not match reference_scores {reference_scores.shape} "
