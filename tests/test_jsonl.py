@@ -125,7 +125,30 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
          r"line 2: the key 'prompt' appears twice in one object"),  # json kept the last value, silently.
         ("[" * 100_000 + "]" * 100_000, r"line 2: nested too deeply to parse"),  # A RecursionError.
         ('{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": {"x": 1' + "0" * 400 + '}, '
-         '"scores_b": {"x": 0}}', r"line 2: scores_a\['x'\] = 10+: expected a finite number"),  # An OverflowError.
+         '"scores_b": {"x": 0}}', r"line 2: scores_a\['x'\] = 100000000000\.\.\.000000 \(401 digits\): expected a "
+         r"finite number"),  # An OverflowError; the integer is shown cut.
+        ('{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": {"x": 1' + "0" * 5000 + '}, '
+         '"scores_b": {"x": 0}}', r"line 2: not JSON that can be read \(Exceeds the limit \(4300 digits\)"),
+        ({
+            **GOOD, "attribute": "-concise"
+        }, r"line 2: field 'attribute' has the attribute name '-concise': expected a name that does not start "
+         r"with '-'"),  # config.data.attributes could never select it ("-" negates there).
+        ({
+            **GOOD, "attribute": " concise"
+        }, r"line 2: field 'attribute' has the attribute name ' concise': expected no surrounding whitespace"),
+        (
+            {  # Equal once stored in float32: the pair would silently read as a tie.
+                **PAIR, "scores_a": {
+                    "x": 100000001
+                },
+                "scores_b": {
+                    "x": 100000000
+                },
+                "labels": {
+                    "x": "a"
+                }
+            },
+            r"line 2: scores_a\['x'\] = 100000001 and scores_b\['x'\] = 100000000 differ, but not in float32"),
         ([1, 2], r"line 2: a list: expected a JSON object"),
         ({
             "chosen": "a",
@@ -245,6 +268,9 @@ def test_a_bad_row_is_refused_naming_its_line_and_field(tmp_path, bad, message):
 def test_file_level_errors(tmp_path, caplog):
   with pytest.raises(ValueError, match="no such file"):
     jsonl.read(str(tmp_path / "missing.jsonl"))
+  (tmp_path / "folder.jsonl").mkdir()
+  with pytest.raises(ValueError, match=r"folder.jsonl' is a directory without a dataset_info.json"):
+    jsonl.read(str(tmp_path / "folder.jsonl"))
   not_utf8 = tmp_path / "latin1.jsonl"
   not_utf8.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "p", "chosen": "caf\xe9", "rejected": "b"}\n')
   with pytest.raises(ValueError, match=r"latin1.jsonl, line 2: not UTF-8 text \(byte b'\\xe9' at column"):
@@ -432,3 +458,71 @@ def test_a_hugging_face_datasets_directory_reads_like_the_json_lines(tmp_path):
   datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
   with pytest.raises(ValueError, match=r"bad, row 0: field 'rejected' is empty"):
     jsonl.read(str(tmp_path / "bad"))
+
+
+def _tiny_jsonl_config(tmp_path, rows, **data):
+  from configs import train_basis_tiny  # pylint: disable=g-import-not-at-top
+  config = train_basis_tiny.get_config()
+  config.data.source = _write(tmp_path / "prefs.jsonl", rows)
+  config.data.tokenizer = hf_fixtures.byte_tokenizer(tmp_path / "tokenizer")
+  config.model.vocab_size, config.basis.num_bases = 512, 1
+  config.train.batch_size, config.train.eval_batch_size = 4, 1
+  for name, value in data.items():
+    config.data[name] = value
+  return config
+
+
+def test_pairs_are_counted_and_rated_before_the_model_loads(tmp_path):
+  """A file whose pairs teach no basis (every label a tie), or whose rating difference the ratings loss refuses,
+  is refused by the config check (before any model loads), naming the batch or the file's line."""
+  from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
+  ties = [{"prompt": f"question {i}", "response_a": "a", "response_b": "b", "labels": {"x": "tie"}} for i in range(20)]
+  config = _tiny_jsonl_config(tmp_path, ties)
+  with pytest.raises(
+      ValueError, match=r"config.train.batch_size=4 is invalid: .*prefs.jsonl has 0 labelled pairs in the "
+      r"training share .* of them teach no basis: every label a tie or null"):
+    sources.validate_config(config)
+  rated = [{
+      "prompt": f"question {i}",
+      "response_a": "a",
+      "response_b": "b",
+      "scores_a": {
+          "x": float(i)
+      },
+      "scores_b": {
+          "x": 0.0
+      }
+  } for i in range(1, 40)]
+  rated[5]["scores_a"]["x"] = 1e20  # Line 6: fine as a float32 score, beyond the ratings loss's range.
+  config = _tiny_jsonl_config(tmp_path, rated, eval_fraction=0.0)
+  sources.validate_config(config)  # dpo: the labels are the scores' signs.
+  config.loss.kind = "ratings"
+  with pytest.raises(
+      ValueError, match=r"prefs.jsonl, line 6: loss.rating_scale \* \(rating_a - rating_b\) = 1 \* "
+      r"\(1e\+20 - 0\) for basis 0 is beyond \+-1e\+15"):
+    sources.validate_config(config)
+
+
+def test_a_held_out_share_of_ties_trains_without_held_out_pairs(tmp_path, caplog):
+  """Every held-out row a tie: no held-out pair (a warning), not a crash on an empty tokenizer call."""
+  from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
+  rows = []
+  for i in range(60):
+    prompt = f"question {i}"
+    held_out = embedded.split_of(prompt, 0.1, "jsonl") == "eval"
+    rows.append({"prompt": prompt, "response_a": "a", "response_b": "b", "labels": {"x": "tie" if held_out else "a"}})
+  assert any(r["labels"]["x"] == "tie" for r in rows)
+  config = _tiny_jsonl_config(tmp_path, rows, eval_fraction=0.1)
+  sources.validate_config(config)
+  with caplog.at_level("WARNING"):
+    train, held_out, _ = sources.builder_pairs(config, sources.load_tokenizer(config))
+  assert len(train["prompt"]) == sum(r["labels"]["x"] == "a" for r in rows) and not len(held_out["prompt"])
+  assert "no labelled pair in the held-out share data.eval_fraction=0.1" in caplog.text
+
+
+def test_a_zero_row_datasets_directory_is_refused_in_one_line(tmp_path):
+  datasets = pytest.importorskip("datasets")
+  datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).save_to_disk(str(tmp_path / "empty"))
+  with pytest.raises(ValueError, match=r"empty(: not a readable datasets directory| holds no rows)"):
+    jsonl.read(str(tmp_path / "empty"))

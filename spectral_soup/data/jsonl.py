@@ -81,7 +81,12 @@ def _dataset_rows(path: str):
   except ImportError:
     raise ValueError(f"config.data.source={path!r} is a Hugging Face datasets directory: reading it needs the "
                      "`datasets` package (pip install datasets).") from None
-  data = datasets.load_from_disk(path)
+  try:
+    data = datasets.load_from_disk(path)
+  except Exception as e:  # pylint: disable=broad-except
+    # The library's own failures on a damaged or empty directory include IndexError and KeyError.
+    raise ValueError(f"{path}: not a readable datasets directory ({type(e).__name__}: {e}): expected a "
+                     "directory written by datasets' save_to_disk.") from None
   if isinstance(data, datasets.DatasetDict):
     if "train" not in data:
       raise ValueError(f"{path}: a DatasetDict with splits {sorted(data)}: expected a 'train' split (held-out "
@@ -136,6 +141,12 @@ def _check_fields(where: str, row: Dict[str, Any], layout: str) -> None:
 def _name(where: str, field: str, name: Any) -> str:
   if not isinstance(name, str) or not name.strip():
     raise ValueError(f"{where}: field {field!r} has the attribute name {name!r}: expected a non-empty string.")
+  if name != name.strip():  # " concise" and "concise" would become two bases.
+    raise ValueError(f"{where}: field {field!r} has the attribute name {name!r}: expected no surrounding "
+                     "whitespace.")
+  if name.startswith("-"):  # config.data.attributes reads a leading "-" as "negated": no setting could select it.
+    raise ValueError(f"{where}: field {field!r} has the attribute name {name!r}: expected a name that does not "
+                     "start with '-' (config.data.attributes negates an attribute with a leading '-').")
   return name
 
 
@@ -148,9 +159,17 @@ def _label(where: str, name: str, value: Any) -> Optional[int]:
 
 def _score(where: str, field: str, name: str, value: Any) -> float:
   if (isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or abs(value) > MAX_SCORE):
-    raise ValueError(f"{where}: {field}[{name!r}] = {value!r}: expected a finite number within +-{MAX_SCORE:g} "
-                     "(scores are stored in float32).")
+    raise ValueError(f"{where}: {field}[{name!r}] = {_short(value)}: expected a finite number within "
+                     f"+-{MAX_SCORE:g} (scores are stored in float32).")
   return float(value)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+  """repr(value), an integer of many digits cut to its first and last digits and its length."""
+  text = repr(value)
+  if isinstance(value, int) and not isinstance(value, bool) and len(text) > limit:
+    return f"{text[:12]}...{text[-6:]} ({len(text.lstrip('-'))} digits)"
+  return text
 
 
 def _finite(value: Any) -> bool:
@@ -196,6 +215,12 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
         _name(where, "scores_a", k): (_score(where, "scores_a", k, sa[k]), _score(where, "scores_b", k, sb[k]))
         for k in sa
     }
+    for k, (a_score, b_score) in scores.items():
+      if a_score != b_score and np.float32(a_score) == np.float32(b_score):
+        raise ValueError(f"{where}: scores_a[{k!r}] = {_short(sa[k])} and scores_b[{k!r}] = {_short(sb[k])} differ, "
+                         "but not in float32 (about 7 significant digits), the precision scores are stored in: the "
+                         "pair would read as a tie. Expected scores that differ in float32 (shift or rescale the "
+                         "attribute's scores, e.g. subtract a common offset).")
     for k, label in labels.items():  # A tie (-1) must have equal scores too; null is no label (the scores decide).
       if k in scores and label is not None and (scores[k][0] > scores[k][1], scores[k][0]
                                                 < scores[k][1]) != (label == 1, label == 0):
@@ -227,7 +252,15 @@ def _json_lines(path: str):
         raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
       except RecursionError:
         raise ValueError(f"{where}: nested too deeply to parse: expected a flat JSON object.") from None
+      except _RowError:
+        raise
+      except ValueError as e:  # Python's limit on an integer's digits (4,300), raised inside the parser.
+        raise ValueError(f"{where}: not JSON that can be read ({e}).") from None
       yield where, row
+
+
+class _RowError(ValueError):
+  """A bad row found while parsing it (its message names the row)."""
 
 
 def _unique_keys(where: str, pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -235,7 +268,7 @@ def _unique_keys(where: str, pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
   out: Dict[str, Any] = {}
   for key, value in pairs:
     if key in out:
-      raise ValueError(f"{where}: the key {key!r} appears twice in one object: expected each field once.")
+      raise _RowError(f"{where}: the key {key!r} appears twice in one object: expected each field once.")
     out[key] = value
   return out
 
@@ -243,8 +276,13 @@ def _unique_keys(where: str, pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
 def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
   """Every row of `path`, checked (`keep_repeats`: keep rows that repeat an earlier row exactly, for a caller that
   counts them itself, as the `jsonl_prefs` builder does). Returns {"prompt", "response_a", "response_b": lists of
-  str, "label": int8[N, A], "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no row has scores,
-  "attributes": A names}. Raises ValueError naming the file, the line and the field of the first bad row."""
+  str, "label": int8[N, A], "mask": bool[N, A], "scores_a" / "scores_b": f32[N, A] (NaN: missing) or None when no
+  row has scores, "attributes": A names, "where": each row's place ("<path>, line <n>")}. Raises ValueError naming
+  the file, the line and the field of the first bad row."""
+  if os.path.isdir(path) and not is_dataset_dir(path):
+    raise ValueError(f"config.data.source={path!r} is a directory without a dataset_info.json, dataset_dict.json "
+                     "or state.json: expected a JSON-lines file of preference pairs, or a directory written by "
+                     "datasets' save_to_disk.")
   if not (os.path.isfile(path) or is_dataset_dir(path)):
     raise ValueError(f"config.data.source={path!r}: no such file (expected a JSON-lines file of preference pairs, "
                      "or a directory written by datasets' save_to_disk).")
@@ -319,5 +357,6 @@ def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
       "mask": mask,
       "scores_a": scores_a,
       "scores_b": scores_b,
-      "attributes": tuple(names)
+      "attributes": tuple(names),
+      "where": places,
   }

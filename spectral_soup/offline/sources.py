@@ -194,6 +194,47 @@ def _validate_jsonl_config(config: ml_collections.ConfigDict, need) -> None:
   need(d.get("label_margin", 0.0) >= 0, "data.label_margin", ">= 0")
   if config.loss.kind == "ratings":
     need(examples["scores_a"] is not None, "loss.kind", f"'dpo' for {d.source} (its rows have labels, no scores)")
+  _check_jsonl_splits(config)
+
+
+def _check_jsonl_splits(config: ml_collections.ConfigDict) -> None:
+  """What `builder_pairs` would refuse after the model has loaded, checked on the file first (no tokenizer needed):
+  a split with fewer labelled pairs than one batch (every pair a tie, say), and a rating difference beyond what the
+  ratings loss takes (`input_pipeline.MAX_RATING_TARGET`), named by its line in the file."""
+  d, train = config.data, config.get("train", None)
+  fraction = d.get("eval_fraction", JSONL_EVAL_FRACTION)
+  weights = np.asarray(basis_metadata(config)["weightings"], np.float32)
+  splits = [("train", d.get("num_train_pairs", 0), "batch_size")]
+  if fraction:
+    splits.append(("eval", d.get("num_eval_pairs", 0), "eval_batch_size"))
+  for split, limit, batch_field in splits:
+    if limit <= 0:
+      continue
+    examples = read_split(config, split, limit)
+    _, rated_a, rated_b, keep = pair_targets(examples, config, weights)
+    read, kept = len(examples["prompt"]), int(np.sum(keep))
+    batch = train.get(batch_field, None) if train is not None else None
+    if batch is not None and kept < batch and (split == "train" or kept):  # An empty held-out share only warns.
+      share = (f"the training share (the prompts not held out by data.eval_fraction={fraction})"
+               if split == "train" else f"the held-out share (data.eval_fraction={fraction})")
+      untaught = "every label a tie or null" if config.loss.kind == "dpo" else "no rating difference"
+      raise ValueError(
+          f"config.train.{batch_field}={batch} is invalid: {d.source} has {kept} labelled pairs in "
+          f"{share}, fewer than one batch ({read} rows read, at most data.num_{split}_pairs={limit}" +
+          (f"; {read - kept} of them teach no basis: {untaught} for the selected attributes" if read > kept else "") +
+          "). Use a smaller batch, or a file with more rows.")
+    if config.loss.kind == "ratings":
+      scale = config.loss.rating_scale
+      with np.errstate(invalid="ignore", over="ignore"):
+        beyond = np.abs(scale * (rated_a - rated_b)) > input_pipeline.MAX_RATING_TARGET
+      if np.any(beyond):
+        row, basis = (int(i[0]) for i in np.nonzero(beyond))
+        a, b = rated_a[row, basis], rated_b[row, basis]
+        raise ValueError(
+            f"{examples['where'][row]}: loss.rating_scale * (rating_a - rating_b) = {scale:g} * ({a:g} - {b:g}) "
+            f"for basis {basis} is beyond +-{input_pipeline.MAX_RATING_TARGET:g}, the "
+            "largest rating difference the ratings loss takes (its float32 squares must stay finite): expected "
+            "smaller scores (rescale them) or a smaller loss.rating_scale.")
 
 
 def read_jsonl(path: str) -> Dict[str, Any]:
@@ -391,6 +432,7 @@ def _read_jsonl_split(config: ml_collections.ConfigDict, split: str, limit: int)
       "mask": examples["mask"][rows],
       "scores_a": pick(examples["scores_a"]),
       "scores_b": pick(examples["scores_b"]),
+      "where": [examples["where"][i] for i in rows],
       "num_in_split": total,
       "builder_config": "jsonl",
   }
@@ -404,10 +446,27 @@ def pair_arrays(examples: Mapping[str, Any], tokenizer, config: ml_collections.C
                 weights: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
   """`read_split` output -> (`input_pipeline` arrays with labels / scores of the K bases, counts)."""
   d = config.data
+  n = len(examples["prompt"])
+  labels, rated_a, rated_b, keep = pair_targets(examples, config, weights)
+  rows = np.flatnonzero(keep)
+  if not len(rows):  # No pair with a label or rating difference for any basis (e.g. all ties): an empty split.
+    return {}, {"read": n, "kept": 0}
+  pick = lambda texts: [texts[i] for i in rows]
+  arrays = tokenize(tokenizer, pick(examples["prompt"]), pick(examples["response_a"]), pick(examples["response_b"]),
+                    prompt_len=d.prompt_len, response_len=d.response_len, chat_template=d.get("chat_template", True))
+  arrays.update(labels=labels[rows], scores_a=rated_a[rows], scores_b=rated_b[rows])
+  return arrays, {"read": n, "kept": len(rows)}
+
+
+def pair_targets(examples: Mapping[str, Any], config: ml_collections.ConfigDict,
+                 weights: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(labels int8[N, K], ratings of a and b f32[N, K] (NaN: unrated), keep bool[N]) of `read_split`'s pairs: what
+  each basis learns from each pair, and which pairs teach some basis (a label for dpo, a rating difference for
+  ratings). No tokenizer is needed: the checks before training count the pairs with it."""
   _, columns, signs = selected_attributes(config)
   n, k = len(examples["prompt"]), weights.shape[0]
   if not n:
-    return {}, {"read": 0, "kept": 0}
+    return (np.zeros((0, k), np.int8), np.zeros((0, k), np.float32), np.zeros((0, k), np.float32), np.zeros(0, bool))
   label, mask = examples["label"][:, columns], examples["mask"][:, columns]
   label = np.where(signs < 0, np.where(label == 1, 0, np.where(label == 0, 1, label)), label).astype(np.int8)
   if examples["scores_a"] is not None:
@@ -418,17 +477,13 @@ def pair_arrays(examples: Mapping[str, Any], tokenizer, config: ml_collections.C
   else:
     differences = attribute_differences(None, None, label, mask)
     rated_a = rated_b = np.full((n, k), np.nan, np.float32)
-  labels = basis_labels(differences, weights, d.get("label_margin", 0.0))
+  labels = basis_labels(differences, weights, config.data.get("label_margin", 0.0))
   if config.loss.kind == "dpo":
     keep = np.any(labels >= 0, axis=1)
   else:
-    keep = np.any(np.isfinite(rated_a - rated_b), axis=1)
-  rows = np.flatnonzero(keep)
-  pick = lambda texts: [texts[i] for i in rows]
-  arrays = tokenize(tokenizer, pick(examples["prompt"]), pick(examples["response_a"]), pick(examples["response_b"]),
-                    prompt_len=d.prompt_len, response_len=d.response_len, chat_template=d.get("chat_template", True))
-  arrays.update(labels=labels[rows], scores_a=rated_a[rows], scores_b=rated_b[rows])
-  return arrays, {"read": n, "kept": len(rows)}
+    with np.errstate(invalid="ignore"):
+      keep = np.any(np.isfinite(rated_a - rated_b), axis=1)
+  return labels, rated_a, rated_b, keep
 
 
 def _check_vocab(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray]) -> None:
@@ -470,8 +525,9 @@ def builder_pairs(config: ml_collections.ConfigDict,
     is_train = split == splits[0][0]
     if jsonl.is_jsonl(d.source) and not is_train and not len(arrays["prompt"]):
       logging.warning(
-          "%s: no prompt fell in the held-out share data.eval_fraction=%s; training without held-out "
-          "pairs.", d.source, d.get("eval_fraction", JSONL_EVAL_FRACTION))
+          "%s: no labelled pair in the held-out share data.eval_fraction=%s (%d rows fell in it, none teaching a "
+          "basis); training without held-out pairs.", d.source, d.get("eval_fraction", JSONL_EVAL_FRACTION),
+          counts["read"])
       out.append(arrays)
       continue
     batch = config.train.batch_size if is_train else config.train.eval_batch_size
