@@ -95,7 +95,7 @@ def get_config():
   config.eval.pareto_points = 3  # Soups on the sweep.
   # Each method's strength knob (its lambda or guidance weights times s), swept to trace its reward-KL frontier;
   # methods are compared at the bespoke policy's KL. Each includes 1.0 (the method as fitted); the other points
-  # bracket the bespoke policy's KL (3-4 nats here; PAD's weights, fitted with online.l2 = 10, reach about 2.4 nats at
+  # bracket the bespoke policy's KL (3-4 nats here; PAD's weights, fitted with online.l2 = 10, reach 2.4-3.1 nats at
   # 1.0, so its sweep goes to 2). The MOD oracle (true weights) equals the bespoke head for these linear bases, so it
   # is not swept.
   config.eval.frontier = ml_collections.ConfigDict({

@@ -53,3 +53,24 @@ def test_every_key_of_results_json_is_documented():
   named = lambda k: any(form in doc for form in (f"`{k}`", f"`{k}.", f".{k}`", f"\"{k}\""))
   missing = sorted(k for k in keys if not named(k))
   assert not missing, f"docs/RESULTS.md does not document {missing}"
+
+
+def test_config_comments_follow_the_variant_and_read_comments_above_a_field(tmp_path):
+  """The comments `--show_config` prints: the variant's function (`file.py:local`) only for that variant, comment
+  lines above a field without its own, and the `#   ` lines that continue a comment."""
+  from spectral_soup.utils import cli  # pylint: disable=g-import-not-at-top
+  paper = cli.config_comments(os.path.join(ROOT, "configs", "ultrafeedback_gemma3_1b.py"))
+  local = cli.config_comments(os.path.join(ROOT, "configs", "ultrafeedback_gemma3_1b.py") + ":local")
+  assert paper["basis.num_bases"].startswith("K: 4 attributes + 26") and "16 chips" in paper["mesh.fsdp"]
+  assert local["basis.num_bases"].startswith("The 4 attributes + 2") and local["mesh.fsdp"] == "One device."
+  derived = cli.config_comments(os.path.join(ROOT, "configs", "helpsteer2.py"))
+  assert "Local" not in derived["launch.accelerator_type"] and "(CPU)" not in derived["model.dtype"]
+  demo = cli.config_comments(os.path.join(ROOT, "configs", "demo.py"))
+  assert demo["online.l2"].startswith("L2 penalty of the lambda fits") and "nonnegative" in demo["online.constraint"]
+  assert demo["train.nan_check"].endswith("(False: checked at log steps only).")  # Continued on the next line.
+  config = tmp_path / "c.py"
+  config.write_text(
+      "def get_config(arg=''):\n  # Above a and b.\n  config.a = 1\n  config.b = 2\n\n  config.c = 3\n"
+      "  config.d = 4  # Own.\n  if arg == 'x':\n    x(config)\n\n\ndef x(config):\n  config.d = 5  # X's.\n")
+  assert cli.config_comments(str(config)) == {"a": "Above a and b.", "b": "Above a and b.", "d": "Own."}
+  assert cli.config_comments(f"{config}:x")["d"] == "X's."

@@ -525,3 +525,14 @@ def test_workdir_tilde_is_the_home_for_check_and_use(monkeypatch, tmp_path):
   cli.check_workdir(values.workdir)  # What the run writes to is what was checked.
   with pytest.raises(ValueError, match="is not a known home directory"):
     cli.check_workdir("~no_such_user_here/x")
+
+
+def test_config_path_fields_expand_a_tilde(tmp_path):
+  """`--config.data.source=~/pairs.jsonl`: a shell leaves the `~` as typed; the parser expands it as `--workdir`'s."""
+  env = {**os.environ, "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_jsonl.py",
+      "--config.data.source=~/pairs.jsonl", "--workdir=~/run"
+  ], cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert f"config.data.source={str(tmp_path / 'pairs.jsonl')!r}: no such file" in result.stderr

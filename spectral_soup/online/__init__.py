@@ -2,9 +2,11 @@
 
 By job: `fit` fits lambda from pairwise preferences (the damped Newton solver in `newton`, the feasible sets in
 `projections`), `ratings` from ratings, `laplace` gives the Laplace posterior, Thompson samples and the pair to show
-next, and `state` keeps the users' comparisons and refits them all in one compiled call. `users` holds the simulated
-users, `protocol` the online rounds over generated responses, and `exact_mdp` a small token-level MDP solved exactly,
-which checks the souping claims of docs/METHOD.md section 4 and the online loop.
+next, and `state` keeps the users' comparisons and refits them all in one compiled call. `direction` gives the Bayes
+estimate of a nonnegative lambda's direction (the posterior mean of lambda / sum(lambda)), `selection` chooses the
+fits' penalty by cross-validated prediction of the choices. `users` holds the simulated users, `protocol` the online
+rounds over generated responses, and `exact_mdp` a small token-level MDP solved exactly, which checks the souping
+claims of docs/METHOD.md section 4 and the online loop.
 """
 
 from spectral_soup.online import exact_mdp

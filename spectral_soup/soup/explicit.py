@@ -5,7 +5,8 @@ For a user with mixing vector lam in R^K (docs/METHOD.md section 4):
   log pi_soup = log_softmax((1 - sum_k lam_k) * log pi_ref + sum_k lam_k * log pi_k),
 
 where every policy is log-softmax normalized *before* mixing. At the sequence level this is the KL-optimal policy for
-the reward sum_k lam_k r_k (the reverse-KL case of MOD); at the token level it is the approximation of Theorem 1.
+the reward sum_k lam_k r_k (the reverse-KL case of MOD); at the token level it is an approximation, the one the
+reported sub-optimality bound controls (docs/METHOD.md sections 2 and 4).
 
 Conventions shared by all functions here:
   * Everything is computed in float32 whatever the input dtype; outputs are float32 normalized log-probs.

@@ -39,7 +39,8 @@ def parse_flags(argv):
   errors found after parsing.
 
   A `--workdir` starting with `~` is expanded here, as a shell would (a shell leaves `--workdir=~/x` as typed): the
-  checks and the run then see the same directory, the user's home, never one named `~`.
+  checks and the run then see the same directory, the user's home, never one named `~`. So are the config's path
+  fields (`PATH_FIELDS`: `--config.data.source=~/pairs.jsonl`).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
@@ -48,6 +49,7 @@ def parse_flags(argv):
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
     if config is not None:
       _ = config.keys  # A config file that failed to load raises (OSError) on first use, not while parsing.
+      expand_config_home(config)
     return rest
   except flags.Error as e:
     message = " ".join(str(e).split())  # One line.
@@ -58,6 +60,22 @@ def parse_flags(argv):
     message = _config_error_message(e, argv)
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(USAGE_ERROR_EXIT_CODE)
+
+
+# Config fields that name a file or directory: a leading `~` is expanded as `--workdir`'s is (a shell does not
+# expand it after `--config.data.source=`).
+PATH_FIELDS = ("data.source", "data.tokenizer", "data.data_dir", "data.manual_dir", "data.cache_dir", "model.path",
+               "train.features_dir")
+
+
+def expand_config_home(config) -> None:
+  """Expands a leading `~` or `~user` of the config's path fields (`PATH_FIELDS`, those it has), in place."""
+  for dotted in PATH_FIELDS:
+    section, name = dotted.split(".")
+    holder = config.get(section, None)
+    value = holder.get(name, None) if holder is not None and hasattr(holder, "get") else None
+    if isinstance(value, str) and value.startswith("~"):
+      holder[name] = os.path.expanduser(value)
 
 
 def expand_home(flag_values, name: str) -> None:
@@ -134,35 +152,74 @@ _ASSIGNMENT = re.compile(r"^\s*([A-Za-z_]\w*(?:\.\w+)+)\s*=\s*(.*?)\s*(?:#\s*(.*
 _ALIAS = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*config((?:\.\w+)+)\s*(?:#.*)?$")
 _BASE = re.compile(r"^\s*from configs import (\w+)")
 
+_FUNCTION = re.compile(r"^def (\w+)")
+
 
 def config_comments(path: str) -> dict:
   """{"data.attributes": "its comment"} from a config file and the configs/ files it builds on (`from configs
-  import x`), the file's own comments last (they describe its values). Reads the source; imports nothing."""
-  path = path.split(":", 1)[0]
-  comments: dict = {}
+  import x`), the file's own comments last (they describe its values). Reads the source; imports nothing.
+
+  A field's comment is the one after its assignment (with the indented `#   ` lines that continue it) or, without
+  one, the comment lines right above it. Only `get_config`'s assignments count, and those of the function named by
+  the config's variant (`file.py:local` runs `local(config)` after `get_config`'s own, so its comments come last).
+  """
+  main, variant = _comments(*path.partition(":")[::2])
+  return {**main, **variant}
+
+
+def _comments(path: str, variant: str) -> tuple:
+  """(comments of `get_config`, comments of the variant's function) of a config file and the files it builds on."""
+  main: dict = {}
+  extra: dict = {}
   try:
     with open(path) as f:
       lines = f.read().splitlines()
   except OSError:
-    return comments
+    return main, extra
   for line in lines:  # The bases first: a derived config's comment wins.
     base = _BASE.match(line)
     if base:
-      comments.update(config_comments(os.path.join(os.path.dirname(os.path.abspath(path)), base.group(1) + ".py")))
+      base_main, base_extra = _comments(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                     base.group(1) + ".py"), variant)
+      main.update(base_main)
+      extra.update(base_extra)
   aliases = {"config": ""}
+  function, above, last = None, [], None
   for line in lines:
+    stripped = line.strip()
+    defined = _FUNCTION.match(line)
+    if defined or (line[:1].strip() and not stripped.startswith("#")):  # A top-level statement ends a function.
+      function, above, last = defined.group(1) if defined else None, [], None
+      continue
+    target = main if function == "get_config" else extra if variant and function == variant else None
+    if stripped.startswith("#"):
+      text = stripped[1:]
+      if last is not None and text.startswith("   "):  # `#   ...`: the comment after an assignment continues.
+        last[1][last[0]] += " " + text.strip()
+      else:
+        above.append(text.strip())
+        last = None
+      continue
     alias = _ALIAS.match(line)
+    match = None if alias else _ASSIGNMENT.match(line)
     if alias:
       aliases[alias.group(1)] = alias.group(2)[1:]
+    elif match and target is not None:
+      head, _, rest = match.group(1).partition(".")
+      comment = (match.group(3) or "").strip() or " ".join(above)
+      if head in aliases and comment:
+        key = ".".join(p for p in (aliases[head], rest) if p)
+        target[key] = comment
+        last = (key, target) if match.group(3) else None
+      else:
+        last = None
+      if match.group(3):
+        above = []  # Comment lines above serve the run of comment-less assignments below them.
       continue
-    match = _ASSIGNMENT.match(line)
-    if not match or not match.group(3):
-      continue
-    head, _, rest = match.group(1).partition(".")
-    if head in aliases:
-      key = ".".join(p for p in (aliases[head], rest) if p)
-      comments[key] = match.group(3).strip()
-  return comments
+    else:
+      last = None
+    above = []
+  return main, extra
 
 
 def describe_config(config, path: str) -> str:
