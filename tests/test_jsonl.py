@@ -282,6 +282,11 @@ def test_file_level_errors(tmp_path, caplog):
   bom = tmp_path / "bom.jsonl"
   bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
   assert jsonl.read(str(bom))["prompt"] == ["p"]  # A byte-order mark is not an error.
+  joined = tmp_path / "joined.JSONL"  # Two files joined with `cat`, each opening with a byte-order mark.
+  joined.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n\xef\xbb\xbf" + json.dumps({
+      **GOOD, "prompt": "q"
+  }).encode() + b"\n")
+  assert jsonl.is_jsonl(str(joined)) and jsonl.read(str(joined))["prompt"] == ["p", "q"]
   # Rows whose two responses are the same text carry no preference: left out with a warning, refused if all are.
   with caplog.at_level("WARNING"):
     out = jsonl.read(_write(tmp_path / "same.jsonl", [GOOD, {**GOOD, "rejected": "a"}, {**GOOD, "prompt": "q"}]))
@@ -526,3 +531,16 @@ def test_a_zero_row_datasets_directory_is_refused_in_one_line(tmp_path):
   datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).save_to_disk(str(tmp_path / "empty"))
   with pytest.raises(ValueError, match=r"empty(: not a readable datasets directory| holds no rows)"):
     jsonl.read(str(tmp_path / "empty"))
+
+
+def test_a_source_file_of_another_name_is_named(tmp_path):
+  from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
+  config = _tiny_jsonl_config(tmp_path, _rows(20), eval_fraction=0.0)
+  config.basis.num_bases, config.train.batch_size, config.train.eval_batch_size = 2, 8, 8  # Over 8 devices.
+  config_checks.validate_config(config)
+  os.rename(config.data.source, tmp_path / "prefs.json")
+  config.data.source = str(tmp_path / "prefs.json")
+  with pytest.raises(
+      ValueError, match=r"config.data.source=.*prefs.json' is invalid: expected a JSON-lines file "
+      r"named .jsonl \(this file is named 'prefs.json'"):
+    config_checks.validate_config(config)

@@ -65,7 +65,7 @@ def text_problem(value: str) -> Optional[str]:
 def is_jsonl(source: Any) -> bool:
   """Whether `config.data.source` names your own pairs: a JSON-lines file (by its extension) or a Hugging Face
   `datasets` directory written by `save_to_disk` (`is_dataset_dir`)."""
-  return isinstance(source, str) and (source.endswith(".jsonl") or is_dataset_dir(source))
+  return isinstance(source, str) and (source.lower().endswith(".jsonl") or is_dataset_dir(source))
 
 
 def is_dataset_dir(path: Any) -> bool:
@@ -240,7 +240,8 @@ def _json_lines(path: str):
     for number, raw in enumerate(f, start=1):
       where = f"{path}, line {number}"
       try:
-        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # A byte-order mark may open the file.
+        # A byte-order mark may open the file, or a line (files joined with `cat`): it is not text.
+        line = raw.decode("utf-8-sig")
       except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
                          "expected JSON lines in UTF-8.") from None

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Optional
 
 import jax
@@ -68,10 +70,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       raise ValueError(str(e).replace("TransformerConfig.", "config.model.")) from None
     need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
          f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
-  need(
-      c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source),
-      "data.source", f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES}, a .jsonl file of pairs or "
-      "a datasets directory (save_to_disk)")
+  named_file = isinstance(c.data.source, str) and os.path.isfile(c.data.source)
+  need(c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source),
+       "data.source", (f"a JSON-lines file named .jsonl (this file is named {os.path.basename(c.data.source)!r}; "
+                       "a compressed file: decompress it first)") if named_file else
+       (f"one of {('synthetic', 'embedded') + sources.BUILDER_SOURCES}, a .jsonl file of pairs or a datasets "
+        "directory (save_to_disk)"))
   if c.data.source in sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source):
     sources.validate_config(c)
   if c.data.source == "embedded":
