@@ -96,8 +96,10 @@ def online_config(config):
                                features=o.get("features", "implicit_reward"))
 
 
-def validate_config(config) -> None:
-  """Fails fast, naming the field, before anything expensive runs (the training fields: `offline.train`)."""
+def validate_config(config, num_devices: Optional[int] = None) -> None:
+  """Fails fast, naming the field, before anything expensive runs (the training fields: `offline.train`).
+
+  num_devices: the devices the job will see (None: this machine's; a launcher passes the remote machine's)."""
   from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
@@ -155,7 +157,7 @@ def validate_config(config) -> None:
       1 <= config.eval.num_bootstrap <= MAX_BOOTSTRAP, "eval.num_bootstrap",
       f"an integer in [1, {MAX_BOOTSTRAP:,}] (each method's bootstrap holds num_bootstrap x users x eval prompts "
       "float64 values, computed after the whole decode)")
-  config_checks.validate_config(config)
+  config_checks.validate_config(config, num_devices=num_devices)
 
 
 def recomputed_every_run(field: str) -> bool:
@@ -297,6 +299,8 @@ def check_decode_length(config, prompt_len: int, max_len: int) -> None:
   positions (the decoding cache holds both; the serving API refuses the same)."""
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
   need = config_check.field_checker(config)
+  need(prompt_len < max_len, "data.prompt_len",
+       f"< the model's max_len={max_len} positions (a prompt of {prompt_len} tokens leaves no room for a response)")
   need(
       prompt_len + config.eval.max_new_tokens <= max_len, "eval.max_new_tokens",
       f"<= {max_len - prompt_len}: the model's max_len={max_len} positions less the prompt's {prompt_len} "

@@ -188,6 +188,28 @@ def check_config(parser: argparse.ArgumentParser, args: argparse.Namespace, remo
   return apply_overrides(parser, full + sep + variant, overrides) if overrides else config
 
 
+def check_job_values(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Any, num_devices: Optional[int],
+                     machine: str) -> None:
+  """The job's own config checks (`--module`'s `validate_config`), here, with the remote machine's device count,
+  before any machine is created: the job would refuse the same config at once, after minutes of billed setup.
+  `num_devices` None (not known from the flags): left to the job, with a warning."""
+  if config is None:
+    return
+  if num_devices is None:
+    warn(f"the number of devices of {machine} is not known here: the config's values are checked when the job "
+         "starts.")
+    return
+  try:
+    if args.module == "experiments.main":
+      from experiments import main as job  # pylint: disable=g-import-not-at-top
+      job.validate_config(config, num_devices=num_devices)
+    elif hasattr(config, "train"):
+      from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
+      config_checks.validate_config(config, num_devices=num_devices)
+  except ValueError as e:
+    parser.error(f"{e} (on the {num_devices} devices of {machine})")
+
+
 def apply_overrides(parser: argparse.ArgumentParser, config_arg: str, overrides: Sequence[str]) -> Any:
   """The config of `--config=config_arg` with the job's `--config.FIELD=VALUE` arguments applied, parsed as the job
   parses them (ml_collections' config flags): a misspelt field or a value of the wrong type is refused here, before

@@ -36,6 +36,7 @@ Project, zone and name come from the flags or from SPECTRAL_SOUP_PROJECT / SPECT
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from typing import List, Optional, Sequence
@@ -90,9 +91,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   common.check_name(parser, args.name, "--name (or SPECTRAL_SOUP_VM)")
   if args.driver_timeout <= 0:
     parser.error(f"--driver-timeout={args.driver_timeout}: expected a number of seconds > 0.")
-  common.check_config(parser, args, remote=True)
+  config = common.check_config(parser, args, remote=True)
+  machine = args.machine_type + (f" with --accelerator={args.accelerator}" if args.accelerator else "")
+  common.check_job_values(parser, args, config, gpu_count(args.machine_type, args.accelerator), machine)
   common.check_plan_flags(parser, args, STEPS)
   return args
+
+
+# GPUs of the G2 machine types (the A2 / A3 types name theirs: a2-ultragpu-8g, a3-highgpu-8g).
+_G2_GPUS = {4: 1, 8: 1, 12: 1, 16: 1, 32: 1, 24: 2, 48: 4, 96: 8}
+
+
+def gpu_count(machine_type: str, accelerator: Optional[str]) -> Optional[int]:
+  """The GPUs of a Compute Engine machine: `--accelerator`'s count, else the A2 / A3 type's `-<n>g` suffix or the G2
+  type's table; None where the flags do not tell."""
+  if accelerator:
+    count = re.search(r"(?:^|,)count=(\d+)(?:,|$)", accelerator)
+    return int(count.group(1)) if count else 1
+  named = re.fullmatch(r"a\d-\w+-(\d+)g", machine_type)
+  if named:
+    return int(named.group(1))
+  g2 = re.fullmatch(r"g2-standard-(\d+)", machine_type)
+  return _G2_GPUS.get(int(g2.group(1))) if g2 else None
 
 
 def wait_script(timeout_s: int, interval_s: float = WAIT_INTERVAL_S) -> str:

@@ -38,7 +38,7 @@ import dataclasses
 import re
 import shlex
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from launch import common
 
@@ -196,23 +196,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.slice = slice_of(args.accelerator_type)
   except ValueError as e:
     parser.error(f"--accelerator-type={args.accelerator_type}: {e}")
-  if args.module == "experiments.train_basis" and hasattr(config, "train"):
-    _check_training_config(parser, args, config)
   common.check_plan_flags(parser, args, STEPS)
   _check_workers(parser, args)
   if "run" in args.steps:
     _check_multi_host(parser, args)
+  # The main job is one process (on worker 0): it sees that host's devices only.
+  devices = args.slice.devices // args.slice.hosts if args.module == "experiments.main" else args.slice.devices
+  common.check_job_values(parser, args, config, devices, args.accelerator_type)
   return args
-
-
-def _check_training_config(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Any) -> None:
-  """The basis training's config checks (batch sizes against the mesh, ...) with the slice's device count, before
-  the slice is created (the job would refuse the same config at once, after minutes of billed setup)."""
-  from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
-  try:
-    config_checks.validate_config(config, num_devices=args.slice.devices)
-  except ValueError as e:
-    parser.error(f"{e} (on the {args.slice.devices} devices of {args.accelerator_type})")
 
 
 def _check_workers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

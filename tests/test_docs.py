@@ -68,9 +68,19 @@ def test_config_comments_follow_the_variant_and_read_comments_above_a_field(tmp_
   demo = cli.config_comments(os.path.join(ROOT, "configs", "demo.py"))
   assert demo["online.l2"].startswith("L2 penalty of the lambda fits") and "nonnegative" in demo["online.constraint"]
   assert demo["train.nan_check"].endswith("(False: checked at log steps only).")  # Continued on the next line.
+  assert demo["online.features"].startswith(
+      "What spectral and P-Soups lambda regress") and "P-Soups also fixes" not in (
+          demo["online.features"])  # Its own comment block only, not the one above the field before it.
   config = tmp_path / "c.py"
   config.write_text(
       "def get_config(arg=''):\n  # Above a and b.\n  config.a = 1\n  config.b = 2\n\n  config.c = 3\n"
-      "  config.d = 4  # Own.\n  if arg == 'x':\n    x(config)\n\n\ndef x(config):\n  config.d = 5  # X's.\n")
-  assert cli.config_comments(str(config)) == {"a": "Above a and b.", "b": "Above a and b.", "d": "Own."}
+      "  config.d = 4  # Own.\n  # Above e.\n  config.e = 5\n  # Above f.\n  config.f = 6\n  if arg == 'x':\n"
+      "    x(config)\n\n\ndef x(config):\n  config.d = 5  # X's.\n")
+  assert cli.config_comments(str(config)) == {
+      "a": "Above a and b.",
+      "b": "Above a and b.",
+      "d": "Own.",
+      "e": "Above e.",
+      "f": "Above f."
+  }
   assert cli.config_comments(f"{config}:x")["d"] == "X's."

@@ -94,10 +94,13 @@ def test_tpu_single_host_steps_keep_and_env_defaults(monkeypatch):
   assert lines[0][5] == "ss-env" and "--zone=us-east5-a" in lines[0] and "--spot" in lines[0]
   assert not any(a.startswith("--project") for line in lines for a in line)  # gcloud's default project.
   assert "--distributed" not in _remote(lines[4])  # One host: no jax.distributed.
-  lines = _dry_run(tpu, argv + ["--steps=logs,delete", "--module=experiments.main"])
+  lines = _dry_run(tpu, argv + ["--steps=logs,delete", "--module=experiments.main", "--config=configs/demo.py"])
   assert len(lines) == 1 and "--worker=0" in lines[0]  # --keep drops the delete.
-  (run,) = _dry_run(tpu,
-                    POD + ["--steps=run", "--module=experiments.main", "--run-workers=0", "--allow-multi-host-main"])
+  (run,) = _dry_run(
+      tpu, POD + [
+          "--steps=run", "--module=experiments.main", "--config=configs/demo.py", "--run-workers=0",
+          "--allow-multi-host-main"
+      ])
   assert "--worker=0" in run and "-m experiments.main" in _remote(run) and "--distributed" not in _remote(run)
 
 
@@ -378,7 +381,8 @@ def test_missing_programs_are_one_line_errors(monkeypatch, tmp_path, capsys):
     (["--config=configs/ultrafeedback_gemma3_1b.py:bogus"], "Unknown config variant 'bogus'"),
     ([f"--config={OUTSIDE}"], "outside the repository"),
     (["--config=configs/nope.py:local"], "configs/nope.py is not a file"),
-    (["--module=experiments.main"], "--module=experiments.main is a single-process job, but v5litepod-16 has 4 hosts"),
+    (["--module=experiments.main", "--config=configs/demo.py"
+     ], "--module=experiments.main is a single-process job, but v5litepod-16 has 4 hosts"),
     (["--", "--config=configs/demo.py"], "job argument --config=configs/demo.py: give --config to the launcher"),
     (["--", "--workdir=/elsewhere"], "job argument --workdir=/elsewhere: give --workdir"),
     (["--accelerator-type=v5p-10"], "v5p-10 (5 chips) is not a v5p slice"),
@@ -440,7 +444,8 @@ def test_multi_host_workdir_warnings_and_single_process_jobs(capsys):
   tpu.parse_args(
       POD[:3] +
       ["--accelerator-type=v5litepod-8", "--config=configs/demo.py", "--workdir=w", "--module=experiments.main"])
-  tpu.parse_args(base + ["--workdir=/mnt/s", "--module=experiments.main", "--allow-multi-host-main"])
+  tpu.parse_args(
+      base + ["--workdir=/mnt/s", "--module=experiments.main", "--config=configs/demo.py", "--allow-multi-host-main"])
 
 
 def _documented_tpu_commands():
@@ -536,3 +541,38 @@ def test_config_path_fields_expand_a_tilde(tmp_path):
   ], cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr
   assert f"config.data.source={str(tmp_path / 'pairs.jsonl')!r}: no such file" in result.stderr
+
+
+def test_a_workdir_inside_another_runs_checkpoints_is_refused(tmp_path):
+  """The outer run's checkpoint retention would delete a run kept in one of its step directories."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "300").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  for inner in (run / "checkpoints", run / "checkpoints" / "300", run / "checkpoints" / "300" / "new"):
+    with pytest.raises(ValueError, match=r"lies inside the checkpoints of the run in .*run: its checkpoint retention"):
+      cli.check_workdir(str(inner))
+  cli.check_workdir(str(run / "elsewhere"))
+  cli.check_workdir(str(tmp_path / "checkpoints" / "x"))  # A directory named so, of no run.
+
+
+def test_remote_plans_check_the_jobs_config_values_for_the_machines_devices(capsys):
+  """A config the job would refuse at once is refused before any machine is created, for both entry points on TPU
+  and on GPU (the GPU count read from --accelerator or the machine type)."""
+  refused = [
+      (gpu, GPU_RUN + ["--", "--config.train.batch_size=0"], "config.train.batch_size=0 is invalid"),
+      (gpu, GPU_RUN + ["--machine-type=a2-ultragpu-2g", "--", "--config.train.batch_size=3"],
+       r"on the 2 devices of a2-ultragpu-2g"),
+      (tpu, POD[:3] + [
+          "--accelerator-type=v5litepod-8", "--module=experiments.main", "--config=configs/demo.py",
+          "--workdir=/mnt/shared/run1", "--", "--config.eval.num_prompts=1"
+      ], r"config.eval.num_prompts=1 is invalid: expected >= 2"),
+  ]
+  for module, argv, message in refused:
+    with pytest.raises(SystemExit) as e:
+      module.parse_args(argv)
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+  assert gpu.gpu_count("a3-highgpu-8g", None) == 8 and gpu.gpu_count("g2-standard-48", None) == 4
+  assert gpu.gpu_count("n1-standard-8", "type=nvidia-tesla-t4,count=2") == 2
+  assert gpu.gpu_count("n1-standard-8", None) is None  # Left to the job, with a warning.
+  gpu.parse_args(GPU_RUN + ["--machine-type=n1-standard-8"])
+  assert "the config's values are checked when the job starts" in capsys.readouterr().err

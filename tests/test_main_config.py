@@ -67,7 +67,7 @@ def test_a_frontier_without_the_fitted_method_is_refused(scales):
 def test_a_negative_seed_is_refused():
   config = demo.get_config()
   config.seed = -1
-  with pytest.raises(ValueError, match=r"config\.seed=-1 is invalid: expected >= 0"):
+  with pytest.raises(ValueError, match=r"config\.seed=-1 is invalid: expected an integer in \[0, 2\*\*63 - 1\]"):
     main.validate_config(config)
 
 
@@ -149,6 +149,11 @@ def test_a_response_longer_than_the_model_takes_is_refused():
       ValueError, match=r"config\.eval\.max_new_tokens=100000 is invalid: expected <= 8128: the "
       r"model's max_len=8192"):
     main.check_decode_length(config, prompt_len=64, max_len=8192)
+  config.eval.max_new_tokens, config.data.prompt_len = 2, 100_000  # The prompt alone is too long: named.
+  with pytest.raises(
+      ValueError, match=r"config\.data\.prompt_len=100000 is invalid: expected < the model's "
+      r"max_len=8192 positions"):
+    main.check_decode_length(config, prompt_len=100_000, max_len=8192)
 
 
 def test_a_decode_that_cannot_fit_in_memory_is_refused_before_it_compiles():

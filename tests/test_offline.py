@@ -165,6 +165,9 @@ def _config(**flat):
             "optim.learning_rate": -1e-3
         }, "optim.learning_rate"),
         ({
+            "seed": 2**63
+        }, "seed"),  # jax.random.key's seed is 64-bit signed (it failed after the feature pass).
+        ({
             "train.batch_size": 36
         }, "train.batch_size"),  # 36 pairs over data = 8.
         ({
@@ -439,6 +442,22 @@ def test_resume_refuses_a_checkpoint_made_before_init_features_with_another_fit(
   with pytest.raises(ValueError, match=r"config\.basis\.init_features='surprise' differs from 'pair_surprise'"):
     resume.check_resume(config, "wd", 0, saved)
   resume.check_resume(_config(**{**flat, "basis.init_features": "pair_surprise"}), "wd", 0, saved)
+
+
+def test_resume_refuses_another_optimizer_and_lets_the_run_grow():
+  """A resumed run with another learning rate (or any optim.* field) is refused, naming it: its config.json would
+  describe the checkpoint's steps wrongly. More train.num_steps resume; a checkpoint that did not record the
+  optimizer resumes unchecked."""
+  config = _config()
+  saved = resume.resume_fields(config)
+  assert saved["optim.learning_rate"] == config.optim.learning_rate
+  changed = _config(**{"optim.learning_rate": 0.5})
+  with pytest.raises(
+      ValueError, match=r"config\.optim\.learning_rate=0\.5 differs from .* in the checkpoint of step 0 "
+      r"in wd: the checkpoint's steps were taken by another optimizer or schedule"):
+    resume.check_resume(changed, "wd", 0, saved)
+  resume.check_resume(_config(**{"train.num_steps": config.train.num_steps * 2}), "wd", 0, saved)
+  resume.check_resume(changed, "wd", 0, {k: v for k, v in saved.items() if not k.startswith("optim.")})
 
 
 @pytest.mark.parametrize("logit_bias", [False, True])

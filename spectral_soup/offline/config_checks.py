@@ -91,7 +91,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
        f">= train.batch_size={c.train.batch_size}")
   need(c.data.num_eval_pairs >= 0, "data.num_eval_pairs", ">= 0")
   need(c.data.get("seed", 0) >= 0, "data.seed", ">= 0")
-  need(c.get("seed", 0) >= 0, "seed", ">= 0")
+  need(0 <= c.get("seed", 0) <= 2**63 - 1, "seed", "an integer in [0, 2**63 - 1] (jax.random.key's 64-bit seed)")
   need(c.loss.kind in steps.LOSS_KINDS, "loss.kind", f"one of {steps.LOSS_KINDS}")
   need(c.loss.beta > 0, "loss.beta", "> 0")
   need(0.0 <= c.loss.label_smoothing < 0.5, "loss.label_smoothing", "in [0, 0.5)")

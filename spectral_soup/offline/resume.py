@@ -23,9 +23,10 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The config values a checkpoint must share with the run that resumes it, saved with every checkpoint.
 
   The data order (batch size, seed), what the state's arrays mean: the bases (kind, K, their ranks) and the
-  backbone they sit on (a checkpoint path, or the random backbone's architecture, drawn from `seed`), and what they
+  backbone they sit on (a checkpoint path, or the random backbone's architecture, drawn from `seed`), what they
   are trained on: every `data.*` field (the pairs, their attributes in basis order, their tokenization) and every
-  `loss.*` field (the objective).
+  `loss.*` field (the objective), and how: every `optim.*` field (the optimizer and its schedule; `train.num_steps`
+  may grow, which stretches the schedule's decay).
   """
   c = config
   names = ["train.batch_size", "seed", "basis.kind", "basis.num_bases", "model.path", "model.weight_dtype"]
@@ -46,7 +47,7 @@ def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     fields[name] = value
   if c.basis.kind == "heads":
     fields["basis.logit_bias"] = bool(c.basis.get("logit_bias", False))
-  for section in ("data", "loss"):
+  for section in ("data", "loss", "optim"):
     if section in c:
       fields.update(flatten(json.loads(c[section].to_json_best_effort()), f"{section}."))
   for name in PATH_FIELDS:  # Where they lie from here (a resume from another directory then names the change).
@@ -98,6 +99,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, sav
         why = "the checkpoint's bases were trained on other pairs (or other attributes, in another order)"
       elif field.startswith("loss."):
         why = "the checkpoint's bases were trained with another objective"
+      elif field.startswith("optim."):
+        why = ("the checkpoint's steps were taken by another optimizer or schedule (config.json would then describe "
+               "them wrongly)")
       else:
         why = "the checkpoint holds other bases or another backbone"
       raise ValueError(f"config.{field}={value!r} differs from {stored!r} in the checkpoint of step {step} in "

@@ -203,6 +203,11 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
   else:
     model_cfg, loaded_backbone = build.model_config(config), None
   length = config.data.prompt_len + config.data.response_len
+  if config.data.prompt_len >= model_cfg.max_len:
+    raise ValueError(
+        f"config.data.prompt_len={config.data.prompt_len} is invalid: expected < max_len={model_cfg.max_len}"
+        f", the longest sequence of the model at model.path={config.model.path!r} (a prompt and at least "
+        "one response token).")
   if length > model_cfg.max_len:  # A checkpoint's own limit (a random backbone's is checked with the config).
     raise ValueError(
         f"config.data.response_len={config.data.response_len} is invalid: expected <= max_len - "

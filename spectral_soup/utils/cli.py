@@ -19,7 +19,7 @@ import contextlib
 import os
 import re
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 from absl import logging
 
@@ -144,8 +144,26 @@ def check_workdir(workdir: str) -> None:
   problem = files.directory_problem(workdir)
   if problem:
     raise ValueError(f"--workdir={workdir}{' ' if problem.startswith('is a') else ': '}{problem}.")
+  owner = _checkpoints_owner(workdir)
+  if owner:
+    raise ValueError(f"--workdir={workdir} lies inside the checkpoints of the run in {owner}: its checkpoint "
+                     "retention would delete this run with an old step. Expected a directory outside any run's "
+                     "checkpoints/.")
   if os.path.isdir(os.path.abspath(workdir)):
     workdir_lock.check_free(workdir)
+
+
+def _checkpoints_owner(workdir: str) -> Optional[str]:
+  """The run directory whose `checkpoints/` (or `checkpoints.corrupt/`) holds `workdir`, or None."""
+  path = os.path.realpath(os.path.abspath(workdir))
+  while True:
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    if os.path.basename(path) in ("checkpoints", "checkpoints.corrupt") and any(
+        os.path.exists(os.path.join(parent, name)) for name in ("config.json", "metrics.jsonl", "basis.json")):
+      return parent
+    path = parent
 
 
 _ASSIGNMENT = re.compile(r"^\s*([A-Za-z_]\w*(?:\.\w+)+)\s*=\s*(.*?)\s*(?:#\s*(.*))?$")
@@ -184,12 +202,12 @@ def _comments(path: str, variant: str) -> tuple:
       main.update(base_main)
       extra.update(base_extra)
   aliases = {"config": ""}
-  function, above, last = None, [], None
+  function, above, last, assigned = None, [], None, False
   for line in lines:
     stripped = line.strip()
     defined = _FUNCTION.match(line)
     if defined or (line[:1].strip() and not stripped.startswith("#")):  # A top-level statement ends a function.
-      function, above, last = defined.group(1) if defined else None, [], None
+      function, above, last, assigned = defined.group(1) if defined else None, [], None, False
       continue
     target = main if function == "get_config" else extra if variant and function == variant else None
     if stripped.startswith("#"):
@@ -197,9 +215,10 @@ def _comments(path: str, variant: str) -> tuple:
       if last is not None and text.startswith("   "):  # `#   ...`: the comment after an assignment continues.
         last[1][last[0]] += " " + text.strip()
       else:
-        above.append(text.strip())
-        last = None
+        above = [text.strip()] if assigned else above + [text.strip()]  # A comment after an assignment: a new one.
+        last, assigned = None, False
       continue
+    assigned = False
     alias = _ALIAS.match(line)
     match = None if alias else _ASSIGNMENT.match(line)
     if alias:
@@ -215,6 +234,7 @@ def _comments(path: str, variant: str) -> tuple:
         last = None
       if match.group(3):
         above = []  # Comment lines above serve the run of comment-less assignments below them.
+      assigned = True
       continue
     else:
       last = None
