@@ -4,7 +4,8 @@ r"""Offline phase entry point: trains the K basis policies of a config and check
       [--config.FIELD=VALUE ...]
 
 Running the same command again resumes from the newest good checkpoint in --workdir (bitwise: the data order and
-the RNG are part of the checkpoint). SIGTERM saves a checkpoint and exits with status 143; restart to go on.
+the RNG are part of the checkpoint). SIGTERM (or a first Ctrl-C) saves a checkpoint and exits with status 143;
+restart to go on.
 Writes: config.json, metrics.jsonl, training_curves.png, tensorboard/ (with tensorboardX), checkpoints/<step>/.
 """
 

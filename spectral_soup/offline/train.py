@@ -20,7 +20,7 @@ Entry point: `python -m experiments.train_basis --config=... --workdir=...`.
   runs once over the data before the loop (`feature_cache.py`) and a step only runs the heads. Logit-vector bases
   can start from their closed form (`basis.init="ridge"`, `ridge_init.py`).
 * Checkpoints (Orbax, async, last N) hold the state and the data iterator's position; a restarted job resumes
-  bitwise where the last checkpoint left off; SIGTERM saves a checkpoint and stops. A checkpoint written with
+  bitwise where the last checkpoint left off; SIGTERM (or a first Ctrl-C) saves a checkpoint and stops. A checkpoint written with
   other `resume.resume_fields` (another K, model shape, batch size, ...) stops the run naming the field.
 * A step with a non-finite loss or gradient norm never updates the state; `config.train.nan_check` stops the run
   there, with the step's batch and the state it started from saved under `<workdir>/nonfinite/step_<n>/`.
@@ -433,24 +433,33 @@ def _nonfinite_error(workdir: str, step: int, state: Any, host_batch: Mapping[st
 
 
 class _StopSignal:
-  """Records SIGTERM (preemption) so the loop can checkpoint and stop at the next step boundary."""
+  """Records SIGTERM (preemption) and, in a one-process run, a first Ctrl-C (SIGINT), so the loop can checkpoint
+  and stop at the next step boundary. A second Ctrl-C interrupts at once (KeyboardInterrupt), as Python's default."""
 
   def __init__(self):
     self.received = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: no signal handling.
-      self._previous = None
+    names = [signal.SIGTERM] + ([signal.SIGINT] if jax.process_count() == 1 else [])  # Other hosts would go on.
+    for signum in names:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread: no signal handling.
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after this step and stopping.")
+    del frame
+    if signum == signal.SIGINT:
+      if self.received:
+        raise KeyboardInterrupt
+      logging.warning("Interrupted (Ctrl-C): saving a checkpoint after this step and stopping (Ctrl-C again: stop "
+                      "at once).")
+    else:
+      logging.warning("SIGTERM received: saving a checkpoint after this step and stopping.")
     self.received = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)

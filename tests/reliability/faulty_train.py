@@ -12,6 +12,7 @@ Every kill is a SIGKILL the process sends itself at an exact point (no cleanup, 
   kill_in_metrics:S     halfway through writing step S's line of metrics.jsonl.
   kill_in_restore:0     while restoring the newest checkpoint.
   term_at:S             SIGTERM (a preemption notice, not a kill) arriving during step S.
+  int_at:S              SIGINT (a Ctrl-C) arriving during step S.
   enospc:S              step S's checkpoint write fails with OSError(ENOSPC), after writing
                         `<workdir>/enospc_snapshot.json` (a hash of every committed step) for the test to compare.
   nan_batch:S           the S-th batch drawn gets a NaN in its first floating-point field.
@@ -116,12 +117,13 @@ def install(kind: str, target: int) -> None:
       return write(self, step, values, kind)
 
     metrics.MetricsWriter.write = patched_write
-  elif kind == "term_at":
+  elif kind in ("term_at", "int_at"):
     draw = input_pipeline.PairIterator.__next__
+    signum = signal.SIGTERM if kind == "term_at" else signal.SIGINT
 
     def patched_next(self):
       if self.epoch * self.batches_per_epoch + self.position + 1 == target:  # Drawing step `target`'s batch.
-        os.kill(os.getpid(), signal.SIGTERM)  # Handled at once: the loop sees it at this step's stop check.
+        os.kill(os.getpid(), signum)  # Handled at once: the loop sees it at this step's stop check.
       return draw(self)
 
     input_pipeline.PairIterator.__next__ = patched_next

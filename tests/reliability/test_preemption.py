@@ -46,13 +46,15 @@ def chain(trainer, reference):
   record("after_commit_12", trainer.run(workdir, fault="kill_after_commit:12"))
   # 8. SIGTERM during step 13: a checkpoint at 13 (off the every-2 grid), exit status 143.
   record("term_13", trainer.run(workdir, fault="term_at:13"))
-  # 9. The same command once more: runs to the end.
+  # 9. A Ctrl-C (SIGINT) during step 15: the same, a checkpoint at 15 and exit status 143.
+  record("int_15", trainer.run(workdir, fault="int_at:15"))
+  # 10. The same command once more: runs to the end.
   record("final", trainer.run(workdir))
   return out
 
 
 ORDER = ("after_step_1", "after_step_5", "before_commit_8", "in_restore", "during_write_10", "in_metrics_11",
-         "after_commit_12", "term_13", "final")
+         "after_commit_12", "term_13", "int_15", "final")
 
 
 def test_every_restart_resumes_from_the_newest_committed_step(chain):
@@ -91,6 +93,13 @@ def test_sigterm_saves_the_current_step_and_exits_143(chain):
   assert run.rc == PREEMPTED, run.tail()
   assert "SIGTERM received" in run.out and "Stopped at step 13" in run.out, run.tail()
   assert max(steps) == 13 and not partial, (steps, partial)
+
+
+def test_a_first_ctrl_c_saves_the_current_step_and_exits_143(chain):
+  run, steps, partial = chain["int_15"]
+  assert run.rc == PREEMPTED, run.tail()
+  assert "Interrupted (Ctrl-C)" in run.out and "Stopped at step 15" in run.out, run.tail()
+  assert max(steps) == 15 and not partial, (steps, partial)
 
 
 def test_restarted_job_ends_bitwise_equal_to_the_uninterrupted_run(chain, reference):
