@@ -544,3 +544,19 @@ def test_a_source_file_of_another_name_is_named(tmp_path):
       ValueError, match=r"config.data.source=.*prefs.json' is invalid: expected a JSON-lines file "
       r"named .jsonl \(this file is named 'prefs.json'"):
     config_checks.validate_config(config)
+
+
+def test_a_resume_on_a_file_edited_in_place_is_refused(tmp_path):
+  """The same command after the data file changed (chosen and rejected swapped): the checkpoint's bases were trained
+  on other pairs, and resuming would mix them (it resumed silently, and a finished run kept its old evaluation)."""
+  data = _write(tmp_path / "prefs.jsonl", _rows(20))
+  result, workdir = _train(tmp_path, data)
+  assert result.returncode == 0, result.stderr[-2000:]
+  _write(tmp_path / "prefs.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in _rows(20)])
+  result, _ = _train(tmp_path, data)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "pairs differ from those the checkpoint of step 20" in result.stderr and "a new --workdir" in result.stderr
+  _write(tmp_path / "prefs.jsonl", _rows(20))  # The original file again: the finished run is accepted.
+  result, _ = _train(tmp_path, data)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert os.path.isdir(workdir)

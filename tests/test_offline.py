@@ -444,6 +444,21 @@ def test_resume_refuses_a_checkpoint_made_before_init_features_with_another_fit(
   resume.check_resume(_config(**{**flat, "basis.init_features": "pair_surprise"}), "wd", 0, saved)
 
 
+def test_pairs_fingerprint_names_other_pairs():
+  from spectral_soup.offline import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
+  train = {"prompt": np.arange(6, dtype=np.int32).reshape(2, 3), "labels": np.array([[1], [0]], np.int8)}
+  same = pairs_lib.fingerprint(train, {})
+  assert same == pairs_lib.fingerprint({k: v.copy() for k, v in train.items()}, {})
+  assert same != pairs_lib.fingerprint({**train, "labels": np.array([[0], [1]], np.int8)}, {})
+  assert same != pairs_lib.fingerprint({}, train)  # The same arrays as held-out pairs.
+  config = _config()
+  saved = {**resume.resume_fields(config), "pairs_fingerprint": same}
+  resume.check_resume(config, "wd", 0, saved, pairs_fingerprint=same)
+  resume.check_resume(config, "wd", 0, saved)  # Before the pairs are read: not checked.
+  with pytest.raises(ValueError, match=r"pairs differ from those the checkpoint of step 0 in wd was trained on"):
+    resume.check_resume(config, "wd", 0, saved, pairs_fingerprint="other")
+
+
 def test_resume_refuses_another_optimizer_and_lets_the_run_grow():
   """A resumed run with another learning rate (or any optim.* field) is refused, naming it: its config.json would
   describe the checkpoint's steps wrongly. More train.num_steps resume; a checkpoint that did not record the

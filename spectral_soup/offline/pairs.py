@@ -10,6 +10,7 @@ attribute scores' statistics.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Dict, List, Tuple
 
 import ml_collections
@@ -21,6 +22,20 @@ from spectral_soup.data import rewards
 from spectral_soup.models import hf_import
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import sources
+
+
+def fingerprint(*splits: Dict[str, np.ndarray]) -> str:
+  """A hash of the pairs a run trains and evaluates on (every field's name, dtype, shape and bytes, split by split):
+  saved with each checkpoint, so that a resume on other pairs (a data file edited in place, another tokenizer at the
+  same path) is refused instead of training the checkpoint's bases on a mix."""
+  digest = hashlib.blake2b(digest_size=16)
+  for split in splits:
+    for name in sorted(split):
+      value = np.ascontiguousarray(split[name])
+      digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+      digest.update(value.tobytes())
+    digest.update(b"|")
+  return digest.hexdigest()
 
 
 def load_pairs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:

@@ -84,8 +84,10 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
 _RESUME_FIELD_DEFAULTS = {"basis.init_features": "pair_surprise", "basis.logit_bias": False}
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, saved: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first `resume_fields` value that differs from checkpoint `step`'s data."""
+def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, saved: Mapping[str, Any], *,
+                 pairs_fingerprint: Optional[str] = None) -> None:
+  """Raises ValueError naming the first `resume_fields` value that differs from checkpoint `step`'s data, or (with
+  `pairs_fingerprint`, once the pairs are read) when the checkpoint was trained on other pairs."""
   for field, value in resume_fields(config).items():
     if field not in saved and field not in _RESUME_FIELD_DEFAULTS:  # Older checkpoints lack it: not checked.
       continue
@@ -106,6 +108,12 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, sav
         why = "the checkpoint holds other bases or another backbone"
       raise ValueError(f"config.{field}={value!r} differs from {stored!r} in the checkpoint of step {step} in "
                        f"{workdir}: {why}. Use the same value or a new --workdir.")
+  saved_pairs = saved.get("pairs_fingerprint")
+  if pairs_fingerprint is not None and saved_pairs is not None and saved_pairs != pairs_fingerprint:
+    raise ValueError(f"the training or evaluation pairs differ from those the checkpoint of step {step} in {workdir} "
+                     f"was trained on (config.data.source={config.data.source!r} read or tokenized differently: its "
+                     "content or the tokenizer changed with the same config): resuming would train its bases on a "
+                     "mix. Use the same data or a new --workdir.")
   if step > config.train.num_steps:
     raise ValueError(f"config.train.num_steps={config.train.num_steps} is below step {step} of the checkpoint in "
                      f"{workdir}: its bases are trained further than asked. Use train.num_steps >= {step} or a new "

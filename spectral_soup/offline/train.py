@@ -146,9 +146,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
     num_steps = config.train.num_steps
     state, step, train_metrics, preempted, t_first = _run_steps(
         config, workdir, state, start_step, step_fn=lambda s, batch: step_fn(s, to_micro_batches(batch), backbone),
-        train_iter=train_iter, ckpt=ckpt, writer=writer, evaluate=evaluate, timing=timing, t_start=t_start)
+        train_iter=train_iter, ckpt=ckpt, writer=writer, evaluate=evaluate, timing=timing, t_start=t_start,
+        pairs_fingerprint=run.pairs_fingerprint)
     if num_steps == 0 and restored is None:  # No update: the checkpoint holds the closed-form initialization.
-      ckpt.save(0, state, {"iterator": train_iter.get_state(), **resume.resume_fields(config)}, force=True)
+      ckpt.save(0, state, _data_state(config, train_iter, run.pairs_fingerprint), force=True)
     jax.block_until_ready(state)
     if t_first is not None and step > start_step + 1:
       timing["loop_step_s"] = (time.time() - t_first) / (step - start_step - 1)
@@ -181,6 +182,7 @@ class _Run:
   params_shardings: Any
   state_shardings: Any
   backbone_shardings: Any
+  pairs_fingerprint: str  # `pairs.fingerprint` of the run's training and evaluation pairs (saved with each step).
 
 
 def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack, *, pairs,
@@ -252,7 +254,7 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
   run = _Run(mesh=mesh, model_cfg=model_cfg, policy=policy, tx=tx, schedule=schedule, loaded_backbone=loaded_backbone,
              abstract_trainable=abstract_trainable, abstract_backbone=abstract_backbone,
              abstract_opt_state=abstract_opt_state, params_shardings=params_shardings, state_shardings=state_shardings,
-             backbone_shardings=backbone_shardings)
+             backbone_shardings=backbone_shardings, pairs_fingerprint=pairs_lib.fingerprint(train_pairs, eval_pairs))
   return run, train_pairs, eval_pairs
 
 
@@ -339,8 +341,13 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, run: _Run,
           "opt_state": run.abstract_opt_state,
           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)
       }), run.state_shardings)
+
   # Another config's checkpoint (other K, other shapes) raises here, naming the field, before anything is read.
-  restored = ckpt.restore_latest(abstract_state, check_data=functools.partial(resume.check_resume, config, workdir))
+  def check_data(step, data):
+    with errors.input_stage():  # Another config or other pairs: the user's input (one line from the CLI).
+      resume.check_resume(config, workdir, step, data, pairs_fingerprint=run.pairs_fingerprint)
+
+  restored = ckpt.restore_latest(abstract_state, check_data=check_data)
   if restored is not None:
     train_iter.set_state(restored[2]["iterator"])  # Before anything is written: a failed resume changes nothing.
   if jax.process_index() == 0:  # The run is accepted: record what it runs (atomically), its paths made absolute.
@@ -370,7 +377,8 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, run: _Run,
 
 def _run_steps(config: ml_collections.ConfigDict, workdir: str, state: Dict[str, Any], start_step: int, *, step_fn,
                train_iter: input_pipeline.PairIterator, ckpt: checkpoint_lib.Checkpointer,
-               writer: metrics_lib.MetricsWriter, evaluate, timing: Dict[str, float], t_start: float):
+               writer: metrics_lib.MetricsWriter, evaluate, timing: Dict[str, float], t_start: float,
+               pairs_fingerprint: str):
   """The step loop from `start_step` to `config.train.num_steps`: logs, evaluations, checkpoints; stops after a
   checkpoint on SIGTERM (or a multi-host preemption) and raises on a non-finite step (`train.nan_check`).
 
@@ -409,7 +417,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, state: Dict[str,
       if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 and step != num_steps:
         writer.write(step, evaluate(state["params"]), kind="eval")
       stop_now = stop.received or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
-      data_state = {"iterator": train_iter.get_state(), **resume.resume_fields(config)}
+      data_state = _data_state(config, train_iter, pairs_fingerprint)
       ckpt.save(step, state, data_state, force=stop_now or step == num_steps)
       if stop_now:
         preempted = True
@@ -430,6 +438,13 @@ def _nonfinite_error(workdir: str, step: int, state: Any, host_batch: Mapping[st
       f"grad_norm={float(metrics['grad_norm'])}, per-basis loss {loss.tolist()}); the update was not applied and "
       f"training stopped. The step's batch and the state before it are saved in {directory}; the last checkpoint is "
       f"step {last_checkpoint}. Check the data or lower config.optim.learning_rate.")
+
+
+def _data_state(config: ml_collections.ConfigDict, train_iter: input_pipeline.PairIterator,
+                pairs_fingerprint: str) -> Dict[str, Any]:
+  """What each checkpoint saves beside the state: the iterator's position, the config values a resume must share
+  (`resume.resume_fields`) and the pairs' fingerprint."""
+  return {"iterator": train_iter.get_state(), **resume.resume_fields(config), "pairs_fingerprint": pairs_fingerprint}
 
 
 class _StopSignal:
