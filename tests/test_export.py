@@ -245,3 +245,26 @@ def test_the_documented_workflow_on_the_tiny_config(tmp_path):
   want, _ = Transformer(basis.policy.config).apply({"params": basis.params["features"]["backbone"]}, tokens, lora=lora)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
   assert transformers.AutoTokenizer.from_pretrained(out).decode(tokens[0]) == "<|user|>how are you?<|end|><|assistant|>"
+
+
+def test_a_resume_on_a_backbone_replaced_at_the_same_path_is_refused(tmp_path):
+  """Bases trained on one checkpoint are not resumed on another written over it at the same path (it resumed and
+  kept the old bases); the same weights again are accepted."""
+  path = tmp_path / "llama"
+  hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("llama", seed=1, vocab_size=512), path)
+  hf_fixtures.byte_tokenizer(path)
+  _train(str(path), tmp_path / "run", "--config.train.num_steps=4", "--config.optim.warmup_steps=1")
+  for name in os.listdir(path):  # Another model of the same architecture, in place.
+    if name.endswith(".safetensors"):
+      os.remove(path / name)
+  hf_fixtures.save_hf_model(hf_fixtures.build_hf_model("llama", seed=2, vocab_size=512), path)
+  env = dict(os.environ, SPECTRAL_SOUP_PROGRESS="0", JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count"))
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.train_basis", "--config=configs/train_basis_tiny.py",
+      f"--workdir={tmp_path / 'run'}", f"--config.model.path={path}", "--config.train.num_steps=4",
+      "--config.train.tensorboard=False", "--config.optim.warmup_steps=1"
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "is not the one the checkpoint of step 4" in result.stderr and "a new --workdir" in result.stderr

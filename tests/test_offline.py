@@ -459,6 +459,22 @@ def test_pairs_fingerprint_names_other_pairs():
     resume.check_resume(config, "wd", 0, saved, pairs_fingerprint="other")
 
 
+def test_weights_fingerprint_names_another_backbone():
+  backbone = {"layers": {"w": np.arange(20_000, dtype=np.float32).reshape(100, 200)}, "embed": np.ones((7, 3))}
+  same = resume.weights_fingerprint(backbone)
+  assert same == resume.weights_fingerprint(jax.tree.map(np.copy, backbone))
+  other = jax.tree.map(np.copy, backbone)
+  other["layers"]["w"] = other["layers"]["w"] + 1.0  # Replaced weights change every element.
+  assert same != resume.weights_fingerprint(other)
+  config = _config()
+  saved = {**resume.resume_fields(config), "backbone_fingerprint": same}
+  resume.check_resume(config, "wd", 3, saved, backbone_fingerprint=same)
+  with pytest.raises(
+      ValueError, match=r"the backbone at config.model.path=.* is not the one the checkpoint of step 3 "
+      r"in wd was trained on"):
+    resume.check_resume(config, "wd", 3, saved, backbone_fingerprint=resume.weights_fingerprint(other))
+
+
 def test_resume_refuses_another_optimizer_and_lets_the_run_grow():
   """A resumed run with another learning rate (or any optim.* field) is refused, naming it: its config.json would
   describe the checkpoint's steps wrongly. More train.num_steps resume; a checkpoint that did not record the

@@ -8,11 +8,14 @@ recorded config.json and a new config, field by field.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import jax
 import ml_collections
+import numpy as np
 
 from spectral_soup.offline import checkpoint as checkpoint_lib
 from spectral_soup.offline import sources
@@ -83,9 +86,26 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
 # (basis.logit_bias was recorded only when True). Other fields an older checkpoint lacks are not checked.
 _RESUME_FIELD_DEFAULTS = {"basis.init_features": "pair_surprise", "basis.logit_bias": False}
 
+# Elements of each backbone tensor that `weights_fingerprint` reads (evenly strided), beside its name, dtype and shape.
+_FINGERPRINT_SAMPLES = 4_096
+
+
+def weights_fingerprint(tree: Any) -> str:
+  """A hash of a backbone's tensors (their names, dtypes, shapes and an even stride of their values): saved with each
+  checkpoint of a run on a loaded backbone, so that a resume on other weights at the same `model.path` (a checkpoint
+  replaced in place) is refused. Reads a few thousand values per tensor, not the whole model."""
+  digest = hashlib.blake2b(digest_size=16)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    value = np.asarray(leaf)
+    flat = value.reshape(-1)
+    digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype.str}:{value.shape};".encode())
+    digest.update(np.ascontiguousarray(flat[::max(1, flat.size // _FINGERPRINT_SAMPLES)]).tobytes())
+  return digest.hexdigest()
+
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, saved: Mapping[str, Any], *,
-                 pairs_fingerprint: Optional[str] = None) -> None:
+                 pairs_fingerprint: Optional[str] = None, backbone_fingerprint: Optional[str] = None) -> None:
   """Raises ValueError naming the first `resume_fields` value that differs from checkpoint `step`'s data, or (with
   `pairs_fingerprint`, once the pairs are read) when the checkpoint was trained on other pairs."""
   for field, value in resume_fields(config).items():
@@ -114,6 +134,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, sav
                      f"was trained on (config.data.source={config.data.source!r} read or tokenized differently: its "
                      "content or the tokenizer changed with the same config): resuming would train its bases on a "
                      "mix. Use the same data or a new --workdir.")
+  saved_backbone = saved.get("backbone_fingerprint")
+  if backbone_fingerprint is not None and saved_backbone is not None and saved_backbone != backbone_fingerprint:
+    raise ValueError(f"the backbone at config.model.path={config.model.path!r} is not the one the checkpoint of step "
+                     f"{step} in {workdir} was trained on (its weights changed at the same path): its bases belong to "
+                     "the other backbone. Use that backbone or a new --workdir.")
   if step > config.train.num_steps:
     raise ValueError(f"config.train.num_steps={config.train.num_steps} is below step {step} of the checkpoint in "
                      f"{workdir}: its bases are trained further than asked. Use train.num_steps >= {step} or a new "

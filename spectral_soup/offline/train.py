@@ -20,8 +20,9 @@ Entry point: `python -m experiments.train_basis --config=... --workdir=...`.
   runs once over the data before the loop (`feature_cache.py`) and a step only runs the heads. Logit-vector bases
   can start from their closed form (`basis.init="ridge"`, `ridge_init.py`).
 * Checkpoints (Orbax, async, last N) hold the state and the data iterator's position; a restarted job resumes
-  bitwise where the last checkpoint left off; SIGTERM (or a first Ctrl-C) saves a checkpoint and stops. A checkpoint written with
-  other `resume.resume_fields` (another K, model shape, batch size, ...) stops the run naming the field.
+  bitwise where the last checkpoint left off; SIGTERM (or a first Ctrl-C) saves a checkpoint and stops. A
+  checkpoint written with other `resume.resume_fields` (another K, model shape, batch size, ...), on other pairs
+  or on another backbone at the same path stops the run naming the difference.
 * A step with a non-finite loss or gradient norm never updates the state; `config.train.nan_check` stops the run
   there, with the step's batch and the state it started from saved under `<workdir>/nonfinite/step_<n>/`.
 """
@@ -146,10 +147,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
     num_steps = config.train.num_steps
     state, step, train_metrics, preempted, t_first = _run_steps(
         config, workdir, state, start_step, step_fn=lambda s, batch: step_fn(s, to_micro_batches(batch), backbone),
-        train_iter=train_iter, ckpt=ckpt, writer=writer, evaluate=evaluate, timing=timing, t_start=t_start,
-        pairs_fingerprint=run.pairs_fingerprint)
+        train_iter=train_iter, ckpt=ckpt, writer=writer, evaluate=evaluate, timing=timing, t_start=t_start, run=run)
     if num_steps == 0 and restored is None:  # No update: the checkpoint holds the closed-form initialization.
-      ckpt.save(0, state, _data_state(config, train_iter, run.pairs_fingerprint), force=True)
+      ckpt.save(0, state, _data_state(config, train_iter, run), force=True)
     jax.block_until_ready(state)
     if t_first is not None and step > start_step + 1:
       timing["loop_step_s"] = (time.time() - t_first) / (step - start_step - 1)
@@ -183,6 +183,7 @@ class _Run:
   state_shardings: Any
   backbone_shardings: Any
   pairs_fingerprint: str  # `pairs.fingerprint` of the run's training and evaluation pairs (saved with each step).
+  backbone_fingerprint: Optional[str]  # `resume.weights_fingerprint` of a loaded backbone (None: a random one).
 
 
 def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack, *, pairs,
@@ -254,7 +255,8 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
   run = _Run(mesh=mesh, model_cfg=model_cfg, policy=policy, tx=tx, schedule=schedule, loaded_backbone=loaded_backbone,
              abstract_trainable=abstract_trainable, abstract_backbone=abstract_backbone,
              abstract_opt_state=abstract_opt_state, params_shardings=params_shardings, state_shardings=state_shardings,
-             backbone_shardings=backbone_shardings, pairs_fingerprint=pairs_lib.fingerprint(train_pairs, eval_pairs))
+             backbone_shardings=backbone_shardings, pairs_fingerprint=pairs_lib.fingerprint(train_pairs, eval_pairs),
+             backbone_fingerprint=None if loaded_backbone is None else resume.weights_fingerprint(loaded_backbone))
   return run, train_pairs, eval_pairs
 
 
@@ -345,7 +347,8 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, run: _Run,
   # Another config's checkpoint (other K, other shapes) raises here, naming the field, before anything is read.
   def check_data(step, data):
     with errors.input_stage():  # Another config or other pairs: the user's input (one line from the CLI).
-      resume.check_resume(config, workdir, step, data, pairs_fingerprint=run.pairs_fingerprint)
+      resume.check_resume(config, workdir, step, data, pairs_fingerprint=run.pairs_fingerprint,
+                          backbone_fingerprint=run.backbone_fingerprint)
 
   restored = ckpt.restore_latest(abstract_state, check_data=check_data)
   if restored is not None:
@@ -377,8 +380,7 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, run: _Run,
 
 def _run_steps(config: ml_collections.ConfigDict, workdir: str, state: Dict[str, Any], start_step: int, *, step_fn,
                train_iter: input_pipeline.PairIterator, ckpt: checkpoint_lib.Checkpointer,
-               writer: metrics_lib.MetricsWriter, evaluate, timing: Dict[str, float], t_start: float,
-               pairs_fingerprint: str):
+               writer: metrics_lib.MetricsWriter, evaluate, timing: Dict[str, float], t_start: float, run: _Run):
   """The step loop from `start_step` to `config.train.num_steps`: logs, evaluations, checkpoints; stops after a
   checkpoint on SIGTERM (or a multi-host preemption) and raises on a non-finite step (`train.nan_check`).
 
@@ -417,7 +419,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, state: Dict[str,
       if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 and step != num_steps:
         writer.write(step, evaluate(state["params"]), kind="eval")
       stop_now = stop.received or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
-      data_state = _data_state(config, train_iter, pairs_fingerprint)
+      data_state = _data_state(config, train_iter, run)
       ckpt.save(step, state, data_state, force=stop_now or step == num_steps)
       if stop_now:
         preempted = True
@@ -441,10 +443,16 @@ def _nonfinite_error(workdir: str, step: int, state: Any, host_batch: Mapping[st
 
 
 def _data_state(config: ml_collections.ConfigDict, train_iter: input_pipeline.PairIterator,
-                pairs_fingerprint: str) -> Dict[str, Any]:
+                run: _Run) -> Dict[str, Any]:
   """What each checkpoint saves beside the state: the iterator's position, the config values a resume must share
-  (`resume.resume_fields`) and the pairs' fingerprint."""
-  return {"iterator": train_iter.get_state(), **resume.resume_fields(config), "pairs_fingerprint": pairs_fingerprint}
+  (`resume.resume_fields`) and the fingerprints of the pairs and of a loaded backbone."""
+  data = {
+      "iterator": train_iter.get_state(),
+      **resume.resume_fields(config), "pairs_fingerprint": run.pairs_fingerprint
+  }
+  if run.backbone_fingerprint is not None:
+    data["backbone_fingerprint"] = run.backbone_fingerprint
+  return data
 
 
 class _StopSignal:
