@@ -229,6 +229,43 @@ def test_generate_rescores_cached_responses_when_only_the_attributes_change(tmp_
     embedded.generate(dataclasses.replace(old, attributes=("helpfulness",)), root)
 
 
+def _replace_keeping_size_and_mtime(path, data: bytes):
+  """Writes `data` (of the file's size) over `path` and restores its modification time, as `cp -p` would."""
+  stat = os.stat(path)
+  assert len(data) == stat.st_size
+  with open(path, "wb") as f:
+    f.write(data)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_model_replaced_at_the_same_path_is_another_dataset(tmp_path, monkeypatch):
+  """A local checkpoint replaced in place, even keeping its size and modification time, samples again (it used to
+  return the old model's responses, cached under the path's name); an unchanged one reuses its dataset, also
+  when rescored, and the embedded models' keys do not depend on any file."""
+  calls = _fake_lm(monkeypatch)
+  root = str(tmp_path / "cache")
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "model.safetensors").write_bytes(b"a" * 64)
+  (model / "config.json").write_text("{}")
+  settings = embedded.GenerationSettings(model=str(model), num_prompts=6, batch_size=4, max_new_tokens=12,
+                                         attributes=("verbosity",))
+  first = embedded.generate(settings, root)
+  assert len(calls) == 3 and embedded.generate(settings, root) == first and len(calls) == 3
+  assert embedded.load_pairs(first)[1]["model_digest"] == embedded.model_digest(str(model))
+  rescored = embedded.generate(dataclasses.replace(settings, attributes=("density",)), root)
+  assert len(calls) == 3 and embedded.load_pairs(rescored)[1]["rescored_from"] == os.path.basename(first)
+
+  _replace_keeping_size_and_mtime(model / "model.safetensors", b"b" * 64)
+  second = embedded.generate(settings, root)
+  assert second != first and len(calls) == 6
+  rescored_again = embedded.generate(dataclasses.replace(settings, attributes=("density",)), root)
+  assert rescored_again != rescored and len(calls) == 6  # Rescored, from the responses of these files.
+  assert embedded.load_pairs(rescored_again)[1]["rescored_from"] == os.path.basename(second)
+  assert embedded.model_digest("embedded:smollm2") is None
+  assert "model_digest" not in json.dumps(dataclasses.asdict(embedded.GenerationSettings()))
+
+
 def test_an_unreadable_cached_dataset_is_moved_aside_and_generated_again(tmp_path, monkeypatch, caplog):
   calls = _fake_lm(monkeypatch)
   root = str(tmp_path / "cache")

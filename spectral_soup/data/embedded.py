@@ -8,8 +8,9 @@ without being told (context distillation). Every response is scored by every att
 per-attribute Bradley-Terry labels (see `spectral_soup.data.builders.embedded_prefs`).
 
 The output directory holds `pairs.jsonl` and `metadata.json`; it is written atomically (temporary directory, then
-rename) and keyed by a hash of every setting that changes its content, so a second call with the same settings
-returns the cached copy; a dataset shipped with the package (`shipped/`, the demo's) is returned without sampling.
+rename) and keyed by a hash of every setting that changes its content (for a model given by a local path, its
+files' contents too), so a second call with the same settings returns the cached copy; a dataset shipped with the
+package (`shipped/`, the demo's) is returned without sampling.
 Deterministic for a seed on a given machine (`regenerate_batch` samples one batch again, alone, to check it). A
 request that differs from a cached or shipped dataset only in `attributes` reuses that dataset's responses and only
 scores them again (no sampling); the result is the dataset sampling would have written, with `rescored_from`
@@ -30,6 +31,8 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from spectral_soup.utils import files
 
 STYLE_HINTS = (
     "",
@@ -59,8 +62,18 @@ class GenerationSettings:
   style_hints: Tuple[str, ...] = STYLE_HINTS  # System messages drawn per response ("" = none).
 
   def key(self) -> str:
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """A hash of the settings and, for a model given by a local path, of its files' contents (`model_digest`)."""
+    settings = dataclasses.asdict(self)
+    digest = model_digest(self.model)
+    if digest:  # Absent for the embedded models: their keys (and the shipped datasets' names) stay as they were.
+      settings["model_digest"] = digest
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_digest(model: str) -> Optional[str]:
+  """`files.content_digest` of a model given by a local file or directory (None for `embedded:...`): a checkpoint
+  replaced at the same path, or another one reached through the same relative path, writes other responses."""
+  return files.content_digest(model)
 
 
 # Datasets this package ships (`shipped/README.md`): `generate` returns one whose settings match instead of sampling.
@@ -271,10 +284,12 @@ def _write_dataset(settings: GenerationSettings, suite, cache_root: str, out_dir
   with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
     for record in records:
       f.write(json.dumps(record) + "\n")
-  metadata = dict(dataclasses.asdict(settings), attributes=list(settings.attributes),
-                  style_hints=list(settings.style_hints), num_pairs=len(prompts), sampling_seconds=sampling_seconds,
-                  ended_fraction=float(np.mean(ended)), score_mean=scores.mean(0).tolist(),
-                  score_std=scores.std(0).tolist(), **extra_metadata)
+  digest = model_digest(settings.model)
+  metadata = dict(dataclasses.asdict(settings), **({
+      "model_digest": digest
+  } if digest else {}), attributes=list(settings.attributes), style_hints=list(settings.style_hints),
+                  num_pairs=len(prompts), sampling_seconds=sampling_seconds, ended_fraction=float(np.mean(ended)),
+                  score_mean=scores.mean(0).tolist(), score_std=scores.std(0).tolist(), **extra_metadata)
   with open(os.path.join(tmp, "metadata.json"), "w") as f:
     json.dump(metadata, f, indent=2)
   if os.path.exists(out_dir):
@@ -290,6 +305,7 @@ def _find_rescorable(settings: GenerationSettings, cache_root: str) -> Optional[
   wanted = dataclasses.asdict(settings)
   del wanted["attributes"]
   wanted = json.loads(json.dumps(wanted))  # Tuples -> lists, as stored in metadata.json.
+  digest = model_digest(settings.model)  # Only a dataset sampled from these very files (None: an embedded model).
   found: List[Tuple[bool, str]] = []
   paths = [
       path for root in (cache_root, SHIPPED_ROOT)
@@ -304,7 +320,8 @@ def _find_rescorable(settings: GenerationSettings, cache_root: str) -> Optional[
         metadata = json.load(f)
     except (OSError, ValueError):
       continue
-    if isinstance(metadata, dict) and all(k in metadata and metadata[k] == v for k, v in wanted.items()):
+    if (isinstance(metadata, dict) and all(k in metadata and metadata[k] == v for k, v in wanted.items()) and
+        metadata.get("model_digest") == digest):
       found.append(("rescored_from" in metadata, directory))
   return min(found)[1] if found else None
 

@@ -90,30 +90,19 @@ def compute_features(feature_fn, backbone: Any, arrays: Mapping[str, np.ndarray]
 def features_path(config: ml_collections.ConfigDict, directory: str, train_pairs: Mapping[str, np.ndarray],
                   eval_pairs: Mapping[str, np.ndarray], support: Optional[np.ndarray]) -> str:
   """`<directory>/features-<hash>.npz`, the hash of everything the cached features depend on: the model (every
-  `model.*` field: a random backbone's architecture and, with `seed`, its weights; a checkpoint's path, size and
-  modification time), the pairs' tokens, the support."""
+  `model.*` field: a random backbone's architecture and, with `seed`, its weights; a checkpoint's file contents,
+  `files.content_digest`), the pairs' tokens, the support."""
   h = hashlib.sha256()
   model = json.loads(config.model.to_json_best_effort())
-  h.update(json.dumps([model, config.seed if not config.model.path else 0, _file_identity(config.model.path)]).encode())
+  h.update(
+      json.dumps([model, config.seed if not config.model.path else 0,
+                  files.content_digest(config.model.path)]).encode())
   for pairs in (train_pairs, eval_pairs):
     for name in input_pipeline.TOKEN_FIELDS:
       h.update(np.ascontiguousarray(pairs[name]).tobytes())
   if support is not None:
     h.update(np.asarray(support).tobytes())
   return os.path.join(directory, f"features-{h.hexdigest()[:16]}.npz")
-
-
-def _file_identity(path: str) -> Any:
-  """[name, size, modification time] of the file at `path`, or of each file directly in the directory `path`
-  (a checkpoint replaced at the same path is another model); None for anything else (no path, `embedded:...`)."""
-  path = os.path.expanduser(path) if path else ""
-  if os.path.isfile(path):
-    stat = os.stat(path)
-    return [[os.path.basename(path), stat.st_size, stat.st_mtime_ns]]
-  if os.path.isdir(path):
-    entries = [e for e in os.scandir(path) if e.is_file()]
-    return [[e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in sorted(entries, key=lambda e: e.name)]
-  return None
 
 
 def save_features(path: str, train_pairs: Mapping[str, np.ndarray], eval_pairs: Mapping[str, np.ndarray]) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import math
 import os
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -138,3 +139,38 @@ def absolute_if_exists(value: Any) -> Any:
     return value
   path = os.path.expanduser(value)
   return os.path.abspath(path) if os.path.exists(path) else value
+
+
+# `content_digest`'s results in this process, by each file's identity (device, inode, size, modification and
+# status-change times: the latter changes with every write, also one that restores the modification time).
+_DIGESTS: Dict[Tuple[Any, ...], str] = {}
+
+
+def content_digest(path: str) -> Optional[str]:
+  """A hash of the bytes of the file at `path`, or of every file directly in the directory `path` (with their
+  names); None for anything else (an empty path, `embedded:smollm2`, a path that does not exist).
+
+  Caches keyed by a model checkpoint use it: a checkpoint replaced at the same path, even by a copy that keeps its
+  size and modification time (`cp -p`, `rsync -a`), is another key, and one model reached through two paths (a
+  relative path from two directories) hashes alike only if its files are equal. Reads every byte once per process
+  and file version (~1 s per GB); later calls on an unchanged file reuse the result.
+  """
+  path = os.path.expanduser(path) if isinstance(path, str) and path else ""
+  if os.path.isfile(path):
+    named = [("", path)]
+  elif os.path.isdir(path):
+    named = sorted((e.name, e.path) for e in os.scandir(path) if e.is_file())
+  else:
+    return None
+  digest = hashlib.blake2b(digest_size=16)
+  for name, file in named:
+    stat = os.stat(file)
+    identity = (os.path.realpath(file), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if identity not in _DIGESTS:
+      one = hashlib.blake2b(digest_size=16)
+      with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+          one.update(block)
+      _DIGESTS[identity] = one.hexdigest()
+    digest.update(f"{name}:{_DIGESTS[identity]};".encode())
+  return digest.hexdigest()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -608,7 +609,20 @@ def test_the_features_cache_key_covers_the_backbone(tmp_path):
   config.model.path = str(model)
   before = key(config)
   (model / "model.safetensors").write_bytes(b"22")
-  assert key(config) != before
+  changed = key(config)
+  assert changed != before
+  # Another checkpoint copied over it keeping size and modification time (`cp -p`): another key too.
+  stat = os.stat(model / "model.safetensors")
+  (model / "model.safetensors").write_bytes(b"33")
+  os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert key(config) not in (before, changed)
+  # The same files reached through another path: the contents decide, not the modification time.
+  twin = tmp_path / "twin"
+  shutil.copytree(model, twin)
+  config.model.path = str(twin)
+  same_files = key(config)
+  os.utime(twin / "model.safetensors", ns=(1, 1))
+  assert key(config) == same_files
 
 
 def test_a_data_tokenizer_that_is_not_the_checkpoints_own_is_refused(tmp_path):
