@@ -413,8 +413,16 @@ def test_ridge_initialization_with_zero_steps_is_the_basis(tmp_path):
   result = train.train_and_evaluate(config, str(tmp_path))
   params = jax.device_get(result.state["params"])
   assert result.step == 0 and result.eval_metrics["accuracy"].shape == (config.basis.num_bases,)
+  # A killed feature pass's partial file of this run's features is removed at the restart; another key's is kept.
+  (cached,) = glob.glob(str(tmp_path / "features-*.npz"))
+  partial, other = cached + ".tmp-4242.npz", str(tmp_path / "features-0123456789abcdef.npz.tmp-4242.npz")
+  for name in (partial, other):
+    with open(name, "wb") as f:
+      f.write(b"PK")
   restarted = train.train_and_evaluate(config, str(tmp_path))
   chex.assert_trees_all_equal(jax.device_get(restarted.state["params"]), params)
+  assert not os.path.exists(partial) and os.path.exists(other)
+  os.remove(other)
   with pytest.raises(errors.InputError, match=r"config\.basis\.init_l2=1\.0 differs"):
     train.train_and_evaluate(_config(**{**EQUALITY, **flat, "basis.init_l2": 1.0}), str(tmp_path))
   pairs, _ = pairs_lib.load_pairs(config)

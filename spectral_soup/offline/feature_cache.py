@@ -41,6 +41,11 @@ def add_cached_features(config: ml_collections.ConfigDict, workdir: str, policy:
   features_dir = config.train.get("features_dir", "") or workdir
   os.makedirs(features_dir, exist_ok=True)
   path = features_path(config, features_dir, train_pairs, eval_pairs, support)
+  if os.path.realpath(features_dir) == os.path.realpath(workdir) and jax.process_index() == 0:
+    # A killed feature pass's partial file (the caller holds the workdir's lock; a shared features_dir may have
+    # live writers, so its leftovers are kept).
+    for tmp in files.remove_stale_temps(features_dir, [os.path.basename(path)]):
+      logging.info("Removed %s, left by an interrupted feature pass.", tmp)
   stored = load_features(path)
   if stored is not None:  # A restarted job skips the frozen pass.
     logging.info("Reusing the cached features in %s.", path)
