@@ -7,13 +7,15 @@ import glob
 import hashlib
 import math
 import os
+import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 
 def directory_problem(path: str) -> Optional[str]:
-  """Why `path` cannot be (or be created as) a writable directory, or None if it can (nothing is created)."""
+  """Why `path` cannot be (or be created as) a writable directory, or None if it can (nothing is left: a probe
+  directory is created in it, or in its nearest existing ancestor, and removed)."""
   full = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(full) and not os.path.isdir(full):
     return "is a file: expected a directory (new or from an earlier run)"
@@ -24,6 +26,10 @@ def directory_problem(path: str) -> Optional[str]:
     return f"{parent} is a file, so the directory cannot be created"
   if not os.access(parent, os.W_OK | os.X_OK):
     return f"{parent} is not writable, expected a directory this user can write"
+  try:  # What os.access cannot tell: a read-only mount, a pseudo filesystem (/proc, /sys), root's permissions.
+    os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
+  except OSError as e:
+    return f"no directory can be created in {parent} ({e.strerror or e}), expected a directory this user can write"
   return None
 
 

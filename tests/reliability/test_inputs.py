@@ -24,6 +24,7 @@ from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import config_checks
 from spectral_soup.soup import decoding
 from spectral_soup.soup import serving
+from spectral_soup.utils import cli
 from tests import tiny
 from tests.reliability.harness import REPO
 
@@ -92,6 +93,18 @@ def test_cli_input_errors_are_one_line_with_exit_status_2(tmp_path):
     assert lines[-1].startswith("error: ") and expected in lines[-1], err[-2000:]
     assert "Traceback" not in err
   assert sorted(os.listdir(tmp_path)) == ["a_file"]  # Nothing was written anywhere.
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or not os.path.isdir("/sys/kernel"), reason="Linux only")
+def test_a_workdir_on_a_pseudo_filesystem_is_named_before_anything_runs(tmp_path):
+  """/proc and /sys accept no new directory, whatever os.access says (as root it says yes): the run failed later
+  with a bare `[Errno 2] No such file or directory: '/proc/x'`, naming no flag."""
+  for workdir in ("/proc/spectral_soup_run", "/sys/kernel/spectral_soup_run/sub"):
+    with pytest.raises(ValueError, match=rf"--workdir={workdir}: no directory can be created in /(proc|sys/kernel) "):
+      cli.check_workdir(workdir)
+  assert cli.check_workdir(str(tmp_path / "new" / "run")) is None and os.listdir(tmp_path) == []  # Nothing left.
+  (tmp_path / "run").mkdir()
+  assert cli.check_workdir(str(tmp_path / "run")) is None and os.listdir(tmp_path / "run") == []
 
 
 @pytest.mark.parametrize(
