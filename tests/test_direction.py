@@ -67,10 +67,10 @@ def test_no_comparisons_give_the_prior_mean_and_users_are_independent():
     }, r"prefs must have shape \[U, N\] = \[2, 10\]"),
     ({
         "concentration": 0.0
-    }, "concentration=0.0: expected > 0"),
+    }, "concentration=0.0: expected a finite number > 0"),
     ({
         "scales": (1.0, 0.5)
-    }, "expected 0 < scale_min <= scale_max"),
+    }, r"expected \(scale_min, scale_max\) with 0 < scale_min <= scale_max"),
     ({
         "nan": True
     }, r"users \[1\] have non-finite delta_features or prefs"),

@@ -204,6 +204,51 @@ def test_empty_prompt_fails_before_compiling():
   assert engine.decode_rows._cache_size() == before
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_mask=np.where(MASK, 1, -1)), r"prompt_mask\[1, 0\] is -1: expected bools, or 0 / 1"),
+    (dict(prompt_mask=np.where(MASK, 1.0, np.nan)), r"prompt_mask\[1, 0\] is nan"),
+    (dict(key=0), r"key must be a PRNG key \(jax.random.key\(seed\)"),
+    (dict(key=jax.random.split(jax.random.key(0), 4)), r"key must be one PRNG key"),
+    (dict(sampling={"temperature": 1.0}), r"sampling must be a decoding.SamplingConfig"),
+    (dict(sampling=None), r"sampling must be a decoding.SamplingConfig"),
+    (dict(eos_id=1.5), r"eos_id=1.5: expected an integer in \[0, 63\]"),
+    (dict(eos_id=-1), r"eos_id=-1: expected an integer in \[0, 63\]"),
+    (dict(eos_id=10**6), r"eos_id=1000000"),
+    (dict(eos_id="1"), r"eos_id='1'"),
+    (dict(pad_id=None), r"pad_id=None: expected an integer in \[0, 63\]"),
+    (dict(pad_id=-7), r"pad_id=-7"),
+])
+def test_decode_options_that_were_misread_or_failed_inside_jax_are_named(kwargs, match):
+  """A -1 / NaN mask entry was padding read as a prompt token; an int key, a dict of sampling options, a float or
+  out-of-vocabulary eos_id (never matched: no row stopped) failed inside JAX or went through silently."""
+  pol, params = tiny.tiny_policy("heads", num_bases=K)
+  assert pol.config.vocab_size == 64
+  before = engine.decode_rows._cache_size()
+  mask = kwargs.pop("prompt_mask", MASK)
+  with pytest.raises(ValueError, match=match):
+    serving.generate(pol, params, LAM, PROMPT, mask, max_new_tokens=2, **kwargs)
+  assert engine.decode_rows._cache_size() == before
+
+
+def test_sequence_logprobs_refuses_padding_marked_minus_one_and_an_empty_prompt():
+  """A -1 response mask scored padding as response tokens (the reference log-prob doubled); an all-False prompt
+  row scored a response to no prompt."""
+  pol, params = tiny.tiny_policy("heads", num_bases=K)
+  response = np.array([[3, 4, 0], [5, 0, 0], [6, 7, 8], [9, 0, 0]], np.int32)
+  response_mask = response != 0
+  with pytest.raises(ValueError, match=r"response_mask\[0, 2\] is -1"):
+    serving.sequence_logprobs(pol, params, PROMPT, MASK, response, np.where(response_mask, 1, -1))
+  with pytest.raises(ValueError, match=r"prompt_mask\[1, 0\] is nan"):
+    serving.sequence_logprobs(pol, params, PROMPT, np.where(MASK, 1.0, np.nan), response, response_mask)
+  empty = MASK.copy()
+  empty[3] = False
+  with pytest.raises(ValueError, match="prompt row 3 is empty"):
+    serving.sequence_logprobs(pol, params, PROMPT, empty, response, response_mask)
+  ones = serving.sequence_logprobs(pol, params, PROMPT, MASK.astype(np.int32), response, response_mask.astype(float))
+  bools = serving.sequence_logprobs(pol, params, PROMPT, MASK, response, response_mask)
+  np.testing.assert_array_equal(ones["ref"], bools["ref"])  # 0 / 1 numbers are masks too.
+
+
 def test_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
   keep = lambda **kw: np.isfinite(np.asarray(decoding.filter_logits(logits, decoding.SamplingConfig(1.0, **kw))))

@@ -13,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.soup.validation import check_int
+from spectral_soup.soup import validation as _validation
 
 Array = jax.Array
 ArrayLike = Union[jax.Array, np.ndarray, float, Sequence[float]]
 
 CONSTRAINTS = (None, "simplex", "box")
+check_key = _validation.check_key  # One PRNG key (the serving front end checks its key alike).
 
 
 def is_tracer(x: Any) -> bool:
@@ -44,7 +46,8 @@ def check_l2(l2: Any) -> None:
     raise ValueError("l2 is required (the L2 penalty strength, > 0).")
   if is_tracer(l2):
     return
-  if isinstance(l2, (bool, np.bool_)) or np.asarray(l2).dtype == bool:  # True would be taken as 1.0.
+  if (isinstance(l2, (bool, np.bool_, str)) or np.asarray(l2).dtype == bool or  # True would be taken as 1.0.
+      not _is_real_dtype(np.asarray(l2).dtype)):  # A string such as "1.0" would be parsed.
     raise ValueError(f"l2 must be a number > 0 (or one per user), got {l2!r}.")
   try:
     values = np.asarray(l2, np.float64)
@@ -55,15 +58,25 @@ def check_l2(l2: Any) -> None:
                      f"holds, in [{L2_RANGE[0]:.3g}, {L2_RANGE[1]:.3g}], got {l2}.")
 
 
+def _is_real_dtype(dtype: Any) -> bool:
+  """bool, integer or real floating (bfloat16 included); not complex, string or object."""
+  return np.dtype(dtype).kind in "biuf" or jnp.issubdtype(dtype, jnp.floating)
+
+
 def check_numeric(name: str, x: Any) -> None:
-  """Raises ValueError unless `x` holds numbers (bool, integer or float; concrete values only)."""
-  if x is None or is_tracer(x) or isinstance(x, jax.Array):
+  """Raises ValueError unless `x` holds real numbers (bool, integer or float; not complex, strings or objects).
+  Tracers are checked by dtype only."""
+  if x is None:
+    return
+  if is_tracer(x) or isinstance(x, jax.Array):
+    if not _is_real_dtype(x.dtype):  # A complex jax array would lose its imaginary part in the float32 cast.
+      raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}.")
     return
   try:
     dtype = np.asarray(x).dtype
   except ValueError:  # Ragged nested sequences.
     raise ValueError(f"{name} must be a rectangular array of numbers; it is ragged.") from None
-  if dtype.kind not in "biuf":
+  if not _is_real_dtype(dtype):
     first = np.asarray(x).ravel()[:1].tolist()
     raise ValueError(f"{name} must hold numbers, got dtype {dtype} (first element {first}).")
 
@@ -72,6 +85,9 @@ def check_solver(num_iters: Any, num_inner_iters: Any, tol: Any) -> None:
   """Raises ValueError unless num_iters and num_inner_iters are integers >= 1 and tol a finite number >= 0."""
   check_int("num_iters", num_iters, 1)
   check_int("num_inner_iters", num_inner_iters, 1)
+  if isinstance(tol, (np.ndarray, jax.Array)) and not is_tracer(tol) and tol.shape == () and _is_real_dtype(
+      tol.dtype) and tol.dtype != bool:
+    tol = tol.item()  # A 0-d array (jnp.float32(1e-5)) is one number.
   if (isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.integer, np.floating)) or
       not np.isfinite(tol) or tol < 0):
     raise ValueError(f"tol must be a finite number >= 0 (0: exactly num_iters steps), got {tol!r}.")
@@ -133,6 +149,8 @@ def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, A
     if box is None or len(box) != 2:
       raise ValueError(f"constraint='box' needs box=(lo, hi) (scalars or [K] arrays), got {box!r}.")
     for name, bound in zip(("lo", "hi"), box):
+      if isinstance(bound, str) or (not is_tracer(bound) and np.asarray(bound).dtype.kind in "SU"):
+        raise ValueError(f"box {name} must be a number or [K] numbers, got {bound!r}.")
       if num is not None and np.shape(bound) not in ((), (num,)):
         raise ValueError(f"box {name} must be a scalar or have shape [K] = [{num}], got {tuple(np.shape(bound))}.")
     lo, hi = box
@@ -180,19 +198,6 @@ def check_num_features(name: str, x: Any) -> None:
   if not np.shape(x)[-1]:
     raise ValueError(f"{name} has shape {tuple(np.shape(x))}: expected at least one feature (K >= 1, one per "
                      "basis).")
-
-
-def check_key(key: Any) -> None:
-  """Raises ValueError unless `key` is a PRNG key: a typed key (`jax.random.key`) or a raw uint32 one
-  (`jax.random.PRNGKey`). An int seed would otherwise fail deep inside jax.random."""
-  if is_tracer(key):
-    return
-  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return
-  if np.ndim(key) >= 1 and np.asarray(key).dtype == np.uint32:
-    return
-  raise ValueError(f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
-                   f"{type(key).__name__} {key!r}"[:200] + ".")
 
 
 def check_finite_rows(x: Any, p: Any, mask: Optional[Any], *, x_name: str = "delta_features",

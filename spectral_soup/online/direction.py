@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.online import checks
+from spectral_soup.soup import validation
 
 Array = jax.Array
+_MAX_FLOAT32 = float(np.finfo(np.float32).max)
 DEFAULT_NUM_SAMPLES = 4096
 DEFAULT_SCALES = (0.1, 30.0)
 DEFAULT_NUM_SCALES = 25
@@ -39,10 +41,11 @@ DEFAULT_NUM_SCALES = 25
 def prior_directions(key: Array, num_bases: int, num_samples: int = DEFAULT_NUM_SAMPLES,
                      concentration: float = 1.0) -> Array:
   """`num_samples` directions from Dirichlet(concentration * 1) over `num_bases` bases: f32[M, K]."""
-  if num_bases < 1 or num_samples < 1:
-    raise ValueError(f"num_bases={num_bases}, num_samples={num_samples}: expected both >= 1.")
-  if not concentration > 0:
-    raise ValueError(f"concentration={concentration}: expected > 0.")
+  checks.check_key(key)
+  checks.check_int("num_bases", num_bases, 1)
+  checks.check_int("num_samples", num_samples, 1)
+  if not (validation.is_real(concentration) and 0 < concentration <= _MAX_FLOAT32):  # NaN, inf: NaN draws.
+    raise ValueError(f"concentration={concentration!r}: expected a finite number > 0.")
   return jax.random.dirichlet(key, jnp.full((num_bases,), concentration, jnp.float32), (num_samples,))
 
 
@@ -62,6 +65,21 @@ def _posterior_mean(x: Array, p: Array, m: Array, directions: Array, lo: float, 
   return jax.lax.map(one_user, (x, p, m))  # One user at a time: O(N M G) memory, not O(U N M G).
 
 
+def _check_directions(directions, num_bases: int) -> None:
+  """ValueError unless `directions` is `[M, K]` points of the simplex (finite, >= 0, rows summing to 1)."""
+  shape = tuple(np.shape(directions))
+  if len(shape) != 2 or shape[1] != num_bases or not shape[0]:
+    raise ValueError(f"directions has shape {shape}; expected [M, {num_bases}] (one draw per row, M >= 1).")
+  values = np.asarray(directions, np.float64)
+  bad = ~np.isfinite(values) | (values < 0)
+  sums = values.sum(axis=1)
+  off = np.abs(sums - 1.0) > 1e-4
+  if np.any(bad) or np.any(off):
+    row = int(np.flatnonzero(np.any(bad, axis=1) | off)[0])
+    raise ValueError(f"directions[{row}] = {values[row].tolist()}"[:160] + ": expected points of the simplex, "
+                     "finite weights >= 0 summing to 1 (e.g. from prior_directions).")
+
+
 def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = None, mask=None, directions=None,
                              num_samples: int = DEFAULT_NUM_SAMPLES, concentration: float = 1.0, scales=DEFAULT_SCALES,
                              num_scales: int = DEFAULT_NUM_SCALES) -> np.ndarray:
@@ -71,24 +89,32 @@ def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = No
     delta_features: [U, N, K] f(y_a) - f(y_b) of every comparison (the bases' implicit rewards).
     prefs: [U, N] labels in [0, 1] (1: y_a preferred; 0.5: a tie).
     key: draws the prior directions (needed unless `directions` is given).
-    mask: [U, N] bool, the comparisons that count (None: all). A user with none gets the prior mean, 1 / K each.
-    directions: [M, K] prior draws to use instead of drawing (common random numbers across calls).
+    mask: [U, N] bool, the comparisons that count, or non-negative row weights (each comparison's log-likelihood
+      times its weight); None: all. A user with none gets the prior mean, 1 / K each.
+    directions: [M, K] prior draws to use instead of drawing (common random numbers across calls): points of the
+      simplex (checked).
     num_samples, concentration: M and the Dirichlet prior's concentration (1: uniform on the simplex).
     scales: (scale_min, scale_max) > 0, the range of the log-uniform prior on s; num_scales: its grid size.
   """
+  for name, value in (("delta_features", delta_features), ("prefs", prefs), ("mask", mask), ("directions", directions)):
+    checks.check_numeric(name, value)
   x = np.asarray(delta_features)
   checks.check_shapes("delta_features", x, (None, None, None), "[U, N, K]")
   num_users, num_rows, num_bases = x.shape
   checks.check_shapes("prefs", prefs, (num_users, num_rows), "[U, N]")
-  m = np.ones((num_users, num_rows), bool) if mask is None else np.asarray(mask, bool)
+  checks.check_row_weights("mask", mask)  # A -1 or NaN would count as True.
+  m = np.ones((num_users, num_rows)) if mask is None else np.asarray(mask, np.float64)  # Row weights.
   checks.check_shapes("mask", m, (num_users, num_rows), "[U, N]")
   checks.check_labels(prefs, m)
+  checks.check_int("num_scales", num_scales, 1)
+  if (np.shape(scales) != (2,) or not all(validation.is_real(s) for s in scales) or
+      not 0 < scales[0] <= scales[1] <= _MAX_FLOAT32):
+    raise ValueError(f"scales={scales!r}: expected (scale_min, scale_max) with 0 < scale_min <= scale_max, finite "
+                     "numbers that float32 holds.")
   lo, hi = (float(s) for s in scales)
-  if not 0 < lo <= hi or num_scales < 1:
-    raise ValueError(f"scales={tuple(scales)}, num_scales={num_scales}: expected 0 < scale_min <= scale_max and "
-                     "num_scales >= 1.")
-  x = np.where(m[..., None], x, 0.0)  # Rows the mask drops count for nothing, NaN or not.
-  p = np.where(m, np.asarray(prefs, np.float64), 0.0)
+  counts = m > 0
+  x = np.where(counts[..., None], x, 0.0)  # Rows the mask drops count for nothing, NaN or not.
+  p = np.where(counts, np.asarray(prefs, np.float64), 0.0)
   finite = np.all(np.isfinite(x), axis=(1, 2)) & np.all(np.isfinite(p), axis=1)
   bad = np.flatnonzero(~finite)
   if bad.size:
@@ -98,9 +124,9 @@ def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = No
     if key is None:
       raise ValueError("posterior_mean_direction needs a key (or the prior draws, `directions`).")
     directions = prior_directions(key, num_bases, num_samples, concentration)
+  else:
+    _check_directions(directions, num_bases)
   directions = jnp.asarray(directions, jnp.float32)
-  if directions.ndim != 2 or directions.shape[1] != num_bases:
-    raise ValueError(f"directions has shape {directions.shape}; expected [M, {num_bases}] (one draw per row).")
   out = _posterior_mean(jnp.asarray(x, jnp.float32), jnp.asarray(p, jnp.float32), jnp.asarray(m, jnp.float32),
                         directions, lo, hi, num_scales)
   return np.asarray(out, np.float32)

@@ -74,6 +74,7 @@ def unit_total_weight(lam: ArrayLike) -> np.ndarray:
   however small the total (lambda's scale is 1 / the features' scale); only a total of 0 (or below the smallest
   normal number of lambda's float dtype, float32 for other dtypes) counts as a row of zeros.
   """
+  check_numeric("lam", lam)  # Strings would be parsed, complex numbers lose their imaginary part.
   dtype = np.asarray(lam).dtype
   tiny = np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float32).tiny
   lam = np.asarray(lam, np.float64)
@@ -85,9 +86,14 @@ def unit_total_weight(lam: ArrayLike) -> np.ndarray:
     raise ValueError(f"unit_total_weight needs finite lambda; lam{row} = {lam[tuple(row)]}.")
   if np.any(lam < 0):
     raise ValueError(f"unit_total_weight needs nonnegative lambda; got a minimum of {lam.min():.3g}.")
-  total = lam.sum(-1, keepdims=True)
+  # Summed after scaling by the row's largest weight: a total beyond float64's range (two weights of 1e308) would be
+  # inf, and lam / inf a row of zeros.
+  largest = lam.max(-1, keepdims=True)
+  scaled = lam / np.where(largest > 0, largest, 1.0)
+  with np.errstate(over="ignore"):
+    total = largest * scaled.sum(-1, keepdims=True)  # May be inf; only compared with tiny.
   uniform = np.full_like(lam, 1.0 / lam.shape[-1])
-  return np.where(total >= tiny, lam / np.maximum(total, tiny), uniform).astype(np.float32)
+  return np.where(total >= tiny, scaled / np.maximum(scaled.sum(-1, keepdims=True), tiny), uniform).astype(np.float32)
 
 
 def log_loss(lam: ArrayLike, delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike = 0.0,
@@ -116,6 +122,7 @@ def log_loss(lam: ArrayLike, delta_features: ArrayLike, prefs: ArrayLike, *, l2:
     check_shapes("mask", mask, (num_rows,), "[N]")
   if prior_mean is not None:
     check_prior_mean(prior_mean, (), num)
+  check_finite("lam", lam)
   if np.ndim(l2) or (not is_tracer(l2) and not np.asarray(l2, np.float64) >= 0):  # NaN fails too.
     raise ValueError(f"l2 must be a number >= 0 (0: the plain log-loss), got {l2!r}.")
   check_row_weights("mask", mask)
@@ -286,6 +293,9 @@ def sgd_update(lam: ArrayLike, delta_features_t: ArrayLike, prefs_t: ArrayLike, 
                       ("l2", l2), ("prior_mean", prior_mean)):
     check_numeric(name, value)
     check_finite(name, value)
+  for name, value in (("lr", lr), ("l2", l2)):
+    if np.ndim(value):
+      raise ValueError(f"{name} must be one number (a scalar), got shape {np.shape(value)}.")
   for name, value, low, ok in (("prefs_t", prefs_t, "a label in [0, 1]", lambda v: 0 <= v <= 1),
                                ("lr", lr, "a number > 0", lambda v: v > 0), ("l2", l2, "a number >= 0",
                                                                              lambda v: v >= 0)):

@@ -24,6 +24,7 @@ from spectral_soup.online.checks import check_finite_rows
 from spectral_soup.online.checks import check_key
 from spectral_soup.online.checks import check_l2
 from spectral_soup.online.checks import check_l2_shape
+from spectral_soup.online.checks import check_num_features
 from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_row_weights
 from spectral_soup.online.checks import check_shapes
@@ -62,6 +63,7 @@ def _posterior_inputs(lam_hat, delta_features, mask, l2, *, batched: bool) -> Tu
   for name, value in (("lam_hat", lam_hat), ("delta_features", delta_features), ("mask", mask)):
     check_numeric(name, value)
   check_shapes("delta_features", delta_features, (None,) * (3 if batched else 2), dims(batched, "N", "K"))
+  check_num_features("delta_features", delta_features)
   *users, num_rows, num = np.shape(delta_features)
   check_shapes("lam_hat", lam_hat, (*users, num), dims(batched, "K"))
   dtype = float_dtype(delta_features, lam_hat)
@@ -148,6 +150,7 @@ def thompson_sample(key: Array, mean: ArrayLike, cov: ArrayLike, num_samples: Op
   check_finite("mean", mean)
   if not is_tracer(cov):
     _check_psd(np.asarray(cov, np.float64))
+  check_finite("cov", cov)  # Finite in float64 but not in the sampler's float32 (1e39): NaN samples.
   if num_samples is not None:
     check_int("num_samples", num_samples, 1)
   return _thompson_sample(key, mean, cov, num_samples=num_samples)
@@ -176,6 +179,27 @@ def _check_psd(cov: np.ndarray) -> None:
   if smallest < -1e-5 * scale:
     raise ValueError(f"cov must be positive semi-definite: its smallest eigenvalue is {smallest:.3g} (entries up "
                      f"to {scale:.3g}).")
+
+
+def _check_psd_users(cov: np.ndarray) -> None:
+  """`_check_psd` for each user of a concrete `[U, K, K]` covariance whose entries are finite, naming the first
+  user that fails (users with NaN or inf entries are left to the caller, which isolates them)."""
+  finite = np.all(np.isfinite(cov), axis=(-2, -1))
+  for user in np.flatnonzero(finite & _not_psd(cov, finite)):
+    try:
+      _check_psd(cov[user])
+    except ValueError as e:
+      raise ValueError(f"user {int(user)}: {e}") from None
+
+
+def _not_psd(cov: np.ndarray, finite: np.ndarray) -> np.ndarray:
+  """bool[U]: the users whose finite covariance is asymmetric or indefinite beyond rounding (vectorized screen)."""
+  safe = np.where(finite[:, None, None], cov, 0.0)
+  scale = np.max(np.abs(safe), axis=(-2, -1), initial=0.0)
+  asymmetric = np.max(np.abs(safe - np.swapaxes(safe, -1, -2)), axis=(-2, -1), initial=0.0) > 1e-5 * scale
+  symmetric = 0.5 * (safe + np.swapaxes(safe, -1, -2))
+  smallest = np.linalg.eigvalsh(symmetric)[..., 0] if safe.size else np.zeros(len(safe))
+  return asymmetric | (smallest < -1e-5 * scale)
 
 
 def _masked_argmax_pair(scores: Array) -> Tuple[Array, Array]:
@@ -260,6 +284,8 @@ def _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask
     check_finite("mean", mean)
     if not is_tracer(cov):
       _check_psd(np.asarray(cov, np.float64))
+  elif not is_tracer(cov):  # U users: a non-finite one is isolated (documented); a finite indefinite one is refused.
+    _check_psd_users(np.asarray(cov, np.float64))
   dtype = float_dtype(candidate_features, mean, cov)
   return jnp.asarray(candidate_features, dtype), jnp.asarray(mean, dtype), jnp.asarray(cov, dtype), valid
 
@@ -316,8 +342,9 @@ def choose_pair_batched(candidate_features: ArrayLike, mean: ArrayLike, cov: Arr
     of its valid candidates; the others are unaffected).
 
   Raises:
-    ValueError: as `choose_pair`, naming the first user with fewer than two valid candidates, or the user and
-      candidate of the first non-finite valid candidate feature.
+    ValueError: as `choose_pair`, naming the first user with fewer than two valid candidates, the user and
+      candidate of the first non-finite valid candidate feature, or the first user whose (finite) cov is not
+      symmetric positive semi-definite.
   """
   inputs = _choose_pair_inputs(candidate_features, mean, cov, rule, key, candidate_mask, batched=True)
   keys = None if key is None else jax.random.split(key, inputs[0].shape[0])

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.online.checks import check_finite
+from spectral_soup.online.checks import check_key
 from spectral_soup.online.checks import check_numeric
 from spectral_soup.soup.validation import check_int
 from spectral_soup.soup.validation import is_real
@@ -167,7 +168,8 @@ def standardize_scores(scores: ArrayLike, mean: Optional[ArrayLike] = None,
   """Z-scores attribute scores per attribute (host-side numpy).
 
   Args:
-    scores: `[..., N, A]` raw attribute scores.
+    scores: `[..., N, A]` raw attribute scores; NaN marks a missing score (left out of the mean and std, and NaN
+      in the output).
     mean: `[A]` (None: the mean over all leading axes of `scores`).
     std: `[A]` (None: the standard deviation over the same axes; zero-variance attributes get std 1).
 
@@ -180,10 +182,30 @@ def standardize_scores(scores: ArrayLike, mean: Optional[ArrayLike] = None,
   if scores.ndim < 2 or (scores.shape[-2] == 0 and (mean is None or std is None)):
     raise ValueError(f"scores must be [..., N, A] with N >= 1 where mean or std is computed from them, got shape "
                      f"{scores.shape}.")
+  if np.any(np.isinf(scores)):
+    index = [int(i) for i in np.argwhere(np.isinf(scores))[0]]
+    raise ValueError(f"scores{index} is {scores[tuple(index)]}: expected finite scores (NaN: a missing score).")
   flat = scores.reshape(-1, scores.shape[-1])
-  mean = flat.mean(axis=0) if mean is None else np.asarray(mean, np.float64)
+  known = ~np.isnan(flat)  # NaN marks a missing score: left out of the statistics, and NaN in the output.
+  empty = np.flatnonzero(~known.any(axis=0)) if (mean is None or std is None) else np.array([], int)
+  if empty.size:
+    raise ValueError(f"scores[..., {int(empty[0])}] has no score (every entry NaN): its mean and std cannot be "
+                     "estimated; pass mean= and std=, or drop the attribute.")
+  for name, value in (("mean", mean), ("std", std)):
+    if value is not None:
+      check_numeric(name, value)
+      if np.shape(value) != (scores.shape[-1],):
+        raise ValueError(f"{name} must have shape [A] = [{scores.shape[-1]}] (one per attribute), got "
+                         f"{np.shape(value)}.")
+  complete = bool(known.all())
+  if mean is None:
+    mean = flat.mean(axis=0) if complete else np.nanmean(flat, axis=0)
+  mean = np.asarray(mean, np.float64)
+  if not np.all(np.isfinite(mean)):
+    bad = int(np.flatnonzero(~np.isfinite(mean))[0])
+    raise ValueError(f"mean[{bad}] = {mean[bad]:g}: expected finite numbers (one per attribute).")
   if std is None:
-    std = flat.std(axis=0)
+    std = flat.std(axis=0) if complete else np.nanstd(flat, axis=0)
     std = np.where(std > 0, std, 1.0)
   std = np.asarray(std, np.float64)
   if np.any(~np.isfinite(std) | (std <= 0)):  # A given std of 0 divided into inf.
@@ -193,6 +215,7 @@ def standardize_scores(scores: ArrayLike, mean: Optional[ArrayLike] = None,
 
 
 def _check_scores(users: SimulatedUsers, scores: ArrayLike, name: str) -> None:
+  check_numeric(name, scores)  # Strings would be parsed.
   shape = np.shape(scores)
   ok = (len(shape) == 2 or (len(shape) == 3 and shape[0] == users.num_users)) and shape[-1] == users.num_attributes
   if not ok:
@@ -283,5 +306,8 @@ def simulate_choice(key: Array, users: SimulatedUsers, scores_a: ArrayLike, scor
     `[U, N]` float32 labels, 1 where the user prefers a, else 0 (exact ties at temperature 0 are decided by a
     fair coin), usable as `fit_lambda` prefs.
   """
+  check_key(key)
   _check_pair(users, scores_a, scores_b)
+  for name, scores in (("scores_a", scores_a), ("scores_b", scores_b)):
+    check_finite(name, scores)  # A NaN (missing) score would become a choice of response b (label 0).
   return _choice_jit(key, users, jnp.asarray(scores_a, jnp.float32), jnp.asarray(scores_b, jnp.float32))

@@ -31,9 +31,13 @@ from spectral_soup.models.spectral import SpectralPolicy
 from spectral_soup.soup import decoding
 from spectral_soup.soup import engine
 from spectral_soup.soup import implicit
+from spectral_soup.soup import validation
 from spectral_soup.soup.explicit import soup_logits_batched
 from spectral_soup.soup.validation import check_int
+from spectral_soup.soup.validation import check_key
 from spectral_soup.soup.validation import check_length
+from spectral_soup.soup.validation import check_mask
+from spectral_soup.soup.validation import check_token_id
 from spectral_soup.soup.validation import check_token_ids
 from spectral_soup.soup.validation import lam_per_row
 
@@ -47,6 +51,7 @@ def check_prompts(prompt: Any, prompt_mask: Any, vocab_size: Optional[int] = Non
   if prompt.ndim != 2 or prompt_mask.shape != prompt.shape:
     raise ValueError(f"prompt must be int[U, T] with a mask of the same shape; got {prompt.shape} and "
                      f"{prompt_mask.shape}.")
+  check_mask("prompt_mask", prompt_mask)
   empty = np.flatnonzero(~prompt_mask.astype(bool).any(axis=1))
   if empty.size:
     raise ValueError(f"prompt row {int(empty[0])} is empty (its mask has no True entry); every user needs a prompt.")
@@ -65,7 +70,8 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
     lam: [U, K] (or [K], shared by every row) mixing weights.
     prompt: int32[U, T]; prompt_mask: bool[U, T] (left or right padding).
     mode: one of MODES.
-    max_new_tokens, sampling, key, eos_id, pad_id: see `decoding.decode`.
+    max_new_tokens, sampling, key, eos_id, pad_id: see `decoding.decode` (checked here: sampling a
+      `SamplingConfig`, key one PRNG key, eos_id None or a token id, pad_id a token id).
     max_proposals: proposals per token in `implicit` mode before falling back to the explicit soup.
 
   Returns:
@@ -75,6 +81,13 @@ def generate(policy: SpectralPolicy, policy_params: Any, lam: Any, prompt: Any, 
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
   check_prompts(prompt, prompt_mask, policy.config.vocab_size)
+  if not isinstance(sampling, decoding.SamplingConfig):
+    raise ValueError(f"sampling must be a decoding.SamplingConfig (e.g. SamplingConfig(temperature=1.0)), got "
+                     f"{type(sampling).__name__} {sampling!r}"[:200] + ".")
+  if key is not None:
+    check_key(key)
+  eos_id = check_token_id("eos_id", eos_id, policy.config.vocab_size, allow_none=True)
+  pad_id = check_token_id("pad_id", pad_id, policy.config.vocab_size)
   users, length = np.shape(prompt)
   lam = lam_per_row(lam, policy.num_bases, users)
   max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
@@ -117,6 +130,8 @@ def sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array,
   vocab = policy.config.vocab_size
   check_token_ids("prompt", prompt, prompt_mask, vocab)
   check_token_ids("response", response, response_mask, vocab)
+  if not any(isinstance(x, jax.core.Tracer) for x in (prompt, prompt_mask)):
+    check_prompts(prompt, prompt_mask)  # An empty prompt row would score a response to nothing.
   if np.shape(response)[0] != np.shape(prompt)[0]:
     raise ValueError(f"response has {np.shape(response)[0]} rows for {np.shape(prompt)[0]} prompt rows: expected one "
                      "response per prompt row.")
@@ -146,5 +161,10 @@ def _sequence_logprobs(policy: SpectralPolicy, policy_params: Any, prompt: Array
 
 
 def implicit_rewards(seq_logprobs: Mapping[str, Array], beta: float) -> Array:
-  """f_k(x, y) = beta * (log pi_k(y|x) - log pi_ref(y|x)): [K, B] -> [B, K] features for the online phase."""
+  """f_k(x, y) = beta * (log pi_k(y|x) - log pi_ref(y|x)): [K, B] -> [B, K] features for the online phase.
+
+  beta: the bases' KL strength, a finite number > 0 (checked when concrete: a negative one flips every feature).
+  """
+  if not isinstance(beta, jax.core.Tracer) and not (validation.is_real(beta) and 0 < beta < np.inf):
+    raise ValueError(f"beta={beta!r}: expected a finite number > 0 (the bases' KL strength).")
   return (beta * (seq_logprobs["basis"] - seq_logprobs["ref"][None])).T

@@ -105,6 +105,7 @@ def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
                      f"{tuple(np.shape(mask))}.")
   if _is_tracer(ids) or _is_tracer(mask):
     return
+  check_mask(f"{name}_mask", mask)
   ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
   if not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}.")
@@ -113,6 +114,46 @@ def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
     index = tuple(int(i) for i in bad[0])
     raise ValueError(f"{name}{_format_index(index)} = {int(ids[index])} is not a token id of this model: expected "
                      f"0 <= id < vocab_size={vocab_size} ({len(bad)} such position{'s' if len(bad) > 1 else ''}).")
+
+
+def check_mask(name: str, mask: Any) -> None:
+  """Raises ValueError unless the concrete `mask` holds bools, or numbers that are all 0 or 1 (tracers pass): cast to
+  bool, a -1 or NaN marking padding would count as a real token."""
+  if _is_tracer(mask):
+    return
+  values = np.asarray(mask)
+  if values.dtype == np.bool_:
+    return
+  if values.dtype.kind not in "iuf":
+    raise ValueError(f"{name} must hold bools (True: a real token), got dtype {values.dtype}.")
+  bad = np.argwhere((values != 0) & (values != 1))  # NaN compares unequal to both.
+  if bad.size:
+    index = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{name}{_format_index(index)} is {values[index].item()!r}: expected bools, or 0 / 1 (True / 1: a "
+                     f"real token, False / 0: padding); {len(bad)} such entr{'y' if len(bad) == 1 else 'ies'}.")
+
+
+def check_key(key: Any, name: str = "key") -> None:
+  """Raises ValueError unless `key` is one PRNG key: a typed key (`jax.random.key`) or a raw uint32 one
+  (`jax.random.PRNGKey`); tracers pass. An int seed would otherwise fail deep inside jax.random."""
+  if _is_tracer(key):
+    return
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape:
+      raise ValueError(f"{name} must be one PRNG key, got an array of {key.shape} keys (split it, or pass one).")
+    return
+  if np.ndim(key) == 1 and np.asarray(key).dtype == np.uint32:
+    return
+  raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
+                   f"{type(key).__name__} {key!r}"[:200] + ".")
+
+
+def check_token_id(name: str, value: Any, vocab_size: int, *, allow_none: bool = False) -> Optional[int]:
+  """`value` as a Python int; ValueError naming `name` unless it is a token id of the model, 0 <= id < vocab_size
+  (or None, with `allow_none`). A float or out-of-vocabulary end-of-sequence id never matches a token."""
+  if value is None and allow_none:
+    return None
+  return check_int(name, value, 0, vocab_size - 1)
 
 
 def is_real(x: Any) -> bool:

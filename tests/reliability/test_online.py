@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from spectral_soup import online
+from spectral_soup.online import direction
 
 U, N, K = 8, 12, 4  # One shape for every batched call here (one compilation each).
 BAD = 3  # The user given NaN / Inf input.
@@ -546,3 +547,94 @@ def test_the_objective_still_takes_zero_l2_and_row_weights():
   want = np.sum(weights * (np.logaddexp(0.0, z) - p * z))
   np.testing.assert_allclose(float(online.log_loss(lam, x, p, mask=weights)), want, rtol=1e-5)
   assert float(online.log_loss(lam, x, p, l2=0.0)) >= 0.0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # The direction estimate read its mask as bools (-1 and NaN counted) and took any prior grid.
+        (lambda: direction.posterior_mean_direction(_X, _P, key=jax.random.key(0), mask=np.where(
+            np.arange(N) < 6, 1, -1) * np.ones((U, 1))), r"mask\[0, 6\] is -1: expected bools or row weights >= 0"),
+        (lambda: direction.posterior_mean_direction(_X, _P, key=jax.random.key(0), mask=_with(
+            np.ones((U, N)), (1, 2), np.nan)), r"mask\[1, 2\] is nan"),
+        (lambda: direction.posterior_mean_direction(_X, _P, key=jax.random.key(0), scales=(0.1, np.inf)),
+         r"scales=\(0.1, inf\): expected \(scale_min, scale_max\) with 0 < scale_min <= scale_max, finite"),
+        (lambda: direction.posterior_mean_direction(_X, _P, key=jax.random.key(0), scales=(0.1, 1e39)), r"scales="),
+        (lambda: direction.posterior_mean_direction(_X, _P, key=jax.random.key(0), concentration=np.inf),
+         r"concentration=inf: expected a finite number > 0"),
+        (lambda: direction.posterior_mean_direction(_X, _P, directions=-np.ones(
+            (4, K))), r"directions\[0\] = \[-1.0, -1.0, -1.0, -1.0\]: expected points of the simplex"),
+        (lambda: direction.posterior_mean_direction(_X, _P, key=0), r"key must be a PRNG key"),
+        (lambda: direction.posterior_mean_direction(_X, _P, key=jax.random.key(0), num_scales=2.5),
+         r"num_scales=2.5: expected an integer >= 1"),
+        (lambda: direction.posterior_mean_direction(_X.astype(str), _P, key=jax.random.key(0)),
+         r"delta_features must hold numbers"),
+        # A missing (NaN) score became a choice of response b.
+        (lambda: online.simulate_choice(jax.random.key(1), online.make_users("dirichlet", 2, 0, num_attributes=2),
+                                        np.array([[np.nan, 0.]] * 6), np.zeros((6, 2))), r"scores_a\[0, 0\] is nan"),
+        (lambda: online.simulate_choice(0, online.make_users("dirichlet", 2, 0, num_attributes=2), np.zeros(
+            (6, 2)), np.zeros((6, 2))), r"key must be a PRNG key"),
+        # Numeric strings were parsed; complex jax arrays lost their imaginary part; unusable shapes and sizes.
+        (lambda: online.fit_lambda(_X[1], _P[1], l2="1.0"), r"l2 must be a number > 0 \(or one per user\), got '1.0'"),
+        (lambda: online.fit_lambda(_X, _P, l2=np.array(["1"] * U)), r"l2 must be a number > 0"),
+        (lambda: online.posterior(np.zeros(K), _X[1], l2="1"), r"l2 must be a number > 0"),
+        (lambda: online.fit_lambda(_X[1], _P[1], l2=1.0, constraint="box", box=("0", "1")),
+         r"box lo must be a number or \[K\] numbers, got '0'"),
+        (lambda: online.unit_total_weight(np.array(["1", "2"])), r"lam must hold numbers, got dtype <U1"),
+        (lambda: online.fit_lambda(jax.numpy.asarray(_X[1]) + 1j, _P[1], l2=1.0),
+         r"delta_features must hold real numbers, got dtype complex64"),
+        (lambda: online.posterior(np.zeros(0), _X[1][:, :0], l2=1.0),
+         r"delta_features has shape \(12, 0\): expected at least one feature"),
+        (lambda: online.sgd_update(np.zeros(K), np.ones(K), 1.0, np.full(K, 0.1), 0.01),
+         r"lr must be one number \(a scalar\), got shape \(4,\)"),
+        (lambda: online.sgd_update(np.zeros(K), np.ones(K), 1.0, 0.1, np.full(K, 0.01)), r"l2 must be one number"),
+        (lambda: online.thompson_sample(jax.random.key(0), np.zeros(K),
+                                        np.eye(K) * 1e39),
+         r"cov\[0, 0\] is 1e\+39: expected finite numbers that float32 holds"),
+        (lambda: online.thompson_sample(jax.random.split(jax.random.key(0), 2), np.zeros(K), np.eye(K)),
+         r"key must be one PRNG key, got an array of \(2,\) keys"),
+        (lambda: online.choose_pair_batched(np.stack([_CANDIDATES] * 2), np.zeros(
+            (2, K)), np.stack([np.eye(K), -np.eye(K)])), r"user 1: cov must be positive semi-definite"),
+        (lambda: online.log_loss([0, np.nan, 0, 0], _X[1], _P[1]), r"lam\[1\] is nan"),
+        (lambda: online.standardize_scores(np.ones(
+            (5, 2)), mean=[0, 0, 0]), r"mean must have shape \[A\] = \[2\] \(one per attribute\), got \(3,\)"),
+        (lambda: online.standardize_scores(np.ones((5, 2)), mean=[np.nan, 0], std=[1, 1]), r"mean\[0\] = nan"),
+        (lambda: online.standardize_scores(_with(np.ones((5, 2)), (1, 0), np.inf)), r"scores\[1, 0\] is inf"),
+        (lambda: online.standardize_scores(_with(np.ones(
+            (2, 2)), (slice(None), 1), np.nan)), r"scores\[..., 1\] has no score \(every entry NaN\)"),
+    ],
+    ids=[
+        "direction_mask_minus_one", "direction_mask_nan", "direction_scale_inf", "direction_scale_1e39",
+        "direction_concentration_inf", "direction_negative_draws", "direction_int_key", "direction_num_scales",
+        "direction_strings", "simulate_choice_nan_score", "simulate_choice_int_key", "fit_l2_string",
+        "batched_l2_strings", "posterior_l2_string", "box_strings", "unit_total_weight_strings", "fit_complex_jax",
+        "posterior_no_feature", "sgd_lr_vector", "sgd_l2_vector", "thompson_cov_1e39", "thompson_two_keys",
+        "choose_pair_batched_indefinite", "log_loss_nan_lam", "standardize_mean_shape", "standardize_mean_nan",
+        "standardize_inf_score", "standardize_all_nan_attribute"
+    ])
+def test_online_inputs_that_were_misread_or_failed_unclearly_are_named(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_online_inputs_that_are_fine_as_they_are():
+  """Row weights in the direction estimate weigh each comparison (a weight of 2 is the row twice); a 0-d array is a
+  tol; missing (NaN) scores are left out of the standardization; a total beyond float64 keeps lambda's direction."""
+  directions = direction.prior_directions(jax.random.key(0), K, 256)
+  weights = np.ones((U, N))
+  weights[:, 0] = 2.0
+  twice = direction.posterior_mean_direction(np.concatenate([_X, _X[:, :1]], 1), np.concatenate([_P, _P[:, :1]], 1),
+                                             directions=directions)
+  np.testing.assert_allclose(direction.posterior_mean_direction(_X, _P, mask=weights, directions=directions), twice,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(online.fit_lambda(_X[1], _P[1], l2=1.0, tol=jax.numpy.float32(1e-5)),
+                                online.fit_lambda(_X[1], _P[1], l2=1.0))
+  scores = np.random.default_rng(0).normal(size=(50, 2))
+  gapped = _with(scores, (7, 0), np.nan)
+  z, mean, std = online.standardize_scores(gapped)
+  kept = np.delete(scores, 7, axis=0)
+  np.testing.assert_allclose(mean, [kept[:, 0].mean(), scores[:, 1].mean()], rtol=1e-6)
+  np.testing.assert_allclose(std, [kept[:, 0].std(), scores[:, 1].std()], rtol=1e-6)
+  assert np.isnan(z[7, 0]) and np.isfinite(np.delete(z, 7, axis=0)).all() and np.isfinite(z[:, 1]).all()
+  np.testing.assert_array_equal(online.standardize_scores(scores)[0], online.standardize_scores(scores[None])[0][0])
+  np.testing.assert_allclose(online.unit_total_weight(np.array([1e308, 1e308, 0.0])), [0.5, 0.5, 0.0])
