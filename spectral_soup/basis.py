@@ -240,6 +240,12 @@ class Basis:
     one bool per response (`generate(..., return_ended=True)` gives them: a response cut at `max_new_tokens` has
     no end-of-sequence term, as in the embedded data's pairs and the decoded responses' features). Each response
     is then cut to `max_response_tokens` tokens if given. Pairs are scored `batch_size` at a time (one compile).
+
+    Texts are tokenized here: the features of `generate`'s texts are those of their re-tokenization, which can
+    differ from the sampled tokens (`generate` strips whitespace and special tokens, and a text has its canonical
+    tokenization, not necessarily the sampled one), and special-token strings inside a text are read as special
+    tokens. For the exact features of sampled token ids, score them with `soup.serving.sequence_logprobs` and
+    `serving.implicit_rewards` (as the main job does).
     """
     from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
     tokenizer = self._need_tokenizer("features")
