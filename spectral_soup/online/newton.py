@@ -7,9 +7,9 @@ the data (module docstring of `fit`).
 
 Constraints use a projected Newton method: each step minimizes the local quadratic model over the feasible set
 (accelerated projected gradient with restarts, `num_inner_iters` steps, step 1 / (an upper bound of the largest
-Hessian eigenvalue), then the model's exact minimizer on the face of the feasible set that it reached:
-`_face_minimizer`) and line-searches along the feasible segment, so its fixed points are exactly the constrained
-optima, reached at the unconstrained fit's accuracy however ill-conditioned the Hessian.
+Hessian eigenvalue), then rounds of a primal active-set method from the face that it reached: `_face_minimizer`)
+and line-searches along the feasible segment, so its fixed points are exactly the constrained optima, reached at
+the unconstrained fit's accuracy (tested with feature columns 1e4 apart in scale, cond(H) ~ 5e5).
 
 `fit_core` is one user's fit on materialized arrays; `fit_single` jits it and `fit_batched` vmaps it over users
 inside one jit. The Hessian, the SPD solve and the row masking also serve the Laplace posterior and the ratings fit.
@@ -43,6 +43,8 @@ _STEP_SIZES = tuple(2.0**(-i / 2) for i in range(121)) + (0.0,)
 # slope at the full step is rounding, and taking its sign at face value rejects the full step half the time, which
 # turns Newton's quadratic convergence into a linear one (ratio 1/sqrt(2) per rejected size) at the last steps.
 _SLOPE_ULPS = 8.0
+# Rounds of the active-set refinement of a constrained Newton direction (`_face_minimizer`).
+_ACTIVE_SET_ROUNDS = 8
 # Sufficient-decrease constant of the line search's value test (`_line_search`).
 _ARMIJO = 1e-4
 # Relative jitter of the Hessian before its Cholesky factorization: each diagonal entry grows by K * _JITTER_ULPS
@@ -188,48 +190,83 @@ def _constrained_direction(lam: Array, g: Array, h: Array, lo: Array, hi: Array,
   return v - lam  # lam + t * direction stays feasible for t in [0, 1] (convex set).
 
 
+def _face_solve(w: Array, fixed: Array, lam: Array, g: Array, h: Array, *, constraint: str) -> Array:
+  """The minimizer of the local quadratic model over the face of the feasible set on which w lies, with the
+  coordinates `fixed` held at w's values (for the simplex, the others keep w's total); not projected."""
+  held = jnp.where(fixed, w - lam, 0.0)  # The step's fixed coordinates.
+  if constraint == "simplex":
+    # The free coordinates keep w's total exactly: the step is held + c e_j + Z y, with j the free coordinate of
+    # largest w, c what the free coordinates must gain together, and Z's columns e_i - e_j (i free, i != j), each
+    # summing to 0; y minimizes the model (null-space method: no multiplier whose cancellation loses the total at
+    # large feature scales).
+    index = jnp.arange(w.shape[-1])
+    pivot = jnp.argmax(jnp.where(fixed, -jnp.inf, w))
+    basis = (~fixed & (index != pivot)).astype(w.dtype)
+    z = jnp.diag(basis) - (index == pivot).astype(w.dtype)[:, None] * basis[None, :]  # [K, K], zero columns off it.
+    base = held + jnp.where(index == pivot, jnp.sum(jnp.where(fixed, 0.0, w - lam)), 0.0)
+    reduced = z.T @ h @ z + jnp.diag(1.0 - basis)  # SPD: Z^T h Z on the basis, I elsewhere.
+    step = base + z @ spd_solve(reduced, -(z.T @ (g + h @ base)))
+  else:
+    free = (~fixed).astype(w.dtype)
+    reduced = h * free[:, None] * free[None, :] + jnp.diag(1.0 - free)  # SPD: h on the free block, I elsewhere.
+    step = spd_solve(reduced, -(g + h @ held) * free)
+  return jnp.where(fixed, w, lam + step)  # w's own values on the fixed coordinates, exactly.
+
+
 def _face_minimizer(v: Array, lam: Array, g: Array, h: Array, lo: Array, hi: Array, *, constraint: str) -> Array:
-  """v, or the exact minimizer of the local quadratic model on the face of the feasible set that v lies on.
+  """v, or a point of lower model value: the model's exact minimizer over the feasible set once the active set is
+  found (a primal active-set method started on the face that v lies on, `_ACTIVE_SET_ROUNDS` rounds).
 
   FISTA's steps are sized for the largest curvature, so on an ill-conditioned Hessian `num_inner_iters` steps
   barely move the low-curvature coordinates (feature columns 100x apart in scale: lam 4x too small after 25
-  Newton steps). It does identify which bounds are active long before it converges: with those coordinates held
-  at v's values, the model's minimizer over the others is one reduced K x K solve (for the simplex, over the
-  directions that keep their total). That point (clipped to the box; for the simplex, only if it stays on it)
-  replaces v where it lowers the model; once FISTA has found the optimum's active set, the Newton direction is then
-  exact and the outer steps converge quadratically, as in the unconstrained fit.
+  Newton steps), and at cond(H) ~ 1e5 they may not even find which bounds are active (a simplex fit 0.1 off). Each
+  round minimizes the model on the current face (one reduced K x K solve; for the simplex, over the directions that
+  keep the total); if that point leaves the feasible set, it moves towards it as far as it stays feasible and holds
+  the coordinates that reach a bound; otherwise it moves there and frees the held coordinate whose multiplier has
+  the wrong sign (the most violating one), if any. The model decreases at every round, and once the optimum's
+  active set is found the Newton direction is exact and the outer steps converge quadratically, as in the
+  unconstrained fit.
   """
-  fixed = (v <= 0.0) if constraint == "simplex" else (v <= lo) | (v >= hi)
-  held = jnp.where(fixed, v - lam, 0.0)  # The step's fixed coordinates.
-  if constraint == "simplex":
-    # The free coordinates keep v's total exactly: the step is held + c e_j + Z y, with j the free coordinate of
-    # largest v, c what the free coordinates must gain together, and Z's columns e_i - e_j (i free, i != j), each
-    # summing to 0; y minimizes the model (null-space method: no multiplier whose cancellation loses the total at
-    # large feature scales).
-    index = jnp.arange(v.shape[-1])
-    pivot = jnp.argmax(jnp.where(fixed, -jnp.inf, v))
-    basis = (~fixed & (index != pivot)).astype(v.dtype)
-    z = jnp.diag(basis) - (index == pivot).astype(v.dtype)[:, None] * basis[None, :]  # [K, K], zero columns off it.
-    base = held + jnp.where(index == pivot, jnp.sum(jnp.where(fixed, 0.0, v - lam)), 0.0)
-    reduced = z.T @ h @ z + jnp.diag(1.0 - basis)  # SPD: Z^T h Z on the basis, I elsewhere.
-    step = base + z @ spd_solve(reduced, -(z.T @ (g + h @ base)))
-    u = jnp.where(fixed, v, lam + step)  # v's own values on the fixed coordinates, exactly.
-    # Used only if it stays on the simplex: projecting it would move the fixed coordinates off 0 by rounding, and
-    # the line search's slope along a step that moves every coordinate is swamped by the simplex multiplier.
-    feasible = jnp.all(u >= 0.0)
-  else:
-    free = (~fixed).astype(v.dtype)
-    reduced = h * free[:, None] * free[None, :] + jnp.diag(1.0 - free)  # SPD: h on the free block, I elsewhere.
-    step = spd_solve(reduced, -(g + h @ held) * free)
-    u = project(jnp.where(fixed, v, lam + step), constraint, lo, hi)  # Clipping keeps the fixed coordinates.
-    feasible = True
+  simplex = constraint == "simplex"
+  fixed = (v <= 0.0) if simplex else (v <= lo) | (v >= hi)
+  low = jnp.zeros_like(v) if simplex else lo
+  high = jnp.full_like(v, jnp.inf) if simplex else hi
+  index = jnp.arange(v.shape[-1])
 
   def model(w):
     d = w - lam
     return g @ d + 0.5 * d @ (h @ d)
 
-  better = feasible & (model(u) < model(v)) & jnp.all(jnp.isfinite(u))
-  return jnp.where(better, u, v)
+  def round_(_, carry):
+    w, fixed = carry
+    u = _face_solve(w, fixed, lam, g, h, constraint=constraint)
+    below, above = ~fixed & (u < low), ~fixed & (u > high)
+    # Ratio test: the largest alpha in [0, 1] with w + alpha (u - w) feasible.
+    ratio = jnp.where(below, (w - low) / jnp.where(below, w - u, 1.0),
+                      jnp.where(above, (high - w) / jnp.where(above, u - w, 1.0), jnp.inf))
+    alpha = jnp.clip(jnp.min(ratio), 0.0, 1.0)
+    leaves = jnp.any(below | above) & jnp.all(jnp.isfinite(u))
+    hits = (below | above) & (ratio <= alpha)
+    moved = jnp.where(hits, jnp.where(below, low, high), w + alpha * (u - w))
+    # Multipliers on the held coordinates at u: the model's gradient there, against the free coordinates' common
+    # value for the simplex (its multiplier), must push each held coordinate onto its bound.
+    grad = g + h @ (u - lam)
+    if simplex:
+      level = jnp.sum(jnp.where(fixed, 0.0, grad)) / jnp.maximum(jnp.sum(~fixed), 1)
+      pull = jnp.where(fixed, level - grad, -jnp.inf)
+    else:
+      pull = jnp.where(fixed & (w <= low), -grad, jnp.where(fixed & (w >= high), grad, -jnp.inf))
+    worst = jnp.argmax(pull)
+    release = pull[worst] > 1e-5 * jnp.max(jnp.abs(grad))
+    ok = jnp.all(jnp.isfinite(u))
+    new_w = jnp.where(leaves, moved, jnp.where(ok, u, w))
+    new_fixed = jnp.where(leaves, fixed | hits, fixed & ~(release & (index == worst) & ok))
+    return new_w, new_fixed
+
+  w, _ = jax.lax.fori_loop(0, _ACTIVE_SET_ROUNDS, round_, (v, fixed))
+  w = project(w, constraint, lo, hi) if not simplex else jnp.maximum(w, 0.0)  # Rounding only.
+  better = (model(w) < model(v)) & jnp.all(jnp.isfinite(w))
+  return jnp.where(better, w, v)
 
 
 def fit_core(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
