@@ -87,7 +87,7 @@ def spd_solve(h: Array, g: Array) -> Array:
   entry)."""
   num = h.shape[-1]
   jitter = _JITTER_ULPS * num * jnp.finfo(h.dtype).eps
-  chol = jnp.linalg.cholesky(h + jnp.diag(jitter * jnp.abs(jnp.diagonal(h))))
+  chol = jnp.linalg.cholesky(h + jitter * jnp.abs(h) * jnp.eye(num, dtype=h.dtype))  # Each diagonal entry's own.
   return jax.scipy.linalg.cho_solve((chol, True), g)
 
 
@@ -97,7 +97,7 @@ def _largest_eig_bound(h: Array) -> Array:
 
 
 def _line_search(lam: Array, direction: Array, x: Array, z: Array, xd: Array, p: Array, m: Array, l2: Array, mu: Array,
-                 *, sum_zero: bool) -> Array:
+                 initial_slope: Array, *, sum_zero: bool) -> Array:
   """lam + t * direction for the largest t in _STEP_SIZES at which phi(t) = L(lam + t * direction) still decreases.
 
   phi is convex, so {t : phi'(t) <= 0} = [0, t*] and the chosen t (<= t*) never increases the objective. Testing
@@ -106,8 +106,9 @@ def _line_search(lam: Array, direction: Array, x: Array, z: Array, xd: Array, p:
   float32 resolution (comparing values there stalls at a gradient of ~sqrt(eps * L)). A slope below `_SLOPE_ULPS`
   ulps of the summed magnitude of its terms is rounding and counts as 0, so t can exceed t* only where phi rises by
   less than that rounding (phi(t) <= phi(0) + t phi'(t) for convex phi). A size that decreases phi sufficiently
-  (phi(t) <= phi(0) + 1e-4 t phi'(0), Armijo) is accepted too, whatever its slope: the full Newton step near the
-  optimum, which overshoots the line's minimum by O(step^2) (rejecting it made convergence linear in float64).
+  (phi(t) <= phi(0) + 1e-4 t phi'(0), Armijo; `initial_slope` = phi'(0) = g . direction) is accepted too,
+  whatever its slope: the full Newton step near the optimum, which overshoots the line's minimum by O(step^2)
+  (rejecting it made convergence linear in float64). Only t = 1 is tested so.
 
   The step sizes are tried largest first and the search stops at the first acceptable one (a `while_loop`; under
   vmap it runs until every user has one): near the optimum the full step passes at once, so a step costs one slope
@@ -147,23 +148,27 @@ def _line_search(lam: Array, direction: Array, x: Array, z: Array, xd: Array, p:
     return (jnp.sum(m * (jax.nn.softplus(z + t * xd) - p * (t * xd))) +
             0.5 * l2 * jnp.sum(jnp.square(r + t * direction)))
 
-  base = objective(jnp.zeros((), lam.dtype))
-  initial_slope, _ = slope(jnp.zeros((), lam.dtype))
+  if sum_zero:  # g . d would carry the simplex multiplier times the rounding of sum(d): the centered form.
+    initial_slope = slope(jnp.zeros((), lam.dtype))[0]
 
-  def rejected(i):
+  def rejected(i, armijo=False):
     value, rounding = slope(steps[i])
-    # Sufficient decrease (Armijo) also accepts: near the optimum a full Newton step overshoots the line's minimum
-    # by O(step^2), its slope is then just above rounding, and rejecting it made the last steps linear (ratio
-    # 0.29, visible in float64); where values are below float32's resolution the slope test decides as before.
-    decrease = objective(steps[i]) <= base + _ARMIJO * steps[i] * initial_slope
-    return (i < last) & (value > rounding) & ~jnp.isnan(value) & ~decrease
+    verdict = (i < last) & (value > rounding) & ~jnp.isnan(value)
+    if armijo:
+      # Sufficient decrease (Armijo) also accepts the full step: near the optimum a full Newton step overshoots the
+      # line's minimum by O(step^2), its slope is then just above rounding, and rejecting it made the last steps
+      # linear (ratio 0.29, visible in float64); where values are below float32's resolution the slope test decides
+      # as before. Smaller sizes are left to the slope test (one objective evaluation per Newton step).
+      zero_t = jnp.zeros((), lam.dtype)
+      verdict &= ~(objective(steps[i]) <= objective(zero_t) + _ARMIJO * steps[i] * initial_slope)
+    return verdict
 
   def next_step(carry):
     i, _ = carry
     return i + 1, rejected(i + 1)
 
   zero = jnp.zeros((), jnp.int32)
-  best, _ = jax.lax.while_loop(lambda carry: carry[1], next_step, (zero, rejected(zero)))
+  best, _ = jax.lax.while_loop(lambda carry: carry[1], next_step, (zero, rejected(zero, armijo=True)))
   return lam + steps[best] * direction
 
 
@@ -288,7 +293,7 @@ def fit_core(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo
     else:
       direction = _constrained_direction(lam, g, h, lo, hi, constraint=constraint, num_inner_iters=num_inner_iters)
     xd = x @ direction
-    new = _line_search(lam, direction, x, z, xd, p, m, l2, mu, sum_zero=constraint == "simplex")
+    new = _line_search(lam, direction, x, z, xd, p, m, l2, mu, g @ direction, sum_zero=constraint == "simplex")
     # Converged when the full (projected) Newton step is tiny both in lam and in the logits it moves (the second
     # makes the test independent of the features' scale: with features ~1e6, lam ~1e-6 moves by less than tol
     # long before the fit is done); the error left is then ~ the step squared. NaN: never done.
