@@ -213,6 +213,8 @@ class Basis:
     from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
     tokenizer = self._need_tokenizer("generate")
     prompts = [prompts] if isinstance(prompts, str) else _texts("prompts", prompts)
+    if not isinstance(return_ended, (bool, np.bool_)):
+      raise ValueError(f"return_ended={return_ended!r}: expected True or False.")
     lam = _lam_rows(lam, self.num_bases, len(prompts), self.names)
     if len(prompts) == 1:
       prompts = prompts * lam.shape[0]
@@ -429,7 +431,7 @@ def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) 
   """lam [K] or [U, K] -> f32[U, K] for `num_prompts` prompts (1: shared by every user row)."""
   try:
     given = np.asarray(lam)
-    lam = np.asarray(lam, np.float32)
+    lam = np.asarray(lam, np.float64)  # Checked in float64 (1e39 is finite there), served in float32.
   except (TypeError, ValueError):
     raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {lam!r}.") from None
   if given.dtype.kind not in "iuf":  # Strings ("0.5") and bools would be converted silently.
@@ -449,4 +451,4 @@ def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) 
     raise ValueError(f"lam row {int(np.flatnonzero(~np.isfinite(lam).all(1))[0])} is not finite.")
   from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
   validation.check_weight_range(lam)
-  return np.ascontiguousarray(lam)
+  return np.ascontiguousarray(lam, dtype=np.float32)

@@ -165,6 +165,10 @@ def test_bad_inputs_name_what_was_expected(basis, tmp_path):
     basis.generate(b"hello", [0.0, 0.0, 0.0])  # Bytes are a sequence of ints: it said "prompts[0] is a int".
   with pytest.raises(ValueError, match=r"lam\[0, 1\] = 1000001.0: mixing weights must lie within \+-1e\+06"):
     basis.generate(PROMPTS, [0.5, 1e6 + 1, 0.0])  # It printed 1e+06 (%g), which looked within the bound.
+  with pytest.raises(ValueError, match=r"lam\[0, 0\] = 1e\+39: mixing weights must lie within \+-1e\+06"):
+    basis.generate(PROMPTS, np.array([1e39, 0.0, 0.0]))  # It said "lam row 0 is not finite" (cast to float32 first).
+  with pytest.raises(ValueError, match=r"return_ended='yes': expected True or False"):
+    basis.generate(PROMPTS, [0.0, 0.0, 0.0], return_ended="yes")
   with pytest.raises(
       ValueError, match=r"\+ the longest response \(301 tokens\) = .* positions exceed the model's "
       r"max_len=128; pass max_response_tokens= to cut the responses"):

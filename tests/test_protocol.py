@@ -362,3 +362,13 @@ def test_write_npz_atomic_round_trip(tmp_path):
   with np.load(path) as data:
     assert data["features"].shape == (2, 3, 4) and data["prefs"].shape == (2, 3)
   assert os.listdir(tmp_path) == ["comparisons.npz"]  # No temporary file left.
+
+
+def test_summaries_name_a_seed_or_a_table_they_cannot_use():
+  rewards = {"reference": np.zeros((2, 3)), "bespoke": np.ones((2, 3))}
+  kl = {"reference": np.zeros((2, 3)), "bespoke": np.ones((2, 3))}
+  for seed in (-1, 1.5):
+    with pytest.raises(ValueError, match=rf"seed={seed}: expected an integer in \[0, "):
+      metrics.summarize(rewards, kl, num_bootstrap=10, seed=seed)
+  with pytest.raises(ValueError, match=r"rewards must map each method's name to its f32\[U, E\] values, got list"):
+    metrics.summarize([rewards["bespoke"]], kl, num_bootstrap=10)

@@ -48,6 +48,7 @@ def _table(name: str, x, shape=None, rank: int = 2, what: str = "[U, E] (users x
 def _bootstrap(num_prompts: int, num_bootstrap: int, confidence: float, seed: int):
   """Resampled prompt indices int[num_bootstrap, E] and the two-sided interval's percentiles (lo, hi)."""
   check_int("num_bootstrap", num_bootstrap, 1)
+  check_int("seed", seed, 0, 2**63 - 1)  # numpy's SeedSequence takes non-negative integers.
   if isinstance(confidence, (bool, np.bool_)) or not isinstance(confidence,
                                                                 (int, float, np.number)) or not (0 < confidence < 1):
     raise ValueError(f"confidence={confidence!r}: expected a level in (0, 1), e.g. 0.9 for a 90% interval.")
@@ -71,6 +72,9 @@ def summarize(rewards: Mapping[str, np.ndarray], kl: Mapping[str, np.ndarray], *
     {"methods": {m: {"normalized_score", "normalized_score_ci", "mean_reward", "mean_reward_ci", "kl",
     "per_user_gain"}}, "bespoke_gain", "bespoke_gain_ci", "bespoke_gain_significant"}.
   """
+  for name, table in (("rewards", rewards), ("kl", kl)):
+    if not isinstance(table, Mapping):
+      raise ValueError(f"{name} must map each method's name to its f32[U, E] values, got {type(table).__name__}.")
   for role, method in (("reference", reference), ("bespoke", bespoke)):
     if method not in rewards:
       raise ValueError(f"rewards has no {role} method {method!r} (methods: {sorted(rewards)}).")

@@ -52,8 +52,10 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
   if features.ndim != 3 or prefs.shape != features.shape[:2]:
     raise ValueError(f"features must be [U, N, K] and prefs [U, N]; got {features.shape} and {prefs.shape}.")
   num_users, num, _ = features.shape
-  if not 2 <= folds <= num:
-    raise ValueError(f"folds={folds}: expected 2..{num} (the comparisons per user).")
+  if (isinstance(folds, (bool, np.bool_)) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= num):
+    raise ValueError(f"folds={folds!r}: expected an integer in 2..{num} (the comparisons per user).")
+  if np.ndim(l2s) != 1:
+    raise ValueError(f"l2s={l2s!r}: expected a list of penalties (one fit per value), e.g. [0.1, 1.0].")
   if not len(l2s) or min(l2s) <= 0:
     raise ValueError(f"l2s={list(l2s)}: expected one or more positive penalties.")
   kwargs = _fit_kwargs(constraint, prior_mean)

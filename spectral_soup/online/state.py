@@ -82,6 +82,13 @@ def init_user_state(num_users: int, num_features: int, buffer_size: int, *, l2: 
   """
   num_users, num_features = check_int("num_users", num_users, 1), check_int("num_features", num_features, 1)
   buffer_size = check_int("buffer_size", buffer_size, 1)
+  try:
+    jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype={dtype!r}: expected float32 or float64.") from None
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float64) and not jax.config.jax_enable_x64:
+    raise ValueError("dtype=float64 needs jax's 64-bit mode (jax.config.update('jax_enable_x64', True)); without it "
+                     "the state would silently be float32.")
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
     raise ValueError(f"dtype={jnp.dtype(dtype).name}: expected float32 or float64 (the fit's batched Cholesky "
                      "solves).")

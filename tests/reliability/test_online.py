@@ -12,6 +12,7 @@ import pytest
 
 from spectral_soup import online
 from spectral_soup.online import direction
+from spectral_soup.online import selection
 
 U, N, K = 8, 12, 4  # One shape for every batched call here (one compilation each).
 BAD = 3  # The user given NaN / Inf input.
@@ -602,6 +603,10 @@ def test_the_objective_still_takes_zero_l2_and_row_weights():
         (lambda: online.standardize_scores(_with(np.ones((5, 2)), (1, 0), np.inf)), r"scores\[1, 0\] is inf"),
         (lambda: online.standardize_scores(_with(np.ones(
             (2, 2)), (slice(None), 1), np.nan)), r"scores\[..., 1\] has no score \(every entry NaN\)"),
+        (lambda: online.init_user_state(U, K, N, dtype="bogus"), r"dtype='bogus': expected float32 or float64"),
+        (lambda: online.init_user_state(U, K, N, dtype=np.float64), r"dtype=float64 needs jax's 64-bit mode"),
+        (lambda: selection.cross_validate(_X, _P, [1.0], folds=2.5), r"folds=2.5: expected an integer in 2..12"),
+        (lambda: selection.cross_validate(_X, _P, 1.0), r"l2s=1.0: expected a list of penalties"),
     ],
     ids=[
         "direction_mask_minus_one", "direction_mask_nan", "direction_scale_inf", "direction_scale_1e39",
@@ -610,7 +615,8 @@ def test_the_objective_still_takes_zero_l2_and_row_weights():
         "batched_l2_strings", "posterior_l2_string", "box_strings", "unit_total_weight_strings", "fit_complex_jax",
         "posterior_no_feature", "sgd_lr_vector", "sgd_l2_vector", "thompson_cov_1e39", "thompson_two_keys",
         "choose_pair_batched_indefinite", "log_loss_nan_lam", "standardize_mean_shape", "standardize_mean_nan",
-        "standardize_inf_score", "standardize_all_nan_attribute"
+        "standardize_inf_score", "standardize_all_nan_attribute", "state_dtype_unknown", "state_float64_without_x64",
+        "cross_validate_folds", "cross_validate_scalar_l2s"
     ])
 def test_online_inputs_that_were_misread_or_failed_unclearly_are_named(call, message):
   with pytest.raises(ValueError, match=message):
