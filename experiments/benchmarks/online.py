@@ -11,7 +11,7 @@ for every user:
 * `ours/vmap(fit_lambda)`: `jax.jit(jax.vmap(partial(online.fit_lambda, l2=l2)))` on [U, N, K], the default call
   (damped Newton steps until the step is below fit_lambda's `tol`, 1e-5; under vmap the `while_loop` runs until
   the slowest user converges; all users in one compiled call; timed after the compile call);
-* `ours/vmap(fit_lambda, tol=0)`: the same with exactly 25 Newton steps (the reverse-differentiable form);
+* `ours/vmap(fit_lambda, tol=0)`: the same with exactly 25 Newton steps (differentiated through the steps);
 * `ours/fit_lambda_batched`: the public batched entry point (the same computation as the first row);
 * `ours/loop(fit_lambda)`: the jitted one-user fit called once per user from Python (what vmap saves);
 * `sklearn/<solver>`: a Python loop of `LogisticRegression(fit_intercept=False, C=1/l2, tol=...)` per user
@@ -45,8 +45,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--l2", type=float, default=1.0, help="L2 penalty strength (sklearn C = 1 / l2).")
   p.add_argument(
       "--tol", type=float, default=0.0,
-      help="fit_lambda's `tol` in the second ours row (0: a fixed 25 Newton steps, the reverse-differentiable "
-      "form; the default call stops early).")
+      help="fit_lambda's `tol` in the second ours row (0: a fixed 25 Newton steps, differentiated through the "
+      "steps; the default call stops early).")
   p.add_argument("--sklearn_tol", type=float, default=1e-8, help="scikit-learn's stopping tolerance.")
   p.add_argument("--solvers", default="liblinear,newton-cholesky",
                  help="scikit-learn solvers to time (lbfgs is ~20x slower than these at tol 1e-8).")

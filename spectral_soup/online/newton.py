@@ -12,7 +12,9 @@ and line-searches along the feasible segment, so its fixed points are exactly th
 the unconstrained fit's accuracy (tested with feature columns 1e4 apart in scale, cond(H) ~ 5e5).
 
 `fit_core` is one user's fit on materialized arrays; `fit_single` jits it and `fit_batched` vmaps it over users
-inside one jit. The Hessian, the SPD solve and the row masking also serve the Laplace posterior and the ratings fit.
+inside one jit. A converged fit (tol > 0) is differentiated by the implicit function theorem at the optimum
+(`optimality_residual`: one K x K solve per user), forward and reverse mode. The Hessian, the SPD solve and the
+row masking also serve the Laplace posterior and the ratings fit.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ DEFAULT_NUM_ITERS = 25
 DEFAULT_NUM_INNER_ITERS = 50
 # Stop once a full Newton step is below DEFAULT_TOL * max(1, |lam|_inf) and moves no logit by more than
 # DEFAULT_TOL * max(1, |z|_inf) (`fit_core`): the error left is ~ its square. `tol=0` runs exactly num_iters steps
-# instead (a fori_loop, reverse-differentiable).
+# instead (a fori_loop, differentiated through the steps; tol > 0 is differentiated implicitly at the optimum).
 DEFAULT_TOL = 1e-5
 # Line-search step sizes, largest first, ratio 1/sqrt(2), down to 2^-60; the final 0 keeps the current point. The
 # search stops at the first acceptable size, so the small ones cost nothing unless needed: from a start that saturates
@@ -276,7 +278,75 @@ def _face_minimizer(v: Array, lam: Array, g: Array, h: Array, lo: Array, hi: Arr
 
 def fit_core(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
              constraint: Optional[str], num_iters: int, num_inner_iters: int, tol: float) -> Array:
-  """Damped (projected) Newton for one user; all inputs materialized, see `fit.fit_lambda`."""
+  """Damped (projected) Newton for one user; all inputs materialized, see `fit.fit_lambda`.
+
+  `tol > 0`: Newton steps until converged (a `while_loop`), differentiated implicitly at the optimum (`_fit_converged`:
+  forward and reverse mode, the derivative of the exact optimum). `tol = 0`: exactly `num_iters` steps (a
+  `fori_loop`), differentiated through the steps.
+  """
+  if tol:
+    return _fit_converged(constraint, num_iters, num_inner_iters, tol, x, p, m, l2, mu, init, lo, hi)
+  return _newton(x, p, m, l2, mu, init, lo, hi, constraint=constraint, num_iters=num_iters,
+                 num_inner_iters=num_inner_iters, tol=tol)
+
+
+def optimality_residual(lam: Array, x: Array, p: Array, m: Array, l2: Array, mu: Array, lo: Array, hi: Array, *,
+                        constraint: Optional[str], step: Array) -> Array:
+  """A map F with F(lam) = 0 exactly at the fit's optimum: `[K]`.
+
+  Unconstrained: the objective's gradient, X^T (m (sigmoid(X lam) - p)) + l2 (lam - mu). Constrained: the projected
+  gradient step's displacement, lam - project(lam - step * gradient, constraint) (zero exactly at the constrained
+  optimum, for any step > 0).
+  """
+  x, p, m = sanitize(x, p, m)
+  grad = x.T @ (m * (jax.nn.sigmoid(x @ lam) - p)) + l2 * (lam - mu)
+  if constraint is None:
+    return grad
+  return lam - project(lam - step * grad, constraint, lo, hi)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _fit_converged(constraint, num_iters, num_inner_iters, tol, x, p, m, l2, mu, init, lo, hi):
+  """`_newton` until converged, with the implicit function theorem's derivative (`_fit_converged_jvp`)."""
+  return _newton(x, p, m, l2, mu, init, lo, hi, constraint=constraint, num_iters=num_iters,
+                 num_inner_iters=num_inner_iters, tol=tol)
+
+
+@_fit_converged.defjvp
+def _fit_converged_jvp(constraint, num_iters, num_inner_iters, tol, primals, tangents):
+  """The derivative of the optimum lam*(theta), theta = (x, p, m, l2, mu, lo, hi), by the implicit function theorem.
+
+  F(lam*(theta), theta) = 0 (`optimality_residual`), so J dlam = -dF/dtheta dtheta with J = dF/dlam at lam*: one
+  K x K solve per user instead of differentiating through the Newton steps (a `while_loop`, which reverse mode
+  cannot traverse). It is linear in the tangents, so reverse mode follows by transposition. Unconstrained, J is the
+  Hessian (SPD). Constrained, J = I - P (I - step H) with P the projection's Jacobian, invertible when the active
+  set is strictly complementary (every bound the optimum touches has a nonzero multiplier), the generic case;
+  there the derivative is the one of the optimum restricted to its face. The start `init` does not move the
+  optimum: its derivative is 0. The derivative assumes the fit converged (within `num_iters` steps).
+  """
+  x, p, m, l2, mu, init, lo, hi = primals
+  lam = _fit_converged(constraint, num_iters, num_inner_iters, tol, *primals)
+  theta, theta_dot = (x, p, m, l2, mu, lo, hi), tuple(t for i, t in enumerate(tangents) if i != 5)
+  if constraint is None:
+    step = jnp.ones((), lam.dtype)
+  else:  # Any step > 0 gives the same optimum; 1 / (a bound of H's largest eigenvalue) keeps J well scaled.
+    xs, _, ms = sanitize(x, p, m)
+    h = hessian(xs, jax.nn.sigmoid(xs @ lam), ms, l2)
+    step = jax.lax.stop_gradient(1.0 / _largest_eig_bound(h))
+  residual = lambda lam, *theta: optimality_residual(lam, *theta, constraint=constraint, step=step)
+  _, f_dot = jax.jvp(functools.partial(residual, lam), theta, theta_dot)
+  if constraint is None:
+    xs, _, ms = sanitize(x, p, m)
+    lam_dot = -spd_solve(hessian(xs, jax.nn.sigmoid(xs @ lam), ms, l2), f_dot)
+  else:
+    jac = jax.jacfwd(residual)(lam, *theta)
+    lam_dot = -jnp.linalg.solve(jac, f_dot)
+  return lam, lam_dot
+
+
+def _newton(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
+            constraint: Optional[str], num_iters: int, num_inner_iters: int, tol: float) -> Array:
+  """The Newton iterations of `fit_core`."""
   x, p, m = sanitize(x, p, m)
   x_t = x.T  # Materialized once, outside the loop (`hessian`).
   lam0 = project(init, constraint, lo, hi)
