@@ -104,6 +104,7 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
   from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.data.rewards import ATTRIBUTES  # pylint: disable=g-import-not-at-top
+  from spectral_soup.eval import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
 
   need = config_check.field_checker(config)
@@ -154,9 +155,10 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
       f"two distinct basis indices in [0, {config.basis.num_bases})")
   need(config.eval.pareto_points >= 2, "eval.pareto_points", ">= 2 (soups from one basis to the other)")
   need(
-      1 <= config.eval.num_bootstrap <= MAX_BOOTSTRAP, "eval.num_bootstrap",
-      f"an integer in [1, {MAX_BOOTSTRAP:,}] (each method's bootstrap holds num_bootstrap x users x eval prompts "
-      "float64 values, computed after the whole decode)")
+      metrics_lib.min_bootstrap() <= config.eval.num_bootstrap <= MAX_BOOTSTRAP, "eval.num_bootstrap",
+      f"an integer in [{metrics_lib.min_bootstrap()}, {MAX_BOOTSTRAP:,}] (at least 2 / (1 - 0.9) draws for the 90% "
+      "intervals; each method's bootstrap holds num_bootstrap x users x eval prompts float64 values, computed after "
+      "the whole decode)")
   config_checks.validate_config(config, num_devices=num_devices)
 
 
@@ -505,6 +507,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
   heads = jax.device_get(result.state["params"]["heads"])
   accuracy = np.asarray(result.eval_metrics.get("accuracy", np.full(num_bases + num_users, np.nan)))
   counts = np.asarray(result.eval_metrics.get("count", np.zeros(num_bases + num_users)))
+  accuracy = np.where(counts > 0, accuracy, np.nan)  # No held-out pair: no accuracy (null in results.json), not 0.
   cross = np.asarray(result.eval_metrics.get("cross_accuracy", np.full((num_bases + num_users,) * 2, np.nan)))
   print("held-out pair accuracy of each head's implicit reward on its own labels:")
   for h in range(num_bases + num_users):

@@ -33,6 +33,8 @@ from spectral_soup.utils import files
 
 REQUIRED_KEYS = ("methods", "bespoke_gain", "bespoke_gain_significant", "offline")
 SEED_FIELDS = ("seed", "users.seed")  # What the runs of a seed sweep differ in.
+# results.json keys that record how a run ran (wall times, decode speeds, the code's version), not what it found.
+_RUN_RECORD_KEYS = ("timing_s", "decoding", "code")
 # config.json field -> the results.json key the main job copies it to: a config.json that disagrees belongs to a
 # later run into the same workdir.
 _RESULTS_OF_CONFIG = (("data.attributes", "attributes"), ("users.num_users", "users"), ("users.kind", "user_kind"),
@@ -101,8 +103,9 @@ def _check_results(path: str, results: Any) -> None:
       isinstance(heads, list) and all(isinstance(h, str) for h in heads) and len(set(heads)) == len(heads),
       "offline.heads", heads, "an array of distinct head names")
   need(
-      isinstance(accuracy, list) and len(accuracy) == len(heads) and all(_is_number(a, finite=False) for a in accuracy),
-      "offline.heldout_accuracy", accuracy, f"an array of {len(heads)} numbers (one per head)")
+      isinstance(accuracy, list) and len(accuracy) == len(heads) and
+      all(a is None or _is_number(a, finite=False) for a in accuracy), "offline.heldout_accuracy", accuracy,
+      f"an array of {len(heads)} numbers (one per head; null for a head without held-out pairs)")
   attributes = results.get("attributes")
   if attributes is not None:
     need(
@@ -130,6 +133,8 @@ def _check_results(path: str, results: Any) -> None:
     need(
         isinstance(entry, dict) and _is_number(entry.get("gain")), f"at_bespoke_kl.{name}", entry,
         "an object with a finite gain")
+    need(isinstance(entry.get("covered", True), bool), f"at_bespoke_kl.{name}.covered", entry.get("covered"),
+         "true or false")
 
 
 def _workdir_config(workdir: str, results_path: str, results: dict) -> Optional[dict]:
@@ -180,6 +185,8 @@ def _check_comparable(runs: Sequence[dict]) -> List[str]:
   if not runs:
     raise ValueError("no runs to summarize.")
   own = lambda run: {k: v for k, v in run.items() if k != "workdir"}
+  # What differs between two runs of the same job and config: wall times and the code's record.
+  results_of = lambda run: {k: v for k, v in own(run).items() if k not in _RUN_RECORD_KEYS}
   for i, run in enumerate(runs):
     for j in range(i):
       where = (runs[j].get("workdir"), run.get("workdir"))
@@ -190,6 +197,10 @@ def _check_comparable(runs: Sequence[dict]) -> List[str]:
       if own(run) == own(runs[j]):
         raise ValueError(f"{_names(runs, [i])} holds the same results.json as {_names(runs, [j])}: the same run "
                          "given twice (a copy?); each run must be given once.")
+      if results_of(run) == results_of(runs[j]):
+        raise ValueError(f"{_names(runs, [i])} holds the same results as {_names(runs, [j])} apart from wall times "
+                         "and the code's record: the same run repeated; each run must be given once (it would count "
+                         "twice and shrink the spread).")
   splits = {}
   for i, run in enumerate(runs):
     if run.get("config") is not None:
@@ -207,6 +218,15 @@ def _check_comparable(runs: Sequence[dict]) -> List[str]:
                      "; ".join(f"{list(s)} ({_names(runs, idx)})" for s, idx in attribute_sets.items()) +
                      ": their bases and methods are not comparable; summarize each attribute set separately.")
   notes = []
+  seeds = {}
+  for i, run in enumerate(runs):
+    if run.get("config") is not None:
+      flat = resume.flatten(run["config"])
+      seeds.setdefault(tuple(flat.get(k) for k in SEED_FIELDS), []).append(i)
+  for seed, indices in seeds.items():
+    if len(indices) > 1:
+      notes.append(f"{_names(runs, indices)} share {', '.join(f'{k}={v!r}' for k, v in zip(SEED_FIELDS, seed))}: "
+                   "reruns of one seed, which weigh it more and shrink the spread (seed sweeps differ in these)")
   unknown = [i for i, run in enumerate(runs) if run.get("config") is None]
   if unknown:
     notes.append(f"no config recorded for {_names(runs, unknown)} (results.json has none and there is no "
@@ -223,10 +243,14 @@ def _check_comparable(runs: Sequence[dict]) -> List[str]:
   return notes
 
 
-def _stats(values: Sequence[float]) -> Dict[str, float]:
-  values = [float(v) for v in values]
+def _stats(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
+  """Mean, standard deviation (n - 1), min and max over the finite values (None or NaN: no value); None for what
+  they do not define (the spread of a single value, anything of none)."""
+  values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+  if not values:
+    return {"mean": None, "std": None, "min": None, "max": None}
   mean = sum(values) / len(values)
-  std = math.sqrt(sum((v - mean)**2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+  std = math.sqrt(sum((v - mean)**2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
   return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
@@ -290,6 +314,12 @@ def summarize(runs: Sequence[dict]) -> dict:
   why = f" (the runs have {', '.join(map(str, users))} users)" if len(users) > 1 else ""
   heads = _in_every_run(runs, lambda r: r["offline"]["heads"], "heads", notes, why)
   accuracy = {head: _stats([acc[head] for acc in accuracy_of]) for head in heads}
+  unmeasured = {head: sum(acc[head] is None or not math.isfinite(acc[head]) for acc in accuracy_of) for head in heads}
+  unmeasured = {head: n for head, n in unmeasured.items() if n}
+  if unmeasured:
+    notes.append("held-out accuracy without a value (a head without held-out pairs): " +
+                 ", ".join(f"{head} in {n} of {len(runs)} runs" for head, n in unmeasured.items()) +
+                 "; its statistics are over the runs that have one")
   return {
       "runs": len(runs),
       "methods": methods,
@@ -313,7 +343,9 @@ def format_summary(summary: dict) -> str:
       "", f"{'method':<24} {'mean true reward':>34} {'gain over the reference':>34} {'KL':>34}" +
       (f" {'normalized score':>24}" if summary["bespoke"]["all_significant"] else "")
   ]
-  fmt = lambda s: f"{s['mean']:+.3f} ({s['std']:.3f}) [{s['min']:+.3f}, {s['max']:+.3f}]"
+  num = lambda x, spec: "n/a" if x is None else format(x, spec)
+  fmt = lambda s: (f"{num(s['mean'], '+.3f')} ({num(s['std'], '.3f')}) "
+                   f"[{num(s['min'], '+.3f')}, {num(s['max'], '+.3f')}]")
   for name, entry in summary["methods"].items():
     gain = fmt(entry["gain"]) if "gain" in entry else "n/a"
     line = f"{name:<24} {fmt(entry['mean_reward']):>34} {gain:>34} {fmt(entry['kl']):>34}"
@@ -342,7 +374,7 @@ def format_summary(summary: dict) -> str:
   lines.append("")
   if summary["heldout_accuracy"]:
     lines.append("held-out pair accuracy per head: " + "; ".join(
-        f"{head} {s['mean']:.2f} ({s['std']:.2f})" for head, s in summary["heldout_accuracy"].items()))
+        f"{head} {num(s['mean'], '.2f')} ({num(s['std'], '.2f')})" for head, s in summary["heldout_accuracy"].items()))
   else:
     lines.append("held-out pair accuracy per head: no head is in every run (see the notes)")
   return "\n".join(lines)

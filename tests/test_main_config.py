@@ -38,6 +38,7 @@ def test_demo_config_validates():
         ("eval.pareto_bases", (1, 2, 3)),
         ("eval.pareto_points", 1),
         ("eval.num_bootstrap", 0),
+        ("eval.num_bootstrap", 19),  # Fewer draws than a 90% interval needs: its ends were min and max.
         ("eval.num_bootstrap", 10**9),  # It ran out of memory after the whole decode.
         ("online.l2", 1e39),  # Beyond float32: the fits returned NaN.
         ("data.top_p", 2.0),
@@ -106,7 +107,7 @@ def test_more_comparisons_per_round_than_training_prompts_are_refused_after_the_
   config = demo.get_config()
   config.online.prompts_per_round = 1000
   with pytest.raises(
-      ValueError, match=r"config\.online\.prompts_per_round=1000 is invalid: expected 1\.\.247 \(the "
+      ValueError, match=r"config\.online\.prompts_per_round=1000 is invalid: expected an integer in 1\.\.247 \(the "
       r"prompt pool\): the hash split of the 320 prompts holds out 73 and leaves 247"):
     main.check_prompt_pools(config, num_online=247, num_eval=73)
 

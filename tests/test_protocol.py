@@ -194,6 +194,52 @@ def test_statistics_name_inputs_they_cannot_summarize():
        r"\(8,\)"),
       (lambda: metrics.summarize(rewards, kl, confidence=90), r"confidence=90: expected a level in \(0, 1\)"),
       (lambda: metrics.summarize(rewards, kl, num_bootstrap=0), r"num_bootstrap=0: expected an integer >= 1"),
+      # One draw made a zero-width "interval" that could exclude its own estimate and decided significance.
+      (lambda: metrics.summarize(rewards, kl, num_bootstrap=1), r"num_bootstrap=1: expected >= 20 for a 90% "),
+      (lambda: metrics.summarize(rewards, kl, num_bootstrap=39, confidence=0.95), r"expected >= 40 for a 95% "),
+      # One prompt: every resample is the same, every interval zero wide, any gain "significant".
+      (lambda: metrics.summarize({
+          m: r[:, :1] for m, r in rewards.items()
+      }, {
+          m: k[:, :1] for m, k in kl.items()
+      }), r"rewards\['reference'\] has 1 evaluation prompt \(E = 1\)"),
+      (lambda: metrics.attribute_shift(np.ones((1, 1, 2)), np.zeros((1, 2))), r"basis_scores has 1 evaluation prompt"),
+      (lambda: metrics.frontiers({"soup": {
+          1.0: (ones[:, :1], ones[:, :1])
+      }}, ones[:, :1], (ones[:, :1], ones[:, :1])), r"reference has 1 evaluation prompt"),
+      # A KL below 0 (beyond rounding) is a wrong input, not a cheap policy.
+      (lambda: metrics.summarize(rewards, dict(kl, soup=-5 * ones)),
+       r"kl\['soup'\]\[0, 0\] is -5.0: a KL divergence is "
+       r">= 0 \(entries down to -0.001 count as rounding; 24 below"),
+      (lambda: metrics.frontiers({"soup": {
+          0.5: (ones, -ones)
+      }}, ones, (ones, ones)), r"sweeps\['soup'\]\[0.5\]\[1\]\[0, 0\] is -1.0: a KL divergence is >= 0"),
+      (lambda: metrics.frontiers({"soup": {
+          0.5: (ones, ones)
+      }}, ones, (ones, -2 * ones)), r"bespoke\[1\]\[0, 0\] is -2.0"),
+      # Not arrays of real numbers: named, not truncated or parsed.
+      (lambda: metrics.summarize(dict(rewards, soup=(0.5 + 9j) * ones), kl), r"rewards\['soup'\] must be an array of "
+       r"real numbers .* got dtype complex128"),
+      (lambda: metrics.summarize(dict(rewards, soup=np.full(
+          (3, 8), "0.5")), kl), r"rewards\['soup'\] .* got dtype <U3"),
+      (lambda: metrics.summarize(dict(rewards, soup=[[1.0, 2.0], [3.0]]), kl), r"rewards\['soup'\] must be an array "
+       r"of numbers .* \(rows of equal length\), got a ragged list"),
+      (lambda: metrics.frontiers([1], ones,
+                                 (ones, ones)), r"sweeps must map each method to \{scale: \(rewards, kl\)\}, "
+       r"got list"),
+      (lambda: metrics.frontiers({"soup": [(ones, ones)]}, ones, (ones, ones)), r"sweeps\['soup'\] must map each scale "
+       r"to \(rewards, kl\), got list"),
+      (lambda: metrics.frontiers({"soup": {
+          1.0: (ones, ones)
+      }}, ones, None), r"bespoke must be \(rewards, kl\), f32\[U, "
+       r"E\] each, got NoneType"),
+      (lambda: metrics.frontiers({"soup": {
+          "x": (ones, ones)
+      }}, ones, (ones, ones)), r"sweeps\['soup'\] has the scale "
+       r"'x': expected finite numbers"),
+      (lambda: metrics.frontiers({"soup": {
+          float("nan"): (ones, ones)
+      }}, ones, (ones, ones)), r"has the scale nan"),
       (lambda: metrics.frontiers({"soup": {
           1.0: (ones[:2], ones[:2])
       }}, ones, (ones, ones)), r"sweeps\['soup'\]\[1.0\]\[0\] has shape \(2, 8\): expected \(3, 8\)"),
@@ -205,7 +251,9 @@ def test_statistics_name_inputs_they_cannot_summarize():
     with pytest.raises(ValueError, match=message):
       call()
   # Lists are arrays too.
-  listed = metrics.summarize({m: r.tolist() for m, r in rewards.items()}, kl, num_bootstrap=10)
+  listed = metrics.summarize({m: r.tolist() for m, r in rewards.items()}, kl, num_bootstrap=20)
+  # A KL within rounding below 0 (float32 sums of per-token KLs) is taken as it is.
+  assert metrics.summarize(rewards, dict(kl, soup=-1e-4 * ones))["methods"]["soup"]["kl"] == pytest.approx(-1e-4)
   assert listed["methods"]["soup"]["normalized_score"] == pytest.approx(0.5)
 
 
@@ -240,6 +288,15 @@ def test_frontiers_compare_methods_at_the_bespoke_kl():
   # Below the sweep's first point the gain is interpolated from the reference (KL 0, gain 0).
   low = metrics.frontiers({"steep": sweeps["steep"]}, reference, (reference, kl_of(0.5)), num_bootstrap=50)
   assert low["at_bespoke_kl"]["steep"]["gain"] == pytest.approx(0.05, abs=0.01)
+  # Points of equal KL count once, at their mean gain: the reading is continuous and independent of their order.
+  zero, ones = np.zeros((2, 8)), np.ones((2, 8))
+  for gains in ((0.1, 0.3), (0.3, 0.1)):
+    tie = {"m": {0.5: (gains[0] * ones, 2 * ones), 1.0: (gains[1] * ones, 2 * ones)}}
+    read = [
+        metrics.frontiers(tie, zero, (ones, t * ones), num_bootstrap=20)["at_bespoke_kl"]["m"]["gain"]
+        for t in (1.999, 2.0)
+    ]
+    assert read == pytest.approx([0.19990, 0.2], abs=1e-6), gains
 
 
 def test_attribute_shift_is_paired_with_the_reference():
@@ -369,6 +426,59 @@ def test_summaries_name_a_seed_or_a_table_they_cannot_use():
   kl = {"reference": np.zeros((2, 3)), "bespoke": np.ones((2, 3))}
   for seed in (-1, 1.5):
     with pytest.raises(ValueError, match=rf"seed={seed}: expected an integer in \[0, "):
-      metrics.summarize(rewards, kl, num_bootstrap=10, seed=seed)
+      metrics.summarize(rewards, kl, num_bootstrap=20, seed=seed)
   with pytest.raises(ValueError, match=r"rewards must map each method's name to its f32\[U, E\] values, got list"):
-    metrics.summarize([rewards["bespoke"]], kl, num_bootstrap=10)
+    metrics.summarize([rewards["bespoke"]], kl, num_bootstrap=20)
+
+
+class _CountingHarness(LinearHarness):
+  """LinearHarness that counts its decodes (the expensive step the checks must precede)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.calls = 0
+
+  def decode(self, *args, **kwargs):
+    self.calls += 1
+    return super().decode(*args, **kwargs)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prior_mean=float("nan")), r"online.prior_mean=nan is invalid: expected a finite number in \[-1e\+06, "),
+    (dict(prior_mean=float("inf")), r"online.prior_mean=inf is invalid"),
+    (dict(explore_scale=float("inf")), r"online.explore_scale=inf is invalid: expected a number in \[0, 1e\+06\]"),
+    (dict(explore_scale="1"), r"online.explore_scale='1' is invalid"),
+    (dict(pad_weights_l2="2"), r"online.pad_weights_l2='2' is invalid"),
+    (dict(l2=True), r"online.l2=True is invalid"),
+    (dict(rounds=2.5), r"online.rounds=2.5 is invalid: expected an integer >= 1"),
+    (dict(rounds=True), r"online.rounds=True is invalid"),
+    (dict(prompts_per_round=4.0), r"online.prompts_per_round=4.0 is invalid: expected an integer in 1..50"),
+])
+def test_online_settings_are_checked_before_the_first_decode(change, message):
+  """NaN / inf priors and scales, parsed strings and fractional counts were decoded (or failed in the first
+  round, naming internal arguments) instead of being named up front."""
+  users = users_lib.make_users("dirichlet", 2, seed=0, split="eval", num_attributes=3, temperature=0.2)
+  harness = _CountingHarness(3, 3)
+  cfg = protocol.OnlineConfig(**{"rounds": 1, "prompts_per_round": 4, **change})
+  assert protocol.config_problems(cfg), "the main job's up-front check must name it too"
+  with pytest.raises(ValueError, match=message):
+    protocol.run_online(harness, users, pool_size=50, cfg=cfg, key=jax.random.key(0))
+  assert harness.calls == 0
+
+
+def test_run_online_names_mismatched_users_pools_and_keys_before_decoding():
+  users = users_lib.make_users("dirichlet", 2, seed=0, split="eval", num_attributes=4, temperature=0.2)
+  harness = _CountingHarness(3, 3)
+  cfg = protocol.OnlineConfig(rounds=1, prompts_per_round=4)
+  cases = [
+      (dict(users=users), r"the users weigh 4 attributes but the harness scores 3"),
+      (dict(pool_size=-3), r"pool_size=-3: expected an integer >= 1"),
+      (dict(pool_size=20.5), r"pool_size=20.5: expected an integer >= 1"),
+      (dict(key=0), r"key must be a PRNG key"),
+  ]
+  good = dict(users=users_lib.make_users("dirichlet", 2, seed=0, split="eval", num_attributes=3, temperature=0.2),
+              pool_size=50, key=jax.random.key(0))
+  for change, message in cases:
+    with pytest.raises(ValueError, match=message):
+      protocol.run_online(harness, cfg=cfg, **{**good, **change})
+  assert harness.calls == 0

@@ -52,7 +52,7 @@ def test_simplex_and_prior():
     "folds": 65
 }, "folds=65"), ({
     "l2s": [0.0]
-}, "positive"), ({
+}, r"l2s\[0\] is 0.0: expected a finite number > 0"), ({
     "constraint": "box"
 }, "constraint='box'")])
 def test_bad_arguments(kwargs, match):

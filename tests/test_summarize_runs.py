@@ -236,7 +236,9 @@ def test_a_config_json_of_a_later_run_is_refused(tmp_path):
     ("[1]", "results.json holds an array, not the main job's results.json"),
     ('{"methods": ', "results.json: not valid JSON"),
     ("kl", "results.json: methods.bespoke.kl is 'high': expected a finite number."),
-    ("heads", "results.json: offline.heldout_accuracy is an array: expected an array of 4 numbers (one per head)."),
+    ("heads",
+     "results.json: offline.heldout_accuracy is an array: expected an array of 4 numbers (one per head; null for a "
+     "head without held-out pairs)."),
 ])
 def test_input_errors_are_one_line_naming_the_file(tmp_path, capsys, content, message):
   workdir = tmp_path / "run"
@@ -273,5 +275,40 @@ def test_the_json_path_is_checked_first_and_written_atomically(tmp_path, capsys)
   out = tmp_path / "summary.json"
   assert summarize_runs.main(runs + [f"--json={out}"]) == 0
   summary = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
-  assert summary["heldout_accuracy"]["bespoke:0"]["mean"] is None  # A head without pairs: null, not NaN.
+  # A head without pairs in one run: the other run's value, no spread (null, not NaN).
+  assert summary["heldout_accuracy"]["bespoke:0"] == {"mean": 0.6, "std": None, "min": 0.6, "max": 0.6}
   assert summary["workdirs"] == runs and sorted(os.listdir(tmp_path)) == ["s0", "s1", "summary.json"]
+
+
+def test_reruns_of_one_seed_missing_accuracies_and_single_runs_are_said(tmp_path):
+  """A rerun of a seed differs from the first in its wall times only: refused as the same run; a seed given twice
+  with other results is named (it weighs that seed twice); a head without held-out pairs (null accuracy) counts
+  only where measured; a single run has no spread (n/a, not 0)."""
+  first = _main_run(tmp_path / "s0", accuracy=[0.6, 0.7, None, 0.9])
+  rerun = _main_run(tmp_path / "s0_again", accuracy=[0.6, 0.7, None, 0.9])
+  for directory, seconds in ((first, 10.0), (rerun, 11.5)):
+    path = os.path.join(directory, "results.json")
+    results = json.loads(open(path).read())
+    results.update(timing_s={"total_s": seconds}, code={"commit": "abc"})
+    open(path, "w").write(json.dumps(results))
+  with pytest.raises(ValueError, match="holds the same results as .* apart from wall times"):
+    summarize_runs.summarize(summarize_runs.load_runs([first, rerun]))
+  other = _main_run(tmp_path / "s1", accuracy=[0.8, 0.7, 0.5, 0.9])
+  summary = summarize_runs.summarize(summarize_runs.load_runs([first, other]))
+  assert any("share seed=0, users.seed=0: reruns of one seed" in note for note in summary["notes"]), summary["notes"]
+  assert any("bespoke:0 in 1 of 2 runs" in note for note in summary["notes"]), summary["notes"]
+  accuracy = summary["heldout_accuracy"]
+  assert accuracy["bespoke:0"] == {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5}
+  assert accuracy["basis:a"]["mean"] == pytest.approx(0.7) and accuracy["basis:a"]["std"] == pytest.approx(0.1414, 1e-3)
+  single = summarize_runs.format_summary(summarize_runs.summarize(summarize_runs.load_runs([first])))
+  assert "+0.400 (n/a) [+0.400, +0.400]" in single and "bespoke:0 n/a (n/a)" in single, single
+
+
+def test_a_covered_flag_that_is_not_a_boolean_is_refused(tmp_path):
+  run = _main_run(tmp_path / "s0")
+  path = os.path.join(run, "results.json")
+  results = json.loads(open(path).read())
+  results["at_bespoke_kl"] = {"soup": {"gain": 0.3, "gain_ci": [0.2, 0.4], "covered": "false"}}
+  open(path, "w").write(json.dumps(results))
+  with pytest.raises(ValueError, match=r"at_bespoke_kl.soup.covered is 'false': expected true or false"):
+    summarize_runs.load_runs([run])

@@ -12,6 +12,8 @@ When the bespoke gain's interval contains zero the ratio is meaningless, and `su
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, Mapping
 
 import numpy as np
@@ -24,15 +26,32 @@ def _ratio(rewards: Mapping[str, np.ndarray], method: str, reference: str, bespo
   return float(np.mean(rewards[method] - rewards[reference]) / gain) if gain != 0 else float("nan")
 
 
-def _table(name: str, x, shape=None, rank: int = 2, what: str = "[U, E] (users x evaluation prompts)") -> np.ndarray:
-  """`x` as a finite float64 array of `rank` axes (described by `what`; every axis >= 1; `shape` when given);
-  ValueError naming `name` and the first bad entry otherwise. A NaN reward would otherwise drop the bootstrap draws
-  that hold it (an interval over a subsample beside a NaN score) or make the bespoke gain read as "not
-  significant"."""
+# A KL below this (nats per response) is not float rounding of a KL >= 0 but a wrong input (e.g. a log-ratio with
+# its sign flipped, or rewards passed as KLs).
+KL_ROUNDING = 1e-3
+
+
+def min_bootstrap(confidence: float = 0.9) -> int:
+  """The fewest bootstrap draws for a two-sided `confidence` percentile interval: 2 / (1 - confidence) (20 for 90%),
+  so that each tail beyond the interval holds at least one draw (with fewer, the interval is the draws' min and max,
+  or a single draw that need not contain the estimate)."""
+  return math.ceil(2.0 / (1.0 - confidence) - 1e-9)
+
+
+def _table(name: str, x, shape=None, rank: int = 2, what: str = "[U, E] (users x evaluation prompts)", *,
+           kl: bool = False) -> np.ndarray:
+  """`x` as a finite float64 array of `rank` axes (described by `what`; every axis >= 1; `shape` when given; `kl`:
+  no entry below -KL_ROUNDING); ValueError naming `name` and the first bad entry otherwise. A NaN reward would
+  otherwise drop the bootstrap draws that hold it (an interval over a subsample beside a NaN score) or make the
+  bespoke gain read as "not significant"."""
   try:
-    a = np.asarray(x, np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be an array of numbers {what}, got {type(x).__name__}.") from None
+    raw = np.asarray(x)
+  except (TypeError, ValueError):  # Ragged nested lists.
+    raise ValueError(f"{name} must be an array of numbers {what} (rows of equal length), got a ragged "
+                     f"{type(x).__name__}.") from None
+  if raw.dtype.kind not in "biuf":  # Strings are not parsed, complex numbers not truncated, objects not guessed.
+    raise ValueError(f"{name} must be an array of real numbers {what}, got dtype {raw.dtype}.")
+  a = raw.astype(np.float64)
   if a.ndim != rank or 0 in a.shape:
     raise ValueError(f"{name} must have shape {what} with every axis >= 1, got {a.shape}.")
   if shape is not None and a.shape != tuple(shape):
@@ -42,16 +61,29 @@ def _table(name: str, x, shape=None, rank: int = 2, what: str = "[U, E] (users x
   if bad.size:
     index = tuple(int(i) for i in bad[0])
     raise ValueError(f"{name}{list(index)} is {a[index]}: expected finite numbers ({len(bad)} non-finite in all).")
+  if kl:
+    bad = np.argwhere(a < -KL_ROUNDING)
+    if bad.size:
+      index = tuple(int(i) for i in bad[0])
+      raise ValueError(f"{name}{list(index)} is {a[index]}: a KL divergence is >= 0 (entries down to "
+                       f"-{KL_ROUNDING:g} count as rounding; {len(bad)} below in all).")
   return a
 
 
-def _bootstrap(num_prompts: int, num_bootstrap: int, confidence: float, seed: int):
+def _bootstrap(num_prompts: int, num_bootstrap: int, confidence: float, seed: int, name: str = "rewards"):
   """Resampled prompt indices int[num_bootstrap, E] and the two-sided interval's percentiles (lo, hi)."""
-  check_int("num_bootstrap", num_bootstrap, 1)
   check_int("seed", seed, 0, 2**63 - 1)  # numpy's SeedSequence takes non-negative integers.
   if isinstance(confidence, (bool, np.bool_)) or not isinstance(confidence,
                                                                 (int, float, np.number)) or not (0 < confidence < 1):
     raise ValueError(f"confidence={confidence!r}: expected a level in (0, 1), e.g. 0.9 for a 90% interval.")
+  check_int("num_bootstrap", num_bootstrap, 1)
+  if num_bootstrap < min_bootstrap(confidence):
+    raise ValueError(f"num_bootstrap={num_bootstrap}: expected >= {min_bootstrap(confidence)} for a "
+                     f"{100 * confidence:g}% interval (2 / (1 - confidence) draws, so that each tail holds one; "
+                     "the default 2,000 gives percentiles to about 1%).")
+  if num_prompts < 2:
+    raise ValueError(f"{name} has {num_prompts} evaluation prompt (E = 1): the intervals resample the prompts and "
+                     "need at least 2 (with one, every resample is the same and every interval has zero width).")
   draws = np.random.default_rng(seed).integers(0, num_prompts, size=(num_bootstrap, num_prompts))
   return draws, (100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2)
 
@@ -78,17 +110,17 @@ def summarize(rewards: Mapping[str, np.ndarray], kl: Mapping[str, np.ndarray], *
   for role, method in (("reference", reference), ("bespoke", bespoke)):
     if method not in rewards:
       raise ValueError(f"rewards has no {role} method {method!r} (methods: {sorted(rewards)}).")
-  shapes = {m: np.shape(r) for m, r in rewards.items()}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f"every method needs rewards of the same [U, E] shape, got {shapes}.")
   missing = [m for m in rewards if m not in kl]
   if missing:
     raise ValueError(f"kl has no entry for methods {missing} (every method of rewards needs its [U, E] KLs).")
   rewards = {m: _table(f"rewards[{m!r}]", r) for m, r in rewards.items()}
+  shapes = {m: r.shape for m, r in rewards.items()}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"every method needs rewards of the same [U, E] shape, got {shapes}.")
   shape = shapes[reference]
-  kl = {m: _table(f"kl[{m!r}]", kl[m], shape) for m in rewards}
+  kl = {m: _table(f"kl[{m!r}]", kl[m], shape, kl=True) for m in rewards}
   num_prompts = shape[1]
-  draws, (lo_q, hi_q) = _bootstrap(num_prompts, num_bootstrap, confidence, seed)
+  draws, (lo_q, hi_q) = _bootstrap(num_prompts, num_bootstrap, confidence, seed, f"rewards[{reference!r}]")
   user_means = {m: r.mean(axis=1) for m, r in rewards.items()}
   boot = {m: r[:, draws].mean(axis=2) for m, r in rewards.items()}  # [U, num_bootstrap]
   gain = user_means[bespoke] - user_means[reference]
@@ -156,7 +188,7 @@ def attribute_shift(basis_scores: np.ndarray, reference_scores: np.ndarray, *, n
     raise ValueError(f"basis_scores {basis_scores.shape} does not match reference_scores {reference_scores.shape} "
                      "([K, E, A] and [E, A]).")
   diff = basis_scores - reference_scores[None]  # [K, E, A]
-  draws, (lo_q, hi_q) = _bootstrap(diff.shape[1], num_bootstrap, confidence, seed)
+  draws, (lo_q, hi_q) = _bootstrap(diff.shape[1], num_bootstrap, confidence, seed, "basis_scores")
   boot = diff[:, draws].mean(axis=2)  # [K, num_bootstrap, A]
   ci = np.moveaxis(np.percentile(boot, [lo_q, hi_q], axis=1), 0, -1)  # [K, A, 2]
   return {"shift": diff.mean(axis=1), "ci": ci}
@@ -166,7 +198,9 @@ def _gain_at_kl(kls: np.ndarray, gains: np.ndarray, target) -> np.ndarray:
   """Gain interpolated along a sweep at KL `target`; every sweep starts at the reference (KL 0, gain 0).
 
   kls, gains: [P] or [P, N] (N sweeps, e.g. bootstrap draws); target: scalar or [N]. Beyond the sweep's largest
-  KL the gain stays at that point's (no extrapolation). Returns f64[N] (N = 1 for a single sweep).
+  KL the gain stays at that point's (no extrapolation). Points of equal KL (the anchor included) count as one, at
+  their mean gain, so the reading is continuous in the target and does not depend on the points' order. Returns
+  f64[N] (N = 1 for a single sweep).
   """
   kls = np.asarray(kls, np.float64).reshape(len(kls), -1)
   gains = np.asarray(gains, np.float64).reshape(len(gains), -1)
@@ -174,8 +208,9 @@ def _gain_at_kl(kls: np.ndarray, gains: np.ndarray, target) -> np.ndarray:
   out = np.empty(kls.shape[1])
   for j in range(kls.shape[1]):
     k, g = np.concatenate([[0.0], kls[:, j]]), np.concatenate([[0.0], gains[:, j]])
-    order = np.argsort(k, kind="stable")
-    out[j] = np.interp(target[j], k[order], g[order])
+    unique, which = np.unique(k, return_inverse=True)  # Sorted.
+    mean = np.bincount(which, weights=g) / np.bincount(which)
+    out[j] = np.interp(target[j], unique, mean)
   return out
 
 
@@ -197,21 +232,33 @@ def frontiers(sweeps: Mapping[str, Mapping[float, tuple]], reference: np.ndarray
     (the gain is then the largest-KL point's).
   """
   reference = _table("reference", reference)
-  if len(bespoke) != 2:
-    raise ValueError(f"bespoke must be (rewards, kl), f32[U, E] each, got {len(bespoke)} items.")
-  bespoke = tuple(_table(f"bespoke[{i}]", x, reference.shape) for i, x in enumerate(bespoke))
+  pair = lambda x: isinstance(x, (tuple, list)) and len(x) == 2
+  if not pair(bespoke):
+    raise ValueError(f"bespoke must be (rewards, kl), f32[U, E] each, got {type(bespoke).__name__}"
+                     f"{f' of {len(bespoke)} items' if isinstance(bespoke, (tuple, list)) else ''}.")
+  bespoke = tuple(_table(f"bespoke[{i}]", x, reference.shape, kl=i == 1) for i, x in enumerate(bespoke))
+  if not isinstance(sweeps, Mapping):
+    raise ValueError(f"sweeps must map each method to {{scale: (rewards, kl)}}, got {type(sweeps).__name__}.")
   checked = {}
   for method, sweep in sweeps.items():
+    if not isinstance(sweep, Mapping):
+      raise ValueError(f"sweeps[{method!r}] must map each scale to (rewards, kl), got {type(sweep).__name__}.")
     if not sweep:
       raise ValueError(f"sweeps[{method!r}] has no point: expected {{scale: (rewards, kl)}} with at least one.")
     checked[method] = {}
     for scale, point in sweep.items():
-      if len(point) != 2:
-        raise ValueError(f"sweeps[{method!r}][{scale!r}] must be (rewards, kl), got {len(point)} items.")
+      if (not isinstance(scale, numbers.Real) or isinstance(scale, (bool, np.bool_)) or
+          not math.isfinite(float(scale))):
+        raise ValueError(f"sweeps[{method!r}] has the scale {scale!r}: expected finite numbers (the sweep's "
+                         "strengths, which order its frontier).")
+      if not pair(point):
+        raise ValueError(
+            f"sweeps[{method!r}][{scale!r}] must be (rewards, kl), f32[U, E] each, got "
+            f"{type(point).__name__}{f' of {len(point)} items' if isinstance(point, (tuple, list)) else ''}.")
       checked[method][scale] = tuple(
-          _table(f"sweeps[{method!r}][{scale!r}][{i}]", x, reference.shape) for i, x in enumerate(point))
+          _table(f"sweeps[{method!r}][{scale!r}][{i}]", x, reference.shape, kl=i == 1) for i, x in enumerate(point))
   sweeps = checked
-  draws, (lo_q, hi_q) = _bootstrap(reference.shape[1], num_bootstrap, confidence, seed)
+  draws, (lo_q, hi_q) = _bootstrap(reference.shape[1], num_bootstrap, confidence, seed, "reference")
   boot_mean = lambda x: np.asarray(x)[:, draws].mean(axis=(0, 2))  # [U, E] -> [num_bootstrap]
   target, boot_target = float(np.mean(bespoke[1])), boot_mean(bespoke[1])
   ref_mean, boot_ref = float(np.mean(reference)), boot_mean(reference)

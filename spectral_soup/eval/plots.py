@@ -62,8 +62,10 @@ def write_all(results: Mapping, workdir: str) -> list:
   fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
   score = [results["methods"][m]["normalized_score"] for m in methods]
   ci = np.asarray([results["methods"][m]["normalized_score_ci"] for m in methods])
-  err = np.abs(np.stack([np.asarray(score) - ci[:, 0], ci[:, 1] - np.asarray(score)]))
-  axes[0].bar(methods, score, yerr=err, capsize=3, color="tab:blue")
+  axes[0].bar(methods, score, color="tab:blue")
+  # The interval drawn from its ends (a percentile interval need not contain the estimate: not as lengths about it).
+  axes[0].errorbar(np.arange(len(methods)), ci.mean(axis=1), yerr=(ci[:, 1] - ci[:, 0]) / 2, fmt="none", ecolor="k",
+                   capsize=3)
   axes[0].axhline(1.0, color="g", ls="--")
   axes[0].axhline(0.0, color="k", lw=0.8)
   title = "normalized score (1 = bespoke)"

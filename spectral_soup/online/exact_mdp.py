@@ -59,12 +59,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_soup.online import checks
 from spectral_soup.online import laplace
 from spectral_soup.online import state as state_lib
 from spectral_soup.online import users as users_lib
+from spectral_soup.soup.validation import check_int
 
 Policy = Tuple[np.ndarray, ...]
 Reward = Union[Tuple[np.ndarray, ...], np.ndarray, Callable[[np.ndarray], np.ndarray]]
+
+
+def _check_beta(beta: Any) -> float:
+  """beta as a float; ValueError unless it is a finite real number > 0 (NaN or inf made every policy NaN)."""
+  if (isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (int, float, np.integer, np.floating)) or
+      not np.isfinite(beta) or beta <= 0):
+    raise ValueError(f"beta must be a finite number > 0 (the KL coefficient), got {beta!r}.")
+  return float(beta)
+
+
+def _finite(name: str, x: Any) -> np.ndarray:
+  """`x` as float64; ValueError naming `name` and the first entry that is not a finite real number."""
+  checks.check_numeric(name, x)
+  a = np.asarray(x, np.float64)
+  bad = np.argwhere(~np.isfinite(a))
+  if bad.size:
+    index = [int(i) for i in bad[0]] if a.ndim else []
+    raise ValueError(f"{name}{index if index else ''} is {a[tuple(index)]}: expected finite numbers.")
+  return a
+
+
+def _check_lam(lam: Any, num_bases: int) -> np.ndarray:
+  """lam `[..., K]` as float64, finite, with K = num_bases."""
+  lam = _finite("lam", lam)
+  if lam.ndim < 1 or lam.shape[-1] != num_bases:
+    raise ValueError(f"lam has shape {lam.shape}: expected [K] or [..., K] with K = {num_bases} (one weight per "
+                     "basis).")
+  return lam
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -153,9 +183,17 @@ def token_rewards(reward: Reward, mdp: TokenMDP) -> Tuple[np.ndarray, ...]:
   if isinstance(reward, (tuple, list)):
     if len(reward) != mdp.horizon:
       raise ValueError(f"a per-token reward needs {mdp.horizon} arrays (one per depth), got {len(reward)}.")
-    return tuple(np.asarray(r, np.float64) for r in reward)
-  reward = np.asarray(reward, np.float64)
-  if reward.shape[-1] != mdp.num_sequences:
+    out = tuple(_finite(f"reward[{t}]", r) for t, r in enumerate(reward))
+    batch = out[0].shape[:-2]
+    for t, r in enumerate(out):
+      expected = batch + (mdp.vocab_size**t, mdp.vocab_size)
+      if r.shape != expected:
+        raise ValueError(f"reward[{t}] has shape {r.shape}: expected [..., V^t, V] = {list(expected)} (depth {t}: "
+                         f"one row per prefix of length {t}, one column per token; the same leading axes at every "
+                         "depth).")
+    return out
+  reward = _finite("reward", reward)
+  if reward.ndim < 1 or reward.shape[-1] != mdp.num_sequences:
     raise ValueError(f"a sequence reward needs a last axis of V^H={mdp.num_sequences}, got {reward.shape}.")
   batch = reward.shape[:-1]
   out = [np.zeros(batch + (mdp.vocab_size**t, mdp.vocab_size)) for t in range(mdp.horizon - 1)]
@@ -183,8 +221,7 @@ def soft_value_iteration(reward: Reward, mdp: TokenMDP, beta: float) -> Tuple[Po
   Returns:
     (policy: tuple of H `[..., V^t, V]` log-probs, values: tuple of H + 1 `[..., V^t]` soft values, values[H] = 0).
   """
-  if beta <= 0:
-    raise ValueError(f"beta must be > 0, got {beta}.")
+  beta = _check_beta(beta)
   per_token = token_rewards(reward, mdp)
   batch = per_token[0].shape[:-2]
   values = [None] * (mdp.horizon + 1)
@@ -227,7 +264,9 @@ def explicit_soup_policy(basis_policies: Policy, ref: Policy, lam: Any) -> Polic
   Returns:
     tuple of H `[V^t, V]` log-probs (float64; `spectral_soup.soup.soup_logits` computes the same in float32).
   """
-  lam = np.asarray(lam, np.float64)
+  lam = _check_lam(lam, np.shape(basis_policies[0])[0])
+  if lam.ndim != 1:
+    raise ValueError(f"lam has shape {lam.shape}: expected [K] (one soup).")
   return tuple(_log_softmax((1.0 - lam.sum()) * r + np.tensordot(lam, b, axes=1)) for b, r in zip(basis_policies, ref))
 
 
@@ -242,7 +281,7 @@ def sequence_soup(basis_seq_logp: np.ndarray, ref_seq_logp: np.ndarray, lam: Any
   Returns:
     `[V^H]` or `[U, V^H]` normalized log-probs.
   """
-  lam = np.asarray(lam, np.float64)
+  lam = _check_lam(lam, np.shape(basis_seq_logp)[0])
   scores = (1.0 - lam.sum(-1, keepdims=True)) * ref_seq_logp + lam @ basis_seq_logp
   return _log_softmax(scores)
 
@@ -281,8 +320,13 @@ def token_soup_kl_bound(basis_seq_rewards: np.ndarray, lam: Any, beta: float, ho
     (H - 1) * B^2 / (8 beta^2) with B = min(sum_k lam_k Delta_k, sum_k lam_k Delta_k^2 / (8 beta)) for lam in
     the simplex (within 1e-9), else B = Delta(R_lam) + sum_k |lam_k| Delta_k; Delta = max - min over sequences.
   """
-  lam = np.asarray(lam, np.float64)
-  r = np.asarray(basis_seq_rewards, np.float64)
+  beta = _check_beta(beta)
+  r = _finite("basis_seq_rewards", basis_seq_rewards)
+  if r.ndim != 2:
+    raise ValueError(f"basis_seq_rewards has shape {r.shape}: expected [K, V^H].")
+  lam = _check_lam(lam, r.shape[0])
+  if lam.ndim != 1:
+    raise ValueError(f"lam has shape {lam.shape}: expected [K] (one soup).")
   spread = r.max(axis=-1) - r.min(axis=-1)
   if np.all(lam >= -1e-9) and abs(lam.sum() - 1.0) <= 1e-9:
     bound = float(min(lam @ spread, lam @ spread**2 / (8.0 * beta)))
@@ -329,6 +373,14 @@ def run_online(mdp: TokenMDP, basis_rewards: Reward, beta: float, users: Union[u
   """
   if pair_source not in ("soup", "ref", "active"):
     raise ValueError(f"pair_source must be 'soup', 'ref' or 'active', got {pair_source!r}.")
+  beta = _check_beta(beta)
+  check_int("num_rounds", num_rounds, 1)
+  check_int("num_candidates", num_candidates, 2)
+  checks.check_l2(l2)
+  if (isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating)) or
+      not np.isfinite(temperature) or temperature <= 0):
+    raise ValueError(f"temperature must be a finite number > 0 (the users' Bradley-Terry temperature), got "
+                     f"{temperature!r}.")
   if soup not in ("sequence", "token"):
     raise ValueError(f"soup must be 'sequence' or 'token', got {soup!r}.")
   basis_policy = optimal_policy(basis_rewards, mdp, beta)
@@ -343,13 +395,14 @@ def run_online(mdp: TokenMDP, basis_rewards: Reward, beta: float, users: Union[u
     user_r = np.asarray(users_lib.true_reward(users, scores), np.float64)  # [S, V^H]
     temps = np.asarray(users.temperature, np.float64)
   else:
-    w = np.asarray(users, np.float64)
+    w = _finite("users", users)
     if w.ndim != 2 or w.shape[1] != num_bases:
       raise ValueError(f"true weights must have shape [S, K={num_bases}], got {w.shape}.")
     user_r = w @ basis_r
     temps = np.full((w.shape[0],), temperature, np.float64)
-  if np.any(temps <= 0):
-    raise ValueError("run_online needs Bradley-Terry temperatures > 0 (the utility r / T is the user's reward).")
+  if not np.all(np.isfinite(temps) & (temps > 0)):
+    raise ValueError("run_online needs finite Bradley-Terry temperatures > 0 (the utility r / T is the user's "
+                     f"reward), got {temps[~(np.isfinite(temps) & (temps > 0))][:3].tolist()}.")
   # The user's reward is its Bradley-Terry utility r / T: what a reward model (or bespoke RLHF) fitted to the
   # user's choices learns, and the scale lam learns too (the temperature is not identifiable apart from it).
   user_r = user_r / temps[:, None]

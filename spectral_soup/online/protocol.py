@@ -33,6 +33,8 @@ from spectral_soup.online import checks
 from spectral_soup.online import fit
 from spectral_soup.online import laplace
 from spectral_soup.online import users as users_lib
+from spectral_soup.soup.validation import check_int
+from spectral_soup.soup.validation import check_key
 from spectral_soup.utils import progress
 
 LEARNERS = ("spectral", "p_soups", "pad")
@@ -76,6 +78,10 @@ class OnlineConfig:
   features: str = "implicit_reward"
 
 
+# Beyond these a soup's logits are lambda-scaled implicit rewards far outside float32's useful range (the fits' and
+# the decoder's), whatever the data: refused up front rather than decoded as NaN.
+MAX_PRIOR_MEAN = 1e6
+MAX_EXPLORE_SCALE = 1e6
 L2_EXPECTED = f"a number in [{checks.L2_RANGE[0]:.3g}, {checks.L2_RANGE[1]:.3g}] (> 0, and float32's range)"
 
 
@@ -86,15 +92,22 @@ def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[
   anything loads.
   """
   most = pool_size if pool_size is not None else math.inf
-  l2_ok = checks.l2_in_range
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+  # Real numbers only: a string would be parsed (or compared with an int: a bare TypeError), True taken as 1.
+  is_real = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+  l2_ok = lambda v: is_real(v) and checks.l2_in_range(v)
   problems = (
-      (cfg.rounds >= 1, "rounds", ">= 1"),
-      (1 <= cfg.prompts_per_round <= most, "prompts_per_round",
-       ">= 1" if pool_size is None else f"1..{pool_size} (the prompt pool)"),
+      (is_int(cfg.rounds) and cfg.rounds >= 1, "rounds", "an integer >= 1"),
+      (is_int(cfg.prompts_per_round) and 1 <= cfg.prompts_per_round <= most, "prompts_per_round",
+       "an integer >= 1" if pool_size is None else f"an integer in 1..{pool_size} (the prompt pool)"),
       (l2_ok(cfg.l2), "l2", L2_EXPECTED),
       (cfg.pad_weights_l2 is None or
        l2_ok(cfg.pad_weights_l2), "pad_weights_l2", L2_EXPECTED + " (or None: online.l2)"),
-      (cfg.explore_scale >= 0, "explore_scale", ">= 0"),
+      # lambda starts at prior_mean * 1: a NaN / inf prior decoded NaN soups after the offline phase.
+      (is_real(cfg.prior_mean) and abs(float(cfg.prior_mean)) <= MAX_PRIOR_MEAN, "prior_mean",
+       f"a finite number in [-{MAX_PRIOR_MEAN:g}, {MAX_PRIOR_MEAN:g}]"),
+      (is_real(cfg.explore_scale) and 0 <= cfg.explore_scale <= MAX_EXPLORE_SCALE, "explore_scale",
+       f"a number in [0, {MAX_EXPLORE_SCALE:g}] (Thompson samples' spread; 1: the posterior's own)"),
       (cfg.mode in MODES, "mode", " or ".join(map(repr, MODES))),
       (cfg.constraint in CONSTRAINTS, "constraint", f"one of {CONSTRAINTS}"),
       (cfg.features in FEATURES, "features", f"one of {FEATURES}"),
@@ -114,9 +127,15 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
      [U, T * M, K] (the bases' implicit rewards, whatever `cfg.features`), "comparison_pad_features": [U, T * M, A]
      and "comparison_prefs": [U, T * M], every comparison}.
   """
+  check_int("pool_size", pool_size, 1)
+  check_key(key, "key")
   for field, expected in config_problems(cfg, pool_size)[:1]:
     raise ValueError(f"online.{field}={getattr(cfg, field)!r} is invalid: expected {expected}.")
   num_users, num_bases, num_attr = users.num_users, harness.num_bases, harness.num_attributes
+  check_int("harness.num_bases", num_bases, 1)
+  if users.num_attributes != num_attr:  # Else the first decode's scores failed to broadcast, after the decode.
+    raise ValueError(f"the users weigh {users.num_attributes} attributes but the harness scores {num_attr}: the "
+                     "simulated users' attributes must be the harness's (the same A, in the same order).")
   if cfg.features == "reward_model" and num_bases != num_attr:
     raise ValueError(f"online.features='reward_model' needs one basis per attribute: the harness has {num_bases} "
                      f"bases and {num_attr} attributes. Use online.features='implicit_reward'.")

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from spectral_soup.online import checks
 from spectral_soup.online import fit
 
 CONSTRAINTS = ("none", "nonnegative", "simplex")
@@ -48,16 +49,37 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
     {"l2": [P], "log_likelihood": [P] mean held-out log-likelihood per comparison, "accuracy": [P] held-out
     share of choices on the side of the fitted lambda's margin (a zero margin counts as wrong)}.
   """
-  features, prefs = np.asarray(features, np.float32), np.asarray(prefs, np.float32)
-  if features.ndim != 3 or prefs.shape != features.shape[:2]:
-    raise ValueError(f"features must be [U, N, K] and prefs [U, N]; got {features.shape} and {prefs.shape}.")
-  num_users, num, _ = features.shape
+  # Every input is checked here, on the caller's indices, before any fit compiles: the fits see fold subsets (a
+  # row's index there is not the caller's), and a user with a NaN row would get a NaN lambda whose margins all
+  # count as wrong choices (a finite, lowered accuracy).
+  for name, value in (("features", features), ("prefs", prefs), ("prior_mean", prior_mean)):
+    checks.check_numeric(name, value)
+  if np.ndim(features) != 3 or np.shape(prefs) != np.shape(features)[:2]:
+    raise ValueError(f"features must be [U, N, K] and prefs [U, N]; got {np.shape(features)} and "
+                     f"{np.shape(prefs)}.")
+  num_users, num, _ = np.shape(features)
+  if not num_users:
+    raise ValueError(f"features {np.shape(features)} has no user (U = 0): nothing to cross-validate.")
+  checks.check_num_features("features", features)
+  for name, value in (("features", features), ("prefs", prefs)):
+    checks.check_finite(name, value)
+  checks.check_labels(prefs, None)
   if (isinstance(folds, (bool, np.bool_)) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= num):
-    raise ValueError(f"folds={folds!r}: expected an integer in 2..{num} (the comparisons per user).")
-  if np.ndim(l2s) != 1:
+    raise ValueError(f"folds={folds!r}: expected an integer in 2..{num} (the comparisons per user)"
+                     f"{'; the users have fewer than 2 comparisons each' if num < 2 else ''}.")
+  if np.ndim(l2s) != 1 or isinstance(l2s, (str, bytes)):
     raise ValueError(f"l2s={l2s!r}: expected a list of penalties (one fit per value), e.g. [0.1, 1.0].")
-  if not len(l2s) or min(l2s) <= 0:
-    raise ValueError(f"l2s={list(l2s)}: expected one or more positive penalties.")
+  if not len(l2s):
+    raise ValueError("l2s=[]: expected one or more positive penalties.")
+  for i, l2 in enumerate(l2s):
+    if (isinstance(l2, (bool, np.bool_)) or not isinstance(l2, (int, float, np.integer, np.floating)) or
+        not checks.l2_in_range(np.float64(l2))):
+      raise ValueError(f"l2s[{i}] is {l2!r}: expected a finite number > 0 that float32 holds, in "
+                       f"[{checks.L2_RANGE[0]:.3g}, {checks.L2_RANGE[1]:.3g}].")
+  if prior_mean is not None and constraint != "simplex":
+    checks.check_shapes("prior_mean", prior_mean, (np.shape(features)[2],), "[K]")
+    checks.check_finite("prior_mean", prior_mean)
+  features, prefs = np.asarray(features, np.float32), np.asarray(prefs, np.float32)
   kwargs = _fit_kwargs(constraint, prior_mean)
   fold = np.arange(num) % folds
   ll, acc = np.zeros(len(l2s)), np.zeros(len(l2s))

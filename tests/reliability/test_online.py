@@ -644,3 +644,65 @@ def test_online_inputs_that_are_fine_as_they_are():
   assert np.isnan(z[7, 0]) and np.isfinite(np.delete(z, 7, axis=0)).all() and np.isfinite(z[:, 1]).all()
   np.testing.assert_array_equal(online.standardize_scores(scores)[0], online.standardize_scores(scores[None])[0][0])
   np.testing.assert_allclose(online.unit_total_weight(np.array([1e308, 1e308, 0.0])), [0.5, 0.5, 0.0])
+
+
+def test_cross_validate_checks_its_inputs_on_the_callers_indices_before_fitting():
+  """A NaN feature gave a NaN lambda whose margins all counted as wrong (a finite, lowered accuracy); a bad label
+  was named by its index inside a training fold; strings were parsed and complex numbers truncated."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 8, K)).astype(np.float32)
+  p = (rng.uniform(size=(3, 8)) < 0.5).astype(np.float32)
+  nan_x, bad_p, nan_p = x.copy(), p.copy(), p.copy()
+  nan_x[2, 3, 1] = np.nan
+  bad_p[1, 5] = 2.0
+  nan_p[1, 5] = np.nan
+  cases = [
+      ((nan_x, p, [1.0]), {}, r"features\[2, 3, 1\] is nan"),
+      ((x, bad_p, [1.0]), {}, r"prefs\[1, 5\] = 2.0: expected a label in \[0, 1\]"),
+      ((x, nan_p, [1.0]), {}, r"prefs\[1, 5\] is nan"),
+      ((x.astype(str), p, [1.0]), {}, r"features must hold numbers, got dtype <U"),
+      ((x + 1j, p, [1.0]), {}, r"features must hold numbers, got dtype complex"),
+      ((x, p, ["1"]), {}, r"l2s\[0\] is '1': expected a finite number > 0"),
+      ((x, p, [True]), {}, r"l2s\[0\] is True"),
+      ((x, p, [1.0, float("nan")]), {}, r"l2s\[1\] is nan"),
+      ((x, p, "1.0"), {}, r"l2s='1.0': expected a list of penalties"),
+      ((x[:0], p[:0], [1.0]), {}, r"has no user \(U = 0\)"),
+      ((x[:, :1], p[:, :1], [1.0]), dict(folds=2), r"folds=2: expected an integer in 2..1 .* fewer than 2 "),
+      ((x, p, [1.0]), dict(prior_mean=np.full(K, np.inf)), r"prior_mean\[0\] is inf"),
+      ((x, p, [1.0]), dict(prior_mean=np.zeros(K + 1)), r"prior_mean must have shape \[K\]"),
+  ]
+  for args, kwargs, message in cases:
+    with pytest.raises(ValueError, match=message):
+      selection.cross_validate(*args, folds=kwargs.pop("folds", 4), **kwargs)
+
+
+def test_exact_mdp_names_non_finite_or_misshapen_inputs():
+  from spectral_soup.online import exact_mdp as em  # pylint: disable=g-import-not-at-top
+  mdp = em.make_mdp(3, 3)
+  reward = em.random_sequence_rewards(mdp, 2, seed=0)
+  nan_reward = reward.copy()
+  nan_reward[1, 4] = np.nan
+  tokens = em.random_token_rewards(mdp, 2, seed=0)
+  cases = [
+      (lambda: em.optimal_policy(reward, mdp, float("nan")), r"beta must be a finite number > 0 .* got nan"),
+      (lambda: em.optimal_policy(reward, mdp, float("inf")), r"got inf"),
+      (lambda: em.optimal_policy(nan_reward, mdp, 1.0), r"reward\[1, 4\] is nan"),
+      # A wrong depth shape gave total_reward 18 sequences instead of 27.
+      (lambda: em.total_reward((np.ones((1, 3)), np.ones((3, 3)), np.ones(
+          (9, 2))), mdp), r"reward\[2\] has shape \(9, 2\): expected \[..., V\^t, V\] = \[9, 3\]"),
+      (lambda: em.total_reward((tokens[0], tokens[1][0], tokens[2]), mdp), r"reward\[1\] has shape \(3, 3\)"),
+      (lambda: em.sequence_soup(np.zeros((2, 27)), np.zeros(27), [0.5]), r"lam has shape \(1,\): expected \[K\] or "
+       r"\[..., K\] with K = 2"),
+      (lambda: em.token_soup_kl_bound(reward, [0.5, 0.5], 0.0, 3), r"beta must be a finite number > 0"),
+      (lambda: em.token_soup_kl_bound(reward, [0.5, np.nan], 1.0, 3), r"lam\[1\] is nan"),
+      (lambda: em.run_online(mdp, reward, 1.0, np.ones((2, 2)), num_rounds=0), r"num_rounds=0: expected an integer "
+       r">= 1"),
+      (lambda: em.run_online(mdp, reward, 1.0, np.ones(
+          (2, 2)), num_rounds=2, temperature=float("inf")), r"temperature must be a finite number > 0"),
+      (lambda: em.run_online(mdp, reward, 1.0, np.full((2, 2), np.nan), num_rounds=2), r"users\[0, 0\] is nan"),
+      (lambda: em.run_online(mdp, reward, float("nan"), np.ones((2, 2)), num_rounds=2), r"beta must be a finite"),
+  ]
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message):
+      call()
+  np.testing.assert_allclose(em.total_reward(tokens, mdp).shape, (2, 27))  # Well-formed input still works.
