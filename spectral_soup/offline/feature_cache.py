@@ -2,15 +2,16 @@
 
 Head bases train on cached features (`config.train.cache_features`, `features.py`): `add_cached_features` runs the
 frozen backbone over the train and eval pairs (`make_feature_fn`, `compute_features`) and stores the result in
-`features-<hash>.npz` (`features_path`: the hash covers the model, its dtypes, the pairs' tokens and the vocabulary
-support) under `config.train.features_dir` or the workdir, where a restarted run, `experiments.attribute_learnability`
-and `experiments.compare_ridge_fits` find it (`load_features`).
+`features-<hash>.npz` (`features_path`: the hash covers the model, its dtypes, the code that computes the features,
+the pairs' tokens and the vocabulary support) under `config.train.features_dir` or the workdir, where a restarted
+run, `experiments.attribute_learnability` and `experiments.compare_ridge_fits` find it (`load_features`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -92,16 +93,41 @@ def compute_features(feature_fn, backbone: Any, arrays: Mapping[str, np.ndarray]
   return {**kept, **cached}
 
 
+def code_files() -> list:
+  """The source files of the code that computes the features: the model package and `offline/features.py`."""
+  models_dir = os.path.dirname(os.path.abspath(inspect.getfile(SpectralPolicy)))
+  sources = sorted(os.path.join(models_dir, f) for f in os.listdir(models_dir) if f.endswith(".py"))
+  return sources + [os.path.abspath(features.__file__)]
+
+
+def source_digest(paths) -> str:
+  """sha256 over the files' names and contents."""
+  h = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+  return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+  """`source_digest` of `code_files()`: features cached by another version of that code (a fixed attention, another
+  norm) are not reused."""
+  return source_digest(code_files())
+
+
 def features_path(config: ml_collections.ConfigDict, directory: str, train_pairs: Mapping[str, np.ndarray],
                   eval_pairs: Mapping[str, np.ndarray], support: Optional[np.ndarray]) -> str:
   """`<directory>/features-<hash>.npz`, the hash of everything the cached features depend on: the model (every
   `model.*` field: a random backbone's architecture and, with `seed`, its weights; a checkpoint's file contents,
-  `files.content_digest`), the pairs' tokens, the support."""
+  `files.content_digest`), the code that computes them (`code_digest`), the pairs' tokens, the support."""
   h = hashlib.sha256()
   model = json.loads(config.model.to_json_best_effort())
   h.update(
-      json.dumps([model, config.seed if not config.model.path else 0,
-                  files.content_digest(config.model.path)]).encode())
+      json.dumps(
+          [model, config.seed if not config.model.path else 0,
+           files.content_digest(config.model.path),
+           code_digest()]).encode())
   for pairs in (train_pairs, eval_pairs):
     for name in input_pipeline.TOKEN_FIELDS:
       h.update(np.ascontiguousarray(pairs[name]).tobytes())

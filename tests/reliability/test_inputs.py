@@ -638,6 +638,27 @@ def test_the_features_cache_key_covers_the_backbone(tmp_path):
   assert key(config) == same_files
 
 
+def test_the_features_cache_key_covers_the_code_that_computes_them(tmp_path, monkeypatch):
+  """Features cached by another version of the model code (an upgrade that fixes attention, say) were reused."""
+  names = [os.path.basename(path) for path in feature_cache.code_files()]
+  assert {"transformer.py", "spectral.py", "features.py"} <= set(names), names
+  copies = []
+  for path in feature_cache.code_files():
+    copies.append(str(tmp_path / f"{len(copies)}-{os.path.basename(path)}"))
+    shutil.copyfile(path, copies[-1])
+  digest = feature_cache.source_digest(copies)
+  assert digest == feature_cache.source_digest(copies)  # Deterministic.
+  with open(copies[names.index("transformer.py")], "a") as f:
+    f.write("# another version\n")
+  changed = feature_cache.source_digest(copies)
+  assert changed != digest
+  pairs = input_pipeline.synthetic_pairs(4, num_bases=2, vocab_size=64, prompt_len=4, response_len=4, seed=0)
+  config = train_basis_tiny.get_config()
+  before = feature_cache.features_path(config, str(tmp_path), pairs, pairs, None)
+  monkeypatch.setattr(feature_cache, "code_digest", lambda: changed)
+  assert feature_cache.features_path(config, str(tmp_path), pairs, pairs, None) != before
+
+
 def test_a_data_tokenizer_that_is_not_the_checkpoints_own_is_refused(tmp_path):
   """The tiny config's character tokenizer with a real model.path: ids the model reads as other tokens."""
   from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
