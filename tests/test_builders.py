@@ -333,7 +333,21 @@ def test_malformed_row_error_names_file_row_and_field(tmp_path, bad_row, field):
   assert isinstance(error, ValueError)
   assert (error.path, error.row, error.field) == (os.fspath(source / "pairs.jsonl"), 3, field)
   assert "pairs.jsonl" in str(error) and "row 3" in str(error) and f"'{field}'" in str(error)
-  assert not (tmp_path / "tfds" / "spectral_soup_embedded_prefs" / "default" / "1.0.0").exists()
+  assert not (tmp_path / "tfds").exists()  # Nothing left behind: not even empty directories or config records.
+
+
+def test_a_failed_build_removes_only_what_it_created(tmp_path):
+  """A failed build into a data directory that holds other datasets leaves them as they were."""
+  data_dir = tmp_path / "tfds"
+  (data_dir / "other_dataset" / "1.0.0").mkdir(parents=True)
+  (data_dir / "other_dataset" / "1.0.0" / "data.bin").write_bytes(b"x")
+  (data_dir / "empty_before").mkdir()
+  before = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
+  rows = _embedded_rows(1)
+  rows.insert(2, '{"prompt": "p", ')
+  with pytest.raises(builders.MalformedRowError):
+    builders.load_source("embedded_prefs", data_dir, manual_dir=_write_embedded(tmp_path / "src", rows))
+  assert sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*")) == before
 
 
 def test_skip_malformed_counts_and_stores_in_metadata(tmp_path):

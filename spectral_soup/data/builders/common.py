@@ -747,7 +747,13 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         self.data_path.exists()):
       manual_dir = download_config.manual_dir or epath.Path(download_dir or self.data_dir_root / "downloads") / "manual"
       self._check_reuse(epath.Path(manual_dir))
-    super().download_and_prepare(download_dir=download_dir, download_config=download_config, **kwargs)
+    root = os.fspath(self.data_dir_root)
+    before = _tree(root)
+    try:
+      super().download_and_prepare(download_dir=download_dir, download_config=download_config, **kwargs)
+    except BaseException:
+      _remove_new_leftovers(root, before)  # A failed build leaves no directories (or config records) behind.
+      raise
 
   def _stale(self, problem: str) -> StaleDatasetError:
     return StaleDatasetError(f"{self.name}/{self.builder_config.name} prepared in {self.data_dir} {problem}. "
@@ -807,3 +813,24 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       why = "the source has no rows for it"
     raise ValueError(f"{self.name}/{config.name}: split {name!r} has no examples: it was left out when the dataset "
                      f"was built, as {why}. Splits with examples: {sorted(self.info.splits)}.")
+
+
+def _tree(root: str) -> set:
+  """Every directory and file under `root` (paths), empty if it does not exist."""
+  found = set()
+  for directory, _, names in os.walk(root):
+    found.add(directory)
+    found.update(os.path.join(directory, name) for name in names)
+  return found
+
+
+def _remove_new_leftovers(root: str, before: set) -> None:
+  """Removes what a failed build created under `root` that is only bookkeeping: TFDS's builder-config records
+  (`.config/metadata.json`) and directories left empty. Files that existed before are never touched."""
+  for directory, _, names in sorted(os.walk(root, topdown=False), key=lambda entry: -len(entry[0])):
+    for name in names:
+      path = os.path.join(directory, name)
+      if path not in before and os.path.basename(directory) == ".config":
+        os.remove(path)
+    if directory not in before and not os.listdir(directory):
+      os.rmdir(directory)
