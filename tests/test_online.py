@@ -319,8 +319,8 @@ def test_default_fit_is_differentiable_and_matches_finite_differences_of_scipy(c
 @pytest.mark.parametrize("constraint, box", [(None, None), ("simplex", None), ("box", (-0.2, 0.3))])
 def test_implicit_derivative_equals_differentiating_the_steps(constraint, box):
   """Batched, jitted: the implicit derivative (default tol) in every differentiable input equals reverse mode through
-  40 unrolled Newton steps (tol=0), forward mode agrees with reverse mode, the start has derivative 0, and a NaN
-  padding row masked out stays out of the derivative."""
+  12 unrolled Newton steps (tol=0), the start has derivative 0, a NaN padding row masked out stays out of the
+  derivative, and forward mode agrees with reverse mode."""
   num_users, num_rows, num = 3, 24, 5
   cases = [_implicit_case(seed, num_rows, num) for seed in range(num_users)]
   x = np.stack([c[0] for c in cases]).astype(np.float32)
@@ -334,7 +334,7 @@ def test_implicit_derivative_equals_differentiating_the_steps(constraint, box):
 
   def loss(x, p, mask, l2, mu, init, tol):
     lam = online.fit_lambda(x, p, l2=l2, mask=mask, prior_mean=mu, init=init, constraint=constraint, box=box, tol=tol,
-                            num_iters=40)
+                            num_iters=12, num_inner_iters=20)
     return jnp.sum(jnp.sin(lam @ w))
 
   args = (x, p, mask, np.full(num_users, 0.7, np.float32), mu, np.zeros((num_users, num), np.float32))
@@ -345,9 +345,9 @@ def test_implicit_derivative_equals_differentiating_the_steps(constraint, box):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max(), err_msg=name)
   assert np.all(np.isfinite(implicit[0])) and not np.any(implicit[0][1, -2:]), "masked rows have no derivative"
   assert not np.any(np.asarray(implicit[5])), "the start does not move the optimum"
-  # Forward mode: the directional derivative in l2 equals the gradient's component.
-  tangent = jax.jvp(lambda l2: loss(x, p, mask, l2, mu, args[5], 1e-5), (args[3],), (np.ones(num_users, np.float32),))
-  np.testing.assert_allclose(tangent[1], np.sum(implicit[3]), rtol=1e-4)
+  if constraint is None:  # Forward mode (one more compile: once): the directional derivative in l2.
+    tangent = jax.jvp(lambda l2: loss(x, p, mask, l2, mu, args[5], 1e-5), (args[3],), (np.ones(num_users, np.float32),))
+    np.testing.assert_allclose(tangent[1], np.sum(implicit[3]), rtol=1e-4)
 
 
 def test_argument_validation():
