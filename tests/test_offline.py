@@ -534,6 +534,34 @@ def test_support_logprobs_exact_for_restricted_heads(logit_bias):
     assert float(jnp.abs(grads["heads"]["c"][:, support]).max()) > 0.0
 
 
+def test_response_padding_ids_beyond_the_vocabulary_are_not_read():
+  """Builders pad responses with the tokenizer's pad id, which may lie beyond the model's vocabulary: it embedded as
+  NaN and attention spread it to every row (scores, cached features, gradients)."""
+  from spectral_soup.offline import features  # pylint: disable=g-import-not-at-top
+  from spectral_soup.soup import serving  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  policy, params = tiny.tiny_policy("heads", num_bases=2)
+  trainable, backbone = build.split_params(params)
+  rng = np.random.default_rng(2)
+  batch = {"prompt": rng.integers(1, tiny.VOCAB, (3, 5)).astype(np.int32), "prompt_mask": np.ones((3, 5), bool)}
+  for side in "ab":
+    batch[f"response_{side}"] = rng.integers(1, tiny.VOCAB, (3, 6)).astype(np.int32)
+    batch[f"response_{side}_mask"] = np.arange(6)[None] < np.array([[2], [6], [4]])
+  far = {**batch}
+  for side in "ab":
+    far[f"response_{side}"] = np.where(batch[f"response_{side}_mask"], batch[f"response_{side}"], tiny.VOCAB + 100)
+  for name, fn in (("pair_logprobs", lambda b: features.pair_logprobs(policy, params, b)),
+                   ("pair_features", lambda b: features.pair_features(policy, backbone, b)),
+                   ("sequence_logprobs", lambda b: serving.sequence_logprobs(policy, params, b["prompt"], b[
+                       "prompt_mask"], b["response_a"], b["response_a_mask"]))):
+    want, got = fn(batch), fn(far)
+    for key in want:
+      assert np.all(np.isfinite(np.asarray(got[key]))), (name, key)
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6, err_msg=f"{name}: {key}")
+  grad = jax.grad(lambda t: features.pair_logprobs(policy, build.merge_params(t, backbone), far)["basis_a"].sum())
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grad(trainable)))
+
+
 @pytest.mark.parametrize("kind,family,kw", [("heads", "gemma3", {
     "feature_dim": 6
 }), ("heads", "llama", {

@@ -41,10 +41,13 @@ def join_prompt_response(prompt: Array, prompt_mask: Array, response: Array,
                          response_mask: Array) -> Tuple[Array, Array, Array]:
   """[prompt; response] as one left-padded-prompt sequence and where each response token is predicted.
 
-  prompt: int32[B, P], response: int32[B, R] (any padding, bool masks). Returns (tokens: int32[B, P + R],
-  mask: bool[B, P + R], prev: int32[B, R]): the logits at column prev[b, j] predict response[b, j].
+  prompt: int32[B, P], response: int32[B, R] (any padding, any id on padding, bool masks). Returns (tokens:
+  int32[B, P + R], mask: bool[B, P + R], prev: int32[B, R]): the logits at column prev[b, j] predict response[b, j].
   """
   prompt, prompt_mask = left_pad(prompt, prompt_mask)
+  # Padding ids are not read: a tokenizer's pad id beyond the model's vocabulary embedded as NaN, which attention
+  # spread to every row.
+  response = jnp.where(response_mask.astype(jnp.bool_), response, 0)
   tokens = jnp.concatenate([prompt, response], axis=1)
   mask = jnp.concatenate([prompt_mask, response_mask.astype(jnp.bool_)], axis=1)
   p, r = prompt.shape[1], response.shape[1]

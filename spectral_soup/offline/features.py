@@ -58,8 +58,10 @@ def _both_responses(batch: Batch):
   """
   twice = lambda x: jnp.repeat(x, 2, axis=0)
   pair = lambda a, b: jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
-  return (twice(batch["prompt"]), twice(batch["prompt_mask"]), pair(batch["response_a"], batch["response_b"]),
-          pair(batch["response_a_mask"], batch["response_b_mask"]))
+  mask = pair(batch["response_a_mask"], batch["response_b_mask"]).astype(jnp.bool_)
+  # Padding ids are not read (a pad id beyond the vocabulary embedded as NaN, which attention spread to every row).
+  response = jnp.where(mask, pair(batch["response_a"], batch["response_b"]), 0)
+  return twice(batch["prompt"]), twice(batch["prompt_mask"]), response, mask
 
 
 def _unpair(x: Array, axis: int = 0) -> Tuple[Array, Array]:
