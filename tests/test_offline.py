@@ -331,7 +331,8 @@ def test_ridge_logit_bias_recovers_token_rewards():
   """Ratings that are a logit-bias policy's first-order implicit reward, sum_t w_k . (onehot(y_t) - p_ref(s_t)):
   the closed-form initialization is rating_scale / beta * w_k on the support (ridge shrinks it a little), zero
   outside, whether fitted on the pairs' differences or on each response (a constant offset of the ratings does not
-  matter); missing ratings are dropped per basis, and a basis with no rated pair is refused."""
+  matter); the pairwise fit has no intercept (pairs in chosen / rejected order); missing ratings are dropped per
+  basis, and a basis with no rated pair is refused."""
   rng = np.random.default_rng(0)
   n, length, vocab = 400, 6, 30
   support = np.arange(2, 22)
@@ -352,6 +353,26 @@ def test_ridge_logit_bias_recovers_token_rewards():
     assert c.shape == (2, vocab) and c.dtype == np.float32
     np.testing.assert_allclose(c[:, support], 4.0 * w[:, support], atol=5e-3)
     assert np.all(c[:, np.setdiff1d(np.arange(vocab), support)] == 0)
+  # Chosen / rejected order (a is the better response of every pair, as jsonl chosen/rejected rows give them): the
+  # pairwise fit has no intercept, so the mean difference (most of the signal here) stays in (it was centered out).
+  ordered = {k: v.copy() for k, v in pairs.items()}
+  for side in "ab":
+    ordered[f"scores_{side}"] -= 0.7
+  better_b = ordered["scores_b"][:, 0] > ordered["scores_a"][:, 0]
+  for name in ("response", "response_{}_mask", "support_probs", "scores"):
+    a, b = (name.format(s) if "{}" in name else f"{name}_{s}" for s in "ab")
+    ordered[a][better_b], ordered[b][better_b] = ordered[b][better_b], ordered[a][better_b].copy()
+  assert np.all(ordered["scores_a"][:, 0] >= ordered["scores_b"][:, 0])
+  ordered["scores_a"][:, 0] += rng.normal(size=n)  # Noisy ratings: the fit is now the ridge solution, not w.
+  c = ridge_init.ridge_logit_bias(ordered, support, vocab, beta=0.5, rating_scale=2.0, l2=3.0, features="pair_surprise")
+  surprise = {}  # [n, S]: sum over the response of onehot(y_t) - p_ref(. | s_t), on the support.
+  for side in "ab":
+    onehot = (ordered[f"response_{side}"][..., None] == support).astype(np.float64)
+    surprise[side] = np.einsum("nrs,nr->ns", onehot - ordered[f"support_probs_{side}"],
+                               ordered[f"response_{side}_mask"].astype(np.float64))
+  diff, y = surprise["a"] - surprise["b"], ordered["scores_a"][:, 0] - ordered["scores_b"][:, 0]
+  no_intercept = 4.0 * np.linalg.solve(diff.T @ diff + 3.0 * np.eye(len(support)), diff.T @ y)
+  np.testing.assert_allclose(c[0, support], no_intercept, rtol=1e-4, atol=1e-5)
   pairs["scores_a"][:, 1] = np.nan
   with pytest.raises(ValueError, match="fits basis 1 on pairs with both responses rated"):
     ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)

@@ -56,21 +56,27 @@ def check_settings(*, l2: float, folds: Optional[int] = None, prefix: str = "") 
                      "training pairs).")
 
 
-def fit_ridge(features: np.ndarray, scores: np.ndarray, l2: float) -> np.ndarray:
-  """Ridge weights [S, A] of centered scores [N, A] on centered features [N, S] (NaN scores: dropped per column)."""
+def fit_ridge(features: np.ndarray, scores: np.ndarray, l2: float, *, center: bool = True) -> np.ndarray:
+  """Ridge weights [S, A] of scores [N, A] on features [N, S] (NaN scores: dropped per column).
+
+  center: fit an intercept (features and scores centered on the rows fitted), for responses rated up to a
+  constant; False for pair differences, whose model has none (a constant would say "response a is better" whatever
+  the pair, and flip sign with the pair's order).
+  """
   check_settings(l2=l2)
   if features.shape[0] != scores.shape[0]:
     raise ValueError(f"features has {features.shape[0]} rows but scores has {scores.shape[0]}.")
-  x = features - features.mean(0, keepdims=True)
+  shift = (lambda v: v - v.mean(0, keepdims=True)) if center else (lambda v: v)
+  x = shift(features)
   gram = x.T @ x + l2 * np.eye(x.shape[1])
   weights = np.zeros((x.shape[1], scores.shape[1]))
   for k in range(scores.shape[1]):
     ok = ~np.isnan(scores[:, k])
-    y = scores[ok, k] - scores[ok, k].mean()
+    y = shift(scores[ok, k])
     if ok.all():
       weights[:, k] = np.linalg.solve(gram, x.T @ y)
     else:  # Centered on the rows it is fitted on, as the scores are.
-      xk = features[ok] - features[ok].mean(0, keepdims=True)
+      xk = shift(features[ok])
       weights[:, k] = np.linalg.solve(xk.T @ xk + l2 * np.eye(x.shape[1]), xk.T @ y)
   return weights
 

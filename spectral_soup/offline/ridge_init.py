@@ -22,7 +22,8 @@ def ridge_logit_bias(pairs: Mapping[str, np.ndarray], support: np.ndarray, vocab
   loss asks beta * log-ratio = rating_scale * rating (up to a constant per prompt), which is then linear least
   squares in c_k; with an L2 penalty, ridge regression times rating_scale / beta solves it in closed form:
   * "pair_surprise": each pair's rating difference on its surprise difference s(y_a) - s(y_b) (one row per pair:
-    the pairwise ratings loss);
+    the pairwise ratings loss; no intercept, as in that loss: with chosen / rejected data, where a is always the
+    better response, the mean difference is most of the signal);
   * "surprise": each response's rating on its surprise, both responses of every pair, centered (twice the rows; on
     the embedded default these directions buy more true reward per nat of KL: docs/METHOD.md, section 3);
   * "counts": each response's rating on its support-token counts, centered: a bag-of-words reward model (PAD's,
@@ -48,7 +49,7 @@ def ridge_logit_bias(pairs: Mapping[str, np.ndarray], support: np.ndarray, vocab
                               pairs[f"support_probs_{side}"]) for side in ("a", "b")
     ]
   if features == "pair_surprise":
-    weights = learnability.fit_ridge(x[0] - x[1], scores[0] - scores[1], l2)
+    weights = learnability.fit_ridge(x[0] - x[1], scores[0] - scores[1], l2, center=False)  # No intercept.
   else:
     weights = learnability.fit_ridge(np.concatenate(x), np.concatenate(scores), l2)
   c = np.zeros((scores[0].shape[1], vocab_size), np.float32)
