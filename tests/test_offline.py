@@ -373,6 +373,26 @@ def test_ridge_logit_bias_recovers_token_rewards():
   diff, y = surprise["a"] - surprise["b"], ordered["scores_a"][:, 0] - ordered["scores_b"][:, 0]
   no_intercept = 4.0 * np.linalg.solve(diff.T @ diff + 3.0 * np.eye(len(support)), diff.T @ y)
   np.testing.assert_allclose(c[0, support], no_intercept, rtol=1e-4, atol=1e-5)
+  fit = lambda **kw: ridge_init.ridge_logit_bias(**{
+      "pairs": pairs,
+      "support": support,
+      "vocab_size": vocab,
+      "beta": 0.5,
+      "rating_scale": 2.0,
+      "l2": 1e-3,
+      **kw
+  })
+  nan_probs = {**pairs, "support_probs_a": np.where(np.arange(n)[:, None, None] == 3, np.nan, pairs["support_probs_a"])}
+  for kw, message in (
+      (dict(support=np.r_[-1, support[1:]]), r"support must be distinct token ids in \[0, 30\)"),  # Wrote column V-1.
+      (dict(support=np.r_[support[:1], support[:-1]]), r"and repeats"),
+      (dict(beta=0.0), r"beta=0.0: expected a finite number > 0"),  # A ZeroDivisionError.
+      (dict(beta=float("nan")), r"beta=nan"),
+      (dict(rating_scale=-1.0), r"rating_scale=-1.0"),
+      (dict(pairs=nan_probs), r"support_probs_a must be finite .* with non-finite entries"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      fit(**kw)
   pairs["scores_a"][:, 1] = np.nan
   with pytest.raises(ValueError, match="fits basis 1 on pairs with both responses rated"):
     ridge_init.ridge_logit_bias(pairs, support, vocab, beta=0.5, rating_scale=2.0, l2=1e-3)

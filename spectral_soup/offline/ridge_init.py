@@ -36,7 +36,24 @@ def ridge_logit_bias(pairs: Mapping[str, np.ndarray], support: np.ndarray, vocab
   """
   if features not in RIDGE_FEATURES:
     raise ValueError(f"features={features!r}: expected one of {RIDGE_FEATURES}.")
+  for name, value in (("beta", beta), ("rating_scale", rating_scale)):
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or
+        not np.isfinite(value) or value <= 0):
+      raise ValueError(f"{name}={value!r}: expected a finite number > 0.")
+  support = np.asarray(support)
+  if (support.ndim != 1 or not np.issubdtype(support.dtype, np.integer) or not len(support) or
+      np.any((support < 0) | (support >= vocab_size)) or len(np.unique(support)) != len(support)):
+    raise ValueError(f"support must be distinct token ids in [0, {vocab_size}) (int[S], S >= 1), got "
+                     f"{support.dtype} {np.shape(support)} with values in [{support.min() if support.size else '-'}, "
+                     f"{support.max() if support.size else '-'}]"
+                     f"{' and repeats' if support.size and len(np.unique(support)) != len(support) else ''}.")
   check_ridge_ratings(pairs)
+  if features != "counts":
+    for side in ("a", "b"):
+      probs = np.asarray(pairs[f"support_probs_{side}"])
+      if probs.shape[-1:] != (len(support),) or not np.all(np.isfinite(probs)):
+        raise ValueError(f"support_probs_{side} must be finite reference probabilities [N, R, S={len(support)}], got "
+                         f"shape {probs.shape}{'' if np.all(np.isfinite(probs)) else ' with non-finite entries'}.")
   scores = [np.asarray(pairs[f"scores_{side}"], np.float64) for side in ("a", "b")]
   if features == "counts":
     x = [
