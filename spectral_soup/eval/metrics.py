@@ -13,12 +13,12 @@ When the bespoke gain's interval contains zero the ratio is meaningless, and `su
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Dict, Mapping
 
 import numpy as np
 
 from spectral_soup.soup.validation import check_int
+from spectral_soup.soup.validation import is_real
 
 
 def _ratio(rewards: Mapping[str, np.ndarray], method: str, reference: str, bespoke: str) -> float:
@@ -247,8 +247,7 @@ def frontiers(sweeps: Mapping[str, Mapping[float, tuple]], reference: np.ndarray
       raise ValueError(f"sweeps[{method!r}] has no point: expected {{scale: (rewards, kl)}} with at least one.")
     checked[method] = {}
     for scale, point in sweep.items():
-      if (not isinstance(scale, numbers.Real) or isinstance(scale, (bool, np.bool_)) or
-          not math.isfinite(float(scale))):
+      if not (is_real(scale) and math.isfinite(scale)):
         raise ValueError(f"sweeps[{method!r}] has the scale {scale!r}: expected finite numbers (the sweep's "
                          "strengths, which order its frontier).")
       if not pair(point):

@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from spectral_soup.offline import learnability
+from spectral_soup.soup import validation
 
 RIDGE_FEATURES = ("pair_surprise", "surprise", "counts")  # What the "ridge" initialization regresses ratings on.
 
@@ -37,8 +38,7 @@ def ridge_logit_bias(pairs: Mapping[str, np.ndarray], support: np.ndarray, vocab
   if features not in RIDGE_FEATURES:
     raise ValueError(f"features={features!r}: expected one of {RIDGE_FEATURES}.")
   for name, value in (("beta", beta), ("rating_scale", rating_scale)):
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or
-        not np.isfinite(value) or value <= 0):
+    if not (validation.is_real(value) and np.isfinite(value) and value > 0):
       raise ValueError(f"{name}={value!r}: expected a finite number > 0.")
   support = np.asarray(support)
   if (support.ndim != 1 or not np.issubdtype(support.dtype, np.integer) or not len(support) or

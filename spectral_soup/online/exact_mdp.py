@@ -64,6 +64,7 @@ from spectral_soup.online import laplace
 from spectral_soup.online import state as state_lib
 from spectral_soup.online import users as users_lib
 from spectral_soup.soup.validation import check_int
+from spectral_soup.soup.validation import is_real
 
 Policy = Tuple[np.ndarray, ...]
 Reward = Union[Tuple[np.ndarray, ...], np.ndarray, Callable[[np.ndarray], np.ndarray]]
@@ -71,8 +72,7 @@ Reward = Union[Tuple[np.ndarray, ...], np.ndarray, Callable[[np.ndarray], np.nda
 
 def _check_beta(beta: Any) -> float:
   """beta as a float; ValueError unless it is a finite real number > 0 (NaN or inf made every policy NaN)."""
-  if (isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (int, float, np.integer, np.floating)) or
-      not np.isfinite(beta) or beta <= 0):
+  if not (is_real(beta) and np.isfinite(beta) and beta > 0):
     raise ValueError(f"beta must be a finite number > 0 (the KL coefficient), got {beta!r}.")
   return float(beta)
 
@@ -377,8 +377,7 @@ def run_online(mdp: TokenMDP, basis_rewards: Reward, beta: float, users: Union[u
   check_int("num_rounds", num_rounds, 1)
   check_int("num_candidates", num_candidates, 2)
   checks.check_l2(l2)
-  if (isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating)) or
-      not np.isfinite(temperature) or temperature <= 0):
+  if not (is_real(temperature) and np.isfinite(temperature) and temperature > 0):
     raise ValueError(f"temperature must be a finite number > 0 (the users' Bradley-Terry temperature), got "
                      f"{temperature!r}.")
   if soup not in ("sequence", "token"):

@@ -327,17 +327,14 @@ def _fit_converged_jvp(constraint, num_iters, num_inner_iters, tol, primals, tan
   x, p, m, l2, mu, init, lo, hi = primals
   lam = _fit_converged(constraint, num_iters, num_inner_iters, tol, *primals)
   theta, theta_dot = (x, p, m, l2, mu, lo, hi), tuple(t for i, t in enumerate(tangents) if i != 5)
-  if constraint is None:
-    step = jnp.ones((), lam.dtype)
-  else:  # Any step > 0 gives the same optimum; 1 / (a bound of H's largest eigenvalue) keeps J well scaled.
-    xs, _, ms = sanitize(x, p, m)
-    h = hessian(xs, jax.nn.sigmoid(xs @ lam), ms, l2)
-    step = jax.lax.stop_gradient(1.0 / _largest_eig_bound(h))
+  xs, _, ms = sanitize(x, p, m)
+  h = hessian(xs, jax.nn.sigmoid(xs @ lam), ms, l2)
+  # Constrained, any step > 0 gives the same optimum: 1 / (a bound of H's largest eigenvalue) keeps J well scaled.
+  step = jnp.ones((), lam.dtype) if constraint is None else jax.lax.stop_gradient(1.0 / _largest_eig_bound(h))
   residual = lambda lam, *theta: optimality_residual(lam, *theta, constraint=constraint, step=step)
   _, f_dot = jax.jvp(functools.partial(residual, lam), theta, theta_dot)
   if constraint is None:
-    xs, _, ms = sanitize(x, p, m)
-    lam_dot = -spd_solve(hessian(xs, jax.nn.sigmoid(xs @ lam), ms, l2), f_dot)
+    lam_dot = -spd_solve(h, f_dot)
   else:
     jac = jax.jacfwd(residual)(lam, *theta)
     lam_dot = -jnp.linalg.solve(jac, f_dot)

@@ -35,6 +35,7 @@ from spectral_soup.online import laplace
 from spectral_soup.online import users as users_lib
 from spectral_soup.soup.validation import check_int
 from spectral_soup.soup.validation import check_key
+from spectral_soup.soup.validation import is_real
 from spectral_soup.utils import progress
 
 LEARNERS = ("spectral", "p_soups", "pad")
@@ -93,8 +94,8 @@ def config_problems(cfg: OnlineConfig, pool_size: Optional[int] = None) -> List[
   """
   most = pool_size if pool_size is not None else math.inf
   is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-  # Real numbers only: a string would be parsed (or compared with an int: a bare TypeError), True taken as 1.
-  is_real = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+  # Real numbers only (`is_real`): a string would be parsed (or compared with an int: a bare TypeError), True taken
+  # as 1.
   l2_ok = lambda v: is_real(v) and checks.l2_in_range(v)
   problems = (
       (is_int(cfg.rounds) and cfg.rounds >= 1, "rounds", "an integer >= 1"),

@@ -16,6 +16,7 @@ import numpy as np
 
 from spectral_soup.online import checks
 from spectral_soup.online import fit
+from spectral_soup.soup import validation
 
 CONSTRAINTS = ("none", "nonnegative", "simplex")
 
@@ -72,8 +73,7 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
   if not len(l2s):
     raise ValueError("l2s=[]: expected one or more positive penalties.")
   for i, l2 in enumerate(l2s):
-    if (isinstance(l2, (bool, np.bool_)) or not isinstance(l2, (int, float, np.integer, np.floating)) or
-        not checks.l2_in_range(np.float64(l2))):
+    if not (validation.is_real(l2) and checks.l2_in_range(l2)):
       raise ValueError(f"l2s[{i}] is {l2!r}: expected a finite number > 0 that float32 holds, in "
                        f"[{checks.L2_RANGE[0]:.3g}, {checks.L2_RANGE[1]:.3g}].")
   if prior_mean is not None and constraint != "simplex":
