@@ -827,7 +827,7 @@ def _tree(root: str) -> set:
 def _remove_new_leftovers(root: str, before: set) -> None:
   """Removes what a failed build created under `root` that is only bookkeeping: TFDS's builder-config records
   (`.config/metadata.json`) and directories left empty. Files that existed before are never touched."""
-  for directory, _, names in sorted(os.walk(root, topdown=False), key=lambda entry: -len(entry[0])):
+  for directory, _, names in os.walk(root, topdown=False):  # Children before their parents.
     for name in names:
       path = os.path.join(directory, name)
       if path not in before and os.path.basename(directory) == ".config":
