@@ -105,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                temperature=config.users.temperature, concentration=config.users.concentration)
   rewards = {side: np.asarray(users_lib.true_reward(users, std[side])).T for side in "ab"}  # [N, U]
   fields = ("prompt", "prompt_mask", "response_a", "response_a_mask", "response_b", "response_b_mask")
-  labels = np.concatenate([arrays["labels"], embedded.pair_labels(rewards["a"], rewards["b"], d.tie_margin)], 1)
+  labels = np.concatenate(
+      [arrays["labels"], embedded.pair_labels(rewards["a"], rewards["b"], d.tie_margin, fit=~is_eval)], 1)
   split = lambda m: {
       **{
           f: arrays[f][m] for f in fields

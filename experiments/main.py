@@ -481,7 +481,7 @@ def run(config, workdir: str, stack: contextlib.ExitStack) -> None:
                                temperature=config.users.temperature, concentration=config.users.concentration)
   r_a = np.asarray(users_lib.true_reward(users, std_a)).T  # [N, U]
   r_b = np.asarray(users_lib.true_reward(users, std_b)).T
-  user_labels = embedded.pair_labels(r_a, r_b, d.tie_margin)
+  user_labels = embedded.pair_labels(r_a, r_b, d.tie_margin, fit=~is_eval)  # Ties scaled on training pairs only.
   labels = np.concatenate([arrays["labels"], user_labels], axis=1)  # [N, K + U]: bases, then bespoke heads.
   print("users (weights over " + ", ".join(attributes) + "):")
   for u in range(num_users):

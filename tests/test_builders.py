@@ -545,6 +545,30 @@ def test_psoups_malformed_row(tmp_path):
     builders.load_source("psoups", tmp_path / "tfds", manual_dir=manual)
 
 
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_a_row_that_repeats_a_key_is_malformed_not_read_with_the_last_value(tmp_path, layout):
+  manual = _write_psoups(tmp_path / "manual")
+  rows = [
+      '{"user_input": "q", "completion_a": "x", "completion_b": "y"}',
+      '{"user_input": "q", "completion_a": "A", "completion_a": "B", "completion_b": "C"}'
+  ]
+  name, text = ("p2a.jsonl", "\n".join(rows)) if layout == "jsonl" else ("P2A.json", "[" + ",\n".join(rows) + "]")
+  (manual / "data" / "rm_training" / name).write_text(text)
+  with pytest.raises(builders.MalformedRowError, match=rf"{name}: row 2: field 'completion_a': the key appears twice"):
+    builders.load_source("psoups", tmp_path / "tfds", manual_dir=manual)
+
+
+def test_a_json_array_file_with_a_byte_order_mark_is_read_as_an_array(tmp_path):
+  manual = _write_psoups(tmp_path / "manual")
+  path = manual / "data" / "rm_training" / "P1A.json"
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps(json.loads(path.read_text()), indent=1).encode())  # Pretty-printed.
+  ds = builders.load_source("psoups", tmp_path / "tfds", manual_dir=manual, config=_ALL_TRAIN)
+  plain = builders.load_source("psoups", tmp_path / "tfds_plain", manual_dir=_write_psoups(tmp_path / "plain"),
+                               config=_ALL_TRAIN)
+  as_lists = lambda d: [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in e.items()} for e in _read_all(d)]
+  assert len(ds) == 3 and as_lists(ds) == as_lists(plain)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # No TensorFlow anywhere.
 

@@ -2,8 +2,10 @@
 is sampled again with the embedded model and compared byte for byte)."""
 
 import dataclasses
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +105,59 @@ def test_embedded_pairs_carry_ratings_standardized_on_the_training_split(monkeyp
   few_train, few_eval = pairs_lib._embedded_pairs(config)
   np.testing.assert_array_equal(few_train["scores_a"], train_split["scores_a"][:5])
   np.testing.assert_array_equal(few_eval["scores_a"], eval_split["scores_a"][:2])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda line: line[:40], r"line 3: not valid JSON"),
+    (lambda line: line.replace('"scores_a": [', '"scores_a": [1e400, '), r"line 3: field 'scores_a' is .*expected 5 "
+     "finite"),
+    (lambda line: line.replace('"response_b"', '"response_c"'), r"line 3: field 'response_b' is None"),
+])
+def test_a_damaged_embedded_dataset_names_its_file_and_line(tmp_path, damage, problem):
+  shipped = glob.glob(os.path.join(os.path.dirname(embedded.__file__), "shipped", "*", ""))[0]
+  shutil.copytree(shipped, tmp_path / "data")
+  path = tmp_path / "data" / "pairs.jsonl"
+  lines = path.read_text().splitlines()
+  lines[2] = damage(lines[2])
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"pairs\.jsonl, " + problem + ".*damaged; regenerate it"):
+    embedded.load_pairs(str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("dev", [False, True])
+def test_held_out_pairs_do_not_move_the_training_labels(monkeypatch, dev):
+  """The tie margin is in standard deviations of the training responses: rescaling held-out scores changes no
+  training label (it changed about one in eight when the deviations were taken over all pairs)."""
+  from spectral_soup import models
+  tokenizer = models.tokenizer_from_pretrained("embedded:smollm2")
+  rng = np.random.default_rng(1)
+  pairs = [{
+      "prompt": f"What is question number {i}?",
+      "response_a": "Yes.",
+      "response_b": "No.",
+      "scores_a": rng.normal(size=5).tolist(),
+      "scores_b": rng.normal(size=5).tolist(),
+  } for i in range(120)]
+  monkeypatch.setattr(embedded, "generate", lambda settings, root: "unused")
+  config = train_basis_embedded.get_config()
+  config.data.eval_fraction, config.data.tie_margin = 0.3, 0.5
+
+  def labels(scale):
+    held_out = [embedded.split_of(p["prompt"], 0.3) == "eval" for p in pairs]
+    scaled = [{
+        **p,
+        **{
+            f"scores_{s}": [v * (scale if out else 1.0) for v in p[f"scores_{s}"]] for s in "ab"
+        }
+    } for p, out in zip(pairs, held_out)]
+    monkeypatch.setattr(embedded, "load_pairs", lambda directory: (scaled, {}))
+    data = pairs_lib.embedded_data(config, tokenizer, dev=dev)
+    train = ~data.is_eval
+    expected = embedded.pair_labels(data.arrays["scores_a"][train], data.arrays["scores_b"][train], 0.5)
+    np.testing.assert_array_equal(data.arrays["labels"][train], expected)
+    return data.arrays["labels"][train]
+
+  np.testing.assert_array_equal(labels(3.0), labels(1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -301,6 +301,27 @@ def test_file_level_errors(tmp_path, caplog):
     out = jsonl.read(_write(tmp_path / "repeats.jsonl", rows))
   assert out["prompt"] == ["p", "p", "q"] and tuple(out["attributes"]) == ("preference", "other")
   assert "3 row(s) repeat an earlier row exactly (first: line 3 repeats line 1)" in caplog.text
+  assert "judge an attribute on the same two responses" not in caplog.text  # Another attribute: not a warning.
+  # The same pair mirrored, or judged the other way, on one attribute: kept, with a warning naming the lines.
+  caplog.clear()
+  mirrored = {**GOOD, "chosen": GOOD["rejected"], "rejected": GOOD["chosen"]}
+  with caplog.at_level("WARNING"):
+    out = jsonl.read(_write(tmp_path / "mirrored.jsonl", [GOOD, {**GOOD, "prompt": "q"}, mirrored]))
+  assert out["prompt"] == ["p", "q", "p"]
+  assert ("1 row(s) judge an attribute on the same two responses to the same prompt as an earlier row, mirrored "
+          "or differently (first: line 3, the pair of line 1)") in caplog.text
+  # Attribute names a letter or a case apart are separate bases: a warning says so.
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    out = jsonl.read(
+        _write(tmp_path / "names.jsonl", [{
+            **GOOD, "attribute": "helpfulness"
+        }, {
+            **GOOD, "prompt": "q",
+            "attribute": "Helpfullness"
+        }]))
+  assert out["attributes"] == ("helpfulness", "Helpfullness")
+  assert "the attributes 'helpfulness' and 'Helpfullness' differ only slightly" in caplog.text
   scored = dict(PAIR, scores_a={"x": 1.0}, scores_b={"x": 0.0})
   assert len(jsonl.read(_write(tmp_path / "scores.jsonl", [scored, dict(scored, scores_b={"x": 0.5})]))["prompt"]) == 2
   with pytest.raises(ValueError, match="holds no rows"):
@@ -465,6 +486,43 @@ def test_a_hugging_face_datasets_directory_reads_like_the_json_lines(tmp_path):
     jsonl.read(str(tmp_path / "bad"))
 
 
+def test_a_datasets_row_whose_labels_are_all_null_reads_like_the_json_line(tmp_path):
+  """Arrow fills a struct field a row lacks with None: a row labelling none of the attributes is a row of missing
+  labels, as the same row in JSON lines (it was refused as "field 'labels' is {}", which the file never held)."""
+  datasets = pytest.importorskip("datasets")
+  rows = [{
+      "prompt": "p1",
+      "response_a": "x",
+      "response_b": "y",
+      "labels": {
+          "h": "a",
+          "g": None
+      }
+  }, {
+      "prompt": "p2",
+      "response_a": "x",
+      "response_b": "y",
+      "labels": {
+          "h": None,
+          "g": "b"
+      }
+  }, {
+      "prompt": "p3",
+      "response_a": "x",
+      "response_b": "y",
+      "labels": {
+          "h": None,
+          "g": None
+      }
+  }]
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+  got, want = jsonl.read(str(tmp_path / "ds")), jsonl.read(_write(tmp_path / "same.jsonl", rows))
+  assert got["attributes"] == want["attributes"] == ("h", "g")
+  for key in ("label", "mask"):
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  np.testing.assert_array_equal(got["mask"], [[True, False], [False, True], [False, False]])
+
+
 def _tiny_jsonl_config(tmp_path, rows, **data):
   from configs import train_basis_tiny  # pylint: disable=g-import-not-at-top
   config = train_basis_tiny.get_config()
@@ -510,12 +568,11 @@ def test_pairs_are_counted_and_rated_before_the_model_loads(tmp_path):
 
 def test_a_held_out_share_of_ties_trains_without_held_out_pairs(tmp_path, caplog):
   """Every held-out row a tie: no held-out pair (a warning), not a crash on an empty tokenizer call."""
-  from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
   from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
   rows = []
   for i in range(60):
     prompt = f"question {i}"
-    held_out = embedded.split_of(prompt, 0.1, "jsonl") == "eval"
+    held_out = sources.jsonl_split_of(prompt, 0.1) == "eval"
     rows.append({"prompt": prompt, "response_a": "a", "response_b": "b", "labels": {"x": "tie" if held_out else "a"}})
   assert any(r["labels"]["x"] == "tie" for r in rows)
   config = _tiny_jsonl_config(tmp_path, rows, eval_fraction=0.1)
@@ -524,6 +581,24 @@ def test_a_held_out_share_of_ties_trains_without_held_out_pairs(tmp_path, caplog
     train, held_out, _ = sources.builder_pairs(config, sources.load_tokenizer(config))
   assert len(train["prompt"]) == sum(r["labels"]["x"] == "a" for r in rows) and not len(held_out["prompt"])
   assert "no labelled pair in the held-out share data.eval_fraction=0.1" in caplog.text
+
+
+def test_the_trainer_holds_out_the_prompts_of_the_builders_validation_and_test_splits(tmp_path):
+  """A file trained on directly (`data.source`) and built as a `jsonl_prefs` dataset splits its prompts alike: the
+  trainer's held-out share (0.1) is the builder's validation and test splits (0.05 each, the same hash)."""
+  from spectral_soup.data import builders  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import sources  # pylint: disable=g-import-not-at-top
+  rows = [{"prompt": f"question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(400)]
+  config = _tiny_jsonl_config(tmp_path, rows, eval_fraction=0.1)
+  held_out = set(sources.read_split(config, "eval", limit=10_000)["prompt"])
+  trained = set(sources.read_split(config, "train", limit=10_000)["prompt"])
+  built = {}
+  for split in ("train", "validation", "test"):
+    ds = builders.load_source("jsonl_prefs", tmp_path / "tfds", split=split, config={"source_path": config.data.source})
+    built[split] = {
+        ds[i]["prompt"].decode() if isinstance(ds[i]["prompt"], bytes) else ds[i]["prompt"] for i in range(len(ds))
+    }
+  assert 20 < len(held_out) < 60 and held_out == built["validation"] | built["test"] and trained == built["train"]
 
 
 def test_a_zero_row_datasets_directory_is_refused_in_one_line(tmp_path):

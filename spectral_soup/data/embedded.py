@@ -24,11 +24,12 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -358,12 +359,50 @@ def _ensure_dir(path: str) -> str:
 
 
 def load_pairs(directory: str) -> Tuple[list, dict]:
-  """Reads pairs.jsonl and metadata.json back (plain Python; the TFDS builder is the indexed path)."""
-  with open(os.path.join(directory, "metadata.json")) as f:
-    metadata = json.load(f)
-  with open(os.path.join(directory, "pairs.jsonl")) as f:
-    pairs = [json.loads(line) for line in f if line.strip()]
+  """Reads pairs.jsonl and metadata.json back (plain Python; the TFDS builder is the indexed path).
+
+  Raises ValueError naming the file and line of a damaged dataset (a line that is not JSON, a pair without its
+  texts, or without one finite score per attribute of metadata.json): regenerate it (`generate(..., force=True)`).
+  """
+  path = os.path.join(directory, "metadata.json")
+  try:
+    with open(path) as f:
+      metadata = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}): the dataset is damaged; regenerate it.") from None
+  num_scores = len(metadata.get("attributes", ())) if isinstance(metadata, dict) else 0
+  path = os.path.join(directory, "pairs.jsonl")
+  pairs = []
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}, line {number}"
+      try:
+        pair = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f"{where}: not valid JSON ({e}): the dataset is damaged; regenerate it.") from None
+      problem = _pair_problem(pair, num_scores)
+      if problem:
+        raise ValueError(f"{where}: {problem}: the dataset is damaged; regenerate it.")
+      pairs.append(pair)
   return pairs, metadata
+
+
+def _pair_problem(pair: Any, num_scores: int) -> Optional[str]:
+  """What is wrong with one pair of pairs.jsonl (None: nothing): texts and `num_scores` finite scores per side."""
+  if not isinstance(pair, dict):
+    return f"a {type(pair).__name__}, expected a JSON object"
+  for field in ("prompt", "response_a", "response_b"):
+    if not isinstance(pair.get(field), str):
+      return f"field {field!r} is {pair.get(field)!r}, expected a string"
+  for field in ("scores_a", "scores_b"):
+    scores = pair.get(field)
+    ok = (isinstance(scores, list) and (not num_scores or len(scores) == num_scores) and
+          all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores))
+    if not ok:
+      return f"field {field!r} is {scores!r}, expected {num_scores or 'one'} finite number(s), one per attribute"
+  return None
 
 
 def default_cache_root() -> str:
@@ -385,10 +424,13 @@ def split_of(prompt: str, eval_fraction: float, salt: str = "embedded") -> str:
   return "eval" if h < eval_fraction else "train"
 
 
-def pair_labels(scores_a: np.ndarray, scores_b: np.ndarray, tie_margin: float) -> np.ndarray:
+def pair_labels(scores_a: np.ndarray, scores_b: np.ndarray, tie_margin: float,
+                fit: Optional[np.ndarray] = None) -> np.ndarray:
   """int8[N, A]: 1 if a beats b under attribute k by more than tie_margin standard deviations, 0 if b beats a,
-  -1 (tie, masked in the loss) otherwise. Standard deviations are over all responses of the given pairs."""
-  std = np.concatenate([scores_a, scores_b]).std(0) + 1e-8
+  -1 (tie, masked in the loss) otherwise. Standard deviations are over both responses of the pairs `fit` selects
+  (bool[N]; None: all pairs), so that held-out pairs need not inform the training labels."""
+  fit = slice(None) if fit is None else np.asarray(fit, bool)
+  std = np.concatenate([scores_a[fit], scores_b[fit]]).std(0) + 1e-8
   diff = (scores_a - scores_b) / std
   return np.where(diff > tie_margin, 1, np.where(diff < -tie_margin, 0, -1)).astype(np.int8)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +43,23 @@ _LABELS = {"a": 1, "b": 0, "tie": -1, 1: 1, 0: 0, 0.5: -1, None: None}  # null: 
 GZIP_MAGIC = b"\x1f\x8b"  # The first two bytes of every gzip file.
 # Scores are stored as float32; their differences must stay finite too.
 MAX_SCORE = 1e37
+
+# The salt of the prompt hash that splits a JSON-lines file: the `jsonl_prefs` builder's default `split_salt` and
+# the trainer's held-out share (`offline/sources.py`), so both hold out the same prompts.
+SPLIT_SALT = "spectral_soup"
+
+
+def stable_hash(*parts: str) -> bytes:
+  """SHA-256 of the parts (NUL-separated, UTF-8); independent of PYTHONHASHSEED and the platform."""
+  return hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
+
+
+def prompt_bucket(prompt: str, salt: str = SPLIT_SALT) -> float:
+  """A number in [0, 1) determined by the prompt text and the salt only: the builders' hash splits put a prompt in
+  'test' below test_fraction, in 'validation' below test_fraction + validation_fraction; the trainer holds a
+  JSON-lines prompt out below its eval_fraction, so with eval_fraction >= test_fraction (+ validation_fraction)
+  no prompt of the builder's test (and validation) split is trained on."""
+  return int.from_bytes(stable_hash(salt, prompt)[:8], "big") / 2.0**64
 
 
 def is_gzip(head: bytes) -> bool:
@@ -93,10 +111,12 @@ def _dataset_rows(path: str):
                        "prompts are chosen by a hash, data.eval_fraction).")
     data, path = data["train"], os.path.join(path, "train")
   for i, row in enumerate(data):
-    # Arrow stores absent values as None (a column a row does not use, a struct field it lacks): drop them.
+    # Arrow stores absent values as None (a column a row does not use, a struct field it lacks): drop them, but
+    # keep a null label (a missing label, as a null in JSON), so that a row labelling none of the struct's
+    # attributes reads as in a JSON-lines file instead of as an empty 'labels'.
     row = {
         k: ({
-            a: x for a, x in v.items() if x is not None
+            a: x for a, x in v.items() if x is not None or k == "labels"
         } if isinstance(v, dict) else v) for k, v in row.items() if v is not None
     }
     yield f"{path}, row {i}", row
@@ -198,7 +218,7 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
   if "labels" in row:
     if not isinstance(row["labels"], dict) or not row["labels"]:
       raise ValueError(f"{where}: field 'labels' is {row['labels']!r}: expected an object {{attribute: 'a' | 'b' | "
-                       "'tie'}}.")
+                       "'tie'}.")
     labels = {_name(where, "labels", k): _label(where, k, v) for k, v in row["labels"].items()}
   if ("scores_a" in row) != ("scores_b" in row):
     raise ValueError(f"{where}: field {'scores_b' if 'scores_a' in row else 'scores_a'!r} is missing: scores come "
@@ -274,6 +294,43 @@ def _unique_keys(where: str, pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
   return out
 
 
+def _warn_same_pairs(path: str, rows: List[Tuple[Any, ...]], places: List[str]) -> None:
+  """Warns about rows that judge an attribute on the same two responses to the same prompt as an earlier row without
+  repeating it (the pair mirrored, or judged differently): they are kept, each a judgement of its own (two opposite judgements
+  of one pair pull its attribute's basis both ways, as disagreeing annotators do)."""
+  exact = lambda row: (row[0], row[1], row[2], tuple(sorted(row[3].items())), tuple(sorted(row[4].items())))
+  seen: Dict[Any, List[int]] = {}
+  again = []
+  for i, (prompt, a, b, labels, scores) in enumerate(rows):
+    earlier = seen.setdefault((prompt, frozenset((a, b))), [])
+    judged = set(labels) | set(scores)
+    # The same attribute judged again; exact repeats are read()'s (or the caller's) to count.
+    for j in earlier:
+      if judged & (set(rows[j][3]) | set(rows[j][4])) and exact(rows[i]) != exact(rows[j]):
+        again.append((i, j))
+        break
+    earlier.append(i)
+  if again:
+    i, first = again[0]
+    logging.warning(
+        "%s: %d row(s) judge an attribute on the same two responses to the same prompt as an earlier row, "
+        "mirrored or differently (first: %s, the pair of %s); all are kept, each as a judgement of its own.", path,
+        len(again), places[i].rsplit(", ", 1)[-1], places[first].rsplit(", ", 1)[-1])
+
+
+def _warn_similar_names(path: str, names: List[str]) -> None:
+  """Warns about attribute names that differ only in case, spacing or a letter or two ('helpfulness' and
+  'Helpfullness'): each name is a basis of its own, which a misspelled label would silently create."""
+  key = lambda name: " ".join(name.casefold().replace("_", " ").replace("-", " ").split())
+  for i, name in enumerate(names):
+    for other in names[:i]:
+      if key(name) == key(other) or difflib.SequenceMatcher(None, key(name), key(other)).ratio() >= 0.9:
+        logging.warning(
+            "%s: the attributes %r and %r differ only slightly; they are separate bases (one per name): if they "
+            "are one attribute, spell it one way.", path, other, name)
+        return
+
+
 def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
   """Every row of `path`, checked (`keep_repeats`: keep rows that repeat an earlier row exactly, for a caller that
   counts them itself, as the `jsonl_prefs` builder does). Returns {"prompt", "response_a", "response_b": lists of
@@ -327,6 +384,7 @@ def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
     left_out = {i for i, _ in repeats}
     keep = [i for i in range(len(rows)) if i not in left_out]
     rows, places = [rows[i] for i in keep], [places[i] for i in keep]
+  _warn_same_pairs(path, rows, places)
   scored = [bool(r[4]) for r in rows]
   if any(scored) and not all(scored):
     first, without = scored.index(True), scored.index(False)
@@ -336,6 +394,7 @@ def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
   for _, _, _, labels, scores in rows:
     for name in list(labels) + list(scores):
       names.setdefault(name, len(names))
+  _warn_similar_names(path, list(names))
   n, a = len(rows), len(names)
   label = np.full((n, a), -1, np.int8)
   mask = np.zeros((n, a), bool)

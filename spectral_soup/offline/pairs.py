@@ -82,9 +82,9 @@ def embedded_data(config: ml_collections.ConfigDict, tokenizer, *, dev: bool = F
   """Generates (or reuses) the embedded preference data of `config.data`, tokenizes it and splits it by prompt.
 
   A hash of each prompt holds out the share `data.eval_fraction`. With `dev` (tuning), the held-out pairs are
-  dropped before anything is fitted, and a second hash split of the training prompts plays their part (the labels
-  are then those of the remaining pairs). The scores' statistics are fitted on the training responses only: the
-  held-out prompts inform nothing that is chosen or fitted.
+  dropped before anything is fitted, and a second hash split of the training prompts plays their part. The labels'
+  tie margin (`data.tie_margin` standard deviations) and the scores' statistics are fitted on the training
+  responses only: the held-out prompts inform nothing that is chosen or fitted.
   """
   d = config.data
   directory = embedded.generate_for_config(config)
@@ -95,8 +95,9 @@ def embedded_data(config: ml_collections.ConfigDict, tokenizer, *, dev: bool = F
   if dev:
     keep = np.flatnonzero(~is_eval)
     pairs, arrays = [pairs[i] for i in keep], {name: value[keep] for name, value in arrays.items()}
-    arrays["labels"] = embedded.pair_labels(arrays["scores_a"], arrays["scores_b"], d.tie_margin)
     is_eval = np.asarray([embedded.split_of(p["prompt"], d.eval_fraction, salt="dev") == "eval" for p in pairs])
+  # The tie margin's standard deviations from the training pairs only (tokenize_pairs used all of them).
+  arrays["labels"] = embedded.pair_labels(arrays["scores_a"], arrays["scores_b"], d.tie_margin, fit=~is_eval)
   stats = rewards.RewardStats.fit(d.attributes,
                                   np.concatenate([arrays["scores_a"][~is_eval], arrays["scores_b"][~is_eval]]))
   return EmbeddedData(directory, pairs, metadata, arrays, is_eval, stats)

@@ -412,14 +412,20 @@ def read_split(config: ml_collections.ConfigDict, split: str, limit: int) -> Dic
   }
 
 
+def jsonl_split_of(prompt: str, eval_fraction: float) -> str:
+  """'eval' or 'train' for a JSON-lines prompt: the hash of the `jsonl_prefs` builder's splits (`jsonl.prompt_bucket`),
+  so at the default eval_fraction (0.1) the held-out prompts are exactly the builder's default validation and test
+  splits (0.05 each), and at any eval_fraction >= 0.05 no prompt of its test split is trained on."""
+  return "eval" if jsonl.prompt_bucket(prompt) < eval_fraction else "train"
+
+
 def _read_jsonl_split(config: ml_collections.ConfigDict, split: str, limit: int) -> Dict[str, Any]:
-  """`read_split` of a JSON-lines file: a prompt is held out ("eval") by a hash of its text (`data.eval_fraction`)."""
-  from spectral_soup.data import embedded  # pylint: disable=g-import-not-at-top
+  """`read_split` of a JSON-lines file: a prompt is held out ("eval") by a hash of its text (`data.eval_fraction`,
+  `jsonl_split_of`)."""
   d = config.data
   examples = read_jsonl(d.source)
   fraction = d.get("eval_fraction", JSONL_EVAL_FRACTION)
-  rows = np.asarray([i for i, p in enumerate(examples["prompt"]) if embedded.split_of(p, fraction, "jsonl") == split],
-                    np.int64)
+  rows = np.asarray([i for i, p in enumerate(examples["prompt"]) if jsonl_split_of(p, fraction) == split], np.int64)
   total = len(rows)
   if total > limit:
     rows = np.sort(np.random.default_rng([d.seed, *split.encode()]).choice(rows, size=limit, replace=False))

@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
-import hashlib
 import io
 import json
 import math
@@ -208,11 +207,19 @@ def _gzip_error(path: epath.Path, after: Optional[int], error: Exception) -> Sou
   return SourceFileError(f"{path}: the gzip data are truncated or corrupt{where}: {type(error).__name__}: {error}")
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _first_byte(path: epath.Path) -> bytes:
-  """The first non-whitespace byte of a (possibly gzipped) file, b'' if there is none."""
+  """The first non-whitespace byte of a (possibly gzipped) file after a UTF-8 byte order mark, b'' if there is
+  none."""
   with _open_binary(path) as handle:
     try:
+      first = True
       while chunk := handle.read(1 << 16):
+        if first and chunk.startswith(_BOM):  # json.loads of bytes skips it; so must the format test.
+          chunk = chunk[len(_BOM):]
+        first = False
         if chunk.strip():
           return chunk.lstrip()[:1]
     except _GZIP_ERRORS as e:
@@ -220,17 +227,46 @@ def _first_byte(path: epath.Path) -> bytes:
   return b""
 
 
+class _Fields(dict):
+  """A parsed JSON object that remembers its first repeated key (`repeated`, nested objects' as 'outer.inner')."""
+  repeated: Optional[str] = None
+
+
+def _fields(pairs: List[Tuple[str, Any]]) -> _Fields:
+  """json's object_pairs_hook: keeps the object, noting a repeated key (json alone keeps the last value, silently)."""
+  out = _Fields()
+  for key, value in pairs:
+    inner = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, _Fields) and v.repeated]
+    if out.repeated is None and key in out:
+      out.repeated = key
+    elif out.repeated is None and inner:
+      out.repeated = f"{key}.{inner[0].repeated}"
+    out[key] = value
+  return out
+
+
+def _check_row(ref: RowRef, row: Any) -> Optional[Exception]:
+  """The error of a parsed row that is not a JSON object, or repeats a key; None if it is fine."""
+  if not isinstance(row, dict):
+    return ref.error("<row>", f"expected a JSON object, got {type(row).__name__}")
+  if getattr(row, "repeated", None):
+    return ref.error(
+        row.repeated, "the key appears twice in one object: expected each field once (JSON readers "
+        "disagree on which value counts)")
+  return None
+
+
 def iter_json_rows(path: epath.Path, errors: RowErrors) -> Iterator[Tuple[RowRef, Dict[str, Any]]]:
   """Yields `(RowRef, row)` for every JSON object in a JSON-lines or JSON-array file (optionally gzipped).
 
   JSON-lines files are streamed; a file starting with '[' is read whole as one array whose elements are the rows.
   Blank lines are skipped (but counted in row numbers). A line that is not valid JSON, or a row that is not a JSON
-  object, goes to `errors` (field '<json>' or '<row>').
+  object, or an object that repeats a key, goes to `errors` (field '<json>', '<row>' or the repeated key).
   """
   if _first_byte(path) == b"[":
     with _open_binary(path) as handle:
       try:
-        rows = json.loads(handle.read())
+        rows = json.loads(handle.read(), object_pairs_hook=_fields)
       except _GZIP_ERRORS as e:
         raise _gzip_error(path, None, e) from None
       except ValueError as e:
@@ -240,8 +276,8 @@ def iter_json_rows(path: epath.Path, errors: RowErrors) -> Iterator[Tuple[RowRef
     for number, row in enumerate(rows, start=1):
       errors.rows_read += 1
       ref = RowRef(str(path), number)
-      if not isinstance(row, dict):
-        errors.handle(ref.error("<row>", f"expected a JSON object, got {type(row).__name__}"))
+      if (error := _check_row(ref, row)) is not None:
+        errors.handle(error)
         continue
       yield ref, row
     return
@@ -254,12 +290,12 @@ def iter_json_rows(path: epath.Path, errors: RowErrors) -> Iterator[Tuple[RowRef
         errors.rows_read += 1
         ref = RowRef(str(path), number)
         try:
-          row = json.loads(line)
+          row = json.loads(line, object_pairs_hook=_fields)
         except ValueError as e:  # Includes UnicodeDecodeError.
           errors.handle(ref.error("<json>", f"not valid JSON ({e})"))
           continue
-        if not isinstance(row, dict):
-          errors.handle(ref.error("<row>", f"expected a JSON object, got {type(row).__name__}"))
+        if (error := _check_row(ref, row)) is not None:
+          errors.handle(error)
           continue
         yield ref, row
     except _GZIP_ERRORS as e:  # Raised only by reading the file.
@@ -395,14 +431,8 @@ def has_conflict(label: np.ndarray, mask: np.ndarray) -> bool:
   return bool(np.any(mask & (label == 1)) and np.any(mask & (label == 0)))
 
 
-def stable_hash(*parts: str) -> bytes:
-  """SHA-256 of the parts (NUL-separated, UTF-8); independent of PYTHONHASHSEED and the platform."""
-  return hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
-
-
-def prompt_bucket(prompt: str, salt: str) -> float:
-  """A number in [0, 1) determined by the prompt text and the salt only."""
-  return int.from_bytes(stable_hash(salt, prompt)[:8], "big") / 2.0**64
+stable_hash = jsonl.stable_hash
+prompt_bucket = jsonl.prompt_bucket
 
 
 def split_for_prompt(prompt: str, validation_fraction: float, test_fraction: float, salt: str) -> str:
@@ -523,7 +553,7 @@ class HashSplitConfig(SourceConfig):
 
   validation_fraction: float = 0.05
   test_fraction: float = 0.05
-  split_salt: str = "spectral_soup"
+  split_salt: str = jsonl.SPLIT_SALT
   tie_epsilon: float = 0.0
 
   def __post_init__(self):
