@@ -400,6 +400,22 @@ def test_ratings_fit_is_exact_with_feature_columns_of_uneven_scale(num):
   np.testing.assert_allclose(lam, exact, rtol=2e-4, atol=2e-5 * np.abs(exact).max())
 
 
+def test_ratings_fit_with_a_large_common_offset_in_the_features():
+  """Implicit-reward features with a common offset (no fit_intercept): cond(X^T X + l2 I) ~ 5e5. The normal
+  equations lost 6% of lam in float32; least squares on the stacked system keeps float32's precision."""
+  feats = np.array([[100.0, 100.2, 99.9, 100.1], [100.1, 99.8, 100.3, 100.0]])
+  ratings, l2 = np.array([1.0, -0.5]), 0.1
+  exact = np.linalg.solve(feats.T @ feats + l2 * np.eye(4), feats.T @ ratings)
+  assert np.linalg.cond(feats.T @ feats + l2 * np.eye(4)) > 1e5
+  lam = online.fit_lambda_ratings(feats.astype(np.float32), ratings.astype(np.float32), l2=l2)
+  np.testing.assert_allclose(lam, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+  # A concrete jax / numpy bool is a bool.
+  np.testing.assert_array_equal(
+      online.fit_lambda_ratings(feats.astype(np.float32), ratings.astype(np.float32), l2=l2,
+                                fit_intercept=jnp.asarray(True)),
+      online.fit_lambda_ratings(feats.astype(np.float32), ratings.astype(np.float32), l2=l2, fit_intercept=True))
+
+
 @pytest.mark.parametrize("feature, l2, start", [(-300.0, 0.1, "prior_mean"), (-30.0, 0.01, "init"),
                                                 (-100.0, 0.1, "init"), (-1e4, 1e-3, "init")])
 def test_a_start_that_saturates_the_logits_still_reaches_the_optimum(feature, l2, start):
@@ -463,6 +479,26 @@ def test_posterior_is_inverse_hessian_and_thompson_samples_match_it():
   np.testing.assert_allclose(np.cov(samples.T), cov, atol=0.15 * np.abs(cov).max())
 
 
+def test_posterior_and_max_info_weigh_saturated_logits_exactly():
+  """s (1 - s) at logits beyond ~17 (float32's 1 - s is 0 there, while s for -z keeps e^-z): the posterior of a
+  separable pair of rows at feature scale 1e4 (logits +-20) was 1.95x too wide, and depended on the rows' signs;
+  max_info's choice depended on the candidates' order."""
+  x = np.array([[1e4], [-1e4]], np.float32)
+  lam = online.fit_lambda(x, np.array([1.0, 0.0], np.float32), l2=0.01)
+  z = x.astype(np.float64) @ np.asarray(lam, np.float64)
+  assert np.all(np.abs(z) > 18)
+  weights = np.exp(-np.logaddexp(0, z) - np.logaddexp(0, -z))
+  exact = 1.0 / (np.sum(weights * 1e8) + 0.01)
+  for rows in (x, -x):
+    _, cov = online.posterior(lam, rows, l2=0.01)
+    np.testing.assert_allclose(float(cov[0, 0]), exact, rtol=1e-4)
+  # Pair scores log(1 + s (1 - s) d^T cov d): (0, 2) at logit -18 beats (1, 2) at logit +22 in float64.
+  feats = np.array([[0.0], [40.0], [18.0]], np.float32)
+  for order in ([0, 1, 2], [2, 1, 0]):
+    i, j = online.choose_pair(feats[order], np.array([-1.0], np.float32), np.eye(1, dtype=np.float32), rule="max_info")
+    assert {order[int(i)], order[int(j)]} == {0, 2}
+
+
 def test_choose_pair_max_variance_hand_made():
   feats = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.5, 0.5]], np.float32)
   cov = np.diag([1.0, 0.01]).astype(np.float32)
@@ -489,14 +525,17 @@ def test_update_users_ring_buffer_refits_in_one_call():
   give = rng.uniform(size=(rounds, num_users)) < 0.9
   give[:, 0] = True  # User 0 answers every round (its buffer wraps), user 1 never does.
   give[:, 1] = False
-  deltas[5, 2, 0] = np.nan  # Invalid comparisons are rejected.
-  prefs[7, 3] = 1.5
+  deltas[5, 2, 0] = np.nan  # Non-finite comparisons are not appended (the user's num_invalid counts them).
+  prefs[7, 3] = np.nan
   give[[5, 7], [2, 3]] = True
   for t in range(rounds):
     state = online.update_users(state, deltas[t], prefs[t], give[t])
+  # A finite label outside [0, 1] is a convention error, refused as fit_lambda refuses it (it was dropped silently).
+  with pytest.raises(ValueError, match=r"new_pref\[3\] = -1.0: expected a label in \[0, 1\]"):
+    online.update_users(state, deltas[0], np.where(np.arange(num_users) == 3, -1.0, 1.0), give[0] | True)
   mean, cov = online.state_posterior(state)
   state = jax.tree.map(np.asarray, state)
-  valid = give & np.all(np.isfinite(deltas), -1) & (prefs <= 1)
+  valid = give & np.all(np.isfinite(deltas), -1) & np.isfinite(prefs)
   np.testing.assert_array_equal(state.count, valid.sum(0))
   np.testing.assert_array_equal(state.num_invalid, [0, 0, 1, 1, 0, 0])
   np.testing.assert_array_equal(state.lam[1], np.zeros(num))

@@ -230,7 +230,7 @@ def dims(batched: bool, *names: str) -> str:
   return "[" + ", ".join((("U",) if batched else ()) + names) + "]"
 
 
-def check_labels(prefs: Any, mask: Any) -> None:
+def check_labels(prefs: Any, mask: Any, name: str = "prefs") -> None:
   """Concrete values only: a finite label outside [0, 1] on a row that counts (mask > 0) raises ValueError.
 
   -1 / +1 labels are a caller's convention error, not a bad data point, so they are refused, naming the first.
@@ -243,7 +243,7 @@ def check_labels(prefs: Any, mask: Any) -> None:
   bad = np.argwhere(counts & np.isfinite(p) & ((p < 0) | (p > 1)))
   if bad.size:
     index = tuple(int(i) for i in bad[0])
-    raise ValueError(f"prefs{list(index)} = {float(p[index])}: expected a label in [0, 1] (1: the first response "
+    raise ValueError(f"{name}{list(index)} = {float(p[index])}: expected a label in [0, 1] (1: the first response "
                      f"preferred, 0: the second, 0.5: a tie) on every row the mask counts; {len(bad)} such "
                      f"row{'s' if len(bad) > 1 else ''} in total.")
 

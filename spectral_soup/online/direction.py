@@ -120,6 +120,15 @@ def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = No
   if bad.size:
     raise ValueError(f"users {bad[:10].tolist()} have non-finite delta_features or prefs on comparisons the mask "
                      "counts (mask them out).")
+  # Each user's log-likelihood sums m_n * |scale * margin_n| <= scales[1] * sum_n m_n max_k |x_nk| in float32: beyond
+  # its range the user's direction was NaN (features ~1e37 and more), with only numpy's overflow warning.
+  with np.errstate(over="ignore"):
+    reach = max(hi, 1.0) * np.sum(m * np.max(np.abs(x), axis=-1, initial=0.0), axis=-1)
+  big = np.flatnonzero(reach > _MAX_FLOAT32 / 4)
+  if big.size:
+    raise ValueError(f"users {big[:10].tolist()} have delta_features up to {np.max(np.abs(x[big[0]])):.3g}: their "
+                     f"log-likelihood at scales[1]={hi:g} leaves float32's range (about 3.4e38); rescale the features "
+                     "(or lower scales).")
   if directions is None:
     if key is None:
       raise ValueError("posterior_mean_direction needs a key (or the prior draws, `directions`).")

@@ -4,6 +4,12 @@ The Laplace approximation N(lam_hat, H(lam_hat)^-1) around the fitted optimum (H
 objective) gives posterior samples of lam (`thompson_sample`) and the choice of which two of M candidate responses
 to show the user next (`choose_pair`). As in `fit`, each entry point has a one-user form and a batched form over U
 users that share their argument checks and run the same one-user core.
+
+The posterior knows nothing of a constraint the fit had (`constraint="simplex"` / `"box"`): it is the Gaussian with
+the unconstrained objective's Hessian around the (constrained) optimum, so at an optimum on a bound about half its
+samples fall outside the feasible set (e.g. negative weights for a nonnegative fit). Project the samples
+(`online.projections.project`) where the caller needs feasible weights; the online protocol serves them as they
+are (a soup takes any real weights).
 """
 
 from __future__ import annotations
@@ -43,8 +49,7 @@ _COV_JITTER = 1e-5
 def posterior_core(lam: Array, x: Array, m: Array, l2: Array) -> Tuple[Array, Array]:
   """`posterior` on materialized arrays of one user: (lam `[K]`, cov `[K, K]`)."""
   x, _, m = newton.sanitize(x, jnp.zeros(x.shape[:1], x.dtype), m)
-  s = jax.nn.sigmoid(x @ lam)
-  h = newton.hessian(x, s, m, l2)
+  h = newton.hessian(x, None, m, l2, w=m * newton.curvature(x @ lam))  # Exact weights also for saturated logits.
   h = 0.5 * (h + h.T)
   evals, evecs = jnp.linalg.eigh(h)
   evals = jnp.maximum(evals, l2)  # Exact arithmetic gives evals >= l2; rounding may not.
@@ -225,8 +230,7 @@ def _choose_pair_core(f, mean, cov, valid, key, *, rule):
   d = f[:, None, :] - f[None, :, :]  # [M, M, K]
   variance = jnp.maximum(jnp.einsum("ijk,kl,ijl->ij", d, cov, d), 0.0)  # d^T cov d for every pair.
   if rule == "max_info":
-    s = jax.nn.sigmoid(d @ mean)
-    score = jnp.log1p(s * (1.0 - s) * variance)
+    score = jnp.log1p(newton.curvature(d @ mean) * variance)  # s (1 - s) without 1 - s's cancellation.
   else:
     score = variance
   return _masked_argmax_pair(jnp.where(pair_ok, score, -jnp.inf))

@@ -68,15 +68,26 @@ def sanitize(x: Array, p: Array, m: Array) -> Tuple[Array, Array, Array]:
   return x, p, m
 
 
-def hessian(x: Array, s: Array, m: Array, l2: Array, x_t: Optional[Array] = None) -> Array:
-  """X^T diag(m s (1 - s)) X + l2 I: `[K, K]`.
+def curvature(z: Array) -> Array:
+  """sigmoid(z) (1 - sigmoid(z)), the log-loss's second derivative at logit z, as sigmoid(z) sigmoid(-z): accurate
+  to rounding at any z (in float32, 1 - sigmoid(z) is 0 for z > ~17, where the curvature is still e^-z)."""
+  return jax.nn.sigmoid(z) * jax.nn.sigmoid(-z)
+
+
+def hessian(x: Array, s: Array, m: Array, l2: Array, x_t: Optional[Array] = None, *,
+            w: Optional[Array] = None) -> Array:
+  """X^T diag(m s (1 - s)) X + l2 I: `[K, K]` (`w`: the weights m s (1 - s) themselves, e.g. `m * curvature(z)`).
+
+  The Newton steps weigh by s (1 - s) from s = sigmoid(z), which underflows to 0 for z > ~17 in float32: that only
+  slows their convergence there (the gradient sets the optimum). The posterior covariance and the implicit
+  derivative, which are the inverse Hessian itself, pass `w = m * curvature(z)`.
 
   `x_t`: x.T (`[K, N]`) materialized by the caller, for repeated calls on the same x: batched over users (vmap), the
   dot then contracts the weighted operand's minor axis, which XLA's CPU dot runs 2-3x faster than contracting
   x's major axis twice (XLA folds a transpose written next to the dot back into the dot, so it must be materialized
   outside the caller's loop).
   """
-  w = m * s * (1.0 - s)
+  w = m * s * (1.0 - s) if w is None else w
   eye = l2 * jnp.eye(x.shape[-1], dtype=x.dtype)
   if x_t is not None:
     return (x_t * w[None, :]) @ x + eye
@@ -328,7 +339,7 @@ def _fit_converged_jvp(constraint, num_iters, num_inner_iters, tol, primals, tan
   lam = _fit_converged(constraint, num_iters, num_inner_iters, tol, *primals)
   theta, theta_dot = (x, p, m, l2, mu, lo, hi), tuple(t for i, t in enumerate(tangents) if i != 5)
   xs, _, ms = sanitize(x, p, m)
-  h = hessian(xs, jax.nn.sigmoid(xs @ lam), ms, l2)
+  h = hessian(xs, None, ms, l2, w=ms * curvature(xs @ lam))
   # Constrained, any step > 0 gives the same optimum: 1 / (a bound of H's largest eigenvalue) keeps J well scaled.
   step = jnp.ones((), lam.dtype) if constraint is None else jax.lax.stop_gradient(1.0 / _largest_eig_bound(h))
   residual = lambda lam, *theta: optimality_residual(lam, *theta, constraint=constraint, step=step)

@@ -23,6 +23,7 @@ from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import check_constraint
 from spectral_soup.online.checks import check_finite
 from spectral_soup.online.checks import check_l2
+from spectral_soup.online.checks import check_labels
 from spectral_soup.online.checks import check_numeric
 from spectral_soup.online.checks import check_row_weights
 from spectral_soup.online.checks import check_shapes
@@ -160,8 +161,10 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
                  tol: float = DEFAULT_TOL) -> UserState:
   """Appends one comparison per user to the ring buffers and refits every user that got one: one compiled call.
 
-  The refit warm-starts from the current lam. A comparison holding NaN / Inf, or a label outside [0, 1], is not
-  appended (that user's `num_invalid` grows and its lam is unchanged), so one bad input never poisons a buffer.
+  The refit warm-starts from the current lam. A comparison holding NaN / Inf is not appended (that user's
+  `num_invalid` grows and its lam is unchanged), so one bad input never poisons a buffer. A finite label outside
+  [0, 1] (a -1 / +1 convention) raises ValueError when the labels are concrete, as in `fit_lambda`; traced (under
+  jit), it is not appended either.
   With a constraint, a user without any comparison yet gets the prior mean projected onto it (`fit_lambda`'s answer
   for no comparisons), whatever lam the state held.
 
@@ -193,12 +196,14 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
                        "comparison counts; the user state holds no row weights (fit_lambda takes them).")
   wants = jnp.ones((num_users,), bool) if new_mask is None else jnp.asarray(new_mask, bool)
   check_shapes("new_mask", wants, (num_users,), "[U]")
+  check_labels(new_pref, new_mask, name="new_pref")  # They were dropped silently (only num_invalid grew).
   lo, hi = newton.box_arrays(constraint, box, num, dtype)
   return _update_users_jit(state, jnp.asarray(new_delta, dtype), jnp.asarray(new_pref, dtype), wants, lo, hi,
                            constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters, tol=float(tol))
 
 
 def state_posterior(state: UserState) -> Tuple[Array, Array]:
-  """The Laplace posterior of every user in `state`: (mean `[U, K]`, cov `[U, K, K]`)."""
+  """The Laplace posterior of every user in `state`: (mean `[U, K]`, cov `[U, K, K]`); unconstrained, whatever
+  constraint the updates used (`laplace`'s module docstring)."""
   mask = state.mask.astype(state.features.dtype)
   return laplace.posterior_core_batched(state.lam, state.features, mask, state.l2)

@@ -110,6 +110,9 @@ def make_users(kind: str, num_users: int, seed: int, *, split: str = "train", nu
   check_int("seed", seed, 0)
   if kind == "product" and num_attributes < 2:
     raise ValueError("'product' users need num_attributes >= 2.")
+  if not is_real(temperature):  # A list or a string failed inside jnp.full.
+    raise ValueError(f"temperature={temperature!r}: expected one number >= 0 shared by all users "
+                     "(linear_users takes one per user).")
   _check_temperature(temperature)
   if not (is_real(concentration) and np.isfinite(concentration) and concentration > 0):
     raise ValueError(f"concentration={concentration!r}: expected a finite number > 0.")
@@ -139,9 +142,11 @@ def make_users(kind: str, num_users: int, seed: int, *, split: str = "train", nu
 def _check_temperature(temperature: Any) -> None:
   """Temperatures must be finite and >= 0: NaN or a negative one made every choice deterministic, silently."""
   values = np.asarray(temperature, np.float64)
-  if not np.all(np.isfinite(values) & (values >= 0)):
-    bad = values.ravel()[~(np.isfinite(values.ravel()) & (values.ravel() >= 0))][0]
-    raise ValueError(f"temperature={float(bad)!r}: expected a finite number >= 0 (0: deterministic choices).")
+  ok = np.isfinite(values) & (values >= 0) & (values <= np.finfo(np.float32).max)  # Stored as float32: 1e39 is inf.
+  if not np.all(ok):
+    bad = values.ravel()[~ok.ravel()][0]
+    raise ValueError(f"temperature={float(bad)!r}: expected a finite number >= 0 within float32's range (0: "
+                     "deterministic choices).")
 
 
 def linear_users(weights: ArrayLike, temperature: ArrayLike = 1.0) -> SimulatedUsers:
@@ -211,7 +216,17 @@ def standardize_scores(scores: ArrayLike, mean: Optional[ArrayLike] = None,
   if np.any(~np.isfinite(std) | (std <= 0)):  # A given std of 0 divided into inf.
     bad = int(np.flatnonzero(~np.isfinite(std) | (std <= 0))[0]) if std.ndim else 0
     raise ValueError(f"std[{bad}] = {np.ravel(std)[bad]:g}: expected finite numbers > 0 (one per attribute).")
-  return ((scores - mean) / std).astype(np.float32), mean.astype(np.float32), std.astype(np.float32)
+  with np.errstate(over="ignore"):
+    out = ((scores - mean) / std).astype(np.float32)
+  overflow = np.argwhere(np.isinf(out))
+  if overflow.size:  # Finite scores whose z-score (or mean / std) leaves float32: inf would pass on silently.
+    index = tuple(int(i) for i in overflow[0])
+    raise ValueError(f"scores{list(index)} = {scores[index]:g} standardizes to {out[index]} in float32 (mean "
+                     f"{mean[index[-1]]:g}, std {std[index[-1]]:g}): expected scores whose z-scores are within "
+                     "float32's range (rescale them).")
+  if not (np.all(np.isfinite(mean.astype(np.float32))) and np.all(np.isfinite(std.astype(np.float32)))):
+    raise ValueError(f"mean {mean} / std {std}: expected values within float32's range (rescale the scores).")
+  return out, mean.astype(np.float32), std.astype(np.float32)
 
 
 def _check_scores(users: SimulatedUsers, scores: ArrayLike, name: str) -> None:
@@ -275,6 +290,7 @@ def true_reward(users: SimulatedUsers, scores: ArrayLike) -> Array:
     `[U, N]` float32.
   """
   _check_scores(users, scores, "scores")
+  check_finite("scores", scores)  # A NaN (missing) score gave a threshold user a reward of 0, silently.
   return _reward_jit(users, jnp.asarray(scores, jnp.float32))
 
 
@@ -290,6 +306,8 @@ def choice_prob(users: SimulatedUsers, scores_a: ArrayLike, scores_b: ArrayLike)
     `[U, N]` float32 probabilities that each user prefers a.
   """
   _check_pair(users, scores_a, scores_b)
+  for name, scores in (("scores_a", scores_a), ("scores_b", scores_b)):
+    check_finite(name, scores)  # NaN gave threshold users P = sigmoid(-1) or 0.5, silently.
   return _prob_jit(users, jnp.asarray(scores_a, jnp.float32), jnp.asarray(scores_b, jnp.float32))
 
 

@@ -143,6 +143,11 @@ def check_key(key: Any, name: str = "key") -> None:
       raise ValueError(f"{name} must be one PRNG key, got an array of {key.shape} keys (split it, or pass one).")
     return
   if np.ndim(key) == 1 and np.asarray(key).dtype == np.uint32:
+    # The default implementation's raw key length (threefry: 2 words); another length fails deep inside jax.random.
+    size = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
+    if np.shape(key)[0] != size:
+      raise ValueError(f"{name} is a raw uint32 key of {np.shape(key)[0]} words: expected {size} (jax.random.PRNGKey"
+                       f"(seed)), or a typed key (jax.random.key(seed)).")
     return
   raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
                    f"{type(key).__name__} {key!r}"[:200] + ".")

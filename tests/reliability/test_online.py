@@ -155,7 +155,7 @@ def test_online_updates_reject_a_bad_comparison_and_leave_others_alone():
   delta, pref = x[:, 3].copy(), p[:, 3].copy()
   bad_delta, bad_pref = delta.copy(), pref.copy()
   bad_delta[BAD, 0] = np.nan
-  bad_pref[BAD + 1] = 1.5  # A label outside [0, 1] is rejected too.
+  bad_pref[BAD + 1] = np.nan  # A NaN label is rejected too (a finite one outside [0, 1] raises: a convention error).
   after = online.update_users(state, bad_delta, bad_pref)
   skipping = np.ones(U, bool)
   skipping[[BAD, BAD + 1]] = False
@@ -522,6 +522,12 @@ def test_online_values_that_changed_the_result_silently_are_refused(index):
         (lambda: online.thompson_sample(0, np.zeros(K), np.eye(K)), r"key must be a PRNG key \(jax.random.key\(seed\)"),
         (lambda: online.choose_pair(_CANDIDATES, np.zeros(K), np.eye(K), rule="thompson", key=3),
          r"key must be a PRNG key"),
+        # A raw uint32 key of the wrong length ("invalid PRNG key data" from inside jax.random).
+        (lambda: online.thompson_sample(np.zeros(5, np.uint32), np.zeros(K), np.eye(K)),
+         r"key is a raw uint32 key of 5 words: expected 2"),
+        # A label outside [0, 1] given to update_users was dropped silently (only num_invalid grew).
+        (lambda: online.update_users(online.init_user_state(U, K, N), _X[:, 0], _with(np.ones(U), 1, -1.0)),
+         r"new_pref\[1\] = -1.0: expected a label in \[0, 1\]"),
         # The objective: prefs of one row broadcast over all, a negative l2 and labels of 7 were evaluated.
         (lambda: online.log_loss(np.zeros(K), _X[1], [1.0], l2=1.0), r"prefs must have shape \[N\] = \[12\], got \(1,\)"
         ),
@@ -532,8 +538,9 @@ def test_online_values_that_changed_the_result_silently_are_refused(index):
     ids=[
         "fit_row_1e39", "fit_mask_1e39", "fit_prior_1e39", "fit_init_1e39", "fit_box_1e39", "ratings_row_1e39",
         "posterior_nan_lam_hat", "posterior_nan_row", "choose_pair_mask_minus_one", "choose_pair_mask_nan",
-        "update_users_mask_weight", "thompson_int_key", "choose_pair_int_key", "log_loss_prefs_shape",
-        "log_loss_negative_l2", "log_loss_label_7", "log_loss_lam_shape"
+        "update_users_mask_weight", "thompson_int_key", "choose_pair_int_key", "thompson_five_word_key",
+        "update_users_label_minus_one", "log_loss_prefs_shape", "log_loss_negative_l2", "log_loss_label_7",
+        "log_loss_lam_shape"
     ])
 def test_values_that_made_nan_or_a_silent_result_are_named(call, message):
   with pytest.raises(ValueError, match=message):
@@ -607,6 +614,19 @@ def test_the_objective_still_takes_zero_l2_and_row_weights():
         (lambda: online.init_user_state(U, K, N, dtype=np.float64), r"dtype=float64 needs jax's 64-bit mode"),
         (lambda: selection.cross_validate(_X, _P, [1.0], folds=2.5), r"folds=2.5: expected an integer in 2..12"),
         (lambda: selection.cross_validate(_X, _P, 1.0), r"l2s=1.0: expected a list of penalties"),
+        # Silently NaN, inf or a reward of 0 for a missing score; cryptic TypeErrors.
+        (lambda: direction.posterior_mean_direction(_with(_X, (0, 0, 0), 1e37), _P, key=jax.random.key(0)),
+         r"users \[0\] have delta_features up to 1e\+37: their log-likelihood at scales\[1\]=.* leaves float32's"),
+        (lambda: online.true_reward(online.make_users("threshold", 2, 0, num_attributes=2), np.full(
+            (1, 2), np.nan)), r"scores\[0, 0\] is nan"),
+        (lambda: online.choice_prob(online.make_users("threshold", 2, 0, num_attributes=2), np.full(
+            (1, 2), np.nan), np.zeros((1, 2))), r"scores_a\[0, 0\] is nan"),
+        (lambda: online.make_users("dirichlet", 3, 0, temperature=[1.0, 2.0, 3.0]),
+         r"temperature=\[1.0, 2.0, 3.0\]: expected one number >= 0 shared by all users"),
+        (lambda: online.make_users("dirichlet", 3, 0, temperature=1e39), r"temperature=1e\+39: expected a finite number"
+         r" >= 0 within float32's range"),
+        (lambda: online.standardize_scores(np.ones(
+            (2, 2)), mean=[0.0, 0.0], std=[1e-45, 1.0]), r"scores\[0, 0\] = 1 standardizes to inf in float32"),
     ],
     ids=[
         "direction_mask_minus_one", "direction_mask_nan", "direction_scale_inf", "direction_scale_1e39",
@@ -616,7 +636,8 @@ def test_the_objective_still_takes_zero_l2_and_row_weights():
         "posterior_no_feature", "sgd_lr_vector", "sgd_l2_vector", "thompson_cov_1e39", "thompson_two_keys",
         "choose_pair_batched_indefinite", "log_loss_nan_lam", "standardize_mean_shape", "standardize_mean_nan",
         "standardize_inf_score", "standardize_all_nan_attribute", "state_dtype_unknown", "state_float64_without_x64",
-        "cross_validate_folds", "cross_validate_scalar_l2s"
+        "cross_validate_folds", "cross_validate_scalar_l2s", "direction_features_1e37", "true_reward_nan_score",
+        "choice_prob_nan_score", "make_users_temperature_list", "make_users_temperature_1e39", "standardize_overflow"
     ])
 def test_online_inputs_that_were_misread_or_failed_unclearly_are_named(call, message):
   with pytest.raises(ValueError, match=message):
