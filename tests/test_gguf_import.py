@@ -114,7 +114,7 @@ def _gguf_name(hf_name: str) -> str:
 
 
 def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str = "llama", ffn_length: int = _F,
-                block_count: Any = _L, head_count: Any = _H, extra_metadata=None) -> Dict[str, np.ndarray]:
+                block_count: Any = _L, head_count: Any = _H, extra_metadata=None, merges=None) -> Dict[str, np.ndarray]:
   """Writes a tiny Llama GGUF (with tokenizer) to `path`; returns its weights in HF names and layouts.
 
   extra_metadata: called with the writer after the standard metadata, to add keys."""
@@ -139,7 +139,7 @@ def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str =
   w.add_tokenizer_pre("smollm")
   w.add_token_list(tokens)
   w.add_token_types(types)
-  w.add_token_merges(_MERGES)
+  w.add_token_merges(_MERGES if merges is None else merges)
   w.add_bos_token_id(1)
   w.add_eos_token_id(2)
   w.add_unk_token_id(0)
@@ -335,6 +335,15 @@ def test_what_the_model_cannot_run_is_refused_before_any_tensor_is_read(tmp_path
   with pytest.raises(ValueError, match=r"scaled\.gguf'?: .*" + message):
     gguf_import.read_gguf(path)
   assert not read
+
+
+def test_a_merge_of_a_token_outside_the_vocabulary_is_named(tmp_path):
+  """The tokenizers library raised a bare `Exception: Error while initializing BPE` naming neither file nor merge."""
+  path = tmp_path / "badmerge.gguf"
+  _write_tiny(path, merges=_MERGES + ["Ġthe zzzz"])
+  with pytest.raises(ValueError, match=r"badmerge.gguf'?: merge 8 'Ġthe zzzz' names 'zzzz', which is not in the "
+                     r"vocabulary"):
+    gguf_import.tokenizer_from_gguf(path)
 
 
 def test_unsupported_architecture(tmp_path):

@@ -309,6 +309,58 @@ def test_missing_tensor_names_file_and_tensor(llama_dir, tmp_path):
   assert str(bad / "model.safetensors") in str(err.value) and name in str(err.value)
 
 
+def test_a_float8_tensor_is_named_as_a_quantized_weight_not_a_corrupt_file(llama_dir, tmp_path):
+  from safetensors.torch import load_file as load_torch, save_file as save_torch  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / "fp8"
+  bad.mkdir()
+  shutil.copy(llama_dir / "config.json", bad / "config.json")
+  state = load_torch(str(llama_dir / "model.safetensors"))
+  name = "model.layers.0.mlp.up_proj.weight"
+  state[name] = state[name].to(torch.float8_e4m3fn)
+  save_torch(state, str(bad / "model.safetensors"))
+  with pytest.raises(
+      ValueError, match=rf"model.safetensors: tensor '{name}' has dtype F8_E4M3: expected float32, "
+      r"float16 or bfloat16 weights \(quantized checkpoints are not supported"):
+    hf_import.load_hf_checkpoint(bad)
+
+
+@pytest.mark.parametrize("family, overrides, message", [
+    ("gemma3", dict(query_pre_attn_scalar=-16), r"query_pre_attn_scalar=-16 is not supported: expected a finite "
+     r"number > 0"),
+    ("gemma3", dict(query_pre_attn_scalar=0), r"query_pre_attn_scalar=0 is not supported"),
+    ("gemma3", dict(sliding_window=None), r"sliding_window=None is not supported: expected a window of >= 1 tokens"),
+])
+def test_gemma3_scalars_that_made_a_silently_wrong_model_are_refused(tmp_path, family, overrides, message):
+  """query_pre_attn_scalar=-16 became a complex query scale (near-uniform attention, no error); 0 a bare
+  ZeroDivisionError; a null window an int() TypeError naming no field."""
+  path = hf_fixtures.save_tiny_checkpoint(family, tmp_path / "ck")
+  config = json.loads((path / "config.json").read_text())
+  config.update(overrides)
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=rf"config.json: .*{message}"):
+    hf_import.load_hf_checkpoint(path)
+
+
+@pytest.mark.parametrize("family, field", [("gpt2", "n_positions"), ("gemma3", "head_dim")])
+def test_an_architecture_field_left_to_transformers_default_is_named(tmp_path, family, field):
+  """Without them transformers' class defaults (1,024 positions, head_dim 256) applied and the weights' shapes
+  were blamed."""
+  path = hf_fixtures.save_tiny_checkpoint(family, tmp_path / "ck")
+  config = json.loads((path / "config.json").read_text())
+  del config[field]
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=rf"config.json: no '{field}': expected the .* architecture's {field}"):
+    hf_import.load_hf_checkpoint(path)
+
+
+def test_a_scale_that_is_not_a_positive_number_is_refused_by_the_config():
+  cfg = hf_import.config_from_hf(hf_fixtures.tiny_hf_config("gemma3"))
+  for field, value in (("query_scale", complex(0, -0.25)), ("embed_scale", -1.0), ("final_logit_softcap", 0.0),
+                       ("attn_logit_softcap", float("nan"))):
+    with pytest.raises(ValueError, match=rf"TransformerConfig.{field}=.* is invalid: expected None or a finite"):
+      cfg.replace(**{field: value})
+
+
 def test_unused_tensors_warn_and_ignorable_ones_do_not(loaded, caplog):
   sd = _state_dict(loaded.hf_model)
   if loaded.family == "gemma3":  # Multimodal layout: text under model.language_model, a vision tower beside it.

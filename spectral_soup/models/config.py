@@ -9,6 +9,7 @@ that the layer stack stays a single `nn.scan`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
@@ -91,6 +92,10 @@ class TransformerConfig:
       need(not any(self.layer_is_local) or (self.sliding_window or 0) > 0, "sliding_window",
            "a positive window when some layer is local")
     need(self.sliding_window is None or self.sliding_window > 0, "sliding_window", "None or > 0")
+    for field in ("query_scale", "attn_logit_softcap", "final_logit_softcap", "embed_scale"):
+      value = getattr(self, field)  # A complex or negative scale (a config's negative scalar) ran silently.
+      need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf),
+           field, "None or a finite number > 0")
 
   @property
   def local_layers(self) -> Tuple[bool, ...]:

@@ -478,6 +478,10 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> transformers.PreTrainedToken
     parts = merge.split(" ")
     if len(parts) != 2:
       raise ValueError(f"{path!r}: merge {rank} {merge!r} is not two space-separated tokens")
+    missing = [part for part in parts if part not in vocab]
+    if missing:  # The tokenizers library raises a bare Exception naming neither the file nor the merge.
+      raise ValueError(f"{path!r}: merge {rank} {merge!r} names {missing[0]!r}, which is not in the vocabulary "
+                       "(tokenizer.ggml.tokens): expected merges of vocabulary tokens")
     pairs.append((parts[0], parts[1]))
 
   backend = tokenizers.Tokenizer(

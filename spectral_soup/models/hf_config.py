@@ -151,6 +151,14 @@ def _gemma3_fields(hf: Any, tie: Optional[bool] = None, multimodal: bool = False
     logger.warning(
         "%s config field attn_logit_softcapping=%r is ignored, as in transformers' Gemma 3 "
         "(only Gemma 2 applies it).", mt, hf.attn_logit_softcapping)
+  qpa = hf.query_pre_attn_scalar
+  if isinstance(qpa, bool) or not isinstance(qpa, (int, float)) or not (0 < qpa < float("inf")):
+    raise _unsupported(mt, "query_pre_attn_scalar", qpa, "expected a finite number > 0 (queries are scaled by its "
+                       "inverse square root)")
+  if any(is_local) and (isinstance(hf.sliding_window, bool) or not isinstance(hf.sliding_window, int) or
+                        hf.sliding_window < 1):
+    raise _unsupported(mt, "sliding_window", hf.sliding_window,
+                       f"expected a window of >= 1 tokens for the {sum(is_local)} 'sliding_attention' layers")
   final_softcap = None if hf.final_logit_softcapping is None else float(hf.final_logit_softcapping)
   if multimodal and final_softcap is not None:
     # Gemma3ForConditionalGeneration applies no final softcap (Gemma3ForCausalLM does); match the architecture
@@ -166,8 +174,8 @@ def _gemma3_fields(hf: Any, tie: Optional[bool] = None, multimodal: bool = False
               activation=_activation(mt, "hidden_activation", hf.hidden_activation), gated_mlp=True, use_bias=False,
               rope_base=global_theta, rope_local_base=local_theta, rope_scale=scale,
               sliding_window=int(hf.sliding_window) if any(is_local) else None, layer_is_local=is_local,
-              query_scale=float(hf.query_pre_attn_scalar)**-0.5, attn_logit_softcap=None,
-              final_logit_softcap=final_softcap, embed_scale=float(hf.hidden_size)**0.5,
+              query_scale=float(qpa)**-0.5, attn_logit_softcap=None, final_logit_softcap=final_softcap,
+              embed_scale=float(hf.hidden_size)**0.5,
               tie_embeddings=bool(hf.tie_word_embeddings if tie is None else tie))
 
 

@@ -345,6 +345,13 @@ class _SafetensorsStateDict(Mapping):
     try:
       return self._handles[path].get_tensor(name)
     except Exception as e:  # The reader's own errors name neither the file nor the tensor.
+      try:
+        stored = self._handles[path].get_slice(name).get_dtype()  # From the header: e.g. "F8_E4M3".
+      except Exception:  # pylint: disable=broad-except  (a damaged header: reported as such below)
+        stored = None
+      if stored and stored not in ("F64", "F32", "F16", "BF16"):  # A valid file of a dtype numpy cannot hold.
+        raise ValueError(f"{path}: tensor {name!r} has dtype {stored}: expected float32, float16 or bfloat16 "
+                         "weights (quantized checkpoints are not supported; dequantize them first).") from None
       raise ValueError(f"{path}: tensor {name!r} could not be read; the file is probably truncated or corrupt "
                        f"({type(e).__name__}: {e}).") from e
 
@@ -404,11 +411,14 @@ def _safetensors_files(path: Path) -> List[Path]:
 # Architecture fields a checkpoint's config.json must state (transformers would fill a missing one with its class
 # default, e.g. Llama-7B's width, and the weights would then be blamed for the mismatch).
 _REQUIRED_HF_FIELDS = {
-    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head"),
+    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
     "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
     "mistral": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
-    "gemma3_text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "gemma3_text":
+        ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim"),
 }
+# Not listed: a multimodal `gemma3` checkpoint's text_config, which real checkpoints write with only the fields that
+# differ from transformers' defaults (Gemma 3 4B's own sizes), so that the defaults are the architecture there.
 
 
 def _read_hf_config(path: Path) -> Any:
