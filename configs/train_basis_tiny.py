@@ -110,5 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 50  # Save the train state every this many steps (and at the end).
   config.checkpoint.max_to_keep = 3  # Newest checkpoints kept.
-  config.checkpoint.async_save = True  # Write checkpoints in a background thread.
+  # Write checkpoints in a background thread (a crash then also loses the steps taken while the newest one was being
+  # written; False: at most the last interval).
+  config.checkpoint.async_save = True
   return config

@@ -112,7 +112,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.checkpoint.every_steps = 100  # Checkpoint interval.
   config.checkpoint.max_to_keep = 3  # Newest checkpoints kept.
-  config.checkpoint.async_save = True  # Write checkpoints in the background.
+  # Write checkpoints in the background (a crash then also loses the steps taken while the newest one was being
+  # written; False: at most the last interval).
+  config.checkpoint.async_save = True
 
   config.launch = ml_collections.ConfigDict()
   config.launch.accelerator_type = "v5p-32"  # The TPU slice the mesh and memory estimate are sized for.

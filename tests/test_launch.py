@@ -555,6 +555,14 @@ def test_a_workdir_inside_another_runs_checkpoints_is_refused(tmp_path):
   cli.check_workdir(str(tmp_path / "checkpoints" / "x"))  # A directory named so, of no run.
 
 
+def test_a_workdir_that_is_a_dangling_symlink_is_refused_up_front(tmp_path):
+  """It passed as a missing directory and failed after the model and data loaded: `[Errno 17] File exists`."""
+  (tmp_path / "link").symlink_to(tmp_path / "gone")
+  with pytest.raises(ValueError, match=r"link is a symbolic link to .*gone, which does not exist: expected a "
+                     r"directory"):
+    cli.check_workdir(str(tmp_path / "link"))
+
+
 def test_remote_plans_check_the_jobs_config_values_for_the_machines_devices(capsys):
   """A config the job would refuse at once is refused before any machine is created, for both entry points on TPU
   and on GPU (the GPU count read from --accelerator or the machine type)."""

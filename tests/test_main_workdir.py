@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from configs import train_basis_tiny
 from experiments import main
 from spectral_soup.eval import plots
 from spectral_soup.offline import resume
@@ -130,6 +131,21 @@ def test_a_basis_training_refuses_a_main_job_workdir(tmp_path):
     resume.check_not_main_job_workdir(workdir)
   resume.check_not_main_job_workdir(os.path.join(workdir, "basis"))  # Its basis run itself: resume checks apply.
   resume.check_not_main_job_workdir(str(tmp_path / "new"))
+
+
+def test_a_basis_training_refuses_a_config_json_it_did_not_write_and_resumes_its_own(tmp_path):
+  """A Hugging Face checkpoint given as --workdir had its config.json replaced by the training's; a training
+  stopped before its first checkpoint (only its config.json) is its own workdir and restarts."""
+  foreign = tmp_path / "checkpoint"
+  foreign.mkdir()
+  (foreign / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+  with pytest.raises(ValueError, match=r"holds a config.json that no basis training wrote \(no basis / model / data"):
+    resume.check_not_main_job_workdir(str(foreign))
+  own = tmp_path / "own"
+  own.mkdir()
+  (own / "config.json").write_text(train_basis_tiny.get_config().to_json_best_effort())
+  assert resume.workdir_kind(str(own)) == resume.BASIS_TRAINING
+  resume.check_not_main_job_workdir(str(own))
 
 
 @pytest.mark.parametrize("name", ["results.json", "comparisons.npz", "k_ablation.png", "config.json"])

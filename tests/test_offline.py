@@ -195,6 +195,9 @@ def _config(**flat):
             "loss.kind": "hinge"
         }, "loss.kind"),
         ({
+            "data.tokenizer": "/nonexistent/tokenizer"
+        }, "data.tokenizer"),  # Synthetic pairs read none: load_basis failed after the run.
+        ({
             "model.num_kv_heads": 3
         }, "model.num_kv_heads"),  # Does not divide num_heads = 4.
         ({
@@ -541,6 +544,19 @@ def test_resume_refuses_another_optimizer_and_lets_the_run_grow():
   resume.check_resume(changed, "wd", 0, {k: v for k, v in saved.items() if not k.startswith("optim.")})
 
 
+@pytest.mark.parametrize("field, value, saved_value", [("basis.vocab_support", 16, 0),
+                                                       ("model.dtype", "bfloat16", "float32")])
+def test_resume_refuses_another_head_support_or_compute_dtype(field, value, saved_value):
+  """Resuming a full-vocabulary checkpoint with a 16-token support trained all 64 columns of the heads while the
+  support's normalizer assumed 16 (wrong losses, wrong held-out accuracy); another compute dtype changed the result
+  while config.json described the whole run with it. Checkpoints that predate the fields resume unchecked."""
+  saved = resume.resume_fields(_config(**{field: saved_value}))
+  assert saved[field] == saved_value
+  with pytest.raises(ValueError, match=rf"config\.{field}={value!r} differs from {saved_value!r} in the checkpoint"):
+    resume.check_resume(_config(**{field: value}), "wd", 0, saved)
+  resume.check_resume(_config(**{field: value}), "wd", 0, {k: v for k, v in saved.items() if k != field})
+
+
 @pytest.mark.parametrize("logit_bias", [False, True])
 def test_support_logprobs_exact_for_restricted_heads(logit_bias):
   """Heads zero outside a support S: the cached [B, R, S] path equals the full-vocabulary path, and gradients
@@ -805,6 +821,28 @@ def test_killed_run_resumes_bitwise(runs):
   # The metrics log reads as one run: each logged step once, in order.
   steps = [r["step"] for r in metrics_lib.read_metrics(runs["killed_dir"], kind="train")]
   assert steps == sorted(set(steps)) and steps[-1] == num_steps
+
+
+def test_a_restart_writes_a_missing_final_evaluation_once(runs, tmp_path):
+  """A run killed during its final evaluation (its last checkpoint committed, the record not yet written) is
+  restarted: the restart resumes at the last step, evaluates and writes the record, which it used to skip as a
+  finished run's (and a finished run's restart still writes none)."""
+  num_steps = train_basis_tiny.get_config().train.num_steps
+  assert runs["final_rc"] == 0, runs["final_out"][-3000:]
+  workdir = tmp_path / "run"
+  shutil.copytree(runs["killed_dir"], workdir)
+  path = workdir / metrics_lib.FILENAME
+  lines = path.read_text().splitlines(keepends=True)
+  final = [line for line in lines if json.loads(line) == {**json.loads(line), "kind": "eval", "step": num_steps}]
+  assert len(final) == 1
+  path.write_text("".join(line for line in lines if line not in final))
+  env = _env(str(tmp_path.parent / "jax_cache_restart"))
+  for _ in range(2):
+    out = subprocess.run(COMMAND + [f"--workdir={workdir}"], cwd=REPO, env=env, text=True, capture_output=True,
+                         timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    evals = [r for r in metrics_lib.read_metrics(str(workdir), kind="eval") if r["step"] == num_steps]
+    assert len(evals) == 1 and evals[0]["accuracy"] == json.loads(final[0])["accuracy"]
 
 
 def test_bases_learn_their_attribute(runs):

@@ -70,6 +70,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       raise ValueError(str(e).replace("TransformerConfig.", "config.model.")) from None
     need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
          f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
+  tokenizer = c.data.get("tokenizer", "")
+  # A random backbone's run on synthetic pairs reads no tokenizer, so one that is not there failed only when the
+  # trained bases were served (load_basis). (Other runs read it first; a launcher checks configs away from it.)
+  synthetic = not c.model.path and c.data.source == "synthetic"
+  need(
+      not synthetic or not tokenizer or not isinstance(tokenizer, str) or tokenizer.startswith("embedded:") or
+      os.path.exists(os.path.expanduser(tokenizer)), "data.tokenizer",
+      "a local tokenizer (or checkpoint) directory or .gguf file that exists, an 'embedded:' name, or '' for "
+      "model.path's own")
   named_file = isinstance(c.data.source, str) and os.path.isfile(c.data.source)
   need(c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source),
        "data.source", (f"a JSON-lines file named .jsonl (this file is named {os.path.basename(c.data.source)!r}; "

@@ -85,6 +85,13 @@ class MetricsWriter:
             self._tb.add_scalar(f"{prefix}{name}/{suffix}", float(value[index]), step)
       self._tb.flush()
 
+  def has_record(self, step: int, kind: str) -> bool:
+    """Whether metrics.jsonl already holds a `kind` record of `step` (e.g. a finished run's final evaluation, before
+    its restart evaluates again); False on processes other than 0, which write nothing."""
+    if not self.enabled or not os.path.exists(self.path):
+      return False
+    return any(r.get("step") == step for r in read_metrics(os.path.dirname(self.path), kind=kind))
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

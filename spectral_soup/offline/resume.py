@@ -25,16 +25,20 @@ from spectral_soup.utils import files
 def resume_fields(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The config values a checkpoint must share with the run that resumes it, saved with every checkpoint.
 
-  The data order (batch size, seed), what the state's arrays mean: the bases (kind, K, their ranks) and the
-  backbone they sit on (a checkpoint path, or the random backbone's architecture, drawn from `seed`), what they
+  The data order (batch size, seed), what the state's arrays mean: the bases (kind, K, their ranks, the heads'
+  vocabulary support) and the backbone they sit on (a checkpoint path, or the random backbone's architecture, drawn
+  from `seed`; its storage and compute dtypes), what they
   are trained on: every `data.*` field (the pairs, their attributes in basis order, their tokenization) and every
   `loss.*` field (the objective), and how: every `optim.*` field (the optimizer and its schedule; `train.num_steps`
   may grow, which stretches the schedule's decay).
   """
   c = config
   names = ["train.batch_size", "seed", "basis.kind", "basis.num_bases", "model.path", "model.weight_dtype"]
+  names += ["model.dtype"] if "dtype" in c.model else []  # The steps' compute dtype (config.json records one).
   names += (["basis.head_rank", "basis.feature_dim"]
             if c.basis.kind == "heads" else ["basis.lora_rank", "basis.lora_targets"])
+  if c.basis.kind == "heads" and "vocab_support" in c.basis:  # The heads' zero columns outside it are the state.
+    names += ["basis.vocab_support"]
   if c.basis.get("init", "zeros") == "ridge":  # Where the state started (the state itself when num_steps = 0).
     names += ["basis.init", "basis.init_l2"] + (["basis.init_features"] if "init_features" in c.basis else [])
   if not c.model.path:
@@ -171,6 +175,7 @@ MAIN_JOB = "main job"  # experiments.main: config.json with users and online sec
 OTHER = "other"  # A config.json that no job of this package would write there.
 # The sections only a main-job config has (a basis training's config has none of them).
 MAIN_JOB_SECTIONS = ("users", "online", "eval")
+BASIS_TRAINING_SECTIONS = ("basis", "model", "data", "train", "optim", "loss")
 
 
 def read_config_json(path: str) -> Dict[str, Any]:
@@ -194,18 +199,28 @@ def workdir_kind(workdir: str) -> Optional[str]:
       config = read_config_json(path("config.json"))
     except ValueError:
       return OTHER
-    return MAIN_JOB if all(isinstance(config.get(s), dict) for s in MAIN_JOB_SECTIONS) else OTHER
+    if all(isinstance(config.get(s), dict) for s in MAIN_JOB_SECTIONS):
+      return MAIN_JOB
+    # A basis training stopped before its first checkpoint or log line leaves only its config.json.
+    return BASIS_TRAINING if all(isinstance(config.get(s), dict) for s in BASIS_TRAINING_SECTIONS) else OTHER
   if os.path.isdir(path("basis", "checkpoints")):
     return MAIN_JOB
   return None
 
 
 def check_not_main_job_workdir(workdir: str) -> None:
-  """For a basis training: raises ValueError if `workdir` holds a main job's run (its config.json and basis/)."""
-  if workdir_kind(workdir) == MAIN_JOB:
+  """For a basis training: raises ValueError if `workdir` holds a main job's run (its config.json and basis/), or a
+  config.json that no basis training wrote (a Hugging Face checkpoint given as --workdir, another tool's run): the
+  training would write its own config.json over it."""
+  kind = workdir_kind(workdir)
+  if kind == MAIN_JOB:
     raise ValueError(f"--workdir={workdir} holds a run of the main job (experiments.main: a config.json with the "
                      "users / online / eval sections, or basis/checkpoints/): expected a basis training's workdir or a "
                      "fresh one.")
+  if kind == OTHER:
+    raise ValueError(f"--workdir={workdir} holds a config.json that no basis training wrote (no "
+                     f"{' / '.join(BASIS_TRAINING_SECTIONS)} sections): expected a basis training's workdir or a "
+                     "fresh one (the training writes its own config.json there).")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -155,11 +155,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stack: 
       timing["loop_step_s"] = (time.time() - t_first) / (step - start_step - 1)
     final_step = int(jax.device_get(state["step"]))
     final_eval = {}
+    # The last checkpoint is committed before the final evaluation, which runs without the loop's SIGTERM handling:
+    # a kill there loses only the evaluation (the last checkpoint was still being written, and the restart trained
+    # the last interval again).
+    ckpt.wait()
     if not preempted:
       final_eval = evaluate(state["params"])
-      if final_eval and (start_step < num_steps or restored is None):  # A finished run's restart: not twice.
+      # Written once: a restart of a finished run evaluates again but finds the record; one killed during the
+      # evaluation (its checkpoint final, its record missing) writes it now.
+      if final_eval and not writer.has_record(final_step, "eval"):
         writer.write(final_step, final_eval, kind="eval")
-    ckpt.wait()
     ckpt.close()
     writer.close()
   timing["total_s"] = time.time() - t_start

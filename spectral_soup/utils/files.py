@@ -19,6 +19,9 @@ def directory_problem(path: str) -> Optional[str]:
   full = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(full) and not os.path.isdir(full):
     return "is a file: expected a directory (new or from an earlier run)"
+  if os.path.islink(full) and not os.path.exists(full):  # mkdir would fail with "File exists" after all the work.
+    return (f"is a symbolic link to {os.readlink(full)}, which does not exist: expected a directory (create its "
+            "target, or remove the link)")
   parent = full
   while not os.path.exists(parent):  # The nearest existing ancestor must let us create the rest.
     parent = os.path.dirname(parent)
