@@ -69,7 +69,36 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     except KeyError:
       raise ValueError(f"{path} has no field {name!r}: expected the config that the training run wrote there "
                        "(was the file edited or replaced?).") from None
+  for name in fields:  # Of the wrong type, they failed later as bare TypeErrors naming neither file nor field.
+    value, expected = _field(raw, name), _RUN_FIELD_TYPES.get(name.split(".")[-1])
+    if expected is not None and not expected[1](value):
+      raise ValueError(f"{path}: {name}={value!r}: expected {expected[0]} (the config that the training run wrote "
+                       "there; was the file edited?).")
   return ml_collections.ConfigDict(raw)
+
+
+_is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float_dtype(value: Any) -> bool:
+  try:
+    return isinstance(value, str) and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+  except TypeError:
+    return False
+
+
+# The types of the fields that `run_config` reads (by the field's last name).
+_RUN_FIELD_TYPES = {
+    **{
+        name: ("an integer >= 0", lambda v: _is_int(v) and v >= 0) for name in ("head_rank", "feature_dim", "lora_rank")
+    },
+    **{
+        name: ("an integer >= 1", lambda v: _is_int(v) and v >= 1) for name in ("num_bases", "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_len")
+    },
+    "dtype": ("a float dtype name ('float32', 'bfloat16', ...)", _is_float_dtype),
+    "weight_dtype": ("a float dtype name ('float32', 'bfloat16', ...)", _is_float_dtype),
+    "kind": ("'heads' or 'lora'", lambda v: v in ("heads", "lora")),
+}
 
 
 def basis_names(workdir: str, config: ml_collections.ConfigDict) -> Tuple[str, ...]:
@@ -294,6 +323,9 @@ def load_basis(workdir: str) -> Basis:
   killed while writing it, damaged files) is skipped with a warning, as training does, but left in place.
   """
   from spectral_soup.models import build  # pylint: disable=g-import-not-at-top
+  if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+    raise ValueError(f"load_basis: workdir={workdir!r}: expected the path of a training run's (or the main job's) "
+                     "workdir.")
   workdir = os.path.expanduser(os.fspath(workdir))
   with errors.input_stage():  # No step, no readable step, a config.json that no longer fits: the user's files.
     trainable, names, config, step = restore_bases(workdir)
@@ -363,8 +395,12 @@ def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.Co
                     type(error).__name__, (str(error).splitlines() or [""])[0][:300], step)
   trainable = jax.device_get(state["params"])
   if num_bases < config.basis.num_bases:  # The main job's bespoke heads follow the K bases: keep the bases.
-    if config.basis.kind != "heads":
-      raise ValueError(f"{directory}: {config.basis.num_bases} {config.basis.kind} bases for {num_bases} names.")
+    if config.basis.kind != "heads" or os.path.realpath(directory) == os.path.realpath(workdir):
+      # Only the main job's basis/ holds heads beyond its named bases; in a basis training's own workdir, dropping
+      # the unnamed ones silently served fewer bases than it trained (basis.json edited or from another run).
+      raise ValueError(f"{directory}: {config.basis.num_bases} {config.basis.kind} bases for {num_bases} names "
+                       f"({', '.join(names)}) in its basis.json: expected one name per basis (was basis.json "
+                       "edited or replaced?).")
     trainable["heads"] = {name: np.asarray(value)[:num_bases] for name, value in trainable["heads"].items()}
     config.basis.num_bases = num_bases
   return trainable, names, config, int(step)
@@ -434,7 +470,9 @@ def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) 
     lam = np.asarray(lam, np.float64)  # Checked in float64 (1e39 is finite there), served in float32.
   except (TypeError, ValueError):
     raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {lam!r}.") from None
-  if given.dtype.kind not in "iuf":  # Strings ("0.5") and bools would be converted silently.
+  # Strings ("0.5") and bools would be converted silently; ml_dtypes floats (bfloat16: kind "V") are numbers, as
+  # `serving.generate` takes them.
+  if given.dtype.kind not in "iuf" and not (given.dtype.kind == "V" and jnp.issubdtype(given.dtype, jnp.floating)):
     raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {given.dtype} values "
                      f"{given.ravel()[:4].tolist()}.")
   if lam.ndim not in (1, 2) or lam.shape[-1] != num_bases:

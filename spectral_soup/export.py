@@ -158,17 +158,43 @@ def _gpt2_tensors(cfg: Any, params: Mapping[str, Any], tied: bool) -> dict:
   return {name: np.ascontiguousarray(value, np.float32) for name, value in t.items()}
 
 
+def _is_export(path: str) -> bool:
+  """Whether directory `path` holds an earlier export: the soup.json an export writes (a JSON object with its keys)
+  beside its model.safetensors and config.json. A directory that merely holds a file named soup.json is not one
+  (it was replaced whole, with whatever else it held)."""
+  try:
+    with open(os.path.join(path, "soup.json")) as f:
+      soup = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (isinstance(soup, dict) and {"lam", "bases", "basis_kind", "step"} <= set(soup) and
+          all(os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "config.json")))
+
+
+def _nearest_existing(path: str) -> str:
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
 def _check_out_dir(out_dir: str) -> str:
-  """The absolute `out_dir` if it may be (re)written: new, empty, or an earlier export (it holds `soup.json`)."""
+  """The absolute `out_dir` if it may be (re)written: new, empty, or an earlier export (`_is_export`)."""
   if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
     raise ValueError(f"export_hf: out_dir={out_dir!r}: expected a directory path.")
   # A link to a directory: its target is (re)written, the link stays (renaming the link away replaced it).
   path = os.path.realpath(os.path.expanduser(os.fspath(out_dir)))
   if os.path.lexists(path) and not os.path.isdir(path):
     raise ValueError(f"export_hf: out_dir={out_dir!r} is a file: expected a new or empty directory.")
-  if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "soup.json")):
-    raise ValueError(f"export_hf: out_dir={out_dir!r} is not empty and holds no earlier export (soup.json): "
-                     "expected a new or empty directory, or one that export_hf wrote (it is then replaced whole).")
+  if os.path.isdir(path) and os.listdir(path) and not _is_export(path):
+    raise ValueError(f"export_hf: out_dir={out_dir!r} is not empty and holds no earlier export (its soup.json, "
+                     "model.safetensors and config.json): expected a new or empty directory, or one that export_hf "
+                     "wrote (it is then replaced whole).")
+  # The temporary directory beside it is named after it (`.<name>.tmp-XXXXXXXX`): a name the file system refuses
+  # failed with a bare OSError after the parents were created.
+  limit = os.pathconf(_nearest_existing(os.path.dirname(path)), "PC_NAME_MAX") - len(".tmp-") - 9
+  if len(os.fsencode(os.path.basename(path))) > limit:
+    raise ValueError(f"export_hf: out_dir={out_dir!r}: its name is {len(os.fsencode(os.path.basename(path)))} bytes "
+                     f"long: expected at most {limit} (the export writes a temporary directory named after it).")
   problem = files.directory_problem(os.path.dirname(path))  # Missing parents are created (as os.makedirs does).
   if problem:
     raise ValueError(f"export_hf: out_dir={out_dir!r}: its parent directory {os.path.dirname(path)} {problem}.")

@@ -46,6 +46,32 @@ class _RepeatedUser(ValueError):
   pass
 
 
+# Files a training run or the main job writes at the top of its workdir (beside config.json and basis.json).
+_RUN_FILES = ("metrics.jsonl", "results.json", "comparisons.npz", "samples.json", "learning_curve.png", "scores.png",
+              "frontier.png", "attribute_shift.png", "pareto.png", "k_ablation.png", "training_curves.png")
+
+
+def check_not_a_run_file(output: str, run_dirs, config) -> None:
+  """ValueError if `output` would replace a file the run needs or wrote: inside its checkpoints, one of its outputs
+  (metrics.jsonl, results.json, ...), or anything in the backbone (`model.path`) or tokenizer (`data.tokenizer`)
+  that `load_basis` reads (writing the responses over the tokenizer made the workdir unservable)."""
+  real = os.path.realpath(output)
+  inside = lambda folder: real == os.path.realpath(folder) or real.startswith(os.path.realpath(folder) + os.sep)
+  for d in run_dirs:
+    if inside(os.path.join(d, "checkpoints")):
+      raise ValueError(f"--output={output} is inside the run's checkpoints ({d}/checkpoints): expected a file outside "
+                       "them.")
+    if any(real == os.path.realpath(os.path.join(d, name)) for name in _RUN_FILES):
+      raise ValueError(f"--output={output} is one of the run's own files ({os.path.basename(real)} in {d}): expected "
+                       "another file name.")
+  for field in ("model.path", "data.tokenizer"):
+    section, name = field.split(".")
+    folder = (config.get(section) or {}).get(name) or ""
+    if isinstance(folder, str) and folder and not folder.startswith("embedded:") and inside(folder):
+      raise ValueError(f"--output={output} is inside config.{field}={folder!r}, which serving the basis reads: "
+                       "expected a file outside it.")
+
+
 def read_users(lam: str, users: str) -> Tuple[List[str], List[List[float]]]:
   """(names, weights) of --lam or --users; raises ValueError naming the flag or file."""
   if (lam is None) == (users is None):
@@ -127,8 +153,15 @@ def main(argv) -> None:
       raise ValueError(f"--mode=implicit draws exact samples of the soup by rejection sampling: it needs --temperature "
                        f"> 0 and no --top_p (got --temperature={_TEMPERATURE.value}, --top_p={_TOP_P.value}); use "
                        "--mode=explicit (the same distribution) for greedy or nucleus decoding.")
+    from spectral_soup.soup import decoding  # pylint: disable=g-import-not-at-top
     from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
     validation.check_seed("--seed", _SEED.value)
+    try:  # What Basis.generate would refuse after the basis loads (a temperature of 1e-40 overflows its logits).
+      decoding.SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+    except ValueError as e:
+      raise ValueError(f"--temperature={_TEMPERATURE.value}, --top_p={_TOP_P.value}: {e}") from None
+    for name, w in zip(names, weights):
+      validation.check_weight_range(w, "--lam" if _LAM.value is not None else f"user {name!r} of --users: lam")
     from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
     config = basis_lib.run_config(_WORKDIR.value)  # Raises naming the workdir.
     if _OUTPUT.value:  # Never over the run's own files or this command's inputs.
@@ -136,11 +169,12 @@ def main(argv) -> None:
       inputs = [p for p in (_PROMPTS.value, _USERS.value) if p]
       inputs += [os.path.join(d, name) for d in run_dirs for name in ("config.json", "basis.json")]
       files.check_output_file("--output", _OUTPUT.value, inputs)
-      output = os.path.realpath(_OUTPUT.value)
-      for d in run_dirs:
-        if output.startswith(os.path.realpath(os.path.join(d, "checkpoints")) + os.sep):
-          raise ValueError(f"--output={_OUTPUT.value} is inside the run's checkpoints ({d}/checkpoints): expected a "
-                           "file outside them.")
+      check_not_a_run_file(_OUTPUT.value, run_dirs, config)
+    # A random backbone's length is config.model.max_len (a checkpoint's is its own, known once it loads).
+    max_len = None if config.model.get("path") else config.model.get("max_len")
+    if isinstance(max_len, int) and _MAX_NEW_TOKENS.value >= max_len:  # The prompt needs a position too.
+      raise ValueError(f"--max_new_tokens={_MAX_NEW_TOKENS.value}: the model holds {max_len} positions "
+                       f"(config.model.max_len), prompt included: expected fewer.")
     num_bases = len(basis_lib.basis_names(_WORKDIR.value, config))
     for name, w in zip(names, weights):
       if len(w) != num_bases:

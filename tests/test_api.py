@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -84,6 +85,8 @@ def test_generate_serves_two_users_in_one_call(basis):
   assert both[0] == tokenizer.decode(ids, skip_special_tokens=True).strip()
   # The parameter soup of head bases is the explicit soup; every mode runs.
   assert basis.generate(PROMPTS[0], lam, max_new_tokens=12, mode="params") == both
+  # A bfloat16 lam is numbers, as serving.generate takes it (it was refused as "got bfloat16 values").
+  assert basis.generate(PROMPTS[0], jnp.asarray(lam, jnp.bfloat16), max_new_tokens=12) == both
   sampled = basis.generate(PROMPTS, [0.2, 0.5, 0.3], max_new_tokens=8, temperature=1.0, seed=3, mode="implicit")
   assert len(sampled) == 2
   # Which responses ended with the end-of-sequence token (basis 0 prefers it: token 1) and which were cut at
@@ -203,6 +206,15 @@ def test_load_basis_names_a_config_or_checkpoint_that_does_not_describe_the_base
   (tmp_path / "no_field" / "config.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match=r"config.json holds a JSON list: expected the training run's config"):
     ss.load_basis(copy)
+  # Fields of the wrong type failed as bare TypeErrors naming neither the file nor the field.
+  for section, field, value, expected in (("basis", "num_bases", "3", "an integer >= 1"), ("model", "dtype", "float8",
+                                                                                           "a float dtype name")):
+    copy = _edited_copy(workdir, tmp_path / f"type_{field}", lambda c: c[section].__setitem__(field, value))
+    with pytest.raises(ValueError, match=rf"config.json: {section}.{field}='{value}': expected {expected}"):
+      ss.load_basis(copy)
+  for bad in (None, 5, ""):
+    with pytest.raises(ValueError, match=r"load_basis: workdir=.*: expected the path of a training run's"):
+      ss.load_basis(bad)
   for field, value in (("num_bases", 4), ("head_rank", 2)):
     copy = _edited_copy(workdir, tmp_path / field, lambda c: c["basis"].__setitem__(field, value))
     with pytest.raises(
@@ -231,6 +243,11 @@ def test_load_basis_names_a_config_or_checkpoint_that_does_not_describe_the_base
   copy = _edited_copy(workdir, tmp_path / "basis_json", lambda c: None)
   (tmp_path / "basis_json" / "basis.json").write_text('{"attributes": ["a", "b", "c"]}')
   with pytest.raises(ValueError, match=r"basis.json is not a readable basis description .*KeyError: 'weightings'"):
+    ss.load_basis(copy)
+  # Fewer names than bases in a training's own workdir: refused (the unnamed bases were dropped silently; only the
+  # main job's basis/ holds extra heads, its users' bespoke ones).
+  (tmp_path / "basis_json" / "basis.json").write_text('{"attributes": ["a", "b"], "weightings": [[1, 0], [0, 1]]}')
+  with pytest.raises(ValueError, match=r"3 heads bases for 2 names \(a, b\) in its basis.json: expected one name per"):
     ss.load_basis(copy)
 
 
@@ -309,6 +326,16 @@ def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
         (["--users=good.json", "--output=good.json"], r"--output=good.json is one of the inputs"),
         (["--lam=1,0,0", "--output={workdir}/checkpoints/x.jsonl"
          ], r"--output=.*x.jsonl is inside the run's checkpoints"),
+        # The run's metrics were replaced by the responses; the tokenizer too, after which the workdir could not be
+        # served.
+        (["--lam=1,0,0", "--output={workdir}/metrics.jsonl"], r"--output=.*metrics.jsonl is one of the run's own files"
+        ),
+        (["--lam=1,0,0", "--output={tokenizer}/tokenizer.json"
+         ], r"--output=.*tokenizer.json is inside config.data.tokenizer=.*, which serving the basis reads"),
+        # Refused before the basis loads now (they were refused after it, 5-6 s later).
+        (["--lam=1e7,0,0"], r"--lam\[0\] = 1e\+07: mixing weights must lie within \+-1e\+06"),
+        (["--lam=1,0,0", "--temperature=1e-40"], r"--temperature=1e-40, --top_p=1.0: SamplingConfig.temperature"),
+        (["--lam=1,0,0", "--max_new_tokens=1000000"], r"--max_new_tokens=1000000: the model holds \d+ positions"),
     ])
 def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, message):
   (tmp_path / "bad.json").write_text(json.dumps({"a": [1, 0, 0], "b": [1, 0]}))
@@ -317,11 +344,18 @@ def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, 
   (tmp_path / "good.json").write_text('{"a": [1, 0, 0]}')
   before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
   config = open(os.path.join(workdir, "config.json"), "rb").read()
-  result = _cli(f"--workdir={workdir}", "--prompt=hi", *[a.format(workdir=workdir) for a in args], cwd=tmp_path)
+  tokenizer = json.loads(config)["data"]["tokenizer"]
+  kept = {
+      path: open(path, "rb").read()
+      for path in (os.path.join(workdir, "metrics.jsonl"), os.path.join(tokenizer, "tokenizer.json"))
+  }
+  result = _cli(f"--workdir={workdir}", "--prompt=hi", *[a.format(workdir=workdir, tokenizer=tokenizer) for a in args],
+                cwd=tmp_path)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.startswith("error: ") and re.search(message, result.stderr), result.stderr
   assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
   assert open(os.path.join(workdir, "config.json"), "rb").read() == config
+  assert {path: open(path, "rb").read() for path in kept} == kept
 
 
 def test_generate_cli_names_a_workdir_without_usable_bases(workdir, tmp_path):

@@ -114,6 +114,18 @@ def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path, mon
   assert os.listdir(tmp_path / "other") == ["notes.txt"]
   with pytest.raises(ValueError, match="is a file: expected a new or empty directory"):
     ss.export_hf(basis, LAM, str(tmp_path / "other" / "notes.txt"))
+  # A file named soup.json does not make a directory an export (it was replaced whole, notes and all); nor does an
+  # export's soup.json alone.
+  for soup_json in ("my soup recipe", (tmp_path / "export" / "soup.json").read_text()):
+    (tmp_path / "other" / "soup.json").write_text(soup_json)
+    with pytest.raises(ValueError, match=r"is not empty and holds no earlier export \(its soup.json"):
+      ss.export_hf(basis, LAM, str(tmp_path / "other"))
+    assert sorted(os.listdir(tmp_path / "other")) == ["notes.txt", "soup.json"]
+  os.remove(tmp_path / "other" / "soup.json")
+  # A name the file system cannot hold with the temporary directory's suffix: refused before anything is made.
+  with pytest.raises(ValueError, match=r"its name is 250 bytes long: expected at most"):
+    ss.export_hf(basis, LAM, str(tmp_path / "new_parent" / ("n" * 250)))
+  assert not (tmp_path / "new_parent").exists()
   # A write that fails names what it was writing and leaves the directory as it was (no partial export).
   before = {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)}
 

@@ -230,6 +230,18 @@ def test_decode_options_that_were_misread_or_failed_inside_jax_are_named(kwargs,
   assert engine.decode_rows._cache_size() == before
 
 
+def test_a_ragged_lam_and_features_without_their_bases_are_named():
+  """numpy's "setting an array element with a sequence" and a bare KeyError: 'basis' before."""
+  pol, params = tiny.tiny_policy("heads", num_bases=K)
+  with pytest.raises(ValueError,
+                     match=r"lam must be a rectangular array of shape \[K\] or \[B, K\] with K=3, got rows"):
+    serving.generate(pol, params, [[1.0, 0.0, 0.0], [1.0, 0.0]], PROMPT[:2], MASK[:2], max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"prompt has shape \(0, 5\): expected at least one row"):
+    serving.generate(pol, params, np.zeros((0, K)), PROMPT[:0], MASK[:0], max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"seq_logprobs has no 'basis' \(keys \['ref'\]\)"):
+    serving.implicit_rewards({"ref": np.zeros(2)}, beta=0.1)
+
+
 def test_sequence_logprobs_refuses_padding_marked_minus_one_and_an_empty_prompt():
   """A -1 response mask scored padding as response tokens (the reference log-prob doubled); an all-False prompt
   row scored a response to no prompt."""

@@ -51,6 +51,8 @@ def check_prompts(prompt: Any, prompt_mask: Any, vocab_size: Optional[int] = Non
   if prompt.ndim != 2 or prompt_mask.shape != prompt.shape:
     raise ValueError(f"prompt must be int[U, T] with a mask of the same shape; got {prompt.shape} and "
                      f"{prompt_mask.shape}.")
+  if not prompt.shape[0] or not prompt.shape[1]:  # Zero rows compiled seven programs to return nothing.
+    raise ValueError(f"prompt has shape {prompt.shape}: expected at least one row (user) and one token column.")
   check_mask("prompt_mask", prompt_mask)
   empty = np.flatnonzero(~prompt_mask.astype(bool).any(axis=1))
   if empty.size:
@@ -167,4 +169,8 @@ def implicit_rewards(seq_logprobs: Mapping[str, Array], beta: float) -> Array:
   """
   if not isinstance(beta, jax.core.Tracer) and not (validation.is_real(beta) and 0 < beta < np.inf):
     raise ValueError(f"beta={beta!r}: expected a finite number > 0 (the bases' KL strength).")
+  missing = [key for key in ("ref", "basis") if key not in seq_logprobs]
+  if missing:  # A bare KeyError before.
+    raise ValueError(f"seq_logprobs has no {missing[0]!r} (keys {sorted(seq_logprobs)}): expected "
+                     "`sequence_logprobs`' output, with 'ref' [B] and 'basis' [K, B].")
   return (beta * (seq_logprobs["basis"] - seq_logprobs["ref"][None])).T

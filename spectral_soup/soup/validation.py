@@ -37,8 +37,12 @@ def check_lam(lam: Any, num_bases: int, *, name: str = "lam", allow_batch: bool 
     ValueError: wrong rank, last dimension != K, non-real dtype, or a NaN / Inf entry (concrete arrays only), with a
       message naming the offending entry, e.g. "lam has 3 weights but there are 4 bases" or "lam[2, 1] is NaN".
   """
-  shape = np.shape(lam)
   expected = "[K] or [B, K]" if allow_batch else "[K]"
+  try:
+    shape = np.shape(lam)
+  except ValueError:  # Ragged rows: numpy's "setting an array element with a sequence".
+    raise ValueError(f"{name} must be a rectangular array of shape {expected} with K={num_bases}, got rows of "
+                     "different lengths.") from None
   max_ndim = 2 if allow_batch else 1
   if not 1 <= len(shape) <= max_ndim:
     raise ValueError(
