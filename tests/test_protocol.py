@@ -151,6 +151,20 @@ def test_pad_token_rewards_recover_planted_table():
     est, ref = table[j, support] - table[j, support].mean(), true[j, support] - true[j, support].mean()
     assert np.corrcoef(est, ref)[0, 1] > 0.95
   np.testing.assert_allclose(pad_lib.pad_features(counts, table, support), counts @ table[:, support].T, rtol=1e-5)
+  # What was counted or fitted silently: a NaN score (that attribute's whole table NaN), a negative token id
+  # (counted as the highest support id), repeated support ids, an empty support (a numpy reduction error).
+  nan = scores.copy()
+  nan[3, 1] = np.nan
+  with pytest.raises(ValueError, match=r"scores\[3, 1\] is nan: expected finite standardized scores"):
+    pad_lib.fit_token_rewards(counts, nan, support, vocab)
+  negative = tokens[:2].copy()
+  negative[1, 0] = -1
+  with pytest.raises(ValueError, match=r"token id -1 on a counted position of response 1"):
+    pad_lib.token_counts([negative], [mask[:2]], support)
+  with pytest.raises(ValueError, match=r"support repeats token ids \(e.g. 5\)"):
+    pad_lib.token_counts([tokens], [mask], np.array([5, 5, 6]))
+  with pytest.raises(ValueError, match=r"support must be a non-empty int\[S\]"):
+    pad_lib.token_counts([tokens], [mask], np.zeros(0, np.int32))
 
 
 def test_summarize_ratio_of_means_and_significance():
@@ -343,6 +357,15 @@ def test_policy_harness_rows_and_common_random_numbers():
   assert (meter["batch_rows"], meter["chunks"], meter["rows"], meter["prompts_prefilled"]) == (4, 6, 24, 3)
   assert meter["tokens"] == meter["row_steps"] == 120 and meter["busy_fraction"] == 1.0
   assert meter["compile_s"] > 0 and meter["decode_s"] > 0 and meter["score_s"] > 0
+  # Implicit rows sample from their own streams too: with one chunk row, the samples of one prompt were identical
+  # (each chunk drew the same rejection-sampling numbers), and they changed with the chunk size.
+  implicit = [harness_lib.Program("imp", None, "implicit", same)]
+  by_chunk = {}
+  for rows in (1, 4):
+    h.chunk_rows = rows
+    by_chunk[rows] = h.evaluate(implicit, np.arange(1), jax.random.key(0), samples_per_prompt=4)["tokens"][0, 0]
+  np.testing.assert_array_equal(by_chunk[1], by_chunk[4])
+  assert len({tuple(t) for t in by_chunk[1].tolist()}) > 1
   assert meter["share_of_floor"] == pytest.approx(meter["floor_s"] / (meter["prefill_s"] + meter["decode_s"]))
   # The online interface: features are beta * (log pi_k - log pi_ref) of the shown responses.
   dec = h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (4, 1)), jax.random.key(1))

@@ -17,7 +17,18 @@ import numpy as np
 
 
 def token_counts(responses: Sequence[np.ndarray], masks: Sequence[np.ndarray], support: np.ndarray) -> np.ndarray:
-  """Counts of each support token per response: float32[N, S] (tokens outside the support are ignored)."""
+  """Counts of each support token per response: float32[N, S] (tokens outside the support are ignored).
+
+  support: distinct non-negative token ids (ValueError otherwise: a repeated id left its first column at zero);
+  a negative token id on a counted position raises (it was counted as the highest support id)."""
+  support = np.asarray(support)
+  if support.ndim != 1 or not support.size or not np.issubdtype(support.dtype, np.integer) or support.min() < 0:
+    raise ValueError(f"support must be a non-empty int[S] of token ids >= 0, got {support.dtype} of shape "
+                     f"{support.shape}.")
+  if len(np.unique(support)) != len(support):
+    raise ValueError(
+        f"support repeats token ids (e.g. {int(support[np.flatnonzero(np.diff(np.sort(support)) == 0)[0]])}"
+        "): expected distinct ids, one column each.")
   position = np.full((int(support.max()) + 1,), -1, np.int64)
   position[support] = np.arange(len(support))
   rows = []
@@ -25,6 +36,9 @@ def token_counts(responses: Sequence[np.ndarray], masks: Sequence[np.ndarray], s
     tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
     for row, row_mask in zip(tokens, mask):
       ids = row[row_mask]
+      if ids.size and ids.min() < 0:
+        raise ValueError(f"token id {int(ids.min())} on a counted position of response {len(rows)}: expected ids "
+                         ">= 0 (mask padding out).")
       ids = ids[ids < len(position)]
       idx = position[ids]
       rows.append(np.bincount(idx[idx >= 0], minlength=len(support)))
@@ -42,6 +56,11 @@ def fit_token_rewards(counts: np.ndarray, scores: np.ndarray, support: np.ndarra
     raise ValueError(f"counts has {counts.shape[0]} rows but scores has {scores.shape[0]}.")
   if l2 <= 0:
     raise ValueError(f"l2={l2}: expected > 0.")
+  bad = np.argwhere(~np.isfinite(np.asarray(scores, np.float64)))
+  if bad.size:  # One NaN made that attribute's whole table NaN (and guided decoding's logits with it).
+    row, column = (int(i) for i in bad[0])
+    raise ValueError(f"scores[{row}, {column}] is {scores[row, column]}: expected finite standardized scores "
+                     f"({len(bad)} such entries; leave the responses without a score out of the fit).")
   x = counts.astype(np.float64)
   x = x - x.mean(0, keepdims=True)
   y = scores.astype(np.float64) - scores.mean(0, keepdims=True)

@@ -24,12 +24,14 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from spectral_soup.models import embedded as embedded_model
 from spectral_soup.models.spectral import SpectralPolicy
 from spectral_soup.offline import features
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.utils import files
 from spectral_soup.utils import progress
+from spectral_soup.utils import reductions
 
 
 def add_cached_features(config: ml_collections.ConfigDict, workdir: str, policy: SpectralPolicy, mesh,
@@ -47,10 +49,11 @@ def add_cached_features(config: ml_collections.ConfigDict, workdir: str, policy:
     # live writers, so its leftovers are kept).
     for tmp in files.remove_stale_temps(features_dir, [os.path.basename(path)]):
       logging.info("Removed %s, left by an interrupted feature pass.", tmp)
-  stored = load_features(path)
-  if stored is not None:  # A restarted job skips the frozen pass.
+  stored = load_features(path, {"train": len(train_pairs["prompt"]), "eval": len(eval_pairs["prompt"])})
+  if stored is not None:  # A restarted job skips the frozen pass (and drops the prompts, as computing does).
     logging.info("Reusing the cached features in %s.", path)
-    return {**train_pairs, **stored["train"]}, {**eval_pairs, **stored["eval"]}
+    drop = lambda pairs: {k: v for k, v in pairs.items() if not k.startswith("prompt")}
+    return {**drop(train_pairs), **stored["train"]}, {**drop(eval_pairs), **stored["eval"]}
   train_pairs = compute_features(feature_fn, backbone, train_pairs, mesh, config.train.feature_batch_size,
                                  desc="features (train)")
   if len(eval_pairs["prompt"]):
@@ -94,10 +97,29 @@ def compute_features(feature_fn, backbone: Any, arrays: Mapping[str, np.ndarray]
 
 
 def code_files() -> list:
-  """The source files of the code that computes the features: the model package and `offline/features.py`."""
+  """The source files of the code that computes the features: the model package, `offline/features.py`, the
+  vocabulary-wide reductions they call (`utils/reductions.py`) and the package's XLA CPU settings (`_xla_cpu.py`,
+  which decide which fusions compile)."""
   models_dir = os.path.dirname(os.path.abspath(inspect.getfile(SpectralPolicy)))
   sources = sorted(os.path.join(models_dir, f) for f in os.listdir(models_dir) if f.endswith(".py"))
-  return sources + [os.path.abspath(features.__file__)]
+  package_dir = os.path.dirname(models_dir)
+  return sources + [
+      os.path.abspath(features.__file__),
+      os.path.abspath(reductions.__file__),
+      os.path.join(package_dir, "_xla_cpu.py")
+  ]
+
+
+def _compiler_identity() -> list:
+  """What else decides the compiled numbers: the jax / jaxlib versions, the backend and the XLA flags."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return [
+      jax.__version__,
+      getattr(jaxlib, "__version__", ""),
+      jax.default_backend(),
+      os.environ.get("XLA_FLAGS", ""),
+      os.environ.get("SPECTRAL_SOUP_XLA_DEFAULTS", "")
+  ]
 
 
 def source_digest(paths) -> str:
@@ -120,19 +142,27 @@ def features_path(config: ml_collections.ConfigDict, directory: str, train_pairs
                   eval_pairs: Mapping[str, np.ndarray], support: Optional[np.ndarray]) -> str:
   """`<directory>/features-<hash>.npz`, the hash of everything the cached features depend on: the model (every
   `model.*` field: a random backbone's architecture and, with `seed`, its weights; a checkpoint's file contents,
-  `files.content_digest`), the code that computes them (`code_digest`), the pairs' tokens, the support."""
+  `files.content_digest`, the embedded model's GGUF file included), the code and compiler that compute them
+  (`code_digest`, `_compiler_identity`), the pairs' tokens (with their shapes), the support (its ids' values)."""
   h = hashlib.sha256()
   model = json.loads(config.model.to_json_best_effort())
+  path = config.model.path
+  name = path[len("embedded:"):] if isinstance(path, str) and path.startswith("embedded:") else None
+  if name in embedded_model.EMBEDDED_MODELS:  # Its weights are a file inside an installed package.
+    path = embedded_model.EMBEDDED_MODELS[name]()
   h.update(
-      json.dumps(
-          [model, config.seed if not config.model.path else 0,
-           files.content_digest(config.model.path),
-           code_digest()]).encode())
+      json.dumps([
+          model, config.seed if not config.model.path else 0,
+          files.content_digest(path),
+          code_digest(),
+          _compiler_identity()
+      ]).encode())
   for pairs in (train_pairs, eval_pairs):
-    for name in input_pipeline.TOKEN_FIELDS:
-      h.update(np.ascontiguousarray(pairs[name]).tobytes())
+    for name in input_pipeline.TOKEN_FIELDS:  # Framed: the same bytes in another shape are other pairs.
+      array = np.ascontiguousarray(pairs[name])
+      h.update(f"{name}:{array.shape}:{array.dtype.str}".encode() + b"\0" + array.tobytes())
   if support is not None:
-    h.update(np.asarray(support).tobytes())
+    h.update(b"support\0" + np.asarray(support, np.int64).tobytes())  # int32 or int64 ids: one key.
   return os.path.join(directory, f"features-{h.hexdigest()[:16]}.npz")
 
 
@@ -146,8 +176,12 @@ def save_features(path: str, train_pairs: Mapping[str, np.ndarray], eval_pairs: 
       })
 
 
-def load_features(path: str) -> Optional[Dict[str, Dict[str, np.ndarray]]]:
-  """{"train": {...}, "eval": {...}} from `save_features`, or None if absent or unreadable (then moved aside)."""
+def load_features(path: str, rows: Optional[Mapping[str, int]] = None) -> Optional[Dict[str, Dict[str, np.ndarray]]]:
+  """{"train": {...}, "eval": {...}} from `save_features`, or None if absent or unreadable (then moved aside).
+
+  rows: {"train": N, "eval": M}, the pairs the features are for: a file whose splits lack a cached field (of a split
+  with pairs) or hold another number of rows is unreadable too (it was merged with the pairs as it was).
+  """
   if not os.path.exists(path):
     return None
   try:
@@ -156,7 +190,14 @@ def load_features(path: str) -> Optional[Dict[str, Dict[str, np.ndarray]]]:
       for key in data.files:
         split, name = key.split("/", 1)
         out[split][name] = data[key]
-      return out
+    for split, count in (rows or {}).items():
+      missing = sorted(set(features.CACHED_FIELDS) - set(out[split])) if count else []
+      if missing:
+        raise ValueError(f"its {split} split has no {missing[0]!r}")
+      other = [name for name, value in out[split].items() if len(value) != count]
+      if other:
+        raise ValueError(f"its {split} {other[0]!r} has {len(out[split][other[0]])} rows for {count} pairs")
+    return out
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     aside = f"{path}.unreadable"
     try:

@@ -308,8 +308,12 @@ def _sample_fn(max_proposals: int, stats: bool):
     token = decoding.sample_with_uniforms(last["logprobs"], uniforms, sampling)
     out = {}
     if max_proposals:
+      # Each row's proposals and tests from its own stream too: with one key for the batch, rows at the same
+      # position of different chunks drew the same samples, and a row's samples changed with the chunk size.
+      rs_uniforms = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(k_rs, s), (2 * max_proposals + 1,)))(
+          rows.seed)
       rs_token, aux = rejection_sample(k_rs, last["ref"], last["heads"], rows.lam, max_proposals=max_proposals,
-                                       temperature=sampling.temperature)
+                                       temperature=sampling.temperature, uniforms=rs_uniforms)
       is_implicit = rows.mode == MODE_IDS["implicit"]
       token = jnp.where(is_implicit, rs_token, token)
       out["accepted"] = jnp.where(is_implicit, aux["accepted"].astype(jnp.float32), 0.0)

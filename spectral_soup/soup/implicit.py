@@ -44,18 +44,22 @@ def check_sampling(sampling: decoding.SamplingConfig) -> None:
 
 
 def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Array, lam: jax.Array, *,
-                     max_proposals: int = 64, temperature: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
+                     max_proposals: int = 64, temperature: float = 1.0,
+                     uniforms: Any = None) -> tuple[jax.Array, dict[str, Any]]:
   """Draws one token per row from the explicit soup by rejection sampling from pi_ref.
 
   jit it with `static_argnames=("max_proposals",)`; `lam` and `temperature` may be traced.
 
   Args:
-    key: PRNG key.
+    key: PRNG key (unused when `uniforms` is given).
     ref_logits: `[B, V]` reference logits (any float dtype; computed in float32).
     basis_logits: `[K, B, V]` basis logits.
     lam: `[B, K]` per-row mixing weights, or `[K]` shared by all rows.
     max_proposals: P, proposals drawn per row (static).
     temperature: T > 0, applied to both target and proposal.
+    uniforms: `[B, 2 P + 1]` uniform draws in [0, 1) to use instead of drawing them from `key` (each row's own
+      stream: the decoding engine draws them from each row's seed, so that a row's samples do not depend on which
+      rows share its batch).
 
   Returns:
     tokens: `int32[B]`, distributed as softmax(soup / T) per row.
@@ -94,7 +98,11 @@ def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Ar
 
   # One uniform draw per row: P proposals, P acceptance tests and one fallback draw. Sampling by inverse CDF costs
   # O(P log V) per row instead of the O(P V) Gumbel noise of jax.random.categorical (V can be 256k).
-  uniforms = jax.random.uniform(key, (batch, 2 * max_proposals + 1), jnp.float32)
+  if uniforms is None:
+    uniforms = jax.random.uniform(key, (batch, 2 * max_proposals + 1), jnp.float32)
+  elif tuple(np.shape(uniforms)) != (batch, 2 * max_proposals + 1):
+    raise ValueError(f"uniforms must be [B={batch}, 2 * max_proposals + 1 = {2 * max_proposals + 1}], got "
+                     f"{tuple(np.shape(uniforms))}.")
   proposals = decoding.inverse_cdf_sample(proposal_logp, uniforms[:, :max_proposals])  # [B, P]
   proposal_log_accept = jnp.take_along_axis(log_accept, proposals, axis=-1)  # [B, P]
   # u < exp(log_accept) <=> log(u) < log_accept; log(0) = -inf never passes a -inf threshold.

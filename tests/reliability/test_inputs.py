@@ -20,6 +20,7 @@ from configs import train_basis_tiny
 from spectral_soup.data import builders
 from spectral_soup.models import hf_import
 from spectral_soup.offline import feature_cache
+from spectral_soup.offline import features
 from spectral_soup.offline import input_pipeline
 from spectral_soup.offline import config_checks
 from spectral_soup.soup import decoding
@@ -716,6 +717,45 @@ def test_unreadable_features_cache_is_moved_aside_and_recomputed(tmp_path, caplo
   np.savez(path, **{"train/hidden": np.ones(3), "eval/hidden": np.zeros(2)})
   good = feature_cache.load_features(str(path))
   np.testing.assert_array_equal(good["train"]["hidden"], np.ones(3))
+  # A readable file that does not fit the pairs (other row counts, a missing field) is unreadable too: it was merged.
+  fields = {
+      f"{split}/{name}": np.ones((n, 2)) for split, n in (("train", 3), ("eval", 2)) for name in features.CACHED_FIELDS
+  }
+  np.savez(path, **fields)
+  assert feature_cache.load_features(str(path), {"train": 3, "eval": 2}) is not None
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert feature_cache.load_features(str(path), {"train": 6, "eval": 2}) is None
+  assert "its train" in caplog.text and "has 3 rows for 6 pairs" in caplog.text
+  np.savez(path, **{k: v for k, v in fields.items() if k != f"eval/{features.CACHED_FIELDS[0]}"})
+  assert feature_cache.load_features(str(path), {"train": 3, "eval": 2}) is None
+
+
+def test_the_features_cache_key_frames_the_tokens_and_names_the_embedded_weights(tmp_path, monkeypatch):
+  """The same token bytes in another shape were the same key (unrelated features reused); int32 and int64 support
+  ids were two keys; the embedded model's GGUF file was not hashed (an upgraded package reused stale features); the
+  XLA flags and the jax version, which change CPU numerics, were not in the key."""
+  pairs = input_pipeline.synthetic_pairs(4, num_bases=2, vocab_size=64, prompt_len=4, response_len=4, seed=0)
+  config = train_basis_tiny.get_config()
+  key = lambda p, support=None: feature_cache.features_path(config, str(tmp_path), p, p, support)
+  reshaped = {
+      name: np.ascontiguousarray(v).reshape(v.shape[0] * 2, -1) if name in input_pipeline.TOKEN_FIELDS else v
+      for name, v in pairs.items()
+  }
+  assert key(reshaped) != key(pairs)
+  assert key(pairs, np.arange(5, dtype=np.int32)) == key(pairs, np.arange(5, dtype=np.int64))
+  before = key(pairs)
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=false")
+  assert key(pairs) != before
+  from spectral_soup.models import embedded as embedded_model  # pylint: disable=g-import-not-at-top
+  gguf = tmp_path / "weights.gguf"
+  gguf.write_bytes(b"one")
+  monkeypatch.setitem(embedded_model.EMBEDDED_MODELS, "smollm2", lambda: str(gguf))
+  config.model.path = "embedded:smollm2"
+  first = key(pairs)
+  gguf.write_bytes(b"two")
+  assert key(pairs) != first
+  assert any(path.endswith("reductions.py") for path in feature_cache.code_files())
 
 
 # ----------------------------------------------------------------------------------------------------------------
