@@ -115,6 +115,18 @@ def check_job_args(parser: argparse.ArgumentParser, job_args: Sequence[str]) -> 
     if match:
       parser.error(f"job argument {arg}: give --{match.group(1)} to the launcher, before `--` (the job would use "
                    f"this one instead of the one the launcher checked).")
+    name = arg.split("=", 1)[0]
+    if name in ("--show_config", "--noshow_config", "--show-config"):
+      parser.error(f"job argument {arg}: the job would print its config and exit (the machine then deleted as if "
+                   "it had run); run `python -m <module> --config=... --show_config` here instead.")
+    if not (name.startswith("--config.") or name.lstrip("-").split("=")[0] in _JOB_FLAGS):
+      parser.error(f"job argument {arg}: expected --config.FIELD=VALUE overrides (or one of "
+                   f"{', '.join('--' + f for f in sorted(_JOB_FLAGS))}); any other flag would fail on the machine, "
+                   "after it was created.")
+
+
+# Flags of the jobs themselves (besides --config.*) that may follow `--`: absl's logging flags.
+_JOB_FLAGS = frozenset({"verbosity", "v", "logtostderr", "alsologtostderr", "log_dir", "stderrthreshold"})
 
 
 class ConfigFileError(ValueError):
@@ -244,6 +256,14 @@ def check_plan_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
   A --copy source that does not exist is refused, except in a dry run (a warning), which shows the plan only.
   """
+  if not _REMOTE_PATH.fullmatch(getattr(args, "python", "python3")):  # It reaches the remote shell unquoted.
+    parser.error(f"--python={args.python!r}: expected an interpreter name or path of letters, digits and "
+                 "._+=@%,/- (no spaces or shell characters).")
+  if not args.workdir.strip():  # The job refuses it, but only on the machine, after create and install.
+    parser.error("--workdir is empty: expected the job's directory on the machine (e.g. /mnt/shared/RUN).")
+  if "://" in args.workdir:  # The jobs write to a file system path; a URL became a relative local directory.
+    parser.error(f"--workdir={args.workdir}: expected a path on the machine (mount a bucket with gcsfuse, or use "
+                 "Filestore, and give its mount path, e.g. /mnt/shared/RUN), not a URL.")
   args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
   if not args.steps:
     parser.error(f"--steps is empty: expected some of {','.join(steps)}.")

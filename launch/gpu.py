@@ -190,6 +190,10 @@ def reattach_command(args: argparse.Namespace) -> str:
       "python", "-m", "launch.gpu", f"--name={args.name}", *_location(args), f"--config={args.config}",
       f"--workdir={args.workdir}", "--steps=logs" if args.keep else "--steps=logs,delete"
   ]
+  argv += [f"--machine-type={args.machine_type}"] + ([f"--accelerator={args.accelerator}"] if args.accelerator else [])
+  argv += [f"--module={args.module}"] if args.module != common.MODULES[0] else []
+  # The job's overrides too: the launcher checks the config again, and without them refused what the job accepted.
+  argv += ["--", *args.job_args] if args.job_args else []
   return shlex.join(argv)
 
 

@@ -307,7 +307,10 @@ def reattach_command(args: argparse.Namespace) -> str:
   argv += [f"--accelerator-type={args.slice.accelerator_type}", f"--config={args.config}", f"--workdir={args.workdir}"]
   argv += [f"--run-workers={args.run_workers}"] if args.run_workers != "all" else []
   argv += [f"--log-worker={args.log_worker}"] if args.log_worker != "0" else []
+  argv += [f"--module={args.module}"] if args.module != common.MODULES[0] else []
   argv += ["--steps=logs" if args.keep else "--steps=logs,delete"]
+  # The job's overrides too: the launcher checks the config again, and without them refused what the job accepted.
+  argv += ["--", *args.job_args] if args.job_args else []
   return shlex.join(argv)
 
 

@@ -555,6 +555,48 @@ def test_a_workdir_inside_another_runs_checkpoints_is_refused(tmp_path):
   cli.check_workdir(str(tmp_path / "checkpoints" / "x"))  # A directory named so, of no run.
 
 
+@pytest.mark.parametrize("module", [tpu, gpu])
+def test_remote_plans_refuse_a_shell_python_and_a_url_workdir_and_reattach_with_the_overrides(module, capsys):
+  """`--python='python3.11; touch x #'` ran `touch` on the machine (and commented the install out); a gs:// workdir
+  became a relative local directory on each host; the printed re-attach command lost the job's overrides, so the
+  launcher's config check refused it while the job ran."""
+  base = ["--name=ss", f"--config={CONFIG}", "--workdir=/mnt/shared/r"]
+  with pytest.raises(SystemExit):
+    module.parse_args(base + ["--python=python3.11; touch /tmp/INJECTED #"])
+  assert "--python='python3.11; touch /tmp/INJECTED #': expected an interpreter name" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    module.parse_args(base[:2] + ["--workdir=gs://bucket/run"])
+  assert "--workdir=gs://bucket/run: expected a path on the machine" in capsys.readouterr().err
+  args = module.parse_args(base + ["--", "--config.train.num_steps=70", "--config.seed=3"])
+  again = module.parse_args(shlex.split(module.reattach_command(args))[3:])
+  assert again.job_args == ["--config.train.num_steps=70", "--config.seed=3"] and again.steps == ["logs", "delete"]
+
+
+@pytest.mark.parametrize("job_arg, message", [
+    ("--bogus_flag=1", r"job argument --bogus_flag=1: expected --config.FIELD=VALUE overrides"),
+    ("--show_config", r"job argument --show_config: the job would print its config and exit"),
+])
+def test_job_arguments_that_would_fail_or_do_nothing_on_the_machine_are_refused(job_arg, message, capsys):
+  """They were forwarded unchecked: `--bogus_flag` failed after the machine was created and installed; `--show_config`
+  printed the config, exited 0, and the launcher deleted the machine reporting success."""
+  with pytest.raises(SystemExit):
+    tpu.parse_args(["--name=ss", f"--config={CONFIG}", "--workdir=/mnt/shared/r", "--", job_arg])
+  assert re.search(message, capsys.readouterr().err)
+  tpu.parse_args(["--name=ss", f"--config={CONFIG}", "--workdir=/mnt/shared/r", "--", "--verbosity=1"])
+
+
+def test_the_job_names_a_url_workdir_and_a_config_variant_that_raised(tmp_path):
+  with pytest.raises(ValueError, match=r"--workdir=gs://bucket/run: expected a path on this machine"):
+    cli.check_workdir("gs://bucket/run")
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.train_basis", f"--workdir={tmp_path / 'w'}",
+      "--config=configs/ultrafeedback_gemma3_1b.py:nope"
+  ], cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert ("its get_config raised ValueError: Unknown config variant 'nope': expected '' or 'local'"
+          in result.stderr), result.stderr
+
+
 def test_a_workdir_that_is_a_dangling_symlink_is_refused_up_front(tmp_path):
   """It passed as a missing directory and failed after the model and data loaded: `[Errno 17] File exists`."""
   (tmp_path / "link").symlink_to(tmp_path / "gone")

@@ -70,3 +70,11 @@ def test_log_softmax_at_equals_picked_log_softmax(width):
   np.testing.assert_allclose(
       jax.grad(lambda v: jnp.sum(got(v) * w))(x),
       jax.grad(lambda v: jnp.sum(want(v) * w))(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_normalizer_of_a_row_without_a_finite_maximum_is_logsumexps():
+  """An all -inf row (or one holding +inf) shifted by its own maximum gave NaN where logsumexp gives -inf / +inf."""
+  x = jnp.array([[-jnp.inf, -jnp.inf, -jnp.inf], [0.0, jnp.inf, 1.0], [1.0, 2.0, -jnp.inf]], jnp.float32)
+  _, normalizer = jax.jit(reductions.log_softmax_at_and_normalizer)(x, jnp.array([0, 0, 1], jnp.int32))
+  np.testing.assert_array_equal(normalizer[:2], [-np.inf, np.inf])
+  np.testing.assert_allclose(normalizer[2], jax.nn.logsumexp(x[2]), rtol=1e-6)

@@ -56,6 +56,12 @@ def parse_flags(argv):
     boolean = re.match(r"(flag \S+?=(.*?)): \('Non-boolean argument to boolean flag'", message)
     if boolean:
       message = f"{boolean.group(1)}: expected true or false, got {boolean.group(2)!r}"
+    # A config file whose get_config raised (an unknown variant, `file.py:nope`): its exception, not the traceback.
+    raised = re.match(
+        r"(flag --config=\S+): Error whilst parsing config file: Traceback .* (\w+(?:Error|Exception)): "
+        r"(.*)$", message)
+    if raised:
+      message = f"{raised.group(1)}: its get_config raised {raised.group(2)}: {raised.group(3)}"
   except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
     message = _config_error_message(e, argv)
   print(f"error: {message}", file=sys.stderr, flush=True)
@@ -138,6 +144,9 @@ def check_workdir(workdir: str) -> None:
   to a directory named `~`."""
   if not workdir:
     raise ValueError("--workdir is empty: expected a directory for the run's outputs.")
+  if "://" in workdir:  # It became a relative local directory named after the URL.
+    raise ValueError(f"--workdir={workdir}: expected a path on this machine (a bucket mounted with gcsfuse, say), "
+                     "not a URL.")
   if workdir.startswith("~"):
     raise ValueError(f"--workdir={workdir}: {workdir.split('/', 1)[0]} is not a known home directory: expected an "
                      "absolute or relative path.")

@@ -107,6 +107,15 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
   tmp = temp_path(path, suffix)
   try:
     yield tmp
+    if os.path.exists(path) and os.path.exists(tmp):  # Keep the replaced file's permissions (a private 0600 file).
+      with contextlib.suppress(OSError):
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+    with contextlib.suppress(OSError):  # On disk before the rename: a power loss leaves the old file or the new one.
+      fd = os.open(tmp, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):

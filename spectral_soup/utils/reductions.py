@@ -89,8 +89,13 @@ def log_softmax_at(x: Array, index: Array) -> Array:
 
 
 def log_softmax_at_and_normalizer(x: Array, index: Array):
-  """(`log_softmax_at(x, index)`, the log-normalizer logsumexp(x) [...]): the same values, one pass for both."""
+  """(`log_softmax_at(x, index)`, the log-normalizer logsumexp(x) [...]): the same values, one pass for both.
+
+  A row's non-finite maximum shifts by 0 instead (as `jax.nn.logsumexp` does): an all -inf row's normalizer is -inf
+  and a row holding +inf has +inf, where x - max made them NaN. Finite rows: the same bits.
+  """
   top = jax.lax.stop_gradient(max_last(x, keepdims=True))
+  top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
   log_z = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1))
   picked = jnp.take_along_axis(x, index[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return (picked - top[..., 0]) - log_z, top[..., 0] + log_z

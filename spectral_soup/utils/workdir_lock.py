@@ -54,9 +54,10 @@ def check_free(workdir: str, primary: bool | None = None) -> None:
     raise InputError(f"--workdir={workdir}: {path} is {what}: expected the run's lock file (or nothing there); move "
                      "it away or use another --workdir.")
   try:
-    fd = os.open(path, os.O_RDONLY)
+    # Read-write: on NFS an exclusive flock needs a file open for writing (read-only: EBADF on every restart).
+    fd = os.open(path, os.O_RDWR)
   except OSError:
-    return  # Unreadable: `hold` will say so when the run is accepted.
+    return  # Unreadable or read-only: `hold` will say so when the run is accepted.
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:

@@ -832,6 +832,41 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(tmp_path):
     assert (workdir / workdir_lock.LOCK_NAME).read_text().strip() == str(os.getpid())
 
 
+def test_a_stale_lock_on_nfs_is_probed_with_a_writable_descriptor(tmp_path, monkeypatch):
+  """NFS grants an exclusive flock only on a file open for writing (EBADF otherwise): every restart of a workdir
+  holding a .lock failed with `[Errno 9] Bad file descriptor`. Emulated: flock refuses read-only descriptors."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import workdir_lock  # pylint: disable=g-import-not-at-top
+  real = fcntl.flock
+
+  def nfs_flock(fd, operation):
+    if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+      raise OSError(errno.EBADF, "Bad file descriptor")
+    return real(fd, operation)
+
+  monkeypatch.setattr(fcntl, "flock", nfs_flock)
+  (tmp_path / workdir_lock.LOCK_NAME).write_text("12345\n")  # Left by a killed run.
+  workdir_lock.check_free(str(tmp_path), primary=True)
+  with workdir_lock.hold(str(tmp_path), primary=True):
+    pass
+
+
+def test_an_atomic_write_keeps_the_replaced_files_permissions_and_progress_reads_its_switch(tmp_path, monkeypatch):
+  """A private (0600) file became 0644 when rewritten; SPECTRAL_SOUP_PROGRESS=false / off / no turned bars on."""
+  from spectral_soup.utils import files as files_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import progress  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "secret.json"
+  path.write_text("{}")
+  os.chmod(path, 0o600)
+  files_lib.write_text_atomic(str(path), '{"a": 1}')
+  assert path.read_text() == '{"a": 1}' and os.stat(path).st_mode & 0o777 == 0o600
+  for value, disabled in (("0", True), ("false", True), ("Off", True), ("no", True), ("", True), ("1", False), ("yes",
+                                                                                                                False)):
+    monkeypatch.setenv("SPECTRAL_SOUP_PROGRESS", value)
+    assert progress.track(range(2), desc="x").disable == disabled, value
+
+
 def test_a_lock_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
   """It was a bare `[Errno 21] Is a directory` once the run was accepted, after the main job's data phase."""
   from spectral_soup.utils import errors  # pylint: disable=g-import-not-at-top
