@@ -201,7 +201,7 @@ def check_config(parser: argparse.ArgumentParser, args: argparse.Namespace, remo
 
 
 def check_job_values(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Any, num_devices: Optional[int],
-                     machine: str) -> None:
+                     machine: str, num_hosts: int = 1) -> None:
   """The job's own config checks (`--module`'s `validate_config`), here, with the remote machine's device count,
   before any machine is created: the job would refuse the same config at once, after minutes of billed setup.
   `num_devices` None (not known from the flags): left to the job, with a warning."""
@@ -217,7 +217,7 @@ def check_job_values(parser: argparse.ArgumentParser, args: argparse.Namespace, 
       job.validate_config(config, num_devices=num_devices)
     elif hasattr(config, "train"):
       from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
-      config_checks.validate_config(config, num_devices=num_devices)
+      config_checks.validate_config(config, num_devices=num_devices, num_hosts=num_hosts)
   except ValueError as e:
     parser.error(f"{e} (on the {num_devices} devices of {machine})")
 

@@ -202,7 +202,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     _check_multi_host(parser, args)
   # The main job is one process (on worker 0): it sees that host's devices only.
   devices = args.slice.devices // args.slice.hosts if args.module == "experiments.main" else args.slice.devices
-  common.check_job_values(parser, args, config, devices, args.accelerator_type)
+  # A multi-host training is one process per host: its batch is split over the hosts too.
+  hosts = args.slice.hosts if args.module == "experiments.train_basis" and args.run_workers.lower() == "all" else 1
+  common.check_job_values(parser, args, config, devices, args.accelerator_type, num_hosts=hosts)
   return args
 
 

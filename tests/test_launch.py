@@ -414,8 +414,9 @@ def test_config_inside_the_repository_its_variant_and_its_slice(tmp_path, capsys
   # A variant is applied as the job will; the slice defaults to the one the config is sized for.
   uf = "configs/ultrafeedback_gemma3_1b.py"
   assert tpu.parse_args(["--name=ss", f"--config={uf}", "--workdir=/mnt/shared/r"]).slice.accelerator_type == "v5p-32"
-  args = tpu.parse_args(["--name=ss", f"--config={uf}:local", "--workdir=/mnt/shared/r"])
-  assert args.slice.accelerator_type == tpu.DEFAULT_ACCELERATOR  # The local variant declares no slice.
+  # The local variant declares no slice (its batch of 2 runs on one worker: the default slice has 4 hosts).
+  args = tpu.parse_args(["--name=ss", f"--config={uf}:local", "--workdir=/mnt/shared/r", "--run-workers=0"])
+  assert args.slice.accelerator_type == tpu.DEFAULT_ACCELERATOR
   capsys.readouterr()
   # On another slice its batch no longer splits: refused before the slice is created, as the job would refuse it.
   with pytest.raises(SystemExit):
@@ -570,6 +571,20 @@ def test_remote_plans_refuse_a_shell_python_and_a_url_workdir_and_reattach_with_
   args = module.parse_args(base + ["--", "--config.train.num_steps=70", "--config.seed=3"])
   again = module.parse_args(shlex.split(module.reattach_command(args))[3:])
   assert again.job_args == ["--config.train.num_steps=70", "--config.seed=3"] and again.steps == ["logs", "delete"]
+
+
+def test_a_multi_host_training_checks_the_batch_over_the_slices_hosts(capsys):
+  """The check used this machine's one process: a batch of 2 on a 4-host slice passed here, and the job refused it
+  on the hosts after create and install."""
+  argv = [
+      "--name=ss-h", "--accelerator-type=v5litepod-16", f"--config={CONFIG}", "--workdir=/mnt/shared/r", "--",
+      "--config.mesh.num_devices=2", "--config.train.batch_size=2", "--config.train.feature_batch_size=2",
+      "--config.train.eval_batch_size=2"
+  ]
+  with pytest.raises(SystemExit):
+    tpu.parse_args(argv)
+  assert "config.train.batch_size=2 is invalid: expected divisible over 4 hosts" in capsys.readouterr().err
+  tpu.parse_args(argv[:4] + ["--run-workers=0"] + argv[4:])  # One worker runs one process: 2 pairs are fine.
 
 
 @pytest.mark.parametrize("job_arg, message", [

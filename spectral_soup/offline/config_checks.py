@@ -28,8 +28,10 @@ BASIS_INITS = ("zeros", "ridge")
 DTYPES = ("float32", "bfloat16")
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
-  """Raises ValueError naming the first invalid field (`config.train.batch_size=...`)."""
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
+                    num_hosts: Optional[int] = None) -> None:
+  """Raises ValueError naming the first invalid field (`config.train.batch_size=...`). `num_devices` / `num_hosts`:
+  the machine the job will run on (a launcher's plan; None: this process's devices and hosts)."""
   need = config_check.field_checker(config)
   config_check.check_finite(config)  # NaN / inf in any float field, before any relation between fields.
 
@@ -142,7 +144,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       micro % shards == 0, "train.batch_size",
       f"a multiple of grad_accum_steps x data x fsdp = {c.train.grad_accum_steps} x {data} x {fsdp} "
       f"(each micro-batch of {micro} pairs is split over {shards} devices)")
-  need(micro % jax.process_count() == 0, "train.batch_size", f"divisible over {jax.process_count()} hosts")
+  hosts = jax.process_count() if num_hosts is None else num_hosts
+  need(micro % hosts == 0, "train.batch_size", f"divisible over {hosts} hosts")
   for field in ("feature_batch_size", "eval_batch_size"):
     size = c.train[field]
     need(size >= 1 and size % shards == 0, f"train.{field}", f"a positive multiple of data x fsdp = {shards}")
