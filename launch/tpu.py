@@ -214,6 +214,9 @@ def _check_workers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     run_workers = workers_of(args.run_workers, hosts)
   except ValueError as e:
     parser.error(f"--run-workers={args.run_workers}: {e}.")
+  if hosts > 1 and sorted(run_workers) == list(range(hosts)):
+    # Every host: one multi-host job (--distributed, a shared workdir), as "all" (0-3 on 4 hosts ran 4 separate jobs).
+    args.run_workers = "all"
   if not args.log_worker.isdigit():
     parser.error(f"--log-worker={args.log_worker}: expected one worker index.")
   if int(args.log_worker) not in run_workers:

@@ -585,6 +585,11 @@ def test_a_multi_host_training_checks_the_batch_over_the_slices_hosts(capsys):
     tpu.parse_args(argv)
   assert "config.train.batch_size=2 is invalid: expected divisible over 4 hosts" in capsys.readouterr().err
   tpu.parse_args(argv[:4] + ["--run-workers=0"] + argv[4:])  # One worker runs one process: 2 pairs are fine.
+  # Every host listed is every host: the same multi-host job as "all" (it ran 4 separate jobs, with no warning).
+  with pytest.raises(SystemExit):
+    tpu.parse_args(argv[:4] + ["--run-workers=0-3"] + argv[4:])
+  assert "divisible over 4 hosts" in capsys.readouterr().err
+  assert tpu.parse_args(argv[:4] + ["--run-workers=3,2,1,0"]).run_workers == "all"
 
 
 @pytest.mark.parametrize("job_arg, message", [
