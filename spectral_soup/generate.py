@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from spectral_soup.eval import plots
 from spectral_soup.utils import cli
 from spectral_soup.utils import files
 
@@ -46,9 +47,9 @@ class _RepeatedUser(ValueError):
   pass
 
 
-# Files a training run or the main job writes at the top of its workdir (beside config.json and basis.json).
-_RUN_FILES = ("metrics.jsonl", "results.json", "comparisons.npz", "samples.json", "learning_curve.png", "scores.png",
-              "frontier.png", "attribute_shift.png", "pareto.png", "k_ablation.png", "training_curves.png")
+# Files a training run or the main job writes at the top of its workdir (beside config.json, basis.json and the main
+# job's plots, `plots.PLOT_FILES`).
+_RUN_FILES = ("metrics.jsonl", "results.json", "comparisons.npz", "samples.json", "training_curves.png")
 
 
 def check_not_a_run_file(output: str, run_dirs, config) -> None:
@@ -61,7 +62,7 @@ def check_not_a_run_file(output: str, run_dirs, config) -> None:
     if inside(os.path.join(d, "checkpoints")):
       raise ValueError(f"--output={output} is inside the run's checkpoints ({d}/checkpoints): expected a file outside "
                        "them.")
-    if any(real == os.path.realpath(os.path.join(d, name)) for name in _RUN_FILES):
+    if any(real == os.path.realpath(os.path.join(d, name)) for name in _RUN_FILES + plots.PLOT_FILES):
       raise ValueError(f"--output={output} is one of the run's own files ({os.path.basename(real)} in {d}): expected "
                        "another file name.")
   for field in ("model.path", "data.tokenizer"):

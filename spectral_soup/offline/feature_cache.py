@@ -25,6 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from spectral_soup.models import embedded as embedded_model
+from spectral_soup.models import hf_import
 from spectral_soup.models.spectral import SpectralPolicy
 from spectral_soup.offline import features
 from spectral_soup.offline import input_pipeline
@@ -147,7 +148,8 @@ def features_path(config: ml_collections.ConfigDict, directory: str, train_pairs
   h = hashlib.sha256()
   model = json.loads(config.model.to_json_best_effort())
   path = config.model.path
-  name = path[len("embedded:"):] if isinstance(path, str) and path.startswith("embedded:") else None
+  prefix = hf_import.EMBEDDED_PREFIX
+  name = path[len(prefix):] if isinstance(path, str) and path.startswith(prefix) else None
   if name in embedded_model.EMBEDDED_MODELS:  # Its weights are a file inside an installed package.
     path = embedded_model.EMBEDDED_MODELS[name]()
   h.update(
