@@ -13,7 +13,9 @@ and `data` (JSON: the input iterator's {"epoch", "position"} and anything else t
 * Restores place every array directly into its target sharding (restore arguments from `jax.eval_shape` of the
   state plus the shardings), so nothing is gathered on one host.
 * `restore_latest` tries steps newest first: a step that fails to restore (a truncated or deleted file) is moved
-  aside to `<directory>.corrupt/<step>` with a warning and the previous step is tried.
+  aside to `<directory>.corrupt/<step>` with a warning and the previous step is tried. The reads Orbax left
+  suspended in the failed restore are closed right there (`_close_abandoned_reads`), not whenever the garbage
+  collector next runs in unrelated code, where each printed an "Exception ignored in <coroutine ...>" traceback.
 * A step that reads fine but does not fit (another config: other K, other model shape) is not corrupt: before any
   array is read, the caller's `check_data` sees the step's JSON item and the saved shapes are compared with the
   abstract state; either raises (`CheckpointMismatchError` names the first arrays that differ) and nothing is
@@ -25,9 +27,11 @@ and `data` (JSON: the input iterator's {"epoch", "position"} and anything else t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
+import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -249,6 +253,11 @@ class Checkpointer:
         state, data = self._read(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         self._corrupt(step, e)
+        read_failed = True
+      else:
+        read_failed = False
+      if read_failed:  # Outside the except block, so that the error no longer holds the suspended reads.
+        _close_abandoned_reads()
         continue
       try:
         self._verify(state, data)
@@ -291,6 +300,32 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _close_abandoned_reads() -> None:
+  """Collects the array reads that Orbax left suspended when a restore failed part-way.
+
+  Orbax's `_read_array_index_and_device_put` catches the GeneratorExit of its coroutine's close and raises another
+  exception in its place, which Python can only report as "Exception ignored in <coroutine ...>" with a full
+  TensorStore spec, whenever the garbage collector reaches it. Collected here, those reports (and only those) are
+  logged at debug level; any other unraisable exception goes to the usual hook.
+  """
+  abandoned = []
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put":
+      abandoned.append(unraisable)
+    else:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
+  if abandoned:
+    logging.debug("Closed %d array reads left suspended by the failed restore.", len(abandoned))
 
 
 def save_debug_step(directory: str, state: Any, host_batch: Mapping[str, np.ndarray], metrics: Mapping[str,
