@@ -223,6 +223,21 @@ def test_bad_config_names_the_field(flat, field):
     config_checks.validate_config(_config(**flat))
 
 
+def test_a_model_axis_across_hosts_is_refused_before_anything_loads():
+  """Each host reads its own 1/hosts of every batch, which needs its own batch shards: a model axis spanning hosts
+  (2 hosts x 1 device, model=2) passed the check, then both processes failed at the first batch and one hung."""
+  config = _config(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.model": 2, "mesh.num_devices": 2})
+  config_checks.validate_config(config, num_devices=2, num_hosts=1)  # One host: the model axis is local.
+  with pytest.raises(
+      ValueError, match=r"config\.mesh\.model=2 is invalid: expected an axis within one host: data x "
+      r"fsdp = 1 x 1 = 1 is not a multiple of the 2 hosts"):
+    config_checks.validate_config(config, num_devices=2, num_hosts=2)
+  config = _config(**{"mesh.data": 2, "mesh.fsdp": 1, "mesh.model": 4})  # 4 hosts x 2 devices: model spans 2.
+  with pytest.raises(ValueError, match=r"config\.mesh\.model=4 .* use a model axis of at most 2 devices"):
+    config_checks.validate_config(config, num_devices=8, num_hosts=4)
+  config_checks.validate_config(_config(**{"mesh.data": 4, "mesh.model": 2}), num_devices=8, num_hosts=4)
+
+
 def test_tiny_config_is_valid_and_mesh_fills_the_rest():
   config_checks.validate_config(train_basis_tiny.get_config())
   assert mesh_lib.resolve_mesh_shape(-1, 1, 2, 8) == (4, 1, 2)

@@ -137,7 +137,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   if c.mesh.num_devices != -1:
     need(0 < c.mesh.num_devices <= devices, "mesh.num_devices", f"-1 or 1..{devices}")
     devices = c.mesh.num_devices
-  data, fsdp, _ = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.model, devices)
+  data, fsdp, model = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.model, devices)
   shards = data * fsdp
   micro = c.train.batch_size // c.train.grad_accum_steps
   need(
@@ -146,6 +146,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       f"(each micro-batch of {micro} pairs is split over {shards} devices)")
   hosts = jax.process_count() if num_hosts is None else num_hosts
   need(micro % hosts == 0, "train.batch_size", f"divisible over {hosts} hosts")
+  # Each host reads its own 1/hosts of every batch: that needs every host to hold its own batch shards, i.e. the
+  # model axis inside one host (hosts along the model axis would hold the same rows, and the batch would not fit).
+  need(
+      shards % hosts == 0, "mesh.model",
+      f"an axis within one host: data x fsdp = {data} x {fsdp} = {shards} is not a multiple of the {hosts} hosts "
+      f"(model={model} spans hosts); use a model axis of at most {max(devices // hosts, 1)} devices and a larger "
+      f"data or fsdp axis")
   for field in ("feature_batch_size", "eval_batch_size"):
     size = c.train[field]
     need(size >= 1 and size % shards == 0, f"train.{field}", f"a positive multiple of data x fsdp = {shards}")

@@ -35,10 +35,12 @@ MAX_RATING_TARGET = 1e15
 
 
 def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: bool = False,
-                vocab_size: Optional[int] = None, rating_scale: Optional[float] = None) -> int:
+                vocab_size: Optional[int] = None, rating_scale: Optional[float] = None,
+                max_len: Optional[int] = None) -> int:
   """Validates the pair format; returns N. Raises ValueError naming the field (and the first bad row).
 
-  Checks: the fields are present with N rows and matching shapes; tokens are integers (in [0, vocab_size) where
+  Checks: the fields are present with N rows and matching shapes (both responses [N, R] with one R, and P + R at
+  most `max_len`, the model's positions, if given); tokens are integers (in [0, vocab_size) where
   the mask is set, if `vocab_size` is given); no prompt or response is empty; labels are -1, 0 or 1; scores are
   floats, NaN (missing) or finite; with `rating_scale` (the ratings loss's), every rating difference times it is
   within +-`MAX_RATING_TARGET`, so that the loss's float32 squares stay finite.
@@ -71,6 +73,14 @@ def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: 
         raise ValueError(f"Pair field {side!r} row {row} holds the negative token id {token}.")
       raise ValueError(f"Pair field {side!r} row {row} holds token id {token}, but the model's vocab_size is "
                        f"{vocab_size} (ids 0..{vocab_size - 1}): the data was tokenized for another model.")
+  prompt_len, response_len = np.shape(arrays["prompt"])[1], np.shape(arrays["response_a"])[1]
+  if np.shape(arrays["response_b"])[1] != response_len:
+    raise ValueError(f"Pair field 'response_b' is {np.shape(arrays['response_b'])[1]} tokens wide, 'response_a' "
+                     f"{response_len}: both responses are [N, R] with one R (pad the shorter, its mask False).")
+  if max_len is not None and prompt_len + response_len > max_len:
+    raise ValueError(f"Pair fields 'prompt' ({prompt_len} tokens wide) + 'response_a'/'response_b' ({response_len}) "
+                     f"= {prompt_len + response_len} positions, beyond the model's max_len={max_len}: truncate the "
+                     f"pairs (data.prompt_len + data.response_len <= model.max_len) or use a longer model.max_len.")
   for name in ("labels", "scores_a", "scores_b"):
     if name in arrays and arrays[name].shape[1:] != (num_bases,):
       raise ValueError(f"Pair field {name!r} has shape {arrays[name].shape}: expected [N, {num_bases}] "

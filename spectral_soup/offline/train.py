@@ -245,13 +245,13 @@ def _accept_run(config: ml_collections.ConfigDict, workdir: str, stack: contextl
   for split in (train_pairs, eval_pairs):
     if len(split["prompt"]):
       input_pipeline.check_pairs(split, policy.num_bases, need_ratings=config.loss.kind == "ratings" or
-                                 basis_init == "ridge", vocab_size=model_cfg.vocab_size,
+                                 basis_init == "ridge", vocab_size=model_cfg.vocab_size, max_len=model_cfg.max_len,
                                  rating_scale=config.loss.rating_scale if config.loss.kind == "ratings" else None)
   num_train = len(train_pairs["prompt"])
   if num_train < config.train.batch_size:  # Every source (the builders also check while they read).
-    raise ValueError(f"config.train.batch_size={config.train.batch_size} is invalid: the training pairs of "
-                     f"data.source={config.data.source!r} are {num_train}, fewer than one batch (use a smaller batch, "
-                     "or hold out fewer prompts).")
+    origin = f"of data.source={config.data.source!r}" if pairs is None else "given (pairs=)"
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} is invalid: the training pairs {origin} "
+                     f"are {num_train}, fewer than one batch (use a smaller batch, or hold out fewer prompts).")
   if basis_init == "ridge":
     ridge_init.check_ridge_ratings(train_pairs)
   resume.check_existing_checkpoint(config, workdir)

@@ -409,14 +409,29 @@ def test_fewer_training_pairs_than_one_batch_are_named_before_the_workdir_is_mad
   pairs = input_pipeline.synthetic_pairs(8, num_bases=K, vocab_size=64, prompt_len=8, response_len=16, seed=0)
   empty = {k: v[:0] for k, v in pairs.items()}
   with pytest.raises(
-      ValueError, match=r"config\.train\.batch_size=32 is invalid: the training pairs of "
-      r"data\.source='synthetic' are 8, fewer than one batch"):
+      ValueError, match=r"config\.train\.batch_size=32 is invalid: the training pairs given \(pairs=\) are 8, "
+      r"fewer than one batch"):
     train.train_and_evaluate(config, str(tmp_path / "run"), pairs=(pairs, empty))
   assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Malformed pair arrays (what training reads) and malformed source rows (what the builders read).
+
+
+def test_pairs_longer_than_the_models_positions_are_named_before_compiling(tmp_path):
+  """Pairs given to training (pairs=) were not checked against model.max_len: GPT-2's position table gave NaN
+  losses blamed on the learning rate, a RoPE model trained silently past its declared context."""
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  config = train_basis_tiny.get_config()
+  config.basis.num_bases, config.model.vocab_size, config.model.max_len = K, 64, 32
+  pairs = input_pipeline.synthetic_pairs(64, num_bases=K, vocab_size=64, prompt_len=8, response_len=40, seed=0)
+  with pytest.raises(
+      ValueError, match=r"'prompt' \(8 tokens wide\) \+ 'response_a'/'response_b' \(40\) = 48 "
+      r"positions, beyond the model's max_len=32"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), pairs=(pairs, {k: v[:0] for k, v in pairs.items()}))
+  assert not (tmp_path / "run").exists()
+  assert input_pipeline.check_pairs(pairs, K, max_len=48) == 64
 
 
 def _pairs():
@@ -449,6 +464,10 @@ def _set(field, row, value):
     (lambda p: {
         **p, "response_a": p["response_a"].astype(np.float32)
     }, r"'response_a' holds float32 values"),
+    (lambda p: {
+        **p, "response_b": p["response_b"][:, :4],
+        "response_b_mask": p["response_b_mask"][:, :4]
+    }, r"'response_b' is 4 tokens wide, 'response_a' 6: both responses are \[N, R\] with one R"),
     (_set("response_b_mask", 3, False), r"'response_b' is empty in row 3"),
     (_set("prompt_mask", 6, False), r"'prompt' is empty in row 6"),
     (_set("response_a", 2, -5), r"'response_a' row 2 holds the negative token id -5"),
