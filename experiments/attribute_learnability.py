@@ -39,7 +39,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fmt(x, digits=3):
-  return "-" if x is None else f"{x:.{digits}f}"
+  return "-" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _jsonable(values) -> list:
+  """A list with NaN (no labelled pair: no accuracy) as null, which JSON can hold."""
+  return [None if isinstance(v, float) and not np.isfinite(v) else v for v in np.asarray(values).tolist()]
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -164,7 +169,7 @@ def main(argv) -> None:
       "verdict": verdicts,
       "probes": {
           name: {
-              k: np.asarray(v).tolist() for k, v in r.items()
+              k: _jsonable(v) for k, v in r.items()
           } for name, r in results.items()
       }
   }

@@ -40,6 +40,9 @@ _RUN_RECORD_KEYS = ("timing_s", "decoding", "code")
 _RESULTS_OF_CONFIG = (("data.attributes", "attributes"), ("users.num_users", "users"), ("users.kind", "user_kind"),
                       ("online.rounds", "rounds"), ("eval.samples_per_prompt", "samples_per_prompt"))
 
+# results.json keys that record the evaluation's sizes (compared across runs, with or without a config).
+_RUN_SIZE_KEYS = ("users", "user_kind", "rounds", "comparisons_per_user", "eval_prompts", "samples_per_prompt")
+
 
 def _json_kind(value: Any) -> str:
   return {
@@ -231,15 +234,21 @@ def _check_comparable(runs: Sequence[dict]) -> List[str]:
   if unknown:
     notes.append(f"no config recorded for {_names(runs, unknown)} (results.json has none and there is no "
                  "config.json): its eval.split and settings are not checked")
-  flat = [resume.flatten(run["config"]) for run in runs if run.get("config") is not None]
-  if len(flat) > 1:
-    absent = object()
-    fields = sorted({k for f in flat for k in f} - set(SEED_FIELDS))
-    differ = [k for k in fields if any(f.get(k, absent) != flat[0].get(k, absent) for f in flat)]
+  # Each value named with its run: listed bare, the values of three runs read as if they were in argument order.
+  absent = object()
+  shown = lambda run, value: f"{run.get('workdir', '?')}: {'(absent)' if value is absent else repr(value)}"
+  # The evaluation's sizes as every results.json records them, with or without a config.
+  sizes = [k for k in _RUN_SIZE_KEYS if any(run.get(k, absent) != runs[0].get(k, absent) for run in runs)]
+  if sizes:
+    notes.append("the runs' sizes differ: " +
+                 "; ".join(f"{k} ({', '.join(shown(run, run.get(k, absent)) for run in runs)})" for k in sizes))
+  configured = [(run, resume.flatten(run["config"])) for run in runs if run.get("config") is not None]
+  if len(configured) > 1:
+    fields = sorted({k for _, f in configured for k in f} - set(SEED_FIELDS))
+    differ = [k for k in fields if any(f.get(k, absent) != configured[0][1].get(k, absent) for _, f in configured)]
     if differ:
-      shown = lambda f, k: repr(f[k]) if k in f else "(absent)"
-      notes.append("the runs' configs differ beyond seed and users.seed: " +
-                   "; ".join(f"{k} ({', '.join(shown(f, k) for f in flat)})" for k in differ))
+      notes.append("the runs' configs differ beyond seed and users.seed: " + "; ".join(
+          f"{k} ({', '.join(shown(run, f.get(k, absent)) for run, f in configured)})" for k in differ))
   return notes
 
 

@@ -78,6 +78,57 @@ def test_report_replaces_blocks_and_refuses_a_block_without_json():
     report.update(doc, {})
 
 
+def _train_result(**row):
+  base = {"variant": "heads/shared K=2", "median_s": 0.5, "min_s": 0.4, "max_s": 0.7, "load_1m": 0.2}
+  return {"name": "train", "machine": {"cpus": 2}, "rows": [{**base, **row}]}
+
+
+@pytest.mark.parametrize("result, message", [
+    (_train_result(median_s=float("nan")), r"row 0 \(heads/shared K=2\), column 'ms per update of all K \[range\]': "
+     r"nan is not a finite number"),
+    (_train_result(basis_tokens_per_s=float("inf")), r".*column 'basis-tokens/s': inf is not a finite number"),
+    (_train_result(load_1m="high"), r"a row's load: 'high' is not a number"),
+    ({
+        "name": "train",
+        "machine": {}
+    }, r"'rows' must be a non-empty list of objects"),
+    ({
+        "name": "train",
+        "rows": _train_result()["rows"]
+    }, r"'machine' .* is missing"),
+    ({
+        **_train_result(), "targets": {
+            "4x": None
+        }
+    }, r"'targets' must map each target to true or false"),
+    ([1, 2], r"expected a JSON object"),
+])
+def test_report_refuses_a_json_that_cannot_make_its_table(result, message):
+  """These were published as `nan [..]` / `inf` cells, a header-only table or 'unknown CPU' (and --check then passed),
+  or failed with a bare KeyError / AttributeError naming no file or row."""
+  with pytest.raises(ValueError, match=r"train\.json: " + message):
+    report.render("train", result, "train.json")
+
+
+def test_report_check_names_stale_blocks_and_refuses_a_json_without_a_block(tmp_path, capsys):
+  results = tmp_path / "results"
+  results.mkdir()
+  (results / "train.json").write_text(json.dumps(_train_result()))
+  doc = tmp_path / "DOC.md"
+  doc.write_text("intro\n<!-- report:train -->\nstale\n<!-- /report:train -->\n")
+  assert report.main([f"--results={results}", f"--doc={doc}", "--check"]) == 1
+  assert "(the tables of ['train'])" in capsys.readouterr().out
+  assert report.main([f"--results={results}", f"--doc={doc}"]) == 0
+  assert report.main([f"--results={results}", f"--doc={doc}", "--check"]) == 0
+  # A results file whose block was deleted (or never added) went unnoticed by --check.
+  (results / "malloc.json").write_text(json.dumps({**_train_result(), "name": "malloc"}))
+  assert report.main([f"--results={results}", f"--doc={doc}", "--check"]) == 2
+  assert "DOC.md has no report block for" in capsys.readouterr().err
+  (results / "malloc.json").write_text("{not json")
+  assert report.main([f"--results={results}", f"--doc={doc}"]) == 2
+  assert "malloc.json: not valid JSON" in capsys.readouterr().err
+
+
 def test_benchmarks_md_matches_its_json():
   # BENCHMARKS.md's tables are generated from experiments/benchmarks/results/*.json, never edited by hand.
   assert report.main(["--check"]) == 0

@@ -101,6 +101,16 @@ def test_implicit_rows_report_acceptance(policy):
 def test_bad_lam_fails_on_host():
   with pytest.raises(ValueError, match="lam row 1"):
     engine.make_rows(["explicit"] * 2, np.array([[0.0, 0.0], [np.nan, 0.0]]))
+  # A NaN guide weight decoded the last token id at every step with NaN log-probs; a fractional mode id was
+  # truncated (1.7: 'params').
+  with pytest.raises(ValueError, match=r"guide row 1 is not finite"):
+    engine.make_rows(["guided"] * 2, np.zeros((2, 2)), guide=[[0.5], [np.nan]])
+  with pytest.raises(ValueError, match=r"guide must be \[B=2, A\]"):
+    engine.make_rows(["guided"] * 2, np.zeros((2, 2)), guide=[0.5, 0.5])
+  for mode in (1.7, 1.0, True):
+    with pytest.raises(ValueError, match=r"unknown decoding modes .* integer ids 0..3"):
+      engine.make_rows([mode], np.zeros((1, 2)))
+  assert engine.make_rows([np.int64(1), 2], np.zeros((2, 2))).mode.tolist() == [1, 2]
 
 
 def test_support_path_equals_full_vocabulary(policy):

@@ -54,6 +54,10 @@ def test_pair_accuracy_masks_and_counts_zero_margin_wrong():
   acc, count = learnability.pair_accuracy(margins, labels)
   np.testing.assert_allclose(acc, [2 / 3, 0.5])
   np.testing.assert_array_equal(count, [3, 2])
+  # No labelled pair: no accuracy (it read 0.0, a probe that is always wrong), and the verdict says so.
+  acc, count = learnability.pair_accuracy(margins, np.array([[1, -1], [0, -1], [0, -1]]))
+  assert acc[0] == pytest.approx(2 / 3) and np.isnan(acc[1]) and count.tolist() == [3, 0]
+  assert learnability.verdict(np.array([0.9, np.nan]), np.array([100, 0])) == ["learnable", "no pairs"]
 
 
 def test_probes_find_the_learnable_attribute_only():

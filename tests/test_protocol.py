@@ -328,6 +328,17 @@ def test_attribute_shift_is_paired_with_the_reference():
     metrics.attribute_shift(bases, reference[:10])
 
 
+@pytest.mark.parametrize("beta", [0.0, -1.0, np.nan, np.inf, "0.5"])
+def test_policy_harness_refuses_a_guide_scale_that_is_not_finite(beta):
+  """Guided rows are scaled by 1 / beta inside the jitted decode: a NaN scale decoded the last token id."""
+  policy, params = tiny.tiny_policy("heads", num_bases=2)
+  prompts = np.array([[1, 2, 3, 4]], np.int32)
+  with pytest.raises(ValueError, match=r"beta must be a finite number > 0"):
+    harness_lib.PolicyHarness(policy, params, prompts, prompts != 0, ["a"], None, num_bases=2, beta=beta,
+                              max_new_tokens=2, eos_id=None, pad_id=0, pad_table=np.zeros(
+                                  (1, tiny.VOCAB)), support=np.arange(1, tiny.VOCAB))
+
+
 def test_policy_harness_rows_and_common_random_numbers():
   policy, params = tiny.tiny_policy("heads", num_bases=4)  # 3 bases + 1 extra head.
   prompts = np.array([[1, 2, 3, 4], [0, 5, 6, 7], [0, 0, 8, 9]], np.int32)

@@ -153,6 +153,12 @@ class ModCombineTest(chex.TestCase):
       soup.mod_combine(self.logps, jnp.asarray([0.5, -0.5, 0.5, 0.5]), "forward_kl")
     with self.assertRaisesRegex(ValueError, "non-zero alpha"):
       soup.mod_combine(self.logps, jnp.full((4,), 0.25), "alpha", alpha=0.0)
+    for alpha in (np.nan, np.inf):  # All-NaN log-probs before.
+      with self.assertRaisesRegex(ValueError, "finite, non-zero alpha"):
+        soup.mod_combine(self.logps, jnp.full((4,), 0.25), "alpha", alpha=alpha)
+    for divergence in ("forward_kl", "alpha"):  # Every policy dropped: all NaN before.
+      with self.assertRaisesRegex(ValueError, "at least one positive"):
+        soup.mod_combine(self.logps, jnp.zeros(4), divergence, alpha=0.5)
     with self.assertRaisesRegex(ValueError, "divergence must be one of"):
       soup.mod_combine(self.logps, jnp.full((4,), 0.25), "jsd")
     with self.assertRaisesRegex(ValueError, "weights has 3 weights but there are 4 bases"):
@@ -296,6 +302,11 @@ class LoraSoupTest(chex.TestCase):
       soup.soup_lora_dense({"bad": {"a": np.zeros((3, 8, 4)), "b": np.zeros((3, 5, 6))}}, jnp.ones(3), 1.0)
     with self.assertRaisesRegex(ValueError, "lam has 2 weights but there are 3 bases"):
       soup.soup_lora_concat(self.stacked, jnp.ones(2))
+    for scale in (np.nan, np.inf, [1.0, 2.0]):  # NaN / inf weights before.
+      with self.assertRaisesRegex(ValueError, "scale must be a finite number"):
+        soup.lora_delta(adapter, scale)
+      with self.assertRaisesRegex(ValueError, "scale must be a finite number"):
+        soup.soup_lora_dense(self.stacked, jnp.ones(3), scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,6 +396,23 @@ class ImplicitSoupTest(chex.TestCase):
     target = soup.soup_logits(self.ref_row, basis[:, 0], lam)
     self.assertGreater(_chisquare_pvalue(tokens, target), 1e-3)
     self.assertLess(_chisquare_pvalue(tokens, _log_softmax64(self.ref_row)), 1e-3)
+
+  def test_a_zero_uniform_does_not_accept_an_improbable_proposal(self):
+    """jax's float32 uniforms are 0 one time in 2^23, and log(0) passed every finite threshold: a token of
+    acceptance probability 1e-20 was accepted 2^-23 of the time (46% of the accepted samples when the soup's
+    acceptance rate is small). The tests now use the uniforms' cell midpoints."""
+    ref = jnp.log(jnp.asarray([[1.0 - 1e-7, 1e-7]]))
+    basis = jnp.asarray([[[-60.0, 0.0]]])  # Token 0: log-ratio -60 below token 1's.
+    uniforms = jnp.asarray([[0.0, 0.0, 0.5]])  # Proposal u = 0: token 0; its test u = 0; the fallback's 0.5.
+    tokens, aux = soup.rejection_sample(None, ref, basis, jnp.ones(1), max_proposals=1, uniforms=uniforms)
+    self.assertFalse(bool(aux["accepted"][0]))  # Rejected; the fallback draws the soup (token 1: all its mass).
+    self.assertEqual(int(tokens[0]), 1)
+    # A probability-1 proposal still passes at the smallest uniform, and one of 2^-23 at the grid's half of the time.
+    _, aux = soup.rejection_sample(None, ref, jnp.asarray([[[0.0, -60.0]]]), jnp.ones(1), max_proposals=1,
+                                   uniforms=uniforms)
+    self.assertTrue(bool(aux["accepted"][0]))
+    with self.assertRaisesRegex(ValueError, "temperature must be finite and > 0"):
+      soup.rejection_sample(None, ref, basis, jnp.ones(1), temperature=np.inf, uniforms=jnp.zeros((1, 129)))
 
   def test_shared_lam_equals_per_row_lam(self):
     # Jitted only: eager sampling compiles each random primitive separately and costs seconds on CPU.

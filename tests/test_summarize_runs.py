@@ -183,7 +183,20 @@ def test_heads_not_in_every_run_are_named_with_the_reason(tmp_path):
   text = summarize_runs.format_summary(summarize_runs.summarize(summarize_runs.load_runs(runs)))
   assert "heads not in every run (the runs have 2, 3 users), left out: bespoke:2 (1 of 2 runs)" in text
   assert "held-out pair accuracy per head: basis:a 0.60 (0.00); basis:b 0.60 (0.00); bespoke:0" in text
-  assert "users.num_users (2, 3)" in text
+  assert f"users.num_users ({runs[0]}: 2, {runs[1]}: 3)" in text  # Each value with its run.
+  assert f"the runs' sizes differ: users ({runs[0]}: 2, {runs[1]}: 3)" in text
+
+
+def test_runs_without_a_config_have_their_sizes_compared(tmp_path):
+  """A config-less run with other evaluation sizes was pooled with only the generic "settings are not checked"; and
+  a note's values were listed bare, so that three runs' two values read as if in argument order."""
+  first = _main_run(tmp_path / "s0")
+  second = _main_run(tmp_path / "s1", accuracy=[0.7] * 4, config=False)
+  results = json.loads((tmp_path / "s1" / "results.json").read_text())
+  (tmp_path / "s1" / "results.json").write_text(json.dumps({**results, "comparisons_per_user": 16}))
+  notes = summarize_runs.summarize(summarize_runs.load_runs([first, second]))["notes"]
+  assert f"the runs' sizes differ: comparisons_per_user ({first}: 2, {second}: 16)" in notes, notes
+  assert not any("configs differ" in note for note in notes)  # One config only: nothing to compare it with.
 
 
 @pytest.mark.parametrize("case, message", [

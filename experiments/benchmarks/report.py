@@ -6,14 +6,17 @@ Each `<!-- report:NAME -->` ... `<!-- /report:NAME -->` block of the document is
 `RESULTS/NAME.json` (a file a benchmark wrote with `--json`): the command, when and on what machine it ran, the load
 at its timed runs, one row per variant (median of the timed runs, their range in brackets) and its targets. The
 prose around the blocks (what the numbers mean, profiles, history) is the document's own. `--check` writes nothing
-and exits 1 when a block differs from what the JSON gives (tests/test_benchmarks.py runs it), so the tables and the
-JSON next to them cannot drift apart.
+and exits 1 naming the blocks that differ from what the JSON gives (tests/test_benchmarks.py runs it), so the tables
+and the JSON next to them cannot drift apart: a block without a JSON file and a JSON file without a block are errors
+too. A JSON that cannot make its table (a missing field, a value that is not a finite number, no rows) is refused
+(exit 2) with the file, the row and the column named, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -26,15 +29,21 @@ BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- 
 Column = Tuple[str, Callable[[Dict[str, Any]], Any]]
 
 
+def _finite(value: Any) -> Any:
+  """`value` if it is a finite number; ValueError otherwise (a table never shows nan or inf as a measurement)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{value!r} is not a number")
+  if not math.isfinite(value):
+    raise ValueError(f"{value!r} is not a finite number")
+  return value
+
+
 def _num(value: Any, spec: str) -> str:
   if value is None:
     return "-"
   if isinstance(value, bool):
     return "yes" if value else "no"
-  try:
-    return format(value, spec)
-  except (TypeError, ValueError):
-    return str(value)
+  return format(_finite(value), spec)
 
 
 def _spread(row: Dict[str, Any], scale: float = 1.0, spec: str = ".3f") -> str:
@@ -45,9 +54,9 @@ def _spread(row: Dict[str, Any], scale: float = 1.0, spec: str = ".3f") -> str:
   low, high = row.get("min_s"), row.get("max_s")
   if low is None and row.get("times_s"):
     low, high = min(row["times_s"]), max(row["times_s"])
-  text = format(median * scale, spec)
+  text = format(_finite(median) * scale, spec)
   if low is not None and high is not None:
-    text += f" [{format(low * scale, spec)}-{format(high * scale, spec)}]"
+    text += f" [{format(_finite(low) * scale, spec)}-{format(_finite(high) * scale, spec)}]"
   return text
 
 
@@ -55,7 +64,7 @@ def _load(row: Dict[str, Any]) -> str:
   load = row.get("load_1m", (row.get("idle_check") or {}).get("load_1m"))
   if load is None:
     return "-"
-  return f"{load:.2f}" + (" (under load)" if row.get("under_load") else "")
+  return f"{_finite(load):.2f}" + (" (under load)" if row.get("under_load") else "")
 
 
 COLUMNS: Dict[str, List[Column]] = {
@@ -93,7 +102,7 @@ COLUMNS: Dict[str, List[Column]] = {
     "decode": [
         ("variant", lambda r: f"`{r['variant']}`"),
         ("tokens/s [range]", lambda r: _num(r.get("tokens_per_s"), ",.1f") +
-         (f" [{r['tokens_per_s_range'][0]:,.1f}-{r['tokens_per_s_range'][1]:,.1f}]"
+         (f" [{_finite(r['tokens_per_s_range'][0]):,.1f}-{_finite(r['tokens_per_s_range'][1]):,.1f}]"
           if r.get("tokens_per_s_range") else "")),
         ("vs single", lambda r: _num(r.get("vs_single"), ".2f")),
         ("peak RSS (MiB)", lambda r: _num(r.get("peak_rss_mb"), ",.0f")),
@@ -121,8 +130,8 @@ def _machine_line(result: Dict[str, Any]) -> str:
   parts = [m.get("cpu_model") or m.get("device") or "unknown CPU", f"{m.get('cpus', '?')} CPUs"]
   parts.append(f"jax {m.get('jax', '?')} ({m.get('backend', '?')}, {m.get('device_count', '?')} device(s))")
   rows = result.get("rows", [])
-  loads = [float(x) for r in rows if (x := r.get("load_1m", (r.get("idle_check") or {}).get("load_1m"))) is not None]
-  loaded = [r["variant"] for r in rows if r.get("under_load")]
+  loads = [_finite(x) for r in rows if (x := r.get("load_1m", (r.get("idle_check") or {}).get("load_1m"))) is not None]
+  loaded = [str(r.get("variant", f"row {i}")) for i, r in enumerate(rows) if r.get("under_load")]
   if loads:
     load = f"1-minute load {min(loads):.2f}-{max(loads):.2f} before the timed runs"
     load += f"; **under load**: {', '.join(loaded)}" if loaded else " (no row under load)"
@@ -136,15 +145,36 @@ def render(name: str, result: Dict[str, Any], source: str) -> str:
   columns = COLUMNS.get(name)
   if columns is None:
     raise ValueError(f"{source}: no table layout for benchmark {name!r}; known: {sorted(COLUMNS)}")
+  if not isinstance(result, dict):
+    raise ValueError(f"{source}: expected a JSON object (a benchmark's --json output), got a {type(result).__name__}")
+  rows = result.get("rows")
+  if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
+    raise ValueError(f"{source}: 'rows' must be a non-empty list of objects (one per measured variant), got "
+                     f"{str(rows)[:80]}")
+  if not isinstance(result.get("machine"), dict):
+    raise ValueError(f"{source}: 'machine' (the CPU, the load and the jax version the table names) is missing")
+  targets = result.get("targets") or {}
+  if not isinstance(targets, dict) or not all(isinstance(v, bool) for v in targets.values()):
+    raise ValueError(f"{source}: 'targets' must map each target to true or false, got {str(targets)[:120]}")
   lines = [f"<!-- generated by experiments/benchmarks/report.py from {source}; do not edit -->", ""]
   if result.get("command"):
-    lines += ["```", result["command"], "```", ""]
-  lines += [_machine_line(result) + " Each time is the median of the row's timed runs, with their range.", ""]
+    lines += ["```", str(result["command"]), "```", ""]
+  try:
+    machine = _machine_line(result)
+  except ValueError as e:
+    raise ValueError(f"{source}: a row's load: {e}") from None
+  lines += [machine + " Each time is the median of the row's timed runs, with their range.", ""]
   lines.append("| " + " | ".join(header for header, _ in columns) + " |")
   lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
-  for row in result.get("rows", []):
-    lines.append("| " + " | ".join(str(cell(row)) for _, cell in columns) + " |")
-  targets = result.get("targets") or {}
+  for i, row in enumerate(rows):
+    cells = []
+    for header, cell in columns:
+      try:
+        cells.append(str(cell(row)))
+      except (KeyError, TypeError, ValueError, IndexError) as e:
+        why = f"the field {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{source}: row {i} ({row.get('variant', 'no variant')}), column {header!r}: {why}") from None
+    lines.append("| " + " | ".join(cells) + " |")
   if targets:
     lines += ["", "Targets: " + "; ".join(f"{k}: **{'met' if v else 'not met'}**" for k, v in targets.items()) + "."]
   return "\n".join(lines) + "\n"
@@ -169,6 +199,10 @@ def update(doc: str, results: Dict[str, Tuple[Dict[str, Any], str]], doc_name: s
   missing = [n for n in names if n not in results]
   if missing:
     raise ValueError(f"{doc_name}: report blocks {missing} have no JSON file (have: {sorted(results)}).")
+  unplaced = sorted(set(results) - set(names))
+  if unplaced:
+    raise ValueError(f"{doc_name} has no report block for {[results[n][1] for n in unplaced]}: add "
+                     f"`<!-- report:NAME -->` ... `<!-- /report:NAME -->` where its table belongs, or remove the file.")
 
   def replace(m: "re.Match[str]") -> str:
     result, source = results[m.group("name")]
@@ -185,10 +219,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = p.parse_args(argv)
   with open(args.doc) as f:
     doc = f.read()
-  new = update(doc, load_results(args.results), os.path.basename(args.doc))
+  try:
+    new = update(doc, load_results(args.results), os.path.basename(args.doc))
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.check:
     if new != doc:
-      print(f"{args.doc} is out of date with {args.results}: run `python -m experiments.benchmarks.report`.")
+      bodies = lambda text: {m.group("name"): m.group("body") for m in BLOCK.finditer(text)}
+      old_bodies, new_bodies = bodies(doc), bodies(new)
+      stale = [name for name in new_bodies if old_bodies.get(name) != new_bodies[name]]
+      print(f"{args.doc} is out of date with {args.results} (the tables of {stale or 'the document'}): run "
+            f"`python -m experiments.benchmarks.report`.")
       return 1
     print(f"{args.doc} matches {args.results}.")
     return 0

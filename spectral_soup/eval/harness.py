@@ -55,6 +55,10 @@ class PolicyHarness:
     self.num_bases = num_bases
     self.num_heads = policy.num_bases
     self.num_attributes = pad_table.shape[0]
+    if isinstance(
+        beta, bool) or not isinstance(beta,
+                                      (int, float, np.integer, np.floating)) or not (np.isfinite(beta) and beta > 0):
+      raise ValueError(f"beta must be a finite number > 0 (the guided rows' reward scale is 1 / beta), got {beta!r}.")
     self.beta = beta
     self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
     self.pad_table, self.support = jnp.asarray(pad_table), np.asarray(support)

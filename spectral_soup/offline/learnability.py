@@ -84,12 +84,19 @@ def fit_ridge(features: np.ndarray, scores: np.ndarray, l2: float, *, center: bo
 def pair_accuracy(margins: np.ndarray, labels: np.ndarray) -> tuple:
   """(accuracy [A], count [A]) of margin signs [N, A] against labels [N, A] (1: a wins, 0: b wins, -1: masked).
 
-  A zero margin counts as wrong, as in the basis metrics (`spectral_soup.offline.losses`).
+  A zero margin counts as wrong, as in the basis metrics (`spectral_soup.offline.losses`). An attribute without a
+  labelled pair has no accuracy: NaN (it read 0.0, a probe that is always wrong).
   """
   labelled = labels >= 0
   correct = np.where(labels == 1, margins > 0, margins < 0) & labelled
   count = labelled.sum(0)
-  return correct.sum(0) / np.maximum(count, 1), count
+  return _share(correct.sum(0), count), count
+
+
+def _share(correct: np.ndarray, count: np.ndarray) -> np.ndarray:
+  """correct / count, NaN where count is 0."""
+  count = np.asarray(count)
+  return np.where(count > 0, np.asarray(correct, np.float64) / np.maximum(count, 1), np.nan)
 
 
 def probe_accuracy(train_a: np.ndarray, train_b: np.ndarray, train_scores_a: np.ndarray, train_scores_b: np.ndarray,
@@ -113,9 +120,9 @@ def cross_validated_accuracy(feats_a: np.ndarray, feats_b: np.ndarray, scores_a:
     train = np.setdiff1d(order, fold)
     acc, cnt = probe_accuracy(feats_a[train], feats_b[train], scores_a[train], scores_b[train], feats_a[fold],
                               feats_b[fold], labels[fold], l2)
-    correct += acc * cnt
+    correct += np.where(cnt > 0, acc, 0.0) * cnt
     count += cnt
-  return correct / np.maximum(count, 1), count
+  return _share(correct, count), count
 
 
 def hint_share(hints: Sequence[str], scores: np.ndarray) -> np.ndarray:
@@ -174,8 +181,10 @@ def report(train: Mapping[str, np.ndarray], held_out: Mapping[str, np.ndarray], 
 
 
 def verdict(cv_accuracy: np.ndarray, cv_count: np.ndarray, min_z: float = 3.0) -> list:
-  """"learnable" where the cross-validated probe is at least `min_z` standard errors above chance, else "weak"."""
-  return ["learnable" if z >= min_z else "weak" for z in binomial_z(cv_accuracy, cv_count)]
+  """"learnable" where the cross-validated probe is at least `min_z` standard errors above chance, "no pairs" where
+  the attribute has no labelled pair, else "weak"."""
+  return [("learnable" if z >= min_z else "weak") if n > 0 else "no pairs"
+          for z, n in zip(binomial_z(cv_accuracy, cv_count), np.asarray(cv_count))]
 
 
 def hint_share_of_pairs(pairs: Sequence[Mapping], num_attributes: int) -> Optional[np.ndarray]:

@@ -94,9 +94,12 @@ def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: i
   """Rows from host values: mode as names or ids [B]; lam [B, H]; guide [B, A] (None: zeros); prompt_index
   [B] (None: row b continues prompt b); seed [B] (None: the prompt index). `num_prompts`: how many prompts are
   prefilled (checked: a gather under jit clamps an index past them to the last prompt)."""
-  unknown = sorted({repr(m) for m in mode if (m not in MODE_IDS if isinstance(m, str) else not 0 <= m < len(MODES))})
+  unknown = sorted({
+      repr(m) for m in mode if (m not in MODE_IDS if isinstance(m, str) else not (
+          np.ndim(m) == 0 and np.asarray(m).dtype.kind in "iu" and 0 <= m < len(MODES)))
+  })
   if unknown:
-    raise ValueError(f"unknown decoding modes [{', '.join(unknown)}]: expected one of {MODES} (or their ids).")
+    raise ValueError(f"unknown decoding modes [{', '.join(unknown)}]: expected one of {MODES} (or their integer ids 0..{len(MODES) - 1}).")
   mode = np.asarray([MODE_IDS[m] if isinstance(m, str) else int(m) for m in mode], np.int32)
   lam = np.asarray(lam, np.float32)
   if lam.ndim != 2 or lam.shape[0] != mode.shape[0]:
@@ -106,6 +109,12 @@ def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: i
     raise ValueError(f"lam row {bad} is not finite: {lam[bad]}.")
   validation.check_weight_range(lam)
   guide = np.zeros((mode.shape[0], num_guides), np.float32) if guide is None else np.asarray(guide, np.float32)
+  if guide.ndim != 2 or guide.shape[0] != mode.shape[0]:
+    raise ValueError(f"guide must be [B={mode.shape[0]}, A] (one weight per guided reward), got {guide.shape}.")
+  if not np.all(np.isfinite(guide)):
+    bad = int(np.flatnonzero(~np.isfinite(guide).all(axis=1))[0])
+    raise ValueError(f"guide row {bad} is not finite: {guide[bad]} (a NaN weight decoded the last token id at "
+                     f"every step).")
   prompt_index = np.arange(mode.shape[0]) if prompt_index is None else np.asarray(prompt_index)
   beyond = num_prompts is not None and np.any(prompt_index >= num_prompts)
   if prompt_index.shape != mode.shape or np.any(prompt_index < 0) or beyond:
@@ -408,7 +417,8 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
     rows: the B row programs.
     key: PRNG key.
     guide_table: f32[A, V] token-level rewards for guided rows (None: no guided rows).
-    guide_scale: multiplies the guided reward (1 / beta).
+    guide_scale: multiplies the guided reward (1 / beta); finite (traced here, so not checked: `PolicyHarness`
+      checks its beta).
     support: int32[S] tokens outside which every head's correction is zero (heads trained on a vocabulary
       support), or None. With it the heads cost O(H S) per row and step instead of O(H V).
     max_new_tokens, sampling, eos_id, pad_id: see `decoding.decode`.

@@ -132,8 +132,8 @@ def mod_combine(logps: jax.Array, weights: jax.Array, divergence: str = "reverse
   With w = weights and p_n = exp(logps[n]):
     * "reverse_kl": sum_n w_n log p_n (weighted geometric mean). With N = K + 1 policies [ref, basis_1..K] and
       weights [1 - sum(lam), lam] this is exactly `soup_logits`. Weights may be negative.
-    * "forward_kl": -logsumexp_n(log w_n - log p_n) (weighted harmonic mean). Weights must be >= 0; zero-weight
-      policies are dropped.
+    * "forward_kl": -logsumexp_n(log w_n - log p_n) (weighted harmonic mean). Weights must be >= 0, one at least
+      > 0; zero-weight policies are dropped.
     * "alpha": -(1/alpha) * logsumexp_n(log w_n - alpha * log p_n) (weighted power mean with exponent -alpha).
       alpha = 1 is "forward_kl"; alpha -> 0 tends to "reverse_kl" (with weights normalized to sum 1). Weights
       must be >= 0. Note: the MOD reference code omits the 1/alpha factor; that is equivalent for greedy decoding
@@ -162,10 +162,12 @@ def mod_combine(logps: jax.Array, weights: jax.Array, divergence: str = "reverse
 
   if divergence == "forward_kl":
     alpha = 1.0
-  elif alpha is None or float(alpha) == 0.0:
-    raise ValueError(f"divergence='alpha' needs a non-zero alpha (alpha -> 0 is 'reverse_kl'), got {alpha}.")
-  if not isinstance(weights, jax.core.Tracer) and np.any(np.asarray(weights) < 0):
-    raise ValueError(f"divergence={divergence!r} needs non-negative weights, got {np.asarray(weights)}.")
+  elif alpha is None or float(alpha) == 0.0 or not np.isfinite(float(alpha)):
+    raise ValueError(f"divergence='alpha' needs a finite, non-zero alpha (alpha -> 0 is 'reverse_kl'), got {alpha}.")
+  if not isinstance(weights, jax.core.Tracer) and (np.any(np.asarray(weights) < 0) or
+                                                   not np.any(np.asarray(weights) > 0)):
+    raise ValueError(f"divergence={divergence!r} needs non-negative weights, at least one positive, got "
+                     f"{np.asarray(weights)}.")
   alpha = float(alpha)
   w = weights.reshape(weights.shape + (1,) * (logps.ndim - 1))
   # Zero-weight policies contribute exp(-inf) = 0; masking first avoids -inf + inf = NaN on -inf log-probs.

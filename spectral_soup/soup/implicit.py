@@ -9,7 +9,10 @@ q(a) proportional to exp(log pi_ref(a) / T). Their log-ratio is, up to a constan
 and a proposal a ~ q is accepted with probability exp(g(a) - M), M = max_a g(a) (so it is <= 1). An accepted token
 is distributed exactly as pi_soup. All `max_proposals` proposals of a row are drawn at once and the first accepted
 one is kept; a row with no accepted proposal falls back to sampling pi_soup directly, so the returned tokens are
-*exactly* pi_soup-distributed whatever `max_proposals` is (the fallback only changes the cost accounting).
+pi_soup-distributed whatever `max_proposals` is (the fallback only changes the cost accounting), exactly up to the
+float32 uniforms' resolution: each test passes with its acceptance probability rounded to the nearest multiple of
+2^-23 (the uniforms are multiples of 2^-23 and are tested at their cells' midpoints, u + 2^-24, never 0; tested at
+u itself, every probability rounded up, and a token of acceptance probability 1e-20 passed 2^-23 of the time).
 
 Restriction: rejection from pi_ref can only produce tokens in pi_ref's support. Tokens with pi_ref = 0 (-inf
 logits) are excluded from g and M; if the soup puts mass there (possible only when the reference coefficient
@@ -28,6 +31,9 @@ from spectral_soup.soup import decoding
 from spectral_soup.soup.explicit import _log_normalize
 from spectral_soup.soup.explicit import mix_logprobs
 from spectral_soup.soup.explicit import weighted_logp_sum
+
+# Half the spacing of jax.random.uniform's float32 values (multiples of 2^-23).
+_HALF_CELL = 2.0**-24
 from spectral_soup.soup.validation import lam_per_row
 from spectral_soup.utils import reductions
 
@@ -73,8 +79,9 @@ def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Ar
   """
   if isinstance(max_proposals, bool) or not isinstance(max_proposals, (int, np.integer)) or max_proposals < 1:
     raise ValueError(f"max_proposals must be a positive Python int, got {max_proposals!r}.")
-  if not isinstance(temperature, jax.core.Tracer) and not np.all(np.asarray(temperature) > 0):
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  if not isinstance(temperature,
+                    jax.core.Tracer) and not np.all(np.isfinite(temperature) & (np.asarray(temperature) > 0)):
+    raise ValueError(f"temperature must be finite and > 0, got {temperature}.")
   ref_shape, basis_shape = np.shape(ref_logits), np.shape(basis_logits)
   if len(ref_shape) != 2 or len(basis_shape) != 3 or tuple(basis_shape[1:]) != tuple(ref_shape):
     raise ValueError(f"Expected ref_logits [B, V] and basis_logits [K, B, V], got {tuple(ref_shape)} and "
@@ -105,8 +112,10 @@ def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Ar
                      f"{tuple(np.shape(uniforms))}.")
   proposals = decoding.inverse_cdf_sample(proposal_logp, uniforms[:, :max_proposals])  # [B, P]
   proposal_log_accept = jnp.take_along_axis(log_accept, proposals, axis=-1)  # [B, P]
-  # u < exp(log_accept) <=> log(u) < log_accept; log(0) = -inf never passes a -inf threshold.
-  passed = jnp.log(uniforms[:, max_proposals:2 * max_proposals]) < proposal_log_accept  # [B, P]
+  # u < exp(log_accept) <=> log(u) < log_accept, at the midpoint of u's float32 cell (module docstring): never
+  # log(0) = -inf, which passed any finite threshold.
+  tests = jnp.asarray(uniforms[:, max_proposals:2 * max_proposals], jnp.float32) + _HALF_CELL
+  passed = jnp.log(tests) < proposal_log_accept  # [B, P]
   accepted = jnp.any(passed, axis=-1)  # [B]
   first = jnp.argmax(passed, axis=-1)  # [B], index of the first True (0 when none).
   accepted_token = jnp.take_along_axis(proposals, first[:, None], axis=-1)[:, 0]

@@ -158,6 +158,11 @@ def _check_adapter(path: str, a: jax.Array, b: jax.Array, *, stacked: bool) -> N
                      "(rank or leading axes differ).")
 
 
+def _check_scale(scale: Any) -> None:
+  if not isinstance(scale, jax.core.Tracer) and (np.ndim(scale) != 0 or not np.isfinite(scale)):
+    raise ValueError(f"scale must be a finite number (the adapters' alpha / r), got {scale!r}.")
+
+
 def lora_delta(adapter: PyTree, scale: float, *, dtype: Optional[Any] = None) -> PyTree:
   """Full update Delta W = scale * a @ b of one adapter or of every adapter in a pytree.
 
@@ -169,6 +174,8 @@ def lora_delta(adapter: PyTree, scale: float, *, dtype: Optional[Any] = None) ->
   Returns:
     `[..., in, out]` per adapter (same pytree structure, adapters replaced by arrays).
   """
+
+  _check_scale(scale)
 
   def delta(path, node):
     a, b = node["a"], node["b"]
@@ -243,6 +250,7 @@ def soup_lora_dense(stacked: PyTree, lam: jax.Array, scale: float, *, dtype: Opt
   """
   num_bases = _num_bases(stacked)
   check_lam(lam, num_bases, allow_batch=False)
+  _check_scale(scale)
 
   def dense(path, node):
     del path
