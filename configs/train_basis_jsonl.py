@@ -39,7 +39,8 @@ def get_config():
   d.label_margin = 0.0  # With scores: a mixture's label is a tie within this margin.
   d.chat_template = True  # Prompts as one user turn of the tokenizer's chat template.
   d.num_train_pairs = 100_000  # At most this many training pairs are read.
-  d.num_eval_pairs = 10_000
+  d.num_eval_pairs = 10_000  # At most this many held-out pairs are read.
+  d.seed = 0  # The mixtures' Dirichlet weightings and which rows a limit keeps.
   for field in ("num_prompts", "max_new_tokens", "temperature", "top_p", "generation_batch_size", "cache_dir",
                 "tie_margin"):
     del d[field]  # The embedded generator's settings do not apply.
@@ -48,7 +49,7 @@ def get_config():
   config.train.batch_size = 8
   config.train.eval_batch_size = 1  # Small files hold out few pairs.
   config.train.feature_batch_size = 8
-  config.train.num_steps = 100
+  config.train.num_steps = 100  # Updates: many epochs of the example's 24 pairs at batch 8; scale with the file.
   config.checkpoint.every_steps = 50
   config.mesh.num_devices = 1  # A CPU run; set -1 (every device) with batch sizes that divide among them.
   return config

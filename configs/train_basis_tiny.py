@@ -29,14 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # Backbone checkpoint (HF dir, .gguf, "embedded:smollm2"); "": random init below.
   config.model.family = "llama"  # Architecture family of the random backbone ("llama", "gemma3", "gpt2").
-  config.model.vocab_size = 64  # Vocabulary (tokens 1..K are the synthetic markers, 0 is padding).
-  config.model.num_layers = 2  # Decoder blocks.
-  config.model.embed_dim = 32  # Residual width (= the feature width F of psi without a projection).
-  config.model.num_heads = 4  # Query heads.
-  config.model.num_kv_heads = 2  # Key/value heads.
-  config.model.head_dim = 8  # Width of one head.
-  config.model.mlp_dim = 64  # MLP hidden width.
-  config.model.max_len = 128  # Longest sequence (prompt + response).
+  config.model.vocab_size = 64  # Random backbone's vocabulary (tokens 1..K: synthetic markers, 0: padding).
+  config.model.num_layers = 2  # Random backbone's decoder blocks (model.path brings its own shape).
+  config.model.embed_dim = 32  # Random backbone's residual width (= psi's width F without a projection).
+  config.model.num_heads = 4  # Random backbone's query heads.
+  config.model.num_kv_heads = 2  # Random backbone's key/value heads.
+  config.model.head_dim = 8  # Random backbone's width of one head.
+  config.model.mlp_dim = 64  # Random backbone's MLP hidden width.
+  config.model.max_len = 128  # Random backbone's longest sequence (prompt + response).
   config.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters stay in weight_dtype).
   config.model.weight_dtype = "float32"  # Parameter storage dtype.
   config.model.remat = False  # Rematerialize decoder blocks in the backward pass (LoRA bases on long sequences).

@@ -99,7 +99,8 @@ def make_rows(mode, lam, guide=None, prompt_index=None, seed=None, num_guides: i
           np.ndim(m) == 0 and np.asarray(m).dtype.kind in "iu" and 0 <= m < len(MODES)))
   })
   if unknown:
-    raise ValueError(f"unknown decoding modes [{', '.join(unknown)}]: expected one of {MODES} (or their integer ids 0..{len(MODES) - 1}).")
+    raise ValueError(f"unknown decoding modes [{', '.join(unknown)}]: expected one of {MODES} (or their integer ids "
+                     f"0..{len(MODES) - 1}).")
   mode = np.asarray([MODE_IDS[m] if isinstance(m, str) else int(m) for m in mode], np.int32)
   lam = np.asarray(lam, np.float32)
   if lam.ndim != 2 or lam.shape[0] != mode.shape[0]:

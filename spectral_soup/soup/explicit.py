@@ -61,8 +61,10 @@ def weighted_logp_sum(logps: jax.Array, coeffs: jax.Array) -> jax.Array:
 def mix_logprobs(ref_logp: jax.Array, basis_logp: jax.Array, lam: jax.Array) -> jax.Array:
   """The soup's unnormalized scores (1 - sum_k lam_k) log pi_ref + sum_k lam_k log pi_k, -inf handled.
 
-  The one place the soup's mixing rule is written: every explicit and implicit soup, in every decoding pass, mixes
-  through it. Callers renormalize (log-softmax) and may divide by a temperature first.
+  The mixing rule's reference form: full basis logits (LoRA bases, separate passes, rejection sampling's target)
+  mix through it; for head bases the decoding engine computes the same soup in factored forms (`engine._mix`:
+  one normalization of logits_ref + sum_h lam_h Delta_h, or the heads' support normalizers), tested equal to
+  single-policy decoders. Callers renormalize (log-softmax) and may divide by a temperature first.
 
   Args:
     ref_logp: `[..., V]` float32 reference log-probs.
