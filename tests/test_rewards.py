@@ -92,6 +92,9 @@ def test_bad_inputs():
     reward("a prompt", "a response")
   with pytest.raises(TypeError, match=r"responses\[1\] must be a str"):
     reward(["a", "b"], ["x", None])
+  # A lone surrogate (not text): the MiniLM tokenizer failed on it with a TypeError naming no input.
+  with pytest.raises(ValueError, match=r"responses\[1\] is not valid Unicode text: '\\ud800' at position 4"):
+    reward(["a", "b"], ["fine", "bad \ud800 text"])
   assert reward([], []).shape == (0,) and reward([], []).dtype == np.float32
 
 

@@ -53,7 +53,7 @@ def check_batch(prompts: Sequence[str], responses: Sequence[str]) -> Tuple[List[
 
   Raises:
     TypeError: either argument is a bare string / not a sequence, or an element is not a `str`.
-    ValueError: the lengths differ (both lengths are named).
+    ValueError: the lengths differ (both lengths are named), or a string holds a lone surrogate (not text).
   """
   for arg_name, arg in (("prompts", prompts), ("responses", responses)):
     if isinstance(arg, (str, bytes)):
@@ -70,6 +70,11 @@ def check_batch(prompts: Sequence[str], responses: Sequence[str]) -> Tuple[List[
     for i, x in enumerate(arg):
       if not isinstance(x, str):
         raise TypeError(f"{arg_name}[{i}] must be a str, got {type(x).__name__}.")
+      try:
+        x.encode("utf-8")
+      except UnicodeEncodeError as e:  # A lone surrogate: the MiniLM tokenizer failed on it naming no input.
+        raise ValueError(f"{arg_name}[{i}] is not valid Unicode text: {x[e.start:e.end]!r} at position {e.start} "
+                         f"(a lone surrogate; decode bytes with errors='replace').") from None
   return prompts, responses
 
 

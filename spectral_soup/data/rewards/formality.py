@@ -21,6 +21,10 @@ The offset 0.15 is the F - I of neutral expository prose (about one article or p
 pronouns), so plain expository answers score ~+0.2..+0.5, legal/academic prose ~+0.9, chatty answers with
 contractions and exclamations ~-0.5..-0.9 and text messages ("hey gonna grab food lol") ~-1. A response
 with no words (e.g. only ":)") is scored on its non-word markers with W = 1. Empty responses score 0.0.
+Known limits of the lexical rules (kept as they are: the shipped data's labels and every reported result use
+them): the "i" of "i.e." counts as the pronoun I and the lower-case word after "i.e." / "e.g." / "p.m." as a
+lower-case sentence start; "8)" as list numbering counts as an emoticon, and the emoji class includes symbols such
+as a check mark; "regarding" / "concerning" count both as prepositions and as formal vocabulary.
 Throughput (shared 2-core dev VM, ~35-word responses): ~5-6k responses/s.
 """
 

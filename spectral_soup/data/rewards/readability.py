@@ -12,8 +12,12 @@ simpler.
 
 Words, sentences and syllables come from `spectral_soup.data.rewards.text` (regexes + a vowel-group syllable rule
 with a pyphen floor): nothing touches nltk/cmudict or the network. A response with no words (only digits,
-punctuation or emoji) scores 0.0 like an empty one. Throughput (shared 2-core dev VM, ~35-word responses):
-~16k responses/s once the per-word syllable cache is warm, ~4k/s on a first call over a fresh vocabulary.
+punctuation or emoji) scores 0.0 like an empty one. Known limits of the syllable rule (kept: the shipped data's
+labels and every reported result use it): a vowel + "y" before "-ed" keeps its extra syllable ("played": 2),
+a few common words are off by one ("people", "really", "business" high; "idea", "area" low), and a word of a
+non-Latin script counts as one syllable (so Russian or Japanese text reads as very easy). Throughput (shared
+2-core dev VM, ~35-word responses): ~16k responses/s once the per-word syllable cache is warm, ~4k/s on a first
+call over a fresh vocabulary.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def _rule_syllables(word: str) -> int:
     if w.endswith("es") and not _KEEP_ES_RE.search(w):
       n -= 1  # makes, hopes
     elif w.endswith("ed") and w[-3] not in "td":
-      n -= 1  # jumped, played (not wanted, needed)
+      n -= 1  # jumped (not wanted, needed; nor after a vowel or y: "played" keeps 2, a known limit)
   if _SILENT_INNER_E_RE.search(w):
     n -= 1
   n += sum(len(p.findall(w)) for p in _EXTRA_SYLLABLE_RES)
