@@ -162,6 +162,34 @@ def test_bad_inputs_fail_while_tracing(policy):
     engine.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N, passes="merged")
 
 
+def test_a_cache_without_room_for_the_new_tokens_is_refused(policy):
+  """A cache too small for prompt + max_new_tokens overwrote its last slot at every step: wrong tokens (a quarter
+  of greedy tokens equal to transformers' with 9 slots for 8 + 16), no error."""
+  pol, params = policy
+  rows = engine.make_rows(["explicit"] * 3, np.full((3, H), 0.3, np.float32))
+  prompts = engine.prefill(pol, params, PROMPT, MASK, max_len=PROMPT.shape[1] + N - 1)
+  with pytest.raises(
+      ValueError, match=r"prefilled with max_len=10 slots and hold 5 tokens: no room for "
+      r"max_new_tokens=6 \(prefill with max_len >= 11\)"):
+    engine.decode_rows(pol, params, prompts, rows, jax.random.key(0), max_new_tokens=N)
+  model = pol.config
+  from spectral_soup.models import transformer  # pylint: disable=g-import-not-at-top
+  backbone = transformer.Transformer(model)
+  backbone_params = params["features"]["backbone"]
+  for slots in (PROMPT.shape[1] + N - 1, PROMPT.shape[1] - 1):
+    with pytest.raises(ValueError, match=rf"the cache has {slots} slots, fewer than the prompt's 5 \+ "
+                       r"max_new_tokens=6"):
+      decoding.decode(decoding.model_logits_fn(backbone), backbone_params, PROMPT, MASK,
+                      transformer.init_cache(model, 3, slots), jax.random.key(0), max_new_tokens=N)
+  with pytest.raises(ValueError, match=r"prompt_mask bool\[B, T\] of the same shape, got \(3, 5\) and \(3, 4\)"):
+    decoding.decode(decoding.model_logits_fn(backbone), backbone_params, PROMPT, MASK[:, :4],
+                    transformer.init_cache(model, 3, 11), jax.random.key(0), max_new_tokens=N)
+  # A NaN guide scale decoded the last token id at every step (traced inside the loop: checked before it).
+  with pytest.raises(ValueError, match=r"guide_scale must be finite"):
+    engine.decode_rows(pol, params, engine.prefill(pol, params, PROMPT, MASK, max_len=11), rows, jax.random.key(0),
+                       guide_scale=float("nan"), max_new_tokens=N)
+
+
 def test_rows_refuse_weights_past_the_soups_bound():
   """The main job's frontier builds rows as strength x lam: past +-1e6 the soup's float32 log-probs overflow."""
   engine.make_rows(["explicit"], [[1e6, -1e6]])

@@ -713,6 +713,8 @@ def test_users_without_comparisons_hold_the_projected_prior():
   np.testing.assert_array_equal(state.lam[1], clipped)  # fit_lambda's answer for no comparisons.
   assert np.all(np.asarray(state.lam[0]) >= 0) and int(state.count[1]) == 0
   np.testing.assert_array_equal(state.prior_mean, np.broadcast_to(prior, (2, 3)))  # The penalty's center is kept.
+  with pytest.raises(TypeError, match=r"state must be a UserState .* got a dict"):  # An AttributeError before.
+    online.update_users({"lam": state.lam}, np.ones((2, 3), np.float32), np.ones(2, np.float32))
 
 
 def test_unit_total_weight_keeps_the_direction_of_small_rows():

@@ -171,12 +171,12 @@ def test_lam_changes_do_not_recompile():
   prompt = rng.integers(1, tiny.VOCAB, (64, 6)).astype(np.int32)
   mask = np.ones_like(prompt, bool)
   serving.generate(pol, params, rng.normal(size=(64, 8)).astype(np.float32), prompt, mask, max_new_tokens=4)
-  before = engine.decode_rows._cache_size()
+  before = engine._decode_rows._cache_size()
   for _ in range(3):
     lam = rng.normal(size=(64, 8)).astype(np.float32)
     prompt = rng.integers(1, tiny.VOCAB, (64, 6)).astype(np.int32)
     serving.generate(pol, params, lam, prompt, mask, max_new_tokens=4)
-  assert engine.decode_rows._cache_size() == before
+  assert engine._decode_rows._cache_size() == before
 
 
 @pytest.mark.parametrize("lam, match", [
@@ -186,22 +186,22 @@ def test_lam_changes_do_not_recompile():
 ])
 def test_bad_lam_fails_before_compiling(lam, match):
   pol, params = tiny.tiny_policy("heads", num_bases=K)
-  before = engine.decode_rows._cache_size()
+  before = engine._decode_rows._cache_size()
   with pytest.raises(ValueError, match=match):
     serving.generate(pol, params, lam, PROMPT, MASK, max_new_tokens=2)
-  assert engine.decode_rows._cache_size() == before
+  assert engine._decode_rows._cache_size() == before
 
 
 def test_empty_prompt_fails_before_compiling():
   pol, params = tiny.tiny_policy("heads", num_bases=K)
   mask = MASK.copy()
   mask[2] = False
-  before = engine.decode_rows._cache_size()
+  before = engine._decode_rows._cache_size()
   with pytest.raises(ValueError, match="prompt row 2 is empty"):
     serving.generate(pol, params, LAM, PROMPT, mask, max_new_tokens=2)
   with pytest.raises(ValueError, match="mode='beam'"):
     serving.generate(pol, params, LAM, PROMPT, MASK, mode="beam", max_new_tokens=2)
-  assert engine.decode_rows._cache_size() == before
+  assert engine._decode_rows._cache_size() == before
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -223,11 +223,11 @@ def test_decode_options_that_were_misread_or_failed_inside_jax_are_named(kwargs,
   out-of-vocabulary eos_id (never matched: no row stopped) failed inside JAX or went through silently."""
   pol, params = tiny.tiny_policy("heads", num_bases=K)
   assert pol.config.vocab_size == 64
-  before = engine.decode_rows._cache_size()
+  before = engine._decode_rows._cache_size()
   mask = kwargs.pop("prompt_mask", MASK)
   with pytest.raises(ValueError, match=match):
     serving.generate(pol, params, LAM, PROMPT, mask, max_new_tokens=2, **kwargs)
-  assert engine.decode_rows._cache_size() == before
+  assert engine._decode_rows._cache_size() == before
 
 
 def test_a_ragged_lam_and_features_without_their_bases_are_named():

@@ -42,6 +42,16 @@ Cache = dict  # {"k": [L, B, Hkv, S, Dh] (head-major), "v": same, "pos": int32[B
 #  "index": int32[], "next_pos": int32[B]}
 
 
+def cache_slots(cache: Any) -> list:
+  """[(slots, index)] of every KV cache in `cache` (a Cache, or a dict / list of them): its slot count (static) and
+  its fill index (an int32 scalar, possibly traced). A cache full before the decoding's last token overwrites its
+  last slot at every step (`dynamic_update_slice` clamps): callers check the room first."""
+  if isinstance(cache, dict) and "pos" in cache and "index" in cache:
+    return [(int(cache["pos"].shape[-1]), cache["index"])]
+  children = cache.values() if isinstance(cache, dict) else cache if isinstance(cache, (list, tuple)) else ()
+  return [entry for child in children for entry in cache_slots(child)]
+
+
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
   """An empty KV cache for `batch_size` rows and `max_len` slots (prompt + generated tokens)."""
   if max_len > config.max_len and config.learned_positions:

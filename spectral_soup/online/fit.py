@@ -202,14 +202,17 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     mask: `[N]` bool (False = padding, contributes nothing even if it holds NaN), or non-negative finite row
       weights. None: every row counts.
     init: `[K]` finite warm start (e.g. the previous lambda); projected onto the constraint set. None: the
-      (projected) prior mean. The optimum does not depend on it; only the number of steps needed does.
+      (projected) prior mean. The optimum does not depend on it; only the number of steps needed does: a start far
+      beyond the data's scale (logits X init in the thousands, e.g. features ~50 and |init| ~ 100) can need more
+      than the default `num_iters` (the fit then stops short of the optimum without a signal): start such a user
+      cold (init=None) or raise `num_iters`.
     prior_mean: `[K]` finite, the penalty's center (None: 0; `jnp.full(K, 1 / K)` is the uniform soup). U users:
       `[K]` (shared; a 1-D prior is always `[K]`, also when U == K) or `[U, K]`.
     constraint: None, "simplex" (lam >= 0, sum lam = 1) or "box" (lo <= lam <= hi).
     box: `(lo, hi)` scalars or `[K]` arrays, with constraint="box" (shared by all users): lo <= hi, no NaN,
       lo < inf and hi > -inf (an infinite bound leaves that side open).
     num_iters: Newton steps (static). 25 reach float32 precision from a cold start on the tested problems
-      (separable data with l2 = 1e-3 included); warm starts need fewer.
+      (separable data with l2 = 1e-3 included); warm starts near the optimum need fewer (see `init`).
     num_inner_iters: projected-gradient steps per Newton step for a constrained fit (static).
     tol: > 0 (default 1e-5): stop once a full Newton step is below tol * max(1, |lam|_inf) (a `while_loop`; under
       vmap it runs until the slowest user converges; Newton converges quadratically, so the error left is ~ the step

@@ -179,6 +179,9 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
     The new UserState.
   """
   check_solver(num_iters, num_inner_iters, tol)
+  if not isinstance(state, UserState):
+    raise TypeError(f"state must be a UserState (from init_user_state or a previous update_users), got a "
+                    f"{type(state).__name__}.")
   num_users, num = state.lam.shape
   check_constraint(constraint, box, num)
   for name, value in (("new_delta", new_delta), ("new_pref", new_pref), ("new_mask", new_mask)):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_soup.models.sequences import left_pad  # Re-exported: prompts are left-padded inside the loop.
+from spectral_soup.models.transformer import cache_slots
 from spectral_soup.models.transformer import output_logits
 from spectral_soup.soup import validation
 from spectral_soup.utils import reductions
@@ -209,6 +210,15 @@ def decode(logits_fn: LogitsFn, params: Any, prompt: Array, prompt_mask: Array, 
     including EOS), `done: bool[B]`, `logprobs: f32[B, N]` (log-prob of each emitted token under logits_fn) and
     `stats` (the sampler's per-row statistics summed over the emitted tokens).
   """
+  if np.shape(prompt_mask) != np.shape(prompt) or np.ndim(prompt) != 2:
+    raise ValueError(f"prompt must be int32[B, T] and prompt_mask bool[B, T] of the same shape, got "
+                     f"{np.shape(prompt)} and {np.shape(prompt_mask)}.")
+  for slots, _ in cache_slots(cache):  # An empty cache: the prompt and every new token need a slot.
+    if np.shape(prompt)[1] + max_new_tokens > slots:
+      raise ValueError(
+          f"the cache has {slots} slots, fewer than the prompt's {np.shape(prompt)[1]} + "
+          f"max_new_tokens={max_new_tokens}: make it with max_len >= {np.shape(prompt)[1] + max_new_tokens} "
+          f"(a full cache overwrote its last slot at every step: wrong tokens, no error).")
   prompt, prompt_mask = left_pad(prompt, prompt_mask, pad_id)
   out_, cache = logits_fn(params, prompt, prompt_mask, cache)
   last = jax.tree.map(lambda x: x[..., -1, :], out_)

@@ -53,6 +53,7 @@ from spectral_soup.models.spectral import split_lora_params
 from spectral_soup.models.spectral import support_delta_logits
 from spectral_soup.models.spectral import support_log_normalizer
 from spectral_soup.models.transformer import Transformer
+from spectral_soup.models.transformer import cache_slots
 from spectral_soup.models.transformer import init_cache
 from spectral_soup.models.transformer import output_logits
 from spectral_soup.models.transformer import take_cache_rows
@@ -402,9 +403,6 @@ def _check_rows(policy: SpectralPolicy, prompts: Any, rows: Rows, guide_table: O
     raise ValueError(f"support must be int[S] (token ids), got shape {support.shape}.")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("policy", "max_new_tokens", "sampling", "eos_id", "pad_id", "max_proposals", "passes",
-                              "modes", "stats"))
 def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: Rows, key: Array,
                 guide_table: Optional[Array] = None, guide_scale: Any = 0.0, support: Optional[Array] = None, *,
                 max_new_tokens: int, sampling: decoding.SamplingConfig = decoding.SamplingConfig(temperature=1.0),
@@ -418,8 +416,7 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
     rows: the B row programs.
     key: PRNG key.
     guide_table: f32[A, V] token-level rewards for guided rows (None: no guided rows).
-    guide_scale: multiplies the guided reward (1 / beta); finite (traced here, so not checked: `PolicyHarness`
-      checks its beta).
+    guide_scale: multiplies the guided reward (1 / beta); finite.
     support: int32[S] tokens outside which every head's correction is zero (heads trained on a vocabulary
       support), or None. With it the heads cost O(H S) per row and step instead of O(H V).
     max_new_tokens, sampling, eos_id, pad_id: see `decoding.decode`.
@@ -433,6 +430,34 @@ def decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: 
     "head_logp" [B, H] (sums over the emitted tokens), "kl" [B] and, with max_proposals, "accepted" /
     "proposals" [B].
   """
+  _check_room(prompts, max_new_tokens)
+  if not isinstance(guide_scale, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(guide_scale, np.float64))):
+    raise ValueError(f"guide_scale must be finite (the guided rows' 1 / beta), got {guide_scale!r}: a NaN scale "
+                     f"decoded the last token id at every step.")
+  return _decode_rows(policy, policy_params, prompts, rows, key, guide_table, guide_scale, support,
+                      max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+                      max_proposals=max_proposals, passes=passes, modes=modes, stats=stats)
+
+
+def _check_room(prompts: Any, max_new_tokens: int) -> None:
+  """Refuses prefilled prompts whose cache has no room for `max_new_tokens` more (`prefill`'s max_len too small)."""
+  for slots, index in cache_slots(prompts.get("cache", {}) if isinstance(prompts, dict) else {}):
+    if not isinstance(index, jax.core.Tracer) and int(index) + max_new_tokens > slots:
+      raise ValueError(
+          f"the prompts were prefilled with max_len={slots} slots and hold {int(index)} tokens: no room for "
+          f"max_new_tokens={max_new_tokens} (prefill with max_len >= {int(index) + max_new_tokens}); a "
+          f"full cache overwrote its last slot at every step (wrong tokens, no error).")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("policy", "max_new_tokens", "sampling", "eos_id", "pad_id", "max_proposals", "passes",
+                              "modes", "stats"))
+def _decode_rows(policy: SpectralPolicy, policy_params: Any, prompts: Any, rows: Rows, key: Array,
+                 guide_table: Optional[Array] = None, guide_scale: Any = 0.0, support: Optional[Array] = None, *,
+                 max_new_tokens: int, sampling: decoding.SamplingConfig = decoding.SamplingConfig(temperature=1.0),
+                 eos_id: Optional[int] = None, pad_id: int = 0, max_proposals: int = 0, passes: str = "shared",
+                 modes: Tuple[str, ...] = MODES, stats: bool = True) -> Tuple[Array, dict]:
+  """`decode_rows` after its host-side checks."""
   modes = tuple(modes)
   if passes not in PASSES or not set(modes) <= set(MODES):
     raise ValueError(f"passes={passes!r}, modes={modes!r}: expected one of {PASSES} and a subset of {MODES}.")
