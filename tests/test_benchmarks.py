@@ -6,9 +6,11 @@ Timings are not checked (benchmarks are not timed tests); the agreement between 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.benchmarks import common
 from experiments.benchmarks import decode
 from experiments.benchmarks import malloc
 from experiments.benchmarks import online
@@ -127,6 +129,21 @@ def test_report_check_names_stale_blocks_and_refuses_a_json_without_a_block(tmp_
   (results / "malloc.json").write_text("{not json")
   assert report.main([f"--results={results}", f"--doc={doc}"]) == 2
   assert "malloc.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_benchmark_json_holds_numbers_only(tmp_path):
+  """A NaN or infinite measurement was written as `NaN` (not JSON), jax scalars and arrays as their repr strings,
+  and repeats=0 crashed inside statistics.median."""
+  path = tmp_path / "r.json"
+  common.write_json(str(path), {"rows": [{"x": jnp.float32(1.5), "v": jnp.arange(3), "n": np.int64(2)}]})
+  assert json.loads(path.read_text()) == {"rows": [{"x": 1.5, "v": [0, 1, 2], "n": 2}]}
+  with pytest.raises(
+      ValueError, match=r"r\.json: the result holds a value that is not a finite number .*"
+      r"\.rows\[0\]\.median_s = nan"):
+    common.write_json(str(path), {"rows": [{"median_s": float("nan")}]})
+  assert json.loads(path.read_text())["rows"][0]["x"] == 1.5  # The earlier file is left as it was.
+  with pytest.raises(ValueError, match=r"repeats must be a positive int"):
+    common.time_call(lambda: None, repeats=0, wait_idle=False)
 
 
 def test_benchmarks_md_matches_its_json():

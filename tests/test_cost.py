@@ -1,8 +1,10 @@
 """The decode cost model and meter (`spectral_soup/models/cost.py`) against independent counts."""
 
+import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import tiny
@@ -67,6 +69,29 @@ def test_decode_meter_floor_and_share():
   floor = prefill + chunk_floor(4, 5, 18) + chunk_floor(4, 3, 12)
   assert out["floor_s"] == pytest.approx(floor) and out["share_of_floor"] == pytest.approx(floor / 2.25)
   assert "floor_s" not in meter.summary()  # No rates, no floor.
+
+
+def test_padding_windows_and_dtypes_are_counted_as_the_method_needs_them():
+  """A padded batch's prefill billed every prompt at the longest's width (the embedded data's sampling: 57 tokens
+  against a mean of 33.6, its GFLOP/s 1.33x too high); local layers attended beyond their window; a bfloat16
+  cache was counted at 4 bytes per value."""
+  cfg = tiny.tiny_config()
+  lengths = np.array([3, 8, 5])
+  assert cost.prefill_flops(cfg, 3, lengths) == pytest.approx(sum(cost.prefill_flops(cfg, 1, n) for n in lengths))
+  assert cost.prefill_flops(cfg, 3, lengths) < cost.prefill_flops(cfg, 3, 8)
+  meter = cost.DecodeMeter(cfg)
+  meter.add_prefill(3, lengths, 1.0)
+  assert meter.prefill_bytes == cost.weight_bytes(cfg) + 16 * cost.cache_bytes_per_token(cfg)
+  # Gemma 3's local layers attend over at most the window (here 4 of 6 layers, window 16).
+  local = dataclasses.replace(cfg, num_layers=6, sliding_window=16, layer_is_local=(True,) * 4 + (False,) * 2)
+  per_position = 4.0 * cfg.num_heads * cfg.head_dim
+  assert cost.token_flops(local, 100) - cost.token_flops(local, 0) == pytest.approx(per_position * (4 * 16 + 2 * 100))
+  assert cost.token_flops(local, 10) - cost.token_flops(local, 0) == pytest.approx(per_position * 6 * 10)
+  # A bfloat16 model: its cache at 2 bytes per value, its weights at their storage dtype's size.
+  half = dataclasses.replace(cfg, dtype="bfloat16", weight_dtype="bfloat16")
+  meter = cost.DecodeMeter(half)
+  meter.add_prefill(1, 8, 1.0)
+  assert meter.prefill_bytes == cost.weight_bytes(half, 2) + 8 * cost.cache_bytes_per_token(half, 2)
 
 
 def test_compile_time_counts_compilation_only():

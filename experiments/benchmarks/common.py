@@ -12,6 +12,7 @@ benchmark always measures ours and its baselines in the same run, and the ratios
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -37,6 +38,8 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 3, min_time_s: float = 0.
   (`load_1m`, `waited_s`, `cpu_busy`, `under_load`; absent with `wait_idle=False`)}; `timing_fields` picks what a
   result row keeps.
   """
+  if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    raise ValueError(f"repeats must be a positive int (the tables report a median of at least 3), got {repeats!r}.")
   sync = sync or (lambda out: out)
   first = None
   for _ in range(warmup):
@@ -230,20 +233,40 @@ def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
+  # allow_nan=False: a NaN or infinite measurement is an error here, not a `NaN` that is not JSON (and that a table
+  # would show as a number).
+  try:
+    text = json.dumps(result, indent=2, default=_json_default, allow_nan=False)
+  except ValueError as e:
+    raise ValueError(f"{path}: the result holds a value that is not a finite number ({e}); not written: "
+                     f"{_non_finite_fields(result)[:5]}") from None
   with open(path, "w") as f:
-    json.dump(result, f, indent=2, default=_json_default)
+    f.write(text)
   print(f"Wrote {path}.", flush=True)
 
 
+def _non_finite_fields(value: Any, where: str = "") -> List[str]:
+  """Paths of the non-finite floats in a JSON-like value (after `_json_default`)."""
+  if isinstance(value, float):
+    return [] if math.isfinite(value) else [f"{where or '.'} = {value}"]
+  if isinstance(value, dict):
+    return [p for k, v in value.items() for p in _non_finite_fields(v, f"{where}.{k}")]
+  if isinstance(value, (list, tuple)):
+    return [p for i, v in enumerate(value) for p in _non_finite_fields(v, f"{where}[{i}]")]
+  converted = _json_default(value)
+  return [] if converted is value or isinstance(converted, str) else _non_finite_fields(converted, where)
+
+
 def _json_default(x: Any) -> Any:
-  try:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    if isinstance(x, np.generic):
-      return x.item()
-    if isinstance(x, np.ndarray):
-      return x.tolist()
-  except ImportError:
-    pass
+  """NumPy and jax scalars as numbers and arrays as lists (a jax value was written as its repr string)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if hasattr(x, "__array__") and hasattr(x, "dtype") and hasattr(x, "shape"):  # A jax array (or similar).
+    value = np.asarray(x)
+    return value.item() if value.ndim == 0 else value.tolist()
   return str(x)
 
 

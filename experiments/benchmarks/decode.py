@@ -447,7 +447,9 @@ def cost(cfg, args: argparse.Namespace, variant: str) -> Dict[str, float]:
     extra_bytes = 4 * k * num_layers * args.lora_rank * io
   step_flops = rows * (2 * matmul_params + 4 * num_layers * h * hd * context) + extra_flops
   step_bytes = (passes * weight_bytes + rows * context * cache_bytes_per_token + extra_bytes + 2 * 4 * logit_rows * v)
-  prefill_flops = p * (rows * (2 * matmul_params + 2 * num_layers * h * hd * p) + extra_flops)
+  # The prefill needs the output layer (and the heads) at each prompt's last position only, as the engine runs it;
+  # LoRA adapters act at every position.
+  prefill_flops = cost_lib.prefill_flops(cfg, rows, p) + (extra_flops if kind == "heads" else p * extra_flops)
   prefill_bytes = passes * weight_bytes + rows * p * cache_bytes_per_token + extra_bytes + 2 * 4 * logit_rows * v
   return {
       "step_gflop": step_flops / 1e9,

@@ -222,8 +222,9 @@ def _sample(settings: GenerationSettings, model, params, tokenizer, encoded: Seq
                                  eos_id=tokenizer.eos_token_id, pad_id=pad_id)
       out, lengths = np.asarray(out), np.asarray(aux["lengths"])
     if meter is not None:  # The prefill runs inside `decode`: its time is in the batch's.
-      meter.add_prefill(len(chunk), prompt_len, 0.0)
-      meter.add_chunk(batch, int(lengths.max()), int(lengths[:len(chunk)].sum()), prompt_len,
+      own = np.asarray([len(e) for e in chunk])  # Each prompt's tokens: the padding to the longest is not work.
+      meter.add_prefill(len(chunk), own, 0.0)
+      meter.add_chunk(batch, int(lengths.max()), int(lengths[:len(chunk)].sum()), float(own.mean()),
                       time.perf_counter() - t0, compiled.seconds)
     for i in range(len(chunk)):
       ids = out[i, :lengths[i]].tolist()

@@ -95,7 +95,9 @@ class PolicyHarness:
       prefilled = jax.block_until_ready(
           engine.prefill(self.policy, self.params, self.prompts[prompt_ids], self.prompt_mask[prompt_ids],
                          max_len=max_len))
-    self.meter.add_prefill(len(prompt_ids), self.prompts.shape[1], time.perf_counter() - t0, compiled.seconds)
+    prompt_tokens = self.prompt_mask[prompt_ids].sum(axis=1)  # Each prompt's own tokens (padding is not work).
+    row_prompt = np.asarray(all_rows.prompt_index)
+    self.meter.add_prefill(len(prompt_ids), prompt_tokens, time.perf_counter() - t0, compiled.seconds)
     num_rows = len(modes)
     # Implicit rows last and together: only their chunks pay for rejection sampling and full head logits.
     is_implicit = np.asarray([m == "implicit" for m in modes])
@@ -117,7 +119,8 @@ class PolicyHarness:
         tokens = np.asarray(tokens)
       keep = min(self.chunk_rows, num_rows - lo)
       # The loop ran until its longest row stopped; the wrapped-around extras were decoded but are not wanted.
-      self.meter.add_chunk(len(idx), int(aux["lengths"].max()), int(aux["lengths"][:keep].sum()), self.prompts.shape[1],
+      self.meter.add_chunk(len(idx), int(aux["lengths"].max()), int(aux["lengths"][:keep].sum()),
+                           float(np.mean(prompt_tokens[row_prompt[idx]])),
                            time.perf_counter() - t0, compiled.seconds)
       out = {"tokens": tokens[:keep], "lengths": aux["lengths"][:keep]}
       for name in ("accepted", "proposals"):  # Present only in chunks with implicit rows.

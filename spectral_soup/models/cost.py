@@ -7,8 +7,10 @@ bandwidth (`machine_rates` measures both with jax on the default device). `Decod
 phase's work and wall time and reports its share of that floor, the figure `experiments/main.py` writes per phase
 into `results.json` and `experiments/benchmarks/decode.py` reports per variant.
 
-Everything here counts the method's work (row-steps that emit a token, prompts prefilled once), not the work an
-implementation happens to do: time spent on finished rows, padding rows or recomputation counts against the share.
+Everything here counts the method's work (row-steps that emit a token, prompts prefilled once, each over its own
+tokens), not the work an implementation happens to do: time spent on finished rows, padding rows, padding columns
+of shorter prompts or recomputation counts against the share. Sliding-window layers (Gemma 3's local layers) attend
+over at most their window; caches are counted at the compute dtype's size, weights at the storage dtype's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import contextlib
 import dataclasses
 import time
 from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
 
 from spectral_soup.models.config import TransformerConfig
 
@@ -42,22 +46,44 @@ def cache_bytes_per_token(cfg: TransformerConfig, bytes_per_value: int = 4) -> i
 def decode_memory_bytes(cfg: TransformerConfig, rows: int, max_len: int, caches_per_row: int = 1) -> int:
   """A lower bound on the memory a decode loop holds: the weights, the KV cache of `rows` rows with `max_len`
   slots each (`caches_per_row` of them: 1 where all bases share one pass), and one float32 [rows, vocab] logits."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   cache = cache_bytes_per_token(cfg, np.dtype(cfg.dtype).itemsize) * rows * caches_per_row * max_len
   return weight_bytes(cfg, np.dtype(cfg.weight_dtype).itemsize) + cache + 4 * rows * cfg.vocab_size
 
 
-def token_flops(cfg: TransformerConfig, context: float, output_layer: bool = True) -> float:
-  """FLOPs of one row's forward pass at one position attending over `context` cached positions."""
+def _local_layers(cfg: TransformerConfig) -> int:
+  """How many layers attend over a sliding window only."""
+  if not cfg.sliding_window or cfg.layer_is_local is None:
+    return 0
+  return sum(cfg.layer_is_local)
+
+
+def _attended(cfg: TransformerConfig, context: Any) -> Any:
+  """Positions attended, summed over the layers, by a position with `context` cached positions."""
+  local = _local_layers(cfg)
+  return (cfg.num_layers - local) * context + local * np.minimum(context, cfg.sliding_window or 0)
+
+
+def token_flops(cfg: TransformerConfig, context: Any, output_layer: bool = True) -> Any:
+  """FLOPs of one row's forward pass at one position attending over `context` cached positions (a local layer:
+  over at most its window)."""
   weights = matmul_params(cfg) - (0 if output_layer else cfg.embed_dim * cfg.vocab_size)
-  return 2.0 * weights + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+  return 2.0 * weights + 4.0 * cfg.num_heads * cfg.head_dim * _attended(cfg, context)
 
 
-def prefill_flops(cfg: TransformerConfig, prompts: int, prompt_len: int) -> float:
-  """FLOPs of a prefill: every prompt position through the blocks (causal attention: half the square), the
-  output layer at each prompt's last position only."""
-  blocks = prompts * prompt_len * token_flops(cfg, prompt_len / 2, output_layer=False)
-  return blocks + prompts * 2.0 * cfg.embed_dim * cfg.vocab_size
+def prefill_flops(cfg: TransformerConfig, prompts: int, prompt_len: Any) -> float:
+  """FLOPs of a prefill: every prompt position through the blocks (causal attention: half the square, a local
+  layer at most its window per position), the output layer at each prompt's last position only. `prompt_len`: one
+  length for every prompt, or each prompt's own ([prompts]: the tokens it holds, padding left out)."""
+  lengths = np.broadcast_to(np.asarray(prompt_len, np.float64), (prompts,))
+  weights = matmul_params(cfg) - cfg.embed_dim * cfg.vocab_size
+  window = cfg.sliding_window or 0
+  # Mean positions a causal position attends over: l / 2 in a global layer, in a local one l / 2 up to the window,
+  # then W - W^2 / (2 l).
+  local_mean = np.where(lengths <= window, lengths / 2, window - window**2 / (2 * np.maximum(lengths, 1)))
+  local = _local_layers(cfg)
+  attended = (cfg.num_layers - local) * lengths / 2 + local * local_mean
+  blocks = np.sum(lengths * (2.0 * weights + 4.0 * cfg.num_heads * cfg.head_dim * attended))
+  return float(blocks + prompts * 2.0 * cfg.embed_dim * cfg.vocab_size)
 
 
 def machine_rates(matmul_size: int = 2_048, copy_mb: int = 256, repeats: int = 5) -> Dict[str, float]:
@@ -134,7 +160,7 @@ class DecodeMeter:
   """
   cfg: TransformerConfig
   extra_flops_per_row: float = 0.0
-  bytes_per_weight: int = 4
+  bytes_per_weight: Optional[int] = None  # None: the config's weight_dtype's size.
   prefill_s: float = 0.0
   decode_s: float = 0.0
   compile_s: float = 0.0
@@ -148,20 +174,28 @@ class DecodeMeter:
   # Per chunk: (FLOPs, bytes) its tokens need; the floor takes the larger time of the two chunk by chunk.
   chunk_work: list = dataclasses.field(default_factory=list)
 
-  def add_prefill(self, prompts: int, prompt_len: int, seconds: float, compile_s: float = 0.0) -> None:
-    """`prompts` of `prompt_len` tokens prefilled in `seconds`, `compile_s` of which compiled (0 seconds: timed
-    within the chunk that follows)."""
+  def _weight_bytes(self) -> int:
+    size = self.bytes_per_weight or np.dtype(self.cfg.weight_dtype).itemsize
+    return weight_bytes(self.cfg, size)
+
+  def _cache_bytes_per_token(self) -> int:
+    return cache_bytes_per_token(self.cfg, np.dtype(self.cfg.dtype).itemsize)
+
+  def add_prefill(self, prompts: int, prompt_len: Any, seconds: float, compile_s: float = 0.0) -> None:
+    """`prompts` prefilled in `seconds`, `compile_s` of which compiled (0 seconds: timed within the chunk that
+    follows). `prompt_len`: the tokens of every prompt, or of each ([prompts], padding left out: a padded batch
+    prefills its longest prompt's width for every row, which is the implementation's cost, not the method's)."""
     self.prefills += prompts
     self.prefill_s += max(seconds - compile_s, 0.0)
     self.compile_s += compile_s
     self.prefill_flop += prefill_flops(self.cfg, prompts, prompt_len)
-    self.prefill_bytes += weight_bytes(self.cfg,
-                                       self.bytes_per_weight) + prompts * prompt_len * cache_bytes_per_token(self.cfg)
+    tokens = float(np.sum(np.broadcast_to(np.asarray(prompt_len, np.float64), (prompts,))))
+    self.prefill_bytes += self._weight_bytes() + tokens * self._cache_bytes_per_token()
 
-  def add_chunk(self, rows: int, steps: int, tokens: int, prompt_len: int, seconds: float,
+  def add_chunk(self, rows: int, steps: int, tokens: int, prompt_len: float, seconds: float,
                 compile_s: float = 0.0) -> None:
     """`rows` decoded together for `steps` steps, emitting `tokens` wanted tokens, in `seconds` (`compile_s` of
-    them compiling).
+    them compiling). `prompt_len`: the rows' prompt tokens (their mean, padding left out).
 
     The floor of a chunk is its `tokens` at a full batch of `rows`: per token, the larger of its FLOPs over the
     matmul rate and 1 / rows of a step's bytes (weights once, each row's cache) over the bandwidth.
@@ -174,7 +208,7 @@ class DecodeMeter:
     self.compile_s += compile_s
     context = prompt_len + steps / 2.0
     flop = tokens * (token_flops(self.cfg, context) + self.extra_flops_per_row)
-    step_bytes = weight_bytes(self.cfg, self.bytes_per_weight) + rows * context * cache_bytes_per_token(self.cfg)
+    step_bytes = self._weight_bytes() + rows * context * self._cache_bytes_per_token()
     self.chunk_work.append((flop, tokens * step_bytes / max(rows, 1)))
 
   def summary(self, rates: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
