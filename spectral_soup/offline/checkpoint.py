@@ -13,9 +13,10 @@ and `data` (JSON: the input iterator's {"epoch", "position"} and anything else t
 * Restores place every array directly into its target sharding (restore arguments from `jax.eval_shape` of the
   state plus the shardings), so nothing is gathered on one host.
 * `restore_latest` tries steps newest first: a step that fails to restore (a truncated or deleted file) is moved
-  aside to `<directory>.corrupt/<step>` with a warning and the previous step is tried. The reads Orbax left
-  suspended in the failed restore are closed right there (`_close_abandoned_reads`), not whenever the garbage
-  collector next runs in unrelated code, where each printed an "Exception ignored in <coroutine ...>" traceback.
+  aside to `<directory>.corrupt/<step>` with a warning and the previous step is tried. When one array read fails,
+  the step's other reads are cancelled and awaited before Orbax closes its event loop (`_cancel_reads_on_failure`);
+  left pending on a closed loop, each later printed "Exception ignored in <coroutine ...>" and "Event loop is
+  closed" tracebacks wherever the garbage collector or TensorStore's threads next reached them.
 * A step that reads fine but does not fit (another config: other K, other model shape) is not corrupt: before any
   array is read, the caller's `check_data` sees the step's JSON item and the saved shapes are compared with the
   abstract state; either raises (`CheckpointMismatchError` names the first arrays that differ) and nothing is
@@ -27,11 +28,11 @@ and `data` (JSON: the input iterator's {"epoch", "position"} and anything else t
 
 from __future__ import annotations
 
-import gc
+import asyncio
+import contextlib
 import json
 import os
 import shutil
-import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -191,7 +192,8 @@ class Checkpointer:
 
   def _read(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-    restored = self.manager.restore(step, args=args)
+    with _cancel_reads_on_failure():
+      restored = self.manager.restore(step, args=args)
     return restored["state"], dict(restored["data"])
 
   @staticmethod
@@ -253,11 +255,6 @@ class Checkpointer:
         state, data = self._read(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         self._corrupt(step, e)
-        read_failed = True
-      else:
-        read_failed = False
-      if read_failed:  # Outside the except block, so that the error no longer holds the suspended reads.
-        _close_abandoned_reads()
         continue
       try:
         self._verify(state, data)
@@ -302,30 +299,49 @@ class Checkpointer:
     self.manager.close()
 
 
-def _close_abandoned_reads() -> None:
-  """Collects the array reads that Orbax left suspended when a restore failed part-way.
-
-  Orbax's `_read_array_index_and_device_put` catches the GeneratorExit of its coroutine's close and raises another
-  exception in its place, which Python can only report as "Exception ignored in <coroutine ...>" with a full
-  TensorStore spec, whenever the garbage collector reaches it. Collected here, those reports (and only those) are
-  logged at debug level; any other unraisable exception goes to the usual hook.
-  """
-  abandoned = []
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put":
-      abandoned.append(unraisable)
-    else:
-      previous(unraisable)
-
-  sys.unraisablehook = hook
+def _run_cancelling_pending(coro):
+  """Orbax's `_run_sync_via_new_loop`, plus: if `coro` fails, the loop's other tasks are cancelled and awaited."""
+  loop = asyncio.new_event_loop()
   try:
-    gc.collect()
+    asyncio.set_event_loop(loop)
+    try:
+      return loop.run_until_complete(coro)
+    except BaseException:
+      pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+      for task in pending:
+        task.cancel()
+      if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+      raise
   finally:
-    sys.unraisablehook = previous
-  if abandoned:
-    logging.debug("Closed %d array reads left suspended by the failed restore.", len(abandoned))
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@contextlib.contextmanager
+def _cancel_reads_on_failure():
+  """While restoring: a failed restore cancels the array reads still in flight instead of abandoning them.
+
+  Orbax (0.12) runs a restore's reads as tasks of a fresh event loop and closes the loop as soon as the first read
+  fails, leaving the others pending, each holding a TensorStore future. Whenever that future completed or the
+  garbage collector reached the task (later, in unrelated code), Python printed "Event loop is closed" and
+  "Exception ignored in <coroutine _read_array_index_and_device_put>" with a full TensorStore spec. Cancelling and
+  awaiting them before the loop closes ends each one cleanly. Where Orbax's runner is not there (another version),
+  restores run as they are.
+  """
+  try:
+    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    asyncio_utils = None
+  if asyncio_utils is None or not callable(getattr(asyncio_utils, "_run_sync_via_new_loop", None)):
+    yield
+    return
+  original = asyncio_utils._run_sync_via_new_loop  # pylint: disable=protected-access
+  asyncio_utils._run_sync_via_new_loop = _run_cancelling_pending  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    asyncio_utils._run_sync_via_new_loop = original  # pylint: disable=protected-access
 
 
 def save_debug_step(directory: str, state: Any, host_batch: Mapping[str, np.ndarray], metrics: Mapping[str,
