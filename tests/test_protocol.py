@@ -299,6 +299,11 @@ def test_frontiers_compare_methods_at_the_bespoke_kl():
   assert at["steep"]["gain_ci"][1] - at["steep"]["gain_ci"][0] < 0.01
   # No extrapolation beyond a sweep: the largest-KL point's gain, flagged.
   assert at["short"]["gain"] == pytest.approx(0.2, abs=0.01) and not at["short"]["covered"]
+  # A largest KL short of the bespoke KL by float noise (the same policy computed another way) covers it; 1% does not.
+  for shortfall, covered in ((2e-4, True), (1e-2, False)):
+    same = {1.0: (reference + 0.25, kl_of(3.0 * (1 - shortfall)))}
+    near = metrics.frontiers({"same": same}, reference, (reference + 0.25, kl_of(3.0)), num_bootstrap=50)
+    assert near["at_bespoke_kl"]["same"]["covered"] is covered, shortfall
   # Below the sweep's first point the gain is interpolated from the reference (KL 0, gain 0).
   low = metrics.frontiers({"steep": sweeps["steep"]}, reference, (reference, kl_of(0.5)), num_bootstrap=50)
   assert low["at_bespoke_kl"]["steep"]["gain"] == pytest.approx(0.05, abs=0.01)
