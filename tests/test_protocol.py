@@ -409,15 +409,13 @@ def test_policy_harness_rows_and_common_random_numbers():
     h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (4, 1)), jax.random.key(1))
 
 
-def test_plots_and_k_ablation_from_results(tmp_path):
-  """The main job's last phase on synthetic numbers: the K ablation and every plot file."""
+def _synthetic_results(rounds=2):
+  """(results, history): the main job's results dict on a linear harness's online rounds and synthetic rewards."""
   from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
-  from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
   users = users_lib.make_users("dirichlet", 3, seed=0, split="eval", num_attributes=3, temperature=0.2)
-  history = protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(rounds=2, prompts_per_round=12),
-                                jax.random.key(0))
+  history = protocol.run_online(LinearHarness(3, 3), users, 40,
+                                protocol.OnlineConfig(rounds=rounds, prompts_per_round=12), jax.random.key(0))
   ablation = main_lib._k_ablation(history, 3, 1.0)  # pylint: disable=protected-access
-  assert ablation["k"] == [1, 2, 3] and all(0 <= a <= 1 for a in ablation["heldout_choice_accuracy"])
   rng = np.random.default_rng(0)
   rewards = {m: rng.normal(size=(3, 10)) + i for i, m in enumerate(main_lib.METHOD_ORDER)}
   summary = metrics.summarize(rewards, {m: np.ones((3, 10)) for m in rewards}, num_bootstrap=100)
@@ -444,11 +442,54 @@ def test_plots_and_k_ablation_from_results(tmp_path):
       metrics.frontiers({m: {
           s: (rewards[m] * s, np.full((3, 10), s)) for s in (0.5, 1.0)
       } for m in main_lib.SWEPT}, rewards["reference"], (rewards["bespoke"], np.ones((3, 10))), num_bootstrap=50))
+  return results, history
+
+
+def test_plots_and_k_ablation_from_results(tmp_path):
+  """The main job's last phase on synthetic numbers: the K ablation and every plot file."""
+  from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
+  results, _ = _synthetic_results()
+  ablation = results["k_ablation"]
+  assert ablation["k"] == [1, 2, 3] and all(0 <= a <= 1 for a in ablation["heldout_choice_accuracy"])
   paths = plots.write_all(results, str(tmp_path))
   assert [p.split("/")[-1] for p in paths] == [
       "learning_curve.png", "scores.png", "frontier.png", "attribute_shift.png", "pareto.png", "k_ablation.png"
   ]
   assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+def test_plots_draw_what_the_results_say(tmp_path, monkeypatch):
+  """Each online round sits at the comparisons its lambda was fitted on (0 for the first round's prior), a NaN
+  attribute shift leaves the others' colour range, and held-out accuracies below 0.4 stay on the K-ablation chart."""
+  from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
+  figures = {}
+  monkeypatch.setattr(plots, "_save", lambda fig, path: figures.__setitem__(os.path.basename(path), fig))
+  results, history = _synthetic_results(rounds=3)
+  assert results["learning_curve"]["comparisons"] == [12, 24, 36]
+  results["offline"]["attribute_shift"][0][1] = float("nan")
+  results["offline"]["attribute_shift"][2][2] = -1.5
+  results["k_ablation"]["heldout_choice_accuracy"] = [0.25, None, 0.7]
+  plots.write_all(results, str(tmp_path))
+  for ax in figures["learning_curve.png"].axes:
+    for line in ax.get_lines():
+      if len(line.get_xdata()) == 3:  # Every per-round series (not the horizontal reference lines).
+        assert list(line.get_xdata()) == [0, 12, 24], ax.get_title()
+  mean_reward = [l for l in figures["learning_curve.png"].axes[0].get_lines() if l.get_label() == "mean over users"]
+  assert np.allclose(mean_reward[0].get_ydata(), history["reward"].mean(1))
+  image = figures["attribute_shift.png"].axes[0].get_images()[0]
+  assert image.get_clim() == (-1.5, 1.5)
+  low, high = figures["k_ablation.png"].axes[0].get_ylim()
+  assert low <= 0.25 and high == 1
+
+
+def test_a_zero_margin_predicts_each_choice_as_a_coin_flip():
+  """With lambda = 0 (the first round at prior_mean 0) no choice is predicted: the round's accuracy is 0.5, not
+  the share of choices that happen to be 0."""
+  users = users_lib.make_users("dirichlet", 4, seed=0, split="eval", num_attributes=3, temperature=0.2)
+  history = protocol.run_online(LinearHarness(3, 3), users, 40, protocol.OnlineConfig(rounds=2, prompts_per_round=9),
+                                jax.random.key(0))
+  assert np.all(history["choice_accuracy"][0] == 0.5)
+  assert not np.all(history["choice_accuracy"][1] == 0.5)
 
 
 def test_write_npz_atomic_round_trip(tmp_path):

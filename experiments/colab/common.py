@@ -73,7 +73,7 @@ def quick_basis_config(tiny: bool, num_prompts: int = 96, num_steps: int = 150) 
         "data.response_len": 33,  # Shorter responses: a faster feature pass.
         "train.num_steps": num_steps,
         "train.batch_size": 16,
-        "optim.warmup_steps": 10,
+        "optim.warmup_steps": min(10, num_steps),  # The warm-up fits in the shortest runs too.
         "train.feature_batch_size": 16
     })
   config.update_from_flattened_dict({"train.tensorboard": False, "checkpoint.every_steps": 0})

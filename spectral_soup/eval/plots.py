@@ -32,26 +32,29 @@ def write_all(results: Mapping, workdir: str) -> list:
   plt = _pyplot()
   paths = []
 
-  # Learning curves: the shown soups' true reward and the cumulative regret against bespoke.
+  # Learning curves: the shown soups' true reward and the cumulative regret against bespoke. Round t shows soups of
+  # the lambda fitted on the comparisons of rounds before it, so each round sits at the number of comparisons its
+  # lambda saw (0 for the first), not at the number collected by its end.
   curve = results["learning_curve"]
-  n = np.asarray(curve["comparisons"])
+  collected = np.asarray(curve["comparisons"], np.float64)
+  n = np.concatenate([[0.0], collected[:-1]])
   fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
   reward, regret = np.asarray(curve["reward"]), np.asarray(curve["regret"])
   for u in range(reward.shape[1]):
     axes[0].plot(n, reward[:, u], alpha=0.4, marker=".")
     axes[1].plot(n, regret[:, u], alpha=0.4, marker=".")
-  axes[0].plot(n, reward.mean(1), color="k", lw=2, label="mean over users")
+  axes[0].plot(n, reward.mean(1), color="k", lw=2, marker="o", ms=3, label="mean over users")
   axes[0].axhline(results["methods"]["bespoke"]["mean_reward"], color="g", ls="--", label="bespoke")
   axes[0].axhline(results["methods"]["reference"]["mean_reward"], color="r", ls=":", label="reference")
-  axes[0].set(xlabel="comparisons per user", ylabel="true reward of shown responses", title="online rounds")
+  xlabel = "comparisons per user behind the shown lambda"
+  axes[0].set(xlabel=xlabel, ylabel="true reward of shown responses", title="online rounds")
   axes[0].legend(fontsize=8)
-  axes[1].plot(n, regret.mean(1), color="k", lw=2)
-  axes[1].set(xlabel="comparisons per user", ylabel="cumulative regret vs bespoke", title="regret")
+  axes[1].plot(n, regret.mean(1), color="k", lw=2, marker="o", ms=3)
+  axes[1].set(xlabel=xlabel, ylabel="cumulative regret vs bespoke", title="regret")
   acc = np.asarray(curve["choice_accuracy"])
   axes[2].plot(n, acc.mean(1), color="k", marker="o")
   axes[2].axhline(0.5, color="gray", ls=":")
-  axes[2].set(xlabel="comparisons per user", ylabel="choices predicted by current lambda",
-              title="preference prediction", ylim=(0, 1))
+  axes[2].set(xlabel=xlabel, ylabel="the round's choices it predicted", title="preference prediction", ylim=(0, 1))
   fig.tight_layout()
   paths.append(os.path.join(workdir, "learning_curve.png"))
   _save(fig, paths[-1])
@@ -108,7 +111,8 @@ def write_all(results: Mapping, workdir: str) -> list:
     shift, ci = np.asarray(offline["attribute_shift"]), np.asarray(offline["attribute_shift_ci"])
     attributes = results["attributes"]
     fig, ax = plt.subplots(figsize=(1.2 * len(attributes) + 2, 0.9 * len(shift) + 1.5))
-    bound = max(float(np.abs(shift).max()), 1e-3)
+    # The colour range of the finite shifts (a NaN one would make the bound NaN and saturate every cell).
+    bound = max(float(np.nanmax(np.abs(shift), initial=0.0)), 1e-3)
     image = ax.imshow(shift, cmap="RdBu_r", vmin=-bound, vmax=bound)
     for k in range(shift.shape[0]):
       for a in range(shift.shape[1]):
@@ -141,9 +145,12 @@ def write_all(results: Mapping, workdir: str) -> list:
   # K ablation.
   abl = results["k_ablation"]
   fig, ax = plt.subplots(figsize=(4.5, 3.5))
-  ax.plot(abl["k"], abl["heldout_choice_accuracy"], marker="o")
+  accuracy = np.asarray([np.nan if a is None else a for a in abl["heldout_choice_accuracy"] or []], np.float64)
+  ax.plot(abl["k"], accuracy, marker="o")
   ax.axhline(0.5, color="gray", ls=":")
-  ax.set(xlabel="bases used (first k)", ylabel="held-out choice accuracy", title="ablation over K", ylim=(0.4, 1))
+  low = min(0.4, float(np.nanmin(accuracy, initial=1.0)) - 0.05)  # Accuracies below 0.4 stay on the chart.
+  ax.set(xlabel="bases used (first k)", ylabel="held-out choice accuracy", title="ablation over K", ylim=(low, 1))
+  ax.xaxis.get_major_locator().set_params(integer=True)
   fig.tight_layout()
   paths.append(os.path.join(workdir, "k_ablation.png"))
   _save(fig, paths[-1])
@@ -173,7 +180,8 @@ def training_curves(workdir: str, names=None) -> str:
     for ax, key in ((axes[0], "loss"), (axes[1], "accuracy")):
       line = series(train, key, k)
       if len(line):
-        ax.plot(line[:, 0], line[:, 1], color=color, label=names[k] if ax is axes[0] else None)
+        ax.plot(line[:, 0], line[:, 1], color=color, marker="." if len(line) == 1 else None,
+                label=names[k] if ax is axes[0] else None)
       points = series(held_out, key, k)
       if len(points):
         ax.plot(points[:, 0], points[:, 1], "o", color=color, mfc="none",

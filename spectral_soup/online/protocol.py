@@ -123,7 +123,8 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
   Returns:
     {"lam": [U, K] (spectral), "lam_p_soups": [U, K], "pad_weights": [U, A], "lam_history": [T, U, K],
      "reward": [T, U] mean true reward of the round's two responses, "kl": [T, U], "num_comparisons": [T],
-     "choice_accuracy": [T, U] fraction of the round's choices the previous lambda predicted,
+     "choice_accuracy": [T, U] fraction of the round's choices the previous lambda predicted (a zero margin, as
+     with lambda = 0 in the first round, counts 0.5),
      "comparison_features": [U, T * M, K] (the kind `cfg.features` names), "comparison_implicit_features":
      [U, T * M, K] (the bases' implicit rewards, whatever `cfg.features`), "comparison_pad_features": [U, T * M, A]
      and "comparison_prefs": [U, T * M], every comparison}.
@@ -174,7 +175,9 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     choice = np.asarray(users_lib.simulate_choice(k_choice, users, s[:, :, 0], s[:, :, 1]))  # [U, M]
     reward = np.asarray(users_lib.true_reward(users, s.reshape(num_users, m * 2, num_attr)))
     delta = f[:, :, 0] - f[:, :, 1]
-    predicted = (np.einsum("umk,uk->um", delta, lam) > 0).astype(np.float32)
+    margin = np.einsum("umk,uk->um", delta, lam)  # > 0: the previous lambda prefers the first response.
+    # A zero margin (lambda = 0 in the first round, or a tie) predicts nothing: it counts as a coin flip, 0.5.
+    predicted_right = np.where(margin == 0, 0.5, (margin > 0) == (choice > 0.5))
     lo = t * m
     feats[:, lo:lo + m], pad_feats[:, lo:lo + m] = delta, g[:, :, 0] - g[:, :, 1]
     implicit[:, lo:lo + m] = f_implicit[:, :, 0] - f_implicit[:, :, 1]
@@ -187,7 +190,7 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
     history["reward"].append(reward.mean(axis=1))
     history["kl"].append(kl.mean(axis=(1, 2)))
     history["num_comparisons"].append(lo + m)
-    history["choice_accuracy"].append((predicted == choice).mean(axis=1))
+    history["choice_accuracy"].append(predicted_right.mean(axis=1))
   out = {name: np.asarray(value) for name, value in history.items()}
   out.update(lam=lam, lam_p_soups=lam_ps, pad_weights=pad_w, comparison_features=feats,
              comparison_pad_features=pad_feats, comparison_prefs=prefs, comparison_implicit_features=implicit)
