@@ -73,9 +73,9 @@ def _hf_config(cfg: Any, tie_embeddings: bool) -> Any:
                                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                                   num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-                                  hidden_act=cfg.activation, rope_parameters=rope, tie_word_embeddings=tie_embeddings,
-                                  attention_bias=False, mlp_bias=False, torch_dtype="float32",
-                                  architectures=["LlamaForCausalLM"])
+                                  hidden_act=_HF_ACTIVATIONS[cfg.activation], rope_parameters=rope,
+                                  tie_word_embeddings=tie_embeddings, attention_bias=False, mlp_bias=False,
+                                  torch_dtype="float32", architectures=["LlamaForCausalLM"])
 
 
 def _check_exportable(basis: Any) -> None:
@@ -106,6 +106,9 @@ def merged_backbone(basis: Any, lam: Any) -> dict:
   arrays, plus "lm_head" for head bases."""
   from spectral_soup.basis import _lam_rows  # pylint: disable=g-import-not-at-top
   from spectral_soup.models.spectral import ATTN_TARGETS, split_lora_params  # pylint: disable=g-import-not-at-top
+  if isinstance(lam, (str, bytes)) or lam is None:
+    raise ValueError(f"export_hf exports one user's soup: lam must be [K={basis.num_bases}] numbers, got "
+                     f"{type(lam).__name__} {lam!r}.")
   if np.ndim(lam) != 1:
     raise ValueError(f"export_hf exports one user's soup: lam must be [K={basis.num_bases}], got shape "
                      f"{np.shape(lam)}.")
@@ -201,6 +204,23 @@ def _check_out_dir(out_dir: str) -> str:
   return path
 
 
+def _check_not_an_input(basis: Any, path: str, out_dir: Any) -> None:
+  """ValueError if replacing `path` would replace what loading `basis` reads (its backbone at `model.path`, its
+  tokenizer at `data.tokenizer`): an earlier export that bases were trained on is itself an export, so it passed
+  `_check_out_dir`, and replacing it swapped the backbone under the bases without an error."""
+  for section, name in (("model", "path"), ("data", "tokenizer")):
+    try:
+      folder = basis.config[section][name] or ""
+    except (AttributeError, KeyError, TypeError):  # No such field in this basis's config.
+      continue
+    if not isinstance(folder, str) or not folder or folder.startswith("embedded:"):
+      continue
+    real = os.path.realpath(os.path.expanduser(folder))
+    if real == path or real.startswith(path + os.sep):
+      raise ValueError(f"export_hf: out_dir={out_dir!r} is or holds config.{section}.{name}={folder!r}, which "
+                       "loading this basis reads: expected another directory.")
+
+
 def _special_token_ids(tokenizer: Any) -> dict:
   """bos / eos / pad token ids for config.json and generation_config.json: the tokenizer's (what `Basis.generate`
   stops at), not the transformers config classes' defaults, which belong to other vocabularies."""
@@ -226,6 +246,7 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
   path = _check_out_dir(out_dir)
+  _check_not_an_input(basis, path, out_dir)
   params = merged_backbone(basis, lam)
   cfg = basis.policy.config
   tied = cfg.tie_embeddings and basis.policy.basis_kind == "lora"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import spectral_soup as ss
+from spectral_soup import export
 from spectral_soup import models
 from spectral_soup import soup
 from spectral_soup.models.transformer import Transformer
@@ -227,12 +228,39 @@ def test_families_and_caps_that_cannot_hold_a_soup_are_refused_by_name(tmp_path)
     return types.SimpleNamespace(policy=policy, config=types.SimpleNamespace(basis={}), num_bases=3,
                                  names=("a", "b", "c"))
 
+  # A Llama with another activation than SiLU keeps it under transformers' name (it was written under ours, and
+  # neither transformers nor this package could load the export).
+  llama = models.config_from_hf(hf_fixtures.tiny_hf_config("llama")).replace(activation="gelu_tanh")
+  written = export._hf_config(llama, tie_embeddings=False)  # pylint: disable=protected-access
+  assert written.hidden_act == "gelu_pytorch_tanh" and models.config_from_hf(written).activation == "gelu_tanh"
   cases = [(fake(gemma, "heads"), "final logit softcap"), (fake(mistral, "lora"), "sliding window"),
            (fake(gpt2.replace(final_logit_softcap=3.0), "lora"), "GPT2Config cannot hold")]
   for basis, message in cases:
     with pytest.raises(ValueError, match=message):
       ss.export_hf(basis, LAM, str(tmp_path / "export"))
   assert not (tmp_path / "export").exists()
+
+
+def test_an_export_that_bases_were_trained_on_is_not_replaced(tmp_path):
+  """Bases trained on an earlier export read it as their backbone (`model.path`): exporting a soup over it passed the
+  check for earlier exports and swapped the backbone under the bases."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  def an_export(name):
+    folder = tmp_path / name
+    folder.mkdir()
+    for file in ("model.safetensors", "config.json"):
+      (folder / file).write_text("{}")
+    (folder / "soup.json").write_text(json.dumps({"lam": [1.0], "bases": ["a"], "basis_kind": "lora", "step": 1}))
+    return folder
+
+  earlier, tokenizer = an_export("earlier_export"), an_export("tokenizer_export")
+  config = {"model": {"path": str(earlier)}, "data": {"tokenizer": str(tokenizer)}, "basis": {}}
+  basis = types.SimpleNamespace(config=config, num_bases=3, names=("a", "b", "c"))
+  for target, field in ((earlier, "model.path"), (tokenizer, "data.tokenizer")):
+    with pytest.raises(ValueError, match=rf"is or holds config\.{field}=.*which loading this basis reads"):
+      ss.export_hf(basis, LAM, str(target))
+  assert sorted(os.listdir(earlier)) == ["config.json", "model.safetensors", "soup.json"]
 
 
 def test_the_documented_workflow_on_the_tiny_config(tmp_path):

@@ -179,6 +179,15 @@ def test_a_rerun_moves_the_previous_results_aside_with_their_config(tmp_path):
   assert main.set_aside_previous_outputs(workdir) is None  # Nothing left to move.
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_file_where_nothing_can_be_written_is_refused_up_front(tmp_path):
+  """os.access passes for root and cannot see pseudo file systems (/proc) or read-only mounts: the check writes for
+  real, so an entry point refuses such an --output before the model loads, not after the responses are decoded."""
+  problem = files.output_file_problem("--output", "/proc/responses.jsonl")
+  assert problem.startswith("--output=/proc/responses.jsonl: its directory ") and "this user can write" in problem
+  assert files.output_file_problem("--output", str(tmp_path / "responses.jsonl")) is None
+
+
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
   (tmp_path / "taken").mkdir()
   with pytest.raises(OSError):

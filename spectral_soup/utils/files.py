@@ -51,6 +51,9 @@ def output_file_problem(flag: str, path: str, inputs: Sequence[str] = ()) -> Opt
     return f"{flag}={path} is one of the inputs: expected a new file (or an earlier report)."
   if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
     return f"{flag}={path}: {path if os.path.exists(path) else folder} is not writable."
+  problem = directory_problem(folder)  # What os.access cannot tell (root, read-only mounts, /proc): a real write.
+  if problem:
+    return f"{flag}={path}: its directory {problem}."
   return None
 
 
