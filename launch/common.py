@@ -184,6 +184,8 @@ def check_config(parser: argparse.ArgumentParser, args: argparse.Namespace, remo
       parser.error(f"--config={args.config}: {relative} is left out of the code archive (pattern {left_out}), so "
                    f"the remote machine would not have it: put the config under configs/.")
     args.config = relative + sep + variant
+  elif path.startswith("~"):  # The job gets the flag without a shell, which would have expanded it.
+    args.config = os.path.expanduser(path) + sep + variant
   try:
     config = load_config(full, variant if sep else None)
   except ModuleNotFoundError as e:

@@ -93,7 +93,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.error(f"--driver-timeout={args.driver_timeout}: expected a number of seconds > 0.")
   config = common.check_config(parser, args, remote=True)
   machine = args.machine_type + (f" with --accelerator={args.accelerator}" if args.accelerator else "")
-  common.check_job_values(parser, args, config, gpu_count(args.machine_type, args.accelerator), machine)
+  try:
+    count = gpu_count(args.machine_type, args.accelerator)
+  except ValueError as e:
+    parser.error(f"--machine-type={args.machine_type}" +
+                 (f" --accelerator={args.accelerator}" if args.accelerator else "") + f": {e}.")
+  common.check_job_values(parser, args, config, count, machine)
   common.check_plan_flags(parser, args, STEPS)
   return args
 
@@ -106,10 +111,16 @@ def gpu_count(machine_type: str, accelerator: Optional[str]) -> Optional[int]:
   """The GPUs of a Compute Engine machine: `--accelerator`'s count, else the A2 / A3 type's `-<n>g` suffix or the G2
   type's table; None where the flags do not tell."""
   if accelerator:
-    count = re.search(r"(?:^|,)count=(\d+)(?:,|$)", accelerator)
-    return int(count.group(1)) if count else 1
+    count = re.search(r"(?:^|,)count=([^,]*)(?:,|$)", accelerator)
+    if not count:
+      return 1
+    if not re.fullmatch(r"\d+", count.group(1)) or int(count.group(1)) < 1:
+      raise ValueError(f"count={count.group(1)}: expected a whole number of GPUs, at least 1")
+    return int(count.group(1))
   named = re.fullmatch(r"a\d-\w+-(\d+)g", machine_type)
   if named:
+    if int(named.group(1)) < 1:
+      raise ValueError(f"{machine_type} names {named.group(1)} GPUs: expected at least 1")
     return int(named.group(1))
   g2 = re.fullmatch(r"g2-standard-(\d+)", machine_type)
   return _G2_GPUS.get(int(g2.group(1))) if g2 else None

@@ -200,10 +200,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   _check_workers(parser, args)
   if "run" in args.steps:
     _check_multi_host(parser, args)
-  # The main job is one process (on worker 0): it sees that host's devices only.
-  devices = args.slice.devices // args.slice.hosts if args.module == "experiments.main" else args.slice.devices
-  # A multi-host training is one process per host: its batch is split over the hosts too.
-  hosts = args.slice.hosts if args.module == "experiments.train_basis" and args.run_workers.lower() == "all" else 1
+  # A multi-host training is one process per host over the whole slice: its batch is split over the hosts too. Any
+  # other process (the main job, or a training on some workers only) sees its own host's chips only.
+  whole_slice = args.module == "experiments.train_basis" and args.run_workers == "all"
+  devices = args.slice.devices if whole_slice else args.slice.devices // args.slice.hosts
+  hosts = args.slice.hosts if whole_slice else 1
   common.check_job_values(parser, args, config, devices, args.accelerator_type, num_hosts=hosts)
   return args
 
@@ -214,9 +215,16 @@ def _check_workers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     run_workers = workers_of(args.run_workers, hosts)
   except ValueError as e:
     parser.error(f"--run-workers={args.run_workers}: {e}.")
-  if hosts > 1 and sorted(run_workers) == list(range(hosts)):
-    # Every host: one multi-host job (--distributed, a shared workdir), as "all" (0-3 on 4 hosts ran 4 separate jobs).
+  if args.run_workers.lower() == "all" or (hosts > 1 and sorted(run_workers) == list(range(hosts))):
+    # Every host: one multi-host job (--distributed, a shared workdir), as "all" (0-3 on 4 hosts ran 4 separate jobs;
+    # gcloud's --worker takes "all" in lower case).
     args.run_workers = "all"
+  elif hosts > 1 and "run" in args.steps:
+    common.warn(f"--run-workers={args.run_workers} on the {hosts}-host {args.slice.accelerator_type}: each listed "
+                f"worker runs a separate single-host job on its own {args.slice.devices // hosts} chips, without "
+                "--distributed, and Cloud TPU's runtime may wait at start-up for the slice's other hosts. "
+                "--run-workers=all runs one job over the whole slice." +
+                (f" The {len(run_workers)} jobs would share --workdir={args.workdir}." if len(run_workers) > 1 else ""))
   if not args.log_worker.isdigit():
     parser.error(f"--log-worker={args.log_worker}: expected one worker index.")
   if int(args.log_worker) not in run_workers:

@@ -21,7 +21,7 @@ def test_gpu_sh_tiny_runs_every_step_and_prints_one_table(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(
       ["bash", "experiments/benchmarks/gpu.sh", "--tiny", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=900)
+      timeout=1500)
   logs = {label: (out / f"{label}.log").read_text()[-1500:] for label in LABELS if (out / f"{label}.log").exists()}
   assert proc.returncode == 0, proc.stderr[-3000:]
   for label in LABELS:
@@ -64,9 +64,28 @@ def test_gpu_table_names_what_is_missing(tmp_path):
           }],
           "speedup": None
       }))
+  # No baseline (online.py writes null then), a truncated file, a row without its fields: each benchmark is named,
+  # and the others' rows still print.
+  (tmp_path / "params.json").write_text(
+      json.dumps({
+          "rows": [{
+              "workload": "lora",
+              "variant": "ours",
+              "users_per_s": 5.0,
+              "speedup_vs_strongest_baseline": None,
+              "output_mb_per_s": 1.0
+          }]
+      }))
+  (tmp_path / "train.json").write_text('{"rows": [{"variant": "sha')
+  (tmp_path / "decode.json").write_text(json.dumps({"rows": [{"variant": "single"}], "config": {}}))
   text = gpu_table.table(str(tmp_path))
   assert "online" in text and "FAILED" in text and "RESOURCE_EXHAUSTED" in text
-  assert "missing (failed or timed out" in text and "decode_256" in text and "params" in text
+  assert "5.0 users/s" in text and "-x" in text
+  assert "unreadable: train: " in text and "train.json cannot be read as a benchmark's results" in text
+  assert "unreadable: decode: " in text and "decode.json: KeyError" in text
+  assert "missing (failed or timed out" in text and "decode_256" in text
+  with pytest.raises(SystemExit, match="1"):  # gpu.sh ends with this status: the run was incomplete.
+    gpu_table.main([str(tmp_path)])
   with pytest.raises(SystemExit, match="OUT_DIR"):
     gpu_table.main([str(tmp_path / "nowhere")])
 
@@ -114,6 +133,25 @@ def test_prepare_fetches_the_missing_closure_only(tmp_path):
   with pytest.raises(RuntimeError, match="no wheel of 'missing_pkg'"):
     gpu_prepare.prepare(str(tmp_path / "w2"), set(), "3.12",
                         ["--no-index", "--find-links", str(index)], roots=["missing_pkg"])
+
+
+def test_prepare_refuses_a_wheel_the_target_python_cannot_install(tmp_path):
+  """Where no wheel for the target exists, pip builds (or takes) one for this machine's Python: a CPython 3.11
+  wheel was handed over as prepared for 3.12 and failed only in the install on the GPU machine."""
+  index = tmp_path / "index"
+  index.mkdir()
+  pure = _wheel(index, "compiled_pkg")
+  os.rename(pure, index / "compiled_pkg-1.0-cp311-cp311-manylinux_2_17_x86_64.whl")
+  with pytest.raises(
+      RuntimeError, match=r"CPython 3\.12 on manylinux x86-64 cannot install: "
+      r"\['compiled_pkg-1\.0-cp311-cp311-manylinux_2_17_x86_64\.whl'\]"):
+    gpu_prepare.prepare(str(tmp_path / "wheels"), set(), "3.12",
+                        ["--no-index", "--find-links", str(index)], roots=["compiled_pkg"])
+  assert gpu_prepare.unusable_wheels(str(index), "3.11") == []
+  # A wheel only the newest manylinux tags name (the image's glibc is 2.39) is usable.
+  os.rename(index / "compiled_pkg-1.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+            index / "compiled_pkg-1.0-cp312-cp312-manylinux_2_34_x86_64.whl")
+  assert gpu_prepare.unusable_wheels(str(index), "3.12") == []
 
 
 def test_prepare_refuses_what_cannot_travel_and_bad_inputs(tmp_path, capsys):

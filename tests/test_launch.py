@@ -449,6 +449,41 @@ def test_multi_host_workdir_warnings_and_single_process_jobs(capsys):
       base + ["--workdir=/mnt/s", "--module=experiments.main", "--config=configs/demo.py", "--allow-multi-host-main"])
 
 
+def test_some_workers_of_a_multi_host_slice_are_checked_as_one_host_each_with_a_warning(capsys):
+  """A training on some workers only is one single-host job per worker: checked against one host's chips (it was
+  checked against the whole slice's), and warned about; "ALL" is gcloud's "all"."""
+  base = POD[:4] + [f"--config={CONFIG}", "--workdir=/mnt/shared/run"]
+  args = tpu.parse_args(base + ["--run-workers=0,1", "--", "--config.mesh.num_devices=8"][:1])
+  assert args.run_workers == "0,1"
+  err = capsys.readouterr().err
+  assert "warning: --run-workers=0,1 on the 4-host v5litepod-16: each listed worker runs a separate single-host job " \
+         "on its own 4 chips" in err and "The 2 jobs would share --workdir=/mnt/shared/run." in err
+  with pytest.raises(SystemExit):  # One host has 4 chips, not 16.
+    tpu.parse_args(base + ["--run-workers=0", "--", "--config.mesh.num_devices=8"])
+  assert "num_devices=8" in capsys.readouterr().err
+  single = POD[:3] + ["--accelerator-type=v5litepod-8", f"--config={CONFIG}", "--workdir=/tmp/run"]
+  assert tpu.parse_args(single + ["--run-workers=ALL"]).run_workers == "all"
+  assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("machine, accelerator", [("a2-ultragpu-0g", None), ("n1-standard-8", "type=nvidia-t4,count=0"),
+                                                  ("n1-standard-8", "type=nvidia-t4,count=-1")])
+def test_a_gpu_count_below_one_is_refused_by_name(machine, accelerator, capsys):
+  argv = ["--name=ss-gpu", f"--machine-type={machine}", f"--config={CONFIG}", "--workdir=/tmp/r"]
+  with pytest.raises(SystemExit):
+    gpu.parse_args(argv + ([f"--accelerator={accelerator}"] if accelerator else []))
+  err = capsys.readouterr().err
+  assert f"--machine-type={machine}" in err and "at least 1" in err and "Traceback" not in err
+
+
+def test_local_expands_a_tilde_in_the_config_path(monkeypatch, tmp_path):
+  """The job gets its flags without a shell: `--config=~/x.py` was checked here (expanded) and failed in the job."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "conf.py").write_text(open(os.path.join(common.REPO_ROOT, CONFIG)).read())
+  args = local.parse_args(["--config=~/conf.py", "--workdir=workdir/t"])
+  assert args.config == str(tmp_path / "conf.py")
+
+
 def _documented_tpu_commands():
   """The README's TPU example and every config docstring's `python -m launch.tpu` command, as argv lists."""
   readme = open(os.path.join(common.REPO_ROOT, "README.md")).read().split("## Running on a TPU VM", 1)[1]

@@ -3,7 +3,8 @@
 #
 #   bash experiments/benchmarks/gpu.sh [--tiny] [OUT_DIR]        # default OUT_DIR: /tmp/spectral_soup_gpu_bench
 #
-# Steps (each with its own timeout; one that fails or times out is reported and the others still run):
+# Steps (each with its own timeout; one that fails or times out is reported and the others still run; the exit
+# status is 1 when any step's JSON is missing or unreadable):
 #   online   65,536 users x 30 bases x 64 comparisons; the scikit-learn loop on 2,048 users
 #   params   SmolLM2-shaped q / v LoRA merges (30 layers), 64 users x 8 bases
 #   train    an 8-layer, 512-wide backbone, 8 bases: K bases in one step vs K separate models
@@ -76,18 +77,21 @@ step() {  # step LABEL MODULE TIMEOUT_S ARGS...: one benchmark, logged to $OUT/L
 
 if [[ "$TINY" == 1 ]]; then
   # Toy sizes are compile-bound, about one core per step: two lanes of steps at once (2-core CPU: 69 s, not 102).
+  # Their limits only catch a hang: a loaded CPU (a test suite beside it) slows the compiles several times.
+  TINY_LIMIT=400
   (
-    step online online 120 --users=256 --bases=4 --comparisons=16 --baseline_users=16 --loop_users=8 --min_time_s=0
-    step params params 120 --users=4 --bases=2 --layers=2 --embed=64 --kv_dim=32 --rank=2 --min_time_s=0 \
+    step online online $TINY_LIMIT --users=256 --bases=4 --comparisons=16 --baseline_users=16 --loop_users=8 \
+      --min_time_s=0
+    step params params $TINY_LIMIT --users=4 --bases=2 --layers=2 --embed=64 --kv_dim=32 --rank=2 --min_time_s=0 \
       --torch_device="$TORCH_DEVICE"
-    step train train 120 --bases=2 --layers=1 --embed=32 --heads=2 --head_dim=16 --mlp=64 --vocab=128 \
+    step train train $TINY_LIMIT --bases=2 --layers=1 --embed=32 --heads=2 --head_dim=16 --mlp=64 --vocab=128 \
       --prompt_len=8 --response_len=8 --batch=2 --steps=1 --devices=0
-    step decode_256 decode 120 --model=tiny --users=8 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
+    step decode_256 decode $TINY_LIMIT --model=tiny --users=8 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
       --variants=single,explicit/heads --matmul_size=256 --copy_mb=8 --no_torch_check
   ) &
-  step train_1b train 180 --preset=gemma3_1b --bases=3 --layers=2 --embed=64 --head_dim=16 --mlp=128 --vocab=512 \
-    --prompt_len=8 --response_len=8 --steps=1
-  step decode decode 240 --model=tiny --users=4 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
+  step train_1b train $TINY_LIMIT --preset=gemma3_1b --bases=3 --layers=2 --embed=64 --head_dim=16 --mlp=128 \
+    --vocab=512 --prompt_len=8 --response_len=8 --steps=1
+  step decode decode $TINY_LIMIT --model=tiny --users=4 --bases=2 --new_tokens=4 --prompt_len=4 --repeats=1 \
     --variants=explicit/heads,naive/heads,torch-mod/heads --torch_device="$TORCH_DEVICE" --matmul_size=256 \
     --copy_mb=8 $TORCH_CHECK
   wait

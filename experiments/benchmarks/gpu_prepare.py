@@ -8,14 +8,15 @@ as wheels for that machine's Python (`pip download --no-deps --only-binary=:all:
 with their own requirements, recursively, until every name is either fetched or listed in `--have` (default:
 `gpu_image_packages.txt` beside this file, the image BENCHMARKS.md's GPU table was measured on; on another machine
 write its list with `python3 -m pip list --format=freeze > have.txt`). A requirement published only as a source
-archive is built into a wheel here (`pip wheel --no-deps`; such packages are pure Python). Markers are evaluated for
+archive is built into a wheel here (`pip wheel --no-deps`), and every wheel's tags are checked against the target's:
+a compiled package built for this machine's Python is refused here, not by the install there. Markers are evaluated for
 the target (Linux, x86-64, `--python_version`). The wheels and the repository's tracked files must fit `--limit_mb`
 together (what can travel to the machine); the script fails, naming the largest wheels, when they do not.
 
 It prints the one command to run there, in the repository's root:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-      PYTHONPATH=/tmp/site PYTHON=python3 bash experiments/benchmarks/gpu.sh "$OUT_DIR"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+      PYTHONPATH=/tmp/site PYTHON=python3 bash experiments/benchmarks/gpu.sh "${OUT:-/tmp/gpu_bench}"
 
 `--find_links DIR --no_index` fetch from a local folder of wheels instead of the package index (tests).
 """
@@ -30,14 +31,15 @@ import re
 import subprocess
 import sys
 import zipfile
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 from experiments.benchmarks import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_HAVE = os.path.join(HERE, "gpu_image_packages.txt")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64")
+# The target's platform tags, newest first (the GPU image is Ubuntu 24.04: glibc 2.39).
+PLATFORMS = tuple(f"manylinux_2_{minor}_x86_64" for minor in range(39, 16, -1)) + ("manylinux2014_x86_64",
+                                                                                   "manylinux1_x86_64", "linux_x86_64")
 
 
 def normalize(name: str) -> str:
@@ -127,7 +129,33 @@ def fetch(requirements: Sequence[str], out: str, python_version: str, pip_args: 
     if built.returncode != 0:
       raise RuntimeError(f"no wheel of {requirement!r} for Python {python_version} on manylinux x86-64, and "
                          f"building one failed:\n{result.stderr[-1500:]}\n{built.stderr[-1500:]}")
-    print(f"  {requirement}: built a wheel here (only a source archive is published)", flush=True)
+    print(f"  {requirement}: built a wheel here (pip found none for the target)", flush=True)
+
+
+def target_tags(python_version: str) -> Set[Any]:
+  """The wheel tags CPython `python_version` on manylinux x86-64 installs (`packaging.tags`, as pip decides)."""
+  from packaging import tags  # pylint: disable=g-import-not-at-top
+  version = tuple(int(x) for x in python_version.split("."))
+  interpreter = f"cp{version[0]}{version[1]}"
+  return (set(tags.cpython_tags(version, platforms=PLATFORMS)) |
+          set(tags.compatible_tags(version, interpreter, platforms=PLATFORMS)))
+
+
+def unusable_wheels(out: str, python_version: str) -> List[str]:
+  """The wheels in `out` that the target cannot install (built for another Python or platform)."""
+  from packaging.utils import parse_wheel_filename  # pylint: disable=g-import-not-at-top
+  usable = target_tags(python_version)
+  bad = []
+  for name in sorted(os.listdir(out)):
+    if name.endswith(".whl"):
+      try:
+        wheel_tags = parse_wheel_filename(name)[3]
+      except ValueError:
+        bad.append(name)
+        continue
+      if not set(wheel_tags) & usable:
+        bad.append(name)
+  return bad
 
 
 def prepare(out: str, have: Set[str], python_version: str, pip_args: Sequence[str] = (),
@@ -159,6 +187,12 @@ def prepare(out: str, have: Set[str], python_version: str, pip_args: Sequence[st
   for w in os.listdir(out):
     if w.endswith(".whl"):
       duplicates.setdefault(wheel_name(w), []).append(w)
+  bad = unusable_wheels(out, python_version)
+  if bad:  # Found here, not by a failed install on the GPU machine after its time is spent.
+    raise RuntimeError(f"{out} holds wheels that CPython {python_version} on manylinux x86-64 cannot install: {bad} "
+                       "(built here for this machine's Python, where only a source archive with compiled code is "
+                       "published, or left by an earlier run for another --python_version). Remove them (or the "
+                       "folder) and run again; a compiled package must come as a wheel for the target.")
   several = {name: files for name, files in duplicates.items() if len(files) > 1}
   if several:
     raise RuntimeError(f"{out} holds several versions of {sorted(several)}: {several}; one install would fail. "
@@ -200,7 +234,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     raise SystemExit(f"--python_version={args.python_version!r}: expected major.minor, e.g. 3.12.")
   pip_args = (["--find-links", args.find_links] if args.find_links else []) + (["--no-index"] if args.no_index else [])
   have = read_have(args.have)
-  wheels = prepare(args.out, have, args.python_version, pip_args)
+  try:
+    wheels = prepare(args.out, have, args.python_version, pip_args)
+  except RuntimeError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   repo = tracked_bytes()
   total = sum(wheels.values()) + repo
   for name, size in wheels.items():
@@ -212,6 +250,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     raise SystemExit(f"too large to travel: {total / 2**20:.1f} MiB > --limit_mb={args.limit_mb:.0f}; largest "
                      f"wheels: {[f'{n} ({s / 2**20:.1f} MiB)' for n, s in largest]}.")
   print("On the GPU machine, in the repository's root:\n  " + command(args.out))
+  if os.path.relpath(os.path.abspath(args.out), common.REPO).startswith(".."):
+    print(f"note: --out={args.out} lies outside the repository: copy it to the machine yourself and adjust the "
+          "wheels' path in that command.")
+  else:
+    print(f"({os.path.relpath(os.path.abspath(args.out), common.REPO)}/ is ignored by git: name it among the paths "
+          "that travel with the working tree.)")
   return wheels
 
 

@@ -43,8 +43,8 @@ def _unraisable_at_next_collection():
 def _reads_left_suspended():
   """Orbax array reads still suspended after a restore returned (pending tasks of an event loop already closed)."""
   return [
-      o for o in gc.get_objects() if isinstance(o, types.CoroutineType) and o.cr_frame is not None and
-      o.__name__ == "_read_array_index_and_device_put"
+      o for o in gc.get_objects()
+      if type(o) is types.CoroutineType and o.cr_frame is not None and o.__name__ == "_read_array_index_and_device_put"
   ]
 
 
