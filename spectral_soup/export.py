@@ -21,12 +21,15 @@ What is exported is exact where the basis kind allows it (docs/METHOD.md, sectio
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -240,8 +243,9 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
 
   Raises ValueError for what cannot be exported exactly (see the module docstring) and for an `out_dir` that is a
   file or a non-empty directory that no earlier export wrote, before anything is written. The checkpoint's special
-  token ids are the tokenizer's. The files are written to a temporary directory beside `out_dir` and renamed into
-  place at the end, so `out_dir` never holds a partial export: after a failure it is as it was.
+  token ids are the tokenizer's. The files are written to a temporary directory beside `out_dir`, synced, and renamed
+  into place at the end, so `out_dir` never holds a partial export: after a failure it is as it was. What a killed
+  export left beside `out_dir` is cleared by the next export of it (`_clear_abandoned`).
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from spectral_soup.models import hf_import  # pylint: disable=g-import-not-at-top
@@ -272,7 +276,8 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
       "step": basis.step
   }
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+  _clear_abandoned(path)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=os.path.dirname(path))
   try:
     umask = os.umask(0)
     os.umask(umask)
@@ -290,6 +295,7 @@ def export_hf(basis: Any, lam: Any, out_dir: str) -> str:
         write()
       except Exception as e:  # pylint: disable=broad-except
         raise OSError(f"export_hf: writing {what} of {out_dir!r} (in {tmp}) failed: {e}") from e
+    _fsync_tree(tmp)  # On disk before the rename: a power loss leaves the old export or the new one.
     _replace_dir(tmp, path)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -306,11 +312,62 @@ def _write_json(path: str, value: Any) -> None:
     json.dump(value, f, indent=2)
 
 
+def _fsync_tree(directory: str) -> None:
+  for name in os.listdir(directory):
+    target = os.path.join(directory, name)
+    if os.path.isfile(target) and not os.path.islink(target):
+      fd = os.open(target, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's live process.
+    return True
+  return True
+
+
+def _clear_abandoned(path: str) -> List[str]:
+  """Clears what a killed export of `path` left beside it (this host's processes only); returns what it touched.
+
+  A kill while writing left `.<name>.tmp-<pid>-*` (a whole model's copy): removed. A kill between the two renames
+  of `_replace_dir` left no `path` and the previous export in `.<name>.old-<pid>-*`: renamed back to `path`, then
+  replaced as usual. Exports of live processes (another export of the same directory running) are left alone.
+  """
+  parent, name = os.path.dirname(path), os.path.basename(path)
+  touched = []
+  for kind in ("old", "tmp"):  # The previous export is restored before any partial copy is removed.
+    for leftover in sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.{kind}-*"))):
+      match = re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(\d+)-[^/]*", os.path.basename(leftover))
+      if not match or not os.path.isdir(leftover) or os.path.islink(leftover) or _pid_alive(int(match.group(1))):
+        continue
+      if kind == "old" and not os.path.lexists(path) and _is_export(leftover):
+        os.rename(leftover, path)
+        logging.warning("export_hf: %s was left without its export by a killed export; restored it from %s.", path,
+                        leftover)
+      else:
+        shutil.rmtree(leftover, ignore_errors=True)
+        logging.warning("export_hf: removed %s, left by a killed export of %s.", leftover, path)
+      touched.append(leftover)
+  return touched
+
+
 def _replace_dir(new: str, path: str) -> None:
   """Moves directory `new` to `path` (the same file system); an existing `path` is replaced whole."""
   old = None
   if os.path.lexists(path):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-{os.getpid()}-", dir=os.path.dirname(path))
     os.rmdir(old)
     os.rename(path, old)
   try:

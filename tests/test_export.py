@@ -263,6 +263,28 @@ def test_an_export_that_bases_were_trained_on_is_not_replaced(tmp_path):
   assert sorted(os.listdir(earlier)) == ["config.json", "model.safetensors", "soup.json"]
 
 
+def test_what_a_killed_export_left_is_cleared_and_the_previous_export_restored(tmp_path):
+  """A kill while writing left a hidden copy of the whole model beside out_dir; a kill between the two renames left
+  no out_dir and the previous export hidden. The next export of out_dir clears the first and restores the second;
+  a live process's leftovers are not touched."""
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  out = tmp_path / "user_7"
+  partial = tmp_path / f".user_7.tmp-{dead.pid}-abc"
+  previous = tmp_path / f".user_7.old-{dead.pid}-def"
+  live = tmp_path / f".user_7.tmp-{os.getpid()}-ghi"
+  for folder in (partial, previous, live):
+    folder.mkdir()
+  (partial / "model.safetensors").write_bytes(b"half")
+  for name in ("model.safetensors", "config.json"):
+    (previous / name).write_text("{}")
+  (previous / "soup.json").write_text(json.dumps({"lam": [1.0], "bases": ["a"], "basis_kind": "lora", "step": 1}))
+  touched = export._clear_abandoned(str(out))  # pylint: disable=protected-access
+  assert sorted(touched) == sorted([str(partial), str(previous)])
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "soup.json"]
+  assert sorted(os.listdir(tmp_path)) == [live.name, "user_7"]
+
+
 def test_the_documented_workflow_on_the_tiny_config(tmp_path):
   """What the README documents, end to end on `configs/train_basis_tiny.py` as it ships (its character tokenizer,
   LoRA bases): train by the CLI, load, serve two users in one call, fit a user's lam, export and reload."""
