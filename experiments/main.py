@@ -101,6 +101,7 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
 
   num_devices: the devices the job will see (None: this machine's; a launcher passes the remote machine's)."""
   from spectral_soup.offline import config_checks  # pylint: disable=g-import-not-at-top
+  from spectral_soup.online import checks  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.data.rewards import ATTRIBUTES  # pylint: disable=g-import-not-at-top
@@ -108,12 +109,20 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
 
   need = config_check.field_checker(config)
+  config_check.check_finite(config)  # NaN / inf floats and out-of-range integers, before any field's own range.
   # jax.random.key takes a 64-bit signed seed (`>= 0`: the offline check, below).
   need(config.seed <= 2**63 - 1, "seed", "an integer in [0, 2**63 - 1] (a 64-bit PRNG seed)")
   need(config.data.source == "embedded", "data.source", "'embedded' (the main job generates its own data)")
   need(
       len(config.data.attributes) >= 1 and set(config.data.attributes) <= set(ATTRIBUTES), "data.attributes",
       f"names among {', '.join(sorted(ATTRIBUTES))}")
+  need(
+      len(set(config.data.attributes)) == len(config.data.attributes), "data.attributes",
+      "each name once (one basis per attribute)")
+  need(not config.data.get("tokenizer", ""), "data.tokenizer",
+       "'' (the main job reads model.path's tokenizer, which tokenized its data)")
+  need(config.online.prior_mean >= 0 or config.online.prior_mean == -1, "online.prior_mean",
+       ">= 0, or -1 for 1 / K (the uniform soup)")
   need(config.data.num_prompts >= 2, "data.num_prompts", ">= 2 (prompts for training and for held-out evaluation)")
   need(config.basis.kind == "heads", "basis.kind", "'heads' (bespoke and basis heads share one decoding loop)")
   need(config.basis.num_bases == len(config.data.attributes), "basis.num_bases",
@@ -147,7 +156,7 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
   need(config.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")
   need(config.eval.chunk_rows >= 1, "eval.chunk_rows", ">= 1")
   need(config.eval.max_proposals >= 1, "eval.max_proposals", ">= 1")
-  need(config.eval.pad_l2 > 0, "eval.pad_l2", "> 0")
+  need(checks.l2_in_range(config.eval.pad_l2), "eval.pad_l2", protocol.L2_EXPECTED)
   pareto = config.eval.pareto_bases
   need(
       config_check.is_numbers(pareto, integers=True) and len(pareto) == 2 and

@@ -47,6 +47,17 @@ def test_demo_config_validates():
         ("data.generation_batch_size", 0),
         ("data.tie_margin", -1.0),
         ("data.seed", -1),
+        # Integers beyond 32 bits failed deep inside jax or numpy (a traceback, a config.json left behind).
+        ("users.num_users", 10**30),
+        ("data.max_new_tokens", 10**30),
+        ("train.feature_batch_size", 10**30),
+        ("data.seed", 10**30),
+        ("data.attributes", ("verbosity", "verbosity", "sentiment", "density", "formality")),
+        ("data.tokenizer", "/nonexistent/tokenizer"),  # Ignored: the job reads model.path's.
+        ("online.prior_mean", -5.0),  # Only -1 means 1 / K.
+        ("eval.pad_l2", 1e-300),
+        ("model.path", "embedded:no_such_model"),
+        ("model.path", "/nonexistent/checkpoint"),
     ])
 def test_bad_field_is_named(field, value):
   config = demo.get_config()

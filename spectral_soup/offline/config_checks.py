@@ -16,6 +16,7 @@ import ml_collections
 from spectral_soup.data import jsonl
 from spectral_soup.models import build
 from spectral_soup.models import config as config_lib
+from spectral_soup.models import embedded
 from spectral_soup.models.spectral import ATTN_TARGETS, BASIS_KINDS, MLP_TARGETS
 from spectral_soup.offline import mesh as mesh_lib
 from spectral_soup.offline import ridge_init
@@ -25,6 +26,8 @@ from spectral_soup.utils import config_check
 from spectral_soup.utils import files
 
 BASIS_INITS = ("zeros", "ridge")
+MAX_BETA = 1e4
+MAX_LEARNING_RATE = 1e3
 DTYPES = ("float32", "bfloat16")
 
 
@@ -49,6 +52,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(c.basis.head_rank >= 1 or (c.basis.head_rank == 0 and c.basis.get("logit_bias", False)), "basis.head_rank",
        ">= 1 (or 0 with basis.logit_bias=True)")
   need(c.basis.feature_dim >= 0, "basis.feature_dim", ">= 0 (0: no projection)")
+  # Head-basis options: a LoRA basis ignored them, while config.json recorded them as if they applied.
+  need(c.basis.kind == "heads" or not c.basis.get("logit_bias", False), "basis.logit_bias",
+       "False unless basis.kind='heads' (a logit vector per head basis)")
+  need(c.basis.kind == "heads" or not c.basis.feature_dim, "basis.feature_dim",
+       "0 unless basis.kind='heads' (a projection of the head bases' features)")
   need(c.basis.get("init", "zeros") in BASIS_INITS, "basis.init", f"one of {BASIS_INITS}")
   if c.basis.get("init", "zeros") == "ridge":
     need(
@@ -63,6 +71,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(
       len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS),
       "basis.lora_targets", f"some of {ATTN_TARGETS + MLP_TARGETS}")
+  model_path = c.model.get("path", "")
+  embedded_names = " or ".join(repr("embedded:" + n) for n in embedded.EMBEDDED_MODELS)
+  if isinstance(model_path, str) and model_path.startswith("embedded:"):
+    need(
+        model_path[len("embedded:"):] in embedded.EMBEDDED_MODELS, "model.path", f"{embedded_names} (the models "
+        "that ship in packages), a checkpoint directory or .gguf file, or '' (a random backbone)")
+  elif num_devices is None:  # On the job's own machine (a launcher checks configs away from its files).
+    need(not model_path or isinstance(model_path, str) and os.path.exists(os.path.expanduser(model_path)), "model.path",
+         f"a checkpoint directory or .gguf file that exists, {embedded_names}, or '' (a random "
+         "backbone)")
   need(c.data.prompt_len >= 1, "data.prompt_len", ">= 1")
   need(c.data.response_len >= 1, "data.response_len", ">= 1")
   if not c.model.path:  # The random backbone's architecture (a checkpoint brings its own).
@@ -74,13 +92,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
          f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
   tokenizer = c.data.get("tokenizer", "")
   # A random backbone's run on synthetic pairs reads no tokenizer, so one that is not there failed only when the
-  # trained bases were served (load_basis). (Other runs read it first; a launcher checks configs away from it.)
+  # trained bases were served (load_basis); other runs read it first, failing with the loader's name, not the
+  # field's. A launcher checks configs away from the job's files.
   synthetic = not c.model.path and c.data.source == "synthetic"
-  need(
-      not synthetic or not tokenizer or not isinstance(tokenizer, str) or tokenizer.startswith("embedded:") or
-      os.path.exists(os.path.expanduser(tokenizer)), "data.tokenizer",
-      "a local tokenizer (or checkpoint) directory or .gguf file that exists, an 'embedded:' name, or '' for "
-      "model.path's own")
+  need((not synthetic and num_devices is not None) or not tokenizer or not isinstance(tokenizer, str) or
+       tokenizer.startswith("embedded:") or os.path.exists(os.path.expanduser(tokenizer)), "data.tokenizer",
+       "a local tokenizer (or checkpoint) directory or .gguf file that exists, an 'embedded:' name, or '' for "
+       "model.path's own")
   named_file = isinstance(c.data.source, str) and os.path.isfile(c.data.source)
   need(c.data.source in ("synthetic", "embedded") + sources.BUILDER_SOURCES or jsonl.is_jsonl(c.data.source),
        "data.source", (f"a JSON-lines file named .jsonl (this file is named {os.path.basename(c.data.source)!r}; "
@@ -104,10 +122,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(c.data.get("seed", 0) >= 0, "data.seed", ">= 0")
   need(0 <= c.get("seed", 0) <= 2**63 - 1, "seed", "an integer in [0, 2**63 - 1] (jax.random.key's 64-bit seed)")
   need(c.loss.kind in steps.LOSS_KINDS, "loss.kind", f"one of {steps.LOSS_KINDS}")
-  need(c.loss.beta > 0, "loss.beta", "> 0")
+  # Upper bounds keep beta x log-ratio and the updates inside float32 (1e30 failed after compiling, blamed on the
+  # learning rate).
+  need(0 < c.loss.beta <= MAX_BETA, "loss.beta", f"in (0, {MAX_BETA:g}]")
   need(0.0 <= c.loss.label_smoothing < 0.5, "loss.label_smoothing", "in [0, 0.5)")
   need(c.loss.rating_scale > 0, "loss.rating_scale", "> 0")
-  need(c.optim.learning_rate >= 0, "optim.learning_rate", ">= 0")
+  need(0 <= c.optim.learning_rate <= MAX_LEARNING_RATE, "optim.learning_rate", f"in [0, {MAX_LEARNING_RATE:g}]")
   need(0 <= c.optim.warmup_steps and (c.optim.warmup_steps <= c.train.num_steps or c.train.num_steps == 0),
        "optim.warmup_steps", f"in [0, train.num_steps={c.train.num_steps}]")
   need(0.0 <= c.optim.end_lr_fraction <= 1.0, "optim.end_lr_fraction", "in [0, 1]")

@@ -183,7 +183,9 @@ def synthetic_pairs(num_pairs: int, *, num_bases: int, vocab_size: int, prompt_l
   label k says which response has more markers k (-1 on a tie). Prompts are random filler, right-padded.
   """
   if vocab_size <= num_bases + 1:
-    raise ValueError(f"vocab_size={vocab_size} leaves no filler tokens beside {num_bases} markers.")
+    raise ValueError(f"config.model.vocab_size={vocab_size} leaves no filler tokens beside the synthetic pairs' "
+                     f"{num_bases} marker tokens (one per basis, config.basis.num_bases): expected a vocabulary of at "
+                     f"least {num_bases + 2}.")
   rng = np.random.default_rng(seed)
 
   def tokens(n, length, markers):

@@ -274,6 +274,8 @@ def _check_state_fits(config: ml_collections.ConfigDict, abstract_state: Any, me
   if limit and total / mesh.size > limit:
     ranks = (f"basis.head_rank={config.basis.head_rank}"
              if config.basis.kind == "heads" else f"basis.lora_rank={config.basis.lora_rank}")
+    if config.basis.kind == "heads" and config.basis.get("feature_dim", 0):
+      ranks += f", basis.feature_dim={config.basis.feature_dim}"
     raise ValueError(f"config.basis.num_bases={config.basis.num_bases} is invalid: the bases and their optimizer "
                      f"state need {total / 2**30:.3g} GiB ({ranks}), {total / mesh.size / 2**30:.3g} GiB per device "
                      f"even split over all {mesh.size}, more than the {limit / 2**30:.3g} GiB one device holds.")

@@ -30,8 +30,15 @@ def is_numbers(value: Any, integers: bool = False) -> bool:
       isinstance(x, kinds) and not isinstance(x, bool) and math.isfinite(x) for x in value)
 
 
+# The largest integer a config field may hold: counts and sizes become array dimensions, int32 indices and loop
+# bounds (10**30 failed deep inside jax or numpy with a traceback that named no field); seeds are 64-bit.
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**63 - 1
+
+
 def check_finite(config: Any, prefix: str = "config") -> None:
-  """Raises ValueError naming the first float field of a (nested) ConfigDict that is NaN or infinite."""
+  """Raises ValueError naming the first field of a (nested) ConfigDict that is a NaN or infinite float, or an
+  integer beyond `MAX_INT` in size (`MAX_SEED` for a field named *seed)."""
   items = config.items() if hasattr(config, "items") else []
   for name, value in items:
     field = f"{prefix}.{name}"
@@ -39,3 +46,9 @@ def check_finite(config: Any, prefix: str = "config") -> None:
       check_finite(value, field)
     elif isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f"{field}={value!r} is invalid: expected a finite number.")
+    elif isinstance(value, int) and not isinstance(value, bool):
+      if name.endswith("seed") and abs(value) > MAX_SEED:
+        raise ValueError(f"{field}={value!r} is invalid: expected an integer in [0, 2**63 - 1] (a 64-bit seed).")
+      if not name.endswith("seed") and abs(value) > MAX_INT:
+        raise ValueError(f"{field}={value!r} is invalid: expected an integer of at most 2**31 - 1 in size (counts "
+                         "and sizes are 32-bit).")

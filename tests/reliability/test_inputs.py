@@ -165,6 +165,29 @@ def test_a_workdir_on_a_pseudo_filesystem_is_named_before_anything_runs(tmp_path
         ({
             "train.batch_size": 0
         }, r"train.batch_size=0 is invalid: expected >= 1"),  # Not data.num_train_pairs.
+        ({
+            "model.vocab_size": 10**12
+        }, r"model.vocab_size=1000000000000 is invalid: expected an integer of at most 2\*\*31 - 1"),
+        ({
+            "data.num_train_pairs": 10**12
+        }, r"data.num_train_pairs=1000000000000 is invalid"),
+        ({
+            "loss.beta": 1e30
+        }, r"loss.beta=1e\+30 is invalid: expected in \(0, 10000\]"),
+        ({
+            "optim.learning_rate": 1e30
+        }, r"optim.learning_rate=1e\+30 is invalid: expected in \[0, 1000\]"),
+        ({
+            "basis.kind": "lora",
+            "basis.logit_bias": True
+        }, r"basis.logit_bias=True is invalid: expected False unless basis.kind='heads'"),
+        ({
+            "basis.kind": "lora",
+            "basis.feature_dim": 8
+        }, r"basis.feature_dim=8 is invalid: expected 0 unless basis.kind='heads'"),
+        ({
+            "model.path": "/nonexistent/checkpoint"
+        }, r"model.path='/nonexistent/checkpoint' is invalid: expected a checkpoint directory or .gguf file that "),
     ])
 def test_out_of_range_config_values_are_named(flat, field):
   config = train_basis_tiny.get_config()
