@@ -86,7 +86,7 @@ PREVIOUS_RUNS = "previous_runs"  # Earlier runs' results, one timestamped direct
 
 
 def online_config(config):
-  """The online protocol's settings from the job's config (prior_mean < 0: 1 / K, the uniform soup)."""
+  """The online protocol's settings from the job's config (prior_mean = -1: 1 / K, the uniform soup)."""
   from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   o = config.online
   return protocol.OnlineConfig(rounds=o.rounds, prompts_per_round=o.prompts_per_round, l2=o.l2,
