@@ -121,6 +121,9 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
     "bad,message",
     [
         ("{not json", r"line 2: not JSON"),
+        # Cut short at the end of the line: the column of the cut (it was reported at column 1).
+        ('{"prompt": "hi", "chosen": "a",', r"line 2: not JSON \(Expecting property name enclosed in double quotes "
+         r"at column 32\)"),
         ('{"prompt": "p", "prompt": "q", "chosen": "a", "rejected": "b"}',
          r"line 2: the key 'prompt' appears twice in one object"),  # json kept the last value, silently.
         ("[" * 100_000 + "]" * 100_000, r"line 2: nested too deeply to parse"),  # A RecursionError.

@@ -105,7 +105,8 @@ def _config_error_message(e: BaseException, argv) -> str:
     return f"{culprit}: {key!r} is not a config field" + (f"; did you mean {hint.group(1)}?" if hint else ".")
   if isinstance(e, SyntaxError) and e.filename:
     return f"the config file {e.filename}, line {e.lineno}: {e.msg}."
-  source = next((a.split("=", 1)[1] for a in config_args if a.startswith("--config=")), "--config")
+  # The last --config= is the one absl loaded (a repeated flag named the first, existing file).
+  source = next((a.split("=", 1)[1] for a in reversed(config_args) if a.startswith("--config=")), "--config")
   if isinstance(e, OSError) and "No such file or directory" in text:
     return f"the config file {source} does not exist: expected the path of a config .py file."
   if isinstance(e, AttributeError) and "get_config" in text:

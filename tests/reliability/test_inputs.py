@@ -51,6 +51,8 @@ def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
       "ten": ([tiny, "--config.train.num_steps=ten"], "flag --config.train.num_steps=ten"),
       "maybe": ([tiny, "--config.train.nan_check=maybe"], "nan_check=maybe: expected true or false, got 'maybe'"),
       "missing": ([f"--config={tmp_path / 'nope.py'}"], "nope.py does not exist"),
+      # The flag given twice: the last one counts, and the message named the first (which exists).
+      "repeated": ([tiny, f"--config={tmp_path / 'nope.py'}"], "nope.py does not exist"),
       "syntax": ([f"--config={tmp_path / 'syntax.py'}"], "syntax.py, line 1"),
       "noget": ([f"--config={tmp_path / 'noget.py'}"], "has no get_config()"),
   }
