@@ -153,6 +153,15 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
       set(config.eval.soups) <= {"params", "implicit"} and len(set(config.eval.soups)) == len(config.eval.soups),
       "eval.soups", "soups evaluated besides the explicit one, among 'params' and 'implicit', each once")
   need(config.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", ">= 1")
+  if num_devices is None:  # On the job's own machine: the evaluation's responses are held in its memory.
+    host = memory.host_memory_bytes()
+    # At least the 7 methods that are always evaluated, each answering every prompt for every user.
+    rows = config.users.num_users * config.eval.num_prompts * config.eval.samples_per_prompt * (len(METHOD_ORDER) - 2)
+    need(
+        host is None or rows * config.eval.max_new_tokens * 4 <= host, "eval.samples_per_prompt",
+        f"a number whose evaluation fits this machine's {(host or 0) / 2**30:.1f} GiB: users.num_users x "
+        "eval.num_prompts x eval.samples_per_prompt x 7 methods x eval.max_new_tokens token ids (4 bytes) are "
+        f"held at once, {rows * config.eval.max_new_tokens * 4 / 2**30:.3g} GiB")
   need(config.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")
   need(config.eval.chunk_rows >= 1, "eval.chunk_rows", ">= 1")
   need(config.eval.max_proposals >= 1, "eval.max_proposals", ">= 1")

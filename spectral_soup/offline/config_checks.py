@@ -69,8 +69,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
         " or ".join(map(repr, ridge_init.RIDGE_FEATURES)))
   need(c.basis.lora_rank >= 1, "basis.lora_rank", ">= 1")
   need(
-      len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS),
-      "basis.lora_targets", f"some of {ATTN_TARGETS + MLP_TARGETS}")
+      len(c.basis.lora_targets) > 0 and set(c.basis.lora_targets) <= set(ATTN_TARGETS + MLP_TARGETS) and
+      len(set(c.basis.lora_targets)) == len(c.basis.lora_targets), "basis.lora_targets",
+      f"some of {ATTN_TARGETS + MLP_TARGETS}, each once")
   model_path = c.model.get("path", "")
   embedded_names = " or ".join(repr("embedded:" + n) for n in embedded.EMBEDDED_MODELS)
   if isinstance(model_path, str) and model_path.startswith("embedded:"):
@@ -109,6 +110,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     sources.validate_config(c)
   if c.data.source == "embedded":
     need(bool(c.model.path), "model.path", "a checkpoint (the embedded data is tokenized with its tokenizer)")
+    from spectral_soup.data import rewards  # pylint: disable=g-import-not-at-top  (the scorers load lazily too)
+    attributes = c.data.get("attributes", ())
+    need(
+        isinstance(attributes, (tuple, list)) and len(attributes) >= 1 and
+        set(attributes) <= set(rewards.ATTRIBUTES) and len(set(attributes)) == len(attributes), "data.attributes",
+        f"names among {', '.join(sorted(rewards.ATTRIBUTES))}, each once (one reward per attribute)")
     need(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)")
     # How the embedded data is sampled (used when it is generated instead of read from the shipped copy).
     need(c.data.max_new_tokens >= 1, "data.max_new_tokens", ">= 1")
@@ -131,7 +138,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   need(0 <= c.optim.warmup_steps and (c.optim.warmup_steps <= c.train.num_steps or c.train.num_steps == 0),
        "optim.warmup_steps", f"in [0, train.num_steps={c.train.num_steps}]")
   need(0.0 <= c.optim.end_lr_fraction <= 1.0, "optim.end_lr_fraction", "in [0, 1]")
-  need(c.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
+  # Decoupled decay multiplies each update by 1 - lr x weight_decay: beyond 1 / lr it flips the weights' sign every
+  # step (1e4 trained to a FloatingPointError, 1e3 to below-chance accuracy).
+  decay_limit = 1 / c.optim.learning_rate if c.optim.learning_rate else float("inf")
+  need(0 <= c.optim.weight_decay < decay_limit, "optim.weight_decay",
+       f">= 0 and below 1 / optim.learning_rate = {decay_limit:g}")
   need(c.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)")
   need(0 <= c.optim.b1 < 1, "optim.b1", "in [0, 1)")
   need(0 <= c.optim.b2 < 1, "optim.b2", "in [0, 1)")

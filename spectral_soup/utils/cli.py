@@ -95,12 +95,14 @@ def _config_error_message(e: BaseException, argv) -> str:
   text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
   text = " ".join(text.replace("\\n", " ").split())
   config_args = [a for a in argv[1:] if a.startswith("--config")]
-  if isinstance(e, KeyError) or (isinstance(e, AttributeError) and "Did you mean" in text):
-    key = re.search(r"'?([\w.]+)'?", text)
-    key = key.group(1) if key else ""
-    culprit = next(
-        (a.split("=", 1)[0] for a in config_args if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")),
-        "--config.<field>")
+  key = re.search(r"'?([\w.]+)'?", text)
+  key = key.group(1) if key else ""
+  overridden = lambda a: a.startswith("--config.") and key in a.split("=", 1)[0].split(".")
+  # ml_collections says "Did you mean" only when a field's name is close; a name no field resembles raised a bare
+  # AttributeError, which was reported as the config file failing to load.
+  if isinstance(e, KeyError) or (isinstance(e, AttributeError) and
+                                 ("Did you mean" in text or any(overridden(a) for a in config_args))):
+    culprit = next((a.split("=", 1)[0] for a in config_args if overridden(a)), "--config.<field>")
     hint = re.search(r"Did you mean (.*?) instead", text)
     return f"{culprit}: {key!r} is not a config field" + (f"; did you mean {hint.group(1)}?" if hint else ".")
   if isinstance(e, SyntaxError) and e.filename:

@@ -35,11 +35,15 @@ def memory_limit_bytes() -> Optional[int]:
     return int(stats["bytes_limit"])
   if device.platform != "cpu":
     return None
+  host = host_memory_bytes()
+  return None if host is None else host // max(1, len(jax.local_devices()))
+
+
+def host_memory_bytes() -> Optional[int]:
+  """The host's physical memory, or the container's (cgroup) limit if lower; None when neither is known."""
   try:
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   except (ValueError, OSError, AttributeError):
     physical = None
   limits = [v for v in (physical, _cgroup_limit()) if v]
-  if not limits:
-    return None
-  return min(limits) // max(1, len(jax.local_devices()))
+  return min(limits) if limits else None

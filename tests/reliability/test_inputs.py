@@ -51,6 +51,8 @@ def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
       "ten": ([tiny, "--config.train.num_steps=ten"], "flag --config.train.num_steps=ten"),
       "maybe": ([tiny, "--config.train.nan_check=maybe"], "nan_check=maybe: expected true or false, got 'maybe'"),
       "missing": ([f"--config={tmp_path / 'nope.py'}"], "nope.py does not exist"),
+      # A name no field resembles (ml_collections gives no "did you mean"): it blamed the config file's loading.
+      "nosuch": ([tiny, "--config.nosuch=1"], "--config.nosuch: 'nosuch' is not a config field."),
       # The flag given twice: the last one counts, and the message named the first (which exists).
       "repeated": ([tiny, f"--config={tmp_path / 'nope.py'}"], "nope.py does not exist"),
       "syntax": ([f"--config={tmp_path / 'syntax.py'}"], "syntax.py, line 1"),
@@ -188,6 +190,13 @@ def test_a_workdir_on_a_pseudo_filesystem_is_named_before_anything_runs(tmp_path
             "basis.feature_dim": 8
         }, r"basis.feature_dim=8 is invalid: expected 0 unless basis.kind='heads'"),
         ({
+            "optim.weight_decay": 1e4
+        }, r"optim.weight_decay=10000.0 is invalid: expected >= 0 and below 1 / optim.learning_rate"),
+        ({
+            "basis.kind": "lora",
+            "basis.lora_targets": ("q_proj", "q_proj")
+        }, r"basis.lora_targets=\('q_proj', 'q_proj'\) is invalid: expected .*, each once"),
+        ({
             "model.path": "/nonexistent/checkpoint"
         }, r"model.path='/nonexistent/checkpoint' is invalid: expected a checkpoint directory or .gguf file that "),
     ])
@@ -196,6 +205,17 @@ def test_out_of_range_config_values_are_named(flat, field):
   config.update_from_flattened_dict(flat)
   with pytest.raises(ValueError, match=rf"config\.{field}"):
     config_checks.validate_config(config)
+
+
+def test_embedded_training_attributes_are_checked_with_the_config():
+  """A repeated or unknown attribute failed in the reward suite after the data was read, naming no field."""
+  from configs import train_basis_embedded  # pylint: disable=g-import-not-at-top
+  for attributes in (("verbosity", "verbosity"), ("verbosity", "wit"), ()):
+    config = train_basis_embedded.get_config()
+    config.data.attributes = attributes
+    config.basis.num_bases = max(1, len(attributes))
+    with pytest.raises(ValueError, match=r"config\.data\.attributes=.* is invalid: expected names among .*, each once"):
+      config_checks.validate_config(config)
 
 
 def test_a_features_dir_that_is_a_file_is_named(tmp_path):
