@@ -104,7 +104,6 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
   from spectral_soup.online import checks  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import protocol  # pylint: disable=g-import-not-at-top
   from spectral_soup.online import users as users_lib  # pylint: disable=g-import-not-at-top
-  from spectral_soup.data.rewards import ATTRIBUTES  # pylint: disable=g-import-not-at-top
   from spectral_soup.eval import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
 
@@ -113,12 +112,7 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
   # jax.random.key takes a 64-bit signed seed (`>= 0`: the offline check, below).
   need(config.seed <= 2**63 - 1, "seed", "an integer in [0, 2**63 - 1] (a 64-bit PRNG seed)")
   need(config.data.source == "embedded", "data.source", "'embedded' (the main job generates its own data)")
-  need(
-      len(config.data.attributes) >= 1 and set(config.data.attributes) <= set(ATTRIBUTES), "data.attributes",
-      f"names among {', '.join(sorted(ATTRIBUTES))}")
-  need(
-      len(set(config.data.attributes)) == len(config.data.attributes), "data.attributes",
-      "each name once (one basis per attribute)")
+  config_checks.check_embedded_attributes(config)  # Before the fields whose sizes follow from it.
   need(not config.data.get("tokenizer", ""), "data.tokenizer",
        "'' (the main job reads model.path's tokenizer, which tokenized its data)")
   need(config.online.prior_mean >= 0 or config.online.prior_mean == -1, "online.prior_mean",

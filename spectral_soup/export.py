@@ -316,16 +316,8 @@ def _fsync_tree(directory: str) -> None:
   for name in os.listdir(directory):
     target = os.path.join(directory, name)
     if os.path.isfile(target) and not os.path.islink(target):
-      fd = os.open(target, os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-  fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
+      files.fsync(target)
+  files.fsync(directory)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -108,8 +108,9 @@ def collect(out: str) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
   return results, broken
 
 
-def table(out: str, markdown: bool = False) -> str:
-  results, broken = collect(out)
+def table(out: str, markdown: bool = False, collected: Optional[Tuple[dict, dict]] = None) -> str:
+  """The table of `collect(out)` (or of `collected`, its result)."""
+  results, broken = collected or collect(out)
   rows = rows_of(results)
   header = ("bench", "variant", "rate", "vs baseline", "notes")
   lines = []
@@ -142,10 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   if len(paths) != 1 or not os.path.isdir(paths[0]):
     raise SystemExit("usage: python -m experiments.benchmarks.gpu_table OUT_DIR [--markdown] (OUT_DIR: the folder "
                      "gpu.sh wrote its JSON files to).")
-  text = table(paths[0], markdown)
+  collected = collect(paths[0])
+  text = table(paths[0], markdown, collected)
   print(text)
-  results, _ = collect(paths[0])
-  if len(results) < len(LABELS):
+  if len(collected[0]) < len(LABELS):
     raise SystemExit(1)
   return text
 

@@ -31,6 +31,17 @@ MAX_LEARNING_RATE = 1e3
 DTYPES = ("float32", "bfloat16")
 
 
+def check_embedded_attributes(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming `data.attributes` unless it lists the embedded data's attribute names, each once (a repeated
+  or unknown name failed in the reward suite after the data was read, naming no field)."""
+  from spectral_soup.data import rewards  # pylint: disable=g-import-not-at-top  (the scorers load lazily too)
+  attributes = config.data.get("attributes", ())
+  config_check.field_checker(config)(
+      isinstance(attributes, (tuple, list)) and len(attributes) >= 1 and set(attributes) <= set(rewards.ATTRIBUTES) and
+      len(set(attributes)) == len(attributes), "data.attributes",
+      f"names among {', '.join(sorted(rewards.ATTRIBUTES))}, each once (one reward per attribute)")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
                     num_hosts: Optional[int] = None) -> None:
   """Raises ValueError naming the first invalid field (`config.train.batch_size=...`). `num_devices` / `num_hosts`:
@@ -110,12 +121,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     sources.validate_config(c)
   if c.data.source == "embedded":
     need(bool(c.model.path), "model.path", "a checkpoint (the embedded data is tokenized with its tokenizer)")
-    from spectral_soup.data import rewards  # pylint: disable=g-import-not-at-top  (the scorers load lazily too)
-    attributes = c.data.get("attributes", ())
-    need(
-        isinstance(attributes, (tuple, list)) and len(attributes) >= 1 and
-        set(attributes) <= set(rewards.ATTRIBUTES) and len(set(attributes)) == len(attributes), "data.attributes",
-        f"names among {', '.join(sorted(rewards.ATTRIBUTES))}, each once (one reward per attribute)")
+    check_embedded_attributes(c)
     need(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)")
     # How the embedded data is sampled (used when it is generated instead of read from the shipped copy).
     need(c.data.max_new_tokens >= 1, "data.max_new_tokens", ">= 1")

@@ -114,16 +114,21 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
       with contextlib.suppress(OSError):
         os.chmod(tmp, os.stat(path).st_mode & 0o7777)
     with contextlib.suppress(OSError):  # On disk before the rename: a power loss leaves the old file or the new one.
-      fd = os.open(tmp, os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
+      fsync(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def fsync(path: str) -> None:
+  """Flushes the file or directory `path` to disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def write_text_atomic(path: str, text: str) -> None:
