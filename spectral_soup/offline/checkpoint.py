@@ -302,6 +302,7 @@ class Checkpointer:
 def _run_cancelling_pending(coro):
   """Orbax's `_run_sync_via_new_loop`, plus: if `coro` fails, the loop's other tasks are cancelled and awaited."""
   loop = asyncio.new_event_loop()
+  cancelled = False
   try:
     asyncio.set_event_loop(loop)
     try:
@@ -311,11 +312,14 @@ def _run_cancelling_pending(coro):
       for task in pending:
         task.cancel()
       if pending:
+        cancelled = True
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
       raise
   finally:
     asyncio.set_event_loop(None)
     loop.close()
+    if cancelled:  # A cancelled read's TensorStore future may still complete, from its own thread, into this loop:
+      loop.call_soon_threadsafe = lambda *args, **kwargs: None  # dropped, not an "Event loop is closed" traceback.
 
 
 @contextlib.contextmanager
