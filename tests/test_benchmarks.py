@@ -182,9 +182,12 @@ def test_decode_tiny_model_matches_pytorch_mod(tmp_path):
   path = tmp_path / "decode.json"
   decode.main([
       "--model=tiny", "--users=2", "--bases=2", "--new_tokens=4", "--prompt_len=3", "--matmul_size=256", "--copy_mb=8",
-      "--variants=explicit/heads,params/heads", "--rounds=2", f"--json={path}"
+      "--variants=explicit/heads,params/heads", "--rounds=2", f"--json={path}",
+      f"--workdir={tmp_path / 'inputs' / 'new'}"
   ])
   out = _load(path, "decode")
+  # A --workdir that did not exist is made, and kept with the shared inputs (only a temporary one is removed).
+  assert (tmp_path / "inputs" / "new" / "inputs.npz").is_file()
   rows = {r["variant"]: r for r in out["rows"]}
   assert set(rows) == {"explicit/heads", "params/heads", "torch-mod/heads"}
   # Two interleaved rounds of each timed variant (each round's runs pooled); the reference loop ran once.

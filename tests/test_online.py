@@ -219,6 +219,33 @@ def test_one_nan_user_does_not_change_the_others():
   assert np.all(np.isnan(dirty[[7, 9]]))  # The bad users are flagged by NaN, not silently fitted.
 
 
+def test_a_fit_that_stops_short_of_the_optimum_is_named():
+  """A warm start far beyond the data's scale can need more than num_iters Newton steps: those users are named in a
+  warning (their lam was returned short of the optimum without a signal); every user not named is at the optimum."""
+  rng = np.random.default_rng(11)
+  x = (50.0 * rng.normal(size=(_U, _N, _K))).astype(np.float32)
+  p = (rng.random((_U, _N)) < 0.5).astype(np.float32)
+  init = (1000.0 * rng.normal(size=(_U, _K))).astype(np.float32)
+  fit = functools.partial(online.fit_lambda_batched, l2=1.0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # A cold start converges: no warning.
+    cold = np.asarray(fit(x, p))
+  with pytest.warns(RuntimeWarning, match=r"of 16 users \(\[.*\]\) did not converge within num_iters=25") as record:
+    warm = np.asarray(fit(x, p, init=init))
+  named = [int(u) for u in str(record[0].message).split("([")[1].split("])")[0].split(", ")]
+  off = np.flatnonzero(np.abs(warm - cold).max(axis=1) > 1e-3 * np.maximum(1.0, np.abs(cold).max(axis=1)))
+  assert len(off) and set(off) <= set(named)  # Every user left off the optimum is named.
+  u = named[0]
+  with pytest.warns(RuntimeWarning, match=r"fit_lambda: the fit did not converge within num_iters=25"):
+    online.fit_lambda(x[u], p[u], l2=1.0, init=init[u])  # The one-user form too.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    more = np.asarray(fit(x, p, init=init, num_iters=200))  # More steps: converged, silent, at the optimum.
+    np.asarray(fit(x, p, init=init, tol=0.0))  # A fixed number of steps asked for: no convergence claim.
+    jax.jit(lambda a, b, c: online.fit_lambda(a, b, l2=1.0, init=c))(x, p, init)  # Traced: nothing to name.
+  np.testing.assert_allclose(more, cold, rtol=1e-4, atol=1e-4)
+
+
 def test_constrained_fits_match_scipy():
   x, p, _ = _problem(5)
   simplex = np.asarray(online.fit_lambda_batched(x, p, l2=1.0, constraint="simplex"))

@@ -499,6 +499,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     check_only.append("torch/single")
   workdir = args.workdir or tempfile.mkdtemp(prefix="decode_bench_")
   cleanup = not args.workdir
+  os.makedirs(workdir, exist_ok=True)  # A --workdir that does not exist yet is made, as the other outputs are.
   try:
     t0 = time.perf_counter()
     cfg = prepare(args, workdir)

@@ -204,8 +204,8 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     init: `[K]` finite warm start (e.g. the previous lambda); projected onto the constraint set. None: the
       (projected) prior mean. The optimum does not depend on it; only the number of steps needed does: a start far
       beyond the data's scale (logits X init in the thousands, e.g. features ~50 and |init| ~ 100) can need more
-      than the default `num_iters` (the fit then stops short of the optimum without a signal): start such a user
-      cold (init=None) or raise `num_iters`.
+      than the default `num_iters` (the fit then stops short of the optimum, with a RuntimeWarning naming the users
+      when the result is concrete): start such a user cold (init=None) or raise `num_iters`.
     prior_mean: `[K]` finite, the penalty's center (None: 0; `jnp.full(K, 1 / K)` is the uniform soup). U users:
       `[K]` (shared; a 1-D prior is always `[K]`, also when U == K) or `[U, K]`.
     constraint: None, "simplex" (lam >= 0, sum lam = 1) or "box" (lo <= lam <= hi).
@@ -238,12 +238,24 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
   batched = np.ndim(delta_features) == 3
   inputs = _fit_inputs(delta_features, prefs, l2, mask, init, prior_mean, constraint, box, batched=batched)
   solve = newton.fit_batched if batched else newton.fit_single
-  lam = solve(*inputs, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters, tol=float(tol))
-  if not batched or is_tracer(lam):  # Traced (jit, grad, vmap) through any argument: nothing to name on the host.
+  lam, converged = solve(*inputs, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
+                         tol=float(tol))
+  if is_tracer(lam):  # Traced (jit, grad, vmap) through any argument: nothing to name on the host.
+    return lam
+  finite = np.all(np.isfinite(np.asarray(lam)), axis=-1)
+  short = np.flatnonzero(finite & ~np.asarray(converged)).tolist() if tol else []
+  if short:
+    who = "the fit" if not batched else (f"{len(short)} of {len(finite)} users "
+                                         f"({short[:10]}{' ...' if len(short) > 10 else ''})")
+    warnings.warn(
+        f"fit_lambda: {who} did not converge within num_iters={num_iters} Newton steps: lam stops short of the "
+        f"optimum (a warm start `init` far beyond the data's scale needs more steps); raise num_iters, or start "
+        f"from init=None.", RuntimeWarning, stacklevel=2)
+  if not batched:
     return lam
   # A user with a non-finite counted row gets a NaN lam (the fit isolates it): name those users from the [U, K]
   # result instead of scanning the [U, N, K] features on the host.
-  users = np.flatnonzero(~np.all(np.isfinite(np.asarray(lam)), axis=-1)).tolist()
+  users = np.flatnonzero(~finite).tolist()
   if users:
     warnings.warn(
         f"fit_lambda: users {users[:10]}{' ...' if len(users) > 10 else ''} have non-finite "

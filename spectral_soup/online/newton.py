@@ -11,8 +11,8 @@ Hessian eigenvalue), then rounds of a primal active-set method from the face tha
 and line-searches along the feasible segment, so its fixed points are exactly the constrained optima, reached at
 the unconstrained fit's accuracy (tested with feature columns 1e4 apart in scale, cond(H) ~ 5e5).
 
-`fit_core` is one user's fit on materialized arrays; `fit_single` jits it and `fit_batched` vmaps it over users
-inside one jit. A converged fit (tol > 0) is differentiated by the implicit function theorem at the optimum
+`fit_core` is one user's fit on materialized arrays; `fit_status` is the same fit with whether it converged within
+`num_iters` steps; `fit_single` jits `fit_status` and `fit_batched` vmaps it over users inside one jit. A converged fit (tol > 0) is differentiated by the implicit function theorem at the optimum
 (`optimality_residual`: one K x K solve per user), forward and reverse mode. The Hessian, the SPD solve and the
 row masking also serve the Laplace posterior and the ratings fit.
 """
@@ -24,6 +24,7 @@ from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
@@ -295,10 +296,19 @@ def fit_core(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo
   forward and reverse mode, the derivative of the exact optimum). `tol = 0`: exactly `num_iters` steps (a
   `fori_loop`), differentiated through the steps.
   """
+  return fit_status(x, p, m, l2, mu, init, lo, hi, constraint=constraint, num_iters=num_iters,
+                    num_inner_iters=num_inner_iters, tol=tol)[0]
+
+
+def fit_status(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
+               constraint: Optional[str], num_iters: int, num_inner_iters: int, tol: float) -> Tuple[Array, Array]:
+  """`fit_core`'s lam and whether the fit converged: bool[] (tol > 0: a Newton step below tol came within
+  `num_iters` steps; False also for a non-finite fit; tol = 0: True, the fixed number of steps asked for)."""
   if tol:
     return _fit_converged(constraint, num_iters, num_inner_iters, tol, x, p, m, l2, mu, init, lo, hi)
-  return _newton(x, p, m, l2, mu, init, lo, hi, constraint=constraint, num_iters=num_iters,
-                 num_inner_iters=num_inner_iters, tol=tol)
+  lam, _ = _newton(x, p, m, l2, mu, init, lo, hi, constraint=constraint, num_iters=num_iters,
+                   num_inner_iters=num_inner_iters, tol=tol)
+  return lam, jnp.ones((), bool)
 
 
 def optimality_residual(lam: Array, x: Array, p: Array, m: Array, l2: Array, mu: Array, lo: Array, hi: Array, *,
@@ -318,7 +328,8 @@ def optimality_residual(lam: Array, x: Array, p: Array, m: Array, l2: Array, mu:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
 def _fit_converged(constraint, num_iters, num_inner_iters, tol, x, p, m, l2, mu, init, lo, hi):
-  """`_newton` until converged, with the implicit function theorem's derivative (`_fit_converged_jvp`)."""
+  """`_newton` until converged, with the implicit function theorem's derivative (`_fit_converged_jvp`): returns
+  (lam, whether it converged within num_iters steps)."""
   return _newton(x, p, m, l2, mu, init, lo, hi, constraint=constraint, num_iters=num_iters,
                  num_inner_iters=num_inner_iters, tol=tol)
 
@@ -336,7 +347,7 @@ def _fit_converged_jvp(constraint, num_iters, num_inner_iters, tol, primals, tan
   optimum: its derivative is 0. The derivative assumes the fit converged (within `num_iters` steps).
   """
   x, p, m, l2, mu, init, lo, hi = primals
-  lam = _fit_converged(constraint, num_iters, num_inner_iters, tol, *primals)
+  lam, converged = _fit_converged(constraint, num_iters, num_inner_iters, tol, *primals)
   theta, theta_dot = (x, p, m, l2, mu, lo, hi), tuple(t for i, t in enumerate(tangents) if i != 5)
   xs, _, ms = sanitize(x, p, m)
   h = hessian(xs, None, ms, l2, w=ms * curvature(xs @ lam))
@@ -349,12 +360,13 @@ def _fit_converged_jvp(constraint, num_iters, num_inner_iters, tol, primals, tan
   else:
     jac = jax.jacfwd(residual)(lam, *theta)
     lam_dot = -jnp.linalg.solve(jac, f_dot)
-  return lam, lam_dot
+  return (lam, converged), (lam_dot, np.zeros(np.shape(converged), jax.dtypes.float0))
 
 
 def _newton(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
-            constraint: Optional[str], num_iters: int, num_inner_iters: int, tol: float) -> Array:
-  """The Newton iterations of `fit_core`."""
+            constraint: Optional[str], num_iters: int, num_inner_iters: int, tol: float) -> Tuple[Array, Array]:
+  """The Newton iterations of `fit_core`: (lam, whether the convergence test passed; tol = 0: exactly num_iters
+  steps, not tested: False)."""
   x, p, m = sanitize(x, p, m)
   x_t = x.T  # Materialized once, outside the loop (`hessian`).
   lam0 = project(init, constraint, lo, hi)
@@ -381,7 +393,7 @@ def _newton(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo:
     return new, done
 
   if not tol:
-    return jax.lax.fori_loop(0, num_iters, lambda _, lam: newton_step(lam)[0], lam0)
+    return jax.lax.fori_loop(0, num_iters, lambda _, lam: newton_step(lam)[0], lam0), jnp.zeros((), bool)
 
   def cond(carry):
     i, _, done = carry
@@ -392,16 +404,18 @@ def _newton(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo:
     lam, done = newton_step(lam)
     return i + 1, lam, done
 
-  return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), lam0, jnp.zeros((), bool)))[1]
+  _, lam, done = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), lam0, jnp.zeros((), bool)))
+  return lam, done
 
 
-fit_single = jax.jit(fit_core, static_argnames=STATIC_ARGNAMES)
+fit_single = jax.jit(fit_status, static_argnames=STATIC_ARGNAMES)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC_ARGNAMES)
 def fit_batched(x, p, m, l2, mu, init, lo, hi, *, constraint, num_iters, num_inner_iters, tol):
-  """`fit_core` vmapped over users (a leading axis on every input but the shared box lo, hi) in one jit."""
-  core = functools.partial(fit_core, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
+  """`fit_status` vmapped over users (a leading axis on every input but the shared box lo, hi) in one jit:
+  (lam [U, K], converged [U])."""
+  core = functools.partial(fit_status, constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters,
                            tol=tol)
   return jax.vmap(core, in_axes=(0, 0, 0, 0, 0, 0, None, None))(x, p, m, l2, mu, init, lo, hi)
 
