@@ -204,8 +204,9 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     init: `[K]` finite warm start (e.g. the previous lambda); projected onto the constraint set. None: the
       (projected) prior mean. The optimum does not depend on it; only the number of steps needed does: a start far
       beyond the data's scale (logits X init in the thousands, e.g. features ~50 and |init| ~ 100) can need more
-      than the default `num_iters` (the fit then stops short of the optimum, with a RuntimeWarning naming the users
-      when the result is concrete): start such a user cold (init=None) or raise `num_iters`.
+      than the default `num_iters` (the fit then stops short of the optimum; a concrete result comes with a
+      RuntimeWarning naming the users that did not pass the convergence test): start such a user cold (init=None)
+      or raise `num_iters`.
     prior_mean: `[K]` finite, the penalty's center (None: 0; `jnp.full(K, 1 / K)` is the uniform soup). U users:
       `[K]` (shared; a 1-D prior is always `[K]`, also when U == K) or `[U, K]`.
     constraint: None, "simplex" (lam >= 0, sum lam = 1) or "box" (lo <= lam <= hi).
@@ -248,8 +249,8 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     who = "the fit" if not batched else (f"{len(short)} of {len(finite)} users "
                                          f"({short[:10]}{' ...' if len(short) > 10 else ''})")
     warnings.warn(
-        f"fit_lambda: {who} did not converge within num_iters={num_iters} Newton steps: lam stops short of the "
-        f"optimum (a warm start `init` far beyond the data's scale needs more steps); raise num_iters, or start "
+        f"fit_lambda: {who} did not converge within num_iters={num_iters} Newton steps: lam may stop short of "
+        f"the optimum (a warm start `init` far beyond the data's scale needs more steps); raise num_iters, or start "
         f"from init=None.", RuntimeWarning, stacklevel=2)
   if not batched:
     return lam
