@@ -244,6 +244,20 @@ def test_a_fit_that_stops_short_of_the_optimum_is_named():
     np.asarray(fit(x, p, init=init, tol=0.0))  # A fixed number of steps asked for: no convergence claim.
     jax.jit(lambda a, b, c: online.fit_lambda(a, b, l2=1.0, init=c))(x, p, init)  # Traced: nothing to name.
   np.testing.assert_allclose(more, cold, rtol=1e-4, atol=1e-4)
+  # Ill-conditioned and nearly separable (features ~1e3, l2 = 1): the step stays at float32 rounding above tol, but
+  # the objective has nothing left to give (within 1e-6 of the float64 optimum's): converged, not named.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 10)) * 1e3
+  p = ((x @ rng.normal(size=10) / 1e3 + 0.3 * rng.normal(size=64)) > 0).astype(np.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    lam = np.asarray(online.fit_lambda(x, p, l2=1.0), np.float64)
+  opt = _scipy_fit(x, p, 1.0)
+  for _ in range(5):  # float64 Newton from scipy's answer: the optimum to float64 precision.
+    s = 1.0 / (1.0 + np.exp(-x @ opt))
+    opt = opt - np.linalg.solve((x * (s * (1.0 - s))[:, None]).T @ x + np.eye(10), x.T @ (s - p) + opt)
+  value = lambda w: _objective64(x, p, 1.0)(w)[0]
+  assert 0.0 <= value(lam) - value(opt) <= 1e-6 * value(opt)
 
 
 def test_constrained_fits_match_scipy():
@@ -487,6 +501,13 @@ def test_simplex_and_box_projections():
                             constraints=[dict(type="eq", fun=lambda v: v.sum() - 1)], options=dict(ftol=1e-14))
     np.testing.assert_allclose(x[u], res.x, atol=1e-5)
   np.testing.assert_allclose(online.project_box(y[:3], -1.0, 2.0), np.clip(y[:3], -1.0, 2.0))
+  # Entries far beyond the radius (float32 at 1e7 rounded the radius away: [1, 1, 1] and [0, 0, 0] before).
+  big = np.asarray(online.project_simplex(np.array([[1e7, 1e7, 1e7], [2e7, 2e7, 0.0], [-3e7, 1e8, 1e8 + 16]])))
+  np.testing.assert_allclose(big, [[1 / 3] * 3, [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], atol=1e-6)
+  # That is what a user without comparisons gets under a large prior (the projected prior).
+  np.testing.assert_allclose(
+      online.fit_lambda(np.zeros((0, 3)), np.zeros(0), l2=1.0, constraint="simplex", prior_mean=[2e7, 2e7, 0.0]),
+      [0.5, 0.5, 0.0], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -146,10 +146,11 @@ def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, A
   if constraint not in CONSTRAINTS:
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}.")
   if constraint == "box":
-    if box is None or len(box) != 2:
+    if box is None or isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 2:
       raise ValueError(f"constraint='box' needs box=(lo, hi) (scalars or [K] arrays), got {box!r}.")
     for name, bound in zip(("lo", "hi"), box):
-      if isinstance(bound, str) or (not is_tracer(bound) and np.asarray(bound).dtype.kind in "SU"):
+      if bound is None or isinstance(bound, str) or (not is_tracer(bound) and
+                                                     np.asarray(bound).dtype.kind not in "biuf"):
         raise ValueError(f"box {name} must be a number or [K] numbers, got {bound!r}.")
       if num is not None and np.shape(bound) not in ((), (num,)):
         raise ValueError(f"box {name} must be a scalar or have shape [K] = [{num}], got {tuple(np.shape(bound))}.")

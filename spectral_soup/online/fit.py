@@ -16,7 +16,8 @@ descent step (up to rounding) whatever the data: separable data (the optimum sta
 all-one-side feedback, no feedback (lam = mu), feature scales from 1e-6 to 1e6. Accuracy in float32 is ~1e-6
 relative on ordinary problems (K = 30, N = 64: within 3e-7 of the float64 optimum); it degrades (lam stays
 finite) when the data curvature exceeds l2 by ~1e6 or more on nearly separable data (e.g. features ~1e3 with
-l2 = 1: ~1e-3).
+l2 = 1: ~1e-3), and fails on separable data whose curvature exceeds l2 by ~1e12 (features ~1e6 with l2 = 1: lam
+10-30% off, its objective too flat for float32), where a RuntimeWarning names the fits that did not converge.
 
 Everything in the online package is a pure function of arrays. Each entry point has two forms:
   * the one-user form (`fit_lambda`, `posterior`, ...) on `[N, K]` data, which is jit- and vmap-compatible:
@@ -123,8 +124,9 @@ def log_loss(lam: ArrayLike, delta_features: ArrayLike, prefs: ArrayLike, *, l2:
   if prior_mean is not None:
     check_prior_mean(prior_mean, (), num)
   check_finite("lam", lam)
-  if np.ndim(l2) or (not is_tracer(l2) and not np.asarray(l2, np.float64) >= 0):  # NaN fails too.
-    raise ValueError(f"l2 must be a number >= 0 (0: the plain log-loss), got {l2!r}.")
+  if (isinstance(l2, (str, bytes, bool, np.bool_)) or np.ndim(l2) or
+      (not is_tracer(l2) and not 0 <= np.asarray(l2, np.float64) < np.inf)):  # NaN fails too.
+    raise ValueError(f"l2 must be a finite number >= 0 (0: the plain log-loss), got {l2!r}.")
   check_row_weights("mask", mask)
   check_labels(prefs, mask)
   lam = jnp.asarray(lam)
@@ -249,9 +251,11 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     who = "the fit" if not batched else (f"{len(short)} of {len(finite)} users "
                                          f"({short[:10]}{' ...' if len(short) > 10 else ''})")
     warnings.warn(
-        f"fit_lambda: {who} did not converge within num_iters={num_iters} Newton steps: lam may stop short of "
-        f"the optimum (a warm start `init` far beyond the data's scale needs more steps); raise num_iters, or start "
-        f"from init=None.", RuntimeWarning, stacklevel=2)
+        f"fit_lambda: {who} did not converge within num_iters={num_iters} Newton steps (the last step was above "
+        f"tol, and its model still predicted a decrease above {newton.SETTLED_RTOL:g} of the objective): lam may "
+        f"stop short of the optimum. A warm start far beyond the data's scale needs more steps (raise num_iters, or start from "
+        f"init=None); separable comparisons with large features and a small l2 leave an objective too flat for "
+        f"the float32 fit (rescale the features or raise l2).", RuntimeWarning, stacklevel=2)
   if not batched:
     return lam
   # A user with a non-finite counted row gets a NaN lam (the fit isolates it): name those users from the [U, K]
@@ -315,6 +319,8 @@ def sgd_update(lam: ArrayLike, delta_features_t: ArrayLike, prefs_t: ArrayLike, 
   for name, value in (("lr", lr), ("l2", l2)):
     if np.ndim(value):
       raise ValueError(f"{name} must be one number (a scalar), got shape {np.shape(value)}.")
+    if isinstance(value, (bool, np.bool_)):  # As fit_lambda's l2: a flag passed by mistake, not a number.
+      raise ValueError(f"{name} must be a number, got {value!r}.")
   for name, value, low, ok in (("prefs_t", prefs_t, "a label in [0, 1]", lambda v: 0 <= v <= 1),
                                ("lr", lr, "a number > 0", lambda v: v > 0), ("l2", l2, "a number >= 0",
                                                                              lambda v: v >= 0)):

@@ -13,10 +13,12 @@ from spectral_soup.online.checks import Array
 from spectral_soup.online.checks import ArrayLike
 from spectral_soup.online.checks import float_dtype
 
+# `project_simplex` shifts points whose largest entry exceeds this many radii by that entry first (see there).
+_SHIFT_BEYOND = 2.0**10
+
 
 # Not optax.projections.projection_simplex: it projects a whole pytree as one vector (not along the last axis) and
 # rounds differently (about a third of the entries differ by up to ~6e-6), which would change the fits' numbers.
-@jax.jit
 def project_simplex(lam: ArrayLike, radius: float = 1.0) -> Array:
   """Euclidean projection onto the simplex {x >= 0, sum x = radius} along the last axis (sort-based, exact).
 
@@ -27,9 +29,29 @@ def project_simplex(lam: ArrayLike, radius: float = 1.0) -> Array:
   Returns:
     `[..., K]` the nearest points of the simplex (Duchi et al., 2008).
   """
+  _check_points("project_simplex", lam)
+  if not isinstance(radius, jax.core.Tracer) and (isinstance(radius, (str, bytes, bool)) or np.ndim(radius) or
+                                                  not 0 < np.asarray(radius, np.float64) < np.inf):
+    raise ValueError(f"project_simplex: radius must be a finite number > 0 (the simplex's total), got {radius!r}.")
+  return _project_simplex(lam, radius)
+
+
+def _check_points(caller: str, lam: ArrayLike) -> None:
+  if isinstance(lam, (str, bytes)) or np.ndim(lam) < 1 or (not isinstance(lam, jax.core.Tracer) and
+                                                           np.asarray(lam).dtype.kind not in "biuf"):
+    raise ValueError(f"{caller}: lam must be [..., K] numbers, got {lam!r}.")
+
+
+@jax.jit
+def _project_simplex(lam: ArrayLike, radius: float) -> Array:
   lam = jnp.asarray(lam)
   lam = lam.astype(float_dtype(lam))
   num = lam.shape[-1]
+  # The projection is unchanged by a common shift of the entries. Entries far beyond the radius are shifted by
+  # their maximum first: the cumulative sums below would otherwise round the radius away (float32 at 1e7: points
+  # off the simplex). Ordinary inputs are not shifted (and not rounded by it).
+  top = jnp.max(lam, axis=-1, keepdims=True)
+  lam = lam - jnp.where(jnp.abs(top) > _SHIFT_BEYOND * radius, top, 0.0)
   u = -jnp.sort(-lam, axis=-1)  # Descending.
   css = jnp.cumsum(u, axis=-1) - radius
   ind = jnp.arange(1, num + 1, dtype=lam.dtype)
@@ -42,6 +64,15 @@ def project_simplex(lam: ArrayLike, radius: float = 1.0) -> Array:
 def project_box(lam: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> Array:
   """Projection onto the box lo <= lam <= hi (elementwise clip). lo, hi: scalars or broadcastable to `lam`; concrete
   bounds with lo > hi somewhere (an empty box) are refused."""
+  _check_points("project_box", lam)
+  for name, bound in (("lo", lo), ("hi", hi)):
+    if isinstance(bound, (str, bytes)) or bound is None:
+      raise ValueError(f"project_box: {name} must be a number or numbers broadcastable to lam, got {bound!r}.")
+    try:
+      np.broadcast_shapes(np.shape(bound), np.shape(lam))
+    except ValueError:
+      raise ValueError(f"project_box: {name} of shape {np.shape(bound)} does not broadcast to lam's "
+                       f"{np.shape(lam)}.") from None
   if not (isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer)):
     empty = np.asarray(lo, np.float64) > np.asarray(hi, np.float64)
     if np.any(empty):

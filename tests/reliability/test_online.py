@@ -15,6 +15,9 @@ from spectral_soup.online import direction
 from spectral_soup.online import selection
 
 U, N, K = 8, 12, 4  # One shape for every batched call here (one compilation each).
+# Users 5 and 7 of `_users` (features ~1e6, 12 comparisons: separable) have an objective too flat for float32: their
+# fits end short of the optimum, and fit_lambda names them (asserted in the first test); elsewhere that is expected.
+pytestmark = pytest.mark.filterwarnings(r"ignore:fit_lambda.*did not converge:RuntimeWarning")
 BAD = 3  # The user given NaN / Inf input.
 
 
@@ -48,7 +51,8 @@ def _gradient64(x, p, mask, l2, lam):
 @pytest.mark.parametrize("l2", [1e-3, 1.0])
 def test_degenerate_users_get_finite_optimal_lambda_and_pd_covariance(l2):
   x, p, mask = _users()
-  lam = np.asarray(online.fit_lambda_batched(x, p, l2=l2, mask=mask))
+  with pytest.warns(RuntimeWarning, match=r"2 of 8 users \(\[5, 7\]\) did not converge"):  # Only these two.
+    lam = np.asarray(online.fit_lambda_batched(x, p, l2=l2, mask=mask))
   assert np.all(np.isfinite(lam))
   np.testing.assert_array_equal(lam[0], 0.0)  # No data: the prior mean.
   np.testing.assert_allclose(lam[2], 0.0, atol=1e-6)  # Contradictory answers cancel.
@@ -480,15 +484,25 @@ def _bad_online_calls():
       (lambda: online.fit_lambda(x, ones, l2=True), r"l2 must be a number > 0 \(or one per user\), got True"),
       (lambda: users_lib.standardize_scores(np.ones((3, 2)), std=[0.0, 1.0]), r"std\[0\] = 0: expected finite"),
       (lambda: projections.project_box(np.zeros(2), 1.0, 0.0), r"box lo > hi \(an empty box\)"),
+      # Errors from inside numpy / jax before (TypeError, IndexError), or a misleading "box lo is nan".
+      (lambda: online.fit_lambda(x, ones, l2=1.0, constraint="box", box=1.0), r"needs box=\(lo, hi\).*got 1.0"),
+      (lambda: online.fit_lambda(x, ones, l2=1.0, constraint="box", box=(None, 1.0)), r"box lo must be a number"),
+      (lambda: online.log_loss(np.zeros(3), np.ones((2, 3)), [0, 1], l2="1"), r"l2 must be a finite number >= 0"),
+      (lambda: online.log_loss(np.zeros(3), np.ones((2, 3)), [0, 1], l2=True), r"got True"),
+      (lambda: online.project_simplex(1.0), r"project_simplex: lam must be \[\.\.\., K\] numbers, got 1.0"),
+      (lambda: online.project_simplex(np.ones(3), -1.0), r"radius must be a finite number > 0.*got -1.0"),
+      (lambda: online.project_box(np.zeros(3), np.zeros(2), 1.0), r"lo of shape \(2,\) does not broadcast"),
+      (lambda: online.project_box("abc", 0.0, 1.0), r"project_box: lam must be"),
+      (lambda: online.sgd_update(np.zeros(2), np.ones(2), 1.0, lr=True, l2=0.1), r"lr must be a number, got True"),
   ]
 
 
-@pytest.mark.parametrize("index", range(19))
+@pytest.mark.parametrize("index", range(28))
 def test_online_values_that_changed_the_result_silently_are_refused(index):
   """Each gave NaN, a silently different fit (a -1 mask dropped the row; "False" fitted an intercept), a
   deterministic user, the pair (0, 1), or an error from inside numpy / jax."""
   calls = _bad_online_calls()
-  assert len(calls) == 19
+  assert len(calls) == 28
   call, message = calls[index]
   with pytest.raises(ValueError, match=message):
     call()
@@ -531,7 +545,8 @@ def test_online_values_that_changed_the_result_silently_are_refused(index):
         # The objective: prefs of one row broadcast over all, a negative l2 and labels of 7 were evaluated.
         (lambda: online.log_loss(np.zeros(K), _X[1], [1.0], l2=1.0), r"prefs must have shape \[N\] = \[12\], got \(1,\)"
         ),
-        (lambda: online.log_loss(np.zeros(K), _X[1], _P[1], l2=-5.0), r"l2 must be a number >= 0 \(0: the plain"),
+        (lambda: online.log_loss(np.zeros(K), _X[1], _P[1], l2=-5.0),
+         r"l2 must be a finite number >= 0 \(0: the plain"),
         (lambda: online.log_loss(np.zeros(K), _X[1], 7 * np.ones(N), l2=1.0), r"prefs\[0\] = 7.0: expected a label"),
         (lambda: online.log_loss(np.zeros(K + 1), _X[1], _P[1]), r"lam must have shape \[K\] = \[4\], got \(5,\)"),
     ],
