@@ -201,8 +201,10 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   check_shapes("new_mask", wants, (num_users,), "[U]")
   check_labels(new_pref, new_mask, name="new_pref")  # They were dropped silently (only num_invalid grew).
   lo, hi = newton.box_arrays(constraint, box, num, dtype)
-  return _update_users_jit(state, jnp.asarray(new_delta, dtype), jnp.asarray(new_pref, dtype), wants, lo, hi,
-                           constraint=constraint, num_iters=num_iters, num_inner_iters=num_inner_iters, tol=float(tol))
+  with np.errstate(over="ignore"):  # A value beyond the state's float becomes inf: not stored, counted invalid.
+    new_delta, new_pref = jnp.asarray(new_delta, dtype), jnp.asarray(new_pref, dtype)
+  return _update_users_jit(state, new_delta, new_pref, wants, lo, hi, constraint=constraint, num_iters=num_iters,
+                           num_inner_iters=num_inner_iters, tol=float(tol))
 
 
 def state_posterior(state: UserState) -> Tuple[Array, Array]:

@@ -5,6 +5,7 @@ changes nothing for the others, in every batched entry point."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import numpy as np
@@ -168,6 +169,13 @@ def test_online_updates_reject_a_bad_comparison_and_leave_others_alone():
     np.testing.assert_array_equal(getattr(after, field), getattr(expected, field), err_msg=field)
   np.testing.assert_array_equal(after.num_invalid, np.isin(np.arange(U), [BAD, BAD + 1]).astype(np.int32))
   assert np.all(np.isfinite(np.asarray(after.lam)))
+  # A float64 value beyond float32 is inf in the state: not stored, counted, and no stray numpy overflow warning.
+  big = np.asarray(delta, np.float64)
+  big[BAD, 0] = 1e39
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    overflowed = online.update_users(state, big, pref)
+  np.testing.assert_array_equal(overflowed.num_invalid, np.isin(np.arange(U), [BAD]).astype(np.int32))
   _, cov = online.state_posterior(after)
   assert np.all(np.linalg.eigvalsh(np.asarray(cov, np.float64)) > 0)
 
