@@ -150,7 +150,7 @@ def check_constraint(constraint: Optional[str], box: Optional[Tuple[ArrayLike, A
       raise ValueError(f"constraint='box' needs box=(lo, hi) (scalars or [K] arrays), got {box!r}.")
     for name, bound in zip(("lo", "hi"), box):
       if bound is None or isinstance(bound, str) or (not is_tracer(bound) and
-                                                     np.asarray(bound).dtype.kind not in "biuf"):
+                                                     np.asarray(bound).dtype.kind not in "iuf"):
         raise ValueError(f"box {name} must be a number or [K] numbers, got {bound!r}.")
       if num is not None and np.shape(bound) not in ((), (num,)):
         raise ValueError(f"box {name} must be a scalar or have shape [K] = [{num}], got {tuple(np.shape(bound))}.")

@@ -253,9 +253,9 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     warnings.warn(
         f"fit_lambda: {who} did not converge within num_iters={num_iters} Newton steps (the last step was above "
         f"tol, and its model still predicted a decrease above {newton.SETTLED_RTOL:g} of the objective): lam may "
-        f"stop short of the optimum. A warm start far beyond the data's scale needs more steps (raise num_iters, or start from "
-        f"init=None); separable comparisons with large features and a small l2 leave an objective too flat for "
-        f"the float32 fit (rescale the features or raise l2).", RuntimeWarning, stacklevel=2)
+        f"stop short of the optimum. A warm start far beyond the data's scale needs more steps (raise num_iters, "
+        f"or start from init=None); separable comparisons with large features and a small l2 leave an objective "
+        f"too flat for the float32 fit (rescale the features or raise l2).", RuntimeWarning, stacklevel=2)
   if not batched:
     return lam
   # A user with a non-finite counted row gets a NaN lam (the fit isolates it): name those users from the [U, K]

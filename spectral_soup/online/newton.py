@@ -12,8 +12,9 @@ and line-searches along the feasible segment, so its fixed points are exactly th
 the unconstrained fit's accuracy (tested with feature columns 1e4 apart in scale, cond(H) ~ 5e5).
 
 `fit_core` is one user's fit on materialized arrays; `fit_status` is the same fit with whether it converged within
-`num_iters` steps; `fit_single` jits `fit_status` and `fit_batched` vmaps it over users inside one jit. A converged fit (tol > 0) is differentiated by the implicit function theorem at the optimum
-(`optimality_residual`: one K x K solve per user), forward and reverse mode. The Hessian, the SPD solve and the
+`num_iters` steps; `fit_single` jits `fit_status` and `fit_batched` vmaps it over users inside one jit. A converged
+fit (tol > 0) is differentiated by the implicit function theorem at the optimum (`optimality_residual`: one K x K
+solve per user), forward and reverse mode. The Hessian, the SPD solve and the
 row masking also serve the Laplace posterior and the ratings fit.
 """
 
@@ -370,7 +371,7 @@ def _fit_converged_jvp(constraint, num_iters, num_inner_iters, tol, primals, tan
 
 def _newton(x: Array, p: Array, m: Array, l2: Array, mu: Array, init: Array, lo: Array, hi: Array, *,
             constraint: Optional[str], num_iters: int, num_inner_iters: int, tol: float) -> Tuple[Array, Array]:
-  """The Newton iterations of `fit_core`: (lam, whether the convergence test passed; tol = 0: exactly num_iters
+  """The Newton iterations of `fit_core`: (lam, converged as `fit_status` defines it; tol = 0: exactly num_iters
   steps, not tested: False)."""
   x, p, m = sanitize(x, p, m)
   x_t = x.T  # Materialized once, outside the loop (`hessian`).

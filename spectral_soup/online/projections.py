@@ -30,7 +30,7 @@ def project_simplex(lam: ArrayLike, radius: float = 1.0) -> Array:
     `[..., K]` the nearest points of the simplex (Duchi et al., 2008).
   """
   _check_points("project_simplex", lam)
-  if not isinstance(radius, jax.core.Tracer) and (isinstance(radius, (str, bytes, bool)) or np.ndim(radius) or
+  if not isinstance(radius, jax.core.Tracer) and (isinstance(radius, (str, bytes, bool, np.bool_)) or np.ndim(radius) or
                                                   not 0 < np.asarray(radius, np.float64) < np.inf):
     raise ValueError(f"project_simplex: radius must be a finite number > 0 (the simplex's total), got {radius!r}.")
   return _project_simplex(lam, radius)
@@ -47,11 +47,14 @@ def _project_simplex(lam: ArrayLike, radius: float) -> Array:
   lam = jnp.asarray(lam)
   lam = lam.astype(float_dtype(lam))
   num = lam.shape[-1]
-  # The projection is unchanged by a common shift of the entries. Entries far beyond the radius are shifted by
-  # their maximum first: the cumulative sums below would otherwise round the radius away (float32 at 1e7: points
-  # off the simplex). Ordinary inputs are not shifted (and not rounded by it).
+  # The projection is unchanged by a common shift of the entries. Points whose largest entry is beyond
+  # _SHIFT_BEYOND radii are shifted by it first: the cumulative sums below round at the entries' scale, ~K |max| eps
+  # relative to the radius (float32 at 1e7 rounded the radius away: points off the simplex). Points below that are
+  # not shifted (their results, and derivatives, as before the shift existed), so they keep that rounding: up to
+  # ~1e-4 K off the radius just under the threshold.
   top = jnp.max(lam, axis=-1, keepdims=True)
-  lam = lam - jnp.where(jnp.abs(top) > _SHIFT_BEYOND * radius, top, 0.0)
+  shift = jnp.where(jnp.isfinite(top) & (jnp.abs(top) > _SHIFT_BEYOND * radius), top, 0.0)
+  lam = lam - jax.lax.stop_gradient(shift)  # Shift-invariant: no derivative flows through the shift.
   u = -jnp.sort(-lam, axis=-1)  # Descending.
   css = jnp.cumsum(u, axis=-1) - radius
   ind = jnp.arange(1, num + 1, dtype=lam.dtype)

@@ -161,8 +161,11 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
                  tol: float = DEFAULT_TOL) -> UserState:
   """Appends one comparison per user to the ring buffers and refits every user that got one: one compiled call.
 
-  The refit warm-starts from the current lam. A comparison holding NaN / Inf is not appended (that user's
-  `num_invalid` grows and its lam is unchanged), so one bad input never poisons a buffer. A finite label outside
+  The refit warm-starts from the current lam (near the new optimum: one comparison moves it little). Unlike a
+  concrete `fit_lambda` call it does not warn about a refit that ends at `num_iters` (the state stays on the device;
+  `fit_lambda(state.features[u], state.prefs[u], mask=state.mask[u], ...)` refits user u with that check). A
+  comparison holding NaN / Inf is not appended (that user's `num_invalid` grows and its lam is unchanged), so one
+  bad input never poisons a buffer. A finite label outside
   [0, 1] (a -1 / +1 convention) raises ValueError when the labels are concrete, as in `fit_lambda`; traced (under
   jit), it is not appended either.
   With a constraint, a user without any comparison yet gets the prior mean projected onto it (`fit_lambda`'s answer
