@@ -14,8 +14,8 @@ the unconstrained fit's accuracy (tested with feature columns 1e4 apart in scale
 `fit_core` is one user's fit on materialized arrays; `fit_status` is the same fit with whether it converged within
 `num_iters` steps; `fit_single` jits `fit_status` and `fit_batched` vmaps it over users inside one jit. A converged
 fit (tol > 0) is differentiated by the implicit function theorem at the optimum (`optimality_residual`: one K x K
-solve per user), forward and reverse mode. The Hessian, the SPD solve and the
-row masking also serve the Laplace posterior and the ratings fit.
+solve per user), forward and reverse mode. The Hessian, the SPD solve and the row masking also serve the Laplace
+posterior and the ratings fit.
 """
 
 from __future__ import annotations
