@@ -165,9 +165,8 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   concrete `fit_lambda` call it does not warn about a refit that ends at `num_iters` (the state stays on the device;
   `fit_lambda(state.features[u], state.prefs[u], mask=state.mask[u], ...)` refits user u with that check). A
   comparison holding NaN / Inf is not appended (that user's `num_invalid` grows and its lam is unchanged), so one
-  bad input never poisons a buffer. A finite label outside
-  [0, 1] (a -1 / +1 convention) raises ValueError when the labels are concrete, as in `fit_lambda`; traced (under
-  jit), it is not appended either.
+  bad input never poisons a buffer. A finite label outside [0, 1] (a -1 / +1 convention) raises ValueError when the
+  labels are concrete, as in `fit_lambda`; traced (under jit), it is not appended either.
   With a constraint, a user without any comparison yet gets the prior mean projected onto it (`fit_lambda`'s answer
   for no comparisons), whatever lam the state held.
 
