@@ -385,14 +385,14 @@ def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.Co
         continue
       break
     else:
-      raise ValueError(f"no readable checkpoint step in {directory}/checkpoints: " + "; ".join(
-          f"step {s}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}" for s, e in failures))
+      raise ValueError(f"no readable checkpoint step in {directory}/checkpoints: " +
+                       "; ".join(f"step {s}: {type(e).__name__}: {errors.summary(e, 200)}" for s, e in failures))
   finally:
     checkpointer.close()
   for bad, error in failures:
     logging.warning("Checkpoint step %d in %s/checkpoints is corrupt or incomplete (%s: %s); loading step %d.", bad,
                     directory,
-                    type(error).__name__, (str(error).splitlines() or [""])[0][:300], step)
+                    type(error).__name__, errors.summary(error), step)
   trainable = jax.device_get(state["params"])
   if num_bases < config.basis.num_bases:  # The main job's bespoke heads follow the K bases: keep the bases.
     if config.basis.kind != "heads" or os.path.realpath(directory) == os.path.realpath(workdir):

@@ -319,13 +319,22 @@ def test_metadata_values_that_cannot_describe_a_model_are_named(tmp_path, metada
     gguf_import.read_gguf(path)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (lambda w: (w.add_string("llama.rope.scaling.type", "yarn"), w.add_float32("llama.rope.scaling.factor", 4.0),
-                w.add_uint32("llama.rope.scaling.original_context_length", 64)), r"rope_type='yarn' is not supported"),
-    (lambda w: w.add_string("llama.rope.scaling.type", "linear"),
-     r"metadata 'llama.rope.scaling.factor' is missing: expected the scaling factor of 'llama.rope.scaling.type' = "
-     r"'linear'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (lambda w:
+         (w.add_string("llama.rope.scaling.type", "yarn"), w.add_float32("llama.rope.scaling.factor", 4.0),
+          w.add_uint32("llama.rope.scaling.original_context_length", 64)), r"rope_type='yarn' is not supported"),
+        (lambda w: w.add_string("llama.rope.scaling.type", "linear"),
+         r"metadata 'llama.rope.scaling.factor' is missing: expected the scaling factor of 'llama.rope.scaling.type' = "
+         r"'linear'"),
+        # A factor that is not a number: a bare "could not convert string to float" naming neither file nor key.
+        (lambda w:
+         (w.add_string("llama.rope.scaling.type", "linear"), w.add_string("llama.rope.scaling.factor", "two")),
+         r"metadata 'llama.rope.scaling.factor' = 'two': expected a finite number > 0"),
+        (lambda w: w.add_string("llama.rope.scale_linear", "two"),
+         r"metadata 'llama.rope.scale_linear' = 'two': expected a finite number > 0"),
+    ])
 def test_what_the_model_cannot_run_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch, extra, message):
   """It was refused after every tensor was dequantized (minutes and ~28 GB for a 7B file), or a bare TypeError."""
   path = tmp_path / "scaled.gguf"

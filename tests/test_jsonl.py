@@ -152,7 +152,7 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
                 }
             },
             r"line 2: scores_a\['x'\] = 100000001 and scores_b\['x'\] = 100000000 differ, but not in float32"),
-        ([1, 2], r"line 2: a list: expected a JSON object"),
+        ([1, 2], r"line 2: a JSON array: expected a JSON object"),
         ({
             "chosen": "a",
             "rejected": "b"
@@ -162,7 +162,7 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
         }, r"line 2: field 'chosen' is empty: expected text"),
         ({
             **GOOD, "rejected": 3
-        }, r"line 2: field 'rejected' is a int: expected a string"),
+        }, r"line 2: field 'rejected' is a number: expected a string"),
         ({
             **GOOD, "attribute": ""
         }, r"line 2: field 'attribute' has the attribute name ''"),
@@ -259,6 +259,16 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
             **GOOD, "chosen": "paris\ud800."
         }, r"line 2: field 'chosen' holds an unpaired surrogate '\\ud800' at "
          "character 5"),
+        (None, r"line 2: null: expected a JSON object"),
+        ({
+            **GOOD, "chosen": None
+        }, r"line 2: field 'chosen' is null: expected a string"),
+        ('{"prompt": "p\tq", "chosen": "a", "rejected": "b"}',
+         r"line 2: not JSON \(Invalid control character at column 14: a raw tab or line break inside a string"),
+        (  # Integers beyond float64's 2^53 that differ, with one float64 image: read as a tie before.
+            '{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": {"x": 9007199254740993}, '
+            '"scores_b": {"x": 9007199254740992}}', r"line 2: scores_a\['x'\] = 9007199254740993 and scores_b\['x'\] = "
+            r"9007199254740992 differ, but not in float32"),
     ])
 def test_a_bad_row_is_refused_naming_its_line_and_field(tmp_path, bad, message):
   first = {**PAIR, "labels": {"x": "a"}} if isinstance(bad, dict) and "response_a" in bad else GOOD
@@ -266,6 +276,25 @@ def test_a_bad_row_is_refused_naming_its_line_and_field(tmp_path, bad, message):
   with pytest.raises(ValueError, match=message) as info:
     jsonl.read(path)
   assert str(path) in str(info.value)
+
+
+def test_a_file_in_another_json_layout_is_named(tmp_path):
+  """A pretty-printed JSON array, an object spread over lines and old Mac line endings: the cause, not only
+  json's message."""
+  array = tmp_path / "array.jsonl"
+  array.write_text(json.dumps([GOOD, GOOD], indent=2))
+  with pytest.raises(ValueError, match=r"array.jsonl, line 1: not JSON \(.*the file looks like one JSON array"):
+    jsonl.read(str(array))
+  spread = tmp_path / "spread.jsonl"
+  spread.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD, indent=2))
+  with pytest.raises(ValueError, match=r"spread.jsonl, line 2: not JSON \(.*a row spread over several lines"):
+    jsonl.read(str(spread))
+  mac = tmp_path / "mac.jsonl"
+  mac.write_bytes(b"\r".join(json.dumps(row).encode() for row in (GOOD, GOOD)) + b"\r")
+  with pytest.raises(
+      ValueError, match=r"mac.jsonl, line 1: not JSON \(Extra data at column \d+: the line holds "
+      r"carriage returns"):
+    jsonl.read(str(mac))
 
 
 def test_file_level_errors(tmp_path, caplog):

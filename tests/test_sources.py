@@ -3,6 +3,7 @@ TFDS builders -> tokenized pair arrays whose K label columns are the BT labels o
 
 from __future__ import annotations
 
+import copy
 import math
 
 import ml_collections
@@ -224,6 +225,21 @@ def test_cut_prompts_and_responses_are_counted_in_a_warning(tokenizer, caplog):
   assert "1 of 1 pairs have two responses that are the same tokens within data.response_len=4" in caplog.text
 
 
+def test_a_tokenizer_without_an_end_token_is_warned_about(tokenizer, caplog):
+  """No eos_token (a tokenizer.json without its tokenizer_config.json): responses were trained without an end
+  token, silently, and the bases never learned to stop."""
+  with caplog.at_level("WARNING"):
+    sources.tokenize(tokenizer, ["p"], ["a"], ["b"], prompt_len=6, response_len=4, chat_template=False)
+  assert "no end-of-sequence token" not in caplog.text
+  without = copy.deepcopy(tokenizer)
+  without.eos_token = None
+  assert without.eos_token_id is None
+  with caplog.at_level("WARNING"):
+    out = sources.tokenize(without, ["p"], ["a"], ["b"], prompt_len=6, response_len=4, chat_template=False)
+  assert "The tokenizer has no end-of-sequence token" in caplog.text and "do not learn to stop" in caplog.text
+  assert out["response_a_mask"].sum() == len(without("a", add_special_tokens=False)["input_ids"])
+
+
 def test_conflicting_subset_and_seeded_subsample(root, tokenizer):
   config = _config("ultrafeedback", root, num_bases=4, builder_config={"base": "conflicting", **ALL_TRAIN})
   train, _, metadata = sources.builder_pairs(config, tokenizer)
@@ -294,6 +310,26 @@ def test_validate_config_names_the_field(root, change, field):
   config = _config("ultrafeedback", root, num_bases=4)
   change(config)
   with pytest.raises(ValueError, match=f"config.{field}="):
+    sources.validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["prefs.json", "prefs.jsonl.gz", "folder"])
+def test_a_source_file_that_is_not_jsonl_is_named_for_what_it_is(root, tmp_path, name):
+  """A file or directory of pairs that is neither a .jsonl file nor a datasets directory: the message said only
+  "expected one of ('ultrafeedback', 'helpsteer2', 'psoups')"."""
+  path = tmp_path / name
+  if name == "folder":
+    path.mkdir()
+    (path / "prefs.jsonl").write_text("{}\n")
+  else:
+    path.write_text("{}\n")
+  config = _config("ultrafeedback", root, num_bases=4)
+  config.data.source = str(path)
+  kind = "directory" if name == "folder" else "file"
+  with pytest.raises(
+      ValueError, match=f"config.data.source=.*{name}' is invalid: expected a JSON-lines file named "
+      rf"\.jsonl \(plain, not compressed\) or a directory written by datasets' save_to_disk \(this "
+      f"{kind} is neither\\)"):
     sources.validate_config(config)
 
 

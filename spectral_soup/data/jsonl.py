@@ -127,7 +127,7 @@ def _text_field(where: str, row: Dict[str, Any], field: str, allow_empty: bool =
     raise ValueError(f"{where}: field {field!r} is missing: expected a string.")
   value = row[field]
   if not isinstance(value, str):
-    raise ValueError(f"{where}: field {field!r} is a {type(value).__name__}: expected a string.")
+    raise ValueError(f"{where}: field {field!r} is {_json_type(value)}: expected a string.")
   if not allow_empty and not value.strip():
     raise ValueError(f"{where}: field {field!r} is empty: expected text.")
   problem = text_problem(value)
@@ -203,7 +203,7 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
   """(prompt, response_a, response_b, labels {name: 1 | 0 | -1 | None (missing)}, scores {name: (a, b)}) of one
   row."""
   if not isinstance(row, dict):
-    raise ValueError(f"{where}: a {type(row).__name__}: expected a JSON object.")
+    raise ValueError(f"{where}: {_json_type(row)}: expected a JSON object.")
   if "chosen" in row or "rejected" in row:
     _check_fields(where, row, "chosen")
     prompt, a, b = (_text_field(where, row, f) for f in CHOSEN_FIELDS)
@@ -236,7 +236,8 @@ def _parse_row(where: str, row: Any) -> Tuple[str, str, str, Dict[str, int], Dic
         for k in sa
     }
     for k, (a_score, b_score) in scores.items():
-      if a_score != b_score and np.float32(a_score) == np.float32(b_score):
+      # The values as written: integers beyond float64's 2^53 that differ can have one float64 image.
+      if sa[k] != sb[k] and np.float32(a_score) == np.float32(b_score):
         raise ValueError(f"{where}: scores_a[{k!r}] = {_short(sa[k])} and scores_b[{k!r}] = {_short(sb[k])} differ, "
                          "but not in float32 (about 7 significant digits), the precision scores are stored in: the "
                          "pair would read as a tie. Expected scores that differ in float32 (shift or rescale the "
@@ -271,7 +272,7 @@ def _json_lines(path: str):
         # Without its line break: an object cut short at the end of the line was reported at "line 2, column 1".
         row = json.loads(line.rstrip("\r\n"), object_pairs_hook=functools.partial(_unique_keys, where))
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
+        raise ValueError(f"{where}: not JSON ({_decode_error(e, line, number)}).") from None
       except RecursionError:
         raise ValueError(f"{where}: nested too deeply to parse: expected a flat JSON object.") from None
       except _RowError:
@@ -279,6 +280,37 @@ def _json_lines(path: str):
       except ValueError as e:  # Python's limit on an integer's digits (4,300), raised inside the parser.
         raise ValueError(f"{where}: not JSON that can be read ({e}).") from None
       yield where, row
+
+
+def _decode_error(e: json.JSONDecodeError, line: str, number: int) -> str:
+  """json's message for a line that does not parse, with the likely cause of the common ones."""
+  at = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
+  if e.msg.startswith("Invalid control character"):
+    return f"{at}: a raw tab or line break inside a string; JSON writes them escaped, as \\t and \\n"
+  if e.msg == "Extra data" and "\r" in line.rstrip("\r\n"):
+    return (f"{at}: the line holds carriage returns (\\r) between objects, old Mac line endings; expected one "
+            "object per line, each line ending in \\n")
+  if number == 1 and line.lstrip().startswith("["):
+    return f"{at}: the file looks like one JSON array; expected JSON lines, one object per line"
+  if line.strip() in ("{", "[") or (number > 1 and line[:1].isspace()):
+    return f"{at}: a row spread over several lines (pretty-printed JSON); expected one object per line"
+  return at
+
+
+_JSON_TYPE_NAMES = {
+    type(None): "null",
+    bool: "true / false",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a JSON array",
+    dict: "a JSON object"
+}
+
+
+def _json_type(value: Any) -> str:
+  """What a parsed JSON value is, in JSON's words ("null", "a JSON array", ...); a datasets row's own type names."""
+  return _JSON_TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
 
 
 class _RowError(ValueError):

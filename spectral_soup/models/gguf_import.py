@@ -195,7 +195,11 @@ def _rope_parameters(path: str, reader: gguf.GGUFReader, arch: str, tensor_names
   kind = _field(path, reader, f"{arch}.rope.scaling.type", None)
   factor = _field(path, reader, f"{arch}.rope.scaling.factor", None)
   legacy_linear = _field(path, reader, f"{arch}.rope.scale_linear", None)  # Older files.
-  if kind is None and legacy_linear is not None and float(legacy_linear) != 1.0:
+  if factor is not None:
+    factor = _scalar_float(path, f"{arch}.rope.scaling.factor", factor)
+  if legacy_linear is not None:
+    legacy_linear = _scalar_float(path, f"{arch}.rope.scale_linear", legacy_linear)
+  if kind is None and legacy_linear is not None and legacy_linear != 1.0:
     kind, factor = "linear", legacy_linear
   if kind in (None, "none"):
     return {"rope_type": "default", "rope_theta": theta}
@@ -431,12 +435,13 @@ def _byte_level_pre_tokenizer(path: str, pre: str) -> pre_tokenizers.PreTokenize
     ])
   try:  # transformers' table of llama.cpp split regexes (llama3, qwen2, ...), where it has one.
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-    split = GGUF_PRE_TOKENIZER_SPLITS.get(pre)
   except ImportError:
-    split = None
+    GGUF_PRE_TOKENIZER_SPLITS = {}  # pylint: disable=invalid-name
+  split = GGUF_PRE_TOKENIZER_SPLITS.get(pre)
   if split is None:
+    supported = sorted(set(_GPT2_SPLIT_PRE + _DIGITS_SPLIT_PRE) | set(GGUF_PRE_TOKENIZER_SPLITS))
     raise ValueError(f"{path!r}: unsupported pre-tokenizer 'tokenizer.ggml.pre' = {pre!r} (supported: "
-                     f"{', '.join(_GPT2_SPLIT_PRE + _DIGITS_SPLIT_PRE)})")
+                     f"{', '.join(supported)})")
   return pre_tokenizers.Sequence([
       pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so safetensors can return bf16 numpy arrays.
 import numpy as np
 
+from spectral_soup.utils import errors
 from spectral_soup.utils import files as _files
 from spectral_soup.utils import malloc as _malloc
 from spectral_soup.models.config import TransformerConfig
@@ -436,8 +437,8 @@ def _read_hf_config(path: Path) -> Any:
   try:
     return transformers.AutoConfig.from_pretrained(str(path.parent), local_files_only=True)
   except Exception as e:  # pylint: disable=broad-except  (transformers' validation errors name neither file nor field)
-    first = (str(e).strip().splitlines() or [""])[0]
-    raise ValueError(f"{path}: transformers cannot read this config ({type(e).__name__}: {first[:300]}).") from None
+    raise ValueError(
+        f"{path}: transformers cannot read this config ({type(e).__name__}: {errors.summary(e)}).") from None
 
 
 def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[TransformerConfig, Dict[str, Any]]:
@@ -457,7 +458,8 @@ def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[Tra
   # A sharded checkpoint's tensors are read from the shard its index names (not whichever shard holds a copy).
   sharded = index.is_file() and not (path / "model.safetensors").is_file()  # `_safetensors_files`' order.
   state_dict = _SafetensorsStateDict(_weight_map(index)) if sharded else _SafetensorsStateDict.from_files(files)
-  source = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")
+  # A tensor the index does not list is the index's fault, even when the tensors it lists sit in one shard.
+  source = str(index) if sharded else str(files[0]) if len(files) == 1 else str(path)
   config = untie_if_distinct(config, state_dict, source)
   return config, params_from_state_dict(config, state_dict, source=source)
 
@@ -532,6 +534,21 @@ def _config_vocab_size(directory: Path) -> Optional[int]:
   return int(size) if isinstance(size, int) else None
 
 
+def _check_has_vocabulary(tokenizer: Any, directory: Path) -> None:
+  """Refuses a tokenizer whose vocabulary holds nothing but its special and added tokens: transformers builds one
+  from a `tokenizer_config.json` whose vocabulary files are missing (a partial copy), and it encodes every text to
+  nothing (or to its unknown token)."""
+  special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+  vocabulary = tokenizer.get_vocab()
+  if all(token in special for token in vocabulary):
+    probe = "Hello world"
+    raise ValueError(
+        f"{directory}: the tokenizer loaded from this directory holds only its {len(vocabulary)} special tokens "
+        f"{sorted(vocabulary)[:8]} and encodes {probe!r} as {tokenizer(probe, add_special_tokens=False)['input_ids']}: "
+        "its vocabulary is missing; expected tokenizer.json, or a slow tokenizer's vocabulary files "
+        "(tokenizer.model, or vocab.json and merges.txt) beside tokenizer_config.json.")
+
+
 def tokenizer_from_pretrained(path: str | os.PathLike):
   """The tokenizer of an HF checkpoint directory (local files only) or of a .gguf file.
 
@@ -550,10 +567,10 @@ def tokenizer_from_pretrained(path: str | os.PathLike):
     try:
       tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # pylint: disable=broad-except  (transformers' messages do not name the directory)
-      first = (str(e).strip().splitlines() or [""])[0]
       raise ValueError(
-          f"{p}: no tokenizer could be loaded from this directory ({type(e).__name__}: {first[:300]}); "
+          f"{p}: no tokenizer could be loaded from this directory ({type(e).__name__}: {errors.summary(e)}); "
           "expected a Hugging Face tokenizer (tokenizer.json, or the files of a slow tokenizer).") from None
+    _check_has_vocabulary(tokenizer, p)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
       try:

@@ -41,6 +41,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from spectral_soup.utils import errors
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint step is readable but holds other shapes than the state being restored (another config)."""
@@ -177,7 +179,7 @@ class Checkpointer:
     what = f"step {step}" if step is not None else "a step"
     return CheckpointSaveError(
         code, f"Saving checkpoint {what} in {self.directory} failed ({type(error).__name__}: "
-        f"{str(error).splitlines()[0][:300] if str(error) else ''}). Earlier steps {kept} are untouched; the "
+        f"{errors.summary(error)}). Earlier steps {kept} are untouched; the "
         f"partial step is removed on the next start. Free space (or fix the file system) and run the same "
         f"command again to resume from step {max(kept) if kept else 0}.")
 
@@ -267,7 +269,7 @@ class Checkpointer:
   def _corrupt(self, step: int, error: BaseException) -> None:
     logging.warning("Checkpoint step %d in %s is corrupt or incomplete (%s: %s); falling back to the previous "
                     "step.", step, self.directory,
-                    type(error).__name__, (str(error).splitlines() or [""])[0][:300])
+                    type(error).__name__, errors.summary(error))
     self._set_aside(step)
 
   def _set_aside(self, step: int) -> None:

@@ -154,7 +154,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if jsonl.is_jsonl(d.source):
     _validate_jsonl_config(config, need)
     return
-  need(d.source in BUILDER_SOURCES, "data.source", f"one of {BUILDER_SOURCES}")
+  if isinstance(d.source, str) and os.path.exists(d.source) and d.source not in BUILDER_SOURCES:
+    kind = "file" if os.path.isfile(d.source) else "directory"
+    need(
+        False, "data.source", f"a JSON-lines file named .jsonl (plain, not compressed) or a directory written by "
+        f"datasets' save_to_disk (this {kind} is neither), or one of {BUILDER_SOURCES}")
+  need(d.source in BUILDER_SOURCES, "data.source", f"one of {BUILDER_SOURCES}, a .jsonl file of pairs or a datasets "
+       "directory (save_to_disk)")
   for field in ("data_dir", "manual_dir", "tokenizer", "train_split", "eval_split"):
     need(isinstance(d.get(field, None), str), f"data.{field}", "a string")
   need(bool(d.train_split), "data.train_split", "a split name ('train')")
@@ -329,6 +335,11 @@ def tokenize(tokenizer, prompts: Sequence[str], responses_a: Sequence[str], resp
   """
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else input_pipeline.PAD_ID
   eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+  if not eos:
+    logging.warning(
+        "The tokenizer has no end-of-sequence token (no eos_token: for a Hugging Face directory, tokenizer_config.json "
+        "names it): responses are trained without an end token, so the bases do not learn to stop, and generation "
+        "runs every response to max_new_tokens.")
   n = len(prompts)
   out = {}
   for name, length in (("prompt", prompt_len), ("response_a", response_len), ("response_b", response_len)):

@@ -41,3 +41,12 @@ def input_stage() -> Iterator[None]:
     raise MissingInputError(message_of(e)) from e
   except (ValueError, OSError) as e:
     raise InputError(message_of(e)) from e
+
+
+def summary(e: BaseException, limit: int = 300) -> str:
+  """The first line of the error's message, for a one-line report of an error raised by another library; a first
+  line that ends in ':' introduces what follows (transformers' validation errors put their reason on the next line),
+  so then all its lines are joined. At most `limit` characters."""
+  lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+  text = " ".join(lines) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+  return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -964,6 +964,9 @@ def _edit_checkpoint(path, case):
     del config["hidden_size"]
   elif case == "string_layers":
     config["num_hidden_layers"] = "2"
+  elif case == "heads_not_dividing":
+    config["num_attention_heads"] = 5
+    config.pop("head_dim", None)
   elif case == "duplicate":  # The same tensors in two loose files (no model.safetensors, no index).
     save_file(tensors, str(path / "copy.safetensors"), metadata={"format": "pt"})
     weights = path / "part.safetensors"
@@ -977,17 +980,22 @@ def _edit_checkpoint(path, case):
   (path / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("nan", r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 non-finite values"),
-    ("int8", r"tensor 'model.layers.1.mlp.up_proj.weight' has dtype int8: expected float32, float16 or bfloat16"),
-    ("extra_layer", r"the checkpoint holds layers up to 1, but its config has 1 \(num_hidden_layers"),
-    ("no_width", r"config.json: no 'hidden_size': expected the llama architecture's hidden_size"),
-    ("string_layers", r"config.json: num_hidden_layers='2': expected an integer >= 1"),
-    ("duplicate", r"tensor '.*' is in both .*\.safetensors and .*\.safetensors"),
-    ("index_null", r"model.safetensors.index.json: weight_map\['model.layers.1.mlp.up_proj.weight'\] = None: "
-     "expected the file name of a shard"),
-    ("index_list", r"model.safetensors.index.json: no 'weight_map' in the safetensors index"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nan", r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 non-finite values"),
+        ("int8", r"tensor 'model.layers.1.mlp.up_proj.weight' has dtype int8: expected float32, float16 or bfloat16"),
+        ("extra_layer", r"the checkpoint holds layers up to 1, but its config has 1 \(num_hidden_layers"),
+        ("no_width", r"config.json: no 'hidden_size': expected the llama architecture's hidden_size"),
+        ("string_layers", r"config.json: num_hidden_layers='2': expected an integer >= 1"),
+        # transformers puts the reason on the line after "...validator 'validate_architecture':", which was cut off.
+        ("heads_not_dividing", r"config.json: transformers cannot read this config \(.*validate_architecture.: .*The "
+         r"hidden size \(\d+\) is not a multiple of the number of attention heads \(5\)"),
+        ("duplicate", r"tensor '.*' is in both .*\.safetensors and .*\.safetensors"),
+        ("index_null", r"model.safetensors.index.json: weight_map\['model.layers.1.mlp.up_proj.weight'\] = None: "
+         "expected the file name of a shard"),
+        ("index_list", r"model.safetensors.index.json: no 'weight_map' in the safetensors index"),
+    ])
 def test_a_checkpoint_that_is_not_the_model_it_claims_is_named_at_load(tmp_path, case, message):
   _edit_checkpoint(tmp_path / "model", case)
   with pytest.raises(ValueError, match=message) as info:
@@ -995,16 +1003,31 @@ def test_a_checkpoint_that_is_not_the_model_it_claims_is_named_at_load(tmp_path,
   assert info.type is ValueError
 
 
-@pytest.mark.parametrize("case, message", [
-    ("truncated", r"tokenizer.json: not readable JSON .*; the tokenizer file is damaged or truncated"),
-    ("template", r"the tokenizer's chat template does not parse \(line 1: "),
-    ("none", r"no tokenizer could be loaded from this directory"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("truncated", r"tokenizer.json: not readable JSON .*; the tokenizer file is damaged or truncated"),
+        ("template", r"the tokenizer's chat template does not parse \(line 1: "),
+        ("none", r"no tokenizer could be loaded from this directory"),
+        # tokenizer_config.json naming a class, its vocabulary files missing (a partial copy): transformers built a
+        # tokenizer of its special tokens alone, which encoded every text as [].
+        ("no_vocabulary",
+         r"tok: the tokenizer loaded from this directory holds only its 3 special tokens .* and encodes "
+         r"'Hello world' as \[\]: its vocabulary is missing"),
+    ])
 def test_a_tokenizer_directory_that_does_not_load_is_named(tmp_path, case, message):
   from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
   path = tmp_path / "tok"
   path.mkdir()
-  if case != "none":
+  if case == "no_vocabulary":
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({
+            "tokenizer_class": "LlamaTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>"
+        }))
+  elif case != "none":
     hf_fixtures.byte_tokenizer(path)
   if case == "truncated":
     data = (path / "tokenizer.json").read_text()
