@@ -11,6 +11,7 @@ Writes: config.json, metrics.jsonl, training_curves.png, tensorboard/ (with tens
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -62,7 +63,11 @@ def main(argv) -> None:
   if jax.process_index() == 0:
     from spectral_soup import basis as basis_lib  # pylint: disable=g-import-not-at-top
     from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
-    print(f"Training curves: {plots.training_curves(_WORKDIR.value, basis_lib.basis_names(_WORKDIR.value, config))}")
+    from spectral_soup.offline import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    if os.path.exists(os.path.join(_WORKDIR.value, metrics_lib.FILENAME)):
+      print(f"Training curves: {plots.training_curves(_WORKDIR.value, basis_lib.basis_names(_WORKDIR.value, config))}")
+    else:  # Stopped (preempted) before its first logged step: a plot of nothing; the exit status must stay 143.
+      print(f"Training curves: none yet (no step logged to {metrics_lib.FILENAME}).")
   if result.preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
 

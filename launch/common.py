@@ -242,7 +242,7 @@ def apply_overrides(parser: argparse.ArgumentParser, config_arg: str, overrides:
     flag_values(argv)
     return flag_values.config
   except flags.Error as e:
-    parser.error(f"job argument: {' '.join(str(e).split())}")
+    parser.error(f"job argument: {cli.flag_error_message(e)}")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     parser.error(f"job argument: {cli._config_error_message(e, argv)}")  # pylint: disable=protected-access
   finally:

@@ -229,7 +229,10 @@ class Basis:
         same text, while a row's sample changes with its position in the batch (and, in implicit mode, with the
         number of rows), not with the other rows' content.
       max_proposals: implicit mode's proposals per token before falling back to the explicit soup.
-      chat_template: wrap each prompt as a user turn of the tokenizer's chat template.
+      chat_template: wrap each prompt as a user turn of the tokenizer's chat template. The text is then tokenized
+        with the tokenizer's special tokens recognized, as transformers' `apply_chat_template(tokenize=True)` does: a
+        prompt holding a control token's text (SmolLM2's "<|im_end|>") gets that token, and can close its own turn.
+        Strip such strings from untrusted text first.
       return_ended: also return, per row, whether its response ended with the end-of-sequence token (False: cut at
         `max_new_tokens`), for `features(..., ended=)`.
 
@@ -362,33 +365,44 @@ def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.Co
   num_bases = len(names)
   if num_bases > config.basis.num_bases:
     raise ValueError(f"{directory}: {num_bases} basis names for basis.num_bases={config.basis.num_bases}.")
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"), remove_partial_steps=False)
-  failures = []
-  try:
-    steps = sorted(checkpointer.all_steps(), reverse=True)
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint step in {directory}/checkpoints (did the training run finish a step?).")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    for step in steps:
-      try:
-        data = checkpointer.read_data(step)
-      except Exception as e:  # pylint: disable=broad-except  (any read failure: an unusable step)
-        failures.append((step, e))
-        continue
-      _check_saved_fields(directory, config, step, data, _describing_fields(config, resume.resume_fields(config)))
-      try:
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                checkpointer.manager.item_metadata(step)["state"])
-        state, _ = checkpointer.restore(step, abstract)
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append((step, e))
-        continue
+  checkpoints = os.path.join(directory, "checkpoints")
+  state, step = None, None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # A live training retires its oldest steps as it saves (checkpoint.max_to_keep): a step listed here can be gone
+  # when it is read. Such steps are not failures; the steps are listed again (a few times) to find the newer ones.
+  for _ in range(_LIVE_RUN_RELISTS):
+    checkpointer = checkpoint_lib.Checkpointer(checkpoints, remove_partial_steps=False)
+    failures, retired = [], False
+    try:
+      steps = sorted(checkpointer.all_steps(), reverse=True)
+      if not steps:
+        raise FileNotFoundError(f"no checkpoint step in {checkpoints} (did the training run finish a step?).")
+      for step in steps:
+        try:
+          data = checkpointer.read_data(step)
+        except Exception as e:  # pylint: disable=broad-except  (any read failure: an unusable step)
+          retired |= not os.path.isdir(os.path.join(checkpoints, str(step)))
+          failures.append((step, e))
+          continue
+        _check_saved_fields(directory, config, step, data, _describing_fields(config, resume.resume_fields(config)))
+        try:
+          abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                  checkpointer.manager.item_metadata(step)["state"])
+          state, _ = checkpointer.restore(step, abstract)
+        except Exception as e:  # pylint: disable=broad-except
+          retired |= not os.path.isdir(os.path.join(checkpoints, str(step)))
+          failures.append((step, e))
+          continue
+        break
+    finally:
+      checkpointer.close()
+    if state is not None or not retired:
       break
-    else:
-      raise ValueError(f"no readable checkpoint step in {directory}/checkpoints: " +
-                       "; ".join(f"step {s}: {type(e).__name__}: {errors.summary(e, 200)}" for s, e in failures))
-  finally:
-    checkpointer.close()
+  if state is None:
+    raise ValueError(f"no readable checkpoint step in {checkpoints}: " +
+                     "; ".join(f"step {s}: {type(e).__name__}: {errors.summary(e, 200)}" for s, e in failures) +
+                     (" (a live training retired the steps listed as they were read: try again)" if retired else ""))
+  failures = [(s, e) for s, e in failures if os.path.isdir(os.path.join(checkpoints, str(s)))]
   for bad, error in failures:
     logging.warning("Checkpoint step %d in %s/checkpoints is corrupt or incomplete (%s: %s); loading step %d.", bad,
                     directory,
@@ -398,12 +412,22 @@ def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.Co
     if config.basis.kind != "heads" or os.path.realpath(directory) == os.path.realpath(workdir):
       # Only the main job's basis/ holds heads beyond its named bases; in a basis training's own workdir, dropping
       # the unnamed ones silently served fewer bases than it trained (basis.json edited or from another run).
+      parent = os.path.dirname(os.path.realpath(directory))
+      if (config.basis.kind == "heads" and os.path.basename(os.path.realpath(directory)) == "basis" and
+          os.path.isfile(os.path.join(parent, "config.json"))):
+        raise ValueError(f"{directory}: {config.basis.num_bases} heads bases for the {num_bases} attributes "
+                         f"({', '.join(names)}): this is the main job's basis/ folder, whose heads after the bases are "
+                         f"its users' bespoke heads; load the main job's workdir instead: load_basis({parent!r}).")
       raise ValueError(f"{directory}: {config.basis.num_bases} {config.basis.kind} bases for {num_bases} names "
                        f"({', '.join(names)}) in its basis.json: expected one name per basis (was basis.json "
                        "edited or replaced?).")
     trainable["heads"] = {name: np.asarray(value)[:num_bases] for name, value in trainable["heads"].items()}
     config.basis.num_bases = num_bases
   return trainable, names, config, int(step)
+
+
+# How many times `restore_bases` lists the steps of a live training whose listed steps were retired as it read them.
+_LIVE_RUN_RELISTS = 5
 
 
 def _describing_fields(config: ml_collections.ConfigDict, fields: dict) -> dict:
@@ -463,30 +487,32 @@ def _ended_flags(ended: Any, num: int) -> List[bool]:
   return [bool(done) for done in ended]
 
 
-def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str]) -> np.ndarray:
-  """lam [K] or [U, K] -> f32[U, K] for `num_prompts` prompts (1: shared by every user row)."""
+def _lam_rows(lam: Any, num_bases: int, num_prompts: int, names: Sequence[str], *,
+              one_user: bool = False) -> np.ndarray:
+  """lam [K] or [U, K] -> f32[U, K] for `num_prompts` prompts (1: shared by every user row); `one_user`: [K] only
+  (`export_hf`)."""
+  shapes = f"[K={num_bases}]" if one_user else f"[K={num_bases}] or [U, {num_bases}]"
   try:
     given = np.asarray(lam)
     lam = np.asarray(lam, np.float64)  # Checked in float64 (1e39 is finite there), served in float32.
   except (TypeError, ValueError):
-    raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {lam!r}.") from None
+    raise ValueError(f"lam must be numbers of shape {shapes}, got {lam!r}.") from None
   # Strings ("0.5") and bools would be converted silently; ml_dtypes floats (bfloat16: kind "V") are numbers, as
   # `serving.generate` takes them.
   if given.dtype.kind not in "iuf" and not (given.dtype.kind == "V" and jnp.issubdtype(given.dtype, jnp.floating)):
-    raise ValueError(f"lam must be numbers of shape [K={num_bases}] or [U, {num_bases}], got {given.dtype} values "
-                     f"{given.ravel()[:4].tolist()}.")
-  if lam.ndim not in (1, 2) or lam.shape[-1] != num_bases:
-    raise ValueError(f"lam has shape {lam.shape}: expected [K={num_bases}] or [U, {num_bases}], one weight per "
-                     f"basis ({', '.join(names)}).")
+    raise ValueError(f"lam must be numbers of shape {shapes}, got {given.dtype} values {given.ravel()[:4].tolist()}.")
+  if lam.ndim not in ((1,) if one_user else (1, 2)) or lam.shape[-1] != num_bases:
+    raise ValueError(f"lam has shape {lam.shape}: expected {shapes}, one weight per basis ({', '.join(names)}).")
   if lam.ndim == 2 and lam.shape[0] == 0:
     raise ValueError(f"lam has shape {lam.shape}: expected at least one user row of {num_bases} weights.")
+  if not np.all(np.isfinite(lam)):
+    index = tuple(int(i) for i in np.argwhere(~np.isfinite(lam))[0])
+    raise ValueError(f"lam[{', '.join(map(str, index))}] is {lam[index]}: expected finite weights.")
   if lam.ndim == 1:
     lam = np.broadcast_to(lam, (num_prompts, num_bases))
   if num_prompts != 1 and lam.shape[0] != num_prompts:
     raise ValueError(f"lam has {lam.shape[0]} user rows for {num_prompts} prompts: expected one prompt, or one per "
                      "row.")
-  if not np.all(np.isfinite(lam)):
-    raise ValueError(f"lam row {int(np.flatnonzero(~np.isfinite(lam).all(1))[0])} is not finite.")
   from spectral_soup.soup import validation  # pylint: disable=g-import-not-at-top
   validation.check_weight_range(lam)
   return np.ascontiguousarray(lam, dtype=np.float32)

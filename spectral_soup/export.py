@@ -115,7 +115,7 @@ def merged_backbone(basis: Any, lam: Any) -> dict:
   if np.ndim(lam) != 1:
     raise ValueError(f"export_hf exports one user's soup: lam must be [K={basis.num_bases}], got shape "
                      f"{np.shape(lam)}.")
-  lam = _lam_rows(lam, basis.num_bases, 1, basis.names)
+  lam = _lam_rows(lam, basis.num_bases, 1, basis.names, one_user=True)
   _check_exportable(basis)
   lam = lam[0].astype(np.float64)
   cfg = basis.policy.config

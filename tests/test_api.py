@@ -142,8 +142,10 @@ def test_bad_inputs_name_what_was_expected(basis, tmp_path):
     basis.generate(PROMPTS[0], np.zeros((0, 3)))
   with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
     basis.generate(["hi", " "], [0.0, 0.0, 0.0])
-  with pytest.raises(ValueError, match="lam row 0 is not finite"):
-    basis.generate(PROMPTS[0], [np.nan, 0.0, 0.0])
+  with pytest.raises(ValueError, match=r"lam\[1\] is nan: expected finite weights"):  # It said "lam row 0".
+    basis.generate(PROMPTS[0], [0.0, np.nan, 0.0])
+  with pytest.raises(ValueError, match=r"lam\[1, 2\] is inf: expected finite weights"):
+    basis.generate(PROMPTS, [[0.0, 0.0, 0.0], [0.0, 0.0, np.inf]])
   with pytest.raises(ValueError, match="2 prompts for 1 responses"):
     basis.features(PROMPTS, ["x"])
   with pytest.raises(ValueError, match=r"seed='1': expected an integer"):
@@ -249,6 +251,15 @@ def test_load_basis_names_a_config_or_checkpoint_that_does_not_describe_the_base
   (tmp_path / "basis_json" / "basis.json").write_text('{"attributes": ["a", "b"], "weightings": [[1, 0], [0, 1]]}')
   with pytest.raises(ValueError, match=r"3 heads bases for 2 names \(a, b\) in its basis.json: expected one name per"):
     ss.load_basis(copy)
+  # The main job's basis/ folder given itself: named as such, with the workdir to load (it blamed a basis.json).
+  main = tmp_path / "main"
+  shutil.copytree(copy, main / "basis")
+  shutil.copy(main / "basis" / "config.json", main / "config.json")
+  with pytest.raises(
+      ValueError, match=r"3 heads bases for the 2 attributes \(a, b\): this is the main job's basis/ "
+      rf"folder, .* load the main job's workdir instead: load_basis\('{main}'\)"):
+    ss.load_basis(str(main / "basis"))
+  assert ss.load_basis(str(main)).num_bases == 2
 
 
 def test_load_basis_skips_an_unreadable_newest_step_and_leaves_it_in_place(workdir, tmp_path, caplog):
@@ -266,6 +277,28 @@ def test_load_basis_skips_an_unreadable_newest_step_and_leaves_it_in_place(workd
     shutil.rmtree(copy / "checkpoints" / str(step) / "state")
   with pytest.raises(ValueError, match=rf"no readable checkpoint step in .*checkpoints: step {STEPS}: "):
     ss.load_basis(str(copy))
+
+
+def test_load_basis_of_a_live_run_lists_its_steps_again_when_they_are_retired(workdir, tmp_path, monkeypatch, caplog):
+  """A live training with checkpoint.max_to_keep=1 retires its only step as it writes the next: the listed step was
+  gone when read, and load_basis failed with "no readable checkpoint step" (30% of the loads in an outside test)."""
+  from spectral_soup.offline import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / "live"
+  shutil.copytree(workdir, copy)
+  for step in sorted(int(s) for s in os.listdir(copy / "checkpoints") if s.isdigit())[:-1]:
+    shutil.rmtree(copy / "checkpoints" / str(step))  # max_to_keep=1: the newest step only.
+  read = checkpoint_lib.Checkpointer.read_data
+
+  def read_while_the_run_saves(self, step):
+    if step == STEPS:  # The run saves step STEPS + 1 and retires STEPS just before the read.
+      os.rename(copy / "checkpoints" / str(STEPS), copy / "checkpoints" / str(STEPS + 1))
+    return read(self, step)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "read_data", read_while_the_run_saves)
+  with caplog.at_level("WARNING"):
+    basis = ss.load_basis(str(copy))
+  assert basis.step == STEPS + 1
+  assert not any("corrupt or incomplete" in r.getMessage() for r in caplog.records)  # Retired is not corrupt.
 
 
 def test_a_main_job_workdir_keeps_the_k_bases(workdir, tmp_path):

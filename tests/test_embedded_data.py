@@ -393,3 +393,27 @@ def test_the_shipped_demo_data_regenerate_byte_identically():
         f"pair {i} of the shipped demo data differs from the one sampled now: the sampler, the prompts, the hints or "
         "the rewards changed (regenerate the shipped data: spectral_soup/data/shipped/README.md), or this CPU rounds "
         "differently from the one that wrote it")
+
+
+def test_a_sampling_that_cannot_fit_is_refused_before_it_decodes(monkeypatch):
+  """data.max_new_tokens beyond the model's positions, or with generation_batch_size beyond memory: one error naming
+  the fields before the decode (9,000 tokens ran out of memory in it, 4,000 were killed by the kernel)."""
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import memory  # pylint: disable=g-import-not-at-top
+  cfg = models.TransformerConfig(max_len=256)
+  settings = embedded.GenerationSettings(max_new_tokens=250, batch_size=8)
+  with pytest.raises(
+      ValueError, match=r"config.data.max_new_tokens=250 is invalid: expected <= 196, the model's "
+      r"max_len=256 positions less the longest sampling prompt's 60 tokens"):
+    embedded.check_sampling_fits(settings, cfg, prompt_len=60)
+  settings = dataclasses.replace(settings, max_new_tokens=196)
+  embedded.check_sampling_fits(settings, cfg, prompt_len=60)
+  from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
+  need = cost.decode_memory_bytes(cfg, 8, 256, caches_per_row=2)
+  monkeypatch.setattr(memory, "memory_limit_bytes", lambda: need - 1)
+  with pytest.raises(
+      ValueError, match=r"config.data.max_new_tokens=196 with config.data.generation_batch_size=8 is "
+      r"invalid: sampling needs at least .* GiB \(two KV caches of 8 rows x 256 positions"):
+    embedded.check_sampling_fits(settings, cfg, prompt_len=60)
+  monkeypatch.setattr(memory, "memory_limit_bytes", lambda: need)
+  embedded.check_sampling_fits(settings, cfg, prompt_len=60)

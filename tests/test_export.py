@@ -161,8 +161,11 @@ def test_what_cannot_be_exported_exactly_is_refused(checkpoint, tmp_path):
   with pytest.raises(ValueError, match="cannot export logit-bias bases"):
     ss.export_hf(basis, LAM, str(tmp_path / "export"))
   assert not (tmp_path / "export").exists()  # Refused before anything is written.
-  with pytest.raises(ValueError, match=r"lam has shape \(2,\): expected \[K=3\]"):
+  # [K] only: the message offered a [U, 3] lam, which export_hf refuses.
+  with pytest.raises(ValueError, match=r"lam has shape \(2,\): expected \[K=3\], one weight per basis"):
     ss.export_hf(basis, LAM[:2], str(tmp_path / "export"))
+  with pytest.raises(ValueError, match=r"lam\[0\] is nan: expected finite weights"):
+    ss.export_hf(basis, [np.nan, 0.0, 0.0], str(tmp_path / "export"))
   with pytest.raises(ValueError, match="exports one user's soup"):
     ss.export_hf(basis, np.stack([LAM, LAM]), str(tmp_path / "export"))
 

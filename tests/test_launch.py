@@ -425,7 +425,8 @@ def test_config_inside_the_repository_its_variant_and_its_slice(tmp_path, capsys
   assert "is sized for v5p-32" in err and "config.train.batch_size=64 is invalid" in err
   assert "(on the 32 devices of v5p-64)" in err
   for job_args, message in ((["--config.trian.num_steps=5"], r"'trian' is not a config field; did you mean \"train\"?"),
-                            (["--config.train.num_steps=abc"], r"--config\.train\.num_steps=abc: invalid literal"),
+                            (["--config.train.num_steps=abc"],
+                             r"--config\.train\.num_steps=abc: expected an integer, got 'abc'"),
                             (["--config.train.batch_size=63"], r"expected a divisor of train\.batch_size=63")):
     with pytest.raises(SystemExit):  # The job's own checks of its overrides, before any machine is created.
       tpu.parse_args(["--name=ss", f"--config={uf}", "--workdir=/mnt/shared/r", "--", *job_args])

@@ -267,6 +267,16 @@ def _train(workdir, **flat):
   return result.train_metrics, jax.device_get(result.state["params"])
 
 
+def test_without_held_out_pairs_no_eval_record_is_written(tmp_path):
+  """data.num_eval_pairs=0 with eval_every_steps: metrics.jsonl got {"step": 2, "kind": "eval"} records with no
+  metric in them."""
+  _train(tmp_path / "run", **{"train.eval_every_steps": 2})
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if r.get("kind") == "train"] == [1, 2, 3, 4]
+  assert not [r for r in records if r.get("kind") == "eval"], records
+
+
 @pytest.mark.parametrize(
     "kind, reference, sharded",
     [

@@ -165,6 +165,7 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
   model, params = models.from_pretrained(settings.model)
   tokenizer = models.tokenizer_from_pretrained(settings.model)
   prompts, hints, encoded = _sampling_plan(settings, tokenizer)
+  check_sampling_fits(settings, model.config, prompt_len=max(len(e) for e in encoded))
   meter = cost.DecodeMeter(model.config)
   responses, ended = _sample(settings, model, params, tokenizer, encoded, meter=meter)
   sample_s = time.time() - start
@@ -174,6 +175,30 @@ def generate(settings: GenerationSettings, cache_root: str, *, force: bool = Fal
   _write_dataset(settings, suite, cache_root, out_dir, prompts, hints, responses, ended, sample_s, decoding=decoding)
   logging.info("Wrote %d pairs to %s in %.1f s", len(prompts), out_dir, time.time() - start)
   return out_dir
+
+
+def check_sampling_fits(settings: GenerationSettings, model_config: Any, prompt_len: int) -> None:
+  """Raises ValueError naming config.data.max_new_tokens (and data.generation_batch_size) when the sampling's
+  prompt + response do not fit the model's positions or the memory of this machine: before any decode compiles (a
+  response cap of 9,000 tokens ran out of memory in the decode, as a traceback)."""
+  from spectral_soup.models import cost  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import memory  # pylint: disable=g-import-not-at-top
+  length = prompt_len + settings.max_new_tokens
+  if length > model_config.max_len:
+    raise ValueError(
+        f"config.data.max_new_tokens={settings.max_new_tokens} is invalid: expected <= "
+        f"{max(model_config.max_len - prompt_len, 0)}, the model's max_len={model_config.max_len} positions less the "
+        f"longest sampling prompt's {prompt_len} tokens.")
+  # Two caches are live: the empty one `decoding.decode` is given and the loop's own (measured: 2.2 caches above
+  # the weights at 64 rows x 716 positions of SmolLM2).
+  need = cost.decode_memory_bytes(model_config, settings.batch_size, length, caches_per_row=2)
+  limit = memory.memory_limit_bytes()
+  if limit is not None and need > limit:
+    raise ValueError(
+        f"config.data.max_new_tokens={settings.max_new_tokens} with config.data.generation_batch_size="
+        f"{settings.batch_size} is invalid: sampling needs at least {need / 2**30:.1f} GiB (two KV caches of "
+        f"{settings.batch_size} rows x {length} positions, the weights and the logits), more than this machine's "
+        f"{limit / 2**30:.1f} GiB; lower data.generation_batch_size (rows sampled at a time) or data.max_new_tokens.")
 
 
 def _sampling_plan(settings: GenerationSettings, tokenizer) -> Tuple[list, list, list]:

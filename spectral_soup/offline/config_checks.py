@@ -100,8 +100,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       build.model_config(c)
     except ValueError as e:
       raise ValueError(str(e).replace("TransformerConfig.", "config.model.")) from None
-    need(c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
-         f"<= model.max_len - data.prompt_len = {c.model.max_len - c.data.prompt_len}")
+    need(c.data.prompt_len < c.model.max_len, "data.prompt_len",
+         f"< model.max_len = {c.model.max_len} (a prompt and at least one response token fit the model)")
+    need(
+        c.data.prompt_len + c.data.response_len <= c.model.max_len, "data.response_len",
+        f"<= model.max_len - data.prompt_len = {c.model.max_len} - {c.data.prompt_len} = "
+        f"{c.model.max_len - c.data.prompt_len} (or a lower data.prompt_len)")
   tokenizer = c.data.get("tokenizer", "")
   # A random backbone's run on synthetic pairs reads no tokenizer, so one that is not there failed only when the
   # trained bases were served (load_basis); other runs read it first, failing with the loader's name, not the

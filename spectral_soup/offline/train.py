@@ -424,7 +424,9 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, state: Dict[str,
         writer.write(step, train_metrics)
         t_log, step_log = now, step
       if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 and step != num_steps:
-        writer.write(step, evaluate(state["params"]), kind="eval")
+        held_out = evaluate(state["params"])
+        if held_out:  # Without held-out pairs there is nothing to record (it wrote empty "eval" records).
+          writer.write(step, held_out, kind="eval")
       stop_now = stop.received or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
       data_state = _data_state(config, train_iter, run)
       ckpt.save(step, state, data_state, force=stop_now or step == num_steps)

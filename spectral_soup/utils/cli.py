@@ -52,20 +52,32 @@ def parse_flags(argv):
       expand_config_home(config)
     return rest
   except flags.Error as e:
-    message = " ".join(str(e).split())  # One line.
-    boolean = re.match(r"(flag \S+?=(.*?)): \('Non-boolean argument to boolean flag'", message)
-    if boolean:
-      message = f"{boolean.group(1)}: expected true or false, got {boolean.group(2)!r}"
-    # A config file whose get_config raised (an unknown variant, `file.py:nope`): its exception, not the traceback.
-    raised = re.match(
-        r"(flag --config=\S+): Error whilst parsing config file: Traceback .* (\w+(?:Error|Exception)): "
-        r"(.*)$", message)
-    if raised:
-      message = f"{raised.group(1)}: its get_config raised {raised.group(2)}: {raised.group(3)}"
+    message = flag_error_message(e)
   except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
     message = _config_error_message(e, argv)
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(USAGE_ERROR_EXIT_CODE)
+
+
+def flag_error_message(e: BaseException) -> str:
+  """One line for absl's error about a flag's value, in the words of the config checks ("expected ...")."""
+  message = " ".join(str(e).split())  # One line.
+  boolean = re.match(r"(flag \S+?=(.*?)): \('Non-boolean argument to boolean flag'", message)
+  if boolean:
+    return f"{boolean.group(1)}: expected true or false, got {boolean.group(2)!r}"
+  # Python's conversion message for an integer or float field (`num_steps=1e3`, `=True`, `learning_rate=abc`).
+  number = re.match(
+      r"(flag \S+?=(.*?)): (?:invalid literal for int\(\) with base 10|could not convert string to "
+      r"float): ", message)
+  if number:
+    return f"{number.group(1)}: expected {'an integer' if 'int()' in message else 'a number'}, got {number.group(2)!r}"
+  # A config file whose get_config raised (an unknown variant, `file.py:nope`): its exception, not the traceback.
+  raised = re.match(
+      r"(flag --config=\S+): Error whilst parsing config file: Traceback .* (\w+(?:Error|Exception)): "
+      r"(.*)$", message)
+  if raised:
+    return f"{raised.group(1)}: its get_config raised {raised.group(2)}: {raised.group(3)}"
+  return message
 
 
 # Config fields that name a file or directory: a leading `~` is expanded as `--workdir`'s is (a shell does not

@@ -48,7 +48,10 @@ def test_mistyped_config_fields_on_the_command_line_are_named(tmp_path):
       "num_step": ([tiny, "--config.train.num_step=5"], '--config.train.num_step: \'num_step\' is not a config field; '
                    'did you mean "num_steps"?'),
       "trian": ([tiny, "--config.trian.num_steps=5"], 'did you mean "train"?'),
-      "ten": ([tiny, "--config.train.num_steps=ten"], "flag --config.train.num_steps=ten"),
+      "ten": ([tiny, "--config.train.num_steps=ten"], "flag --config.train.num_steps=ten: expected an integer"),
+      # Python's "invalid literal for int() with base 10" and "could not convert string to float" before.
+      "1e3": ([tiny, "--config.train.num_steps=1e3"], "num_steps=1e3: expected an integer, got '1e3'"),
+      "abc": ([tiny, "--config.optim.learning_rate=abc"], "learning_rate=abc: expected a number, got 'abc'"),
       "maybe": ([tiny, "--config.train.nan_check=maybe"], "nan_check=maybe: expected true or false, got 'maybe'"),
       "missing": ([f"--config={tmp_path / 'nope.py'}"], "nope.py does not exist"),
       # A name no field resembles (ml_collections gives no "did you mean"): it blamed the config file's loading.
@@ -145,6 +148,9 @@ def test_a_workdir_on_a_pseudo_filesystem_is_named_before_anything_runs(tmp_path
         ({
             "data.response_len": 125
         }, "data.response_len"),  # prompt 8 + 125 > model.max_len 128.
+        ({
+            "data.prompt_len": 128
+        }, "data.prompt_len"),  # No room for a response: it blamed data.response_len, which was not changed.
         ({
             "data.num_train_pairs": 16
         }, "data.num_train_pairs"),  # Fewer than one batch of 32.

@@ -102,6 +102,16 @@ def test_a_first_ctrl_c_saves_the_current_step_and_exits_143(chain):
   assert max(steps) == 15 and not partial, (steps, partial)
 
 
+def test_a_sigterm_before_the_first_logged_step_still_exits_143(trainer):
+  """No metrics.jsonl yet when the preemption arrives: plotting the training curves of nothing raised
+  FileNotFoundError after the checkpoint, so the job exited 1 (a traceback) and a launcher did not restart it."""
+  workdir = os.path.join(trainer.root, "early_term")
+  run = trainer.run(workdir, "--config.train.log_every_steps=1000", fault="term_at:3")
+  assert run.rc == PREEMPTED, run.tail()
+  assert "Stopped at step 3" in run.out and "Training curves: none yet" in run.out, run.tail()
+  assert max(finished_steps(workdir)) == 3 and not os.path.exists(os.path.join(workdir, metrics_lib.FILENAME))
+
+
 def test_restarted_job_ends_bitwise_equal_to_the_uninterrupted_run(chain, reference):
   run, steps, partial = chain["final"]
   assert run.rc == 0 and not partial, (partial, run.tail())  # Leftovers of killed writes are cleaned up.
