@@ -32,7 +32,7 @@ def get_config():
   # ridge regression of the head's rating (an attribute's standardized score for a basis, the user's true reward for
   # a bespoke head) on the training responses' token surprise, over beta (`offline.ridge_init.ridge_logit_bias`); no
   # gradient step. On these ~250 pairs every basis moves its own attribute (README, "Results of the default run").
-  config.data.attributes = ("readability", "verbosity", "sentiment", "density", "formality")
+  config.data.attributes = ("readability", "verbosity", "sentiment", "density", "formality")  # One basis each.
   config.loss.kind = "ratings"  # Bases regress their attribute's score, bespoke heads their user's true reward.
   config.loss.rating_scale = 1.0  # Reward units per standardized score: sets how far each basis moves.
   config.basis.head_rank = 0  # No context correction psi A_k B_k.

@@ -3,10 +3,12 @@ r"""The main job: the whole spectral souping pipeline on one config, everything 
   python -m experiments.main --config=configs/demo.py --workdir=workdir/demo [--config.FIELD=VALUE ...]
 
 Phases (each timed, with a progress bar where it loops):
-  1. data      the embedded preference data (generated once, then cached), tokenized and split by prompt;
+  1. data      the embedded preference data (shipped for the demo's settings; other settings are sampled once,
+               then cached), tokenized and split by prompt;
   2. users     held-out simulated users (their own seed), and their labels on the training pairs;
-  3. offline   K basis heads (one per attribute) and one bespoke head per user, trained together on cached
-               features (`offline.train.train_and_evaluate`, checkpointed: a restart resumes);
+  3. offline   K basis heads (one per attribute) and one bespoke head per user, fitted together
+               (`offline.train.train_and_evaluate`: the demo's in closed form, ridge with train.num_steps=0; gradient
+               steps on cached features otherwise; checkpointed: a restart resumes);
   4. pad       PAD's token-level attribute rewards (ridge on token counts);
   5. online    T rounds of Thompson-sampled soups shown in pairs, simulated choices, lambda refits (all users at
                once; `online.protocol`);

@@ -149,7 +149,7 @@ def test_a_head_soup_exports_as_an_untied_output_layer(checkpoint, tmp_path, mon
   assert sorted(os.listdir(tmp_path / "exports")) == ["latest", "user_7"]
   with open(tmp_path / "exports" / "user_7" / "soup.json") as f:
     np.testing.assert_allclose(json.load(f)["lam"], LAM * 2, rtol=1e-6)
-  with pytest.raises(ValueError, match=r"lam must be numbers of shape \[K=3\] .* got <U3 values \['0.5'"):
+  with pytest.raises(ValueError, match=r"lam must be numbers of shape \[K=3\], got <U3 values \['0.5'"):
     ss.export_hf(basis, ["0.5", "0.3", "0.2"], out)
   with pytest.raises(ValueError, match=r"got bool values \[True, False, False\]"):
     ss.export_hf(basis, [True, False, False], out)

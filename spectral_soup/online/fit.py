@@ -217,7 +217,8 @@ def fit_lambda(delta_features: ArrayLike, prefs: ArrayLike, *, l2: ArrayLike, ma
     num_iters: Newton steps (static). 25 reach float32 precision from a cold start on the tested problems
       (separable data with l2 = 1e-3 included); warm starts near the optimum need fewer (see `init`).
     num_inner_iters: projected-gradient steps per Newton step for a constrained fit (static).
-    tol: > 0 (default 1e-5): stop once a full Newton step is below tol * max(1, |lam|_inf) (a `while_loop`; under
+    tol: >= 0. > 0 (default 1e-5): stop once a full Newton step is below tol * max(1, |lam|_inf) and moves no
+      logit by more than tol * max(1, |logits|_inf) (a `while_loop`; under
       vmap it runs until the slowest user converges; Newton converges quadratically, so the error left is ~ the step
       squared: 5-7 steps from a cold start on ordinary problems, at most `num_iters`). Differentiable in forward
       and reverse mode (`jax.jvp`, `jax.grad`, higher orders) by the implicit function theorem: the derivative of

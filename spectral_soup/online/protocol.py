@@ -7,9 +7,10 @@ Each round, for every user at once:
      response from each soup (`config.online.mode`: explicit, params or implicit);
   3. the simulated user picks one of the two by Bradley-Terry on its true reward of their attribute scores;
   4. refit every learner on all the user's comparisons so far, warm-started (one compiled call per learner):
-       * "spectral": L2-regularized logistic regression of the choices on the difference of the bases' implicit
-         rewards f_k(x, y) = beta (log pi_k(y|x) - log pi_ref(y|x)) (read off the decoder, no extra pass),
-         shrunk toward `prior_mean`;
+       * "spectral": L2-regularized logistic regression of the choices on the difference of the responses'
+         features, shrunk toward `prior_mean`: the bases' implicit rewards f_k(x, y) = beta (log pi_k(y|x) -
+         log pi_ref(y|x)) (`features="implicit_reward"`, read off the decoder, no extra pass) or each basis's
+         attribute as PAD's token-level reward model predicts it (`features="reward_model"`, the demo's);
        * "p_soups": the same fit constrained to the simplex (P-Soups averages experts with convex weights);
        * "pad": the same logistic regression on PAD's predicted attribute vectors (`baselines.pad`).
 The harness (`Harness`) owns the model: it decodes row programs and scores responses; the protocol only sees
