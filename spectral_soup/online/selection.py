@@ -40,7 +40,8 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
 
   Args:
     features: f32[U, N, K] each comparison's feature difference (first response minus second).
-    prefs: f32[U, N] 1 where the user chose the first response, else 0.
+    prefs: f32[U, N] 1 where the user chose the first response, else 0; a label p in between (0.5: a tie) counts
+      as p of a correct choice where the margin is positive and 1 - p where it is negative.
     l2s: the penalties to compare.
     constraint: "none", "nonnegative" (lam >= 0) or "simplex" (P-Soups; its fit has no prior).
     prior_mean: f32[K] the center of the penalty (None: 0); ignored for the simplex.
@@ -92,6 +93,8 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
       margin = np.einsum("unk,uk->un", features[:, test], lam).astype(np.float64)
       y = prefs[:, test]
       ll[i] += np.sum(-y * np.logaddexp(0.0, -margin) - (1 - y) * np.logaddexp(0.0, margin))
-      acc[i] += np.sum(np.where(y > 0.5, margin > 0, margin < 0))
+      # y (margin > 0) + (1 - y) (margin < 0): for 0 / 1 labels the share on the margin's side; a tie counted as
+      # the second response's choice before, so swapping the two responses changed the accuracy.
+      acc[i] += np.sum(y * (margin > 0) + (1 - y) * (margin < 0))
   total = num_users * num
   return {"l2": np.asarray(l2s, np.float64), "log_likelihood": ll / total, "accuracy": acc / total}

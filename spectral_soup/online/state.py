@@ -181,9 +181,7 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
     The new UserState.
   """
   check_solver(num_iters, num_inner_iters, tol)
-  if not isinstance(state, UserState):
-    raise TypeError(f"state must be a UserState (from init_user_state or a previous update_users), got a "
-                    f"{type(state).__name__}.")
+  _check_state(state)
   num_users, num = state.lam.shape
   check_constraint(constraint, box, num)
   for name, value in (("new_delta", new_delta), ("new_pref", new_pref), ("new_mask", new_mask)):
@@ -209,8 +207,40 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
                            num_inner_iters=num_inner_iters, tol=float(tol))
 
 
+def _check_state(state: UserState) -> None:
+  """Raises ValueError naming the field of a state that `init_user_state` would not have made (edited by hand or
+  read back from disk): fields that disagree on U, K or N, an l2 that is not a finite number > 0, a prior mean that
+  is not finite (a negative l2 gave lam = 0, a NaN one NaN for every user, silently). Tracers pass."""
+  if not isinstance(state, UserState):
+    raise TypeError(f"state must be a UserState (from init_user_state or a previous update_users), got a "
+                    f"{type(state).__name__}.")
+  if np.ndim(state.lam) != 2:
+    raise ValueError(f"state.lam must be [U, K], got shape {np.shape(state.lam)}.")
+  (num_users, num), slots = np.shape(state.lam), np.shape(state.features)[1:2] or (None,)
+  expected = {
+      "features": (num_users, slots[0], num),
+      "prefs": (num_users, slots[0]),
+      "mask": (num_users, slots[0]),
+      "count": (num_users,),
+      "num_invalid": (num_users,),
+      "l2": (num_users,),
+      "prior_mean": (num_users, num)
+  }
+  for name, shape in expected.items():
+    if tuple(np.shape(getattr(state, name))) != shape:
+      raise ValueError(f"state.{name} has shape {tuple(np.shape(getattr(state, name)))}: expected {shape}, as "
+                       f"state.lam [U={num_users}, K={num}] and state.features [U, N={slots[0]}, K] give (a state "
+                       "made by init_user_state).")
+  try:
+    check_l2(state.l2)
+  except ValueError as e:
+    raise ValueError(f"state.{e}") from None
+  check_finite("state.prior_mean", state.prior_mean)
+
+
 def state_posterior(state: UserState) -> Tuple[Array, Array]:
   """The Laplace posterior of every user in `state`: (mean `[U, K]`, cov `[U, K, K]`); unconstrained, whatever
   constraint the updates used (`laplace`'s module docstring)."""
+  _check_state(state)
   mask = state.mask.astype(state.features.dtype)
   return laplace.posterior_core_batched(state.lam, state.features, mask, state.l2)

@@ -242,6 +242,26 @@ def test_update_users_names_arguments_it_cannot_use(kwargs, message):
       online.fit_lambda(x[0], p[0], l2=1.0, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "field, edit, message",
+    [
+        ("l2", lambda v: v.at[1].set(-1.0), r"state.l2 must be a finite number > 0"),  # lam = 0 for that user before.
+        ("l2", lambda v: v.at[0].set(np.nan), r"state.l2 must be a finite number > 0"),  # NaN for every user before.
+        ("prior_mean", lambda v: v.at[2, 1].set(np.nan), r"state.prior_mean\[2, 1\] is nan"),
+        ("count", lambda v: v[:-1], r"state.count has shape \(\d+,\): expected \(\d+,\)"),  # A jax vmap error before.
+    ])
+def test_a_user_state_edited_into_one_init_would_not_make_is_named(field, edit, message):
+  """A state edited by hand or read back from disk: update_users and state_posterior check it as init_user_state
+  checks its arguments."""
+  x, p, _ = _users(seed=5)
+  state = online.init_user_state(U, K, buffer_size=N, l2=1.0)
+  bad = state.replace(**{field: edit(getattr(state, field))})
+  with pytest.raises(ValueError, match=message):
+    online.update_users(bad, x[:, 0], p[:, 0])
+  with pytest.raises(ValueError, match=message):
+    online.state_posterior(bad)
+
+
 @pytest.mark.parametrize("prefs, message", [
     (np.full(N, 2.0), r"prefs\[0\] = 2.0: expected a label in \[0, 1\]"),
     (np.where(np.arange(N) % 2, 1.0, -1.0), r"prefs\[0\] = -1.0: expected a label in \[0, 1\]"),
