@@ -203,8 +203,11 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   lo, hi = newton.box_arrays(constraint, box, num, dtype)
   with np.errstate(over="ignore"):  # A value beyond the state's float becomes inf: not stored, counted invalid.
     new_delta, new_pref = jnp.asarray(new_delta, dtype), jnp.asarray(new_pref, dtype)
-  return _update_users_jit(state, new_delta, new_pref, wants, lo, hi, constraint=constraint, num_iters=num_iters,
-                           num_inner_iters=num_inner_iters, tol=float(tol))
+  new = _update_users_jit(state, new_delta, new_pref, wants, lo, hi, constraint=constraint, num_iters=num_iters,
+                          num_inner_iters=num_inner_iters, tol=float(tol))
+  # The unchanged fields keep the given (ready) arrays, so the next call's `_check_state` reads them without waiting
+  # for this refit: reading the jit's copies synchronized every update with the device (6-10% slower at U = 1,024).
+  return new.replace(l2=state.l2, prior_mean=state.prior_mean)
 
 
 def _check_state(state: UserState) -> None:
