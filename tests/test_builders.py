@@ -734,6 +734,7 @@ _BAD_FIELDS = [
     ("ultrafeedback", "conflicting_only", 1, "True or False"),
     ("helpsteer2", "variant", ["pairs"], "one of"),
     ("psoups", "source_path", "", "a non-empty path"),
+    ("psoups", "tie_epsilon", 0.5, "0 .P-SOUPS pairs carry labels"),  # It named a dataset whose labels were the same.
 ]
 
 
@@ -741,6 +742,43 @@ _BAD_FIELDS = [
 def test_config_fields_of_the_wrong_type_or_range_are_refused_when_the_config_is_made(name, field, value, expected):
   with pytest.raises(ValueError, match=f"{field}={re.escape(repr(value))}: expected {expected}"):
     builders.make_config(name, **{field: value})
+
+
+def test_jsonl_prefs_tie_epsilon_makes_close_scores_ties(tmp_path):
+  """tie_epsilon named a dataset of its own, whose labels were those of tie_epsilon=0."""
+  path = tmp_path / "prefs.jsonl"
+  rows = [{
+      "prompt": f"q{i}",
+      "response_a": f"a{i}",
+      "response_b": f"b{i}",
+      "scores_a": {
+          "helpful": 1.0,
+          "kind": 2.0
+      },
+      "scores_b": {
+          "helpful": 0.9,
+          "kind": 1.0
+      }
+  } for i in range(4)]
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  labels = {}
+  for eps in (0.0, 0.5):
+    config = builders.make_config("jsonl_prefs", source_path=os.fspath(path), tie_epsilon=eps, **_ALL_TRAIN_CONFIG)
+    ds = builders.load_source("jsonl_prefs", tmp_path / "tfds", config=config)
+    labels[eps] = [ds[i]["label"].tolist() for i in range(len(ds))]
+  assert labels[0.0] == [[1, 1]] * 4 and labels[0.5] == [[-1, 1]] * 4
+
+
+def test_unknown_config_names_base_fields_and_a_file_as_data_dir_are_named(tmp_path):
+  with pytest.raises(ValueError, match=r"unknown config 'nope'; predefined: \['default'\]"):  # TFDS listed none.
+    builders.get_builder("embedded_prefs", tmp_path / "tfds", "nope")
+  with pytest.raises(ValueError, match=r"unknown config fields \['description'\]"):  # A TypeError of replace().
+    builders.make_config("embedded_prefs", description="mine")
+  with pytest.raises(ValueError, match=r"unknown config fields \['version'\]"):  # Accepted, unchecked.
+    builders.make_config("embedded_prefs", version="9.9.9")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="data_dir=.*is a file: expected a directory"):  # NotADirectoryError.
+    builders.load_source("embedded_prefs", tmp_path / "file")
 
 
 def test_config_names_of_verbatim_and_hashed_values_cannot_collide(tmp_path, monkeypatch):

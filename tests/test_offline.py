@@ -149,6 +149,59 @@ def test_iterator_is_deterministic_seekable_and_split_per_host():
     assert all(len(p) == 4 for p in parts) and rows(np.concatenate(parts)) == rows(expected)
 
 
+def test_a_damaged_metrics_file_is_named_with_its_line(tmp_path):
+  """A bad line raised a bare JSONDecodeError; a line holding a number, an AttributeError in the plots."""
+  path = tmp_path / metrics_lib.FILENAME
+  path.write_text('{"kind": "train", "step": 1}\n{"kind": "tra\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON object"):
+    metrics_lib.read_metrics(str(tmp_path))
+  path.write_text('{"kind": "train", "step": 1}\n7\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: holds int '7'; expected a metrics record"):
+    metrics_lib.read_metrics(str(tmp_path))
+  path.write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "st')  # Killed mid-line: skipped.
+  assert metrics_lib.read_metrics(str(tmp_path)) == [{"kind": "train", "step": 1}]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({
+            "batch_size": -4
+        }, r"batch_size=-4: expected an integer >= 1"),  # Yielded 6-row batches.
+        ({
+            "batch_size": 0
+        }, r"batch_size=0: expected an integer >= 1"),  # ZeroDivisionError.
+        ({
+            "process_index": 2
+        }, r"process_index=2: expected an integer in \[0, 2\)"),  # The next batch's rows.
+        ({
+            "process_index": -1
+        }, r"process_index=-1"),  # Empty batches.
+        ({
+            "process_count": 0,
+            "process_index": 0
+        }, r"process_count=0: expected an integer >= 1"),
+        ({
+            "arrays": {}
+        }, r"arrays holds no field"),  # StopIteration.
+        ({
+            "arrays": {
+                "a": np.zeros(10),
+                "b": np.zeros(6)
+            }
+        }, r"different numbers of rows \{'a': 10, 'b': 6\}"),
+    ])
+def test_iterator_refuses_bad_arguments(kwargs, message):
+  args = {"arrays": {"a": np.zeros(10)}, "batch_size": 2, "seed": 0, "process_index": 0, "process_count": 2, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.PairIterator(args.pop("arrays"), args.pop("batch_size"), **args)
+  it = input_pipeline.PairIterator({"a": np.zeros(10)}, 2, seed=0, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="is invalid: expected integers epoch"):  # Truncated to epoch 1.
+    it.set_state({"epoch": 1.7, "position": "1"})
+  it.set_state({"epoch": np.int64(1), "position": np.asarray(2)})
+  assert it.get_state() == {"epoch": 1, "position": 2}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config checks: fail fast, naming the field.
 

@@ -152,6 +152,18 @@ def test_basis_labels_are_bt_labels_of_the_weighted_difference():
   np.testing.assert_allclose(scores, [[3.0, np.nan, 1.0, np.nan, np.nan, np.nan]])
 
 
+def test_a_tie_of_the_builder_is_a_zero_difference_whatever_the_scores():
+  """A builder config's tie_epsilon makes scores within it ties: they were trained as preferences (the difference
+  of the scores decided)."""
+  label = np.asarray([[-1, 1, -1]], np.int8)
+  mask = np.asarray([[True, True, False]])
+  scores_a, scores_b = np.asarray([[4.0, 4.0, 4.0]], np.float32), np.asarray([[3.0, 3.0, 3.0]], np.float32)
+  d = sources.attribute_differences(scores_a, scores_b, label, mask)
+  np.testing.assert_array_equal(d[:, :2], [[0.0, 1.0]])
+  assert np.isnan(d[0, 2])
+  np.testing.assert_array_equal(sources.basis_labels(d[:, :2], np.eye(2, dtype=np.float32)), [[-1, 1]])
+
+
 def test_label_only_differences():
   label = np.asarray([[1, 0, -1, -1]], np.int8)
   mask = np.asarray([[True, True, True, False]])
@@ -295,17 +307,44 @@ def test_psoups_label_only_poles(root, tokenizer, caplog):
 # Config errors name the field.
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda c: c.data.update(attributes=("correctness",)), "data.attributes"),
-    (lambda c: c.data.update(attributes=("honesty", "honesty")), "data.attributes"),
-    (lambda c: c.basis.update(num_bases=3), "basis.num_bases"),
-    (lambda c: c.data.update(tokenizer=""), "data.tokenizer"),
-    (lambda c: c.data.builder_config.update(base="nope"), "data.builder_config.base"),
-    (lambda c: c.data.builder_config.update(pairs_per_prompt=0), "data.builder_config"),
-    (lambda c: c.data.update(weighting_alpha=0.0), "data.weighting_alpha"),
-    (lambda c: c.data.update(source="psoups", attributes=("concise",)) or c.data.builder_config.update(base="default")
-     or c.loss.update(kind="ratings"), "loss.kind"),
-])
+def test_builder_tie_epsilon_reaches_the_training_labels(root, tokenizer, tmp_path):
+  """UltraFeedback with tie_epsilon=1: ratings one apart are the builder's ties; builder_pairs trained them as
+  preferences of the higher-rated response."""
+  rows = [{
+      "instruction":
+          f"Instruction {p}",
+      "completions": [
+          fixtures._completion("m0", f"first {p}", "4", "4", "4", "5"),
+          fixtures._completion("m1", f"second {p}", "3", "3", "3", "3")
+      ]
+  } for p in range(4)]
+  fixtures._write_jsonl(tmp_path / "uf" / "flan.jsonl", rows)
+  config = _config("ultrafeedback", root, num_bases=4, data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "uf"),
+                   builder_config={
+                       "base": "all",
+                       **ALL_TRAIN, "tie_epsilon": 1.0
+                   })
+  train, _, _ = sources.builder_pairs(config, tokenizer)
+  np.testing.assert_array_equal(train["labels"], [[-1, -1, -1, 1]] * 4)  # Only helpfulness (5 vs 3) is no tie.
+  np.testing.assert_array_equal(np.stack([e["label"] for e in _builder_examples(config)]), train["labels"])
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda c: c.data.update(attributes=("correctness",)), "data.attributes"),
+        (lambda c: c.data.update(attributes=("honesty", "honesty")), "data.attributes"),
+        (lambda c: c.data.update(eval_split="train"), "data.eval_split"),  # Held-out pairs were training pairs.
+        (lambda c: c.data.update(train_split="train[:80%]"), "data.train_split"),  # Blamed a missing 'train' split.
+        (lambda c: c.data.update(seed=-1), "data.seed"),  # A numpy error without the field.
+        (lambda c: c.basis.update(num_bases=3), "basis.num_bases"),
+        (lambda c: c.data.update(tokenizer=""), "data.tokenizer"),
+        (lambda c: c.data.builder_config.update(base="nope"), "data.builder_config.base"),
+        (lambda c: c.data.builder_config.update(pairs_per_prompt=0), "data.builder_config"),
+        (lambda c: c.data.update(weighting_alpha=0.0), "data.weighting_alpha"),
+        (lambda c: c.data.update(source="psoups", attributes=("concise",)) or c.data.builder_config.update(
+            base="default") or c.loss.update(kind="ratings"), "loss.kind"),
+    ])
 def test_validate_config_names_the_field(root, change, field):
   config = _config("ultrafeedback", root, num_bases=4)
   change(config)

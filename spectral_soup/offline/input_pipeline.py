@@ -118,21 +118,40 @@ def check_pairs(arrays: Mapping[str, np.ndarray], num_bases: int, need_ratings: 
   return n
 
 
+def _is_int(value: Any) -> bool:
+  """An integer (Python or numpy, a 0-d array too), not a bool."""
+  return not isinstance(value, bool) and np.ndim(value) == 0 and np.asarray(value).dtype.kind in "iu"
+
+
 class PairIterator:
   """Global batches of pairs in a seeded order per epoch; seekable through `get_state` / `set_state`.
 
-  Yields this host's rows of each global batch: {field: array[batch_size // process_count, ...]}.
+  Yields this host's rows of each global batch: {field: array[batch_size // process_count, ...]}. An epoch is
+  N // batch_size whole batches: the N % batch_size examples left over are another set each epoch when shuffled,
+  and never read with `shuffle=False`.
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, shuffle: bool = True,
                process_index: Optional[int] = None, process_count: Optional[int] = None):
     self.arrays = dict(arrays)
-    self.num_examples = len(next(iter(self.arrays.values())))
+    if not self.arrays:
+      raise ValueError("PairIterator: arrays holds no field: expected {field: array[N, ...]}.")
+    lengths = {name: len(value) for name, value in self.arrays.items()}
+    if len(set(lengths.values())) > 1:
+      raise ValueError(f"PairIterator: the fields hold different numbers of rows {lengths}: expected one N.")
+    self.num_examples = next(iter(lengths.values()))
     self.batch_size = batch_size
     self.seed = seed
     self.shuffle = shuffle
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
+    if not _is_int(batch_size) or batch_size < 1:
+      raise ValueError(f"PairIterator: batch_size={batch_size!r}: expected an integer >= 1.")
+    if not _is_int(self.process_count) or self.process_count < 1:
+      raise ValueError(f"PairIterator: process_count={self.process_count!r}: expected an integer >= 1.")
+    if not _is_int(self.process_index) or not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"PairIterator: process_index={self.process_index!r}: expected an integer in [0, "
+                       f"{self.process_count}) (a host past the last read the next batch's rows: repeats).")
     if batch_size % self.process_count:
       raise ValueError(f"batch_size={batch_size} does not split over {self.process_count} hosts.")
     if self.num_examples < batch_size:
@@ -147,10 +166,11 @@ class PairIterator:
     return {"epoch": self.epoch, "position": self.position}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    epoch, position = int(state["epoch"]), int(state["position"])
-    if not 0 <= position <= self.batches_per_epoch or epoch < 0:
-      raise ValueError(f"Iterator state {dict(state)} is out of range ({self.batches_per_epoch} batches/epoch).")
-    self.epoch, self.position = epoch, position
+    epoch, position = state["epoch"], state["position"]
+    if not (_is_int(epoch) and _is_int(position)) or not 0 <= position <= self.batches_per_epoch or epoch < 0:
+      raise ValueError(f"Iterator state {dict(state)} is invalid: expected integers epoch >= 0 and position in [0, "
+                       f"{self.batches_per_epoch}] ({self.batches_per_epoch} batches/epoch).")
+    self.epoch, self.position = int(epoch), int(position)
 
   def _epoch_order(self) -> np.ndarray:
     if self._order_epoch != self.epoch:

@@ -108,5 +108,18 @@ def read_metrics(workdir: str, kind: Optional[str] = None) -> list:
     logging.warning("Skipping the unfinished last line of %s (a run was killed while writing it).",
                     os.path.join(workdir, FILENAME))
     lines = lines[:-1]
-  records = [json.loads(line) for line in lines if line.strip()]
+  path = os.path.join(workdir, FILENAME)
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}, line {number}: not a JSON object ({e.msg}); expected one metrics record per "
+                       f"line, as the training loop writes them.") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"{path}, line {number}: holds {type(record).__name__} {line.strip()[:40]!r}; expected a "
+                       f"metrics record (a JSON object) per line.")
+    records.append(record)
   return [r for r in records if kind is None or r.get("kind") == kind]

@@ -125,7 +125,7 @@ def selected_attributes(config: ml_collections.ConfigDict) -> Tuple[Tuple[str, .
                        f"{config.data.source} (expected names from {available}, optionally prefixed by '-').")
     columns.append(available.index(base))
     signs.append(-1.0 if name.startswith("-") else 1.0)
-  if len(set(names)) != len(names):
+  if len(set(names)) != len(names):  # An attribute and its negation may both be bases (the two poles).
     raise ValueError(f"config.data.attributes={names!r} is invalid: an attribute appears twice.")
   return names, np.asarray(columns, np.int64), np.asarray(signs, np.float32)
 
@@ -151,6 +151,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   from spectral_soup.utils import config_check  # pylint: disable=g-import-not-at-top
   need = config_check.field_checker(config)
   d = config.data
+  # Seeds the weightings' draws and the subsets read (numpy refuses negative seeds, without naming the field).
+  need(isinstance(d.seed, int) and not isinstance(d.seed, bool) and d.seed >= 0, "data.seed", "an integer >= 0")
   if jsonl.is_jsonl(d.source):
     _validate_jsonl_config(config, need)
     return
@@ -164,6 +166,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ("data_dir", "manual_dir", "tokenizer", "train_split", "eval_split"):
     need(isinstance(d.get(field, None), str), f"data.{field}", "a string")
   need(bool(d.train_split), "data.train_split", "a split name ('train')")
+  need(
+      d.eval_split != d.train_split, "data.eval_split",
+      f"a held-out split ('validation' or 'test') other than data.train_split={d.train_split!r}, or '' (none): "
+      f"its pairs would be training pairs")
+  for field in ("train_split", "eval_split"):
+    need(
+        "[" not in d[field], f"data.{field}", "a split name ('train', 'validation', 'test') without a slice: "
+        f"data.num_{field.split('_')[0]}_pairs sets how many pairs are read")
   need(bool(config.model.path or d.tokenizer), "data.tokenizer",
        "a local tokenizer (or checkpoint) directory when config.model.path is empty")
   builder_config(config)  # Raises naming data.builder_config.
@@ -258,12 +268,16 @@ def _read_jsonl_cached(path: str, version: Any) -> Dict[str, Any]:
 def attribute_differences(scores_a: Optional[np.ndarray], scores_b: Optional[np.ndarray], label: np.ndarray,
                           mask: np.ndarray) -> np.ndarray:
   """d: f32[N, A], score_a - score_b, or +1 / -1 / 0 from the label where a pair has no scores for an attribute (a
-  file without scores, or an attribute only labelled in a file that scores others); NaN: missing."""
+  file without scores, or an attribute only labelled in a file that scores others); NaN: missing.
+
+  A pair the builder labels a tie (label -1 under the mask) has d = 0 whatever its scores: a builder config's
+  `tie_epsilon` makes scores within it ties, and a one-hot basis then learns the builder's label.
+  """
   signs = np.where(label == 1, 1.0, np.where(label == 0, -1.0, 0.0))
   if scores_a is not None:
     with np.errstate(invalid="ignore"):
       diff = scores_a - scores_b
-    signs = np.where(np.isnan(diff), signs, diff)
+    signs = np.where(np.isnan(diff) | (label == -1), signs, diff)
   return np.where(mask, signs, np.nan).astype(np.float32)
 
 

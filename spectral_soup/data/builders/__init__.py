@@ -115,7 +115,8 @@ def make_config(source: str, /, base: Optional[str] = None, **overrides: Any) ->
   if base not in cls.builder_configs:
     raise ValueError(f"{cls.name}: unknown config {base!r}; predefined: {sorted(cls.builder_configs)}")
   template = cls.builder_configs[base]
-  fields = {f.name for f in dataclasses.fields(template)}
+  # The package's data fields and `name`; TFDS's own (version, description, tags, ...) are the builder's to set.
+  fields = set(common.config_fields(template)) | {"name"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"{cls.name}: unknown config fields {unknown}; known: {sorted(fields)}")
@@ -134,7 +135,13 @@ def make_config(source: str, /, base: Optional[str] = None, **overrides: Any) ->
 
 
 def _resolve_config(name: str, config: ConfigLike) -> Optional[Union[str, tfds.core.BuilderConfig]]:
-  if config is None or isinstance(config, (str, tfds.core.BuilderConfig)):
+  if isinstance(config, str):
+    cls = _builder_class(name)
+    if config not in cls.builder_configs:  # TFDS's own message listed no names.
+      raise ValueError(f"{cls.name}: unknown config {config!r}; predefined: {sorted(cls.builder_configs)} (or a "
+                       f"mapping of overrides, see make_config)")
+    return config
+  if config is None or isinstance(config, tfds.core.BuilderConfig):
     return config
   if isinstance(config, Mapping):
     overrides = dict(config)
@@ -193,6 +200,9 @@ def load_source(name: str, data_dir: Union[str, os.PathLike], manual_dir: Option
   """
   if os.environ.get("SPECTRAL_SOUP_PROGRESS") == "0":
     tfds.disable_progress_bar()
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ValueError(f"data_dir={os.fspath(data_dir)!r} is a file: expected a directory (the TFDS data directory, "
+                     f"created if missing).")
   builder = get_builder(name, data_dir, config)
   mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if rebuild else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from etils import epath
 import numpy as np
@@ -42,7 +42,8 @@ class JsonlPrefsConfig(common.HashSplitConfig):
   """Config of `JsonlPrefs` (see `common.HashSplitConfig` for the fields).
 
   `skip_malformed` must stay False: every row of a file of your own is checked, and the first bad one is refused
-  with its line and field (a file of your own is fixed rather than filtered).
+  with its line and field (a file of your own is fixed rather than filtered). `tie_epsilon` applies to the
+  attributes a row scores: two scores within it make the attribute a tie, whatever its label.
   """
 
 
@@ -89,7 +90,7 @@ class JsonlPrefs(common.ManualSourceBuilder):
           "prompt": prompt,
           "response_a": data["response_a"][i],
           "response_b": data["response_b"][i],
-          "label": data["label"][i],
+          "label": _ties(data, i, config.tie_epsilon),
           "mask": data["mask"][i],
           "scores_a": nan if data["scores_a"] is None else data["scores_a"][i],
           "scores_b": nan if data["scores_b"] is None else data["scores_b"][i]
@@ -112,3 +113,13 @@ class JsonlPrefs(common.ManualSourceBuilder):
         **counts,
     })
     return self._hash_splits(examples, rows_read=len(data["prompt"]), left_out=counts)
+
+
+def _ties(data: Dict[str, Any], i: int, tie_epsilon: float) -> np.ndarray:
+  """Row i's labels, with the attributes whose two scores differ by at most `tie_epsilon` made ties (-1)."""
+  label = data["label"][i]
+  if not tie_epsilon or data["scores_a"] is None:
+    return label
+  with np.errstate(invalid="ignore"):
+    close = np.abs(data["scores_a"][i] - data["scores_b"][i]) <= tie_epsilon  # False where a score is missing.
+  return np.where(close & data["mask"][i], -1, label).astype(label.dtype)

@@ -50,7 +50,14 @@ _NAME_RE = re.compile(r"(?:^|[^a-z])(" + "|".join(POLES) + r")(?=$|[^a-z])")
 
 @dataclasses.dataclass(eq=False)
 class PSoupsConfig(common.HashSplitConfig):
-  """Config of `PSoups` (see `common.HashSplitConfig` for the fields)."""
+  """Config of `PSoups` (see `common.HashSplitConfig` for the fields; `tie_epsilon` stays 0: the pairs carry labels,
+  no scores)."""
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.tie_epsilon != 0:  # It named a dataset of its own whose labels were the same.
+      raise common.config_error(self, "tie_epsilon", "0 (P-SOUPS pairs carry labels, no scores: no score difference "
+                                "to call a tie)")
 
 
 @dataclasses.dataclass
