@@ -173,6 +173,14 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
       f"an integer in [{metrics_lib.min_bootstrap()}, {MAX_BOOTSTRAP:,}] (at least 2 / (1 - 0.9) draws for the 90% "
       "intervals; each method's bootstrap holds num_bootstrap x users x eval prompts float64 values, computed after "
       "the whole decode)")
+  if num_devices is None:  # The bootstrap's [users, draws, prompts] float64 values and its int64 draws, at once.
+    host = memory.host_memory_bytes()
+    boot = config.eval.num_bootstrap * config.eval.num_prompts * (config.users.num_users + 1) * 8
+    need(
+        host is None or boot <= host / 2, "eval.num_bootstrap",
+        f"a number of draws whose bootstrap fits half of this machine's {(host or 0) / 2**30:.1f} GiB: "
+        f"num_bootstrap x (users.num_users + 1) x eval.num_prompts x 8 bytes = {boot / 2**30:.3g} GiB, after the "
+        "whole decode")
   config_checks.validate_config(config, num_devices=num_devices)
 
 
@@ -774,11 +782,12 @@ def _k_ablation(history, num_bases, l2):
   out = {"k": [], "heldout_choice_accuracy": []}
   for k in range(1, num_bases + 1):
     lam = np.asarray(fit_lib.fit_lambda_batched(feats[:, :split, :k], prefs[:, :split], l2=l2))
-    pred = np.einsum("unk,uk->un", feats[:, split:, :k], lam) > 0
+    margin = np.einsum("unk,uk->un", feats[:, split:, :k], lam)
+    # A zero margin (identical responses, lam = 0) predicts each choice as a coin flip, as the online rounds score it.
+    right = np.where(margin == 0, 0.5, (margin > 0) == (prefs[:, split:] > 0.5))
     out["k"].append(k)
     # NaN (null in results.json) when nothing is held out: a single comparison per user.
-    out["heldout_choice_accuracy"].append(
-        float(np.mean(pred == (prefs[:, split:] > 0.5))) if split < n else float("nan"))
+    out["heldout_choice_accuracy"].append(float(np.mean(right)) if split < n else float("nan"))
   return out
 
 

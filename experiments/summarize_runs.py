@@ -89,6 +89,10 @@ def _check_results(path: str, results: Any) -> None:
 
   methods, offline = results["methods"], results["offline"]
   need(isinstance(methods, dict), "methods", methods, "an object {method: {mean_reward, kl, ...}}")
+  absent = [name for name in ("reference", "bespoke") if name not in methods]
+  if absent:  # The main job writes both; without the reference every gain printed as n/a.
+    raise ValueError(f"{path}: methods has no {' or '.join(repr(a) for a in absent)} entry (it holds "
+                     f"{sorted(methods)}): expected the main job's results.json, which has both.")
   for name, entry in methods.items():
     need(isinstance(entry, dict), f"methods.{name}", entry, "an object {mean_reward, kl, ...}")
     for key in ("mean_reward", "kl"):
@@ -329,8 +333,10 @@ def summarize(runs: Sequence[dict]) -> dict:
     notes.append("held-out accuracy without a value (a head without held-out pairs): " +
                  ", ".join(f"{head} in {n} of {len(runs)} runs" for head, n in unmeasured.items()) +
                  "; its statistics are over the runs that have one")
+  splits = {resume.flatten(r["config"]).get("eval.split", "heldout") for r in runs if r.get("config") is not None}
   return {
       "runs": len(runs),
+      "split": splits.pop() if len(splits) == 1 else None,  # Mixed splits are refused above; None: not recorded.
       "methods": methods,
       "bespoke": {
           "gain": [r["bespoke_gain"] for r in runs],
@@ -346,7 +352,11 @@ def summarize(runs: Sequence[dict]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"{summary['runs']} runs: mean (std) [min, max] over runs"]
+  split = {
+      "dev": ", eval.split=dev: training-split users and prompts (tuning), not held-out results",
+      "heldout": ", held-out users and prompts"
+  }.get(summary.get("split"), "")
+  lines = [f"{summary['runs']} runs{split}: mean (std) [min, max] over runs"]
   lines += [f"note: {note}" for note in summary.get("notes", ())]
   lines += [
       "", f"{'method':<24} {'mean true reward':>34} {'gain over the reference':>34} {'KL':>34}" +

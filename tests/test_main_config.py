@@ -77,6 +77,19 @@ def test_a_frontier_without_the_fitted_method_is_refused(scales):
     main.validate_config(config)
 
 
+def test_a_bootstrap_beyond_the_machines_memory_is_refused(monkeypatch):
+  """16 users x 512 prompts x 100,000 draws: 6.1 GiB of float64 per method, allocated after the whole decode."""
+  monkeypatch.setattr(main.memory, "host_memory_bytes", lambda: 8 * 2**30)
+  config = demo.get_config()
+  config.eval.num_prompts, config.eval.num_bootstrap = 512, 100_000
+  with pytest.raises(
+      ValueError, match=r"eval\.num_bootstrap=100000 is invalid: expected a number of draws whose "
+      r"bootstrap fits half of this machine's 8\.0 GiB: .* = 6\.48 GiB"):
+    main.validate_config(config)
+  config.eval.num_bootstrap = 2000
+  main.validate_config(config)
+
+
 def test_a_negative_seed_is_refused():
   config = demo.get_config()
   config.seed = -1

@@ -1,5 +1,6 @@
 """The online protocol, the evaluation harness, PAD's token rewards and the normalized-score statistics."""
 
+import json
 import os
 
 import jax
@@ -409,6 +410,15 @@ def test_policy_harness_rows_and_common_random_numbers():
     h.decode(np.array([0, 2]), "explicit", np.tile(same[:3], (4, 1)), jax.random.key(1))
 
 
+@pytest.mark.parametrize("choice", [0.0, 1.0])
+def test_k_ablation_counts_a_zero_margin_as_a_coin_flip(choice):
+  """As the online rounds score it: every choice of the second response was 'predicted' (accuracy 1.0 or 0.0)."""
+  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
+  history = {"comparison_features": np.zeros((4, 40, 3), np.float32), "comparison_prefs": np.full((4, 40), choice)}
+  ablation = main_lib._k_ablation(history, 3, 1.0)  # pylint: disable=protected-access
+  assert ablation["heldout_choice_accuracy"] == [0.5, 0.5, 0.5]
+
+
 def _synthetic_results(rounds=2):
   """(results, history): the main job's results dict on a linear harness's online rounds and synthetic rewards."""
   from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
@@ -480,6 +490,23 @@ def test_plots_draw_what_the_results_say(tmp_path, monkeypatch):
   assert image.get_clim() == (-1.5, 1.5)
   low, high = figures["k_ablation.png"].axes[0].get_ylim()
   assert low <= 0.25 and high == 1
+
+
+def test_plots_of_a_results_json_read_back(tmp_path, monkeypatch):
+  """results.json holds null where the job had NaN: plotting it read back raised TypeError; an older file without
+  a needed key raised a bare KeyError."""
+  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
+  from spectral_soup.eval import plots  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(plots, "_save", lambda fig, path: None)
+  results, _ = _synthetic_results()
+  results["methods"]["reference"]["normalized_score"] = float("nan")
+  results["offline"]["attribute_shift"][0][1] = float("nan")
+  read_back = json.loads(main_lib.json_text(results))
+  assert read_back["methods"]["reference"]["normalized_score"] is None
+  assert len(plots.write_all(read_back, str(tmp_path))) == 6
+  del read_back["pareto"]
+  with pytest.raises(ValueError, match=r"results lack \['pareto'\]: expected the main job's results.json"):
+    plots.write_all(read_back, str(tmp_path))
 
 
 def test_a_zero_margin_predicts_each_choice_as_a_coin_flip():

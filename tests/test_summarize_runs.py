@@ -219,6 +219,18 @@ def test_runs_that_must_not_be_pooled_are_refused(tmp_path, case, message):
     summarize_runs.summarize(summarize_runs.load_runs([first, second]))
 
 
+def test_the_table_says_which_split_it_summarizes(tmp_path):
+  """A summary of dev runs (tuning) read like held-out results."""
+  dev = [_main_run(tmp_path / f"d{i}", split="dev", accuracy=[0.5 + 0.1 * i] * 4) for i in range(2)]
+  summary = summarize_runs.summarize(summarize_runs.load_runs(dev))
+  assert summary["split"] == "dev"
+  assert summarize_runs.format_summary(summary).splitlines()[0].startswith(
+      "2 runs, eval.split=dev: training-split users and prompts (tuning), not held-out results")
+  held = [_main_run(tmp_path / f"h{i}", accuracy=[0.5 + 0.1 * i] * 4) for i in range(2)]
+  text = summarize_runs.format_summary(summarize_runs.summarize(summarize_runs.load_runs(held)))
+  assert text.startswith("2 runs, held-out users and prompts: mean (std)")
+
+
 def test_the_split_is_read_from_results_json_before_config_json(tmp_path):
   first, second = _main_run(tmp_path / "s0"), _main_run(tmp_path / "s1", accuracy=[0.7] * 4, config=False)
   results = json.loads((tmp_path / "s1" / "results.json").read_text())
@@ -242,17 +254,21 @@ def test_a_config_json_of_a_later_run_is_refused(tmp_path):
     summarize_runs.load_runs([run])
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist (did `python -m experiments.main"),
-    ("dir", "results.json is a directory"),
-    ("null", "results.json holds null, not the main job's results.json"),
-    ("[1]", "results.json holds an array, not the main job's results.json"),
-    ('{"methods": ', "results.json: not valid JSON"),
-    ("kl", "results.json: methods.bespoke.kl is 'high': expected a finite number."),
-    ("heads",
-     "results.json: offline.heldout_accuracy is an array: expected an array of 4 numbers (one per head; null for a "
-     "head without held-out pairs)."),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist (did `python -m experiments.main"),
+        ("dir", "results.json is a directory"),
+        ("null", "results.json holds null, not the main job's results.json"),
+        ("[1]", "results.json holds an array, not the main job's results.json"),
+        ('{"methods": ', "results.json: not valid JSON"),
+        ("kl", "results.json: methods.bespoke.kl is 'high': expected a finite number."),
+        ("no_reference", "results.json: methods has no 'reference' entry"),  # Every gain printed as n/a, exit 0.
+        ("no_methods", "results.json: methods has no 'reference' or 'bespoke' entry (it holds [])"),  # An empty table.
+        ("heads",
+         "results.json: offline.heldout_accuracy is an array: expected an array of 4 numbers (one per head; null for a "
+         "head without held-out pairs)."),
+    ])
 def test_input_errors_are_one_line_naming_the_file(tmp_path, capsys, content, message):
   workdir = tmp_path / "run"
   if content is not None:
@@ -264,6 +280,11 @@ def test_input_errors_are_one_line_naming_the_file(tmp_path, capsys, content, me
       path.mkdir()
     elif content == "kl":
       results["methods"]["bespoke"]["kl"] = "high"
+      path.write_text(json.dumps(results))
+    elif content in ("no_reference", "no_methods"):
+      results["methods"] = {} if content == "no_methods" else {
+          k: v for k, v in results["methods"].items() if k != "reference"
+      }
       path.write_text(json.dumps(results))
     elif content == "heads":
       results["offline"]["heldout_accuracy"] = [0.5]

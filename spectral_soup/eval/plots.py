@@ -26,9 +26,29 @@ def _save(fig, path: str) -> None:
     fig.savefig(tmp, dpi=110)
 
 
+_NEEDED = ("methods", "bespoke_gain_significant", "learning_curve", "pareto", "k_ablation")
+
+
+def _nan_for_null(value):
+  """A copy of `value` (parsed JSON) with every None in a list or dict made NaN."""
+  if isinstance(value, Mapping):
+    return {k: _nan_for_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_nan_for_null(v) for v in value]
+  return float("nan") if value is None else value
+
+
 def write_all(results: Mapping, workdir: str) -> list:
   """Writes learning_curve.png, scores.png, frontier.png and attribute_shift.png (when results has frontiers and
   attribute shifts), pareto.png and k_ablation.png; returns their paths."""
+  missing = [key for key in _NEEDED if key not in results]
+  if missing:
+    raise ValueError(f"results lack {missing}: expected the main job's results.json (docs/RESULTS.md), whose "
+                     f"{list(_NEEDED)} every plot reads (an older or partial file?).")
+  results = _nan_for_null(results)  # A results.json read back holds null where the job had NaN.
+  config = results.get("config")
+  split = (config.get("eval") or {}).get("split", "heldout") if isinstance(config, Mapping) else "heldout"
+  users = "dev (training-split)" if split == "dev" else "held-out"
   plt = _pyplot()
   paths = []
 
@@ -50,7 +70,8 @@ def write_all(results: Mapping, workdir: str) -> list:
   axes[0].set(xlabel=xlabel, ylabel="true reward of shown responses", title="online rounds")
   axes[0].legend(fontsize=8)
   axes[1].plot(n, regret.mean(1), color="k", lw=2, marker="o", ms=3)
-  axes[1].set(xlabel=xlabel, ylabel="cumulative regret vs bespoke", title="regret")
+  # Bespoke's value is on the evaluation prompts, the rounds' rewards on the online prompts (docs/RESULTS.md).
+  axes[1].set(xlabel=xlabel, ylabel="cumulative regret vs bespoke", title="regret (bespoke on the evaluation prompts)")
   acc = np.asarray(curve["choice_accuracy"])
   axes[2].plot(n, acc.mean(1), color="k", marker="o")
   axes[2].axhline(0.5, color="gray", ls=":")
@@ -97,7 +118,7 @@ def write_all(results: Mapping, workdir: str) -> list:
     bespoke = results["methods"]["bespoke"]
     ax.plot([bespoke["kl"]], [bespoke["mean_reward"]], marker="*", ms=14, color="g", ls="", label="bespoke")
     ax.axvline(results["bespoke_kl"], color="g", ls=":", lw=0.8)
-    ax.set(xlabel="KL to the reference (nats per response)", ylabel="mean true reward of held-out users",
+    ax.set(xlabel="KL to the reference (nats per response)", ylabel=f"mean true reward of {users} users",
            title="reward-KL frontiers (scale of lambda / guidance)")
     ax.legend(fontsize=7)
     fig.tight_layout()

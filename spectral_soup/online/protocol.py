@@ -199,5 +199,9 @@ def run_online(harness: Harness, users: users_lib.SimulatedUsers, pool_size: int
 
 
 def cumulative_regret(round_rewards: np.ndarray, best_value: np.ndarray) -> np.ndarray:
-  """sum_{s <= t} (best_value[u] - round_rewards[s, u]): [T, U] -> [T, U]."""
+  """sum_{s <= t} (best_value[u] - round_rewards[s, u]): [T, U] -> [T, U].
+
+  An unbiased regret needs best_value on the rounds' own prompts; with a value measured on other prompts (the main
+  job's bespoke value on the evaluation prompts) every round adds their difference of pools to the regret.
+  """
   return np.cumsum(np.asarray(best_value)[None, :] - np.asarray(round_rewards), axis=0)
