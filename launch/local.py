@@ -9,6 +9,8 @@ r"""Runs a config on this machine, from the repository root; optionally on N fak
   a checkpoint): each run resumes from the newest checkpoint in --workdir.
 * `--nice=N` lowers the job's CPU priority (a shared machine).
 * Ctrl-C stops the job (which gets it too) and the launcher, exit status 130; a second Ctrl-C kills the job.
+* SIGTERM to the launcher is passed on to the job (it saves a checkpoint and stops); the launcher then exits with the
+  job's status (143), without restarting it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from typing import List, Optional, Sequence
@@ -38,9 +41,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help=f"Run again up to this many times while the job exits with {PREEMPTED_EXIT_CODE}.")
   common.add_job_flags(parser)
   args = parser.parse_args(argv)
-  common.check_config(parser, args, remote=False)
+  config = common.check_config(parser, args, remote=False)
   if args.fake_devices < 0 or args.restarts < 0:
     parser.error("--fake-devices and --restarts must be >= 0.")
+  if args.fake_devices:  # The job's checks on the devices it will see (a --dry-run printed a command it refuses).
+    common.check_job_values(parser, args, config, args.fake_devices, f"--fake-devices={args.fake_devices}")
   return args
 
 
@@ -65,21 +70,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not shutil.which(args.python):
     common.fail(f"--python={args.python}: no such executable (give an interpreter on PATH, or its full path).")
   step = steps[0]
+  _Terminated.received = False
   for attempt in range(args.restarts + 1):
     print(f"[run {attempt + 1}] {step.line()}", flush=True)
     code = run_job(step)
-    if code != PREEMPTED_EXIT_CODE:
+    if code != PREEMPTED_EXIT_CODE or _Terminated.received:  # Stopped by the launcher's own SIGTERM: not restarted.
       return code
   return code
+
+
+class _Terminated:
+  """Set by SIGTERM to the launcher while a job runs (a scheduler stopping it, `kill PID`)."""
+  received = False
 
 
 def run_job(step: common.Step) -> int:
   """Runs the job and returns its exit status (128 + N for signal N).
 
   Ctrl-C reaches the job too (one process group): the launcher waits for the job to stop on its own, then returns
-  130 without a traceback and without restarting it; a second Ctrl-C kills the job.
+  130 without a traceback and without restarting it; a second Ctrl-C kills the job. SIGTERM to the launcher is
+  passed on to the job (which saves a checkpoint and stops), and the launcher returns its status without
+  restarting it (the launcher exited at once and left the job running, holding its workdir).
   """
   proc = subprocess.Popen(step.argv, cwd=step.cwd)
+
+  def forward(signum, frame):
+    del signum, frame
+    if not _Terminated.received:
+      print("\n[terminated] passing SIGTERM on to the job and waiting for it to stop ...", file=sys.stderr, flush=True)
+    _Terminated.received = True
+    proc.send_signal(signal.SIGTERM)
+
+  try:
+    previous = signal.signal(signal.SIGTERM, forward)
+  except ValueError:  # Not the main thread: no signal handling.
+    previous = None
   try:
     code = proc.wait()
   except KeyboardInterrupt:
@@ -91,6 +116,9 @@ def run_job(step: common.Step) -> int:
       proc.wait()
     print("[interrupted] the job stopped.", file=sys.stderr, flush=True)
     return INTERRUPTED_EXIT_CODE
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return code if code >= 0 else 128 - code
 
 

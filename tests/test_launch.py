@@ -179,6 +179,13 @@ def test_local_plan(monkeypatch):
   ]
 
 
+def test_local_checks_the_config_on_its_fake_devices(capsys):
+  """--dry-run printed a command whose job refused the config seconds later (a batch of 32 over 3 devices)."""
+  with pytest.raises(SystemExit):
+    local.parse_args([f"--config={CONFIG}", "--workdir=w", "--fake-devices=3", "--dry-run"])
+  assert "train.batch_size=32 is invalid" in capsys.readouterr().err
+
+
 def test_local_restarts_while_preempted(tmp_path, monkeypatch):
   """Exit 143 (checkpoint saved, stopped) is run again; any other status ends the loop."""
   script = tmp_path / "job.py"
@@ -195,17 +202,13 @@ def test_local_restarts_while_preempted(tmp_path, monkeypatch):
   assert counter.read_text() == "2"
 
 
-def test_local_ctrl_c_stops_the_job_and_the_launcher_without_a_traceback(tmp_path):
-  """Ctrl-C (SIGINT to the process group) reaches the job; the launcher waits for it, exits 130, no restart."""
-  import signal  # pylint: disable=g-import-not-at-top
+def _start_launcher(tmp_path, setup: str, body: str):
+  """`launch.local --restarts=3` in its own session, running a Python job (`setup`, then it writes
+  `tmp_path/started`, then `body`); returns the launcher's process once the job has started."""
   import time  # pylint: disable=g-import-not-at-top
   job = tmp_path / "job.py"
-  # A job started from a background shell inherits SIGINT ignored; a terminal's job has Python's default handler.
-  job.write_text("import pathlib, signal, sys, time\n"
-                 "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-                 f"pathlib.Path({str(tmp_path / 'started')!r}).write_text('1')\n"
-                 "try:\n  time.sleep(60)\nexcept KeyboardInterrupt:\n"
-                 f"  time.sleep(0.5)\n  pathlib.Path({str(tmp_path / 'stopped')!r}).write_text('1')\n  sys.exit(1)\n")
+  job.write_text("import pathlib, signal, sys, time\n" + setup +
+                 f"pathlib.Path({str(tmp_path / 'started')!r}).write_text('1')\n" + body)
   launcher = tmp_path / "launcher.py"
   launcher.write_text("import signal, sys\nfrom launch import common, local\n"
                       "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
@@ -217,12 +220,38 @@ def test_local_ctrl_c_stops_the_job_and_the_launcher_without_a_traceback(tmp_pat
   deadline = time.time() + 60
   while not (tmp_path / "started").exists() and time.time() < deadline:
     time.sleep(0.05)
+  return proc
+
+
+def test_local_ctrl_c_stops_the_job_and_the_launcher_without_a_traceback(tmp_path):
+  """Ctrl-C (SIGINT to the process group) reaches the job; the launcher waits for it, exits 130, no restart."""
+  import signal  # pylint: disable=g-import-not-at-top
+  # A job started from a background shell inherits SIGINT ignored; a terminal's job has Python's default handler.
+  proc = _start_launcher(
+      tmp_path, "signal.signal(signal.SIGINT, signal.default_int_handler)\n",
+      "try:\n  time.sleep(60)\nexcept KeyboardInterrupt:\n"
+      f"  time.sleep(0.5)\n  pathlib.Path({str(tmp_path / 'stopped')!r}).write_text('1')\n  sys.exit(1)\n")
   os.killpg(proc.pid, signal.SIGINT)  # What the terminal sends on Ctrl-C.
   out, err = proc.communicate(timeout=60)
   assert proc.returncode == 130, (out, err)
   assert "Traceback" not in err and "[interrupted] the job stopped." in err, err
   assert (tmp_path / "stopped").exists()  # The launcher waited for the job's own shutdown.
   assert out.count("[run ") == 1  # Not restarted.
+
+
+def test_local_sigterm_reaches_the_job_and_is_not_restarted(tmp_path):
+  """SIGTERM to the launcher alone (a scheduler, `kill PID`): it exited 143 at once and left the job running, its
+  workdir held, never checkpointed."""
+  import signal  # pylint: disable=g-import-not-at-top
+  proc = _start_launcher(
+      tmp_path, "def stop(*_):\n"
+      f"  time.sleep(0.5)\n  pathlib.Path({str(tmp_path / 'stopped')!r}).write_text('1')\n  sys.exit(143)\n"
+      "signal.signal(signal.SIGTERM, stop)\n", "time.sleep(60)\nsys.exit(0)\n")
+  os.kill(proc.pid, signal.SIGTERM)  # The launcher only.
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143, (out, err)
+  assert (tmp_path / "stopped").exists()  # The job got SIGTERM and the launcher waited for it.
+  assert out.count("[run ") == 1 and "passing SIGTERM on to the job" in err, (out, err)  # Not restarted.
 
 
 def test_remote_job_scripts_run(tmp_path):
@@ -465,6 +494,9 @@ def test_some_workers_of_a_multi_host_slice_are_checked_as_one_host_each_with_a_
   single = POD[:3] + ["--accelerator-type=v5litepod-8", f"--config={CONFIG}", "--workdir=/tmp/run"]
   assert tpu.parse_args(single + ["--run-workers=ALL"]).run_workers == "all"
   assert capsys.readouterr().err == ""
+  with pytest.raises(SystemExit):  # The whole 4-host slice: the job's mesh refused a subset after the setup.
+    tpu.parse_args(base + ["--", "--config.mesh.num_devices=4"])
+  assert "num_devices=4 is invalid: expected -1 (or 16): a job of 4 hosts uses every device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("machine, accelerator", [("a2-ultragpu-0g", None), ("n1-standard-8", "type=nvidia-t4,count=0"),

@@ -126,6 +126,13 @@ class Checkpointer:
     """remove_partial_steps: delete a crashed run's unfinished steps (in the background, awaited by the first
     save). False for a Checkpointer that only reads: two of them deleting the same step race each other."""
     self.directory = os.path.abspath(directory)
+    if remove_partial_steps and jax.process_index() == 0:  # Orbax says so at INFO only, which the CLIs hide.
+      partial = sorted(name for name in (os.listdir(self.directory) if os.path.isdir(self.directory) else ())
+                       if ".orbax-checkpoint-tmp" in name)
+      if partial:
+        logging.warning(
+            "%s: %d step(s) left half-written by an interrupted save (%s) are ignored and removed; the "
+            "run resumes from the newest complete step.", self.directory, len(partial), ", ".join(partial))
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,

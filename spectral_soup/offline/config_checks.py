@@ -177,7 +177,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   devices = jax.device_count() if num_devices is None else num_devices
   if c.mesh.num_devices != -1:
     need(0 < c.mesh.num_devices <= devices, "mesh.num_devices", f"-1 or 1..{devices}")
-    devices = c.mesh.num_devices
+    all_devices, devices = devices, c.mesh.num_devices
   data, fsdp, model = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.model, devices)
   shards = data * fsdp
   micro = c.train.batch_size // c.train.grad_accum_steps
@@ -194,6 +194,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       f"an axis within one host: data x fsdp = {data} x {fsdp} = {shards} is not a multiple of the {hosts} hosts "
       f"(model={model} spans hosts); use a model axis of at most {max(devices // hosts, 1)} devices and a larger "
       f"data or fsdp axis")
+  if c.mesh.num_devices != -1:  # `mesh.make_mesh` refuses a subset of a multi-host job's devices on the hosts.
+    need(hosts == 1 or c.mesh.num_devices == all_devices, "mesh.num_devices",
+         f"-1 (or {all_devices}): a job of {hosts} hosts uses every device")
   for field in ("feature_batch_size", "eval_batch_size"):
     size = c.train[field]
     need(size >= 1 and size % shards == 0, f"train.{field}", f"a positive multiple of data x fsdp = {shards}")

@@ -427,7 +427,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, state: Dict[str,
         held_out = evaluate(state["params"])
         if held_out:  # Without held-out pairs there is nothing to record (it wrote empty "eval" records).
           writer.write(step, held_out, kind="eval")
-      stop_now = stop.received or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
+      stop_now = stop.agreed() or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
       data_state = _data_state(config, train_iter, run)
       ckpt.save(step, state, data_state, force=stop_now or step == num_steps)
       if stop_now:
@@ -491,6 +491,15 @@ class _StopSignal:
     else:
       logging.warning("SIGTERM received: saving a checkpoint after this step and stopping.")
     self.received = True
+
+  def agreed(self) -> bool:
+    """Whether to stop after this step: this process's signal, or with several processes any one's. Every process
+    must stop at the same step (a SIGTERM reaching two hosts a second apart stopped one alone, in a forced save,
+    while the other waited in the next step's collectives: both hung). One small all-gather per step."""
+    if jax.process_count() == 1:
+      return self.received
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.received))))
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 import types
+from unittest import mock
 
 import jax
 import numpy as np
@@ -220,7 +221,10 @@ def test_the_config_check_reads_only(reference, tmp_path):
   resume.check_existing_checkpoint(_config(), workdir)
   time.sleep(1.0)  # Time for a background deletion, had one started.
   assert os.path.isdir(os.path.join(partial, "state"))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))  # The training's: removes it.
+  with mock.patch.object(checkpoint_lib.logging, "warning") as warning:  # Orbax's INFO line was all (hidden).
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))  # The training's: removes it.
+  assert "left half-written by an interrupted save" in warning.call_args[0][0]
+  assert f"{NUM_STEPS + 2}.orbax-checkpoint-tmp" in warning.call_args[0][-1]
   ckpt.manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
   ckpt.close()
   assert not os.path.exists(partial)

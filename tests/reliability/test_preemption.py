@@ -162,3 +162,22 @@ def test_metrics_file_survives_a_crash_while_it_is_rewritten(tmp_path, monkeypat
   monkeypatch.undo()
   metrics_lib.MetricsWriter(str(tmp_path), resume_step=3, tensorboard=False).close()
   assert path.read_text() == "".join(lines[:3])
+
+
+def test_every_host_stops_when_any_host_got_sigterm(monkeypatch):
+  """A SIGTERM reaching two hosts a second apart stopped the first alone (a forced save) while the second waited in
+  the next step's collectives: both hung, nothing saved (two processes on CPU, 2 of 2 runs). The stop is agreed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from spectral_soup.offline import train  # pylint: disable=g-import-not-at-top
+  gathered = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: gathered.append(int(x)) or np.asarray([int(x), 1]))  # The other host got it.
+  stop = train._StopSignal()  # pylint: disable=protected-access
+  assert not stop.received and stop.agreed() and gathered == [0]
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray([int(x), 0]))
+  assert not stop.agreed()
+  stop.received = True
+  assert stop.agreed()
