@@ -219,8 +219,14 @@ def test_truncation_keeps_the_prompt_end_and_the_response_start(root, tokenizer)
   config = _config("ultrafeedback", root, num_bases=4, prompt_len=6, response_len=1)
   train, _, _ = sources.builder_pairs(config, tokenizer)
   assert train["prompt_mask"].all() and train["response_a_mask"].all()
-  assert tokenizer.decode(train["prompt"][0]).endswith("<|end|><|assistant|>")
+  prompt = tokenizer.decode(train["prompt"][0])
+  # The template's start stays (a cut from the left dropped the user header: a turn generation never shows).
+  assert prompt.startswith("<|user|>") and prompt.endswith("<|end|><|assistant|>"), prompt
   assert (train["response_a"][:, 0] != tokenizer.eos_token_id).all()  # A cut response has no end token.
+  assert sources.template_head(tokenizer) == 1
+  assert sources.keep_prompt_end(range(10), 6, 2) == [0, 1, 6, 7, 8, 9]
+  assert sources.keep_prompt_end(range(10), 6, 4) == [4, 5, 6, 7, 8, 9]  # A head above half the length: cut too.
+  assert sources.keep_prompt_end(range(5), 6, 2) == [0, 1, 2, 3, 4]
 
 
 def test_cut_prompts_and_responses_are_counted_in_a_warning(tokenizer, caplog):

@@ -7,7 +7,7 @@ r"""Preference pairs for basis training from the TFDS builders: UltraFeedback, H
 in `config.data.manual_dir`, into `config.data.data_dir`; nothing is downloaded), reads the train and eval splits,
 tokenizes them and returns arrays in the `input_pipeline` pair format:
 
-    prompt int32[N, P], prompt_mask bool[N, P]          chat-formatted, left-truncated, left-padded
+    prompt int32[N, P], prompt_mask bool[N, P]          chat-formatted, cut from the text's start, left-padded
     response_a/_b int32[N, R], response_*_mask bool[N, R]  text + end-of-sequence token, right-truncated, right-padded
     labels int8[N, K]                                     BT label of basis k (1: a preferred, 0: b, -1: none)
     scores_a/_b f32[N, K]                                 rating of each response under basis k (NaN: missing)
@@ -340,12 +340,36 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> Li
   return tokenizer(list(prompts))["input_ids"]  # With the tokenizer's own special tokens (e.g. BOS).
 
 
+def template_head(tokenizer, chat_template: bool = True) -> int:
+  """How many tokens the encoding puts before the user's text (BOS, a system turn, the user header): the common
+  prefix of two one-letter prompts' encodings."""
+  a, b = encode_prompts(tokenizer, ["a", "b"], chat_template)
+  head = 0
+  while head < min(len(a), len(b)) and a[head] == b[head]:
+    head += 1
+  return head
+
+
+def keep_prompt_end(ids: Sequence[int], prompt_len: int, head: int) -> List[int]:
+  """A prompt's encoding cut to `prompt_len` tokens from the left of its text: its first `head` tokens (the
+  template's start, `template_head`) and its last `prompt_len - head` (the text's end, the template's end and the
+  assistant header). Plain left truncation dropped the user header and BOS, a turn shape generation never shows;
+  a head above half of `prompt_len` is cut with the rest."""
+  ids = list(ids)
+  if len(ids) <= prompt_len:
+    return ids
+  if 0 < head <= prompt_len // 2:
+    return ids[:head] + ids[len(ids) - (prompt_len - head):]
+  return ids[-prompt_len:]
+
+
 def tokenize(tokenizer, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], *,
              prompt_len: int, response_len: int, chat_template: bool = True) -> Dict[str, np.ndarray]:
   """Token fields of `input_pipeline` for N pairs of texts.
 
-  Prompts keep their last `prompt_len` tokens (left-padded); responses are their tokens followed by the
-  end-of-sequence token, cut to `response_len` (right-padded; a cut response has no end token).
+  Prompts keep their last `prompt_len` tokens, after the template's start (`keep_prompt_end`; left-padded);
+  responses are their tokens followed by the end-of-sequence token, cut to `response_len` (right-padded; a cut
+  response has no end token).
   """
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else input_pipeline.PAD_ID
   eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -360,9 +384,10 @@ def tokenize(tokenizer, prompts: Sequence[str], responses_a: Sequence[str], resp
     out[name] = np.full((n, length), pad, np.int32)
     out[f"{name}_mask"] = np.zeros((n, length), bool)
   cut = {"prompt": 0, "response": 0}
+  head = template_head(tokenizer, chat_template) if n else 0
   for i, ids in enumerate(encode_prompts(tokenizer, prompts, chat_template)):
     cut["prompt"] += len(ids) > prompt_len
-    ids = ids[-prompt_len:]
+    ids = keep_prompt_end(ids, prompt_len, head)
     out["prompt"][i, prompt_len - len(ids):] = ids
     out["prompt_mask"][i, prompt_len - len(ids):] = True
   for side, texts in (("a", responses_a), ("b", responses_b)):
@@ -374,7 +399,7 @@ def tokenize(tokenizer, prompts: Sequence[str], responses_a: Sequence[str], resp
       out[f"response_{side}_mask"][i, :len(ids)] = True
   if cut["prompt"] or cut["response"]:
     logging.warning(
-        "%d of %d prompts were longer than data.prompt_len=%d tokens (their start is cut) and %d of %d responses "
+        "%d of %d prompts were longer than data.prompt_len=%d tokens (their text's start is cut) and %d of %d responses "
         "longer than data.response_len=%d (their end is cut).", cut["prompt"], n, prompt_len, cut["response"], 2 * n,
         response_len)
   same = int(
