@@ -399,9 +399,9 @@ def tokenize(tokenizer, prompts: Sequence[str], responses_a: Sequence[str], resp
       out[f"response_{side}_mask"][i, :len(ids)] = True
   if cut["prompt"] or cut["response"]:
     logging.warning(
-        "%d of %d prompts were longer than data.prompt_len=%d tokens (their text's start is cut) and %d of %d responses "
-        "longer than data.response_len=%d (their end is cut).", cut["prompt"], n, prompt_len, cut["response"], 2 * n,
-        response_len)
+        "%d of %d prompts were longer than data.prompt_len=%d tokens (their text's start is cut) and %d of %d "
+        "responses longer than data.response_len=%d (their end is cut).", cut["prompt"], n, prompt_len, cut["response"],
+        2 * n, response_len)
   same = int(
       np.sum(
           np.all(out["response_a"] == out["response_b"], axis=1) &
