@@ -286,15 +286,18 @@ def test_constructing_a_builder_leaves_no_temporary_directory(tmp_path, monkeypa
 
 def test_embedded_prefs_tie_epsilon_and_source_path(tmp_path):
   source = _write_embedded(tmp_path / "src", _embedded_rows(2))
-  ds = builders.load_source(
-      "embedded_prefs", tmp_path / "tfds", split="train[:100%]", config={
-          "source_path": os.fspath(source / "pairs.jsonl"),
-          "tie_epsilon": 0.15,
-          "validation_fraction": 0.0,
-          "test_fraction": 0.0
-      })
+  ds_config = lambda src: {
+      "source_path": os.fspath(src / "pairs.jsonl"),
+      "tie_epsilon": 0.15,
+      "validation_fraction": 0.0,
+      "test_fraction": 0.0
+  }
+  ds = builders.load_source("embedded_prefs", tmp_path / "tfds", split="train[:100%]", config=ds_config(source))
   labels = {_s(e["response_a"]): e["label"].tolist() for e in _read_all(ds)}
   assert labels == {"a0.0": [1, 0, -1], "a1.0": [1, 0, -1], "a0.1": [-1, -1, -1], "a1.1": [-1, -1, -1]}
+  builder = builders.get_builder("embedded_prefs", tmp_path / "tfds", ds_config(source))
+  with pytest.raises(ValueError, match=r"split 'train\[:0\]' selects no examples"):  # TFDS: "Paths sequence ...".
+    builder.as_data_source("train[:0]")
 
 
 @pytest.mark.parametrize(

@@ -828,7 +828,13 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       if isinstance(text, str):
         for part in text.split("+"):
           self._check_split(part.split("[", 1)[0].strip())
-    return super().as_data_source(split, **kwargs)
+    try:
+      return super().as_data_source(split, **kwargs)
+    except ValueError as e:
+      if "can not be of 0 length" not in str(e):
+        raise
+      raise ValueError(f"{self.name}/{self.builder_config.name}: split {split!r} selects no examples (TFDS: {e}); "
+                       f"expected a slice holding at least one example.") from None
 
   def _check_split(self, name: str) -> None:
     if name in self.info.splits or name not in (self.info.metadata.get("empty_splits") or []):
