@@ -171,6 +171,7 @@ class Basis:
     names: K names, what each basis prefers.
     config: the config that trained them (`basis.num_bases` = K).
     step: the checkpoint's training step.
+    directory: the run directory whose `checkpoints/` it was read from (`load_basis`), or None.
   """
   policy: Any
   params: Any
@@ -178,6 +179,7 @@ class Basis:
   names: Tuple[str, ...]
   config: ml_collections.ConfigDict
   step: int
+  directory: Optional[str] = None
 
   @property
   def num_bases(self) -> int:
@@ -346,7 +348,8 @@ def load_basis(workdir: str) -> Basis:
                             f"{want.get(name, 'none')} for the config (was config.json or the backbone at "
                             f"model.path={config.model.path!r} changed after training?).")
   params = build.merge_params(trainable, backbone)
-  return Basis(policy=policy, params=params, tokenizer=tokenizer, names=names, config=config, step=step)
+  return Basis(policy=policy, params=params, tokenizer=tokenizer, names=names, config=config, step=step,
+               directory=os.path.abspath(basis_dir(workdir)))
 
 
 def restore_bases(workdir: str) -> Tuple[Any, Tuple[str, ...], ml_collections.ConfigDict, int]:

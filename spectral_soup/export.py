@@ -211,6 +211,13 @@ def _check_not_an_input(basis: Any, path: str, out_dir: Any) -> None:
   """ValueError if replacing `path` would replace what loading `basis` reads (its backbone at `model.path`, its
   tokenizer at `data.tokenizer`): an earlier export that bases were trained on is itself an export, so it passed
   `_check_out_dir`, and replacing it swapped the backbone under the bases without an error."""
+  directory = getattr(basis, "directory", None)
+  if directory:  # Orbax read it as a damaged step, and the next resume of the run deleted it.
+    for folder in ("checkpoints", "checkpoints.corrupt"):
+      real = os.path.realpath(os.path.join(directory, folder))
+      if path == real or path.startswith(real + os.sep):
+        raise ValueError(f"export_hf: out_dir={out_dir!r} is inside the training run's {folder} ({real}), which "
+                         "the run reads and prunes: expected a directory outside it.")
   for section, name in (("model", "path"), ("data", "tokenizer")):
     try:
       folder = basis.config[section][name] or ""

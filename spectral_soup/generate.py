@@ -50,6 +50,8 @@ class _RepeatedUser(ValueError):
 # Files a training run or the main job writes at the top of its workdir (beside config.json, basis.json and the main
 # job's plots, `plots.PLOT_FILES`).
 _RUN_FILES = ("metrics.jsonl", "results.json", "comparisons.npz", "samples.json", "training_curves.png")
+# Folders a run writes and reads again: a file written there was removed or misread by the next resume.
+_RUN_FOLDERS = ("checkpoints", "checkpoints.corrupt", "tensorboard", "nonfinite")
 
 
 def check_not_a_run_file(output: str, run_dirs, config) -> None:
@@ -59,12 +61,20 @@ def check_not_a_run_file(output: str, run_dirs, config) -> None:
   real = os.path.realpath(output)
   inside = lambda folder: real == os.path.realpath(folder) or real.startswith(os.path.realpath(folder) + os.sep)
   for d in run_dirs:
-    if inside(os.path.join(d, "checkpoints")):
-      raise ValueError(f"--output={output} is inside the run's checkpoints ({d}/checkpoints): expected a file outside "
-                       "them.")
-    if any(real == os.path.realpath(os.path.join(d, name)) for name in _RUN_FILES + plots.PLOT_FILES):
-      raise ValueError(f"--output={output} is one of the run's own files ({os.path.basename(real)} in {d}): expected "
-                       "another file name.")
+    for folder in _RUN_FOLDERS:
+      if inside(os.path.join(d, folder)):
+        raise ValueError(f"--output={output} is inside the run's {folder} ({d}/{folder}): expected a file outside "
+                         "it.")
+    name = os.path.basename(real)
+    own = name in _RUN_FILES + plots.PLOT_FILES or name.startswith(".lock") or (name.startswith("features-") and
+                                                                                ".npz" in name)
+    if own and os.path.dirname(real) == os.path.realpath(d):
+      raise ValueError(f"--output={output} is one of the run's own files ({name} in {d}: its lock, its cached "
+                       "features or an output): expected another file name.")
+  features_dir = ((config.get("train") or {}).get("features_dir") or "") if hasattr(config, "get") else ""
+  if isinstance(features_dir, str) and features_dir and inside(features_dir):
+    raise ValueError(f"--output={output} is inside config.train.features_dir={features_dir!r}, the run's cached "
+                     "features: expected a file outside it.")
   for field in ("model.path", "data.tokenizer"):
     section, name = field.split(".")
     folder = (config.get(section) or {}).get(name) or ""
@@ -94,7 +104,7 @@ def read_users(lam: str, users: str) -> Tuple[List[str], List[List[float]]]:
     return dict(pairs)
 
   try:
-    with open(users) as f:
+    with open(users, encoding="utf-8-sig") as f:
       data = json.load(f, object_pairs_hook=unique)
   except OSError as e:
     raise ValueError(f"--users={users}: cannot read it ({e.strerror}).") from None
@@ -113,9 +123,22 @@ def read_users(lam: str, users: str) -> Tuple[List[str], List[List[float]]]:
   for name, w in zip(names, weights):
     if not isinstance(w, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
       raise ValueError(f"--users={users}: user {name!r} has {w!r}: expected a list of numbers, one per basis.")
-    if not all(math.isfinite(x) for x in w):
-      raise ValueError(f"--users={users}: user {name!r} has {w!r}: expected finite numbers.")
+    if not all(_finite(x) for x in w):
+      raise ValueError(f"--users={users}: user {name!r} has {_short(w)}: expected finite numbers.")
   return names, [[float(x) for x in w] for w in weights]
+
+
+def _finite(x) -> bool:
+  """A finite float64 (an integer of 400 digits is not: float() of it raised OverflowError, a traceback)."""
+  try:
+    return math.isfinite(float(x))
+  except OverflowError:
+    return False
+
+
+def _short(value, limit: int = 200) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_prompts(prompt: str, prompts: str) -> List[str]:
@@ -127,7 +150,7 @@ def read_prompts(prompt: str, prompts: str) -> List[str]:
       raise ValueError("--prompt is empty: expected text.")
     return [prompt]
   try:
-    with open(prompts, encoding="utf-8") as f:
+    with open(prompts, encoding="utf-8-sig") as f:  # A byte-order mark is not part of the first prompt.
       lines = [line.strip() for line in f]
   except OSError as e:
     raise ValueError(f"--prompts={prompts}: cannot read it ({e.strerror}).") from None

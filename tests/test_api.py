@@ -322,9 +322,9 @@ def _cli(*args, cwd):
 
 def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
   users = tmp_path / "users.json"
-  users.write_text(json.dumps({"reference": [0, 0, 0], "marker": [0, 3, 0]}))
+  users.write_text("\ufeff" + json.dumps({"reference": [0, 0, 0], "marker": [0, 3, 0]}), encoding="utf-8")
   prompts = tmp_path / "prompts.txt"
-  prompts.write_text("hello there\n\nwhat is up?\n")
+  prompts.write_text("\ufeffhello there\n\nwhat is up?\n", encoding="utf-8")  # A byte-order mark (Notepad's).
   out = tmp_path / "responses.jsonl"
   result = _cli(f"--workdir={workdir}", f"--users={users}", f"--prompts={prompts}", "--max_new_tokens=12",
                 f"--output={out}", cwd=REPO)
@@ -363,6 +363,11 @@ def test_generate_cli_serves_users_from_a_workdir(workdir, basis, tmp_path):
         # served.
         (["--lam=1,0,0", "--output={workdir}/metrics.jsonl"], r"--output=.*metrics.jsonl is one of the run's own files"
         ),
+        # Its lock (a second run could then start beside a live one) and its cached features (recomputed).
+        (["--lam=1,0,0", "--output={workdir}/.lock"], r"--output=.*\.lock is one of the run's own files"),
+        (["--lam=1,0,0", "--output={workdir}/features-0123abcd.npz"], r"features-0123abcd.npz in .*its lock, its "
+         "cached features"),
+        (["--users=huge.json"], r"--users=huge.json: user 'a' has \[1000000000.*\.\.\.: expected finite numbers"),
         (["--lam=1,0,0", "--output={tokenizer}/tokenizer.json"
          ], r"--output=.*tokenizer.json is inside config.data.tokenizer=.*, which serving the basis reads"),
         # Refused before the basis loads now (they were refused after it, 5-6 s later).
@@ -375,6 +380,7 @@ def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, 
   (tmp_path / "nan.json").write_text('{"a": [NaN, 0, 0]}')
   (tmp_path / "twice.json").write_text('{"a": [1, 0, 0], "a": [0, 1, 0]}')
   (tmp_path / "good.json").write_text('{"a": [1, 0, 0]}')
+  (tmp_path / "huge.json").write_text('{"a": [1' + "0" * 400 + ', 0, 0]}')  # OverflowError, a traceback.
   before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
   config = open(os.path.join(workdir, "config.json"), "rb").read()
   tokenizer = json.loads(config)["data"]["tokenizer"]

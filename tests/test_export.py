@@ -264,6 +264,13 @@ def test_an_export_that_bases_were_trained_on_is_not_replaced(tmp_path):
     with pytest.raises(ValueError, match=rf"is or holds config\.{field}=.*which loading this basis reads"):
       ss.export_hf(basis, LAM, str(target))
   assert sorted(os.listdir(earlier)) == ["config.json", "model.safetensors", "soup.json"]
+  # Inside the run's checkpoints: read back as a damaged step, then deleted by the run's next resume.
+  (tmp_path / "run" / "checkpoints" / "300").mkdir(parents=True)
+  basis.directory = str(tmp_path / "run")
+  for target in ("checkpoints/1000", "checkpoints/300/x"):
+    with pytest.raises(ValueError, match=r"is inside the training run's checkpoints .* which the run reads and "
+                       "prunes"):
+      ss.export_hf(basis, LAM, str(tmp_path / "run" / target))
 
 
 def test_what_a_killed_export_left_is_cleared_and_the_previous_export_restored(tmp_path):

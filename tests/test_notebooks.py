@@ -55,3 +55,27 @@ def test_notebook_runs_in_tiny_settings(name, tmp_path):
   for cell in plots:
     images = [out for out in cell.outputs if "image/png" in out.get("data", {})]
     assert images, f"{name}: a plot cell drew no image:\n{cell.source[:300]}"
+
+
+def test_a_basis_of_the_other_branch_and_unknown_user_attributes_are_named():
+  """A tiny basis with TINY off failed deep inside a later cell (a None tokenizer, a missing data.num_prompts); a
+  SmolLM2 basis with TINY on fed synthetic ids to SmolLM2; a user naming an attribute the basis lacks became the
+  reference (lam = 0), silently."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from configs import demo, train_basis_tiny  # pylint: disable=g-import-not-at-top
+  from experiments.colab import common  # pylint: disable=g-import-not-at-top
+  tiny, smol = train_basis_tiny.get_config(), demo.get_config()
+  common.check_basis(tiny, True)
+  common.check_basis(smol, False)
+  with pytest.raises(ValueError, match="a random backbone .*set TINY = True"):
+    common.check_basis(tiny, False)
+  with pytest.raises(ValueError, match="on the backbone 'embedded:smollm2'.*set TINY = False"):
+    common.check_basis(smol, True)
+  smol.data.source = "ultrafeedback"
+  with pytest.raises(ValueError, match="data.source='ultrafeedback'.*spectral_soup.load_basis"):
+    common.check_basis(smol, False)
+  lam = common.user_lams({"a": {"marker 2": 2.0}, "ref": {}}, ("marker 1", "marker 2"))
+  assert lam.tolist() == [[0.0, 2.0], [0.0, 0.0]]
+  with pytest.raises(ValueError, match=r"user 'b' names \['marker 3'\], which this basis does not have"):
+    common.user_lams({"b": {"marker 3": 2.0}}, ("marker 1", "marker 2"))

@@ -93,13 +93,45 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   return basis_lib.run_config(workdir)
 
 
-def restore_basis(workdir: str, model: Any, backbone: Any) -> Basis:
+def restore_basis(workdir: str, model: Any, backbone: Any, tiny: Optional[bool] = None) -> Basis:
   """The newest checkpoint's head bases in `workdir` (`spectral_soup.basis.restore_bases`), on `backbone` (from
-  `load_backbone(run_config)`)."""
+  `load_backbone(run_config)`). `tiny`: the notebook's TINY switch, checked against the basis (`check_basis`)."""
   trainable, names, config, step = basis_lib.restore_bases(workdir)
   if config.basis.kind != "heads":
     raise ValueError(f"{basis_lib.basis_dir(workdir)} holds {config.basis.kind} bases; the notebooks serve head "
                      "bases.")
+  if tiny is not None:
+    check_basis(config, tiny, workdir)
   policy = build.build_policy(model.config, config.basis)
   params = build.merge_params(trainable, build.unboxed(backbone))
   return Basis(policy=policy, params=params, attributes=names, config=config, step=step)
+
+
+def check_basis(config: ml_collections.ConfigDict, tiny: bool, workdir: str = "BASIS_WORKDIR") -> None:
+  """ValueError unless the basis `config` trained is one the notebook's `TINY` branch serves: TINY a random
+  backbone with synthetic marker pairs, otherwise a checkpoint backbone on the embedded data (whose attribute
+  rewards score the responses). The wrong branch failed deep inside a later cell (a None tokenizer, a missing
+  `data.num_prompts`) or, TINY on a SmolLM2 basis, fed synthetic token ids to SmolLM2 as prompts."""
+  random_backbone = not config.model.get("path")
+  if tiny and not random_backbone:
+    raise ValueError(f"{workdir} holds a basis on the backbone {config.model.path!r}; TINY = True serves a basis of "
+                     "configs/train_basis_tiny.py (a random backbone): set TINY = False.")
+  if not tiny and random_backbone:
+    raise ValueError(f"{workdir} holds a basis on a random backbone (configs/train_basis_tiny.py): set TINY = True.")
+  if not tiny and config.data.get("source") != "embedded":
+    raise ValueError(f"{workdir} holds a basis trained on data.source={config.data.get('source')!r}; the notebook "
+                     "scores responses with the embedded data's attribute rewards: serve this basis with "
+                     "spectral_soup.load_basis (or python -m spectral_soup.generate) instead.")
+
+
+def user_lams(users: Any, attributes: Tuple[str, ...]) -> Any:
+  """[U, K] weights of users given as {name: {attribute: weight}} over the basis's `attributes` (0 for an attribute
+  a user leaves out). A name the basis does not have is refused: it was read as 0, and that user silently became
+  the reference."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for name, weights in users.items():
+    unknown = sorted(set(weights) - set(attributes))
+    if unknown:
+      raise ValueError(f"user {name!r} names {unknown}, which this basis does not have (its attributes: "
+                       f"{', '.join(attributes)}).")
+  return np.array([[weights.get(a, 0.0) for a in attributes] for weights in users.values()], np.float32)
