@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +26,7 @@ def _write(path, rows):
   return str(path)
 
 
-def test_chosen_rejected_rows_label_their_attribute(tmp_path):
+def test_chosen_rejected_rows_label_their_attribute(tmp_path, caplog):
   path = _write(
       tmp_path / "p.jsonl",
       [
@@ -47,7 +49,12 @@ def test_chosen_rejected_rows_label_their_attribute(tmp_path):
               "rejected": "maybe"
           },
       ])
-  out = jsonl.read(path)
+  with caplog.at_level(logging.WARNING):
+    out = jsonl.read(path)
+  # The row without one trains a basis of its own, as documented; a forgotten field reads alike, so it is named.
+  assert re.search(
+      r"p.jsonl: some chosen / rejected rows name their attribute \(first: line 1\) and some do not "
+      r"\(first: line 4\); those without one train a basis 'preference' of their own", caplog.text)
   assert out["attributes"] == ("concise", "friendly", "preference")
   assert out["prompt"] == ["p0", "p1", "p2"] and out["response_a"] == ["short", "thanks!", "yes"]
   np.testing.assert_array_equal(out["label"], [[1, -1, -1], [-1, 1, -1], [-1, -1, 1]])
@@ -259,6 +266,10 @@ PAIR = {"prompt": "p", "response_a": "a", "response_b": "b"}
             **GOOD, "chosen": "paris\ud800."
         }, r"line 2: field 'chosen' holds an unpaired surrogate '\\ud800' at "
          "character 5"),
+        ({
+            **GOOD, "attribute": "concise\ud800"
+        }, r"line 2: field 'attribute' has an attribute name that holds an unpaired surrogate '\\ud800' at "
+         "character 7"),  # Refused in text fields only: a name that UTF-8 cannot write into basis.json or the logs.
         (None, r"line 2: null: expected a JSON object"),
         ({
             **GOOD, "chosen": None

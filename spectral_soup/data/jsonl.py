@@ -8,8 +8,9 @@ One JSON object per line (blank lines are skipped), or one row of a Hugging Face
 layouts (a dataset's columns carry the same names; None, Arrow's missing value, is an absent field):
 
 * **chosen / rejected**: `{"prompt": str, "chosen": str, "rejected": str, "attribute": str}`: one preference per
-  row; `attribute` (optional, default "preference") names the dimension it judges, so rows of several attributes
-  may share a file, each labelling only its own. Response a is the chosen one.
+  row; `attribute` (optional, default "preference", with a warning when other rows name theirs) names the
+  dimension it judges, so rows of several attributes may share a file, each labelling only its own. Response a is
+  the chosen one.
 * **two responses, judged per attribute**: `{"prompt": str, "response_a": str, "response_b": str, "labels": {name:
   "a" | "b" | "tie" | 1 | 0 | 0.5 | null}}` and/or `{"scores_a": {name: number}, "scores_b": {name: number}}`
   (ratings of each response, higher is better; both or neither). An attribute absent from a row, or labelled
@@ -164,6 +165,9 @@ def _name(where: str, field: str, name: Any) -> str:
   if name != name.strip():  # " concise" and "concise" would become two bases.
     raise ValueError(f"{where}: field {field!r} has the attribute name {name!r}: expected no surrounding "
                      "whitespace.")
+  problem = text_problem(name)
+  if problem:  # Refused in text fields already; a name is written to basis.json and the logs as UTF-8 too.
+    raise ValueError(f"{where}: field {field!r} has an attribute name that {problem}.")
   if name.startswith("-"):  # config.data.attributes reads a leading "-" as "negated": no setting could select it.
     raise ValueError(f"{where}: field {field!r} has the attribute name {name!r}: expected a name that does not "
                      "start with '-' (config.data.attributes negates an attribute with a leading '-').")
@@ -380,6 +384,8 @@ def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
   rows: List[Tuple[str, str, str, Dict[str, int], Dict[str, Tuple[float, float]]]] = []
   places: List[str] = []
   layouts = set()
+  named: Optional[Tuple[str, bool]] = None  # (where, whether it names its attribute) of the first chosen row.
+  mixed = None  # The first chosen row that differs from it there.
   for where, row in (_dataset_rows(path) if is_dataset_dir(path) else _json_lines(path)):
     rows.append(_parse_row(where, row))
     places.append(where)
@@ -387,6 +393,18 @@ def read(path: str, keep_repeats: bool = False) -> Dict[str, Any]:
     if len(layouts) > 1:
       raise ValueError(f"{where}: mixes the chosen / rejected layout with the response_a / response_b layout of "
                        "earlier rows: expected one layout per file.")
+    if layouts == {"chosen"}:
+      if named is None:
+        named = (where, "attribute" in row)
+      elif mixed is None and named[1] != ("attribute" in row):
+        mixed = where
+  if mixed is not None:  # The rows without one train a basis of their own: say so (a forgotten field reads alike).
+    without, with_ = (mixed, named[0]) if named[1] else (named[0], mixed)
+    logging.warning(
+        "%s: some chosen / rejected rows name their attribute (first: %s) and some do not (first: %s); those "
+        "without one train a basis %r of their own. Write \"attribute\" on every row if that is not meant.", path,
+        with_.rsplit(", ", 1)[-1],
+        without.rsplit(", ", 1)[-1], DEFAULT_ATTRIBUTE)
   if not rows:
     raise ValueError(f"{path} holds no rows: expected one JSON object per line.")
   same = [i for i, r in enumerate(rows) if r[1] == r[2]]

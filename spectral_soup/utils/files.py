@@ -134,7 +134,7 @@ def fsync(path: str) -> None:
 def write_text_atomic(path: str, text: str) -> None:
   """Writes `text` to `path` so that a reader (or a crash) sees the old file or the new one, never half of it."""
   with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
 
 

@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from spectral_soup.utils import files
+
 logger = logging.getLogger(__name__)
 
 EMPTY_SCORE = 0.0
@@ -158,6 +160,11 @@ class RewardStats:
       raise ValueError(f"scores must have shape [N, {len(names)}] for names {names}, got {scores.shape}.")
     if scores.shape[0] < 2:
       raise ValueError(f"need at least 2 reference samples to fit normalization stats, got {scores.shape[0]}.")
+    bad = np.argwhere(~np.isfinite(scores))
+    if bad.size:  # A NaN made the mean and std NaN, and every standardized score after them.
+      i, j = (int(x) for x in bad[0])
+      raise ValueError(f"scores[{i}, {j}] ({names[j]!r}) is {scores[i, j]}: expected finite scores to fit "
+                       f"normalization stats ({len(bad)} non-finite in all).")
     mean = scores.mean(axis=0)
     std = scores.std(axis=0)
     for j in np.flatnonzero(std < MIN_STD):
@@ -209,11 +216,13 @@ class RewardStats:
     if mean.shape != (len(names),) or std.shape != (len(names),) or not np.all(std > 0):
       raise ValueError(f"malformed reward stats: {len(names)} names, mean {mean.shape}, std {std.shape} "
                        f"(std must be > 0).")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+      raise ValueError(f"malformed reward stats: mean {mean.tolist()}, std {std.tolist()}: expected finite numbers.")
     return cls(names, mean, std, int(d["count"]), d.get("configs", {}))
 
   def save(self, path: str | os.PathLike) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(self.to_json() + "\n")
+    """Writes `to_json()` so that a crash leaves the old file or the new one, never half of it."""
+    files.write_text_atomic(os.fspath(path), self.to_json() + "\n")
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "RewardStats":

