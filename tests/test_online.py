@@ -19,6 +19,7 @@ from scipy import special
 from spectral_soup import online
 from spectral_soup import soup
 from spectral_soup.online import exact_mdp as em
+from spectral_soup.online import newton
 
 _U, _N, _K = 16, 24, 6  # The shared batch shape of the robustness tests (one compilation).
 
@@ -470,6 +471,46 @@ def test_a_start_that_saturates_the_logits_still_reaches_the_optimum(feature, l2
   grad = lambda a: feature * (special.expit(feature * a) - 0.9) + l2 * (a - mu)
   exact = optimize.brentq(grad, -10.0, 10.0, xtol=1e-15)
   assert abs(lam - exact) <= 1e-5 * max(1.0, abs(exact)), (lam, exact)
+
+
+def _stable_newton64(x, p, l2, iters=200):
+  """Damped Newton in float64 with the residual and curvature written for any margin: [U, K]."""
+  out = []
+  for xu, pu in zip(np.asarray(x, np.float64), np.asarray(p, np.float64)):
+    objective = lambda lam, xu=xu, pu=pu: np.sum(np.logaddexp(0.0, xu @ lam) - pu * (xu @ lam)) + 0.5 * l2 * lam @ lam
+    lam = np.zeros(xu.shape[1])
+    for _ in range(iters):
+      z = xu @ lam
+      g = xu.T @ ((1.0 - pu) * special.expit(z) - pu * special.expit(-z)) + l2 * lam
+      h = (xu * (special.expit(z) * special.expit(-z))[:, None]).T @ xu + l2 * np.eye(len(lam))
+      step, t = np.linalg.solve(h, g), 1.0
+      while objective(lam - t * step) > objective(lam) and t > 1e-12:
+        t /= 2
+      lam = lam - t * step
+    out.append(lam)
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("scale, l2", [(1e2, 1e-3), (1e3, 1e-3), (1e4, 1.0), (3e4, 1.0)])
+def test_separable_comparisons_with_large_margins_reach_the_optimum(scale, l2):
+  """A consistent user (separable comparisons) whose closest margins at the optimum lie beyond ~8: for p = 1,
+  float32's sigmoid(z) - p holds the derivative -e^-z to an absolute 6e-8 only (1e-3 relative at z = 10, exactly 0
+  from z ~ 17), and s (1 - s) likewise, so the fit stopped 1e-3 to 6e-3 (relative) short of the optimum, silently in
+  `update_users` and traced calls."""
+  rng = np.random.default_rng(0)
+  truth = rng.standard_normal((3, 3))
+  x = rng.standard_normal((3, 20, 3)) * scale
+  p = (np.einsum("unk,uk->un", x, truth) > 0).astype(np.float32)
+  ref = _stable_newton64(x, p, l2)
+  margins = np.abs(np.einsum("unk,uk->un", x, ref))
+  assert margins.min() > 8.0  # Every comparison lies where sigmoid(z) - 1 keeps a few digits at most.
+  lam = np.asarray(online.fit_lambda_batched(x.astype(np.float32), p, l2=l2), np.float64)
+  error = np.linalg.norm(lam - ref, axis=1) / np.linalg.norm(ref, axis=1)
+  assert error.max() < 1e-6, error
+  z = np.linspace(-40.0, 40.0, 81)
+  for label in (0.0, 0.3, 1.0):  # sigmoid(z) - p (soft labels too), to a few ulps at any margin (float64: the same).
+    np.testing.assert_allclose(np.asarray(newton.residual(jnp.asarray(z, jnp.float32), label), np.float64),
+                               (1.0 - label) * special.expit(z) - label * special.expit(-z), rtol=1e-6, atol=0)
 
 
 def test_sgd_update_is_a_gradient_step():

@@ -14,10 +14,12 @@ f(x, y) in R^K (f_k = beta * (log pi_k(y|x) - log pi_ref(y|x))) and d = f(x, y_a
 Newton (IRLS) steps in K dimensions (`newton`) until the step is negligible (`tol`; at most `num_iters`), each a
 descent step (up to rounding) whatever the data: separable data (the optimum stays finite because l2 > 0), ties,
 all-one-side feedback, no feedback (lam = mu), feature scales from 1e-6 to 1e6. Accuracy in float32 is ~1e-6
-relative on ordinary problems (K = 30, N = 64: within 3e-7 of the float64 optimum); it degrades (lam stays
-finite) when the data curvature exceeds l2 by ~1e6 or more on nearly separable data (e.g. features ~1e3 with
-l2 = 1: ~1e-3), and fails on separable data whose curvature exceeds l2 by ~1e12 (features ~1e6 with l2 = 1: lam
-10-30% off, its objective too flat for float32), where a RuntimeWarning names the fits that did not converge.
+relative on ordinary problems (K = 30, N = 64: within 3e-7 of the float64 optimum), and on separable comparisons
+whose margins at the optimum lie far into the sigmoid's tails (features 1e2-3e4, l2 = 1e-3-1: within 2e-7; the
+derivative and curvature there are computed from sigmoid(-z), `newton.residual` and `newton.curvature`, not as
+differences from 1); it degrades (lam stays finite) on separable data whose curvature exceeds l2 by ~1e10 or more
+(features ~1e5-1e6 with l2 = 1: lam 2-5% off, the objective's changes there below float32's resolution), where a
+RuntimeWarning names the fits that did not converge.
 
 Everything in the online package is a pure function of arrays. Each entry point has two forms:
   * the one-user form (`fit_lambda`, `posterior`, ...) on `[N, K]` data, which is jit- and vmap-compatible:
@@ -337,5 +339,5 @@ def _sgd_update(lam, delta_features_t, prefs_t, lr, l2, prior_mean):
   lam = lam.astype(dtype)
   d = jnp.asarray(delta_features_t, dtype)
   mu = jnp.zeros_like(lam) if prior_mean is None else jnp.asarray(prior_mean, dtype)
-  grad = (jax.nn.sigmoid(jnp.dot(lam, d)) - prefs_t) * d + l2 * (lam - mu)
+  grad = newton.residual(jnp.dot(lam, d), prefs_t) * d + l2 * (lam - mu)
   return lam - lr * grad

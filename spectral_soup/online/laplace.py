@@ -49,7 +49,7 @@ _COV_JITTER = 1e-5
 def posterior_core(lam: Array, x: Array, m: Array, l2: Array) -> Tuple[Array, Array]:
   """`posterior` on materialized arrays of one user: (lam `[K]`, cov `[K, K]`)."""
   x, _, m = newton.sanitize(x, jnp.zeros(x.shape[:1], x.dtype), m)
-  h = newton.hessian(x, None, m, l2, w=m * newton.curvature(x @ lam))  # Exact weights also for saturated logits.
+  h = newton.hessian(x, m * newton.curvature(x @ lam), l2)  # Exact weights also for saturated logits.
   h = 0.5 * (h + h.T)
   evals, evecs = jnp.linalg.eigh(h)
   evals = jnp.maximum(evals, l2)  # Exact arithmetic gives evals >= l2; rounding may not.
