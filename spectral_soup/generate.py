@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -128,6 +128,20 @@ def read_users(lam: str, users: str) -> Tuple[List[str], List[List[float]]]:
   return names, [[float(x) for x in w] for w in weights]
 
 
+def backbone_max_len(config) -> Tuple[Optional[int], str]:
+  """(positions, where they are stated) of the run's backbone, before any weight loads: a random backbone's
+  `config.model.max_len`, a checkpoint's own (its config.json or GGUF metadata). (None, "") where the checkpoint's
+  config does not read: loading the basis then names the problem (a moved or relative path, ...)."""
+  path = config.model.get("path")
+  if not path:
+    return config.model.get("max_len"), "config.model.max_len"
+  from spectral_soup import models  # pylint: disable=g-import-not-at-top
+  try:
+    return models.config_from_pretrained(path).max_len, f"the checkpoint {path}"
+  except (OSError, ValueError):
+    return None, ""
+
+
 def _finite(x) -> bool:
   """A finite float64 (an integer of 400 digits is not: float() of it raised OverflowError, a traceback)."""
   try:
@@ -194,11 +208,10 @@ def main(argv) -> None:
       inputs += [os.path.join(d, name) for d in run_dirs for name in ("config.json", "basis.json")]
       files.check_output_file("--output", _OUTPUT.value, inputs)
       check_not_a_run_file(_OUTPUT.value, run_dirs, config)
-    # A random backbone's length is config.model.max_len (a checkpoint's is its own, known once it loads).
-    max_len = None if config.model.get("path") else config.model.get("max_len")
+    max_len, source = backbone_max_len(config)
     if isinstance(max_len, int) and _MAX_NEW_TOKENS.value >= max_len:  # The prompt needs a position too.
       raise ValueError(f"--max_new_tokens={_MAX_NEW_TOKENS.value}: the model holds {max_len} positions "
-                       f"(config.model.max_len), prompt included: expected fewer.")
+                       f"({source}), prompt included: expected fewer.")
     num_bases = len(basis_lib.basis_names(_WORKDIR.value, config))
     for name, w in zip(names, weights):
       if len(w) != num_bases:

@@ -397,6 +397,24 @@ def test_generate_cli_refuses_bad_flags_before_loading(workdir, tmp_path, args, 
   assert {path: open(path, "rb").read() for path in kept} == kept
 
 
+def test_generate_cli_checks_max_new_tokens_against_a_checkpoints_positions(workdir, tmp_path):
+  """A checkpoint backbone's positions come from its config.json (or GGUF metadata) before its weights load: an
+  over-long --max_new_tokens was refused only after the load (minutes for a large checkpoint). Here the checkpoint
+  has no weights at all, so only the early check can produce this message."""
+  checkpoint = tmp_path / "backbone"
+  hf_fixtures.tiny_hf_config("llama", max_position_embeddings=16).save_pretrained(checkpoint)
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  config = json.loads((run / "config.json").read_text())
+  config["model"]["path"] = str(checkpoint)
+  (run / "config.json").write_text(json.dumps(config))
+  result = _cli(f"--workdir={run}", "--prompt=hi", "--lam=1,0,0", "--max_new_tokens=16", cwd=tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert re.fullmatch(
+      r"error: --max_new_tokens=16: the model holds 16 positions \(the checkpoint .*backbone\), "
+      r"prompt included: expected fewer.\n", result.stderr), result.stderr[-2000:]
+
+
 def test_generate_cli_names_a_workdir_without_usable_bases(workdir, tmp_path):
   """A training run killed before its first checkpoint, and a config.json edited after training: one error line
   and exit status 2, as for every other bad file (a traceback before)."""

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import transformers
 
+from spectral_soup import models
 from spectral_soup.models import embedded
 from spectral_soup.models import gguf_import
 
@@ -114,10 +115,12 @@ def _gguf_name(hf_name: str) -> str:
 
 
 def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str = "llama", ffn_length: int = _F,
-                block_count: Any = _L, head_count: Any = _H, extra_metadata=None, merges=None) -> Dict[str, np.ndarray]:
+                block_count: Any = _L, head_count: Any = _H, extra_metadata=None, merges=None,
+                vector_dtype=None) -> Dict[str, np.ndarray]:
   """Writes a tiny Llama GGUF (with tokenizer) to `path`; returns its weights in HF names and layouts.
 
-  extra_metadata: called with the writer after the standard metadata, to add keys."""
+  extra_metadata: called with the writer after the standard metadata, to add keys; vector_dtype: the numpy dtype
+  the 1-D tensors (the norms) are stored in (default float32)."""
   state = _tiny_state(seed, tie)
   tokens, types = _tiny_vocab()
   w = gguf.GGUFWriter(str(path), arch)
@@ -155,6 +158,8 @@ def _write_tiny(path, *, seed: int = 0, tie: bool = True, qtype=F32, arch: str =
       value = value[_llama_cpp_row_order(_KV, _HD)]
     if value.ndim == 2 and qtype != F32:
       w.add_tensor(_gguf_name(name), gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    elif value.ndim == 1 and vector_dtype is not None:
+      w.add_tensor(_gguf_name(name), np.ascontiguousarray(value.astype(vector_dtype)))
     else:
       w.add_tensor(_gguf_name(name), np.ascontiguousarray(value))
   w.write_header_to_file()
@@ -231,6 +236,26 @@ def test_tiny_q8_0(tmp_path):
       np.testing.assert_allclose(got, value, atol=0.01 * np.abs(value).max(), err_msg=name)
     else:
       np.testing.assert_array_equal(got, value, err_msg=name)
+
+
+def test_tensor_types_the_reader_cannot_dequantize_are_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+  """F64 norms are read (the gguf package's dequantize has no F64: refused before); an I32 norm is refused naming
+  it before any tensor is dequantized (it was found in the thread pool, biggest tensors first: after all of them)."""
+  f64 = tmp_path / "f64.gguf"
+  expected = _write_tiny(f64, vector_dtype=np.float64)
+  assert gguf.GGMLQuantizationType.F64 in {t.tensor_type for t in gguf.GGUFReader(str(f64)).tensors}
+  _, state = gguf_import.read_gguf(f64)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(state[name], value.astype(np.float64).astype(np.float32), err_msg=name)
+  i32 = tmp_path / "i32.gguf"
+  _write_tiny(i32, vector_dtype=np.int32)
+  read = []
+  monkeypatch.setattr(gguf_import, "_dequantize", lambda *args: read.append(args) or np.zeros(args[2], np.float32))
+  with pytest.raises(
+      ValueError, match=r"i32\.gguf'?: tensor '[^']*norm[^']*' has GGML type I32, which the installed "
+      r"gguf package cannot dequantize: expected F32, F16, F64, BF16"):
+    gguf_import.read_gguf(i32)
+  assert not read
 
 
 def test_gguf_metadata_plain_values(tiny_path):
@@ -343,6 +368,24 @@ def test_what_the_model_cannot_run_is_refused_before_any_tensor_is_read(tmp_path
   monkeypatch.setattr(gguf_import, "_dequantize", lambda *args: read.append(args) or np.zeros(args[2], np.float32))
   with pytest.raises(ValueError, match=r"scaled\.gguf'?: .*" + message):
     gguf_import.read_gguf(path)
+  assert not read
+
+
+def test_config_from_pretrained_reads_no_tensor(tmp_path, monkeypatch):
+  """The architecture of a .gguf file from its metadata alone (what `generate` checks its flags against before the
+  weights load): the config `from_pretrained` builds, with no tensor dequantized; a refused file raises the same."""
+  path = tmp_path / "tiny.gguf"
+  _write_tiny(path, tie=False)
+  built = models.from_pretrained(path)[0].config
+  read = []
+  monkeypatch.setattr(gguf_import, "_dequantize", lambda *args: read.append(args) or np.zeros(args[2], np.float32))
+  config = models.config_from_pretrained(path)
+  assert not read
+  assert config.max_len == _CTX and config == built
+  scaled = tmp_path / "scaled.gguf"
+  _write_tiny(scaled, extra_metadata=lambda w: w.add_string("llama.rope.scale_linear", "two"))
+  with pytest.raises(ValueError, match=r"scaled\.gguf'?: .*metadata 'llama.rope.scale_linear' = 'two'"):
+    models.config_from_pretrained(scaled)
   assert not read
 
 

@@ -277,11 +277,57 @@ def llama_dir(tmp_path_factory):
   return hf_fixtures.save_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama_sd"))
 
 
+def test_config_from_pretrained_is_the_loaded_architecture(llama_dir, tmp_path):
+  """An HF directory's architecture from config.json alone, overrides applied as `from_pretrained` applies them;
+  a directory without config.json is named."""
+  assert hf_import.config_from_pretrained(llama_dir) == hf_import.from_pretrained(llama_dir)[0].config
+  assert hf_import.config_from_pretrained(llama_dir, max_len=7).max_len == 7
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"empty: no config.json"):
+    hf_import.config_from_pretrained(tmp_path / "empty")
+
+
 def _rewrite_checkpoint(src, dst, edit) -> None:
   """dst/ = src/config.json + edit(src's state dict) as model.safetensors."""
   dst.mkdir()
   shutil.copy(src / "config.json", dst / "config.json")
   save_file(edit(load_file(str(src / "model.safetensors"))), str(dst / "model.safetensors"))
+
+
+def test_a_shape_error_after_an_override_names_the_override(tmp_path):
+  """`from_pretrained(gpt2_dir, max_len=16)` (the docstring's example field) on a 64-position checkpoint blamed the
+  file: 'tensor wpe.weight has shape (64, 64), expected (16, 64)'."""
+  gpt2 = hf_fixtures.save_tiny_checkpoint("gpt2", tmp_path / "gpt2")
+  with pytest.raises(
+      ValueError, match=r"has shape \(64, 64\), expected \(16, 64\) .* \(the config was overridden "
+      r"with max_len=16: expected the checkpoint's own sizes there\)"):
+    hf_import.from_pretrained(gpt2, max_len=16)
+  assert hf_import.from_pretrained(gpt2, max_len=64)[0].config.max_len == 64
+
+
+def test_quantized_checkpoints_are_named_as_such(llama_dir, tmp_path):
+  """GPTQ / AWQ (config.json's quantization_config) and MLX (its `quantization`, packed uint32 weights) checkpoints:
+  'missing tensor ...q_proj.weight' and 'has shape (64, 8), expected (64, 64)' read as a config that does not match
+  its weights; they are named as quantized, from config.json, before any tensor is read."""
+  for field, value, shown in (("quantization_config", {
+      "quant_method": "gptq",
+      "bits": 4
+  }, r"\(gptq\)"), ("quantization", {
+      "group_size": 64,
+      "bits": 4
+  }, r"\(4\)")):
+    quantized = tmp_path / field
+    quantized.mkdir()
+    config = json.loads((llama_dir / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, field: value}))
+    shutil.copy(llama_dir / "model.safetensors", quantized / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"config.json: {field} {shown}: a quantized checkpoint: expected float32"):
+      hf_import.from_pretrained(quantized)
+  packed = tmp_path / "packed"  # Packed weights under a plain config: the dtype is named, not the shape.
+  name = "model.layers.0.self_attn.q_proj.weight"
+  _rewrite_checkpoint(llama_dir, packed, lambda sd: {**sd, name: np.zeros((64, 8), np.uint32)})
+  with pytest.raises(ValueError, match=rf"tensor '{name}' has dtype uint32: expected float32, float16 or bfloat16"):
+    hf_import.from_pretrained(packed)
 
 
 def test_wrong_shape_names_file_tensor_and_param(llama_dir, tmp_path):
@@ -447,16 +493,33 @@ def test_gpt2_and_llama_config_mapping():
   assert hf_import.config_from_hf(linear).rope_scale == 4.0
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(rope_parameters={
-        "rope_type": "yarn",
-        "rope_theta": 1e4,
-        "factor": 2.0
-    }), "rope_type"),
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(mlp_bias=True), "mlp_bias"),
-    (dict(hidden_act="relu"), "hidden_act"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1e4,
+            "factor": 2.0
+        }), "rope_type"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="relu"), "hidden_act"),
+        # A stated null or string theta / factor ran with the default theta or the string's value (transformers' own
+        # model fails on them): "rope_parameters.rope_theta=None is not supported: expected a finite number > 0".
+        (dict(rope_parameters={
+            "rope_type": "default",
+            "rope_theta": None
+        }), r"rope_theta=None is not supported: expected a finite number > 0"),
+        (dict(rope_parameters={
+            "rope_type": "default",
+            "rope_theta": "10000"
+        }), r"rope_theta='10000' is not supported: expected a finite number > 0"),
+        (dict(rope_parameters={
+            "rope_type": "linear",
+            "rope_theta": 1e4,
+            "factor": None
+        }), r"factor=None is not supported: expected a finite number > 0"),
+    ])
 def test_unsupported_llama_features_raise(overrides, field):
   with pytest.raises(ValueError, match=field):
     hf_import.config_from_hf(hf_fixtures.tiny_hf_config("llama", **overrides))

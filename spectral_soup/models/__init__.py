@@ -5,6 +5,7 @@ from spectral_soup.models.config import gemma3
 from spectral_soup.models.config import gpt2
 from spectral_soup.models.config import llama
 from spectral_soup.models.hf_import import config_from_hf
+from spectral_soup.models.hf_import import config_from_pretrained
 from spectral_soup.models.hf_import import from_pretrained
 from spectral_soup.models.hf_import import load_hf_checkpoint
 from spectral_soup.models.hf_import import params_from_state_dict

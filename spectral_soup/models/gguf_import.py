@@ -331,11 +331,20 @@ def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
   return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# Stored as plain numpy floats: read directly (the gguf package's `dequantize` has no F64).
+_PLAIN_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F64)
+
+
+def _readable(qtype: Any) -> bool:
+  """Whether `_dequantize` can read a tensor of GGML type `qtype` (the installed gguf package's types)."""
+  return qtype in _PLAIN_FLOAT_TYPES or qtype in getattr(gguf.quants, "_type_traits", {})
+
+
 def _dequantize(path: str, tensor: Any, shape: Tuple[int, ...]) -> np.ndarray:
   """float32 numpy copy of a GGUF tensor, reshaped to the (numpy-order) `shape`."""
   qtype = tensor.tensor_type
   try:
-    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+    if qtype in _PLAIN_FLOAT_TYPES:
       out = np.array(tensor.data, dtype=np.float32)  # A copy: detached from the mapping, native byte order.
     else:
       out = np.asarray(gguf.quants.dequantize(tensor.data, qtype), dtype=np.float32)
@@ -346,6 +355,29 @@ def _dequantize(path: str, tensor: Any, shape: Tuple[int, ...]) -> np.ndarray:
   except Exception as e:
     raise ValueError(f"{path!r}: could not dequantize tensor {tensor.name!r} (GGML type {qtype.name}, shape {shape}):"
                      f" {type(e).__name__}: {e}") from e
+
+
+def _checked_config(path: str, reader: gguf.GGUFReader) -> transformers.LlamaConfig:
+  """The file's architecture as a transformers config, refused (ValueError naming the file) where the model cannot
+  run it (another architecture, yarn rotary scaling, ...): no tensor is read."""
+  arch = _field(path, reader, "general.architecture")
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise ValueError(f"{path!r}: GGUF architecture {arch!r} is not supported (supported: "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+  config = _llama_config(path, reader, [t.name for t in reader.tensors])
+  from spectral_soup.models.hf_config import config_from_hf  # pylint: disable=g-import-not-at-top
+  try:
+    config_from_hf(config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path!r}: {e}") from None
+  return config
+
+
+def read_gguf_config(path: str | os.PathLike) -> transformers.LlamaConfig:
+  """The architecture of a GGUF checkpoint (what `read_gguf` returns first), from its metadata alone: no tensor is
+  read or dequantized. Raises as `read_gguf` does for the file and its metadata."""
+  path, reader = _open(path)
+  return _checked_config(path, reader)
 
 
 def read_gguf(path: str | os.PathLike,
@@ -370,17 +402,8 @@ def read_gguf(path: str | os.PathLike,
       that are missing, unexpected or shaped differently from what the metadata implies.
   """
   path, reader = _open(path)
+  config = _checked_config(path, reader)
   arch = _field(path, reader, "general.architecture")
-  if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(f"{path!r}: GGUF architecture {arch!r} is not supported (supported: "
-                     f"{', '.join(SUPPORTED_ARCHITECTURES)})")
-  tensor_names = [t.name for t in reader.tensors]
-  config = _llama_config(path, reader, tensor_names)
-  from spectral_soup.models.hf_config import config_from_hf  # pylint: disable=g-import-not-at-top
-  try:  # What the model cannot run (yarn rotary scaling, projection biases) is refused before any tensor is read.
-    config_from_hf(config)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{path!r}: {e}") from None
   expected = _expected_shapes(config)
 
   jobs = []  # (hf_name, reader tensor, numpy shape)
@@ -394,6 +417,10 @@ def read_gguf(path: str | os.PathLike,
     if shape != expected[hf_name]:
       raise ValueError(f"{path!r}: tensor {tensor.name!r} ({hf_name}) has shape {shape} (GGUF order "
                        f"{list(tensor.shape.tolist())}) but the metadata implies {expected[hf_name]}")
+    if not _readable(tensor.tensor_type):  # Before any tensor is dequantized (the biggest go first: minutes).
+      raise ValueError(f"{path!r}: tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, which the "
+                       "installed gguf package cannot dequantize: expected F32, F16, F64, BF16 or a quantized type "
+                       "it reads (Q4_0, Q8_0, Q4_K, ...)")
     jobs.append((hf_name, tensor, shape))
   if unexpected:
     raise ValueError(f"{path!r}: unexpected tensors for a {config.num_hidden_layers}-layer {arch} model: "

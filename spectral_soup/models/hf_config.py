@@ -41,19 +41,28 @@ def _activation(model_type: str, field: str, value: Any) -> str:
   return _ACTIVATIONS[value]
 
 
+def _positive_number(model_type: str, field: str, value: Any) -> float:
+  """A rope parameter the config states: a finite number > 0 (null or "10000" ran with the default, or a string's
+  value, where transformers' own model fails)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    raise _unsupported(model_type, field, value, "expected a finite number > 0")
+  return float(value)
+
+
 def _rope(model_type: str, field: str, params: Optional[Mapping[str, Any]], default_theta: float,
           allow_linear: bool = True) -> Tuple[float, float]:
   """(theta, linear scale) from one HF rope-parameter dict; raises on rope types we do not implement."""
   params = dict(params or {})
   rope_type = params.get("rope_type", params.get("type", "default"))
-  theta = float(_given(params.get("rope_theta"), default_theta))
+  theta = _positive_number(model_type, f"{field}.rope_theta",
+                           params["rope_theta"]) if "rope_theta" in params else (float(default_theta))
   partial = params.get("partial_rotary_factor", 1.0)
   if partial not in (None, 1, 1.0):
     raise _unsupported(model_type, f"{field}.partial_rotary_factor", partial, "only full rotary embeddings")
   if rope_type == "default":
     return theta, 1.0
   if rope_type == "linear":
-    factor = float(params.get("factor", 1.0))
+    factor = _positive_number(model_type, f"{field}.factor", params["factor"]) if "factor" in params else 1.0
     if factor != 1.0 and not allow_linear:
       raise _unsupported(model_type, f"{field}.factor", factor,
                          "linear rope scaling is only implemented for global (full-attention) layers")

@@ -15,6 +15,7 @@ on a leading `layers` axis (the stack is an `nn.scan`). Nothing is ever unpickle
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -239,12 +240,12 @@ def params_from_state_dict(config: TransformerConfig, state_dict: Mapping[str, A
     w = _to_numpy(state_dict[name])
     used.add(name)
     file = state_dict.file_of(name) if isinstance(state_dict, _SafetensorsStateDict) else source
+    if not (np.issubdtype(w.dtype, np.floating) or w.dtype == jnp.bfloat16):  # Before its shape: packed weights.
+      raise ValueError(f"{file}: tensor {name!r} has dtype {w.dtype}: expected float32, float16 or bfloat16 weights "
+                       "(quantized checkpoints are not supported; dequantize them first).")
     if tuple(w.shape) != entry.hf_shape:
       raise ValueError(f"{file}: tensor {name!r} has shape {tuple(w.shape)}, expected {entry.hf_shape} for parameter "
                        f"{_path_str(entry.path, layer)} of this {config.family} config.")
-    if not (np.issubdtype(w.dtype, np.floating) or w.dtype == jnp.bfloat16):
-      raise ValueError(f"{file}: tensor {name!r} has dtype {w.dtype}: expected float32, float16 or bfloat16 weights "
-                       "(quantized checkpoints are not supported; dequantize them first).")
     out = np.asarray(entry.transform(w)).astype(wdtype, copy=False)
     if not np.isfinite(out).all():
       raise ValueError(f"{file}: tensor {name!r} holds {int(np.size(out) - np.isfinite(out).sum())} non-finite "
@@ -426,6 +427,12 @@ def _read_hf_config(path: Path) -> Any:
   """The transformers config of a checkpoint's `config.json`; ValueError naming the file and the field for a
   missing architecture field, a field of the wrong type, or a file that is not a config."""
   raw = _files.read_json_object(str(path), "a transformers config")
+  for field in ("quantization_config", "quantization"):  # transformers' quantizers; MLX's packed weights.
+    if raw.get(field):
+      method = raw[field].get("quant_method", raw[field].get("bits")) if isinstance(raw[field], dict) else None
+      raise ValueError(f"{path}: {field}{f' ({method})' if method is not None else ''}: a quantized checkpoint: "
+                       "expected float32, float16 or bfloat16 weights (dequantize it first, e.g. load it in "
+                       "transformers and save_pretrained the dequantized model).")
   model_type = raw.get("model_type")
   for field in _REQUIRED_HF_FIELDS.get(model_type, ()):
     if field not in raw:
@@ -439,6 +446,25 @@ def _read_hf_config(path: Path) -> Any:
   except Exception as e:  # pylint: disable=broad-except  (transformers' validation errors name neither file nor field)
     raise ValueError(
         f"{path}: transformers cannot read this config ({type(e).__name__}: {errors.summary(e)}).") from None
+
+
+# Overrides that change no parameter's shape (a shape error with any other override may be the override's).
+_SHAPELESS_OVERRIDES = ("dtype", "weight_dtype", "remat")
+
+
+@contextlib.contextmanager
+def _naming_overrides(overrides: Mapping[str, Any]):
+  """Re-raises a checkpoint's shape or layer-count error with the overrides that may have caused it: a GPT-2
+  checkpoint loaded with `max_len=16` (32 positions) read 'tensor wpe.weight has shape (32, 48), expected (16, 48)',
+  blaming the file."""
+  shaping = {k: v for k, v in overrides.items() if k not in _SHAPELESS_OVERRIDES}
+  try:
+    yield
+  except ValueError as e:
+    if not shaping or not any(what in str(e) for what in ("has shape", "holds layers", "missing tensor")):
+      raise
+    given = ", ".join(f"{k}={v!r}" for k, v in shaping.items())
+    raise ValueError(f"{e} (the config was overridden with {given}: expected the checkpoint's own sizes there)") from e
 
 
 def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[TransformerConfig, Dict[str, Any]]:
@@ -461,7 +487,8 @@ def load_hf_checkpoint(path: str | os.PathLike, **config_overrides) -> Tuple[Tra
   # A tensor the index does not list is the index's fault, even when the tensors it lists sit in one shard.
   source = str(index) if sharded else str(files[0]) if len(files) == 1 else str(path)
   config = untie_if_distinct(config, state_dict, source)
-  return config, params_from_state_dict(config, state_dict, source=source)
+  with _naming_overrides(config_overrides):
+    return config, params_from_state_dict(config, state_dict, source=source)
 
 
 EMBEDDED_PREFIX = "embedded:"
@@ -484,6 +511,26 @@ def _resolve(path: str | os.PathLike, what: str) -> Path:
   return p
 
 
+def config_from_pretrained(path: str | os.PathLike, **config_overrides) -> TransformerConfig:
+  """The architecture `from_pretrained(path, **config_overrides)` builds (for an HF directory, its config.json; for
+  a .gguf file, its metadata), with no weight read: e.g. the positions it holds (`max_len`) before a long load.
+
+  Whether the input and output embeddings are tied is known only from the weights (`untie_if_distinct`): the
+  result states the config's own setting. Raises as `from_pretrained` does for a missing path or a config it refuses.
+  """
+  p = _resolve(path, "config_from_pretrained")
+  if p.is_dir():
+    if not (p / "config.json").is_file():
+      raise FileNotFoundError(f"{p}: no config.json in this checkpoint directory.")
+    try:
+      return config_from_hf(_read_hf_config(p / "config.json"), **config_overrides)
+    except (TypeError, ValueError) as e:
+      message = str(e)
+      raise ValueError(message if str(p) in message else f"{p / 'config.json'}: {message}") from None
+  from spectral_soup.models import gguf_import  # Lazy: optional dependency path.
+  return config_from_hf(gguf_import.read_gguf_config(str(p)), **config_overrides)
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, weight_dtype: Any = None,
                     **config_overrides) -> Tuple[Transformer, Dict[str, Any]]:
   """(Transformer, params) from an HF checkpoint directory, a .gguf file or "embedded:smollm2".
@@ -503,7 +550,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, weight_dtype:
     from spectral_soup.models import gguf_import  # Lazy: optional dependency path.
     hf_config, state_dict = gguf_import.read_gguf(str(p))
     config = untie_if_distinct(config_from_hf(hf_config, **overrides), state_dict, str(p))
-    params = params_from_state_dict(config, state_dict, source=str(p))
+    with _naming_overrides(overrides):
+      params = params_from_state_dict(config, state_dict, source=str(p))
     del state_dict
   # The checkpoint's conversion buffers are garbage now; the package's malloc settings would keep them resident.
   gc.collect()
