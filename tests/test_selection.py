@@ -41,6 +41,14 @@ def test_ties_count_half_whichever_response_comes_first():
   assert 0.5 * (~hard).mean() <= out["accuracy"][0] <= 0.5 * (~hard).mean() + hard.mean()
 
 
+def test_a_zero_margin_counts_half_as_in_the_online_rounds():
+  """A nonnegative learner whose fit stays at lam = 0 (every comparison against it) predicts nothing: its accuracy
+  is a coin flip's, 0.5, as the online rounds count a zero margin; it was 0.0 (every zero margin counted wrong)."""
+  features, prefs = _comparisons(signal=True)
+  stuck = selection.cross_validate(np.abs(features), np.zeros_like(prefs), [1.0], constraint="nonnegative")
+  np.testing.assert_allclose(stuck["accuracy"], 0.5)
+
+
 def test_uninformative_choices_prefer_a_strong_penalty():
   features, prefs = _comparisons(num=24, k=8, signal=False)
   out = selection.cross_validate(features, prefs, [1e-3, 100.0], folds=4)

@@ -90,7 +90,8 @@ def posterior_mean_direction(delta_features, prefs, *, key: Optional[Array] = No
     prefs: [U, N] labels in [0, 1] (1: y_a preferred; 0.5: a tie).
     key: draws the prior directions (needed unless `directions` is given).
     mask: [U, N] bool, the comparisons that count, or non-negative row weights (each comparison's log-likelihood
-      times its weight); None: all. A user with none gets the prior mean, 1 / K each.
+      times its weight); None: all. A user with none gets the mean of the prior draws (1 / K each up to Monte Carlo
+      error: [0.337, 0.344, 0.319] at K = 3 and the default draws).
     directions: [M, K] prior draws to use instead of drawing (common random numbers across calls): points of the
       simplex (checked).
     num_samples, concentration: M and the Dirichlet prior's concentration (1: uniform on the simplex).

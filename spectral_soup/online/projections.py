@@ -40,6 +40,14 @@ def _check_points(caller: str, lam: ArrayLike) -> None:
   if isinstance(lam, (str, bytes)) or np.ndim(lam) < 1 or (not isinstance(lam, jax.core.Tracer) and
                                                            np.asarray(lam).dtype.kind not in "biuf"):
     raise ValueError(f"{caller}: lam must be [..., K] numbers, got {lam!r}.")
+  if np.shape(lam)[-1] == 0:  # numpy's "zero-size array to reduction operation maximum" before.
+    raise ValueError(f"{caller}: lam has shape {np.shape(lam)}: expected K >= 1 coordinates on its last axis.")
+  if not isinstance(lam, jax.core.Tracer):  # A NaN entry left the others looking like a point of the set.
+    values = np.asarray(lam, np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+      index = [int(i) for i in np.argwhere(bad)[0]]
+      raise ValueError(f"{caller}: lam{index} is {values[tuple(index)]}: expected finite numbers.")
 
 
 @jax.jit

@@ -49,7 +49,7 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
 
   Returns:
     {"l2": [P], "log_likelihood": [P] mean held-out log-likelihood per comparison, "accuracy": [P] held-out
-    share of choices on the side of the fitted lambda's margin (a zero margin counts as wrong)}.
+    share of choices on the side of the fitted lambda's margin (a zero margin counts half, as in the online rounds)}.
   """
   # Every input is checked here, on the caller's indices, before any fit compiles: the fits see fold subsets (a
   # row's index there is not the caller's), and a user with a NaN row would get a NaN lambda whose margins all
@@ -93,8 +93,9 @@ def cross_validate(features: np.ndarray, prefs: np.ndarray, l2s: Sequence[float]
       margin = np.einsum("unk,uk->un", features[:, test], lam).astype(np.float64)
       y = prefs[:, test]
       ll[i] += np.sum(-y * np.logaddexp(0.0, -margin) - (1 - y) * np.logaddexp(0.0, margin))
-      # y (margin > 0) + (1 - y) (margin < 0): for 0 / 1 labels the share on the margin's side; a tie counted as
-      # the second response's choice before, so swapping the two responses changed the accuracy.
-      acc[i] += np.sum(y * (margin > 0) + (1 - y) * (margin < 0))
+      # y (margin > 0) + (1 - y) (margin < 0): for 0 / 1 labels the share on the margin's side. A zero margin
+      # (lam = 0: a nonnegative fit with nothing to go on) predicts nothing: a coin flip, 0.5, as the online rounds
+      # count it (it counted as wrong: 0.02 for such a learner, against 0.5).
+      acc[i] += np.sum(y * (margin > 0) + (1 - y) * (margin < 0) + 0.5 * (margin == 0))
   total = num_users * num
   return {"l2": np.asarray(l2s, np.float64), "log_likelihood": ll / total, "accuracy": acc / total}

@@ -142,7 +142,9 @@ def _update_users_jit(state, new_delta, new_pref, new_mask, lo, hi, *, constrain
     feats = jnp.where(append, feats.at[slot].set(delta), feats)
     prefs = jnp.where(append, prefs.at[slot].set(pref), prefs)
     mask = jnp.where(append, mask.at[slot].set(True), mask)
-    refit = core(feats, prefs, mask.astype(feats.dtype), l2, mu, lam, lo, hi)
+    # A lam that is not finite (a state read back damaged) is no start: its users refit from the prior mean.
+    start = jnp.where(jnp.all(jnp.isfinite(lam)), lam, mu)
+    refit = core(feats, prefs, mask.astype(feats.dtype), l2, mu, start, lo, hi)
     lam = jnp.where(append, refit, lam)  # Users without a new comparison keep exactly their lam.
     count = count + append.astype(jnp.int32)
     if constraint is not None:  # Users without any comparison hold the projected prior, as `fit_lambda` gives them.
@@ -210,6 +212,11 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   return new.replace(l2=state.l2, prior_mean=state.prior_mean)
 
 
+_STATE_KINDS = {"mask": "b", "count": "iu", "num_invalid": "iu"}  # The other fields: floating point ("f").
+_KIND_NAMES = {"b": "bool", "iu": "integers (int32)", "f": "floating point"}
+_KIND_TYPES = {"b": jnp.bool_, "iu": jnp.integer, "f": jnp.floating}
+
+
 def _check_state(state: UserState) -> None:
   """Raises ValueError naming the field of a state that `init_user_state` would not have made (edited by hand or
   read back from disk): fields that disagree on U, K or N, an l2 that is not a finite number > 0, a prior mean that
@@ -234,6 +241,17 @@ def _check_state(state: UserState) -> None:
       raise ValueError(f"state.{name} has shape {tuple(np.shape(getattr(state, name)))}: expected {shape}, as "
                        f"state.lam [U={num_users}, K={num}] and state.features [U, N={slots[0]}, K] give (a state "
                        "made by init_user_state).")
+  # A state read back from a file of another format (JSON: counts as floats, lists): a TypeError from inside the
+  # jitted update, or a vmap error about ranks, before.
+  for name in ("lam", *expected):
+    value = getattr(state, name)
+    kind = _STATE_KINDS.get(name, "f")
+    if not hasattr(value, "dtype"):
+      raise ValueError(f"state.{name} is a {type(value).__name__}: expected an array (numpy or jax), as "
+                       "init_user_state makes.")
+    if not jnp.issubdtype(value.dtype, _KIND_TYPES[kind]):
+      raise ValueError(f"state.{name} has dtype {value.dtype}: expected {_KIND_NAMES[kind]}, as init_user_state "
+                       "makes.")
   try:
     check_l2(state.l2)
   except ValueError as e:

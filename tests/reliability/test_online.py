@@ -249,6 +249,10 @@ def test_update_users_names_arguments_it_cannot_use(kwargs, message):
         ("l2", lambda v: v.at[0].set(np.nan), r"state.l2 must be a finite number > 0"),  # NaN for every user before.
         ("prior_mean", lambda v: v.at[2, 1].set(np.nan), r"state.prior_mean\[2, 1\] is nan"),
         ("count", lambda v: v[:-1], r"state.count has shape \(\d+,\): expected \(\d+,\)"),  # A jax vmap error before.
+        # Read back from JSON: a TypeError from inside the jit ("Indexer must have integer ...") or a vmap error.
+        ("count", lambda v: np.asarray(v, np.float32), r"state.count has dtype float32: expected integers"),
+        ("mask", lambda v: np.asarray(v, np.int32), r"state.mask has dtype int32: expected bool"),
+        ("l2", lambda v: np.asarray(v).tolist(), r"state.l2 is a list: expected an array"),
     ])
 def test_a_user_state_edited_into_one_init_would_not_make_is_named(field, edit, message):
   """A state edited by hand or read back from disk: update_users and state_posterior check it as init_user_state
@@ -260,6 +264,20 @@ def test_a_user_state_edited_into_one_init_would_not_make_is_named(field, edit, 
     online.update_users(bad, x[:, 0], p[:, 0])
   with pytest.raises(ValueError, match=message):
     online.state_posterior(bad)
+
+
+def test_a_user_state_with_a_lam_that_is_not_finite_refits_from_the_prior():
+  """A NaN lam (a state read back damaged) was the warm start of every later refit, so that user's lam stayed NaN
+  forever, even after new comparisons had replaced the whole buffer; it now refits from the prior mean."""
+  x, p, _ = _users(seed=5)
+  state = online.init_user_state(U, K, buffer_size=N, l2=1.0)
+  for i in range(3):
+    state = online.update_users(state, x[:, i], p[:, i])
+  damaged = state.replace(lam=state.lam.at[6].set(np.nan))
+  healthy = state.replace(lam=state.lam.at[6].set(0.0))  # The prior mean: what a damaged start falls back to.
+  a, b = (online.update_users(s, x[:, 3], p[:, 3]) for s in (damaged, healthy))
+  np.testing.assert_array_equal(np.asarray(a.lam), np.asarray(b.lam))
+  assert np.all(np.isfinite(np.asarray(a.lam)))
 
 
 @pytest.mark.parametrize("prefs, message", [
@@ -523,15 +541,21 @@ def _bad_online_calls():
       (lambda: online.project_box(np.zeros(3), np.zeros(2), 1.0), r"lo of shape \(2,\) does not broadcast"),
       (lambda: online.project_box("abc", 0.0, 1.0), r"project_box: lam must be"),
       (lambda: online.sgd_update(np.zeros(2), np.ones(2), 1.0, lr=True, l2=0.1), r"lr must be a number, got True"),
+      # [nan, 1, 0] projected to [nan, 1, 0] (the rest looking like a point of the simplex), [inf, 1, 0] to
+      # [nan, 0, 0]; K = 0 failed inside numpy.
+      (lambda: online.project_simplex(np.array([np.nan, 1.0, 0.0])), r"project_simplex: lam\[0\] is nan: expected "
+       "finite"),
+      (lambda: online.project_box(np.array([[0.0, np.inf]]), 0.0, 1.0), r"project_box: lam\[0, 1\] is inf"),
+      (lambda: online.project_simplex(np.zeros((2, 0))), r"lam has shape \(2, 0\): expected K >= 1"),
   ]
 
 
-@pytest.mark.parametrize("index", range(28))
+@pytest.mark.parametrize("index", range(31))
 def test_online_values_that_changed_the_result_silently_are_refused(index):
   """Each gave NaN, a silently different fit (a -1 mask dropped the row; "False" fitted an intercept), a
   deterministic user, the pair (0, 1), or an error from inside numpy / jax."""
   calls = _bad_online_calls()
-  assert len(calls) == 28
+  assert len(calls) == 31
   call, message = calls[index]
   with pytest.raises(ValueError, match=message):
     call()
