@@ -135,6 +135,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     l2s = [float(x) for x in args.l2s.split(",") if x.strip()]
   except ValueError:
     p.error(f"--l2s={args.l2s!r}: expected comma-separated numbers.")
+  # The flags before any run is read (they were named by cross_validate, without "--", after every run loaded).
+  low, high = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)  # What the fits take (no NaN).
+  bad = [x for x in l2s if not low <= x <= high]
+  if not l2s or bad:
+    p.error(f"--l2s={args.l2s!r}: expected comma-separated finite numbers > 0 that float32 holds, in "
+            f"[{low:.3g}, {high:.3g}]{f' (not {bad[0]:g})' if bad else ''}.")
+  if len(set(l2s)) != len(l2s):  # Two identical columns.
+    p.error(f"--l2s={args.l2s!r} repeats a penalty: expected distinct values.")
+  if args.folds < 2:
+    p.error(f"--folds={args.folds}: expected an integer >= 2 (and at most the comparisons per user).")
   try:
     if args.json:
       inputs = [os.path.join(w, name) for w in args.workdirs for name in ("config.json", "comparisons.npz")]

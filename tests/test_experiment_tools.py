@@ -3,6 +3,7 @@ them, before any fit or model load; outputs are written whole."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,22 @@ def test_choose_online_l2_refuses_non_finite_comparisons(tmp_path, capsys, damag
   path = os.path.join(workdir, "comparisons.npz")
   assert out.out == "" and out.err.startswith(f"error: {path}: {message}") and out.err.count("\n") == 1, out.err
   assert out.err.endswith("): expected finite features and choices (a damaged file?).\n"), out.err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--l2s=nan"], r"--l2s='nan': expected comma-separated finite numbers > 0 that float32 holds, .* \(not nan\)"),
+        (["--l2s=1,-1"], r"\(not -1\)"),
+        (["--l2s=1,1"], r"--l2s='1,1' repeats a penalty: expected distinct values"),  # Two identical columns.
+        (["--folds=1"], r"--folds=1: expected an integer >= 2"),
+    ])
+def test_choose_online_l2_names_bad_flags_before_reading_any_run(tmp_path, capsys, flags, message):
+  """They were named without '--' ('l2s[0] is nan', 'folds=1') by the fit, after every run had been read."""
+  with pytest.raises(SystemExit) as exit_info:
+    choose_online_l2.main([str(tmp_path / "no_such_run"), *flags])
+  assert exit_info.value.code == 2
+  assert re.search(message, capsys.readouterr().err)
 
 
 def test_choose_online_l2_refuses_a_run_given_twice(tmp_path, capsys):

@@ -414,6 +414,16 @@ class ImplicitSoupTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "temperature must be finite and > 0"):
       soup.rejection_sample(None, ref, basis, jnp.ones(1), temperature=np.inf, uniforms=jnp.zeros((1, 129)))
 
+  def test_a_soup_that_shares_no_token_with_a_masked_reference_accepts_nothing(self):
+    """A caller's masked reference (-inf logits) and a basis on the other tokens: no proposal can pass, so the
+    acceptance rate is 0 (it read NaN: -inf - -inf); the fallback draws the soup, whose support is tokens 2 and 3."""
+    ref = jnp.asarray([[0.0, 0.0, -jnp.inf, -jnp.inf]])
+    basis = jnp.asarray([[[-jnp.inf, -jnp.inf, 0.0, 0.0]]])
+    tokens, aux = soup.rejection_sample(None, ref, basis, jnp.ones(1), max_proposals=4, uniforms=jnp.full((1, 9), 0.25))
+    self.assertEqual(float(aux["acceptance_rate"][0]), 0.0)
+    self.assertFalse(bool(aux["accepted"][0]))
+    self.assertIn(int(tokens[0]), (2, 3))
+
   def test_shared_lam_equals_per_row_lam(self):
     # Jitted only: eager sampling compiles each random primitive separately and costs seconds on CPU.
     lam = np.asarray([0.5, 0.3, 0.4], np.float32)

@@ -98,7 +98,9 @@ def rejection_sample(key: jax.Array, ref_logits: jax.Array, basis_logits: jax.Ar
   ref_support = ~jnp.isneginf(ref_logp)
   diffs = basis_logp - jnp.where(ref_support, ref_logp, 0.0)[None]  # [K, B, V]
   g = jnp.where(ref_support, weighted_logp_sum(diffs, lam.T), -jnp.inf)  # [B, V], times T.
-  log_accept = tempered(g)  # [B, V], <= 0, 0 at the argmax.
+  # [B, V], <= 0, 0 at the argmax. A row whose g is -inf everywhere (the soup and a masked reference share no
+  # token) has no maximum: -inf, not -inf - -inf = NaN (its acceptance rate read NaN; every proposal fails).
+  log_accept = jnp.where(jnp.isneginf(g), -jnp.inf, tempered(g))
   proposal_logp = reductions.log_softmax(tempered(ref_logp))  # [B, V]
 
   soup_logp = reductions.log_softmax(tempered(mix_logprobs(ref_logp, basis_logp, lam)))

@@ -157,6 +157,8 @@ def check_workdir(workdir: str) -> None:
   """Raises ValueError unless `workdir` is, or can be created as, a writable directory that no live run holds
   (nothing is created). A `~` left in it (`parse_flags` expands `~` and `~user`) is refused: the run would write
   to a directory named `~`."""
+  if workdir is None:  # Left out (it said "empty").
+    raise ValueError("--workdir is missing: expected --workdir=DIR, a directory for the run's outputs.")
   if not workdir:
     raise ValueError("--workdir is empty: expected a directory for the run's outputs.")
   if "://" in workdir:  # It became a relative local directory named after the URL.

@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 import tempfile
+import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,8 +93,9 @@ def finite_or_none(value: Any) -> Any:
 
 
 def temp_path(path: str, suffix: str = "") -> str:
-  """The temporary file an atomic write of `path` goes through (`<path>.tmp-<pid><suffix>`)."""
-  return f"{path}.tmp-{os.getpid()}{suffix}"
+  """The temporary file an atomic write of `path` goes through (`<path>.tmp-<pid>-<thread><suffix>`: two threads
+  writing one path each have their own; with one name, one thread's rename took the other's file away)."""
+  return f"{path}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}"
 
 
 @contextlib.contextmanager
@@ -105,8 +107,11 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
         fig.savefig(tmp)
 
   `suffix` keeps the extension that a writer infers the format from (np.savez appends `.npz` to a name without it).
-  A process killed mid-write leaves its `<path>.tmp-<pid>*` behind: `remove_stale_temps` clears them.
+  A process killed mid-write leaves its `<path>.tmp-<pid>*` behind: `remove_stale_temps` clears them. A symbolic
+  link's target is what is replaced (the link was replaced by a file, its target left as it was).
   """
+  if os.path.islink(path):
+    path = os.path.realpath(path)
   tmp = temp_path(path, suffix)
   try:
     yield tmp
@@ -120,6 +125,8 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+  with contextlib.suppress(OSError):  # The rename itself on disk (best effort: not every file system allows it).
+    fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def fsync(path: str) -> None:

@@ -103,6 +103,15 @@ def test_cli_input_errors_are_one_line_with_exit_status_2(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a_file"]  # Nothing was written anywhere.
 
 
+def test_a_workdir_left_out_is_named_as_missing():
+  """`train_basis` without --workdir said '--workdir is empty' (it was not given at all)."""
+  from spectral_soup.utils import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"^--workdir is missing: expected --workdir=DIR"):
+    cli.check_workdir(None)
+  with pytest.raises(ValueError, match=r"^--workdir is empty"):
+    cli.check_workdir("")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self") or not os.path.isdir("/sys/kernel"), reason="Linux only")
 def test_a_workdir_on_a_pseudo_filesystem_is_named_before_anything_runs(tmp_path):
   """/proc and /sys accept no new directory, whatever os.access says (as root it says yes): the run failed later
@@ -935,6 +944,34 @@ def test_an_atomic_write_keeps_the_replaced_files_permissions_and_progress_reads
                                                                                                                 False)):
     monkeypatch.setenv("SPECTRAL_SOUP_PROGRESS", value)
     assert progress.track(range(2), desc="x").disable == disabled, value
+
+
+def test_an_atomic_write_through_a_link_replaces_its_target_and_threads_do_not_collide(tmp_path):
+  """A symbolic link was replaced by a file (its target kept the old text); two threads writing one path shared one
+  temporary name, so one's rename took the other's file away (FileNotFoundError)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from spectral_soup.utils import files as files_lib  # pylint: disable=g-import-not-at-top
+  target, link = tmp_path / "real.json", tmp_path / "link.json"
+  target.write_text("old")
+  link.symlink_to(target)
+  files_lib.write_text_atomic(str(link), "new")
+  assert link.is_symlink() and target.read_text() == "new"
+  errors = []
+
+  def write(i):
+    try:
+      for _ in range(30):
+        files_lib.write_text_atomic(str(tmp_path / "shared.json"), str(i) * 1000)
+    except OSError as e:  # pragma: no cover  (the failure this test looks for)
+      errors.append(e)
+
+  threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and (tmp_path / "shared.json").read_text() in {str(i) * 1000 for i in range(4)}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json", "shared.json"]
 
 
 def test_a_lock_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
