@@ -146,8 +146,7 @@ def make_mdp(vocab_size: int = 4, horizon: int = 4, seed: int = 0, *, ref_scale:
   Returns:
     TokenMDP.
   """
-  if vocab_size < 2 or horizon < 1:
-    raise ValueError(f"need vocab_size >= 2 and horizon >= 1, got {vocab_size}, {horizon}.")
+  vocab_size, horizon = check_int("vocab_size", vocab_size, 2), check_int("horizon", horizon, 1)  # 2.5: a TypeError.
   rng = np.random.default_rng(seed)
   ref = []
   for t in range(horizon):
@@ -321,6 +320,7 @@ def token_soup_kl_bound(basis_seq_rewards: np.ndarray, lam: Any, beta: float, ho
     the simplex (within 1e-9), else B = Delta(R_lam) + sum_k |lam_k| Delta_k; Delta = max - min over sequences.
   """
   beta = _check_beta(beta)
+  horizon = check_int("horizon", horizon, 1)  # 0 or less gave a bound of 0 or below.
   r = _finite("basis_seq_rewards", basis_seq_rewards)
   if r.ndim != 2:
     raise ValueError(f"basis_seq_rewards has shape {r.shape}: expected [K, V^H].")

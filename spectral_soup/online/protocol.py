@@ -204,4 +204,7 @@ def cumulative_regret(round_rewards: np.ndarray, best_value: np.ndarray) -> np.n
   An unbiased regret needs best_value on the rounds' own prompts; with a value measured on other prompts (the main
   job's bespoke value on the evaluation prompts) every round adds their difference of pools to the regret.
   """
-  return np.cumsum(np.asarray(best_value)[None, :] - np.asarray(round_rewards), axis=0)
+  rewards, best = np.asarray(round_rewards), np.asarray(best_value)
+  if rewards.ndim != 2 or best.shape != rewards.shape[1:]:  # numpy's broadcast error named neither.
+    raise ValueError(f"round_rewards has shape {rewards.shape} and best_value {best.shape}: expected [T, U] and [U].")
+  return np.cumsum(best[None, :] - rewards, axis=0)

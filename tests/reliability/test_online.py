@@ -13,6 +13,7 @@ import pytest
 
 from spectral_soup import online
 from spectral_soup.online import direction
+from spectral_soup.online import protocol
 from spectral_soup.online import selection
 
 U, N, K = 8, 12, 4  # One shape for every batched call here (one compilation each).
@@ -790,6 +791,11 @@ def test_exact_mdp_names_non_finite_or_misshapen_inputs():
           (2, 2)), num_rounds=2, temperature=float("inf")), r"temperature must be a finite number > 0"),
       (lambda: em.run_online(mdp, reward, 1.0, np.full((2, 2), np.nan), num_rounds=2), r"users\[0, 0\] is nan"),
       (lambda: em.run_online(mdp, reward, float("nan"), np.ones((2, 2)), num_rounds=2), r"beta must be a finite"),
+      # A TypeError from range(); a "bound" of 0 or below; numpy's broadcast error.
+      (lambda: em.make_mdp(2, 2.5), r"horizon=2.5: expected an integer >= 1"),
+      (lambda: em.token_soup_kl_bound(reward, [0.5, 0.5], 1.0, 0), r"horizon=0: expected an integer >= 1"),
+      (lambda: protocol.cumulative_regret(np.zeros((3, 2)), np.zeros(3)), r"round_rewards has shape \(3, 2\) and "
+       r"best_value \(3,\): expected \[T, U\] and \[U\]"),
   ]
   for call, message in cases:
     with pytest.raises(ValueError, match=message):
