@@ -212,9 +212,12 @@ def update_users(state: UserState, new_delta: ArrayLike, new_pref: ArrayLike, ne
   return new.replace(l2=state.l2, prior_mean=state.prior_mean)
 
 
-_STATE_KINDS = {"mask": "b", "count": "iu", "num_invalid": "iu"}  # The other fields: floating point ("f").
-_KIND_NAMES = {"b": "bool", "iu": "integers (int32)", "f": "floating point"}
-_KIND_TYPES = {"b": jnp.bool_, "iu": jnp.integer, "f": jnp.floating}
+# (dtype family, its name) of the fields that are not floating point.
+_STATE_DTYPES = {
+    "mask": (jnp.bool_, "bool"),
+    "count": (jnp.integer, "integers (int32)"),
+    "num_invalid": (jnp.integer, "integers (int32)")
+}
 
 
 def _check_state(state: UserState) -> None:
@@ -245,12 +248,12 @@ def _check_state(state: UserState) -> None:
   # jitted update, or a vmap error about ranks, before.
   for name in ("lam", *expected):
     value = getattr(state, name)
-    kind = _STATE_KINDS.get(name, "f")
+    family, family_name = _STATE_DTYPES.get(name, (jnp.floating, "floating point"))
     if not hasattr(value, "dtype"):
       raise ValueError(f"state.{name} is a {type(value).__name__}: expected an array (numpy or jax), as "
                        "init_user_state makes.")
-    if not jnp.issubdtype(value.dtype, _KIND_TYPES[kind]):
-      raise ValueError(f"state.{name} has dtype {value.dtype}: expected {_KIND_NAMES[kind]}, as init_user_state "
+    if not jnp.issubdtype(value.dtype, family):
+      raise ValueError(f"state.{name} has dtype {value.dtype}: expected {family_name}, as init_user_state "
                        "makes.")
   try:
     check_l2(state.l2)
